@@ -1,0 +1,168 @@
+"""Images -> model input: decoding (EXIF-aware), the SAFA polar transform, resize, normalisation.
+
+This module is the single place where pixels become tensors, used by training, index_build and
+the service alike, so the three always feed the network the same thing.
+"""
+from __future__ import annotations
+
+import io
+import os
+from functools import lru_cache
+from typing import Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+
+from .config import L2LTRConfig
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+ImageSource = Union[str, os.PathLike, bytes, Image.Image]
+
+
+class ImageDecodeError(ValueError):
+    """An image could not be decoded; the message names the source."""
+
+
+def load_image(source: ImageSource, name: str | None = None, max_pixels: int | None = None) -> Image.Image:
+    """Decode a path, bytes or PIL image to an RGB image with EXIF orientation applied.
+
+    The whole image is decoded here, so truncated files fail now with a clear message instead of
+    later inside a worker. `max_pixels` rejects decompression bombs before decoding the pixels.
+    """
+    if isinstance(source, Image.Image):
+        img = source
+        label = name or "image"
+    else:
+        label = name or (f"{len(source)}-byte upload" if isinstance(source, bytes) else str(source))
+        try:
+            img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+        except FileNotFoundError:
+            raise ImageDecodeError(f"{label}: file not found") from None
+        except (OSError, Image.DecompressionBombError, ValueError) as exc:
+            raise ImageDecodeError(f"{label}: not a readable image ({exc})") from None
+    try:
+        if max_pixels is not None and img.width * img.height > max_pixels:
+            raise ImageDecodeError(f"{label}: {img.width}x{img.height} pixels exceeds the limit of {max_pixels}")
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        return img.convert("RGB") if img.mode != "RGB" else img
+    except ImageDecodeError:
+        raise
+    except (OSError, Image.DecompressionBombError, ValueError, SyntaxError) as exc:
+        raise ImageDecodeError(f"{label}: image data is damaged or truncated ({exc})") from None
+
+
+# --------------------------------------------------------------------------- polar transform
+
+@lru_cache(maxsize=32)
+def polar_sampling_grid(size: int, out_h: int, out_w: int) -> tuple[np.ndarray, np.ndarray]:
+    """Tile (row, col) coordinates for every polar pixel (i, j), per DESIGN.md (SAFA):
+    r = (S/2) (H-1-i) / H, t = 2 pi j / W, row = S/2 + r cos t, col = S/2 - r sin t."""
+    i = np.arange(out_h, dtype=np.float64)[:, None]
+    j = np.arange(out_w, dtype=np.float64)[None, :]
+    r = (size / 2.0) * (out_h - 1 - i) / out_h
+    t = 2.0 * np.pi * j / out_w
+    rows = size / 2.0 + r * np.cos(t)
+    cols = size / 2.0 - r * np.sin(t)
+    return rows, cols
+
+
+def _square_side(h: int, w: int) -> int:
+    if h != w:
+        raise ValueError(f"the polar transform needs a square aerial tile, got {h}x{w}")
+    return h
+
+
+def polar_transform_numpy(tile: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """tile [S, S, C] (or [S, S]) -> [out_h, out_w, C] float32; bilinear, zero outside the tile."""
+    arr = np.asarray(tile, dtype=np.float32)
+    squeeze = arr.ndim == 2
+    if squeeze:
+        arr = arr[:, :, None]
+    size = _square_side(arr.shape[0], arr.shape[1])
+    rows, cols = polar_sampling_grid(size, out_h, out_w)
+    r0, c0 = np.floor(rows).astype(np.int64), np.floor(cols).astype(np.int64)
+    fr, fc = (rows - r0).astype(np.float32), (cols - c0).astype(np.float32)
+    out = np.zeros((out_h, out_w, arr.shape[2]), dtype=np.float32)
+    for dr, wr in ((0, 1.0 - fr), (1, fr)):
+        for dc, wc in ((0, 1.0 - fc), (1, fc)):
+            rr, cc = r0 + dr, c0 + dc
+            inside = (rr >= 0) & (rr < size) & (cc >= 0) & (cc < size)
+            vals = arr[np.clip(rr, 0, size - 1), np.clip(cc, 0, size - 1)]
+            out += vals * (wr * wc * inside)[:, :, None]
+    return out[:, :, 0] if squeeze else out
+
+
+def polar_transform_torch(tile: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor:
+    """tile [..., C, S, S] -> [..., C, out_h, out_w]; the same sampling as the numpy version."""
+    size = _square_side(tile.shape[-2], tile.shape[-1])
+    rows, cols = polar_sampling_grid(size, out_h, out_w)
+    # grid_sample with align_corners=True puts -1 and +1 on the centres of the first/last pixels.
+    grid = np.stack([cols / (size - 1) * 2 - 1, rows / (size - 1) * 2 - 1], axis=-1)
+    grid_t = torch.as_tensor(grid, dtype=torch.float32 if tile.dtype != torch.float64 else tile.dtype,
+                             device=tile.device)
+    lead = tile.shape[:-3]
+    x = tile.reshape(-1, *tile.shape[-3:])
+    x = x if x.is_floating_point() else x.float()
+    out = F.grid_sample(x, grid_t.to(x.dtype).expand(x.shape[0], -1, -1, -1), mode="bilinear",
+                        padding_mode="zeros", align_corners=True)
+    return out.reshape(*lead, tile.shape[-3], out_h, out_w)
+
+
+def polar_transform(tile, out_h: int, out_w: int):
+    """Polar transform of a north-up square tile: numpy [S,S,C] or torch [...,C,S,S]."""
+    if isinstance(tile, torch.Tensor):
+        return polar_transform_torch(tile, out_h, out_w)
+    if isinstance(tile, Image.Image):
+        tile = np.asarray(tile)
+    return polar_transform_numpy(tile, out_h, out_w)
+
+
+# --------------------------------------------------------------------------- tensors
+
+def _resize(img: Image.Image, size_hw: tuple[int, int]) -> Image.Image:
+    h, w = size_hw
+    return img if img.size == (w, h) else img.resize((w, h), Image.BILINEAR)
+
+
+def to_normalized_tensor(img: Image.Image | np.ndarray) -> torch.Tensor:
+    """HxWx3 uint8 image -> [3, H, W] float32 with the ImageNet mean/std."""
+    arr = np.asarray(img, dtype=np.float32) / 255.0
+    arr = (arr - np.asarray(IMAGENET_MEAN, dtype=np.float32)) / np.asarray(IMAGENET_STD, dtype=np.float32)
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+
+
+def ground_image(img: Image.Image, config: L2LTRConfig) -> Image.Image:
+    """The panorama as the ground branch sees it (resized to config.ground_size)."""
+    return _resize(img.convert("RGB"), config.ground_size)
+
+
+def aerial_image(img: Image.Image, config: L2LTRConfig) -> Image.Image:
+    """The tile as the aerial branch sees it: polar-transformed (one- or two-step) or resized."""
+    img = img.convert("RGB")
+    if not config.polar:
+        return _resize(img, config.aerial_size)
+    step = config.polar_intermediate or config.aerial_size
+    polar = polar_transform_numpy(np.asarray(img), *step)
+    polar_img = Image.fromarray(np.clip(np.rint(polar), 0, 255).astype(np.uint8))
+    return _resize(polar_img, config.aerial_size)
+
+
+def ground_tensor(img: Image.Image, config: L2LTRConfig) -> torch.Tensor:
+    return to_normalized_tensor(ground_image(img, config))
+
+
+def aerial_tensor(img: Image.Image, config: L2LTRConfig) -> torch.Tensor:
+    return to_normalized_tensor(aerial_image(img, config))
+
+
+def denormalize(x: torch.Tensor) -> np.ndarray:
+    """[3,H,W] normalised tensor -> HxWx3 uint8 (for previews)."""
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    arr = (x.detach().cpu().float() * std + mean).clamp(0, 1).mul(255).round().byte()
+    return arr.permute(1, 2, 0).numpy()
