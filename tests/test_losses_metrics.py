@@ -1,0 +1,68 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.losses import InfoNCELoss, soft_margin_triplet_loss
+from model.metrics import haversine_m, localization_error, retrieval_recall
+
+
+def brute_force_recall(q, g):
+    n = len(q)
+    sims = q @ g.T
+    out = {}
+    for name, k in {"r1": 1, "r5": 5, "r10": 10, "r1pct": max(1, int(np.floor(0.01 * n)))}.items():
+        hits = 0
+        for i in range(n):
+            closer = sum(1 for j in range(n) if sims[i, j] > sims[i, i])
+            hits += closer < k
+        out[name] = hits / n
+    return out
+
+
+@pytest.mark.parametrize("n", [7, 150, 300])
+def test_recall_matches_brute_force_with_ties(n):
+    rng = np.random.default_rng(n)
+    q = rng.normal(size=(n, 8)).astype(np.float32)
+    g = rng.normal(size=(n, 8)).astype(np.float32)
+    half = n // 2
+    g[half:2 * half] = g[:half]   # duplicated gallery rows: ties with the true match
+    q = np.round(q, 1)
+    g = np.round(g, 1)
+    assert retrieval_recall(q, g) == pytest.approx(brute_force_recall(q, g))
+
+
+def test_recall_perfect_and_validation():
+    eye = np.eye(20, dtype=np.float32)
+    assert retrieval_recall(eye, eye) == {"r1": 1.0, "r5": 1.0, "r10": 1.0, "r1pct": 1.0}
+    with pytest.raises(ValueError, match="row-aligned"):
+        retrieval_recall(eye, eye[:5])
+
+
+def test_triplet_loss_reference_and_direction():
+    torch.manual_seed(0)
+    g = F.normalize(torch.randn(6, 16), dim=1)
+    a = F.normalize(torch.randn(6, 16), dim=1)
+    d = 2 - 2 * g @ a.T
+    ref = 0.0
+    for i in range(6):
+        for j in range(6):
+            if i != j:
+                ref += np.log1p(np.exp(10 * (d[i, i] - d[i, j]).item())) + np.log1p(np.exp(10 * (d[i, i] - d[j, i]).item()))
+    ref /= 2 * 30
+    assert soft_margin_triplet_loss(g, a).item() == pytest.approx(ref, rel=1e-5)
+    assert soft_margin_triplet_loss(g, g).item() < soft_margin_triplet_loss(g, a).item()
+
+
+def test_infonce_learnable_and_fixed():
+    g = F.normalize(torch.randn(8, 16), dim=1)
+    learn, fixed = InfoNCELoss(0.07, True), InfoNCELoss(0.07, False)
+    assert learn(g, g).item() == pytest.approx(fixed(g, g).item())
+    assert len(list(learn.parameters())) == 1 and len(list(fixed.parameters())) == 0
+
+
+def test_haversine_and_localization_error():
+    assert haversine_m(0, 0, 0, 1) == pytest.approx(111_195, rel=1e-3)
+    q = np.eye(3, dtype=np.float32)
+    err = localization_error(q, q, [(0, 0), (0, 0.001), (0, 0.002)], [(0, 0), (0, 0.001), (0, 0.002)])
+    assert err["median_m"] == 0 and err["within_25m"] == 1.0

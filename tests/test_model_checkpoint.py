@@ -1,0 +1,153 @@
+import json
+import struct
+
+import pytest
+import torch
+
+from model import L2LTR, L2LTRConfig, load_checkpoint, save_checkpoint
+from model.checkpoint import CheckpointError, read_safetensors_header
+from model.config import ConfigError
+
+
+def _inputs(cfg, n=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, *cfg.ground_size, generator=g), torch.randn(n, 3, *cfg.aerial_size, generator=g)
+
+
+def test_round_trip_identical_outputs(micro_config, tmp_path):
+    model = L2LTR(micro_config).eval()
+    path = tmp_path / "m.safetensors"
+    fp = save_checkpoint(model, path, metadata={"note": "test"})
+    loaded = load_checkpoint(path)
+    assert fp == model.fingerprint() == loaded.fingerprint()
+    assert loaded.config == micro_config and loaded.provenance == {"note": "test"}
+    g, a = _inputs(micro_config)
+    with torch.no_grad():
+        assert torch.equal(model.encode_ground(g), loaded.encode_ground(g))
+        assert torch.equal(model.encode_aerial(a), loaded.encode_aerial(a))
+    header = read_safetensors_header(path)
+    assert json.loads(header["l2ltr_config"])["hidden_size"] == 32
+
+
+def test_fp16_storage_keeps_fingerprint_consistent(micro_config, tmp_path):
+    model = L2LTR(micro_config).eval()
+    path = tmp_path / "half.safetensors"
+    fp = save_checkpoint(model, path, dtype=torch.float16)
+    loaded = load_checkpoint(path)
+    assert loaded.fingerprint() == fp
+    assert next(loaded.parameters()).dtype == torch.float32
+    g, _ = _inputs(micro_config)
+    with torch.no_grad():
+        assert (model.encode_ground(g) - loaded.encode_ground(g)).abs().max() < 5e-3
+
+
+def test_truncated_file_is_rejected(micro_config, tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(L2LTR(micro_config), path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="m.safetensors"):
+        load_checkpoint(path)
+
+
+def test_tampered_weights_are_rejected(micro_config, tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(L2LTR(micro_config), path)
+    data = bytearray(path.read_bytes())
+    header_len = struct.unpack("<Q", data[:8])[0]
+    data[8 + header_len + 100] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="fingerprint"):
+        load_checkpoint(path)
+
+
+def test_requested_config_must_match_stored(micro_config, tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(L2LTR(micro_config), path)
+    with pytest.raises(CheckpointError, match="was made with config"):
+        load_checkpoint(path, config=micro_config.replace(num_layers=3))
+    load_checkpoint(path, config=micro_config.replace(name="other-name"))  # the name is not architecture
+
+
+def test_missing_and_unknown_formats(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope.safetensors")
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"hello world, not a checkpoint")
+    with pytest.raises(CheckpointError, match="unknown checkpoint format"):
+        load_checkpoint(junk)
+
+
+def test_missing_and_extra_keys_named(micro_config, tmp_path):
+    from safetensors.torch import save_file
+
+    model = L2LTR(micro_config)
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(model, path)
+    header = read_safetensors_header(path)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    state.pop("aerial.transformer.encoder.encoder_norm.bias")
+    state["ground.extra.weight"] = torch.zeros(1)
+    from model.network import state_fingerprint
+    header["fingerprint"] = state_fingerprint(micro_config, state)
+    save_file(state, str(path), metadata=header)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(path)
+    assert "aerial.transformer.encoder.encoder_norm.bias" in str(err.value)
+    assert "ground.extra.weight" in str(err.value)
+
+
+def test_config_validation():
+    with pytest.raises(ConfigError, match="unknown config field"):
+        L2LTRConfig.from_dict({"hidden_size": 64, "hiden": 3})
+    with pytest.raises(ConfigError, match="multiples of 16"):
+        L2LTRConfig(ground_size=(100, 512))
+    with pytest.raises(ConfigError, match="attention"):
+        L2LTRConfig(attention="cross")
+    with pytest.raises(ConfigError, match="unknown config name"):
+        L2LTRConfig.named("huge")
+    assert L2LTRConfig.resolve("tiny") is L2LTRConfig.named("tiny")
+    assert L2LTRConfig.resolve(L2LTRConfig.named("tiny").to_json()) == L2LTRConfig.named("tiny")
+
+
+def test_named_configs():
+    tiny = L2LTR(L2LTRConfig.named("tiny"))
+    assert 3.0e6 < tiny.num_parameters()["ground"] < 3.6e6
+    paper = L2LTRConfig.named("paper")
+    assert paper.ground_size == (128, 512) and paper.polar_intermediate == (112, 616)
+
+
+def test_encoders_return_unit_vectors_and_check_shapes(micro_config):
+    model = L2LTR(micro_config).eval()
+    g, a = _inputs(micro_config, n=3)
+    with torch.no_grad():
+        out = model.encode_ground(g)
+    assert out.shape == (3, 32)
+    assert torch.allclose(out.norm(dim=1), torch.ones(3), atol=1e-5)
+    with pytest.raises(ValueError, match=r"ground input must be \[B, 3, 32, 128\]"):
+        model.encode_ground(torch.zeros(1, 3, 64, 64))
+
+
+def test_convert_and_info_cli(fixtures_dir, tmp_path, capsys):
+    from model import convert, info
+
+    official = torch.load(fixtures_dir / "l2ltr_official_tiny.pt", weights_only=True)
+    pth = tmp_path / "model_checkpoint.pth"
+    torch.save(official["checkpoint"], pth)
+    out = tmp_path / "converted.safetensors"
+    assert convert.main(["--from", "official", "--config", json.dumps(official["config"]),
+                         "--in", str(pth), "--out", str(out)]) == 0
+    model = load_checkpoint(out)
+    with torch.no_grad():
+        assert (model.encode_ground(official["input_grd"]) - official["output_grd"]).abs().max() <= 1e-5
+    assert info.main([str(out)]) == 0
+    text = capsys.readouterr().out
+    assert model.fingerprint() in text and "parameters" in text
+    # the wrong --from is caught before anything is written
+    assert convert.main(["--from", "npz", "--config", "tiny", "--in", str(pth), "--out", str(tmp_path / "x.safetensors")]) == 1
+    assert not (tmp_path / "x.safetensors").exists()
+    npz_out = tmp_path / "npz.safetensors"
+    cfg = {"hidden_size": 64, "num_heads": 4, "mlp_dim": 128, "num_layers": 3, "resnet_units": [1, 1, 1],
+           "resnet_width_factor": 0.5, "ground_size": [64, 256], "aerial_size": [64, 256]}
+    assert convert.main(["--from", "npz", "--config", json.dumps(cfg), "--in", str(fixtures_dir / "vit_npz_tiny.npz"),
+                         "--out", str(npz_out)]) == 0

@@ -1,0 +1,91 @@
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from model import L2LTRConfig
+from model.preprocess import (ImageDecodeError, aerial_tensor, ground_tensor, load_image, polar_transform,
+                              polar_sampling_grid)
+
+
+def test_north_maps_to_centre_column_and_centre_to_bottom_row():
+    size, h, w = 101, 32, 128
+    tile = np.zeros((size, size), np.float32)
+    tile[:size // 2 - 10, size // 2 - 1:size // 2 + 2] = 1.0   # a line north of the centre
+    polar = polar_transform(tile, h, w)
+    hot_cols = np.where(polar[: h // 2].max(axis=0) > 0.5)[0]
+    assert set(hot_cols) <= {w // 2 - 1, w // 2, w // 2 + 1} and w // 2 in hot_cols
+    rows, cols = polar_sampling_grid(size, h, w)
+    # bottom row samples the camera (r = S/2 * 0 / H... (H-1-i)=0) i.e. the tile centre
+    assert np.allclose(rows[-1], size / 2) and np.allclose(cols[-1], size / 2)
+    # top row is far from the camera: radius (S/2)(H-1)/H
+    assert np.allclose(np.hypot(rows[0] - size / 2, cols[0] - size / 2), size / 2 * (h - 1) / h)
+
+
+def test_known_pixels_follow_the_formula():
+    size, h, w = 64, 16, 64
+    rng = np.random.default_rng(0)
+    tile = rng.random((size, size, 3)).astype(np.float32)
+    polar = polar_transform(tile, h, w)
+    for i, j in [(0, 0), (5, 16), (10, 32), (15, 48), (3, 7)]:
+        r = (size / 2) * (h - 1 - i) / h
+        t = 2 * np.pi * j / w
+        row, col = size / 2 + r * np.cos(t), size / 2 - r * np.sin(t)
+        r0, c0 = int(np.floor(row)), int(np.floor(col))
+        fr, fc = row - r0, col - c0
+        expect = ((1 - fr) * (1 - fc) * tile[r0, c0] + (1 - fr) * fc * tile[r0, c0 + 1]
+                  + fr * (1 - fc) * tile[r0 + 1, c0] + fr * fc * tile[r0 + 1, c0 + 1])
+        assert np.allclose(polar[i, j], expect, atol=1e-5)
+    # south (left edge, j=0) samples below the centre; west (j = W/4) samples left of it
+    rows, cols = polar_sampling_grid(size, h, w)
+    assert rows[0, 0] > size / 2 and cols[0, w // 4] < size / 2
+
+
+def test_numpy_equals_torch():
+    rng = np.random.default_rng(1)
+    tile = (rng.random((96, 96, 3)) * 255).astype(np.float32)
+    a = polar_transform(tile, 28, 154)
+    b = polar_transform(torch.from_numpy(tile).permute(2, 0, 1)[None], 28, 154)[0].permute(1, 2, 0).numpy()
+    assert np.abs(a - b).max() < 0.01
+
+
+def test_polar_rejects_non_square():
+    with pytest.raises(ValueError, match="square"):
+        polar_transform(np.zeros((10, 12, 3)), 8, 16)
+
+
+def test_paper_two_step_and_tensor_shapes():
+    tile = Image.fromarray((np.random.default_rng(2).random((750, 750, 3)) * 255).astype(np.uint8))
+    paper = L2LTRConfig.named("paper")
+    x = aerial_tensor(tile, paper)
+    assert x.shape == (3, 128, 512) and x.dtype == torch.float32
+    pano = Image.new("RGB", (1232, 224), (128, 128, 128))
+    assert ground_tensor(pano, L2LTRConfig.named("tiny")).shape == (3, 64, 256)
+    # grey 128 normalises to about (0.502 - mean) / std
+    assert abs(ground_tensor(pano, paper)[0].mean().item() - (128 / 255 - 0.485) / 0.229) < 1e-4
+
+
+def test_load_image_exif_orientation():
+    img = Image.new("RGB", (40, 20), (255, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW on display
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", exif=exif)
+    out = load_image(buf.getvalue())
+    assert out.size == (20, 40)
+
+
+def test_load_image_errors():
+    with pytest.raises(ImageDecodeError, match="not a readable image"):
+        load_image(b"definitely not an image")
+    buf = io.BytesIO()
+    noise = (np.random.default_rng(0).random((256, 256, 3)) * 255).astype(np.uint8)
+    Image.fromarray(noise).save(buf, "JPEG")
+    with pytest.raises(ImageDecodeError, match="damaged or truncated"):
+        load_image(buf.getvalue()[: len(buf.getvalue()) // 2])
+    with pytest.raises(ImageDecodeError, match="exceeds the limit"):
+        load_image(buf.getvalue(), max_pixels=100)
+    with pytest.raises(ImageDecodeError, match="not found"):
+        load_image("/nonexistent/x.png")
