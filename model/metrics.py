@@ -20,11 +20,13 @@ def count_closer(query, gallery, chunk: int = 2048) -> np.ndarray:
     q, g = _as_rows(query, "query"), _as_rows(gallery, "gallery")
     if q.shape[0] != g.shape[0] or q.shape[1] != g.shape[1]:
         raise ValueError(f"query {q.shape} and gallery {g.shape} must be row-aligned with the same dim")
-    pos = np.einsum("nd,nd->n", q, g)
     counts = np.empty(q.shape[0], dtype=np.int64)
     for s in range(0, q.shape[0], chunk):
         sims = q[s:s + chunk] @ g.T
-        counts[s:s + chunk] = (sims > pos[s:s + chunk, None]).sum(axis=1)
+        rows = np.arange(sims.shape[0])
+        # The true match's similarity is read from the same product, so exact ties stay ties.
+        pos = sims[rows, s + rows]
+        counts[s:s + chunk] = (sims > pos[:, None]).sum(axis=1)
     return counts
 
 
