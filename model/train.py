@@ -1,0 +1,434 @@
+"""Train L2LTR on a cross-view data set (synthetic world directory, CVUSA or CVACT).
+
+  python -m model.train --data data/train_world --config tiny --out runs/tiny --epochs 10 --cache
+
+A run directory holds `train_state.pt` (everything needed to resume), `log.jsonl` (one JSON
+object per logged step / evaluation), `best.safetensors` (best validation R@1) and
+`last.safetensors`. Re-running the same command with `--resume` continues an interrupted run and
+reaches the same weights as an uninterrupted one (same batches, same dropout masks).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .checkpoint import CheckpointError, load_checkpoint, load_npz_into, save_checkpoint
+from .config import ConfigError, L2LTRConfig
+from .encode import autocast_context, pick_device
+from .losses import make_loss
+from .metrics import retrieval_recall
+from .network import L2LTR
+
+STATE_FILE = "train_state.pt"
+LOG_FILE = "log.jsonl"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot start or go on; the message says why and what to do."""
+
+
+# --------------------------------------------------------------------------- data
+
+@dataclass
+class PairArrays:
+    """Preprocessed pairs held in memory as uint8 model-size images (fast epochs on CPU)."""
+
+    ground: np.ndarray  # [N, H, W, 3] uint8
+    aerial: np.ndarray  # [N, H, W, 3] uint8
+    latlon: np.ndarray | None  # [N, 2] float64 or None
+
+    def __len__(self) -> int:
+        return len(self.ground)
+
+
+_MEAN = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)
+_STD = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
+
+
+def normalize_uint8(batch: np.ndarray) -> torch.Tensor:
+    x = torch.from_numpy(batch).permute(0, 3, 1, 2).float().div_(255.0)
+    return (x - _MEAN) / _STD
+
+
+def load_pair_arrays(records: Sequence, config: L2LTRConfig, desc: str = "preprocess", workers: int = 0) -> PairArrays:
+    """Decode + preprocess every record once (ground resize; aerial polar + resize)."""
+    from tqdm import tqdm
+
+    from .preprocess import aerial_image, ground_image, load_image
+
+    n = len(records)
+    ground = np.empty((n, *config.ground_size, 3), np.uint8)
+    aerial = np.empty((n, *config.aerial_size, 3), np.uint8)
+
+    def work(i):
+        r = records[i]
+        return i, np.asarray(ground_image(load_image(r.ground_path), config)), \
+            np.asarray(aerial_image(load_image(r.aerial_path), config))
+
+    if workers > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(workers) as pool:
+            results = pool.map(work, range(n))
+            for i, g, a in tqdm(results, total=n, desc=desc, unit="pair", dynamic_ncols=True):
+                ground[i], aerial[i] = g, a
+    else:
+        for i in tqdm(range(n), desc=desc, unit="pair", dynamic_ncols=True):
+            _, ground[i], aerial[i] = work(i)
+    has_ll = all(getattr(r, "lat", None) is not None for r in records)
+    latlon = np.array([(r.lat, r.lon) for r in records], np.float64) if has_ll and n else None
+    return PairArrays(ground, aerial, latlon)
+
+
+def read_records(dataset: str, root: Path, split: str):
+    """Records of one split, with a clear error for a missing or empty data set."""
+    from . import datasets
+
+    if not root.exists():
+        raise TrainingError(f"data directory {root} does not exist")
+    if root.is_dir() and not any(root.iterdir()):
+        raise TrainingError(f"data directory {root} is empty")
+    try:
+        records = datasets.load_split(dataset, root, split)
+    except datasets.DatasetError as exc:
+        raise TrainingError(str(exc)) from None
+    if not records:
+        raise TrainingError(f"{dataset} data in {root}: split {split!r} has no pairs")
+    return records
+
+
+# --------------------------------------------------------------------------- batching
+
+def spatial_order(latlon: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Indices sorted along a Z-order curve of the coordinates with a random shift, so that
+    consecutive indices are geographic neighbours (hard negatives when batched together)."""
+    ll = latlon - latlon.min(axis=0)
+    span = max(float(ll.max()), 1e-12)
+    q = ((ll / span) * 65535).astype(np.int64)
+    q = (q + rng.integers(0, 4096, size=2)) & 0xFFFF
+    code = np.zeros(len(q), np.int64)
+    for bit in range(16):
+        code |= ((q[:, 0] >> bit) & 1) << (2 * bit + 1)
+        code |= ((q[:, 1] >> bit) & 1) << (2 * bit)
+    return np.argsort(code, kind="stable")
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, latlon: np.ndarray | None = None,
+                  hard_fraction: float = 0.0) -> list[np.ndarray]:
+    """The batches of one epoch, a pure function of (seed, epoch) so that resuming replays them.
+
+    A `hard_fraction` of the batches is made of geographic neighbours; the rest are random."""
+    rng = np.random.default_rng([seed, epoch])
+    n_batches = n // batch_size
+    if n_batches == 0:
+        raise TrainingError(f"{n} training pairs are fewer than one batch of {batch_size}")
+    perm = rng.permutation(n)
+    n_hard = int(round(hard_fraction * n_batches)) if latlon is not None else 0
+    batches = []
+    if n_hard:
+        order = spatial_order(latlon, rng)
+        chunks = [order[i * batch_size:(i + 1) * batch_size] for i in range(n_batches)]
+        hard_ids = rng.choice(n_batches, size=n_hard, replace=False)
+        batches += [chunks[i] for i in hard_ids]
+        used = np.zeros(n, bool)
+        for b in batches:
+            used[b] = True
+        perm = perm[~used[perm]]
+    batches += [perm[i * batch_size:(i + 1) * batch_size] for i in range(n_batches - n_hard)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def lr_at(step: int, total: int, base_lr: float, warmup: int) -> float:
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+# --------------------------------------------------------------------------- evaluation
+
+def encode_arrays(model: L2LTR, arrays: PairArrays, device: torch.device, batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    was_training = model.training
+    model.eval()
+    g_out, a_out = [], []
+    with torch.inference_mode(), autocast_context(device):
+        for s in range(0, len(arrays), batch_size):
+            g_out.append(model.encode_ground(normalize_uint8(arrays.ground[s:s + batch_size]).to(device)).float().cpu())
+            a_out.append(model.encode_aerial(normalize_uint8(arrays.aerial[s:s + batch_size]).to(device)).float().cpu())
+    model.train(was_training)
+    norm = lambda xs: torch.nn.functional.normalize(torch.cat(xs), dim=-1).numpy()  # noqa: E731
+    return norm(g_out), norm(a_out)
+
+
+def evaluate_arrays(model: L2LTR, arrays: PairArrays, device: torch.device) -> dict[str, float]:
+    g, a = encode_arrays(model, arrays, device)
+    return retrieval_recall(g, a)
+
+
+# --------------------------------------------------------------------------- state
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class JsonLog:
+    def __init__(self, path: Path, truncate_after_step: int | None = None):
+        self.path = path
+        if truncate_after_step is not None and path.exists():
+            # a resumed run rewrites what came after its checkpoint
+            keep = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= truncate_after_step]
+            path.write_text("".join(x + "\n" for x in keep))
+
+    def write(self, **record) -> None:
+        record.setdefault("time", time.time())
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+# --------------------------------------------------------------------------- training
+
+RESUME_KEYS = ("data", "dataset", "config", "attention", "polar", "batch_size", "lr", "weight_decay", "warmup",
+               "clip", "loss", "hard_negatives", "seed", "epochs", "steps", "init")
+
+
+def build_config(args) -> L2LTRConfig:
+    cfg = L2LTRConfig.resolve(args.config)
+    changes = {}
+    if args.attention:
+        changes["attention"] = args.attention
+    if args.no_polar:
+        side = cfg.aerial_size[0] * 2
+        changes.update(polar=False, polar_intermediate=None, aerial_size=(side, side))
+    return cfg.replace(**changes) if changes else cfg
+
+
+def train(args) -> dict:
+    out = Path(args.out)
+    device = pick_device(args.device)
+    config = build_config(args)
+    state_path = out / STATE_FILE
+    resume_state = None
+    if args.resume and state_path.exists():
+        resume_state = torch.load(state_path, map_location="cpu", weights_only=False)
+        saved = resume_state["args"]
+        diffs = {k: (saved.get(k), getattr(args, k)) for k in RESUME_KEYS if saved.get(k) != getattr(args, k)}
+        if diffs:
+            raise TrainingError(f"--resume from {state_path} with different settings {diffs}; "
+                                "use the original command or a new --out")
+    elif state_path.exists() and not args.resume:
+        raise TrainingError(f"{out} already holds a run ({STATE_FILE}); pass --resume to continue it or pick a new --out")
+
+    train_records = read_records(args.dataset, Path(args.data), "train")
+    val_records = read_records(args.dataset, Path(args.data), args.eval_split) if args.eval_every else []
+    if args.max_pairs:
+        train_records = train_records[: args.max_pairs]
+    if args.max_eval_pairs:
+        val_records = val_records[: args.max_eval_pairs]
+    torch.manual_seed(args.seed)
+    model = L2LTR(config)
+    if args.init and not resume_state:
+        init = Path(args.init)
+        if init.suffix == ".npz":
+            load_npz_into(model, init)
+        else:
+            loaded = load_checkpoint(init)
+            if loaded.config.replace(name=config.name) != config:
+                raise TrainingError(f"--init {init} has config {loaded.config.to_json()}, which differs from "
+                                    f"the training config {config.to_json()}")
+            model.load_state_dict(loaded.state_dict())
+    model.to(device).train()
+    loss_fn = make_loss(args.loss).to(device)
+    params = list(model.parameters()) + list(loss_fn.parameters())
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+
+    out.mkdir(parents=True, exist_ok=True)
+    train_data = load_pair_arrays(train_records, config, "preprocess train", workers=args.workers)
+    val_data = load_pair_arrays(val_records, config, f"preprocess {args.eval_split}", workers=args.workers) if val_records else None
+    steps_per_epoch = len(train_data) // args.batch_size
+    if steps_per_epoch == 0:
+        raise TrainingError(f"{len(train_data)} training pairs are fewer than one batch of {args.batch_size}")
+    total_steps = args.steps or args.epochs * steps_per_epoch
+
+    step, best_r1 = 0, -1.0
+    if resume_state:
+        model.load_state_dict(resume_state["model"])
+        loss_fn.load_state_dict(resume_state["loss"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        step, best_r1 = resume_state["step"], resume_state["best_r1"]
+        set_rng_state(resume_state["rng"])
+        print(f"resumed {out} at step {step}/{total_steps}", file=sys.stderr)
+    log = JsonLog(out / LOG_FILE, truncate_after_step=step if resume_state else None)
+    if not resume_state:
+        (out / LOG_FILE).write_text("")
+        log.write(step=0, event="start", config=config.to_dict(), args=vars(args), device=str(device),
+                  train_pairs=len(train_data), eval_pairs=len(val_data) if val_data else 0, total_steps=total_steps)
+
+    def save_state():
+        _atomic_torch_save({"model": model.state_dict(), "loss": loss_fn.state_dict(),
+                            "optimizer": optimizer.state_dict(), "step": step, "best_r1": best_r1,
+                            "rng": rng_state(), "args": vars(args), "config": config.to_dict()}, state_path)
+
+    def provenance(extra=None):
+        return {"trained_steps": step, "data": str(args.data), "dataset": args.dataset, "seed": args.seed,
+                "loss": args.loss, "batch_size": args.batch_size, **(extra or {})}
+
+    from tqdm import tqdm
+
+    started = time.time()
+    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True, disable=args.quiet)
+    window_loss, window_n, window_t = 0.0, 0, time.time()
+    stopped_early = False
+    while step < total_steps:
+        epoch, offset = divmod(step, steps_per_epoch)
+        batches = epoch_batches(len(train_data), args.batch_size, args.seed, epoch, train_data.latlon, args.hard_negatives)
+        for idx in batches[offset:]:
+            if step >= total_steps:
+                break
+            idx = np.sort(idx)
+            g = normalize_uint8(train_data.ground[idx]).to(device, non_blocking=True)
+            a = normalize_uint8(train_data.aerial[idx]).to(device, non_blocking=True)
+            lr = lr_at(step, total_steps, args.lr, args.warmup)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with autocast_context(device):
+                gd, ad = model(g, a)
+                loss = loss_fn(gd.float(), ad.float())
+            if not torch.isfinite(loss):
+                raise TrainingError(f"loss is {loss.item()} at step {step} (lr {lr:.3g}); stopped instead of training "
+                                    f"through it. Last good state: {state_path if state_path.exists() else 'none saved'}. "
+                                    "Try a lower --lr or check the data.")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = nn.utils.clip_grad_norm_(params, args.clip)
+            optimizer.step()
+            step += 1
+            window_loss += loss.item()
+            window_n += 1
+            bar.update(1)
+            if step % args.log_every == 0 or step == total_steps:
+                dt = time.time() - window_t
+                rate = window_n * args.batch_size / max(dt, 1e-9)
+                bar.set_postfix(loss=f"{window_loss / window_n:.4f}", pairs_s=f"{rate:.1f}", lr=f"{lr:.2e}")
+                log.write(step=step, event="train", loss=window_loss / window_n, lr=lr, grad_norm=float(grad_norm),
+                          pairs_per_s=rate, epoch=epoch)
+                window_loss, window_n, window_t = 0.0, 0, time.time()
+            do_eval = val_data is not None and (step % args.eval_every == 0 or step == total_steps)
+            if do_eval:
+                rec = evaluate_arrays(model, val_data, device)
+                log.write(step=step, event="eval", split=args.eval_split, n=len(val_data), **rec)
+                bar.write(f"step {step}: {args.eval_split} R@1 {rec['r1']:.3f} R@5 {rec['r5']:.3f} "
+                          f"R@10 {rec['r10']:.3f} R@1% {rec['r1pct']:.3f}")
+                if rec["r1"] > best_r1:
+                    best_r1 = rec["r1"]
+                    save_checkpoint(model, out / "best.safetensors", dtype=torch.float16,
+                                    metadata=provenance({"val": rec}))
+            if step % args.save_every == 0 or step == total_steps:
+                save_state()
+            if args.max_minutes and (time.time() - started) / 60 > args.max_minutes:
+                stopped_early = True
+                save_state()
+                bar.write(f"time budget of {args.max_minutes} min reached at step {step}; resume with --resume")
+                break
+        if stopped_early:
+            break
+    bar.close()
+    save_state()
+    save_checkpoint(model, out / "last.safetensors", dtype=torch.float16, metadata=provenance())
+    summary = {"step": step, "total_steps": total_steps, "best_r1": best_r1, "minutes": (time.time() - started) / 60,
+               "finished": step >= total_steps}
+    log.write(step=step, event="end", **summary)
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m model.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = p.add_argument_group("data")
+    d.add_argument("--data", required=True, help="data set root directory")
+    d.add_argument("--dataset", default="synthetic", choices=["synthetic", "cvusa", "cvact"], help="layout of --data")
+    d.add_argument("--eval-split", default="val", help="split evaluated periodically (default val)")
+    d.add_argument("--max-pairs", type=int, default=0, help="use at most this many training pairs (0: all)")
+    d.add_argument("--max-eval-pairs", type=int, default=0, help="evaluate on at most this many pairs (0: all)")
+    d.add_argument("--workers", type=int, default=2, help="threads decoding images during preprocessing")
+    m = p.add_argument_group("model")
+    m.add_argument("--config", default="tiny", help="config name (paper, small, tiny), JSON or JSON file")
+    m.add_argument("--attention", choices=["self_cross", "vanilla"], help="override the config's attention mode")
+    m.add_argument("--no-polar", action="store_true", help="feed the aerial branch the plain tile (ablation)")
+    m.add_argument("--init", help="initial weights: Google .npz or one of our .safetensors")
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--epochs", type=int, default=10)
+    o.add_argument("--steps", type=int, default=0, help="total steps (overrides --epochs)")
+    o.add_argument("--batch-size", type=int, default=32)
+    o.add_argument("--lr", type=float, default=1e-4)
+    o.add_argument("--weight-decay", type=float, default=0.03)
+    o.add_argument("--warmup", type=int, default=500, help="linear warm-up steps before the cosine decay")
+    o.add_argument("--clip", type=float, default=1.0, help="gradient norm clip")
+    o.add_argument("--loss", choices=["triplet", "infonce"], default="triplet")
+    o.add_argument("--hard-negatives", type=float, default=0.0,
+                   help="fraction of batches made of geographic neighbours (0..1)")
+    o.add_argument("--seed", type=int, default=0)
+    r = p.add_argument_group("run")
+    r.add_argument("--out", required=True, help="run directory (state, logs, checkpoints)")
+    r.add_argument("--resume", action="store_true", help="continue the run in --out from its last saved state")
+    r.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (bf16 autocast on CUDA)")
+    r.add_argument("--eval-every", type=int, default=500, help="steps between evaluations (0: never)")
+    r.add_argument("--save-every", type=int, default=100, help="steps between resumable state saves")
+    r.add_argument("--log-every", type=int, default=10)
+    r.add_argument("--max-minutes", type=float, default=0, help="stop (resumably) after this wall time")
+    r.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not 0.0 <= args.hard_negatives <= 1.0:
+        print("error: --hard-negatives must be within 0..1", file=sys.stderr)
+        return 2
+    try:
+        summary = train(args)
+    except (TrainingError, CheckpointError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
