@@ -1,0 +1,287 @@
+"""Write a synthetic world as a data set directory (layout: docs/INTERFACES.md).
+
+Everything is derived from (seed, arguments): per pair a generator seeded with (seed, pair index)
+draws the capture conditions, so the output is byte-identical for any worker count. The
+directory is assembled under a sibling temporary name and renamed into place at the end; a
+crash never leaves a half-written DIR behind.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from PIL import Image
+
+from worldgen import FORMAT_VERSION
+from worldgen.noise import hash_u01
+from worldgen.render import EYE_HEIGHT, render_aerial, render_pano, sample_aerial_look, sample_pano_look
+from worldgen.world import AREA_NAMES, World, camera_positions, generate_world
+
+
+class WorldgenError(ValueError):
+    """Bad arguments or an output location that cannot be written."""
+
+
+@dataclass
+class GenConfig:
+    seed: int
+    area_km2: float
+    pairs: int | None = None
+    tile_px: int = 256
+    footprint_m: float = 100.0
+    pano_height: int = 128
+    pano_width: int = 512
+    val_fraction: float = 0.1
+    min_spacing_m: float = 25.0
+    lat: float = 47.3769
+    lon: float = 8.5417
+    world_res_m: float = 0.4
+    fov_deg: float = 360.0
+    heading_jitter_deg: float = 0.0
+    jpeg_quality: int = 90
+    png_compress: int = 1
+    val_block_m: float = 250.0
+
+    def validate(self):
+        def bad(msg):
+            raise WorldgenError(msg)
+        if not (0.0 < self.area_km2 <= 64.0):
+            bad(f"--area-km2 must be in (0, 64], got {self.area_km2}")
+        if self.pairs is not None and self.pairs < 1:
+            bad(f"--pairs must be >= 1, got {self.pairs}")
+        if not (16 <= self.tile_px <= 2048):
+            bad(f"--tile-px must be in [16, 2048], got {self.tile_px}")
+        if self.tile_px % 2:
+            bad(f"--tile-px must be even, got {self.tile_px}")
+        if not (10.0 <= self.footprint_m <= 400.0):
+            bad(f"--footprint-m must be in [10, 400], got {self.footprint_m}")
+        if not (8 <= self.pano_height <= 2048 and 16 <= self.pano_width <= 4096):
+            bad(f"panorama size {self.pano_height}x{self.pano_width} out of range")
+        if not (0.0 <= self.val_fraction < 1.0):
+            bad(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if not (2.0 <= self.min_spacing_m <= 1000.0):
+            bad(f"--min-spacing must be in [2, 1000] m, got {self.min_spacing_m}")
+        if not (-80.0 <= self.lat <= 80.0) or not (-180.0 <= self.lon <= 180.0):
+            bad(f"origin ({self.lat}, {self.lon}) out of range (lat within +-80, lon within +-180)")
+        if not (0.1 <= self.world_res_m <= 2.0):
+            bad(f"--world-res must be in [0.1, 2] m, got {self.world_res_m}")
+        if not (1.0 <= self.fov_deg <= 360.0):
+            bad(f"--fov must be in [1, 360] degrees, got {self.fov_deg}")
+        if not (0.0 <= self.heading_jitter_deg <= 180.0):
+            bad(f"--heading-jitter must be in [0, 180] degrees, got {self.heading_jitter_deg}")
+        if not (1 <= self.jpeg_quality <= 100):
+            bad(f"--jpeg-quality must be in [1, 100], got {self.jpeg_quality}")
+        side = 2 * (500.0 * math.sqrt(self.area_km2) + 130.0) / self.world_res_m
+        if side * side > 4.5e8:
+            bad(f"world raster {side:.0f}^2 px is too large; raise --world-res or lower --area-km2")
+
+
+def _id_width(n: int) -> int:
+    return max(6, len(str(max(n - 1, 0))))
+
+
+def pair_rng(seed: int, i: int) -> np.random.Generator:
+    return np.random.default_rng([int(seed), 7, int(i)])
+
+
+def render_pair(world: World, cfg: GenConfig, i: int, x: float, y: float):
+    """(aerial uint8 HxWx3, panorama uint8, heading_deg) for pair ``i`` at (x, y)."""
+    rng = pair_rng(cfg.seed, i)
+    alook = sample_aerial_look(rng)
+    plook = sample_pano_look(rng)
+    heading = float(rng.uniform(-cfg.heading_jitter_deg, cfg.heading_jitter_deg)) if cfg.heading_jitter_deg > 0 else 0.0
+    r_a = np.random.default_rng([int(cfg.seed), 8, int(i)])
+    r_p = np.random.default_rng([int(cfg.seed), 9, int(i)])
+    aerial = render_aerial(world, x, y, cfg.tile_px, cfg.footprint_m, alook, r_a)
+    pano = render_pano(world, x, y, cfg.pano_height, cfg.pano_width, plook, r_p, heading_deg=heading,
+                       fov_deg=cfg.fov_deg)
+    return aerial, pano, heading
+
+
+def encode_png(img: np.ndarray, level: int = 1) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG", compress_level=level)
+    return buf.getvalue()
+
+
+def encode_jpeg(img: np.ndarray, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="JPEG", quality=quality, subsampling=0, optimize=False)
+    return buf.getvalue()
+
+
+# ---- worker state (fork: the world is shared copy-on-write) ---------------------------------
+_STATE: dict = {}
+
+
+def _work(task):
+    lo, hi = task
+    world, cfg, cams, ids, root = (_STATE[k] for k in ("world", "cfg", "cams", "ids", "root"))
+    headings = []
+    for i in range(lo, hi):
+        a, p, h = render_pair(world, cfg, i, cams[i, 0], cams[i, 1])
+        with open(os.path.join(root, "bingmap", ids[i] + ".png"), "wb") as f:
+            f.write(encode_png(a, cfg.png_compress))
+        with open(os.path.join(root, "streetview", ids[i] + ".jpg"), "wb") as f:
+            f.write(encode_jpeg(p, cfg.jpeg_quality))
+        headings.append(h)
+    return lo, headings
+
+
+def choose_cameras(world: World, cfg: GenConfig) -> np.ndarray:
+    cams = camera_positions(world, cfg.min_spacing_m, np.random.default_rng([cfg.seed, 6]), limit=cfg.pairs)
+    if cfg.pairs is not None and len(cams) < cfg.pairs:
+        raise WorldgenError(
+            f"only {len(cams)} camera positions fit on the roads of {cfg.area_km2} km^2 with "
+            f"--min-spacing {cfg.min_spacing_m} m, but --pairs {cfg.pairs} was asked; raise --area-km2 "
+            f"(about {cfg.area_km2 * cfg.pairs / max(len(cams), 1) * 1.1:.1f} km^2) or lower --min-spacing")
+    if len(cams) == 0:
+        raise WorldgenError("no road inside the area; raise --area-km2")
+    return cams
+
+
+def split_val(cams: np.ndarray, cfg: GenConfig) -> np.ndarray:
+    """Boolean val mask: whole spatial blocks of val_block_m go to val (no train/val overlap leaks
+    beyond block borders), blocks chosen in a seeded order until val_fraction is reached."""
+    n = len(cams)
+    want = int(round(cfg.val_fraction * n))
+    val = np.zeros(n, dtype=bool)
+    if want == 0:
+        return val
+    bx = np.floor(cams[:, 0] / cfg.val_block_m).astype(np.int64)
+    by = np.floor(cams[:, 1] / cfg.val_block_m).astype(np.int64)
+    keys, inv = np.unique(bx * 100003 + by, return_inverse=True)
+    prio = hash_u01(keys, salt=cfg.seed * 31 + 5)
+    count = 0
+    for b in np.argsort(prio, kind="stable"):
+        if count >= want:
+            break
+        m = inv == b
+        val |= m
+        count += int(m.sum())
+    return val
+
+
+def generate_dataset(cfg: GenConfig, out_dir: str, workers: int = 1, overwrite: bool = False,
+                     progress: bool = True, log=print) -> dict:
+    cfg.validate()
+    out_dir = os.path.abspath(out_dir)
+    parent = os.path.dirname(out_dir) or "."
+    if os.path.exists(out_dir) and not overwrite:
+        raise WorldgenError(f"output directory {out_dir} already exists (pass --overwrite to replace it)")
+    if not os.path.isdir(parent):
+        raise WorldgenError(f"parent directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise WorldgenError(f"parent directory {parent} is not writable")
+    tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.tmp-{os.getpid()}")
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    t0 = time.time()
+    try:
+        os.makedirs(os.path.join(tmp, "bingmap"))
+        os.makedirs(os.path.join(tmp, "streetview"))
+        os.makedirs(os.path.join(tmp, "splits"))
+        log(f"worldgen: building world seed={cfg.seed} area={cfg.area_km2} km^2 ...")
+        world = generate_world(cfg.seed, cfg.area_km2, cfg.lat, cfg.lon, res=cfg.world_res_m)
+        t_world = time.time() - t0
+        cams = choose_cameras(world, cfg)
+        n = len(cams)
+        log(f"worldgen: world built in {t_world:.1f} s ({len(world.buildings['cx']) - 1} buildings, "
+            f"{len(world.trees['x'])} trees); rendering {n} pairs with {workers} worker(s)")
+        w = _id_width(n)
+        ids = [str(i).zfill(w) for i in range(n)]
+        val = split_val(cams, cfg)
+        headings = np.zeros(n)
+        chunk = 16
+        tasks = [(lo, min(n, lo + chunk)) for lo in range(0, n, chunk)]
+        _STATE.update(world=world, cfg=cfg, cams=cams, ids=ids, root=tmp)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=n, unit="pair", desc="rendering", dynamic_ncols=True)
+        t1 = time.time()
+        try:
+            if workers > 1 and n > chunk:
+                import multiprocessing as mp
+                ctx = mp.get_context("fork")
+                with ctx.Pool(workers) as pool:
+                    for lo, hs in pool.imap_unordered(_work, tasks):
+                        headings[lo:lo + len(hs)] = hs
+                        if bar is not None:
+                            bar.update(len(hs))
+            else:
+                for t in tasks:
+                    lo, hs = _work(t)
+                    headings[lo:lo + len(hs)] = hs
+                    if bar is not None:
+                        bar.update(len(hs))
+        finally:
+            if bar is not None:
+                bar.close()
+            _STATE.clear()
+        t_render = time.time() - t1
+        lat, lon = world.latlon(cams[:, 0], cams[:, 1])
+        area = world.area_type(cams[:, 0], cams[:, 1])
+        _write_csvs(tmp, ids, cams, lat, lon, val, headings, area)
+        meta = {
+            "format": "worldgen", "version": FORMAT_VERSION, "seed": cfg.seed,
+            "origin": {"lat": cfg.lat, "lon": cfg.lon},
+            "area_km2": cfg.area_km2, "core_half_m": world.half_core,
+            "tile_footprint_m": cfg.footprint_m, "tile_px": cfg.tile_px,
+            "tile_m_per_px": cfg.footprint_m / cfg.tile_px,
+            "pano": {"height": cfg.pano_height, "width": cfg.pano_width, "eye_height_m": EYE_HEIGHT,
+                     "fov_deg": cfg.fov_deg, "heading_jitter_deg": cfg.heading_jitter_deg,
+                     "layout": "equirectangular; columns clockwise; left edge south, centre north"},
+            "counts": {"pairs": n, "train": int((~val).sum()), "val": int(val.sum()),
+                       "buildings": int(len(world.buildings["cx"]) - 1), "trees": int(len(world.trees["x"])),
+                       "area_types": {AREA_NAMES[k]: int((area == k).sum()) for k in range(3)}},
+            "min_spacing_m": cfg.min_spacing_m, "world_res_m": cfg.world_res_m,
+            "geodesy": "local x east / y north metres; lat = lat0 + y/R, lon = lon0 + x/(R cos lat); R = 6371008.8 m (haversine sphere)",
+            "config": asdict(cfg),
+        }
+        with open(os.path.join(tmp, "world.json"), "w") as f:
+            json.dump(meta, f, indent=2, sort_keys=True)
+            f.write("\n")
+        if os.path.exists(out_dir):
+            old = os.path.join(parent, f".{os.path.basename(out_dir)}.old-{os.getpid()}")
+            os.rename(out_dir, old)
+            os.rename(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"worldgen: wrote {n} pairs to {out_dir} in {time.time() - t0:.1f} s "
+        f"(world {t_world:.1f} s, rendering {t_render:.1f} s = {n / max(t_render, 1e-9):.1f} pairs/s)")
+    return meta
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.8f}"
+
+
+def _write_csvs(root, ids, cams, lat, lon, val, headings, area):
+    def w(path, header, rows):
+        with open(os.path.join(root, path), "w", newline="") as f:
+            wr = csv.writer(f, lineterminator="\n")
+            wr.writerow(header)
+            wr.writerows(rows)
+    n = len(ids)
+    pair_rows = [[ids[i], f"bingmap/{ids[i]}.png", f"streetview/{ids[i]}.jpg", _fmt(lat[i]), _fmt(lon[i])] for i in range(n)]
+    header = ["id", "aerial", "ground", "lat", "lon"]
+    w("splits/train.csv", header, [r for r, v in zip(pair_rows, val) if not v])
+    w("splits/val.csv", header, [r for r, v in zip(pair_rows, val) if v])
+    w("tiles.csv", ["tile_id", "lat", "lon", "path"], [[ids[i], _fmt(lat[i]), _fmt(lon[i]), f"bingmap/{ids[i]}.png"] for i in range(n)])
+    w("queries.csv", ["query_id", "path", "lat", "lon", "tile_id"],
+      [[ids[i], f"streetview/{ids[i]}.jpg", _fmt(lat[i]), _fmt(lon[i]), ids[i]] for i in range(n)])
+    w("cameras.csv", ["id", "x_m", "y_m", "lat", "lon", "heading_deg", "area_type", "split"],
+      [[ids[i], f"{cams[i, 0]:.3f}", f"{cams[i, 1]:.3f}", _fmt(lat[i]), _fmt(lon[i]), f"{headings[i]:.3f}",
+        AREA_NAMES[int(area[i])], "val" if val[i] else "train"] for i in range(n)])
