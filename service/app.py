@@ -1,0 +1,220 @@
+"""The FastAPI application: ``create_app(settings)`` for tests, ``service.app:app`` for uvicorn.
+
+``uvicorn service.app:app`` builds the app from ``GEOLOC_*`` environment variables on first
+access (the module attribute is created lazily, so importing this module has no side effects).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from . import routes
+from .engine import ClientGone, NotReady, Overloaded, ResultTimeout
+from .logs import configure_logging, new_request_id, request_id_var
+from .metrics import Metrics
+from .runtime import ReloadFailed, Runtime
+from .schemas import ErrorResponse, FeatureCollection
+from .settings import Settings
+from .thumbs import Thumbnails
+from .uploads import MissingUpload, UploadError
+
+log = logging.getLogger("service.http")
+
+_QUIET_PATHS = {"/healthz", "/readyz", "/metrics"}
+
+
+class RequestContext:
+    """Pure ASGI middleware: request id, access log line, request counters and latency."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = None
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                incoming = value.decode("latin-1")
+                break
+        rid = new_request_id(incoming)
+        # Each request runs in its own task (own context copy), so this never leaks across requests;
+        # it is deliberately not reset, so the 500 handler outside this middleware still sees it.
+        request_id_var.set(rid)
+        status = 500
+        started = time.perf_counter()
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = list(message["headers"]) + [(b"x-request-id", rid.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            elapsed = time.perf_counter() - started
+            route = scope.get("route")
+            label = getattr(route, "path", None) or "unmatched"
+            self.metrics.requests.labels(label, scope["method"], str(status)).inc()
+            self.metrics.request_seconds.labels(label).observe(elapsed)
+            level = logging.DEBUG if scope["path"] in _QUIET_PATHS and status < 400 else logging.INFO
+            log.log(level, "%s %s %d", scope["method"], scope["path"], status, extra={
+                "method": scope["method"], "path": scope["path"], "status": status,
+                "ms": round(elapsed * 1000.0, 3), "client": (scope.get("client") or ("", 0))[0]})
+
+
+def _error(status: int, code: str, detail: Any, headers: dict | None = None) -> JSONResponse:
+    body = ErrorResponse(detail=detail, code=code, request_id=request_id_var.get())
+    return JSONResponse(body.model_dump(mode="json"), status_code=status, headers=headers)
+
+
+_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+               405: "method_not_allowed", 409: "conflict", 413: "upload_too_large",
+               415: "unsupported_media_type", 422: "validation_error", 503: "unavailable"}
+
+
+def _install_error_handlers(app: FastAPI, settings: Settings) -> None:
+    retry = {"Retry-After": str(settings.retry_after_s)}
+
+    @app.exception_handler(UploadError)
+    async def upload_error(request: Request, exc: UploadError) -> JSONResponse:
+        return _error(exc.status, exc.code, exc.detail, exc.headers)
+
+    @app.exception_handler(MissingUpload)
+    async def missing_upload(request: Request, exc: MissingUpload) -> JSONResponse:
+        detail = [{"type": "missing", "loc": ["body", exc.field_name], "msg": "Field required",
+                   "input": None}]
+        return _error(422, "validation_error", detail)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        detail = [{k: v for k, v in err.items() if k in ("type", "loc", "msg", "input", "ctx")}
+                  for err in exc.errors()]
+        return _error(422, "validation_error", _jsonable(detail))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error(exc.status_code, _HTTP_CODES.get(exc.status_code, "http_error"), exc.detail,
+                      getattr(exc, "headers", None))
+
+    @app.exception_handler(Overloaded)
+    async def overloaded(request: Request, exc: Overloaded) -> JSONResponse:
+        return _error(503, "overloaded", f"server busy: {exc}; retry later", retry)
+
+    @app.exception_handler(NotReady)
+    async def not_ready(request: Request, exc: NotReady) -> JSONResponse:
+        return _error(503, "not_ready", f"not ready: {exc}", retry)
+
+    @app.exception_handler(ResultTimeout)
+    async def timed_out(request: Request, exc: ResultTimeout) -> JSONResponse:
+        return _error(504, "timeout", str(exc))
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(request: Request, exc: ClientGone) -> JSONResponse:
+        # Nobody reads this; 499 is the customary "client closed request" code in access logs.
+        return _error(499, "client_disconnected", str(exc))
+
+    @app.exception_handler(ReloadFailed)
+    async def reload_failed(request: Request, exc: ReloadFailed) -> JSONResponse:
+        return _error(409, "reload_failed",
+                      f"new index artifact rejected, the previous one is still served: {exc}")
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled error", exc_info=exc)
+        return _error(500, "internal_error", "internal server error")
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                             routes=app.routes)
+        extra = FeatureCollection.model_json_schema(ref_template="#/components/schemas/{model}")
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for name, sub in extra.pop("$defs", {}).items():
+            components.setdefault(name, sub)
+        components["FeatureCollection"] = extra
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app. Model and index load in the background when the lifespan starts."""
+    settings = settings or Settings()
+    configure_logging(settings.log_level, settings.json_logs)
+    metrics = Metrics()
+    runtime = Runtime(settings, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        runtime.start()
+        try:
+            yield
+        finally:
+            await anyio.to_thread.run_sync(runtime.stop)
+
+    app = FastAPI(
+        title="L2LTR geo-localization",
+        version="0.1.0",
+        description="Upload a street-level 360° panorama, get the most likely locations: the "
+        "panorama is matched against geo-tagged aerial tiles with L2LTR.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.runtime = runtime
+    app.state.thumbnails = Thumbnails(settings.thumbnail_px, settings.thumbnail_cache)
+    app.state.decode_limiter = anyio.CapacityLimiter(settings.decode_threads)
+    _install_error_handlers(app, settings)
+    app.include_router(routes.api)
+    app.include_router(routes.admin)
+    app.include_router(routes.public)
+    app.mount("/static", StaticFiles(directory=routes.STATIC), name="static")
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+            allow_headers=["X-API-Key", "Authorization", "Content-Type", "X-Request-ID"],
+            expose_headers=["X-Request-ID", "Retry-After"],
+        )
+    app.add_middleware(RequestContext, metrics=metrics)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    return app
+
+
+_app: FastAPI | None = None
+
+
+def __getattr__(name: str) -> Any:
+    """``service.app.app``: the app built from the environment, made on first access."""
+    global _app
+    if name == "app":
+        if _app is None:
+            _app = create_app(Settings())
+        return _app
+    raise AttributeError(name)

@@ -1,0 +1,379 @@
+"""The inference engine: one worker thread that owns the model and the FAISS index.
+
+Requests put *jobs* (one or more preprocessed images) into a bounded queue. The worker takes
+whatever is queued, up to ``max_batch_size`` images, waiting at most ``max_batch_wait_ms`` after
+the oldest job arrived for more to join, then runs ONE ground-branch forward and ONE FAISS search
+for the whole micro-batch and hands each job its rows. Nothing but the worker ever touches the
+model or the index (a GPU FAISS index is not thread-safe), and an index swap is a command that
+the worker executes between two batches, so a batch never sees two indexes.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import numpy as np
+import torch
+from model.encode import encode_batch
+
+from .artifact import LoadedIndex
+from .metrics import Metrics
+
+log = logging.getLogger("service.engine")
+
+
+class Overloaded(Exception):
+    """The queue is full; the caller answers 503 with Retry-After."""
+
+
+class NotReady(Exception):
+    """Model or index not loaded (yet), or shutting down."""
+
+
+class ClientGone(Exception):
+    """The client disconnected while its job waited; nothing was computed for it."""
+
+
+class ResultTimeout(Exception):
+    """No result within request_timeout_s."""
+
+
+@dataclass
+class LoadedModel:
+    net: Any
+    config: Any
+    fingerprint: str
+    device: torch.device
+    checkpoint: Path
+    embedding_dim: int
+
+    def info(self) -> dict:
+        return {
+            "fingerprint": self.fingerprint,
+            "checkpoint": self.checkpoint.name,
+            "embedding_dim": self.embedding_dim,
+            "device": str(self.device),
+            "ground_size": tuple(self.config.ground_size),
+        }
+
+
+@dataclass(eq=False)
+class Job:
+    images: torch.Tensor  # [n, 3, H, W], already normalised
+    k: int
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.perf_counter)
+    request_id: str | None = None
+    cancelled: bool = False
+
+    @property
+    def n(self) -> int:
+        return int(self.images.shape[0])
+
+
+@dataclass
+class JobResult:
+    matches: list[list[tuple[str, float, float, float]]]  # per image: (tile_id, lat, lon, score)
+    index: LoadedIndex
+    queue_ms: float
+    encode_ms: float
+    search_ms: float
+    batch_size: int
+
+
+class JobQueue:
+    """Bounded FIFO counted in images, plus a channel of control commands for the worker."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._cond = threading.Condition()
+        self._jobs: deque[Job] = deque()
+        self._controls: deque[tuple[Callable[[], Any], concurrent.futures.Future]] = deque()
+        self._images = 0
+        self._closed = False
+        self._expected = 0  # requests being decoded right now, about to offer a job
+
+    @property
+    def depth(self) -> int:
+        return self._images
+
+    def expect(self) -> None:
+        """A request started decoding; the worker may wait (max_wait) for its job to join."""
+        with self._cond:
+            self._expected += 1
+
+    def unexpect(self) -> None:
+        with self._cond:
+            self._expected -= 1
+            self._cond.notify()
+
+    def offer(self, job: Job, expected: bool = False) -> bool:
+        with self._cond:
+            if expected:
+                self._expected -= 1
+            if self._closed:
+                self._cond.notify()
+                raise NotReady("shutting down")
+            if self._images + job.n > self.capacity:
+                self._cond.notify()
+                return False
+            self._jobs.append(job)
+            self._images += job.n
+            self._cond.notify()
+            return True
+
+    def control(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cond:
+            if self._closed:
+                raise NotReady("shutting down")
+            self._controls.append((fn, fut))
+            self._cond.notify()
+        return fut
+
+    def close(self) -> list[Job]:
+        """Stop accepting work; return the jobs that were still waiting."""
+        with self._cond:
+            self._closed = True
+            left = list(self._jobs)
+            self._jobs.clear()
+            self._images = 0
+            for _, fut in self._controls:
+                fut.set_exception(NotReady("shutting down"))
+            self._controls.clear()
+            self._cond.notify_all()
+            return left
+
+    def take(self, max_images: int, max_wait_s: float):
+        """Block for work. Returns ("control", [(fn, fut)...]), ("jobs", [job...]) or ("closed", [])."""
+        with self._cond:
+            while not self._jobs and not self._controls and not self._closed:
+                self._cond.wait()
+            if self._controls:
+                controls = list(self._controls)
+                self._controls.clear()
+                return "control", controls
+            if not self._jobs:
+                return "closed", []
+            deadline = self._jobs[0].enqueued + max_wait_s
+            taken: list[Job] = []
+            images = 0
+            while True:
+                while self._jobs and (not taken or images + self._jobs[0].n <= max_images):
+                    job = self._jobs.popleft()
+                    self._images -= job.n
+                    taken.append(job)
+                    images += job.n
+                if images >= max_images or self._jobs or self._closed or self._controls:
+                    break  # full, or the next job does not fit, or something else to do
+                if self._expected <= 0:
+                    break  # nobody is about to join: waiting would only add latency
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            return "jobs", taken
+
+
+def _resolve(future: asyncio.Future, value: Any = None, error: BaseException | None = None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(value)
+
+
+def _deliver(job: Job, value: Any = None, error: BaseException | None = None) -> None:
+    try:
+        job.loop.call_soon_threadsafe(_resolve, job.future, value, error)
+    except RuntimeError:  # the event loop is closed: nobody is waiting any more
+        pass
+
+
+class Engine:
+    """Owns the worker thread; the async side only enqueues jobs and awaits futures."""
+
+    def __init__(self, *, metrics: Metrics, max_batch_size: int, max_batch_wait_ms: float,
+                 queue_size: int, request_timeout_s: float) -> None:
+        self.metrics = metrics
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_batch_wait_ms / 1000.0
+        self.request_timeout_s = request_timeout_s
+        self.queue = JobQueue(queue_size)
+        self.model: LoadedModel | None = None
+        self.current: LoadedIndex | None = None
+        self._thread: threading.Thread | None = None
+        self._generation = 0
+        self._startup_error: BaseException | None = None
+        metrics.queue_capacity.set(queue_size)
+
+    # --- lifecycle (called from the loader thread / lifespan) ----------------------------
+    def start(self, model: LoadedModel, index: LoadedIndex) -> None:
+        """Take ownership of model and index and start the worker (blocks until warmed up)."""
+        self.model = model
+        started = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, args=(index, started), name="geoloc-worker", daemon=True
+        )
+        self._thread.start()
+        started.wait()
+        if self._startup_error is not None:
+            raise self._startup_error
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.current is not None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        for job in self.queue.close():
+            self.metrics.dropped.labels("shutdown").inc(job.n)
+            _deliver(job, error=NotReady("shutting down"))
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self.metrics.queue_depth.set(0)
+
+    def swap(self, new: LoadedIndex) -> concurrent.futures.Future:
+        """Ask the worker to serve ``new`` from its next batch on; resolves to the old index."""
+        return self.queue.control(lambda: self._install(new))
+
+    def call_in_worker(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+        """Run ``fn`` on the worker thread between two batches (tests use it to hold the worker)."""
+        return self.queue.control(fn)
+
+    # --- async API ------------------------------------------------------------------------
+    async def localize(self, images: torch.Tensor, k: int, *, request_id: str | None = None,
+                       disconnected: Callable[[], Awaitable[Any]] | None = None,
+                       expected: bool = False) -> JobResult:
+        """Queue one job and wait for it. ``expected``: the caller announced it (queue.expect)."""
+        if not self.running:
+            if expected:
+                self.queue.unexpect()
+            raise NotReady("model and index are not loaded")
+        loop = asyncio.get_running_loop()
+        job = Job(images=images, k=k, loop=loop, future=loop.create_future(),
+                  request_id=request_id)
+        if not self.queue.offer(job, expected):
+            self.metrics.rejected.labels("queue_full").inc()
+            raise Overloaded(f"queue full ({self.queue.capacity} images waiting)")
+        self.metrics.queue_depth.set(self.queue.depth)
+        watcher = asyncio.ensure_future(disconnected()) if disconnected is not None else None
+        try:
+            waiting = {job.future} | ({watcher} if watcher is not None else set())
+            done, _ = await asyncio.wait(
+                waiting, timeout=self.request_timeout_s, return_when=asyncio.FIRST_COMPLETED
+            )
+            if job.future in done:
+                return job.future.result()
+            job.cancelled = True
+            if watcher is not None and watcher in done:
+                raise ClientGone("client disconnected before its result was computed")
+            raise ResultTimeout(f"no result within {self.request_timeout_s:g} s")
+        except asyncio.CancelledError:
+            job.cancelled = True
+            raise
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+
+    # --- worker thread --------------------------------------------------------------------
+    def _install(self, new: LoadedIndex) -> LoadedIndex | None:
+        old = self.current
+        self._generation += 1
+        new.generation = self._generation
+        self.current = new
+        self.metrics.set_index(new.info())
+        return old
+
+    def _run(self, first: LoadedIndex, started: threading.Event) -> None:
+        try:
+            self._install(first)
+            self._warm_up()
+        except BaseException as exc:
+            self._startup_error = exc
+            self.current = None
+            return
+        finally:
+            started.set()
+        while True:
+            kind, items = self.queue.take(self.max_batch_size, self.max_wait_s)
+            self.metrics.queue_depth.set(self.queue.depth)
+            if kind == "closed":
+                return
+            if kind == "control":
+                for fn, fut in items:
+                    try:
+                        fut.set_result(fn())
+                    except BaseException as exc:  # reported to whoever asked
+                        fut.set_exception(exc)
+                continue
+            live = []
+            for job in items:
+                if job.cancelled:
+                    self.metrics.dropped.labels("client_disconnected").inc(job.n)
+                else:
+                    live.append(job)
+            if live:
+                self._compute(live)
+
+    def _encode(self, images: torch.Tensor) -> np.ndarray:
+        model = self.model
+        assert model is not None
+        out = encode_batch(model.net, images, "ground", model.device)
+        return np.ascontiguousarray(out.numpy(), dtype=np.float32)
+
+    def _warm_up(self) -> None:
+        model = self.model
+        assert model is not None
+        h, w = model.config.ground_size
+        self._encode(torch.zeros(1, 3, h, w))
+
+    def _compute(self, jobs: list[Job]) -> None:
+        index = self.current
+        assert index is not None
+        started = time.perf_counter()
+        try:
+            images = jobs[0].images if len(jobs) == 1 else torch.cat([j.images for j in jobs])
+            n = int(images.shape[0])
+            parts = [self._encode(images[i:i + self.max_batch_size])
+                     for i in range(0, n, self.max_batch_size)]
+            vectors = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            encoded = time.perf_counter()
+            k = min(max(j.k for j in jobs), index.count)
+            scores, rows = index.index.search(vectors, k)
+            searched = time.perf_counter()
+        except Exception as exc:
+            log.exception("inference failed for a batch of %d job(s)", len(jobs))
+            for job in jobs:
+                _deliver(job, error=exc)
+            return
+        encode_ms = (encoded - started) * 1000.0
+        search_ms = (searched - encoded) * 1000.0
+        self.metrics.batch_size.observe(n)
+        self.metrics.images.inc(n)
+        for _ in range(n):
+            self.metrics.stage_seconds.labels("encode").observe(encode_ms / 1000.0)
+            self.metrics.stage_seconds.labels("search").observe(search_ms / 1000.0)
+        offset = 0
+        for job in jobs:
+            per_image = []
+            for i in range(offset, offset + job.n):
+                matches = []
+                for score, row in zip(scores[i, : job.k], rows[i, : job.k]):
+                    if row < 0:
+                        continue
+                    row = int(row)
+                    matches.append((index.tile_ids[row], float(index.lat[row]),
+                                    float(index.lon[row]), float(score)))
+                per_image.append(matches)
+            offset += job.n
+            queue_ms = (started - job.enqueued) * 1000.0
+            _deliver(job, JobResult(per_image, index, queue_ms, encode_ms, search_ms, n))

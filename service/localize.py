@@ -1,0 +1,167 @@
+"""The request side of localisation: decode uploads, enqueue, shape the answer (JSON / GeoJSON)."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from functools import partial
+
+import anyio
+import torch
+from fastapi import Request
+
+from model.preprocess import ImageDecodeError, ground_tensor, load_image
+
+from .engine import JobResult
+from .logs import request_id_var
+from .runtime import Runtime
+from .schemas import (
+    BatchItem, BatchTiming, Feature, FeatureCollection, IndexInfo, LocalizeBatchResponse,
+    LocalizeResponse, ModelInfo, PointGeometry, TileMatch, Timing,
+)
+from .uploads import ImageLimits, UploadedFile, UploadError, check_image, read_files
+
+GEOJSON = "application/geo+json"
+
+
+@dataclass
+class Decoded:
+    images: torch.Tensor
+    decode_ms: float
+
+
+def _decode(files: list[UploadedFile], limits: ImageLimits, config) -> Decoded:
+    started = time.perf_counter()
+    tensors = []
+    for upload in files:
+        check_image(upload, limits)
+        try:
+            img = load_image(upload.data, name=f"image {upload.index}", max_pixels=limits.max_pixels)
+        except ImageDecodeError as exc:
+            raise UploadError(400, "undecodable_image", str(exc)) from None
+        tensors.append(ground_tensor(img, config))
+        img.close()
+        upload.data = b""  # the bytes are no longer needed; let them go early
+    return Decoded(torch.stack(tensors), (time.perf_counter() - started) * 1000.0)
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    """Return when the client has gone away (the body was read in full before this runs)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def run(request: Request, runtime: Runtime, *, k: int, batch: bool) -> tuple[JobResult, Decoded, list[UploadedFile], float]:
+    started = time.perf_counter()
+    s = runtime.settings
+    files = await read_files(
+        request,
+        field_names=("images", "image") if batch else ("image",),
+        max_files=s.max_batch_images if batch else 1,
+        max_file_bytes=s.max_upload_bytes,
+        max_body_bytes=s.max_batch_body_bytes if batch else s.max_body_bytes,
+    )
+    limits = ImageLimits(s.max_pixels, s.min_image_side, s.max_aspect_ratio)
+    model = runtime.engine.model
+    assert model is not None
+    queue = runtime.engine.queue
+    queue.expect()  # lets the worker hold a batch open for this request while it decodes
+    try:
+        decoded = await anyio.to_thread.run_sync(
+            partial(_decode, files, limits, model.config), limiter=request.app.state.decode_limiter
+        )
+    except BaseException:
+        queue.unexpect()
+        raise
+    result = await runtime.engine.localize(
+        decoded.images, k, request_id=request_id_var.get(),
+        disconnected=partial(_wait_for_disconnect, request), expected=True,
+    )
+    return result, decoded, files, started
+
+
+def _matches(rows: list[tuple[str, float, float, float]]) -> list[TileMatch]:
+    return [TileMatch(rank=i, tile_id=t, lat=la, lon=lo, score=sc)
+            for i, (t, la, lo, sc) in enumerate(rows, start=1)]
+
+
+def _observe(runtime: Runtime, decoded: Decoded, result: JobResult, total_ms: float) -> None:
+    stages = runtime.metrics.stage_seconds
+    n = int(decoded.images.shape[0])
+    for _ in range(n):
+        stages.labels("decode").observe(decoded.decode_ms / n / 1000.0)
+        stages.labels("queue").observe(result.queue_ms / 1000.0)
+        stages.labels("total").observe(total_ms / 1000.0)
+
+
+def single_response(runtime: Runtime, result: JobResult, decoded: Decoded, started: float) -> LocalizeResponse:
+    total_ms = (time.perf_counter() - started) * 1000.0
+    _observe(runtime, decoded, result, total_ms)
+    return LocalizeResponse(
+        results=_matches(result.matches[0]),
+        model=ModelInfo(**runtime.engine.model.info()),  # type: ignore[union-attr]
+        index=IndexInfo(**result.index.info()),
+        timing_ms=Timing(decode=round(decoded.decode_ms, 3), queue=round(result.queue_ms, 3),
+                         encode=round(result.encode_ms, 3), search=round(result.search_ms, 3),
+                         total=round(total_ms, 3)),
+        batch_size=result.batch_size,
+    )
+
+
+def batch_response(runtime: Runtime, result: JobResult, decoded: Decoded,
+                   files: list[UploadedFile], started: float) -> LocalizeBatchResponse:
+    total_ms = (time.perf_counter() - started) * 1000.0
+    _observe(runtime, decoded, result, total_ms)
+    return LocalizeBatchResponse(
+        items=[BatchItem(image=f.index, filename=f.filename, results=_matches(rows),
+                         batch_size=result.batch_size)
+               for f, rows in zip(files, result.matches)],
+        model=ModelInfo(**runtime.engine.model.info()),  # type: ignore[union-attr]
+        index=IndexInfo(**result.index.info()),
+        timing_ms=BatchTiming(decode=round(decoded.decode_ms, 3), queue=round(result.queue_ms, 3),
+                              encode=round(result.encode_ms, 3),
+                              search=round(result.search_ms, 3), total=round(total_ms, 3)),
+    )
+
+
+def to_geojson(items: list[tuple[int | None, list[TileMatch]]], model: ModelInfo, index: IndexInfo,
+               timing: dict[str, float]) -> FeatureCollection:
+    """RFC 7946: positions are [longitude, latitude]; one Point feature per match."""
+    features = []
+    for image, matches in items:
+        for m in matches:
+            props = {"rank": m.rank, "tile_id": m.tile_id, "score": m.score}
+            if image is not None:
+                props["image"] = image
+            features.append(Feature(geometry=PointGeometry(coordinates=(m.lon, m.lat)),
+                                    properties=props))
+    return FeatureCollection(features=features, model=model, index=index, timing_ms=timing)
+
+
+def wants_geojson(accept: str | None) -> bool:
+    """True when the Accept header prefers application/geo+json over application/json."""
+    if not accept:
+        return False
+    q_geo = q_json = q_wild = None
+    for item in accept.split(","):
+        media, *params = (p.strip() for p in item.split(";"))
+        q = 1.0
+        for p in params:
+            if p.startswith("q="):
+                try:
+                    q = float(p[2:])
+                except ValueError:
+                    q = 0.0
+        media = media.lower()
+        if media == GEOJSON:
+            q_geo = max(q_geo or 0.0, q)
+        elif media == "application/json":
+            q_json = max(q_json or 0.0, q)
+        elif media in ("*/*", "application/*"):
+            q_wild = max(q_wild or 0.0, q)
+    if not q_geo:
+        return False
+    json_q = q_json if q_json is not None else (q_wild or 0.0)
+    # On a tie with an explicit application/json, plain JSON wins; against a wildcard, GeoJSON.
+    return q_geo > json_q or (q_geo == json_q and q_json is None)

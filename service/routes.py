@@ -1,0 +1,159 @@
+"""HTTP routes. Each function is thin: dependencies check auth/readiness, helpers do the work."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import anyio
+from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi.responses import FileResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from . import localize
+from .deps import ReadyRuntime, RuntimeDep, require_admin, require_api_key
+from .schemas import (
+    ErrorResponse, FeatureCollection, Health, IndexInfo, LocalizeBatchResponse, LocalizeResponse,
+    Manifest, ModelInfo, Readiness, ReloadResult,
+)
+from .thumbs import ThumbnailError
+from .uploads import UploadError
+
+STATIC = Path(__file__).resolve().parent / "static"
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 503, 504)
+}
+_IMAGE_FIELD = {"type": "string", "format": "binary",
+                "description": "Equirectangular panorama, JPEG, PNG or WebP."}
+
+
+def _multipart(field: str, many: bool) -> dict[str, Any]:
+    schema = {"type": "array", "items": _IMAGE_FIELD} if many else _IMAGE_FIELD
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+        "type": "object", "required": [field], "properties": {field: schema}}}}}}
+
+
+def _geojson_doc(description: str) -> dict[int | str, dict[str, Any]]:
+    return {200: {"description": description, "content": {localize.GEOJSON: {
+        "schema": {"$ref": "#/components/schemas/FeatureCollection"}}}}}
+
+
+KQuery = Annotated[int, Query(ge=1, le=100, description="Number of matches to return.")]
+AcceptHeader = Annotated[str | None, Header(description="application/geo+json for GeoJSON")]
+
+api = APIRouter(dependencies=[Depends(require_api_key)], responses=_ERRORS)
+public = APIRouter()
+admin = APIRouter(prefix="/admin", tags=["admin"],
+                  dependencies=[Depends(require_api_key), Depends(require_admin)])
+
+
+@api.post(
+    "/localize", response_model=LocalizeResponse, tags=["localize"],
+    summary="Top-k aerial tiles for one street-level panorama",
+    openapi_extra=_multipart("image", many=False),
+    responses=_geojson_doc("Matches as JSON, or as a GeoJSON FeatureCollection on request."),
+)
+async def localize_one(request: Request, runtime: ReadyRuntime, k: KQuery = 5,
+                       accept: AcceptHeader = None) -> Any:
+    result, decoded, _, started = await localize.run(request, runtime, k=k, batch=False)
+    body = localize.single_response(runtime, result, decoded, started)
+    if localize.wants_geojson(accept):
+        fc = localize.to_geojson([(None, body.results)], body.model, body.index,
+                                 body.timing_ms.model_dump())
+        return JSONResponse(fc.model_dump(mode="json"), media_type=localize.GEOJSON)
+    return body
+
+
+@api.post(
+    "/localize/batch", response_model=LocalizeBatchResponse, tags=["localize"],
+    summary="Top-k aerial tiles for each of several panoramas (multipart field `images`)",
+    openapi_extra=_multipart("images", many=True),
+    responses=_geojson_doc("One list per image, or one FeatureCollection with an `image` property."),
+)
+async def localize_batch(request: Request, runtime: ReadyRuntime, k: KQuery = 5,
+                         accept: AcceptHeader = None) -> Any:
+    result, decoded, files, started = await localize.run(request, runtime, k=k, batch=True)
+    body = localize.batch_response(runtime, result, decoded, files, started)
+    if localize.wants_geojson(accept):
+        fc = localize.to_geojson([(it.image, it.results) for it in body.items], body.model,
+                                 body.index, body.timing_ms.model_dump())
+        return JSONResponse(fc.model_dump(mode="json"), media_type=localize.GEOJSON)
+    return body
+
+
+@api.get("/tiles/{tile_id}", tags=["index"], summary="JPEG thumbnail of one aerial tile",
+         response_class=Response,
+         responses={200: {"content": {"image/jpeg": {}}}, 404: {"model": ErrorResponse}})
+async def tile_thumbnail(tile_id: str, request: Request, runtime: ReadyRuntime) -> Response:
+    index = runtime.engine.current
+    row = index.row_of.get(tile_id) if index is not None else None
+    if row is None:
+        raise UploadError(404, "unknown_tile", f"no tile {tile_id!r} in the index being served")
+    source = Path(index.sources[row])
+    if not source.is_absolute():
+        source = index.path / source
+    try:
+        data = await anyio.to_thread.run_sync(request.app.state.thumbnails.get, source)
+    except ThumbnailError as exc:
+        raise UploadError(404, "tile_image_unavailable", f"tile {tile_id!r}: {exc}") from None
+    return Response(data, media_type="image/jpeg",
+                    headers={"Cache-Control": "private, max-age=300"})
+
+
+@api.get("/v1/index", response_model=Manifest, response_model_by_alias=True, tags=["index"],
+         summary="Manifest of the index artifact being served")
+async def index_manifest(runtime: ReadyRuntime) -> Any:
+    return runtime.engine.current.manifest  # type: ignore[union-attr]
+
+
+@public.get("/healthz", response_model=Health, tags=["ops"], summary="The process is alive")
+async def healthz() -> Health:
+    return Health()
+
+
+@public.get("/readyz", response_model=Readiness, tags=["ops"],
+            summary="Model and index loaded (503 otherwise)",
+            responses={503: {"model": Readiness}})
+async def readyz(runtime: RuntimeDep) -> Any:
+    engine = runtime.engine
+    if not runtime.ready:
+        state = runtime.state if runtime.state != "ready" else "failed"
+        body = Readiness(status=state, detail=runtime.error or "worker is not running")
+        return JSONResponse(body.model_dump(mode="json"), status_code=503)
+    return Readiness(
+        status="ready", detail=runtime.last_reload_error and
+        f"last index reload failed (old index still served): {runtime.last_reload_error}",
+        model=ModelInfo(**engine.model.info()),  # type: ignore[union-attr]
+        index=IndexInfo(**engine.current.info()),  # type: ignore[union-attr]
+        queue_depth=engine.queue.depth,
+    )
+
+
+@public.get("/metrics", tags=["ops"], summary="Prometheus metrics", response_class=Response,
+            responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+async def metrics(runtime: RuntimeDep) -> Response:
+    runtime.metrics.queue_depth.set(runtime.engine.queue.depth)
+    return Response(generate_latest(runtime.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@public.get("/", include_in_schema=False)
+async def page() -> FileResponse:
+    return FileResponse(STATIC / "index.html", media_type="text/html")
+
+
+@admin.post("/reload", response_model=ReloadResult, summary="Load the artifact now at "
+            "GEOLOC_INDEX beside the current one and swap atomically",
+            responses={401: {"model": ErrorResponse}, 403: {"model": ErrorResponse},
+                       409: {"model": ErrorResponse}})
+async def reload_index(runtime: ReadyRuntime,
+                       force: Annotated[bool, Query(description="Reload even if unchanged")] = False,
+                       ) -> ReloadResult:
+    outcome = await anyio.to_thread.run_sync(runtime.reload, "admin", force)
+    return ReloadResult(
+        status=outcome.status, index=IndexInfo(**outcome.index.info()),
+        previous=IndexInfo(**outcome.previous.info()) if outcome.previous else None,
+    )
+
+
+# Keep the GeoJSON schema in components even though no route returns it as response_model.
+_GEOJSON_MODELS = (FeatureCollection,)

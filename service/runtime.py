@@ -1,0 +1,209 @@
+"""Loading model + index at startup, and the hot index reload (watcher + admin trigger).
+
+Startup runs in a background thread so that /healthz answers while a large checkpoint loads;
+/readyz says 503 until the worker serves. A fatal startup error (missing file, fingerprint
+mismatch between checkpoint and artifact) is logged as one clear line and, unless
+``exit_on_load_failure`` is off, ends the process with status 3: the service refuses to start.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from model import load_checkpoint
+from model.encode import pick_device, prepare_for_inference
+
+from .artifact import ArtifactChanged, ArtifactError, LoadedIndex, Signature, load_artifact
+from .engine import Engine, LoadedModel
+from .metrics import Metrics
+from .settings import Settings
+
+log = logging.getLogger("service.runtime")
+
+EXIT_LOAD_FAILURE = 3
+
+
+class ReloadFailed(Exception):
+    """A new artifact could not be served; the old one still is."""
+
+
+@dataclass
+class ReloadOutcome:
+    status: str  # "reloaded" | "unchanged"
+    index: LoadedIndex
+    previous: LoadedIndex | None
+
+
+def load_model(settings: Settings) -> LoadedModel:
+    device = pick_device(settings.device)
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    checkpoint = Path(settings.checkpoint)
+    net = prepare_for_inference(load_checkpoint(checkpoint), device)
+    return LoadedModel(
+        net=net, config=net.config, fingerprint=net.fingerprint(), device=device,
+        checkpoint=checkpoint, embedding_dim=int(net.embedding_dim),
+    )
+
+
+class Runtime:
+    """Everything with a lifetime: engine, loader thread, watcher thread, readiness state."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.engine = Engine(
+            metrics=metrics, max_batch_size=settings.max_batch_size,
+            max_batch_wait_ms=settings.max_batch_wait_ms, queue_size=settings.queue_size,
+            request_timeout_s=settings.request_timeout_s,
+        )
+        self.state = "loading"  # loading -> ready | failed; ready -> stopping
+        self.error: str | None = None
+        self.last_reload_error: str | None = None
+        self._reload_lock = threading.Lock()
+        self._failed_signature: Signature | None = None
+        self._stop = threading.Event()
+        self._loader: threading.Thread | None = None
+        self._watcher: threading.Thread | None = None
+
+    # --- lifecycle ------------------------------------------------------------------------
+    def start(self) -> None:
+        self._loader = threading.Thread(target=self._load, name="geoloc-loader", daemon=True)
+        self._loader.start()
+
+    def wait_loaded(self, timeout: float | None = None) -> bool:
+        if self._loader is not None:
+            self._loader.join(timeout)
+        return self.state == "ready"
+
+    def stop(self) -> None:
+        if self.state == "ready":
+            self.state = "stopping"
+        self.metrics.ready.set(0)
+        self._stop.set()
+        if self._loader is not None:
+            self._loader.join(30)
+        if self._watcher is not None:
+            self._watcher.join(5)
+        self.engine.stop()
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready" and self.engine.running
+
+    def _load(self) -> None:
+        s = self.settings
+        try:
+            if s.index is None:
+                raise ArtifactError("GEOLOC_INDEX is not set: point it at an index artifact directory")
+            t0 = time.perf_counter()
+            model = load_model(s)
+            log.info("model loaded", extra={
+                "checkpoint": str(s.checkpoint), "fingerprint": model.fingerprint,
+                "device": str(model.device), "seconds": round(time.perf_counter() - t0, 3)})
+            index = self._load_index(Path(s.index), model)
+            if self._stop.is_set():
+                return
+            self.engine.start(model, index)
+        except Exception as exc:
+            self.state = "failed"
+            self.error = f"{type(exc).__name__}: {exc}"
+            log.critical("refusing to start: %s", exc, extra={"error": type(exc).__name__})
+            if s.exit_on_load_failure:
+                for handler in logging.getLogger("service").handlers:
+                    handler.flush()
+                sys.stderr.flush()
+                os._exit(EXIT_LOAD_FAILURE)
+            return
+        self.state = "ready"
+        self.metrics.ready.set(1)
+        self.metrics.model_info.info({k: str(v) for k, v in model.info().items()})
+        self.metrics.reloads.labels("startup", "success").inc()
+        log.info("ready", extra={"index": str(index.path), "tiles": index.count,
+                                 "index_type": index.manifest["index_type"]})
+        if s.reload_poll_s > 0 and not self._stop.is_set():
+            self._watcher = threading.Thread(target=self._watch, name="geoloc-watcher", daemon=True)
+            self._watcher.start()
+
+    def _load_index(self, path: Path, model: LoadedModel, attempts: int = 5) -> LoadedIndex:
+        for attempt in range(attempts):
+            try:
+                return load_artifact(path, expected_fingerprint=model.fingerprint,
+                                     embedding_dim=model.embedding_dim)
+            except ArtifactChanged:
+                if attempt == attempts - 1:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    # --- hot reload -----------------------------------------------------------------------
+    def reload(self, trigger: str, force: bool = False) -> ReloadOutcome:
+        """Load the artifact now published at GEOLOC_INDEX beside the current one and swap.
+
+        Blocking (call it from a thread). Raises ReloadFailed and keeps the old index serving
+        when the new artifact is broken or built for another model.
+        """
+        if not self.ready:
+            raise ReloadFailed("the service is not ready; nothing to reload into")
+        model = self.engine.model
+        assert model is not None and self.settings.index is not None
+        with self._reload_lock:
+            current = self.engine.current
+            assert current is not None
+            path = Path(self.settings.index)
+            try:
+                signature = Signature.of(path)
+                if not force and signature == current.signature:
+                    return ReloadOutcome("unchanged", current, None)
+                t0 = time.perf_counter()
+                new = self._load_index(path, model)
+                previous = self.engine.swap(new).result(timeout=60)
+            except Exception as exc:
+                message = f"{type(exc).__name__}: {exc}" if not isinstance(exc, ArtifactError) \
+                    else str(exc)
+                self.last_reload_error = message
+                try:
+                    self._failed_signature = Signature.of(path)
+                except OSError:
+                    self._failed_signature = None
+                self.metrics.reloads.labels(trigger, "failure").inc()
+                self.metrics.reload_failed.set(1)
+                log.error("index reload failed, still serving %s: %s", current.path, message,
+                          extra={"trigger": trigger})
+                raise ReloadFailed(message) from None
+            self.last_reload_error = None
+            self._failed_signature = None
+            self.metrics.reloads.labels(trigger, "success").inc()
+            self.metrics.reload_failed.set(0)
+            log.info("index reloaded", extra={
+                "trigger": trigger, "index": str(new.path), "tiles": new.count,
+                "generation": new.generation, "previous": str(previous.path) if previous else None,
+                "seconds": round(time.perf_counter() - t0, 3)})
+            return ReloadOutcome("reloaded", new, previous)
+
+    def _watch(self) -> None:
+        """Poll GEOLOC_INDEX; reload when the resolved directory or its manifest changes."""
+        path = Path(self.settings.index)  # type: ignore[arg-type]
+        while not self._stop.wait(self.settings.reload_poll_s):
+            current = self.engine.current
+            if current is None:
+                continue
+            try:
+                signature = Signature.of(path)
+            except OSError:
+                continue  # mid-publish (directory renamed away for an instant) or gone
+            if signature == current.signature or signature == self._failed_signature:
+                continue
+            try:
+                self.reload("watch")
+            except ReloadFailed:
+                pass  # logged and counted in reload()
+            except Exception:
+                log.exception("index watcher error")

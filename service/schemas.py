@@ -1,0 +1,135 @@
+"""Pydantic models for every request and response body of the service."""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+
+class TileMatch(BaseModel):
+    rank: int = Field(..., ge=1, description="1 = best match.")
+    tile_id: str
+    lat: float = Field(..., description="WGS84 latitude of the tile centre (camera position).")
+    lon: float = Field(..., description="WGS84 longitude of the tile centre.")
+    score: float = Field(..., description="Cosine similarity of the two descriptors (-1..1).")
+
+
+class ModelInfo(BaseModel):
+    fingerprint: str
+    checkpoint: str = Field(..., description="File name of the loaded checkpoint.")
+    embedding_dim: int
+    device: str
+    ground_size: tuple[int, int]
+
+
+class IndexInfo(BaseModel):
+    model_fingerprint: str
+    count: int
+    embedding_dim: int
+    metric: str
+    index_type: str
+    built_at: str
+    catalog_sha256: str | None = None
+    generation: int = Field(..., description="Increases by one with every index swap.")
+
+
+class Timing(BaseModel):
+    decode: float = Field(..., description="Upload decoding + preprocessing, ms.")
+    queue: float = Field(..., description="Wait for the inference worker, ms.")
+    encode: float = Field(..., description="Ground-branch forward of the micro-batch, ms.")
+    search: float = Field(..., description="FAISS search of the micro-batch, ms.")
+    total: float = Field(..., description="Server-side time from request start to answer, ms.")
+
+
+class LocalizeResponse(BaseModel):
+    results: list[TileMatch]
+    model: ModelInfo
+    index: IndexInfo
+    timing_ms: Timing
+    batch_size: int = Field(..., description="Images in the micro-batch this one was computed in.")
+
+
+class BatchItem(BaseModel):
+    image: int = Field(..., description="Position of the image in the request (0-based).")
+    filename: str | None = None
+    results: list[TileMatch]
+    batch_size: int
+
+
+class BatchTiming(BaseModel):
+    decode: float
+    queue: float
+    encode: float
+    search: float
+    total: float
+
+
+class LocalizeBatchResponse(BaseModel):
+    items: list[BatchItem]
+    model: ModelInfo
+    index: IndexInfo
+    timing_ms: BatchTiming
+
+
+class PointGeometry(BaseModel):
+    type: Literal["Point"] = "Point"
+    coordinates: tuple[float, float] = Field(..., description="[longitude, latitude] (RFC 7946).")
+
+
+class Feature(BaseModel):
+    type: Literal["Feature"] = "Feature"
+    geometry: PointGeometry
+    properties: dict[str, Any]
+
+
+class FeatureCollection(BaseModel):
+    """RFC 7946 FeatureCollection; model/index/timing_ms are foreign members."""
+
+    type: Literal["FeatureCollection"] = "FeatureCollection"
+    features: list[Feature]
+    model: ModelInfo
+    index: IndexInfo
+    timing_ms: dict[str, float]
+
+
+class ErrorResponse(BaseModel):
+    detail: Any = Field(..., description="Human-readable message (a list for validation errors).")
+    code: str = Field(..., description="Stable machine-readable error code.")
+    request_id: str | None = None
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "loading", "failed", "stopping"]
+    detail: str | None = None
+    model: ModelInfo | None = None
+    index: IndexInfo | None = None
+    queue_depth: int = 0
+
+
+class ReloadResult(BaseModel):
+    status: Literal["reloaded", "unchanged"]
+    index: IndexInfo
+    previous: IndexInfo | None = None
+
+
+class Manifest(BaseModel):
+    """The artifact's manifest.json as published by index_build (unknown keys are kept)."""
+
+    model_config = {"extra": "allow", "protected_namespaces": ()}
+
+    format_version: int
+    model_fingerprint: str
+    embedding_dim: int
+    metric: str
+    count: int
+    index_type: str
+    index_params: dict[str, Any] = Field(default_factory=dict)
+    faiss_version: str | None = None
+    catalog_sha256: str | None = None
+    built_at: str
+    source: Any = None
+    model_config_: Any = Field(None, alias="model_config")

@@ -1,0 +1,120 @@
+"""Service configuration, read from ``GEOLOC_*`` environment variables (pydantic-settings).
+
+Every knob of the service lives here so that ``create_app(Settings(...))`` in tests and
+``uvicorn service.app:app`` in production see exactly the same set of options.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_CHECKPOINT = Path("weights/l2ltr_tiny_demo.safetensors")
+
+
+def _split_list(value: object) -> object:
+    """Accept a JSON list (``["a","b"]``) or a comma-separated string (``a,b``) for list settings."""
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return []
+        if text.startswith("["):
+            return json.loads(text)
+        return [item.strip() for item in text.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """All service settings. Environment variable = ``GEOLOC_`` + upper-cased field name."""
+
+    model_config = SettingsConfigDict(env_prefix="GEOLOC_", extra="ignore", frozen=True)
+
+    # --- what to serve --------------------------------------------------------------------
+    checkpoint: Path = Field(DEFAULT_CHECKPOINT, description="L2LTR checkpoint (.safetensors).")
+    index: Path | None = Field(
+        None, description="Index artifact directory written by index_build (a symlink is fine)."
+    )
+    device: str = Field("cpu", description='Torch device: "cpu", "cuda", "cuda:1" or "auto".')
+    torch_threads: int | None = Field(
+        None, ge=1, description="torch.set_num_threads for the worker; unset = torch's default."
+    )
+
+    # --- micro-batching and backpressure --------------------------------------------------
+    max_batch_size: int = Field(16, ge=1, le=1024, description="Most images per forward pass.")
+    max_batch_wait_ms: float = Field(
+        2.0, ge=0, le=1000, description="Longest a queued image waits for companions."
+    )
+    queue_size: int = Field(64, ge=1, description="Images that may wait; beyond that: 503.")
+    request_timeout_s: float = Field(30.0, gt=0, description="Longest wait for a result (504).")
+    retry_after_s: int = Field(1, ge=0, description="Retry-After sent with 503 answers.")
+    decode_threads: int = Field(2, ge=1, description="Threads decoding uploads in parallel.")
+
+    # --- upload limits --------------------------------------------------------------------
+    max_upload_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Per image, in bytes.")
+    max_batch_images: int = Field(8, ge=1, description="Most images in one /localize/batch.")
+    max_pixels: int = Field(40_000_000, ge=1, description="Width x height limit (bombs).")
+    min_image_side: int = Field(16, ge=1, description="Smallest accepted width or height.")
+    max_aspect_ratio: float = Field(
+        10.0, ge=1.0, description="Largest accepted max(w/h, h/w); panoramas are ~2:1 to 5:1."
+    )
+
+    # --- security -------------------------------------------------------------------------
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="Accepted X-API-Key values (comma-separated or JSON list); empty = no auth.",
+    )
+    admin_token: SecretStr | None = Field(
+        None, description="Bearer token for /admin/*; unset = admin endpoints disabled."
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Allowed CORS origins (comma-separated or JSON list)."
+    )
+
+    # --- index hot reload -----------------------------------------------------------------
+    reload_poll_s: float = Field(
+        2.0, ge=0, description="How often to check GEOLOC_INDEX for a new artifact; 0 = never."
+    )
+
+    # --- operations -----------------------------------------------------------------------
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    json_logs: bool = Field(True, description="One JSON object per log line (with request_id).")
+    thumbnail_px: int = Field(256, ge=16, le=2048, description="Longest side of tile thumbnails.")
+    thumbnail_cache: int = Field(512, ge=0, description="Thumbnails kept in memory (LRU).")
+    exit_on_load_failure: bool = Field(
+        True,
+        description="Exit the process (status 3) when the initial model/index load fails, "
+        "e.g. on a fingerprint mismatch. Tests turn it off to inspect /readyz.",
+    )
+
+    @field_validator("api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _lists_from_env(cls, value: object) -> object:
+        return _split_list(value)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _check_keys(self) -> "Settings":
+        if any(not key.get_secret_value() for key in self.api_keys):
+            raise ValueError("GEOLOC_API_KEYS must not contain empty keys")
+        if self.queue_size < self.max_batch_images:
+            raise ValueError(
+                f"GEOLOC_QUEUE_SIZE ({self.queue_size}) must be at least GEOLOC_MAX_BATCH_IMAGES "
+                f"({self.max_batch_images}), or a full /localize/batch request could never queue"
+            )
+        return self
+
+    @property
+    def max_body_bytes(self) -> int:
+        """Byte limit of one /localize request body: the image plus multipart framing."""
+        return self.max_upload_bytes + 64 * 1024
+
+    @property
+    def max_batch_body_bytes(self) -> int:
+        return self.max_batch_images * self.max_body_bytes

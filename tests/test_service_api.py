@@ -1,0 +1,548 @@
+"""The service in-process, through FastAPI's TestClient: routes, errors, auth, metrics, reload."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import struct
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from test_service_support import (  # noqa: F401  (world is a fixture)
+    image_bytes, jpeg_bytes, metric_value, publish_symlink, running_client, settings_for, world,
+)
+
+
+def _post(client, data: bytes, *, k: int | None = None, ctype: str = "image/jpeg",
+          name: str = "pano.jpg", field: str = "image", headers: dict | None = None):
+    url = "/localize" if k is None else f"/localize?k={k}"
+    return client.post(url, files={field: (name, data, ctype)}, headers=headers or {})
+
+
+def _assert_error(resp, status: int, code: str):
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert body["code"] == code, body
+    assert body["detail"]
+    assert body["request_id"] == resp.headers["x-request-id"]
+    return body
+
+
+@pytest.fixture(scope="module")
+def client(world):
+    with running_client(settings_for(world, world.artifact_a, max_upload_bytes=64 * 1024,
+                                     max_pixels=2_000_000, max_batch_images=4)) as c:
+        yield c
+
+
+# --- lifecycle ----------------------------------------------------------------------------------
+
+def test_healthz_answers_and_readyz_is_503_until_loaded(world):
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+
+    app = create_app(settings_for(world, world.artifact_a))
+    bare = TestClient(app)  # no `with`: lifespan not started, nothing loaded
+    assert bare.get("/healthz").json() == {"status": "ok"}
+    resp = bare.get("/readyz")
+    assert resp.status_code == 503 and resp.json()["status"] == "loading"
+    resp = _post(bare, world.pano)
+    _assert_error(resp, 503, "not_ready")
+    assert resp.headers["retry-after"] == "1"
+    with TestClient(app) as live:
+        assert app.state.runtime.wait_loaded(60)
+        ready = live.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["status"] == "ready"
+        assert ready.json()["model"]["fingerprint"] == world.fingerprint
+
+
+def test_fingerprint_mismatch_refuses_to_start(world, capfd):
+    settings = settings_for(world, world.artifact_other)
+    with running_client(settings, wait=False) as client:
+        runtime = client.app.state.runtime
+        assert not runtime.wait_loaded(60)
+        resp = client.get("/readyz")
+        assert resp.status_code == 503
+        body = resp.json()
+        assert body["status"] == "failed" and "fingerprint" in body["detail"]
+        _assert_error(_post(client, world.pano), 503, "not_ready")
+    err = capfd.readouterr().err
+    line = next(ln for ln in err.splitlines() if "refusing to start" in ln)
+    record = json.loads(line)
+    assert record["level"] == "CRITICAL"
+    assert world.fingerprint in record["msg"] and "model fingerprint" in record["msg"]
+
+
+def test_missing_index_setting_is_a_clear_failure(world):
+    with running_client(settings_for(world, None), wait=False) as client:
+        assert not client.app.state.runtime.wait_loaded(60)
+        assert "GEOLOC_INDEX" in client.get("/readyz").json()["detail"]
+
+
+# --- POST /localize -----------------------------------------------------------------------------
+
+def _tiles(artifact: Path) -> dict[str, tuple[float, float]]:
+    import csv
+
+    with (artifact / "tiles.csv").open() as fh:
+        return {r["tile_id"]: (float(r["lat"]), float(r["lon"])) for r in csv.DictReader(fh)}
+
+
+def test_localize_returns_top_k_with_coordinates(client, world):
+    resp = _post(client, world.pano, k=7, headers={"X-Request-ID": "req-123"})
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["x-request-id"] == "req-123"
+    body = resp.json()
+    tiles = _tiles(world.artifact_a)
+    results = body["results"]
+    assert [r["rank"] for r in results] == list(range(1, 8))
+    scores = [r["score"] for r in results]
+    assert scores == sorted(scores, reverse=True) and all(-1.0001 <= s <= 1.0001 for s in scores)
+    for r in results:
+        assert (r["lat"], r["lon"]) == pytest.approx(tiles[r["tile_id"]])
+    assert body["model"]["fingerprint"] == world.fingerprint
+    assert body["model"]["embedding_dim"] == 32
+    assert body["index"]["count"] == 24 and body["index"]["model_fingerprint"] == world.fingerprint
+    assert set(body["timing_ms"]) >= {"decode", "encode", "search", "total"}
+    assert all(v >= 0 for v in body["timing_ms"].values())
+    assert body["timing_ms"]["total"] >= body["timing_ms"]["encode"]
+    assert _post(client, world.pano).json()["results"].__len__() == 5  # default k
+
+
+def test_same_image_same_answer_and_k_above_count_is_capped(client, world):
+    one = _post(client, world.pano, k=100).json()["results"]
+    two = _post(client, world.pano, k=100).json()["results"]
+    assert len(one) == 24  # only 24 tiles in the index
+    assert [r["tile_id"] for r in one] == [r["tile_id"] for r in two]
+
+
+@pytest.mark.parametrize("fmt,ctype", [("PNG", "image/png"), ("WEBP", "image/webp"),
+                                       ("JPEG", "application/octet-stream")])
+def test_png_webp_and_untyped_uploads(client, fmt, ctype):
+    resp = _post(client, image_bytes(fmt, 300, 80), ctype=ctype, name="x")
+    assert resp.status_code == 200, resp.text
+
+
+def test_geojson_feature_collection(client, world):
+    plain = _post(client, world.pano, k=3).json()
+    resp = _post(client, world.pano, k=3, headers={"Accept": "application/geo+json"})
+    assert resp.status_code == 200
+    assert resp.headers["content-type"].startswith("application/geo+json")
+    fc = resp.json()
+    assert fc["type"] == "FeatureCollection" and len(fc["features"]) == 3
+    for feature, match in zip(fc["features"], plain["results"]):
+        assert feature["type"] == "Feature"
+        assert feature["geometry"]["type"] == "Point"
+        # RFC 7946: [longitude, latitude]
+        assert feature["geometry"]["coordinates"] == [match["lon"], match["lat"]]
+        assert feature["properties"]["tile_id"] == match["tile_id"]
+        assert feature["properties"]["rank"] == match["rank"]
+    assert fc["model"]["fingerprint"] == world.fingerprint
+
+
+@pytest.mark.parametrize("accept,geo", [
+    (None, False), ("*/*", False), ("application/json", False),
+    ("application/geo+json", True), ("application/geo+json, */*;q=0.1", True),
+    ("application/json, application/geo+json;q=0.5", False),
+    ("application/geo+json;q=0.9, application/json;q=0.5", True),
+    ("application/geo+json;q=0", False), ("text/html, */*", False),
+])
+def test_accept_negotiation(accept, geo):
+    from service.localize import wants_geojson
+
+    assert wants_geojson(accept) is geo
+
+
+def test_batch(client, world):
+    files = [("images", ("a.jpg", world.pano, "image/jpeg")),
+             ("images", ("b.png", image_bytes("PNG", 400, 100), "image/png")),
+             ("images", ("c.webp", image_bytes("WEBP", 400, 100), "image/webp"))]
+    resp = client.post("/localize/batch?k=4", files=files)
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert [it["image"] for it in body["items"]] == [0, 1, 2]
+    assert [it["filename"] for it in body["items"]] == ["a.jpg", "b.png", "c.webp"]
+    assert all(len(it["results"]) == 4 for it in body["items"])
+    single = _post(client, world.pano, k=4).json()["results"]
+    assert [r["tile_id"] for r in body["items"][0]["results"]] == [r["tile_id"] for r in single]
+    geo = client.post("/localize/batch?k=2", files=files, headers={"Accept": "application/geo+json"})
+    assert geo.headers["content-type"].startswith("application/geo+json")
+    assert sorted(f["properties"]["image"] for f in geo.json()["features"]) == [0, 0, 1, 1, 2, 2]
+    too_many = [("images", (f"{i}.jpg", world.pano, "image/jpeg")) for i in range(5)]
+    _assert_error(client.post("/localize/batch", files=too_many), 413, "too_many_images")
+    bad = files[:1] + [("images", ("bad.jpg", b"not an image at all", "image/jpeg"))]
+    body = _assert_error(client.post("/localize/batch", files=bad), 400, "not_an_image")
+    assert "image 1 (bad.jpg)" in body["detail"]
+
+
+# --- bad input ----------------------------------------------------------------------------------
+
+def _bomb_png(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height pixels; the pixel data is a few bytes."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+
+
+def _solid_jpeg(width: int, height: int) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), (20, 30, 40)).save(out, format="JPEG", quality=50)
+    return out.getvalue()
+
+
+BAD_UPLOADS = {
+    "empty": (b"", "image/jpeg", 400, "empty_upload"),
+    "text_declared_as_jpeg": (b"hello, I am plain text" * 10, "image/jpeg", 400, "not_an_image"),
+    "truncated_jpeg": (None, "image/jpeg", 400, "undecodable_image"),
+    "corrupt_jpeg_header": (b"\xff\xd8\xff\xe0" + b"\x00" * 200, "image/jpeg", 400, "not_an_image"),
+    "gif": (None, "image/gif", 415, "unsupported_media_type"),
+    "bmp_as_octet_stream": (None, "application/octet-stream", 415, "unsupported_media_type"),
+    "text_plain": (b"just text", "text/plain", 415, "unsupported_media_type"),
+    "pdf": (b"%PDF-1.4 ...", "application/pdf", 415, "unsupported_media_type"),
+    "bomb_header": (None, "image/png", 413, "too_many_pixels"),
+    "too_many_pixels": (None, "image/jpeg", 413, "too_many_pixels"),
+    "one_by_one": (None, "image/png", 400, "bad_dimensions"),
+    "absurd_aspect": (None, "image/png", 400, "bad_dimensions"),
+    "over_byte_limit": (None, "image/jpeg", 413, "upload_too_large"),
+}
+
+
+def _bad_payload(name: str, world) -> bytes:
+    data = BAD_UPLOADS[name][0]
+    if data is not None:
+        return data
+    return {
+        "truncated_jpeg": lambda: world.pano[: len(world.pano) // 2],
+        "gif": lambda: image_bytes("GIF", 64, 32),
+        "bmp_as_octet_stream": lambda: image_bytes("BMP", 64, 32),
+        "bomb_header": lambda: _bomb_png(50_000, 50_000),
+        "too_many_pixels": lambda: _solid_jpeg(2000, 1001),  # 2.002 M > 2 M limit, small file
+        "one_by_one": lambda: image_bytes("PNG", 1, 1),
+        "absurd_aspect": lambda: image_bytes("PNG", 4000, 16),
+        "over_byte_limit": lambda: jpeg_bytes(600, 300, seed=9, quality=100),  # ~> 64 KiB
+    }[name]()
+
+
+@pytest.mark.parametrize("name", sorted(BAD_UPLOADS))
+def test_bad_uploads_are_clear_json_errors(client, world, name):
+    _, ctype, status, code = BAD_UPLOADS[name]
+    data = _bad_payload(name, world)
+    if name == "over_byte_limit":
+        assert len(data) > 64 * 1024
+    _assert_error(_post(client, data, ctype=ctype), status, code)
+    assert _post(client, world.pano).status_code == 200  # and the service is fine
+
+
+def test_oversized_body_refused_from_content_length_and_while_streaming(client, world):
+    big = b"\xff\xd8\xff" + os.urandom(200 * 1024)
+    resp = _post(client, big)  # Content-Length says too much: refused before reading the body
+    _assert_error(resp, 413, "upload_too_large")
+    assert resp.headers.get("connection") == "close"
+
+    sent = []
+
+    def chunks():  # no Content-Length: chunked transfer; the limit applies as bytes arrive
+        boundary = b"xyzBOUNDARY"
+        yield (b"--" + boundary + b'\r\nContent-Disposition: form-data; name="image"; '
+               b'filename="big.jpg"\r\nContent-Type: image/jpeg\r\n\r\n')
+        for _ in range(50):
+            sent.append(1)
+            yield os.urandom(8192)
+        yield b"\r\n--" + boundary + b"--\r\n"
+
+    resp = client.post("/localize", content=chunks(),
+                       headers={"Content-Type": "multipart/form-data; boundary=xyzBOUNDARY"})
+    _assert_error(resp, 413, "upload_too_large")
+
+
+@pytest.mark.parametrize("query", ["k=0", "k=101", "k=abc", "k=-3"])
+def test_k_out_of_range_is_422(client, world, query):
+    resp = client.post(f"/localize?{query}", files={"image": ("p.jpg", world.pano, "image/jpeg")})
+    body = _assert_error(resp, 422, "validation_error")
+    assert body["detail"][0]["loc"] == ["query", "k"]
+
+
+def test_missing_field_and_wrong_body_types(client, world):
+    body = _assert_error(client.post("/localize", files={"photo": ("p.jpg", world.pano, "image/jpeg")}),
+                         422, "validation_error")
+    assert body["detail"][0]["loc"] == ["body", "image"]
+    _assert_error(client.post("/localize"), 422, "validation_error")
+    _assert_error(client.post("/localize", data={"image": "not a file"}), 415,
+                  "unsupported_media_type")  # urlencoded form
+    _assert_error(client.post("/localize", json={"image": "x"}), 415, "unsupported_media_type")
+    _assert_error(client.post("/localize", content=b"--nope\r\n",
+                              headers={"Content-Type": "multipart/form-data; boundary=zz"}),
+                  400, "bad_multipart")
+
+
+@pytest.mark.parametrize("method,path", [("GET", "/localize"), ("PUT", "/localize"),
+                                         ("DELETE", "/localize/batch"), ("POST", "/healthz"),
+                                         ("GET", "/admin/reload")])
+def test_wrong_method_is_405(client, method, path):
+    _assert_error(client.request(method, path), 405, "method_not_allowed")
+
+
+def test_unknown_path_is_404_json(client):
+    _assert_error(client.get("/nope"), 404, "not_found")
+
+
+# --- other routes -------------------------------------------------------------------------------
+
+def test_tile_thumbnail(client, world):
+    tile_id = _post(client, world.pano, k=1).json()["results"][0]["tile_id"]
+    resp = client.get(f"/tiles/{tile_id}")
+    assert resp.status_code == 200 and resp.headers["content-type"] == "image/jpeg"
+    with Image.open(io.BytesIO(resp.content)) as img:
+        assert img.format == "JPEG" and max(img.size) <= 256
+    _assert_error(client.get("/tiles/does-not-exist"), 404, "unknown_tile")
+    sneaky = client.get("/tiles/..%2F..%2Fetc%2Fpasswd")  # ids are looked up, never used as paths
+    assert sneaky.status_code == 404 and sneaky.json()["code"] in ("not_found", "unknown_tile")
+
+
+def test_v1_index_is_the_manifest(client, world):
+    resp = client.get("/v1/index")
+    assert resp.status_code == 200
+    on_disk = json.loads((world.artifact_a / "manifest.json").read_text())
+    assert resp.json() == on_disk
+
+
+def test_docs_openapi_and_page(client):
+    assert client.get("/docs").status_code == 200
+    spec = client.get("/openapi.json").json()
+    assert {"/localize", "/localize/batch", "/healthz", "/readyz", "/metrics", "/v1/index",
+            "/tiles/{tile_id}", "/admin/reload"} <= set(spec["paths"])
+    body = spec["paths"]["/localize"]["post"]["requestBody"]["content"]["multipart/form-data"]
+    assert body["schema"]["required"] == ["image"]
+    assert "application/geo+json" in spec["paths"]["/localize"]["post"]["responses"]["200"]["content"]
+    assert "FeatureCollection" in spec["components"]["schemas"]
+    page = client.get("/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert 'id="image"' in page.text
+    assert client.get("/static/app.js").status_code == 200
+
+
+def test_metrics(client, world):
+    for _ in range(3):
+        _post(client, world.pano)
+    _post(client, b"", ctype="image/jpeg")
+    text = client.get("/metrics").text
+    assert metric_value(text, "geoloc_http_requests_total", route="/localize", method="POST",
+                        status="200") >= 3
+    assert metric_value(text, "geoloc_http_requests_total", route="/localize", method="POST",
+                        status="400") >= 1
+    for stage in ("decode", "queue", "encode", "search", "total"):
+        assert metric_value(text, "geoloc_stage_duration_seconds_count", stage=stage) >= 3
+    assert metric_value(text, "geoloc_batch_size_count") >= 3
+    assert "geoloc_queue_depth 0.0" in text
+    assert metric_value(text, "geoloc_index_size") == 24
+    assert metric_value(text, "geoloc_model_info", fingerprint=world.fingerprint) == 1
+    assert metric_value(text, "geoloc_index_info", model_fingerprint=world.fingerprint,
+                        count="24") == 1
+    assert metric_value(text, "geoloc_ready") == 1
+
+
+# --- auth, CORS ---------------------------------------------------------------------------------
+
+def test_api_keys(world):
+    settings = settings_for(world, world.artifact_a, api_keys="key-one, key-two",
+                            admin_token="adm")
+    with running_client(settings) as client:
+        _assert_error(_post(client, world.pano), 401, "unauthorized")
+        _assert_error(_post(client, world.pano, headers={"X-API-Key": "nope"}), 401, "unauthorized")
+        assert _post(client, world.pano, headers={"X-API-Key": "key-two"}).status_code == 200
+        for path in ("/v1/index", "/tiles/a0000"):
+            _assert_error(client.get(path), 401, "unauthorized")
+            assert client.get(path, headers={"X-API-Key": "key-one"}).status_code == 200
+        _assert_error(client.post("/admin/reload", headers={"Authorization": "Bearer adm"}),
+                      401, "unauthorized")
+        for path in ("/healthz", "/readyz", "/metrics"):
+            assert client.get(path).status_code == 200
+
+
+def test_cors(world):
+    settings = settings_for(world, world.artifact_a, cors_origins="https://maps.example")
+    with running_client(settings) as client:
+        pre = client.options("/localize", headers={
+            "Origin": "https://maps.example", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "x-api-key"})
+        assert pre.status_code == 200
+        assert pre.headers["access-control-allow-origin"] == "https://maps.example"
+        resp = _post(client, world.pano, headers={"Origin": "https://maps.example"})
+        assert resp.headers["access-control-allow-origin"] == "https://maps.example"
+        other = _post(client, world.pano, headers={"Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in other.headers
+
+
+def test_settings_from_environment(monkeypatch, world):
+    from service.settings import Settings
+
+    monkeypatch.setenv("GEOLOC_CHECKPOINT", str(world.checkpoint))
+    monkeypatch.setenv("GEOLOC_INDEX", str(world.artifact_a))
+    monkeypatch.setenv("GEOLOC_MAX_BATCH_SIZE", "4")
+    monkeypatch.setenv("GEOLOC_API_KEYS", '["a", "b"]')
+    monkeypatch.setenv("GEOLOC_CORS_ORIGINS", "https://x.example,https://y.example")
+    monkeypatch.setenv("GEOLOC_ADMIN_TOKEN", "t0k")
+    s = Settings()
+    assert s.max_batch_size == 4 and s.index == world.artifact_a
+    assert [k.get_secret_value() for k in s.api_keys] == ["a", "b"]
+    assert s.cors_origins == ["https://x.example", "https://y.example"]
+    assert "t0k" not in repr(s)
+    monkeypatch.setenv("GEOLOC_QUEUE_SIZE", "2")
+    monkeypatch.setenv("GEOLOC_MAX_BATCH_IMAGES", "8")
+    with pytest.raises(ValueError):
+        Settings()
+
+
+# --- backpressure -------------------------------------------------------------------------------
+
+def test_full_queue_answers_503_at_once(world):
+    settings = settings_for(world, world.artifact_a, queue_size=2, max_batch_images=2,
+                            max_batch_size=1, retry_after_s=3)
+    with running_client(settings) as client:
+        engine = client.app.state.runtime.engine
+        gate = threading.Event()
+        held = engine.call_in_worker(gate.wait)  # the worker is now busy until we let go
+        results = []
+        threads = [threading.Thread(target=lambda: results.append(_post(client, world.pano)))
+                   for _ in range(2)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 10
+        while engine.queue.depth < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.queue.depth == 2
+        t0 = time.perf_counter()
+        resp = _post(client, world.pano)
+        assert time.perf_counter() - t0 < 1.0
+        _assert_error(resp, 503, "overloaded")
+        assert resp.headers["retry-after"] == "3"
+        gate.set()
+        held.result(5)
+        for t in threads:
+            t.join(10)
+        assert [r.status_code for r in results] == [200, 200]
+        text = client.get("/metrics").text
+        assert metric_value(text, "geoloc_rejected_total", reason="queue_full") == 1
+
+
+def test_micro_batching_groups_queued_requests(world):
+    settings = settings_for(world, world.artifact_a, queue_size=16, max_batch_size=8)
+    with running_client(settings) as client:
+        engine = client.app.state.runtime.engine
+        gate = threading.Event()
+        engine.call_in_worker(gate.wait)
+        results = []
+        threads = [threading.Thread(target=lambda: results.append(_post(client, world.pano)))
+                   for _ in range(6)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 10
+        while engine.queue.depth < 6 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        gate.set()
+        for t in threads:
+            t.join(10)
+        sizes = [r.json()["batch_size"] for r in results]
+        assert sizes == [6] * 6  # one forward + one search for all six
+        first = results[0].json()["results"]
+        assert all(r.json()["results"] == first for r in results)
+
+
+# --- hot reload ---------------------------------------------------------------------------------
+
+def _wait_generation(client, generation: int, timeout: float = 10.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready = client.get("/readyz").json()
+        if ready["index"]["generation"] >= generation:
+            return ready
+        time.sleep(0.05)
+    raise AssertionError(f"index generation {generation} not reached: {ready}")
+
+
+def test_watcher_picks_up_a_directory_swap(world, tmp_path):
+    live = tmp_path / "live"
+    shutil.copytree(world.artifact_a.resolve(), live)
+    settings = settings_for(world, live, reload_poll_s=0.1)
+    with running_client(settings) as client:
+        assert _post(client, world.pano).json()["index"]["count"] == 24
+        staged = tmp_path / "live.new"
+        shutil.copytree(world.artifact_b.resolve(), staged)
+        os.rename(live, tmp_path / "live.old")  # publish by directory swap
+        os.rename(staged, live)
+        ready = _wait_generation(client, 2)
+        assert ready["index"]["count"] == 16
+        body = _post(client, world.pano, k=3).json()
+        assert body["index"]["generation"] == 2
+        assert all(r["tile_id"].startswith("b") for r in body["results"])
+        text = client.get("/metrics").text
+        assert metric_value(text, "geoloc_index_reloads_total", trigger="watch",
+                            result="success") == 1
+        assert metric_value(text, "geoloc_index_size") == 16
+
+
+def test_admin_reload_and_broken_artifacts_keep_the_old_index(world, tmp_path):
+    link = tmp_path / "current"
+    publish_symlink(link, world.artifact_a.resolve())
+    settings = settings_for(world, link, admin_token="s3cret")
+    auth = {"Authorization": "Bearer s3cret"}
+    with running_client(settings) as client:
+        _assert_error(client.post("/admin/reload"), 401, "unauthorized")
+        _assert_error(client.post("/admin/reload", headers={"Authorization": "Bearer x"}),
+                      401, "unauthorized")
+        same = client.post("/admin/reload", headers=auth)
+        assert same.status_code == 200 and same.json()["status"] == "unchanged"
+
+        publish_symlink(link, world.artifact_b.resolve())
+        swapped = client.post("/admin/reload", headers=auth).json()
+        assert swapped["status"] == "reloaded"
+        assert swapped["index"]["count"] == 16 and swapped["previous"]["count"] == 24
+        assert swapped["index"]["generation"] == 2
+
+        # Built with another model: refused, the old one keeps serving.
+        publish_symlink(link, world.artifact_other.resolve())
+        body = _assert_error(client.post("/admin/reload", headers=auth), 409, "reload_failed")
+        assert "fingerprint" in body["detail"]
+        # Corrupt FAISS file.
+        corrupt = tmp_path / "corrupt"
+        shutil.copytree(world.artifact_a.resolve(), corrupt)
+        (corrupt / "index.faiss").write_bytes(b"garbage")
+        publish_symlink(link, corrupt)
+        _assert_error(client.post("/admin/reload", headers=auth), 409, "reload_failed")
+        # tiles.csv inconsistent with the index.
+        short = tmp_path / "short"
+        shutil.copytree(world.artifact_a.resolve(), short)
+        lines = (short / "tiles.csv").read_text().splitlines()
+        (short / "tiles.csv").write_text("\n".join(lines[:-3]) + "\n")
+        publish_symlink(link, short)
+        body = _assert_error(client.post("/admin/reload", headers=auth), 409, "reload_failed")
+        assert "rows" in body["detail"]
+
+        resp = _post(client, world.pano)
+        assert resp.status_code == 200 and resp.json()["index"]["count"] == 16
+        ready = client.get("/readyz").json()
+        assert ready["status"] == "ready" and "reload failed" in ready["detail"]
+        text = client.get("/metrics").text
+        assert metric_value(text, "geoloc_index_reloads_total", trigger="admin",
+                            result="failure") == 3
+        assert metric_value(text, "geoloc_index_reload_failing") == 1
+
+        publish_symlink(link, world.artifact_a.resolve())
+        assert client.post("/admin/reload", headers=auth).json()["index"]["count"] == 24
+        text = client.get("/metrics").text
+        assert metric_value(text, "geoloc_index_reload_failing") == 0
+        assert client.get("/readyz").json()["detail"] is None
+
+
+def test_admin_disabled_without_token(client):
+    _assert_error(client.post("/admin/reload", headers={"Authorization": "Bearer x"}),
+                  403, "forbidden")

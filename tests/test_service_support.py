@@ -1,0 +1,287 @@
+"""Shared helpers and fixtures for the service tests (imported by tests/test_service_*.py).
+
+Artifacts are made the way production makes them, through the public ``python -m index_build
+build`` CLI when it exists; stages only talk through files, so the service tests never import
+index_build. Before index_build existed they were written here following docs/INTERFACES.md.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import datetime
+import hashlib
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+
+MICRO = dict(hidden_size=32, num_heads=2, mlp_dim=64, num_layers=2, resnet_units=(1, 1, 1),
+             resnet_width_factor=0.5, ground_size=(32, 128), aerial_size=(32, 128), name="micro")
+
+
+# --- files --------------------------------------------------------------------------------------
+
+def micro_checkpoint(path: Path, seed: int = 0) -> str:
+    """A randomly initialised micro L2LTR saved as .safetensors; returns its fingerprint."""
+    import torch
+
+    from model import L2LTR, L2LTRConfig, save_checkpoint
+
+    torch.manual_seed(seed)
+    net = L2LTR(L2LTRConfig(**MICRO)).eval()
+    save_checkpoint(net, path, metadata={"provenance": {"purpose": "service tests"}})
+    return net.fingerprint()
+
+
+def jpeg_bytes(width: int = 512, height: int = 128, seed: int = 0, quality: int = 90) -> bytes:
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(arr).save(out, format="JPEG", quality=quality)
+    return out.getvalue()
+
+
+def image_bytes(fmt: str, width: int = 256, height: int = 64) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), (90, 140, 60)).save(out, format=fmt)
+    return out.getvalue()
+
+
+def write_catalog(directory: Path, prefix: str, count: int, seed: int) -> Path:
+    """Tile images plus a tiles.csv catalogue (tile_id,lat,lon,path; path relative to the CSV)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "bingmap").mkdir(exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(count):
+        tile_id = f"{prefix}{i:04d}"
+        arr = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(directory / "bingmap" / f"{tile_id}.png")
+        rows.append((tile_id, f"{46.5 + 0.001 * i:.6f}", f"{7.5 + 0.001 * i:.6f}",
+                     f"bingmap/{tile_id}.png"))
+    catalog = directory / "tiles.csv"
+    with catalog.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["tile_id", "lat", "lon", "path"])
+        writer.writerows(rows)
+    return catalog
+
+
+def index_build_cli_available() -> bool:
+    """True once ``python -m index_build`` exists (and, in a git checkout, is committed)."""
+    if not (REPO / "index_build" / "__main__.py").is_file():
+        return False
+    if (REPO / ".git").exists():
+        tracked = subprocess.run(["git", "ls-files", "--error-unmatch", "index_build/__main__.py"],
+                                 cwd=REPO, capture_output=True)
+        return tracked.returncode == 0
+    return True
+
+
+def build_artifact(catalog: Path, checkpoint: Path, out: Path) -> Path:
+    """Build an index artifact at ``out`` (through the index_build CLI when it exists)."""
+    if index_build_cli_available():
+        proc = subprocess.run(
+            [PYTHON, "-m", "index_build", "build", "--catalog", str(catalog),
+             "--checkpoint", str(checkpoint), "--out", str(out)],
+            cwd=REPO, capture_output=True, text=True, timeout=300,
+        )
+        assert proc.returncode == 0, f"index_build failed:\n{proc.stdout}\n{proc.stderr}"
+        return out
+    return _write_artifact_by_hand(catalog, checkpoint, out)
+
+
+def _write_artifact_by_hand(catalog: Path, checkpoint: Path, out: Path) -> Path:
+    """docs/INTERFACES.md "Index artifact directory", written directly (pre-index_build)."""
+    import faiss
+
+    from model import load_checkpoint
+    from model.encode import encode_images
+    from model.preprocess import aerial_tensor, load_image
+
+    net = load_checkpoint(checkpoint)
+    with catalog.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    sources = [str((catalog.parent / r["path"]).resolve()) for r in rows]
+    vectors = encode_images(net, [aerial_tensor(load_image(s), net.config) for s in sources],
+                            "aerial", batch_size=32)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.mkdir(parents=True)
+    index = faiss.IndexFlatIP(vectors.shape[1])
+    index.add(vectors)
+    faiss.write_index(index, str(tmp / "index.faiss"))
+    with (tmp / "tiles.csv").open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["tile_id", "lat", "lon", "source"])
+        for row, source in zip(rows, sources):
+            writer.writerow([row["tile_id"], row["lat"], row["lon"], source])
+    manifest = {
+        "format_version": 1, "model_fingerprint": net.fingerprint(),
+        "model_config": net.config.to_dict(), "embedding_dim": int(vectors.shape[1]),
+        "metric": "inner_product", "count": len(rows), "index_type": "Flat", "index_params": {},
+        "faiss_version": faiss.__version__,
+        "catalog_sha256": hashlib.sha256(catalog.read_bytes()).hexdigest(),
+        "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source": {"catalog": str(catalog), "checkpoint": str(checkpoint)},
+    }
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    os.rename(tmp, out)
+    return out
+
+
+def publish_symlink(link: Path, target: Path) -> None:
+    """Point ``link`` at ``target`` atomically (symlink beside it, then rename over)."""
+    tmp = link.with_name(f".{link.name}.{os.getpid()}.{time.monotonic_ns()}")
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
+
+
+# --- a real uvicorn process --------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class UvicornProcess:
+    """``python -m uvicorn service.app:app`` on 127.0.0.1:<free port> with GEOLOC_* settings."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, wait_ready: bool = True) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("GEOLOC_")}
+        full_env.update(env)
+        full_env["PYTHONPATH"] = str(REPO)
+        full_env.setdefault("OMP_NUM_THREADS", "1")  # micro model: 1 thread is fastest, leaves a core
+        self._log = log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [PYTHON, "-m", "uvicorn", "service.app:app", "--host", "127.0.0.1",
+             "--port", str(self.port), "--no-access-log", "--timeout-graceful-shutdown", "5"],
+            cwd=REPO, env=full_env, stdout=self._log, stderr=subprocess.STDOUT,
+        )
+        if wait_ready:
+            self.wait_ready()
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"uvicorn exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                with urllib.request.urlopen(self.url + "/readyz", timeout=2) as resp:
+                    if resp.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"uvicorn not ready after {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log.close()
+        return self.proc.returncode
+
+
+@contextlib.contextmanager
+def uvicorn_process(env: dict[str, str], log_path: Path):
+    server = UvicornProcess(env, log_path)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in Prometheus text format (0.0 when absent)."""
+    for line in text.splitlines():
+        if line.startswith("#") or not line.startswith(name):
+            continue
+        head, _, value = line.rpartition(" ")
+        if "{" in head:
+            metric, _, rest = head.partition("{")
+            found = dict(
+                part.split("=", 1) for part in rest.rstrip("}").split(",") if "=" in part
+            )
+            found = {k: v.strip('"') for k, v in found.items()}
+        else:
+            metric, found = head, {}
+        if metric == name and all(found.get(k) == v for k, v in labels.items()):
+            return float(value)
+    return 0.0
+
+
+# --- fixtures -----------------------------------------------------------------------------------
+
+class World:
+    """Checkpoints and artifacts shared by all service tests of a session."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.checkpoint = root / "micro.safetensors"
+        self.fingerprint = micro_checkpoint(self.checkpoint, seed=0)
+        self.other_checkpoint = root / "micro_other.safetensors"
+        micro_checkpoint(self.other_checkpoint, seed=1)
+        cat_a = write_catalog(root / "world_a", "a", 24, seed=1)
+        cat_b = write_catalog(root / "world_b", "b", 16, seed=2)
+        self.artifact_a = build_artifact(cat_a, self.checkpoint, root / "artifacts" / "a")
+        self.artifact_b = build_artifact(cat_b, self.checkpoint, root / "artifacts" / "b")
+        # Built with a different model: the service must refuse it.
+        self.artifact_other = build_artifact(cat_b, self.other_checkpoint,
+                                             root / "artifacts" / "other")
+        self.pano = jpeg_bytes(512, 128, seed=3)
+        self.pano_path = root / "pano.jpg"
+        self.pano_path.write_bytes(self.pano)
+        self.counts = {"a": 24, "b": 16}
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory) -> World:
+    return World(tmp_path_factory.mktemp("service_world"))
+
+
+def settings_for(world: World, index: Path, **overrides):
+    from service.settings import Settings
+
+    base = dict(checkpoint=world.checkpoint, index=index, reload_poll_s=0, json_logs=True,
+                exit_on_load_failure=False, max_batch_wait_ms=2.0)
+    base.update(overrides)
+    return Settings(**base)
+
+
+@contextlib.contextmanager
+def running_client(settings, wait: bool = True):
+    """A TestClient around create_app(settings), with model and index loaded."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+
+    app = create_app(settings)
+    with TestClient(app) as client:
+        if wait:
+            assert app.state.runtime.wait_loaded(60), app.state.runtime.error
+        yield client
