@@ -85,8 +85,11 @@ def index_build_cli_available() -> bool:
     if not (REPO / "index_build" / "__main__.py").is_file():
         return False
     if (REPO / ".git").exists():
-        tracked = subprocess.run(["git", "ls-files", "--error-unmatch", "index_build/__main__.py"],
-                                 cwd=REPO, capture_output=True)
+        try:
+            tracked = subprocess.run(["git", "ls-files", "--error-unmatch",
+                                      "index_build/__main__.py"], cwd=REPO, capture_output=True)
+        except OSError:  # no git binary: trust the working tree
+            return True
         return tracked.returncode == 0
     return True
 
@@ -192,7 +195,8 @@ class UvicornProcess:
         raise RuntimeError(f"uvicorn not ready after {timeout}s:\n{self.log()}")
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> int:

@@ -1,0 +1,349 @@
+"""The service as it runs in production: a real uvicorn on 127.0.0.1, spoken to over sockets."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from test_service_api import BAD_UPLOADS, _bad_payload
+from test_service_support import (  # noqa: F401  (world is a fixture)
+    UvicornProcess, free_port, metric_value, publish_symlink, settings_for, world,
+)
+
+ADMIN = {"Authorization": "Bearer adm1n"}
+
+
+@pytest.fixture(scope="module")
+def live_link(world, tmp_path_factory) -> Path:
+    link = tmp_path_factory.mktemp("live") / "current"
+    publish_symlink(link, world.artifact_a.resolve())
+    return link
+
+
+@pytest.fixture(scope="module")
+def server(world, live_link, tmp_path_factory):
+    env = {
+        "GEOLOC_CHECKPOINT": str(world.checkpoint), "GEOLOC_INDEX": str(live_link),
+        "GEOLOC_RELOAD_POLL_S": "0.2", "GEOLOC_ADMIN_TOKEN": "adm1n",
+        "GEOLOC_QUEUE_SIZE": "4", "GEOLOC_MAX_BATCH_SIZE": "2", "GEOLOC_MAX_BATCH_IMAGES": "4",
+        "GEOLOC_MAX_UPLOAD_BYTES": str(64 * 1024), "GEOLOC_MAX_PIXELS": "2000000",
+    }
+    proc = UvicornProcess(env, tmp_path_factory.mktemp("logs") / "uvicorn.log")
+    try:
+        yield proc
+    finally:
+        code = proc.stop()
+        # uvicorn re-raises the SIGTERM it handled once shutdown is done: -15 is a clean exit.
+        assert code in (0, -15), f"uvicorn died ({code}):\n{proc.log()[-3000:]}"
+        assert "Application shutdown complete" in proc.log()
+
+
+@pytest.fixture()
+def http(server):
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        yield client
+
+
+def _post(http, data: bytes, k: int = 5, ctype: str = "image/jpeg", headers=None):
+    return http.post(f"/localize?k={k}", files={"image": ("pano.jpg", data, ctype)},
+                     headers=headers or {})
+
+
+def test_every_route(http, world):
+    assert http.get("/healthz").json() == {"status": "ok"}
+    ready = http.get("/readyz").json()
+    assert ready["status"] == "ready" and ready["index"]["count"] == 24
+    resp = _post(http, world.pano, k=3)
+    assert resp.status_code == 200 and len(resp.json()["results"]) == 3
+    rid = resp.headers["x-request-id"]
+    assert rid and len(rid) == 32
+    geo = _post(http, world.pano, k=3, headers={"Accept": "application/geo+json"})
+    assert geo.headers["content-type"].startswith("application/geo+json")
+    assert geo.json()["type"] == "FeatureCollection"
+    batch = http.post("/localize/batch?k=2", files=[("images", ("a.jpg", world.pano, "image/jpeg")),
+                                                    ("images", ("b.jpg", world.pano, "image/jpeg"))])
+    assert batch.status_code == 200 and len(batch.json()["items"]) == 2
+    tile = resp.json()["results"][0]["tile_id"]
+    thumb = http.get(f"/tiles/{tile}")
+    assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
+    assert http.get("/tiles/nope").json()["code"] == "unknown_tile"
+    assert http.get("/v1/index").json()["count"] == 24
+    assert http.get("/docs").status_code == 200
+    assert "/localize" in http.get("/openapi.json").json()["paths"]
+    assert "upload-form" in http.get("/").text
+    assert http.get("/static/style.css").status_code == 200
+    assert http.post("/admin/reload", headers=ADMIN).json()["status"] == "unchanged"
+    metrics = http.get("/metrics")
+    assert metrics.headers["content-type"].startswith("text/plain")
+    assert metric_value(metrics.text, "geoloc_http_requests_total", route="/localize",
+                        method="POST", status="200") >= 2
+
+
+def test_bad_inputs_over_http(http, world):
+    for name, (_, ctype, status, code) in sorted(BAD_UPLOADS.items()):
+        resp = _post(http, _bad_payload(name, world), ctype=ctype)
+        assert (resp.status_code, resp.json()["code"]) == (status, code), name
+    for query in ("k=0", "k=101"):
+        resp = http.post(f"/localize?{query}", files={"image": ("p.jpg", world.pano, "image/jpeg")})
+        assert resp.status_code == 422 and resp.json()["detail"][0]["loc"] == ["query", "k"]
+    resp = http.post("/localize", files={"other": ("p.jpg", world.pano, "image/jpeg")})
+    assert resp.status_code == 422 and resp.json()["detail"][0]["loc"] == ["body", "image"]
+    assert http.get("/localize").status_code == 405
+    assert http.put("/localize/batch").status_code == 405
+    assert _post(http, world.pano).status_code == 200
+
+
+def _read_response(sock: socket.socket, timeout: float) -> bytes:
+    sock.settimeout(timeout)
+    data = b""
+    try:
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    except socket.timeout:
+        pass
+    return data
+
+
+def test_oversized_upload_rejected_while_streaming(server):
+    # Declared too large: 413 before a single body byte is sent.
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(b"POST /localize HTTP/1.1\r\nHost: x\r\nContent-Length: 50000000\r\n"
+                     b"Content-Type: multipart/form-data; boundary=BB\r\n\r\n")
+        head = _read_response(sock, 5)
+        assert head.startswith(b"HTTP/1.1 413"), head
+    # No length (chunked): the server answers 413 once the limit is crossed, while the client
+    # is still sending; the body is never completed.
+    limit = 64 * 1024
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(b"POST /localize HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                     b"Content-Type: multipart/form-data; boundary=BB\r\n\r\n")
+        preamble = (b'--BB\r\nContent-Disposition: form-data; name="image"; filename="x.jpg"\r\n'
+                    b"Content-Type: image/jpeg\r\n\r\n\xff\xd8\xff")
+        sock.sendall(b"%x\r\n%s\r\n" % (len(preamble), preamble))
+        sent, head = 0, b""
+        sock.settimeout(0.2)
+        while sent < 20 * limit:
+            piece = os.urandom(8192)
+            try:
+                sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            sent += len(piece)
+            try:
+                head = sock.recv(65536)
+            except socket.timeout:
+                continue
+            if head:
+                break
+        if not head:
+            head = _read_response(sock, 5)
+        assert head.startswith(b"HTTP/1.1 413"), head[:200]
+        assert sent < 3 * limit, f"server read {sent} bytes before refusing"
+        body = json.loads(head.split(b"\r\n\r\n", 1)[1] or b"{}") if b"\r\n\r\n" in head else {}
+        if body:
+            assert body["code"] == "upload_too_large"
+
+
+def test_reload_during_load_has_no_failed_or_mixed_requests(server, world, live_link, http):
+    stop = threading.Event()
+    outcomes: list[tuple[int, dict | str]] = []
+    lock = threading.Lock()
+
+    def client_loop():
+        with httpx.Client(base_url=server.url, timeout=30) as c:
+            while not stop.is_set():
+                r = c.post("/localize?k=5", files={"image": ("p.jpg", world.pano, "image/jpeg")})
+                body = r.json() if r.headers.get("content-type", "").startswith("application/json") \
+                    else r.text
+                with lock:
+                    outcomes.append((r.status_code, body))
+
+    def wait_for(pred, what: str, timeout: float = 15.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if pred():
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {what}")
+
+    def generation() -> int:
+        return http.get("/readyz").json()["index"]["generation"]
+
+    start_gen = generation()
+    threads = [threading.Thread(target=client_loop) for _ in range(4)]  # <= queue size: no 503
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.5)
+        publish_symlink(live_link, world.artifact_b.resolve())  # what index_build does
+        wait_for(lambda: generation() == start_gen + 1, "the watcher to load artifact b")
+        time.sleep(0.3)
+        forced = http.post("/admin/reload?force=true", headers=ADMIN)
+        assert forced.status_code == 200 and forced.json()["index"]["count"] == 16
+        time.sleep(0.3)
+        failures_before = metric_value(http.get("/metrics").text, "geoloc_index_reloads_total",
+                                       trigger="watch", result="failure")
+        publish_symlink(live_link, world.artifact_other.resolve())  # wrong model: refused
+        wait_for(lambda: metric_value(http.get("/metrics").text, "geoloc_index_reloads_total",
+                                      trigger="watch", result="failure") > failures_before,
+                 "the watcher to report the broken artifact")
+        assert http.post("/admin/reload", headers=ADMIN).status_code == 409
+        time.sleep(0.3)
+        publish_symlink(live_link, world.artifact_a.resolve())
+        wait_for(lambda: generation() == start_gen + 3, "the watcher to load artifact a again")
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    statuses = [s for s, _ in outcomes]
+    assert len(outcomes) >= 40, len(outcomes)
+    assert set(statuses) == {200}, [o for o in outcomes if o[0] != 200][:3]
+    seen = set()
+    for _, body in outcomes:
+        count = body["index"]["count"]
+        prefix = {24: "a", 16: "b"}[count]
+        assert all(r["tile_id"].startswith(prefix) for r in body["results"]), body
+        seen.add((count, body["index"]["generation"]))
+    assert {c for c, _ in seen} == {24, 16}
+    assert len({g for _, g in seen}) >= 3  # served by a, then b, b (forced), then a again
+
+
+def test_overload_answers_503_with_retry_after(server, world):
+    start = threading.Barrier(40)
+    results: list[tuple[int, dict, dict, float]] = []
+    lock = threading.Lock()
+
+    def one(i: int):
+        with httpx.Client(base_url=server.url, timeout=30) as c:
+            if i % 5 == 0:
+                files = [("images", (f"{j}.jpg", world.pano, "image/jpeg")) for j in range(4)]
+                url = "/localize/batch"
+            else:
+                files = {"image": ("p.jpg", world.pano, "image/jpeg")}
+                url = "/localize"
+            start.wait()
+            t0 = time.perf_counter()
+            r = c.post(url, files=files)
+            with lock:
+                results.append((r.status_code, r.json(), dict(r.headers), time.perf_counter() - t0))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(40)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    statuses = sorted({s for s, *_ in results})
+    assert len(results) == 40
+    assert statuses == [200, 503], statuses
+    for status, body, headers, _ in results:
+        if status == 503:
+            assert body["code"] == "overloaded"
+            assert headers["retry-after"] == "1"
+
+
+def test_no_file_descriptor_or_thread_leak(server, http, world):
+    pid = server.proc.pid
+    fd_dir = Path(f"/proc/{pid}/fd")
+    if not fd_dir.exists():
+        pytest.skip("no /proc on this system")
+
+    def fds() -> int:
+        return len(os.listdir(fd_dir))
+
+    def threads() -> int:
+        return len(os.listdir(f"/proc/{pid}/task"))
+
+    for _ in range(5):  # warm up lazily created thread pools
+        _post(http, world.pano)
+    before_fds, before_threads = fds(), threads()
+    for _ in range(4):
+        for name, (_, ctype, status, _) in BAD_UPLOADS.items():
+            assert _post(http, _bad_payload(name, world), ctype=ctype).status_code == status
+        assert _post(http, world.pano).status_code == 200
+    time.sleep(0.2)
+    assert fds() <= before_fds + 2
+    assert threads() <= before_threads + 2
+
+
+def test_fingerprint_mismatch_process_exits(world, tmp_path):
+    env = {"GEOLOC_CHECKPOINT": str(world.checkpoint),
+           "GEOLOC_INDEX": str(world.artifact_other)}
+    proc = UvicornProcess(env, tmp_path / "refused.log", wait_ready=False)
+    try:
+        code = proc.proc.wait(90)
+    finally:
+        proc.stop()
+    log = proc.log()
+    assert code == 3, log
+    line = next(json.loads(ln) for ln in log.splitlines() if "refusing to start" in ln)
+    assert line["level"] == "CRITICAL"
+    assert world.fingerprint in line["msg"]
+
+
+# --- in-process uvicorn, so the test can hold the worker --------------------------------------
+
+class ThreadedServer:
+    def __init__(self, app) -> None:
+        import uvicorn
+
+        self.port = free_port()
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                access_log=False, lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert self.server.started
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(15)
+
+
+def test_disconnected_client_is_not_computed(world):
+    from service.app import create_app
+
+    app = create_app(settings_for(world, world.artifact_a))
+    with ThreadedServer(app) as srv:
+        runtime = app.state.runtime
+        assert runtime.wait_loaded(60)
+        metrics = runtime.metrics
+        gate = threading.Event()
+        held = runtime.engine.call_in_worker(gate.wait)
+        body = (b'--BB\r\nContent-Disposition: form-data; name="image"; filename="p.jpg"\r\n'
+                b"Content-Type: image/jpeg\r\n\r\n" + world.pano + b"\r\n--BB--\r\n")
+        sock = socket.create_connection(("127.0.0.1", srv.port))
+        sock.sendall(b"POST /localize HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
+                     b"Content-Type: multipart/form-data; boundary=BB\r\n\r\n" % len(body) + body)
+        deadline = time.monotonic() + 10
+        while runtime.engine.queue.depth < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert runtime.engine.queue.depth == 1
+        images_before = metrics.images._value.get()
+        sock.close()  # the client gives up while its job waits
+        time.sleep(0.3)
+        gate.set()
+        held.result(5)
+        deadline = time.monotonic() + 5
+        while metrics.dropped.labels("client_disconnected")._value.get() < 1:
+            assert time.monotonic() < deadline, "the abandoned job was not dropped"
+            time.sleep(0.02)
+        assert metrics.images._value.get() == images_before  # nothing was computed for it
+        with httpx.Client(base_url=f"http://127.0.0.1:{srv.port}", timeout=30) as c:
+            assert _post(c, world.pano).status_code == 200
+        assert metrics.images._value.get() == images_before + 1
