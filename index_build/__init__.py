@@ -1,0 +1,14 @@
+"""index_build: geo-tagged aerial tiles -> L2LTR embeddings -> FAISS index artifact.
+
+Stages (each reads and writes plain files, each can be run and resumed alone):
+
+    reader   (sources.py, validate.py)   catalogue CSV or slippy-map dir -> validated catalog.csv + plan.json
+    mapper   (encode_local.py / encode_ray.py)   catalog.csv -> vectors/shard-NNNNN.npy (+ .json sidecar)
+    writer   (faiss_index.py, artifact.py)  shards -> index.faiss + tiles.csv + manifest.json, published atomically
+
+The command line lives in cli.py (`python -m index_build ...`, console script `index-build`).
+"""
+
+FORMAT_VERSION = 1
+
+__all__ = ["FORMAT_VERSION"]

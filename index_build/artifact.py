@@ -1,0 +1,189 @@
+"""Writer stage, part 2: the artifact directory, its manifest, and atomic publication.
+
+On disk, for `--out /data/tiles_index`:
+
+    /data/tiles_index                    symlink -> tiles_index.versions/<version>   (what readers open)
+    /data/tiles_index.versions/
+        .lock                            flock held by the one build/add writing this artifact
+        .build/                          work directory of the build in progress (resumable)
+        20260101T120000Z-ab12cd34/       a complete artifact: manifest.json index.faiss tiles.csv vectors/
+
+Publishing = (1) every file of the new version is written and fsynced inside `.build`,
+(2) `.build` is renamed to its version name, (3) a new symlink is created under a temporary name
+and os.replace()d over `/data/tiles_index`. rename(2) of a symlink is atomic, so a reader
+resolving the path sees either the old complete version or the new complete version, never a
+missing or half-written one; a build killed at any point leaves the live link untouched.
+Readers should resolve the link once (os.path.realpath) and open every file of the artifact
+from the resolved directory. Old versions beyond --keep-versions are removed after the swap.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import shutil
+import time
+
+from index_build import FORMAT_VERSION
+from index_build.fsutil import atomic_write_json, fsync_dir, read_json
+from index_build.workdir import utc_now_iso
+
+MANIFEST_FILE = "manifest.json"
+INDEX_FILE = "index.faiss"
+TILES_FILE = "tiles.csv"
+VECTORS_DIR = "vectors"
+REQUIRED_MANIFEST_KEYS = ("format_version", "model_fingerprint", "model_config", "embedding_dim", "metric",
+                          "count", "index_type", "index_params", "faiss_version", "catalog_sha256",
+                          "built_at", "source")
+
+
+class ArtifactError(RuntimeError):
+    pass
+
+
+class ArtifactLayout:
+    def __init__(self, out: str):
+        out = os.path.abspath(out.rstrip("/") or "/")
+        self.out = out
+        self.parent = os.path.dirname(out)
+        self.name = os.path.basename(out)
+        self.versions = os.path.join(self.parent, self.name + ".versions")
+        self.work = os.path.join(self.versions, ".build")
+        self.lock_path = os.path.join(self.versions, ".lock")
+
+    # -- state of the published link --------------------------------------------------------
+    def check_publishable(self) -> None:
+        if os.path.lexists(self.out) and not os.path.islink(self.out):
+            raise ArtifactError(
+                f"{self.out} exists and is not a symlink. index_build publishes through a symlink to a "
+                f"versioned directory so that readers never see a half-written index; move it aside "
+                f"(e.g. `mv {self.out} {self.out}.old`) or choose another --out")
+
+    def live_version_dir(self) -> str | None:
+        """Resolved directory of the published artifact, or None if nothing is published."""
+        if not os.path.lexists(self.out):
+            return None
+        return os.path.realpath(self.out)
+
+    def list_versions(self) -> list[str]:
+        if not os.path.isdir(self.versions):
+            return []
+        return sorted(d for d in os.listdir(self.versions)
+                      if not d.startswith(".") and os.path.isdir(os.path.join(self.versions, d)))
+
+    @contextlib.contextmanager
+    def lock(self):
+        os.makedirs(self.versions, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise ArtifactError(f"another index_build is writing {self.out} (lock {self.lock_path})") from None
+                raise
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            yield
+        finally:
+            os.close(fd)  # closing releases the flock
+
+    # -- publication -------------------------------------------------------------------------
+    def new_version_name(self, fingerprint: str) -> str:
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        name = f"{stamp}-{fingerprint[:8]}"
+        i = 1
+        while os.path.exists(os.path.join(self.versions, name)):
+            i += 1
+            name = f"{stamp}-{fingerprint[:8]}-{i}"
+        return name
+
+    def promote_work_dir(self, version: str) -> str:
+        """Rename the finished work dir to its version name (not yet live)."""
+        target = os.path.join(self.versions, version)
+        fsync_tree(self.work)
+        os.rename(self.work, target)
+        fsync_dir(self.versions)
+        return target
+
+    def swap_link(self, version: str) -> None:
+        """Atomically point `out` at versions/<version> (a relative link: the tree can be moved)."""
+        target = os.path.join(os.path.basename(self.versions), version)
+        tmp = os.path.join(self.parent, f".{self.name}.link-{os.getpid()}.tmp")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        os.symlink(target, tmp)
+        os.replace(tmp, self.out)
+        fsync_dir(self.parent)
+
+    def prune(self, keep: int) -> list[str]:
+        """Delete the oldest versions beyond `keep` (never the live one). Returns the removed names."""
+        live = self.live_version_dir()
+        versions = self.list_versions()
+        removed = []
+        for name in versions[:max(0, len(versions) - max(1, keep))]:
+            path = os.path.join(self.versions, name)
+            if live and os.path.realpath(path) == live:
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(name)
+        return removed
+
+
+def fsync_tree(root: str) -> None:
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            with contextlib.suppress(OSError):
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        fsync_dir(dirpath)
+
+
+def make_manifest(*, fingerprint: str, model_config: dict, dim: int, count: int, index_type: str,
+                  index_params: dict, faiss_version: str, catalog_sha256: str, source: str, **extra) -> dict:
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "model_fingerprint": fingerprint,
+        "model_config": model_config,
+        "embedding_dim": int(dim),
+        "metric": "inner_product",
+        "count": int(count),
+        "index_type": index_type,
+        "index_params": index_params,
+        "faiss_version": faiss_version,
+        "catalog_sha256": catalog_sha256,
+        "built_at": utc_now_iso(),
+        "source": source,
+    }
+    manifest.update(extra)
+    return manifest
+
+
+def write_manifest(directory: str, manifest: dict) -> None:
+    atomic_write_json(os.path.join(directory, MANIFEST_FILE), manifest)
+
+
+def read_manifest(directory: str) -> dict:
+    path = os.path.join(directory, MANIFEST_FILE)
+    if not os.path.isfile(path):
+        raise ArtifactError(f"{directory}: no {MANIFEST_FILE}; not an index artifact")
+    manifest = read_json(path)
+    missing = [k for k in REQUIRED_MANIFEST_KEYS if k not in manifest]
+    if missing:
+        raise ArtifactError(f"{path}: missing key(s) {', '.join(missing)}")
+    if manifest["format_version"] != FORMAT_VERSION:
+        raise ArtifactError(f"{path}: format_version {manifest['format_version']}, this code reads {FORMAT_VERSION}")
+    return manifest
+
+
+def resolve_artifact(path: str) -> str:
+    """The real directory of an artifact (follows the published symlink once)."""
+    real = os.path.realpath(path)
+    if not os.path.isdir(real):
+        raise ArtifactError(f"{path}: no artifact there")
+    return real

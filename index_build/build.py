@@ -1,0 +1,452 @@
+"""Orchestration of `build` and `add`: reader -> mapper -> writer, resumable, published atomically."""
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import shutil
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from index_build.artifact import (INDEX_FILE, TILES_FILE, ArtifactError, ArtifactLayout, make_manifest,
+                                  read_manifest, write_manifest)
+from index_build.encode_common import EncodeStats
+from index_build.faiss_index import DEFAULT_MEMORY_BUDGET, build_index, choose_index, tune_search
+from index_build.fsutil import atomic_write_bytes
+from index_build.sources import (Catalogue, CatalogueError, Issue, TileRecord, read_source, read_tiles_csv,
+                                 write_tiles_csv)
+from index_build.workdir import (CATALOG_FILE, PLAN_FILE, ShardSpan, iter_vector_blocks, read_finished_shard,
+                                 read_plan, spans_from_plan, utc_now_iso, vectors_dir, write_plan)
+
+log = logging.getLogger("index_build")
+
+# Plan keys that must match for --resume to reuse a work dir.
+PLAN_IDENTITY = ("kind", "catalog_sha256", "source", "count", "shard_size", "model_fingerprint",
+                 "extra_columns", "base_version", "first_shard_index")
+
+
+class BuildError(RuntimeError):
+    pass
+
+
+def default_workers() -> int:
+    return max(0, min(8, (os.cpu_count() or 1) - 1))
+
+
+@dataclass
+class BuildOptions:
+    catalog: str
+    checkpoint: str
+    out: str
+    index_type: str = "auto"
+    batch_size: int = 64
+    workers: int = field(default_factory=default_workers)
+    shard_size: int = 10_000
+    resume: bool = False
+    skip_bad: bool = False
+    engine: str = "local"
+    device: str = "auto"
+    model_config: str | None = None
+    memory_budget: int = DEFAULT_MEMORY_BUDGET
+    nlist: int | None = None
+    pq_m: int | None = None
+    opq: bool = True
+    target_recall: float = 0.95
+    keep_versions: int = 2
+    progress: bool = True
+    stop_after: str | None = None          # None | "validate" | "encode"
+    check_files: bool = True
+    faiss_gpu: bool | None = None          # None: use a GPU when faiss-gpu sees one
+    ray_address: str | None = None
+    ray_actors: int = 1
+    ray_cpus_per_actor: float = 1.0
+    ray_gpus_per_actor: float | None = None
+    ray_decode_threads: int = 2
+    report_path: str | None = None         # where the full validation report goes (default: beside --out)
+    # test/bench hook: called with each finished shard's sidecar (never used by the CLI)
+    on_shard_written: Callable[[dict], None] | None = None
+
+
+@dataclass
+class BuildResult:
+    status: str                       # "validated" | "encoded" | "published"
+    out: str
+    version_dir: str | None = None
+    count: int = 0
+    skipped: int = 0
+    encode: EncodeStats = field(default_factory=EncodeStats)
+    manifest: dict | None = None
+    timings: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"status": self.status, "out": self.out, "version_dir": self.version_dir, "count": self.count,
+                "skipped": self.skipped, "encode": self.encode.to_json(), "timings": self.timings}
+
+
+# ------------------------------------------------------------------------------------- reader
+
+def load_catalogue(path: str, check_files: bool, report_path: str | None) -> Catalogue:
+    try:
+        catalogue = read_source(path, check_files=check_files)
+    except CatalogueError as exc:
+        if report_path:
+            os.makedirs(os.path.dirname(os.path.abspath(report_path)), exist_ok=True)
+            with open(report_path, "w", encoding="utf-8") as f:
+                f.write(exc.report() + "\n")
+            exc.report_path = report_path
+        raise
+    for note in catalogue.notes:
+        log.warning("%s", note)
+    return catalogue
+
+
+def _load_model(opts):
+    from model import load_checkpoint
+    from model.encode import pick_device, prepare_for_inference
+
+    device = pick_device(opts.device)
+    model = load_checkpoint(opts.checkpoint, config=opts.model_config)
+    fingerprint = model.fingerprint()
+    return prepare_for_inference(model, device), device, fingerprint
+
+
+def _plan_differences(old: dict, new: dict) -> list[str]:
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in PLAN_IDENTITY if old.get(k) != new.get(k)]
+
+
+def _prepare_work_dir(layout: ArtifactLayout, plan: dict, records: list[TileRecord], extra_columns: list[str],
+                      resume: bool) -> bool:
+    """Make layout.work hold `plan`. Returns True when an unfinished build was resumed."""
+    work = layout.work
+    existing = read_plan(work) if os.path.isdir(work) else None
+    if existing is not None and resume:
+        diffs = _plan_differences(existing, plan)
+        if diffs:
+            raise BuildError("--resume: the unfinished build in " + work + " was for something else:\n  "
+                             + "\n  ".join(diffs) + "\nRun without --resume to discard it and start over.")
+        return True
+    if os.path.isdir(work):
+        log.warning("discarding the unfinished build in %s%s", work,
+                    "" if resume else " (pass --resume to continue it instead)")
+        shutil.rmtree(work)
+    elif resume:
+        log.warning("--resume: no unfinished build in %s; starting from the beginning", work)
+    os.makedirs(vectors_dir(work))
+    write_tiles_csv(os.path.join(work, CATALOG_FILE), records, extra_columns)
+    write_plan(work, plan)  # written last: a work dir without plan.json is discarded, never resumed
+    return False
+
+
+def _encode_pending(opts, layout: ArtifactLayout, plan: dict, model, device, fingerprint: str) -> EncodeStats:
+    work = layout.work
+    vdir = vectors_dir(work)
+    spans = spans_from_plan(plan)
+    todo = [s for s in spans if read_finished_shard(vdir, s, fingerprint) is None]
+    records, _extra = read_tiles_csv(os.path.join(work, CATALOG_FILE))
+    if len(records) != plan["count"]:
+        raise BuildError(f"{work}/{CATALOG_FILE} has {len(records)} rows, plan.json says {plan['count']}")
+    reused = len(spans) - len(todo)
+    if reused:
+        log.info("resuming: %d of %d shard(s) already encoded, %d to go", reused, len(spans), len(todo))
+    if opts.engine == "ray":
+        from index_build.encode_ray import encode_shards_ray
+
+        stats = encode_shards_ray(
+            checkpoint=opts.checkpoint, model_config=opts.model_config, fingerprint=fingerprint, work=work,
+            spans=todo, total_rows=sum(len(s) for s in todo), batch_size=opts.batch_size,
+            skip_bad=opts.skip_bad, device=opts.device, actors=opts.ray_actors,
+            cpus_per_actor=opts.ray_cpus_per_actor, gpus_per_actor=opts.ray_gpus_per_actor,
+            decode_threads=opts.ray_decode_threads, address=opts.ray_address, progress=opts.progress)
+    elif opts.engine == "local":
+        from index_build.encode_local import encode_shards_local
+
+        stats = encode_shards_local(
+            model, [r.source for r in records], [r.tile_id for r in records], todo, vdir,
+            batch_size=opts.batch_size, workers=opts.workers, device=device, skip_bad=opts.skip_bad,
+            fingerprint=fingerprint, progress=opts.progress, on_shard_written=opts.on_shard_written)
+    else:
+        raise BuildError(f"unknown engine {opts.engine!r} (local | ray)")
+    stats.shards_total = len(spans)
+    stats.shards_reused = reused
+    missing = [s.name for s in spans if read_finished_shard(vdir, s, fingerprint) is None]
+    if missing:
+        raise BuildError(f"shard(s) {', '.join(missing[:10])} missing after encoding")
+    return stats
+
+
+# ------------------------------------------------------------------------------------- writer
+
+def _shard_entries(vdir: str, spans: list[ShardSpan], fingerprint: str) -> tuple[list[dict], list[dict]]:
+    entries, skipped = [], []
+    for span in spans:
+        meta = read_finished_shard(vdir, span, fingerprint)
+        if meta is None:
+            raise BuildError(f"{span.name} is not finished")
+        entries.append({"file": f"vectors/{span.name}.npy", "rows": meta["rows"], "sha256": meta["sha256"]})
+        skipped.extend(meta["skipped"])
+    return entries, skipped
+
+
+def _write_index(index, path: str) -> None:
+    import faiss
+
+    atomic_write_bytes(path, faiss.serialize_index(index).tobytes())
+
+
+def _publish(layout: ArtifactLayout, fingerprint: str, keep_versions: int) -> str:
+    version = layout.new_version_name(fingerprint)
+    version_dir = layout.promote_work_dir(version)
+    layout.swap_link(version)
+    for stage_file in (PLAN_FILE, CATALOG_FILE):  # stage files; the live dir is not read for them
+        try:
+            os.unlink(os.path.join(version_dir, stage_file))
+        except FileNotFoundError:
+            pass
+    removed = layout.prune(keep_versions)
+    if removed:
+        log.info("removed old version(s): %s", ", ".join(removed))
+    return version_dir
+
+
+def _recover_promoted(layout: ArtifactLayout, plan: dict, keep_versions: int) -> str | None:
+    """A build killed between promoting its work dir and swapping the link: publish that version now."""
+    live = layout.live_version_dir()
+    for name in reversed(layout.list_versions()):
+        path = os.path.join(layout.versions, name)
+        if live and os.path.realpath(path) == live:
+            continue
+        old_plan = read_plan(path)
+        if old_plan and not _plan_differences(old_plan, plan) and os.path.isfile(os.path.join(path, "manifest.json")):
+            layout.swap_link(name)
+            for stage_file in (PLAN_FILE, CATALOG_FILE):
+                if os.path.exists(os.path.join(path, stage_file)):
+                    os.unlink(os.path.join(path, stage_file))
+            layout.prune(keep_versions)
+            return path
+    return None
+
+
+def _host_info(device) -> dict:
+    import faiss
+    import torch
+
+    return {"host": socket.gethostname(), "python": sys.version.split()[0], "torch": torch.__version__,
+            "faiss": faiss.__version__, "device": str(device), "cpu_count": os.cpu_count()}
+
+
+def run_build(opts: BuildOptions) -> BuildResult:
+    layout = ArtifactLayout(opts.out)
+    layout.check_publishable()
+    result = BuildResult(status="validated", out=layout.out)
+    t_start = time.perf_counter()
+    with layout.lock():
+        report_path = opts.report_path or os.path.join(layout.versions, "validation-report.txt")
+        catalogue = load_catalogue(opts.catalog, opts.check_files, report_path)
+        result.count = len(catalogue)
+        result.timings["validate_s"] = round(time.perf_counter() - t_start, 3)
+        log.info("catalogue %s: %d tile(s) valid", catalogue.source, len(catalogue))
+        if opts.stop_after == "validate":
+            return result
+        if not len(catalogue):
+            raise BuildError("the catalogue has no tiles; nothing to index")
+
+        t0 = time.perf_counter()
+        model, device, fingerprint = _load_model(opts)
+        result.timings["model_load_s"] = round(time.perf_counter() - t0, 3)
+        plan = {
+            "kind": "build", "catalog_sha256": catalogue.sha256, "source": catalogue.source,
+            "count": len(catalogue), "shard_size": int(opts.shard_size), "model_fingerprint": fingerprint,
+            "extra_columns": catalogue.extra_columns, "base_version": None, "first_shard_index": 0,
+            "checkpoint": os.path.abspath(opts.checkpoint), "created_at": utc_now_iso(),
+        }
+        if opts.resume and not os.path.isdir(layout.work):
+            recovered = _recover_promoted(layout, plan, opts.keep_versions)
+            if recovered:
+                log.info("published the finished but unpublished version %s", recovered)
+                result.status, result.version_dir = "published", recovered
+                result.manifest = read_manifest(recovered)
+                return result
+        _prepare_work_dir(layout, plan, catalogue.records, catalogue.extra_columns, opts.resume)
+        del catalogue
+
+        t0 = time.perf_counter()
+        result.encode = _encode_pending(opts, layout, plan, model, device, fingerprint)
+        result.timings["encode_s"] = round(time.perf_counter() - t0, 3)
+        result.status = "encoded"
+        if opts.stop_after == "encode":
+            return result
+
+        t0 = time.perf_counter()
+        manifest = _finish_build(opts, layout, plan, model, fingerprint, result)
+        result.timings["index_s"] = round(time.perf_counter() - t0, 3)
+        manifest["build"]["timings"] = dict(result.timings)
+        write_manifest(layout.work, manifest)
+        result.version_dir = _publish(layout, fingerprint, opts.keep_versions)
+        result.status = "published"
+        result.manifest = manifest
+        result.timings["total_s"] = round(time.perf_counter() - t_start, 3)
+        return result
+
+
+def _finish_build(opts: BuildOptions, layout: ArtifactLayout, plan: dict, model, fingerprint: str,
+                  result: BuildResult) -> dict:
+    import faiss
+
+    work = layout.work
+    vdir = vectors_dir(work)
+    spans = spans_from_plan(plan)
+    shard_entries, skipped = _shard_entries(vdir, spans, fingerprint)
+    records, extra = read_tiles_csv(os.path.join(work, CATALOG_FILE))
+    skipped_rows = {s["row"] for s in skipped}
+    good = [r for i, r in enumerate(records) if i not in skipped_rows]
+    n = len(good)
+    if n == 0:
+        raise BuildError("every tile was skipped as unreadable; nothing to index")
+    write_tiles_csv(os.path.join(work, TILES_FILE), good, extra)
+    dim = model.embedding_dim
+    spec = choose_index(opts.index_type, n, dim, opts.memory_budget, opts.nlist, opts.pq_m, opq=opts.opq)
+    log.info("index: %s (%s) - %s", spec.index_type, spec.factory, spec.reason)
+    blocks = lambda: iter_vector_blocks(vdir, spans)  # noqa: E731
+    index, info = build_index(spec, dim, n, blocks, use_gpu=opts.faiss_gpu)
+    tuning = tune_search(index, spec, n, blocks, target_recall=opts.target_recall)
+    if index.ntotal != n:
+        raise BuildError(f"index holds {index.ntotal} vectors, expected {n}")
+    _write_index(index, os.path.join(work, INDEX_FILE))
+    result.count, result.skipped = n, len(skipped)
+    if skipped:
+        log.warning("%d unreadable tile image(s) skipped (listed in manifest.json under 'skipped')", len(skipped))
+    return make_manifest(
+        fingerprint=fingerprint, model_config=model.config.to_dict(), dim=dim, count=n,
+        index_type=spec.index_type, index_params={**spec.to_json(), **info, **tuning},
+        faiss_version=faiss.__version__, catalog_sha256=plan["catalog_sha256"], source=plan["source"],
+        checkpoint=plan["checkpoint"], catalogue_rows=plan["count"],
+        skipped={"count": len(skipped), "tiles": skipped},
+        shards=shard_entries, additions=[],
+        build={"engine": opts.engine, "batch_size": opts.batch_size, "shard_size": plan["shard_size"],
+               "workers": opts.workers, "encode": result.encode.to_json(), **_host_info(opts.device)},
+    )
+
+
+# ------------------------------------------------------------------------------------- add
+
+@dataclass
+class AddOptions(BuildOptions):
+    """`add`: encode a further catalogue and append it to the published artifact at `out`."""
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)  # shards are immutable, so versions can share them
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def run_add(opts: AddOptions) -> BuildResult:
+    import faiss
+
+    layout = ArtifactLayout(opts.out)
+    layout.check_publishable()
+    result = BuildResult(status="validated", out=layout.out)
+    t_start = time.perf_counter()
+    with layout.lock():
+        live = layout.live_version_dir()
+        if live is None:
+            raise ArtifactError(f"{layout.out}: no published artifact to add to; run `build` first")
+        base = read_manifest(live)
+        report_path = opts.report_path or os.path.join(layout.versions, "validation-report.txt")
+        catalogue = load_catalogue(opts.catalog, opts.check_files, report_path)
+        base_records, base_extra = read_tiles_csv(os.path.join(live, TILES_FILE))
+        issues = []
+        if catalogue.extra_columns != base_extra:
+            issues.append(Issue("header", "", f"extra columns {catalogue.extra_columns} differ from the "
+                                               f"artifact's {base_extra}"))
+        base_ids = {r.tile_id for r in base_records}
+        issues += [Issue(r.where, r.tile_id, "tile_id already in the artifact") for r in catalogue.records
+                   if r.tile_id in base_ids]
+        if issues:
+            exc = CatalogueError(catalogue.source, issues, len(catalogue))
+            with open(report_path, "w", encoding="utf-8") as f:
+                f.write(exc.report() + "\n")
+            exc.report_path = report_path
+            raise exc
+        result.count = len(catalogue)
+        if opts.stop_after == "validate":
+            return result
+        if not len(catalogue):
+            raise BuildError("the catalogue has no tiles; nothing to add")
+        model, device, fingerprint = _load_model(opts)
+        if fingerprint != base["model_fingerprint"]:
+            raise BuildError(f"model fingerprint {fingerprint} ({opts.checkpoint}) differs from the artifact's "
+                             f"{base['model_fingerprint']}; vectors from different models cannot share an index. "
+                             f"Rebuild the whole artifact with `build` instead.")
+        base_version = os.path.basename(live)
+        plan = {
+            "kind": "add", "catalog_sha256": catalogue.sha256, "source": catalogue.source,
+            "count": len(catalogue), "shard_size": int(opts.shard_size), "model_fingerprint": fingerprint,
+            "extra_columns": catalogue.extra_columns, "base_version": base_version,
+            "first_shard_index": _next_shard_index(base), "checkpoint": os.path.abspath(opts.checkpoint),
+            "created_at": utc_now_iso(),
+        }
+        _prepare_work_dir(layout, plan, catalogue.records, catalogue.extra_columns, opts.resume)
+        del catalogue
+        t0 = time.perf_counter()
+        result.encode = _encode_pending(opts, layout, plan, model, device, fingerprint)
+        result.timings["encode_s"] = round(time.perf_counter() - t0, 3)
+        result.status = "encoded"
+        if opts.stop_after == "encode":
+            return result
+
+        t0 = time.perf_counter()
+        work, vdir = layout.work, vectors_dir(layout.work)
+        spans = spans_from_plan(plan)
+        new_entries, skipped = _shard_entries(vdir, spans, fingerprint)
+        records, extra = read_tiles_csv(os.path.join(work, CATALOG_FILE))
+        skipped_rows = {s["row"] for s in skipped}
+        good = [r for i, r in enumerate(records) if i not in skipped_rows]
+        for entry in base["shards"]:
+            for suffix in (".npy", ".json"):
+                src = os.path.join(live, entry["file"][:-4] + suffix)
+                dst = os.path.join(work, entry["file"][:-4] + suffix)
+                if os.path.exists(src) and not os.path.exists(dst):
+                    _link_or_copy(src, dst)
+        write_tiles_csv(os.path.join(work, TILES_FILE), [*base_records, *good], extra)
+        index = faiss.read_index(os.path.join(live, INDEX_FILE))
+        added = 0
+        for block in iter_vector_blocks(vdir, spans):
+            index.add(block)
+            added += block.shape[0]
+        count = base["count"] + added
+        if index.ntotal != count:
+            raise BuildError(f"index holds {index.ntotal} vectors, expected {count}")
+        _write_index(index, os.path.join(work, INDEX_FILE))
+        if base["index_type"] != "flat" and added > base["count"]:
+            log.warning("added %d tiles to an index trained on %d; recall may drop - consider a full `build`",
+                        added, base["count"])
+        manifest = dict(base)
+        manifest.update(
+            count=count, built_at=utc_now_iso(), faiss_version=faiss.__version__,
+            shards=[*base["shards"], *new_entries],
+            skipped={"count": base.get("skipped", {}).get("count", 0) + len(skipped),
+                     "tiles": [*base.get("skipped", {}).get("tiles", []),
+                               *({**s, "catalog": plan["source"]} for s in skipped)]},
+            additions=[*base.get("additions", []),
+                       {"source": plan["source"], "catalog_sha256": plan["catalog_sha256"], "count": added,
+                        "skipped": len(skipped), "added_at": utc_now_iso(), "base_version": base_version,
+                        "encode": result.encode.to_json()}],
+        )
+        write_manifest(work, manifest)
+        result.timings["index_s"] = round(time.perf_counter() - t0, 3)
+        result.version_dir = _publish(layout, fingerprint, opts.keep_versions)
+        result.status, result.count, result.skipped, result.manifest = "published", count, len(skipped), manifest
+        result.timings["total_s"] = round(time.perf_counter() - t_start, 3)
+        return result
+
+
+def _next_shard_index(manifest: dict) -> int:
+    indices = [int(os.path.basename(e["file"])[len("shard-"):-len(".npy")]) for e in manifest["shards"]]
+    return max(indices) + 1 if indices else 0

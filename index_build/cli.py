@@ -1,0 +1,177 @@
+"""Command line: `python -m index_build {build,add,info,verify}` (console script `index-build`)."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+
+from index_build.faiss_index import DEFAULT_MEMORY_BUDGET, INDEX_TYPES
+
+EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
+
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b?)\s*$", re.I)
+
+
+def parse_size(text: str) -> int:
+    """'16GiB', '500MB', '2g', '1048576' -> bytes (binary multiples for k/m/g/t)."""
+    m = _SIZE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 16GiB, 500MB)")
+    scale = {"": 1, "k": 2 ** 10, "m": 2 ** 20, "g": 2 ** 30, "t": 2 ** 40}[m.group(2).lower()]
+    return int(float(m.group(1)) * scale)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def _add_encode_args(p: argparse.ArgumentParser) -> None:
+    from index_build.build import default_workers
+
+    p.add_argument("--catalog", required=True,
+                   help="catalogue CSV (tile_id,lat,lon,path[,extra...]) or a slippy-map dir {z}/{x}/{y}.png|jpg")
+    p.add_argument("--checkpoint", required=True, help="model checkpoint (.safetensors; .pth/.npz need --model-config)")
+    p.add_argument("--model-config", default=None, help="config name/JSON for .pth/.npz checkpoints")
+    p.add_argument("--out", required=True, help="artifact path (a symlink to a versioned directory beside it)")
+    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--workers", type=int, default=default_workers(), help="DataLoader decode workers (local engine)")
+    p.add_argument("--shard-size", type=_positive_int, default=10_000, help="tiles per embedding shard (resume unit)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run; finished shards are kept")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip unreadable images (counted, listed, recorded in the manifest) instead of failing")
+    p.add_argument("--engine", choices=("local", "ray"), default="local")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--keep-versions", type=_positive_int, default=2, help="published versions kept on disk")
+    p.add_argument("--no-check-files", dest="check_files", action="store_false",
+                   help="do not stat every image during validation (slow network storage)")
+    p.add_argument("--report", dest="report_path", default=None,
+                   help="write the full validation report here (default: <out>.versions/validation-report.txt)")
+    p.add_argument("--stop-after", choices=("validate", "encode"), default=None,
+                   help="run only the first stage(s); `--resume` continues later")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    g = p.add_argument_group("ray engine")
+    g.add_argument("--ray-address", default=None, help="cluster address (default: start a local Ray)")
+    g.add_argument("--ray-actors", type=_positive_int, default=1, help="encoder actors (one model each)")
+    g.add_argument("--ray-cpus-per-actor", type=float, default=1.0)
+    g.add_argument("--ray-gpus-per-actor", type=float, default=None, help="default: 1 if the cluster has GPUs")
+    g.add_argument("--ray-decode-threads", type=_positive_int, default=2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="index-build",
+                                     description="Geo-tagged aerial tiles -> L2LTR embeddings -> FAISS index artifact")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("build", help="encode a catalogue and publish a new artifact at --out")
+    _add_encode_args(b)
+    b.add_argument("--index", dest="index_type", choices=INDEX_TYPES, default="auto")
+    b.add_argument("--memory-budget", type=parse_size, default=DEFAULT_MEMORY_BUDGET,
+                   help="RAM the index may use at serving time, drives --index auto (default 16GiB)")
+    b.add_argument("--nlist", type=_positive_int, default=None, help="IVF lists (default: from N)")
+    b.add_argument("--pq-m", type=_positive_int, default=None, help="PQ bytes per vector (default: dim/8 within budget)")
+    b.add_argument("--no-opq", dest="opq", action="store_false", help="ivf-pq without the OPQ rotation")
+    b.add_argument("--target-recall", type=float, default=0.95, help="recall@10 nprobe/efSearch are tuned for")
+    b.add_argument("--faiss-gpu", choices=("auto", "yes", "no"), default="auto")
+
+    a = sub.add_parser("add", help="append the tiles of another catalogue to the artifact at --out")
+    _add_encode_args(a)
+
+    i = sub.add_parser("info", help="print the manifest of an artifact")
+    i.add_argument("artifact")
+    i.add_argument("--full", action="store_true", help="include the per-shard and skipped-tile lists")
+
+    v = sub.add_parser("verify", help="re-encode a random sample and check vectors + self-retrieval")
+    v.add_argument("artifact")
+    v.add_argument("--checkpoint", required=True)
+    v.add_argument("--model-config", default=None)
+    v.add_argument("--sample", type=_positive_int, default=64)
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--device", default="auto")
+    v.add_argument("--batch-size", type=_positive_int, default=64)
+    v.add_argument("--min-rank1", type=float, default=0.99)
+    v.add_argument("--tolerance", type=float, default=None, help="max 1-cosine (default 1e-4 CPU, 2e-2 CUDA)")
+    return parser
+
+
+def _encode_options(cls, args):
+    kwargs = dict(
+        catalog=args.catalog, checkpoint=args.checkpoint, out=args.out, batch_size=args.batch_size,
+        workers=max(0, args.workers), shard_size=args.shard_size, resume=args.resume, skip_bad=args.skip_bad,
+        engine=args.engine, device=args.device, model_config=args.model_config, keep_versions=args.keep_versions,
+        progress=not args.quiet, stop_after=args.stop_after, check_files=args.check_files,
+        report_path=args.report_path, ray_address=args.ray_address, ray_actors=args.ray_actors,
+        ray_cpus_per_actor=args.ray_cpus_per_actor, ray_gpus_per_actor=args.ray_gpus_per_actor,
+        ray_decode_threads=args.ray_decode_threads)
+    if cls.__name__ == "BuildOptions":
+        kwargs.update(index_type=args.index_type, memory_budget=args.memory_budget, nlist=args.nlist,
+                      pq_m=args.pq_m, opq=args.opq, target_recall=args.target_recall,
+                      faiss_gpu={"auto": None, "yes": True, "no": False}[args.faiss_gpu])
+    return cls(**kwargs)
+
+
+def _print_summary(result) -> None:
+    out = result.to_json()
+    if result.manifest:
+        m = result.manifest
+        out["manifest"] = {k: m[k] for k in ("model_fingerprint", "embedding_dim", "count", "index_type")}
+        out["manifest"]["index_params"] = {k: v for k, v in m["index_params"].items() if k != "tuning_curve"}
+    print(json.dumps(out, indent=2))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logger = logging.getLogger("index_build")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("index_build: %(levelname)s %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    from index_build.artifact import ArtifactError
+    from index_build.build import AddOptions, BuildError, BuildOptions, run_add, run_build
+    from index_build.encode_common import BadImagesError
+    from index_build.sources import CatalogueError
+
+    try:
+        if args.command == "build":
+            _print_summary(run_build(_encode_options(BuildOptions, args)))
+        elif args.command == "add":
+            _print_summary(run_add(_encode_options(AddOptions, args)))
+        elif args.command == "info":
+            from index_build.artifact import read_manifest, resolve_artifact
+
+            root = resolve_artifact(args.artifact)
+            manifest = read_manifest(root)
+            if not args.full:
+                manifest = dict(manifest)
+                manifest["shards"] = f"{len(manifest.get('shards', []))} shard file(s) (--full to list)"
+                skipped = manifest.get("skipped", {})
+                manifest["skipped"] = {"count": skipped.get("count", 0),
+                                       "tiles": skipped.get("tiles", [])[:10]}
+                manifest.get("index_params", {}).pop("tuning_curve", None)
+            print(json.dumps({"path": os.path.abspath(args.artifact), "resolved": root, **manifest}, indent=2))
+        elif args.command == "verify":
+            from index_build.verify import run_verify
+
+            report = run_verify(args.artifact, args.checkpoint, sample=args.sample, seed=args.seed,
+                                device=args.device, batch_size=args.batch_size, model_config=args.model_config,
+                                min_rank1=args.min_rank1, tolerance=args.tolerance)
+            print(json.dumps(report, indent=2))
+            return EXIT_OK if report["ok"] else EXIT_FAILED
+    except CatalogueError as exc:
+        print(exc.report(limit=100), file=sys.stderr)
+        return EXIT_INVALID
+    except (BuildError, ArtifactError, BadImagesError) as exc:
+        print(f"index_build: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

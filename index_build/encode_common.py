@@ -1,0 +1,130 @@
+"""Mapper stage, shared by both engines: image decoding, shard-aligned batching, bad-image errors.
+
+Batches never cross a shard boundary and always start at the shard's first row, so the local and
+the Ray engine (and a resumed build) feed the model exactly the same batches and write identical
+shard files.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from index_build.workdir import ShardSpan
+
+
+class PathTable:
+    """Image paths as one bytes blob + offsets.
+
+    DataLoader workers are forked; a Python list of a million str objects would be copied page by
+    page as workers touch the refcounts. Two numpy arrays are shared as they are.
+    """
+
+    def __init__(self, paths: Sequence[str]):
+        encoded = [p.encode("utf-8", "surrogateescape") for p in paths]
+        self.offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum([len(b) for b in encoded], out=self.offsets[1:])
+        self.blob = np.frombuffer(b"".join(encoded), dtype=np.uint8) if encoded else np.zeros(0, np.uint8)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> str:
+        return self.blob[self.offsets[i]:self.offsets[i + 1]].tobytes().decode("utf-8", "surrogateescape")
+
+
+def decode_tile(path: str, config) -> tuple[torch.Tensor | None, str]:
+    """(aerial tensor, "") or (None, reason) for one tile image; never raises for bad image data."""
+    from model.preprocess import aerial_tensor, load_image
+    try:
+        return aerial_tensor(load_image(path), config), ""
+    except Exception as exc:  # ImageDecodeError, OSError, odd sizes: all become a reported skip
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+class TileImageDataset(torch.utils.data.Dataset):
+    """Row -> (row, [3,H,W] aerial tensor or zeros, error text). Runs in DataLoader workers."""
+
+    def __init__(self, paths: PathTable, config):
+        self.paths = paths
+        self.config = config
+        self.shape = (3, *config.aerial_size)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, row: int):
+        tensor, error = decode_tile(self.paths[row], self.config)
+        if tensor is None:
+            tensor = torch.zeros(self.shape)
+        return row, tensor, error
+
+
+def collate_tiles(items):
+    rows = [it[0] for it in items]
+    return rows, torch.stack([it[1] for it in items]), [it[2] for it in items]
+
+
+def shard_batches(span: ShardSpan, batch_size: int) -> Iterator[list[int]]:
+    for s in range(span.start, span.stop, batch_size):
+        yield list(range(s, min(s + batch_size, span.stop)))
+
+
+class ShardAlignedBatches:
+    """Batch sampler over the shards still to encode (lazy: a billion rows never become lists)."""
+
+    def __init__(self, spans: Sequence[ShardSpan], batch_size: int):
+        self.spans = list(spans)
+        self.batch_size = batch_size
+
+    def __iter__(self):
+        for span in self.spans:
+            yield from shard_batches(span, self.batch_size)
+
+    def __len__(self) -> int:
+        return sum(-(-len(s) // self.batch_size) for s in self.spans)
+
+
+@dataclass
+class BadTile:
+    row: int
+    tile_id: str
+    source: str
+    error: str
+
+    def to_json(self) -> dict:
+        return {"row": self.row, "tile_id": self.tile_id, "source": self.source, "error": self.error}
+
+
+class BadImagesError(RuntimeError):
+    """Unreadable tile images while --skip-bad is off. Finished shards are kept for --resume."""
+
+    def __init__(self, bad: Sequence[BadTile]):
+        self.bad = list(bad)
+        lines = [f"{len(self.bad)} tile image(s) could not be read:"]
+        lines += [f"  row {b.row} tile_id={b.tile_id!r} {b.source}: {b.error}" for b in self.bad[:50]]
+        if len(self.bad) > 50:
+            lines.append(f"  ... and {len(self.bad) - 50} more")
+        lines.append("Fix or remove them, or re-run with --resume --skip-bad to skip them (they are then "
+                     "counted and listed in the manifest); finished shards are kept.")
+        super().__init__("\n".join(lines))
+
+
+@dataclass
+class EncodeStats:
+    shards_total: int = 0
+    shards_reused: int = 0
+    shards_encoded: int = 0
+    tiles_encoded: int = 0      # images that went through the model in this run
+    tiles_skipped: int = 0      # unreadable images skipped in this run
+    seconds: float = 0.0
+
+    @property
+    def tiles_per_second(self) -> float:
+        return self.tiles_encoded / self.seconds if self.seconds > 0 else 0.0
+
+    def to_json(self) -> dict:
+        return {**self.__dict__, "tiles_per_second": round(self.tiles_per_second, 2),
+                "seconds": round(self.seconds, 3)}

@@ -1,0 +1,84 @@
+"""Mapper stage, local engine: a torch DataLoader (workers decode + polar-transform tiles) feeding
+batched `encode_aerial` on one device, writing one shard file per finished shard."""
+from __future__ import annotations
+
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from index_build.encode_common import (BadImagesError, BadTile, EncodeStats, PathTable, ShardAlignedBatches,
+                                       TileImageDataset, collate_tiles)
+from index_build.workdir import ShardSpan, write_shard
+
+
+def _worker_init(_worker_id: int) -> None:
+    # Each worker decodes one image at a time; intra-op threads would only fight the model for cores.
+    torch.set_num_threads(1)
+
+
+def encode_shards_local(model, paths: Sequence[str], tile_ids: Sequence[str], spans: Sequence[ShardSpan],
+                        vdir: str, *, batch_size: int, workers: int, device: torch.device, skip_bad: bool,
+                        fingerprint: str, progress: bool = True, prefetch_batches: int = 4,
+                        on_shard_written: Callable[[dict], None] | None = None) -> EncodeStats:
+    """Encode the rows of `spans` (all of them are encoded; the caller leaves out finished shards)."""
+    from model.encode import encode_batch
+
+    stats = EncodeStats(shards_encoded=0)
+    spans = list(spans)
+    if not spans:
+        return stats
+    table = PathTable(paths)
+    dataset = TileImageDataset(table, model.config)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=ShardAlignedBatches(spans, batch_size),
+        num_workers=workers,
+        collate_fn=collate_tiles,
+        pin_memory=device.type == "cuda",
+        worker_init_fn=_worker_init if workers > 0 else None,
+        prefetch_factor=max(2, prefetch_batches) if workers > 0 else None,
+    )
+    total = sum(len(s) for s in spans)
+    bar = tqdm(total=total, unit="tile", unit_scale=True, dynamic_ncols=True, disable=not progress,
+               desc="encode", smoothing=0.05)
+    span_iter = iter(spans)
+    span = next(span_iter)
+    parts: list[np.ndarray] = []
+    skipped: list[dict] = []
+    filled = 0
+    t_run = time.perf_counter()
+    t_shard = t_run
+    try:
+        for rows, batch, errors in loader:
+            bad_idx = [i for i, e in enumerate(errors) if e]
+            if bad_idx:
+                bad = [BadTile(rows[i], tile_ids[rows[i]], paths[rows[i]], errors[i]) for i in bad_idx]
+                if not skip_bad:
+                    raise BadImagesError(bad)
+                skipped.extend(b.to_json() for b in bad)
+                stats.tiles_skipped += len(bad)
+                keep = torch.tensor([i for i in range(len(rows)) if not errors[i]], dtype=torch.long)
+                batch = batch.index_select(0, keep)
+            if batch.shape[0]:
+                parts.append(encode_batch(model, batch, "aerial", device).numpy())
+                stats.tiles_encoded += batch.shape[0]
+            filled += len(rows)
+            bar.update(len(rows))
+            if filled == len(span):
+                vectors = (np.concatenate(parts) if parts
+                           else np.zeros((0, model.embedding_dim), np.float32))
+                meta = write_shard(vdir, span, vectors, skipped, fingerprint,
+                                   time.perf_counter() - t_shard, "local")
+                stats.shards_encoded += 1
+                if on_shard_written:
+                    on_shard_written(meta)
+                parts, skipped, filled = [], [], 0
+                t_shard = time.perf_counter()
+                span = next(span_iter, None)
+    finally:
+        bar.close()
+        stats.seconds = time.perf_counter() - t_run
+    return stats
