@@ -9,16 +9,23 @@ PY          := $(VENV)/bin/python
 PIP         := $(PY) -m pip
 STAMP       := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
+# `make demo`: where the synthetic region + index go, the port, extra scripts/demo.py options.
+DEMO_DIR    ?= demo
+DEMO_PORT   ?= 8000
+DEMO_ARGS   ?=
 
-.PHONY: install test test-all bench clean help
+.PHONY: install test test-all bench demo demo-picture clean help
 
 help:
 	@echo "make install   create $(VENV) and install the project (torch: $(TORCH_SPEC), extras: $(EXTRAS))"
 	@echo "make test      install if needed, then run the test suite (what CI runs)"
 	@echo "make test-all  the suite including slow checks"
 	@echo "make bench     run the benchmarks in bench/ (results go to bench/RESULTS.md by hand)"
+	@echo "make demo      install if needed, make a synthetic region + its index in $(DEMO_DIR)/, serve the API on 127.0.0.1:$(DEMO_PORT)"
+	@echo "make demo-picture  redraw docs/demo.png from a real query against the demo API"
 
 $(PY):
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "Python 3.10+ is needed, $(PYTHON) is " + sys.version.split()[0] + "; run e.g. make demo PYTHON=python3.11")'
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): pyproject.toml Makefile | $(PY)
@@ -38,6 +45,12 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/encode.py
+
+demo: $(STAMP)
+	$(PY) scripts/demo.py --dir $(DEMO_DIR) --port $(DEMO_PORT) $(DEMO_ARGS)
+
+demo-picture: $(STAMP)
+	$(PY) scripts/demo.py --dir $(DEMO_DIR) --port $(DEMO_PORT) --picture docs/demo.png $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache

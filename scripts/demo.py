@@ -1,0 +1,479 @@
+#!/usr/bin/env python3
+"""`make demo`: a synthetic region -> its index -> the API on 127.0.0.1:8000, reusing what exists.
+
+    python scripts/demo.py                      # what `make demo` runs (serves until Ctrl-C)
+    python scripts/demo.py --prepare-only       # region + index only
+    python scripts/demo.py --smoke              # ... then start the API, localise one panorama, stop
+    python scripts/demo.py --smoke --picture docs/demo.png   # the README picture (`make demo-picture`)
+
+Steps, each skipped when its result is already there and current:
+  1. the region: `python -m worldgen --seed S --area-km2 A --out DIR/world`, generated into a
+     temporary sibling and renamed into place, so an interrupted run never leaves half a region;
+     regenerated only when world.json records another seed or area;
+  2. the index: `python -m index_build build --catalog DIR/world/tiles.csv --checkpoint CKPT
+     --out DIR/index`; rebuilt only when the published manifest names another model fingerprint,
+     another catalogue checksum or another catalogue path;
+  3. the API: `uvicorn service.app:app` with GEOLOC_CHECKPOINT and GEOLOC_INDEX set; once /readyz
+     answers, a ready-to-paste curl and the web page address are printed.
+
+Steps 1 and 2 run the stages' own command lines, exactly as a user would, and the freshness checks
+read only files (the checkpoint's safetensors header, manifest.json), so a second run reaches the
+server start without importing torch.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CHECKPOINT = REPO / "weights" / "l2ltr_tiny_demo.safetensors"
+# The demo region. The shipped checkpoint was trained on other seeds (weights/README.md), so the
+# demo shows the model on a region it has never seen.
+DEFAULT_SEED = 4242
+DEFAULT_AREA_KM2 = 4.0
+
+
+class DemoError(RuntimeError):
+    """A step failed; the message says what to do."""
+
+
+def say(msg: str) -> None:
+    print(f"demo: {msg}", flush=True)
+
+
+# ------------------------------------------------------------------------------ small file readers
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def checkpoint_fingerprint(path: Path) -> str | None:
+    """The `fingerprint` in a .safetensors header (8-byte length + JSON), read without torch.
+
+    model.load_checkpoint verifies it against the weights, so it is the fingerprint the service and
+    index_build compute after loading. None when the header does not hold one.
+    """
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            return None
+        (length,) = struct.unpack("<Q", raw)
+        if length > 100_000_000:
+            return None
+        try:
+            header = json.loads(f.read(length))
+        except ValueError:
+            return None
+    meta = header.get("__metadata__") or {}
+    return meta.get("fingerprint")
+
+
+def read_json(path: Path) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def relative_to_cwd(path: Path) -> str:
+    """A path as short as possible for printing: relative to the working directory when inside it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path.resolve())
+
+
+# ------------------------------------------------------------------------------ step 1: the region
+
+@dataclass
+class Region:
+    world: Path
+    tiles_csv: Path
+    queries_csv: Path
+
+
+def region_is_current(world: Path, seed: int, area_km2: float) -> tuple[bool, str]:
+    meta_path = world / "world.json"
+    for need in (meta_path, world / "tiles.csv", world / "queries.csv"):
+        if not need.is_file():
+            return False, f"{relative_to_cwd(need)} is missing"
+    try:
+        meta = read_json(meta_path)
+    except (OSError, ValueError) as exc:
+        return False, f"{relative_to_cwd(meta_path)} is unreadable ({exc})"
+    if meta.get("seed") != seed:
+        return False, f"it was made with seed {meta.get('seed')}, asked for {seed}"
+    area = meta.get("area_km2", meta.get("area"))
+    if not isinstance(area, (int, float)) or abs(float(area) - area_km2) > 1e-9:
+        return False, f"it covers {area} km², asked for {area_km2}"
+    return True, "up to date"
+
+
+def ensure_region(demo_dir: Path, seed: int, area_km2: float, pairs: int | None, workers: int,
+                  extra_args: list[str]) -> Region:
+    world = demo_dir / "world"
+    current, why = region_is_current(world, seed, area_km2)
+    if current:
+        say(f"region: reusing {relative_to_cwd(world)} (seed {seed}, {area_km2} km²)")
+    else:
+        if world.exists():
+            say(f"region: regenerating {relative_to_cwd(world)}: {why}")
+        else:
+            say(f"region: generating a {area_km2} km² synthetic region (seed {seed}) into "
+                f"{relative_to_cwd(world)}; this takes a few minutes once")
+        demo_dir.mkdir(parents=True, exist_ok=True)
+        partial = demo_dir / f".world.partial-{os.getpid()}"
+        shutil.rmtree(partial, ignore_errors=True)
+        cmd = [sys.executable, "-m", "worldgen", "--seed", str(seed), "--area-km2", str(area_km2),
+               "--out", str(partial), "--workers", str(workers)]
+        if pairs is not None:
+            cmd += ["--pairs", str(pairs)]
+        cmd += extra_args
+        try:
+            run_step(cmd, "worldgen")
+            ok, why = region_is_current(partial, seed, area_km2)
+            if not ok:
+                raise DemoError(f"worldgen finished but its output is not a region: {why}")
+            if world.exists():
+                old = demo_dir / f".world.old-{os.getpid()}"
+                world.rename(old)
+                shutil.rmtree(old, ignore_errors=True)
+            partial.rename(world)
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+    return Region(world, world / "tiles.csv", world / "queries.csv")
+
+
+# ------------------------------------------------------------------------------ step 2: the index
+
+def index_is_current(index: Path, catalog: Path, fingerprint: str | None) -> tuple[bool, str]:
+    if not index.exists():
+        return False, "none built yet"
+    manifest_path = index / "manifest.json"
+    try:
+        manifest = read_json(manifest_path)
+    except (OSError, ValueError) as exc:
+        return False, f"{relative_to_cwd(manifest_path)} is unreadable ({exc})"
+    if not (index / "index.faiss").is_file() or not (index / "tiles.csv").is_file():
+        return False, "the artifact is incomplete"
+    if fingerprint is None:
+        return False, "the checkpoint header has no fingerprint to compare"
+    if manifest.get("model_fingerprint") != fingerprint:
+        return False, (f"it was built with model {manifest.get('model_fingerprint')}, the checkpoint is "
+                       f"{fingerprint}")
+    if manifest.get("catalog_sha256") != sha256_file(catalog):
+        return False, "the tile catalogue changed"
+    source = manifest.get("source")
+    if isinstance(source, str) and source.startswith("csv:") and \
+            os.path.realpath(source[4:]) != os.path.realpath(catalog):
+        return False, f"it indexes {source[4:]}, not {catalog}"
+    return True, f"{manifest.get('count')} tiles, model {fingerprint}"
+
+
+def ensure_index(demo_dir: Path, region: Region, checkpoint: Path, extra_args: list[str]) -> Path:
+    index = demo_dir / "index"
+    fingerprint = checkpoint_fingerprint(checkpoint)
+    current, why = index_is_current(index, region.tiles_csv, fingerprint)
+    if current:
+        say(f"index: reusing {relative_to_cwd(index)} ({why})")
+        return index
+    say(f"index: building {relative_to_cwd(index)} ({why})")
+    cmd = [sys.executable, "-m", "index_build", "build", "--catalog", str(region.tiles_csv),
+           "--checkpoint", str(checkpoint), "--out", str(index), *extra_args]
+    run_step(cmd, "index_build")
+    current, why = index_is_current(index, region.tiles_csv, fingerprint)
+    if not current:
+        raise DemoError(f"index_build finished but {relative_to_cwd(index)} is not current: {why}")
+    return index
+
+
+def run_step(cmd: list[str], name: str) -> None:
+    say("$ " + " ".join(shlex.quote(c) for c in display_cmd(cmd)))
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, cwd=REPO)
+    if proc.returncode != 0:
+        raise DemoError(f"{name} failed (exit status {proc.returncode}); see its messages above")
+    say(f"{name}: done in {time.monotonic() - t0:.0f} s")
+
+
+def display_cmd(cmd: list[str]) -> list[str]:
+    out = ["python" if c == sys.executable else c for c in cmd]
+    return [relative_to_cwd(Path(c)) if os.path.isabs(c) and os.path.exists(c) else c for c in out]
+
+
+# ------------------------------------------------------------------------------ step 3: the API
+
+@dataclass
+class DemoQuery:
+    query_id: str
+    path: Path
+    lat: float
+    lon: float
+    tile_id: str
+
+
+def demo_query(region: Region, which: int = 0) -> DemoQuery:
+    with open(region.queries_csv, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise DemoError(f"{region.queries_csv} lists no panoramas")
+    row = rows[which % len(rows)]
+    path = Path(row["path"])
+    if not path.is_absolute():
+        path = region.queries_csv.parent / path
+    return DemoQuery(row["query_id"], path, float(row["lat"]), float(row["lon"]), row["tile_id"])
+
+
+def port_is_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def api_key_from_env() -> str | None:
+    """The first GEOLOC_API_KEYS entry, so that the printed curl works when auth is on."""
+    raw = os.environ.get("GEOLOC_API_KEYS", "").strip()
+    if not raw:
+        return None
+    if raw.startswith("["):
+        keys = json.loads(raw)
+    else:
+        keys = [k.strip() for k in raw.split(",") if k.strip()]
+    return keys[0] if keys else None
+
+
+def http_get_json(url: str, timeout: float = 2.0) -> tuple[int, dict | None]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        try:
+            return exc.code, json.loads(exc.read() or b"null")
+        except ValueError:
+            return exc.code, None
+    except (OSError, ValueError):
+        return 0, None
+
+
+def wait_ready(proc: subprocess.Popen, base_url: str, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise DemoError(f"the API exited with status {proc.returncode} before it was ready"
+                            + (f" (last /readyz: {last})" if last else "") + "; see its log above")
+        status, body = http_get_json(base_url + "/readyz")
+        if status == 200 and body and body.get("status") == "ready":
+            return body
+        if body:
+            last = body.get("detail") or body.get("status")
+        time.sleep(0.25)
+    raise DemoError(f"the API did not become ready within {timeout:.0f} s (last /readyz: {last})")
+
+
+def curl_command(query: DemoQuery, base_url: str, k: int, api_key: str | None) -> str:
+    parts = ["curl", "-s", "-F", f"image=@{relative_to_cwd(query.path)}"]
+    if api_key:
+        parts += ["-H", f"X-API-Key: {api_key}"]
+    parts.append(f"{base_url}/localize?k={k}")
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def localize(base_url: str, image: Path, k: int, api_key: str | None, timeout: float = 60.0) -> dict:
+    """POST one panorama to /localize (multipart field `image`) with the standard library."""
+    boundary = "demo-" + hashlib.sha1(str(time.time()).encode()).hexdigest()
+    body = b"".join([
+        f"--{boundary}\r\n".encode(),
+        f'Content-Disposition: form-data; name="image"; filename="{image.name}"\r\n'.encode(),
+        b"Content-Type: " + (b"image/png" if image.suffix.lower() == ".png" else b"image/jpeg") + b"\r\n\r\n",
+        image.read_bytes(), f"\r\n--{boundary}--\r\n".encode(),
+    ])
+    req = urllib.request.Request(f"{base_url}/localize?k={k}", data=body, method="POST",
+                                 headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    if api_key:
+        req.add_header("X-API-Key", api_key)
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+def haversine_m(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
+    import math
+
+    r = 6_371_008.8
+    p1, p2 = math.radians(lat1), math.radians(lat2)
+    dp, dl = p2 - p1, math.radians(lon2 - lon1)
+    a = math.sin(dp / 2) ** 2 + math.cos(p1) * math.cos(p2) * math.sin(dl / 2) ** 2
+    return 2 * r * math.asin(min(1.0, math.sqrt(a)))
+
+
+def pump_log(proc: subprocess.Popen, ready: threading.Event) -> None:
+    """Copy the server's log to ours, minus the answers to our own /readyz polls while it loads."""
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if not ready.is_set() and "/readyz" in line:
+            continue
+        sys.stdout.write(line)
+        sys.stdout.flush()
+
+
+def server_env(checkpoint: Path, index: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["GEOLOC_CHECKPOINT"] = str(checkpoint.resolve())
+    env["GEOLOC_INDEX"] = str(index.absolute())  # the published symlink: rebuilds are picked up live
+    env.setdefault("GEOLOC_JSON_LOGS", "false")   # readable logs in a terminal
+    return env
+
+
+def serve(args, checkpoint: Path, index: Path, region: Region) -> int:
+    base_url = f"http://{args.host}:{args.port}"
+    if not port_is_free(args.host, args.port):
+        raise DemoError(f"{args.host}:{args.port} is already in use (another demo still running?). "
+                        f"Stop it, or pick another port: make demo DEMO_PORT={args.port + 1}")
+    # The service writes its own access lines (with request ids); uvicorn's would double them.
+    cmd = [sys.executable, "-m", "uvicorn", "service.app:app", "--host", args.host, "--port", str(args.port),
+           "--no-access-log"]
+    say("api: $ GEOLOC_CHECKPOINT=" + relative_to_cwd(checkpoint) + " GEOLOC_INDEX=" + relative_to_cwd(index)
+        + " " + " ".join(display_cmd(cmd)))
+    t0 = time.monotonic()
+    # Own session: a Ctrl-C in the terminal reaches only this script, which passes it on once
+    # (a second SIGINT would make uvicorn skip its graceful shutdown).
+    proc = subprocess.Popen(cmd, cwd=REPO, env=server_env(checkpoint, index), start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                            errors="replace")
+    ready_event = threading.Event()
+    pump = threading.Thread(target=pump_log, args=(proc, ready_event), daemon=True)
+    pump.start()
+
+    def forward(signum, _frame):
+        if proc.poll() is None:
+            proc.send_signal(signum)
+
+    old_int = signal.signal(signal.SIGINT, forward)
+    old_term = signal.signal(signal.SIGTERM, forward)
+    try:
+        ready = wait_ready(proc, base_url, args.ready_timeout)
+        ready_event.set()
+        api_key = api_key_from_env()
+        query = demo_query(region, args.query)
+        idx = ready.get("index") or {}
+        print("", flush=True)
+        print(f"Ready in {time.monotonic() - t0:.1f} s: {idx.get('count', '?')} aerial tiles indexed, "
+              f"model {(ready.get('model') or {}).get('fingerprint', '?')}.")
+        print(f"  web page:  {base_url}/")
+        print(f"  API docs:  {base_url}/docs")
+        print(f"Localise demo panorama {query.query_id} (taken at {query.lat:.6f}, {query.lon:.6f}; "
+              f"true tile {query.tile_id}):")
+        print(f"  {curl_command(query, base_url, args.k, api_key)}")
+        if not (args.smoke or args.picture):
+            print("Stop with Ctrl-C.", flush=True)
+        print("", flush=True)
+        if args.smoke or args.picture:
+            answer = localize(base_url, query.path, args.k, api_key)
+            results = answer.get("results") or []
+            if not results:
+                raise DemoError(f"/localize answered without results: {answer}")
+            top = results[0]
+            err = haversine_m(query.lat, query.lon, top["lat"], top["lon"])
+            rank = next((r["rank"] for r in results if r["tile_id"] == query.tile_id), None)
+            say(f"smoke: top-1 {top['tile_id']} at {top['lat']:.6f}, {top['lon']:.6f} ({err:.0f} m from the "
+                f"truth); true tile " + (f"at rank {rank}" if rank else f"not in the top {args.k}"))
+            if args.picture:
+                sys.path.insert(0, str(Path(__file__).resolve().parent))
+                from demo_picture import make_picture
+
+                out = make_picture(base_url, region.world, Path(args.picture), query=args.query, k=args.k,
+                                   api_key=api_key)
+                say(f"picture: wrote {relative_to_cwd(out)}")
+            return 0
+        code = proc.wait()
+        pump.join(timeout=2)
+        return code
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGTERM, old_term)
+
+
+# ------------------------------------------------------------------------------ main
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="scripts/demo.py", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Every step is skipped when its output exists and is current; delete DIR to start over.")
+    p.add_argument("--dir", default=str(REPO / "demo"), help="where the region and the index go (default: demo/)")
+    p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT),
+                   help="L2LTR checkpoint (default: the shipped weights/l2ltr_tiny_demo.safetensors)")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"region seed (default {DEFAULT_SEED})")
+    p.add_argument("--area-km2", type=float, default=DEFAULT_AREA_KM2,
+                   help=f"region size (default {DEFAULT_AREA_KM2})")
+    p.add_argument("--pairs", type=int, default=None, help="passed to worldgen --pairs (default: worldgen's)")
+    p.add_argument("--workers", type=int, default=max(1, min(4, os.cpu_count() or 1)),
+                   help="worldgen render processes (default: up to 4, one per core)")
+    p.add_argument("--worldgen-arg", action="append", default=[], metavar="ARG",
+                   help="extra argument for worldgen (repeatable), e.g. --worldgen-arg=--tile-px=384")
+    p.add_argument("--index-arg", action="append", default=[], metavar="ARG",
+                   help="extra argument for index_build build (repeatable)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--k", type=int, default=5, help="matches asked for in the printed curl (default 5)")
+    p.add_argument("--query", type=int, default=0, help="row of queries.csv used as the demo panorama")
+    p.add_argument("--ready-timeout", type=float, default=180.0, help="seconds to wait for /readyz")
+    p.add_argument("--prepare-only", action="store_true", help="make the region and the index, do not serve")
+    p.add_argument("--smoke", action="store_true",
+                   help="start the API, localise the demo panorama once, stop (exit 0 on success)")
+    p.add_argument("--picture", metavar="PNG", help="write the README picture from a real query, then stop")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    checkpoint = Path(args.checkpoint)
+    demo_dir = Path(args.dir)
+    try:
+        if not checkpoint.is_file():
+            raise DemoError(
+                f"checkpoint {checkpoint} not found. The demo model ships in weights/; pass another one "
+                "with --checkpoint (e.g. make demo DEMO_ARGS='--checkpoint my.safetensors')")
+        region = ensure_region(demo_dir, args.seed, args.area_km2, args.pairs, args.workers, args.worldgen_arg)
+        index = ensure_index(demo_dir, region, checkpoint, args.index_arg)
+        if args.prepare_only:
+            say(f"prepared: region {relative_to_cwd(region.world)}, index {relative_to_cwd(index)}")
+            return 0
+        return serve(args, checkpoint, index, region)
+    except DemoError as exc:
+        print(f"demo: error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
