@@ -102,15 +102,39 @@ def sample_pano_look(rng: np.random.Generator) -> PanoLook:
         noise=float(rng.uniform(1.0, 4.0)), cloud_off=float(rng.uniform(0, 1000)))
 
 
+_NOISE_BANK: list = []
+
+
+def _noise_bank() -> np.ndarray:
+    """Per-process bank of standard normal samples (fixed seed, so identical in every worker)."""
+    if not _NOISE_BANK:
+        _NOISE_BANK.append(np.random.default_rng(20240601).standard_normal(1 << 21, dtype=np.float32))
+    return _NOISE_BANK[0]
+
+
 def _finish(img: np.ndarray, gain, brightness, gamma, saturation, noise, rng) -> np.ndarray:
-    """Colour transform + sensor noise, float 0..255 in -> uint8 out."""
-    x = img * (gain * brightness)
-    lum = x.mean(axis=-1, keepdims=True)
-    x = lum + (x - lum) * saturation
-    x = 255.0 * np.power(np.clip(x / 255.0, 0, 1), gamma)
+    """Capture colour transform (white balance, exposure, saturation, gamma) + sensor noise.
+
+    float 0..255 (.., 3) in -> uint8 out. Gamma goes through a 256-entry table; the noise is a
+    slice at a random offset of a fixed Gaussian bank (cheap, deterministic per rng).
+    """
+    x = img * (np.asarray(gain, np.float32) * np.float32(brightness))
+    lum = (x[..., 0] + x[..., 1] + x[..., 2]) * np.float32(1.0 / 3.0)
+    x -= lum[..., None]
+    x *= np.float32(saturation)
+    x += lum[..., None]
+    np.clip(x, 0, 255, out=x)
+    q = x.astype(np.uint8)
+    lut = (255.0 * np.power(np.arange(256) / 255.0, gamma)).astype(np.float32)
+    y = lut[q]
     if noise > 0:
-        x = x + rng.standard_normal(x.shape, dtype=np.float32) * noise
-    return np.clip(x + 0.5, 0, 255).astype(np.uint8)
+        bank = _noise_bank()
+        n = y.size
+        off = int(rng.integers(0, len(bank) - n))
+        y += bank[off:off + n].reshape(y.shape) * np.float32(noise)
+    y += np.float32(0.5)
+    np.clip(y, 0, 255, out=y)
+    return y.astype(np.uint8)
 
 
 # --------------------------------------------------------------------------------------------
@@ -431,22 +455,25 @@ def render_pano(world: World, cx: float, cy: float, height: int = 128, width: in
         color[wat] = look.sky_horizon * 0.55 + 10
         light[wat] = 1.0
     img = color * light
-    # ---- trees (sprites) depth tested against the solid buffer
-    dist[miss] = np.inf
-    _draw_trees(world, img, dist, cx, cy, az, el, eye, look, max_dist * 0.85)
     # ---- sky and far ground
-    skyrows = np.broadcast_to(el[None, :] >= 0, (C, H))
-    sky = miss & skyrows
-    far = miss & ~skyrows
+    up = int(np.count_nonzero(el >= 0))
+    sky = np.zeros((C, H), dtype=bool)
+    sky[:, :up] = miss[:, :up]
+    far = miss.copy()
+    far[:, :up] = False
     if sky.any():
-        img[sky] = _sky(look, az, el, C, H)[sky]
+        sk = _sky(look, az, el, C, H)
+        img[:, :up] = np.where(sky[:, :up, None], sk, img[:, :up])
     if far.any():
         img[far] = look.sky_horizon * 0.75 * np.array([0.9, 0.95, 0.85], np.float32)
-        dist[far] = max_dist * 2
-    # ---- aerial perspective
-    fin = np.isfinite(dist) & ~sky
-    fog = np.where(fin, 1.0 - np.exp(-np.where(fin, dist, 0) / look.fog_dist), 0.0).astype(np.float32)
-    img = img * (1 - fog[..., None]) + look.sky_horizon * fog[..., None]
+    dist[far] = max_dist * 2
+    dist[sky] = np.inf
+    # ---- trees (sprites) depth tested against the solid buffer
+    _draw_trees(world, img, dist, cx, cy, az, el, eye, look, max_dist * 0.85)
+    # ---- aerial perspective (not on the sky)
+    dfin = np.where(np.isfinite(dist), dist, np.float32(0))
+    fog = (1.0 - np.exp(dfin * np.float32(-1.0 / look.fog_dist))).astype(np.float32)
+    img += (look.sky_horizon - img) * fog[..., None]
     img = np.transpose(img, (1, 0, 2))  # (H, C, 3)
     out = _finish(img, look.gain, look.exposure, look.gamma, look.saturation, look.noise, rng)
     if return_depth:
@@ -454,28 +481,38 @@ def render_pano(world: World, cx: float, cy: float, height: int = 128, width: in
     return out
 
 
+_CLOUD_TILE: list = []
+
+
+def _cloud_tile() -> np.ndarray:
+    if not _CLOUD_TILE:
+        from worldgen.noise import noise_tile
+        _CLOUD_TILE.append(noise_tile(np.random.default_rng(777), 512, 5.0))
+    return _CLOUD_TILE[0]
+
+
 def _sky(look: PanoLook, az, el, C, H):
-    e = np.clip(el, 0, None)[None, :, None]
-    t = np.power(np.sin(e), 0.6)
-    sky = look.sky_horizon * (1 - t) + look.sky_zenith * t
-    sky = np.broadcast_to(sky, (C, H, 3)).copy()
+    """Sky colours for the rows at or above the horizon: (C, n_up, 3) float32."""
+    up = int(np.count_nonzero(el >= 0))
+    e = el[:up]
+    t = np.power(np.sin(e), 0.6).astype(np.float32)
+    grad = look.sky_horizon[None, :] * (1 - t[:, None]) + look.sky_zenith[None, :] * t[:, None]  # (up, 3)
+    sky = np.broadcast_to(grad[None], (C, up, 3)).astype(np.float32)
     if look.cloud > 0:
-        # cheap procedural clouds: sum of sines in (azimuth, elevation), thresholded
-        a = az[:, None]
-        ee = el[None, :]
-        off = look.cloud_off
-        c = (np.sin(3 * a + off) * np.sin(11 * ee + 0.7 * off) + 0.6 * np.sin(7 * a - 2 * off + 5 * ee)
-             + 0.4 * np.sin(17 * a + 13 * ee + off))
-        cov = np.clip((c + 1.6 * look.cloud - 1.0) / 0.8, 0, 1) * (ee > 0.02)
-        cloud_col = np.array([235, 235, 238], np.float32) if look.weather != "overcast" else look.sky_horizon * 0.85
-        sky = sky * (1 - cov[..., None]) + cloud_col * cov[..., None]
+        from worldgen.noise import sample_bilinear
+        tile = _cloud_tile()
+        u = (az / (2 * np.pi) * 512.0)[:, None] + look.cloud_off
+        v = (look.cloud_off * 0.37 + 14.0 / (np.sin(e) + 0.08))[None, :]
+        c = sample_bilinear(tile, np.broadcast_to(u, (C, up)), np.broadcast_to(v, (C, up)))
+        cov = np.clip((c + 2.2 * look.cloud - 1.3) / 0.9, 0, 1) * np.clip(e / 0.05, 0, 1)[None, :]
+        cloud_col = np.array([238, 238, 240], np.float32) if look.weather != "overcast" else look.sky_horizon * 0.85
+        sky += (cloud_col - sky) * cov[..., None].astype(np.float32)
     if look.weather == "clear":
-        # sun glow
-        sa = np.cos(el)[None, :] * np.cos(az - look.sun_az)[:, None]
-        cosang = sa * math.cos(look.sun_el) + np.sin(el)[None, :] * math.sin(look.sun_el)
+        cosang = (np.cos(e)[None, :] * np.cos(az - look.sun_az)[:, None] * math.cos(look.sun_el)
+                  + np.sin(e)[None, :] * math.sin(look.sun_el))
         glow = np.clip((cosang - 0.97) / 0.03, 0, 1) ** 2
-        sky = sky + 80 * glow[..., None]
-    return sky.astype(np.float32)
+        sky += (80 * glow[..., None]).astype(np.float32)
+    return sky
 
 
 def _draw_trees(world: World, img, dist, cx, cy, az, el, eye, look: PanoLook, radius):

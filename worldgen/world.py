@@ -174,7 +174,7 @@ class Layout:
         self.districts = []
         lines_a, lines_b, keeps_a, keeps_b = [], [], [], []
         L = 0
-        reach = 2.5 * half_world + 2 * g
+        reach = 1.35 * g  # a district's pixels lie within 1.17 g of its seed (jitter 0.33 g)
         per = []
         for k in range(nd):
             kind = int(kinds[k])
@@ -224,6 +224,8 @@ class Layout:
             keeps_b.append(r.random((L, L)) < keep)
         self.lines_a = np.stack(lines_a)  # (nd, L)
         self.lines_b = np.stack(lines_b)
+        self.lines_a32 = self.lines_a.astype(np.float32)
+        self.lines_b32 = self.lines_b.astype(np.float32)
         self.flat_a = (self.lines_a + np.arange(nd)[:, None] * BIG).ravel()
         self.flat_b = (self.lines_b + np.arange(nd)[:, None] * BIG).ravel()
         self.keep_a = np.stack(keeps_a)  # [k, line_a i, segment j (b interval)]
@@ -234,6 +236,10 @@ class Layout:
         self.cos_t, self.sin_t = np.cos(self.theta), np.sin(self.theta)
         self.amp, self.wl, self.phase = P("warp_amp"), P("warp_len"), P("warp_phase")
         self.half_w, self.sidewalk, self.parcel = P("half_w"), P("sidewalk"), P("parcel")
+        self.f32 = dict(sx=seeds[:, 0].astype(np.float32), sy=seeds[:, 1].astype(np.float32),
+                        cos=self.cos_t.astype(np.float32), sin=self.sin_t.astype(np.float32),
+                        w=(2 * np.pi / self.wl).astype(np.float32), ph=self.phase.astype(np.float32),
+                        amp=self.amp.astype(np.float32))
         # arterials along district boundaries: wider than the districts' own streets
         self.art_half_w = np.maximum(self.half_w, 4.0) + 1.0
         # coarse nearest-3 seed map for fast exact queries
@@ -244,6 +250,13 @@ class Layout:
         X, Y = np.meshgrid(xs, -xs)
         d2 = (X[..., None] - seeds[:, 0]) ** 2 + (Y[..., None] - seeds[:, 1]) ** 2
         self.near3 = np.argsort(d2, axis=-1)[..., :3].astype(np.int32)
+        self.seeds32 = seeds.astype(np.float32)
+        self.sep = np.hypot(seeds[:, None, 0] - seeds[None, :, 0], seeds[:, None, 1] - seeds[None, :, 1]).astype(np.float32)
+        # block land-use table [k, a-interval, b-interval]
+        kk, ii, jj = np.meshgrid(np.arange(nd), np.arange(L), np.arange(L), indexing="ij")
+        self.lu_table = self._landuse(kk, ii, jj)
+        self.tint_table = (hash_u01(kk, ii, jj, salt=17) - 0.5).astype(np.float32)
+        self.paved_table = hash_u01(kk, ii, jj, salt=5) < 0.55
         self.cmap = self.near3[..., 0].copy()
 
     @staticmethod
@@ -262,25 +275,43 @@ class Layout:
         return np.array(sorted(neg) + out, dtype=np.float64)
 
     def district(self, x, y):
-        """(nearest seed k1, second k2, signed distance to the k1|k2 bisector >= 0)."""
+        """(nearest seed k1, second k2, distance to the k1|k2 bisector >= 0), vectorised."""
         m = self.near3.shape[0]
-        c = np.clip(((x + self.half_world) / self.cres).astype(np.int64), 0, m - 1)
-        r = np.clip(((self.half_world - y) / self.cres).astype(np.int64), 0, m - 1)
+        c = np.clip(((x + self.half_world) * (1.0 / self.cres)).astype(np.int32), 0, m - 1)
+        r = np.clip(((self.half_world - y) * (1.0 / self.cres)).astype(np.int32), 0, m - 1)
         cand = self.near3[r, c]  # (..., 3)
-        sx = self.seeds[cand, 0]
-        sy = self.seeds[cand, 1]
-        d2 = (x[..., None] - sx) ** 2 + (y[..., None] - sy) ** 2
-        o = np.argsort(d2, axis=-1)
-        k1 = np.take_along_axis(cand, o[..., :1], -1)[..., 0]
-        k2 = np.take_along_axis(cand, o[..., 1:2], -1)[..., 0]
-        d1 = np.take_along_axis(d2, o[..., :1], -1)[..., 0]
-        d2b = np.take_along_axis(d2, o[..., 1:2], -1)[..., 0]
-        sep = np.hypot(self.seeds[k1, 0] - self.seeds[k2, 0], self.seeds[k1, 1] - self.seeds[k2, 1])
-        bis = (d2b - d1) / (2 * np.maximum(sep, 1e-6))
+        sx = self.seeds32[cand]
+        dx = x[..., None] - sx[..., 0]
+        dy = y[..., None] - sx[..., 1]
+        d2 = dx * dx + dy * dy
+        c0, c1, c2 = cand[..., 0], cand[..., 1], cand[..., 2]
+        e0, e1, e2 = d2[..., 0], d2[..., 1], d2[..., 2]
+        sw = e1 < e0
+        k1 = np.where(sw, c1, c0)
+        k2 = np.where(sw, c0, c1)
+        f1 = np.minimum(e0, e1)
+        f2 = np.maximum(e0, e1)
+        lt1 = e2 < f1
+        lt2 = ~lt1 & (e2 < f2)
+        k2 = np.where(lt1, k1, np.where(lt2, c2, k2))
+        f2 = np.where(lt1, f1, np.where(lt2, e2, f2))
+        k1 = np.where(lt1, c2, k1)
+        f1 = np.where(lt1, e2, f1)
+        bis = (f2 - f1) / (2 * np.maximum(self.sep[k1, k2], 1e-3))
         return k1.astype(np.int64), k2.astype(np.int64), bis
+
+    def district_scalar(self, x: float, y: float):
+        m = self.near3.shape[0]
+        c = min(max(int((x + self.half_world) / self.cres), 0), m - 1)
+        r = min(max(int((self.half_world - y) / self.cres), 0), m - 1)
+        best = sorted(((x - self.seeds[k, 0]) ** 2 + (y - self.seeds[k, 1]) ** 2, int(k)) for k in self.near3[r, c])
+        (f1, k1), (f2, k2) = best[0], best[1]
+        return k1, k2, (f2 - f1) / (2 * max(self.sep[k1, k2], 1e-3))
 
     def frame(self, x, y, k):
         """District street frame: (a' warped across-street coordinate, b along, slope factor)."""
+        if isinstance(x, np.ndarray) and x.dtype == np.float32:
+            return self._frame32(x, y, k)
         dx = x - self.seeds[k, 0]
         dy = y - self.seeds[k, 1]
         c, s = self.cos_t[k], self.sin_t[k]
@@ -290,6 +321,19 @@ class Layout:
         ap = a + self.amp[k] * np.sin(ph)
         slope = self.amp[k] * 2 * np.pi / self.wl[k] * np.cos(ph)
         return ap, b, 1.0 / np.sqrt(1.0 + slope**2)
+
+    def _frame32(self, x, y, k):
+        f = self.f32
+        dx = x - f["sx"][k]
+        dy = y - f["sy"][k]
+        c, s = f["cos"][k], f["sin"][k]
+        a = c * dx + s * dy
+        b = c * dy - s * dx
+        ph = b * f["w"][k] + f["ph"][k]
+        amp = f["amp"][k]
+        ap = a + amp * np.sin(ph)
+        slope = amp * f["w"][k] * np.cos(ph)
+        return ap, b, 1.0 / np.sqrt(1.0 + slope * slope)
 
     def frame_inverse(self, ap, b, k):
         a = ap - self.amp[k] * np.sin(2 * np.pi * b / self.wl[k] + self.phase[k])
@@ -312,14 +356,15 @@ class Layout:
         """Per point street geometry within district k (arrays)."""
         ap, b, fac = self.frame(x, y, k)
         L = self.L
-        ia = np.searchsorted(self.flat_a, ap + k * BIG) - 1 - k * L  # interval index (line ia .. ia+1)
-        jb = np.searchsorted(self.flat_b, b + k * BIG) - 1 - k * L
+        kb = k * BIG
+        ia = np.searchsorted(self.flat_a, ap + kb) - 1 - k * L  # interval index (line ia .. ia+1)
+        jb = np.searchsorted(self.flat_b, b + kb) - 1 - k * L
         ia = np.clip(ia, 0, L - 2)
         jb = np.clip(jb, 0, L - 2)
-        la0 = self.lines_a[k, ia]
-        la1 = self.lines_a[k, ia + 1]
-        lb0 = self.lines_b[k, jb]
-        lb1 = self.lines_b[k, jb + 1]
+        la0 = self.lines_a32[k, ia]
+        la1 = self.lines_a32[k, ia + 1]
+        lb0 = self.lines_b32[k, jb]
+        lb1 = self.lines_b32[k, jb + 1]
         near_a_hi = (la1 - ap) < (ap - la0)
         ia_line = np.where(near_a_hi, ia + 1, ia)
         da = np.where(near_a_hi, la1 - ap, ap - la0) * fac  # distance to nearest a-line (street)
@@ -331,14 +376,20 @@ class Layout:
         da_eff = np.where(keep_a, da, np.inf)
         db_eff = np.where(keep_b, db, np.inf)
         return dict(ap=ap, b=b, ia=ia, jb=jb, da=da_eff, db=db_eff, da_raw=da, db_raw=db,
-                    signed_a=(ap - self.lines_a[k, ia_line]) * fac)
+                    signed_a=(ap - self.lines_a32[k, ia_line]) * fac)
 
     def block_landuse(self, k, ia, jb):
         """Land use of block (district k, a-interval ia, b-interval jb)."""
+        L = self.L
+        ia = np.clip(ia, 0, L - 1)
+        jb = np.clip(jb, 0, L - 1)
+        return self.lu_table[k, ia, jb]
+
+    def _landuse(self, k, ia, jb):
         h = hash_u01(k, ia, jb, salt=self.seed * 7919 + 11)
         kind = self.kind[k]
-        urban = np.select([h < 0.72, h < 0.84, h < 0.92], [LU_BUILDINGS, LU_PARK, LU_PARKING], LU_PLAZA)
-        sub = np.select([h < 0.80, h < 0.90, h < 0.94], [LU_HOUSES, LU_PARK, LU_PARKING], LU_MEADOW)
+        urban = np.select([h < 0.78, h < 0.88, h < 0.93], [LU_BUILDINGS, LU_PARK, LU_PARKING], LU_PLAZA)
+        sub = np.select([h < 0.82, h < 0.92, h < 0.95], [LU_HOUSES, LU_PARK, LU_PARKING], LU_MEADOW)
         rur = np.select([h < 0.62, h < 0.77, h < 0.91], [LU_FIELD, LU_FOREST, LU_MEADOW], LU_FARM)
         return np.select([kind == URBAN, kind == SUBURBAN], [urban, sub], rur).astype(np.uint8)
 
@@ -354,16 +405,30 @@ def _river(rng, half_world):
                 ph=float(rng.uniform(0, 2 * np.pi)), half=float(rng.uniform(9, 22)))
 
 
-def _ground_pass(world: World, lay: Layout, river, tex, landuse_out):
-    """Per-pixel pass over row chunks: districts, roads, sidewalks, markings, land use, water."""
+def _ground_pass(world: World, lay: Layout, river, tex, landuse_out, threads: int = 1):
+    """Per-pixel pass over row chunks: districts, roads, sidewalks, markings, land use, water.
+
+    Chunks are independent, so they may run on threads (numpy releases the GIL); the result does
+    not depend on the thread count."""
+    ny, nx = world.cls.shape
+    chunk = max(1, 400_000 // nx)
+    spans = [(r0, min(ny, r0 + chunk)) for r0 in range(0, ny, chunk)]
+    if threads > 1:
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(threads) as ex:
+            list(ex.map(lambda sp: _ground_rows(world, lay, river, tex, landuse_out, *sp), spans))
+    else:
+        for sp in spans:
+            _ground_rows(world, lay, river, tex, landuse_out, *sp)
+
+
+def _ground_rows(world: World, lay: Layout, river, tex, landuse_out, r0: int, r1: int):
     ny, nx = world.cls.shape
     res = world.res
-    chunk = max(1, 600_000 // nx)
-    xs = (-world.half_world + (np.arange(nx) + 0.5) * res)
+    xs = (-world.half_world + (np.arange(nx) + 0.5) * res).astype(np.float32)
     fine, blob = tex["fine"], tex["blob"]
-    for r0 in range(0, ny, chunk):
-        r1 = min(ny, r0 + chunk)
-        ys = world.half_world - (np.arange(r0, r1) + 0.5) * res
+    if True:
+        ys = (world.half_world - (np.arange(r0, r1) + 0.5) * res).astype(np.float32)
         X = np.broadcast_to(xs[None, :], (r1 - r0, nx)).ravel()
         Y = np.broadcast_to(ys[:, None], (r1 - r0, nx)).ravel()
         k1, k2, bis = lay.district(X, Y)
@@ -406,7 +471,7 @@ def _ground_pass(world: World, lay: Layout, river, tex, landuse_out):
         cls[lu == LU_FOREST] = C_FOREST
         cls[lu == LU_PARKING] = C_PARKING
         cls[lu == LU_PLAZA] = C_PAVED
-        courtyard_paved = (lu == LU_BUILDINGS) & (hash_u01(k1, st["ia"], st["jb"], salt=5) < 0.55)
+        courtyard_paved = (lu == LU_BUILDINGS) & lay.paved_table[k1, st["ia"], st["jb"]]
         cls[courtyard_paved] = C_PAVED
         farmyard = (lu == LU_FARM) & (bl > 0.6)
         cls[farmyard] = C_DIRT
@@ -416,7 +481,7 @@ def _ground_pass(world: World, lay: Layout, river, tex, landuse_out):
         cls[marking] = C_MARKING
         # ---- albedo
         alb = np.empty(X.shape + (3,), dtype=np.float32)
-        blk_tint = (hash_u01(k1, st["ia"], st["jb"], salt=17) - 0.5).astype(np.float32)
+        blk_tint = lay.tint_table[k1, st["ia"], st["jb"]]
         grass = COL_GRASS * (1 + 0.10 * fn[:, None] + 0.10 * nz[:, None]) + blk_tint[:, None] * _rgb(30, 22, 8)
         alb[:] = grass
         meadow = lu == LU_MEADOW
@@ -644,18 +709,20 @@ def _place_along_streets(world: World, lay: Layout, table, tex, trees, rng_seed)
         sx, sy = d.seed_xy
         if abs(sx) > hwld + DISTRICT_CELL or abs(sy) > hwld + DISTRICT_CELL:
             continue
-        reach = DISTRICT_CELL * 1.0
+        reach = DISTRICT_CELL * 1.2
         la = lay.lines_a[k]
         lb = lay.lines_b[k]
-        ia_range = np.flatnonzero(np.abs(la) < reach + 60)
-        jb_range = np.flatnonzero(np.abs(lb) < reach + 60)
+        ia_range = np.flatnonzero(np.abs(la) < reach)
+        jb_range = np.flatnonzero(np.abs(lb) < reach)
+        ia_range = ia_range[(ia_range > 0) & (ia_range < lay.L - 1)]
+        jb_range = jb_range[(jb_range > 0) & (jb_range < lay.L - 1)]
         for orient in (0, 1):  # 0: along a'-lines (streets curving with the warp), 1: along b-lines
             lines, cross = (la, lb) if orient == 0 else (lb, la)
             lrange = ia_range if orient == 0 else jb_range
             for i in lrange:
                 for j in range(len(cross) - 1):
                     s0, s1 = cross[j], cross[j + 1]
-                    if s1 < -reach - 60 or s0 > reach + 60:
+                    if s1 < -reach or s0 > reach:
                         continue
                     keep = lay.keep_a[k, i, j] if orient == 0 else lay.keep_b[k, i, j]
                     if not keep:
@@ -686,8 +753,10 @@ def _to_world(lay, k, orient, line, s, off):
 
 
 def _in_district(lay, k, x, y):
-    k1, _, bis = lay.district(np.array([x]), np.array([y]))
-    return bool(k1[0] == k) and bis[0] > lay.art_half_w[k] + 2.0
+    if abs(x) > lay.half_world - 4 or abs(y) > lay.half_world - 4:
+        return False
+    k1, _, bis = lay.district_scalar(x, y)
+    return k1 == k and bis > lay.art_half_w[k] + 2.0
 
 
 def _fill_frontage(world, lay, table, tex, trees, r, k, d, orient, line, s0, s1, side, lu, width,
@@ -726,8 +795,8 @@ def _fill_frontage(world, lay, table, tex, trees, r, k, d, orient, line, s0, s1,
                 front = b - s
             if front < 7:
                 break
-            depth = min(r.uniform(11, 26), depth_max)
-            setback = 0.5 + (r.uniform(0, 2.0) if r.random() < 0.7 else r.uniform(3, 8))
+            depth = min(r.uniform(13, 30), depth_max)
+            setback = 0.4 + (r.uniform(0, 1.0) if r.random() < 0.75 else r.uniform(3, 8))
             off = edge + setback + depth / 2
             x, y, ang = _to_world(lay, k, orient, line, s + front / 2, side * off)
             if not _in_district(lay, k, x, y):
@@ -803,7 +872,7 @@ def _fill_frontage(world, lay, table, tex, trees, r, k, d, orient, line, s0, s1,
     elif lu == LU_PARKING and orient == 0:
         # cars in stalls: rows at 0..5.2 and 10.8..16 of the 16 m period along a'
         if r.random() < 0.7:
-            occ = r.uniform(0.3, 0.9)
+            occ = r.uniform(0.15, 0.75)
             lo = line + side * edge
             for row_a in np.arange(np.ceil(min(lo, lo + side * width) / 16.0) * 16.0,
                                    max(lo, lo + side * (width - edge)), 16.0):
@@ -894,7 +963,7 @@ def _tree_table(world: World, trees: list, rng):
 
 
 def generate_world(seed: int, area_km2: float, lat0: float = 47.3769, lon0: float = 8.5417,
-                   res: float = 0.4, margin: float = 130.0) -> World:
+                   res: float = 0.4, margin: float = 130.0, threads: int = 1) -> World:
     """Build the world for ``seed``. ``area_km2`` is the core square in which cameras lie."""
     if area_km2 <= 0:
         raise ValueError("area_km2 must be > 0")
@@ -917,7 +986,7 @@ def generate_world(seed: int, area_km2: float, lat0: float = 47.3769, lon0: floa
     world.district_map_res = lay.cres
     river = _river(rng, half_world)
     landuse = np.zeros((n, n), np.uint8)
-    _ground_pass(world, lay, river, tex, landuse)
+    _ground_pass(world, lay, river, tex, landuse, threads)
     table = _BuildingTable()
     trees: list = []
     _place_along_streets(world, lay, table, tex, trees, seed)
