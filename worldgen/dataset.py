@@ -260,7 +260,7 @@ def generate_dataset(cfg: GenConfig, out_dir: str, workers: int = 1, overwrite: 
                        "buildings": int(len(world.buildings["cx"]) - 1), "trees": int(len(world.trees["x"])),
                        "area_types": {AREA_NAMES[k]: int((area == k).sum()) for k in range(3)}},
             "min_spacing_m": cfg.min_spacing_m, "world_res_m": cfg.world_res_m,
-            "geodesy": "local x east / y north metres; lat = lat0 + y/R, lon = lon0 + x/(R cos lat); R = 6371008.8 m (haversine sphere)",
+            "geodesy": "local x east / y north metres from the origin; azimuthal equidistant projection on the haversine sphere, R = 6371008.8 m",
             "config": asdict(cfg),
         }
         with open(os.path.join(tmp, "world.json"), "w") as f:

@@ -1030,3 +1030,48 @@ def camera_positions(world: World, min_spacing: float, rng: np.random.Generator,
             if limit is not None and len(acc) >= limit:
                 break
     return np.array(acc, dtype=np.float64).reshape(-1, 2)
+
+
+# --------------------------------------------------------------------------------------------
+# hand-built scenes (tests, demos): a flat empty world plus explicit boxes and trees
+# --------------------------------------------------------------------------------------------
+def blank_world(half_world: float = 200.0, res: float = 0.4, lat0: float = 47.3769, lon0: float = 8.5417,
+                ground_rgb=(120, 120, 120)) -> World:
+    """Flat road-grey world with no objects; add boxes with :func:`add_box_building`."""
+    n = int(math.ceil(2 * half_world / res))
+    half_world = n * res / 2
+    w = World(seed=0, area_km2=(2 * half_world / 1000.0) ** 2, lat0=lat0, lon0=lon0, res=res,
+              half_core=half_world, half_world=half_world,
+              albedo=np.empty((n, n, 3), np.uint8), height=np.zeros((n, n), np.float16),
+              obj=np.zeros((n, n), np.int32), cls=np.full((n, n), C_ROAD, np.uint8), buildings={}, trees={},
+              districts=[District(URBAN, (0.0, 0.0), 0.0, 0.0, 1.0, 0.0, 5.0, 2.0, 1.0, 50.0)],
+              district_map_res=2 * half_world, district_map=np.zeros((1, 1), np.int32))
+    w.albedo[:] = np.asarray(ground_rgb, np.uint8)
+    w._table = _BuildingTable()
+    w.buildings = w._table.arrays()
+    w.trees = dict(x=np.zeros(0, np.float32), y=np.zeros(0, np.float32), r=np.zeros(0, np.float32),
+                   top=np.zeros(0, np.float32), base=np.zeros(0, np.float32), conifer=np.zeros(0, np.int8),
+                   col=np.zeros((0, 3), np.float32))
+    _tree_table(w, [], np.random.default_rng(0))
+    return w
+
+
+def add_box_building(world: World, cx: float, cy: float, hu: float, hv: float, height: float,
+                     theta: float = 0.0, roof_rgb=(200, 40, 40), facade_rgb=(200, 200, 190)) -> int:
+    """Flat-roofed box (half sizes hu along theta, hv across) of ``height`` m; returns its id."""
+    table = world._table
+    r = np.random.default_rng(len(table))
+    pix = _rect_pixels(world, cx, cy, theta, hu, hv)
+    if pix is None:
+        raise ValueError("box outside the world")
+    r0, c0, u, v, mask = pix
+    h, w = mask.shape
+    bid = table.add(cx=cx, cy=cy, theta=theta, hu=hu, hv=hv, eave=height, rise=0.0, roof_type=0, style=STYLE_URBAN,
+                    floor_h=3.0, win_sp=3.0, win_w=0.5, win_h=0.5, roof_col=np.asarray(roof_rgb, np.float32),
+                    facade_col=np.asarray(facade_rgb, np.float32), trim_col=np.asarray(facade_rgb, np.float32))
+    world.obj[r0:r0 + h, c0:c0 + w][mask] = bid
+    world.height[r0:r0 + h, c0:c0 + w][mask] = height
+    world.cls[r0:r0 + h, c0:c0 + w][mask] = C_BUILDING
+    world.albedo[r0:r0 + h, c0:c0 + w][mask] = np.asarray(roof_rgb, np.uint8)
+    world.buildings = table.arrays()
+    return bid

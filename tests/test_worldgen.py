@@ -1,0 +1,273 @@
+"""worldgen: geometry of the renderers, geo-referencing, output layout, determinism, CLI."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from worldgen.dataset import GenConfig, WorldgenError, generate_dataset
+from worldgen.geo import haversine_m, latlon_to_metres, metres_to_latlon
+from worldgen.render import EYE_HEIGHT, AerialLook, render_aerial, render_pano, sample_pano_look
+from worldgen.world import C_ROAD, C_MARKING, add_box_building, blank_world, camera_positions, generate_world
+
+H, W = 128, 512
+
+
+def _neutral_aerial_look():
+    return AerialLook(sun_az=math.pi, sun_el=math.radians(60), gain=np.ones(3, np.float32), brightness=1.0,
+                      gamma=1.0, saturation=1.0, haze=0.0, haze_col=np.zeros(3, np.float32), shadow=0.5, noise=0.0)
+
+
+@pytest.fixture(scope="module")
+def north_box():
+    """Flat world, camera at the origin, a 30 m box whose south face is 20 m north of it."""
+    w = blank_world(half_world=160.0)
+    add_box_building(w, 0.0, 25.0, hu=15.0, hv=5.0, height=30.0)
+    return w
+
+
+def _row_of(e):
+    return (math.pi / 2 - e) / math.pi * H - 0.5
+
+
+def test_pano_building_north_in_centre_columns_and_angular_height(north_box):
+    img, depth = render_pano(north_box, 0.0, 0.0, H, W, rng=np.random.default_rng(0), return_depth=True)
+    assert img.shape == (H, W, 3) and img.dtype == np.uint8
+    horizon_up = H // 2 - 2  # a row just above the horizon
+    hit = np.isfinite(depth[horizon_up]) & (depth[horizon_up] < 60)
+    cols = np.flatnonzero(hit)
+    # centre column looks north; the box spans +-atan(15/20) = +-36.9 deg = +-52.4 columns
+    assert hit[W // 2] and hit[W // 2 - 45] and hit[W // 2 + 45]
+    assert not hit[: W // 2 - 60].any() and not hit[W // 2 + 60:].any()
+    assert abs(cols.mean() - W / 2) < 2
+    assert abs((cols.max() - cols.min() + 1) - 2 * math.degrees(math.atan(15 / 20)) / 360 * W) <= 3
+    # angular height: the top edge of the facade in the centre column at atan((h - eye)/d)
+    c = depth[:, W // 2]
+    top_row = int(np.flatnonzero(np.isfinite(c))[0])
+    e_top = math.atan((30.0 - EYE_HEIGHT) / 20.0)
+    assert abs(top_row - math.ceil(_row_of(e_top))) <= 1
+    facade_rows = np.flatnonzero(np.abs(c - 20.0) < 0.6)
+    e_bot = math.atan(-EYE_HEIGHT / 20.0)
+    assert abs(len(facade_rows) - (e_top - e_bot) / math.pi * H) <= 2
+    # off-centre column: distance along the ray is d / cos(azimuth offset)
+    j = W // 2 + 30
+    off = 2 * math.pi * 30 / W
+    assert depth[H // 2 - 2, j] == pytest.approx(20.0 / math.cos(off), abs=0.3)
+
+
+def test_pano_heading_and_fov(north_box):
+    look = sample_pano_look(np.random.default_rng(1))
+    _, d90 = render_pano(north_box, 0.0, 0.0, H, W, look=look, heading_deg=90.0, return_depth=True)
+    row = np.isfinite(d90[H // 2 - 2]) & (d90[H // 2 - 2] < 60)
+    # centre now looks east, so north sits a quarter turn to the left
+    assert abs(np.flatnonzero(row).mean() - W / 4) < 2
+    img, dfov = render_pano(north_box, 0.0, 0.0, H, W, look=look, fov_deg=90.0, return_depth=True)
+    assert img.shape == (H, W // 4, 3)
+    assert (np.isfinite(dfov[H // 2 - 2]) & (dfov[H // 2 - 2] < 60)).mean() > 0.7
+
+
+def test_polar_transform_of_tile_has_building_in_centre_columns(north_box):
+    from model.preprocess import polar_transform
+
+    tile = render_aerial(north_box, 0.0, 0.0, 256, 100.0, look=_neutral_aerial_look(), rng=np.random.default_rng(0))
+    assert tile.shape == (256, 256, 3)
+    # north-up: the red roof (20..30 m north = rows 51..77 above the centre) is above the centre
+    red = (tile[..., 0].astype(int) - tile[..., 1]) > 60
+    rows, cols = np.nonzero(red)
+    assert rows.max() < 128 - 45 and rows.min() > 128 - 82 and abs(cols.mean() - 127.5) < 2
+    pol = polar_transform(tile, H, W)
+    pred = (pol[..., 0] - pol[..., 1]) > 60
+    pcols = np.flatnonzero(pred.any(axis=0))
+    assert pred[:, W // 2].any() and abs(pcols.mean() - W / 2) < 2
+    assert not pred[:, : W // 2 - 60].any() and not pred[:, W // 2 + 60:].any()
+    # the roof spans radii 20..30 m: polar rows H-1-r*H/(S/2) with r in px
+    prow = np.flatnonzero(pred[:, W // 2])
+    r_px = lambda m: m / 100.0 * 256
+    assert abs(prow.min() - (H - 1 - r_px(30) * H / 128)) <= 2
+    assert abs(prow.max() - (H - 1 - r_px(20) * H / 128)) <= 2
+    # the same azimuth range as in the panorama
+    _, depth = render_pano(north_box, 0.0, 0.0, H, W, rng=np.random.default_rng(0), return_depth=True)
+    pano_cols = set(np.flatnonzero(np.isfinite(depth[H // 2 - 2]) & (depth[H // 2 - 2] < 60)).tolist())
+    iou = len(pano_cols & set(pcols.tolist())) / len(pano_cols | set(pcols.tolist()))
+    assert iou > 0.9
+
+
+def test_geo_roundtrip_and_haversine():
+    for lat0 in (0.0, 47.3769, -35.28, 70.0):
+        x = np.array([0.0, 1000.0, -2500.0, 1234.5])
+        y = np.array([0.0, -800.0, 2500.0, 3000.0])
+        lat, lon = metres_to_latlon(x, y, lat0, 8.5)
+        x2, y2 = latlon_to_metres(lat, lon, lat0, 8.5)
+        np.testing.assert_allclose(x2, x, atol=1e-6)
+        np.testing.assert_allclose(y2, y, atol=1e-6)
+        d_grid = np.hypot(x[:, None] - x[None], y[:, None] - y[None])
+        d_hav = haversine_m(lat[:, None], lon[:, None], lat[None], lon[None])
+        np.testing.assert_allclose(d_hav, d_grid, atol=0.01)
+
+
+@pytest.fixture(scope="module")
+def small_world():
+    return generate_world(11, 0.08)
+
+
+def test_cameras_on_roads_with_spacing(small_world):
+    cams = camera_positions(small_world, 20.0, np.random.default_rng(0))
+    assert len(cams) > 20
+    r, c = small_world.px_index(cams[:, 0], cams[:, 1])
+    assert np.isin(small_world.cls[r, c], [C_ROAD, C_MARKING]).all()
+    d = np.hypot(cams[:, None, 0] - cams[None, :, 0], cams[:, None, 1] - cams[None, :, 1])
+    np.fill_diagonal(d, np.inf)
+    assert d.min() >= 20.0
+    assert (np.abs(cams) <= small_world.half_core + 1e-6).all()
+
+
+def test_world_has_varied_content(small_world):
+    w = small_world
+    assert len(w.buildings["cx"]) > 10 and len(w.trees["x"]) > 10
+    h = w.buildings["eave"][1:] + w.buildings["rise"][1:]
+    assert h.min() >= 3.0 and h.max() <= 40.0 + 1e-3
+    # roof and facade colours are related but never identical
+    assert not np.allclose(w.buildings["roof_col"][1:], w.buildings["facade_col"][1:])
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("wg") / "world"
+    cfg = GenConfig(seed=5, area_km2=0.05, pairs=24, val_fraction=0.25, min_spacing_m=15.0)
+    meta = generate_dataset(cfg, str(root), workers=1, progress=False, log=lambda *a: None)
+    return root, cfg, meta
+
+
+def _csv(path):
+    with open(path, newline="") as f:
+        return list(csv.reader(f))
+
+
+def test_output_layout(dataset):
+    root, cfg, meta = dataset
+    assert sorted(os.listdir(root)) == ["bingmap", "cameras.csv", "queries.csv", "splits", "streetview", "tiles.csv", "world.json"]
+    tr, va = _csv(root / "splits/train.csv"), _csv(root / "splits/val.csv")
+    assert tr[0] == va[0] == ["id", "aerial", "ground", "lat", "lon"]
+    ids = sorted(r[0] for r in tr[1:] + va[1:])
+    assert ids == [f"{i:06d}" for i in range(24)]
+    assert 3 <= len(va) - 1 <= 12
+    for r in tr[1:3]:
+        assert r[1] == f"bingmap/{r[0]}.png" and r[2] == f"streetview/{r[0]}.jpg"
+        assert Image.open(root / r[1]).size == (256, 256) and Image.open(root / r[1]).format == "PNG"
+        assert Image.open(root / r[2]).size == (512, 128) and Image.open(root / r[2]).format == "JPEG"
+    tiles = _csv(root / "tiles.csv")
+    assert tiles[0] == ["tile_id", "lat", "lon", "path"] and len(tiles) == 25
+    assert all((root / t[3]).is_file() for t in tiles[1:])
+    q = _csv(root / "queries.csv")
+    assert q[0] == ["query_id", "path", "lat", "lon", "tile_id"]
+    assert all(r[0] == r[4] and (root / r[1]).is_file() for r in q[1:])
+    m = json.loads((root / "world.json").read_text())
+    assert m["seed"] == 5 and m["tile_px"] == 256 and m["tile_footprint_m"] == 100.0
+    assert m["pano"]["height"] == 128 and m["pano"]["width"] == 512 and m["counts"]["pairs"] == 24
+    assert m["origin"] == {"lat": cfg.lat, "lon": cfg.lon} and m["version"] >= 1
+    assert not [p for p in os.listdir(root.parent) if ".tmp-" in p]
+
+
+def test_tile_centres_match_metre_grid(dataset):
+    root, cfg, _ = dataset
+    rows = _csv(root / "cameras.csv")[1:]
+    x = np.array([float(r[1]) for r in rows])
+    y = np.array([float(r[2]) for r in rows])
+    lat = np.array([float(r[3]) for r in rows])
+    lon = np.array([float(r[4]) for r in rows])
+    d_grid = np.hypot(x[:, None] - x[None], y[:, None] - y[None])
+    d_hav = haversine_m(lat[:, None], lon[:, None], lat[None], lon[None])
+    assert np.abs(d_hav - d_grid).max() < 0.05  # 8 decimals of a degree ~ 1 mm
+    # and against the origin
+    d0 = haversine_m(cfg.lat, cfg.lon, lat, lon)
+    np.testing.assert_allclose(d0, np.hypot(x, y), atol=0.05)
+    # tiles.csv and the split files carry the same coordinates
+    tiles = {r[0]: (float(r[1]), float(r[2])) for r in _csv(root / "tiles.csv")[1:]}
+    for r in rows:
+        assert tiles[r[0]] == (float(r[3]), float(r[4]))
+
+
+def test_dataset_reader_reads_worldgen_output(dataset):
+    from model.datasets import read_synthetic
+
+    root, _, _ = dataset
+    recs = read_synthetic(root, "all")
+    assert len(recs) == 24 and all(r.lat is not None for r in recs)
+
+
+def _tree_bytes(root):
+    out = {}
+    for dp, _, fns in os.walk(root):
+        for fn in fns:
+            p = os.path.join(dp, fn)
+            out[os.path.relpath(p, root)] = open(p, "rb").read()
+    return out
+
+
+def test_byte_identical_output_for_any_worker_count(dataset, tmp_path):
+    root, cfg, _ = dataset
+    again = tmp_path / "again"
+    generate_dataset(GenConfig(**{**cfg.__dict__}), str(again), workers=2, progress=False, log=lambda *a: None)
+    a, b = _tree_bytes(root), _tree_bytes(again)
+    assert sorted(a) == sorted(b)
+    assert all(a[k] == b[k] for k in a)
+
+
+def test_cli_errors_and_help(tmp_path, capsys):
+    from worldgen.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0 and "--area-km2" in capsys.readouterr().out
+    assert main(["--seed", "1", "--area-km2", "-1", "--out", str(tmp_path / "x")]) == 2
+    assert "--area-km2 must be" in capsys.readouterr().err
+    assert main(["--seed", "1", "--area-km2", "0.05", "--out", str(tmp_path / "x"), "--tile-px", "7"]) == 2
+    assert "--tile-px" in capsys.readouterr().err
+    (tmp_path / "exists").mkdir()
+    assert main(["--seed", "1", "--area-km2", "0.05", "--out", str(tmp_path / "exists")]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["--seed", "1", "--area-km2", "0.05", "--out", str(tmp_path / "nope" / "x")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["--seed", "1", "--area-km2", "0.03", "--pairs", "5000", "--out", str(tmp_path / "y"), "--quiet"]) == 2
+    assert "camera positions" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()
+
+
+def test_failed_run_leaves_nothing(tmp_path, monkeypatch):
+    import worldgen.dataset as D
+
+    calls = {"n": 0}
+    real = D.render_pair
+
+    def boom(*a, **k):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise RuntimeError("disk on fire")
+        return real(*a, **k)
+
+    monkeypatch.setattr(D, "render_pair", boom)
+    with pytest.raises(RuntimeError):
+        generate_dataset(GenConfig(seed=2, area_km2=0.03, pairs=8), str(tmp_path / "out"), progress=False,
+                         log=lambda *a: None)
+    assert os.listdir(tmp_path) == []
+
+
+def test_cli_overwrite_and_preview(tmp_path):
+    from worldgen.cli import main
+    from worldgen.preview import main as preview
+
+    out = tmp_path / "w"
+    args = ["--seed", "3", "--area-km2", "0.03", "--pairs", "6", "--out", str(out), "--quiet"]
+    assert main(args) == 0
+    first = (out / "tiles.csv").read_bytes()
+    assert main(args + ["--overwrite"]) == 0
+    assert (out / "tiles.csv").read_bytes() == first
+    sheet = tmp_path / "sheet.png"
+    assert preview([str(out), "--out", str(sheet), "--n", "3"]) == 0
+    im = Image.open(sheet)
+    assert im.size[0] > 600 and im.size[1] > 300
