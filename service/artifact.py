@@ -67,6 +67,7 @@ class LoadedIndex:
     sources: list[str]
     row_of: dict[str, int] = field(repr=False)
     generation: int = 0
+    gpu_resources: object = field(default=None, repr=False)
 
     @property
     def count(self) -> int:

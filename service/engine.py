@@ -183,6 +183,20 @@ class JobQueue:
             return "jobs", taken
 
 
+def _to_gpu(index, device: torch.device):
+    """Move a CPU FAISS index to the model's GPU when this FAISS build can; else keep it."""
+    import faiss
+
+    if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
+        return index, None
+    try:
+        resources = faiss.StandardGpuResources()  # must outlive the GPU index: kept beside it
+        return faiss.index_cpu_to_gpu(resources, device.index or 0, index), resources
+    except Exception:  # index type without a GPU implementation: search on the CPU
+        log.warning("FAISS index stays on the CPU (no GPU version of %s)", type(index).__name__)
+        return index, None
+
+
 def _resolve(future: asyncio.Future, value: Any = None, error: BaseException | None = None) -> None:
     if future.done():
         return
@@ -286,6 +300,9 @@ class Engine:
 
     # --- worker thread --------------------------------------------------------------------
     def _install(self, new: LoadedIndex) -> LoadedIndex | None:
+        """Serve ``new`` from the next batch on (runs on the worker thread only)."""
+        if self.model is not None and self.model.device.type == "cuda":
+            new.index, new.gpu_resources = _to_gpu(new.index, self.model.device)
         old = self.current
         self._generation += 1
         new.generation = self._generation
