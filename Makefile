@@ -2,8 +2,9 @@
 PYTHON      ?= python3
 VENV        ?= .venv
 # Pinned so that a CPU machine installs the local CPU wheel instead of the multi-GB CUDA build.
-# Override for GPU machines, e.g. `make install TORCH_SPEC="torch==2.13.0 --index-url ..."`.
+# GPU machines: `make install TORCH_INDEX=https://download.pytorch.org/whl/cu128 EXTRAS=gpu,service,plot,dev`.
 TORCH_SPEC  ?= torch==2.13.0
+TORCH_INDEX ?=
 EXTRAS      ?= cpu,service,plot,dev
 PY          := $(VENV)/bin/python
 PIP         := $(PY) -m pip
@@ -30,7 +31,7 @@ $(PY):
 
 $(STAMP): pyproject.toml Makefile | $(PY)
 	$(PIP) install --upgrade --quiet pip
-	$(PIP) install --quiet "$(TORCH_SPEC)"
+	$(PIP) install --quiet "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)")
 	$(PIP) install --quiet -e ".[$(EXTRAS)]"
 	@touch $@
 

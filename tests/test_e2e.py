@@ -1,0 +1,120 @@
+"""End to end, as a new user runs it: a fresh `make demo`-style pipeline on a tiny unseen region in a
+temporary directory (worldgen -> index_build with the shipped demo checkpoint -> a real uvicorn on a
+free loopback port), then held-out panoramas POSTed to /localize: their true tiles must come back in
+the top-k, and the top-1 localisation error in metres is reported.
+
+The shipped model (weights/l2ltr_tiny_demo.safetensors) was trained on other seeds, so every
+panorama of this region is held out. An untrained model cannot pass this, so the test skips when the
+checkpoint is absent; L2LTR_E2E_CHECKPOINT points it at another checkpoint (development only).
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from ship_support import DEMO_CHECKPOINT, PY, REPO, clean_env, demo_module, free_port, post_image, read_csv
+
+CHECKPOINT = Path(os.environ.get("L2LTR_E2E_CHECKPOINT", DEMO_CHECKPOINT))
+SEED = 777            # not a training seed of the demo model (weights/README.md)
+AREA_KM2 = 0.25       # ~120 tiles: the gallery every panorama is matched against
+K = 10                # top-k asked for; chance of a hit is k / N, about 8 %
+N_QUERIES = 20        # held-out panoramas POSTed (every len/20-th row of queries.csv)
+MIN_RECALL = 0.6      # fraction of them whose true tile must be in the top-k
+
+
+pytestmark = pytest.mark.skipif(
+    not CHECKPOINT.is_file(),
+    reason=f"{CHECKPOINT.relative_to(REPO) if CHECKPOINT.is_relative_to(REPO) else CHECKPOINT} is absent: "
+           "the end-to-end test needs the shipped, trained demo checkpoint (an untrained model cannot "
+           "find the true tile)")
+
+
+def _read_until_curl(proc: subprocess.Popen, timeout: float) -> tuple[str, list[str]]:
+    lines: queue.Queue = queue.Queue()
+
+    def pump():
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+        except queue.Empty:
+            break
+        if line is None:
+            break
+        seen.append(line)
+        if line.strip().startswith("curl "):
+            return line.strip(), seen
+    raise AssertionError("the demo printed no curl line:\n" + "".join(seen[-60:]))
+
+
+def test_fresh_pipeline_localises_held_out_panoramas(tmp_path, capsys):
+    demo_dir = tmp_path / "demo"
+    port = free_port()
+    t0 = time.monotonic()
+    proc = subprocess.Popen(
+        [PY, str(REPO / "scripts" / "demo.py"), "--dir", str(demo_dir), "--checkpoint", str(CHECKPOINT),
+         "--seed", str(SEED), "--area-km2", str(AREA_KM2), "--workers", "1", "--port", str(port), "--k", str(K)],
+        cwd=REPO, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        curl, log = _read_until_curl(proc, timeout=240)
+        ready_s = time.monotonic() - t0
+        base_url = f"http://127.0.0.1:{port}"
+        assert any("region: generating" in ln for ln in log) and any("index: building" in ln for ln in log)
+
+        # the printed curl, as a user would paste it
+        argv = shlex.split(curl)
+        if shutil.which("curl"):
+            out = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=60)
+            assert out.returncode == 0, out.stderr
+            printed = json.loads(out.stdout)
+            assert len(printed["results"]) == K
+            assert printed["model"]["fingerprint"] == demo_module().checkpoint_fingerprint(CHECKPOINT)
+
+        world = demo_dir / "world"
+        queries = read_csv(world / "queries.csv")
+        tiles = read_csv(world / "tiles.csv")
+        assert len(tiles) >= 60, f"region too small for a meaningful top-{K}: {len(tiles)} tiles"
+        step = max(1, len(queries) // N_QUERIES)
+        picked = queries[::step][:N_QUERIES]
+        haversine = demo_module().haversine_m
+        ranks, errors = [], []
+        for q in picked:
+            answer = post_image(base_url, world / q["path"], k=K)
+            results = answer["results"]
+            assert len(results) == K
+            ranks.append(next((r["rank"] for r in results if r["tile_id"] == q["tile_id"]), None))
+            errors.append(haversine(float(q["lat"]), float(q["lon"]), results[0]["lat"], results[0]["lon"]))
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    hits = sum(r is not None for r in ranks)
+    top1 = sum(r == 1 for r in ranks)
+    report = (f"e2e: {len(tiles)} tiles, {len(picked)} held-out panoramas, ready after {ready_s:.0f} s; "
+              f"true tile in top-{K}: {hits}/{len(picked)}, top-1: {top1}/{len(picked)}; "
+              f"top-1 error median {statistics.median(errors):.0f} m, mean {statistics.mean(errors):.0f} m, "
+              f"first panorama {errors[0]:.0f} m (rank {ranks[0]})")
+    with capsys.disabled():
+        print("\n" + report)
+    assert hits >= MIN_RECALL * len(picked), report
