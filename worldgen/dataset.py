@@ -96,7 +96,7 @@ def pair_rng(seed: int, i: int) -> np.random.Generator:
 def render_pair(world: World, cfg: GenConfig, i: int, x: float, y: float):
     """(aerial uint8 HxWx3, panorama uint8, heading_deg) for pair ``i`` at (x, y)."""
     rng = pair_rng(cfg.seed, i)
-    alook = sample_aerial_look(rng)
+    alook = sample_aerial_look(rng, cfg.lat)
     plook = sample_pano_look(rng)
     heading = float(rng.uniform(-cfg.heading_jitter_deg, cfg.heading_jitter_deg)) if cfg.heading_jitter_deg > 0 else 0.0
     r_a = np.random.default_rng([int(cfg.seed), 8, int(i)])

@@ -63,9 +63,12 @@ class PanoLook:
     cloud_off: float
 
 
-def sample_aerial_look(rng: np.random.Generator) -> AerialLook:
+def sample_aerial_look(rng: np.random.Generator, lat: float = 45.0) -> AerialLook:
+    """Capture conditions of one aerial tile. Survey flights fly around midday, so the sun stands
+    in the equator-side half of the sky (south of the zenith in the northern hemisphere)."""
+    noon = np.pi if lat >= 0 else 0.0
     return AerialLook(
-        sun_az=float(rng.uniform(0, 2 * np.pi)), sun_el=float(np.radians(rng.uniform(28, 68))),
+        sun_az=float(noon + rng.uniform(-1.2, 1.2)), sun_el=float(np.radians(rng.uniform(28, 68))),
         gain=rng.uniform(0.86, 1.14, 3).astype(np.float32), brightness=float(rng.uniform(0.8, 1.2)),
         gamma=float(rng.uniform(0.8, 1.25)), saturation=float(rng.uniform(0.6, 1.3)),
         haze=float(rng.uniform(0.0, 0.25)), haze_col=rng.uniform(150, 210, 3).astype(np.float32),

@@ -258,6 +258,12 @@ class Layout:
         self.tint_table = (hash_u01(kk, ii, jj, salt=17) - 0.5).astype(np.float32)
         self.paved_table = hash_u01(kk, ii, jj, salt=5) < 0.55
         self.cmap = self.near3[..., 0].copy()
+        # coarse cells whose every point is > 40 m from the nearest bisector: exact test not needed
+        dd = np.sort(d2, axis=-1)
+        i0, i1 = self.near3[..., 0], self.near3[..., 1]
+        sepc = np.hypot(seeds[i0, 0] - seeds[i1, 0], seeds[i0, 1] - seeds[i1, 1])
+        bis_c = (dd[..., 1] - dd[..., 0]) / (2 * np.maximum(sepc, 1e-3))
+        self.interior = bis_c > 40.0 + self.cres
 
     @staticmethod
     def _lines(r, rng_len, reach):
@@ -275,10 +281,26 @@ class Layout:
         return np.array(sorted(neg) + out, dtype=np.float64)
 
     def district(self, x, y):
-        """(nearest seed k1, second k2, distance to the k1|k2 bisector >= 0), vectorised."""
+        """(nearest seed k1, second k2, distance to the k1|k2 bisector >= 0), vectorised.
+
+        Pixels of coarse cells that lie wholly inside one district, far from any boundary road,
+        take the coarse answer; only the others get the exact three-candidate test."""
         m = self.near3.shape[0]
         c = np.clip(((x + self.half_world) * (1.0 / self.cres)).astype(np.int32), 0, m - 1)
         r = np.clip(((self.half_world - y) * (1.0 / self.cres)).astype(np.int32), 0, m - 1)
+        if x.ndim == 1 and x.size > 1000:
+            inner = self.interior[r, c]
+            k1 = self.near3[r, c, 0].astype(np.int64)
+            k2 = self.near3[r, c, 1].astype(np.int64)
+            bis = np.full(x.shape, 1e4, np.float32)
+            edge = ~inner
+            if edge.any():
+                a1, a2, ab = self._district_exact(x[edge], y[edge], r[edge], c[edge])
+                k1[edge], k2[edge], bis[edge] = a1, a2, ab
+            return k1, k2, bis
+        return self._district_exact(x, y, r, c)
+
+    def _district_exact(self, x, y, r, c):
         cand = self.near3[r, c]  # (..., 3)
         sx = self.seeds32[cand]
         dx = x[..., None] - sx[..., 0]
@@ -459,11 +481,13 @@ def _ground_rows(world: World, lay: Layout, river, tex, landuse_out, r0: int, r1
             along, across = (Y, X) if river["vertical"] else (X, Y)
             centre = river["off"] + river["amp"] * np.sin(2 * np.pi * along / river["wl"] + river["ph"])
             water |= np.abs(across - centre) < river["half"]
-        bl = sample_bilinear(blob, X / 9.0, Y / 9.0)
-        pond_lu = (lu == LU_PARK) | (lu == LU_MEADOW) | (lu == LU_FIELD)
-        water |= pond_lu & (bl > 1.9)
+        pond_lu = (lu == LU_PARK) | (lu == LU_MEADOW) | (lu == LU_FIELD) | (lu == LU_FARM)
+        bl = np.zeros(X.shape, np.float32)
+        if pond_lu.any():
+            bl[pond_lu] = sample_bilinear(blob, X[pond_lu] / 9.0, Y[pond_lu] / 9.0)
+        water |= pond_lu & (lu != LU_FARM) & (bl > 1.9)
         fn = sample_nearest(fine, X / res, Y / res)
-        nz = sample_bilinear(blob, X / 2.0 + 97.0, Y / 2.0 + 31.0)
+        nz = sample_nearest(blob, X * np.float32(0.5) + 97.0, Y * np.float32(0.5) + 31.0)
         # ---- classes
         cls = np.full(X.shape, C_GRASS, dtype=np.uint8)
         is_field = lu == LU_FIELD
@@ -1000,7 +1024,9 @@ def generate_world(seed: int, area_km2: float, lat0: float = 47.3769, lon0: floa
 def camera_positions(world: World, min_spacing: float, rng: np.random.Generator, limit: int | None = None):
     """Poisson-disc sample of road positions inside the core square (greedy, grid-hashed)."""
     res = world.res
-    stride = max(1, int(round(1.5 / res)))
+    # candidates on a lattice of ~spacing/8 (enough for an even Poisson-disc cover, far fewer
+    # candidates for the greedy loop than every road pixel)
+    stride = max(1, int(round(max(1.5, min_spacing / 8.0) / res)))
     cls = world.cls[::stride, ::stride]
     rows, cols = np.nonzero(np.isin(cls, ROADLIKE))
     x = -world.half_world + (cols * stride + 0.5) * res
