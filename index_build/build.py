@@ -392,6 +392,13 @@ def run_add(opts: AddOptions) -> BuildResult:
             "first_shard_index": _next_shard_index(base), "checkpoint": os.path.abspath(opts.checkpoint),
             "created_at": utc_now_iso(),
         }
+        if opts.resume and not os.path.isdir(layout.work):
+            recovered = _recover_promoted(layout, plan, opts.keep_versions)
+            if recovered:
+                log.info("published the finished but unpublished version %s", recovered)
+                result.status, result.version_dir = "published", recovered
+                result.manifest = read_manifest(recovered)
+                return result
         _prepare_work_dir(layout, plan, catalogue.records, catalogue.extra_columns, opts.resume)
         del catalogue
         t0 = time.perf_counter()

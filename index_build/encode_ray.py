@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -117,9 +118,9 @@ class ShardEncoder:
                     good.append(tensor)
             if good and not (bad_tiles and not self.skip_bad):
                 parts.append(encode_batch(self.model, torch.stack(good), "aerial", self.device).numpy())
-        if bad_tiles and not self.skip_bad:
+        if bad_tiles and not self.skip_bad:  # the shard is not written; the driver reports every bad tile
             return {"shard": span.index, "rows": 0, "skipped": 0, "seconds": time.perf_counter() - t0,
-                    "error": str(BadImagesError(bad_tiles)), "bad": len(bad_tiles)}
+                    "error": json.dumps([b.to_json() for b in bad_tiles]), "bad": len(bad_tiles)}
         skipped = [b.to_json() for b in bad_tiles]
         vectors = np.concatenate(parts) if parts else np.zeros((0, self.model.embedding_dim), np.float32)
         write_shard(self.vdir, span, vectors, skipped, self.fingerprint, time.perf_counter() - t0, "ray")
@@ -176,11 +177,11 @@ def encode_shards_ray(*, checkpoint: str, model_config: str | None, fingerprint:
         )
         bar = tqdm(total=total_rows, unit="tile", unit_scale=True, dynamic_ncols=True, disable=not progress,
                    desc=f"encode (ray x{actors})")
-        errors = []
+        bad: list[BadTile] = []
         t0 = time.perf_counter()
         for row in ds.iter_rows():
             if row["error"]:
-                errors.append(str(row["error"]))
+                bad.extend(BadTile(**b) for b in json.loads(str(row["error"])))
             else:
                 stats.shards_encoded += 1
                 stats.tiles_encoded += int(row["rows"])
@@ -188,8 +189,8 @@ def encode_shards_ray(*, checkpoint: str, model_config: str | None, fingerprint:
             bar.update(int(row["rows"]) + int(row["skipped"]) + int(row["bad"] if row["error"] else 0))
         bar.close()
         stats.seconds = time.perf_counter() - t0
-        if errors:
-            raise RuntimeError("Ray encoding stopped on unreadable images:\n" + "\n".join(errors))
+        if bad:
+            raise BadImagesError(sorted(bad, key=lambda b: b.row))
     finally:
         if started_here:
             ray.shutdown()

@@ -20,7 +20,13 @@ from index_build.faiss_index import (build_index, choose_index, exact_topk, nlis
 from index_build.sources import CatalogueError, read_catalogue_csv, read_slippy_dir  # noqa: E402
 from index_build.workdir import plan_shards  # noqa: E402
 from test_index_build_support import (PYTHON, REPO, encode_tiles_directly, make_catalogue, make_tile,  # noqa: E402
-                                      micro_checkpoint, subprocess_env)
+                                      micro_checkpoint, single_threaded, subprocess_env)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with single_threaded():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -166,17 +172,8 @@ def _clustered(n, dim, seed=0, clusters=64, noise=0.35):
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-@pytest.fixture
-def faiss_one_thread():
-    """FAISS's OpenMP spin-waits badly on an oversubscribed 2-core box; tiny test indexes need one thread."""
-    old = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(old)
-
-
 @pytest.mark.parametrize("kind,extra", [("ivf-flat", {}), ("hnsw", {}), ("ivf-pq", {"pq_m": 8, "opq": False})])
-def test_index_types_train_add_tune(kind, extra, faiss_one_thread):
+def test_index_types_train_add_tune(kind, extra):
     x = _clustered(4000, 32)
     blocks = lambda: (x[i:i + 1000] for i in range(0, len(x), 1000))  # noqa: E731
     spec = choose_index(kind, len(x), 32, nlist=32 if kind != "hnsw" else None, **extra)

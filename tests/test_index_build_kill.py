@@ -16,7 +16,14 @@ faiss = pytest.importorskip("faiss")
 from index_build.artifact import read_manifest  # noqa: E402
 from index_build.build import BuildOptions, run_build  # noqa: E402
 from test_index_build_support import (PYTHON, REPO, make_catalogue, micro_checkpoint, shard_files,  # noqa: E402
-                                      subprocess_env, torch_threads)
+                                      single_threaded, subprocess_env, torch_threads)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with single_threaded():
+        yield
+
 
 N_TILES, SHARD = 48, 8   # six shards
 

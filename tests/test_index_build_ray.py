@@ -12,9 +12,16 @@ faiss = pytest.importorskip("faiss")
 
 from index_build.artifact import read_manifest  # noqa: E402
 from index_build.build import BuildOptions, run_build  # noqa: E402
-from test_index_build_support import make_catalogue, micro_checkpoint, torch_threads  # noqa: E402
+from test_index_build_support import make_catalogue, micro_checkpoint, single_threaded, torch_threads  # noqa: E402
 
-pytestmark = pytest.mark.ray
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with single_threaded():
+        yield
+
+
+pytestmark = [pytest.mark.ray, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
 
 @pytest.fixture(scope="module")
@@ -61,3 +68,19 @@ def test_ray_engine_matches_local_and_resumes_local_shards(tmp_path, local_ray):
     mm = read_manifest(str(out))
     vm = np.concatenate([np.load(out / s["file"]) for s in mm["shards"]])
     np.testing.assert_allclose(vm, vl, atol=1e-5)
+
+
+def test_ray_engine_reports_unreadable_images(tmp_path, local_ray):
+    from index_build.encode_common import BadImagesError
+
+    ckpt = tmp_path / "micro.safetensors"
+    micro_checkpoint(ckpt, seed=0)
+    cat = make_catalogue(tmp_path / "w", 16, prefix="b")
+    (tmp_path / "w" / "bingmap" / "b00012.png").write_bytes(b"not an image")
+    out = tmp_path / "idx"
+    with pytest.raises(BadImagesError, match="b00012"):
+        run_build(BuildOptions(catalog=str(cat), checkpoint=str(ckpt), out=str(out), batch_size=4, shard_size=8,
+                               progress=False, device="cpu", engine="ray"))
+    assert not os.path.lexists(out)
+    vdir = tmp_path / "idx.versions" / ".build" / "vectors"
+    assert (vdir / "shard-00000.json").is_file() and not (vdir / "shard-00001.json").exists()

@@ -90,3 +90,20 @@ def shard_files(vectors_dir: Path) -> dict[str, tuple[int, int]]:
         st = p.stat()
         out[p.name] = (st.st_ino, st.st_mtime_ns)
     return out
+
+
+@contextlib.contextmanager
+def single_threaded():
+    """Tiny models and indexes gain nothing from threads, and on a shared 2-core machine OpenMP
+    spin-waiting makes them many times slower; restore the previous settings afterwards."""
+    import faiss
+    import torch
+
+    old_torch, old_faiss = torch.get_num_threads(), faiss.omp_get_max_threads()
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old_torch)
+        faiss.omp_set_num_threads(old_faiss)

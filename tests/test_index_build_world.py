@@ -20,7 +20,15 @@ pytest.importorskip("worldgen.cli", reason="worldgen not available")
 from index_build.artifact import read_manifest  # noqa: E402
 from index_build.build import BuildOptions, run_build  # noqa: E402
 from index_build.verify import run_verify  # noqa: E402
-from test_index_build_support import PYTHON, REPO, micro_checkpoint, subprocess_env, torch_threads  # noqa: E402
+from test_index_build_support import (PYTHON, REPO, micro_checkpoint, single_threaded, subprocess_env,  # noqa: E402
+                                      torch_threads)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with single_threaded():
+        yield
+
 
 DEMO_CHECKPOINT = Path(os.environ.get("L2LTR_E2E_CHECKPOINT", REPO / "weights" / "l2ltr_tiny_demo.safetensors"))
 

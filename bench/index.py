@@ -1,0 +1,332 @@
+"""index_build benchmarks.
+
+(a) encode: tiles/s of the build's encoding stage (catalogue -> DataLoader workers decode + polar
+    transform -> batched encode_aerial -> shard files) against the raw encoder alone (the same
+    tiles already decoded into tensors, encode_aerial in the same batches), in the same process.
+
+    python bench/index.py encode --configs tiny --tiles 512 --workers 0 1 2
+    python bench/index.py encode --configs tiny small --device cuda --tiles 4096 --workers 4 8
+
+(b) faiss: every index type on N random unit vectors: build time, memory, search QPS and
+    recall@10 against exact search, with an nprobe / efSearch sweep.
+
+    python bench/index.py faiss --n 1000000 --dim 192 --data random
+    python bench/index.py faiss --n 1000000 --dim 768 --data clustered --nlist 1024
+
+Prints Markdown tables (for bench/RESULTS.md); --json FILE also writes the raw numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def machine() -> str:
+    import torch
+
+    try:
+        import faiss
+
+        fv = faiss.__version__
+        threads = faiss.omp_get_max_threads()
+    except ImportError:
+        fv, threads = "-", "-"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return (f"{cpu}, {os.cpu_count()} logical CPUs, GPU {gpu}, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads), faiss {fv} ({threads} OpenMP threads), "
+            f"load average at start {load:.1f}")
+
+
+# ============================================================================ (a) encoding
+
+def make_tiles(root: Path, n: int, size: int, seed: int = 0) -> Path:
+    """n textured north-up tiles (blocky fields + smooth noise, PNG) and their catalogue CSV."""
+    from PIL import Image, ImageFilter
+
+    rng = np.random.default_rng(seed)
+    (root / "tiles").mkdir(parents=True, exist_ok=True)
+    csv_path = root / "tiles.csv"
+    with open(csv_path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["tile_id", "lat", "lon", "path"])
+        for i in range(n):
+            blocks = (rng.random((16, 16, 3)) * 255).astype(np.uint8)
+            img = Image.fromarray(blocks).resize((size, size), Image.NEAREST).filter(ImageFilter.GaussianBlur(2))
+            arr = np.asarray(img).astype(np.int16) + rng.integers(-12, 12, (size, size, 3))
+            Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(root / "tiles" / f"{i:06d}.png")
+            w.writerow([f"{i:06d}", 47.0 + i * 1e-4, 8.0 + i * 1e-4, f"tiles/{i:06d}.png"])
+    return csv_path
+
+
+def raw_encoder_tps(model, tensors, batch_size: int, device) -> float:
+    import torch
+
+    from model.encode import encode_batch
+
+    batches = [torch.stack(tensors[i:i + batch_size]) for i in range(0, len(tensors), batch_size)]
+    encode_batch(model, batches[0], "aerial", device)  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for b in batches:
+        encode_batch(model, b, "aerial", device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return len(tensors) / (time.perf_counter() - t0)
+
+
+def bench_encode(args) -> list[dict]:
+    import torch
+
+    from index_build.build import BuildOptions, run_build
+    from model import L2LTR, L2LTRConfig, load_checkpoint, save_checkpoint
+    from model.encode import pick_device, prepare_for_inference
+    from model.preprocess import aerial_tensor, load_image
+
+    device = pick_device(args.device)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench_index_") as tmp:
+        tmp = Path(tmp)
+        if args.catalog:
+            catalog = Path(args.catalog)
+        else:
+            t0 = time.perf_counter()
+            catalog = make_tiles(tmp / "world", args.tiles, args.tile_px)
+            print(f"made {args.tiles} tiles of {args.tile_px}px in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        with open(catalog) as f:
+            sources = [str((catalog.parent / r["path"]).resolve()) for r in csv.DictReader(f)]
+        for name in args.configs:
+            torch.manual_seed(0)
+            ckpt = tmp / f"{name}.safetensors"
+            save_checkpoint(L2LTR(L2LTRConfig.named(name)), ckpt)
+            model = prepare_for_inference(load_checkpoint(ckpt), device)
+            cfg = model.config
+            t0 = time.perf_counter()
+            tensors = [aerial_tensor(load_image(p), cfg) for p in sources]
+            decode_tps = len(tensors) / (time.perf_counter() - t0)
+            # Best of --rounds for each, raw and build interleaved: on a shared machine the other
+            # tenants' load comes and goes, and the best run is the least disturbed one.
+            for workers in args.workers:
+                raws, builds = [], []
+                for rnd in range(args.rounds):
+                    raws.append(raw_encoder_tps(model, tensors, args.batch_size, device))
+                    out = tmp / f"idx_{name}_{workers}_{rnd}"
+                    result = run_build(BuildOptions(
+                        catalog=str(catalog), checkpoint=str(ckpt), out=str(out), batch_size=args.batch_size,
+                        workers=workers, shard_size=args.shard_size, progress=False, device=str(device),
+                        stop_after="encode"))
+                    builds.append(result.encode.tiles_per_second)
+                raws.append(raw_encoder_tps(model, tensors, args.batch_size, device))
+                raw, build = max(raws), max(builds)
+                rows.append({"config": name, "device": str(device), "tiles": len(sources), "workers": workers,
+                             "batch_size": args.batch_size, "decode_only_tps": round(decode_tps, 1),
+                             "raw_encoder_tps": round(raw, 1), "raw_runs": [round(r, 1) for r in raws],
+                             "build_encode_tps": round(build, 1), "build_runs": [round(b, 1) for b in builds],
+                             "ratio": round(build / raw, 3)})
+                print(json.dumps(rows[-1]), file=sys.stderr)
+            del tensors, model
+    print("\n| model | device | tiles | workers | batch | decode+polar only (tiles/s, 1 thread) | raw encoder, best (tiles/s) "
+          "| build encode stage, best (tiles/s) | ratio |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['config']} | {r['device']} | {r['tiles']} | {r['workers']} | {r['batch_size']} | "
+              f"{r['decode_only_tps']} | {r['raw_encoder_tps']} | "
+              f"{r['build_encode_tps']} | **{r['ratio']:.2f}** |")
+    return rows
+
+
+# ============================================================================ (b) faiss
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x
+
+
+def make_vectors(n: int, dim: int, kind: str, seed: int, clusters: int, chunk: int = 100_000,
+                 centres: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """n unit vectors: uniform on the sphere ("random"), or a mixture around `clusters` random
+    centres with cos(point, centre) ~ 0.7 ("clustered": like embeddings of similar-looking tiles)."""
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, dim), np.float32)
+    if kind == "clustered" and centres is None:
+        centres = unit_rows(rng.standard_normal((clusters, dim), dtype=np.float32))
+    for s in range(0, n, chunk):
+        m = min(chunk, n - s)
+        block = rng.standard_normal((m, dim), dtype=np.float32)
+        if kind == "clustered":
+            block /= np.sqrt(dim)
+            block += centres[rng.integers(0, len(centres), m)]
+        out[s:s + m] = unit_rows(block)
+    return out, centres
+
+
+def index_file_bytes(index) -> int:
+    """Size of the index as written (what the service loads into memory)."""
+    import faiss
+
+    fd, path = tempfile.mkstemp(suffix=".faiss")
+    os.close(fd)
+    try:
+        faiss.write_index(index, path)
+        return os.path.getsize(path)
+    finally:
+        os.unlink(path)
+
+
+def timed_search(index, queries: np.ndarray, k: int, repeats: int = 1) -> tuple[float, np.ndarray]:
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        _, ids = index.search(queries, k)
+        best = min(best, time.perf_counter() - t0)
+    return queries.shape[0] / best, ids
+
+
+def bench_faiss(args) -> list[dict]:
+    import faiss
+
+    from index_build.faiss_index import build_index, choose_index, recall_at_k, set_search_param
+
+    if args.threads:
+        faiss.omp_set_num_threads(args.threads)
+    k = 10
+    rows: list[dict] = []
+    t0 = time.perf_counter()
+    base, centres = make_vectors(args.n, args.dim, args.data, args.seed, args.clusters)
+    queries, _ = make_vectors(args.queries, args.dim, args.data, args.seed + 1, args.clusters, centres=centres)
+    print(f"data: {args.n} x {args.dim} {args.data} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+
+    def blocks_of(x):
+        return lambda: (x[s:s + 65536] for s in range(0, x.shape[0], 65536))
+
+    # exact search = flat index; its results are the ground truth and its QPS the baseline
+    truth_cache: dict[int, tuple[np.ndarray, float]] = {}
+
+    def exact(n_sub: int):
+        if n_sub not in truth_cache:
+            t0 = time.perf_counter()
+            flat = faiss.IndexFlatIP(args.dim)
+            flat.add(base[:n_sub])
+            build_s = time.perf_counter() - t0
+            mem = n_sub * args.dim * 4
+            qps, ids = timed_search(flat, queries, k)
+            truth_cache[n_sub] = (ids, qps)
+            rows.append({"index": "flat", "n": n_sub, "params": "exact", "build_s": round(build_s, 2),
+                         "memory_mb": round(mem / 2 ** 20), "qps": round(qps, 1), "recall@10": 1.0,
+                         "speedup": 1.0})
+            print(json.dumps(rows[-1]), file=sys.stderr)
+            del flat
+        return truth_cache[n_sub]
+
+    for kind in args.types:
+        if kind == "flat":
+            exact(args.n)
+            continue
+        n_sub = min(args.n, args.hnsw_n) if kind == "hnsw" else args.n
+        truth, flat_qps = exact(n_sub)
+        spec = choose_index(kind, n_sub, args.dim, nlist=args.nlist, pq_m=args.pq_m, opq=not args.no_opq)
+        if kind == "hnsw":
+            spec.params["ef_construction"] = args.ef_construction
+        t0 = time.perf_counter()
+        index, info = build_index(spec, args.dim, n_sub, blocks_of(base[:n_sub]), use_gpu=None,
+                                  kmeans_iters=args.kmeans_iters, train_points_per_list=args.train_per_list)
+        build_s = time.perf_counter() - t0
+        mem = index_file_bytes(index)
+        if kind == "hnsw":
+            sweep, name = [16, 32, 64, 128, 256, 512], "efSearch"
+        else:
+            nl = spec.params["nlist"]
+            sweep, name = [p for p in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if p <= nl // 2], "nprobe"
+        best, previous = None, -1.0
+        for value in sweep:
+            set_search_param(index, kind, value)
+            qps, ids = timed_search(index, queries, k)
+            r = recall_at_k(ids, truth, k)
+            row = {"index": kind, "n": n_sub, "params": f"{spec.factory} {name}={value}",
+                   "build_s": round(build_s, 2), "train_s": info.get("train_seconds"),
+                   "memory_mb": round(mem / 2 ** 20),
+                   "qps": round(qps, 1), "recall@10": round(r, 4), "speedup": round(qps / flat_qps, 2)}
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr)
+            if r >= args.target and best is None:
+                best = row
+            if r >= 0.995 or qps < flat_qps or r - previous < 0.002:  # done, too slow, or a plateau
+                break
+            previous = r
+        del index
+    print(f"\n{args.n} x {args.dim} {args.data} unit vectors, {args.queries} queries, k=10, "
+          f"recall@10 against exact search")
+    print("\n| index | N | parameters | build (s) | index size (MB) | QPS | recall@10 | x flat QPS |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['index']} | {r['n']:,} | {r['params']} | {r['build_s']} | {r['memory_mb']} | {r['qps']} | "
+              f"{r['recall@10']:.3f} | {r['speedup']} |")
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="what", required=True)
+    e = sub.add_parser("encode")
+    e.add_argument("--configs", nargs="+", default=["tiny"], help="named model configs (random weights)")
+    e.add_argument("--catalog", default=None, help="an existing tiles.csv (e.g. a worldgen region)")
+    e.add_argument("--tiles", type=int, default=512)
+    e.add_argument("--tile-px", type=int, default=256)
+    e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--shard-size", type=int, default=10_000)
+    e.add_argument("--workers", type=int, nargs="+", default=[1])
+    e.add_argument("--device", default="auto")
+    e.add_argument("--rounds", type=int, default=3, help="best of N runs each (shared machines)")
+    f = sub.add_parser("faiss")
+    f.add_argument("--n", type=int, default=1_000_000)
+    f.add_argument("--dim", type=int, default=192)
+    f.add_argument("--data", choices=("random", "clustered"), default="random")
+    f.add_argument("--clusters", type=int, default=10_000)
+    f.add_argument("--queries", type=int, default=500)
+    f.add_argument("--types", nargs="+", default=["flat", "ivf-flat", "ivf-pq", "hnsw"])
+    f.add_argument("--nlist", type=int, default=None, help="default: what --index auto would use")
+    f.add_argument("--pq-m", type=int, default=None)
+    f.add_argument("--no-opq", action="store_true")
+    f.add_argument("--hnsw-n", type=int, default=200_000, help="HNSW on the first N vectors only (build cost)")
+    f.add_argument("--ef-construction", type=int, default=40)
+    f.add_argument("--kmeans-iters", type=int, default=10)
+    f.add_argument("--train-per-list", type=int, default=39)
+    f.add_argument("--target", type=float, default=0.95)
+    f.add_argument("--threads", type=int, default=0)
+    f.add_argument("--seed", type=int, default=0)
+    for q in (e, f):
+        q.add_argument("--json", default=None, help="also write the rows here")
+    args = p.parse_args(argv)
+    print(f"machine: {machine()}", file=sys.stderr)
+    rows = bench_encode(args) if args.what == "encode" else bench_faiss(args)
+    print(f"\nmachine: {machine()}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "machine": machine(), "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
