@@ -112,18 +112,33 @@ def read_records(dataset: str, root: Path, split: str):
 
 # --------------------------------------------------------------------------- batching
 
-def spatial_order(latlon: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Indices sorted along a Z-order curve of the coordinates with a random shift, so that
-    consecutive indices are geographic neighbours (hard negatives when batched together)."""
-    ll = latlon - latlon.min(axis=0)
-    span = max(float(ll.max()), 1e-12)
-    q = ((ll / span) * 65535).astype(np.int64)
-    q = (q + rng.integers(0, 4096, size=2)) & 0xFFFF
-    code = np.zeros(len(q), np.int64)
-    for bit in range(16):
-        code |= ((q[:, 0] >> bit) & 1) << (2 * bit + 1)
-        code |= ((q[:, 1] >> bit) & 1) << (2 * bit)
-    return np.argsort(code, kind="stable")
+def neighbour_batches(latlon: np.ndarray, batch_size: int, n_batches: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Up to `n_batches` batches, each a random anchor plus its nearest unused neighbours, so
+    that a batch holds look-alike nearby locations (hard negatives, as Sample4Geo does)."""
+    from scipy.spatial import cKDTree
+
+    xy = np.column_stack([latlon[:, 0], latlon[:, 1] * np.cos(np.radians(latlon[:, 0].mean()))])
+    tree = cKDTree(xy)
+    n = len(xy)
+    used = np.zeros(n, bool)
+    batches = []
+    for anchor in rng.permutation(n):
+        if len(batches) == n_batches:
+            break
+        if used[anchor]:
+            continue
+        k = min(n, 4 * batch_size)
+        while True:
+            _, idx = tree.query(xy[anchor], k=k)
+            free = idx[~used[idx]][:batch_size]
+            if len(free) == batch_size or k == n:
+                break
+            k = min(n, 4 * k)
+        if len(free) < batch_size:
+            break
+        used[free] = True
+        batches.append(free)
+    return batches
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, latlon: np.ndarray | None = None,
@@ -139,15 +154,12 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, latlon: np.nda
     n_hard = int(round(hard_fraction * n_batches)) if latlon is not None else 0
     batches = []
     if n_hard:
-        order = spatial_order(latlon, rng)
-        chunks = [order[i * batch_size:(i + 1) * batch_size] for i in range(n_batches)]
-        hard_ids = rng.choice(n_batches, size=n_hard, replace=False)
-        batches += [chunks[i] for i in hard_ids]
+        batches += neighbour_batches(latlon, batch_size, n_hard, rng)
         used = np.zeros(n, bool)
         for b in batches:
             used[b] = True
         perm = perm[~used[perm]]
-    batches += [perm[i * batch_size:(i + 1) * batch_size] for i in range(n_batches - n_hard)]
+    batches += [perm[i * batch_size:(i + 1) * batch_size] for i in range(n_batches - len(batches))]
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
@@ -221,7 +233,7 @@ class JsonLog:
 
 # --------------------------------------------------------------------------- training
 
-RESUME_KEYS = ("data", "dataset", "config", "attention", "polar", "batch_size", "lr", "weight_decay", "warmup",
+RESUME_KEYS = ("data", "dataset", "config", "attention", "no_polar", "batch_size", "lr", "weight_decay", "warmup",
                "clip", "loss", "hard_negatives", "seed", "epochs", "steps", "init")
 
 
@@ -351,7 +363,7 @@ def train(args) -> dict:
                 rec = evaluate_arrays(model, val_data, device)
                 log.write(step=step, event="eval", split=args.eval_split, n=len(val_data), **rec)
                 bar.write(f"step {step}: {args.eval_split} R@1 {rec['r1']:.3f} R@5 {rec['r5']:.3f} "
-                          f"R@10 {rec['r10']:.3f} R@1% {rec['r1pct']:.3f}")
+                          f"R@10 {rec['r10']:.3f} R@1% {rec['r1pct']:.3f}", file=sys.stderr)
                 if rec["r1"] > best_r1:
                     best_r1 = rec["r1"]
                     save_checkpoint(model, out / "best.safetensors", dtype=torch.float16,
@@ -361,7 +373,8 @@ def train(args) -> dict:
             if args.max_minutes and (time.time() - started) / 60 > args.max_minutes:
                 stopped_early = True
                 save_state()
-                bar.write(f"time budget of {args.max_minutes} min reached at step {step}; resume with --resume")
+                bar.write(f"time budget of {args.max_minutes} min reached at step {step}; resume with --resume",
+                          file=sys.stderr)
                 break
         if stopped_early:
             break
@@ -370,7 +383,7 @@ def train(args) -> dict:
     save_checkpoint(model, out / "last.safetensors", dtype=torch.float16, metadata=provenance())
     summary = {"step": step, "total_steps": total_steps, "best_r1": best_r1, "minutes": (time.time() - started) / 60,
                "finished": step >= total_steps}
-    log.write(step=step, event="end", **summary)
+    log.write(event="end", **summary)
     return summary
 
 

@@ -1,0 +1,148 @@
+"""Training and evaluation CLIs: one step lowers the loss, exact resume, end-to-end evaluation, bad input."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from model import L2LTR, load_checkpoint, save_checkpoint
+from model.losses import soft_margin_triplet_loss
+from model.train import TrainingError, build_parser, epoch_batches, train
+
+MICRO = json.dumps({"hidden_size": 32, "num_heads": 2, "mlp_dim": 64, "num_layers": 2, "resnet_units": [1, 1, 1],
+                    "resnet_width_factor": 0.5, "ground_size": [32, 128], "aerial_size": [32, 128], "name": "micro"})
+
+
+def make_world(root, n=24, n_val=8, seed=0):
+    """A tiny data set in the synthetic-world layout: each pair shares a random pattern."""
+    rng = np.random.default_rng(seed)
+    for sub in ("bingmap", "streetview", "splits"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        colour = rng.integers(0, 255, size=3)
+        tile = np.zeros((64, 64, 3), np.uint8) + colour.astype(np.uint8)
+        tile[rng.integers(0, 64, 200), rng.integers(0, 64, 200)] = 255 - colour
+        pano = np.zeros((32, 128, 3), np.uint8) + colour.astype(np.uint8)[::-1]
+        pano[:, rng.integers(0, 128, 20)] = 255 - colour
+        sid = f"{i:06d}"
+        Image.fromarray(tile).save(root / "bingmap" / f"{sid}.png")
+        Image.fromarray(pano).save(root / "streetview" / f"{sid}.jpg", quality=95)
+        rows.append(f"{sid},bingmap/{sid}.png,streetview/{sid}.jpg,{40 + i * 1e-4:.7f},{-70 + i * 1e-4:.7f}")
+    header = "id,aerial,ground,lat,lon\n"
+    (root / "splits" / "train.csv").write_text(header + "\n".join(rows[: n - n_val]) + "\n")
+    (root / "splits" / "val.csv").write_text(header + "\n".join(rows[n - n_val:]) + "\n")
+    return root
+
+
+@pytest.fixture
+def world(tmp_path):
+    return make_world(tmp_path / "world")
+
+
+def run_args(world, out, *extra):
+    return build_parser().parse_args(["--data", str(world), "--config", MICRO, "--out", str(out), "--batch-size", "4",
+                                      "--warmup", "2", "--lr", "1e-3", "--eval-every", "4", "--save-every", "2",
+                                      "--workers", "0", "--quiet", *extra])
+
+
+def test_one_step_decreases_loss_on_fixed_batch(micro_config):
+    torch.manual_seed(0)
+    model = L2LTR(micro_config.replace(dropout=0.0)).train()
+    g = torch.randn(8, 3, 32, 128)
+    a = torch.randn(8, 3, 32, 128)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    before = soft_margin_triplet_loss(*model(g, a))
+    opt.zero_grad()
+    before.backward()
+    opt.step()
+    after = soft_margin_triplet_loss(*model(g, a))
+    assert after.item() < before.item()
+
+
+def test_resume_after_interruption_matches_uninterrupted(world, tmp_path):
+    full = train(run_args(world, tmp_path / "full", "--steps", "8", "--hard-negatives", "0.5"))
+    assert full["finished"] and full["step"] == 8
+    # "interrupt" after 3 steps, keeping only the state saved at step 2 (as a crash would)
+    part = run_args(world, tmp_path / "part", "--steps", "8", "--hard-negatives", "0.5")
+    part.max_minutes = 1e-9  # stops right after the first step, saving its state there
+    first = train(part)
+    assert not first["finished"] and first["step"] == 1
+    resumed = train(run_args(world, tmp_path / "part", "--steps", "8", "--hard-negatives", "0.5", "--resume"))
+    assert resumed["finished"]
+    a = load_checkpoint(tmp_path / "full" / "last.safetensors").state_dict()
+    b = load_checkpoint(tmp_path / "part" / "last.safetensors").state_dict()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    log = [json.loads(x) for x in (tmp_path / "part" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if r["event"] == "eval"] == [4, 8]
+
+
+def test_resume_refuses_changed_settings_and_existing_run(world, tmp_path):
+    train(run_args(world, tmp_path / "r", "--steps", "2", "--eval-every", "0"))
+    with pytest.raises(TrainingError, match="different settings"):
+        train(run_args(world, tmp_path / "r", "--steps", "2", "--eval-every", "0", "--lr", "5e-4", "--resume"))
+    with pytest.raises(TrainingError, match="already holds a run"):
+        train(run_args(world, tmp_path / "r", "--steps", "2", "--eval-every", "0"))
+
+
+def test_nan_loss_stops_with_step(world, tmp_path, monkeypatch):
+    import model.train as train_module
+    from model.losses import TripletLoss
+
+    class NanAfterTwo(TripletLoss):
+        calls = 0
+
+        def forward(self, g, a):
+            NanAfterTwo.calls += 1
+            loss = super().forward(g, a)
+            return loss * float("nan") if NanAfterTwo.calls > 2 else loss
+
+    monkeypatch.setattr(train_module, "make_loss", lambda name: NanAfterTwo())
+    with pytest.raises(TrainingError, match=r"loss is nan at step 2 .*Last good state"):
+        train(run_args(world, tmp_path / "nan", "--steps", "4", "--eval-every", "0"))
+
+
+def test_missing_and_empty_data(tmp_path):
+    with pytest.raises(TrainingError, match="does not exist"):
+        train(run_args(tmp_path / "nope", tmp_path / "o", "--steps", "1"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TrainingError, match="is empty"):
+        train(run_args(tmp_path / "empty", tmp_path / "o", "--steps", "1"))
+
+
+def test_init_config_mismatch(world, tmp_path, micro_config):
+    other = tmp_path / "other.safetensors"
+    save_checkpoint(L2LTR(micro_config.replace(num_layers=1)), other)
+    with pytest.raises(TrainingError, match="differs from the training config"):
+        train(run_args(world, tmp_path / "o", "--steps", "1", "--init", str(other)))
+
+
+def test_hard_negative_batches_are_neighbours():
+    rng = np.random.default_rng(0)
+    latlon = rng.uniform(0, 1, size=(256, 2))
+    hard = epoch_batches(256, 16, seed=1, epoch=0, latlon=latlon, hard_fraction=1.0)
+    rand = epoch_batches(256, 16, seed=1, epoch=0, latlon=latlon, hard_fraction=0.0)
+    spread = lambda bs: np.mean([np.ptp(latlon[b], axis=0).sum() for b in bs])  # noqa: E731
+    assert spread(hard) < 0.5 * spread(rand)
+    assert sorted(np.concatenate(hard)) == list(range(256))
+    assert all(np.array_equal(x, y) for x, y in zip(rand, epoch_batches(256, 16, 1, 0, latlon, 0.0)))
+
+
+def test_evaluate_cli_end_to_end(world, tmp_path, capsys):
+    from model import evaluate, plot
+
+    train(run_args(world, tmp_path / "run", "--steps", "4"))
+    ckpt = tmp_path / "run" / "last.safetensors"
+    png = tmp_path / "curve.png"
+    assert evaluate.main(["--checkpoint", str(ckpt), "--data", str(world), "--split", "val", "--json",
+                          "--plot", str(png), "--workers", "0"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["n"] == 8 and set(out) >= {"r1", "r5", "r10", "r1pct", "localization"}
+    assert 0 <= out["r1"] <= out["r5"] <= out["r10"] <= 1 and png.stat().st_size > 1000
+    assert plot.main([str(tmp_path / "run" / "log.jsonl")]) == 0
+    assert (tmp_path / "run" / "curves.png").exists()
+    assert evaluate.main(["--checkpoint", str(tmp_path / "missing.safetensors"), "--data", str(world)]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    assert not math.isnan(out["r1"])
