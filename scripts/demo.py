@@ -95,10 +95,13 @@ def read_json(path: Path) -> dict:
 
 def relative_to_cwd(path: Path) -> str:
     """A path as short as possible for printing: relative to the working directory when inside it."""
-    try:
-        return str(path.resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(path.resolve())
+    path = Path(os.path.abspath(path))  # absolute, but symlinks kept (demo/index is one)
+    for cwd in {Path(os.path.abspath(Path.cwd())), Path.cwd().resolve()}:
+        try:
+            return str(path.relative_to(cwd))
+        except ValueError:
+            pass
+    return str(path)
 
 
 # ------------------------------------------------------------------------------ step 1: the region
@@ -244,6 +247,8 @@ def demo_query(region: Region, which: int = 0) -> DemoQuery:
 
 def port_is_free(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # as uvicorn binds: connections of a previous run in TIME_WAIT do not block the port
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:

@@ -49,8 +49,18 @@ def commands(body: str) -> list[list[str]]:
     return out
 
 
+INLINE_PROGRAMS = ("make ", "python ", ".venv/bin/python ", "docker ", "curl ")
+
+
+def inline_commands() -> list[list[str]]:
+    """Commands quoted inline in the prose (`make demo DEMO_PORT=8001`), outside code blocks."""
+    prose = BLOCK.sub("", README.read_text())
+    spans = re.findall(r"`([^`\n]+)`", prose)
+    return [cmd for span in spans if span.startswith(INLINE_PROGRAMS) for cmd in commands(span)]
+
+
 def all_commands() -> list[list[str]]:
-    return [cmd for _, body in blocks() for cmd in commands(body)]
+    return [cmd for _, body in blocks() for cmd in commands(body)] + inline_commands()
 
 
 @lru_cache(maxsize=None)
