@@ -282,7 +282,9 @@ def _shadow_mask(world: World, cx, cy, n, res, hs_full, look: AerialLook):
     dc = math.sin(look.sun_az)
     dr = -math.cos(look.sun_az)
     best = np.full((m, m), -1e9, dtype=np.float32)
-    for k in range(1, steps + 1):
+    # first 8 steps one half-res pixel apart (near edges stay crisp), then every second one
+    ks = list(range(1, min(steps, 8) + 1)) + list(range(10, steps + 1, 2))
+    for k in ks:
         oc = int(round(k * dc))
         orr = int(round(k * dr))
         win = H[pad + orr:pad + orr + m, pad + oc:pad + oc + m]
@@ -502,11 +504,20 @@ def _sky(look: PanoLook, az, el, C, H):
     grad = look.sky_horizon[None, :] * (1 - t[:, None]) + look.sky_zenith[None, :] * t[:, None]  # (up, 3)
     sky = np.broadcast_to(grad[None], (C, up, 3)).astype(np.float32)
     if look.cloud > 0:
-        from worldgen.noise import sample_bilinear
+        # clouds: periodic noise, v from the elevation (perspective-ish), u from the azimuth.
+        # Separable bilinear: lerp the needed texture rows, then gather/lerp the columns.
         tile = _cloud_tile()
-        u = (az / (2 * np.pi) * 512.0)[:, None] + look.cloud_off
-        v = (look.cloud_off * 0.37 + 14.0 / (np.sin(e) + 0.08))[None, :]
-        c = sample_bilinear(tile, np.broadcast_to(u, (C, up)), np.broadcast_to(v, (C, up)))
+        n = tile.shape[0]
+        v = look.cloud_off * 0.37 + 90.0 * e
+        v0 = np.floor(v)
+        fv = (v - v0).astype(np.float32)[:, None]
+        j0 = v0.astype(np.int64) % n
+        rows = tile[j0] * (1 - fv) + tile[(j0 + 1) % n] * fv  # (up, n)
+        u = az / (2 * np.pi) * n + look.cloud_off
+        u0 = np.floor(u)
+        fu = (u - u0).astype(np.float32)[:, None]
+        i0 = u0.astype(np.int64) % n
+        c = rows.T[i0] * (1 - fu) + rows.T[(i0 + 1) % n] * fu  # (C, up)
         cov = np.clip((c + 2.2 * look.cloud - 1.3) / 0.9, 0, 1) * np.clip(e / 0.05, 0, 1)[None, :]
         cloud_col = np.array([238, 238, 240], np.float32) if look.weather != "overcast" else look.sky_horizon * 0.85
         sky += (cloud_col - sky) * cov[..., None].astype(np.float32)
