@@ -1,17 +1,13 @@
 """Shared helpers and fixtures for the service tests (imported by tests/test_service_*.py).
 
 Artifacts are made the way production makes them, through the public ``python -m index_build
-build`` CLI when it exists; stages only talk through files, so the service tests never import
-index_build. Before index_build existed they were written here following docs/INTERFACES.md.
+build`` CLI; stages only talk through files, so the service tests never import index_build.
 """
 from __future__ import annotations
 
 import contextlib
 import csv
-import datetime
-import hashlib
 import io
-import json
 import os
 import signal
 import socket
@@ -80,68 +76,14 @@ def write_catalog(directory: Path, prefix: str, count: int, seed: int) -> Path:
     return catalog
 
 
-def index_build_cli_available() -> bool:
-    """True once ``python -m index_build`` exists (and, in a git checkout, is committed)."""
-    if not (REPO / "index_build" / "__main__.py").is_file():
-        return False
-    if (REPO / ".git").exists():
-        try:
-            tracked = subprocess.run(["git", "ls-files", "--error-unmatch",
-                                      "index_build/__main__.py"], cwd=REPO, capture_output=True)
-        except OSError:  # no git binary: trust the working tree
-            return True
-        return tracked.returncode == 0
-    return True
-
-
 def build_artifact(catalog: Path, checkpoint: Path, out: Path) -> Path:
-    """Build an index artifact at ``out`` (through the index_build CLI when it exists)."""
-    if index_build_cli_available():
-        proc = subprocess.run(
-            [PYTHON, "-m", "index_build", "build", "--catalog", str(catalog),
-             "--checkpoint", str(checkpoint), "--out", str(out)],
-            cwd=REPO, capture_output=True, text=True, timeout=300,
-        )
-        assert proc.returncode == 0, f"index_build failed:\n{proc.stdout}\n{proc.stderr}"
-        return out
-    return _write_artifact_by_hand(catalog, checkpoint, out)
-
-
-def _write_artifact_by_hand(catalog: Path, checkpoint: Path, out: Path) -> Path:
-    """docs/INTERFACES.md "Index artifact directory", written directly (pre-index_build)."""
-    import faiss
-
-    from model import load_checkpoint
-    from model.encode import encode_images
-    from model.preprocess import aerial_tensor, load_image
-
-    net = load_checkpoint(checkpoint)
-    with catalog.open(newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    sources = [str((catalog.parent / r["path"]).resolve()) for r in rows]
-    vectors = encode_images(net, [aerial_tensor(load_image(s), net.config) for s in sources],
-                            "aerial", batch_size=32)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.mkdir(parents=True)
-    index = faiss.IndexFlatIP(vectors.shape[1])
-    index.add(vectors)
-    faiss.write_index(index, str(tmp / "index.faiss"))
-    with (tmp / "tiles.csv").open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["tile_id", "lat", "lon", "source"])
-        for row, source in zip(rows, sources):
-            writer.writerow([row["tile_id"], row["lat"], row["lon"], source])
-    manifest = {
-        "format_version": 1, "model_fingerprint": net.fingerprint(),
-        "model_config": net.config.to_dict(), "embedding_dim": int(vectors.shape[1]),
-        "metric": "inner_product", "count": len(rows), "index_type": "Flat", "index_params": {},
-        "faiss_version": faiss.__version__,
-        "catalog_sha256": hashlib.sha256(catalog.read_bytes()).hexdigest(),
-        "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "source": {"catalog": str(catalog), "checkpoint": str(checkpoint)},
-    }
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    os.rename(tmp, out)
+    """Build an index artifact at ``out`` through the public ``python -m index_build`` CLI."""
+    proc = subprocess.run(
+        [PYTHON, "-m", "index_build", "build", "--catalog", str(catalog),
+         "--checkpoint", str(checkpoint), "--out", str(out), "--quiet"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, f"index_build failed:\n{proc.stdout}\n{proc.stderr}"
     return out
 
 
