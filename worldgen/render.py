@@ -115,29 +115,30 @@ def _noise_bank() -> np.ndarray:
     return _NOISE_BANK[0]
 
 
-def _finish(img: np.ndarray, gain, brightness, gamma, saturation, noise, rng) -> np.ndarray:
-    """Capture colour transform (white balance, exposure, saturation, gamma) + sensor noise.
+def _finish(img: np.ndarray, gain, brightness, gamma, saturation, noise, rng, haze: float = 0.0,
+            haze_col=None) -> np.ndarray:
+    """Capture transform + sensor noise: float 0..255 (.., 3) in -> uint8 out.
 
-    float 0..255 (.., 3) in -> uint8 out. Gamma goes through a 256-entry table; the noise is a
-    slice at a random offset of a fixed Gaussian bank (cheap, deterministic per rng).
+    White balance, exposure, saturation and (optional) haze are one affine colour map
+    y = x @ A + b; sensor noise (a slice at a random offset of a fixed Gaussian bank) is added
+    before the tone curve, which is a 256-entry uint8 table.
     """
-    x = img * (np.asarray(gain, np.float32) * np.float32(brightness))
-    lum = (x[..., 0] + x[..., 1] + x[..., 2]) * np.float32(1.0 / 3.0)
-    x -= lum[..., None]
-    x *= np.float32(saturation)
-    x += lum[..., None]
-    np.clip(x, 0, 255, out=x)
-    q = x.astype(np.uint8)
-    lut = (255.0 * np.power(np.arange(256) / 255.0, gamma)).astype(np.float32)
-    y = lut[q]
+    g = np.asarray(gain, np.float64) * float(brightness)
+    sat = float(saturation)
+    S = sat * np.eye(3) + (1.0 - sat) / 3.0 * np.ones((3, 3))
+    A = (1.0 - haze) * (np.diag(g) @ S)
+    bvec = np.zeros(3) if not haze else haze * (np.asarray(haze_col, np.float64) @ (np.diag(g) @ S))
+    shape = img.shape
+    y = img.reshape(-1, 3) @ A.astype(np.float32)
+    y += (bvec + 0.5).astype(np.float32)
     if noise > 0:
         bank = _noise_bank()
         n = y.size
         off = int(rng.integers(0, len(bank) - n))
         y += bank[off:off + n].reshape(y.shape) * np.float32(noise)
-    y += np.float32(0.5)
     np.clip(y, 0, 255, out=y)
-    return y.astype(np.uint8)
+    lut = np.clip(np.round(255.0 * np.power(np.arange(256) / 255.0, gamma)), 0, 255).astype(np.uint8)
+    return lut[y.astype(np.uint8)].reshape(shape)
 
 
 # --------------------------------------------------------------------------------------------
@@ -236,15 +237,15 @@ def render_aerial(world: World, cx: float, cy: float, size_px: int = 256, footpr
     # cast shadows at half resolution over a padded window
     shadow = _shadow_mask(world, cx, cy, n, res, hs, look)
     light = look.shadow + (1.0 - look.shadow) * np.clip(lam / max(sz, 1e-3), 0, 1.3) * (1.0 - shadow)
-    img = alb * light[..., None]
-    img[shadow > 0.5] *= np.array([0.92, 0.96, 1.08], dtype=np.float32)
+    # shadows are lit by the blue sky: a slight blue tint where shadowed
+    light3 = light[..., None] * (1.0 + shadow[..., None] * np.array([-0.08, -0.04, 0.08], dtype=np.float32))
+    img = alb * light3
     # water glint
     wat = cls == C_WATER
     if wat.any():
         img[wat] = img[wat] * 0.85 + 20.0 * (1 - shadow[wat, None])
-    if look.haze > 0:
-        img = img * (1 - look.haze) + look.haze_col * look.haze
-    return _finish(img, look.gain, look.brightness, look.gamma, look.saturation, look.noise, rng)
+    return _finish(img, look.gain, look.brightness, look.gamma, look.saturation, look.noise, rng,
+                   haze=look.haze, haze_col=look.haze_col)
 
 
 def _shadow_mask(world: World, cx, cy, n, res, hs_full, look: AerialLook):
@@ -479,8 +480,8 @@ def render_pano(world: World, cx: float, cy: float, height: int = 128, width: in
     dfin = np.where(np.isfinite(dist), dist, np.float32(0))
     fog = (1.0 - np.exp(dfin * np.float32(-1.0 / look.fog_dist))).astype(np.float32)
     img += (look.sky_horizon - img) * fog[..., None]
-    img = np.transpose(img, (1, 0, 2))  # (H, C, 3)
     out = _finish(img, look.gain, look.exposure, look.gamma, look.saturation, look.noise, rng)
+    out = np.ascontiguousarray(np.transpose(out, (1, 0, 2)))  # (H, C, 3)
     if return_depth:
         return out, np.transpose(dist, (1, 0))
     return out
@@ -501,31 +502,36 @@ def _sky(look: PanoLook, az, el, C, H):
     up = int(np.count_nonzero(el >= 0))
     e = el[:up]
     t = np.power(np.sin(e), 0.6).astype(np.float32)
-    grad = look.sky_horizon[None, :] * (1 - t[:, None]) + look.sky_zenith[None, :] * t[:, None]  # (up, 3)
-    sky = np.broadcast_to(grad[None], (C, up, 3)).astype(np.float32)
+    grad = (look.sky_horizon[None, :] * (1 - t[:, None]) + look.sky_zenith[None, :] * t[:, None]).astype(np.float32)
+    sky = np.empty((C, up, 3), np.float32)
+    sky[:] = grad[None]
     if look.cloud > 0:
-        # clouds: periodic noise, v from the elevation (perspective-ish), u from the azimuth.
-        # Separable bilinear: lerp the needed texture rows, then gather/lerp the columns.
+        # clouds: periodic noise, v from the elevation, u from the azimuth. Separable bilinear:
+        # lerp the needed texture rows, then gather/lerp the columns.
         tile = _cloud_tile()
         n = tile.shape[0]
         v = look.cloud_off * 0.37 + 90.0 * e
         v0 = np.floor(v)
         fv = (v - v0).astype(np.float32)[:, None]
         j0 = v0.astype(np.int64) % n
-        rows = tile[j0] * (1 - fv) + tile[(j0 + 1) % n] * fv  # (up, n)
+        rows = (tile[j0] * (1 - fv) + tile[(j0 + 1) % n] * fv).T  # (n, up)
         u = az / (2 * np.pi) * n + look.cloud_off
         u0 = np.floor(u)
         fu = (u - u0).astype(np.float32)[:, None]
         i0 = u0.astype(np.int64) % n
-        c = rows.T[i0] * (1 - fu) + rows.T[(i0 + 1) % n] * fu  # (C, up)
-        cov = np.clip((c + 2.2 * look.cloud - 1.3) / 0.9, 0, 1) * np.clip(e / 0.05, 0, 1)[None, :]
+        c = rows[i0] * (1 - fu) + rows[(i0 + 1) % n] * fu  # (C, up)
+        cov = np.clip((c + np.float32(2.2 * look.cloud - 1.3)) * np.float32(1 / 0.9), 0, 1)
+        cov *= np.clip(e / 0.05, 0, 1).astype(np.float32)[None, :]
         cloud_col = np.array([238, 238, 240], np.float32) if look.weather != "overcast" else look.sky_horizon * 0.85
-        sky += (cloud_col - sky) * cov[..., None].astype(np.float32)
+        sky += (cloud_col[None, None, :] - grad[None]) * cov[..., None]
     if look.weather == "clear":
-        cosang = (np.cos(e)[None, :] * np.cos(az - look.sun_az)[:, None] * math.cos(look.sun_el)
-                  + np.sin(e)[None, :] * math.sin(look.sun_el))
-        glow = np.clip((cosang - 0.97) / 0.03, 0, 1) ** 2
-        sky += (80 * glow[..., None]).astype(np.float32)
+        # sun glow only near the sun's azimuth
+        near = np.cos(az - look.sun_az) > 0.9
+        if near.any():
+            cosang = (np.cos(e)[None, :] * np.cos(az[near] - look.sun_az)[:, None] * math.cos(look.sun_el)
+                      + np.sin(e)[None, :] * math.sin(look.sun_el))
+            glow = np.clip((cosang - 0.97) / 0.03, 0, 1) ** 2
+            sky[near] += (80 * glow[..., None]).astype(np.float32)
     return sky
 
 
