@@ -1,4 +1,8 @@
-"""FastAPI dependencies: settings, runtime, readiness, API-key and admin-token auth."""
+"""FastAPI dependencies: settings, runtime, readiness, API-key and admin-token auth.
+
+All are ``async def``: they only read app state, and FastAPI would run plain ``def``
+dependencies in the thread pool, a thread hop per dependency per request.
+"""
 from __future__ import annotations
 
 import hmac
@@ -19,11 +23,11 @@ api_key_header = APIKeyHeader(
 admin_bearer = HTTPBearer(auto_error=False, description="GEOLOC_ADMIN_TOKEN")
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_runtime(request: Request) -> Runtime:
+async def get_runtime(request: Request) -> Runtime:
     return request.app.state.runtime
 
 
@@ -35,7 +39,7 @@ def _matches(given: str, secret: str) -> bool:
     return hmac.compare_digest(given.encode("utf-8"), secret.encode("utf-8"))
 
 
-def require_api_key(
+async def require_api_key(
     settings: SettingsDep, key: Annotated[str | None, Security(api_key_header)] = None
 ) -> None:
     if not settings.api_keys:
@@ -52,7 +56,7 @@ def require_api_key(
                             headers={"WWW-Authenticate": "ApiKey"})
 
 
-def require_admin(
+async def require_admin(
     settings: SettingsDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Security(admin_bearer)] = None,
 ) -> None:
@@ -67,7 +71,7 @@ def require_admin(
                             headers={"WWW-Authenticate": "Bearer"})
 
 
-def require_ready(runtime: RuntimeDep) -> Runtime:
+async def require_ready(runtime: RuntimeDep) -> Runtime:
     if not runtime.ready:
         raise NotReady(runtime.error or f"service is {runtime.state}")
     return runtime
