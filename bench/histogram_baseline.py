@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     if args.append:
         path = Path(__file__).resolve().parent / "RESULTS.md"
         with open(path, "a") as f:
-            f.write("\n## worldgen: colour-histogram baseline (bench/histogram_baseline.py)\n\n" + text + "\n")
+            f.write("\n## worldgen\n\n### colour-histogram baseline (bench/histogram_baseline.py)\n\n" + text + "\n")
         print(f"appended to {path}")
     return 0
 

@@ -98,9 +98,16 @@ def main(argv=None) -> int:
     try:
         cfg = GenConfig(seed=args.seed, area_km2=args.area_km2, pairs=args.pairs)
         logs: list[str] = []
+        import resource
+
+        ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
         meta = generate_dataset(cfg, os.path.join(tmp, "w"), workers=args.workers, progress=False, log=logs.append)
         total = time.perf_counter() - t0
+        ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        # CPU seconds the render workers used (user + sys): pairs per CPU-second, i.e. what the
+        # worker count would reach on otherwise idle cores
+        worker_cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
         last = logs[-1]
         # "... (world X s, rendering Y s = Z pairs/s)"
         world_s = float(last.split("(world ")[1].split(" s")[0])
@@ -120,6 +127,12 @@ def main(argv=None) -> int:
                  f"rendering+encoding+writing **{rate:.1f} pairs/s** ({render_s:.1f} s), total {total:.1f} s, "
                  f"{size_mb / args.pairs * 1000:.0f} kB per pair on disk; {meta['counts']['buildings']} buildings, "
                  f"{meta['counts']['trees']} trees")
+    if args.workers > 1 and worker_cpu > 0:
+        cpu_rate = args.pairs / worker_cpu
+        lines.append(f"- render workers used {worker_cpu:.1f} CPU-s (user+sys) for {args.pairs} pairs = "
+                     f"{cpu_rate:.1f} pairs per CPU-second -> **~{cpu_rate * min(args.workers, os.cpu_count() or 1):.0f} pairs/s "
+                     f"on {min(args.workers, os.cpu_count() or 1)} idle cores** (CPU-bound estimate; contention inflates CPU time, "
+                     f"so this is conservative)")
     lines.append(f"- single-process CPU time per pair (process_time, {args.breakdown_pairs} pairs): aerial "
                  f"{bd['aerial']:.1f} ms, panorama {bd['pano']:.1f} ms, PNG {bd['png']:.1f} ms, JPEG {bd['jpeg']:.1f} ms "
                  f"= {per_pair:.1f} ms -> {1000 / per_pair:.0f} pairs/s per core of CPU time")
@@ -128,7 +141,7 @@ def main(argv=None) -> int:
     if args.append:
         path = Path(__file__).resolve().parent / "RESULTS.md"
         with open(path, "a") as f:
-            f.write("\n## worldgen: generation speed (bench/worldgen_speed.py)\n\n" + text + "\n")
+            f.write("\n## worldgen\n\n### generation speed (bench/worldgen_speed.py)\n\n" + text + "\n")
         print(f"appended to {path}")
     return 0
 
