@@ -2,6 +2,7 @@
 batched `encode_aerial` on one device, writing one shard file per finished shard."""
 from __future__ import annotations
 
+import os
 import time
 from typing import Callable, Sequence
 
@@ -12,6 +13,13 @@ from tqdm import tqdm
 from index_build.encode_common import (BadImagesError, BadTile, EncodeStats, PathTable, ShardAlignedBatches,
                                        TileImageDataset, collate_tiles)
 from index_build.workdir import ShardSpan, write_shard
+
+
+def available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def _worker_init(_worker_id: int) -> None:
@@ -41,6 +49,11 @@ def encode_shards_local(model, paths: Sequence[str], tile_ids: Sequence[str], sp
         worker_init_fn=_worker_init if workers > 0 else None,
         prefetch_factor=max(2, prefetch_batches) if workers > 0 else None,
     )
+    # On a CPU device the workers' decoding and the model's threads share the same cores: give the
+    # model the cores the workers leave free instead of oversubscribing them.
+    threads_before = torch.get_num_threads()
+    if device.type == "cpu" and workers > 0:
+        torch.set_num_threads(max(1, min(threads_before, available_cpus() - workers)))
     total = sum(len(s) for s in spans)
     bar = tqdm(total=total, unit="tile", unit_scale=True, dynamic_ncols=True, disable=not progress,
                desc="encode", smoothing=0.05)
@@ -81,4 +94,5 @@ def encode_shards_local(model, paths: Sequence[str], tile_ids: Sequence[str], sp
     finally:
         bar.close()
         stats.seconds = time.perf_counter() - t_run
+        torch.set_num_threads(threads_before)
     return stats

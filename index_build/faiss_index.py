@@ -118,8 +118,8 @@ class _Device:
         self._res = None
 
     def place(self, index, spec: IndexSpec):
-        if not self.use_gpu or spec.index_type == "hnsw":
-            return index, False
+        if not self.use_gpu or spec.index_type not in ("ivf-flat", "ivf-pq"):
+            return index, False  # flat gains nothing from a round trip; HNSW has no GPU version here
         faiss = _faiss()
         try:
             if self._res is None:
@@ -275,7 +275,8 @@ def tune_search(index, spec: IndexSpec, n: int, blocks: Callable[[], Iterable[np
         chosen, achieved = value, r
     set_search_param(index, spec.index_type, chosen)
     result = {name: chosen, "tuned_recall_at_10" if k == 10 else f"tuned_recall_at_{k}": round(achieved, 4),
-              "tuning_queries": int(queries.shape[0]), "target_recall": target_recall, "tuning_curve": curve}
+              "tuning_queries": int(queries.shape[0]), "tuning_query_source": "sample of the indexed vectors",
+              "target_recall": target_recall, "tuning_curve": curve}
     if achieved < target_recall:
         log.warning("%s: recall@%d %.3f at the largest %s=%d, below the %.2f target",
                     spec.index_type, k, achieved, name, chosen, target_recall)

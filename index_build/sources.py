@@ -3,8 +3,9 @@
 Two sources:
   * a catalogue CSV with header `tile_id,lat,lon,path` (any column order, extra columns kept as
     metadata, `path` relative to the CSV's directory or absolute);
-  * a slippy-map directory `{z}/{x}/{y}.png|jpg|jpeg` (tile id `z/x/y`, centre lat/lon from the
-    Web-Mercator maths, extra columns `z,x,y`).
+  * a slippy-map directory `{z}/{x}/{y}.png|jpg|jpeg` (tile id `z-x-y`: no slashes, so that it can
+    sit in a URL path such as the service's /tiles/{tile_id}; centre lat/lon from the Web-Mercator
+    maths; extra columns `z,x,y`).
 
 Every problem is collected into one ValidationReport (line numbers for CSV rows, paths for
 slippy tiles); nothing is dropped silently. Image *contents* are checked later, while encoding
@@ -189,11 +190,15 @@ def read_catalogue_csv(csv_path: str, check_files: bool = True) -> Catalogue:
     return Catalogue(records, extra_columns, source, sha256_file(csv_path), notes)
 
 
+def slippy_tile_id(z: int, x: int, y: int) -> str:
+    return f"{z}-{x}-{y}"
+
+
 _SLIPPY_PART = re.compile(r"^(0|[1-9][0-9]*)$")
 
 
 def read_slippy_dir(root: str, check_files: bool = True) -> Catalogue:
-    """Read a `{z}/{x}/{y}.png|jpg|jpeg` tree. Tile id "z/x/y", centre of the tile as lat/lon."""
+    """Read a `{z}/{x}/{y}.png|jpg|jpeg` tree. Tile id "z-x-y", centre of the tile as lat/lon."""
     root = os.path.abspath(root)
     source = f"slippy:{root}"
     if not os.path.isdir(root):
@@ -226,7 +231,7 @@ def read_slippy_dir(root: str, check_files: bool = True) -> Catalogue:
             issues.append(Issue(rel, "", "not a {z}/{x}/{y} tile path"))
             continue
         z, x, y = (int(p) for p in parts)
-        tid = f"{z}/{x}/{y}"
+        tid = slippy_tile_id(z, x, y)
         if z > MAX_ZOOM or not (x < 2 ** z and y < 2 ** z):
             issues.append(Issue(rel, tid, f"tile outside the zoom-{z} grid (x, y must be < {2 ** z})"
                                 if z <= MAX_ZOOM else f"zoom {z} > {MAX_ZOOM}"))
@@ -243,7 +248,7 @@ def read_slippy_dir(root: str, check_files: bool = True) -> Catalogue:
     records = []
     for (z, x, y), path in sorted(found.items()):
         lat, lon = tile_center_latlon(z, x, y)
-        records.append(TileRecord(f"{z}/{x}/{y}", lat, lon, path, (str(z), str(x), str(y)),
+        records.append(TileRecord(slippy_tile_id(z, x, y), lat, lon, path, (str(z), str(x), str(y)),
                                   os.path.relpath(path, root)))
     notes = []
     if ignored:

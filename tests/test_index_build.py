@@ -131,7 +131,7 @@ def test_slippy_directory_source(tmp_path):
     make_tile(root / "15" / str(x + 1) / f"{y}.png", 3)
     (root / "README.txt").write_text("not a tile")
     cat = read_slippy_dir(str(root))
-    assert [r.tile_id for r in cat.records] == [f"15/{x}/{y}", f"15/{x}/{y + 1}", f"15/{x + 1}/{y}"]
+    assert [r.tile_id for r in cat.records] == [f"15-{x}-{y}", f"15-{x}-{y + 1}", f"15-{x + 1}-{y}"]
     assert cat.extra_columns == ["z", "x", "y"]
     first = cat.records[0]
     assert (first.lat, first.lon) == pytest.approx(webmercator.tile_center_latlon(15, x, y))
