@@ -254,6 +254,9 @@ def tune_search(index, spec: IndexSpec, n: int, blocks: Callable[[], Iterable[np
     if spec.index_type == "flat" or n == 0:
         return {}
     k = min(k, n)
+    # The exact ground truth costs queries x N x dim; keep it near 2e11 flops (a few CPU minutes).
+    dim = next(iter(blocks())).shape[1]
+    num_queries = int(max(20, min(num_queries, 2e11 // max(1, n * dim))))
     queries = sample_rows(blocks, n, num_queries, seed)
     truth = exact_topk(queries, blocks, k)
     if spec.index_type == "hnsw":
