@@ -52,7 +52,9 @@ async def _wait_for_disconnect(request: Request) -> None:
             return
 
 
-async def run(request: Request, runtime: Runtime, *, k: int, batch: bool) -> tuple[JobResult, Decoded, list[UploadedFile], float]:
+async def run(request: Request, runtime: Runtime, *, k: int,
+              batch: bool) -> tuple[JobResult, Decoded, list[UploadedFile], float]:
+    """Read the upload(s), decode them off the event loop, queue one job, await its result."""
     started = time.perf_counter()
     s = runtime.settings
     files = await read_files(

@@ -1,0 +1,478 @@
+"""Load benchmark of the service: a bounded load generator against a local uvicorn (loopback only).
+
+Measures, in one run and on the same machine:
+  * the raw ground-branch encoder: batch-1 latency and batched throughput (no HTTP, no decode);
+  * the service at concurrency 1: p50 / p99 request latency;
+  * the service at concurrency 16: throughput, compared with the raw batched encoder.
+Targets (issue 6): service throughput >= 0.8 x raw; p50 at c=1 <= encoder batch-1 time + 10 ms.
+The raw and the service measurements alternate for --rounds rounds and medians are reported, so a
+change in what else runs on the machine hits both sides; the CPU time other programs took during
+each measurement is reported too (/proc/stat minus the server's and this process's own CPU time).
+
+  python bench/load.py                                   # random tiny model + 10k random tiles
+  python bench/load.py --checkpoint weights/l2ltr_tiny_demo.safetensors --index demo/index
+
+Without --checkpoint a randomly initialised L2LTRConfig.named("tiny") checkpoint is made; without
+--index a 10k-tile artifact of random unit vectors for that checkpoint is written (docs/INTERFACES.md
+format, FAISS IndexFlatIP). Everything stays on 127.0.0.1; request counts and durations are bounded.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import hashlib
+import http.client
+import io
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from model import L2LTR, L2LTRConfig, load_checkpoint, save_checkpoint  # noqa: E402
+from model.encode import encode_batch, pick_device, prepare_for_inference  # noqa: E402
+
+BOUNDARY = "geolocbenchboundary"
+
+
+# --- inputs ---------------------------------------------------------------------------------------
+
+def make_checkpoint(path: Path, config: str, seed: int) -> None:
+    torch.manual_seed(seed)
+    net = L2LTR(L2LTRConfig.named(config)).eval()
+    save_checkpoint(net, path, metadata={"provenance": {"purpose": "bench/load.py, random init"}})
+
+
+def make_random_artifact(out: Path, checkpoint: Path, tiles: int, seed: int) -> None:
+    """An index artifact of random unit vectors (the service's cost does not depend on them)."""
+    import faiss
+
+    net = load_checkpoint(checkpoint)
+    rng = np.random.default_rng(seed)
+    vectors = rng.standard_normal((tiles, net.embedding_dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.mkdir(parents=True)
+    thumb = tmp / "tile.png"
+    Image.fromarray(rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)).save(thumb)
+    index = faiss.IndexFlatIP(net.embedding_dim)
+    index.add(vectors)
+    faiss.write_index(index, str(tmp / "index.faiss"))
+    lat = rng.uniform(46.0, 47.0, tiles)
+    lon = rng.uniform(7.0, 8.0, tiles)
+    with (tmp / "tiles.csv").open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["tile_id", "lat", "lon", "source"])
+        for i in range(tiles):
+            w.writerow([f"{i:06d}", f"{lat[i]:.7f}", f"{lon[i]:.7f}", str(out / "tile.png")])
+    manifest = {
+        "format_version": 1, "model_fingerprint": net.fingerprint(),
+        "model_config": net.config.to_dict(), "embedding_dim": net.embedding_dim,
+        "metric": "inner_product", "count": tiles, "index_type": "Flat", "index_params": {},
+        "faiss_version": faiss.__version__,
+        "catalog_sha256": hashlib.sha256(f"random-{tiles}-{seed}".encode()).hexdigest(),
+        "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source": {"generator": "bench/load.py random vectors", "seed": seed},
+    }
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    os.rename(tmp, out)
+
+
+def panorama_jpeg(path: Path | None, size: tuple[int, int], seed: int) -> bytes:
+    if path is not None:
+        return path.read_bytes()
+    w, h = size
+    rng = np.random.default_rng(seed)
+    # Smooth-ish content (not white noise) so the JPEG is a realistic size for its resolution.
+    small = rng.integers(0, 255, (h // 8, w // 8, 3), dtype=np.uint8)
+    img = Image.fromarray(small).resize((w, h), Image.BICUBIC)
+    out = io.BytesIO()
+    img.save(out, format="JPEG", quality=90)
+    return out.getvalue()
+
+
+def multipart(image: bytes) -> bytes:
+    return (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="image"; filename="pano.jpg"\r\n'
+            f"Content-Type: image/jpeg\r\n\r\n").encode() + image + f"\r\n--{BOUNDARY}--\r\n".encode()
+
+
+# --- raw encoder ----------------------------------------------------------------------------------
+
+_RAW_CACHE: dict = {}
+
+
+def raw_encoder(checkpoint: Path, device: str, batch: int, seconds: float,
+                batch1_only: bool = False, threads: tuple[int, ...] = ()) -> dict:
+    """The encoder at its best: each torch thread count in `threads` is tried, the best kept."""
+    if threads:
+        trials = []
+        saved = torch.get_num_threads()
+        for n in threads:
+            torch.set_num_threads(n)
+            trial = raw_encoder(checkpoint, device, batch, seconds / len(threads), batch1_only)
+            trial["threads"] = n
+            trials.append(trial)
+        torch.set_num_threads(saved)
+        key = (lambda t: -t["batch1_ms_p50"]) if batch1_only else (lambda t: t["batched_img_s"])
+        best = dict(max(trials, key=key))
+        best["trials"] = trials
+        return best
+    dev = pick_device(device)
+    key = (str(checkpoint), str(dev))
+    if key not in _RAW_CACHE:
+        _RAW_CACHE[key] = prepare_for_inference(load_checkpoint(checkpoint), dev)
+    net = _RAW_CACHE[key]
+    h, w = net.config.ground_size
+    x1 = torch.randn(1, 3, h, w)
+    xb = torch.randn(batch, 3, h, w)
+    for _ in range(5):
+        encode_batch(net, x1, "ground", dev)
+    encode_batch(net, xb, "ground", dev)
+    lat = []
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds or len(lat) < 20:
+        t = time.perf_counter()
+        encode_batch(net, x1, "ground", dev)
+        lat.append((time.perf_counter() - t) * 1000.0)
+    if batch1_only:
+        return {"batch1_ms_p50": statistics.median(lat), "n": len(lat)}
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds or n < 3 * batch:
+        encode_batch(net, xb, "ground", dev)
+        n += batch
+    elapsed = time.perf_counter() - start
+    return {"batch1_ms_p50": statistics.median(lat), "batched_img_s": n / elapsed,
+            "batch": batch}
+
+
+# --- server ---------------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        self.port = free_port()
+        full = {k: v for k, v in os.environ.items() if not k.startswith("GEOLOC_")}
+        full.update(env)
+        full["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+        self.log = log.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "service.app:app", "--host", "127.0.0.1",
+             "--port", str(self.port), "--no-access-log"],
+            cwd=REPO, env=full, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"uvicorn exited ({self.proc.returncode}); see {log}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.2)
+        raise SystemExit(f"uvicorn not ready after 120 s; see {log}")
+
+    def get(self, path: str) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=10) as r:
+            return r.read().decode()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.log.close()
+
+
+def _metric_sum(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+# --- load -----------------------------------------------------------------------------------------
+
+def run_load(port: int, body: bytes, concurrency: int, max_requests: int, max_seconds: float,
+             k: int = 5) -> dict:
+    """Closed loop: `concurrency` clients, each with one keep-alive connection, send requests
+    back to back until `max_requests` in total or `max_seconds` have passed."""
+    headers = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}",
+               "Content-Length": str(len(body))}
+    latencies: list[float] = []
+    server_ms: list[dict] = []
+    errors: dict[int, int] = {}
+    lock = threading.Lock()
+    issued = [0]
+    start_gate = threading.Barrier(concurrency + 1)
+    deadline = [0.0]
+
+    def client() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        start_gate.wait()
+        while True:
+            with lock:
+                if issued[0] >= max_requests or time.perf_counter() > deadline[0]:
+                    break
+                issued[0] += 1
+            t = time.perf_counter()
+            conn.request("POST", f"/localize?k={k}", body=body, headers=headers)
+            resp = conn.getresponse()
+            payload = resp.read()
+            elapsed = (time.perf_counter() - t) * 1000.0
+            with lock:
+                if resp.status == 200:
+                    latencies.append(elapsed)
+                    if len(server_ms) < 2000:
+                        server_ms.append(json.loads(payload)["timing_ms"])
+                else:
+                    errors[resp.status] = errors.get(resp.status, 0) + 1
+        conn.close()
+
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    deadline[0] = time.perf_counter() + max_seconds
+    t0 = time.perf_counter()
+    start_gate.wait()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - t0
+    lat = sorted(latencies)
+
+    def pct(p: float) -> float:
+        return lat[min(len(lat) - 1, int(round(p / 100.0 * (len(lat) - 1))))] if lat else float("nan")
+
+    def mean_of(key: str) -> float:
+        return statistics.fmean(s[key] for s in server_ms) if server_ms else float("nan")
+
+    return {
+        "concurrency": concurrency, "ok": len(lat), "errors": errors, "seconds": elapsed,
+        "throughput_rps": len(lat) / elapsed, "p50_ms": pct(50), "p90_ms": pct(90),
+        "p99_ms": pct(99), "max_ms": lat[-1] if lat else float("nan"),
+        "server_mean_ms": {key: mean_of(key) for key in ("decode", "queue", "encode", "search", "total")},
+    }
+
+
+class CpuMeter:
+    """CPU seconds used by the whole machine, by the server process and by this process, so the
+    report can say how much of the machine other programs took while we measured."""
+
+    def __init__(self, server_pid: int) -> None:
+        self.server_pid = server_pid
+        self.tick = os.sysconf("SC_CLK_TCK")
+
+    def _sample(self) -> tuple[float, float, float, float]:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+        values = [int(v) for v in fields]
+        idle = values[3] + values[4]  # idle + iowait
+        busy = sum(values[:8]) - idle  # user..steal, without guest (already in user)
+        def proc(pid: int | str) -> float:
+            parts = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(parts[11]) + int(parts[12])) / self.tick
+        return time.perf_counter(), busy / self.tick, proc(self.server_pid), proc("self")
+
+    def start(self) -> None:
+        self._t0 = self._sample()
+
+    def stop(self) -> dict:
+        t1 = self._sample()
+        wall = t1[0] - self._t0[0]
+        total, server, me = (t1[i] - self._t0[i] for i in (1, 2, 3))
+        return {"wall_s": wall, "cpus_busy": total / wall, "server_cpus": server / wall,
+                "bench_cpus": me / wall, "other_cpus": max(0.0, total - server - me) / wall,
+                "server_cpu_s": server}
+
+
+def machine() -> str:
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}"
+
+
+def other_load() -> str:
+    try:
+        load1, load5, _ = os.getloadavg()
+    except OSError:
+        return "unknown"
+    return f"load average before the run {load1:.2f} (1 min) / {load5:.2f} (5 min)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", type=Path, help="default: a random L2LTRConfig.named(--config) one")
+    p.add_argument("--config", default="tiny", help="named config for the random checkpoint")
+    p.add_argument("--index", type=Path, help="artifact dir; default: --tiles random vectors")
+    p.add_argument("--tiles", type=int, default=10_000)
+    p.add_argument("--image", type=Path, help="panorama to send; default: a synthetic JPEG")
+    p.add_argument("--image-size", default="512x128", help="WxH of the synthetic panorama")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--max-batch-size", type=int, default=8, help="GEOLOC_MAX_BATCH_SIZE")
+    p.add_argument("--max-wait-ms", type=float, default=2.0, help="GEOLOC_MAX_BATCH_WAIT_MS")
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=3,
+                   help="alternate raw/service measurements this many times; medians reported")
+    p.add_argument("--c1-requests", type=int, default=200)
+    p.add_argument("--c1-seconds", type=float, default=6.0)
+    p.add_argument("--load-requests", type=int, default=3000)
+    p.add_argument("--load-seconds", type=float, default=8.0)
+    p.add_argument("--raw-seconds", type=float, default=3.0)
+    p.add_argument("--log-level", default="INFO", help="GEOLOC_LOG_LEVEL of the server")
+    p.add_argument("--raw-threads", default="1,2",
+                   help="torch thread counts tried for the raw encoder; the best one is the reference")
+    p.add_argument("--raw-batches", default="16",
+                   help="batch sizes tried for the raw encoder besides --max-batch-size; best kept")
+    p.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra environment for the server (e.g. GEOLOC_TORCH_THREADS=2)")
+    p.add_argument("--workdir", type=Path, help="keep generated files here (default: temp dir)")
+    p.add_argument("--json", type=Path, help="also write the raw numbers here")
+    args = p.parse_args(argv)
+
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="geoloc-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    note_load = other_load()
+    checkpoint = args.checkpoint
+    if checkpoint is None:
+        checkpoint = work / f"random_{args.config}.safetensors"
+        if not checkpoint.exists():
+            make_checkpoint(checkpoint, args.config, seed=0)
+    index = args.index
+    if index is None:
+        index = work / f"random_{args.tiles}"
+        if not index.exists():
+            make_random_artifact(index, checkpoint, args.tiles, seed=0)
+    w, h = (int(v) for v in args.image_size.lower().split("x"))
+    image = panorama_jpeg(args.image, (w, h), seed=1)
+    body = multipart(image)
+
+    env = {"GEOLOC_CHECKPOINT": str(checkpoint), "GEOLOC_INDEX": str(index),
+           "GEOLOC_DEVICE": args.device, "GEOLOC_MAX_BATCH_SIZE": str(args.max_batch_size),
+           "GEOLOC_MAX_BATCH_WAIT_MS": str(args.max_wait_ms),
+           "GEOLOC_QUEUE_SIZE": str(max(64, 4 * args.concurrency)),
+           "GEOLOC_RELOAD_POLL_S": "0", "GEOLOC_LOG_LEVEL": args.log_level}
+    for item in args.server_env:
+        key, _, value = item.partition("=")
+        env[key] = value
+    print(f"checkpoint {checkpoint}\nindex      {index}\nimage      {w}x{h} JPEG, {len(image)} bytes")
+    raw_threads = tuple(int(t) for t in args.raw_threads.split(",") if t)
+    raw_batches = sorted({args.max_batch_size, *(int(b) for b in args.raw_batches.split(",") if b)})
+    server = Server(env, work / "uvicorn.log")
+    meter = CpuMeter(server.proc.pid)
+    rounds: list[dict] = []
+    try:
+        run_load(server.port, body, 1, 30, 10)  # warm-up of the service
+        run_load(server.port, body, args.concurrency, 4 * args.concurrency, 10)
+        for r in range(args.rounds):
+            meter.start()
+            raw1 = raw_encoder(checkpoint, args.device, 1, args.raw_seconds, batch1_only=True,
+                               threads=raw_threads)
+            raw1["cpu"] = meter.stop()
+            meter.start()
+            c1 = run_load(server.port, body, 1, args.c1_requests, args.c1_seconds)
+            c1["cpu"] = meter.stop()
+            c1["server_cpu_ms_per_request"] = 1000 * c1["cpu"]["server_cpu_s"] / max(1, c1["ok"])
+            meter.start()
+            trials = [raw_encoder(checkpoint, args.device, b, args.raw_seconds / len(raw_batches),
+                                  threads=raw_threads) for b in raw_batches]
+            rawb = dict(max(trials, key=lambda t: t["batched_img_s"]))
+            rawb["batch_trials"] = trials
+            rawb["cpu"] = meter.stop()
+            metrics_before = server.get("/metrics")
+            meter.start()
+            load = run_load(server.port, body, args.concurrency, args.load_requests,
+                            args.load_seconds)
+            load["cpu"] = meter.stop()
+            metrics_after = server.get("/metrics")
+            batches = (_metric_sum(metrics_after, "geoloc_batch_size_count")
+                       - _metric_sum(metrics_before, "geoloc_batch_size_count"))
+            images = (_metric_sum(metrics_after, "geoloc_batch_size_sum")
+                      - _metric_sum(metrics_before, "geoloc_batch_size_sum"))
+            load["mean_batch_size"] = images / batches if batches else float("nan")
+            entry = {"raw_batch1": raw1, "c1": c1, "raw_batched": rawb, "load": load,
+                     "throughput_ratio": load["throughput_rps"] / rawb["batched_img_s"],
+                     "latency_margin_ms": raw1["batch1_ms_p50"] + 10.0 - c1["p50_ms"]}
+            rounds.append(entry)
+            print(f"round {r + 1}: raw b1x{raw1['threads']}t {raw1['batch1_ms_p50']:.2f} ms | c=1 p50 {c1['p50_ms']:.2f} "
+                  f"p99 {c1['p99_ms']:.2f} ms | raw b{rawb['batch']}x{rawb['threads']}t "
+                  f"{rawb['batched_img_s']:.1f} img/s | c={args.concurrency} "
+                  f"{load['throughput_rps']:.1f} req/s (x{entry['throughput_ratio']:.2f}), "
+                  f"batch {load['mean_batch_size']:.2f}, errors {load['errors']} | other programs "
+                  f"used {max(raw1['cpu']['other_cpus'], c1['cpu']['other_cpus'], rawb['cpu']['other_cpus'], load['cpu']['other_cpus']):.2f} CPUs at most",
+                  flush=True)
+    finally:
+        server.stop()
+    med = lambda xs: statistics.median(xs)  # noqa: E731
+    raw_b1 = med([e["raw_batch1"]["batch1_ms_p50"] for e in rounds])
+    raw_img_s = med([e["raw_batched"]["batched_img_s"] for e in rounds])
+    c1_p50 = med([e["c1"]["p50_ms"] for e in rounds])
+    c1_p99 = med([e["c1"]["p99_ms"] for e in rounds])
+    thr = med([e["load"]["throughput_rps"] for e in rounds])
+    ratio = med([e["throughput_ratio"] for e in rounds])
+    margin = med([e["latency_margin_ms"] for e in rounds])
+    batch = med([e["load"]["mean_batch_size"] for e in rounds])
+    load_p50 = med([e["load"]["p50_ms"] for e in rounds])
+    load_p99 = med([e["load"]["p99_ms"] for e in rounds])
+    other = max(e[key]["cpu"]["other_cpus"] for e in rounds
+                for key in ("raw_batch1", "c1", "raw_batched", "load"))
+    server_ms = med([e["c1"]["server_cpu_ms_per_request"] for e in rounds])
+    result = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(), "other_load": note_load, "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "checkpoint": str(checkpoint), "index": str(index), "image_bytes": len(image),
+        "image_size": [w, h], "settings": env, "rounds": rounds,
+        "raw_batch1_ms": raw_b1, "raw_batched_img_s": raw_img_s, "c1_p50_ms": c1_p50,
+        "c1_p99_ms": c1_p99, "throughput_rps": thr, "throughput_ratio": ratio,
+        "latency_margin_ms": margin, "other_cpus_max": other,
+        "target_throughput_ok": ratio >= 0.8, "target_latency_ok": margin >= 0,
+    }
+    ok = lambda b: "met" if b else "MISSED"  # noqa: E731
+    print()
+    print(f"medians of {len(rounds)} rounds; {machine()}; other programs used up to "
+          f"{other:.2f} CPUs during the measurements")
+    print("| measure | value | target |")
+    print("|---|---|---|")
+    print(f"| raw encoder, batch 1 (p50) | {raw_b1:.2f} ms | |")
+    print(f"| raw encoder, batched (best of batch {raw_batches}, threads {raw_threads}) | "
+          f"{raw_img_s:.1f} img/s | |")
+    print(f"| service c=1 p50 / p99 | {c1_p50:.2f} / {c1_p99:.2f} ms (server CPU "
+          f"{server_ms:.1f} ms/request) | p50 <= raw batch-1 + 10 ms: {ok(margin >= 0)} "
+          f"(margin {margin:.2f} ms) |")
+    print(f"| service c={args.concurrency} | {thr:.1f} req/s = {ratio:.2f} x raw (mean batch "
+          f"{batch:.2f}; p50 {load_p50:.1f} ms, p99 {load_p99:.1f} ms) | >= 0.8 x raw: "
+          f"{ok(ratio >= 0.8)} |")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return 0 if result["target_throughput_ok"] and result["target_latency_ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
