@@ -74,6 +74,9 @@ def save_checkpoint(model: L2LTR, path: str | os.PathLike, metadata: Mapping[str
     os.close(fd)
     try:
         save_file(state, tmp, metadata=header)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a checkpoint is meant to be shared (e.g. container users)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
