@@ -76,7 +76,16 @@ def make_tiles(root: Path, n: int, size: int, seed: int = 0) -> Path:
     return csv_path
 
 
-def raw_encoder_tps(model, tensors, batch_size: int, device) -> float:
+def cpu_seconds() -> float:
+    """CPU time of this process plus its finished children (DataLoader workers exit after a build)."""
+    import resource
+
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def raw_encoder_run(model, tensors, batch_size: int, device) -> tuple[float, float]:
+    """(tiles/s wall, CPU ms per tile) of encode_aerial alone on already-decoded tensors."""
     import torch
 
     from model.encode import encode_batch
@@ -85,12 +94,12 @@ def raw_encoder_tps(model, tensors, batch_size: int, device) -> float:
     encode_batch(model, batches[0], "aerial", device)  # warm-up
     if device.type == "cuda":
         torch.cuda.synchronize()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     for b in batches:
         encode_batch(model, b, "aerial", device)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return len(tensors) / (time.perf_counter() - t0)
+    return len(tensors) / (time.perf_counter() - t0), (cpu_seconds() - c0) * 1e3 / len(tensors)
 
 
 def bench_encode(args) -> list[dict]:
@@ -102,6 +111,8 @@ def bench_encode(args) -> list[dict]:
     from model.preprocess import aerial_tensor, load_image
 
     device = pick_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_index_") as tmp:
         tmp = Path(tmp)
@@ -119,37 +130,44 @@ def bench_encode(args) -> list[dict]:
             save_checkpoint(L2LTR(L2LTRConfig.named(name)), ckpt)
             model = prepare_for_inference(load_checkpoint(ckpt), device)
             cfg = model.config
-            t0 = time.perf_counter()
+            c0 = time.process_time()
             tensors = [aerial_tensor(load_image(p), cfg) for p in sources]
-            decode_tps = len(tensors) / (time.perf_counter() - t0)
+            decode_cpu_ms = (time.process_time() - c0) * 1e3 / len(tensors)
             # Best of --rounds for each, raw and build interleaved: on a shared machine the other
             # tenants' load comes and goes, and the best run is the least disturbed one.
             for workers in args.workers:
-                raws, builds = [], []
+                raws, builds, raw_cpu, build_cpu = [], [], [], []
                 for rnd in range(args.rounds):
-                    raws.append(raw_encoder_tps(model, tensors, args.batch_size, device))
+                    tps, cpu_ms = raw_encoder_run(model, tensors, args.batch_size, device)
+                    raws.append(tps)
+                    raw_cpu.append(cpu_ms)
                     out = tmp / f"idx_{name}_{workers}_{rnd}"
+                    c0 = cpu_seconds()
                     result = run_build(BuildOptions(
                         catalog=str(catalog), checkpoint=str(ckpt), out=str(out), batch_size=args.batch_size,
                         workers=workers, shard_size=args.shard_size, progress=False, device=str(device),
                         stop_after="encode"))
+                    build_cpu.append((cpu_seconds() - c0) * 1e3 / len(sources))
                     builds.append(result.encode.tiles_per_second)
-                raws.append(raw_encoder_tps(model, tensors, args.batch_size, device))
+                tps, cpu_ms = raw_encoder_run(model, tensors, args.batch_size, device)
+                raws.append(tps)
+                raw_cpu.append(cpu_ms)
                 raw, build = max(raws), max(builds)
                 rows.append({"config": name, "device": str(device), "tiles": len(sources), "workers": workers,
-                             "batch_size": args.batch_size, "decode_only_tps": round(decode_tps, 1),
+                             "batch_size": args.batch_size, "decode_cpu_ms": round(decode_cpu_ms, 2),
                              "raw_encoder_tps": round(raw, 1), "raw_runs": [round(r, 1) for r in raws],
+                             "raw_cpu_ms": round(min(raw_cpu), 2),
                              "build_encode_tps": round(build, 1), "build_runs": [round(b, 1) for b in builds],
-                             "ratio": round(build / raw, 3)})
+                             "build_cpu_ms": round(min(build_cpu), 2), "ratio": round(build / raw, 3)})
                 print(json.dumps(rows[-1]), file=sys.stderr)
             del tensors, model
-    print("\n| model | device | tiles | workers | batch | decode+polar only (tiles/s, 1 thread) | raw encoder, best (tiles/s) "
-          "| build encode stage, best (tiles/s) | ratio |")
+    print("\n| model | device | tiles | workers | batch | raw encoder, best (tiles/s) | build encode stage, best "
+          "(tiles/s) | ratio | CPU ms/tile: decode+polar / raw encoder / whole build stage |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['config']} | {r['device']} | {r['tiles']} | {r['workers']} | {r['batch_size']} | "
-              f"{r['decode_only_tps']} | {r['raw_encoder_tps']} | "
-              f"{r['build_encode_tps']} | **{r['ratio']:.2f}** |")
+              f"{r['raw_encoder_tps']} | {r['build_encode_tps']} | **{r['ratio']:.2f}** | "
+              f"{r['decode_cpu_ms']} / {r['raw_cpu_ms']} / {r['build_cpu_ms']} |")
     return rows
 
 
@@ -322,6 +340,8 @@ def main(argv=None) -> int:
     e.add_argument("--workers", type=int, nargs="+", default=[1])
     e.add_argument("--device", default="auto")
     e.add_argument("--rounds", type=int, default=3, help="best of N runs each (shared machines)")
+    e.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default); 1 gives CPU "
+                   "times that do not depend on other tenants of a shared machine")
     f = sub.add_parser("faiss")
     f.add_argument("--n", type=int, default=1_000_000)
     f.add_argument("--dim", type=int, default=192)

@@ -34,8 +34,20 @@ class BuildError(RuntimeError):
     pass
 
 
-def default_workers() -> int:
-    return max(0, min(8, (os.cpu_count() or 1) - 1))
+def default_workers(device_type: str) -> int:
+    """Decode workers when --workers is not given.
+
+    With a GPU the CPU does nothing but decode: up to 8 workers, one core left for the main process.
+    On a CPU device decoding takes cores from the model (CPU ms per tile measured on the tiny model:
+    decode + polar ~4, encoder ~12, bench/RESULTS.md), so a quarter of the cores decode and the
+    model keeps the rest; on a 2-core box that is 0: decoding in the main process was the fastest.
+    """
+    from index_build.encode_local import available_cpus
+
+    cpus = available_cpus()
+    if device_type == "cuda":
+        return max(0, min(8, cpus - 1))
+    return cpus // 4
 
 
 @dataclass
@@ -45,7 +57,7 @@ class BuildOptions:
     out: str
     index_type: str = "auto"
     batch_size: int = 64
-    workers: int = field(default_factory=default_workers)
+    workers: int | None = None             # None: default_workers(device)
     shard_size: int = 10_000
     resume: bool = False
     skip_bad: bool = False
@@ -165,6 +177,8 @@ def _encode_pending(opts, layout: ArtifactLayout, plan: dict, model, device, fin
     elif opts.engine == "local":
         from index_build.encode_local import encode_shards_local
 
+        if opts.workers is None:
+            opts.workers = default_workers(device.type)
         stats = encode_shards_local(
             model, [r.source for r in records], [r.tile_id for r in records], todo, vdir,
             batch_size=opts.batch_size, workers=opts.workers, device=device, skip_bad=opts.skip_bad,

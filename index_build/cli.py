@@ -32,15 +32,14 @@ def _positive_int(text: str) -> int:
 
 
 def _add_encode_args(p: argparse.ArgumentParser) -> None:
-    from index_build.build import default_workers
-
     p.add_argument("--catalog", required=True,
                    help="catalogue CSV (tile_id,lat,lon,path[,extra...]) or a slippy-map dir {z}/{x}/{y}.png|jpg")
     p.add_argument("--checkpoint", required=True, help="model checkpoint (.safetensors; .pth/.npz need --model-config)")
     p.add_argument("--model-config", default=None, help="config name/JSON for .pth/.npz checkpoints")
     p.add_argument("--out", required=True, help="artifact path (a symlink to a versioned directory beside it)")
     p.add_argument("--batch-size", type=_positive_int, default=64)
-    p.add_argument("--workers", type=int, default=default_workers(), help="DataLoader decode workers (local engine)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="DataLoader decode workers (local engine; default: up to 8 with a GPU, cores/4 on CPU)")
     p.add_argument("--shard-size", type=_positive_int, default=10_000, help="tiles per embedding shard (resume unit)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run; finished shards are kept")
     p.add_argument("--skip-bad", action="store_true",
@@ -103,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _encode_options(cls, args):
     kwargs = dict(
         catalog=args.catalog, checkpoint=args.checkpoint, out=args.out, batch_size=args.batch_size,
-        workers=max(0, args.workers), shard_size=args.shard_size, resume=args.resume, skip_bad=args.skip_bad,
+        workers=None if args.workers is None else max(0, args.workers), shard_size=args.shard_size, resume=args.resume, skip_bad=args.skip_bad,
         engine=args.engine, device=args.device, model_config=args.model_config, keep_versions=args.keep_versions,
         progress=not args.quiet, stop_after=args.stop_after, check_files=args.check_files,
         report_path=args.report_path, ray_address=args.ray_address, ray_actors=args.ray_actors,
