@@ -53,8 +53,18 @@ class DemoError(RuntimeError):
     """A step failed; the message says what to do."""
 
 
+_STDOUT_LOCK = threading.Lock()
+
+
+def emit(text: str) -> None:
+    """Write whole lines at once: the server's log is copied to the same stdout by another thread."""
+    with _STDOUT_LOCK:
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+        sys.stdout.flush()
+
+
 def say(msg: str) -> None:
-    print(f"demo: {msg}", flush=True)
+    emit(f"demo: {msg}")
 
 
 # ------------------------------------------------------------------------------ small file readers
@@ -338,8 +348,7 @@ def pump_log(proc: subprocess.Popen, ready: threading.Event) -> None:
     for line in proc.stdout:
         if not ready.is_set() and "/readyz" in line:
             continue
-        sys.stdout.write(line)
-        sys.stdout.flush()
+        emit(line)
 
 
 def server_env(checkpoint: Path, index: Path) -> dict[str, str]:
@@ -382,17 +391,19 @@ def serve(args, checkpoint: Path, index: Path, region: Region) -> int:
         api_key = api_key_from_env()
         query = demo_query(region, args.query)
         idx = ready.get("index") or {}
-        print("", flush=True)
-        print(f"Ready in {time.monotonic() - t0:.1f} s: {idx.get('count', '?')} aerial tiles indexed, "
-              f"model {(ready.get('model') or {}).get('fingerprint', '?')}.")
-        print(f"  web page:  {base_url}/")
-        print(f"  API docs:  {base_url}/docs")
-        print(f"Localise demo panorama {query.query_id} (taken at {query.lat:.6f}, {query.lon:.6f}; "
-              f"true tile {query.tile_id}):")
-        print(f"  {curl_command(query, base_url, args.k, api_key)}")
+        lines = [
+            "",
+            f"Ready in {time.monotonic() - t0:.1f} s: {idx.get('count', '?')} aerial tiles indexed, "
+            f"model {(ready.get('model') or {}).get('fingerprint', '?')}.",
+            f"  web page:  {base_url}/",
+            f"  API docs:  {base_url}/docs",
+            f"Localise demo panorama {query.query_id} (taken at {query.lat:.6f}, {query.lon:.6f}; "
+            f"true tile {query.tile_id}):",
+            f"  {curl_command(query, base_url, args.k, api_key)}",
+        ]
         if not (args.smoke or args.picture):
-            print("Stop with Ctrl-C.", flush=True)
-        print("", flush=True)
+            lines.append("Stop with Ctrl-C.")
+        emit("\n".join(lines) + "\n\n")
         if args.smoke or args.picture:
             answer = localize(base_url, query.path, args.k, api_key)
             results = answer.get("results") or []

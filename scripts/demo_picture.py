@@ -78,15 +78,16 @@ def make_picture(base_url: str, world: Path, out: Path, query: int = 0, k: int =
                    lw=0.8, zorder=3)
         ax.annotate(str(r["rank"]), (r["lon"], r["lat"]), ha="center", va="center", fontsize=7,
                     color="white", zorder=4, fontweight="bold")
-    ax.scatter([q.lon], [q.lat], marker="*", s=320, color="#e0202a", edgecolor="black", lw=0.8, zorder=5,
+    # a ring, so that a correct rank-1 marker stays visible inside it
+    ax.scatter([q.lon], [q.lat], marker="o", s=520, facecolors="none", edgecolors="#e0202a", lw=2.2, zorder=5,
                label="true position")
     ax.scatter([], [], s=90, color=cmap(0.0), edgecolor="black", label=f"top-{len(results)} matches (rank)")
     ax.set_aspect(1.0 / math.cos(math.radians(sum(lats) / len(lats))))
-    ax.set_xlabel("longitude")
     ax.set_ylabel("latitude")
     ax.ticklabel_format(useOffset=False)
     ax.tick_params(labelsize=7)
-    ax.legend(loc="upper right", fontsize=8, framealpha=0.9)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.11), ncol=3, fontsize=8, frameon=False,
+              markerscale=0.8)
     top = results[0]
     err = haversine_m(q.lat, q.lon, top["lat"], top["lon"])
     rank = next((r["rank"] for r in results if r["tile_id"] == q.tile_id), None)
