@@ -5,7 +5,7 @@ VENV        ?= .venv
 # GPU machines: `make install TORCH_INDEX=https://download.pytorch.org/whl/cu128 EXTRAS=gpu,service,plot,dev`.
 TORCH_SPEC  ?= torch==2.13.0
 TORCH_INDEX ?=
-EXTRAS      ?= cpu,service,plot,dev
+EXTRAS      ?= cpu,service,plot,ray,dev
 PY          := $(VENV)/bin/python
 PIP         := $(PY) -m pip
 STAMP       := $(VENV)/.installed-stamp
