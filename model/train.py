@@ -1,6 +1,6 @@
 """Train L2LTR on a cross-view data set (synthetic world directory, CVUSA or CVACT).
 
-  python -m model.train --data data/train_world --config tiny --out runs/tiny --epochs 10 --cache
+  python -m model.train --data data/train_world --config tiny --out runs/tiny --epochs 10
 
 A run directory holds `train_state.pt` (everything needed to resume), `log.jsonl` (one JSON
 object per logged step / evaluation), `best.safetensors` (best validation R@1) and
