@@ -245,6 +245,28 @@ def _recover_promoted(layout: ArtifactLayout, plan: dict, keep_versions: int) ->
     return None
 
 
+def _recover_if_resumed(opts, layout: ArtifactLayout, plan: dict, result: BuildResult) -> bool:
+    """--resume after a crash between promote and link swap: publish that finished version. True if done."""
+    if not opts.resume or os.path.isdir(layout.work):
+        return False
+    recovered = _recover_promoted(layout, plan, opts.keep_versions)
+    if not recovered:
+        return False
+    log.info("published the finished but unpublished version %s", recovered)
+    result.status, result.version_dir = "published", recovered
+    result.manifest = read_manifest(recovered)
+    return True
+
+
+def _encode_step(opts, layout: ArtifactLayout, plan: dict, model, device, fingerprint: str, result: BuildResult) -> bool:
+    """Encode the missing shards (shared by `build` and `add`). True when the run stops here (--stop-after encode)."""
+    t0 = time.perf_counter()
+    result.encode = _encode_pending(opts, layout, plan, model, device, fingerprint)
+    result.timings["encode_s"] = round(time.perf_counter() - t0, 3)
+    result.status = "encoded"
+    return opts.stop_after == "encode"
+
+
 def _host_info(device) -> dict:
     import faiss
     import torch
@@ -278,21 +300,11 @@ def run_build(opts: BuildOptions) -> BuildResult:
             "extra_columns": catalogue.extra_columns, "base_version": None, "first_shard_index": 0,
             "checkpoint": os.path.abspath(opts.checkpoint), "created_at": utc_now_iso(),
         }
-        if opts.resume and not os.path.isdir(layout.work):
-            recovered = _recover_promoted(layout, plan, opts.keep_versions)
-            if recovered:
-                log.info("published the finished but unpublished version %s", recovered)
-                result.status, result.version_dir = "published", recovered
-                result.manifest = read_manifest(recovered)
-                return result
+        if _recover_if_resumed(opts, layout, plan, result):
+            return result
         _prepare_work_dir(layout, plan, catalogue.records, catalogue.extra_columns, opts.resume)
-        del catalogue
-
-        t0 = time.perf_counter()
-        result.encode = _encode_pending(opts, layout, plan, model, device, fingerprint)
-        result.timings["encode_s"] = round(time.perf_counter() - t0, 3)
-        result.status = "encoded"
-        if opts.stop_after == "encode":
+        del catalogue  # the work directory holds the tiles now; free the catalogue before encoding
+        if _encode_step(opts, layout, plan, model, device, fingerprint, result):
             return result
 
         t0 = time.perf_counter()
@@ -406,20 +418,11 @@ def run_add(opts: AddOptions) -> BuildResult:
             "first_shard_index": _next_shard_index(base), "checkpoint": os.path.abspath(opts.checkpoint),
             "created_at": utc_now_iso(),
         }
-        if opts.resume and not os.path.isdir(layout.work):
-            recovered = _recover_promoted(layout, plan, opts.keep_versions)
-            if recovered:
-                log.info("published the finished but unpublished version %s", recovered)
-                result.status, result.version_dir = "published", recovered
-                result.manifest = read_manifest(recovered)
-                return result
+        if _recover_if_resumed(opts, layout, plan, result):
+            return result
         _prepare_work_dir(layout, plan, catalogue.records, catalogue.extra_columns, opts.resume)
-        del catalogue
-        t0 = time.perf_counter()
-        result.encode = _encode_pending(opts, layout, plan, model, device, fingerprint)
-        result.timings["encode_s"] = round(time.perf_counter() - t0, 3)
-        result.status = "encoded"
-        if opts.stop_after == "encode":
+        del catalogue  # the work directory holds the tiles now; free the catalogue before encoding
+        if _encode_step(opts, layout, plan, model, device, fingerprint, result):
             return result
 
         t0 = time.perf_counter()
