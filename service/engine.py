@@ -312,6 +312,12 @@ class Engine:
 
     def _run(self, first: LoadedIndex, started: threading.Event) -> None:
         try:
+            # faiss-cpu ships its own OpenMP runtime beside torch's: after every search its
+            # threads would spin on the cores the next forward needs. A micro-batch search is
+            # small; one thread does it without fighting the encoder.
+            import faiss
+
+            faiss.omp_set_num_threads(1)
             self._install(first)
             self._warm_up()
         except BaseException as exc:
