@@ -13,6 +13,8 @@ import signal
 import socket
 import subprocess
 import sys
+import queue
+import threading
 import time
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -234,6 +236,19 @@ def stand_in_checkpoint(path: Path, config=None, seed: int = 0) -> Path:
 def get_json(url: str, timeout: float = 3.0) -> tuple[int, dict | None]:
     """(status, JSON body or None); status 0 when nothing answered. The demo script's own helper."""
     return demo_module().http_get_json(url, timeout=timeout)
+
+
+def stdout_lines(proc: subprocess.Popen) -> "queue.Queue[str | None]":
+    """A queue fed with the process's stdout lines by a daemon thread; None marks the end."""
+    q: queue.Queue = queue.Queue()
+
+    def pump():
+        for line in proc.stdout:
+            q.put(line)
+        q.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    return q
 
 
 def wait_ready(base_url: str, proc: subprocess.Popen, log_path: Path, timeout: float = 120) -> dict:

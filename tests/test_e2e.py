@@ -17,13 +17,12 @@ import shutil
 import signal
 import statistics
 import subprocess
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from ship_support import DEMO_CHECKPOINT, PY, REPO, clean_env, demo_module, free_port, post_image, read_csv
+from ship_support import DEMO_CHECKPOINT, PY, REPO, clean_env, demo_module, free_port, post_image, read_csv, stdout_lines
 
 CHECKPOINT = Path(os.environ.get("L2LTR_E2E_CHECKPOINT", DEMO_CHECKPOINT))
 SEED = 777            # not a training seed of the demo model (weights/README.md)
@@ -42,14 +41,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def _read_until_curl(proc: subprocess.Popen, timeout: float) -> tuple[str, list[str]]:
-    lines: queue.Queue = queue.Queue()
-
-    def pump():
-        for line in proc.stdout:
-            lines.put(line)
-        lines.put(None)
-
-    threading.Thread(target=pump, daemon=True).start()
+    lines = stdout_lines(proc)
     seen: list[str] = []
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -11,13 +11,12 @@ import shutil
 import signal
 import socket
 import subprocess
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from ship_support import PY, REPO, clean_env, demo_module, free_port, run, stand_in_checkpoint
+from ship_support import PY, REPO, clean_env, demo_module, free_port, run, stand_in_checkpoint, stdout_lines
 
 SEED, AREA = 5151, 0.04
 
@@ -151,24 +150,13 @@ def test_smoke_and_picture_from_a_real_query(prepared, tmp_path):
     assert w > 800 and h > 500
 
 
-def _lines(proc: subprocess.Popen) -> "queue.Queue[str | None]":
-    q: queue.Queue = queue.Queue()
-
-    def pump():
-        for line in proc.stdout:
-            q.put(line)
-        q.put(None)
-
-    threading.Thread(target=pump, daemon=True).start()
-    return q
-
 
 def test_serve_prints_a_working_curl_and_stops_cleanly_on_ctrl_c(prepared):
     base, ckpt, _, _ = prepared
     port = free_port()
     proc = subprocess.Popen(demo_cmd(base, ckpt, "--port", str(port)), cwd=REPO, env=clean_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = _lines(proc)
+    lines = stdout_lines(proc)
     seen, curl, web = [], None, None
     try:
         deadline = time.monotonic() + 120
