@@ -136,6 +136,16 @@ def to_normalized_tensor(img: Image.Image | np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 
 
+_MEAN_NCHW = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+_STD_NCHW = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+
+
+def normalize_uint8_batch(batch: np.ndarray) -> torch.Tensor:
+    """[N, H, W, 3] uint8 images (as cached by training) -> [N, 3, H, W] float32, same values as
+    `to_normalized_tensor` applied to each image."""
+    x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).float().div_(255.0)
+    return (x - _MEAN_NCHW) / _STD_NCHW
+
 def ground_image(img: Image.Image, config: L2LTRConfig) -> Image.Image:
     """The panorama as the ground branch sees it (resized to config.ground_size)."""
     return _resize(img.convert("RGB"), config.ground_size)
@@ -158,11 +168,3 @@ def ground_tensor(img: Image.Image, config: L2LTRConfig) -> torch.Tensor:
 
 def aerial_tensor(img: Image.Image, config: L2LTRConfig) -> torch.Tensor:
     return to_normalized_tensor(aerial_image(img, config))
-
-
-def denormalize(x: torch.Tensor) -> np.ndarray:
-    """[3,H,W] normalised tensor -> HxWx3 uint8 (for previews)."""
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    arr = (x.detach().cpu().float() * std + mean).clamp(0, 1).mul(255).round().byte()
-    return arr.permute(1, 2, 0).numpy()

@@ -31,6 +31,7 @@ from .encode import autocast_context, pick_device
 from .losses import make_loss
 from .metrics import retrieval_recall
 from .network import L2LTR
+from .preprocess import normalize_uint8_batch
 
 STATE_FILE = "train_state.pt"
 LOG_FILE = "log.jsonl"
@@ -52,15 +53,6 @@ class PairArrays:
 
     def __len__(self) -> int:
         return len(self.ground)
-
-
-_MEAN = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)
-_STD = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
-
-
-def normalize_uint8(batch: np.ndarray) -> torch.Tensor:
-    x = torch.from_numpy(batch).permute(0, 3, 1, 2).float().div_(255.0)
-    return (x - _MEAN) / _STD
 
 
 def load_pair_arrays(records: Sequence, config: L2LTRConfig, desc: str = "preprocess", workers: int = 0) -> PairArrays:
@@ -178,8 +170,8 @@ def encode_arrays(model: L2LTR, arrays: PairArrays, device: torch.device, batch_
     g_out, a_out = [], []
     with torch.inference_mode(), autocast_context(device):
         for s in range(0, len(arrays), batch_size):
-            g_out.append(model.encode_ground(normalize_uint8(arrays.ground[s:s + batch_size]).to(device)).float().cpu())
-            a_out.append(model.encode_aerial(normalize_uint8(arrays.aerial[s:s + batch_size]).to(device)).float().cpu())
+            g_out.append(model.encode_ground(normalize_uint8_batch(arrays.ground[s:s + batch_size]).to(device)).float().cpu())
+            a_out.append(model.encode_aerial(normalize_uint8_batch(arrays.aerial[s:s + batch_size]).to(device)).float().cpu())
     model.train(was_training)
     norm = lambda xs: torch.nn.functional.normalize(torch.cat(xs), dim=-1).numpy()  # noqa: E731
     return norm(g_out), norm(a_out)
@@ -331,8 +323,8 @@ def train(args) -> dict:
             if step >= total_steps:
                 break
             idx = np.sort(idx)
-            g = normalize_uint8(train_data.ground[idx]).to(device, non_blocking=True)
-            a = normalize_uint8(train_data.aerial[idx]).to(device, non_blocking=True)
+            g = normalize_uint8_batch(train_data.ground[idx]).to(device, non_blocking=True)
+            a = normalize_uint8_batch(train_data.aerial[idx]).to(device, non_blocking=True)
             lr = lr_at(step, total_steps, args.lr, args.warmup)
             for group in optimizer.param_groups:
                 group["lr"] = lr
