@@ -27,7 +27,7 @@ from torch import nn
 
 from .checkpoint import CheckpointError, load_checkpoint, load_npz_into, save_checkpoint
 from .config import ConfigError, L2LTRConfig
-from .encode import autocast_context, pick_device
+from .encode import autocast_context, encode_batch, pick_device
 from .losses import make_loss
 from .metrics import retrieval_recall
 from .network import L2LTR
@@ -165,16 +165,16 @@ def lr_at(step: int, total: int, base_lr: float, warmup: int) -> float:
 # --------------------------------------------------------------------------- evaluation
 
 def encode_arrays(model: L2LTR, arrays: PairArrays, device: torch.device, batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """Ground and aerial descriptors of cached pairs (eval mode for the call, then restored)."""
     was_training = model.training
     model.eval()
-    g_out, a_out = [], []
-    with torch.inference_mode(), autocast_context(device):
-        for s in range(0, len(arrays), batch_size):
-            g_out.append(model.encode_ground(normalize_uint8_batch(arrays.ground[s:s + batch_size]).to(device)).float().cpu())
-            a_out.append(model.encode_aerial(normalize_uint8_batch(arrays.aerial[s:s + batch_size]).to(device)).float().cpu())
+    out = []
+    for branch, images in (("ground", arrays.ground), ("aerial", arrays.aerial)):
+        parts = [encode_batch(model, normalize_uint8_batch(images[s:s + batch_size]), branch, device)
+                 for s in range(0, len(images), batch_size)]
+        out.append(torch.cat(parts).numpy())
     model.train(was_training)
-    norm = lambda xs: torch.nn.functional.normalize(torch.cat(xs), dim=-1).numpy()  # noqa: E731
-    return norm(g_out), norm(a_out)
+    return out[0], out[1]
 
 
 def evaluate_arrays(model: L2LTR, arrays: PairArrays, device: torch.device) -> dict[str, float]:
