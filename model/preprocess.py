@@ -77,23 +77,37 @@ def _square_side(h: int, w: int) -> int:
     return h
 
 
-def polar_transform_numpy(tile: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
-    """tile [S, S, C] (or [S, S]) -> [out_h, out_w, C] float32; bilinear, zero outside the tile."""
-    arr = np.asarray(tile, dtype=np.float32)
-    squeeze = arr.ndim == 2
-    if squeeze:
-        arr = arr[:, :, None]
-    size = _square_side(arr.shape[0], arr.shape[1])
+@lru_cache(maxsize=32)
+def _polar_taps(size: int, out_h: int, out_w: int) -> tuple[np.ndarray, np.ndarray]:
+    """The bilinear taps of every polar pixel: flat tile indices [4, out_h*out_w] and weights
+    [4, out_h*out_w, 1] (zero for taps outside the tile). Computed once per geometry, so a tile
+    costs four gathers and a weighted sum."""
     rows, cols = polar_sampling_grid(size, out_h, out_w)
     r0, c0 = np.floor(rows).astype(np.int64), np.floor(cols).astype(np.int64)
     fr, fc = (rows - r0).astype(np.float32), (cols - c0).astype(np.float32)
-    out = np.zeros((out_h, out_w, arr.shape[2]), dtype=np.float32)
+    index, weight = [], []
     for dr, wr in ((0, 1.0 - fr), (1, fr)):
         for dc, wc in ((0, 1.0 - fc), (1, fc)):
             rr, cc = r0 + dr, c0 + dc
             inside = (rr >= 0) & (rr < size) & (cc >= 0) & (cc < size)
-            vals = arr[np.clip(rr, 0, size - 1), np.clip(cc, 0, size - 1)]
-            out += vals * (wr * wc * inside)[:, :, None]
+            index.append((np.clip(rr, 0, size - 1) * size + np.clip(cc, 0, size - 1)).ravel())
+            weight.append((wr * wc * inside).astype(np.float32).ravel()[:, None])
+    return np.stack(index), np.stack(weight)
+
+
+def polar_transform_numpy(tile: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """tile [S, S, C] (or [S, S]) -> [out_h, out_w, C] float32; bilinear, zero outside the tile."""
+    arr = np.asarray(tile)
+    squeeze = arr.ndim == 2
+    if squeeze:
+        arr = arr[:, :, None]
+    size = _square_side(arr.shape[0], arr.shape[1])
+    index, weight = _polar_taps(size, out_h, out_w)
+    flat = arr.reshape(size * size, arr.shape[2])
+    out = np.take(flat, index[0], axis=0) * weight[0]  # np.take: several times faster than flat[index]
+    for k in range(1, 4):
+        out += np.take(flat, index[k], axis=0) * weight[k]
+    out = out.astype(np.float32, copy=False).reshape(out_h, out_w, arr.shape[2])
     return out[:, :, 0] if squeeze else out
 
 
@@ -140,11 +154,20 @@ _MEAN_NCHW = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
 _STD_NCHW = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 
 
-def normalize_uint8_batch(batch: np.ndarray) -> torch.Tensor:
-    """[N, H, W, 3] uint8 images (as cached by training) -> [N, 3, H, W] float32, same values as
-    `to_normalized_tensor` applied to each image."""
-    x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).float().div_(255.0)
+def unit_batch(batch: np.ndarray) -> torch.Tensor:
+    """[N, H, W, 3] uint8 images (as cached by training) -> [N, 3, H, W] float32 in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def normalize_unit_batch(x: torch.Tensor) -> torch.Tensor:
+    """[N, 3, H, W] float in [0, 1] -> ImageNet-normalised network input."""
     return (x - _MEAN_NCHW) / _STD_NCHW
+
+
+def normalize_uint8_batch(batch: np.ndarray) -> torch.Tensor:
+    """[N, H, W, 3] uint8 images -> [N, 3, H, W] float32, same values as `to_normalized_tensor`
+    applied to each image."""
+    return normalize_unit_batch(unit_batch(batch))
 
 def ground_image(img: Image.Image, config: L2LTRConfig) -> Image.Image:
     """The panorama as the ground branch sees it (resized to config.ground_size)."""

@@ -25,13 +25,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from .augment import PairAugment
 from .checkpoint import CheckpointError, load_checkpoint, load_npz_into, save_checkpoint
 from .config import ConfigError, L2LTRConfig
 from .encode import autocast_context, encode_batch, pick_device
 from .losses import make_loss
 from .metrics import retrieval_recall
 from .network import L2LTR
-from .preprocess import normalize_uint8_batch
+from .preprocess import normalize_uint8_batch, normalize_unit_batch, unit_batch
 
 STATE_FILE = "train_state.pt"
 LOG_FILE = "log.jsonl"
@@ -226,7 +227,7 @@ class JsonLog:
 # --------------------------------------------------------------------------- training
 
 RESUME_KEYS = ("data", "dataset", "config", "attention", "no_polar", "batch_size", "lr", "weight_decay", "warmup",
-               "clip", "loss", "hard_negatives", "seed", "epochs", "steps", "init")
+               "clip", "loss", "hard_negatives", "seed", "epochs", "steps", "init", "augment", "precision")
 
 
 def build_config(args) -> L2LTRConfig:
@@ -238,6 +239,13 @@ def build_config(args) -> L2LTRConfig:
         side = cfg.aerial_size[0] * 2
         changes.update(polar=False, polar_intermediate=None, aerial_size=(side, side))
     return cfg.replace(**changes) if changes else cfg
+
+
+def training_autocast(device: torch.device, precision: str):
+    """`auto`: bf16 on CUDA, float32 on CPU; `bf16` also on CPU (AVX-512 BF16 / AMX machines gain)."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return autocast_context(device, enabled=precision == "auto")
 
 
 def train(args) -> dict:
@@ -310,6 +318,8 @@ def train(args) -> dict:
         return {"trained_steps": step, "data": str(args.data), "dataset": args.dataset, "seed": args.seed,
                 "loss": args.loss, "batch_size": args.batch_size, **(extra or {})}
 
+    augment = PairAugment() if args.augment else None
+
     from tqdm import tqdm
 
     started = time.time()
@@ -323,12 +333,15 @@ def train(args) -> dict:
             if step >= total_steps:
                 break
             idx = np.sort(idx)
-            g = normalize_uint8_batch(train_data.ground[idx]).to(device, non_blocking=True)
-            a = normalize_uint8_batch(train_data.aerial[idx]).to(device, non_blocking=True)
+            g, a = unit_batch(train_data.ground[idx]), unit_batch(train_data.aerial[idx])
+            if augment:
+                g, a = augment(g, a, config.polar, torch.Generator().manual_seed(args.seed * 1_000_003 + step))
+            g = normalize_unit_batch(g).to(device, non_blocking=True)
+            a = normalize_unit_batch(a).to(device, non_blocking=True)
             lr = lr_at(step, total_steps, args.lr, args.warmup)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            with autocast_context(device):
+            with training_autocast(device, args.precision):
                 gd, ad = model(g, a)
                 loss = loss_fn(gd.float(), ad.float())
             if not torch.isfinite(loss):
@@ -405,6 +418,10 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--loss", choices=["triplet", "infonce"], default="triplet")
     o.add_argument("--hard-negatives", type=float, default=0.0,
                    help="fraction of batches made of geographic neighbours (0..1)")
+    o.add_argument("--augment", action="store_true",
+                   help="aligned random turn + east-west mirror of both views, independent colour jitter")
+    o.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="auto: bf16 autocast on CUDA, float32 on CPU; bf16 forces autocast on CPU too")
     o.add_argument("--seed", type=int, default=0)
     r = p.add_argument_group("run")
     r.add_argument("--out", required=True, help="run directory (state, logs, checkpoints)")

@@ -63,14 +63,15 @@ def test_one_step_decreases_loss_on_fixed_batch(micro_config):
 
 
 def test_resume_after_interruption_matches_uninterrupted(world, tmp_path):
-    full = train(run_args(world, tmp_path / "full", "--steps", "8", "--hard-negatives", "0.5"))
+    full = train(run_args(world, tmp_path / "full", "--steps", "8", "--hard-negatives", "0.5", "--augment"))
     assert full["finished"] and full["step"] == 8
     # "interrupt" after 3 steps, keeping only the state saved at step 2 (as a crash would)
-    part = run_args(world, tmp_path / "part", "--steps", "8", "--hard-negatives", "0.5")
+    part = run_args(world, tmp_path / "part", "--steps", "8", "--hard-negatives", "0.5", "--augment")
     part.max_minutes = 1e-9  # stops right after the first step, saving its state there
     first = train(part)
     assert not first["finished"] and first["step"] == 1
-    resumed = train(run_args(world, tmp_path / "part", "--steps", "8", "--hard-negatives", "0.5", "--resume"))
+    resumed = train(run_args(world, tmp_path / "part", "--steps", "8", "--hard-negatives", "0.5", "--augment",
+                             "--resume"))
     assert resumed["finished"]
     a = load_checkpoint(tmp_path / "full" / "last.safetensors").state_dict()
     b = load_checkpoint(tmp_path / "part" / "last.safetensors").state_dict()

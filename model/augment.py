@@ -1,0 +1,80 @@
+"""Training-time augmentation of (panorama, aerial) pairs that keeps the two views aligned.
+
+A panorama's columns sweep the azimuth clockwise (south, west, north at the centre, east) and
+so do the columns of a polar-transformed tile (DESIGN.md). Turning the whole scene about the
+camera is therefore the same circular column shift in both images, and mirroring it east-west
+is the same column flip, so a pair stays a true match after either. For a plain (not polar)
+aerial tile the turn is limited to quarter turns (`rot90`) and the mirror is a left-right flip.
+Photometric jitter is drawn independently per view, as the two views were taken under
+different light anyway.
+
+Every draw comes from a `torch.Generator` the caller seeds, so a resumed training run replays
+exactly the augmentation of an uninterrupted one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class PairAugment:
+    """Aligned geometric + independent photometric augmentation on [B, 3, H, W] images in [0, 1]."""
+
+    turn: float = 0.5  # probability of a random turn of the scene about the camera (both views)
+    flip: float = 0.5  # probability of the east-west mirror (both views)
+    color: float = 0.3  # strength of brightness / contrast / saturation / tint jitter (0: none)
+
+    def __call__(self, ground: torch.Tensor, aerial: torch.Tensor, polar: bool,
+                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        if ground.shape[0] != aerial.shape[0]:
+            raise ValueError(f"batch sizes differ: ground {ground.shape[0]}, aerial {aerial.shape[0]}")
+        b = ground.shape[0]
+        flips = torch.rand(b, generator=generator) < self.flip
+        turned = torch.rand(b, generator=generator) < self.turn
+        if polar:
+            turns = torch.rand(b, generator=generator) * turned
+            ground = turn_columns(ground, turns, flips)
+            aerial = turn_columns(aerial, turns, flips)
+        else:
+            quarters = torch.randint(0, 4, (b,), generator=generator) * turned
+            ground = turn_columns(ground, quarters.float() / 4, flips)
+            aerial = turn_tile(aerial, quarters, flips)
+        if self.color > 0:
+            ground = jitter_colour(ground, self.color, generator)
+            aerial = jitter_colour(aerial, self.color, generator)
+        return ground, aerial
+
+
+def turn_columns(images: torch.Tensor, turns: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+    """Mirror (where `flips`) then turn each image clockwise by `turns` (fraction of a full turn)
+    as a circular column shift; for panoramas and polar tiles, whose columns are azimuths."""
+    b, c, h, w = images.shape
+    cols = torch.arange(w).expand(b, w)
+    cols = torch.where(flips[:, None], w - 1 - cols, cols)
+    shift = torch.round(turns * w).long()[:, None]
+    src = torch.gather(cols, 1, (torch.arange(w)[None] - shift) % w)
+    return torch.gather(images, 3, src[:, None, None, :].expand(b, c, h, w))
+
+
+def turn_tile(tiles: torch.Tensor, quarters: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+    """Mirror (where `flips`) then turn each north-up tile clockwise by `quarters` quarter turns."""
+    out = torch.where(flips[:, None, None, None], tiles.flip(3), tiles)
+    return torch.stack([torch.rot90(t, -int(q), dims=(1, 2)) for t, q in zip(out, quarters)])
+
+
+def jitter_colour(images: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
+    """Random brightness, contrast, saturation and per-channel tint, one draw per image."""
+    b = images.shape[0]
+
+    def factor(*shape):
+        return 1.0 + strength * (2.0 * torch.rand(b, *shape, generator=generator) - 1.0)
+
+    x = images * factor(1, 1, 1)
+    grey = x.mean(dim=1, keepdim=True)
+    x = (x - grey.mean(dim=(2, 3), keepdim=True)) * factor(1, 1, 1) + grey.mean(dim=(2, 3), keepdim=True)
+    grey = x.mean(dim=1, keepdim=True)
+    x = grey + (x - grey) * factor(1, 1, 1)
+    x = x * (1.0 + 0.5 * (factor(3, 1, 1) - 1.0))
+    return x.clamp_(0.0, 1.0)
