@@ -1,11 +1,16 @@
-"""The inference engine: one worker thread that owns the model and the FAISS index.
+"""The inference engine: worker threads that own the model and the FAISS index.
 
-Requests put *jobs* (one or more preprocessed images) into a bounded queue. The worker takes
+Requests put *jobs* (one or more preprocessed images) into a bounded queue. A worker takes
 whatever is queued, up to ``max_batch_size`` images, waiting at most ``max_batch_wait_ms`` after
 the oldest job arrived for more to join, then runs ONE ground-branch forward and ONE FAISS search
-for the whole micro-batch and hands each job its rows. Nothing but the worker ever touches the
-model or the index (a GPU FAISS index is not thread-safe), and an index swap is a command that
-the worker executes between two batches, so a batch never sees two indexes.
+for the whole micro-batch and hands each job its rows.
+
+On a GPU there is one worker. On a CPU there are by default two, each running its forward with
+its own small share of the cores: a single forward spread over every core with OpenMP stalls at
+each parallel region's barrier whenever the event loop or a decoding thread pre-empts one of its
+threads, while two single-threaded forwards merely slow down a little (bench/RESULTS.md). The
+workers share one read-only model. Control commands (an index swap, tests holding the engine)
+run only while no batch is in flight, and hold every worker, so a batch never sees two indexes.
 """
 from __future__ import annotations
 
@@ -100,6 +105,8 @@ class JobQueue:
         self._images = 0
         self._closed = False
         self._expected = 0  # requests being decoded right now, about to offer a job
+        self._busy = 0  # workers computing a batch
+        self._in_control = False  # a worker is running control commands; the others wait
 
     @property
     def depth(self) -> int:
@@ -136,7 +143,7 @@ class JobQueue:
             if self._closed:
                 raise NotReady("shutting down")
             self._controls.append((fn, fut))
-            self._cond.notify()
+            self._cond.notify_all()
         return fut
 
     def close(self) -> list[Job]:
@@ -153,16 +160,22 @@ class JobQueue:
             return left
 
     def take(self, max_images: int, max_wait_s: float):
-        """Block for work. Returns ("control", [(fn, fut)...]), ("jobs", [job...]) or ("closed", [])."""
+        """Block for work. Returns ("control", [(fn, fut)...]), ("jobs", [job...]) or ("closed", []).
+
+        Every "jobs" or "control" answer must be followed by `done(kind)` once it is handled."""
         with self._cond:
-            while not self._jobs and not self._controls and not self._closed:
+            while True:
+                if self._controls:
+                    if self._busy == 0 and not self._in_control:
+                        controls = list(self._controls)
+                        self._controls.clear()
+                        self._in_control = True
+                        return "control", controls
+                elif self._jobs and not self._in_control:
+                    break
+                elif self._closed:
+                    return "closed", []
                 self._cond.wait()
-            if self._controls:
-                controls = list(self._controls)
-                self._controls.clear()
-                return "control", controls
-            if not self._jobs:
-                return "closed", []
             deadline = self._jobs[0].enqueued + max_wait_s
             taken: list[Job] = []
             images = 0
@@ -180,7 +193,17 @@ class JobQueue:
                 if remaining <= 0:
                     break
                 self._cond.wait(remaining)
+            self._busy += 1
             return "jobs", taken
+
+    def done(self, kind: str) -> None:
+        """A worker finished what `take` gave it."""
+        with self._cond:
+            if kind == "control":
+                self._in_control = False
+            elif kind == "jobs":
+                self._busy -= 1
+            self._cond.notify_all()
 
 
 def _to_gpu(index, device: torch.device):
@@ -217,7 +240,12 @@ class Engine:
     """Owns the worker thread; the async side only enqueues jobs and awaits futures."""
 
     def __init__(self, *, metrics: Metrics, max_batch_size: int, max_batch_wait_ms: float,
-                 queue_size: int, request_timeout_s: float) -> None:
+                 queue_size: int, request_timeout_s: float, workers: int = 1,
+                 threads_per_worker: int | None = None) -> None:
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        self.workers = workers
+        self.threads_per_worker = threads_per_worker
         self.metrics = metrics
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_batch_wait_ms / 1000.0
@@ -225,34 +253,36 @@ class Engine:
         self.queue = JobQueue(queue_size)
         self.model: LoadedModel | None = None
         self.current: LoadedIndex | None = None
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self._generation = 0
         self._startup_error: BaseException | None = None
         metrics.queue_capacity.set(queue_size)
 
     # --- lifecycle (called from the loader thread / lifespan) ----------------------------
     def start(self, model: LoadedModel, index: LoadedIndex) -> None:
-        """Take ownership of model and index and start the worker (blocks until warmed up)."""
+        """Take ownership of model and index and start the workers (blocks until warmed up)."""
         self.model = model
-        started = threading.Event()
-        self._thread = threading.Thread(
-            target=self._run, args=(index, started), name="geoloc-worker", daemon=True
-        )
-        self._thread.start()
-        started.wait()
-        if self._startup_error is not None:
-            raise self._startup_error
+        for i in range(self.workers):
+            started = threading.Event()
+            thread = threading.Thread(target=self._run, args=(index if i == 0 else None, started),
+                                      name=f"geoloc-worker-{i}", daemon=True)
+            thread.start()
+            started.wait()
+            if self._startup_error is not None:
+                raise self._startup_error
+            self._threads.append(thread)
 
     @property
     def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and self.current is not None
+        return any(t.is_alive() for t in self._threads) and self.current is not None
 
     def stop(self, timeout: float = 10.0) -> None:
         for job in self.queue.close():
             self.metrics.dropped.labels("shutdown").inc(job.n)
             _deliver(job, error=NotReady("shutting down"))
-        if self._thread is not None:
-            self._thread.join(timeout)
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
         self.metrics.queue_depth.set(0)
 
     def swap(self, new: LoadedIndex) -> concurrent.futures.Future:
@@ -260,7 +290,8 @@ class Engine:
         return self.queue.control(lambda: self._install(new))
 
     def call_in_worker(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
-        """Run ``fn`` on the worker thread between two batches (tests use it to hold the worker)."""
+        """Run ``fn`` on a worker thread while no batch is in flight; every worker waits for it
+        (tests use it to hold the engine)."""
         return self.queue.control(fn)
 
     # --- async API ------------------------------------------------------------------------
@@ -310,15 +341,19 @@ class Engine:
         self.metrics.set_index(new.info())
         return old
 
-    def _run(self, first: LoadedIndex, started: threading.Event) -> None:
+    def _run(self, first: LoadedIndex | None, started: threading.Event) -> None:
         try:
+            # torch's OpenMP thread count is per thread: each worker sets its own share.
+            if self.threads_per_worker:
+                torch.set_num_threads(self.threads_per_worker)
             # faiss-cpu ships its own OpenMP runtime beside torch's: after every search its
             # threads would spin on the cores the next forward needs. A micro-batch search is
             # small; one thread does it without fighting the encoder.
             import faiss
 
             faiss.omp_set_num_threads(1)
-            self._install(first)
+            if first is not None:
+                self._install(first)
             self._warm_up()
         except BaseException as exc:
             self._startup_error = exc
@@ -331,21 +366,24 @@ class Engine:
             self.metrics.queue_depth.set(self.queue.depth)
             if kind == "closed":
                 return
-            if kind == "control":
-                for fn, fut in items:
-                    try:
-                        fut.set_result(fn())
-                    except BaseException as exc:  # reported to whoever asked
-                        fut.set_exception(exc)
-                continue
-            live = []
-            for job in items:
-                if job.cancelled:
-                    self.metrics.dropped.labels("client_disconnected").inc(job.n)
-                else:
-                    live.append(job)
-            if live:
-                self._compute(live)
+            try:
+                if kind == "control":
+                    for fn, fut in items:
+                        try:
+                            fut.set_result(fn())
+                        except BaseException as exc:  # reported to whoever asked
+                            fut.set_exception(exc)
+                    continue
+                live = []
+                for job in items:
+                    if job.cancelled:
+                        self.metrics.dropped.labels("client_disconnected").inc(job.n)
+                    else:
+                        live.append(job)
+                if live:
+                    self._compute(live)
+            finally:
+                self.queue.done(kind)
 
     def _encode(self, images: torch.Tensor) -> np.ndarray:
         model = self.model

@@ -41,10 +41,21 @@ class ReloadOutcome:
     previous: LoadedIndex | None
 
 
+def encoder_plan(settings: Settings) -> tuple[int, int | None]:
+    """(encoder workers, torch threads per worker) for the settings and this machine."""
+    on_gpu = settings.device.startswith("cuda") or (settings.device == "auto" and torch.cuda.is_available())
+    if on_gpu:
+        return settings.encoder_workers or 1, settings.torch_threads
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    workers = settings.encoder_workers or (2 if cpus >= 2 else 1)
+    return workers, settings.torch_threads or max(1, cpus // workers)
+
+
 def load_model(settings: Settings) -> LoadedModel:
     device = pick_device(settings.device)
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
     checkpoint = Path(settings.checkpoint)
     net = prepare_for_inference(load_checkpoint(checkpoint), device)
     return LoadedModel(
@@ -59,10 +70,12 @@ class Runtime:
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.settings = settings
         self.metrics = metrics
+        workers, threads = encoder_plan(settings)
         self.engine = Engine(
             metrics=metrics, max_batch_size=settings.max_batch_size,
             max_batch_wait_ms=settings.max_batch_wait_ms, queue_size=settings.queue_size,
             request_timeout_s=settings.request_timeout_s,
+            workers=workers, threads_per_worker=threads,
         )
         self.state = "loading"  # loading -> ready | failed; ready -> stopping
         self.error: str | None = None

@@ -39,7 +39,13 @@ class Settings(BaseSettings):
     )
     device: str = Field("cpu", description='Torch device: "cpu", "cuda", "cuda:1" or "auto".')
     torch_threads: int | None = Field(
-        None, ge=1, description="torch.set_num_threads for the worker; unset = torch's default."
+        None, ge=1,
+        description="torch threads per encoder worker; unset = the CPUs divided among the workers.",
+    )
+    encoder_workers: int | None = Field(
+        None, ge=1, le=64,
+        description="Encoder worker threads sharing the model; unset = 2 on a multi-core CPU, "
+        "1 on a GPU or a single core.",
     )
 
     # --- micro-batching and backpressure --------------------------------------------------

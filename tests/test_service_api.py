@@ -457,6 +457,55 @@ def test_micro_batching_groups_queued_requests(world):
         assert all(r.json()["results"] == first for r in results)
 
 
+def test_two_encoder_workers_run_batches_side_by_side_and_controls_hold_both(world):
+    settings = settings_for(world, world.artifact_a, queue_size=16, max_batch_size=1, encoder_workers=2,
+                            torch_threads=1)
+    with running_client(settings) as client:
+        engine = client.app.state.runtime.engine
+        assert engine.workers == 2 and len(engine._threads) == 2
+        both_inside = threading.Barrier(2, timeout=10)
+        encode = engine._encode
+
+        def meet_then_encode(images):
+            both_inside.wait()  # breaks (and the request fails) unless two forwards overlap
+            return encode(images)
+
+        engine._encode = meet_then_encode
+        results = []
+        threads = [threading.Thread(target=lambda: results.append(_post(client, world.pano))) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(20)
+        assert [r.status_code for r in results] == [200, 200], [r.text for r in results]
+        engine._encode = encode
+        # a control command holds every worker: nothing is computed until it returns
+        gate = threading.Event()
+        held = engine.call_in_worker(gate.wait)
+        threads = [threading.Thread(target=lambda: results.append(_post(client, world.pano))) for _ in range(3)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 10
+        while engine.queue.depth < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)
+        assert engine.queue.depth == 3 and len(results) == 2
+        gate.set()
+        held.result(5)
+        for t in threads:
+            t.join(10)
+        assert [r.status_code for r in results] == [200] * 5
+
+
+def test_encoder_plan(world):
+    from service.runtime import encoder_plan
+
+    assert encoder_plan(settings_for(world, world.artifact_a, encoder_workers=3, torch_threads=2)) == (3, 2)
+    workers, threads = encoder_plan(settings_for(world, world.artifact_a))
+    cpus = len(os.sched_getaffinity(0))
+    assert workers == (2 if cpus >= 2 else 1) and threads == max(1, cpus // workers)
+
+
 # --- hot reload ---------------------------------------------------------------------------------
 
 def _wait_generation(client, generation: int, timeout: float = 10.0) -> dict:
