@@ -1,5 +1,11 @@
-"""Mapper stage, local engine: a torch DataLoader (workers decode + polar-transform tiles) feeding
-batched `encode_aerial` on one device, writing one shard file per finished shard."""
+"""Mapper stage, local engine: decoding + polar-transforming tiles feeding batched `encode_aerial`
+on one device, writing one shard file per finished shard.
+
+Two ways to decode: with `workers > 0` a torch DataLoader whose worker processes decode ahead of
+the model (what a GPU wants: the CPU only decodes). With `workers == 0` (the CPU default) decoding
+and encoding take turns per batch, each with every core: a thread pool decodes the batch's
+tiles, then the model encodes it with all its threads. Running them side by side on the same
+cores instead would stall the model's OpenMP threads at every barrier."""
 from __future__ import annotations
 
 import os
@@ -27,6 +33,27 @@ def _worker_init(_worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
+class InlineDecoder:
+    """Yields collated batches like the DataLoader, decoding each batch's tiles on a thread pool
+    in this process (Pillow and numpy release the GIL) while the model is not running."""
+
+    def __init__(self, dataset: TileImageDataset, batches: ShardAlignedBatches, threads: int):
+        self.dataset = dataset
+        self.batches = batches
+        self.threads = max(1, threads)
+
+    def __iter__(self):
+        if self.threads == 1:
+            for rows in self.batches:
+                yield collate_tiles([self.dataset[r] for r in rows])
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(self.threads, thread_name_prefix="decode") as pool:
+            for rows in self.batches:
+                yield collate_tiles(list(pool.map(self.dataset.__getitem__, rows)))
+
+
 def encode_shards_local(model, paths: Sequence[str], tile_ids: Sequence[str], spans: Sequence[ShardSpan],
                         vdir: str, *, batch_size: int, workers: int, device: torch.device, skip_bad: bool,
                         fingerprint: str, progress: bool = True, prefetch_batches: int = 4,
@@ -40,15 +67,18 @@ def encode_shards_local(model, paths: Sequence[str], tile_ids: Sequence[str], sp
         return stats
     table = PathTable(paths)
     dataset = TileImageDataset(table, model.config)
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_sampler=ShardAlignedBatches(spans, batch_size),
-        num_workers=workers,
-        collate_fn=collate_tiles,
-        pin_memory=device.type == "cuda",
-        worker_init_fn=_worker_init if workers > 0 else None,
-        prefetch_factor=max(2, prefetch_batches) if workers > 0 else None,
-    )
+    if workers == 0:
+        loader = InlineDecoder(dataset, ShardAlignedBatches(spans, batch_size), threads=torch.get_num_threads())
+    else:
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_sampler=ShardAlignedBatches(spans, batch_size),
+            num_workers=workers,
+            collate_fn=collate_tiles,
+            pin_memory=device.type == "cuda",
+            worker_init_fn=_worker_init,
+            prefetch_factor=max(2, prefetch_batches),
+        )
     # On a CPU device the workers' decoding and the model's threads share the same cores: give the
     # model the cores the workers leave free instead of oversubscribing them.
     threads_before = torch.get_num_threads()
