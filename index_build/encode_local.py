@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from index_build.encode_common import (BadImagesError, BadTile, EncodeStats, PathTable, ShardAlignedBatches,
-                                       TileImageDataset, collate_tiles)
+                                       TileImageDataset, collate_tiles, tile_batch_input)
 from index_build.workdir import ShardSpan, write_shard
 
 
@@ -106,7 +106,7 @@ def encode_shards_local(model, paths: Sequence[str], tile_ids: Sequence[str], sp
                 keep = torch.tensor([i for i in range(len(rows)) if not errors[i]], dtype=torch.long)
                 batch = batch.index_select(0, keep)
             if batch.shape[0]:
-                parts.append(encode_batch(model, batch, "aerial", device).numpy())
+                parts.append(encode_batch(model, tile_batch_input(batch), "aerial", device).numpy())
                 stats.tiles_encoded += batch.shape[0]
             filled += len(rows)
             bar.update(len(rows))

@@ -20,7 +20,8 @@ from typing import Sequence
 
 import numpy as np
 
-from index_build.encode_common import BadImagesError, BadTile, EncodeStats, decode_tile, shard_batches
+from index_build.encode_common import (BadImagesError, BadTile, EncodeStats, decode_tile, shard_batches,
+                                       tile_batch_input)
 from index_build.workdir import ShardSpan, write_shard
 
 
@@ -117,7 +118,8 @@ class ShardEncoder:
                 else:
                     good.append(tensor)
             if good and not (bad_tiles and not self.skip_bad):
-                parts.append(encode_batch(self.model, torch.stack(good), "aerial", self.device).numpy())
+                parts.append(encode_batch(self.model, tile_batch_input(torch.stack(good)), "aerial",
+                                          self.device).numpy())
         if bad_tiles and not self.skip_bad:  # the shard is not written; the driver reports every bad tile
             return {"shard": span.index, "rows": 0, "skipped": 0, "seconds": time.perf_counter() - t0,
                     "error": json.dumps([b.to_json() for b in bad_tiles]), "bad": len(bad_tiles)}
