@@ -228,6 +228,7 @@ class JsonLog:
 
 RESUME_KEYS = ("data", "dataset", "config", "attention", "no_polar", "batch_size", "lr", "weight_decay", "warmup",
                "clip", "loss", "hard_negatives", "seed", "epochs", "steps", "init", "augment", "precision")
+ADDED_SETTING_DEFAULTS = {"augment": False, "precision": "auto"}
 
 
 def build_config(args) -> L2LTRConfig:
@@ -256,7 +257,8 @@ def train(args) -> dict:
     resume_state = None
     if args.resume and state_path.exists():
         resume_state = torch.load(state_path, map_location="cpu", weights_only=False)
-        saved = resume_state["args"]
+        # a run saved before a setting existed used that setting's default
+        saved = {**ADDED_SETTING_DEFAULTS, **resume_state["args"]}
         diffs = {k: (saved.get(k), getattr(args, k)) for k in RESUME_KEYS if saved.get(k) != getattr(args, k)}
         if diffs:
             raise TrainingError(f"--resume from {state_path} with different settings {diffs}; "
