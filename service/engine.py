@@ -176,6 +176,7 @@ class JobQueue:
                 elif self._closed:
                     return "closed", []
                 self._cond.wait()
+            self._busy += 1  # from here on: a control waits for this batch, even while it gathers
             deadline = self._jobs[0].enqueued + max_wait_s
             taken: list[Job] = []
             images = 0
@@ -193,7 +194,6 @@ class JobQueue:
                 if remaining <= 0:
                     break
                 self._cond.wait(remaining)
-            self._busy += 1
             return "jobs", taken
 
     def done(self, kind: str) -> None:
@@ -237,7 +237,7 @@ def _deliver(job: Job, value: Any = None, error: BaseException | None = None) ->
 
 
 class Engine:
-    """Owns the worker thread; the async side only enqueues jobs and awaits futures."""
+    """Owns the worker threads; the async side only enqueues jobs and awaits futures."""
 
     def __init__(self, *, metrics: Metrics, max_batch_size: int, max_batch_wait_ms: float,
                  queue_size: int, request_timeout_s: float, workers: int = 1,
