@@ -43,10 +43,6 @@ class InlineDecoder:
         self.threads = max(1, threads)
 
     def __iter__(self):
-        if self.threads == 1:
-            for rows in self.batches:
-                yield collate_tiles([self.dataset[r] for r in rows])
-            return
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(self.threads, thread_name_prefix="decode") as pool:
