@@ -42,7 +42,7 @@ def default_workers(device_type: str) -> int:
     decode + polar ~4, encoder ~12, bench/RESULTS.md), so a quarter of the cores decode and the
     model keeps the rest; on a 2-core box that is 0: decoding in the main process was the fastest.
     """
-    from index_build.encode_local import available_cpus
+    from model.encode import available_cpus
 
     cpus = available_cpus()
     if device_type == "cuda":

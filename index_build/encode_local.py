@@ -8,7 +8,6 @@ tiles, then the model encodes it with all its threads. Running them side by side
 cores instead would stall the model's OpenMP threads at every barrier."""
 from __future__ import annotations
 
-import os
 import time
 from typing import Callable, Sequence
 
@@ -19,13 +18,7 @@ from tqdm import tqdm
 from index_build.encode_common import (BadImagesError, BadTile, EncodeStats, PathTable, ShardAlignedBatches,
                                        TileImageDataset, collate_tiles, tile_batch_input)
 from index_build.workdir import ShardSpan, write_shard
-
-
-def available_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+from model.encode import available_cpus
 
 
 def _worker_init(_worker_id: int) -> None:

@@ -2,12 +2,21 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 
 from .network import L2LTR
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 BRANCHES = ("ground", "aerial")
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from model import load_checkpoint
-from model.encode import pick_device, prepare_for_inference
+from model.encode import available_cpus, pick_device, prepare_for_inference
 
 from .artifact import ArtifactChanged, ArtifactError, LoadedIndex, Signature, load_artifact
 from .engine import Engine, LoadedModel
@@ -46,10 +46,7 @@ def encoder_plan(settings: Settings) -> tuple[int, int | None]:
     on_gpu = settings.device.startswith("cuda") or (settings.device == "auto" and torch.cuda.is_available())
     if on_gpu:
         return settings.encoder_workers or 1, settings.torch_threads
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cpus = os.cpu_count() or 1
+    cpus = available_cpus()
     workers = settings.encoder_workers or (2 if cpus >= 2 else 1)
     return workers, settings.torch_threads or max(1, cpus // workers)
 
