@@ -46,6 +46,9 @@ class L2LTRConfig:
     polar: bool = True
     # Two-step polar path of the authors' pipeline: polar image at this size, then resize.
     polar_intermediate: tuple[int, int] | None = None
+    # Inference only: a descriptor is the normalised mean of the view's and its east-west mirror's
+    # (both views are mirrored the same way, so a pair stays a pair); twice the encoding cost.
+    test_time_flip: bool = False
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
@@ -65,6 +68,9 @@ class L2LTRConfig:
             raise ConfigError(
                 f"resnet_width_factor {self.resnet_width_factor} gives stem width {self.stem_width}; "
                 "GroupNorm(32) needs a multiple of 32")
+        for name in ("dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
         for name in ("ground_size", "aerial_size"):
             h, w = getattr(self, name)
             if h % 16 or w % 16:

@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
           f"mlp {cfg['mlp_dim']}, stem units {cfg['resnet_units']} x{cfg['resnet_width_factor']}, attention {cfg['attention']}")
     print(f"inputs       ground {cfg['ground_size']}, aerial {cfg['aerial_size']} (polar {cfg['polar']}, "
           f"intermediate {cfg['polar_intermediate']})")
+    print(f"descriptor   {info['embedding_dim']}-d unit vector, test-time flip {'on' if cfg['test_time_flip'] else 'off'}")
     print(f"parameters   ground {n['ground']:,}, aerial {n['aerial']:,}, total {n['total']:,}")
     print(f"provenance   {json.dumps(info['provenance'], sort_keys=True)}")
     return 0

@@ -258,11 +258,19 @@ class L2LTR(nn.Module):
 
     def encode_ground(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x, "ground")
-        return self.ground(x)
+        return self._describe(self.ground, x)
 
     def encode_aerial(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x, "aerial")
-        return self.aerial(x)
+        return self._describe(self.aerial, x)
+
+    def _describe(self, branch: Branch, x: torch.Tensor) -> torch.Tensor:
+        if not (self.config.test_time_flip and not self.training):
+            return branch(x)
+        # Width is azimuth for panoramas and polar tiles and east-west for plain tiles: flipping
+        # it mirrors either view about the north-south axis through the camera.
+        both = branch(torch.cat([x, x.flip(3)]))
+        return F.normalize(both[: len(x)] + both[len(x):], dim=-1)
 
     def forward(self, ground: torch.Tensor, aerial: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encode_ground(ground), self.encode_aerial(aerial)
@@ -275,6 +283,10 @@ class L2LTR(nn.Module):
         return {"ground": count(self.ground), "aerial": count(self.aerial), "total": count(self)}
 
 
+# Config fields added after fingerprints were published: at their default they leave the hash as it was.
+FINGERPRINT_NEUTRAL_DEFAULTS = {"test_time_flip": False}
+
+
 def state_fingerprint(config: L2LTRConfig, state: dict[str, torch.Tensor]) -> str:
     """16 hex chars of sha256 over the architecture and the float32 weights, key by key.
 
@@ -283,6 +295,9 @@ def state_fingerprint(config: L2LTRConfig, state: dict[str, torch.Tensor]) -> st
     """
     arch = config.to_dict()
     arch.pop("name", None)
+    for key, default in FINGERPRINT_NEUTRAL_DEFAULTS.items():
+        if arch.get(key) == default:
+            arch.pop(key)
     h = hashlib.sha256(repr(sorted(arch.items())).encode())
     for key in sorted(state):
         t = state[key].detach().to("cpu", torch.float32).contiguous()

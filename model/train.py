@@ -227,8 +227,8 @@ class JsonLog:
 # --------------------------------------------------------------------------- training
 
 RESUME_KEYS = ("data", "dataset", "config", "attention", "no_polar", "batch_size", "lr", "weight_decay", "warmup",
-               "clip", "loss", "hard_negatives", "seed", "epochs", "steps", "init", "augment", "precision")
-ADDED_SETTING_DEFAULTS = {"augment": False, "precision": "auto"}
+               "clip", "loss", "hard_negatives", "seed", "epochs", "steps", "init", "augment", "precision", "dropout")
+ADDED_SETTING_DEFAULTS = {"augment": False, "precision": "auto", "dropout": None}
 
 
 def build_config(args) -> L2LTRConfig:
@@ -236,6 +236,8 @@ def build_config(args) -> L2LTRConfig:
     changes = {}
     if args.attention:
         changes["attention"] = args.attention
+    if args.dropout is not None:
+        changes["dropout"] = args.dropout
     if args.no_polar:
         side = cfg.aerial_size[0] * 2
         changes.update(polar=False, polar_intermediate=None, aerial_size=(side, side))
@@ -408,6 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--config", default="tiny", help="config name (paper, small, tiny), JSON or JSON file")
     m.add_argument("--attention", choices=["self_cross", "vanilla"], help="override the config's attention mode")
     m.add_argument("--no-polar", action="store_true", help="feed the aerial branch the plain tile (ablation)")
+    m.add_argument("--dropout", type=float, help="override the config's dropout rate (0..1)")
     m.add_argument("--init", help="initial weights: Google .npz or one of our .safetensors")
     o = p.add_argument_group("optimisation")
     o.add_argument("--epochs", type=int, default=10)

@@ -151,3 +151,37 @@ def test_convert_and_info_cli(fixtures_dir, tmp_path, capsys):
            "resnet_width_factor": 0.5, "ground_size": [64, 256], "aerial_size": [64, 256]}
     assert convert.main(["--from", "npz", "--config", json.dumps(cfg), "--in", str(fixtures_dir / "vit_npz_tiny.npz"),
                          "--out", str(npz_out)]) == 0
+
+
+def test_test_time_flip_is_mirror_invariant_and_inference_only(micro_config):
+    micro_config = micro_config.replace(dropout=0.0)
+    plain = L2LTR(micro_config).eval()
+    flipped = L2LTR(micro_config.replace(test_time_flip=True)).eval()
+    flipped.load_state_dict(plain.state_dict())
+    assert flipped.fingerprint() != plain.fingerprint()  # descriptors differ, so artifacts must not mix
+    g, a = _inputs(micro_config, n=3)
+    with torch.no_grad():
+        for view, x in (("ground", g), ("aerial", a)):
+            enc_flip, enc_plain = getattr(flipped, f"encode_{view}"), getattr(plain, f"encode_{view}")
+            expected = torch.nn.functional.normalize(enc_plain(x) + enc_plain(x.flip(3)), dim=-1)
+            assert torch.allclose(enc_flip(x), expected, atol=1e-6)
+            assert torch.allclose(enc_flip(x.flip(3)), enc_flip(x), atol=1e-6)  # a view and its mirror agree
+            assert not torch.allclose(enc_plain(x.flip(3)), enc_plain(x), atol=1e-3)
+        flipped.train()
+        assert torch.allclose(flipped.encode_ground(g), plain.encode_ground(g), atol=1e-6)  # training sees one view
+
+
+def test_convert_ours_sets_test_time_flip(micro_config, tmp_path, capsys):
+    from model import convert, info
+
+    src = tmp_path / "run.safetensors"
+    save_checkpoint(L2LTR(micro_config), src, metadata={"trained_steps": 7})
+    out = tmp_path / "demo.safetensors"
+    assert convert.main(["--from", "ours", "--in", str(src), "--out", str(out), "--dtype", "float16",
+                         "--test-time-flip", "on"]) == 0
+    model = load_checkpoint(out)
+    assert model.config.test_time_flip and model.provenance["trained_steps"] == 7
+    assert info.main([str(out)]) == 0
+    assert "test-time flip on" in capsys.readouterr().out
+    assert convert.main(["--from", "npz", "--in", str(src), "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "--config is required" in capsys.readouterr().err

@@ -88,6 +88,16 @@ def test_resume_refuses_changed_settings_and_existing_run(world, tmp_path):
         train(run_args(world, tmp_path / "r", "--steps", "2", "--eval-every", "0"))
 
 
+def test_dropout_override_reaches_the_checkpoint_and_is_validated(world, tmp_path):
+    from model.config import ConfigError
+
+    train(run_args(world, tmp_path / "d", "--steps", "1", "--eval-every", "0", "--dropout", "0"))
+    assert load_checkpoint(tmp_path / "d" / "last.safetensors").config.dropout == 0.0
+    with pytest.raises(ConfigError, match=r"dropout must be in \[0, 1\)"):
+        train(run_args(world, tmp_path / "e", "--steps", "1", "--dropout", "1.5"))
+    assert not (tmp_path / "e").exists()  # refused before anything was written
+
+
 def test_nan_loss_stops_with_step(world, tmp_path, monkeypatch):
     import model.train as train_module
     from model.losses import TripletLoss
