@@ -38,19 +38,12 @@ class PathTable:
 def decode_tile(path: str, config) -> tuple[torch.Tensor | None, str]:
     """(uint8 [3, H, W] model-size aerial image, "") or (None, reason) for one tile image; never
     raises for bad image data. Kept as uint8 (4x less to pass between processes); a whole batch
-    is normalised at once by `tile_batch_input`."""
-    from model.preprocess import aerial_image, load_image
+    is normalised at once by `model.preprocess.normalize_uint8_nchw`."""
+    from model.preprocess import aerial_image, image_uint8, load_image
     try:
-        return torch.from_numpy(np.array(aerial_image(load_image(path), config))).permute(2, 0, 1), ""
+        return image_uint8(aerial_image(load_image(path), config)), ""
     except Exception as exc:  # ImageDecodeError, OSError, odd sizes: all become a reported skip
         return None, f"{type(exc).__name__}: {exc}"
-
-
-def tile_batch_input(batch: torch.Tensor) -> torch.Tensor:
-    """[N, 3, H, W] uint8 tiles from `decode_tile` -> normalised float network input (the same
-    values as `model.preprocess.aerial_tensor` per tile)."""
-    from model.preprocess import normalize_unit_batch
-    return normalize_unit_batch(batch.float().div_(255.0))
 
 
 class TileImageDataset(torch.utils.data.Dataset):

@@ -20,8 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from index_build.encode_common import (BadImagesError, BadTile, EncodeStats, decode_tile, shard_batches,
-                                       tile_batch_input)
+from index_build.encode_common import (BadImagesError, BadTile, EncodeStats, decode_tile, shard_batches)
 from index_build.workdir import ShardSpan, write_shard
 
 
@@ -97,6 +96,7 @@ class ShardEncoder:
         import torch
 
         from model.encode import encode_batch
+        from model.preprocess import normalize_uint8_nchw
 
         t0 = time.perf_counter()
         records = read_record_range(self.catalog, byte_start, byte_stop)
@@ -118,7 +118,7 @@ class ShardEncoder:
                 else:
                     good.append(tensor)
             if good and not (bad_tiles and not self.skip_bad):
-                parts.append(encode_batch(self.model, tile_batch_input(torch.stack(good)), "aerial",
+                parts.append(encode_batch(self.model, normalize_uint8_nchw(torch.stack(good)), "aerial",
                                           self.device).numpy())
         if bad_tiles and not self.skip_bad:  # the shard is not written; the driver reports every bad tile
             return {"shard": span.index, "rows": 0, "skipped": 0, "seconds": time.perf_counter() - t0,

@@ -8,7 +8,7 @@ import os
 import numpy as np
 
 from index_build.artifact import INDEX_FILE, TILES_FILE, ArtifactError, read_manifest, resolve_artifact
-from index_build.encode_common import decode_tile, tile_batch_input
+from index_build.encode_common import decode_tile
 from index_build.sources import read_tiles_csv
 
 
@@ -20,6 +20,7 @@ def run_verify(artifact: str, checkpoint: str, *, sample: int = 64, seed: int = 
 
     from model import load_checkpoint
     from model.encode import encode_batch, pick_device, prepare_for_inference
+    from model.preprocess import normalize_uint8_nchw
 
     root = resolve_artifact(artifact)  # resolve once: every file below comes from the same version
     manifest = read_manifest(root)
@@ -74,7 +75,7 @@ def run_verify(artifact: str, checkpoint: str, *, sample: int = 64, seed: int = 
                 tensor = torch.zeros(3, *model.config.aerial_size, dtype=torch.uint8)
             tensors.append(tensor)
         if tensors:
-            fresh.append(encode_batch(model, tile_batch_input(torch.stack(tensors)), "aerial", dev).numpy())
+            fresh.append(encode_batch(model, normalize_uint8_nchw(torch.stack(tensors)), "aerial", dev).numpy())
     fresh = np.concatenate(fresh) if fresh else np.zeros((0, manifest["embedding_dim"]), np.float32)
     if decode_failures:
         problems.append(f"{len(decode_failures)} sampled image(s) no longer decode: {decode_failures[:5]}")

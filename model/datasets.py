@@ -301,22 +301,22 @@ class PairDataset(_TorchDataset):
         return len(self.records)
 
     def _load(self, path: str, rec: PairRecord, what: str):
-        from .preprocess import ImageDecodeError, load_image
+        from .preprocess import ImageDecodeError, load_ground_image, load_image
 
         try:
-            return load_image(path)
+            return load_ground_image(path, self.config) if what == "ground" else load_image(path)
         except (ImageDecodeError, OSError, ValueError) as exc:
             raise DatasetError(f"pair {rec.id}: cannot load {what} image {path}: {exc}") from None
 
     def __getitem__(self, i: int) -> dict:
         from PIL import Image
 
-        from .preprocess import aerial_tensor, ground_tensor, to_normalized_tensor
+        from .preprocess import aerial_tensor, to_normalized_tensor
 
         if not -len(self.records) <= i < len(self.records):
             raise IndexError(i)
         rec = self.records[i]
-        g = ground_tensor(self._load(rec.ground_path, rec, "ground"), self.config)
+        g = to_normalized_tensor(self._load(rec.ground_path, rec, "ground"))
         aimg = self._load(rec.aerial_path, rec, "aerial")
         if rec.aerial_is_polar:
             h, w = self.config.aerial_size

@@ -60,7 +60,7 @@ def load_pair_arrays(records: Sequence, config: L2LTRConfig, desc: str = "prepro
     """Decode + preprocess every record once (ground resize; aerial polar + resize)."""
     from tqdm import tqdm
 
-    from .preprocess import aerial_image, ground_image, load_image
+    from .preprocess import aerial_image, load_ground_image, load_image
 
     n = len(records)
     ground = np.empty((n, *config.ground_size, 3), np.uint8)
@@ -68,7 +68,7 @@ def load_pair_arrays(records: Sequence, config: L2LTRConfig, desc: str = "prepro
 
     def work(i):
         r = records[i]
-        return i, np.asarray(ground_image(load_image(r.ground_path), config)), \
+        return i, np.asarray(load_ground_image(r.ground_path, config)), \
             np.asarray(aerial_image(load_image(r.aerial_path), config))
 
     if workers > 1:

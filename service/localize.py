@@ -9,7 +9,7 @@ import anyio
 import torch
 from fastapi import Request
 
-from model.preprocess import ImageDecodeError, ground_tensor, load_image
+from model.preprocess import ImageDecodeError, image_uint8, load_ground_image
 
 from .engine import JobResult
 from .logs import request_id_var
@@ -25,7 +25,7 @@ GEOJSON = "application/geo+json"
 
 @dataclass
 class Decoded:
-    images: torch.Tensor
+    images: torch.Tensor  # [n, 3, H, W] uint8
     decode_ms: float
 
 
@@ -35,10 +35,11 @@ def _decode(files: list[UploadedFile], limits: ImageLimits, config) -> Decoded:
     for upload in files:
         check_image(upload, limits)
         try:
-            img = load_image(upload.data, name=f"image {upload.index}", max_pixels=limits.max_pixels)
+            img = load_ground_image(upload.data, config, name=f"image {upload.index}",
+                                    max_pixels=limits.max_pixels)
         except ImageDecodeError as exc:
             raise UploadError(400, "undecodable_image", str(exc)) from None
-        tensors.append(ground_tensor(img, config))
+        tensors.append(image_uint8(img))  # normalised per micro-batch by the engine
         img.close()
         upload.data = b""  # the bytes are no longer needed; let them go early
     return Decoded(torch.stack(tensors), (time.perf_counter() - started) * 1000.0)

@@ -6,8 +6,9 @@ import torch
 from PIL import Image
 
 from model import L2LTRConfig
-from model.preprocess import (ImageDecodeError, aerial_tensor, ground_tensor, load_image, polar_transform,
-                              polar_sampling_grid)
+from model.preprocess import (ImageDecodeError, aerial_tensor, ground_image, ground_tensor, image_uint8,
+                              load_ground_image, load_image, normalize_uint8_nchw, polar_transform,
+                              polar_sampling_grid, to_normalized_tensor)
 
 
 def test_north_maps_to_centre_column_and_centre_to_bottom_row():
@@ -75,6 +76,45 @@ def test_load_image_exif_orientation():
     img.save(buf, "JPEG", exif=exif)
     out = load_image(buf.getvalue())
     assert out.size == (20, 40)
+
+
+def _smooth_jpeg(w: int, h: int, orientation: int = 1) -> bytes:
+    rng = np.random.default_rng(1)
+    small = (rng.random((h // 16, w // 16, 3)) * 255).astype(np.uint8)
+    img = Image.fromarray(small).resize((w, h), Image.BICUBIC)
+    exif = Image.Exif()
+    if orientation != 1:
+        exif[0x0112] = orientation
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=92, exif=exif)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_large_jpeg_decodes_at_reduced_scale_but_not_below_twice_the_model_size(orientation):
+    tiny = L2LTRConfig.named("tiny")  # ground 64 x 256
+    stored = (2048, 512) if orientation == 1 else (512, 2048)  # orientation 6 shows it turned
+    data = _smooth_jpeg(*stored, orientation=orientation)
+    reduced = load_image(data, reduce_to=(128, 512))
+    assert reduced.size == (512, 128)  # 1/4 scale decode, upright, still 2x the model size
+    fast = np.asarray(load_ground_image(data, tiny), np.float32)
+    full = np.asarray(ground_image(load_image(data), tiny), np.float32)
+    assert fast.shape == full.shape == (64, 256, 3)
+    assert np.abs(fast - full).mean() < 2.0  # the same picture, up to resampling
+    # twice the model size or smaller: decoded in full, so the pixels are exactly the old ones
+    exact = _smooth_jpeg(512, 128)
+    assert np.array_equal(np.asarray(load_ground_image(exact, tiny)),
+                          np.asarray(ground_image(load_image(exact), tiny)))
+    # the pixel limit counts the stored size, before any reduced decode
+    with pytest.raises(ImageDecodeError, match="exceeds the limit"):
+        load_ground_image(data, tiny, max_pixels=2048 * 512 - 1)
+
+
+def test_uint8_batches_normalise_like_single_images():
+    rng = np.random.default_rng(3)
+    imgs = [(rng.random((16, 32, 3)) * 255).astype(np.uint8) for _ in range(3)]
+    batch = normalize_uint8_nchw(torch.stack([image_uint8(i) for i in imgs]))
+    assert torch.equal(batch, torch.stack([to_normalized_tensor(i) for i in imgs]))
 
 
 def test_load_image_errors():
