@@ -37,11 +37,14 @@ def autocast_context(device: torch.device | str, enabled: bool = True):
 
 
 def prepare_for_inference(model: L2LTR, device: torch.device | str = "cpu") -> L2LTR:
-    """eval mode on `device`; channels_last on CUDA, where the stem's convolutions gain from it."""
+    """eval mode on `device`; channels_last on CUDA, where the stem's convolutions gain from it;
+    on a CPU the branches run as TorchScript traces (`L2LTR.trace_for_inference`)."""
     device = torch.device(device)
     model = model.to(device).eval()
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
+    else:
+        model.trace_for_inference()
     return model
 
 

@@ -185,3 +185,54 @@ def test_convert_ours_sets_test_time_flip(micro_config, tmp_path, capsys):
     assert "test-time flip on" in capsys.readouterr().out
     assert convert.main(["--from", "npz", "--in", str(src), "--out", str(tmp_path / "x.safetensors")]) == 2
     assert "--config is required" in capsys.readouterr().err
+
+
+def test_traced_inference_equals_eager_and_leaves_weights_and_training_alone(micro_config, fixtures_dir,
+                                                                              tmp_path):
+    import threading
+
+    from model.encode import encode_batch, prepare_for_inference
+
+    for config in (micro_config.replace(dropout=0.0), micro_config.replace(test_time_flip=True)):
+        torch.manual_seed(0)
+        eager = L2LTR(config).eval()
+        traced = L2LTR(config)
+        traced.load_state_dict(eager.state_dict())
+        prepare_for_inference(traced, "cpu")
+        assert traced.fingerprint() == eager.fingerprint()
+        assert traced.state_dict().keys() == eager.state_dict().keys()
+        for n in (3, 1, 5):  # traced on the first batch, then other batch sizes
+            g, a = _inputs(config, n=n)
+            assert torch.allclose(encode_batch(traced, g, "ground"), encode_batch(eager, g, "ground"), atol=1e-6)
+            assert torch.allclose(encode_batch(traced, a, "aerial"), encode_batch(eager, a, "aerial"), atol=1e-6)
+        assert {key[0] for key in traced._traces} == {"ground", "aerial"}
+        # with autograd on (training, or a caller outside inference), the eager modules run
+        traced.train()
+        assert not traced._traces  # weights may change now: the traces are made again later
+        g, _ = _inputs(config, n=2)
+        out = traced.encode_ground(g)
+        assert out.requires_grad
+        out.sum().backward()
+        assert traced.ground.transformer.embeddings.cls_token.grad is not None
+        with torch.no_grad():
+            traced.ground.transformer.embeddings.cls_token.add_(torch.randn_like(traced.ground.transformer.embeddings.cls_token))
+        traced.eval()
+        assert not torch.allclose(encode_batch(traced, g, "ground"), encode_batch(eager, g, "ground"), atol=1e-3)
+        traced.load_state_dict(eager.state_dict())
+        assert torch.allclose(encode_batch(traced, g, "ground"), encode_batch(eager, g, "ground"), atol=1e-6)
+    # the authors' reference outputs, through the traced path, from two threads at once
+    official = torch.load(fixtures_dir / "l2ltr_official_tiny.pt", weights_only=True)
+    torch.save(official["checkpoint"], tmp_path / "model_checkpoint.pth")
+    model = prepare_for_inference(load_checkpoint(tmp_path / "model_checkpoint.pth", config=official["config"]))
+    errors = []
+
+    def check() -> None:
+        out = encode_batch(model, official["input_grd"], "ground")
+        errors.append((out - official["output_grd"]).abs().max().item())
+
+    threads = [threading.Thread(target=check) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(errors) == 2 and max(errors) <= 1e-5
