@@ -1,8 +1,10 @@
 """index_build benchmarks.
 
-(a) encode: tiles/s of the build's encoding stage (catalogue -> DataLoader workers decode + polar
-    transform -> batched encode_aerial -> shard files) against the raw encoder alone (the same
-    tiles already decoded into tensors, encode_aerial in the same batches), in the same process.
+(a) encode: tiles/s of the build's encoding stage (catalogue -> decode + polar transform ->
+    batched encode_aerial -> shard files; --workers 0: encoder lanes, >0: DataLoader workers)
+    against the raw encoder alone (the same tiles already decoded into tensors, encode_aerial in
+    the same batches), in the same process. The raw encoder runs two ways, one forward at a time
+    with every thread and (CPU) one-thread lanes side by side; the ratio is to the faster one.
 
     python bench/index.py encode --configs tiny --tiles 512 --workers 0 1 2
     python bench/index.py encode --configs tiny small --device cuda --tiles 4096 --workers 4 8
@@ -84,19 +86,38 @@ def cpu_seconds() -> float:
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def raw_encoder_run(model, tensors, batch_size: int, device) -> tuple[float, float]:
-    """(tiles/s wall, CPU ms per tile) of encode_aerial alone on already-decoded tensors."""
+def raw_encoder_run(model, tensors, batch_size: int, device, lanes: int = 1) -> tuple[float, float]:
+    """(tiles/s wall, CPU ms per tile) of encode_aerial alone on already-decoded tensors.
+
+    lanes=1: one forward at a time with every torch thread. lanes>1: that many threads encode the
+    batches side by side with cores/lanes torch threads each (the encoder's best use of a CPU,
+    the same split as index_build's encoder lanes, but without any decoding)."""
+    import threading
+
     import torch
 
-    from model.encode import encode_batch
+    from model.encode import available_cpus, encode_batch
 
     batches = [torch.stack(tensors[i:i + batch_size]) for i in range(0, len(tensors), batch_size)]
+
+    def lane(mine) -> None:
+        if lanes > 1:  # a thread of its own: the main thread's setting stays as it was
+            torch.set_num_threads(max(1, available_cpus() // lanes))
+        for b in mine:
+            encode_batch(model, b, "aerial", device)
+
     encode_batch(model, batches[0], "aerial", device)  # warm-up
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0, c0 = time.perf_counter(), cpu_seconds()
-    for b in batches:
-        encode_batch(model, b, "aerial", device)
+    if lanes == 1:
+        lane(batches)
+    else:
+        threads = [threading.Thread(target=lane, args=(batches[i::lanes],)) for i in range(lanes)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
     if device.type == "cuda":
         torch.cuda.synchronize()
     return len(tensors) / (time.perf_counter() - t0), (cpu_seconds() - c0) * 1e3 / len(tensors)
@@ -107,7 +128,7 @@ def bench_encode(args) -> list[dict]:
 
     from index_build.build import BuildOptions, run_build
     from model import L2LTR, L2LTRConfig, load_checkpoint, save_checkpoint
-    from model.encode import pick_device, prepare_for_inference
+    from model.encode import available_cpus, pick_device, prepare_for_inference
     from model.preprocess import aerial_tensor, load_image
 
     device = pick_device(args.device)
@@ -135,12 +156,21 @@ def bench_encode(args) -> list[dict]:
             decode_cpu_ms = (time.process_time() - c0) * 1e3 / len(tensors)
             # Best of --rounds for each, raw and build interleaved: on a shared machine the other
             # tenants' load comes and goes, and the best run is the least disturbed one.
+            # Raw references: one forward at a time with every thread, and (CPU) one-thread lanes
+            # side by side, the encoder's best on this machine; the ratio is against the better one.
+            raw_lanes = available_cpus() if device.type == "cpu" and available_cpus() > 1 else 1
             for workers in args.workers:
-                raws, builds, raw_cpu, build_cpu = [], [], [], []
-                for rnd in range(args.rounds):
+                raws, raws_lanes, builds, raw_cpu, build_cpu = [], [], [], [], []
+
+                def measure_raw() -> None:
                     tps, cpu_ms = raw_encoder_run(model, tensors, args.batch_size, device)
                     raws.append(tps)
                     raw_cpu.append(cpu_ms)
+                    if raw_lanes > 1:
+                        raws_lanes.append(raw_encoder_run(model, tensors, args.batch_size, device, raw_lanes)[0])
+
+                for rnd in range(args.rounds):
+                    measure_raw()
                     out = tmp / f"idx_{name}_{workers}_{rnd}"
                     c0 = cpu_seconds()
                     result = run_build(BuildOptions(
@@ -149,24 +179,29 @@ def bench_encode(args) -> list[dict]:
                         stop_after="encode"))
                     build_cpu.append((cpu_seconds() - c0) * 1e3 / len(sources))
                     builds.append(result.encode.tiles_per_second)
-                tps, cpu_ms = raw_encoder_run(model, tensors, args.batch_size, device)
-                raws.append(tps)
-                raw_cpu.append(cpu_ms)
-                raw, build = max(raws), max(builds)
+                measure_raw()
+                raw, build = max(raws + raws_lanes), max(builds)
                 rows.append({"config": name, "device": str(device), "tiles": len(sources), "workers": workers,
                              "batch_size": args.batch_size, "decode_cpu_ms": round(decode_cpu_ms, 2),
-                             "raw_encoder_tps": round(raw, 1), "raw_runs": [round(r, 1) for r in raws],
+                             "raw_encoder_tps": round(max(raws), 1), "raw_runs": [round(r, 1) for r in raws],
+                             "raw_lanes": raw_lanes,
+                             "raw_lanes_tps": round(max(raws_lanes), 1) if raws_lanes else None,
+                             "raw_lanes_runs": [round(r, 1) for r in raws_lanes],
                              "raw_cpu_ms": round(min(raw_cpu), 2),
                              "build_encode_tps": round(build, 1), "build_runs": [round(b, 1) for b in builds],
-                             "build_cpu_ms": round(min(build_cpu), 2), "ratio": round(build / raw, 3)})
+                             "build_cpu_ms": round(min(build_cpu), 2), "ratio": round(build / raw, 3),
+                             "ratio_vs_one_forward": round(build / max(raws), 3)})
                 print(json.dumps(rows[-1]), file=sys.stderr)
             del tensors, model
-    print("\n| model | device | tiles | workers | batch | raw encoder, best (tiles/s) | build encode stage, best "
-          "(tiles/s) | ratio | CPU ms/tile: decode+polar / raw encoder / whole build stage |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| model | device | tiles | workers | batch | raw encoder, one forward at a time (tiles/s) | raw encoder, "
+          "lanes side by side (tiles/s) | build encode stage (tiles/s) | ratio to the best raw | CPU ms/tile: "
+          "decode+polar / raw encoder / whole build stage |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        lanes = f"{r['raw_lanes_tps']} ({r['raw_lanes']} lanes)" if r["raw_lanes_tps"] else "-"
         print(f"| {r['config']} | {r['device']} | {r['tiles']} | {r['workers']} | {r['batch_size']} | "
-              f"{r['raw_encoder_tps']} | {r['build_encode_tps']} | **{r['ratio']:.2f}** | "
+              f"{r['raw_encoder_tps']} | {lanes} | {r['build_encode_tps']} | **{r['ratio']:.2f}** "
+              f"({r['ratio_vs_one_forward']:.2f} to one forward) | "
               f"{r['decode_cpu_ms']} / {r['raw_cpu_ms']} / {r['build_cpu_ms']} |")
     return rows
 

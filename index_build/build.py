@@ -39,8 +39,9 @@ def default_workers(device_type: str) -> int:
 
     With a GPU the CPU does nothing but decode: up to 8 workers, one core left for the main process.
     On a CPU device decoding takes cores from the model (CPU ms per tile measured on the tiny model:
-    decode + polar ~4, encoder ~12, bench/RESULTS.md), so a quarter of the cores decode and the
-    model keeps the rest; on a 2-core box that is 0: decoding in the main process was the fastest.
+    decode + polar ~2, encoder ~8-12, bench/RESULTS.md), so a quarter of the cores decode and the
+    model keeps the rest; on a 2-core box that is 0: encoder lanes that each decode their own
+    batch (encode_local) were the fastest.
     """
     from model.encode import available_cpus
 
@@ -58,6 +59,7 @@ class BuildOptions:
     index_type: str = "auto"
     batch_size: int = 64
     workers: int | None = None             # None: default_workers(device)
+    lanes: int | None = None               # encoder lanes when workers == 0 (None: one per core, up to 8)
     shard_size: int = 10_000
     resume: bool = False
     skip_bad: bool = False
@@ -179,10 +181,14 @@ def _encode_pending(opts, layout: ArtifactLayout, plan: dict, model, device, fin
 
         if opts.workers is None:
             opts.workers = default_workers(device.type)
+        if opts.workers == 0:
+            from index_build.encode_local import lane_plan
+            opts.lanes = lane_plan(opts.lanes)[0]
         stats = encode_shards_local(
             model, [r.source for r in records], [r.tile_id for r in records], todo, vdir,
             batch_size=opts.batch_size, workers=opts.workers, device=device, skip_bad=opts.skip_bad,
-            fingerprint=fingerprint, progress=opts.progress, on_shard_written=opts.on_shard_written)
+            fingerprint=fingerprint, progress=opts.progress, lanes=opts.lanes,
+            on_shard_written=opts.on_shard_written)
     else:
         raise BuildError(f"unknown engine {opts.engine!r} (local | ray)")
     stats.shards_total = len(spans)
@@ -354,7 +360,7 @@ def _finish_build(opts: BuildOptions, layout: ArtifactLayout, plan: dict, model,
         skipped={"count": len(skipped), "tiles": skipped},
         shards=shard_entries, additions=[],
         build={"engine": opts.engine, "batch_size": opts.batch_size, "shard_size": plan["shard_size"],
-               "workers": opts.workers, "encode": result.encode.to_json(), **_host_info(opts.device)},
+               "workers": opts.workers, "lanes": opts.lanes, "encode": result.encode.to_json(), **_host_info(opts.device)},
     )
 
 

@@ -40,6 +40,9 @@ def _add_encode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=64)
     p.add_argument("--workers", type=int, default=None,
                    help="DataLoader decode workers (local engine; default: up to 8 with a GPU, cores/4 on CPU)")
+    p.add_argument("--lanes", type=_positive_int, default=None,
+                   help="with --workers 0: encoder lanes, threads that each decode a batch and then encode it "
+                        "with cores/lanes torch threads, side by side (default: one per core, up to 8)")
     p.add_argument("--shard-size", type=_positive_int, default=10_000, help="tiles per embedding shard (resume unit)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run; finished shards are kept")
     p.add_argument("--skip-bad", action="store_true",
@@ -102,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _encode_options(cls, args):
     kwargs = dict(
         catalog=args.catalog, checkpoint=args.checkpoint, out=args.out, batch_size=args.batch_size,
-        workers=None if args.workers is None else max(0, args.workers), shard_size=args.shard_size, resume=args.resume, skip_bad=args.skip_bad,
+        workers=None if args.workers is None else max(0, args.workers), lanes=args.lanes, shard_size=args.shard_size, resume=args.resume, skip_bad=args.skip_bad,
         engine=args.engine, device=args.device, model_config=args.model_config, keep_versions=args.keep_versions,
         progress=not args.quiet, stop_after=args.stop_after, check_files=args.check_files,
         report_path=args.report_path, ray_address=args.ray_address, ray_actors=args.ray_actors,

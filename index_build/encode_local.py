@@ -1,24 +1,36 @@
 """Mapper stage, local engine: decoding + polar-transforming tiles feeding batched `encode_aerial`
 on one device, writing one shard file per finished shard.
 
-Two ways to decode: with `workers > 0` a torch DataLoader whose worker processes decode ahead of
-the model (what a GPU wants: the CPU only decodes). With `workers == 0` (the CPU default) decoding
-and encoding take turns per batch, each with every core: a thread pool decodes the batch's
-tiles, then the model encodes it with all its threads. Running them side by side on the same
-cores instead would stall the model's OpenMP threads at every barrier."""
+Two ways to run it:
+- `workers > 0` (what a GPU wants): a torch DataLoader whose worker processes decode ahead of the
+  model; the CPU only decodes.
+- `workers == 0` (the CPU default): *encoder lanes*. Each lane is a thread that decodes a whole
+  batch and then encodes it with its own small share of the cores (one torch thread each by
+  default); the lanes share the read-only model and take the batches in turn, and their results
+  are consumed in batch order. While one lane decodes, the other's forward runs, so no core waits:
+  on two cores, two one-thread lanes encode more tiles per second than one two-thread forward
+  alternating with a decoding phase (bench/RESULTS.md). A single forward spread over every core
+  beside a decoding thread would instead stall its OpenMP threads at every barrier.
+"""
 from __future__ import annotations
 
 import time
-from typing import Callable, Sequence
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from index_build.encode_common import (BadImagesError, BadTile, EncodeStats, PathTable, ShardAlignedBatches,
-                                       TileImageDataset, collate_tiles, tile_batch_input)
+                                       TileImageDataset, collate_tiles)
 from index_build.workdir import ShardSpan, write_shard
-from model.encode import available_cpus
+from model.encode import available_cpus, encode_batch
+from model.preprocess import normalize_uint8_nchw
+
+MAX_CPU_LANES = 8
 
 
 def _worker_init(_worker_id: int) -> None:
@@ -26,53 +38,102 @@ def _worker_init(_worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
-class InlineDecoder:
-    """Yields collated batches like the DataLoader, decoding each batch's tiles on a thread pool
-    in this process (Pillow and numpy release the GIL) while the model is not running."""
+def lane_plan(lanes: int | None = None) -> tuple[int, int]:
+    """(encoder lanes, torch threads per lane) when `workers == 0`: by default one lane per core
+    (up to MAX_CPU_LANES), the cores shared out among the lanes."""
+    cpus = available_cpus()
+    lanes = lanes or max(1, min(cpus, MAX_CPU_LANES))
+    return lanes, max(1, cpus // lanes)
 
-    def __init__(self, dataset: TileImageDataset, batches: ShardAlignedBatches, threads: int):
-        self.dataset = dataset
-        self.batches = batches
-        self.threads = max(1, threads)
 
-    def __iter__(self):
-        from concurrent.futures import ThreadPoolExecutor
+@dataclass
+class EncodedBatch:
+    rows: list[int]
+    vectors: np.ndarray      # [rows without errors, D]
+    errors: list[str]        # one per row, "" where the tile decoded
 
-        with ThreadPoolExecutor(self.threads, thread_name_prefix="decode") as pool:
-            for rows in self.batches:
-                yield collate_tiles(list(pool.map(self.dataset.__getitem__, rows)))
+
+def _encode_good(model, rows, batch: torch.Tensor, errors: list[str], device) -> EncodedBatch:
+    """Encode the tiles of a batch that decoded; bad ones only keep their error text."""
+    keep = [i for i, e in enumerate(errors) if not e]
+    if len(keep) < len(rows):
+        batch = batch.index_select(0, torch.tensor(keep, dtype=torch.long))
+    if keep:
+        vectors = encode_batch(model, normalize_uint8_nchw(batch), "aerial", device).numpy()
+    else:
+        vectors = np.zeros((0, model.embedding_dim), np.float32)
+    return EncodedBatch(list(rows), vectors, list(errors))
+
+
+def _loader_batches(model, dataset, batches: ShardAlignedBatches, *, workers: int, device,
+                    prefetch_batches: int) -> Iterator[EncodedBatch]:
+    """DataLoader workers decode ahead; this thread runs the model."""
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=batches,
+        num_workers=workers,
+        collate_fn=collate_tiles,
+        pin_memory=device.type == "cuda",
+        worker_init_fn=_worker_init,
+        prefetch_factor=max(2, prefetch_batches),
+    )
+    # On a CPU device the workers' decoding and the model's threads share the same cores: give the
+    # model the cores the workers leave free instead of oversubscribing them.
+    threads_before = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, min(threads_before, available_cpus() - workers)))
+    try:
+        for rows, batch, errors in loader:
+            yield _encode_good(model, rows, batch, errors, device)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _lane_batches(model, dataset, batches: ShardAlignedBatches, *, lanes: int, threads_per_lane: int,
+                  device) -> Iterator[EncodedBatch]:
+    """Encoder lanes (see the module docstring); batches come out in order."""
+
+    def lane_init() -> None:
+        torch.set_num_threads(threads_per_lane)  # per thread: each lane sets its own share
+
+    def decode_and_encode(rows: list[int]) -> EncodedBatch:
+        decoded = collate_tiles([dataset[r] for r in rows])
+        return _encode_good(model, *decoded, device)
+
+    pending: deque = deque()
+    with ThreadPoolExecutor(lanes, thread_name_prefix="encode-lane", initializer=lane_init) as pool:
+        try:
+            for rows in batches:
+                pending.append(pool.submit(decode_and_encode, rows))
+                if len(pending) > lanes:  # every lane busy and one batch queued behind them
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for fut in pending:  # stopped early (an error, a bad tile): drop what did not start
+                fut.cancel()
 
 
 def encode_shards_local(model, paths: Sequence[str], tile_ids: Sequence[str], spans: Sequence[ShardSpan],
                         vdir: str, *, batch_size: int, workers: int, device: torch.device, skip_bad: bool,
                         fingerprint: str, progress: bool = True, prefetch_batches: int = 4,
+                        lanes: int | None = None,
                         on_shard_written: Callable[[dict], None] | None = None) -> EncodeStats:
-    """Encode the rows of `spans` (all of them are encoded; the caller leaves out finished shards)."""
-    from model.encode import encode_batch
-
+    """Encode the rows of `spans` (all of them are encoded; the caller leaves out finished shards).
+    `lanes`: encoder lanes when `workers == 0` (default: `lane_plan`)."""
     stats = EncodeStats(shards_encoded=0)
     spans = list(spans)
     if not spans:
         return stats
-    table = PathTable(paths)
-    dataset = TileImageDataset(table, model.config)
-    if workers == 0:
-        loader = InlineDecoder(dataset, ShardAlignedBatches(spans, batch_size), threads=torch.get_num_threads())
+    dataset = TileImageDataset(PathTable(paths), model.config)
+    batches = ShardAlignedBatches(spans, batch_size)
+    if workers > 0:
+        encoded = _loader_batches(model, dataset, batches, workers=workers, device=device,
+                                  prefetch_batches=prefetch_batches)
     else:
-        loader = torch.utils.data.DataLoader(
-            dataset,
-            batch_sampler=ShardAlignedBatches(spans, batch_size),
-            num_workers=workers,
-            collate_fn=collate_tiles,
-            pin_memory=device.type == "cuda",
-            worker_init_fn=_worker_init,
-            prefetch_factor=max(2, prefetch_batches),
-        )
-    # On a CPU device the workers' decoding and the model's threads share the same cores: give the
-    # model the cores the workers leave free instead of oversubscribing them.
-    threads_before = torch.get_num_threads()
-    if device.type == "cpu" and workers > 0:
-        torch.set_num_threads(max(1, min(threads_before, available_cpus() - workers)))
+        n_lanes, per_lane = lane_plan(lanes)
+        encoded = _lane_batches(model, dataset, batches, lanes=n_lanes, threads_per_lane=per_lane,
+                                device=device)
     total = sum(len(s) for s in spans)
     bar = tqdm(total=total, unit="tile", unit_scale=True, dynamic_ncols=True, disable=not progress,
                desc="encode", smoothing=0.05)
@@ -84,24 +145,19 @@ def encode_shards_local(model, paths: Sequence[str], tile_ids: Sequence[str], sp
     t_run = time.perf_counter()
     t_shard = t_run
     try:
-        for rows, batch, errors in loader:
-            bad_idx = [i for i, e in enumerate(errors) if e]
-            if bad_idx:
-                bad = [BadTile(rows[i], tile_ids[rows[i]], paths[rows[i]], errors[i]) for i in bad_idx]
+        for batch in encoded:
+            bad = [BadTile(r, tile_ids[r], paths[r], e) for r, e in zip(batch.rows, batch.errors) if e]
+            if bad:
                 if not skip_bad:
                     raise BadImagesError(bad)
                 skipped.extend(b.to_json() for b in bad)
                 stats.tiles_skipped += len(bad)
-                keep = torch.tensor([i for i in range(len(rows)) if not errors[i]], dtype=torch.long)
-                batch = batch.index_select(0, keep)
-            if batch.shape[0]:
-                parts.append(encode_batch(model, tile_batch_input(batch), "aerial", device).numpy())
-                stats.tiles_encoded += batch.shape[0]
-            filled += len(rows)
-            bar.update(len(rows))
+            parts.append(batch.vectors)
+            stats.tiles_encoded += len(batch.vectors)
+            filled += len(batch.rows)
+            bar.update(len(batch.rows))
             if filled == len(span):
-                vectors = (np.concatenate(parts) if parts
-                           else np.zeros((0, model.embedding_dim), np.float32))
+                vectors = np.concatenate(parts)
                 meta = write_shard(vdir, span, vectors, skipped, fingerprint,
                                    time.perf_counter() - t_shard, "local")
                 stats.shards_encoded += 1
@@ -111,7 +167,7 @@ def encode_shards_local(model, paths: Sequence[str], tile_ids: Sequence[str], sp
                 t_shard = time.perf_counter()
                 span = next(span_iter, None)
     finally:
+        encoded.close()
         bar.close()
         stats.seconds = time.perf_counter() - t_run
-        torch.set_num_threads(threads_before)
     return stats
