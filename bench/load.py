@@ -3,7 +3,10 @@
 Measures, in one run and on the same machine:
   * the raw ground-branch encoder: batch-1 latency and batched throughput (no HTTP, no decode);
   * the service at concurrency 1: p50 / p99 request latency;
-  * the service at concurrency 16: throughput, compared with the raw batched encoder.
+  * the service at concurrency 16: throughput, compared with the raw batched encoder (one forward
+    at a time, the best of its batch sizes and thread counts: the target's reference) and, for
+    information, with one-thread lanes side by side (how the service's encoder workers split a
+    multi-core CPU, without any HTTP, decoding or search).
 Targets (issue 6): service throughput >= 0.8 x raw; p50 at c=1 <= encoder batch-1 time + 10 ms.
 The raw and the service measurements alternate for --rounds rounds and medians are reported, so a
 change in what else runs on the machine hits both sides; the CPU time other programs took during
@@ -45,7 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from model import L2LTR, L2LTRConfig, load_checkpoint, save_checkpoint  # noqa: E402
-from model.encode import encode_batch, pick_device, prepare_for_inference  # noqa: E402
+from model.encode import available_cpus, encode_batch, pick_device, prepare_for_inference  # noqa: E402
 
 BOUNDARY = "geolocbenchboundary"
 
@@ -158,6 +161,39 @@ def raw_encoder(checkpoint: Path, device: str, batch: int, seconds: float,
     elapsed = time.perf_counter() - start
     return {"batch1_ms_p50": statistics.median(lat), "batched_img_s": n / elapsed,
             "batch": batch}
+
+
+def raw_lanes(checkpoint: Path, device: str, batch: int, seconds: float, lanes: int) -> dict:
+    """`lanes` threads encoding batches side by side, one torch thread each: the encoder's best
+    throughput on a multi-core CPU, and what the service's encoder workers do (without HTTP,
+    decoding or search)."""
+    import threading
+
+    raw_encoder(checkpoint, device, batch, 0.2)  # loads and warms the shared model
+    net = _RAW_CACHE[(str(checkpoint), str(pick_device(device)))]
+    h, w = net.config.ground_size
+    counts = [0] * lanes
+    start = threading.Barrier(lanes + 1)
+    stop = time.perf_counter() + 1e9
+
+    def lane(i: int) -> None:
+        torch.set_num_threads(1)
+        x = torch.randn(batch, 3, h, w)
+        encode_batch(net, x, "ground", device)
+        start.wait()
+        while time.perf_counter() < stop:
+            encode_batch(net, x, "ground", device)
+            counts[i] += batch
+
+    threads = [threading.Thread(target=lane, args=(i,)) for i in range(lanes)]
+    for t in threads:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter()
+    stop = t0 + seconds
+    for t in threads:
+        t.join()
+    return {"lanes": lanes, "batch": batch, "img_s": sum(counts) / (time.perf_counter() - t0)}
 
 
 # --- server ---------------------------------------------------------------------------------------
@@ -391,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
         env[key] = value
     print(f"checkpoint {checkpoint}\nindex      {index}\nimage      {w}x{h} JPEG, {len(image)} bytes")
     raw_threads = tuple(int(t) for t in args.raw_threads.split(",") if t)
+    cpus = available_cpus()
     raw_batches = sorted({args.max_batch_size, *(int(b) for b in args.raw_batches.split(",") if b)})
     server = Server(env, work / "uvicorn.log")
     meter = CpuMeter(server.proc.pid)
@@ -413,6 +450,8 @@ def main(argv: list[str] | None = None) -> int:
             rawb = dict(max(trials, key=lambda t: t["batched_img_s"]))
             rawb["batch_trials"] = trials
             rawb["cpu"] = meter.stop()
+            lanes = (raw_lanes(checkpoint, args.device, args.max_batch_size, args.raw_seconds, cpus)
+                     if cpus > 1 and args.device == "cpu" else None)
             metrics_before = server.get("/metrics")
             meter.start()
             load = run_load(server.port, body, args.concurrency, args.load_requests,
@@ -424,15 +463,19 @@ def main(argv: list[str] | None = None) -> int:
             images = (_metric_sum(metrics_after, "geoloc_batch_size_sum")
                       - _metric_sum(metrics_before, "geoloc_batch_size_sum"))
             load["mean_batch_size"] = images / batches if batches else float("nan")
-            entry = {"raw_batch1": raw1, "c1": c1, "raw_batched": rawb, "load": load,
+            entry = {"raw_batch1": raw1, "c1": c1, "raw_batched": rawb, "raw_lanes": lanes, "load": load,
                      "throughput_ratio": load["throughput_rps"] / rawb["batched_img_s"],
+                     "ratio_to_lanes": load["throughput_rps"] / lanes["img_s"] if lanes else None,
                      "latency_margin_ms": raw1["batch1_ms_p50"] + 10.0 - c1["p50_ms"]}
             rounds.append(entry)
             print(f"round {r + 1}: raw b1x{raw1['threads']}t {raw1['batch1_ms_p50']:.2f} ms | c=1 p50 {c1['p50_ms']:.2f} "
                   f"p99 {c1['p99_ms']:.2f} ms | raw b{rawb['batch']}x{rawb['threads']}t "
                   f"{rawb['batched_img_s']:.1f} img/s | c={args.concurrency} "
                   f"{load['throughput_rps']:.1f} req/s (x{entry['throughput_ratio']:.2f}), "
-                  f"batch {load['mean_batch_size']:.2f}, errors {load['errors']} | other programs "
+                  f"batch {load['mean_batch_size']:.2f}, errors {load['errors']} | "
+                  + (f"{lanes['lanes']} one-thread lanes {lanes['img_s']:.1f} img/s "
+                     f"(x{entry['ratio_to_lanes']:.2f}) | " if lanes else "")
+                  + f"other programs "
                   f"used {max(raw1['cpu']['other_cpus'], c1['cpu']['other_cpus'], rawb['cpu']['other_cpus'], load['cpu']['other_cpus']):.2f} CPUs at most",
                   flush=True)
     finally:
@@ -440,6 +483,8 @@ def main(argv: list[str] | None = None) -> int:
     med = lambda xs: statistics.median(xs)  # noqa: E731
     raw_b1 = med([e["raw_batch1"]["batch1_ms_p50"] for e in rounds])
     raw_img_s = med([e["raw_batched"]["batched_img_s"] for e in rounds])
+    lanes_img_s = med([e["raw_lanes"]["img_s"] for e in rounds]) if rounds[0]["raw_lanes"] else None
+    ratio_lanes = med([e["ratio_to_lanes"] for e in rounds]) if lanes_img_s else None
     c1_p50 = med([e["c1"]["p50_ms"] for e in rounds])
     c1_p99 = med([e["c1"]["p99_ms"] for e in rounds])
     thr = med([e["load"]["throughput_rps"] for e in rounds])
@@ -457,7 +502,8 @@ def main(argv: list[str] | None = None) -> int:
         "torch_threads": torch.get_num_threads(),
         "checkpoint": str(checkpoint), "index": str(index), "image_bytes": len(image),
         "image_size": [w, h], "settings": env, "rounds": rounds,
-        "raw_batch1_ms": raw_b1, "raw_batched_img_s": raw_img_s, "c1_p50_ms": c1_p50,
+        "raw_batch1_ms": raw_b1, "raw_batched_img_s": raw_img_s, "raw_lanes_img_s": lanes_img_s,
+        "throughput_ratio_to_lanes": ratio_lanes, "c1_p50_ms": c1_p50,
         "c1_p99_ms": c1_p99, "throughput_rps": thr, "throughput_ratio": ratio,
         "latency_margin_ms": margin, "other_cpus_max": other,
         "target_throughput_ok": ratio >= 0.8, "target_latency_ok": margin >= 0,
@@ -471,12 +517,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| raw encoder, batch 1 (p50) | {raw_b1:.2f} ms | |")
     print(f"| raw encoder, batched (best of batch {raw_batches}, threads {raw_threads}) | "
           f"{raw_img_s:.1f} img/s | |")
+    if lanes_img_s:
+        print(f"| raw encoder, {cpus} one-thread lanes side by side, batch {args.max_batch_size} "
+              f"(the encoder workers' split, no HTTP/decode/search) | {lanes_img_s:.1f} img/s | |")
     print(f"| service c=1 p50 / p99 | {c1_p50:.2f} / {c1_p99:.2f} ms (server CPU "
           f"{server_ms:.1f} ms/request) | p50 <= raw batch-1 + 10 ms: {ok(margin >= 0)} "
           f"(margin {margin:.2f} ms) |")
     print(f"| service c={args.concurrency} | {thr:.1f} req/s = {ratio:.2f} x raw (mean batch "
           f"{batch:.2f}; p50 {load_p50:.1f} ms, p99 {load_p99:.1f} ms) | >= 0.8 x raw: "
           f"{ok(ratio >= 0.8)} |")
+    if ratio_lanes:
+        print(f"| service c={args.concurrency} vs the one-thread lanes | {ratio_lanes:.2f} x | |")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return 0 if result["target_throughput_ok"] and result["target_latency_ok"] else 1
