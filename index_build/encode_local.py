@@ -53,12 +53,13 @@ class EncodedBatch:
     errors: list[str]        # one per row, "" where the tile decoded
 
 
-def _encode_good(model, rows, batch: torch.Tensor, errors: list[str], device) -> EncodedBatch:
-    """Encode the tiles of a batch that decoded; bad ones only keep their error text."""
+def _encode_good(model, rows, batch: torch.Tensor, errors: list[str], device, skip_bad: bool) -> EncodedBatch:
+    """Encode the tiles of a batch that decoded; bad ones only keep their error text. Without
+    `skip_bad` a bad tile stops the build, so nothing of its batch is encoded."""
     keep = [i for i, e in enumerate(errors) if not e]
     if len(keep) < len(rows):
         batch = batch.index_select(0, torch.tensor(keep, dtype=torch.long))
-    if keep:
+    if keep and (skip_bad or len(keep) == len(rows)):
         vectors = encode_batch(model, normalize_uint8_nchw(batch), "aerial", device).numpy()
     else:
         vectors = np.zeros((0, model.embedding_dim), np.float32)
@@ -73,7 +74,7 @@ def _warm_up(model, batch_size: int, device) -> None:
         encode_batch(model, normalize_uint8_nchw(blank), "aerial", device)
 
 
-def _loader_batches(model, dataset, batches: ShardAlignedBatches, *, workers: int, device,
+def _loader_batches(model, dataset, batches: ShardAlignedBatches, *, workers: int, device, skip_bad: bool,
                     prefetch_batches: int) -> Iterator[EncodedBatch]:
     """DataLoader workers decode ahead; this thread runs the model."""
     loader = torch.utils.data.DataLoader(
@@ -92,13 +93,13 @@ def _loader_batches(model, dataset, batches: ShardAlignedBatches, *, workers: in
         torch.set_num_threads(max(1, min(threads_before, available_cpus() - workers)))
     try:
         for rows, batch, errors in loader:
-            yield _encode_good(model, rows, batch, errors, device)
+            yield _encode_good(model, rows, batch, errors, device, skip_bad)
     finally:
         torch.set_num_threads(threads_before)
 
 
 def _lane_batches(model, dataset, batches: ShardAlignedBatches, *, lanes: int, threads_per_lane: int,
-                  device) -> Iterator[EncodedBatch]:
+                  device, skip_bad: bool) -> Iterator[EncodedBatch]:
     """Encoder lanes (see the module docstring); batches come out in order."""
 
     def lane_init() -> None:
@@ -106,7 +107,7 @@ def _lane_batches(model, dataset, batches: ShardAlignedBatches, *, lanes: int, t
 
     def decode_and_encode(rows: list[int]) -> EncodedBatch:
         decoded = collate_tiles([dataset[r] for r in rows])
-        return _encode_good(model, *decoded, device)
+        return _encode_good(model, *decoded, device, skip_bad)
 
     pending: deque = deque()
     with ThreadPoolExecutor(lanes, thread_name_prefix="encode-lane", initializer=lane_init) as pool:
@@ -138,12 +139,12 @@ def encode_shards_local(model, paths: Sequence[str], tile_ids: Sequence[str], sp
     _warm_up(model, min(batch_size, total), device)
     batches = ShardAlignedBatches(spans, batch_size)
     if workers > 0:
-        encoded = _loader_batches(model, dataset, batches, workers=workers, device=device,
+        encoded = _loader_batches(model, dataset, batches, workers=workers, device=device, skip_bad=skip_bad,
                                   prefetch_batches=prefetch_batches)
     else:
         n_lanes, per_lane = lane_plan(lanes)
         encoded = _lane_batches(model, dataset, batches, lanes=n_lanes, threads_per_lane=per_lane,
-                                device=device)
+                                device=device, skip_bad=skip_bad)
     bar = tqdm(total=total, unit="tile", unit_scale=True, dynamic_ncols=True, disable=not progress,
                desc="encode", smoothing=0.05)
     span_iter = iter(spans)

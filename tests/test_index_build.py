@@ -294,6 +294,22 @@ def test_encoder_lanes_keep_row_order_and_values(tmp_path, ckpt, catalogue):
     np.testing.assert_allclose(stored[1], encode_tiles_directly(ckpt, sources), atol=1e-5)
 
 
+def test_a_bad_tile_without_skip_bad_encodes_nothing_of_its_batch(ckpt, monkeypatch):
+    import torch
+
+    from index_build import encode_local
+    from model import load_checkpoint
+
+    model = load_checkpoint(ckpt).eval()
+    calls = []
+    monkeypatch.setattr(encode_local, "encode_batch", lambda *a, **k: calls.append(a) or torch.zeros(1, 32))
+    tiles = torch.zeros(2, 3, *model.config.aerial_size, dtype=torch.uint8)
+    stopped = encode_local._encode_good(model, [0, 1], tiles, ["", "broken"], "cpu", skip_bad=False)
+    assert stopped.vectors.shape == (0, 32) and stopped.errors == ["", "broken"] and not calls
+    skipped = encode_local._encode_good(model, [0, 1], tiles, ["", "broken"], "cpu", skip_bad=True)
+    assert skipped.vectors.shape == (1, 32) and len(calls) == 1
+
+
 def test_skip_bad_counts_and_lists_unreadable_images(tmp_path, ckpt):
     cat = make_catalogue(tmp_path / "w", 20, prefix="s")
     (tmp_path / "w" / "bingmap" / "s00005.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
