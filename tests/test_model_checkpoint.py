@@ -1,5 +1,8 @@
 import json
+import os
 import struct
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -236,3 +239,29 @@ def test_traced_inference_equals_eager_and_leaves_weights_and_training_alone(mic
     for t in threads:
         t.join()
     assert len(errors) == 2 and max(errors) <= 1e-5
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's mallopt")
+def test_cpu_inference_keeps_freed_memory_unless_the_user_tuned_malloc():
+    import subprocess
+
+    probe = ("import ctypes, torch\n"
+             "from model.encode import keep_freed_memory, prepare_for_inference\n"
+             "from model import L2LTR, L2LTRConfig\n"
+             "glibc = hasattr(ctypes.CDLL(None), 'gnu_get_libc_version')\n"
+             "prepare_for_inference(L2LTR(L2LTRConfig.named('tiny')), 'cpu')\n"
+             "import model.encode as e\n"
+             "print(glibc, e._allocator_tuned, keep_freed_memory())\n")
+    repo = Path(__file__).resolve().parents[1]
+
+    def run(**env) -> list[str]:
+        full = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
+        out = subprocess.run([sys.executable, "-c", probe], cwd=repo, env={**full, **env},
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.split()
+
+    glibc, tuned, again = run()
+    assert tuned == again == glibc  # on glibc the settings are applied once, by prepare_for_inference
+    assert run(MALLOC_TRIM_THRESHOLD_="1000000")[1:] == ["False", "False"]  # the user's setting wins
+    assert run(GLIBC_TUNABLES="glibc.malloc.trim_threshold=1000000")[1:] == ["False", "False"]
