@@ -320,7 +320,8 @@ def train(args) -> dict:
 
     def provenance(extra=None):
         return {"trained_steps": step, "data": str(args.data), "dataset": args.dataset, "seed": args.seed,
-                "loss": args.loss, "batch_size": args.batch_size, **(extra or {})}
+                "loss": args.loss, "batch_size": args.batch_size,
+                **({"init": Path(args.init).name} if args.init else {}), **(extra or {})}
 
     augment = PairAugment() if args.augment else None
 
