@@ -190,7 +190,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.runtime = runtime
     app.state.thumbnails = Thumbnails(settings.thumbnail_px, settings.thumbnail_cache)
-    app.state.decode_limiter = anyio.CapacityLimiter(settings.decode_threads)
+    app.state.decode_limiter = anyio.CapacityLimiter(max(1, runtime.plan.decode_threads))
     _install_error_handlers(app, settings)
     app.include_router(routes.api)
     app.include_router(routes.admin)

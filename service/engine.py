@@ -1,9 +1,10 @@
 """The inference engine: worker threads that own the model and the FAISS index.
 
-Requests put *jobs* (one or more preprocessed images) into a bounded queue. A worker takes
-whatever is queued, up to ``max_batch_size`` images, waiting at most ``max_batch_wait_ms`` after
-the oldest job arrived for more to join, then runs ONE ground-branch forward and ONE FAISS search
-for the whole micro-batch and hands each job its rows.
+Requests put *jobs* (one or more images) into a bounded queue. A worker takes whatever is
+queued, up to ``max_batch_size`` images, waiting at most ``max_batch_wait_ms`` after the oldest
+job arrived for more to join, then runs ONE ground-branch forward and ONE FAISS search for the
+whole micro-batch and hands each job its rows. A job arrives either decoded or with its
+``decode`` function, which the worker then runs first (on a CPU: see ``service.localize``).
 
 On a GPU there is one worker. On a CPU there are by default two, each running its forward with
 its own small share of the cores: a single forward spread over every core with OpenMP stalls at
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -72,17 +74,17 @@ class LoadedModel:
 
 @dataclass(eq=False)
 class Job:
-    images: torch.Tensor  # [n, 3, H, W] uint8 at the model's ground size
+    n: int  # images
     k: int
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
+    images: torch.Tensor | None = None  # [n, 3, H, W] uint8 at the model's ground size, or
+    decode: Callable[[], torch.Tensor] | None = None  # how the worker makes them
+    decode_ms: float = 0.0
     enqueued: float = field(default_factory=time.perf_counter)
+    taken: float = 0.0  # when a worker took it from the queue
     request_id: str | None = None
     cancelled: bool = False
-
-    @property
-    def n(self) -> int:
-        return int(self.images.shape[0])
 
 
 @dataclass
@@ -93,6 +95,7 @@ class JobResult:
     encode_ms: float
     search_ms: float
     batch_size: int
+    decode_ms: float
 
 
 class JobQueue:
@@ -242,11 +245,15 @@ class Engine:
 
     def __init__(self, *, metrics: Metrics, max_batch_size: int, max_batch_wait_ms: float,
                  queue_size: int, request_timeout_s: float, workers: int = 1,
-                 threads_per_worker: int | None = None) -> None:
+                 threads_per_worker: int | None = None,
+                 cpu_sets: list[set[int]] | None = None) -> None:
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
+        if cpu_sets is not None and len(cpu_sets) != workers:
+            raise ValueError(f"{len(cpu_sets)} CPU sets for {workers} workers")
         self.workers = workers
         self.threads_per_worker = threads_per_worker
+        self.cpu_sets = cpu_sets
         self.metrics = metrics
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_batch_wait_ms / 1000.0
@@ -265,7 +272,7 @@ class Engine:
         self.model = model
         for i in range(self.workers):
             started = threading.Event()
-            thread = threading.Thread(target=self._run, args=(index if i == 0 else None, started),
+            thread = threading.Thread(target=self._run, args=(i, index if i == 0 else None, started),
                                       name=f"geoloc-worker-{i}", daemon=True)
             thread.start()
             started.wait()
@@ -296,37 +303,47 @@ class Engine:
         return self.queue.control(fn)
 
     # --- async API ------------------------------------------------------------------------
-    async def localize(self, images: torch.Tensor, k: int, *, request_id: str | None = None,
+    async def localize(self, k: int, *, images: torch.Tensor | None = None,
+                       decode: Callable[[], torch.Tensor] | None = None, n: int | None = None,
+                       decode_ms: float = 0.0, request_id: str | None = None,
                        disconnected: Callable[[], Awaitable[Any]] | None = None,
                        expected: bool = False) -> JobResult:
-        """Queue one job and wait for it. ``expected``: the caller announced it (queue.expect)."""
+        """Queue one job and wait for it: ``images`` (decoded, in ``decode_ms``), or ``n`` images
+        that the worker makes with ``decode``. ``expected``: the caller announced it
+        (queue.expect)."""
+        if (images is None) == (decode is None) or (decode is not None and not n):
+            raise ValueError("give either images, or decode and n")
         if not self.running:
             if expected:
                 self.queue.unexpect()
             raise NotReady("model and index are not loaded")
         loop = asyncio.get_running_loop()
-        job = Job(images=images, k=k, loop=loop, future=loop.create_future(),
-                  request_id=request_id)
+        job = Job(n=int(images.shape[0]) if images is not None else int(n),  # type: ignore[arg-type]
+                  k=k, loop=loop, future=loop.create_future(), images=images, decode=decode,
+                  decode_ms=decode_ms, request_id=request_id)
         if not self.queue.offer(job, expected):
             self.metrics.rejected.labels("queue_full").inc()
             raise Overloaded(f"queue full ({self.queue.capacity} images waiting)")
         self.metrics.queue_depth.set(self.queue.depth)
+
+        def give_up(error: Callable[[], Exception]) -> None:
+            if not job.future.done():
+                job.cancelled = True  # the worker skips it if it has not taken it yet
+                job.future.set_exception(error())
+
+        timer = loop.call_later(self.request_timeout_s, give_up, lambda: ResultTimeout(
+            f"no result within {self.request_timeout_s:g} s"))
         watcher = asyncio.ensure_future(disconnected()) if disconnected is not None else None
+        if watcher is not None:
+            watcher.add_done_callback(lambda w: w.cancelled() or give_up(lambda: ClientGone(
+                "client disconnected before its result was computed")))
         try:
-            waiting = {job.future} | ({watcher} if watcher is not None else set())
-            done, _ = await asyncio.wait(
-                waiting, timeout=self.request_timeout_s, return_when=asyncio.FIRST_COMPLETED
-            )
-            if job.future in done:
-                return job.future.result()
-            job.cancelled = True
-            if watcher is not None and watcher in done:
-                raise ClientGone("client disconnected before its result was computed")
-            raise ResultTimeout(f"no result within {self.request_timeout_s:g} s")
+            return await job.future
         except asyncio.CancelledError:
             job.cancelled = True
             raise
         finally:
+            timer.cancel()
             if watcher is not None:
                 watcher.cancel()
 
@@ -342,8 +359,10 @@ class Engine:
         self.metrics.set_index(new.info())
         return old
 
-    def _run(self, first: LoadedIndex | None, started: threading.Event) -> None:
+    def _run(self, worker: int, first: LoadedIndex | None, started: threading.Event) -> None:
         try:
+            if self.cpu_sets is not None:  # before torch starts this thread's OpenMP team
+                os.sched_setaffinity(0, self.cpu_sets[worker])
             # torch's OpenMP thread count is per thread: each worker sets its own share.
             if self.threads_per_worker:
                 torch.set_num_threads(self.threads_per_worker)
@@ -376,15 +395,32 @@ class Engine:
                             fut.set_exception(exc)
                     continue
                 live = []
+                taken = time.perf_counter()
                 for job in items:
+                    job.taken = taken
                     if job.cancelled:
                         self.metrics.dropped.labels("client_disconnected").inc(job.n)
-                    else:
+                    elif self._decode(job):
                         live.append(job)
                 if live:
                     self._compute(live)
             finally:
                 self.queue.done(kind)
+
+    def _decode(self, job: Job) -> bool:
+        """Run the job's decode function, if it came with one; False: its error is delivered."""
+        if job.decode is None:
+            return True
+        started = time.perf_counter()
+        try:
+            job.images = job.decode()
+        except Exception as exc:  # a bad upload fails its own job, not the batch
+            _deliver(job, error=exc)
+            return False
+        finally:
+            job.decode = None
+            job.decode_ms = (time.perf_counter() - started) * 1000.0
+        return True
 
     def _encode(self, images: torch.Tensor) -> np.ndarray:
         """uint8 images -> unit descriptors; normalising the whole micro-batch at once costs a
@@ -406,6 +442,7 @@ class Engine:
         started = time.perf_counter()
         try:
             images = jobs[0].images if len(jobs) == 1 else torch.cat([j.images for j in jobs])
+            assert images is not None
             n = int(images.shape[0])
             parts = [self._encode(images[i:i + self.max_batch_size])
                      for i in range(0, n, self.max_batch_size)]
@@ -424,8 +461,8 @@ class Engine:
         self.metrics.batch_size.observe(n)
         self.metrics.images.inc(n)
         for _ in range(n):
-            self.metrics.stage_seconds.labels("encode").observe(encode_ms / 1000.0)
-            self.metrics.stage_seconds.labels("search").observe(search_ms / 1000.0)
+            self.metrics.stage["encode"].observe(encode_ms / 1000.0)
+            self.metrics.stage["search"].observe(search_ms / 1000.0)
         offset = 0
         for job in jobs:
             per_image = []
@@ -439,5 +476,6 @@ class Engine:
                                     float(index.lon[row]), float(score)))
                 per_image.append(matches)
             offset += job.n
-            queue_ms = (started - job.enqueued) * 1000.0
-            _deliver(job, JobResult(per_image, index, queue_ms, encode_ms, search_ms, n))
+            queue_ms = (job.taken - job.enqueued) * 1000.0
+            _deliver(job, JobResult(per_image, index, queue_ms, encode_ms, search_ms, n,
+                                    job.decode_ms))

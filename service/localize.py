@@ -1,9 +1,15 @@
-"""The request side of localisation: decode uploads, enqueue, shape the answer (JSON / GeoJSON)."""
+"""The request side of localisation: read uploads, have them decoded and encoded, shape the
+answer (JSON / GeoJSON).
+
+Where an upload is decoded depends on ``Runtime.plan.decode_threads``: 0 (the CPU default) hands
+the encoder worker a ``decode`` function that it runs on its own core just before the forward;
+otherwise a thread pool decodes the upload first and the job is queued decoded (GPU).
+"""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from functools import partial
+from typing import Callable
 
 import anyio
 import torch
@@ -23,14 +29,9 @@ from .uploads import ImageLimits, UploadedFile, UploadError, check_image, read_f
 GEOJSON = "application/geo+json"
 
 
-@dataclass
-class Decoded:
-    images: torch.Tensor  # [n, 3, H, W] uint8
-    decode_ms: float
-
-
-def _decode(files: list[UploadedFile], limits: ImageLimits, config) -> Decoded:
-    started = time.perf_counter()
+def decode_uploads(files: list[UploadedFile], limits: ImageLimits, config) -> torch.Tensor:
+    """Check and decode the uploads -> [n, 3, H, W] uint8 at the model's ground size; UploadError
+    names the first bad one."""
     tensors = []
     for upload in files:
         check_image(upload, limits)
@@ -42,7 +43,13 @@ def _decode(files: list[UploadedFile], limits: ImageLimits, config) -> Decoded:
         tensors.append(image_uint8(img))  # normalised per micro-batch by the engine
         img.close()
         upload.data = b""  # the bytes are no longer needed; let them go early
-    return Decoded(torch.stack(tensors), (time.perf_counter() - started) * 1000.0)
+    return torch.stack(tensors)
+
+
+def _timed(fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float]:
+    started = time.perf_counter()
+    out = fn()
+    return out, (time.perf_counter() - started) * 1000.0
 
 
 async def _wait_for_disconnect(request: Request) -> None:
@@ -54,34 +61,37 @@ async def _wait_for_disconnect(request: Request) -> None:
 
 
 async def run(request: Request, runtime: Runtime, *, k: int,
-              batch: bool) -> tuple[JobResult, Decoded, list[UploadedFile], float]:
-    """Read the upload(s), decode them off the event loop, queue one job, await its result."""
+              batch: bool) -> tuple[JobResult, list[UploadedFile], float]:
+    """Read the upload(s), queue one job that decodes them off the event loop, await its result."""
     started = time.perf_counter()
     s = runtime.settings
-    files = await read_files(
-        request,
-        field_names=("images", "image") if batch else ("image",),
-        max_files=s.max_batch_images if batch else 1,
-        max_file_bytes=s.max_upload_bytes,
-        max_body_bytes=s.max_batch_body_bytes if batch else s.max_body_bytes,
-    )
-    limits = ImageLimits(s.max_pixels, s.min_image_side, s.max_aspect_ratio)
-    model = runtime.engine.model
-    assert model is not None
-    queue = runtime.engine.queue
-    queue.expect()  # lets the worker hold a batch open for this request while it decodes
+    engine = runtime.engine
+    assert engine.model is not None
+    rid, gone = request_id_var.get(), partial(_wait_for_disconnect, request)
+    engine.queue.expect()  # on its way: a worker may hold a batch open for it (max batch wait)
     try:
-        decoded = await anyio.to_thread.run_sync(
-            partial(_decode, files, limits, model.config), limiter=request.app.state.decode_limiter
+        files = await read_files(
+            request,
+            field_names=("images", "image") if batch else ("image",),
+            max_files=s.max_batch_images if batch else 1,
+            max_file_bytes=s.max_upload_bytes,
+            max_body_bytes=s.max_batch_body_bytes if batch else s.max_body_bytes,
         )
+        limits = ImageLimits(s.max_pixels, s.min_image_side, s.max_aspect_ratio)
+        decode = partial(decode_uploads, files, limits, engine.model.config)
+        if runtime.plan.decode_threads > 0:
+            images, decode_ms = await anyio.to_thread.run_sync(
+                _timed, decode, limiter=request.app.state.decode_limiter)
     except BaseException:
-        queue.unexpect()
+        engine.queue.unexpect()
         raise
-    result = await runtime.engine.localize(
-        decoded.images, k, request_id=request_id_var.get(),
-        disconnected=partial(_wait_for_disconnect, request), expected=True,
-    )
-    return result, decoded, files, started
+    if runtime.plan.decode_threads == 0:
+        result = await engine.localize(k, decode=decode, n=len(files), expected=True,
+                                       request_id=rid, disconnected=gone)
+    else:
+        result = await engine.localize(k, images=images, decode_ms=decode_ms, expected=True,
+                                       request_id=rid, disconnected=gone)
+    return result, files, started
 
 
 def _matches(rows: list[tuple[str, float, float, float]]) -> list[TileMatch]:
@@ -89,40 +99,40 @@ def _matches(rows: list[tuple[str, float, float, float]]) -> list[TileMatch]:
             for i, (t, la, lo, sc) in enumerate(rows, start=1)]
 
 
-def _observe(runtime: Runtime, decoded: Decoded, result: JobResult, total_ms: float) -> None:
-    stages = runtime.metrics.stage_seconds
-    n = int(decoded.images.shape[0])
+def _observe(runtime: Runtime, result: JobResult, total_ms: float) -> None:
+    stage = runtime.metrics.stage
+    n = len(result.matches)
     for _ in range(n):
-        stages.labels("decode").observe(decoded.decode_ms / n / 1000.0)
-        stages.labels("queue").observe(result.queue_ms / 1000.0)
-        stages.labels("total").observe(total_ms / 1000.0)
+        stage["decode"].observe(result.decode_ms / n / 1000.0)
+        stage["queue"].observe(result.queue_ms / 1000.0)
+        stage["total"].observe(total_ms / 1000.0)
 
 
-def single_response(runtime: Runtime, result: JobResult, decoded: Decoded, started: float) -> LocalizeResponse:
+def single_response(runtime: Runtime, result: JobResult, started: float) -> LocalizeResponse:
     total_ms = (time.perf_counter() - started) * 1000.0
-    _observe(runtime, decoded, result, total_ms)
+    _observe(runtime, result, total_ms)
     return LocalizeResponse(
         results=_matches(result.matches[0]),
         model=ModelInfo(**runtime.engine.model.info()),  # type: ignore[union-attr]
         index=IndexInfo(**result.index.info()),
-        timing_ms=Timing(decode=round(decoded.decode_ms, 3), queue=round(result.queue_ms, 3),
+        timing_ms=Timing(decode=round(result.decode_ms, 3), queue=round(result.queue_ms, 3),
                          encode=round(result.encode_ms, 3), search=round(result.search_ms, 3),
                          total=round(total_ms, 3)),
         batch_size=result.batch_size,
     )
 
 
-def batch_response(runtime: Runtime, result: JobResult, decoded: Decoded,
-                   files: list[UploadedFile], started: float) -> LocalizeBatchResponse:
+def batch_response(runtime: Runtime, result: JobResult, files: list[UploadedFile],
+                   started: float) -> LocalizeBatchResponse:
     total_ms = (time.perf_counter() - started) * 1000.0
-    _observe(runtime, decoded, result, total_ms)
+    _observe(runtime, result, total_ms)
     return LocalizeBatchResponse(
         items=[BatchItem(image=f.index, filename=f.filename, results=_matches(rows),
                          batch_size=result.batch_size)
                for f, rows in zip(files, result.matches)],
         model=ModelInfo(**runtime.engine.model.info()),  # type: ignore[union-attr]
         index=IndexInfo(**result.index.info()),
-        timing_ms=BatchTiming(decode=round(decoded.decode_ms, 3), queue=round(result.queue_ms, 3),
+        timing_ms=BatchTiming(decode=round(result.decode_ms, 3), queue=round(result.queue_ms, 3),
                               encode=round(result.encode_ms, 3),
                               search=round(result.search_ms, 3), total=round(total_ms, 3)),
     )

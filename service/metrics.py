@@ -27,6 +27,9 @@ class Metrics:
             "Per-image latency of each stage: decode, queue, encode, search, total.",
             ["stage"], buckets=_LATENCY_BUCKETS, registry=r,
         )
+        # the labelled children, looked up once: several observations per request
+        self.stage = {name: self.stage_seconds.labels(name)
+                      for name in ("decode", "queue", "encode", "search", "total")}
         self.batch_size = Histogram(
             "geoloc_batch_size", "Images per micro-batch (one forward + one search).",
             buckets=_BATCH_BUCKETS, registry=r,

@@ -8,6 +8,7 @@ import anyio
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
 
 from . import localize
 from .deps import ReadyRuntime, RuntimeDep, require_admin, require_api_key
@@ -38,6 +39,12 @@ def _geojson_doc(description: str) -> dict[int | str, dict[str, Any]]:
         "schema": {"$ref": "#/components/schemas/FeatureCollection"}}}}}
 
 
+def _json(body: BaseModel, media_type: str = "application/json") -> Response:
+    """A response model built here (so already valid), serialised once; returned as a model,
+    FastAPI would validate it against ``response_model`` again before serialising it."""
+    return Response(body.model_dump_json(), media_type=media_type)
+
+
 KQuery = Annotated[int, Query(ge=1, le=100, description="Number of matches to return.")]
 AcceptHeader = Annotated[str | None, Header(description="application/geo+json for GeoJSON")]
 
@@ -55,13 +62,13 @@ admin = APIRouter(prefix="/admin", tags=["admin"],
 )
 async def localize_one(request: Request, runtime: ReadyRuntime, k: KQuery = 5,
                        accept: AcceptHeader = None) -> Any:
-    result, decoded, _, started = await localize.run(request, runtime, k=k, batch=False)
-    body = localize.single_response(runtime, result, decoded, started)
+    result, _, started = await localize.run(request, runtime, k=k, batch=False)
+    body = localize.single_response(runtime, result, started)
     if localize.wants_geojson(accept):
         fc = localize.to_geojson([(None, body.results)], body.model, body.index,
                                  body.timing_ms.model_dump())
-        return JSONResponse(fc.model_dump(mode="json"), media_type=localize.GEOJSON)
-    return body
+        return _json(fc, localize.GEOJSON)
+    return _json(body)
 
 
 @api.post(
@@ -72,13 +79,13 @@ async def localize_one(request: Request, runtime: ReadyRuntime, k: KQuery = 5,
 )
 async def localize_batch(request: Request, runtime: ReadyRuntime, k: KQuery = 5,
                          accept: AcceptHeader = None) -> Any:
-    result, decoded, files, started = await localize.run(request, runtime, k=k, batch=True)
-    body = localize.batch_response(runtime, result, decoded, files, started)
+    result, files, started = await localize.run(request, runtime, k=k, batch=True)
+    body = localize.batch_response(runtime, result, files, started)
     if localize.wants_geojson(accept):
         fc = localize.to_geojson([(it.image, it.results) for it in body.items], body.model,
                                  body.index, body.timing_ms.model_dump())
-        return JSONResponse(fc.model_dump(mode="json"), media_type=localize.GEOJSON)
-    return body
+        return _json(fc, localize.GEOJSON)
+    return _json(body)
 
 
 @api.get("/tiles/{tile_id}", tags=["index"], summary="JPEG thumbnail of one aerial tile",

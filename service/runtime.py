@@ -14,6 +14,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -41,14 +42,36 @@ class ReloadOutcome:
     previous: LoadedIndex | None
 
 
-def encoder_plan(settings: Settings) -> tuple[int, int | None]:
-    """(encoder workers, torch threads per worker) for the settings and this machine."""
+class EncoderPlan(NamedTuple):
+    workers: int
+    threads: int | None  # torch threads per worker; None = torch's default
+    cpu_sets: list[set[int]] | None  # per worker: the CPUs it is pinned to; None = not pinned
+    decode_threads: int  # 0: the encoder workers decode their own micro-batches
+
+
+def encoder_plan(settings: Settings) -> EncoderPlan:
+    """Encoder workers, torch threads per worker, CPU pinning and upload decoding for the settings
+    and this machine.
+
+    On a CPU the encoder workers decode their own micro-batches: the cores are all busy anyway, and
+    a separate decoding thread only adds hand-offs and pre-empts the forwards (bench/RESULTS.md).
+    On a GPU, threads decode beside the one worker so that the device never waits for the CPU.
+    Workers are pinned only when they fill this process's CPUs exactly: then a worker never
+    migrates to a core whose cache holds another worker's state, and no core is left to whatever
+    else the pinning would crowd out."""
     on_gpu = settings.device.startswith("cuda") or (settings.device == "auto" and torch.cuda.is_available())
     if on_gpu:
-        return settings.encoder_workers or 1, settings.torch_threads
-    cpus = available_cpus()
-    workers = settings.encoder_workers or (2 if cpus >= 2 else 1)
-    return workers, settings.torch_threads or max(1, cpus // workers)
+        decode = 2 if settings.decode_threads is None else settings.decode_threads
+        return EncoderPlan(settings.encoder_workers or 1, settings.torch_threads, None, decode)
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    count = len(cpus) or available_cpus()
+    workers = settings.encoder_workers or (2 if count >= 2 else 1)
+    threads = settings.torch_threads or max(1, count // workers)
+    cpu_sets = None
+    if settings.pin_workers and workers > 1 and cpus and workers * threads == len(cpus):
+        cpu_sets = [set(cpus[i * threads:(i + 1) * threads]) for i in range(workers)]
+    decode = 0 if settings.decode_threads is None else settings.decode_threads
+    return EncoderPlan(workers, threads, cpu_sets, decode)
 
 
 def load_model(settings: Settings) -> LoadedModel:
@@ -67,12 +90,13 @@ class Runtime:
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.settings = settings
         self.metrics = metrics
-        workers, threads = encoder_plan(settings)
+        self.plan = encoder_plan(settings)
+        workers, threads, cpu_sets, _ = self.plan
         self.engine = Engine(
             metrics=metrics, max_batch_size=settings.max_batch_size,
             max_batch_wait_ms=settings.max_batch_wait_ms, queue_size=settings.queue_size,
             request_timeout_s=settings.request_timeout_s,
-            workers=workers, threads_per_worker=threads,
+            workers=workers, threads_per_worker=threads, cpu_sets=cpu_sets,
         )
         self.state = "loading"  # loading -> ready | failed; ready -> stopping
         self.error: str | None = None

@@ -47,6 +47,10 @@ class Settings(BaseSettings):
         description="Encoder worker threads sharing the model; unset = 2 on a multi-core CPU, "
         "1 on a GPU or a single core.",
     )
+    pin_workers: bool = Field(
+        True, description="On a CPU whose cores the encoder workers fill exactly (workers x "
+        "torch threads = CPUs of this process), pin each worker to its own cores.",
+    )
 
     # --- micro-batching and backpressure --------------------------------------------------
     max_batch_size: int = Field(16, ge=1, le=1024, description="Most images per forward pass.")
@@ -56,7 +60,11 @@ class Settings(BaseSettings):
     queue_size: int = Field(64, ge=1, description="Images that may wait; beyond that: 503.")
     request_timeout_s: float = Field(30.0, gt=0, description="Longest wait for a result (504).")
     retry_after_s: int = Field(1, ge=0, description="Retry-After sent with 503 answers.")
-    decode_threads: int = Field(2, ge=1, description="Threads decoding uploads in parallel.")
+    decode_threads: int | None = Field(
+        None, ge=0, le=64,
+        description="Threads decoding uploads before they are queued; 0 = each encoder worker "
+        "decodes its own micro-batch; unset = 0 on a CPU, 2 on a GPU.",
+    )
 
     # --- upload limits --------------------------------------------------------------------
     max_upload_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Per image, in bytes.")

@@ -34,10 +34,21 @@ def _assert_error(resp, status: int, code: str):
     return body
 
 
+_LIMITS = dict(max_upload_bytes=64 * 1024, max_pixels=2_000_000, max_batch_images=4)
+
+
 @pytest.fixture(scope="module")
 def client(world):
-    with running_client(settings_for(world, world.artifact_a, max_upload_bytes=64 * 1024,
-                                     max_pixels=2_000_000, max_batch_images=4)) as c:
+    """The CPU default: each encoder worker decodes its own micro-batch."""
+    with running_client(settings_for(world, world.artifact_a, **_LIMITS)) as c:
+        assert c.app.state.runtime.plan.decode_threads == 0
+        yield c
+
+
+@pytest.fixture(scope="module")
+def pool_client(world):
+    """The GPU default on a CPU: a thread pool decodes uploads before they are queued."""
+    with running_client(settings_for(world, world.artifact_a, decode_threads=2, **_LIMITS)) as c:
         yield c
 
 
@@ -232,8 +243,10 @@ def _bad_payload(name: str, world) -> bytes:
     }[name]()
 
 
+@pytest.mark.parametrize("decoder", ["worker", "pool"])
 @pytest.mark.parametrize("name", sorted(BAD_UPLOADS))
-def test_bad_uploads_are_clear_json_errors(client, world, name):
+def test_bad_uploads_are_clear_json_errors(request, world, name, decoder):
+    client = request.getfixturevalue("client" if decoder == "worker" else "pool_client")
     _, ctype, status, code = BAD_UPLOADS[name]
     data = _bad_payload(name, world)
     if name == "over_byte_limit":
@@ -457,6 +470,40 @@ def test_micro_batching_groups_queued_requests(world):
         assert all(r.json()["results"] == first for r in results)
 
 
+@pytest.mark.parametrize("decode_threads", [0, 2])
+def test_a_bad_upload_fails_alone_and_its_batch_companions_are_answered(world, decode_threads):
+    settings = settings_for(world, world.artifact_a, queue_size=16, max_batch_size=8,
+                            encoder_workers=1, decode_threads=decode_threads)
+    with running_client(settings) as client:
+        engine = client.app.state.runtime.engine
+        gate = threading.Event()
+        engine.call_in_worker(gate.wait)
+        truncated = world.pano[: len(world.pano) // 2]
+        results: dict[int, object] = {}
+
+        def post(i: int, data: bytes) -> None:
+            results[i] = _post(client, data)
+
+        threads = [threading.Thread(target=post, args=(i, data))
+                   for i, data in enumerate([world.pano, truncated, world.pano])]
+        for t in threads:
+            t.start()
+        # decoded in the worker: all three wait in the queue; decoded first: the bad one is refused
+        want = 3 if decode_threads == 0 else 2
+        deadline = time.monotonic() + 10
+        while engine.queue.depth < want and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.queue.depth == want
+        gate.set()
+        for t in threads:
+            t.join(10)
+        _assert_error(results[1], 400, "undecodable_image")
+        good = [results[0].json(), results[2].json()]
+        assert [g["batch_size"] for g in good] == [2, 2]  # one forward for the two good ones
+        assert good[0]["results"] == good[1]["results"]
+        assert all(g["timing_ms"]["decode"] > 0 for g in good)
+
+
 def test_two_encoder_workers_run_batches_side_by_side_and_controls_hold_both(world):
     settings = settings_for(world, world.artifact_a, queue_size=16, max_batch_size=1, encoder_workers=2,
                             torch_threads=1)
@@ -500,10 +547,20 @@ def test_two_encoder_workers_run_batches_side_by_side_and_controls_hold_both(wor
 def test_encoder_plan(world):
     from service.runtime import encoder_plan
 
-    assert encoder_plan(settings_for(world, world.artifact_a, encoder_workers=3, torch_threads=2)) == (3, 2)
-    workers, threads = encoder_plan(settings_for(world, world.artifact_a))
-    cpus = len(os.sched_getaffinity(0))
-    assert workers == (2 if cpus >= 2 else 1) and threads == max(1, cpus // workers)
+    cpus = sorted(os.sched_getaffinity(0))
+    plan = encoder_plan(settings_for(world, world.artifact_a, encoder_workers=3, torch_threads=2))
+    assert plan[:2] == (3, 2)
+    assert plan.cpu_sets == ([set(cpus[0:2]), set(cpus[2:4]), set(cpus[4:6])] if len(cpus) == 6 else None)
+    workers, threads, cpu_sets, _ = encoder_plan(settings_for(world, world.artifact_a))
+    assert workers == (2 if len(cpus) >= 2 else 1) and threads == max(1, len(cpus) // workers)
+    if workers * threads == len(cpus) and workers > 1:  # the workers fill the CPUs: one core set each
+        assert sorted(c for s in cpu_sets for c in s) == cpus and all(len(s) == threads for s in cpu_sets)
+    else:
+        assert cpu_sets is None
+    assert encoder_plan(settings_for(world, world.artifact_a, pin_workers=False)).cpu_sets is None
+    # on a CPU the encoder workers decode their own uploads unless threads are asked for
+    assert encoder_plan(settings_for(world, world.artifact_a)).decode_threads == 0
+    assert encoder_plan(settings_for(world, world.artifact_a, decode_threads=3)).decode_threads == 3
 
 
 # --- hot reload ---------------------------------------------------------------------------------
