@@ -44,7 +44,7 @@ def autocast_context(device: torch.device | str, enabled: bool = True):
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
-_MALLOC_ENV = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES")
+_MALLOC_ENV = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")
 _allocator_tuned: bool | None = None
 
 
@@ -55,13 +55,14 @@ def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 256 
     so every CPU forward page-faults its activation buffers in again: hundreds of minor faults
     per image for `tiny`, ~10% of its forward's CPU time (bench/RESULTS.md). Above the mmap
     threshold glibc stops adapting it, so buffers up to 32 MiB are reused from the heap. Once per
-    process; a no-op (False) off glibc or where the user set glibc's own MALLOC_* / GLIBC_TUNABLES
-    variables, which win."""
+    process; a no-op (False) off glibc or where the user tuned glibc's malloc (MALLOC_*_THRESHOLD_,
+    glibc.malloc.* in GLIBC_TUNABLES), which wins."""
     global _allocator_tuned
     if _allocator_tuned is not None:
         return _allocator_tuned
     _allocator_tuned = False
-    if any(name in os.environ for name in _MALLOC_ENV):
+    if any(name in os.environ for name in _MALLOC_ENV) or "glibc.malloc." in os.environ.get(
+            "GLIBC_TUNABLES", ""):
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

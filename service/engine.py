@@ -81,10 +81,10 @@ class Job:
     images: torch.Tensor | None = None  # [n, 3, H, W] uint8 at the model's ground size, or
     decode: Callable[[], torch.Tensor] | None = None  # how the worker makes them
     decode_ms: float = 0.0
+    decoded_by_worker: bool = False
     enqueued: float = field(default_factory=time.perf_counter)
-    taken: float = 0.0  # when a worker took it from the queue
     request_id: str | None = None
-    cancelled: bool = False
+    dropped: str | None = None  # why nobody waits for it any more (a metrics label); the worker skips it
 
 
 @dataclass
@@ -326,21 +326,22 @@ class Engine:
             raise Overloaded(f"queue full ({self.queue.capacity} images waiting)")
         self.metrics.queue_depth.set(self.queue.depth)
 
-        def give_up(error: Callable[[], Exception]) -> None:
+        def give_up(reason: str, error: Callable[[], Exception]) -> None:
             if not job.future.done():
-                job.cancelled = True  # the worker skips it if it has not taken it yet
+                job.dropped = reason
                 job.future.set_exception(error())
 
-        timer = loop.call_later(self.request_timeout_s, give_up, lambda: ResultTimeout(
+        timer = loop.call_later(self.request_timeout_s, give_up, "timeout", lambda: ResultTimeout(
             f"no result within {self.request_timeout_s:g} s"))
         watcher = asyncio.ensure_future(disconnected()) if disconnected is not None else None
         if watcher is not None:
-            watcher.add_done_callback(lambda w: w.cancelled() or give_up(lambda: ClientGone(
-                "client disconnected before its result was computed")))
+            watcher.add_done_callback(lambda w: w.cancelled() or give_up(
+                "client_disconnected",
+                lambda: ClientGone("client disconnected before its result was computed")))
         try:
             return await job.future
         except asyncio.CancelledError:
-            job.cancelled = True
+            job.dropped = job.dropped or "client_disconnected"
             raise
         finally:
             timer.cancel()
@@ -395,11 +396,9 @@ class Engine:
                             fut.set_exception(exc)
                     continue
                 live = []
-                taken = time.perf_counter()
                 for job in items:
-                    job.taken = taken
-                    if job.cancelled:
-                        self.metrics.dropped.labels("client_disconnected").inc(job.n)
+                    if job.dropped:
+                        self.metrics.dropped.labels(job.dropped).inc(job.n)
                     elif self._decode(job):
                         live.append(job)
                 if live:
@@ -419,6 +418,7 @@ class Engine:
             return False
         finally:
             job.decode = None
+            job.decoded_by_worker = True
             job.decode_ms = (time.perf_counter() - started) * 1000.0
         return True
 
@@ -476,6 +476,8 @@ class Engine:
                                     float(index.lon[row]), float(score)))
                 per_image.append(matches)
             offset += job.n
-            queue_ms = (job.taken - job.enqueued) * 1000.0
+            # from the queue to the forward, less its own decoding (its own timing field)
+            own_decode = job.decode_ms if job.decoded_by_worker else 0.0
+            queue_ms = (started - job.enqueued) * 1000.0 - own_decode
             _deliver(job, JobResult(per_image, index, queue_ms, encode_ms, search_ms, n,
                                     job.decode_ms))

@@ -30,11 +30,10 @@ GEOJSON = "application/geo+json"
 
 
 def decode_uploads(files: list[UploadedFile], limits: ImageLimits, config) -> torch.Tensor:
-    """Check and decode the uploads -> [n, 3, H, W] uint8 at the model's ground size; UploadError
-    names the first bad one."""
+    """Decode uploads that passed `check_image` -> [n, 3, H, W] uint8 at the model's ground size;
+    UploadError names the first one whose pixel data is damaged."""
     tensors = []
     for upload in files:
-        check_image(upload, limits)
         try:
             img = load_ground_image(upload.data, config, name=f"image {upload.index}",
                                     max_pixels=limits.max_pixels)
@@ -62,35 +61,37 @@ async def _wait_for_disconnect(request: Request) -> None:
 
 async def run(request: Request, runtime: Runtime, *, k: int,
               batch: bool) -> tuple[JobResult, list[UploadedFile], float]:
-    """Read the upload(s), queue one job that decodes them off the event loop, await its result."""
+    """Read the upload(s), check their headers, queue one job that decodes them off the event loop,
+    await its result."""
     started = time.perf_counter()
     s = runtime.settings
+    files = await read_files(
+        request,
+        field_names=("images", "image") if batch else ("image",),
+        max_files=s.max_batch_images if batch else 1,
+        max_file_bytes=s.max_upload_bytes,
+        max_body_bytes=s.max_batch_body_bytes if batch else s.max_body_bytes,
+    )
+    limits = ImageLimits(s.max_pixels, s.min_image_side, s.max_aspect_ratio)
+    for upload in files:  # a header parse each: bad uploads are refused before they queue
+        check_image(upload, limits)
     engine = runtime.engine
     assert engine.model is not None
+    decode = partial(decode_uploads, files, limits, engine.model.config)
     rid, gone = request_id_var.get(), partial(_wait_for_disconnect, request)
-    engine.queue.expect()  # on its way: a worker may hold a batch open for it (max batch wait)
+    if runtime.plan.decode_threads == 0:  # the worker decodes it just before its forward
+        result = await engine.localize(k, decode=decode, n=len(files), request_id=rid,
+                                       disconnected=gone)
+        return result, files, started
+    engine.queue.expect()  # lets a worker hold a batch open for this request while it decodes
     try:
-        files = await read_files(
-            request,
-            field_names=("images", "image") if batch else ("image",),
-            max_files=s.max_batch_images if batch else 1,
-            max_file_bytes=s.max_upload_bytes,
-            max_body_bytes=s.max_batch_body_bytes if batch else s.max_body_bytes,
-        )
-        limits = ImageLimits(s.max_pixels, s.min_image_side, s.max_aspect_ratio)
-        decode = partial(decode_uploads, files, limits, engine.model.config)
-        if runtime.plan.decode_threads > 0:
-            images, decode_ms = await anyio.to_thread.run_sync(
-                _timed, decode, limiter=request.app.state.decode_limiter)
+        images, decode_ms = await anyio.to_thread.run_sync(
+            _timed, decode, limiter=request.app.state.decode_limiter)
     except BaseException:
         engine.queue.unexpect()
         raise
-    if runtime.plan.decode_threads == 0:
-        result = await engine.localize(k, decode=decode, n=len(files), expected=True,
-                                       request_id=rid, disconnected=gone)
-    else:
-        result = await engine.localize(k, images=images, decode_ms=decode_ms, expected=True,
-                                       request_id=rid, disconnected=gone)
+    result = await engine.localize(k, images=images, decode_ms=decode_ms, expected=True,
+                                   request_id=rid, disconnected=gone)
     return result, files, started
 
 

@@ -42,6 +42,21 @@ class ReloadOutcome:
     previous: LoadedIndex | None
 
 
+_OPENMP_BINDING = ("OMP_PROC_BIND", "OMP_PLACES", "GOMP_CPU_AFFINITY", "KMP_AFFINITY")
+
+
+def _physical_core(cpu: int) -> tuple[int, int, int]:
+    """(package, core, cpu) from sysfs, so that sorting puts hyper-thread siblings side by side
+    (Linux often numbers them N/2 apart); (0, cpu, cpu) where the topology is not readable."""
+    topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+    try:
+        package = int((topology / "physical_package_id").read_text())
+        core = int((topology / "core_id").read_text())
+    except (OSError, ValueError):
+        return 0, cpu, cpu
+    return package, core, cpu
+
+
 class EncoderPlan(NamedTuple):
     workers: int
     threads: int | None  # torch threads per worker; None = torch's default
@@ -58,7 +73,8 @@ def encoder_plan(settings: Settings) -> EncoderPlan:
     On a GPU, threads decode beside the one worker so that the device never waits for the CPU.
     Workers are pinned only when they fill this process's CPUs exactly: then a worker never
     migrates to a core whose cache holds another worker's state, and no core is left to whatever
-    else the pinning would crowd out."""
+    else the pinning would crowd out. Hyper-thread siblings go to the same worker, and nothing is
+    pinned where the OpenMP runtime is told to bind threads itself."""
     on_gpu = settings.device.startswith("cuda") or (settings.device == "auto" and torch.cuda.is_available())
     if on_gpu:
         decode = 2 if settings.decode_threads is None else settings.decode_threads
@@ -68,8 +84,10 @@ def encoder_plan(settings: Settings) -> EncoderPlan:
     workers = settings.encoder_workers or (2 if count >= 2 else 1)
     threads = settings.torch_threads or max(1, count // workers)
     cpu_sets = None
-    if settings.pin_workers and workers > 1 and cpus and workers * threads == len(cpus):
-        cpu_sets = [set(cpus[i * threads:(i + 1) * threads]) for i in range(workers)]
+    if (settings.pin_workers and workers > 1 and cpus and workers * threads == len(cpus)
+            and not any(name in os.environ for name in _OPENMP_BINDING)):
+        ordered = sorted(cpus, key=_physical_core)
+        cpu_sets = [set(ordered[i * threads:(i + 1) * threads]) for i in range(workers)]
     decode = 0 if settings.decode_threads is None else settings.decode_threads
     return EncoderPlan(workers, threads, cpu_sets, decode)
 

@@ -265,3 +265,4 @@ def test_cpu_inference_keeps_freed_memory_unless_the_user_tuned_malloc():
     assert tuned == again == glibc  # on glibc the settings are applied once, by prepare_for_inference
     assert run(MALLOC_TRIM_THRESHOLD_="1000000")[1:] == ["False", "False"]  # the user's setting wins
     assert run(GLIBC_TUNABLES="glibc.malloc.trim_threshold=1000000")[1:] == ["False", "False"]
+    assert run(GLIBC_TUNABLES="glibc.pthread.rseq=0")[1:] == [glibc, glibc]  # not a malloc tunable

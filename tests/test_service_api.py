@@ -253,6 +253,8 @@ def test_bad_uploads_are_clear_json_errors(request, world, name, decoder):
         assert len(data) > 64 * 1024
     _assert_error(_post(client, data, ctype=ctype), status, code)
     assert _post(client, world.pano).status_code == 200  # and the service is fine
+    queue = client.app.state.runtime.engine.queue
+    assert queue._expected == 0 and queue.depth == 0  # nothing announced or queued is left behind
 
 
 def test_oversized_body_refused_from_content_length_and_while_streaming(client, world):
@@ -504,6 +506,44 @@ def test_a_bad_upload_fails_alone_and_its_batch_companions_are_answered(world, d
         assert all(g["timing_ms"]["decode"] > 0 for g in good)
 
 
+@pytest.mark.parametrize("decode_threads", [0, 2])
+def test_no_result_in_time_is_504_and_the_job_is_dropped(world, decode_threads):
+    settings = settings_for(world, world.artifact_a, request_timeout_s=0.3, encoder_workers=1,
+                            decode_threads=decode_threads)
+    with running_client(settings) as client:
+        engine = client.app.state.runtime.engine
+        gate = threading.Event()
+        held = engine.call_in_worker(gate.wait)
+        t0 = time.monotonic()
+        _assert_error(_post(client, world.pano), 504, "timeout")
+        assert 0.25 < time.monotonic() - t0 < 5
+        gate.set()
+        held.result(5)
+        assert _post(client, world.pano).status_code == 200
+        text = client.get("/metrics").text
+        # the timed-out job was skipped, not computed: one image localized (the second request)
+        assert metric_value(text, "geoloc_dropped_images_total", reason="timeout") == 1
+        assert metric_value(text, "geoloc_images_localized_total") == 1
+        assert engine.queue._expected == 0
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pinning needs two CPUs")
+def test_workers_that_fill_the_cpus_are_pinned_one_core_set_each(world):
+    cpus = sorted(os.sched_getaffinity(0))
+    settings = settings_for(world, world.artifact_a, encoder_workers=len(cpus), torch_threads=1)
+    with running_client(settings) as client:
+        engine = client.app.state.runtime.engine
+        assert engine.cpu_sets is not None and sorted(c for s in engine.cpu_sets for c in s) == cpus
+        seen = engine.call_in_worker(lambda: os.sched_getaffinity(0)).result(10)
+        assert seen in engine.cpu_sets and len(seen) == 1
+        assert os.sched_getaffinity(0) == set(cpus)  # the rest of the process is not pinned
+    unpinned = settings_for(world, world.artifact_a, encoder_workers=len(cpus), torch_threads=1,
+                            pin_workers=False)
+    with running_client(unpinned) as client:
+        engine = client.app.state.runtime.engine
+        assert engine.call_in_worker(lambda: os.sched_getaffinity(0)).result(10) == set(cpus)
+
+
 def test_two_encoder_workers_run_batches_side_by_side_and_controls_hold_both(world):
     settings = settings_for(world, world.artifact_a, queue_size=16, max_batch_size=1, encoder_workers=2,
                             torch_threads=1)
@@ -542,6 +582,20 @@ def test_two_encoder_workers_run_batches_side_by_side_and_controls_hold_both(wor
         for t in threads:
             t.join(10)
         assert [r.status_code for r in results] == [200] * 5
+
+
+def test_encoder_plan_pins_hyperthread_siblings_together_and_leaves_openmp_binding_alone(
+        world, monkeypatch):
+    import service.runtime as runtime
+
+    # 4 logical CPUs numbered like Linux often does: 0/2 and 1/3 are hyper-thread siblings
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(runtime, "_physical_core", lambda cpu: (0, cpu % 2, cpu))
+    plan = runtime.encoder_plan(settings_for(world, world.artifact_a))
+    assert plan.workers == 2 and plan.threads == 2 and plan.cpu_sets == [{0, 2}, {1, 3}]
+    assert runtime.encoder_plan(settings_for(world, world.artifact_a, torch_threads=1)).cpu_sets is None
+    monkeypatch.setenv("OMP_PROC_BIND", "true")
+    assert runtime.encoder_plan(settings_for(world, world.artifact_a)).cpu_sets is None
 
 
 def test_encoder_plan(world):
