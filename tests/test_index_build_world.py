@@ -56,12 +56,13 @@ def exact_r1(checkpoint: str, world: Path) -> tuple[float, str]:
     from model import load_checkpoint
     from model.encode import encode_images
     from model.metrics import retrieval_recall
-    from model.preprocess import aerial_tensor, ground_tensor, load_image
+    from model.preprocess import aerial_tensor, ground_tensor, load_ground_image, load_image
 
     net = load_checkpoint(checkpoint)
     tiles = {r["tile_id"]: r["path"] for r in csv.DictReader(open(world / "tiles.csv"))}
     queries = list(csv.DictReader(open(world / "queries.csv")))
-    g = encode_images(net, [ground_tensor(load_image(world / q["path"]), net.config) for q in queries], "ground",
+    g = encode_images(net, [ground_tensor(load_ground_image(world / q["path"], net.config), net.config)
+                                 for q in queries], "ground",
                       device="cpu")
     a = encode_images(net, [aerial_tensor(load_image(world / tiles[q["tile_id"]]), net.config) for q in queries],
                       "aerial", device="cpu")
@@ -73,7 +74,7 @@ def index_r1(checkpoint: str, world: Path, artifact: Path) -> float:
     authors' protocol: a query hits when no tile scores strictly higher than its own tile)."""
     from model import load_checkpoint
     from model.encode import encode_images
-    from model.preprocess import ground_tensor, load_image
+    from model.preprocess import ground_tensor, load_ground_image
 
     net = load_checkpoint(checkpoint)
     m = read_manifest(str(artifact))
@@ -82,7 +83,8 @@ def index_r1(checkpoint: str, world: Path, artifact: Path) -> float:
     stored = np.concatenate([np.load(artifact / s["file"]) for s in m["shards"]])
     index = faiss.read_index(str(artifact / "index.faiss"))
     queries = list(csv.DictReader(open(world / "queries.csv")))
-    g = encode_images(net, [ground_tensor(load_image(world / q["path"]), net.config) for q in queries], "ground",
+    g = encode_images(net, [ground_tensor(load_ground_image(world / q["path"], net.config), net.config)
+                                 for q in queries], "ground",
                       device="cpu")
     scores, found = index.search(g, 1)
     own = np.array([row_of[q["tile_id"]] for q in queries])
