@@ -79,9 +79,8 @@ class Job:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
     images: torch.Tensor | None = None  # [n, 3, H, W] uint8 at the model's ground size, or
-    decode: Callable[[], torch.Tensor] | None = None  # how the worker makes them
+    decode: Callable[[], torch.Tensor] | None = None  # how the worker makes them (after queueing)
     decode_ms: float = 0.0
-    decoded_by_worker: bool = False
     enqueued: float = field(default_factory=time.perf_counter)
     request_id: str | None = None
     dropped: str | None = None  # why nobody waits for it any more (a metrics label); the worker skips it
@@ -407,9 +406,11 @@ class Engine:
                 self.queue.done(kind)
 
     def _decode(self, job: Job) -> bool:
-        """Run the job's decode function, if it came with one; False: its error is delivered."""
-        if job.decode is None:
+        """Make the job's images with its decode function, if it came without them; False: its
+        error is delivered."""
+        if job.images is not None:
             return True
+        assert job.decode is not None
         started = time.perf_counter()
         try:
             job.images = job.decode()
@@ -417,8 +418,6 @@ class Engine:
             _deliver(job, error=exc)
             return False
         finally:
-            job.decode = None
-            job.decoded_by_worker = True
             job.decode_ms = (time.perf_counter() - started) * 1000.0
         return True
 
@@ -477,7 +476,7 @@ class Engine:
                 per_image.append(matches)
             offset += job.n
             # from the queue to the forward, less its own decoding (its own timing field)
-            own_decode = job.decode_ms if job.decoded_by_worker else 0.0
+            own_decode = job.decode_ms if job.decode is not None else 0.0
             queue_ms = (started - job.enqueued) * 1000.0 - own_decode
             _deliver(job, JobResult(per_image, index, queue_ms, encode_ms, search_ms, n,
                                     job.decode_ms))

@@ -79,14 +79,14 @@ def encoder_plan(settings: Settings) -> EncoderPlan:
     if on_gpu:
         decode = 2 if settings.decode_threads is None else settings.decode_threads
         return EncoderPlan(settings.encoder_workers or 1, settings.torch_threads, None, decode)
-    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    count = len(cpus) or available_cpus()
+    count = available_cpus()
     workers = settings.encoder_workers or (2 if count >= 2 else 1)
     threads = settings.torch_threads or max(1, count // workers)
     cpu_sets = None
-    if (settings.pin_workers and workers > 1 and cpus and workers * threads == len(cpus)
+    if (settings.pin_workers and workers > 1 and workers * threads == count
+            and hasattr(os, "sched_setaffinity")
             and not any(name in os.environ for name in _OPENMP_BINDING)):
-        ordered = sorted(cpus, key=_physical_core)
+        ordered = sorted(os.sched_getaffinity(0), key=_physical_core)
         cpu_sets = [set(ordered[i * threads:(i + 1) * threads]) for i in range(workers)]
     decode = 0 if settings.decode_threads is None else settings.decode_threads
     return EncoderPlan(workers, threads, cpu_sets, decode)
