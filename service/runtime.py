@@ -62,6 +62,7 @@ class EncoderPlan(NamedTuple):
     threads: int | None  # torch threads per worker; None = torch's default
     cpu_sets: list[set[int]] | None  # per worker: the CPUs it is pinned to; None = not pinned
     decode_threads: int  # 0: the encoder workers decode their own micro-batches
+    nice: int  # how much nicer than the process the workers run (as SCHED_BATCH); 0 = as it is
 
 
 def encoder_plan(settings: Settings) -> EncoderPlan:
@@ -74,11 +75,14 @@ def encoder_plan(settings: Settings) -> EncoderPlan:
     Workers are pinned only when they fill this process's CPUs exactly: then a worker never
     migrates to a core whose cache holds another worker's state, and no core is left to whatever
     else the pinning would crowd out. Hyper-thread siblings go to the same worker, and nothing is
-    pinned where the OpenMP runtime is told to bind threads itself."""
+    pinned where the OpenMP runtime is told to bind threads itself. On a CPU the workers also
+    yield to the event loop (``worker_nice``): when the event loop holds the GIL but waits for a
+    core behind a forward, the other worker waits for the GIL and its core idles."""
     on_gpu = settings.device.startswith("cuda") or (settings.device == "auto" and torch.cuda.is_available())
     if on_gpu:
         decode = 2 if settings.decode_threads is None else settings.decode_threads
-        return EncoderPlan(settings.encoder_workers or 1, settings.torch_threads, None, decode)
+        # the one worker feeds the device: it must not wait behind the decoding threads
+        return EncoderPlan(settings.encoder_workers or 1, settings.torch_threads, None, decode, 0)
     count = available_cpus()
     workers = settings.encoder_workers or (2 if count >= 2 else 1)
     threads = settings.torch_threads or max(1, count // workers)
@@ -89,7 +93,7 @@ def encoder_plan(settings: Settings) -> EncoderPlan:
         ordered = sorted(os.sched_getaffinity(0), key=_physical_core)
         cpu_sets = [set(ordered[i * threads:(i + 1) * threads]) for i in range(workers)]
     decode = 0 if settings.decode_threads is None else settings.decode_threads
-    return EncoderPlan(workers, threads, cpu_sets, decode)
+    return EncoderPlan(workers, threads, cpu_sets, decode, settings.worker_nice)
 
 
 def load_model(settings: Settings) -> LoadedModel:
@@ -109,12 +113,12 @@ class Runtime:
         self.settings = settings
         self.metrics = metrics
         self.plan = encoder_plan(settings)
-        workers, threads, cpu_sets, _ = self.plan
         self.engine = Engine(
             metrics=metrics, max_batch_size=settings.max_batch_size,
             max_batch_wait_ms=settings.max_batch_wait_ms, queue_size=settings.queue_size,
-            request_timeout_s=settings.request_timeout_s,
-            workers=workers, threads_per_worker=threads, cpu_sets=cpu_sets,
+            request_timeout_s=settings.request_timeout_s, workers=self.plan.workers,
+            threads_per_worker=self.plan.threads, cpu_sets=self.plan.cpu_sets,
+            worker_nice=self.plan.nice,
         )
         self.state = "loading"  # loading -> ready | failed; ready -> stopping
         self.error: str | None = None

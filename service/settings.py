@@ -51,6 +51,14 @@ class Settings(BaseSettings):
         True, description="On a CPU whose cores the encoder workers fill exactly (workers x "
         "torch threads = CPUs of this process), pin each worker to its own cores.",
     )
+    worker_nice: int = Field(
+        10, ge=0, le=19,
+        description="On a CPU: the encoder workers run as batch threads (SCHED_BATCH) this much "
+        "nicer than the rest of the process, so that the HTTP event loop runs first whenever it "
+        "has work instead of waiting behind a forward; 0 = schedule them like the rest. Busy "
+        "programs sharing these CPUs outside the container also win over the workers: lower it "
+        "there.",
+    )
 
     # --- micro-batching and backpressure --------------------------------------------------
     max_batch_size: int = Field(16, ge=1, le=1024, description="Most images per forward pass.")

@@ -97,6 +97,28 @@ def test_missing_index_setting_is_a_clear_failure(world):
         assert "GEOLOC_INDEX" in client.get("/readyz").json()["detail"]
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork")
+def test_request_ids_are_unique_within_a_process_and_across_a_fork():
+    import re
+
+    from service.logs import new_request_id
+
+    ids = {new_request_id(None) for _ in range(10_000)}
+    assert len(ids) == 10_000 and all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids)
+    assert new_request_id("req-123") == "req-123"
+    assert re.fullmatch(r"[0-9a-f]{32}", new_request_id("not safe; id"))
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a forked server process (e.g. a pre-forking process manager) gets its own prefix
+        os.write(write, new_request_id(None).encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child = os.read(read, 64).decode()
+    os.close(read)
+    os.close(write)
+    assert len(child) == 32 and child[:20] != new_request_id(None)[:20]
+
+
 # --- POST /localize -----------------------------------------------------------------------------
 
 def _tiles(artifact: Path) -> dict[str, tuple[float, float]]:
@@ -470,6 +492,19 @@ def test_micro_batching_groups_queued_requests(world):
         assert sizes == [6] * 6  # one forward + one search for all six
         first = results[0].json()["results"]
         assert all(r.json()["results"] == first for r in results)
+        # six queries are searched as one BLAS product, one alone by a scan: the same answer
+        import faiss
+        from service.engine import SEARCH_BLAS_MIN_QUERIES
+
+        dim = engine.model.embedding_dim
+        assert SEARCH_BLAS_MIN_QUERIES <= 6
+        assert faiss.cvar.distance_compute_blas_threshold in (SEARCH_BLAS_MIN_QUERIES,
+                                                              SEARCH_BLAS_MIN_QUERIES * dim)
+        alone = _post(client, world.pano).json()
+        assert alone["batch_size"] == 1
+        assert [m["tile_id"] for m in alone["results"]] == [m["tile_id"] for m in first]
+        assert [m["score"] for m in alone["results"]] == pytest.approx(
+            [m["score"] for m in first], abs=1e-5)
 
 
 @pytest.mark.parametrize("decode_threads", [0, 2])
@@ -544,6 +579,22 @@ def test_workers_that_fill_the_cpus_are_pinned_one_core_set_each(world):
         assert engine.call_in_worker(lambda: os.sched_getaffinity(0)).result(10) == set(cpus)
 
 
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="Linux scheduling policies")
+def test_encoder_workers_yield_to_the_event_loop_on_a_cpu(world):
+    def scheduling() -> tuple[int, int]:
+        return os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    before = scheduling()
+    with running_client(settings_for(world, world.artifact_a, worker_nice=7)) as client:
+        engine = client.app.state.runtime.engine
+        assert client.app.state.runtime.plan.nice == 7
+        assert engine.call_in_worker(scheduling).result(10) == (os.SCHED_BATCH, min(19, before[1] + 7))
+        assert scheduling() == before  # only the encoder workers
+        assert _post(client, world.pano).status_code == 200
+    with running_client(settings_for(world, world.artifact_a, worker_nice=0)) as client:
+        assert client.app.state.runtime.engine.call_in_worker(scheduling).result(10) == before
+
+
 def test_two_encoder_workers_run_batches_side_by_side_and_controls_hold_both(world):
     settings = settings_for(world, world.artifact_a, queue_size=16, max_batch_size=1, encoder_workers=2,
                             torch_threads=1)
@@ -605,7 +656,7 @@ def test_encoder_plan(world):
     plan = encoder_plan(settings_for(world, world.artifact_a, encoder_workers=3, torch_threads=2))
     assert plan[:2] == (3, 2)
     assert plan.cpu_sets == ([set(cpus[0:2]), set(cpus[2:4]), set(cpus[4:6])] if len(cpus) == 6 else None)
-    workers, threads, cpu_sets, _ = encoder_plan(settings_for(world, world.artifact_a))
+    workers, threads, cpu_sets, _, _ = encoder_plan(settings_for(world, world.artifact_a))
     assert workers == (2 if len(cpus) >= 2 else 1) and threads == max(1, len(cpus) // workers)
     if workers * threads == len(cpus) and workers > 1:  # the workers fill the CPUs: one core set each
         assert sorted(c for s in cpu_sets for c in s) == cpus and all(len(s) == threads for s in cpu_sets)
@@ -615,6 +666,8 @@ def test_encoder_plan(world):
     # on a CPU the encoder workers decode their own uploads unless threads are asked for
     assert encoder_plan(settings_for(world, world.artifact_a)).decode_threads == 0
     assert encoder_plan(settings_for(world, world.artifact_a, decode_threads=3)).decode_threads == 3
+    assert encoder_plan(settings_for(world, world.artifact_a)).nice == 10  # the default
+    assert encoder_plan(settings_for(world, world.artifact_a, device="cuda")).nice == 0
 
 
 # --- hot reload ---------------------------------------------------------------------------------
