@@ -119,6 +119,43 @@ def test_request_ids_are_unique_within_a_process_and_across_a_fork():
     assert len(child) == 32 and child[:20] != new_request_id(None)[:20]
 
 
+def test_log_lines_are_written_in_batches_in_order():
+    import logging
+
+    from service.logs import BatchedStreamHandler
+
+    stream = io.StringIO()
+    handler = BatchedStreamHandler(stream, max_delay_s=60, max_lines=3)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    logger = logging.getLogger("test.batched")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        logger.info("one")
+        assert stream.getvalue() == ""  # waits for the writer thread (here: 60 s) or a flush
+        logger.warning("two")  # at once, after what waited
+        assert stream.getvalue() == "INFO one\nWARNING two\n"
+        for i in range(3):
+            logger.info("n%d", i)
+        assert stream.getvalue().endswith("INFO n2\n")  # max_lines reached
+        logger.info("last")
+        handler.flush()
+        assert stream.getvalue().endswith("INFO n2\nINFO last\n")
+        logger.info("at close")
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+    assert stream.getvalue().endswith("INFO at close\n")
+    quick = BatchedStreamHandler(io.StringIO(), max_delay_s=0.05)
+    quick.emit(logging.makeLogRecord({"msg": "late", "levelno": logging.INFO}))
+    deadline = time.monotonic() + 5
+    while "late" not in quick.stream.getvalue() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert quick.stream.getvalue() == "late\n"  # the writer thread wrote it
+    quick.close()
+
+
 # --- POST /localize -----------------------------------------------------------------------------
 
 def _tiles(artifact: Path) -> dict[str, tuple[float, float]]:
