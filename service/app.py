@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import routes
+from .deps import require_api_key
 from .engine import ClientGone, NotReady, Overloaded, ResultTimeout
 from .logs import configure_logging, new_request_id, request_id_var
 from .metrics import Metrics
@@ -192,8 +193,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.thumbnails = Thumbnails(settings.thumbnail_px, settings.thumbnail_cache)
     app.state.decode_limiter = anyio.CapacityLimiter(max(1, runtime.plan.decode_threads))
     _install_error_handlers(app, settings)
-    app.include_router(routes.api)
-    app.include_router(routes.admin)
+    # Without keys no route checks one: no dependency to solve per request, none in the docs.
+    auth = [Depends(require_api_key)] if settings.api_keys else []
+    app.include_router(routes.api, dependencies=auth)
+    app.include_router(routes.admin, dependencies=auth)
     app.include_router(routes.public)
     app.mount("/static", StaticFiles(directory=routes.STATIC), name="static")
     if settings.cors_origins:

@@ -11,7 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
 from . import localize
-from .deps import ReadyRuntime, RuntimeDep, require_admin, require_api_key
+from .deps import ReadyRuntime, RuntimeDep, require_admin
 from .schemas import (
     ErrorResponse, FeatureCollection, Health, IndexInfo, LocalizeBatchResponse, LocalizeResponse,
     Manifest, ModelInfo, Readiness, ReloadResult,
@@ -48,10 +48,10 @@ def _json(body: BaseModel, media_type: str = "application/json") -> Response:
 KQuery = Annotated[int, Query(ge=1, le=100, description="Number of matches to return.")]
 AcceptHeader = Annotated[str | None, Header(description="application/geo+json for GeoJSON")]
 
-api = APIRouter(dependencies=[Depends(require_api_key)], responses=_ERRORS)
+# create_app adds the API-key check to `api` and `admin` where keys are configured
+api = APIRouter(responses=_ERRORS)
 public = APIRouter()
-admin = APIRouter(prefix="/admin", tags=["admin"],
-                  dependencies=[Depends(require_api_key), Depends(require_admin)])
+admin = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
 
 
 @api.post(

@@ -440,6 +440,12 @@ def test_api_keys(world):
                       401, "unauthorized")
         for path in ("/healthz", "/readyz", "/metrics"):
             assert client.get(path).status_code == 200
+        schemes = client.get("/openapi.json").json()["components"]["securitySchemes"]
+        assert "APIKeyHeader" in schemes  # documented where keys are required
+        with running_client(settings_for(world, world.artifact_a)) as open_client:
+            schemes = open_client.get("/openapi.json").json()["components"].get("securitySchemes", {})
+            assert "APIKeyHeader" not in schemes
+            assert _post(open_client, world.pano).status_code == 200
 
 
 def test_cors(world):
