@@ -23,7 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from . import routes
 from .deps import require_api_key
 from .engine import ClientGone, NotReady, Overloaded, ResultTimeout
-from .logs import configure_logging, new_request_id, request_id_var
+from .logs import configure_logging, flush_logs, new_request_id, request_id_var
 from .metrics import Metrics
 from .runtime import ReloadFailed, Runtime
 from .schemas import ErrorResponse, FeatureCollection
@@ -180,6 +180,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             await anyio.to_thread.run_sync(runtime.stop)
+            flush_logs()
 
     app = FastAPI(
         title="L2LTR geo-localization",

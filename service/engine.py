@@ -245,17 +245,14 @@ def search_blas_threshold(dim: int) -> int:
     return SEARCH_BLAS_MIN_QUERIES * (dim if _blas_threshold_counts_elements() else 1)
 
 
-def _yield_to_event_loop(nice: int) -> None:
-    """Make the calling worker thread a batch thread (SCHED_BATCH: its wake-ups do not pre-empt
-    others) ``nice`` steps nicer than it is, so the event loop never waits for a core behind a
-    forward while it holds the GIL that the other worker needs. Linux applies both per thread;
-    becoming nicer needs no privilege. Where either is refused the worker runs as it is."""
+def _run_nicer(nice: int) -> None:
+    """Make the calling worker thread ``nice`` steps nicer (Linux applies niceness per thread;
+    becoming nicer needs no privilege), so that the event loop gets a core first. Where that is
+    refused the worker runs as it is."""
     tid = threading.get_native_id()
     try:
-        if hasattr(os, "SCHED_BATCH"):
-            os.sched_setscheduler(tid, os.SCHED_BATCH, os.sched_param(0))
         os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
-    except (AttributeError, OSError) as exc:
+    except (AttributeError, OSError, OverflowError, ValueError) as exc:
         log.warning("encoder worker keeps its scheduling priority (%s)", exc)
 
 
@@ -419,7 +416,7 @@ class Engine:
             if self.cpu_sets is not None:  # before torch starts this thread's OpenMP team
                 os.sched_setaffinity(0, self.cpu_sets[worker])
             if self.worker_nice:
-                _yield_to_event_loop(self.worker_nice)
+                _run_nicer(self.worker_nice)
             # torch's OpenMP thread count is per thread: each worker sets its own share.
             if self.threads_per_worker:
                 torch.set_num_threads(self.threads_per_worker)

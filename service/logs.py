@@ -2,15 +2,14 @@
 from __future__ import annotations
 
 import contextvars
-import itertools
 import json
 import logging
 import os
 import re
-import secrets
 import sys
 import threading
 import time
+import weakref
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "geoloc_request_id", default=None
@@ -23,27 +22,33 @@ _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "color
 log = logging.getLogger("service")
 
 
-def _fresh_id_source() -> None:
-    global _id_prefix, _id_counter
-    _id_prefix = secrets.token_hex(10)
-    _id_counter = itertools.count()
+_ID_BYTES = 16
+_IDS_PER_READ = 256
+_spare_ids: list[str] = []  # random ids read ahead; list.pop is atomic, so threads may share it
 
 
-_id_prefix = ""
-_id_counter = itertools.count()
-_fresh_id_source()
+def _forget_spare_ids() -> None:
+    _spare_ids.clear()  # a forked process must not hand out its parent's ids
+
+
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_fresh_id_source)  # forked workers must not repeat ids
+    os.register_at_fork(after_in_child=_forget_spare_ids)
 
 
 def new_request_id(incoming: str | None) -> str:
-    """Reuse a well-formed incoming X-Request-ID, otherwise make a fresh one: 32 hex digits, a
-    random prefix per process and a counter. (A uuid4 per request reads the OS's random source
-    each time, and on the event loop that system call hands the GIL to the encoder workers:
-    ~0.1 ms per request at full load, bench/RESULTS.md.)"""
+    """Reuse a well-formed incoming X-Request-ID, otherwise make a fresh random one (32 hex
+    digits). The random bytes are read 256 ids at a time: a read of the OS's random source per
+    request (uuid4) is a system call on the event loop, which hands the GIL to the encoder workers
+    and waits to get it back: ~0.1 ms per request at full load (bench/RESULTS.md)."""
     if incoming and _SAFE_ID.match(incoming):
         return incoming
-    return f"{_id_prefix}{next(_id_counter):012x}"
+    try:
+        return _spare_ids.pop()
+    except IndexError:
+        block = os.urandom(_ID_BYTES * _IDS_PER_READ).hex()
+        step = 2 * _ID_BYTES
+        _spare_ids.extend(block[i:i + step] for i in range(step, len(block), step))
+        return block[:step]
 
 
 class JsonFormatter(logging.Formatter):
@@ -78,7 +83,8 @@ class PlainFormatter(logging.Formatter):
 
 class BatchedStreamHandler(logging.StreamHandler):
     """Writes INFO and DEBUG lines in batches, at most ``max_delay_s`` after they were logged (or
-    once ``max_lines`` wait), WARNING and above at once after whatever waits, so the order holds.
+    once ``max_lines`` wait), WARNING and above at once after whatever waits, so the order of this
+    handler's lines holds (other handlers on the same stream, uvicorn's, write at once).
 
     Each write is a system call, and on the event loop a system call hands the GIL to the encoder
     workers: one access-log write per request cost ~3% of the service's throughput at full load
@@ -90,15 +96,27 @@ class BatchedStreamHandler(logging.StreamHandler):
         self.max_delay_s = max_delay_s
         self.max_lines = max_lines
         self._waiting: list[str] = []
-        self._closed = threading.Event()
+        self._start_writer()
+        _batched_handlers.add(self)
+
+    def _start_writer(self) -> None:
+        self._stopped = threading.Event()
         self._writer = threading.Thread(target=self._write_periodically, daemon=True,
-                                        name="geoloc-log-writer")
+                                         name="geoloc-log-writer")
         self._writer.start()
+
+    def _after_fork(self) -> None:
+        """In a forked child: the parent writes what waited at the fork; the writer thread did not
+        survive it, so start another."""
+        self._waiting.clear()
+        if not self._stopped.is_set():
+            self._start_writer()
 
     def emit(self, record: logging.LogRecord) -> None:  # called with self.lock held
         try:
             self._waiting.append(self.format(record) + self.terminator)
-            if record.levelno >= logging.WARNING or len(self._waiting) >= self.max_lines:
+            if (record.levelno >= logging.WARNING or len(self._waiting) >= self.max_lines
+                    or self._stopped.is_set()):  # closed: no writer any more
                 self._write_waiting()
         except Exception:
             self.handleError(record)
@@ -118,16 +136,34 @@ class BatchedStreamHandler(logging.StreamHandler):
                 self._waiting.clear()
 
     def _write_periodically(self) -> None:
-        while not self._closed.wait(self.max_delay_s):
+        while not self._stopped.wait(self.max_delay_s):
             self.flush()
 
     def close(self) -> None:
-        self._closed.set()
+        self._stopped.set()
         self.flush()
         super().close()
 
 
+_batched_handlers: "weakref.WeakSet[BatchedStreamHandler]" = weakref.WeakSet()
+
+
+def _restart_log_writers() -> None:
+    for handler in list(_batched_handlers):
+        handler._after_fork()
+
+
+if hasattr(os, "register_at_fork"):  # after logging's own hook, which re-creates handler locks
+    os.register_at_fork(after_in_child=_restart_log_writers)
+
+
 _HANDLER_MARK = "_geoloc_handler"
+
+
+def flush_logs() -> None:
+    """Write the service's waiting log lines now (at shutdown, not only at interpreter exit)."""
+    for handler in log.handlers:
+        handler.flush()
 
 
 def configure_logging(level: str = "INFO", json_logs: bool = True) -> None:

@@ -62,7 +62,7 @@ class EncoderPlan(NamedTuple):
     threads: int | None  # torch threads per worker; None = torch's default
     cpu_sets: list[set[int]] | None  # per worker: the CPUs it is pinned to; None = not pinned
     decode_threads: int  # 0: the encoder workers decode their own micro-batches
-    nice: int  # how much nicer than the process the workers run (as SCHED_BATCH); 0 = as it is
+    nice: int  # how much nicer than the rest of the process the workers run
 
 
 def encoder_plan(settings: Settings) -> EncoderPlan:
@@ -75,9 +75,7 @@ def encoder_plan(settings: Settings) -> EncoderPlan:
     Workers are pinned only when they fill this process's CPUs exactly: then a worker never
     migrates to a core whose cache holds another worker's state, and no core is left to whatever
     else the pinning would crowd out. Hyper-thread siblings go to the same worker, and nothing is
-    pinned where the OpenMP runtime is told to bind threads itself. On a CPU the workers also
-    yield to the event loop (``worker_nice``): when the event loop holds the GIL but waits for a
-    core behind a forward, the other worker waits for the GIL and its core idles."""
+    pinned where the OpenMP runtime is told to bind threads itself."""
     on_gpu = settings.device.startswith("cuda") or (settings.device == "auto" and torch.cuda.is_available())
     if on_gpu:
         decode = 2 if settings.decode_threads is None else settings.decode_threads
@@ -93,7 +91,9 @@ def encoder_plan(settings: Settings) -> EncoderPlan:
         ordered = sorted(os.sched_getaffinity(0), key=_physical_core)
         cpu_sets = [set(ordered[i * threads:(i + 1) * threads]) for i in range(workers)]
     decode = 0 if settings.decode_threads is None else settings.decode_threads
-    return EncoderPlan(workers, threads, cpu_sets, decode, settings.worker_nice)
+    # a niceness per thread is Linux's; elsewhere the workers run as the rest of the process
+    nice = settings.worker_nice if sys.platform.startswith("linux") else 0
+    return EncoderPlan(workers, threads, cpu_sets, decode, nice)
 
 
 def load_model(settings: Settings) -> LoadedModel:

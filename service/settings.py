@@ -52,12 +52,11 @@ class Settings(BaseSettings):
         "torch threads = CPUs of this process), pin each worker to its own cores.",
     )
     worker_nice: int = Field(
-        10, ge=0, le=19,
-        description="On a CPU: the encoder workers run as batch threads (SCHED_BATCH) this much "
-        "nicer than the rest of the process, so that the HTTP event loop runs first whenever it "
-        "has work instead of waiting behind a forward; 0 = schedule them like the rest. Busy "
-        "programs sharing these CPUs outside the container also win over the workers: lower it "
-        "there.",
+        0, ge=0, le=19,
+        description="On a CPU under Linux: run the encoder workers this much nicer than the rest "
+        "of the process, so the HTTP event loop gets a core first. +5% throughput at 16 clients, "
+        "but under overload the event loop answering 503s then starves a worker (-40%; "
+        "bench/RESULTS.md).",
     )
 
     # --- micro-batching and backpressure --------------------------------------------------
