@@ -320,7 +320,11 @@ class Engine:
     # --- lifecycle (called from the loader thread / lifespan) ----------------------------
     def start(self, model: LoadedModel, index: LoadedIndex) -> None:
         """Take ownership of model and index and start the workers (blocks until warmed up)."""
+        import faiss
+
         self.model = model
+        # process-wide, so once here rather than in each worker
+        faiss.cvar.distance_compute_blas_threshold = search_blas_threshold(model.embedding_dim)
         for i in range(self.workers):
             started = threading.Event()
             thread = threading.Thread(target=self._run, args=(i, index if i == 0 else None, started),
@@ -426,8 +430,6 @@ class Engine:
             import faiss
 
             faiss.omp_set_num_threads(1)
-            assert self.model is not None
-            faiss.cvar.distance_compute_blas_threshold = search_blas_threshold(self.model.embedding_dim)
             if first is not None:
                 self._install(first)
             self._warm_up()

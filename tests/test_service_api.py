@@ -1,6 +1,7 @@
 """The service in-process, through FastAPI's TestClient: routes, errors, auth, metrics, reload."""
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -124,6 +125,22 @@ def test_request_ids_are_random_and_not_repeated_across_a_fork():
     assert len(child) == 32 * 300 and not parent & {child[i:i + 32] for i in range(0, len(child), 32)}
 
 
+@contextlib.contextmanager
+def _logger_with(handler, name: str):
+    """A logger of its own that sends INFO and above to `handler` only; the handler is closed after."""
+    import logging
+
+    logger = logging.getLogger(name)
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield logger
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+
+
 def test_log_lines_are_written_in_batches_in_order():
     import logging
 
@@ -132,11 +149,7 @@ def test_log_lines_are_written_in_batches_in_order():
     stream = io.StringIO()
     handler = BatchedStreamHandler(stream, max_delay_s=60, max_lines=3)
     handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
-    logger = logging.getLogger("test.batched")
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
-    try:
+    with _logger_with(handler, "test.batched") as logger:
         logger.info("one")
         assert stream.getvalue() == ""  # waits for the writer thread (here: 60 s) or a flush
         logger.warning("two")  # at once, after what waited
@@ -148,9 +161,6 @@ def test_log_lines_are_written_in_batches_in_order():
         handler.flush()
         assert stream.getvalue().endswith("INFO n2\nINFO last\n")
         logger.info("at close")
-    finally:
-        logger.removeHandler(handler)
-        handler.close()
     assert stream.getvalue().endswith("INFO at close\n")
     quick = BatchedStreamHandler(io.StringIO(), max_delay_s=0.05)
     quick.emit(logging.makeLogRecord({"msg": "late", "levelno": logging.INFO}))
@@ -165,18 +175,12 @@ def test_log_lines_are_written_in_batches_in_order():
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="fork")
 def test_batched_log_lines_survive_a_fork_once(tmp_path):
-    import logging
-
     from service.logs import BatchedStreamHandler
 
     path = tmp_path / "log.txt"
-    stream = path.open("a")
-    handler = BatchedStreamHandler(stream, max_delay_s=60)
-    logger = logging.getLogger("test.batched.fork")
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
-    try:
+    with path.open("a") as stream, _logger_with(BatchedStreamHandler(stream, max_delay_s=60),
+                                                "test.batched.fork") as logger:
+        handler = logger.handlers[0]
         logger.info("waiting at the fork")
         pid = os.fork()
         if pid == 0:
@@ -187,10 +191,6 @@ def test_batched_log_lines_survive_a_fork_once(tmp_path):
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0
         handler.flush()
-    finally:
-        logger.removeHandler(handler)
-        handler.close()
-        stream.close()
     lines = path.read_text().splitlines()
     assert sorted(lines) == ["from the child", "waiting at the fork"]  # each once
 
