@@ -340,8 +340,9 @@ async def _run_load(port: int, body: bytes, concurrency: int, max_requests: int,
 
 
 class CpuMeter:
-    """CPU seconds used by the whole machine, by the server process and by this process, so the
-    report can say how much of the machine other programs took while we measured."""
+    """CPU seconds used by the whole machine, by the server process (with its encoder processes)
+    and by this process, so the report can say how much of the machine other programs took while
+    we measured."""
 
     def __init__(self, server_pid: int) -> None:
         self.server_pid = server_pid
@@ -352,10 +353,26 @@ class CpuMeter:
         values = [int(v) for v in fields]
         idle = values[3] + values[4]  # idle + iowait
         busy = sum(values[:8]) - idle  # user..steal, without guest (already in user)
-        def proc(pid: int | str) -> float:
-            parts = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            return (int(parts[11]) + int(parts[12])) / self.tick
-        return time.perf_counter(), busy / self.tick, proc(self.server_pid), proc("self")
+        return (time.perf_counter(), busy / self.tick, self._tree_cpu(self.server_pid),
+                self._proc_cpu("self")[1])
+
+    def _proc_cpu(self, pid: int | str) -> tuple[int, float]:
+        """(parent pid, CPU seconds) of one process."""
+        parts = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(parts[1]), (int(parts[11]) + int(parts[12])) / self.tick
+
+    def _tree_cpu(self, pid: int) -> float:
+        """CPU seconds of the server and of its child processes (the encoder processes)."""
+        total = self._proc_cpu(pid)[1]
+        for entry in os.listdir("/proc"):
+            if entry.isdigit() and int(entry) != pid:
+                try:
+                    parent, cpu = self._proc_cpu(entry)
+                except (OSError, ValueError, IndexError):
+                    continue  # gone meanwhile
+                if parent == pid:
+                    total += cpu
+        return total
 
     def start(self) -> None:
         self._t0 = self._sample()

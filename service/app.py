@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import routes
 from .deps import require_api_key
+from .encoder_process import EncoderProcessDied
 from .engine import ClientGone, NotReady, Overloaded, ResultTimeout
 from .logs import configure_logging, flush_logs, new_request_id, request_id_var
 from .metrics import Metrics
@@ -122,6 +123,10 @@ def _install_error_handlers(app: FastAPI, settings: Settings) -> None:
     @app.exception_handler(NotReady)
     async def not_ready(request: Request, exc: NotReady) -> JSONResponse:
         return _error(503, "not_ready", f"not ready: {exc}", retry)
+
+    @app.exception_handler(EncoderProcessDied)
+    async def encoder_died(request: Request, exc: EncoderProcessDied) -> JSONResponse:
+        return _error(503, "encoder_restarting", f"{exc}; it is being restarted, retry", retry)
 
     @app.exception_handler(ResultTimeout)
     async def timed_out(request: Request, exc: ResultTimeout) -> JSONResponse:

@@ -1,4 +1,5 @@
-"""The inference engine: worker threads that own the model and the FAISS index.
+"""The inference engine: worker threads that own the model and the FAISS index (or hand their
+batches to encoder processes that do).
 
 Requests put *jobs* (one or more images) into a bounded queue. A worker takes whatever is
 queued, up to ``max_batch_size`` images, waiting at most ``max_batch_wait_ms`` after the oldest
@@ -9,9 +10,13 @@ whole micro-batch and hands each job its rows. A job arrives either decoded or w
 On a GPU there is one worker. On a CPU there are by default two, each running its forward with
 its own small share of the cores: a single forward spread over every core with OpenMP stalls at
 each parallel region's barrier whenever the event loop or a decoding thread pre-empts one of its
-threads, while two single-threaded forwards merely slow down a little (bench/RESULTS.md). The
-workers share one read-only model. Control commands (an index swap, tests holding the engine)
-run only while no batch is in flight, and hold every worker, so a batch never sees two indexes.
+threads, while two single-threaded forwards merely slow down a little (bench/RESULTS.md). Each
+CPU worker hands its micro-batches to an encoder process of its own (``service.encoder_process``:
+no interpreter lock shared with the event loop), which may use every worker's cores for a batch
+while the load is low (``JobQueue.alone``); with threads instead (one worker, or
+``GEOLOC_ENCODER_PROCESSES=false``) the workers share one read-only model. Control commands (an
+index swap, tests holding the engine) run only while no batch is in flight, and hold every worker,
+so a batch never sees two indexes.
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ from model.encode import encode_batch
 from model.preprocess import normalize_uint8_nchw
 
 from .artifact import LoadedIndex
+from .encoder_process import EncoderProcess, EncoderProcessDied, ProcessSpec
 from .metrics import Metrics
 
 log = logging.getLogger("service.engine")
@@ -56,7 +62,7 @@ class ResultTimeout(Exception):
 
 @dataclass
 class LoadedModel:
-    net: Any
+    net: Any  # None where encoder processes hold the weights
     config: Any
     fingerprint: str
     device: torch.device
@@ -98,6 +104,9 @@ class JobResult:
     decode_ms: float
 
 
+SOLO_AFTER_S = 1.0
+
+
 class JobQueue:
     """Bounded FIFO counted in images, plus a channel of control commands for the worker."""
 
@@ -111,6 +120,7 @@ class JobQueue:
         self._expected = 0  # requests being decoded right now, about to offer a job
         self._busy = 0  # workers computing a batch
         self._in_control = False  # a worker is running control commands; the others wait
+        self._last_overlap = -SOLO_AFTER_S  # when two workers last had batches at the same time
 
     @property
     def depth(self) -> int:
@@ -181,6 +191,8 @@ class JobQueue:
                     return "closed", []
                 self._cond.wait()
             self._busy += 1  # from here on: a control waits for this batch, even while it gathers
+            if self._busy > 1:
+                self._last_overlap = time.monotonic()
             deadline = self._jobs[0].enqueued + max_wait_s
             taken: list[Job] = []
             images = 0
@@ -199,6 +211,15 @@ class JobQueue:
                     break
                 self._cond.wait(remaining)
             return "jobs", taken
+
+    def alone(self) -> bool:
+        """True when the calling worker has the only batch, nothing else waits, and no two
+        batches were in flight together for SOLO_AFTER_S: the load is low enough that a batch
+        using every worker's cores will not be joined by another one half-way (which would
+        stall both of them at each of the forward's parallel barriers)."""
+        with self._cond:
+            return (self._busy <= 1 and not self._jobs
+                    and time.monotonic() - self._last_overlap > SOLO_AFTER_S)
 
     def done(self, kind: str) -> None:
         """A worker finished what `take` gave it."""
@@ -243,6 +264,16 @@ def search_blas_threshold(dim: int) -> int:
     A micro-batch searched by one thread is where that pays: 2.2x less CPU per query at 8
     queries and 10k vectors; a single query stays a scan (bench/RESULTS.md)."""
     return SEARCH_BLAS_MIN_QUERIES * (dim if _blas_threshold_counts_elements() else 1)
+
+
+def encode_uint8(net, images: torch.Tensor, device: torch.device, max_batch_size: int) -> np.ndarray:
+    """uint8 images [n, 3, H, W] -> unit ground descriptors, at most ``max_batch_size`` per
+    forward; normalising the whole micro-batch at once costs a fraction of doing it per image."""
+    n = int(images.shape[0])
+    parts = [encode_batch(net, normalize_uint8_nchw(images[i:i + max_batch_size]), "ground", device)
+             for i in range(0, n, max_batch_size)]
+    out = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return np.ascontiguousarray(out.numpy(), dtype=np.float32)
 
 
 def _run_nicer(nice: int) -> None:
@@ -291,12 +322,14 @@ def _deliver(job: Job, value: Any = None, error: BaseException | None = None) ->
 
 
 class Engine:
-    """Owns the worker threads; the async side only enqueues jobs and awaits futures."""
+    """Owns the worker threads (and their encoder processes); the async side only enqueues jobs
+    and awaits futures."""
 
     def __init__(self, *, metrics: Metrics, max_batch_size: int, max_batch_wait_ms: float,
                  queue_size: int, request_timeout_s: float, workers: int = 1,
                  threads_per_worker: int | None = None,
-                 cpu_sets: list[set[int]] | None = None, worker_nice: int = 0) -> None:
+                 cpu_sets: list[set[int]] | None = None, worker_nice: int = 0,
+                 processes: bool = False) -> None:
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         if cpu_sets is not None and len(cpu_sets) != workers:
@@ -305,6 +338,8 @@ class Engine:
         self.threads_per_worker = threads_per_worker
         self.cpu_sets = cpu_sets
         self.worker_nice = worker_nice
+        self.processes = processes
+        self._encoders: list[EncoderProcess] = []
         self.metrics = metrics
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_batch_wait_ms / 1000.0
@@ -325,6 +360,10 @@ class Engine:
         self.model = model
         # process-wide, so once here rather than in each worker
         faiss.cvar.distance_compute_blas_threshold = search_blas_threshold(model.embedding_dim)
+        if self.processes:
+            self._start_encoders(model)
+            self._install(index)
+            index = None
         for i in range(self.workers):
             started = threading.Event()
             thread = threading.Thread(target=self._run, args=(i, index if i == 0 else None, started),
@@ -334,6 +373,35 @@ class Engine:
             if self._startup_error is not None:
                 raise self._startup_error
             self._threads.append(thread)
+
+    def _start_encoders(self, model: LoadedModel) -> None:
+        solo_threads = solo_cpus = None
+        if self.threads_per_worker and self.workers > 1:
+            solo_threads = self.threads_per_worker * self.workers
+            if self.cpu_sets is not None:
+                solo_cpus = frozenset(c for cpus in self.cpu_sets for c in cpus)
+        for i in range(self.workers):
+            spec = ProcessSpec(
+                checkpoint=str(model.checkpoint), fingerprint=model.fingerprint,
+                threads=self.threads_per_worker,
+                cpu_set=frozenset(self.cpu_sets[i]) if self.cpu_sets is not None else None,
+                nice=self.worker_nice, max_batch_size=self.max_batch_size,
+                solo_threads=solo_threads, solo_cpus=solo_cpus)
+            self._encoders.append(EncoderProcess(spec, f"encoder process {i}"))
+        try:
+            for encoder in self._encoders:
+                encoder.launch()
+            for encoder in self._encoders:
+                encoder.wait_ready()
+        except BaseException:
+            for encoder in self._encoders:
+                encoder.stop()
+            raise
+
+    @property
+    def encoder_pids(self) -> list[int | None]:
+        """Process ids of the encoder processes (empty when the workers compute in threads)."""
+        return [encoder.pid for encoder in self._encoders]
 
     @property
     def running(self) -> bool:
@@ -346,6 +414,8 @@ class Engine:
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
+        for encoder in self._encoders:
+            encoder.stop()
         self.metrics.queue_depth.set(0)
 
     def swap(self, new: LoadedIndex) -> concurrent.futures.Future:
@@ -409,20 +479,38 @@ class Engine:
         if self.model is not None and self.model.device.type == "cuda":
             new.index, new.gpu_resources = _to_gpu(new.index, self.model.device)
         old = self.current
-        self._generation += 1
-        new.generation = self._generation
+        generation = self._generation + 1
+        if self._encoders:
+            installed = []
+            try:
+                for encoder in self._encoders:
+                    encoder.request("install", generation, str(new.path), new.signature)
+                    installed.append(encoder)
+            except BaseException:
+                for encoder in installed:
+                    encoder.request("drop", generation)
+                raise
+            if old is not None:
+                for encoder in self._encoders:
+                    encoder.request("drop", old.generation)
+            new.index = None  # the encoder processes search their own copies
+        self._generation = generation
+        new.generation = generation
         self.current = new
         self.metrics.set_index(new.info())
         return old
 
     def _run(self, worker: int, first: LoadedIndex | None, started: threading.Event) -> None:
+        encoder = self._encoders[worker] if self._encoders else None
         try:
-            if self.cpu_sets is not None:  # before torch starts this thread's OpenMP team
+            if encoder is not None:
+                pass  # the child process pins itself and sets its own threads
+            elif self.cpu_sets is not None:  # before torch starts this thread's OpenMP team
                 os.sched_setaffinity(0, self.cpu_sets[worker])
-            if self.worker_nice:
+            if self.worker_nice and encoder is None:
                 _run_nicer(self.worker_nice)
             # torch's OpenMP thread count is per thread: each worker sets its own share.
-            if self.threads_per_worker:
+            if self.threads_per_worker and encoder is None:
                 torch.set_num_threads(self.threads_per_worker)
             # faiss-cpu ships its own OpenMP runtime beside torch's: after every search its
             # threads would spin on the cores the next forward needs. A micro-batch search is
@@ -432,7 +520,8 @@ class Engine:
             faiss.omp_set_num_threads(1)
             if first is not None:
                 self._install(first)
-            self._warm_up()
+            if encoder is None:
+                self._warm_up()
         except BaseException as exc:
             self._startup_error = exc
             self.current = None
@@ -456,9 +545,18 @@ class Engine:
                 for job in items:
                     if job.dropped:
                         self.metrics.dropped.labels(job.dropped).inc(job.n)
-                    elif self._decode(job):
+                    elif encoder is not None or self._decode(job):
                         live.append(job)
-                if live:
+                if live and encoder is not None:
+                    try:
+                        self._compute_in(encoder, live)
+                    except Exception:
+                        log.critical("%s can not be restarted; its worker stops", encoder.name,
+                                     exc_info=True)
+                        for job in live:
+                            _deliver(job, error=NotReady(f"{encoder.name} is gone"))
+                        return
+                elif live:
                     self._compute(live)
             finally:
                 self.queue.done(kind)
@@ -480,12 +578,9 @@ class Engine:
         return True
 
     def _encode(self, images: torch.Tensor) -> np.ndarray:
-        """uint8 images -> unit descriptors; normalising the whole micro-batch at once costs a
-        fraction of doing it image by image in the decoding threads."""
         model = self.model
         assert model is not None
-        out = encode_batch(model.net, normalize_uint8_nchw(images), "ground", model.device)
-        return np.ascontiguousarray(out.numpy(), dtype=np.float32)
+        return encode_uint8(model.net, images, model.device, self.max_batch_size)
 
     def _warm_up(self) -> None:
         model = self.model
@@ -500,10 +595,7 @@ class Engine:
         try:
             images = jobs[0].images if len(jobs) == 1 else torch.cat([j.images for j in jobs])
             assert images is not None
-            n = int(images.shape[0])
-            parts = [self._encode(images[i:i + self.max_batch_size])
-                     for i in range(0, n, self.max_batch_size)]
-            vectors = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            vectors = self._encode(images)
             encoded = time.perf_counter()
             k = min(max(j.k for j in jobs), index.count)
             scores, rows = index.index.search(vectors, k)
@@ -513,8 +605,61 @@ class Engine:
             for job in jobs:
                 _deliver(job, error=exc)
             return
-        encode_ms = (encoded - started) * 1000.0
-        search_ms = (searched - encoded) * 1000.0
+        self._finish(jobs, index, scores, rows, started, (encoded - started) * 1000.0,
+                     (searched - encoded) * 1000.0)
+
+    def _restart(self, encoder: EncoderProcess) -> None:
+        """Start ``encoder``'s process again with the index being served; raises if it can not."""
+        index = self.current
+        assert index is not None
+        encoder.stop()
+        encoder.start()
+        encoder.request("install", index.generation, str(index.path), index.signature)
+        self.metrics.encoder_restarts.inc()
+        log.warning("%s restarted (pid %s)", encoder.name, encoder.pid)
+
+    def _compute_in(self, encoder: EncoderProcess, jobs: list[Job]) -> None:
+        """The micro-batch decoded, encoded and searched by ``encoder``'s process. A process that
+        died is started again (its batch fails with EncoderProcessDied: 503, retry)."""
+        index = self.current
+        assert index is not None
+        if not encoder.running:  # died after its last batch or during an index swap
+            self._restart(encoder)
+        started = time.perf_counter()
+        # numpy, not tensors: pickling a tensor for another process would share its storage
+        # through torch.multiprocessing's file descriptors, which our child does not speak
+        payloads = [(job.images.numpy(), None) if job.images is not None else (None, job.decode)
+                    for job in jobs]
+        try:
+            outcome = encoder.request("batch", index.generation, max(j.k for j in jobs), payloads,
+                                      self.queue.alone())
+        except EncoderProcessDied as exc:
+            log.error("%s; failing its batch of %d job(s) and restarting it", exc, len(jobs))
+            for job in jobs:
+                _deliver(job, error=exc)
+            self._restart(encoder)
+            return
+        except Exception as exc:
+            log.exception("inference failed for a batch of %d job(s)", len(jobs))
+            for job in jobs:
+                _deliver(job, error=exc)
+            return
+        live = []
+        for job, error, decode_ms in zip(jobs, outcome.errors, outcome.decode_ms):
+            job.decode_ms = decode_ms
+            if error is not None:
+                _deliver(job, error=error)
+            else:
+                live.append(job)
+        if live:  # as on a worker thread: the forward starts once the batch is decoded
+            self._finish(live, index, outcome.scores, outcome.rows,
+                         started + sum(outcome.decode_ms) / 1000.0, outcome.encode_ms,
+                         outcome.search_ms)
+
+    def _finish(self, jobs: list[Job], index: LoadedIndex, scores: np.ndarray, rows: np.ndarray,
+                started: float, encode_ms: float, search_ms: float) -> None:
+        """Count the micro-batch and hand each job its rows of the search."""
+        n = int(scores.shape[0])
         self.metrics.batch_size.observe(n)
         self.metrics.images.inc(n)
         for _ in range(n):

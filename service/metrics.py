@@ -49,6 +49,10 @@ class Metrics:
             "Queued images not computed, by reason (client_disconnected, timeout, shutdown).",
             ["reason"], registry=r,
         )
+        self.encoder_restarts = Counter(
+            "geoloc_encoder_restarts_total",
+            "Encoder processes started again after they died (killed, out of memory).", registry=r,
+        )
         self.images = Counter(
             "geoloc_images_localized_total", "Images encoded and searched.", registry=r
         )

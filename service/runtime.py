@@ -63,6 +63,7 @@ class EncoderPlan(NamedTuple):
     cpu_sets: list[set[int]] | None  # per worker: the CPUs it is pinned to; None = not pinned
     decode_threads: int  # 0: the encoder workers decode their own micro-batches
     nice: int  # how much nicer than the rest of the process the workers run
+    processes: bool = False  # each worker computes in a child process of its own
 
 
 def encoder_plan(settings: Settings) -> EncoderPlan:
@@ -71,6 +72,8 @@ def encoder_plan(settings: Settings) -> EncoderPlan:
 
     On a CPU the encoder workers decode their own micro-batches: the cores are all busy anyway, and
     a separate decoding thread only adds hand-offs and pre-empts the forwards (bench/RESULTS.md).
+    Two or more CPU workers compute in encoder processes of their own (``service.encoder_process``),
+    so that the event loop's Python never makes them wait for the interpreter lock.
     On a GPU, threads decode beside the one worker so that the device never waits for the CPU.
     Workers are pinned only when they fill this process's CPUs exactly: then a worker never
     migrates to a core whose cache holds another worker's state, and no core is left to whatever
@@ -78,6 +81,8 @@ def encoder_plan(settings: Settings) -> EncoderPlan:
     pinned where the OpenMP runtime is told to bind threads itself."""
     on_gpu = settings.device.startswith("cuda") or (settings.device == "auto" and torch.cuda.is_available())
     if on_gpu:
+        if settings.encoder_processes:
+            log.warning("GEOLOC_ENCODER_PROCESSES is for CPU encoders; on a GPU the worker is a thread")
         decode = 2 if settings.decode_threads is None else settings.decode_threads
         # the one worker feeds the device: it must not wait behind the decoding threads
         return EncoderPlan(settings.encoder_workers or 1, settings.torch_threads, None, decode, 0)
@@ -93,16 +98,23 @@ def encoder_plan(settings: Settings) -> EncoderPlan:
     decode = 0 if settings.decode_threads is None else settings.decode_threads
     # a niceness per thread is Linux's; elsewhere the workers run as the rest of the process
     nice = settings.worker_nice if sys.platform.startswith("linux") else 0
-    return EncoderPlan(workers, threads, cpu_sets, decode, nice)
+    processes = settings.encoder_processes
+    if processes is None:
+        processes = workers > 1
+    return EncoderPlan(workers, threads, cpu_sets, decode, nice, processes)
 
 
-def load_model(settings: Settings) -> LoadedModel:
+def load_model(settings: Settings, *, keep_weights: bool = True) -> LoadedModel:
+    """The checkpoint, ready for inference; without ``keep_weights`` (the encoder processes load
+    their own) only what the service itself needs: fingerprint, configuration, dimension."""
     device = pick_device(settings.device)
     checkpoint = Path(settings.checkpoint)
-    net = prepare_for_inference(load_checkpoint(checkpoint), device)
+    net = load_checkpoint(checkpoint)
+    if keep_weights:
+        net = prepare_for_inference(net, device)
     return LoadedModel(
-        net=net, config=net.config, fingerprint=net.fingerprint(), device=device,
-        checkpoint=checkpoint, embedding_dim=int(net.embedding_dim),
+        net=net if keep_weights else None, config=net.config, fingerprint=net.fingerprint(),
+        device=device, checkpoint=checkpoint, embedding_dim=int(net.embedding_dim),
     )
 
 
@@ -118,7 +130,7 @@ class Runtime:
             max_batch_wait_ms=settings.max_batch_wait_ms, queue_size=settings.queue_size,
             request_timeout_s=settings.request_timeout_s, workers=self.plan.workers,
             threads_per_worker=self.plan.threads, cpu_sets=self.plan.cpu_sets,
-            worker_nice=self.plan.nice,
+            worker_nice=self.plan.nice, processes=self.plan.processes,
         )
         self.state = "loading"  # loading -> ready | failed; ready -> stopping
         self.error: str | None = None
@@ -160,7 +172,7 @@ class Runtime:
             if s.index is None:
                 raise ArtifactError("GEOLOC_INDEX is not set: point it at an index artifact directory")
             t0 = time.perf_counter()
-            model = load_model(s)
+            model = load_model(s, keep_weights=not self.plan.processes)
             log.info("model loaded", extra={
                 "checkpoint": str(s.checkpoint), "fingerprint": model.fingerprint,
                 "device": str(model.device), "seconds": round(time.perf_counter() - t0, 3)})

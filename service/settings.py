@@ -44,8 +44,14 @@ class Settings(BaseSettings):
     )
     encoder_workers: int | None = Field(
         None, ge=1, le=64,
-        description="Encoder worker threads sharing the model; unset = 2 on a multi-core CPU, "
-        "1 on a GPU or a single core.",
+        description="Encoder workers, each running one micro-batch at a time; unset = 2 on a "
+        "multi-core CPU, 1 on a GPU or a single core.",
+    )
+    encoder_processes: bool | None = Field(
+        None, description="On a CPU, run each encoder worker's decoding, forward and search in a "
+        "child process of its own with its own copy of model and index (no interpreter lock shared "
+        "with the HTTP event loop; a batch may use every worker's cores while the load is low); "
+        "unset = yes with more than one worker.",
     )
     pin_workers: bool = Field(
         True, description="On a CPU whose cores the encoder workers fill exactly (workers x "

@@ -26,6 +26,9 @@ class UploadError(Exception):
         self.detail = detail
         self.headers = headers or {}
 
+    def __reduce__(self):  # raised in an encoder process, re-raised in the service's
+        return type(self), (self.status, self.code, self.detail, self.headers)
+
 
 class MissingUpload(Exception):
     """The required file field is absent; rendered as FastAPI's usual 422 validation error."""

@@ -1,11 +1,14 @@
 """The service in-process, through FastAPI's TestClient: routes, errors, auth, metrics, reload."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import io
 import json
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -651,51 +654,74 @@ def test_no_result_in_time_is_504_and_the_job_is_dropped(world, decode_threads):
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pinning needs two CPUs")
-def test_workers_that_fill_the_cpus_are_pinned_one_core_set_each(world):
+@pytest.mark.parametrize("processes", [True, False], ids=["processes", "threads"])
+def test_workers_that_fill_the_cpus_are_pinned_one_core_set_each(world, processes):
     cpus = sorted(os.sched_getaffinity(0))
-    settings = settings_for(world, world.artifact_a, encoder_workers=len(cpus), torch_threads=1)
+
+    def pinned_to(engine) -> list[set[int]]:
+        if processes:  # each encoder process, seen from outside
+            return [os.sched_getaffinity(pid) for pid in engine.encoder_pids]
+        return [engine.call_in_worker(lambda: os.sched_getaffinity(0)).result(10)]
+
+    settings = settings_for(world, world.artifact_a, encoder_workers=len(cpus), torch_threads=1,
+                            encoder_processes=processes)
     with running_client(settings) as client:
         engine = client.app.state.runtime.engine
+        assert len(engine.encoder_pids) == (len(cpus) if processes else 0)
         assert engine.cpu_sets is not None and sorted(c for s in engine.cpu_sets for c in s) == cpus
-        seen = engine.call_in_worker(lambda: os.sched_getaffinity(0)).result(10)
-        assert seen in engine.cpu_sets and len(seen) == 1
+        seen = pinned_to(engine)
+        assert all(s in engine.cpu_sets and len(s) == 1 for s in seen)
+        if processes:
+            assert sorted(c for s in seen for c in s) == cpus
         assert os.sched_getaffinity(0) == set(cpus)  # the rest of the process is not pinned
+        assert _post(client, world.pano).status_code == 200
     unpinned = settings_for(world, world.artifact_a, encoder_workers=len(cpus), torch_threads=1,
-                            pin_workers=False)
+                            pin_workers=False, encoder_processes=processes)
     with running_client(unpinned) as client:
-        engine = client.app.state.runtime.engine
-        assert engine.call_in_worker(lambda: os.sched_getaffinity(0)).result(10) == set(cpus)
+        assert pinned_to(client.app.state.runtime.engine)[0] == set(cpus)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness is Linux's")
-def test_encoder_workers_can_run_nicer_than_the_event_loop(world):
+@pytest.mark.parametrize("processes", [True, False], ids=["processes", "threads"])
+def test_encoder_workers_can_run_nicer_than_the_event_loop(world, processes):
     def niceness() -> int:
         return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
 
+    def worker_niceness(engine) -> int:
+        if processes:
+            return os.getpriority(os.PRIO_PROCESS, engine.encoder_pids[0])
+        return engine.call_in_worker(niceness).result(10)
+
     before = niceness()
-    with running_client(settings_for(world, world.artifact_a, worker_nice=7)) as client:
+    settings = settings_for(world, world.artifact_a, worker_nice=7, encoder_processes=processes)
+    with running_client(settings) as client:
         assert client.app.state.runtime.plan.nice == 7
-        assert client.app.state.runtime.engine.call_in_worker(niceness).result(10) == min(19, before + 7)
+        assert worker_niceness(client.app.state.runtime.engine) == min(19, before + 7)
         assert niceness() == before  # only the encoder workers
         assert _post(client, world.pano).status_code == 200
-    with running_client(settings_for(world, world.artifact_a)) as client:  # the default: as it is
-        assert client.app.state.runtime.engine.call_in_worker(niceness).result(10) == before
+    settings = settings_for(world, world.artifact_a, encoder_processes=processes)  # default: as it is
+    with running_client(settings) as client:
+        assert worker_niceness(client.app.state.runtime.engine) == before
 
 
-def test_two_encoder_workers_run_batches_side_by_side_and_controls_hold_both(world):
+@pytest.mark.parametrize("processes", [True, False], ids=["processes", "threads"])
+def test_two_encoder_workers_run_batches_side_by_side_and_controls_hold_both(world, processes):
     settings = settings_for(world, world.artifact_a, queue_size=16, max_batch_size=1, encoder_workers=2,
-                            torch_threads=1)
+                            torch_threads=1, encoder_processes=processes)
     with running_client(settings) as client:
         engine = client.app.state.runtime.engine
         assert engine.workers == 2 and len(engine._threads) == 2
+        assert len(set(engine.encoder_pids)) == (2 if processes else 0)
         both_inside = threading.Barrier(2, timeout=10)
-        encode = engine._encode
+        # the step that hands a batch to its forward: the worker's own, or its process's
+        step = "_compute_in" if processes else "_encode"
+        original = getattr(engine, step)
 
-        def meet_then_encode(images):
-            both_inside.wait()  # breaks (and the request fails) unless two forwards overlap
-            return encode(images)
+        def meet_then_go(*args):
+            both_inside.wait()  # breaks (and the request fails) unless two batches overlap
+            return original(*args)
 
-        engine._encode = meet_then_encode
+        setattr(engine, step, meet_then_go)
         results = []
         threads = [threading.Thread(target=lambda: results.append(_post(client, world.pano))) for _ in range(2)]
         for t in threads:
@@ -703,7 +729,7 @@ def test_two_encoder_workers_run_batches_side_by_side_and_controls_hold_both(wor
         for t in threads:
             t.join(20)
         assert [r.status_code for r in results] == [200, 200], [r.text for r in results]
-        engine._encode = encode
+        setattr(engine, step, original)
         # a control command holds every worker: nothing is computed until it returns
         gate = threading.Event()
         held = engine.call_in_worker(gate.wait)
@@ -720,6 +746,57 @@ def test_two_encoder_workers_run_batches_side_by_side_and_controls_hold_both(wor
         for t in threads:
             t.join(10)
         assert [r.status_code for r in results] == [200] * 5
+
+
+def test_a_killed_encoder_process_fails_only_its_batch_and_is_started_again(world):
+    from service.encoder_process import EncoderProcessDied
+
+    settings = settings_for(world, world.artifact_a, encoder_workers=2, torch_threads=1,
+                            encoder_processes=True)
+    with running_client(settings) as client:
+        engine = client.app.state.runtime.engine
+        expected = _post(client, world.pano).json()["results"]
+        before = list(engine.encoder_pids)
+        # killed while idle: started again before its next batch, which succeeds
+        os.kill(before[0], signal.SIGKILL)
+        assert engine._encoders[0]._proc.wait(10) == -signal.SIGKILL
+        answers = [_post(client, world.pano) for _ in range(6)]
+        assert [a.status_code for a in answers] == [200] * 6, [a.text for a in answers]
+        assert all(a.json()["results"] == expected for a in answers)
+        assert engine.encoder_pids[0] != before[0]
+        # killed mid-batch (a job that takes its process 30 s to "decode"): that job fails
+        client.portal.call(lambda: None)
+        slow = client.portal.start_task_soon(
+            lambda: engine.localize(5, decode=functools.partial(time.sleep, 30), n=1))
+        busy = None
+        deadline = time.monotonic() + 10
+        while busy is None and time.monotonic() < deadline:  # the child sleeping in the job
+            busy = next((pid for pid in engine.encoder_pids if pid is not None and
+                         Path(f"/proc/{pid}/wchan").read_text() == "hrtimer_nanosleep"), None)
+            time.sleep(0.01)
+        assert busy is not None
+        os.kill(busy, signal.SIGKILL)
+        with pytest.raises(EncoderProcessDied, match="ended"):
+            slow.result(10)
+        answers = [_post(client, world.pano) for _ in range(6)]  # the other process serves
+        assert [a.status_code for a in answers] == [200] * 6, [a.text for a in answers]
+        assert client.get("/readyz").status_code == 200
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and metric_value(
+                client.get("/metrics").text, "geoloc_encoder_restarts_total") < 2:
+            time.sleep(0.05)  # the restart (model load, warm-up) takes a second or two
+        assert metric_value(client.get("/metrics").text, "geoloc_encoder_restarts_total") == 2
+        assert busy not in engine.encoder_pids and all(e.running for e in engine._encoders)
+
+
+def test_a_dead_encoder_process_is_answered_503_retry(world, client):
+    from service.encoder_process import EncoderProcessDied
+
+    handler = client.app.exception_handlers[EncoderProcessDied]
+    response = asyncio.run(handler(None, EncoderProcessDied("encoder process 1 ended (exit status -9)")))
+    assert response.status_code == 503 and response.headers["Retry-After"]
+    body = json.loads(response.body)
+    assert body["code"] == "encoder_restarting" and "exit status -9" in body["detail"]
 
 
 def test_encoder_plan_pins_hyperthread_siblings_together_and_leaves_openmp_binding_alone(
