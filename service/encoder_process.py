@@ -7,12 +7,17 @@ worker thread of the engine keeps its place in the micro-batching (it takes jobs
 and delivers results), but hands the decoding, forward and search of each micro-batch to a child
 process with its own interpreter, model and copy of the index, pinned to the worker's cores.
 
-The parent talks to a child over a socket pair with ``multiprocessing.connection`` messages:
-``(command, *args)`` in, ``("ok", value)`` or ``("error", exception)`` out, one at a time. The
-child is started as ``python -m service.encoder_process FD`` (not forked: the parent's torch and
-OpenMP thread pools must not be copied mid-flight) and loads the checkpoint itself; its model's
-fingerprint must equal the parent's. An index is installed in every child, under its generation
-number, before the parent serves it; each batch names the generation it is searched in.
+The parent talks to a child over two socket pairs with ``multiprocessing.connection`` messages,
+``(command, *args)`` in, ``("ok", value)`` or ``("error", exception)`` out, one at a time on each:
+the *batch* channel belongs to the engine's worker thread (batches; the child's main thread), the
+*control* channel to whoever installs or drops an index (a thread of its own in the child, so that
+a new index loads while batches go on). The child is started as ``python -m
+service.encoder_process BATCH_FD CONTROL_FD`` (not forked: the parent's torch and OpenMP thread
+pools must not be copied mid-flight) and loads the checkpoint itself; its model's fingerprint must
+equal the parent's. Every index generation the service may search is installed in every child
+before a batch names it. The child ends when told to, or when the parent's ends of the sockets
+close (the parent ended, however); it ignores SIGINT and SIGTERM sent to the whole process group,
+so the parent can finish its in-flight requests first.
 """
 from __future__ import annotations
 
@@ -23,19 +28,21 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 log = logging.getLogger("service.engine")
 
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[1])
+START_TIMEOUT_S = 900.0  # loading and warming up a model; a large one from a slow disk too
 
 
 class EncoderProcessDied(RuntimeError):
-    """The child process ended (killed, out of memory, crashed) while it had work."""
+    """The child process ended (killed, out of memory, crashed, or hung and killed) with work."""
 
 
 class RemoteError(RuntimeError):
@@ -52,9 +59,6 @@ class ProcessSpec:
     cpu_set: frozenset[int] | None
     nice: int
     max_batch_size: int
-    # a batch computed while every other worker is idle ("solo") may use all the workers' CPUs
-    solo_threads: int | None = None
-    solo_cpus: frozenset[int] | None = None
 
 
 @dataclass
@@ -83,8 +87,8 @@ class _Worker:
     """The child's state: model, indexes by generation; one method per command."""
 
     def __init__(self, spec: ProcessSpec) -> None:
-        if spec.solo_cpus is not None:  # the OpenMP team starts (below) on all of them...
-            os.sched_setaffinity(0, spec.solo_cpus)
+        if spec.cpu_set is not None:  # before torch starts this process's OpenMP team
+            os.sched_setaffinity(0, spec.cpu_set)
         if spec.nice:
             os.nice(spec.nice)
         import faiss
@@ -93,8 +97,11 @@ class _Worker:
         from model import load_checkpoint
         from model.encode import prepare_for_inference
 
-        from .engine import search_blas_threshold
+        from . import localize  # noqa: F401  (jobs' decode functions live there: import it now,
+        from .engine import search_blas_threshold  # not while unpickling the first batch)
 
+        if spec.threads:
+            torch.set_num_threads(spec.threads)
         faiss.omp_set_num_threads(1)  # see Engine._run: a micro-batch search is one thread's work
         self.spec = spec
         self.device = torch.device("cpu")
@@ -105,27 +112,7 @@ class _Worker:
         faiss.cvar.distance_compute_blas_threshold = search_blas_threshold(int(self.net.embedding_dim))
         self.indexes: dict[int, Any] = {}
         h, w = self.net.config.ground_size
-        warm_up = torch.zeros(1, 3, h, w, dtype=torch.uint8)
-        if spec.solo_threads:
-            torch.set_num_threads(spec.solo_threads)
-            self.encode(warm_up)
-        self._alone(False)  # ...while this thread works on its own CPUs outside solo batches
-        self.encode(warm_up)
-
-    def _alone(self, solo: bool) -> None:
-        """Use every worker's CPUs (solo) or only this worker's share."""
-        import torch
-
-        spec = self.spec
-        if solo and spec.solo_threads:
-            if spec.solo_cpus is not None:
-                os.sched_setaffinity(0, spec.solo_cpus)
-            torch.set_num_threads(spec.solo_threads)
-            return
-        if spec.cpu_set is not None:
-            os.sched_setaffinity(0, spec.cpu_set)
-        if spec.threads:
-            torch.set_num_threads(spec.threads)
+        self.encode(torch.zeros(1, 3, h, w, dtype=torch.uint8))  # warm-up
 
     def encode(self, images):
         from .engine import encode_uint8
@@ -133,7 +120,11 @@ class _Worker:
         return encode_uint8(self.net, images, self.device, self.spec.max_batch_size)
 
     def install(self, generation: int, directory: str, signature) -> None:
+        """Load an index generation (on the control thread, beside the batches)."""
         from .artifact import ArtifactChanged, load_artifact
+
+        if generation in self.indexes:
+            return
 
         loaded = load_artifact(Path(directory), expected_fingerprint=self.spec.fingerprint,
                                embedding_dim=int(self.net.embedding_dim))
@@ -144,7 +135,11 @@ class _Worker:
     def drop(self, generation: int) -> None:
         self.indexes.pop(generation, None)
 
-    def batch(self, generation: int, k: int, payloads: list, solo: bool = False) -> BatchOutcome:
+    def held(self) -> list[int]:
+        """The index generations this process holds."""
+        return sorted(self.indexes)
+
+    def batch(self, generation: int, k: int, payloads: list) -> BatchOutcome:
         import numpy as np
         import torch
 
@@ -164,14 +159,7 @@ class _Worker:
             return BatchOutcome(empty, empty, errors, decode_ms, 0.0, 0.0)
         started = time.perf_counter()
         images = tensors[0] if len(tensors) == 1 else torch.cat(tensors)
-        if solo:
-            self._alone(True)
-            try:
-                vectors = self.encode(images)
-            finally:
-                self._alone(False)
-        else:
-            vectors = self.encode(images)
+        vectors = self.encode(images)
         encoded = time.perf_counter()
         index = self.indexes[generation]
         scores, rows = index.search(vectors, min(k, index.ntotal))
@@ -179,40 +167,61 @@ class _Worker:
         return BatchOutcome(scores, rows, errors, decode_ms, (encoded - started) * 1000.0,
                             (searched - encoded) * 1000.0)
 
-    def placement(self) -> dict[str, tuple[list[int], int]]:
-        """(CPUs, torch threads) for an ordinary and for a solo batch, as this process sets them."""
+    @staticmethod
+    def placement() -> tuple[list[int], int]:
+        """(CPUs, torch threads) of the thread that runs the batches."""
         import torch
 
-        seen = {}
-        for mode, solo in (("solo", True), ("batch", False)):
-            self._alone(solo)
-            seen[mode] = (sorted(os.sched_getaffinity(0)), torch.get_num_threads())
-        return seen
+        return sorted(os.sched_getaffinity(0)), torch.get_num_threads()
 
 
-def serve(conn: Connection) -> None:
-    """The child's loop: the first message is the ProcessSpec, then commands until "stop" or EOF
-    (the parent went away, however it ended)."""
-    # Ctrl-C in a terminal reaches the whole process group: the parent shuts down in order and
-    # stops us; dying first would fail the requests it is still finishing
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def _answer(conn: Connection, worker: _Worker, command: str, args: list) -> None:
     try:
-        try:
-            worker = _Worker(conn.recv())
-        except BaseException as exc:
-            conn.send(("error", _sendable(exc)))
-            return
-        conn.send(("ok", os.getpid()))
+        reply = ("ok", getattr(worker, command)(*args))
+    except Exception as exc:
+        reply = ("error", _sendable(exc))
+    conn.send(reply)
+
+
+def _serve_control(conn: Connection, worker: _Worker) -> None:
+    """The control thread: install/drop index generations; "stop" ends the process at once."""
+    try:
         while True:
             command, *args = conn.recv()
             if command == "stop":
                 conn.send(("ok", None))
-                return
-            try:
-                reply = ("ok", getattr(worker, command)(*args))
-            except Exception as exc:
-                reply = ("error", _sendable(exc))
-            conn.send(reply)
+                break
+            if command not in ("install", "drop", "held"):
+                conn.send(("error", ValueError(f"{command!r} is not a control command")))
+                continue
+            _answer(conn, worker, command, args)
+    except (EOFError, OSError):  # the parent closed its end or died
+        pass
+    os._exit(0)
+
+
+def serve(batches: Connection, control: Connection) -> None:
+    """The child: the spec arrives on the batch channel; then batches there, index commands on the
+    control channel, until "stop" or until the parent's ends close."""
+    # a Ctrl-C or a SIGTERM to the whole process group reaches us too: the parent shuts down in
+    # order and stops us; dying first would fail the requests it is still finishing
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        try:
+            worker = _Worker(batches.recv())
+        except Exception as exc:
+            batches.send(("error", _sendable(exc)))
+            return
+        threading.Thread(target=_serve_control, args=(control, worker), name="control",
+                         daemon=True).start()
+        batches.send(("ok", os.getpid()))
+        while True:
+            command, *args = batches.recv()
+            if command not in ("batch", "placement"):
+                batches.send(("error", ValueError(f"{command!r} is not a batch command")))
+                continue
+            _answer(batches, worker, command, args)
     except (EOFError, OSError):  # the parent closed its end or died
         return
 
@@ -220,13 +229,20 @@ def serve(conn: Connection) -> None:
 # --- the parent -------------------------------------------------------------------------------
 
 class EncoderProcess:
-    """The parent's handle on one child; used by one engine worker thread at a time."""
+    """The parent's handle on one child.
 
-    def __init__(self, spec: ProcessSpec, name: str) -> None:
+    ``request`` (the batch channel) is for the one engine worker thread that owns this process;
+    ``control`` may be called from any thread. ``lock`` serialises the control channel with
+    starting and stopping the child."""
+
+    def __init__(self, spec: ProcessSpec, name: str, reply_timeout_s: float = 300.0) -> None:
         self.spec = spec
         self.name = name
+        self.reply_timeout_s = reply_timeout_s  # a child silent for longer is hung: killed
+        self.lock = threading.RLock()
         self._proc: subprocess.Popen | None = None
-        self._conn: Connection | None = None
+        self._batches: Connection | None = None
+        self._control: Connection | None = None
 
     @property
     def pid(self) -> int | None:
@@ -234,7 +250,7 @@ class EncoderProcess:
 
     @property
     def running(self) -> bool:
-        return self._conn is not None and self._proc is not None and self._proc.poll() is None
+        return self._batches is not None and self._proc is not None and self._proc.poll() is None
 
     def start(self) -> None:
         """Start the child and wait until its model is loaded and warmed up."""
@@ -243,59 +259,84 @@ class EncoderProcess:
 
     def launch(self) -> None:
         """Start the child process (returns at once; several children load side by side)."""
-        ours, theirs = socket.socketpair()
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
-        try:
-            self._proc = subprocess.Popen(
-                [sys.executable, "-m", "service.encoder_process", str(theirs.fileno())],
-                pass_fds=(theirs.fileno(),), env=env, stdin=subprocess.DEVNULL)
-        finally:
-            theirs.close()
-        self._conn = Connection(ours.detach())
+        with self.lock:
+            pairs = [socket.socketpair() for _ in range(2)]
+            theirs = [pair[1].fileno() for pair in pairs]
+            env = dict(os.environ)
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
+            try:
+                self._proc = subprocess.Popen(
+                    [sys.executable, "-m", "service.encoder_process", *map(str, theirs)],
+                    pass_fds=theirs, env=env, stdin=subprocess.DEVNULL)
+            except BaseException:
+                for ours, their in pairs:
+                    ours.close()
+                raise
+            finally:
+                for _, their in pairs:
+                    their.close()
+            self._batches = Connection(pairs[0][0].detach())
+            self._control = Connection(pairs[1][0].detach())
 
     def wait_ready(self) -> None:
         """Send the spec; returns when the child has loaded and warmed up its model."""
-        self.request("spec", self.spec, raw=True)
+        self._exchange(self._batches, self.spec, "start", START_TIMEOUT_S)
 
-    def request(self, command: str, *args: Any, raw: bool = False) -> Any:
-        """Send one command and wait for its answer; the child's exception is raised here."""
-        conn = self._conn
-        if conn is None:
+    def request(self, command: str, *args: Any) -> Any:
+        """A batch-channel command (the owning worker thread only)."""
+        return self._exchange(self._batches, (command, *args), command)
+
+    def control(self, command: str, *args: Any) -> Any:
+        """A control-channel command: install or drop an index generation."""
+        with self.lock:
+            return self._exchange(self._control, (command, *args), command)
+
+    def _exchange(self, conn: Connection | None, message: Any, what: str,
+                  timeout: float | None = None) -> Any:
+        """Send one message and wait for its answer; the child's exception is raised here."""
+        timeout = self.reply_timeout_s if timeout is None else timeout
+        if conn is None or self._proc is None:
             raise EncoderProcessDied(f"{self.name} is not running")
         try:
-            conn.send(args[0] if raw else (command, *args))
+            conn.send(message)
+            if not conn.poll(timeout):
+                self._proc.kill()
+                raise EncoderProcessDied(f"{self.name} did not answer {what!r} within "
+                                         f"{timeout:g} s and was killed")
             status, value = conn.recv()
         except (EOFError, OSError) as exc:
-            code = self._proc.poll() if self._proc is not None else None
-            self._close()
-            raise EncoderProcessDied(f"{self.name} ended (exit status {code}) during {command!r}") from exc
+            try:
+                code = self._proc.wait(1)
+            except subprocess.TimeoutExpired:
+                code = None
+            raise EncoderProcessDied(f"{self.name} ended (exit status {code}) during {what!r}") from exc
         if status == "error":
             raise value
         return value
 
     def stop(self, timeout: float = 5.0) -> None:
-        if self._conn is not None:
-            try:
-                self.request("stop")
-            except Exception:
-                pass
-        self._close()
-        if self._proc is not None:
-            try:
-                self._proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-
-    def _close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        """End the child (at once, even mid-batch) and release its sockets. Idempotent."""
+        with self.lock:
+            proc = self._proc
+            if proc is not None and proc.poll() is None:
+                try:
+                    self._control.send(("stop",))  # type: ignore[union-attr]
+                except (AttributeError, OSError):
+                    pass
+                try:
+                    proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            # the child is gone: a worker thread still reading the batch channel gets EOF
+            for conn in (self._batches, self._control):
+                if conn is not None:
+                    conn.close()
+            self._batches = self._control = None
 
 
 if __name__ == "__main__":
     # through the package's module, so that what the child pickles names service.encoder_process
     from service.encoder_process import serve as _serve
 
-    _serve(Connection(int(sys.argv[1])))
+    _serve(Connection(int(sys.argv[1])), Connection(int(sys.argv[2])))

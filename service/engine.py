@@ -12,8 +12,7 @@ its own small share of the cores: a single forward spread over every core with O
 each parallel region's barrier whenever the event loop or a decoding thread pre-empts one of its
 threads, while two single-threaded forwards merely slow down a little (bench/RESULTS.md). Each
 CPU worker hands its micro-batches to an encoder process of its own (``service.encoder_process``:
-no interpreter lock shared with the event loop), which may use every worker's cores for a batch
-while the load is low (``JobQueue.alone``); with threads instead (one worker, or
+no interpreter lock shared with the event loop); with threads instead (one worker, or
 ``GEOLOC_ENCODER_PROCESSES=false``) the workers share one read-only model. Control commands (an
 index swap, tests holding the engine) run only while no batch is in flight, and hold every worker,
 so a batch never sees two indexes.
@@ -104,9 +103,6 @@ class JobResult:
     decode_ms: float
 
 
-SOLO_AFTER_S = 1.0
-
-
 class JobQueue:
     """Bounded FIFO counted in images, plus a channel of control commands for the worker."""
 
@@ -120,7 +116,6 @@ class JobQueue:
         self._expected = 0  # requests being decoded right now, about to offer a job
         self._busy = 0  # workers computing a batch
         self._in_control = False  # a worker is running control commands; the others wait
-        self._last_overlap = -SOLO_AFTER_S  # when two workers last had batches at the same time
 
     @property
     def depth(self) -> int:
@@ -191,8 +186,6 @@ class JobQueue:
                     return "closed", []
                 self._cond.wait()
             self._busy += 1  # from here on: a control waits for this batch, even while it gathers
-            if self._busy > 1:
-                self._last_overlap = time.monotonic()
             deadline = self._jobs[0].enqueued + max_wait_s
             taken: list[Job] = []
             images = 0
@@ -212,14 +205,14 @@ class JobQueue:
                 self._cond.wait(remaining)
             return "jobs", taken
 
-    def alone(self) -> bool:
-        """True when the calling worker has the only batch, nothing else waits, and no two
-        batches were in flight together for SOLO_AFTER_S: the load is low enough that a batch
-        using every worker's cores will not be joined by another one half-way (which would
-        stall both of them at each of the forward's parallel barriers)."""
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def wait_closed(self, timeout: float) -> None:
         with self._cond:
-            return (self._busy <= 1 and not self._jobs
-                    and time.monotonic() - self._last_overlap > SOLO_AFTER_S)
+            if not self._closed:
+                self._cond.wait(timeout)
 
     def done(self, kind: str) -> None:
         """A worker finished what `take` gave it."""
@@ -340,6 +333,12 @@ class Engine:
         self.worker_nice = worker_nice
         self.processes = processes
         self._encoders: list[EncoderProcess] = []
+        # index generations an encoder process may be asked to search (current + one being
+        # swapped in): what a restarted process must load
+        self._generations: dict[int, LoadedIndex] = {}
+        self._generations_lock = threading.Lock()
+        # a child silent for this long is hung, and killed: well beyond any batch's time
+        self.reply_timeout_s = max(120.0, 4 * request_timeout_s)
         self.metrics = metrics
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_batch_wait_ms / 1000.0
@@ -362,7 +361,13 @@ class Engine:
         faiss.cvar.distance_compute_blas_threshold = search_blas_threshold(model.embedding_dim)
         if self.processes:
             self._start_encoders(model)
-            self._install(index)
+            try:
+                self._install_in_processes(index)
+            except BaseException:
+                for encoder in self._encoders:
+                    encoder.stop()
+                raise
+            self._serve(index)
             index = None
         for i in range(self.workers):
             started = threading.Event()
@@ -375,19 +380,14 @@ class Engine:
             self._threads.append(thread)
 
     def _start_encoders(self, model: LoadedModel) -> None:
-        solo_threads = solo_cpus = None
-        if self.threads_per_worker and self.workers > 1:
-            solo_threads = self.threads_per_worker * self.workers
-            if self.cpu_sets is not None:
-                solo_cpus = frozenset(c for cpus in self.cpu_sets for c in cpus)
         for i in range(self.workers):
             spec = ProcessSpec(
                 checkpoint=str(model.checkpoint), fingerprint=model.fingerprint,
                 threads=self.threads_per_worker,
                 cpu_set=frozenset(self.cpu_sets[i]) if self.cpu_sets is not None else None,
-                nice=self.worker_nice, max_batch_size=self.max_batch_size,
-                solo_threads=solo_threads, solo_cpus=solo_cpus)
-            self._encoders.append(EncoderProcess(spec, f"encoder process {i}"))
+                nice=self.worker_nice, max_batch_size=self.max_batch_size)
+            self._encoders.append(EncoderProcess(spec, f"encoder process {i}",
+                                                 reply_timeout_s=self.reply_timeout_s))
         try:
             for encoder in self._encoders:
                 encoder.launch()
@@ -405,7 +405,9 @@ class Engine:
 
     @property
     def running(self) -> bool:
-        return any(t.is_alive() for t in self._threads) and self.current is not None
+        """Serving: a worker alive, an index in place and (with processes) one of them up."""
+        return (any(t.is_alive() for t in self._threads) and self.current is not None
+                and (not self._encoders or any(e.running for e in self._encoders)))
 
     def stop(self, timeout: float = 10.0) -> None:
         for job in self.queue.close():
@@ -419,8 +421,70 @@ class Engine:
         self.metrics.queue_depth.set(0)
 
     def swap(self, new: LoadedIndex) -> concurrent.futures.Future:
-        """Ask the worker to serve ``new`` from its next batch on; resolves to the old index."""
-        return self.queue.control(lambda: self._install(new))
+        """Serve ``new`` from the next batch on; the future resolves to the old index. With
+        encoder processes, each loads ``new`` first (blocking, while batches go on); then every
+        worker is held for a moment while ``current`` changes; then they drop the old one."""
+        if not self._encoders:
+            return self.queue.control(lambda: self._install(new))
+        self._install_in_processes(new)
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        try:
+            old = self.queue.control(lambda: self._serve(new)).result(timeout=60)
+        except BaseException as exc:
+            self._forget(new)
+            done.set_exception(exc)
+            return done
+        self._forget(old)
+        done.set_result(old)
+        return done
+
+    def _install_in_processes(self, new: LoadedIndex) -> None:
+        """Give ``new`` a generation and load it in every running encoder process, side by side.
+        A process that is down (or dies meanwhile) is skipped: its restart installs every
+        generation registered here. Raises, with nothing left behind, if a process refuses it."""
+        with self._generations_lock:
+            self._generation += 1
+            new.generation = self._generation
+            self._generations[new.generation] = new
+
+        def install(encoder: EncoderProcess) -> None:
+            if not encoder.running:
+                return
+            try:
+                encoder.control("install", new.generation, str(new.path), new.signature)
+            except EncoderProcessDied as exc:
+                log.warning("%s; it loads the new index when it is restarted", exc)
+
+        with concurrent.futures.ThreadPoolExecutor(len(self._encoders)) as pool:
+            outcomes = [pool.submit(install, encoder) for encoder in self._encoders]
+        errors = [f.exception() for f in outcomes if f.exception() is not None]
+        if errors:
+            self._forget(new)
+            raise errors[0]
+
+    def _serve(self, new: LoadedIndex) -> LoadedIndex | None:
+        """Make ``new`` (installed in the processes) the index of the next batch; returns the old
+        one. A control command: no batch is in flight."""
+        old = self.current
+        new.index = None  # the encoder processes search their own copies
+        self.current = new
+        self.metrics.set_index(new.info())
+        return old
+
+    def _forget(self, index: LoadedIndex | None) -> None:
+        """Drop a generation nobody will search again from the registry and from the processes
+        (best effort: a process that fails to drop it keeps some memory, nothing else)."""
+        if index is None or index is self.current:
+            return
+        with self._generations_lock:
+            self._generations.pop(index.generation, None)
+        for encoder in self._encoders:
+            if encoder.running:
+                try:
+                    encoder.control("drop", index.generation)
+                except Exception as exc:
+                    log.warning("%s could not drop index generation %d: %s", encoder.name,
+                                index.generation, exc)
 
     def call_in_worker(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
         """Run ``fn`` on a worker thread while no batch is in flight; every worker waits for it
@@ -479,23 +543,8 @@ class Engine:
         if self.model is not None and self.model.device.type == "cuda":
             new.index, new.gpu_resources = _to_gpu(new.index, self.model.device)
         old = self.current
-        generation = self._generation + 1
-        if self._encoders:
-            installed = []
-            try:
-                for encoder in self._encoders:
-                    encoder.request("install", generation, str(new.path), new.signature)
-                    installed.append(encoder)
-            except BaseException:
-                for encoder in installed:
-                    encoder.request("drop", generation)
-                raise
-            if old is not None:
-                for encoder in self._encoders:
-                    encoder.request("drop", old.generation)
-            new.index = None  # the encoder processes search their own copies
-        self._generation = generation
-        new.generation = generation
+        self._generation += 1
+        new.generation = self._generation
         self.current = new
         self.metrics.set_index(new.info())
         return old
@@ -529,6 +578,8 @@ class Engine:
         finally:
             started.set()
         while True:
+            if encoder is not None and not encoder.running and not self._revive(encoder):
+                return  # shutting down
             kind, items = self.queue.take(self.max_batch_size, self.max_wait_s)
             self.metrics.queue_depth.set(self.queue.depth)
             if kind == "closed":
@@ -548,14 +599,7 @@ class Engine:
                     elif encoder is not None or self._decode(job):
                         live.append(job)
                 if live and encoder is not None:
-                    try:
-                        self._compute_in(encoder, live)
-                    except Exception:
-                        log.critical("%s can not be restarted; its worker stops", encoder.name,
-                                     exc_info=True)
-                        for job in live:
-                            _deliver(job, error=NotReady(f"{encoder.name} is gone"))
-                        return
+                    self._compute_in(encoder, live)
                 elif live:
                     self._compute(live)
             finally:
@@ -609,36 +653,62 @@ class Engine:
                      (searched - encoded) * 1000.0)
 
     def _restart(self, encoder: EncoderProcess) -> None:
-        """Start ``encoder``'s process again with the index being served; raises if it can not."""
-        index = self.current
-        assert index is not None
-        encoder.stop()
-        encoder.start()
-        encoder.request("install", index.generation, str(index.path), index.signature)
+        """Start ``encoder``'s process again with every index generation that may be searched;
+        raises if it can not."""
+        with encoder.lock:  # a swap's install waits for this, then finds the generation there
+            if self.queue.closed:
+                raise NotReady("shutting down")
+            encoder.stop()
+            encoder.start()
+            with self._generations_lock:
+                indexes = list(self._generations.values())
+            for index in indexes:
+                encoder.control("install", index.generation, str(index.path), index.signature)
         self.metrics.encoder_restarts.inc()
         log.warning("%s restarted (pid %s)", encoder.name, encoder.pid)
+
+    def _revive(self, encoder: EncoderProcess) -> bool:
+        """Restart a dead encoder process, retrying with a growing pause (the other workers serve
+        meanwhile); False once the engine shuts down."""
+        pause = 1.0
+        while not self.queue.closed:
+            try:
+                self._restart(encoder)
+                return True
+            except NotReady:
+                return False
+            except Exception as exc:
+                encoder.stop()
+                log.error("%s could not be restarted (%s); next try in %g s", encoder.name,
+                          exc, pause)
+                self.queue.wait_closed(pause)
+                pause = min(30.0, pause * 2)
+        return False
 
     def _compute_in(self, encoder: EncoderProcess, jobs: list[Job]) -> None:
         """The micro-batch decoded, encoded and searched by ``encoder``'s process. A process that
         died is started again (its batch fails with EncoderProcessDied: 503, retry)."""
         index = self.current
         assert index is not None
-        if not encoder.running:  # died after its last batch or during an index swap
-            self._restart(encoder)
+        if not encoder.running:  # died since its last batch
+            try:
+                self._restart(encoder)
+            except Exception as exc:
+                for job in jobs:
+                    _deliver(job, error=EncoderProcessDied(f"{encoder.name} is down: {exc}"))
+                return  # the worker loop retries the restart before it takes more work
         started = time.perf_counter()
         # numpy, not tensors: pickling a tensor for another process would share its storage
         # through torch.multiprocessing's file descriptors, which our child does not speak
         payloads = [(job.images.numpy(), None) if job.images is not None else (None, job.decode)
                     for job in jobs]
         try:
-            outcome = encoder.request("batch", index.generation, max(j.k for j in jobs), payloads,
-                                      self.queue.alone())
+            outcome = encoder.request("batch", index.generation, max(j.k for j in jobs), payloads)
         except EncoderProcessDied as exc:
-            log.error("%s; failing its batch of %d job(s) and restarting it", exc, len(jobs))
+            log.error("%s; failing its batch of %d job(s); it is restarted", exc, len(jobs))
             for job in jobs:
                 _deliver(job, error=exc)
-            self._restart(encoder)
-            return
+            return  # the worker loop restarts it before it takes more work
         except Exception as exc:
             log.exception("inference failed for a batch of %d job(s)", len(jobs))
             for job in jobs:
@@ -646,7 +716,8 @@ class Engine:
             return
         live = []
         for job, error, decode_ms in zip(jobs, outcome.errors, outcome.decode_ms):
-            job.decode_ms = decode_ms
+            if job.images is None:  # decoded there (else: decoded here, its time already set)
+                job.decode_ms = decode_ms
             if error is not None:
                 _deliver(job, error=error)
             else:

@@ -50,8 +50,8 @@ class Settings(BaseSettings):
     encoder_processes: bool | None = Field(
         None, description="On a CPU, run each encoder worker's decoding, forward and search in a "
         "child process of its own with its own copy of model and index (no interpreter lock shared "
-        "with the HTTP event loop; a batch may use every worker's cores while the load is low); "
-        "unset = yes with more than one worker.",
+        "with the HTTP event loop; a crash there fails one batch, not the service); unset = yes "
+        "with more than one worker.",
     )
     pin_workers: bool = Field(
         True, description="On a CPU whose cores the encoder workers fill exactly (workers x "

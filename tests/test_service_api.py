@@ -748,7 +748,7 @@ def test_two_encoder_workers_run_batches_side_by_side_and_controls_hold_both(wor
         assert [r.status_code for r in results] == [200] * 5
 
 
-def test_a_killed_encoder_process_fails_only_its_batch_and_is_started_again(world):
+def test_a_killed_encoder_process_fails_only_its_batch_and_is_started_again(world, tmp_path):
     from service.encoder_process import EncoderProcessDied
 
     settings = settings_for(world, world.artifact_a, encoder_workers=2, torch_threads=1,
@@ -757,28 +757,29 @@ def test_a_killed_encoder_process_fails_only_its_batch_and_is_started_again(worl
         engine = client.app.state.runtime.engine
         expected = _post(client, world.pano).json()["results"]
         before = list(engine.encoder_pids)
-        # killed while idle: started again before its next batch, which succeeds
+        # killed while idle: its worker starts it again before it takes more work
         os.kill(before[0], signal.SIGKILL)
-        assert engine._encoders[0]._proc.wait(10) == -signal.SIGKILL
-        answers = [_post(client, world.pano) for _ in range(6)]
-        assert [a.status_code for a in answers] == [200] * 6, [a.text for a in answers]
-        assert all(a.json()["results"] == expected for a in answers)
+        assert engine._encoders[0]._proc.wait(10) == -signal.SIGKILL  # dead before the next batch
+        deadline = time.monotonic() + 30
+        while engine.encoder_pids[0] == before[0] and time.monotonic() < deadline:
+            answer = _post(client, world.pano)  # served by either process meanwhile
+            assert answer.status_code == 200 and answer.json()["results"] == expected, answer.text
         assert engine.encoder_pids[0] != before[0]
-        # killed mid-batch (a job that takes its process 30 s to "decode"): that job fails
-        client.portal.call(lambda: None)
-        slow = client.portal.start_task_soon(
-            lambda: engine.localize(5, decode=functools.partial(time.sleep, 30), n=1))
-        busy = None
+        # killed mid-batch (a job whose "decoding" is a 30 s sleep that tells us its process):
+        # that job fails, the process is started again, the other one serves meanwhile
+        marker = tmp_path / "busy.pid"
+        slow = client.portal.start_task_soon(lambda: engine.localize(5, decode=functools.partial(
+            subprocess.run, ["sh", "-c", f"echo $PPID > {marker}.tmp && mv {marker}.tmp {marker}"
+                                         " && sleep 30"]), n=1))
         deadline = time.monotonic() + 10
-        while busy is None and time.monotonic() < deadline:  # the child sleeping in the job
-            busy = next((pid for pid in engine.encoder_pids if pid is not None and
-                         Path(f"/proc/{pid}/wchan").read_text() == "hrtimer_nanosleep"), None)
+        while not marker.exists() and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert busy is not None
+        busy = int(marker.read_text())
+        assert busy in engine.encoder_pids
         os.kill(busy, signal.SIGKILL)
         with pytest.raises(EncoderProcessDied, match="ended"):
             slow.result(10)
-        answers = [_post(client, world.pano) for _ in range(6)]  # the other process serves
+        answers = [_post(client, world.pano) for _ in range(6)]
         assert [a.status_code for a in answers] == [200] * 6, [a.text for a in answers]
         assert client.get("/readyz").status_code == 200
         deadline = time.monotonic() + 30
@@ -868,23 +869,54 @@ def test_watcher_picks_up_a_directory_swap(world, tmp_path):
         assert metric_value(text, "geoloc_index_size") == 16
 
 
-def test_admin_reload_and_broken_artifacts_keep_the_old_index(world, tmp_path):
+@pytest.mark.parametrize("processes", [True, False], ids=["processes", "threads"])
+def test_admin_reload_and_broken_artifacts_keep_the_old_index(world, tmp_path, processes):
     link = tmp_path / "current"
     publish_symlink(link, world.artifact_a.resolve())
-    settings = settings_for(world, link, admin_token="s3cret")
+    settings = settings_for(world, link, admin_token="s3cret", encoder_workers=2, torch_threads=1,
+                            encoder_processes=processes)
     auth = {"Authorization": "Bearer s3cret"}
     with running_client(settings) as client:
+        engine = client.app.state.runtime.engine
+
+        def held() -> list[list[int]]:  # index generations in each encoder process
+            return [e.control("held") for e in engine._encoders] if processes else []
+
         _assert_error(client.post("/admin/reload"), 401, "unauthorized")
         _assert_error(client.post("/admin/reload", headers={"Authorization": "Bearer x"}),
                       401, "unauthorized")
         same = client.post("/admin/reload", headers=auth)
         assert same.status_code == 200 and same.json()["status"] == "unchanged"
+        if processes:  # a process that is down during the swap loads the new index when restarted
+            assert held() == [[1], [1]]
+            os.kill(engine.encoder_pids[1], signal.SIGKILL)
+            engine._encoders[1]._proc.wait(10)
 
         publish_symlink(link, world.artifact_b.resolve())
         swapped = client.post("/admin/reload", headers=auth).json()
         assert swapped["status"] == "reloaded"
         assert swapped["index"]["count"] == 16 and swapped["previous"]["count"] == 24
         assert swapped["index"]["generation"] == 2
+        if processes:
+            deadline = time.monotonic() + 30
+            while not engine._encoders[1].running and time.monotonic() < deadline:
+                assert _post(client, world.pano).json()["index"]["count"] == 16
+            assert held() == [[2], [2]]
+            gate = threading.Event()  # both processes answer from the new index
+            results = []
+            threads = [threading.Thread(target=lambda: results.append(_post(client, world.pano)))
+                       for _ in range(8)]
+            held_engine = engine.call_in_worker(gate.wait)
+            for t in threads:
+                t.start()
+            deadline = time.monotonic() + 10
+            while engine.queue.depth < 8 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            gate.set()
+            held_engine.result(5)
+            for t in threads:
+                t.join(20)
+            assert [r.json()["index"]["count"] for r in results] == [16] * 8
 
         # Built with another model: refused, the old one keeps serving.
         publish_symlink(link, world.artifact_other.resolve())
@@ -914,11 +946,14 @@ def test_admin_reload_and_broken_artifacts_keep_the_old_index(world, tmp_path):
                             result="failure") == 3
         assert metric_value(text, "geoloc_index_reload_failing") == 1
 
+        assert held() == ([[2], [2]] if processes else [])  # refused ones are not kept
+
         publish_symlink(link, world.artifact_a.resolve())
         assert client.post("/admin/reload", headers=auth).json()["index"]["count"] == 24
         text = client.get("/metrics").text
         assert metric_value(text, "geoloc_index_reload_failing") == 0
         assert client.get("/readyz").json()["detail"] is None
+        assert held() == ([[3], [3]] if processes else [])
 
 
 def test_admin_disabled_without_token(client):

@@ -56,7 +56,7 @@ def test_a_batch_in_the_process_matches_the_same_batch_in_this_one(world, encode
 
     loaded = load_artifact(world.artifact_a, expected_fingerprint=world.fingerprint,
                            embedding_dim=load_checkpoint(world.checkpoint).embedding_dim)
-    encoder.request("install", 7, str(loaded.path), loaded.signature)
+    encoder.control("install", 7, str(loaded.path), loaded.signature)
     decode, config = _decode(world)
     images = _decode(world)[0]()  # (decoding empties the upload it read)
     truncated = functools.partial(decode.func, [type(decode.args[0][0])(
@@ -74,7 +74,7 @@ def test_a_batch_in_the_process_matches_the_same_batch_in_this_one(world, encode
     assert (outcome.rows == rows).all()
     np.testing.assert_allclose(outcome.scores, scores, atol=1e-5)
 
-    encoder.request("drop", 7)
+    encoder.control("drop", 7)
     with pytest.raises(KeyError):  # an index generation it does not hold is an error, not a crash
         encoder.request("batch", 7, 3, [(None, decode)])
     assert encoder.running
@@ -98,21 +98,19 @@ def test_an_artifact_built_for_another_model_is_refused_by_the_process(world, en
     from service.artifact import FingerprintMismatch, Signature
 
     with pytest.raises(FingerprintMismatch):
-        encoder.request("install", 1, str(world.artifact_other), Signature.of(world.artifact_other))
+        encoder.control("install", 1, str(world.artifact_other), Signature.of(world.artifact_other))
     assert encoder.running
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
-def test_a_solo_batch_uses_every_workers_cpus_and_an_ordinary_one_its_own(world):
+def test_the_process_runs_on_its_cpus_with_its_threads(world):
     from service.encoder_process import EncoderProcess
 
     cpus = sorted(os.sched_getaffinity(0))[:2]
-    process = EncoderProcess(_spec(world, cpu_set=frozenset(cpus[1:]), solo_threads=2,
-                                   solo_cpus=frozenset(cpus)), "e")
+    process = EncoderProcess(_spec(world, cpu_set=frozenset(cpus[1:]), threads=1), "e")
     process.start()
     try:
-        seen = process.request("placement")
-        assert seen == {"solo": (cpus, 2), "batch": (cpus[1:], 1)}
+        assert process.request("placement") == (cpus[1:], 1)
         assert os.sched_getaffinity(process.pid) == set(cpus[1:])
     finally:
         process.stop()
@@ -155,31 +153,22 @@ def test_stop_is_idempotent_and_a_stopped_handle_refuses_work(world, encoder):
     encoder.stop()
     assert not encoder.running and not Path(f"/proc/{pid}").exists()
     with pytest.raises(EncoderProcessDied, match="not running"):
-        encoder.request("drop", 1)
+        encoder.control("drop", 1)
 
 
-def test_a_batch_goes_solo_only_after_a_while_without_two_batches_at_once(monkeypatch):
-    from service import engine
+def test_a_process_that_does_not_answer_in_time_is_killed(world):
+    from service.encoder_process import EncoderProcess, EncoderProcessDied
 
-    monkeypatch.setattr(engine, "SOLO_AFTER_S", 0.3)
-    queue = engine.JobQueue(8)
-
-    def take_one() -> None:
-        queue.offer(engine.Job(n=1, k=1, loop=None, future=None))  # type: ignore[arg-type]
-        kind, jobs = queue.take(4, 0)
-        assert kind == "jobs" and len(jobs) == 1
-
-    take_one()
-    assert queue.alone()  # the only batch, nothing waiting
-    queue.offer(engine.Job(n=1, k=1, loop=None, future=None))  # type: ignore[arg-type]
-    assert not queue.alone()  # a request waits for the other worker
-    kind, _ = queue.take(4, 0)  # ...which takes it: two batches at once
-    assert not queue.alone()
-    queue.done(kind)
-    queue.done("jobs")
-    take_one()
-    assert not queue.alone()  # alone again, but two overlapped a moment ago
-    queue.done("jobs")
-    time.sleep(0.35)
-    take_one()
-    assert queue.alone()
+    process = EncoderProcess(_spec(world), "e", reply_timeout_s=1.0)
+    process.start()  # (starting has a timeout of its own)
+    try:
+        pid = process.pid
+        hang = functools.partial(time.sleep, 30)  # a "decode" that never ends in time
+        started = time.monotonic()
+        with pytest.raises(EncoderProcessDied, match="did not answer 'batch' within 1 s"):
+            process.request("batch", 1, 1, [(None, hang)])
+        assert time.monotonic() - started < 10
+        assert process._proc.wait(10) == -signal.SIGKILL and not process.running
+        assert pid == process.pid
+    finally:
+        process.stop()
