@@ -243,6 +243,7 @@ class EncoderProcess:
         self._proc: subprocess.Popen | None = None
         self._batches: Connection | None = None
         self._control: Connection | None = None
+        self.serving = False  # started and holding every index it may be asked for (the engine's)
 
     @property
     def pid(self) -> int | None:
@@ -250,6 +251,7 @@ class EncoderProcess:
 
     @property
     def running(self) -> bool:
+        """The process is alive (it may still be loading)."""
         return self._batches is not None and self._proc is not None and self._proc.poll() is None
 
     def start(self) -> None:
@@ -288,8 +290,16 @@ class EncoderProcess:
 
     def control(self, command: str, *args: Any) -> Any:
         """A control-channel command: install or drop an index generation."""
+        # loading an index may take as long as loading the model
+        timeout = START_TIMEOUT_S if command == "install" else None
         with self.lock:
-            return self._exchange(self._control, (command, *args), command)
+            return self._exchange(self._control, (command, *args), command, timeout)
+
+    def kill(self) -> None:
+        """End the child at once, without waiting for whoever uses it (shutdown)."""
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.kill()
 
     def _exchange(self, conn: Connection | None, message: Any, what: str,
                   timeout: float | None = None) -> Any:
@@ -301,11 +311,14 @@ class EncoderProcess:
             conn.send(message)
             if not conn.poll(timeout):
                 self._proc.kill()
+                self._proc.wait()
                 raise EncoderProcessDied(f"{self.name} did not answer {what!r} within "
                                          f"{timeout:g} s and was killed")
             status, value = conn.recv()
-        except (EOFError, OSError) as exc:
-            try:
+        except (EOFError, OSError, TypeError) as exc:
+            if isinstance(exc, TypeError) and not conn.closed:
+                raise  # (a TypeError with an open connection is a real one)
+            try:  # else the connection was closed under us: the process is being stopped
                 code = self._proc.wait(1)
             except subprocess.TimeoutExpired:
                 code = None
@@ -316,6 +329,7 @@ class EncoderProcess:
 
     def stop(self, timeout: float = 5.0) -> None:
         """End the child (at once, even mid-batch) and release its sockets. Idempotent."""
+        self.serving = False
         with self.lock:
             proc = self._proc
             if proc is not None and proc.poll() is None:

@@ -103,6 +103,10 @@ class JobResult:
     decode_ms: float
 
 
+SWAP_TIMEOUT_S = 60.0  # for the workers to finish their batches and let an index swap happen
+IDLE_CHECK_S = 1.0  # how often an idle worker checks that its encoder process is alive
+
+
 class JobQueue:
     """Bounded FIFO counted in images, plus a channel of control commands for the worker."""
 
@@ -168,10 +172,12 @@ class JobQueue:
             self._cond.notify_all()
             return left
 
-    def take(self, max_images: int, max_wait_s: float):
-        """Block for work. Returns ("control", [(fn, fut)...]), ("jobs", [job...]) or ("closed", []).
+    def take(self, max_images: int, max_wait_s: float, idle_s: float | None = None):
+        """Block for work. Returns ("control", [(fn, fut)...]), ("jobs", [job...]), ("closed", [])
+        or, after ``idle_s`` without any, ("idle", []).
 
         Every "jobs" or "control" answer must be followed by `done(kind)` once it is handled."""
+        idle_until = None if idle_s is None else time.monotonic() + idle_s
         with self._cond:
             while True:
                 if self._controls:
@@ -184,7 +190,10 @@ class JobQueue:
                     break
                 elif self._closed:
                     return "closed", []
-                self._cond.wait()
+                if idle_until is None:
+                    self._cond.wait()
+                elif not self._cond.wait(max(0.0, idle_until - time.monotonic())):
+                    return "idle", []
             self._busy += 1  # from here on: a control waits for this batch, even while it gathers
             deadline = self._jobs[0].enqueued + max_wait_s
             taken: list[Job] = []
@@ -307,6 +316,10 @@ def _deliver_results(results: list[tuple[Job, Any]]) -> None:
             pass
 
 
+def _up(encoder: EncoderProcess) -> bool:
+    return encoder.serving and encoder.running
+
+
 def _deliver(job: Job, value: Any = None, error: BaseException | None = None) -> None:
     try:
         job.loop.call_soon_threadsafe(_resolve, job.future, value, error)
@@ -367,6 +380,8 @@ class Engine:
                 for encoder in self._encoders:
                     encoder.stop()
                 raise
+            for encoder in self._encoders:
+                encoder.serving = True
             self._serve(index)
             index = None
         for i in range(self.workers):
@@ -407,7 +422,7 @@ class Engine:
     def running(self) -> bool:
         """Serving: a worker alive, an index in place and (with processes) one of them up."""
         return (any(t.is_alive() for t in self._threads) and self.current is not None
-                and (not self._encoders or any(e.running for e in self._encoders)))
+                and (not self._encoders or any(_up(e) for e in self._encoders)))
 
     def stop(self, timeout: float = 10.0) -> None:
         for job in self.queue.close():
@@ -417,6 +432,8 @@ class Engine:
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         for encoder in self._encoders:
+            if any(t.is_alive() for t in self._threads):
+                encoder.kill()  # a worker still in a batch or a restart: do not wait for it
             encoder.stop()
         self.metrics.queue_depth.set(0)
 
@@ -428,12 +445,14 @@ class Engine:
             return self.queue.control(lambda: self._install(new))
         self._install_in_processes(new)
         done: concurrent.futures.Future = concurrent.futures.Future()
+        flip = self.queue.control(lambda: self._serve(new))
         try:
-            old = self.queue.control(lambda: self._serve(new)).result(timeout=60)
+            old = flip.result(timeout=SWAP_TIMEOUT_S)
         except BaseException as exc:
-            self._forget(new)
-            done.set_exception(exc)
-            return done
+            if self._forget(new):  # abandoned: the flip, should it still run, refuses it
+                done.set_exception(exc)
+                return done
+            old = flip.result()  # it was served meanwhile after all
         self._forget(old)
         done.set_result(old)
         return done
@@ -465,18 +484,24 @@ class Engine:
     def _serve(self, new: LoadedIndex) -> LoadedIndex | None:
         """Make ``new`` (installed in the processes) the index of the next batch; returns the old
         one. A control command: no batch is in flight."""
-        old = self.current
+        with self._generations_lock:
+            if new.generation not in self._generations:
+                raise RuntimeError(f"index generation {new.generation} was abandoned (swap timed out)")
+            old = self.current
+            self.current = new
         new.index = None  # the encoder processes search their own copies
-        self.current = new
         self.metrics.set_index(new.info())
         return old
 
-    def _forget(self, index: LoadedIndex | None) -> None:
+    def _forget(self, index: LoadedIndex | None) -> bool:
         """Drop a generation nobody will search again from the registry and from the processes
-        (best effort: a process that fails to drop it keeps some memory, nothing else)."""
-        if index is None or index is self.current:
-            return
+        (best effort: a process that fails to drop it keeps some memory, nothing else). False if
+        it is the one being served."""
+        if index is None:
+            return True
         with self._generations_lock:
+            if index is self.current:
+                return False
             self._generations.pop(index.generation, None)
         for encoder in self._encoders:
             if encoder.running:
@@ -485,6 +510,7 @@ class Engine:
                 except Exception as exc:
                     log.warning("%s could not drop index generation %d: %s", encoder.name,
                                 index.generation, exc)
+        return True
 
     def call_in_worker(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
         """Run ``fn`` on a worker thread while no batch is in flight; every worker waits for it
@@ -578,12 +604,17 @@ class Engine:
         finally:
             started.set()
         while True:
-            if encoder is not None and not encoder.running and not self._revive(encoder):
+            if encoder is not None and not _up(encoder) and not self._revive(encoder):
                 return  # shutting down
-            kind, items = self.queue.take(self.max_batch_size, self.max_wait_s)
+            # with a process, look at it now and then: one that died idle is started again
+            # without waiting for a request (which would find the service not ready)
+            kind, items = self.queue.take(self.max_batch_size, self.max_wait_s,
+                                          IDLE_CHECK_S if encoder is not None else None)
             self.metrics.queue_depth.set(self.queue.depth)
             if kind == "closed":
                 return
+            if kind == "idle":
+                continue
             try:
                 if kind == "control":
                     for fn, fut in items:
@@ -659,11 +690,16 @@ class Engine:
             if self.queue.closed:
                 raise NotReady("shutting down")
             encoder.stop()
-            encoder.start()
-            with self._generations_lock:
-                indexes = list(self._generations.values())
-            for index in indexes:
-                encoder.control("install", index.generation, str(index.path), index.signature)
+            try:
+                encoder.start()
+                with self._generations_lock:
+                    indexes = list(self._generations.values())
+                for index in indexes:
+                    encoder.control("install", index.generation, str(index.path), index.signature)
+            except BaseException:
+                encoder.stop()  # never a running process without the indexes it may be asked for
+                raise
+            encoder.serving = True
         self.metrics.encoder_restarts.inc()
         log.warning("%s restarted (pid %s)", encoder.name, encoder.pid)
 
@@ -678,7 +714,6 @@ class Engine:
             except NotReady:
                 return False
             except Exception as exc:
-                encoder.stop()
                 log.error("%s could not be restarted (%s); next try in %g s", encoder.name,
                           exc, pause)
                 self.queue.wait_closed(pause)
@@ -690,7 +725,7 @@ class Engine:
         died is started again (its batch fails with EncoderProcessDied: 503, retry)."""
         index = self.current
         assert index is not None
-        if not encoder.running:  # died since its last batch
+        if not _up(encoder):  # died since its last batch
             try:
                 self._restart(encoder)
             except Exception as exc:

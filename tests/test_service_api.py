@@ -757,7 +757,7 @@ def test_a_killed_encoder_process_fails_only_its_batch_and_is_started_again(worl
         engine = client.app.state.runtime.engine
         expected = _post(client, world.pano).json()["results"]
         before = list(engine.encoder_pids)
-        # killed while idle: its worker starts it again before it takes more work
+        # killed while idle: started again by its worker (within a second, or at its next batch)
         os.kill(before[0], signal.SIGKILL)
         assert engine._encoders[0]._proc.wait(10) == -signal.SIGKILL  # dead before the next batch
         deadline = time.monotonic() + 30
@@ -769,14 +769,16 @@ def test_a_killed_encoder_process_fails_only_its_batch_and_is_started_again(worl
         # that job fails, the process is started again, the other one serves meanwhile
         marker = tmp_path / "busy.pid"
         slow = client.portal.start_task_soon(lambda: engine.localize(5, decode=functools.partial(
-            subprocess.run, ["sh", "-c", f"echo $PPID > {marker}.tmp && mv {marker}.tmp {marker}"
+            subprocess.run, ["sh", "-c", f"echo $PPID $$ > {marker}.tmp && mv {marker}.tmp {marker}"
                                          " && sleep 30"]), n=1))
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30
         while not marker.exists() and time.monotonic() < deadline:
             time.sleep(0.01)
-        busy = int(marker.read_text())
+        assert marker.exists(), "the slow job never reached an encoder process"
+        busy, shell = map(int, marker.read_text().split())
         assert busy in engine.encoder_pids
         os.kill(busy, signal.SIGKILL)
+        os.kill(shell, signal.SIGKILL)  # (its sleep, orphaned, ends by itself)
         with pytest.raises(EncoderProcessDied, match="ended"):
             slow.result(10)
         answers = [_post(client, world.pano) for _ in range(6)]
@@ -788,6 +790,50 @@ def test_a_killed_encoder_process_fails_only_its_batch_and_is_started_again(worl
             time.sleep(0.05)  # the restart (model load, warm-up) takes a second or two
         assert metric_value(client.get("/metrics").text, "geoloc_encoder_restarts_total") == 2
         assert busy not in engine.encoder_pids and all(e.running for e in engine._encoders)
+
+
+def test_encoder_processes_that_all_died_idle_come_back_without_a_request(world):
+    settings = settings_for(world, world.artifact_a, encoder_workers=2, torch_threads=1,
+                            encoder_processes=True)
+    with running_client(settings) as client:
+        engine = client.app.state.runtime.engine
+        before = list(engine.encoder_pids)
+        for pid, encoder in zip(before, engine._encoders):
+            os.kill(pid, signal.SIGKILL)
+            encoder._proc.wait(10)
+        assert client.get("/readyz").status_code == 503  # nothing can compute right now
+        deadline = time.monotonic() + 30
+        while client.get("/readyz").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert client.get("/readyz").status_code == 200
+        assert not set(engine.encoder_pids) & set(before)
+        assert metric_value(client.get("/metrics").text, "geoloc_encoder_restarts_total") == 2
+        assert _post(client, world.pano).status_code == 200
+
+
+def test_a_process_that_can_not_be_restarted_is_retried_and_never_left_without_its_index(
+        world, tmp_path):
+    served = tmp_path / "served"
+    shutil.copytree(world.artifact_a.resolve(), served)
+    settings = settings_for(world, served, encoder_workers=2, torch_threads=1,
+                            encoder_processes=True)
+    with running_client(settings) as client:
+        engine = client.app.state.runtime.engine
+        expected = _post(client, world.pano).json()["results"]
+        hidden = tmp_path / "hidden"
+        os.rename(served, hidden)  # the served artifact's files vanish (a careless pruner)
+        os.kill(engine.encoder_pids[0], signal.SIGKILL)
+        engine._encoders[0]._proc.wait(10)
+        time.sleep(4)  # restarts fail (model loads, the index does not) and are retried
+        assert not engine._encoders[0].serving  # never up without the index it would be asked for
+        answers = [_post(client, world.pano) for _ in range(4)]  # the other process serves
+        assert [a.status_code for a in answers] == [200] * 4
+        assert all(a.json()["results"] == expected for a in answers)
+        os.rename(hidden, served)
+        deadline = time.monotonic() + 60
+        while not engine._encoders[0].serving and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert engine._encoders[0].serving and engine._encoders[0].control("held") == [1]
 
 
 def test_a_dead_encoder_process_is_answered_503_retry(world, client):
