@@ -310,6 +310,7 @@ class EncoderProcess:
         try:
             conn.send(message)
             if not conn.poll(timeout):
+                self.serving = False
                 self._proc.kill()
                 self._proc.wait()
                 raise EncoderProcessDied(f"{self.name} did not answer {what!r} within "
@@ -318,6 +319,7 @@ class EncoderProcess:
         except (EOFError, OSError, TypeError) as exc:
             if isinstance(exc, TypeError) and not conn.closed:
                 raise  # (a TypeError with an open connection is a real one)
+            self.serving = False
             try:  # else the connection was closed under us: the process is being stopped
                 code = self._proc.wait(1)
             except subprocess.TimeoutExpired:

@@ -556,23 +556,32 @@ def test_full_queue_answers_503_at_once(world):
         assert metric_value(text, "geoloc_rejected_total", reason="queue_full") == 1
 
 
+def _post_while_held(client, data: bytes, n: int) -> list:
+    """Post ``n`` uploads at once while a control command holds every worker, so that they all
+    wait in the queue together; then let go and return the answers."""
+    engine = client.app.state.runtime.engine
+    gate = threading.Event()
+    held = engine.call_in_worker(gate.wait)
+    results: list = []
+    threads = [threading.Thread(target=lambda: results.append(_post(client, data))) for _ in range(n)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 10
+    while engine.queue.depth < n and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.queue.depth == n
+    gate.set()
+    held.result(5)
+    for t in threads:
+        t.join(20)
+    return results
+
+
 def test_micro_batching_groups_queued_requests(world):
     settings = settings_for(world, world.artifact_a, queue_size=16, max_batch_size=8)
     with running_client(settings) as client:
         engine = client.app.state.runtime.engine
-        gate = threading.Event()
-        engine.call_in_worker(gate.wait)
-        results = []
-        threads = [threading.Thread(target=lambda: results.append(_post(client, world.pano)))
-                   for _ in range(6)]
-        for t in threads:
-            t.start()
-        deadline = time.monotonic() + 10
-        while engine.queue.depth < 6 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        gate.set()
-        for t in threads:
-            t.join(10)
+        results = _post_while_held(client, world.pano, 6)
         sizes = [r.json()["batch_size"] for r in results]
         assert sizes == [6] * 6  # one forward + one search for all six
         first = results[0].json()["results"]
@@ -803,11 +812,12 @@ def test_encoder_processes_that_all_died_idle_come_back_without_a_request(world)
             encoder._proc.wait(10)
         assert client.get("/readyz").status_code == 503  # nothing can compute right now
         deadline = time.monotonic() + 30
-        while client.get("/readyz").status_code != 200 and time.monotonic() < deadline:
+        while time.monotonic() < deadline and metric_value(
+                client.get("/metrics").text, "geoloc_encoder_restarts_total") < 2:
             time.sleep(0.05)
+        assert metric_value(client.get("/metrics").text, "geoloc_encoder_restarts_total") == 2
         assert client.get("/readyz").status_code == 200
         assert not set(engine.encoder_pids) & set(before)
-        assert metric_value(client.get("/metrics").text, "geoloc_encoder_restarts_total") == 2
         assert _post(client, world.pano).status_code == 200
 
 
@@ -945,23 +955,11 @@ def test_admin_reload_and_broken_artifacts_keep_the_old_index(world, tmp_path, p
         assert swapped["index"]["generation"] == 2
         if processes:
             deadline = time.monotonic() + 30
-            while not engine._encoders[1].running and time.monotonic() < deadline:
+            while not (engine._encoders[1].serving and engine._encoders[1].running) \
+                    and time.monotonic() < deadline:
                 assert _post(client, world.pano).json()["index"]["count"] == 16
             assert held() == [[2], [2]]
-            gate = threading.Event()  # both processes answer from the new index
-            results = []
-            threads = [threading.Thread(target=lambda: results.append(_post(client, world.pano)))
-                       for _ in range(8)]
-            held_engine = engine.call_in_worker(gate.wait)
-            for t in threads:
-                t.start()
-            deadline = time.monotonic() + 10
-            while engine.queue.depth < 8 and time.monotonic() < deadline:
-                time.sleep(0.01)
-            gate.set()
-            held_engine.result(5)
-            for t in threads:
-                t.join(20)
+            results = _post_while_held(client, world.pano, 8)  # both processes get a batch
             assert [r.json()["index"]["count"] for r in results] == [16] * 8
 
         # Built with another model: refused, the old one keeps serving.
