@@ -578,25 +578,10 @@ class Engine:
     def _run(self, worker: int, first: LoadedIndex | None, started: threading.Event) -> None:
         encoder = self._encoders[worker] if self._encoders else None
         try:
-            if encoder is not None:
-                pass  # the child process pins itself and sets its own threads
-            elif self.cpu_sets is not None:  # before torch starts this thread's OpenMP team
-                os.sched_setaffinity(0, self.cpu_sets[worker])
-            if self.worker_nice and encoder is None:
-                _run_nicer(self.worker_nice)
-            # torch's OpenMP thread count is per thread: each worker sets its own share.
-            if self.threads_per_worker and encoder is None:
-                torch.set_num_threads(self.threads_per_worker)
-            # faiss-cpu ships its own OpenMP runtime beside torch's: after every search its
-            # threads would spin on the cores the next forward needs. A micro-batch search is
-            # small; one thread does it without fighting the encoder.
-            import faiss
-
-            faiss.omp_set_num_threads(1)
+            if encoder is None:  # (an encoder process pins itself and sets its own threads)
+                self._prepare_thread(worker)
             if first is not None:
                 self._install(first)
-            if encoder is None:
-                self._warm_up()
         except BaseException as exc:
             self._startup_error = exc
             self.current = None
@@ -635,6 +620,23 @@ class Engine:
                     self._compute(live)
             finally:
                 self.queue.done(kind)
+
+    def _prepare_thread(self, worker: int) -> None:
+        """A worker that computes on its own thread: its cores, priority and threads; warm-up."""
+        if self.cpu_sets is not None:  # before torch starts this thread's OpenMP team
+            os.sched_setaffinity(0, self.cpu_sets[worker])
+        if self.worker_nice:
+            _run_nicer(self.worker_nice)
+        # torch's OpenMP thread count is per thread: each worker sets its own share.
+        if self.threads_per_worker:
+            torch.set_num_threads(self.threads_per_worker)
+        # faiss-cpu ships its own OpenMP runtime beside torch's: after every search its
+        # threads would spin on the cores the next forward needs. A micro-batch search is
+        # small; one thread does it without fighting the encoder.
+        import faiss
+
+        faiss.omp_set_num_threads(1)
+        self._warm_up()
 
     def _decode(self, job: Job) -> bool:
         """Make the job's images with its decode function, if it came without them; False: its
