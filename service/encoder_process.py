@@ -244,6 +244,7 @@ class EncoderProcess:
         self._batches: Connection | None = None
         self._control: Connection | None = None
         self.serving = False  # started and holding every index it may be asked for (the engine's)
+        self._closed = False  # close() was called: no process is started any more
 
     @property
     def pid(self) -> int | None:
@@ -262,6 +263,8 @@ class EncoderProcess:
     def launch(self) -> None:
         """Start the child process (returns at once; several children load side by side)."""
         with self.lock:
+            if self._closed:
+                raise EncoderProcessDied(f"{self.name} is closed (the service is stopping)")
             pairs = [socket.socketpair() for _ in range(2)]
             theirs = [pair[1].fileno() for pair in pairs]
             env = dict(os.environ)
@@ -329,10 +332,18 @@ class EncoderProcess:
             raise value
         return value
 
+    def close(self) -> None:
+        """Stop the child for good (shutdown): a restart under way fails instead of starting one."""
+        self._closed = True
+        self.stop()
+
     def stop(self, timeout: float = 5.0) -> None:
         """End the child (at once, even mid-batch) and release its sockets. Idempotent."""
         self.serving = False
-        with self.lock:
+        if not self.lock.acquire(timeout=1.0):
+            self.kill()  # another thread is in a long exchange (a restart, an index load): end it
+            self.lock.acquire()
+        try:
             proc = self._proc
             if proc is not None and proc.poll() is None:
                 try:
@@ -349,6 +360,8 @@ class EncoderProcess:
                 if conn is not None:
                     conn.close()
             self._batches = self._control = None
+        finally:
+            self.lock.release()
 
 
 if __name__ == "__main__":

@@ -433,8 +433,8 @@ class Engine:
             thread.join(max(0.0, deadline - time.monotonic()))
         for encoder in self._encoders:
             if any(t.is_alive() for t in self._threads):
-                encoder.kill()  # a worker still in a batch or a restart: do not wait for it
-            encoder.stop()
+                encoder.kill()  # a worker still in a batch: do not wait for it
+            encoder.close()
         self.metrics.queue_depth.set(0)
 
     def swap(self, new: LoadedIndex) -> concurrent.futures.Future:

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -172,3 +173,30 @@ def test_a_process_that_does_not_answer_in_time_is_killed(world):
         assert pid == process.pid
     finally:
         process.stop()
+
+
+def test_closing_while_another_thread_starts_the_process_ends_it_at_once(world):
+    from service.encoder_process import EncoderProcess, EncoderProcessDied
+
+    process = EncoderProcess(_spec(world), "e")
+    errors = []
+
+    def restart() -> None:  # what a worker's restart does: hold the lock through a slow start
+        with process.lock:
+            try:
+                process.start()
+            except EncoderProcessDied as exc:
+                errors.append(exc)
+
+    starter = threading.Thread(target=restart)
+    starter.start()
+    deadline = time.monotonic() + 10
+    while process.pid is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    started = time.monotonic()
+    process.close()  # must not wait for the model to load: kills it
+    starter.join(10)
+    assert not starter.is_alive() and time.monotonic() - started < 5
+    assert errors and not process.running
+    with pytest.raises(EncoderProcessDied, match="closed"):
+        process.start()
