@@ -152,9 +152,9 @@ def _apply_search_params(index: "faiss.Index", params: dict) -> None:
                 pass
 
 
-def load_artifact(path: Path, *, expected_fingerprint: str, embedding_dim: int) -> LoadedIndex:
-    """Load and validate the artifact at ``path`` for a model with the given fingerprint."""
-    path = Path(path)
+def _open(path: Path, expected_fingerprint: str, embedding_dim: int) -> tuple[Signature, Path, dict]:
+    """Signature, resolved directory and manifest of the artifact at ``path``, checked against
+    the model (fingerprint, dimension)."""
     try:
         signature = Signature.of(path)
     except FileNotFoundError:
@@ -169,7 +169,7 @@ def load_artifact(path: Path, *, expected_fingerprint: str, embedding_dim: int) 
             "(python -m index_build build ...) or serve the checkpoint it was built with"
         )
     try:
-        count = int(manifest["count"])
+        int(manifest["count"])
         dim = int(manifest["embedding_dim"])
     except (TypeError, ValueError):
         raise ArtifactError(f"{directory}: manifest count/embedding_dim are not integers") from None
@@ -177,6 +177,12 @@ def load_artifact(path: Path, *, expected_fingerprint: str, embedding_dim: int) 
         raise ArtifactError(
             f"{directory}: embedding_dim {dim} differs from the model's {embedding_dim}"
         )
+    return signature, directory, manifest
+
+
+def _read_index(directory: Path, manifest: dict) -> "faiss.Index":
+    """The artifact's FAISS index, consistent with its manifest, with its query-time parameters."""
+    count, dim = int(manifest["count"]), int(manifest["embedding_dim"])
     index_file = directory / "index.faiss"
     if not index_file.is_file():
         raise ArtifactError(f"{index_file}: missing")
@@ -190,17 +196,45 @@ def load_artifact(path: Path, *, expected_fingerprint: str, embedding_dim: int) 
         raise ArtifactError(f"{index_file}: {index.ntotal} vectors, manifest count is {count}")
     if count == 0:
         raise ArtifactError(f"{directory}: the index is empty")
-    tile_ids, lat, lon, sources = _read_tiles(directory / "tiles.csv", count)
-    row_of = {tile_id: row for row, tile_id in enumerate(tile_ids)}
-    if len(row_of) != count:
-        raise ArtifactError(f"{directory / 'tiles.csv'}: tile_id values are not unique")
     _apply_search_params(index, manifest.get("index_params") or {})
+    return index
+
+
+def _check_unchanged(path: Path, signature: Signature) -> None:
+    """The manifest re-checked at the end: a publish that swapped the artifact underneath us."""
     try:
         if Signature.of(path) != signature:
             raise ArtifactChanged(f"{path}: artifact replaced while loading")
     except FileNotFoundError:
         raise ArtifactChanged(f"{path}: artifact moved away while loading") from None
+
+
+def load_artifact(path: Path, *, expected_fingerprint: str, embedding_dim: int) -> LoadedIndex:
+    """Load and validate the artifact at ``path`` for a model with the given fingerprint."""
+    path = Path(path)
+    signature, directory, manifest = _open(path, expected_fingerprint, embedding_dim)
+    index = _read_index(directory, manifest)
+    count = int(manifest["count"])
+    tile_ids, lat, lon, sources = _read_tiles(directory / "tiles.csv", count)
+    row_of = {tile_id: row for row, tile_id in enumerate(tile_ids)}
+    if len(row_of) != count:
+        raise ArtifactError(f"{directory / 'tiles.csv'}: tile_id values are not unique")
+    _check_unchanged(path, signature)
     return LoadedIndex(
         path=directory, signature=signature, manifest=manifest, index=index, tile_ids=tile_ids,
         lat=lat, lon=lon, sources=sources, row_of=row_of,
     )
+
+
+def load_search_index(path: Path, *, expected_signature: Signature, expected_fingerprint: str,
+                      embedding_dim: int) -> "faiss.Index":
+    """Only the FAISS index of an artifact that ``load_artifact`` has already read whole (an
+    encoder process's copy: the tile table stays with the service), provided it is still the very
+    same artifact."""
+    path = Path(path)
+    signature, directory, manifest = _open(path, expected_fingerprint, embedding_dim)
+    if signature != expected_signature:
+        raise ArtifactChanged(f"{path}: artifact replaced since the service loaded it")
+    index = _read_index(directory, manifest)
+    _check_unchanged(path, signature)
+    return index

@@ -97,12 +97,13 @@ class _Worker:
         from model import load_checkpoint
         from model.encode import prepare_for_inference
 
-        from . import localize  # noqa: F401  (jobs' decode functions live there: import it now,
-        from .engine import search_blas_threshold  # not while unpickling the first batch)
+        # jobs' decode functions live in localize: imported now, not while the first batch unpickles
+        from . import localize  # noqa: F401
+        from .engine import encode_uint8, search_blas_threshold
 
         if spec.threads:
             torch.set_num_threads(spec.threads)
-        faiss.omp_set_num_threads(1)  # see Engine._run: a micro-batch search is one thread's work
+        faiss.omp_set_num_threads(1)  # see Engine._prepare_thread: one thread searches a micro-batch
         self.spec = spec
         self.device = torch.device("cpu")
         self.net = prepare_for_inference(load_checkpoint(Path(spec.checkpoint)), self.device)
@@ -110,27 +111,23 @@ class _Worker:
             raise RuntimeError(f"{spec.checkpoint} changed on disk: fingerprint "
                                f"{self.net.fingerprint()}, the service loaded {spec.fingerprint}")
         faiss.cvar.distance_compute_blas_threshold = search_blas_threshold(int(self.net.embedding_dim))
+        self._encode_uint8 = encode_uint8
         self.indexes: dict[int, Any] = {}
         h, w = self.net.config.ground_size
         self.encode(torch.zeros(1, 3, h, w, dtype=torch.uint8))  # warm-up
 
     def encode(self, images):
-        from .engine import encode_uint8
-
-        return encode_uint8(self.net, images, self.device, self.spec.max_batch_size)
+        return self._encode_uint8(self.net, images, self.device, self.spec.max_batch_size)
 
     def install(self, generation: int, directory: str, signature) -> None:
         """Load an index generation (on the control thread, beside the batches)."""
-        from .artifact import ArtifactChanged, load_artifact
+        from .artifact import load_search_index
 
         if generation in self.indexes:
             return
-
-        loaded = load_artifact(Path(directory), expected_fingerprint=self.spec.fingerprint,
-                               embedding_dim=int(self.net.embedding_dim))
-        if loaded.signature != signature:
-            raise ArtifactChanged(f"{directory}: artifact replaced while the encoder processes loaded it")
-        self.indexes[generation] = loaded.index
+        self.indexes[generation] = load_search_index(
+            Path(directory), expected_signature=signature,
+            expected_fingerprint=self.spec.fingerprint, embedding_dim=int(self.net.embedding_dim))
 
     def drop(self, generation: int) -> None:
         self.indexes.pop(generation, None)

@@ -373,15 +373,7 @@ class Engine:
         # process-wide, so once here rather than in each worker
         faiss.cvar.distance_compute_blas_threshold = search_blas_threshold(model.embedding_dim)
         if self.processes:
-            self._start_encoders(model)
-            try:
-                self._install_in_processes(index)
-            except BaseException:
-                for encoder in self._encoders:
-                    encoder.stop()
-                raise
-            for encoder in self._encoders:
-                encoder.serving = True
+            self._start_encoders(model, index)
             self._serve(index)
             index = None
         for i in range(self.workers):
@@ -394,7 +386,8 @@ class Engine:
                 raise self._startup_error
             self._threads.append(thread)
 
-    def _start_encoders(self, model: LoadedModel) -> None:
+    def _start_encoders(self, model: LoadedModel, index: LoadedIndex) -> None:
+        """Start an encoder process per worker, side by side, with ``index`` installed."""
         for i in range(self.workers):
             spec = ProcessSpec(
                 checkpoint=str(model.checkpoint), fingerprint=model.fingerprint,
@@ -408,10 +401,13 @@ class Engine:
                 encoder.launch()
             for encoder in self._encoders:
                 encoder.wait_ready()
+            self._install_in_processes(index)
         except BaseException:
             for encoder in self._encoders:
                 encoder.stop()
             raise
+        for encoder in self._encoders:
+            encoder.serving = True
 
     @property
     def encoder_pids(self) -> list[int | None]:
