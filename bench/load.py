@@ -52,6 +52,7 @@ from model import L2LTR, L2LTRConfig, load_checkpoint, save_checkpoint  # noqa: 
 from model.encode import available_cpus, encode_batch, pick_device, prepare_for_inference  # noqa: E402
 
 BOUNDARY = "geolocbenchboundary"
+RESPONSE_TIMEOUT_S = 60.0  # a run that has not ended this long after its last request fails
 
 
 # --- inputs ---------------------------------------------------------------------------------------
@@ -275,8 +276,14 @@ def run_load(port: int, body: bytes, concurrency: int, max_requests: int, max_se
     back to back until `max_requests` in total or `max_seconds` have passed.
 
     The clients are coroutines on one event loop writing pre-built request bytes: on a 2-core box
-    the load generator shares the CPUs with the server, so it should cost as little as possible."""
-    return asyncio.run(_run_load(port, body, concurrency, max_requests, max_seconds, k))
+    the load generator shares the CPUs with the server, so it should cost as little as possible
+    (uvloop where installed, as for the server)."""
+    coro = _run_load(port, body, concurrency, max_requests, max_seconds, k)
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
 
 
 async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
@@ -310,7 +317,7 @@ async def _run_load(port: int, body: bytes, concurrency: int, max_requests: int,
             issued[0] += 1
             t = time.perf_counter()
             writer.write(request)
-            status, payload = await asyncio.wait_for(_read_response(reader), 60)
+            status, payload = await _read_response(reader)
             elapsed = (time.perf_counter() - t) * 1000.0
             if status == 200:
                 latencies.append(elapsed)
@@ -321,7 +328,9 @@ async def _run_load(port: int, body: bytes, concurrency: int, max_requests: int,
         writer.close()
 
     t0 = time.perf_counter()
-    await asyncio.gather(*(client(r, w) for r, w in connections))
+    # one timeout for the whole run: wait_for per request would cost a task per request
+    await asyncio.wait_for(asyncio.gather(*(client(r, w) for r, w in connections)),
+                           max_seconds + RESPONSE_TIMEOUT_S)
     elapsed = time.perf_counter() - t0
     lat = sorted(latencies)
 

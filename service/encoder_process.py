@@ -39,6 +39,7 @@ log = logging.getLogger("service.engine")
 
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[1])
 START_TIMEOUT_S = 900.0  # loading and warming up a model; a large one from a slow disk too
+ALIVE_RECHECK_S = 0.05  # see EncoderProcess.probably_up
 
 
 class EncoderProcessDied(RuntimeError):
@@ -242,6 +243,7 @@ class EncoderProcess:
         self._control: Connection | None = None
         self.serving = False  # started and holding every index it may be asked for (the engine's)
         self._closed = False  # close() was called: no process is started any more
+        self._alive_until = 0.0  # `probably_up` asks the OS again from then on
 
     @property
     def pid(self) -> int | None:
@@ -251,6 +253,20 @@ class EncoderProcess:
     def running(self) -> bool:
         """The process is alive (it may still be loading)."""
         return self._batches is not None and self._proc is not None and self._proc.poll() is None
+
+    @property
+    def probably_up(self) -> bool:
+        """Serving, and alive when the OS was last asked, at most ALIVE_RECHECK_S ago. Admission
+        and readiness ask on every request, and asking the OS (waitpid) is a system call; a
+        child that died meanwhile fails its batch with EncoderProcessDied as it would anyway."""
+        if not self.serving:
+            return False
+        now = time.monotonic()
+        if now >= self._alive_until:
+            if not self.running:
+                return False
+            self._alive_until = now + ALIVE_RECHECK_S
+        return True
 
     def start(self) -> None:
         """Start the child and wait until its model is loaded and warmed up."""

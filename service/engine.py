@@ -418,7 +418,7 @@ class Engine:
     def running(self) -> bool:
         """Serving: a worker alive, an index in place and (with processes) one of them up."""
         return (any(t.is_alive() for t in self._threads) and self.current is not None
-                and (not self._encoders or any(_up(e) for e in self._encoders)))
+                and (not self._encoders or any(e.probably_up for e in self._encoders)))
 
     def stop(self, timeout: float = 10.0) -> None:
         for job in self.queue.close():

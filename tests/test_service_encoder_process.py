@@ -157,6 +157,23 @@ def test_stop_is_idempotent_and_a_stopped_handle_refuses_work(world, encoder):
         encoder.control("drop", 1)
 
 
+def test_probably_up_asks_the_os_at_most_once_per_recheck_interval(world, encoder):
+    from service.encoder_process import ALIVE_RECHECK_S
+
+    polls = []
+    real_poll = encoder._proc.poll
+    encoder._proc.poll = lambda: polls.append(1) or real_poll()
+    assert not encoder.probably_up and not polls  # started, but not serving yet
+    encoder.serving = True
+    assert all(encoder.probably_up for _ in range(100))
+    assert len(polls) == 1  # every request asks; the OS is asked once per interval
+    encoder._proc.kill()
+    encoder._proc.wait(10)
+    time.sleep(ALIVE_RECHECK_S)
+    assert not encoder.probably_up and not encoder.probably_up
+    assert len(polls) >= 3  # "dead" is not kept: a restarted process counts at once
+
+
 def test_a_process_that_does_not_answer_in_time_is_killed(world):
     from service.encoder_process import EncoderProcess, EncoderProcessDied
 
