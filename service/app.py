@@ -201,6 +201,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _install_error_handlers(app, settings)
     # Without keys no route checks one: no dependency to solve per request, none in the docs.
     auth = [Depends(require_api_key)] if settings.api_keys else []
+    app.router.routes.extend(routes.direct_routes(routes.api.routes))  # before FastAPI's own
     app.include_router(routes.api, dependencies=auth)
     app.include_router(routes.admin, dependencies=auth)
     app.include_router(routes.public)

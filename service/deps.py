@@ -15,8 +15,9 @@ from .engine import NotReady
 from .runtime import Runtime
 from .settings import Settings
 
+API_KEY_HEADER = "X-API-Key"
 api_key_header = APIKeyHeader(
-    name="X-API-Key", auto_error=False,
+    name=API_KEY_HEADER, auto_error=False,
     description="Required on every route except /healthz, /readyz and /metrics when "
     "GEOLOC_API_KEYS is set.",
 )

@@ -8,16 +8,19 @@ otherwise a thread pool decodes the upload first and the job is queued decoded (
 from __future__ import annotations
 
 import time
+import weakref
 from functools import partial
 from typing import Callable
 
 import anyio
 import torch
 from fastapi import Request
+from pydantic import BaseModel
 
 from model.preprocess import ImageDecodeError, image_uint8, load_ground_image
 
-from .engine import JobResult
+from .artifact import LoadedIndex
+from .engine import JobResult, LoadedModel
 from .logs import request_id_var
 from .runtime import Runtime
 from .schemas import (
@@ -96,8 +99,23 @@ async def run(request: Request, runtime: Runtime, *, k: int,
 
 
 def _matches(rows: list[tuple[str, float, float, float]]) -> list[TileMatch]:
-    return [TileMatch(rank=i, tile_id=t, lat=la, lon=lo, score=sc)
+    # the engine's own rows (str, float...): validating them again costs every answer
+    return [TileMatch.model_construct(rank=i, tile_id=t, lat=la, lon=lo, score=sc)
             for i, (t, la, lo, sc) in enumerate(rows, start=1)]
+
+
+_described: dict[type, tuple[weakref.ref, int, BaseModel]] = {}
+
+
+def _described_once(source: LoadedModel | LoadedIndex, model: type[BaseModel]) -> BaseModel:
+    """``model(**source.info())``, made again only for another model or index generation: both
+    stay unchanged while served (a swap serves a new LoadedIndex)."""
+    generation = getattr(source, "generation", 0)
+    made = _described.get(model)
+    if made is None or made[0]() is not source or made[1] != generation:
+        made = (weakref.ref(source), generation, model(**source.info()))
+        _described[model] = made
+    return made[2]
 
 
 def _observe(runtime: Runtime, result: JobResult, total_ms: float) -> None:
@@ -114,8 +132,8 @@ def single_response(runtime: Runtime, result: JobResult, started: float) -> Loca
     _observe(runtime, result, total_ms)
     return LocalizeResponse(
         results=_matches(result.matches[0]),
-        model=ModelInfo(**runtime.engine.model.info()),  # type: ignore[union-attr]
-        index=IndexInfo(**result.index.info()),
+        model=_described_once(runtime.engine.model, ModelInfo),  # type: ignore[arg-type]
+        index=_described_once(result.index, IndexInfo),
         timing_ms=Timing(decode=round(result.decode_ms, 3), queue=round(result.queue_ms, 3),
                          encode=round(result.encode_ms, 3), search=round(result.search_ms, 3),
                          total=round(total_ms, 3)),
@@ -131,8 +149,8 @@ def batch_response(runtime: Runtime, result: JobResult, files: list[UploadedFile
         items=[BatchItem(image=f.index, filename=f.filename, results=_matches(rows),
                          batch_size=result.batch_size)
                for f, rows in zip(files, result.matches)],
-        model=ModelInfo(**runtime.engine.model.info()),  # type: ignore[union-attr]
-        index=IndexInfo(**result.index.info()),
+        model=_described_once(runtime.engine.model, ModelInfo),  # type: ignore[arg-type]
+        index=_described_once(result.index, IndexInfo),
         timing_ms=BatchTiming(decode=round(result.decode_ms, 3), queue=round(result.queue_ms, 3),
                               encode=round(result.encode_ms, 3),
                               search=round(result.search_ms, 3), total=round(total_ms, 3)),

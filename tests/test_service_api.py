@@ -387,6 +387,60 @@ def test_k_out_of_range_is_422(client, world, query):
     assert body["detail"][0]["loc"] == ["query", "k"]
 
 
+def _results(resp) -> list[tuple[str, float]]:
+    assert resp.status_code == 200, resp.text
+    return [(m["tile_id"], m["score"]) for m in resp.json()["results"]]
+
+
+def test_plain_localize_requests_take_the_direct_route_with_the_same_answers(world, monkeypatch):
+    import service.routes as routes
+
+    direct = []
+    real_require_ready = routes.require_ready
+
+    async def counting(request):
+        direct.append(request.url.path)
+        return await real_require_ready(request)
+
+    monkeypatch.setattr(routes, "require_ready", counting)  # only the direct route calls it so
+    files = {"image": ("p.jpg", world.pano, "image/jpeg")}
+    with running_client(settings_for(world, world.artifact_a, api_keys="key-one")) as client:
+        key = {"X-API-Key": "key-one"}
+        plain = _results(client.post("/localize?k=3", files=files, headers=key))
+        assert direct == ["/localize"]
+        # the same k spelt so that only FastAPI reads it (encoded name, repeated): FastAPI's route
+        assert _results(client.post("/localize?%6B=3", files=files, headers=key)) == plain
+        assert _results(client.post("/localize?k=3&k=3", files=files, headers=key)) == plain
+        assert direct == ["/localize"]
+        _assert_error(client.post("/localize?k=3", files=files), 401, "unauthorized")
+        assert direct == ["/localize"]  # refused by the key check before readiness, as FastAPI does
+        batch = client.post("/localize/batch", files=[("images", ("p.jpg", world.pano, "image/jpeg"))],
+                            headers=key)
+        assert batch.status_code == 200 and direct[-1] == "/localize/batch"
+        assert [(m["tile_id"], m["score"]) for m in batch.json()["items"][0]["results"]] == \
+            _results(client.post("/localize", files=files, headers=key))
+        text = client.get("/metrics").text
+        assert metric_value(text, "geoloc_http_requests_total", route="/localize", method="POST",
+                            status="200") == 4
+
+
+def test_the_direct_route_refuses_a_route_it_would_not_replicate():
+    from fastapi import APIRouter, Depends
+
+    import service.routes as routes
+
+    async def audit() -> None:
+        return None
+
+    router = APIRouter()
+    router.add_api_route("/localize", routes.localize_one, methods=["POST"])
+    assert len(routes.direct_routes(router.routes)) == 1
+    router = APIRouter(dependencies=[Depends(audit)])
+    router.add_api_route("/localize", routes.localize_one, methods=["POST"])
+    with pytest.raises(RuntimeError, match="does not replicate"):
+        routes.direct_routes(router.routes)
+
+
 def test_missing_field_and_wrong_body_types(client, world):
     body = _assert_error(client.post("/localize", files={"photo": ("p.jpg", world.pano, "image/jpeg")}),
                          422, "validation_error")
