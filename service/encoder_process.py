@@ -257,8 +257,9 @@ class EncoderProcess:
     @property
     def probably_up(self) -> bool:
         """Serving, and alive when the OS was last asked, at most ALIVE_RECHECK_S ago. Admission
-        and readiness ask on every request, and asking the OS (waitpid) is a system call; a
-        child that died meanwhile fails its batch with EncoderProcessDied as it would anyway."""
+        and readiness ask on every request, and asking the OS (waitpid) is a system call. A
+        request admitted in the moments after a child died unnoticed is computed by another
+        worker, or by this one once it has started the child again (its worker checks exactly)."""
         if not self.serving:
             return False
         now = time.monotonic()

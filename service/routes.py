@@ -183,6 +183,7 @@ _GEOJSON_MODELS = (FeatureCollection,)
 
 _DIRECT_ENDPOINTS = (localize_one, localize_batch)  # signature (request, runtime, k, accept)
 _REPLICATED = {require_api_key, require_ready}  # the dependencies the direct route calls itself
+_DIRECT_PARAMETERS = {"request", "runtime", "k", "accept"}  # what `_call` passes
 _K_SCOPE_KEY = "geoloc.k"
 
 
@@ -192,12 +193,13 @@ class _DirectRoute(Route):
     def __init__(self, api_route: APIRoute) -> None:
         self.endpoint_fn: Callable[..., Awaitable[Response]] = api_route.endpoint
         self.k_default = inspect.signature(api_route.endpoint).parameters["k"].default
-        super().__init__(api_route.path, self._call, methods=["POST"], include_in_schema=False)
+        super().__init__(api_route.path, self._call, methods=["POST"], include_in_schema=False,
+                         name=f"{api_route.name}_direct")
 
     def matches(self, scope):
         match, child_scope = super().matches(scope)
-        if match != Match.FULL:
-            return Match.NONE, {}  # FastAPI's route answers (e.g. 405 for another method)
+        if match != Match.FULL or scope["app"].dependency_overrides:
+            return Match.NONE, {}  # FastAPI's route answers (405 for another method; overrides)
         k = _plain_k(scope.get("query_string", b""), self.k_default)
         if k is None:
             return Match.NONE, {}
@@ -235,13 +237,15 @@ def direct_routes(api_routes: list) -> list[_DirectRoute]:
     """The direct routes for the localize endpoints among ``api_routes`` (an APIRouter's routes),
     to be placed before them. Refuses a route that has gained a dependency or parameter the direct
     route would skip, so that the two paths can not drift apart. (Dependencies given when the
-    router is included are create_app's: only the API-key check, which `_call` makes.)"""
+    router is included, or to the whole app, are create_app's: only the API-key check, which
+    `_call` makes.)"""
     direct = []
     for route in api_routes:
         if not isinstance(route, APIRoute) or route.endpoint not in _DIRECT_ENDPOINTS:
             continue
         d = route.dependant
         unknown = ({dep.call for dep in d.dependencies} - _REPLICATED,
+                   set(inspect.signature(route.endpoint).parameters) - _DIRECT_PARAMETERS,
                    {f.alias for f in d.query_params} - {"k"},
                    {f.alias for f in d.header_params} - {"accept"},
                    d.path_params + d.cookie_params + d.body_params)

@@ -393,7 +393,9 @@ def _results(resp) -> list[tuple[str, float]]:
 
 
 def test_plain_localize_requests_take_the_direct_route_with_the_same_answers(world, monkeypatch):
+    import service.deps as deps
     import service.routes as routes
+    from service.engine import NotReady
 
     direct = []
     real_require_ready = routes.require_ready
@@ -423,9 +425,20 @@ def test_plain_localize_requests_take_the_direct_route_with_the_same_answers(wor
         assert metric_value(text, "geoloc_http_requests_total", route="/localize", method="POST",
                             status="200") == 4
 
+        async def not_ready():
+            raise NotReady("overridden")
 
-def test_the_direct_route_refuses_a_route_it_would_not_replicate():
-    from fastapi import APIRouter, Depends
+        client.app.dependency_overrides[deps.require_ready] = not_ready  # FastAPI's to honour
+        try:
+            assert "overridden" in _assert_error(
+                client.post("/localize", files=files, headers=key), 503, "not_ready")["detail"]
+        finally:
+            client.app.dependency_overrides.clear()
+        assert direct == ["/localize", "/localize/batch", "/localize"]
+
+
+def test_the_direct_route_refuses_a_route_it_would_not_replicate(monkeypatch):
+    from fastapi import APIRouter, BackgroundTasks, Depends, Request
 
     import service.routes as routes
 
@@ -438,6 +451,16 @@ def test_the_direct_route_refuses_a_route_it_would_not_replicate():
     router = APIRouter(dependencies=[Depends(audit)])
     router.add_api_route("/localize", routes.localize_one, methods=["POST"])
     with pytest.raises(RuntimeError, match="does not replicate"):
+        routes.direct_routes(router.routes)
+
+    async def with_background(request: Request, runtime: routes.ReadyRuntime,
+                              background: BackgroundTasks, k: routes.KQuery = 5) -> None:
+        return None
+
+    monkeypatch.setattr(routes, "_DIRECT_ENDPOINTS", (with_background,))
+    router = APIRouter()
+    router.add_api_route("/localize", with_background, methods=["POST"])
+    with pytest.raises(RuntimeError, match="background"):
         routes.direct_routes(router.routes)
 
 
