@@ -327,6 +327,12 @@ def _deliver(job: Job, value: Any = None, error: BaseException | None = None) ->
         pass
 
 
+def _fail(jobs: list[Job], error: BaseException) -> None:
+    """A micro-batch that could not be computed: every job gets ``error``."""
+    for job in jobs:
+        _deliver(job, error=error)
+
+
 class Engine:
     """Owns the worker threads (and their encoder processes); the async side only enqueues jobs
     and awaits futures."""
@@ -675,8 +681,7 @@ class Engine:
             searched = time.perf_counter()
         except Exception as exc:
             log.exception("inference failed for a batch of %d job(s)", len(jobs))
-            for job in jobs:
-                _deliver(job, error=exc)
+            _fail(jobs, exc)
             return
         self._finish(jobs, index, scores, rows, started, (encoded - started) * 1000.0,
                      (searched - encoded) * 1000.0)
@@ -727,8 +732,7 @@ class Engine:
             try:
                 self._restart(encoder)
             except Exception as exc:
-                for job in jobs:
-                    _deliver(job, error=EncoderProcessDied(f"{encoder.name} is down: {exc}"))
+                _fail(jobs, EncoderProcessDied(f"{encoder.name} is down: {exc}"))
                 return  # the worker loop retries the restart before it takes more work
         started = time.perf_counter()
         # numpy, not tensors: pickling a tensor for another process would share its storage
@@ -739,13 +743,11 @@ class Engine:
             outcome = encoder.request("batch", index.generation, max(j.k for j in jobs), payloads)
         except EncoderProcessDied as exc:
             log.error("%s; failing its batch of %d job(s); it is restarted", exc, len(jobs))
-            for job in jobs:
-                _deliver(job, error=exc)
+            _fail(jobs, exc)
             return  # the worker loop restarts it before it takes more work
         except Exception as exc:
             log.exception("inference failed for a batch of %d job(s)", len(jobs))
-            for job in jobs:
-                _deliver(job, error=exc)
+            _fail(jobs, exc)
             return
         live = []
         for job, error, decode_ms in zip(jobs, outcome.errors, outcome.decode_ms):

@@ -181,7 +181,7 @@ _GEOJSON_MODELS = (FeatureCollection,)
 # routes and answers every other request (a bad `k` with its own 422, GET with its 405); errors
 # raised on either path reach the same exception handlers.
 
-_DIRECT_ENDPOINTS = (localize_one, localize_batch)  # signature (request, runtime, k, accept)
+_DIRECT_ENDPOINTS = (localize_one, localize_batch)  # their parameters: _DIRECT_PARAMETERS
 _REPLICATED = {require_api_key, require_ready}  # the dependencies the direct route calls itself
 _DIRECT_PARAMETERS = {"request", "runtime", "k", "accept"}  # what `_call` passes
 _K_SCOPE_KEY = "geoloc.k"
