@@ -19,6 +19,8 @@ import time
 from fnmatch import fnmatchcase
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
 DEMO_CHECKPOINT = REPO / "weights" / "l2ltr_tiny_demo.safetensors"
@@ -324,3 +326,27 @@ def demo_module():
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+# ------------------------------------------------------------------------------ comparing answers
+
+SCORE_TOL = 1e-4  # float32 scores of one image may differ in the last bits between batch sizes and CPUs
+
+
+def assert_same_matches(got: list[dict], want: list[dict], tol: float = SCORE_TOL) -> None:
+    """Two ranked match lists of the same image agree: the same scores within ``tol``, and the same
+    tiles wherever the order is decided. A SIMD kernel may change a score's last bits with the batch
+    size or the CPU (AMD EPYC vs Intel Xeon), so tiles whose scores lie within ``tol`` of each other
+    (a near-tie) may swap places; such a group is compared as a set. The last group is compared by
+    score alone: a tile just below the cut-off could tie with it."""
+    assert len(got) == len(want), (len(got), len(want))
+    scores = [m["score"] for m in want]
+    assert [m["score"] for m in got] == pytest.approx(scores, abs=tol)
+    start = 0
+    for end in range(1, len(want) + 1):
+        if end < len(want) and scores[end - 1] - scores[end] <= tol:
+            continue  # a near-tie: the group goes on
+        if end < len(want):
+            assert {m["tile_id"] for m in got[start:end]} == {m["tile_id"] for m in want[start:end]}, \
+                f"ranks {start + 1}-{end} differ:\n{got}\n{want}"
+        start = end

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from ship_support import DEMO_CHECKPOINT, PY, REPO, clean_env, demo_module, free_port, post_image, read_csv, stdout_lines
+from ship_support import (DEMO_CHECKPOINT, PY, REPO, assert_same_matches, clean_env, demo_module, free_port, post_image,
+                          read_csv, stdout_lines)
 
 CHECKPOINT = Path(os.environ.get("L2LTR_E2E_CHECKPOINT", DEMO_CHECKPOINT))
 SEED = 777            # not a training seed of the demo model (weights/README.md)
@@ -104,7 +105,7 @@ def test_fresh_pipeline_localises_held_out_panoramas(tmp_path, capsys):
             items = _localize_batch(base_url, [world / q["path"] for q in chunk], K)
             assert [it["image"] for it in items] == list(range(len(chunk)))
             if start == 0:
-                assert items[0]["results"][0]["tile_id"] == first[0]["tile_id"], "single and batch answers disagree"
+                assert_same_matches(items[0]["results"], first)  # single and batch answers agree
             for q, item in zip(chunk, items):
                 results = item["results"]
                 assert len(results) == K

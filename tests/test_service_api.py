@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from ship_support import assert_same_matches
 from test_service_support import (  # noqa: F401  (world is a fixture)
     image_bytes, jpeg_bytes, metric_value, publish_symlink, running_client, settings_for, world,
 )
@@ -232,7 +233,7 @@ def test_same_image_same_answer_and_k_above_count_is_capped(client, world):
     one = _post(client, world.pano, k=100).json()["results"]
     two = _post(client, world.pano, k=100).json()["results"]
     assert len(one) == 24  # only 24 tiles in the index
-    assert [r["tile_id"] for r in one] == [r["tile_id"] for r in two]
+    assert_same_matches(one, two)
 
 
 @pytest.mark.parametrize("fmt,ctype", [("PNG", "image/png"), ("WEBP", "image/webp"),
@@ -283,7 +284,7 @@ def test_batch(client, world):
     assert [it["filename"] for it in body["items"]] == ["a.jpg", "b.png", "c.webp"]
     assert all(len(it["results"]) == 4 for it in body["items"])
     single = _post(client, world.pano, k=4).json()["results"]
-    assert [r["tile_id"] for r in body["items"][0]["results"]] == [r["tile_id"] for r in single]
+    assert_same_matches(body["items"][0]["results"], single)
     geo = client.post("/localize/batch?k=2", files=files, headers={"Accept": "application/geo+json"})
     assert geo.headers["content-type"].startswith("application/geo+json")
     assert sorted(f["properties"]["image"] for f in geo.json()["features"]) == [0, 0, 1, 1, 2, 2]
@@ -387,9 +388,9 @@ def test_k_out_of_range_is_422(client, world, query):
     assert body["detail"][0]["loc"] == ["query", "k"]
 
 
-def _results(resp) -> list[tuple[str, float]]:
+def _results(resp) -> list[dict]:
     assert resp.status_code == 200, resp.text
-    return [(m["tile_id"], m["score"]) for m in resp.json()["results"]]
+    return resp.json()["results"]
 
 
 def test_plain_localize_requests_take_the_direct_route_with_the_same_answers(world, monkeypatch):
@@ -411,16 +412,16 @@ def test_plain_localize_requests_take_the_direct_route_with_the_same_answers(wor
         plain = _results(client.post("/localize?k=3", files=files, headers=key))
         assert direct == ["/localize"]
         # the same k spelt so that only FastAPI reads it (encoded name, repeated): FastAPI's route
-        assert _results(client.post("/localize?%6B=3", files=files, headers=key)) == plain
-        assert _results(client.post("/localize?k=3&k=3", files=files, headers=key)) == plain
+        assert_same_matches(_results(client.post("/localize?%6B=3", files=files, headers=key)), plain)
+        assert_same_matches(_results(client.post("/localize?k=3&k=3", files=files, headers=key)), plain)
         assert direct == ["/localize"]
         _assert_error(client.post("/localize?k=3", files=files), 401, "unauthorized")
         assert direct == ["/localize"]  # refused by the key check before readiness, as FastAPI does
         batch = client.post("/localize/batch", files=[("images", ("p.jpg", world.pano, "image/jpeg"))],
                             headers=key)
         assert batch.status_code == 200 and direct[-1] == "/localize/batch"
-        assert [(m["tile_id"], m["score"]) for m in batch.json()["items"][0]["results"]] == \
-            _results(client.post("/localize", files=files, headers=key))
+        assert_same_matches(batch.json()["items"][0]["results"],
+                            _results(client.post("/localize", files=files, headers=key)))
         text = client.get("/metrics").text
         assert metric_value(text, "geoloc_http_requests_total", route="/localize", method="POST",
                             status="200") == 4
@@ -633,6 +634,21 @@ def test_full_queue_answers_503_at_once(world):
         assert metric_value(text, "geoloc_rejected_total", reason="queue_full") == 1
 
 
+def test_answers_are_compared_with_a_score_tolerance_and_near_ties_as_sets():
+    def matches(*pairs):
+        return [{"tile_id": t, "score": s} for t, s in pairs]
+
+    want = matches(("a", 0.9), ("b", 0.8), ("c", 0.79999), ("d", 0.5), ("e", 0.49999))
+    assert_same_matches(matches(("a", 0.90001), ("c", 0.8), ("b", 0.79999), ("d", 0.5), ("e", 0.5)), want)
+    assert_same_matches(matches(("a", 0.9), ("b", 0.8), ("c", 0.79999), ("e", 0.5), ("d", 0.49999)), want)
+    for wrong in (matches(("b", 0.9), ("a", 0.8), ("c", 0.79999), ("d", 0.5), ("e", 0.49999)),  # decided order
+                  matches(("a", 0.9), ("b", 0.8), ("c", 0.799), ("d", 0.5), ("e", 0.49999)),    # a score
+                  matches(("a", 0.9), ("b", 0.8), ("x", 0.79999), ("d", 0.5), ("e", 0.49999)),  # a tile
+                  want[:4]):
+        with pytest.raises(AssertionError):
+            assert_same_matches(wrong, want)
+
+
 def _post_while_held(client, data: bytes, n: int) -> list:
     """Post ``n`` uploads at once while a control command holds every worker, so that they all
     wait in the queue together; then let go and return the answers."""
@@ -662,7 +678,8 @@ def test_micro_batching_groups_queued_requests(world):
         sizes = [r.json()["batch_size"] for r in results]
         assert sizes == [6] * 6  # one forward + one search for all six
         first = results[0].json()["results"]
-        assert all(r.json()["results"] == first for r in results)
+        for r in results:
+            assert_same_matches(r.json()["results"], first)
         # six queries are searched as one BLAS product, one alone by a scan: the same answer
         import faiss
         from service.engine import SEARCH_BLAS_MIN_QUERIES
@@ -679,9 +696,7 @@ def test_micro_batching_groups_queued_requests(world):
         assert faiss.cvar.distance_compute_blas_threshold == expected
         alone = _post(client, world.pano).json()
         assert alone["batch_size"] == 1
-        assert [m["tile_id"] for m in alone["results"]] == [m["tile_id"] for m in first]
-        assert [m["score"] for m in alone["results"]] == pytest.approx(
-            [m["score"] for m in first], abs=1e-5)
+        assert_same_matches(alone["results"], first)
 
 
 @pytest.mark.parametrize("decode_threads", [0, 2])
@@ -714,7 +729,7 @@ def test_a_bad_upload_fails_alone_and_its_batch_companions_are_answered(world, d
         _assert_error(results[1], 400, "undecodable_image")
         good = [results[0].json(), results[2].json()]
         assert [g["batch_size"] for g in good] == [2, 2]  # one forward for the two good ones
-        assert good[0]["results"] == good[1]["results"]
+        assert_same_matches(good[0]["results"], good[1]["results"])
         assert all(g["timing_ms"]["decode"] > 0 for g in good)
 
 
@@ -849,7 +864,8 @@ def test_a_killed_encoder_process_fails_only_its_batch_and_is_started_again(worl
         deadline = time.monotonic() + 30
         while engine.encoder_pids[0] == before[0] and time.monotonic() < deadline:
             answer = _post(client, world.pano)  # served by either process meanwhile
-            assert answer.status_code == 200 and answer.json()["results"] == expected, answer.text
+            assert answer.status_code == 200, answer.text
+            assert_same_matches(answer.json()["results"], expected)
         assert engine.encoder_pids[0] != before[0]
         # killed mid-batch (a job whose "decoding" is a 30 s sleep that tells us its process):
         # that job fails, the process is started again, the other one serves meanwhile
@@ -915,7 +931,8 @@ def test_a_process_that_can_not_be_restarted_is_retried_and_never_left_without_i
         assert not engine._encoders[0].serving  # never up without the index it would be asked for
         answers = [_post(client, world.pano) for _ in range(4)]  # the other process serves
         assert [a.status_code for a in answers] == [200] * 4
-        assert all(a.json()["results"] == expected for a in answers)
+        for a in answers:
+            assert_same_matches(a.json()["results"], expected)
         os.rename(hidden, served)
         deadline = time.monotonic() + 60
         while not engine._encoders[0].serving and time.monotonic() < deadline:
