@@ -20,7 +20,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model import L2LTR, L2LTRConfig  # noqa: E402
-from model.encode import autocast_context, pick_device, prepare_for_inference  # noqa: E402
+from model.encode import autocast_context, pick_device  # noqa: E402
+from model.inference import InferenceEncoder  # noqa: E402
 
 
 def throughput(fn, x: torch.Tensor, seconds: float, device: torch.device) -> float:
@@ -51,21 +52,18 @@ def bf16_deviation(model: L2LTR, branch: str, x: torch.Tensor, device: torch.dev
 
 def bench_config(name: str, device: torch.device, batches: list[int], seconds: float) -> list[dict]:
     cfg = L2LTRConfig.named(name)
-    model = prepare_for_inference(L2LTR(cfg), device)
+    encoder = InferenceEncoder(L2LTR(cfg), device)
+    model = encoder.net
     rows = []
     for branch in ("ground", "aerial"):
         size = cfg.ground_size if branch == "ground" else cfg.aerial_size
-        encode = getattr(model, f"encode_{branch}")
 
-        def run(x):
-            with torch.inference_mode(), autocast_context(device):
-                return encode(x)
+        def run(x, branch=branch):
+            return encoder.encode(x, branch)
 
         results = {}
         for bs in batches:
             x = torch.randn(bs, 3, *size, device=device)
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
             results[bs] = throughput(run, x, seconds, device)
         best = max((b for b in batches if b > 1), key=lambda b: results[b])
         dev = bf16_deviation(model, branch, torch.randn(4, 3, *size, device=device), device)

@@ -98,7 +98,7 @@ def raw_encoder_run(model, tensors, batch_size: int, device, lanes: int = 1) -> 
 
     import torch
 
-    from model.encode import available_cpus, encode_batch
+    from model.encode import available_cpus
 
     batches = [torch.stack(tensors[i:i + batch_size]) for i in range(0, len(tensors), batch_size)]
 
@@ -106,9 +106,9 @@ def raw_encoder_run(model, tensors, batch_size: int, device, lanes: int = 1) -> 
         if lanes > 1:  # a thread of its own: the main thread's setting stays as it was
             torch.set_num_threads(max(1, available_cpus() // lanes))
         for b in mine:
-            encode_batch(model, b, "aerial", device)
+            model.encode(b, "aerial")
 
-    encode_batch(model, batches[0], "aerial", device)  # warm-up
+    model.encode(batches[0], "aerial")  # warm-up
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0, c0 = time.perf_counter(), cpu_seconds()
@@ -130,7 +130,8 @@ def bench_encode(args) -> list[dict]:
 
     from index_build.build import BuildOptions, run_build
     from model import L2LTR, L2LTRConfig, load_checkpoint, save_checkpoint
-    from model.encode import available_cpus, pick_device, prepare_for_inference
+    from model.encode import available_cpus, pick_device
+    from model.inference import InferenceEncoder
     from model.preprocess import aerial_tensor, load_image
 
     device = pick_device(args.device)
@@ -151,7 +152,7 @@ def bench_encode(args) -> list[dict]:
             torch.manual_seed(0)
             ckpt = tmp / f"{name}.safetensors"
             save_checkpoint(L2LTR(L2LTRConfig.named(name)), ckpt)
-            model = prepare_for_inference(load_checkpoint(ckpt), device)
+            model = InferenceEncoder(load_checkpoint(ckpt), device, branches=("aerial",))
             cfg = model.config
             c0 = time.process_time()
             tensors = [aerial_tensor(load_image(p), cfg) for p in sources]

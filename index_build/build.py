@@ -121,12 +121,13 @@ def load_catalogue(path: str, check_files: bool, report_path: str | None) -> Cat
 
 def _load_model(opts):
     from model import load_checkpoint
-    from model.encode import pick_device, prepare_for_inference
+    from model.encode import pick_device
+    from model.inference import InferenceEncoder
 
     device = pick_device(opts.device)
     model = load_checkpoint(opts.checkpoint, config=opts.model_config)
     fingerprint = model.fingerprint()
-    return prepare_for_inference(model, device), device, fingerprint
+    return InferenceEncoder(model, device, branches=("aerial",)), device, fingerprint
 
 
 def _plan_differences(old: dict, new: dict) -> list[str]:

@@ -27,8 +27,7 @@ from tqdm import tqdm
 from index_build.encode_common import (BadImagesError, BadTile, EncodeStats, PathTable, ShardAlignedBatches,
                                        TileImageDataset, collate_tiles)
 from index_build.workdir import ShardSpan, write_shard
-from model.encode import available_cpus, encode_batch
-from model.preprocess import normalize_uint8_nchw
+from model.encode import available_cpus
 
 MAX_CPU_LANES = 8
 
@@ -60,18 +59,18 @@ def _encode_good(model, rows, batch: torch.Tensor, errors: list[str], device, sk
     if len(keep) < len(rows):
         batch = batch.index_select(0, torch.tensor(keep, dtype=torch.long))
     if keep and (skip_bad or len(keep) == len(rows)):
-        vectors = encode_batch(model, normalize_uint8_nchw(batch), "aerial", device).numpy()
+        vectors = model.encode_uint8(batch, "aerial")
     else:
         vectors = np.zeros((0, model.embedding_dim), np.float32)
     return EncodedBatch(list(rows), vectors, list(errors))
 
 
 def _warm_up(model, batch_size: int, device) -> None:
-    """Setup before the clock starts: on a CPU the first forward traces the branch (about half a
-    second for the tiny model) and TorchScript optimises the trace on its second run."""
+    """Setup before the clock starts: the first forwards at the build's batch size (the encoder
+    warmed up on single images) allocate what the later ones reuse."""
     blank = torch.zeros(batch_size, 3, *model.config.aerial_size, dtype=torch.uint8)
     for _ in range(2):
-        encode_batch(model, normalize_uint8_nchw(blank), "aerial", device)
+        model.encode_uint8(blank, "aerial")
 
 
 def _loader_batches(model, dataset, batches: ShardAlignedBatches, *, workers: int, device, skip_bad: bool,

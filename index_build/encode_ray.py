@@ -71,7 +71,8 @@ class ShardEncoder:
         import torch
 
         from model import load_checkpoint
-        from model.encode import pick_device, prepare_for_inference
+        from model.encode import pick_device
+        from model.inference import InferenceEncoder
 
         if torch_threads > 0:
             torch.set_num_threads(torch_threads)
@@ -80,7 +81,7 @@ class ShardEncoder:
         if got != fingerprint:
             raise RuntimeError(f"{checkpoint} on this node has fingerprint {got}, the build expects {fingerprint}")
         self.device = pick_device(device)
-        self.model = prepare_for_inference(model, self.device)
+        self.model = InferenceEncoder(model, self.device, branches=("aerial",))
         self.fingerprint = fingerprint
         self.work = work
         self.catalog = os.path.join(work, "catalog.csv")
@@ -94,9 +95,6 @@ class ShardEncoder:
 
     def encode_shard(self, span: ShardSpan, byte_start: int, byte_stop: int) -> dict:
         import torch
-
-        from model.encode import encode_batch
-        from model.preprocess import normalize_uint8_nchw
 
         t0 = time.perf_counter()
         records = read_record_range(self.catalog, byte_start, byte_stop)
@@ -118,8 +116,7 @@ class ShardEncoder:
                 else:
                     good.append(tensor)
             if good and not (bad_tiles and not self.skip_bad):
-                parts.append(encode_batch(self.model, normalize_uint8_nchw(torch.stack(good)), "aerial",
-                                          self.device).numpy())
+                parts.append(self.model.encode_uint8(torch.stack(good), "aerial"))
         if bad_tiles and not self.skip_bad:  # the shard is not written; the driver reports every bad tile
             return {"shard": span.index, "rows": 0, "skipped": 0, "seconds": time.perf_counter() - t0,
                     "error": json.dumps([b.to_json() for b in bad_tiles]), "bad": len(bad_tiles)}

@@ -19,8 +19,8 @@ def run_verify(artifact: str, checkpoint: str, *, sample: int = 64, seed: int = 
     import torch
 
     from model import load_checkpoint
-    from model.encode import encode_batch, pick_device, prepare_for_inference
-    from model.preprocess import normalize_uint8_nchw
+    from model.encode import pick_device
+    from model.inference import InferenceEncoder
 
     root = resolve_artifact(artifact)  # resolve once: every file below comes from the same version
     manifest = read_manifest(root)
@@ -51,7 +51,7 @@ def run_verify(artifact: str, checkpoint: str, *, sample: int = 64, seed: int = 
         problems.append(f"model fingerprint {fingerprint} != artifact's {manifest['model_fingerprint']}")
         report.update(ok=False, problems=problems)
         return report
-    model = prepare_for_inference(model, dev)
+    model = InferenceEncoder(model, dev, branches=("aerial",))
 
     n = len(records)
     k = min(sample, n)
@@ -75,7 +75,7 @@ def run_verify(artifact: str, checkpoint: str, *, sample: int = 64, seed: int = 
                 tensor = torch.zeros(3, *model.config.aerial_size, dtype=torch.uint8)
             tensors.append(tensor)
         if tensors:
-            fresh.append(encode_batch(model, normalize_uint8_nchw(torch.stack(tensors)), "aerial", dev).numpy())
+            fresh.append(model.encode_uint8(torch.stack(tensors), "aerial"))
     fresh = np.concatenate(fresh) if fresh else np.zeros((0, manifest["embedding_dim"]), np.float32)
     if decode_failures:
         problems.append(f"{len(decode_failures)} sampled image(s) no longer decode: {decode_failures[:5]}")

@@ -1,10 +1,8 @@
-"""Batched inference helpers shared by evaluation, index_build and the service."""
+"""Device choice and eager batched encoding (training, evaluation); serving and index builds
+encode through `model.inference.InferenceEncoder`."""
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
-import logging
 import os
 from typing import Iterable, Sequence
 
@@ -12,8 +10,6 @@ import numpy as np
 import torch
 
 from .network import L2LTR
-
-log = logging.getLogger(__name__)
 
 
 def available_cpus() -> int:
@@ -39,57 +35,6 @@ def autocast_context(device: torch.device | str, enabled: bool = True):
     if enabled and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-# glibc's mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
-_MALLOC_ENV = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")
-_allocator_tuned: bool | None = None
-
-
-def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 256 << 20) -> bool:
-    """Keep the memory of freed activations in the process instead of returning it to the kernel.
-
-    By default glibc serves a large allocation with a fresh mmap and hands freed heap tops back,
-    so every CPU forward page-faults its activation buffers in again: hundreds of minor faults
-    per image for `tiny`, ~10% of its forward's CPU time (bench/RESULTS.md). Above the mmap
-    threshold glibc stops adapting it, so buffers up to 32 MiB are reused from the heap. Once per
-    process; a no-op (False) off glibc or where the user tuned glibc's malloc (MALLOC_*_THRESHOLD_,
-    glibc.malloc.* in GLIBC_TUNABLES), which wins."""
-    global _allocator_tuned
-    if _allocator_tuned is not None:
-        return _allocator_tuned
-    _allocator_tuned = False
-    if any(name in os.environ for name in _MALLOC_ENV) or "glibc.malloc." in os.environ.get(
-            "GLIBC_TUNABLES", ""):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-        libc.gnu_get_libc_version  # glibc only: musl's mallopt ignores these parameters
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    _allocator_tuned = bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)
-                            and mallopt(_M_TRIM_THRESHOLD, trim_threshold))
-    if not _allocator_tuned:
-        log.warning("glibc refused the allocator settings; CPU forwards will page-fault more")
-    return _allocator_tuned
-
-
-def prepare_for_inference(model: L2LTR, device: torch.device | str = "cpu") -> L2LTR:
-    """eval mode on `device`; channels_last on CUDA, where the stem's convolutions gain from it;
-    on a CPU the branches run as TorchScript traces (`L2LTR.trace_for_inference`) and the
-    process keeps freed activation memory for the next batch (`keep_freed_memory`)."""
-    device = torch.device(device)
-    model = model.to(device).eval()
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    else:
-        keep_freed_memory()
-        model.trace_for_inference()
-    return model
 
 
 def encode_batch(model: L2LTR, batch: torch.Tensor, branch: str, device: torch.device | str | None = None,

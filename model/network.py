@@ -7,8 +7,6 @@ weights load unchanged into each branch.
 from __future__ import annotations
 
 import hashlib
-import threading
-import warnings
 from collections import OrderedDict
 
 import torch
@@ -229,7 +227,6 @@ class L2LTR(nn.Module):
         self.config = config
         self.ground = Branch(config, config.grid("ground"))
         self.aerial = Branch(config, config.grid("aerial"))
-        self._traces: dict | None = None  # see trace_for_inference
         self.reset_parameters()
 
     @property
@@ -254,62 +251,21 @@ class L2LTR(nn.Module):
             nn.init.trunc_normal_(emb.position_embeddings, std=0.02)
             nn.init.trunc_normal_(emb.cls_token, std=0.02)
 
-    def _check_input(self, x: torch.Tensor, branch: str) -> None:
+    def check_input(self, x: torch.Tensor, branch: str) -> None:
         expected = self.config.ground_size if branch == "ground" else self.config.aerial_size
         if x.ndim != 4 or x.shape[1] != 3 or tuple(x.shape[-2:]) != expected:
             raise ValueError(f"{branch} input must be [B, 3, {expected[0]}, {expected[1]}], got {list(x.shape)}")
 
     def encode_ground(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x, "ground")
+        self.check_input(x, "ground")
         return self._describe("ground", x)
 
     def encode_aerial(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x, "aerial")
+        self.check_input(x, "aerial")
         return self._describe("aerial", x)
 
     def _describe(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        branch = self._inference_branch(name, x)
-        if not (self.config.test_time_flip and not self.training):
-            return branch(x)
-        # Width is azimuth for panoramas and polar tiles and east-west for plain tiles: flipping
-        # it mirrors either view about the north-south axis through the camera.
-        both = branch(torch.cat([x, x.flip(3)]))
-        return F.normalize(both[: len(x)] + both[len(x):], dim=-1)
-
-    def trace_for_inference(self, enabled: bool = True) -> "L2LTR":
-        """Run each branch as a frozen TorchScript trace whenever it runs in inference (eval mode,
-        no autograd); a branch is traced on its first such batch. The outputs are the eager
-        modules' (tested); the trace skips the per-operator Python work and runs without holding
-        the GIL, so on a CPU it is faster, and several encoder threads in one process no longer
-        queue for the interpreter (bench/RESULTS.md). A trace keeps its own copy of the branch's
-        weights: `train()` and `load_state_dict` drop the traces (they are made again on the next
-        inference batch); call this after `.to()`."""
-        self._traces = {} if enabled else None
-        return self
-
-    def train(self, mode: bool = True) -> "L2LTR":
-        if mode and self._traces:
-            self._traces.clear()
-        return super().train(mode)
-
-    def load_state_dict(self, *args, **kwargs):
-        if self._traces:
-            self._traces.clear()
-        return super().load_state_dict(*args, **kwargs)
-
-    def _inference_branch(self, name: str, x: torch.Tensor):
-        branch = getattr(self, name)
-        if self._traces is None or self.training or torch.is_grad_enabled():
-            return branch
-        key = (name, x.device, x.dtype)
-        trace = self._traces.get(key)
-        if trace is None:
-            with _TRACE_LOCK:  # two encoder threads may meet here on their first batch
-                trace = self._traces.get(key)
-                if trace is None:
-                    trace = _trace_branch(branch, x)
-                    self._traces[key] = trace
-        return trace
+        return describe(getattr(self, name), x, self.config.test_time_flip and not self.training)
 
     def forward(self, ground: torch.Tensor, aerial: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encode_ground(ground), self.encode_aerial(aerial)
@@ -322,22 +278,16 @@ class L2LTR(nn.Module):
         return {"ground": count(self.ground), "aerial": count(self.aerial), "total": count(self)}
 
 
-_TRACE_LOCK = threading.Lock()
+def describe(branch, x: torch.Tensor, test_time_flip: bool = False) -> torch.Tensor:
+    """A branch's descriptors of ``x``; with test-time flip, of ``x`` and its mirror image summed.
+    ``branch`` is the module or a trace of it (model.inference)."""
+    if not test_time_flip:
+        return branch(x)
+    # Width is azimuth for panoramas and polar tiles and east-west for plain tiles: flipping
+    # it mirrors either view about the north-south axis through the camera.
+    both = branch(torch.cat([x, x.flip(3)]))
+    return F.normalize(both[: len(x)] + both[len(x):], dim=-1)
 
-
-def _trace_branch(branch: nn.Module, x: torch.Tensor):
-    """A frozen TorchScript trace of `branch` for inputs shaped like `x`, or `branch` itself where
-    this torch cannot trace it (TorchScript is deprecated upstream; torch is pinned, and a later
-    torch that drops it costs speed, not correctness)."""
-    try:
-        with warnings.catch_warnings():
-            # Shape checks become constants of the trace: the input size is fixed per branch.
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            warnings.simplefilter("ignore", DeprecationWarning)
-            return torch.jit.freeze(torch.jit.trace(branch.eval(), x, check_trace=False))
-    except Exception as exc:  # noqa: BLE001 - any failure leaves the eager module in charge
-        warnings.warn(f"L2LTR: running the eager branch, tracing failed: {exc}", RuntimeWarning)
-        return branch
 
 # Config fields added after fingerprints were published: at their default they leave the hash as it was.
 FINGERPRINT_NEUTRAL_DEFAULTS = {"test_time_flip": False}

@@ -13,7 +13,7 @@ Steps, each skipped when its result is already there and current:
   2. the index: `python -m index_build build --catalog DIR/world/tiles.csv --checkpoint CKPT
      --out DIR/index`; rebuilt only when the published manifest names another model fingerprint,
      another catalogue checksum or another catalogue path;
-  3. the API: `uvicorn service.app:app` with GEOLOC_CHECKPOINT and GEOLOC_INDEX set; once /readyz
+  3. the API: `python -m service` with GEOLOC_CHECKPOINT and GEOLOC_INDEX set; once /readyz
      answers, a ready-to-paste curl and the web page address are printed.
 
 Steps 1 and 2 run the stages' own command lines, exactly as a user would, and the freshness checks
@@ -364,9 +364,7 @@ def serve(args, checkpoint: Path, index: Path, region: Region) -> int:
     if not port_is_free(args.host, args.port):
         raise DemoError(f"{args.host}:{args.port} is already in use (another demo still running?). "
                         f"Stop it, or pick another port: make demo DEMO_PORT={args.port + 1}")
-    # The service writes its own access lines (with request ids); uvicorn's would double them.
-    cmd = [sys.executable, "-m", "uvicorn", "service.app:app", "--host", args.host, "--port", str(args.port),
-           "--no-access-log"]
+    cmd = [sys.executable, "-m", "service", "--host", args.host, "--port", str(args.port)]
     say("api: $ GEOLOC_CHECKPOINT=" + relative_to_cwd(checkpoint) + " GEOLOC_INDEX=" + relative_to_cwd(index)
         + " " + " ".join(display_cmd(cmd)))
     t0 = time.monotonic()

@@ -2,6 +2,7 @@
 
 ``uvicorn service.app:app`` builds the app from ``GEOLOC_*`` environment variables on first
 access (the module attribute is created lazily, so importing this module has no side effects).
+``python -m service`` runs it with the read timeouts and allocator settings the service wants.
 """
 from __future__ import annotations
 
@@ -17,20 +18,21 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import routes
+from .artifact import public_text
 from .deps import require_api_key
-from .encoder_process import EncoderProcessDied
 from .engine import ClientGone, NotReady, Overloaded, ResultTimeout
-from .logs import configure_logging, flush_logs, new_request_id, request_id_var
+from .logs import configure_logging, new_request_id, request_id_var
 from .metrics import Metrics
 from .runtime import ReloadFailed, Runtime
 from .schemas import ErrorResponse, FeatureCollection
 from .settings import Settings
 from .thumbs import Thumbnails
-from .uploads import MissingUpload, UploadError
+from .uploads import MissingUpload, UploadBudget, UploadError
 
 log = logging.getLogger("service.http")
 
@@ -48,11 +50,7 @@ class RequestContext:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        incoming = None
-        for name, value in scope["headers"]:
-            if name == b"x-request-id":
-                incoming = value.decode("latin-1")
-                break
+        incoming = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"x-request-id"), None)
         rid = new_request_id(incoming)
         # Each request runs in its own task (own context copy), so this never leaks across requests;
         # it is deliberately not reset, so the 500 handler outside this middleware still sees it.
@@ -64,16 +62,14 @@ class RequestContext:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message.setdefault("headers", [])
-                message["headers"] = list(message["headers"]) + [(b"x-request-id", rid.encode())]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
         finally:
             elapsed = time.perf_counter() - started
-            route = scope.get("route")
-            label = getattr(route, "path", None) or "unmatched"
+            label = getattr(scope.get("route"), "path", None) or "unmatched"
             self.metrics.requests.labels(label, scope["method"], str(status)).inc()
             self.metrics.request_seconds.labels(label).observe(elapsed)
             level = logging.DEBUG if scope["path"] in _QUIET_PATHS and status < 400 else logging.INFO
@@ -94,6 +90,21 @@ _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "
 
 def _install_error_handlers(app: FastAPI, settings: Settings) -> None:
     retry = {"Retry-After": str(settings.retry_after_s)}
+    simple = {  # exception -> (status, code, how its text is shown, headers)
+        Overloaded: (503, "overloaded", "server busy: {}; retry later", retry),
+        NotReady: (503, "not_ready", "not ready: {}", retry),
+        ResultTimeout: (504, "timeout", "{}", None),
+        # nobody reads this; 499 is the customary "client closed request" code in access logs
+        ClientGone: (499, "client_disconnected", "{}", None),
+        ReloadFailed: (409, "reload_failed", "new index artifact rejected, the previous one is still served: {}",
+                       None),
+    }
+    for exc_type, (status, code, text, headers) in simple.items():
+        async def handle(request: Request, exc: Exception, status=status, code=code, text=text,
+                         headers=headers) -> JSONResponse:
+            return _error(status, code, public_text(text.format(exc)), headers)
+
+        app.add_exception_handler(exc_type, handle)
 
     @app.exception_handler(UploadError)
     async def upload_error(request: Request, exc: UploadError) -> JSONResponse:
@@ -101,46 +112,18 @@ def _install_error_handlers(app: FastAPI, settings: Settings) -> None:
 
     @app.exception_handler(MissingUpload)
     async def missing_upload(request: Request, exc: MissingUpload) -> JSONResponse:
-        detail = [{"type": "missing", "loc": ["body", exc.field_name], "msg": "Field required",
-                   "input": None}]
+        detail = [{"type": "missing", "loc": ["body", exc.field_name], "msg": "Field required", "input": None}]
         return _error(422, "validation_error", detail)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        detail = [{k: v for k, v in err.items() if k in ("type", "loc", "msg", "input", "ctx")}
-                  for err in exc.errors()]
-        return _error(422, "validation_error", _jsonable(detail))
+        detail = [{k: v for k, v in err.items() if k in ("type", "loc", "msg", "input")} for err in exc.errors()]
+        return _error(422, "validation_error", detail)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return _error(exc.status_code, _HTTP_CODES.get(exc.status_code, "http_error"), exc.detail,
                       getattr(exc, "headers", None))
-
-    @app.exception_handler(Overloaded)
-    async def overloaded(request: Request, exc: Overloaded) -> JSONResponse:
-        return _error(503, "overloaded", f"server busy: {exc}; retry later", retry)
-
-    @app.exception_handler(NotReady)
-    async def not_ready(request: Request, exc: NotReady) -> JSONResponse:
-        return _error(503, "not_ready", f"not ready: {exc}", retry)
-
-    @app.exception_handler(EncoderProcessDied)
-    async def encoder_died(request: Request, exc: EncoderProcessDied) -> JSONResponse:
-        return _error(503, "encoder_restarting", f"{exc}; it is being restarted, retry", retry)
-
-    @app.exception_handler(ResultTimeout)
-    async def timed_out(request: Request, exc: ResultTimeout) -> JSONResponse:
-        return _error(504, "timeout", str(exc))
-
-    @app.exception_handler(ClientGone)
-    async def client_gone(request: Request, exc: ClientGone) -> JSONResponse:
-        # Nobody reads this; 499 is the customary "client closed request" code in access logs.
-        return _error(499, "client_disconnected", str(exc))
-
-    @app.exception_handler(ReloadFailed)
-    async def reload_failed(request: Request, exc: ReloadFailed) -> JSONResponse:
-        return _error(409, "reload_failed",
-                      f"new index artifact rejected, the previous one is still served: {exc}")
 
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception) -> JSONResponse:
@@ -148,22 +131,24 @@ def _install_error_handlers(app: FastAPI, settings: Settings) -> None:
         return _error(500, "internal_error", "internal server error")
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)
-
-
 def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema, corrected where it says what this API does not do: its default 422
+    (HTTPValidationError) on routes whose parameters can not be invalid, and several security
+    schemes of one route listed as alternatives when each is required."""
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=app.version, description=app.description,
                              routes=app.routes)
-        extra = FeatureCollection.model_json_schema(ref_template="#/components/schemas/{model}")
+        for path in schema["paths"].values():
+            for operation in path.values():
+                default_422 = operation.get("responses", {}).get("422", {})
+                if "HTTPValidationError" in str(default_422):
+                    del operation["responses"]["422"]
+                if len(operation.get("security", [])) > 1:
+                    operation["security"] = [{k: v for req in operation["security"] for k, v in req.items()}]
         components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for unused in ("HTTPValidationError", "ValidationError"):
+            components.pop(unused, None)
+        extra = FeatureCollection.model_json_schema(ref_template="#/components/schemas/{model}")
         for name, sub in extra.pop("$defs", {}).items():
             components.setdefault(name, sub)
         components["FeatureCollection"] = extra
@@ -185,24 +170,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             await anyio.to_thread.run_sync(runtime.stop)
-            flush_logs()
+            metrics.process_exit()
 
-    app = FastAPI(
+    app = FastAPIOffline(
         title="L2LTR geo-localization",
         version="0.1.0",
         description="Upload a street-level 360° panorama, get the most likely locations: the "
         "panorama is matched against geo-tagged aerial tiles with L2LTR.",
         lifespan=lifespan,
+        static_url="/docs-assets",
+        favicon_url="/favicon.ico",
     )
     app.state.settings = settings
     app.state.runtime = runtime
     app.state.thumbnails = Thumbnails(settings.thumbnail_px, settings.thumbnail_cache)
-    app.state.decode_limiter = anyio.CapacityLimiter(max(1, runtime.plan.decode_threads))
+    app.state.upload_budget = UploadBudget(settings.max_inflight_upload_bytes, settings.retry_after_s)
     _install_error_handlers(app, settings)
     # Without keys no route checks one: no dependency to solve per request, none in the docs.
     auth = [Depends(require_api_key)] if settings.api_keys else []
-    app.router.routes.extend(routes.direct_routes(routes.api.routes))  # before FastAPI's own
-    app.include_router(routes.api, dependencies=auth)
+    unauthorized = routes.errors(401) if settings.api_keys else None
+    app.include_router(routes.api, dependencies=auth, responses=unauthorized)
     app.include_router(routes.admin, dependencies=auth)
     app.include_router(routes.public)
     app.mount("/static", StaticFiles(directory=routes.STATIC), name="static")

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import faiss
 import numpy as np
+
+from .schemas import IndexInfo, TileMatch
 
 SUPPORTED_FORMAT_VERSIONS = {1}
 REQUIRED_MANIFEST_KEYS = (
@@ -23,6 +27,8 @@ REQUIRED_MANIFEST_KEYS = (
     "built_at",
 )
 REQUIRED_TILE_COLUMNS = ("tile_id", "lat", "lon", "source")
+
+log = logging.getLogger("service.artifact")
 
 
 class ArtifactError(Exception):
@@ -53,38 +59,42 @@ class Signature:
         return cls(str(resolved), st.st_ino, st.st_mtime_ns, st.st_size)
 
 
-@dataclass
-class LoadedIndex:
-    """One artifact held in memory: the FAISS index plus tile metadata, immutable once built."""
+Match = TileMatch  # one ranked answer row
 
-    path: Path
+
+@dataclass(frozen=True, eq=False)
+class ServedIndex:
+    """One artifact held in memory: the FAISS index, its tile table and the descriptions the
+    answers carry, all made at load. Immutable: a reload makes a new one."""
+
+    path: Path  # the resolved artifact directory
     signature: Signature
-    manifest: dict
+    public_manifest: dict  # what GET /v1/index shows: no host name, no directories
+    info: IndexInfo
     index: "faiss.Index"
     tile_ids: list[str]
     lat: np.ndarray
     lon: np.ndarray
     sources: list[str]
     row_of: dict[str, int] = field(repr=False)
-    generation: int = 0
-    gpu_resources: object = field(default=None, repr=False)
+    gpu_resources: object = field(default=None, repr=False)  # must outlive a GPU index
 
     @property
     def count(self) -> int:
         return len(self.tile_ids)
 
-    def info(self) -> dict:
-        m = self.manifest
-        return {
-            "model_fingerprint": m["model_fingerprint"],
-            "count": self.count,
-            "embedding_dim": int(m["embedding_dim"]),
-            "metric": m["metric"],
-            "index_type": str(m["index_type"]),
-            "built_at": str(m["built_at"]),
-            "catalog_sha256": m.get("catalog_sha256"),
-            "generation": self.generation,
-        }
+    @property
+    def generation(self) -> int:
+        return self.info.generation
+
+    def search(self, vectors: np.ndarray, k: int) -> list[list[Match]]:
+        """The top ``min(k, count)`` tiles of each query row, best first."""
+        scores, rows = self.index.search(vectors, min(k, self.count))
+        tile_ids, lat, lon = self.tile_ids, self.lat, self.lon
+        return [[Match.model_construct(rank=rank, tile_id=tile_ids[r], lat=float(lat[r]), lon=float(lon[r]),
+                                       score=float(s))
+                 for rank, (s, r) in enumerate(zip(score_row.tolist(), row_row.tolist()), start=1) if r >= 0]
+                for score_row, row_row in zip(scores, rows)]
 
 
 def _read_manifest(directory: Path) -> dict:
@@ -107,6 +117,8 @@ def _read_manifest(directory: Path) -> dict:
         )
     if manifest["metric"] != "inner_product":
         raise ArtifactError(f"{path}: metric {manifest['metric']!r}, expected 'inner_product'")
+    if not all(type(manifest[key]) is int for key in ("count", "embedding_dim")):
+        raise ArtifactError(f"{path}: manifest count/embedding_dim are not integers")
     return manifest
 
 
@@ -152,44 +164,20 @@ def _apply_search_params(index: "faiss.Index", params: dict) -> None:
                 pass
 
 
-def _open(path: Path, expected_fingerprint: str, embedding_dim: int) -> tuple[Signature, Path, dict]:
-    """Signature, resolved directory and manifest of the artifact at ``path``, checked against
-    the model (fingerprint, dimension)."""
-    try:
-        signature = Signature.of(path)
-    except FileNotFoundError:
-        raise ArtifactError(f"{path}: no index artifact there (missing manifest.json)") from None
-    directory = Path(signature.resolved)
-    manifest = _read_manifest(directory)
-    if manifest["model_fingerprint"] != expected_fingerprint:
-        raise FingerprintMismatch(
-            f"index artifact {directory} was built for model fingerprint "
-            f"{manifest['model_fingerprint']}, but the loaded checkpoint has fingerprint "
-            f"{expected_fingerprint}; rebuild the index with this checkpoint "
-            "(python -m index_build build ...) or serve the checkpoint it was built with"
-        )
-    try:
-        int(manifest["count"])
-        dim = int(manifest["embedding_dim"])
-    except (TypeError, ValueError):
-        raise ArtifactError(f"{directory}: manifest count/embedding_dim are not integers") from None
-    if dim != embedding_dim:
-        raise ArtifactError(
-            f"{directory}: embedding_dim {dim} differs from the model's {embedding_dim}"
-        )
-    return signature, directory, manifest
+_FAISS_LOCATION = re.compile(r"^Error in .*? at \S+:\d+:", re.S)
 
 
 def _read_index(directory: Path, manifest: dict) -> "faiss.Index":
     """The artifact's FAISS index, consistent with its manifest, with its query-time parameters."""
-    count, dim = int(manifest["count"]), int(manifest["embedding_dim"])
+    count, dim = manifest["count"], manifest["embedding_dim"]
     index_file = directory / "index.faiss"
     if not index_file.is_file():
         raise ArtifactError(f"{index_file}: missing")
     try:
         index = faiss.read_index(str(index_file))
-    except Exception as exc:
-        raise ArtifactError(f"{index_file}: unreadable FAISS index: {exc}") from None
+    except Exception as exc:  # FAISS prefixes its C++ function and source location: not for users
+        reason = _FAISS_LOCATION.sub("", str(exc)).strip()
+        raise ArtifactError(f"{index_file}: unreadable FAISS index: {reason}") from None
     if index.d != dim:
         raise ArtifactError(f"{index_file}: dimension {index.d}, manifest says {dim}")
     if index.ntotal != count:
@@ -200,41 +188,76 @@ def _read_index(directory: Path, manifest: dict) -> "faiss.Index":
     return index
 
 
-def _check_unchanged(path: Path, signature: Signature) -> None:
-    """The manifest re-checked at the end: a publish that swapped the artifact underneath us."""
-    try:
-        if Signature.of(path) != signature:
-            raise ArtifactChanged(f"{path}: artifact replaced while loading")
-    except FileNotFoundError:
-        raise ArtifactChanged(f"{path}: artifact moved away while loading") from None
-
-
-def load_artifact(path: Path, *, expected_fingerprint: str, embedding_dim: int) -> LoadedIndex:
-    """Load and validate the artifact at ``path`` for a model with the given fingerprint."""
+def load_artifact(path: Path, *, expected_fingerprint: str, embedding_dim: int, generation: int,
+                  gpu: int | None = None) -> ServedIndex:
+    """Load and validate the artifact at ``path`` for a model with the given fingerprint; with
+    ``gpu`` (a CUDA device number) its FAISS index is moved there where this FAISS build can."""
     path = Path(path)
-    signature, directory, manifest = _open(path, expected_fingerprint, embedding_dim)
+    try:
+        signature = Signature.of(path)
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: no index artifact there (missing manifest.json)") from None
+    directory = Path(signature.resolved)
+    manifest = _read_manifest(directory)
+    if manifest["model_fingerprint"] != expected_fingerprint:
+        raise FingerprintMismatch(
+            f"index artifact {directory} was built for model fingerprint {manifest['model_fingerprint']}, "
+            f"but the loaded checkpoint has fingerprint {expected_fingerprint}; rebuild the index with this "
+            "checkpoint (python -m index_build build ...) or serve the checkpoint it was built with")
+    if manifest["embedding_dim"] != embedding_dim:
+        raise ArtifactError(f"{directory}: embedding_dim {manifest['embedding_dim']} differs from the model's "
+                            f"{embedding_dim}")
     index = _read_index(directory, manifest)
-    count = int(manifest["count"])
+    count = manifest["count"]
     tile_ids, lat, lon, sources = _read_tiles(directory / "tiles.csv", count)
     row_of = {tile_id: row for row, tile_id in enumerate(tile_ids)}
     if len(row_of) != count:
         raise ArtifactError(f"{directory / 'tiles.csv'}: tile_id values are not unique")
-    _check_unchanged(path, signature)
-    return LoadedIndex(
-        path=directory, signature=signature, manifest=manifest, index=index, tile_ids=tile_ids,
-        lat=lat, lon=lon, sources=sources, row_of=row_of,
-    )
+    try:  # a publish that swapped the artifact underneath us: read the new one
+        if Signature.of(path) != signature:
+            raise ArtifactChanged(f"{path}: artifact replaced while loading")
+    except FileNotFoundError:
+        raise ArtifactChanged(f"{path}: artifact moved away while loading") from None
+    resources = None
+    if gpu is not None:
+        index, resources = _to_gpu(index, gpu)
+    info = IndexInfo(
+        model_fingerprint=manifest["model_fingerprint"], count=count, embedding_dim=embedding_dim,
+        metric=manifest["metric"], index_type=str(manifest["index_type"]), built_at=str(manifest["built_at"]),
+        catalog_sha256=manifest.get("catalog_sha256"), generation=generation)
+    return ServedIndex(path=directory, signature=signature, public_manifest=public_manifest(manifest), info=info, index=index, tile_ids=tile_ids,
+                       lat=lat, lon=lon, sources=sources, row_of=row_of, gpu_resources=resources)
 
 
-def load_search_index(path: Path, *, expected_signature: Signature, expected_fingerprint: str,
-                      embedding_dim: int) -> "faiss.Index":
-    """Only the FAISS index of an artifact that ``load_artifact`` has already read whole (an
-    encoder process's copy: the tile table stays with the service), provided it is still the very
-    same artifact."""
-    path = Path(path)
-    signature, directory, manifest = _open(path, expected_fingerprint, embedding_dim)
-    if signature != expected_signature:
-        raise ArtifactChanged(f"{path}: artifact replaced since the service loaded it")
-    index = _read_index(directory, manifest)
-    _check_unchanged(path, signature)
-    return index
+def _to_gpu(index: "faiss.Index", device: int):
+    """The index on GPU ``device`` when this FAISS build has GPU support, else unchanged."""
+    if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
+        return index, None
+    try:
+        resources = faiss.StandardGpuResources()
+        return faiss.index_cpu_to_gpu(resources, device, index), resources
+    except Exception:  # an index type without a GPU implementation: searched on the CPU
+        log.warning("FAISS index stays on the CPU (no GPU version of %s)", type(index).__name__)
+        return index, None
+
+
+# An absolute POSIX path up to its last component: "/srv/data/index/tiles.csv" -> "tiles.csv".
+_DIRECTORIES = re.compile(r"(?<![\w.~/-])/(?:[^/\s:'\",;()\[\]]+/)+")
+
+
+def public_text(text: str) -> str:
+    """``text`` without the directories of any absolute path in it: for answers that anyone who
+    can reach the service reads (/readyz, 409s), where the log keeps the full text."""
+    return _DIRECTORIES.sub("", text)
+
+
+def public_manifest(manifest: dict) -> dict:
+    """The manifest as GET /v1/index shows it: no host names, paths reduced to their file names."""
+    def clean(value):
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items() if k not in ("host", "hostname")}
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        return public_text(value) if isinstance(value, str) else value
+
+    return clean(manifest)

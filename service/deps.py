@@ -72,10 +72,9 @@ async def require_admin(
                             headers={"WWW-Authenticate": "Bearer"})
 
 
-async def require_ready(request: Request) -> Runtime:
-    runtime: Runtime = request.app.state.runtime  # read here, not via get_runtime: one step less
+async def require_ready(runtime: RuntimeDep) -> Runtime:
     if not runtime.ready:
-        raise NotReady(runtime.error or f"service is {runtime.state}")
+        raise NotReady(runtime.not_ready_reason())
     return runtime
 
 

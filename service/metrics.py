@@ -1,92 +1,112 @@
-"""Prometheus metrics of one app instance (own registry, so several apps can live in one test)."""
+"""Prometheus metrics of one app instance (own registry, so several apps can live in one test).
+
+Several server processes (``python -m service --workers N``, ``uvicorn --workers N``) share their
+metrics through prometheus_client's multiprocess mode: set ``PROMETHEUS_MULTIPROC_DIR`` to an empty
+directory writable by all of them, and ``GET /metrics`` from any process adds up every process's.
+"""
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
 # Milliseconds-scale buckets expressed in seconds, as Prometheus convention wants.
 _LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
 )
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+STAGES = ("decode", "queue", "encode", "search", "total")
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
 
 
 class Metrics:
     def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
+        self.registry = r = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "geoloc_http_requests_total", "HTTP requests by route template, method and status.",
-            ["route", "method", "status"], registry=r,
-        )
+            ["route", "method", "status"], registry=r)
         self.request_seconds = Histogram(
             "geoloc_http_request_duration_seconds", "HTTP request latency by route template.",
-            ["route"], buckets=_LATENCY_BUCKETS, registry=r,
-        )
-        self.stage_seconds = Histogram(
+            ["route"], buckets=_LATENCY_BUCKETS, registry=r)
+        stage_seconds = Histogram(
             "geoloc_stage_duration_seconds",
             "Per-image latency of each stage: decode, queue, encode, search, total.",
-            ["stage"], buckets=_LATENCY_BUCKETS, registry=r,
-        )
-        # the labelled children, looked up once: several observations per request
-        self.stage = {name: self.stage_seconds.labels(name)
-                      for name in ("decode", "queue", "encode", "search", "total")}
+            ["stage"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.stage = {name: stage_seconds.labels(name) for name in STAGES}
         self.batch_size = Histogram(
             "geoloc_batch_size", "Images per micro-batch (one forward + one search).",
-            buckets=_BATCH_BUCKETS, registry=r,
-        )
-        self.queue_depth = Gauge(
-            "geoloc_queue_depth", "Images waiting for the inference worker.", registry=r
-        )
-        self.queue_capacity = Gauge(
-            "geoloc_queue_capacity", "Images that may wait before 503.", registry=r
-        )
+            buckets=_BATCH_BUCKETS, registry=r)
+        self.queue_depth = Gauge("geoloc_queue_depth", "Images waiting for an encoder thread.",
+                                 registry=r, multiprocess_mode="livesum")
+        self.queue_capacity = Gauge("geoloc_queue_capacity", "Images that may wait before 503.",
+                                    registry=r, multiprocess_mode="livesum")
         self.rejected = Counter(
-            "geoloc_rejected_total", "Requests refused before inference, by reason.",
-            ["reason"], registry=r,
-        )
+            "geoloc_rejected_total", "Requests refused before inference, by reason.", ["reason"], registry=r)
         self.dropped = Counter(
             "geoloc_dropped_images_total",
             "Queued images not computed, by reason (client_disconnected, timeout, shutdown).",
-            ["reason"], registry=r,
-        )
-        self.encoder_restarts = Counter(
-            "geoloc_encoder_restarts_total",
-            "Encoder processes started again after they died (killed, out of memory).", registry=r,
-        )
-        self.images = Counter(
-            "geoloc_images_localized_total", "Images encoded and searched.", registry=r
-        )
-        self.index_size = Gauge(
-            "geoloc_index_size", "Vectors in the index being served.", registry=r
-        )
+            ["reason"], registry=r)
+        self.images = Counter("geoloc_images_localized_total", "Images encoded and searched.", registry=r)
+        self.index_size = Gauge("geoloc_index_size", "Vectors in the index being served.", registry=r,
+                                multiprocess_mode="livemax")
         self.index_generation = Gauge(
-            "geoloc_index_generation", "Index swaps since start (1 = the first load).", registry=r
-        )
+            "geoloc_index_generation", "Index swaps since start (1 = the first load).", registry=r,
+            multiprocess_mode="livemax")
         self.index_info = Gauge(
-            "geoloc_index_info", "The index artifact being served (value 1).",
+            "geoloc_index_info", "The index artifact being served (1; 0 for one served before).",
             ["model_fingerprint", "built_at", "catalog_sha256", "index_type", "count"],
-            registry=r,
-        )
-        self.model_info = Info("geoloc_model", "The model being served.", registry=r)
-        self.reloads = Counter(
-            "geoloc_index_reloads_total", "Index reload attempts by trigger and result.",
-            ["trigger", "result"], registry=r,
-        )
+            registry=r, multiprocess_mode="livemax")
+        self.model_info = Gauge("geoloc_model_info", "The model being served (1).",
+                                ["fingerprint", "checkpoint", "embedding_dim", "device"],
+                                registry=r, multiprocess_mode="livemax")
+        self.reloads = Counter("geoloc_index_reloads_total", "Index reload attempts by trigger and result.",
+                               ["trigger", "result"], registry=r)
         self.reload_failed = Gauge(
             "geoloc_index_reload_failing",
             "1 while the newest published artifact could not be loaded (old one still served).",
-            registry=r,
-        )
-        self.ready = Gauge("geoloc_ready", "1 when model and index are loaded.", registry=r)
+            registry=r, multiprocess_mode="livemax")
+        self.ready = Gauge("geoloc_ready", "1 when model and index are loaded.", registry=r,
+                           multiprocess_mode="livemin")
+        self._index_labels: tuple | None = None
 
-    def set_index(self, info: dict) -> None:
-        self.index_info.clear()
-        self.index_info.labels(
-            model_fingerprint=info["model_fingerprint"],
-            built_at=info["built_at"],
-            catalog_sha256=info.get("catalog_sha256") or "",
-            index_type=info["index_type"],
-            count=str(info["count"]),
-        ).set(1)
-        self.index_size.set(info["count"])
-        self.index_generation.set(info["generation"])
+    def observe_batch(self, images: int, encode_s: float, search_s: float) -> None:
+        self.batch_size.observe(images)
+        self.images.inc(images)
+        for _ in range(images):
+            self.stage["encode"].observe(encode_s)
+            self.stage["search"].observe(search_s)
+
+    def observe_request(self, images: int, decode_s: float, queue_s: float, total_s: float) -> None:
+        for _ in range(images):
+            self.stage["decode"].observe(decode_s / images)
+            self.stage["queue"].observe(queue_s)
+            self.stage["total"].observe(total_s)
+
+    def set_index(self, index) -> None:
+        """``index``: a ServedIndex. The previous one's info series drops to 0 (a multiprocess
+        file can not forget a series)."""
+        info = index.info
+        if self._index_labels is not None:
+            self.index_info.labels(*self._index_labels).set(0)
+        self._index_labels = (info.model_fingerprint, info.built_at, info.catalog_sha256 or "",
+                              info.index_type, str(info.count))
+        self.index_info.labels(*self._index_labels).set(1)
+        self.index_size.set(info.count)
+        self.index_generation.set(info.generation)
+
+    def exposition(self) -> bytes:
+        """The text format of this process's metrics, or of every process's in multiprocess mode."""
+        if multiprocess_dir() is None:
+            return generate_latest(self.registry)
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged)
+        return generate_latest(merged)
+
+    @staticmethod
+    def process_exit() -> None:
+        """In multiprocess mode, forget this process's live gauges (queue depth, readiness)."""
+        if multiprocess_dir() is not None:
+            multiprocess.mark_process_dead(os.getpid())

@@ -1,7 +1,7 @@
 """Loading model + index at startup, and the hot index reload (watcher + admin trigger).
 
 Startup runs in a background thread so that /healthz answers while a large checkpoint loads;
-/readyz says 503 until the worker serves. A fatal startup error (missing file, fingerprint
+/readyz says 503 until the engine serves. A fatal startup error (missing file, fingerprint
 mismatch between checkpoint and artifact) is logged as one clear line and, unless
 ``exit_on_load_failure`` is off, ends the process with status 3: the service refuses to start.
 """
@@ -14,16 +14,17 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
-
-import torch
 
 from model import load_checkpoint
-from model.encode import available_cpus, pick_device, prepare_for_inference
+from model.config import L2LTRConfig
+from model.encode import available_cpus, pick_device
+from model.inference import InferenceEncoder
 
-from .artifact import ArtifactChanged, ArtifactError, LoadedIndex, Signature, load_artifact
-from .engine import Engine, LoadedModel
+from .artifact import ArtifactChanged, ArtifactError, ServedIndex, Signature, load_artifact
+from .engine import Engine
+from .logs import stop_logging
 from .metrics import Metrics
+from .schemas import ModelInfo
 from .settings import Settings
 
 log = logging.getLogger("service.runtime")
@@ -35,106 +36,56 @@ class ReloadFailed(Exception):
     """A new artifact could not be served; the old one still is."""
 
 
-@dataclass
+@dataclass(frozen=True)
+class LoadedModel:
+    encoder: InferenceEncoder
+    config: L2LTRConfig
+    fingerprint: str
+    info: ModelInfo  # what every answer says about it
+
+
+@dataclass(frozen=True)
 class ReloadOutcome:
     status: str  # "reloaded" | "unchanged"
-    index: LoadedIndex
-    previous: LoadedIndex | None
+    index: ServedIndex
+    previous: ServedIndex | None
 
 
-_OPENMP_BINDING = ("OMP_PROC_BIND", "OMP_PLACES", "GOMP_CPU_AFFINITY", "KMP_AFFINITY")
-
-
-def _physical_core(cpu: int) -> tuple[int, int, int]:
-    """(package, core, cpu) from sysfs, so that sorting puts hyper-thread siblings side by side
-    (Linux often numbers them N/2 apart); (0, cpu, cpu) where the topology is not readable."""
-    topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
-    try:
-        package = int((topology / "physical_package_id").read_text())
-        core = int((topology / "core_id").read_text())
-    except (OSError, ValueError):
-        return 0, cpu, cpu
-    return package, core, cpu
-
-
-class EncoderPlan(NamedTuple):
-    workers: int
-    threads: int | None  # torch threads per worker; None = torch's default
-    cpu_sets: list[set[int]] | None  # per worker: the CPUs it is pinned to; None = not pinned
-    decode_threads: int  # 0: the encoder workers decode their own micro-batches
-    nice: int  # how much nicer than the rest of the process the workers run
-    processes: bool = False  # each worker computes in a child process of its own
-
-
-def encoder_plan(settings: Settings) -> EncoderPlan:
-    """Encoder workers, torch threads per worker, CPU pinning and upload decoding for the settings
-    and this machine.
-
-    On a CPU the encoder workers decode their own micro-batches: the cores are all busy anyway, and
-    a separate decoding thread only adds hand-offs and pre-empts the forwards (bench/RESULTS.md).
-    Two or more CPU workers compute in encoder processes of their own (``service.encoder_process``),
-    so that the event loop's Python never makes them wait for the interpreter lock.
-    On a GPU, threads decode beside the one worker so that the device never waits for the CPU.
-    Workers are pinned only when they fill this process's CPUs exactly: then a worker never
-    migrates to a core whose cache holds another worker's state, and no core is left to whatever
-    else the pinning would crowd out. Hyper-thread siblings go to the same worker, and nothing is
-    pinned where the OpenMP runtime is told to bind threads itself."""
-    on_gpu = settings.device.startswith("cuda") or (settings.device == "auto" and torch.cuda.is_available())
+def encoder_plan(settings: Settings, on_gpu: bool) -> tuple[int, int | None]:
+    """(encoder threads, torch threads per encoder thread). On a CPU two threads with half the
+    cores each beat one forward over every core: an OpenMP forward stalls at each parallel region's
+    barrier whenever the event loop pre-empts one of its threads (bench/RESULTS.md). On a GPU two
+    threads let one decode its batch while the other's runs on the device."""
     if on_gpu:
-        if settings.encoder_processes:
-            log.warning("GEOLOC_ENCODER_PROCESSES is for CPU encoders; on a GPU the worker is a thread")
-        decode = 2 if settings.decode_threads is None else settings.decode_threads
-        # the one worker feeds the device: it must not wait behind the decoding threads
-        return EncoderPlan(settings.encoder_workers or 1, settings.torch_threads, None, decode, 0)
-    count = available_cpus()
-    workers = settings.encoder_workers or (2 if count >= 2 else 1)
-    threads = settings.torch_threads or max(1, count // workers)
-    cpu_sets = None
-    if (settings.pin_workers and workers > 1 and workers * threads == count
-            and hasattr(os, "sched_setaffinity")
-            and not any(name in os.environ for name in _OPENMP_BINDING)):
-        ordered = sorted(os.sched_getaffinity(0), key=_physical_core)
-        cpu_sets = [set(ordered[i * threads:(i + 1) * threads]) for i in range(workers)]
-    decode = 0 if settings.decode_threads is None else settings.decode_threads
-    # a niceness per thread is Linux's; elsewhere the workers run as the rest of the process
-    nice = settings.worker_nice if sys.platform.startswith("linux") else 0
-    processes = settings.encoder_processes
-    if processes is None:
-        processes = workers > 1
-    return EncoderPlan(workers, threads, cpu_sets, decode, nice, processes)
+        return settings.encoder_workers or 2, settings.torch_threads
+    cpus = available_cpus()
+    workers = settings.encoder_workers or (2 if cpus >= 2 else 1)
+    return workers, settings.torch_threads or max(1, cpus // workers)
 
 
-def load_model(settings: Settings, *, keep_weights: bool = True) -> LoadedModel:
-    """The checkpoint, ready for inference; without ``keep_weights`` (the encoder processes load
-    their own) only what the service itself needs: fingerprint, configuration, dimension."""
+def load_model(settings: Settings) -> LoadedModel:
     device = pick_device(settings.device)
     checkpoint = Path(settings.checkpoint)
     net = load_checkpoint(checkpoint)
-    if keep_weights:
-        net = prepare_for_inference(net, device)
-    return LoadedModel(
-        net=net if keep_weights else None, config=net.config, fingerprint=net.fingerprint(),
-        device=device, checkpoint=checkpoint, embedding_dim=int(net.embedding_dim),
-    )
+    fingerprint = net.fingerprint()
+    encoder = InferenceEncoder(net, device, branches=("ground",))
+    info = ModelInfo(fingerprint=fingerprint, checkpoint=checkpoint.name, embedding_dim=net.embedding_dim,
+                     device=str(device), ground_size=tuple(net.config.ground_size))
+    return LoadedModel(encoder, net.config, fingerprint, info)
 
 
 class Runtime:
-    """Everything with a lifetime: engine, loader thread, watcher thread, readiness state."""
+    """Everything with a lifetime: loader thread, engine, watcher thread, readiness state."""
 
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.plan = encoder_plan(settings)
-        self.engine = Engine(
-            metrics=metrics, max_batch_size=settings.max_batch_size,
-            max_batch_wait_ms=settings.max_batch_wait_ms, queue_size=settings.queue_size,
-            request_timeout_s=settings.request_timeout_s, workers=self.plan.workers,
-            threads_per_worker=self.plan.threads, cpu_sets=self.plan.cpu_sets,
-            worker_nice=self.plan.nice, processes=self.plan.processes,
-        )
         self.state = "loading"  # loading -> ready | failed; ready -> stopping
         self.error: str | None = None
         self.last_reload_error: str | None = None
+        self.model: LoadedModel | None = None
+        self.engine: Engine | None = None
+        self._generation = 0
         self._reload_lock = threading.Lock()
         self._failed_signature: Signature | None = None
         self._stop = threading.Event()
@@ -156,15 +107,22 @@ class Runtime:
             self.state = "stopping"
         self.metrics.ready.set(0)
         self._stop.set()
-        if self._loader is not None:
-            self._loader.join(30)
-        if self._watcher is not None:
-            self._watcher.join(5)
-        self.engine.stop()
+        for thread, timeout in ((self._loader, 30), (self._watcher, 5)):
+            if thread is not None:
+                thread.join(timeout)
+        if self.engine is not None:
+            self.engine.stop()
 
     @property
     def ready(self) -> bool:
-        return self.state == "ready" and self.engine.running
+        return self.state == "ready" and self.engine is not None and self.engine.running
+
+    def not_ready_reason(self) -> str:
+        if self.state == "ready":
+            return "the encoder threads are not running"
+        if self.state == "failed":
+            return self.error or "loading failed"
+        return {"loading": "model and index are loading", "stopping": "shutting down"}[self.state]
 
     def _load(self) -> None:
         s = self.settings
@@ -172,40 +130,54 @@ class Runtime:
             if s.index is None:
                 raise ArtifactError("GEOLOC_INDEX is not set: point it at an index artifact directory")
             t0 = time.perf_counter()
-            model = load_model(s, keep_weights=not self.plan.processes)
+            model = load_model(s)
             log.info("model loaded", extra={
                 "checkpoint": str(s.checkpoint), "fingerprint": model.fingerprint,
-                "device": str(model.device), "seconds": round(time.perf_counter() - t0, 3)})
-            index = self._load_index(Path(s.index), model)
+                "device": model.info.device, "seconds": round(time.perf_counter() - t0, 3)})
+            index = self._load_index(model)
             if self._stop.is_set():
                 return
-            self.engine.start(model, index)
+            workers, threads = encoder_plan(s, model.encoder.device.type == "cuda")
+            engine = Engine(
+                lambda images: model.encoder.encode_uint8(images, "ground", s.max_batch_size), index,
+                metrics=self.metrics, workers=workers, threads_per_worker=threads,
+                max_batch_size=s.max_batch_size, max_batch_wait_ms=s.max_batch_wait_ms,
+                queue_size=s.queue_size, request_timeout_s=s.request_timeout_s)
+            engine.start()
         except Exception as exc:
             self.state = "failed"
             self.error = f"{type(exc).__name__}: {exc}"
             log.critical("refusing to start: %s", exc, extra={"error": type(exc).__name__})
             if s.exit_on_load_failure:
-                for handler in logging.getLogger("service").handlers:
-                    handler.flush()
+                stop_logging()
                 sys.stderr.flush()
                 os._exit(EXIT_LOAD_FAILURE)
             return
+        self.model, self.engine = model, engine
         self.state = "ready"
         self.metrics.ready.set(1)
-        self.metrics.model_info.info({k: str(v) for k, v in model.info().items()})
+        info = model.info
+        self.metrics.model_info.labels(info.fingerprint, info.checkpoint, str(info.embedding_dim),
+                                       info.device).set(1)
         self.metrics.reloads.labels("startup", "success").inc()
         log.info("ready", extra={"index": str(index.path), "tiles": index.count,
-                                 "index_type": index.manifest["index_type"]})
+                                 "index_type": index.info.index_type, "encoder_threads": workers,
+                                 "torch_threads": threads})
         if s.reload_poll_s > 0 and not self._stop.is_set():
             self._watcher = threading.Thread(target=self._watch, name="geoloc-watcher", daemon=True)
             self._watcher.start()
 
-    def _load_index(self, path: Path, model: LoadedModel, attempts: int = 5) -> LoadedIndex:
+    def _load_index(self, model: LoadedModel, attempts: int = 5) -> ServedIndex:
+        device = model.encoder.device
         for attempt in range(attempts):
             try:
-                return load_artifact(path, expected_fingerprint=model.fingerprint,
-                                     embedding_dim=model.embedding_dim)
-            except ArtifactChanged:
+                index = load_artifact(Path(self.settings.index),  # type: ignore[arg-type]
+                                      expected_fingerprint=model.fingerprint,
+                                      embedding_dim=model.info.embedding_dim, generation=self._generation + 1,
+                                      gpu=(device.index or 0) if device.type == "cuda" else None)
+                self._generation += 1
+                return index
+            except ArtifactChanged:  # published while we read it: read the new one
                 if attempt == attempts - 1:
                     raise
                 time.sleep(0.05 * (attempt + 1))
@@ -220,22 +192,18 @@ class Runtime:
         """
         if not self.ready:
             raise ReloadFailed("the service is not ready; nothing to reload into")
-        model = self.engine.model
-        assert model is not None and self.settings.index is not None
+        assert self.model is not None and self.engine is not None
         with self._reload_lock:
-            current = self.engine.current
-            assert current is not None
-            path = Path(self.settings.index)
+            current = self.engine.index
+            path = Path(self.settings.index)  # type: ignore[arg-type]
             try:
-                signature = Signature.of(path)
-                if not force and signature == current.signature:
+                if not force and Signature.of(path) == current.signature:
+                    self._reload_succeeded()  # the published artifact is the one served (again)
                     return ReloadOutcome("unchanged", current, None)
                 t0 = time.perf_counter()
-                new = self._load_index(path, model)
-                previous = self.engine.swap(new).result(timeout=60)
+                new = self._load_index(self.model)
             except Exception as exc:
-                message = f"{type(exc).__name__}: {exc}" if not isinstance(exc, ArtifactError) \
-                    else str(exc)
+                message = str(exc) if isinstance(exc, ArtifactError) else f"{type(exc).__name__}: {exc}"
                 self.last_reload_error = message
                 try:
                     self._failed_signature = Signature.of(path)
@@ -246,28 +214,33 @@ class Runtime:
                 log.error("index reload failed, still serving %s: %s", current.path, message,
                           extra={"trigger": trigger})
                 raise ReloadFailed(message) from None
-            self.last_reload_error = None
-            self._failed_signature = None
+            self.engine.index = new
+            self._reload_succeeded()
             self.metrics.reloads.labels(trigger, "success").inc()
-            self.metrics.reload_failed.set(0)
             log.info("index reloaded", extra={
                 "trigger": trigger, "index": str(new.path), "tiles": new.count,
-                "generation": new.generation, "previous": str(previous.path) if previous else None,
+                "generation": new.generation, "previous": str(current.path),
                 "seconds": round(time.perf_counter() - t0, 3)})
-            return ReloadOutcome("reloaded", new, previous)
+            return ReloadOutcome("reloaded", new, current)
+
+    def _reload_succeeded(self) -> None:
+        self.last_reload_error = None
+        self._failed_signature = None
+        self.metrics.reload_failed.set(0)
 
     def _watch(self) -> None:
         """Poll GEOLOC_INDEX; reload when the resolved directory or its manifest changes."""
         path = Path(self.settings.index)  # type: ignore[arg-type]
         while not self._stop.wait(self.settings.reload_poll_s):
-            current = self.engine.current
-            if current is None:
-                continue
             try:
                 signature = Signature.of(path)
             except OSError:
                 continue  # mid-publish (directory renamed away for an instant) or gone
-            if signature == current.signature or signature == self._failed_signature:
+            if signature == self._failed_signature:
+                continue
+            if signature == self.engine.index.signature:  # type: ignore[union-attr]
+                if self.last_reload_error is not None:
+                    self._reload_succeeded()  # the served artifact is published again
                 continue
             try:
                 self.reload("watch")

@@ -56,19 +56,11 @@ class BatchItem(BaseModel):
     batch_size: int
 
 
-class BatchTiming(BaseModel):
-    decode: float
-    queue: float
-    encode: float
-    search: float
-    total: float
-
-
 class LocalizeBatchResponse(BaseModel):
     items: list[BatchItem]
     model: ModelInfo
     index: IndexInfo
-    timing_ms: BatchTiming
+    timing_ms: Timing
 
 
 class PointGeometry(BaseModel):

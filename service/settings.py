@@ -38,49 +38,38 @@ class Settings(BaseSettings):
         None, description="Index artifact directory written by index_build (a symlink is fine)."
     )
     device: str = Field("cpu", description='Torch device: "cpu", "cuda", "cuda:1" or "auto".')
-    torch_threads: int | None = Field(
-        None, ge=1,
-        description="torch threads per encoder worker; unset = the CPUs divided among the workers.",
-    )
     encoder_workers: int | None = Field(
         None, ge=1, le=64,
-        description="Encoder workers, each running one micro-batch at a time; unset = 2 on a "
-        "multi-core CPU, 1 on a GPU or a single core.",
+        description="Encoder threads, each running one micro-batch at a time; unset = 2 (1 on a "
+        "single-core CPU). With several server processes, give each its share of the cores.",
     )
-    encoder_processes: bool | None = Field(
-        None, description="On a CPU, run each encoder worker's decoding, forward and search in a "
-        "child process of its own with its own copy of model and index (no interpreter lock shared "
-        "with the HTTP event loop; a crash there fails one batch, not the service); unset = yes "
-        "with more than one worker.",
-    )
-    pin_workers: bool = Field(
-        True, description="On a CPU whose cores the encoder workers fill exactly (workers x "
-        "torch threads = CPUs of this process), pin each worker to its own cores.",
-    )
-    worker_nice: int = Field(
-        0, ge=0, le=19,
-        description="On a CPU under Linux: run the encoder workers this much nicer than the rest "
-        "of the process, so the HTTP event loop gets a core first. +5% throughput at 16 clients, "
-        "but under overload the event loop answering 503s then starves a worker (-40%; "
-        "bench/RESULTS.md).",
+    torch_threads: int | None = Field(
+        None, ge=1,
+        description="torch threads per encoder thread; unset = the CPUs divided among them.",
     )
 
     # --- micro-batching and backpressure --------------------------------------------------
     max_batch_size: int = Field(16, ge=1, le=1024, description="Most images per forward pass.")
     max_batch_wait_ms: float = Field(
-        2.0, ge=0, le=1000, description="Longest a queued image waits for companions."
+        0.0, ge=0, le=1000,
+        description="Longest the oldest queued image waits for companions; 0 = a free encoder "
+        "thread takes what is queued at once.",
     )
     queue_size: int = Field(64, ge=1, description="Images that may wait; beyond that: 503.")
     request_timeout_s: float = Field(30.0, gt=0, description="Longest wait for a result (504).")
     retry_after_s: int = Field(1, ge=0, description="Retry-After sent with 503 answers.")
-    decode_threads: int | None = Field(
-        None, ge=0, le=64,
-        description="Threads decoding uploads before they are queued; 0 = each encoder worker "
-        "decodes its own micro-batch; unset = 0 on a CPU, 2 on a GPU.",
-    )
 
     # --- upload limits --------------------------------------------------------------------
     max_upload_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Per image, in bytes.")
+    max_inflight_upload_bytes: int = Field(
+        256 * 1024 * 1024, ge=1024,
+        description="Upload bytes all requests in progress may hold in memory together; a request "
+        "that would exceed it gets 503 (retry).",
+    )
+    read_timeout_s: float = Field(
+        30.0, gt=0, description="Longest pause while a client sends its request (headers, "
+        "with `python -m service`, and body): 408 after it.",
+    )
     max_batch_images: int = Field(8, ge=1, description="Most images in one /localize/batch.")
     max_pixels: int = Field(40_000_000, ge=1, description="Width x height limit (bombs).")
     min_image_side: int = Field(16, ge=1, description="Smallest accepted width or height.")
@@ -134,6 +123,12 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"GEOLOC_QUEUE_SIZE ({self.queue_size}) must be at least GEOLOC_MAX_BATCH_IMAGES "
                 f"({self.max_batch_images}), or a full /localize/batch request could never queue"
+            )
+        if self.max_inflight_upload_bytes < self.max_batch_body_bytes:
+            raise ValueError(
+                f"GEOLOC_MAX_INFLIGHT_UPLOAD_BYTES ({self.max_inflight_upload_bytes}) must be at least "
+                f"one full /localize/batch body ({self.max_batch_body_bytes} bytes: "
+                "GEOLOC_MAX_BATCH_IMAGES x (GEOLOC_MAX_UPLOAD_BYTES + 64 KiB))"
             )
         return self
 

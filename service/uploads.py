@@ -1,4 +1,5 @@
-"""Reading uploads: a streaming multipart reader with byte limits, and image validation.
+"""Reading uploads: a streaming multipart reader with byte limits, a read timeout and a
+process-wide byte budget; image validation; decoding.
 
 The body is parsed chunk by chunk as it arrives, so an upload over the limit is refused (413)
 as soon as the limit is crossed; it is never buffered whole first. Images are sniffed and their
@@ -7,13 +8,19 @@ decompression bomb costs a header parse, not gigabytes of RAM.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
+import anyio
+import torch
 from PIL import Image
-from python_multipart.exceptions import MultipartParseError
+from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
+
+from model.preprocess import ImageDecodeError, image_uint8, load_ground_image
 
 
 class UploadError(Exception):
@@ -26,9 +33,6 @@ class UploadError(Exception):
         self.detail = detail
         self.headers = headers or {}
 
-    def __reduce__(self):  # raised in an encoder process, re-raised in the service's
-        return type(self), (self.status, self.code, self.detail, self.headers)
-
 
 class MissingUpload(Exception):
     """The required file field is absent; rendered as FastAPI's usual 422 validation error."""
@@ -36,6 +40,35 @@ class MissingUpload(Exception):
     def __init__(self, field_name: str) -> None:
         super().__init__(field_name)
         self.field_name = field_name
+
+
+class UploadBudget:
+    """Bytes of upload held in memory by the requests in progress, process-wide. A request whose
+    body would take it over ``limit`` is refused (503, retry) instead of letting a few large bodies
+    grow the process without bound. Used from the event loop only."""
+
+    def __init__(self, limit: int, retry_after_s: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._retry = {"Retry-After": str(retry_after_s)}
+
+    @contextlib.contextmanager
+    def reservation(self) -> Iterator[Callable[[int], None]]:
+        """``take(n)`` for each chunk a request reads; all it took is given back on exit."""
+        held = 0
+
+        def take(n: int) -> None:
+            nonlocal held
+            if self.used + n > self.limit:
+                raise UploadError(503, "overloaded", f"server busy: {self.used} bytes of uploads in progress "
+                                  f"(limit {self.limit}); retry later", self._retry)
+            self.used += n
+            held += n
+
+        try:
+            yield take
+        finally:
+            self.used -= held
 
 
 @dataclass
@@ -49,11 +82,68 @@ class UploadedFile:
 @dataclass
 class _Part:
     headers: dict[str, str] = field(default_factory=dict)
-    name: str | None = None
     filename: str | None = None
     content_type: str | None = None
     buffer: bytearray = field(default_factory=bytearray)
     keep: bool = False
+
+
+class _FileCollector:
+    """python-multipart's callbacks, keeping the parts named one of ``field_names`` as files."""
+
+    EVENTS = ("part_begin", "header_field", "header_value", "header_end", "headers_finished", "part_data",
+              "part_end", "end")
+
+    def __init__(self, field_names: tuple[str, ...], max_files: int, max_file_bytes: int) -> None:
+        self.field_names, self.max_files, self.max_file_bytes = field_names, max_files, max_file_bytes
+        self.files: list[UploadedFile] = []
+        self.part = _Part()
+        self.header = (bytearray(), bytearray())
+        self.ended = False
+
+    def callbacks(self) -> dict:
+        return {f"on_{event}": getattr(self, event) for event in self.EVENTS}
+
+    def part_begin(self) -> None:
+        self.part = _Part()
+
+    def header_field(self, data: bytes, start: int, end: int) -> None:
+        self.header[0].extend(data[start:end])
+
+    def header_value(self, data: bytes, start: int, end: int) -> None:
+        self.header[1].extend(data[start:end])
+
+    def header_end(self) -> None:
+        name, value = (bytes(h).decode("latin-1").strip() for h in self.header)
+        self.part.headers[name.lower()] = value
+        self.header = (bytearray(), bytearray())
+
+    def headers_finished(self) -> None:
+        part = self.part
+        _, disposition = parse_options_header(part.headers.get("content-disposition"))
+        name, filename = disposition.get(b"name"), disposition.get(b"filename")
+        part.filename = filename.decode("utf-8", "replace") if filename is not None else None
+        raw_type = part.headers.get("content-type")
+        part.content_type = parse_options_header(raw_type)[0].decode("latin-1") if raw_type else None
+        part.keep = name is not None and name.decode("utf-8", "replace") in self.field_names
+        if part.keep and len(self.files) >= self.max_files:
+            raise UploadError(413, "too_many_images", f"at most {self.max_files} image(s) per request",
+                              {"Connection": "close"})
+
+    def part_data(self, data: bytes, start: int, end: int) -> None:
+        if not self.part.keep:
+            return
+        if len(self.part.buffer) + (end - start) > self.max_file_bytes:
+            raise _too_large(f"image exceeds the limit of {self.max_file_bytes} bytes")
+        self.part.buffer.extend(data[start:end])
+
+    def part_end(self) -> None:
+        if self.part.keep:
+            part = self.part
+            self.files.append(UploadedFile(len(self.files), part.filename, part.content_type, bytes(part.buffer)))
+
+    def end(self) -> None:
+        self.ended = True
 
 
 def _too_large(detail: str) -> UploadError:
@@ -67,10 +157,14 @@ async def read_files(
     max_files: int,
     max_file_bytes: int,
     max_body_bytes: int,
+    read_timeout_s: float,
+    take: Callable[[int], None],
 ) -> list[UploadedFile]:
     """Stream a multipart/form-data body and return the parts named one of ``field_names``.
 
-    Other form fields are read and discarded (they still count towards ``max_body_bytes``).
+    Other form fields are read and discarded (they still count towards ``max_body_bytes``). Each
+    chunk is ``take``n from the upload budget; a client that sends nothing for ``read_timeout_s``
+    gets 408.
     """
     content_type = request.headers.get("content-type")
     declared = request.headers.get("content-length")
@@ -97,95 +191,40 @@ async def read_files(
                 f"request body of {declared_len} bytes exceeds the limit of {max_body_bytes}"
             )
 
-    files: list[UploadedFile] = []
-    state: dict[str, object] = {"part": None, "field": b"", "value": b"", "ended": False}
-
-    def on_part_begin() -> None:
-        state["part"] = _Part()
-
-    def on_header_field(data: bytes, start: int, end: int) -> None:
-        state["field"] += data[start:end]  # type: ignore[operator]
-
-    def on_header_value(data: bytes, start: int, end: int) -> None:
-        state["value"] += data[start:end]  # type: ignore[operator]
-
-    def on_header_end() -> None:
-        part: _Part = state["part"]  # type: ignore[assignment]
-        name = bytes(state["field"]).decode("latin-1").strip().lower()  # type: ignore[arg-type]
-        part.headers[name] = bytes(state["value"]).decode("latin-1").strip()  # type: ignore[arg-type]
-        state["field"], state["value"] = b"", b""
-
-    def on_headers_finished() -> None:
-        part: _Part = state["part"]  # type: ignore[assignment]
-        _, disp = parse_options_header(part.headers.get("content-disposition"))
-        name = disp.get(b"name")
-        part.name = name.decode("utf-8", "replace") if name is not None else None
-        filename = disp.get(b"filename")
-        part.filename = filename.decode("utf-8", "replace") if filename is not None else None
-        raw_type = part.headers.get("content-type")
-        part.content_type = parse_options_header(raw_type)[0].decode("latin-1") if raw_type else None
-        part.keep = part.name in field_names
-        if part.keep and len(files) >= max_files:
-            raise UploadError(
-                413, "too_many_images", f"at most {max_files} image(s) per request",
-                {"Connection": "close"},
-            )
-
-    def on_part_data(data: bytes, start: int, end: int) -> None:
-        part: _Part = state["part"]  # type: ignore[assignment]
-        if not part.keep:
-            return
-        if len(part.buffer) + (end - start) > max_file_bytes:
-            raise _too_large(f"image exceeds the limit of {max_file_bytes} bytes")
-        part.buffer += data[start:end]
-
-    def on_part_end() -> None:
-        part: _Part = state["part"]  # type: ignore[assignment]
-        if part.keep:
-            files.append(
-                UploadedFile(len(files), part.filename, part.content_type, bytes(part.buffer))
-            )
-        state["part"] = None
-
-    def on_end() -> None:
-        state["ended"] = True
-
-    parser = MultipartParser(
-        boundary,
-        {
-            "on_part_begin": on_part_begin,
-            "on_part_data": on_part_data,
-            "on_part_end": on_part_end,
-            "on_header_field": on_header_field,
-            "on_header_value": on_header_value,
-            "on_header_end": on_header_end,
-            "on_headers_finished": on_headers_finished,
-            "on_end": on_end,
-        },
-        max_header_count=16,
-        max_header_size=8 * 1024,
-    )
+    collector = _FileCollector(field_names, max_files, max_file_bytes)
     received = 0
     try:
-        async for chunk in request.stream():
+        parser = MultipartParser(boundary, collector.callbacks(), max_header_count=16, max_header_size=8 * 1024)
+        more = True
+        while more:
+            try:
+                with anyio.fail_after(read_timeout_s):
+                    message = await request.receive()
+            except TimeoutError:
+                raise UploadError(408, "request_timeout", f"no upload data for {read_timeout_s:g} s",
+                                  {"Connection": "close"}) from None
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnect()
+            chunk, more = message.get("body", b""), message.get("more_body", False)
             if not chunk:
                 continue
             received += len(chunk)
             if received > max_body_bytes:
                 raise _too_large(f"request body exceeds the limit of {max_body_bytes} bytes")
+            take(len(chunk))
             parser.write(chunk)
         parser.finalize()
-    except MultipartParseError as exc:
+    except FormParserError as exc:  # (MultipartParseError is one)
         raise UploadError(400, "bad_multipart", f"malformed multipart body: {exc}") from None
     except ClientDisconnect:
         raise UploadError(400, "client_disconnected", "client went away during upload") from None
     if received == 0:
         raise MissingUpload(field_names[0])
-    if not state["ended"]:
+    if not collector.ended:
         raise UploadError(400, "bad_multipart", "multipart body ended before its final boundary")
-    if not files:
+    if not collector.files:
         raise MissingUpload(field_names[0])
-    return files
+    return collector.files
 
 
 # --- image checks ------------------------------------------------------------------------------
@@ -277,3 +316,20 @@ def check_image(upload: UploadedFile, limits: ImageLimits) -> tuple[str, int, in
 def _label(upload: UploadedFile) -> str:
     name = f" ({upload.filename})" if upload.filename else ""
     return f"image {upload.index}{name}"
+
+
+def decode_uploads(files: list[UploadedFile], limits: ImageLimits, config) -> torch.Tensor:
+    """Uploads that passed `check_image` -> [n, 3, H, W] uint8 at the model's ground size (an
+    encoder thread calls this right before its forward); UploadError names the first upload whose
+    pixel data is damaged."""
+    tensors = []
+    for upload in files:
+        try:
+            img = load_ground_image(upload.data, config, name=f"image {upload.index}",
+                                    max_pixels=limits.max_pixels)
+        except ImageDecodeError as exc:
+            raise UploadError(400, "undecodable_image", str(exc)) from None
+        tensors.append(image_uint8(img))
+        img.close()
+        upload.data = b""  # the bytes are no longer needed; let them go early
+    return torch.stack(tensors)

@@ -4,6 +4,7 @@ import struct
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -190,47 +191,46 @@ def test_convert_ours_sets_test_time_flip(micro_config, tmp_path, capsys):
     assert "--config is required" in capsys.readouterr().err
 
 
-def test_traced_inference_equals_eager_and_leaves_weights_and_training_alone(micro_config, fixtures_dir,
-                                                                              tmp_path):
+def test_inference_encoder_traces_up_front_and_equals_the_eager_network(micro_config, fixtures_dir,
+                                                                          tmp_path):
     import threading
 
-    from model.encode import encode_batch, prepare_for_inference
+    from model.encode import encode_batch
+    from model.inference import InferenceEncoder
+    from model.preprocess import normalize_uint8_nchw
 
+    # L2LTR is a plain nn.Module: training and loading weights are torch's own
+    assert L2LTR.train is torch.nn.Module.train and L2LTR.load_state_dict is torch.nn.Module.load_state_dict
     for config in (micro_config.replace(dropout=0.0), micro_config.replace(test_time_flip=True)):
         torch.manual_seed(0)
         eager = L2LTR(config).eval()
-        traced = L2LTR(config)
-        traced.load_state_dict(eager.state_dict())
-        prepare_for_inference(traced, "cpu")
-        assert traced.fingerprint() == eager.fingerprint()
-        assert traced.state_dict().keys() == eager.state_dict().keys()
-        for n in (3, 1, 5):  # traced on the first batch, then other batch sizes
+        net = L2LTR(config)
+        net.load_state_dict(eager.state_dict())
+        encoder = InferenceEncoder(net, "cpu")
+        assert encoder.traced == ("ground", "aerial")  # built in the constructor, before any batch
+        assert net.fingerprint() == eager.fingerprint()
+        for n in (3, 1, 5):  # any batch size
             g, a = _inputs(config, n=n)
-            assert torch.allclose(encode_batch(traced, g, "ground"), encode_batch(eager, g, "ground"), atol=1e-6)
-            assert torch.allclose(encode_batch(traced, a, "aerial"), encode_batch(eager, a, "aerial"), atol=1e-6)
-        assert {key[0] for key in traced._traces} == {"ground", "aerial"}
-        # with autograd on (training, or a caller outside inference), the eager modules run
-        traced.train()
-        assert not traced._traces  # weights may change now: the traces are made again later
-        g, _ = _inputs(config, n=2)
-        out = traced.encode_ground(g)
-        assert out.requires_grad
-        out.sum().backward()
-        assert traced.ground.transformer.embeddings.cls_token.grad is not None
-        with torch.no_grad():
-            traced.ground.transformer.embeddings.cls_token.add_(torch.randn_like(traced.ground.transformer.embeddings.cls_token))
-        traced.eval()
-        assert not torch.allclose(encode_batch(traced, g, "ground"), encode_batch(eager, g, "ground"), atol=1e-3)
-        traced.load_state_dict(eager.state_dict())
-        assert torch.allclose(encode_batch(traced, g, "ground"), encode_batch(eager, g, "ground"), atol=1e-6)
+            assert torch.allclose(encoder.encode(g, "ground"), encode_batch(eager, g, "ground"), atol=1e-6)
+            assert torch.allclose(encoder.encode(a, "aerial"), encode_batch(eager, a, "aerial"), atol=1e-6)
+        images = torch.randint(0, 256, (5, 3, *config.ground_size), dtype=torch.uint8)
+        rows = encoder.encode_uint8(images, "ground", max_batch=2)  # three forwards
+        assert rows.dtype == np.float32 and rows.shape == (5, config.hidden_size)
+        assert np.allclose(rows, encode_batch(eager, normalize_uint8_nchw(images), "ground").numpy(), atol=1e-6)
+        with pytest.raises(ValueError, match="ground input must be"):
+            encoder.encode(torch.zeros(1, 3, 8, 8), "ground")
+    aerial_only = InferenceEncoder(L2LTR(micro_config), "cpu", branches=("aerial",), trace=False)
+    assert aerial_only.traced == ()
+    with pytest.raises(ValueError, match="branch must be one of"):
+        aerial_only.encode(_inputs(micro_config, n=1)[0], "ground")
     # the authors' reference outputs, through the traced path, from two threads at once
     official = torch.load(fixtures_dir / "l2ltr_official_tiny.pt", weights_only=True)
     torch.save(official["checkpoint"], tmp_path / "model_checkpoint.pth")
-    model = prepare_for_inference(load_checkpoint(tmp_path / "model_checkpoint.pth", config=official["config"]))
+    encoder = InferenceEncoder(load_checkpoint(tmp_path / "model_checkpoint.pth", config=official["config"]))
     errors = []
 
     def check() -> None:
-        out = encode_batch(model, official["input_grd"], "ground")
+        out = encoder.encode(official["input_grd"], "ground")
         errors.append((out - official["output_grd"]).abs().max().item())
 
     threads = [threading.Thread(target=check) for _ in range(2)]
@@ -241,28 +241,42 @@ def test_traced_inference_equals_eager_and_leaves_weights_and_training_alone(mic
     assert len(errors) == 2 and max(errors) <= 1e-5
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="glibc's mallopt")
-def test_cpu_inference_keeps_freed_memory_unless_the_user_tuned_malloc():
+def test_allocator_settings_are_added_to_an_environment_unless_the_user_tuned_malloc():
+    from model.inference import ALLOCATOR_ENV, allocator_env
+
+    assert allocator_env({"PATH": "/bin"}) == {"PATH": "/bin", **ALLOCATOR_ENV}
+    for own in ({"MALLOC_TRIM_THRESHOLD_": "1000000"},
+                {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1000000"}):
+        assert allocator_env(own) == own  # the user's setting wins
+    other = {"GLIBC_TUNABLES": "glibc.pthread.rseq=0"}  # not a malloc tunable
+    assert allocator_env(other) == {**other, **ALLOCATOR_ENV}
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc settings")
+def test_an_entry_point_runs_itself_again_with_the_allocator_settings(tmp_path):
     import subprocess
 
-    probe = ("import ctypes, torch\n"
-             "from model.encode import keep_freed_memory, prepare_for_inference\n"
-             "from model import L2LTR, L2LTRConfig\n"
-             "glibc = hasattr(ctypes.CDLL(None), 'gnu_get_libc_version')\n"
-             "prepare_for_inference(L2LTR(L2LTRConfig.named('tiny')), 'cpu')\n"
-             "import model.encode as e\n"
-             "print(glibc, e._allocator_tuned, keep_freed_memory())\n")
+    (tmp_path / "probe_entry.py").write_text(
+        "import os\n"
+        "from model.inference import reexec_with_allocator_env\n"
+        "print('start', os.getpid(), flush=True)\n"
+        "reexec_with_allocator_env('probe_entry')\n"
+        "import sys\n"
+        "print(os.environ.get('MALLOC_MMAP_THRESHOLD_'), os.environ.get('MALLOC_TRIM_THRESHOLD_'), sys.argv[1:])\n")
     repo = Path(__file__).resolve().parents[1]
 
     def run(**env) -> list[str]:
         full = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
-        out = subprocess.run([sys.executable, "-c", probe], cwd=repo, env={**full, **env},
-                             capture_output=True, text=True, timeout=120)
+        out = subprocess.run([sys.executable, "-m", "probe_entry", "--flag", "x y"], cwd=tmp_path,
+                             env={**full, "PYTHONPATH": str(repo), **env}, capture_output=True, text=True,
+                             timeout=120)
         assert out.returncode == 0, out.stderr
-        return out.stdout.split()
+        return out.stdout.splitlines()
 
-    glibc, tuned, again = run()
-    assert tuned == again == glibc  # on glibc the settings are applied once, by prepare_for_inference
-    assert run(MALLOC_TRIM_THRESHOLD_="1000000")[1:] == ["False", "False"]  # the user's setting wins
-    assert run(GLIBC_TUNABLES="glibc.malloc.trim_threshold=1000000")[1:] == ["False", "False"]
-    assert run(GLIBC_TUNABLES="glibc.pthread.rseq=0")[1:] == [glibc, glibc]  # not a malloc tunable
+    from model.inference import ALLOCATOR_ENV
+
+    lines = run()
+    assert [line.split()[0] for line in lines] == ["start", "start", ALLOCATOR_ENV["MALLOC_MMAP_THRESHOLD_"]]
+    assert lines[-1].endswith("['--flag', 'x y']")  # the same arguments, once more
+    lines = run(MALLOC_TRIM_THRESHOLD_="1000000")  # the user's own setting: no second start
+    assert len(lines) == 2 and lines[-1].startswith("None 1000000")

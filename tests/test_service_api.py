@@ -46,16 +46,7 @@ _LIMITS = dict(max_upload_bytes=64 * 1024, max_pixels=2_000_000, max_batch_image
 
 @pytest.fixture(scope="module")
 def client(world):
-    """The CPU default: each encoder worker decodes its own micro-batch."""
     with running_client(settings_for(world, world.artifact_a, **_LIMITS)) as c:
-        assert c.app.state.runtime.plan.decode_threads == 0
-        yield c
-
-
-@pytest.fixture(scope="module")
-def pool_client(world):
-    """The GPU default on a CPU: a thread pool decodes uploads before they are queued."""
-    with running_client(settings_for(world, world.artifact_a, decode_threads=2, **_LIMITS)) as c:
         yield c
 
 
@@ -104,99 +95,49 @@ def test_missing_index_setting_is_a_clear_failure(world):
         assert "GEOLOC_INDEX" in client.get("/readyz").json()["detail"]
 
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork")
-def test_request_ids_are_random_and_not_repeated_across_a_fork():
+def test_request_ids_are_random_unless_a_safe_one_comes_in():
     import re
 
     from service.logs import new_request_id
 
     ids = [new_request_id(None) for _ in range(10_000)]
     assert len(set(ids)) == 10_000 and all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids)
-    # random, not a counter: consecutive ids share no long prefix
-    assert sum(a[:8] == b[:8] for a, b in zip(ids, ids[1:])) == 0
     assert new_request_id("req-123") == "req-123"
     assert re.fullmatch(r"[0-9a-f]{32}", new_request_id("not safe; id"))
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # e.g. a pre-forking process manager: the child must not reuse ids read ahead
-        os.write(write, "".join(new_request_id(None) for _ in range(300)).encode())
-        os._exit(0)
-    os.waitpid(pid, 0)
-    child = os.read(read, 64 * 300).decode()
-    os.close(read)
-    os.close(write)
-    parent = {new_request_id(None) for _ in range(300)}
-    assert len(child) == 32 * 300 and not parent & {child[i:i + 32] for i in range(0, len(child), 32)}
 
 
-@contextlib.contextmanager
-def _logger_with(handler, name: str):
-    """A logger of its own that sends INFO and above to `handler` only; the handler is closed after."""
+def test_log_lines_are_json_written_by_a_listener_thread_in_order_with_request_ids(capfd):
     import logging
 
-    logger = logging.getLogger(name)
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
+    from service.logs import configure_logging, log, request_id_var, stop_logging
+
+    configure_logging("INFO", json_logs=True)
+    writer_threads = []
+    original_emit = logging.StreamHandler.emit
+
+    def spy(self, record):
+        writer_threads.append(threading.current_thread().name)
+        original_emit(self, record)
+
+    token = request_id_var.set("rid-7")
     try:
-        yield logger
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(logging.StreamHandler, "emit", spy)
+            for i in range(50):
+                log.info("line %d", i, extra={"n": i})
+            try:
+                raise ValueError("boom")
+            except ValueError:
+                log.exception("failed")
+            stop_logging()  # writes every waiting line
     finally:
-        logger.removeHandler(handler)
-        handler.close()
-
-
-def test_log_lines_are_written_in_batches_in_order():
-    import logging
-
-    from service.logs import BatchedStreamHandler
-
-    stream = io.StringIO()
-    handler = BatchedStreamHandler(stream, max_delay_s=60, max_lines=3)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
-    with _logger_with(handler, "test.batched") as logger:
-        logger.info("one")
-        assert stream.getvalue() == ""  # waits for the writer thread (here: 60 s) or a flush
-        logger.warning("two")  # at once, after what waited
-        assert stream.getvalue() == "INFO one\nWARNING two\n"
-        for i in range(3):
-            logger.info("n%d", i)
-        assert stream.getvalue().endswith("INFO n2\n")  # max_lines reached
-        logger.info("last")
-        handler.flush()
-        assert stream.getvalue().endswith("INFO n2\nINFO last\n")
-        logger.info("at close")
-    assert stream.getvalue().endswith("INFO at close\n")
-    quick = BatchedStreamHandler(io.StringIO(), max_delay_s=0.05)
-    quick.emit(logging.makeLogRecord({"msg": "late", "levelno": logging.INFO}))
-    deadline = time.monotonic() + 5
-    while "late" not in quick.stream.getvalue() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert quick.stream.getvalue() == "late\n"  # the writer thread wrote it
-    quick.close()
-    quick.emit(logging.makeLogRecord({"msg": "after close", "levelno": logging.INFO}))
-    assert quick.stream.getvalue() == "late\nafter close\n"  # no writer any more: at once
-
-
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork")
-def test_batched_log_lines_survive_a_fork_once(tmp_path):
-    from service.logs import BatchedStreamHandler
-
-    path = tmp_path / "log.txt"
-    with path.open("a") as stream, _logger_with(BatchedStreamHandler(stream, max_delay_s=60),
-                                                "test.batched.fork") as logger:
-        handler = logger.handlers[0]
-        logger.info("waiting at the fork")
-        pid = os.fork()
-        if pid == 0:
-            ok = handler._writer.is_alive()  # the child has a writer thread of its own
-            logger.info("from the child")
-            handler.flush()
-            os._exit(0 if ok else 1)
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0
-        handler.flush()
-    lines = path.read_text().splitlines()
-    assert sorted(lines) == ["from the child", "waiting at the fork"]  # each once
+        request_id_var.reset(token)
+    lines = [json.loads(line) for line in capfd.readouterr().err.splitlines() if line.startswith("{")]
+    assert [r["msg"] for r in lines] == [f"line {i}" for i in range(50)] + ["failed"]
+    assert all(r["request_id"] == "rid-7" for r in lines)  # taken in the logging thread
+    assert lines[3]["n"] == 3 and "ValueError: boom" in lines[-1]["exc"]
+    assert writer_threads and threading.main_thread().name not in writer_threads
+    assert logging.getLogger("uvicorn.access").getEffectiveLevel() > logging.INFO  # logged once, by us
 
 
 # --- POST /localize -----------------------------------------------------------------------------
@@ -345,18 +286,16 @@ def _bad_payload(name: str, world) -> bytes:
     }[name]()
 
 
-@pytest.mark.parametrize("decoder", ["worker", "pool"])
 @pytest.mark.parametrize("name", sorted(BAD_UPLOADS))
-def test_bad_uploads_are_clear_json_errors(request, world, name, decoder):
-    client = request.getfixturevalue("client" if decoder == "worker" else "pool_client")
+def test_bad_uploads_are_clear_json_errors(client, world, name):
     _, ctype, status, code = BAD_UPLOADS[name]
     data = _bad_payload(name, world)
     if name == "over_byte_limit":
         assert len(data) > 64 * 1024
     _assert_error(_post(client, data, ctype=ctype), status, code)
     assert _post(client, world.pano).status_code == 200  # and the service is fine
-    queue = client.app.state.runtime.engine.queue
-    assert queue._expected == 0 and queue.depth == 0  # nothing announced or queued is left behind
+    assert client.app.state.runtime.engine.depth == 0  # nothing queued is left behind
+    assert client.app.state.upload_budget.used == 0  # nor any upload byte held
 
 
 def test_oversized_body_refused_from_content_length_and_while_streaming(client, world):
@@ -388,81 +327,23 @@ def test_k_out_of_range_is_422(client, world, query):
     assert body["detail"][0]["loc"] == ["query", "k"]
 
 
-def _results(resp) -> list[dict]:
-    assert resp.status_code == 200, resp.text
-    return resp.json()["results"]
-
-
-def test_plain_localize_requests_take_the_direct_route_with_the_same_answers(world, monkeypatch):
-    import service.deps as deps
-    import service.routes as routes
-    from service.engine import NotReady
-
-    direct = []
-    real_require_ready = routes.require_ready
-
-    async def counting(request):
-        direct.append(request.url.path)
-        return await real_require_ready(request)
-
-    monkeypatch.setattr(routes, "require_ready", counting)  # only the direct route calls it so
+def test_k_must_be_written_as_a_whole_number(client, world):
     files = {"image": ("p.jpg", world.pano, "image/jpeg")}
-    with running_client(settings_for(world, world.artifact_a, api_keys="key-one")) as client:
-        key = {"X-API-Key": "key-one"}
-        plain = _results(client.post("/localize?k=3", files=files, headers=key))
-        assert direct == ["/localize"]
-        # the same k spelt so that only FastAPI reads it (encoded name, repeated): FastAPI's route
-        assert_same_matches(_results(client.post("/localize?%6B=3", files=files, headers=key)), plain)
-        assert_same_matches(_results(client.post("/localize?k=3&k=3", files=files, headers=key)), plain)
-        assert direct == ["/localize"]
-        _assert_error(client.post("/localize?k=3", files=files), 401, "unauthorized")
-        assert direct == ["/localize"]  # refused by the key check before readiness, as FastAPI does
-        batch = client.post("/localize/batch", files=[("images", ("p.jpg", world.pano, "image/jpeg"))],
-                            headers=key)
-        assert batch.status_code == 200 and direct[-1] == "/localize/batch"
-        assert_same_matches(batch.json()["items"][0]["results"],
-                            _results(client.post("/localize", files=files, headers=key)))
-        text = client.get("/metrics").text
-        assert metric_value(text, "geoloc_http_requests_total", route="/localize", method="POST",
-                            status="200") == 4
-
-        async def not_ready():
-            raise NotReady("overridden")
-
-        client.app.dependency_overrides[deps.require_ready] = not_ready  # FastAPI's to honour
-        try:
-            assert "overridden" in _assert_error(
-                client.post("/localize", files=files, headers=key), 503, "not_ready")["detail"]
-        finally:
-            client.app.dependency_overrides.clear()
-        assert direct == ["/localize", "/localize/batch", "/localize"]
+    for query in ("k=5.0", "k=5e0", "k=%205", "k=0x5"):
+        body = _assert_error(client.post(f"/localize?{query}", files=files), 422, "validation_error")
+        assert body["detail"][0]["loc"] == ["query", "k"] and "whole number" in body["detail"][0]["msg"]
+    encoded = client.post("/localize?%6B=3", files=files)  # the name percent-encoded is still k
+    assert encoded.status_code == 200 and len(encoded.json()["results"]) == 3
 
 
-def test_the_direct_route_refuses_a_route_it_would_not_replicate(monkeypatch):
-    from fastapi import APIRouter, BackgroundTasks, Depends, Request
-
-    import service.routes as routes
-
-    async def audit() -> None:
-        return None
-
-    router = APIRouter()
-    router.add_api_route("/localize", routes.localize_one, methods=["POST"])
-    assert len(routes.direct_routes(router.routes)) == 1
-    router = APIRouter(dependencies=[Depends(audit)])
-    router.add_api_route("/localize", routes.localize_one, methods=["POST"])
-    with pytest.raises(RuntimeError, match="does not replicate"):
-        routes.direct_routes(router.routes)
-
-    async def with_background(request: Request, runtime: routes.ReadyRuntime,
-                              background: BackgroundTasks, k: routes.KQuery = 5) -> None:
-        return None
-
-    monkeypatch.setattr(routes, "_DIRECT_ENDPOINTS", (with_background,))
-    router = APIRouter()
-    router.add_api_route("/localize", with_background, methods=["POST"])
-    with pytest.raises(RuntimeError, match="background"):
-        routes.direct_routes(router.routes)
+def test_a_multipart_boundary_over_the_parsers_limit_is_a_400(client, world):
+    boundary = "b" * 300
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"p.jpg\"\r\n"
+            f"Content-Type: image/jpeg\r\n\r\n").encode() + world.pano + f"\r\n--{boundary}--\r\n".encode()
+    resp = client.post("/localize", content=body,
+                       headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    body = _assert_error(resp, 400, "bad_multipart")
+    assert "256" in body["detail"]
 
 
 def test_missing_field_and_wrong_body_types(client, world):
@@ -502,15 +383,25 @@ def test_tile_thumbnail(client, world):
     assert sneaky.status_code == 404 and sneaky.json()["code"] in ("not_found", "unknown_tile")
 
 
-def test_v1_index_is_the_manifest(client, world):
+def test_v1_index_is_the_manifest_without_host_names_or_directories(client, world):
     resp = client.get("/v1/index")
     assert resp.status_code == 200
     on_disk = json.loads((world.artifact_a / "manifest.json").read_text())
-    assert resp.json() == on_disk
+    shown = resp.json()
+    assert on_disk["build"]["host"] and str(world.root) in on_disk["checkpoint"]  # what must not show
+    assert "host" not in shown["build"] and str(world.root) not in resp.text and os.uname().nodename not in \
+        json.dumps(shown["build"])
+    assert shown["checkpoint"] == "micro.safetensors" and shown["source"].endswith(":tiles.csv")
+    assert {k: v for k, v in shown.items() if k not in ("checkpoint", "source", "build")} == \
+        {k: v for k, v in on_disk.items() if k not in ("checkpoint", "source", "build")}
 
 
 def test_docs_openapi_and_page(client):
-    assert client.get("/docs").status_code == 200
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "https://" not in docs.text  # no CDN: served from a package
+    for asset in ("/docs-assets/swagger-ui-bundle.js", "/docs-assets/swagger-ui.css", "/favicon.ico"):
+        assert client.get(asset).status_code == 200, asset
+    assert "redoc.standalone.js" in client.get("/redoc").text
     spec = client.get("/openapi.json").json()
     assert {"/localize", "/localize/batch", "/healthz", "/readyz", "/metrics", "/v1/index",
             "/tiles/{tile_id}", "/admin/reload"} <= set(spec["paths"])
@@ -609,24 +500,18 @@ def test_full_queue_answers_503_at_once(world):
                             max_batch_size=1, retry_after_s=3)
     with running_client(settings) as client:
         engine = client.app.state.runtime.engine
-        gate = threading.Event()
-        held = engine.call_in_worker(gate.wait)  # the worker is now busy until we let go
         results = []
-        threads = [threading.Thread(target=lambda: results.append(_post(client, world.pano)))
-                   for _ in range(2)]
-        for t in threads:
-            t.start()
-        deadline = time.monotonic() + 10
-        while engine.queue.depth < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert engine.queue.depth == 2
-        t0 = time.perf_counter()
-        resp = _post(client, world.pano)
-        assert time.perf_counter() - t0 < 1.0
-        _assert_error(resp, 503, "overloaded")
-        assert resp.headers["retry-after"] == "3"
-        gate.set()
-        held.result(5)
+        with engine.paused():  # nothing is computed until we let go
+            threads = [threading.Thread(target=lambda: results.append(_post(client, world.pano)))
+                       for _ in range(2)]
+            for t in threads:
+                t.start()
+            _wait_depth(engine, 2)
+            t0 = time.perf_counter()
+            resp = _post(client, world.pano)
+            assert time.perf_counter() - t0 < 1.0
+            _assert_error(resp, 503, "overloaded")
+            assert resp.headers["retry-after"] == "3"
         for t in threads:
             t.join(10)
         assert [r.status_code for r in results] == [200, 200]
@@ -649,22 +534,23 @@ def test_answers_are_compared_with_a_score_tolerance_and_near_ties_as_sets():
             assert_same_matches(wrong, want)
 
 
-def _post_while_held(client, data: bytes, n: int) -> list:
-    """Post ``n`` uploads at once while a control command holds every worker, so that they all
-    wait in the queue together; then let go and return the answers."""
-    engine = client.app.state.runtime.engine
-    gate = threading.Event()
-    held = engine.call_in_worker(gate.wait)
-    results: list = []
-    threads = [threading.Thread(target=lambda: results.append(_post(client, data))) for _ in range(n)]
-    for t in threads:
-        t.start()
+def _wait_depth(engine, n: int) -> None:
     deadline = time.monotonic() + 10
-    while engine.queue.depth < n and time.monotonic() < deadline:
+    while engine.depth < n and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert engine.queue.depth == n
-    gate.set()
-    held.result(5)
+    assert engine.depth == n
+
+
+def _post_while_held(client, data: bytes, n: int) -> list:
+    """Post ``n`` uploads at once while the engine is paused, so that they all wait in the queue
+    together; then let go and return the answers."""
+    engine = client.app.state.runtime.engine
+    results: list = []
+    with engine.paused():
+        threads = [threading.Thread(target=lambda: results.append(_post(client, data))) for _ in range(n)]
+        for t in threads:
+            t.start()
+        _wait_depth(engine, n)
     for t in threads:
         t.join(20)
     return results
@@ -673,57 +559,33 @@ def _post_while_held(client, data: bytes, n: int) -> list:
 def test_micro_batching_groups_queued_requests(world):
     settings = settings_for(world, world.artifact_a, queue_size=16, max_batch_size=8)
     with running_client(settings) as client:
-        engine = client.app.state.runtime.engine
         results = _post_while_held(client, world.pano, 6)
         sizes = [r.json()["batch_size"] for r in results]
         assert sizes == [6] * 6  # one forward + one search for all six
         first = results[0].json()["results"]
         for r in results:
             assert_same_matches(r.json()["results"], first)
-        # six queries are searched as one BLAS product, one alone by a scan: the same answer
-        import faiss
-        from service.engine import SEARCH_BLAS_MIN_QUERIES
-
-        dim = engine.model.embedding_dim
-        assert SEARCH_BLAS_MIN_QUERIES <= 6
-        # faiss's own default says which quantity it compares: 20 queries (older faiss) or
-        # 128,000 query elements, queries x dimension (faiss-cpu 1.15)
-        default = int(subprocess.run(
-            [sys.executable, "-c", "import faiss; print(faiss.cvar.distance_compute_blas_threshold)"],
-            capture_output=True, text=True, check=True).stdout)
-        per_element = {20: False, 128_000: True}[default]
-        expected = SEARCH_BLAS_MIN_QUERIES * (dim if per_element else 1)
-        assert faiss.cvar.distance_compute_blas_threshold == expected
         alone = _post(client, world.pano).json()
         assert alone["batch_size"] == 1
         assert_same_matches(alone["results"], first)
 
 
-@pytest.mark.parametrize("decode_threads", [0, 2])
-def test_a_bad_upload_fails_alone_and_its_batch_companions_are_answered(world, decode_threads):
-    settings = settings_for(world, world.artifact_a, queue_size=16, max_batch_size=8,
-                            encoder_workers=1, decode_threads=decode_threads)
+def test_a_bad_upload_fails_alone_and_its_batch_companions_are_answered(world):
+    settings = settings_for(world, world.artifact_a, queue_size=16, max_batch_size=8, encoder_workers=1)
     with running_client(settings) as client:
         engine = client.app.state.runtime.engine
-        gate = threading.Event()
-        engine.call_in_worker(gate.wait)
-        truncated = world.pano[: len(world.pano) // 2]
+        truncated = world.pano[: len(world.pano) // 2]  # its header passes: decoded by the worker
         results: dict[int, object] = {}
 
         def post(i: int, data: bytes) -> None:
             results[i] = _post(client, data)
 
-        threads = [threading.Thread(target=post, args=(i, data))
-                   for i, data in enumerate([world.pano, truncated, world.pano])]
-        for t in threads:
-            t.start()
-        # decoded in the worker: all three wait in the queue; decoded first: the bad one is refused
-        want = 3 if decode_threads == 0 else 2
-        deadline = time.monotonic() + 10
-        while engine.queue.depth < want and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert engine.queue.depth == want
-        gate.set()
+        with engine.paused():
+            threads = [threading.Thread(target=post, args=(i, data))
+                       for i, data in enumerate([world.pano, truncated, world.pano])]
+            for t in threads:
+                t.start()
+            _wait_depth(engine, 3)
         for t in threads:
             t.join(10)
         _assert_error(results[1], 400, "undecodable_image")
@@ -733,257 +595,89 @@ def test_a_bad_upload_fails_alone_and_its_batch_companions_are_answered(world, d
         assert all(g["timing_ms"]["decode"] > 0 for g in good)
 
 
-@pytest.mark.parametrize("decode_threads", [0, 2])
-def test_no_result_in_time_is_504_and_the_job_is_dropped(world, decode_threads):
-    settings = settings_for(world, world.artifact_a, request_timeout_s=0.3, encoder_workers=1,
-                            decode_threads=decode_threads)
+def test_no_result_in_time_is_504_and_the_job_is_dropped(world):
+    # long enough for a request on a busy machine, short enough for the test
+    settings = settings_for(world, world.artifact_a, request_timeout_s=1.0, encoder_workers=1)
     with running_client(settings) as client:
         engine = client.app.state.runtime.engine
-        gate = threading.Event()
-        held = engine.call_in_worker(gate.wait)
-        t0 = time.monotonic()
-        _assert_error(_post(client, world.pano), 504, "timeout")
-        assert 0.25 < time.monotonic() - t0 < 5
-        gate.set()
-        held.result(5)
+        with engine.paused():
+            t0 = time.monotonic()
+            _assert_error(_post(client, world.pano), 504, "timeout")
+            assert 0.95 < time.monotonic() - t0 < 6
         assert _post(client, world.pano).status_code == 200
         text = client.get("/metrics").text
         # the timed-out job was skipped, not computed: one image localized (the second request)
         assert metric_value(text, "geoloc_dropped_images_total", reason="timeout") == 1
         assert metric_value(text, "geoloc_images_localized_total") == 1
-        assert engine.queue._expected == 0
 
 
-@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pinning needs two CPUs")
-@pytest.mark.parametrize("processes", [True, False], ids=["processes", "threads"])
-def test_workers_that_fill_the_cpus_are_pinned_one_core_set_each(world, processes):
-    cpus = sorted(os.sched_getaffinity(0))
-
-    def pinned_to(engine) -> list[set[int]]:
-        if processes:  # each encoder process, seen from outside
-            return [os.sched_getaffinity(pid) for pid in engine.encoder_pids]
-        return [engine.call_in_worker(lambda: os.sched_getaffinity(0)).result(10)]
-
-    settings = settings_for(world, world.artifact_a, encoder_workers=len(cpus), torch_threads=1,
-                            encoder_processes=processes)
+def test_upload_bytes_in_progress_have_a_budget_beyond_which_requests_get_503(world):
+    big = jpeg_bytes(400, 200, seed=5, quality=100)  # two of them do not fit in the budget
+    assert 140_000 < len(big) < 190_000
+    settings = settings_for(world, world.artifact_a, max_upload_bytes=200_000, max_batch_images=1,
+                            max_inflight_upload_bytes=265_536, retry_after_s=2)  # one body's worth
     with running_client(settings) as client:
-        engine = client.app.state.runtime.engine
-        assert len(engine.encoder_pids) == (len(cpus) if processes else 0)
-        assert engine.cpu_sets is not None and sorted(c for s in engine.cpu_sets for c in s) == cpus
-        seen = pinned_to(engine)
-        assert all(s in engine.cpu_sets and len(s) == 1 for s in seen)
-        if processes:
-            assert sorted(c for s in seen for c in s) == cpus
-        assert os.sched_getaffinity(0) == set(cpus)  # the rest of the process is not pinned
-        assert _post(client, world.pano).status_code == 200
-    unpinned = settings_for(world, world.artifact_a, encoder_workers=len(cpus), torch_threads=1,
-                            pin_workers=False, encoder_processes=processes)
-    with running_client(unpinned) as client:
-        assert pinned_to(client.app.state.runtime.engine)[0] == set(cpus)
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness is Linux's")
-@pytest.mark.parametrize("processes", [True, False], ids=["processes", "threads"])
-def test_encoder_workers_can_run_nicer_than_the_event_loop(world, processes):
-    def niceness() -> int:
-        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-
-    def worker_niceness(engine) -> int:
-        if processes:
-            return os.getpriority(os.PRIO_PROCESS, engine.encoder_pids[0])
-        return engine.call_in_worker(niceness).result(10)
-
-    before = niceness()
-    settings = settings_for(world, world.artifact_a, worker_nice=7, encoder_processes=processes)
-    with running_client(settings) as client:
-        assert client.app.state.runtime.plan.nice == 7
-        assert worker_niceness(client.app.state.runtime.engine) == min(19, before + 7)
-        assert niceness() == before  # only the encoder workers
-        assert _post(client, world.pano).status_code == 200
-    settings = settings_for(world, world.artifact_a, encoder_processes=processes)  # default: as it is
-    with running_client(settings) as client:
-        assert worker_niceness(client.app.state.runtime.engine) == before
-
-
-@pytest.mark.parametrize("processes", [True, False], ids=["processes", "threads"])
-def test_two_encoder_workers_run_batches_side_by_side_and_controls_hold_both(world, processes):
-    settings = settings_for(world, world.artifact_a, queue_size=16, max_batch_size=1, encoder_workers=2,
-                            torch_threads=1, encoder_processes=processes)
-    with running_client(settings) as client:
-        engine = client.app.state.runtime.engine
-        assert engine.workers == 2 and len(engine._threads) == 2
-        assert len(set(engine.encoder_pids)) == (2 if processes else 0)
-        both_inside = threading.Barrier(2, timeout=10)
-        # the step that hands a batch to its forward: the worker's own, or its process's
-        step = "_compute_in" if processes else "_encode"
-        original = getattr(engine, step)
-
-        def meet_then_go(*args):
-            both_inside.wait()  # breaks (and the request fails) unless two batches overlap
-            return original(*args)
-
-        setattr(engine, step, meet_then_go)
+        engine, budget = client.app.state.runtime.engine, client.app.state.upload_budget
         results = []
-        threads = [threading.Thread(target=lambda: results.append(_post(client, world.pano))) for _ in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(20)
-        assert [r.status_code for r in results] == [200, 200], [r.text for r in results]
-        setattr(engine, step, original)
-        # a control command holds every worker: nothing is computed until it returns
-        gate = threading.Event()
-        held = engine.call_in_worker(gate.wait)
-        threads = [threading.Thread(target=lambda: results.append(_post(client, world.pano))) for _ in range(3)]
-        for t in threads:
-            t.start()
-        deadline = time.monotonic() + 10
-        while engine.queue.depth < 3 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        time.sleep(0.2)
-        assert engine.queue.depth == 3 and len(results) == 2
-        gate.set()
-        held.result(5)
-        for t in threads:
-            t.join(10)
-        assert [r.status_code for r in results] == [200] * 5
+        with engine.paused():  # the first request holds its bytes while it waits
+            first = threading.Thread(target=lambda: results.append(_post(client, big)))
+            first.start()
+            _wait_depth(engine, 1)
+            assert budget.used >= len(big)
+            refused = _post(client, big)
+            _assert_error(refused, 503, "overloaded")
+            assert refused.headers["retry-after"] == "2" and "bytes of uploads in progress" in refused.json()["detail"]
+        first.join(10)
+        assert results[0].status_code == 200 and budget.used == 0  # given back once answered
+        assert _post(client, big).status_code == 200
+    with pytest.raises(ValueError, match="GEOLOC_MAX_INFLIGHT_UPLOAD_BYTES"):
+        settings_for(world, world.artifact_a, max_upload_bytes=200_000, max_batch_images=1,
+                     max_inflight_upload_bytes=200_000)
 
 
-def test_a_killed_encoder_process_fails_only_its_batch_and_is_started_again(world, tmp_path):
-    from service.encoder_process import EncoderProcessDied
-
-    settings = settings_for(world, world.artifact_a, encoder_workers=2, torch_threads=1,
-                            encoder_processes=True)
+def test_head_probes_and_openapi_says_what_each_route_can_answer(world):
+    settings = settings_for(world, world.artifact_a, api_keys="k1", admin_token="adm")
     with running_client(settings) as client:
-        engine = client.app.state.runtime.engine
-        expected = _post(client, world.pano).json()["results"]
-        before = list(engine.encoder_pids)
-        # killed while idle: started again by its worker (within a second, or at its next batch)
-        os.kill(before[0], signal.SIGKILL)
-        assert engine._encoders[0]._proc.wait(10) == -signal.SIGKILL  # dead before the next batch
-        deadline = time.monotonic() + 30
-        while engine.encoder_pids[0] == before[0] and time.monotonic() < deadline:
-            answer = _post(client, world.pano)  # served by either process meanwhile
-            assert answer.status_code == 200, answer.text
-            assert_same_matches(answer.json()["results"], expected)
-        assert engine.encoder_pids[0] != before[0]
-        # killed mid-batch (a job whose "decoding" is a 30 s sleep that tells us its process):
-        # that job fails, the process is started again, the other one serves meanwhile
-        marker = tmp_path / "busy.pid"
-        slow = client.portal.start_task_soon(lambda: engine.localize(5, decode=functools.partial(
-            subprocess.run, ["sh", "-c", f"echo $PPID $$ > {marker}.tmp && mv {marker}.tmp {marker}"
-                                         " && sleep 30"]), n=1))
-        deadline = time.monotonic() + 30
-        while not marker.exists() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert marker.exists(), "the slow job never reached an encoder process"
-        busy, shell = map(int, marker.read_text().split())
-        assert busy in engine.encoder_pids
-        os.kill(busy, signal.SIGKILL)
-        os.kill(shell, signal.SIGKILL)  # (its sleep, orphaned, ends by itself)
-        with pytest.raises(EncoderProcessDied, match="ended"):
-            slow.result(10)
-        answers = [_post(client, world.pano) for _ in range(6)]
-        assert [a.status_code for a in answers] == [200] * 6, [a.text for a in answers]
-        assert client.get("/readyz").status_code == 200
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and metric_value(
-                client.get("/metrics").text, "geoloc_encoder_restarts_total") < 2:
-            time.sleep(0.05)  # the restart (model load, warm-up) takes a second or two
-        assert metric_value(client.get("/metrics").text, "geoloc_encoder_restarts_total") == 2
-        assert busy not in engine.encoder_pids and all(e.running for e in engine._encoders)
+        for path in ("/healthz", "/readyz"):
+            assert client.head(path).status_code == 200  # load balancers probe with HEAD
+        spec = client.get("/openapi.json").json()
+        codes = {(path, method): set(op["responses"]) for path, ops in spec["paths"].items()
+                 for method, op in ops.items()}
+        assert codes[("/localize", "post")] == {"200", "400", "401", "408", "413", "415", "422", "503", "504"}
+        assert codes[("/tiles/{tile_id}", "get")] == {"200", "401", "404", "503"}  # no 422, 413 or 415
+        assert codes[("/v1/index", "get")] == {"200", "401", "503"}
+        assert codes[("/healthz", "get")] == {"200"}
+        reload_op = spec["paths"]["/admin/reload"]["post"]
+        assert reload_op["security"] == [{"APIKeyHeader": [], "HTTPBearer": []}]  # both, not either
+        _assert_error(client.post("/admin/reload", headers={"X-API-Key": "k1"}), 401, "unauthorized")
+        _assert_error(client.post("/admin/reload", headers={"Authorization": "Bearer adm"}), 401, "unauthorized")
+        ok = client.post("/admin/reload", headers={"X-API-Key": "k1", "Authorization": "Bearer adm"})
+        assert ok.status_code == 200
+        assert "HTTPValidationError" not in json.dumps(spec)  # our 422s are ErrorResponse
+    with running_client(settings_for(world, world.artifact_a)) as client:
+        spec = client.get("/openapi.json").json()
+        assert "401" not in spec["paths"]["/localize"]["post"]["responses"]  # no keys: no 401
 
 
-def test_encoder_processes_that_all_died_idle_come_back_without_a_request(world):
-    settings = settings_for(world, world.artifact_a, encoder_workers=2, torch_threads=1,
-                            encoder_processes=True)
-    with running_client(settings) as client:
-        engine = client.app.state.runtime.engine
-        before = list(engine.encoder_pids)
-        for pid, encoder in zip(before, engine._encoders):
-            os.kill(pid, signal.SIGKILL)
-            encoder._proc.wait(10)
-        assert client.get("/readyz").status_code == 503  # nothing can compute right now
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and metric_value(
-                client.get("/metrics").text, "geoloc_encoder_restarts_total") < 2:
-            time.sleep(0.05)
-        assert metric_value(client.get("/metrics").text, "geoloc_encoder_restarts_total") == 2
-        assert client.get("/readyz").status_code == 200
-        assert not set(engine.encoder_pids) & set(before)
-        assert _post(client, world.pano).status_code == 200
-
-
-def test_a_process_that_can_not_be_restarted_is_retried_and_never_left_without_its_index(
-        world, tmp_path):
-    served = tmp_path / "served"
-    shutil.copytree(world.artifact_a.resolve(), served)
-    settings = settings_for(world, served, encoder_workers=2, torch_threads=1,
-                            encoder_processes=True)
-    with running_client(settings) as client:
-        engine = client.app.state.runtime.engine
-        expected = _post(client, world.pano).json()["results"]
-        hidden = tmp_path / "hidden"
-        os.rename(served, hidden)  # the served artifact's files vanish (a careless pruner)
-        os.kill(engine.encoder_pids[0], signal.SIGKILL)
-        engine._encoders[0]._proc.wait(10)
-        time.sleep(4)  # restarts fail (model loads, the index does not) and are retried
-        assert not engine._encoders[0].serving  # never up without the index it would be asked for
-        answers = [_post(client, world.pano) for _ in range(4)]  # the other process serves
-        assert [a.status_code for a in answers] == [200] * 4
-        for a in answers:
-            assert_same_matches(a.json()["results"], expected)
-        os.rename(hidden, served)
-        deadline = time.monotonic() + 60
-        while not engine._encoders[0].serving and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert engine._encoders[0].serving and engine._encoders[0].control("held") == [1]
-
-
-def test_a_dead_encoder_process_is_answered_503_retry(world, client):
-    from service.encoder_process import EncoderProcessDied
-
-    handler = client.app.exception_handlers[EncoderProcessDied]
-    response = asyncio.run(handler(None, EncoderProcessDied("encoder process 1 ended (exit status -9)")))
-    assert response.status_code == 503 and response.headers["Retry-After"]
-    body = json.loads(response.body)
-    assert body["code"] == "encoder_restarting" and "exit status -9" in body["detail"]
-
-
-def test_encoder_plan_pins_hyperthread_siblings_together_and_leaves_openmp_binding_alone(
-        world, monkeypatch):
-    import service.runtime as runtime
-
-    # 4 logical CPUs numbered like Linux often does: 0/2 and 1/3 are hyper-thread siblings
-    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
-    monkeypatch.setattr(runtime, "_physical_core", lambda cpu: (0, cpu % 2, cpu))
-    plan = runtime.encoder_plan(settings_for(world, world.artifact_a))
-    assert plan.workers == 2 and plan.threads == 2 and plan.cpu_sets == [{0, 2}, {1, 3}]
-    assert runtime.encoder_plan(settings_for(world, world.artifact_a, torch_threads=1)).cpu_sets is None
-    monkeypatch.setenv("OMP_PROC_BIND", "true")
-    assert runtime.encoder_plan(settings_for(world, world.artifact_a)).cpu_sets is None
+def test_not_ready_answers_say_why(world):
+    with running_client(settings_for(world, world.artifact_a)) as client:
+        runtime = client.app.state.runtime
+        runtime.engine.stop()  # e.g. shutting down: the encoder threads are gone
+        body = client.get("/readyz").json()
+        assert body["status"] == "failed" and body["detail"] == "the encoder threads are not running"
+        error = _assert_error(_post(client, world.pano), 503, "not_ready")
+        assert "service is ready" not in error["detail"]
 
 
 def test_encoder_plan(world):
     from service.runtime import encoder_plan
 
-    cpus = sorted(os.sched_getaffinity(0))
-    plan = encoder_plan(settings_for(world, world.artifact_a, encoder_workers=3, torch_threads=2))
-    assert plan[:2] == (3, 2)
-    assert plan.cpu_sets == ([set(cpus[0:2]), set(cpus[2:4]), set(cpus[4:6])] if len(cpus) == 6 else None)
-    workers, threads, cpu_sets, *_ = encoder_plan(settings_for(world, world.artifact_a))
-    assert workers == (2 if len(cpus) >= 2 else 1) and threads == max(1, len(cpus) // workers)
-    if workers * threads == len(cpus) and workers > 1:  # the workers fill the CPUs: one core set each
-        assert sorted(c for s in cpu_sets for c in s) == cpus and all(len(s) == threads for s in cpu_sets)
-    else:
-        assert cpu_sets is None
-    assert encoder_plan(settings_for(world, world.artifact_a, pin_workers=False)).cpu_sets is None
-    # on a CPU the encoder workers decode their own uploads unless threads are asked for
-    assert encoder_plan(settings_for(world, world.artifact_a)).decode_threads == 0
-    assert encoder_plan(settings_for(world, world.artifact_a, decode_threads=3)).decode_threads == 3
-    assert encoder_plan(settings_for(world, world.artifact_a)).nice == 0
-    # the one worker feeding a GPU stays as it is
-    assert encoder_plan(settings_for(world, world.artifact_a, device="cuda", worker_nice=5)).nice == 0
+    cpus = len(os.sched_getaffinity(0))
+    assert encoder_plan(settings_for(world, world.artifact_a, encoder_workers=3, torch_threads=2), False) == (3, 2)
+    workers, threads = encoder_plan(settings_for(world, world.artifact_a), False)
+    assert workers == (2 if cpus >= 2 else 1) and threads == max(1, cpus // workers)
+    assert encoder_plan(settings_for(world, world.artifact_a, encoder_workers=1), False) == (1, cpus)
+    assert encoder_plan(settings_for(world, world.artifact_a), True) == (2, None)  # a GPU: torch's default
 
 
 # --- hot reload ---------------------------------------------------------------------------------
@@ -1019,53 +713,39 @@ def test_watcher_picks_up_a_directory_swap(world, tmp_path):
         assert metric_value(text, "geoloc_index_size") == 16
 
 
-@pytest.mark.parametrize("processes", [True, False], ids=["processes", "threads"])
-def test_admin_reload_and_broken_artifacts_keep_the_old_index(world, tmp_path, processes):
+def test_admin_reload_and_broken_artifacts_keep_the_old_index(world, tmp_path):
     link = tmp_path / "current"
     publish_symlink(link, world.artifact_a.resolve())
-    settings = settings_for(world, link, admin_token="s3cret", encoder_workers=2, torch_threads=1,
-                            encoder_processes=processes)
+    settings = settings_for(world, link, admin_token="s3cret", encoder_workers=2, torch_threads=1)
     auth = {"Authorization": "Bearer s3cret"}
     with running_client(settings) as client:
-        engine = client.app.state.runtime.engine
-
-        def held() -> list[list[int]]:  # index generations in each encoder process
-            return [e.control("held") for e in engine._encoders] if processes else []
-
         _assert_error(client.post("/admin/reload"), 401, "unauthorized")
         _assert_error(client.post("/admin/reload", headers={"Authorization": "Bearer x"}),
                       401, "unauthorized")
         same = client.post("/admin/reload", headers=auth)
         assert same.status_code == 200 and same.json()["status"] == "unchanged"
-        if processes:  # a process that is down during the swap loads the new index when restarted
-            assert held() == [[1], [1]]
-            os.kill(engine.encoder_pids[1], signal.SIGKILL)
-            engine._encoders[1]._proc.wait(10)
 
         publish_symlink(link, world.artifact_b.resolve())
         swapped = client.post("/admin/reload", headers=auth).json()
         assert swapped["status"] == "reloaded"
         assert swapped["index"]["count"] == 16 and swapped["previous"]["count"] == 24
         assert swapped["index"]["generation"] == 2
-        if processes:
-            deadline = time.monotonic() + 30
-            while not (engine._encoders[1].serving and engine._encoders[1].running) \
-                    and time.monotonic() < deadline:
-                assert _post(client, world.pano).json()["index"]["count"] == 16
-            assert held() == [[2], [2]]
-            results = _post_while_held(client, world.pano, 8)  # both processes get a batch
-            assert [r.json()["index"]["count"] for r in results] == [16] * 8
+        results = _post_while_held(client, world.pano, 8)
+        assert [r.json()["index"]["count"] for r in results] == [16] * 8
 
         # Built with another model: refused, the old one keeps serving.
         publish_symlink(link, world.artifact_other.resolve())
         body = _assert_error(client.post("/admin/reload", headers=auth), 409, "reload_failed")
-        assert "fingerprint" in body["detail"]
-        # Corrupt FAISS file.
+        assert "fingerprint" in body["detail"] and str(tmp_path) not in body["detail"]
+        assert world.artifact_other.resolve().name in body["detail"]  # named, without its directories
+        # Corrupt FAISS file: the reason, without FAISS's C++ function and source file.
         corrupt = tmp_path / "corrupt"
         shutil.copytree(world.artifact_a.resolve(), corrupt)
         (corrupt / "index.faiss").write_bytes(b"garbage")
         publish_symlink(link, corrupt)
-        _assert_error(client.post("/admin/reload", headers=auth), 409, "reload_failed")
+        body = _assert_error(client.post("/admin/reload", headers=auth), 409, "reload_failed")
+        assert "index.faiss: unreadable FAISS index" in body["detail"]
+        assert ".cpp" not in body["detail"] and "Error in" not in body["detail"] and "/" not in body["detail"]
         # tiles.csv inconsistent with the index.
         short = tmp_path / "short"
         shutil.copytree(world.artifact_a.resolve(), short)
@@ -1079,19 +759,41 @@ def test_admin_reload_and_broken_artifacts_keep_the_old_index(world, tmp_path, p
         assert resp.status_code == 200 and resp.json()["index"]["count"] == 16
         ready = client.get("/readyz").json()
         assert ready["status"] == "ready" and "reload failed" in ready["detail"]
+        assert str(tmp_path) not in ready["detail"]
         text = client.get("/metrics").text
         assert metric_value(text, "geoloc_index_reloads_total", trigger="admin",
                             result="failure") == 3
         assert metric_value(text, "geoloc_index_reload_failing") == 1
 
-        assert held() == ([[2], [2]] if processes else [])  # refused ones are not kept
 
         publish_symlink(link, world.artifact_a.resolve())
         assert client.post("/admin/reload", headers=auth).json()["index"]["count"] == 24
         text = client.get("/metrics").text
         assert metric_value(text, "geoloc_index_reload_failing") == 0
         assert client.get("/readyz").json()["detail"] is None
-        assert held() == ([[3], [3]] if processes else [])
+
+
+def test_a_failed_reload_is_no_longer_reported_once_the_served_artifact_is_published_again(world, tmp_path):
+    link = tmp_path / "current"
+    publish_symlink(link, world.artifact_a.resolve())
+    with running_client(settings_for(world, link, reload_poll_s=0.05)) as client:
+        publish_symlink(link, world.artifact_other.resolve())  # refused: built for another model
+
+        def detail():
+            return client.get("/readyz").json()["detail"]
+
+        deadline = time.monotonic() + 10
+        while detail() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "reload failed" in detail()
+        assert metric_value(client.get("/metrics").text, "geoloc_index_reload_failing") == 1
+        publish_symlink(link, world.artifact_a.resolve())  # the one still served: nothing to load
+        deadline = time.monotonic() + 10
+        while detail() is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert detail() is None
+        assert metric_value(client.get("/metrics").text, "geoloc_index_reload_failing") == 0
+        assert client.get("/readyz").json()["index"]["generation"] == 1
 
 
 def test_admin_disabled_without_token(client):

@@ -6,7 +6,7 @@ import tempfile
 
 import pytest
 
-from test_service_support import UvicornProcess, world  # noqa: F401  (world is a fixture)
+from test_service_support import ServiceProcess, world  # noqa: F401  (world is a fixture)
 
 CHROMIUM = next((p for p in (shutil.which(n) for n in ("chromium", "chromium-browser",
                                                         "google-chrome")) if p), None)
@@ -54,7 +54,7 @@ def browser():
 def page_server(world, tmp_path_factory, browser):
     env = {"GEOLOC_CHECKPOINT": str(world.checkpoint), "GEOLOC_INDEX": str(world.artifact_a),
            "GEOLOC_RELOAD_POLL_S": "0"}
-    proc = UvicornProcess(env, tmp_path_factory.mktemp("browser") / "uvicorn.log")
+    proc = ServiceProcess(env, tmp_path_factory.mktemp("browser") / "uvicorn.log")
     try:
         yield proc
     finally:

@@ -102,21 +102,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class UvicornProcess:
-    """``python -m uvicorn service.app:app`` on 127.0.0.1:<free port> with GEOLOC_* settings."""
+class ServiceProcess:
+    """``python -m service`` (the production entry point: uvicorn with its read timeouts) on
+    127.0.0.1:<free port> with GEOLOC_* settings."""
 
-    def __init__(self, env: dict[str, str], log_path: Path, wait_ready: bool = True) -> None:
+    def __init__(self, env: dict[str, str], log_path: Path, wait_ready: bool = True,
+                 args: tuple[str, ...] = ()) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith("GEOLOC_")}
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith(("GEOLOC_", "MALLOC_"))}
         full_env.update(env)
         full_env["PYTHONPATH"] = str(REPO)
         full_env.setdefault("OMP_NUM_THREADS", "1")  # micro model: 1 thread is fastest, leaves a core
         self._log = log_path.open("wb")
         self.proc = subprocess.Popen(
-            [PYTHON, "-m", "uvicorn", "service.app:app", "--host", "127.0.0.1",
-             "--port", str(self.port), "--no-access-log", "--timeout-graceful-shutdown", "5"],
+            [PYTHON, "-m", "service", "--host", "127.0.0.1", "--port", str(self.port),
+             "--timeout-graceful-shutdown", "5", *args],
             cwd=REPO, env=full_env, stdout=self._log, stderr=subprocess.STDOUT,
         )
         if wait_ready:
@@ -126,7 +128,7 @@ class UvicornProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"uvicorn exited with {self.proc.returncode}:\n{self.log()}")
+                raise RuntimeError(f"the service exited with {self.proc.returncode}:\n{self.log()}")
             try:
                 with urllib.request.urlopen(self.url + "/readyz", timeout=2) as resp:
                     if resp.status == 200:
@@ -134,7 +136,7 @@ class UvicornProcess:
             except OSError:
                 pass
             time.sleep(0.1)
-        raise RuntimeError(f"uvicorn not ready after {timeout}s:\n{self.log()}")
+        raise RuntimeError(f"the service is not ready after {timeout}s:\n{self.log()}")
 
     def log(self) -> str:
         if not self._log.closed:
@@ -151,15 +153,6 @@ class UvicornProcess:
                 self.proc.wait(5)
         self._log.close()
         return self.proc.returncode
-
-
-@contextlib.contextmanager
-def uvicorn_process(env: dict[str, str], log_path: Path):
-    server = UvicornProcess(env, log_path)
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def metric_value(text: str, name: str, **labels: str) -> float:

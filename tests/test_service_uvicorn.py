@@ -1,4 +1,5 @@
-"""The service as it runs in production: a real uvicorn on 127.0.0.1, spoken to over sockets."""
+"""The service as it runs in production: `python -m service` (uvicorn) on 127.0.0.1, spoken to over
+sockets."""
 from __future__ import annotations
 
 import json
@@ -13,10 +14,11 @@ import pytest
 
 from test_service_api import BAD_UPLOADS, _bad_payload
 from test_service_support import (  # noqa: F401  (world is a fixture)
-    UvicornProcess, free_port, metric_value, publish_symlink, settings_for, world,
+    ServiceProcess, free_port, metric_value, publish_symlink, settings_for, world,
 )
 
 ADMIN = {"Authorization": "Bearer adm1n"}
+READ_TIMEOUT_S = 1.5
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +35,9 @@ def server(world, live_link, tmp_path_factory):
         "GEOLOC_RELOAD_POLL_S": "0.2", "GEOLOC_ADMIN_TOKEN": "adm1n",
         "GEOLOC_QUEUE_SIZE": "4", "GEOLOC_MAX_BATCH_SIZE": "2", "GEOLOC_MAX_BATCH_IMAGES": "4",
         "GEOLOC_MAX_UPLOAD_BYTES": str(64 * 1024), "GEOLOC_MAX_PIXELS": "2000000",
+        "GEOLOC_READ_TIMEOUT_S": str(READ_TIMEOUT_S),
     }
-    proc = UvicornProcess(env, tmp_path_factory.mktemp("logs") / "uvicorn.log")
+    proc = ServiceProcess(env, tmp_path_factory.mktemp("logs") / "uvicorn.log")
     try:
         yield proc
     finally:
@@ -151,6 +154,35 @@ def test_oversized_upload_rejected_while_streaming(server):
         body = json.loads(head.split(b"\r\n\r\n", 1)[1] or b"{}") if b"\r\n\r\n" in head else {}
         if body:
             assert body["code"] == "upload_too_large"
+
+
+def test_a_client_that_stalls_its_headers_or_its_body_gets_408(server, world):
+    head = (b"POST /localize HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n"
+            b"Content-Type: multipart/form-data; boundary=BB\r\n\r\n")
+    for sent in (b"", b"POST /localize HTTP/1.1\r\nHost: x\r\n",  # headers never (or half) sent
+                 head + b'--BB\r\nContent-Disposition: form-data; name="image"\r\n\r\n\xff\xd8'):  # body stops
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            t0 = time.monotonic()
+            sock.sendall(sent)
+            answer = _read_response(sock, 10 * READ_TIMEOUT_S)
+            waited = time.monotonic() - t0
+            assert answer.startswith(b"HTTP/1.1 408"), (sent[:40], answer[:200])
+            assert READ_TIMEOUT_S * 0.9 < waited < READ_TIMEOUT_S + 5
+            assert b"request_timeout" in answer + _read_response(sock, 2)
+            sock.settimeout(5)
+            assert sock.recv(1 << 16) == b""  # and the connection is closed
+    with httpx.Client(base_url=server.url, timeout=30) as c:  # the server is fine
+        assert _post(c, world.pano).status_code == 200
+
+
+def test_the_entry_point_runs_with_the_allocator_settings(server):
+    from model.inference import ALLOCATOR_ENV
+
+    environ = Path(f"/proc/{server.proc.pid}/environ")
+    if not environ.exists():
+        pytest.skip("no /proc on this system")
+    variables = dict(item.split("=", 1) for item in environ.read_text().split("\0") if "=" in item)
+    assert {k: variables.get(k) for k in ALLOCATOR_ENV} == ALLOCATOR_ENV
 
 
 def test_reload_during_load_has_no_failed_or_mixed_requests(server, world, live_link, http):
@@ -279,7 +311,7 @@ def test_no_file_descriptor_or_thread_leak(server, http, world):
 def test_fingerprint_mismatch_process_exits(world, tmp_path):
     env = {"GEOLOC_CHECKPOINT": str(world.checkpoint),
            "GEOLOC_INDEX": str(world.artifact_other)}
-    proc = UvicornProcess(env, tmp_path / "refused.log", wait_ready=False)
+    proc = ServiceProcess(env, tmp_path / "refused.log", wait_ready=False)
     try:
         code = proc.proc.wait(90)
     finally:
@@ -323,28 +355,63 @@ def test_disconnected_client_is_not_computed(world):
     with ThreadedServer(app) as srv:
         runtime = app.state.runtime
         assert runtime.wait_loaded(60)
-        metrics = runtime.metrics
-        gate = threading.Event()
-        held = runtime.engine.call_in_worker(gate.wait)
+        engine = runtime.engine
+
+        def metric(name: str, **labels: str) -> float:
+            return metric_value(runtime.metrics.exposition().decode(), name, **labels)
+
         body = (b'--BB\r\nContent-Disposition: form-data; name="image"; filename="p.jpg"\r\n'
                 b"Content-Type: image/jpeg\r\n\r\n" + world.pano + b"\r\n--BB--\r\n")
-        sock = socket.create_connection(("127.0.0.1", srv.port))
-        sock.sendall(b"POST /localize HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
-                     b"Content-Type: multipart/form-data; boundary=BB\r\n\r\n" % len(body) + body)
-        deadline = time.monotonic() + 10
-        while runtime.engine.queue.depth < 1 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert runtime.engine.queue.depth == 1
-        images_before = metrics.images._value.get()
-        sock.close()  # the client gives up while its job waits
-        time.sleep(0.3)
-        gate.set()
-        held.result(5)
+        with engine.paused():
+            sock = socket.create_connection(("127.0.0.1", srv.port))
+            sock.sendall(b"POST /localize HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
+                         b"Content-Type: multipart/form-data; boundary=BB\r\n\r\n" % len(body) + body)
+            deadline = time.monotonic() + 10
+            while engine.depth < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert engine.depth == 1
+            images_before = metric("geoloc_images_localized_total")
+            sock.close()  # the client gives up while its job waits
+            time.sleep(0.3)
         deadline = time.monotonic() + 5
-        while metrics.dropped.labels("client_disconnected")._value.get() < 1:
+        while metric("geoloc_dropped_images_total", reason="client_disconnected") < 1:
             assert time.monotonic() < deadline, "the abandoned job was not dropped"
             time.sleep(0.02)
-        assert metrics.images._value.get() == images_before  # nothing was computed for it
+        assert metric("geoloc_images_localized_total") == images_before  # nothing was computed for it
         with httpx.Client(base_url=f"http://127.0.0.1:{srv.port}", timeout=30) as c:
             assert _post(c, world.pano).status_code == 200
-        assert metrics.images._value.get() == images_before + 1
+        assert metric("geoloc_images_localized_total") == images_before + 1
+
+
+def test_two_server_processes_answer_and_add_up_their_metrics(world, tmp_path):
+    env = {"GEOLOC_CHECKPOINT": str(world.checkpoint), "GEOLOC_INDEX": str(world.artifact_a),
+           "GEOLOC_ENCODER_WORKERS": "1", "GEOLOC_TORCH_THREADS": "1", "GEOLOC_RELOAD_POLL_S": "0"}
+    proc = ServiceProcess(env, tmp_path / "two.log", args=("--workers", "2"))
+    try:
+        answered = 0
+        with httpx.Client(base_url=proc.url, timeout=30) as c:
+            deadline = time.monotonic() + 60  # both workers load their model and index
+            while time.monotonic() < deadline:
+                if len(_workers(proc.proc.pid)) == 2 and all(c.get("/readyz").status_code == 200 for _ in range(4)):
+                    break
+                time.sleep(0.2)
+            for _ in range(12):
+                assert _post(c, world.pano).status_code == 200
+                answered += 1
+            totals = {metric_value(c.get("/metrics").text, "geoloc_http_requests_total", route="/localize",
+                                   method="POST", status="200") for _ in range(6)}
+            assert totals == {answered}  # whichever process answers /metrics counts both
+            assert metric_value(c.get("/metrics").text, "geoloc_ready") == 1
+        assert len(_workers(proc.proc.pid)) == 2
+    finally:
+        code = proc.stop()
+    assert code in (0, -15), proc.log()[-3000:]
+
+
+def _workers(pid: int) -> list[int]:
+    """The worker processes uvicorn's supervisor ``pid`` started (not multiprocessing's helpers)."""
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    if not path.exists():
+        pytest.skip("no /proc children list on this system")
+    children = [int(p) for p in path.read_text().split()]
+    return [c for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]

@@ -1,0 +1,133 @@
+"""L2LTR at inference time: the boundary between the network (a plain ``nn.Module``) and the
+programs that serve it (the service, index_build, benchmarks).
+
+``InferenceEncoder`` owns everything inference adds to the network: eval mode on a device,
+frozen TorchScript traces of the branches (CPU), channels_last and bf16 autocast (CUDA), the
+uint8 batch path, and unit-length float32 rows out. The traces are built in the constructor, so
+the first request pays nothing for them.
+
+The CPU forward also gains from two glibc allocator settings, which only the environment of a new
+process can carry (``allocator_env``; the entry points ``python -m service`` and
+``python -m index_build`` re-execute themselves once with them).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from typing import Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .encode import BRANCHES, autocast_context
+from .network import L2LTR, describe
+from .preprocess import normalize_uint8_nchw
+
+# glibc serves a large allocation with a fresh mmap and hands freed heap tops back to the kernel,
+# so every CPU forward page-faults its activation buffers in again: hundreds of minor faults per
+# image for `tiny`, ~10% of its forward's CPU time (bench/RESULTS.md). Above a fixed mmap
+# threshold glibc stops adapting it, so buffers up to 32 MiB are reused from the heap.
+ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}
+
+
+def allocator_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``env`` (default: this process's) with ``ALLOCATOR_ENV`` added, unless the user tuned
+    glibc's malloc already (MALLOC_*_ variables, glibc.malloc.* tunables): theirs wins."""
+    env = dict(os.environ if env is None else env)
+    tuned = any(k.startswith("MALLOC_") and k.endswith("_") for k in env) or \
+        "glibc.malloc." in env.get("GLIBC_TUNABLES", "")
+    if not tuned:
+        env.update(ALLOCATOR_ENV)
+    return env
+
+
+def reexec_with_allocator_env(module: str | None = None) -> None:
+    """Entry points call this first: on Linux, run this program again (``python -m module``, or
+    the script being run) with its arguments and ``allocator_env``, unless the environment already
+    has it (or the user's own malloc tuning). Returns only where nothing was to be done."""
+    env = allocator_env()
+    if not sys.platform.startswith("linux") or all(os.environ.get(k) == env.get(k) for k in ALLOCATOR_ENV):
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    program = ["-m", module] if module else [sys.argv[0]]
+    os.execve(sys.executable, [sys.executable, *program, *sys.argv[1:]], env)
+
+
+def _trace(branch: torch.nn.Module, example: torch.Tensor):
+    """A frozen TorchScript trace of ``branch`` (any batch size), or the branch itself where this
+    torch cannot trace it: TorchScript is deprecated upstream, torch is pinned, and a later torch
+    that drops it costs speed, not correctness."""
+    try:
+        with warnings.catch_warnings(), torch.inference_mode():
+            # the input size is fixed per branch: its shape checks become constants of the trace
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return torch.jit.freeze(torch.jit.trace(branch, example, check_trace=False))
+    except Exception as exc:  # noqa: BLE001 - any failure leaves the eager module in charge
+        warnings.warn(f"L2LTR: running the eager branch, tracing failed: {exc}", RuntimeWarning)
+        return branch
+
+
+class InferenceEncoder:
+    """An L2LTR ready to encode batches of one or both branches.
+
+    On a CPU each branch runs as a frozen TorchScript trace: it skips the per-operator Python work
+    and runs without the interpreter lock, so several encoder threads in one process do not queue
+    for it. A trace holds its own copy of the weights, taken here: the network must not change
+    afterwards. On CUDA the network runs eagerly in channels_last with bf16 autocast."""
+
+    def __init__(self, net: L2LTR, device: torch.device | str = "cpu", *,
+                 branches: tuple[str, ...] = BRANCHES, trace: bool | None = None,
+                 warm_up: int = 2) -> None:
+        self.device = torch.device(device)
+        self.net = net.to(self.device).eval()
+        self.config = net.config
+        on_cuda = self.device.type == "cuda"
+        if on_cuda:
+            self.net = self.net.to(memory_format=torch.channels_last)
+        trace = not on_cuda if trace is None else trace
+        self._branches = {}
+        for name in branches:
+            module = getattr(self.net, name)
+            self._branches[name] = _trace(module, self._blank(name, 1).float()) if trace else module
+        self.traced = tuple(name for name, fn in self._branches.items() if isinstance(fn, torch.jit.ScriptModule))
+        for name in branches:  # TorchScript optimises a trace over its first runs
+            for _ in range(warm_up):
+                self.encode(self._blank(name, 1).float(), name)
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.net.embedding_dim
+
+    def input_size(self, branch: str) -> tuple[int, int]:
+        return self.config.ground_size if branch == "ground" else self.config.aerial_size
+
+    def _blank(self, branch: str, n: int) -> torch.Tensor:
+        return torch.zeros(n, 3, *self.input_size(branch), dtype=torch.uint8, device=self.device)
+
+    def encode(self, batch: torch.Tensor, branch: str) -> torch.Tensor:
+        """ImageNet-normalised float images [n, 3, H, W] -> float32 unit rows [n, D] on the CPU."""
+        if branch not in self._branches:
+            raise ValueError(f"branch must be one of {tuple(self._branches)}, got {branch!r}")
+        self.net.check_input(batch, branch)
+        with torch.inference_mode(), autocast_context(self.device):
+            x = batch.to(self.device, non_blocking=True)
+            if self.device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            out = describe(self._branches[branch], x, self.config.test_time_flip).float()
+        # bf16 rounding leaves rows slightly off unit length; renormalise in float32.
+        return F.normalize(out, dim=-1).cpu()
+
+    def encode_uint8(self, images: torch.Tensor, branch: str, max_batch: int | None = None) -> np.ndarray:
+        """uint8 images [n, 3, H, W] at the branch's input size -> float32 unit rows [n, D], at most
+        ``max_batch`` per forward; each forward's images are normalised at once."""
+        n = int(images.shape[0])
+        step = max_batch or n or 1
+        parts = [self.encode(normalize_uint8_nchw(images[i:i + step]), branch) for i in range(0, n, step)]
+        if not parts:
+            return np.zeros((0, self.embedding_dim), dtype=np.float32)
+        out = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return np.ascontiguousarray(out.numpy(), dtype=np.float32)
