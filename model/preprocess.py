@@ -399,3 +399,38 @@ def equirect_crop_to_panorama(crop, fov_deg: float, heading_deg: float,
     y = np.broadcast_to(((np.arange(out_h) + 0.5) * (sh / out_h) - 0.5)[:, None], (out_h, out_w))
     values = _bilinear(small, x[covered], y[covered], wrap_x=full_circle)
     return _masked_uint8(values, covered), np.array(covered)
+
+
+EXIF_IFD_POINTER = 0x8769
+EXIF_GPS_IFD_POINTER = 0x8825
+EXIF_FOCAL_LENGTH_35MM = 0xA405
+EXIF_GPS_IMG_DIRECTION_REF = 0x0010
+EXIF_GPS_IMG_DIRECTION = 0x0011
+
+
+def exif_camera(source: ImageSource, name: str | None = None) -> tuple[float | None, float | None]:
+    """(horizontal field of view, heading) in degrees from a photo's EXIF; None where not stated.
+
+    The field of view comes from FocalLengthIn35mmFilm read against the 36 mm frame width,
+    hfov = 2 atan(18 / f35), the convention worldgen writes (phones often derive that tag from the
+    frame diagonal instead, which this reading makes a few percent too wide). The heading is
+    GPSImgDirection when GPSImgDirectionRef says true north ('T'); a magnetic one is not used.
+    Only the header is read, not the pixels.
+    """
+    label = name or (f"{len(source)}-byte upload" if isinstance(source, bytes) else str(source))
+    try:
+        img = source if isinstance(source, Image.Image) else Image.open(
+            io.BytesIO(source) if isinstance(source, bytes) else source)
+        exif = img.getexif()
+        f35 = exif.get_ifd(EXIF_IFD_POINTER).get(EXIF_FOCAL_LENGTH_35MM)
+        gps = exif.get_ifd(EXIF_GPS_IFD_POINTER)
+    except FileNotFoundError:
+        raise ImageDecodeError(f"{label}: file not found") from None
+    except (OSError, Image.DecompressionBombError, ValueError, SyntaxError) as exc:
+        raise ImageDecodeError(f"{label}: not a readable image ({exc})") from None
+    hfov = float(np.degrees(2.0 * np.arctan(18.0 / float(f35)))) if f35 else None
+    heading = None
+    direction = gps.get(EXIF_GPS_IMG_DIRECTION)
+    if direction is not None and str(gps.get(EXIF_GPS_IMG_DIRECTION_REF, "")).strip().upper() == "T":
+        heading = float(direction) % 360.0
+    return hfov, heading
