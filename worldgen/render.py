@@ -13,6 +13,9 @@ spaced distances; the running maximum of the elevation of the terrain samples gi
 row, the first sample the ray hits (one searchsorted over all columns). Building hits are then
 refined by an exact ray/box intersection (facade side, along-facade coordinate for windows).
 Trees are sprites depth-tested against that buffer.
+
+Perspective (pinhole) photos are looked up, ray by ray, in a band of a finer panorama drawn by the
+same renderer (``render_perspective``), so they show exactly the scene the panoramas show.
 """
 from __future__ import annotations
 
