@@ -168,6 +168,15 @@ def test_tree_sprites_across_the_edges_of_a_crop():
         assert np.isfinite(d_crop[:H // 2 - 2, [0, -1]]).any(axis=0).all()  # trees cut by both crop edges
 
 
+def test_photo_rendered_in_column_blocks_equals_one_block(small_world, positions, monkeypatch):
+    look = _quiet_look(6, noise=1.5)
+    x, y = positions[4]
+    args = (small_world, x, y, 320, 240, 70.0, 25.0, 3.0, -2.0, look)
+    one = render_perspective(*args, rng=np.random.default_rng(0))
+    monkeypatch.setattr(R, "_PERSPECTIVE_BLOCK_PIXELS", 5000)
+    np.testing.assert_array_equal(render_perspective(*args, rng=np.random.default_rng(0)), one)
+
+
 def _mae(a, b, mask):
     return float(np.abs(a.astype(np.float32) - b.astype(np.float32))[mask].mean())
 

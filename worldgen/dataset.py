@@ -289,7 +289,7 @@ def generate_dataset(cfg: GenConfig, out_dir: str, workers: int = 1, overwrite: 
         ids = [str(i).zfill(w) for i in range(n)]
         val = split_val(cams, cfg)
         poses = [None] * n
-        chunk = 4 if cfg.camera == "perspective" else 16  # a photo takes ~50x a panorama; the bar moves per chunk
+        chunk = 4 if cfg.camera == "perspective" else 16  # a photo takes ~20x a panorama; the bar moves per chunk
         tasks = [(lo, min(n, lo + chunk)) for lo in range(0, n, chunk)]
         _STATE.update(world=world, cfg=cfg, cams=cams, ids=ids, root=tmp)
         bar = None

@@ -349,11 +349,12 @@ def render_pano(world: World, cx: float, cy: float, height: int = 128, width: in
 
 def _render_columns(world: World, cx: float, cy: float, az: np.ndarray, el: np.ndarray, look: PanoLook,
                     rng: np.random.Generator, eye: float, max_dist: float, steps: int, return_depth: bool,
-                    row0: int = 0, full_rows: int | None = None):
+                    row0: int = 0, full_rows: int | None = None, col0: int = 0):
     """The panorama renderer proper: one column per azimuth in ``az`` (equally spaced, clockwise), one
     row per elevation in ``el`` (descending). ``el`` may be the band of rows ``row0 ..`` of a
     ``full_rows``-row panorama (rows i at pi/2 - pi (i + 0.5) / full_rows); the tree sprites need to
-    know which. Returns (len(el), len(az), 3) uint8 (and the depth buffer when asked)."""
+    know which. ``col0``: this is a block of columns starting there (keys the leaf texture, so
+    that blocks put together equal one render). Returns (len(el), len(az), 3) uint8 (and the depth buffer when asked)."""
     C = len(az)
     H = len(el)
     d = _distances(steps, 0.3, max_dist)
@@ -489,7 +490,7 @@ def _render_columns(world: World, cx: float, cy: float, az: np.ndarray, el: np.n
     dist[far] = max_dist * 2
     dist[sky] = np.inf
     # ---- trees (sprites) depth tested against the solid buffer
-    _draw_trees(world, img, dist, cx, cy, az, el, eye, look, max_dist * 0.85, row0, full_rows or H)
+    _draw_trees(world, img, dist, cx, cy, az, el, eye, look, max_dist * 0.85, row0, full_rows or H, col0)
     # ---- aerial perspective (not on the sky)
     dfin = np.where(np.isfinite(dist), dist, np.float32(0))
     fog = (1.0 - np.exp(dfin * np.float32(-1.0 / look.fog_dist))).astype(np.float32)
@@ -504,6 +505,9 @@ def _render_columns(world: World, cx: float, cy: float, az: np.ndarray, el: np.n
 # --------------------------------------------------------------------------------------------
 # perspective (pinhole) view
 # --------------------------------------------------------------------------------------------
+_PERSPECTIVE_BLOCK_PIXELS = 1 << 18
+
+
 def perspective_angles(width: int, height: int, hfov_deg: float, heading_deg: float = 0.0,
                        pitch_deg: float = 0.0, roll_deg: float = 0.0):
     """(azimuth, elevation) in radians of the ray through the centre of every pixel of a pinhole
@@ -570,8 +574,18 @@ def render_perspective(world: World, cx: float, cy: float, width: int = 1024, he
     row0 = max(0, int(math.floor(float(row_f.min()))) - 1)
     row1 = min(full_rows, int(math.floor(float(row_f.max()))) + 3)
     band_el = math.pi / 2 - math.pi * (np.arange(row0, row1) + 0.5) / full_rows
-    band, depth = _render_columns(world, cx, cy, col_az, band_el, replace(look, noise=0.0), rng, eye,
-                                  max_dist, steps, True, row0=row0, full_rows=full_rows)
+    # the band in blocks of columns: the renderer's temporaries take ~300 bytes per pixel
+    per_block = max(16, _PERSPECTIVE_BLOCK_PIXELS // len(band_el))
+    starts = list(range(0, len(col_az), per_block))
+    if len(starts) > 1 and len(col_az) - starts[-1] < 2:
+        starts.pop()  # the renderer needs two columns to know its angular step
+    quiet = replace(look, noise=0.0)
+    blocks = [_render_columns(world, cx, cy, col_az[a:b], band_el, quiet, rng, eye, max_dist, steps, True,
+                              row0=row0, full_rows=full_rows, col0=a)
+              for a, b in zip(starts, starts[1:] + [len(col_az)])]
+    band = np.concatenate([img for img, _ in blocks], axis=1)
+    depth = np.concatenate([d for _, d in blocks], axis=1)
+    del blocks
     y = np.clip(row_f - row0, 0, band.shape[0] - 1)
     x = rel / step + half
     y0 = np.minimum(np.floor(y).astype(np.int64), band.shape[0] - 2)
@@ -651,7 +665,7 @@ _TREE_PIXELS_PER_PASS = 1 << 22
 
 
 def _draw_trees(world: World, img, dist, cx, cy, az, el, eye, look: PanoLook, radius, row0: int = 0,
-                full_rows: int | None = None):
+                full_rows: int | None = None, col0: int = 0):
     C, H = dist.shape
     full_rows = H if full_rows is None else full_rows
     idx = world.trees_near(cx - radius, cy - radius, cx + radius, cy + radius)
@@ -706,12 +720,13 @@ def _draw_trees(world: World, img, dist, cx, cy, az, el, eye, look: PanoLook, ra
     while lo < len(tree):
         hi = max(lo + 1, int(np.searchsorted(ends, (ends[lo - 1] if lo else 0) + _TREE_PIXELS_PER_PASS, side="right")))
         _draw_tree_boxes(img, dist, tree[lo:hi], c_lo[lo:hi], bw[lo:hi], rw_lo[tree[lo:hi]], cnt[lo:hi], idx, D,
-                         az_t, colc, halfw, r_top, r_base, r_gnd, trunk_hw, con, t["col"], Wfull, look, row0, full_rows)
+                         az_t, colc, halfw, r_top, r_base, r_gnd, trunk_hw, con, t["col"], Wfull, look, row0, full_rows,
+                         col0)
         lo = hi
 
 
 def _draw_tree_boxes(img, dist, tree, c_lo, bw, rw_lo, cnt, idx, D, az_t, colc, halfw, r_top, r_base, r_gnd,
-                     trunk_hw, con, tree_col, Wfull, look: PanoLook, row0, full_rows):
+                     trunk_hw, con, tree_col, Wfull, look: PanoLook, row0, full_rows, col0):
     """Paint the sprite pixels of the boxes (tree, first unwrapped column, width, first row, pixel
     count) where they are nearer than ``dist``; nearest tree wins, ties to the earlier box."""
     C, H = dist.shape
@@ -756,8 +771,8 @@ def _draw_tree_boxes(img, dist, tree, c_lo, bw, rw_lo, cnt, idx, D, az_t, colc, 
                                           canopy[first], Dt[first])
     tid = idx[ti]
     base_col = tree_col[tid]
-    # leaf texture keyed by the pixel's row in the whole panorama, so a band matches the full render
-    leaf = 0.7 + 0.45 * hash_u01(tid, pc * full_rows + pr + row0, salt=3)
+    # leaf texture keyed by the pixel's place in the whole render, so bands and blocks match it
+    leaf = 0.7 + 0.45 * hash_u01(tid, (pc + col0) * full_rows + pr + row0, salt=3)
     # light: sun side brighter (u > 0 is clockwise of the trunk direction)
     sun_rel = np.sin(look.sun_az - az_t[ti])
     shade = np.clip(0.75 + 0.35 * (u * sun_rel) * (look.sun_col.mean() > 0.3) - 0.15 * v, 0.35, 1.2)
