@@ -247,8 +247,10 @@ def test_default_output_is_what_it_was(dataset):
         rng = pair_rng(cfg.seed, i)
         alook = sample_aerial_look(rng, cfg.lat)
         plook = sample_pano_look(rng)
-        tile = render_aerial(world, *cams[i], cfg.tile_px, cfg.footprint_m, alook, np.random.default_rng([cfg.seed, 8, i]))
-        pano = render_pano(world, *cams[i], cfg.pano_height, cfg.pano_width, plook, np.random.default_rng([cfg.seed, 9, i]))
+        tile = render_aerial(world, *cams[i], cfg.tile_px, cfg.footprint_m, alook,
+                             np.random.default_rng([cfg.seed, 8, i]))
+        pano = render_pano(world, *cams[i], cfg.pano_height, cfg.pano_width, plook,
+                           np.random.default_rng([cfg.seed, 9, i]))
         assert (root / f"bingmap/{i:06d}.png").read_bytes() == encode_png(tile, cfg.png_compress)
         assert (root / f"streetview/{i:06d}.jpg").read_bytes() == encode_jpeg(pano, cfg.jpeg_quality)
 

@@ -397,8 +397,8 @@ def _write_csvs(root, ids, cams, lat, lon, val, poses, area, camera):
     w("queries.csv", ["query_id", "path", "lat", "lon", "tile_id"],
       [[ids[i], f"streetview/{ids[i]}.jpg", _fmt(lat[i]), _fmt(lon[i]), ids[i]] for i in range(n)])
     header = ["id", "x_m", "y_m", "lat", "lon", "heading_deg", "area_type", "split"]
-    rows = [[ids[i], f"{cams[i, 0]:.3f}", f"{cams[i, 1]:.3f}", _fmt(lat[i]), _fmt(lon[i]), f"{poses[i].heading_deg:.3f}",
-             AREA_NAMES[int(area[i])], "val" if val[i] else "train"] for i in range(n)]
+    rows = [[ids[i], f"{cams[i, 0]:.3f}", f"{cams[i, 1]:.3f}", _fmt(lat[i]), _fmt(lon[i]),
+             f"{poses[i].heading_deg:.3f}", AREA_NAMES[int(area[i])], "val" if val[i] else "train"] for i in range(n)]
     if camera["camera"] == "perspective" or camera["hfov_deg"] < 360.0:
         # limited field of view: the whole camera per query (full panoramas keep the old columns)
         header += ["camera", "hfov_deg", "vfov_deg", "pitch_deg", "roll_deg", "width", "height"]

@@ -354,7 +354,8 @@ def _render_columns(world: World, cx: float, cy: float, az: np.ndarray, el: np.n
     row per elevation in ``el`` (descending). ``el`` may be the band of rows ``row0 ..`` of a
     ``full_rows``-row panorama (rows i at pi/2 - pi (i + 0.5) / full_rows); the tree sprites need to
     know which. ``col0``: this is a block of columns starting there (keys the leaf texture, so
-    that blocks put together equal one render). Returns (len(el), len(az), 3) uint8 (and the depth buffer when asked)."""
+    that blocks put together equal one render). Returns (len(el), len(az), 3) uint8 (and the depth
+    buffer when asked)."""
     C = len(az)
     H = len(el)
     d = _distances(steps, 0.3, max_dist)
