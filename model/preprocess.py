@@ -232,3 +232,205 @@ def ground_tensor(img: Image.Image, config: L2LTRConfig) -> torch.Tensor:
 
 def aerial_tensor(img: Image.Image, config: L2LTRConfig) -> torch.Tensor:
     return to_normalized_tensor(aerial_image(img, config))
+
+
+# --------------------------------------------------------------------------- limited field of view
+# A street photo (pinhole, any heading, a tilted hand) or an equirectangular crop placed where it
+# belongs in the panorama frame of DESIGN.md: column j of a W-column panorama looks at azimuth
+# pi + 2 pi j / W clockwise from north (centre column north, left edge south), row i of an H-row
+# panorama at elevation pi/2 - pi (i + 0.5) / H, the whole sphere, as worldgen renders them. What
+# the photo does not see stays zero and is False in the returned mask.
+
+def panorama_angles(out_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(azimuth of every column [W], elevation of every row [H]) in radians of an (H, W) panorama."""
+    h, w = out_size
+    az = np.mod(np.pi + 2.0 * np.pi * np.arange(w) / w, 2.0 * np.pi)
+    el = np.pi / 2.0 - np.pi * (np.arange(h) + 0.5) / h
+    return az, el
+
+
+def focal_length_px(hfov_deg: float, width: int) -> float:
+    """Pinhole focal length in pixels of an image ``width`` pixels wide seeing ``hfov_deg``."""
+    if not (0.0 < hfov_deg < 180.0):
+        raise ValueError(f"hfov_deg: a pinhole camera sees less than 180 degrees, got {hfov_deg}")
+    return (width / 2.0) / np.tan(np.radians(hfov_deg) / 2.0)
+
+
+def perspective_project(az: np.ndarray, el: np.ndarray, hfov_deg: float, image_size: tuple[int, int],
+                        heading_deg: float = 0.0, pitch_deg: float = 0.0, roll_deg: float = 0.0):
+    """Where rays (azimuth clockwise from north, elevation; radians, any shape) land in a pinhole
+    photo of ``image_size`` (H, W): (x, y, in_front) with x, y continuous image coordinates (0 at
+    the left / top edge, pixel centres at k + 0.5).
+
+    The camera (the same model as worldgen's ``perspective_angles``): principal point at the image
+    centre, square pixels, optical axis at azimuth ``heading_deg`` and elevation ``pitch_deg``;
+    ``roll_deg`` turns the camera clockwise about its optical axis as seen from behind it (its
+    right side down). The orientation is heading, then pitch, then roll.
+    """
+    h, w = image_size
+    f = focal_length_px(hfov_deg, w)
+    east, north, up = np.cos(el) * np.sin(az), np.cos(el) * np.cos(az), np.sin(el)
+    he, pi_, ro = np.radians(heading_deg), np.radians(pitch_deg), np.radians(roll_deg)
+    # undo the heading (about the vertical), the pitch (about the camera's right axis), the roll
+    right = east * np.cos(he) - north * np.sin(he)
+    fwd = east * np.sin(he) + north * np.cos(he)
+    fwd, up = fwd * np.cos(pi_) + up * np.sin(pi_), up * np.cos(pi_) - fwd * np.sin(pi_)
+    right, up = right * np.cos(ro) - up * np.sin(ro), right * np.sin(ro) + up * np.cos(ro)
+    in_front = fwd > 1e-9
+    safe = np.where(in_front, fwd, 1.0)
+    return w / 2.0 + f * right / safe, h / 2.0 - f * up / safe, in_front
+
+
+def _rgb_array(image, what: str) -> np.ndarray:
+    arr = np.asarray(_rgb(image)) if isinstance(image, Image.Image) else np.asarray(image)
+    if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
+        raise ValueError(f"{what}: expected an RGB image (PIL, or uint8 H x W x 3), got {arr.dtype} {arr.shape}")
+    return arr
+
+
+def _box_reduced(arr: np.ndarray, max_w: int, max_h: int) -> np.ndarray:
+    """Area-average ``arr`` down to at most (max_w, max_h), per axis, never up: a photo is far finer
+    than a model-size panorama and would alias if sampled point-wise."""
+    h, w = arr.shape[:2]
+    nw, nh = min(w, max(2, max_w)), min(h, max(2, max_h))
+    if (nw, nh) == (w, h):
+        return arr
+    return np.asarray(Image.fromarray(arr).resize((nw, nh), Image.BOX))
+
+
+def _bilinear(arr: np.ndarray, x: np.ndarray, y: np.ndarray, wrap_x: bool = False) -> np.ndarray:
+    """Sample ``arr`` [h, w, C] at index coordinates (pixel centres at integers), edges clamped
+    (or wrapped along x): float32 [..., C]."""
+    h, w = arr.shape[:2]
+    y = np.clip(y, 0, h - 1)
+    y0 = np.minimum(np.floor(y).astype(np.int64), max(h - 2, 0))
+    y1 = np.minimum(y0 + 1, h - 1)
+    fy = (y - y0).astype(np.float32)[..., None]
+    if wrap_x:
+        x0f = np.floor(x)
+        fx = (x - x0f).astype(np.float32)[..., None]
+        x0 = np.mod(x0f.astype(np.int64), w)
+        x1 = np.mod(x0 + 1, w)
+    else:
+        x = np.clip(x, 0, w - 1)
+        x0 = np.minimum(np.floor(x).astype(np.int64), max(w - 2, 0))
+        x1 = np.minimum(x0 + 1, w - 1)
+        fx = (x - x0).astype(np.float32)[..., None]
+    a = arr.astype(np.float32, copy=False)
+    top = a[y0, x0] * (1 - fx) + a[y0, x1] * fx
+    bottom = a[y1, x0] * (1 - fx) + a[y1, x1] * fx
+    return top * (1 - fy) + bottom * fy
+
+
+def _masked_uint8(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    out = np.zeros(mask.shape + (values.shape[-1],), np.uint8)
+    out[mask] = np.clip(np.rint(values), 0, 255).astype(np.uint8)
+    return out
+
+
+def perspective_to_panorama(image, hfov_deg: float, heading_deg: float, out_size: tuple[int, int],
+                            pitch_deg: float = 0.0, roll_deg: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """A pinhole photo -> (panorama [H, W, 3] uint8, covered [H, W] bool) of ``out_size`` (H, W).
+
+    Every panorama pixel whose ray the photo sees (camera: ``perspective_project``; heading in
+    degrees clockwise from north of the optical axis) takes the photo's colour there (bilinear,
+    after an area-average of the photo down to about the panorama's angular resolution); every
+    other pixel is zero and False in the mask. A level photo with horizontal field of view F
+    thus fills F/360 of the columns, centred on the heading's column, and the rows of its
+    vertical field of view around the horizon, at the elevations the panoramas have there.
+    """
+    arr = _rgb_array(image, "perspective_to_panorama image")
+    h, w = arr.shape[:2]
+    out_h, out_w = out_size
+    f = focal_length_px(hfov_deg, w)
+    # a photo pixel at the centre subtends 1/f rad; a panorama column 2 pi/W, a row pi/H
+    small = _box_reduced(arr, int(round(w * out_w / (2 * np.pi * f))), int(round(h * out_h / (np.pi * f))))
+    az, el = panorama_angles(out_size)
+    x, y, in_front = perspective_project(az[None, :], el[:, None], hfov_deg, (h, w), heading_deg, pitch_deg,
+                                         roll_deg)
+    covered = in_front & (x >= 0) & (x <= w) & (y >= 0) & (y <= h)
+    sh, sw = small.shape[:2]
+    values = _bilinear(small, x[covered] * (sw / w) - 0.5, y[covered] * (sh / h) - 0.5)
+    return _masked_uint8(values, covered), covered
+
+
+def crop_panorama_fov(pano, fov_deg: float, heading_deg: float = 0.0) -> np.ndarray:
+    """The equirectangular crop of a north-centred panorama [H, W, 3] that sees ``fov_deg``
+    around ``heading_deg``: round(W * fov / 360) columns at the panorama's angular step, the
+    middle one (index width // 2) looking at the heading, all rows. worldgen's ``--fov`` with
+    ``--heading-jitter`` renders exactly this (bilinear along the columns when the heading is not
+    a whole number of columns)."""
+    arr = _rgb_array(pano, "crop_panorama_fov panorama")
+    h, w = arr.shape[:2]
+    if not (0.0 < fov_deg <= 360.0):
+        raise ValueError(f"fov_deg must be in (0, 360], got {fov_deg}")
+    crop_w = max(1, int(round(w * fov_deg / 360.0)))
+    cols = w / 2.0 + heading_deg / 360.0 * w + np.arange(crop_w) - crop_w // 2
+    rows = np.broadcast_to(np.arange(h, dtype=np.float64)[:, None], (h, crop_w))
+    values = _bilinear(arr, np.broadcast_to(cols[None, :], (h, crop_w)), rows, wrap_x=True)
+    return np.clip(np.rint(values), 0, 255).astype(np.uint8)
+
+
+def equirect_crop_to_panorama(crop, fov_deg: float, heading_deg: float,
+                              out_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """An equirectangular crop -> (panorama [H, W, 3] uint8, covered [H, W] bool) of ``out_size``.
+
+    The crop (as ``crop_panorama_fov`` or worldgen ``--fov`` make it): ``fov_deg`` wide over its
+    columns (a step of fov / width; give its true width, e.g. cameras.csv ``hfov_deg``), the
+    middle column (index width // 2) looking at ``heading_deg`` clockwise from north, and the
+    panoramas' full 180 degrees of elevation over its rows. It lands on fov/360 of the columns at
+    its azimuths; the other columns are zero and False in the mask.
+    """
+    arr = _rgb_array(crop, "equirect_crop_to_panorama crop")
+    h, w = arr.shape[:2]
+    out_h, out_w = out_size
+    if not (0.0 < fov_deg <= 360.0):
+        raise ValueError(f"fov_deg must be in (0, 360], got {fov_deg}")
+    step = np.radians(fov_deg) / w  # per crop column
+    full_circle = fov_deg >= 360.0
+    small = _box_reduced(arr, int(round(out_w * fov_deg / 360.0)), out_h)  # to the panorama's angular step
+    az, _ = panorama_angles(out_size)
+    rel = np.mod(az - np.radians(heading_deg) + np.pi, 2 * np.pi) - np.pi
+    col = rel / step + w // 2  # index coordinate in the crop
+    col_ok = np.ones(out_w, bool) if full_circle else (col >= -0.5) & (col <= w - 0.5)
+    covered = np.broadcast_to(col_ok[None, :], (out_h, out_w))
+    sh, sw = small.shape[:2]
+    x = np.broadcast_to(((col + 0.5) * (sw / w) - 0.5)[None, :], (out_h, out_w))
+    y = np.broadcast_to(((np.arange(out_h) + 0.5) * (sh / out_h) - 0.5)[:, None], (out_h, out_w))
+    values = _bilinear(small, x[covered], y[covered], wrap_x=full_circle)
+    return _masked_uint8(values, covered), np.array(covered)
+
+
+EXIF_IFD_POINTER = 0x8769
+EXIF_GPS_IFD_POINTER = 0x8825
+EXIF_FOCAL_LENGTH_35MM = 0xA405
+EXIF_GPS_IMG_DIRECTION_REF = 0x0010
+EXIF_GPS_IMG_DIRECTION = 0x0011
+
+
+def exif_camera(source: ImageSource, name: str | None = None) -> tuple[float | None, float | None]:
+    """(horizontal field of view, heading) in degrees from a photo's EXIF; None where not stated.
+
+    The field of view comes from FocalLengthIn35mmFilm read against the 36 mm frame width,
+    hfov = 2 atan(18 / f35), the convention worldgen writes (phones often derive that tag from the
+    frame diagonal instead, which this reading makes a few percent too wide). The heading is
+    GPSImgDirection when GPSImgDirectionRef says true north ('T'); a magnetic one is not used.
+    Only the header is read, not the pixels.
+    """
+    label = name or (f"{len(source)}-byte upload" if isinstance(source, bytes) else str(source))
+    try:
+        img = source if isinstance(source, Image.Image) else Image.open(
+            io.BytesIO(source) if isinstance(source, bytes) else source)
+        exif = img.getexif()
+        f35 = exif.get_ifd(EXIF_IFD_POINTER).get(EXIF_FOCAL_LENGTH_35MM)
+        gps = exif.get_ifd(EXIF_GPS_IFD_POINTER)
+    except FileNotFoundError:
+        raise ImageDecodeError(f"{label}: file not found") from None
+    except (OSError, Image.DecompressionBombError, ValueError, SyntaxError) as exc:
+        raise ImageDecodeError(f"{label}: not a readable image ({exc})") from None
+    hfov = float(np.degrees(2.0 * np.arctan(18.0 / float(f35)))) if f35 else None
+    heading = None
+    direction = gps.get(EXIF_GPS_IMG_DIRECTION)
+    if direction is not None and str(gps.get(EXIF_GPS_IMG_DIRECTION_REF, "")).strip().upper() == "T":
+        heading = float(direction) % 360.0
+    return hfov, heading

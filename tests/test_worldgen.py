@@ -218,6 +218,43 @@ def test_byte_identical_output_for_any_worker_count(dataset, tmp_path):
     assert all(a[k] == b[k] for k in a)
 
 
+# sha256 of the text files of the `dataset` world as worldgen wrote them before --camera existed
+# (main at f0fa1a6; all 54 files were then identical, images included). Image bytes are not pinned
+# here, as numpy's vectorised sin/exp may differ by an ulp between CPUs; the recipe that renders a
+# pair is pinned below instead.
+DEFAULT_WORLD_TEXT_SHA256 = {
+    "cameras.csv": "19a3a63e9d3afe19394a99ee96067a3a3ccfb3dc85118e6c9a5f61564ce6f4cf",
+    "queries.csv": "0d4dcfde4d976b91e80151f17dea84c475f85ba12c28719e942ce81fd6e0e94e",
+    "tiles.csv": "816fcd09b12dace8e8b6894b3ed4084fcede1fbcb8acc013e4c21e22d72ed895",
+    "world.json": "c501d08ab871eac807a12e89544d8944563ffec2eeccca1bbea826b71704963d",
+    "splits/train.csv": "5fe9882cb2536a54b546e4ab74f0026572957152e9dba848fbe46a5af555abe6",
+    "splits/val.csv": "5f0d3dcd02510d3bf84b96d4f38ef5db682a7ced599936909f21074470eb2acb",
+}
+
+
+def test_default_output_is_what_it_was(dataset):
+    import hashlib
+
+    from worldgen.dataset import choose_cameras, encode_jpeg, encode_png, pair_rng
+    from worldgen.render import sample_aerial_look
+
+    root, cfg, _ = dataset
+    for rel, digest in DEFAULT_WORLD_TEXT_SHA256.items():
+        assert hashlib.sha256((root / rel).read_bytes()).hexdigest() == digest, f"{rel} changed for an old seed"
+    world = generate_world(cfg.seed, cfg.area_km2, cfg.lat, cfg.lon, res=cfg.world_res_m)
+    cams = choose_cameras(world, cfg)
+    for i in (0, 17):
+        rng = pair_rng(cfg.seed, i)
+        alook = sample_aerial_look(rng, cfg.lat)
+        plook = sample_pano_look(rng)
+        tile = render_aerial(world, *cams[i], cfg.tile_px, cfg.footprint_m, alook,
+                             np.random.default_rng([cfg.seed, 8, i]))
+        pano = render_pano(world, *cams[i], cfg.pano_height, cfg.pano_width, plook,
+                           np.random.default_rng([cfg.seed, 9, i]))
+        assert (root / f"bingmap/{i:06d}.png").read_bytes() == encode_png(tile, cfg.png_compress)
+        assert (root / f"streetview/{i:06d}.jpg").read_bytes() == encode_jpeg(pano, cfg.jpeg_quality)
+
+
 def test_cli_errors_and_help(tmp_path, capsys):
     from worldgen.cli import main
 

@@ -13,11 +13,16 @@ output layout (docs/INTERFACES.md):
   DIR/splits/val.csv        same columns; val = whole spatial blocks (--val-fraction)
   DIR/tiles.csv             tile_id,lat,lon,path  (catalogue for index_build)
   DIR/queries.csv           query_id,path,lat,lon,tile_id (panoramas with ground truth)
-  DIR/cameras.csv           id,x_m,y_m,lat,lon,heading_deg,area_type,split (extra metadata)
+  DIR/cameras.csv           id,x_m,y_m,lat,lon,heading_deg,area_type,split (extra metadata); with a limited
+                            field of view (--camera perspective or --fov < 360) also
+                            camera,hfov_deg,vfov_deg,pitch_deg,roll_deg,width,height
 
 examples:
   python -m worldgen --seed 1 --area-km2 12 --pairs 6000 --out data/world_train --workers 2
   python -m worldgen --seed 2 --area-km2 3 --pairs 1000 --out data/world_eval --workers 2
+  # phone-photo queries of the same region: pinhole 4:3, unknown heading, a tilted hand
+  python -m worldgen --seed 2 --area-km2 3 --pairs 1000 --out data/world_eval_photos --camera perspective \
+      --fov 65 --heading-jitter 180 --pitch-roll-jitter 5 --exif
 Same seed and arguments give byte-identical output, for any --workers.
 """
 
@@ -43,9 +48,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lat", type=float, default=47.3769, help="latitude of the region centre (default 47.3769)")
     p.add_argument("--lon", type=float, default=8.5417, help="longitude of the region centre (default 8.5417)")
     p.add_argument("--world-res", type=float, default=0.4, help="world raster resolution in metres/pixel (default 0.4)")
-    p.add_argument("--fov", type=float, default=360.0, help="panorama horizontal field of view in degrees (default 360 = full)")
+    p.add_argument("--camera", choices=("panorama", "perspective"), default="panorama",
+                   help="ground camera: equirectangular 'panorama' (default) or a pinhole 'perspective' photo "
+                        "(a phone's frame, see --photo-size) rendered from the same scene")
+    p.add_argument("--fov", type=float, default=None,
+                   help="horizontal field of view in degrees: of the panorama (default 360 = full; less keeps "
+                        "the centre columns) or of the perspective photo (default 65, a phone's main camera)")
     p.add_argument("--heading-jitter", type=float, default=0.0,
-                   help="random heading offset of the panorama centre, +-degrees (default 0: centre looks north)")
+                   help="random heading of the panorama centre / the photo's optical axis, uniform in +-degrees "
+                        "(default 0: looks north; 180: any heading)")
+    p.add_argument("--pitch-roll-jitter", type=float, default=0.0, metavar="DEG",
+                   help="perspective only: pitch and roll each uniform in +-DEG (default 0: level camera)")
+    p.add_argument("--photo-size", default=None, metavar="WxH",
+                   help="perspective only: photo size in pixels (default 1024x768, a phone's 4:3 frame)")
+    p.add_argument("--exif", action="store_true",
+                   help="perspective only: write EXIF FocalLengthIn35mmFilm (from --fov) and GPSImgDirection "
+                        "(the true heading, ref 'T') into the photos")
     p.add_argument("--jpeg-quality", type=int, default=90, help="panorama JPEG quality (default 90)")
     p.add_argument("--workers", type=int, default=1, help="render processes (default 1); output does not depend on it")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (atomically, at the end)")
@@ -60,11 +78,26 @@ def main(argv=None) -> int:
     if args.workers < 1:
         print("error: --workers must be >= 1", file=sys.stderr)
         return 2
+    perspective = args.camera == "perspective"
+    if args.photo_size is not None and not perspective:
+        print("error: --photo-size needs --camera perspective", file=sys.stderr)
+        return 2
+    photo_w, photo_h = 1024, 768
+    if args.photo_size is not None:
+        try:
+            photo_w, photo_h = (int(v) for v in args.photo_size.lower().split("x"))
+        except ValueError:
+            print(f"error: --photo-size must look like 1024x768 (width x height), got {args.photo_size!r}",
+                  file=sys.stderr)
+            return 2
+    fov = args.fov if args.fov is not None else (65.0 if perspective else 360.0)
     cfg = GenConfig(seed=args.seed, area_km2=args.area_km2, pairs=args.pairs, tile_px=args.tile_px,
                     footprint_m=args.footprint_m, pano_height=args.pano_height, pano_width=args.pano_width,
                     val_fraction=args.val_fraction, min_spacing_m=args.min_spacing, lat=args.lat, lon=args.lon,
-                    world_res_m=args.world_res, fov_deg=args.fov, heading_jitter_deg=args.heading_jitter,
-                    jpeg_quality=args.jpeg_quality)
+                    world_res_m=args.world_res, fov_deg=fov, heading_jitter_deg=args.heading_jitter,
+                    jpeg_quality=args.jpeg_quality, camera=args.camera,
+                    pitch_roll_jitter_deg=args.pitch_roll_jitter, photo_width=photo_w, photo_height=photo_h,
+                    exif=args.exif)
     log = (lambda *a, **k: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     try:
         generate_dataset(cfg, args.out, workers=args.workers, overwrite=args.overwrite,

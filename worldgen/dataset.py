@@ -19,16 +19,23 @@ import zlib
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from PIL import Image
+from PIL import ExifTags, Image, TiffImagePlugin
 
 from worldgen import FORMAT_VERSION
 from worldgen.noise import hash_u01
-from worldgen.render import EYE_HEIGHT, render_aerial, render_pano, sample_aerial_look, sample_pano_look
+from worldgen.render import (EYE_HEIGHT, render_aerial, render_pano, render_perspective, sample_aerial_look,
+                             sample_pano_look)
 from worldgen.world import AREA_NAMES, World, camera_positions, generate_world
 
 
 class WorldgenError(ValueError):
     """Bad arguments or an output location that cannot be written."""
+
+
+CAMERAS = ("panorama", "perspective")
+# GenConfig fields added after format version 1 shipped. A panorama world leaves them out of
+# world.json, so its bytes stay what they were before these fields existed.
+_PERSPECTIVE_FIELDS = ("camera", "pitch_roll_jitter_deg", "photo_width", "photo_height", "exif")
 
 
 @dataclass
@@ -50,6 +57,18 @@ class GenConfig:
     jpeg_quality: int = 90
     png_compress: int = 1
     val_block_m: float = 250.0
+    camera: str = "panorama"  # "perspective": pinhole photos instead of panoramas
+    pitch_roll_jitter_deg: float = 0.0  # perspective only: pitch and roll uniform in +-this
+    photo_width: int = 1024
+    photo_height: int = 768
+    exif: bool = False  # perspective only: FocalLengthIn35mmFilm and GPSImgDirection in the JPEGs
+
+    def world_json_config(self) -> dict:
+        d = asdict(self)
+        if self.camera == "panorama":
+            for k in _PERSPECTIVE_FIELDS:
+                del d[k]
+        return d
 
     def validate(self):
         def bad(msg):
@@ -74,8 +93,23 @@ class GenConfig:
             bad(f"origin ({self.lat}, {self.lon}) out of range (lat within +-80, lon within +-180)")
         if not (0.1 <= self.world_res_m <= 2.0):
             bad(f"--world-res must be in [0.1, 2] m, got {self.world_res_m}")
-        if not (1.0 <= self.fov_deg <= 360.0):
-            bad(f"--fov must be in [1, 360] degrees, got {self.fov_deg}")
+        if self.camera not in CAMERAS:
+            bad(f"--camera must be one of {', '.join(CAMERAS)}, got {self.camera!r}")
+        if self.camera == "perspective":
+            if not (1.0 <= self.fov_deg <= 170.0):
+                bad(f"--fov must be in [1, 170] degrees with --camera perspective (the horizontal field of "
+                    f"view of a pinhole camera), got {self.fov_deg}")
+            if not (0.0 <= self.pitch_roll_jitter_deg <= 30.0):
+                bad(f"--pitch-roll-jitter must be in [0, 30] degrees, got {self.pitch_roll_jitter_deg}")
+            if not (16 <= self.photo_width <= 4096 and 16 <= self.photo_height <= 4096):
+                bad(f"--photo-size {self.photo_width}x{self.photo_height} out of range (each side in [16, 4096])")
+        else:
+            if not (1.0 <= self.fov_deg <= 360.0):
+                bad(f"--fov must be in [1, 360] degrees, got {self.fov_deg}")
+            if self.pitch_roll_jitter_deg != 0.0:
+                bad("--pitch-roll-jitter needs --camera perspective (panoramas are always level)")
+            if self.exif:
+                bad("--exif needs --camera perspective")
         if not (0.0 <= self.heading_jitter_deg <= 180.0):
             bad(f"--heading-jitter must be in [0, 180] degrees, got {self.heading_jitter_deg}")
         if not (1 <= self.jpeg_quality <= 100):
@@ -93,8 +127,18 @@ def pair_rng(seed: int, i: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), 7, int(i)])
 
 
+@dataclass(frozen=True)
+class GroundPose:
+    """Orientation of a pair's ground camera, degrees: heading clockwise from north (of the
+    panorama's centre column / the photo's optical axis), pitch up positive, roll clockwise as
+    seen from behind the camera (see ``worldgen.render.perspective_angles``)."""
+    heading_deg: float
+    pitch_deg: float = 0.0
+    roll_deg: float = 0.0
+
+
 def render_pair(world: World, cfg: GenConfig, i: int, x: float, y: float):
-    """(aerial uint8 HxWx3, panorama uint8, heading_deg) for pair ``i`` at (x, y)."""
+    """(aerial uint8 HxWx3, ground image uint8 (panorama or photo), GroundPose) for pair ``i`` at (x, y)."""
     rng = pair_rng(cfg.seed, i)
     alook = sample_aerial_look(rng, cfg.lat)
     plook = sample_pano_look(rng)
@@ -102,9 +146,17 @@ def render_pair(world: World, cfg: GenConfig, i: int, x: float, y: float):
     r_a = np.random.default_rng([int(cfg.seed), 8, int(i)])
     r_p = np.random.default_rng([int(cfg.seed), 9, int(i)])
     aerial = render_aerial(world, x, y, cfg.tile_px, cfg.footprint_m, alook, r_a)
+    if cfg.camera == "perspective":
+        # own stream, so that position, look and heading are those of the panorama world of the same seed
+        jit = cfg.pitch_roll_jitter_deg
+        pitch, roll = ((float(v) for v in np.random.default_rng([int(cfg.seed), 10, int(i)]).uniform(-jit, jit, 2))
+                       if jit > 0 else (0.0, 0.0))
+        ground = render_perspective(world, x, y, cfg.photo_width, cfg.photo_height, cfg.fov_deg, heading,
+                                    pitch, roll, plook, r_p)
+        return aerial, ground, GroundPose(heading, pitch, roll)
     pano = render_pano(world, x, y, cfg.pano_height, cfg.pano_width, plook, r_p, heading_deg=heading,
                        fov_deg=cfg.fov_deg)
-    return aerial, pano, heading
+    return aerial, pano, GroundPose(heading)
 
 
 def encode_png(img: np.ndarray, level: int = 1) -> bytes:
@@ -128,10 +180,30 @@ def encode_png(img: np.ndarray, level: int = 1) -> bytes:
             + chunk(b"IDAT", data) + chunk(b"IEND", b""))
 
 
-def encode_jpeg(img: np.ndarray, quality: int = 90) -> bytes:
+def encode_jpeg(img: np.ndarray, quality: int = 90, exif: bytes | None = None) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="JPEG", quality=quality, subsampling=0, optimize=False)
+    extra = {"exif": exif} if exif is not None else {}
+    Image.fromarray(img).save(buf, format="JPEG", quality=quality, subsampling=0, optimize=False, **extra)
     return buf.getvalue()
+
+
+def focal_length_35mm(hfov_deg: float) -> int:
+    """EXIF FocalLengthIn35mmFilm of a horizontal field of view: the focal length that gives it on
+    a 36 mm wide frame, f = 18 / tan(hfov / 2), in whole millimetres (the tag is an integer)."""
+    return max(1, int(round(18.0 / math.tan(math.radians(hfov_deg) / 2.0))))
+
+
+def camera_exif(hfov_deg: float, heading_deg: float) -> bytes:
+    """EXIF block of a perspective photo: FocalLengthIn35mmFilm and GPSImgDirection (true north,
+    GPSImgDirectionRef 'T', in [0, 360) with 0.01 degree steps). No GPS position: the position is
+    what the service has to find."""
+    exif = Image.Exif()
+    exif.get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.FocalLengthIn35mmFilm] = focal_length_35mm(hfov_deg)
+    gps = exif.get_ifd(ExifTags.IFD.GPSInfo)
+    gps[ExifTags.GPS.GPSImgDirectionRef] = "T"
+    centi = int(round((heading_deg % 360.0) * 100)) % 36000
+    gps[ExifTags.GPS.GPSImgDirection] = TiffImagePlugin.IFDRational(centi, 100)
+    return exif.tobytes()
 
 
 # ---- worker state (fork: the world is shared copy-on-write) ---------------------------------
@@ -141,15 +213,16 @@ _STATE: dict = {}
 def _work(task):
     lo, hi = task
     world, cfg, cams, ids, root = (_STATE[k] for k in ("world", "cfg", "cams", "ids", "root"))
-    headings = []
+    poses = []
     for i in range(lo, hi):
-        a, p, h = render_pair(world, cfg, i, cams[i, 0], cams[i, 1])
+        a, g, pose = render_pair(world, cfg, i, cams[i, 0], cams[i, 1])
         with open(os.path.join(root, "bingmap", ids[i] + ".png"), "wb") as f:
             f.write(encode_png(a, cfg.png_compress))
+        exif = camera_exif(cfg.fov_deg, pose.heading_deg) if cfg.exif else None
         with open(os.path.join(root, "streetview", ids[i] + ".jpg"), "wb") as f:
-            f.write(encode_jpeg(p, cfg.jpeg_quality))
-        headings.append(h)
-    return lo, headings
+            f.write(encode_jpeg(g, cfg.jpeg_quality, exif))
+        poses.append(pose)
+    return lo, poses
 
 
 def choose_cameras(world: World, cfg: GenConfig) -> np.ndarray:
@@ -215,8 +288,8 @@ def generate_dataset(cfg: GenConfig, out_dir: str, workers: int = 1, overwrite: 
         w = _id_width(n)
         ids = [str(i).zfill(w) for i in range(n)]
         val = split_val(cams, cfg)
-        headings = np.zeros(n)
-        chunk = 16
+        poses = [None] * n
+        chunk = 4 if cfg.camera == "perspective" else 16  # a photo takes ~20x a panorama; the bar moves per chunk
         tasks = [(lo, min(n, lo + chunk)) for lo in range(0, n, chunk)]
         _STATE.update(world=world, cfg=cfg, cams=cams, ids=ids, root=tmp)
         bar = None
@@ -229,16 +302,16 @@ def generate_dataset(cfg: GenConfig, out_dir: str, workers: int = 1, overwrite: 
                 import multiprocessing as mp
                 ctx = mp.get_context("fork")
                 with ctx.Pool(workers) as pool:
-                    for lo, hs in pool.imap_unordered(_work, tasks):
-                        headings[lo:lo + len(hs)] = hs
+                    for lo, ps in pool.imap_unordered(_work, tasks):
+                        poses[lo:lo + len(ps)] = ps
                         if bar is not None:
-                            bar.update(len(hs))
+                            bar.update(len(ps))
             else:
                 for t in tasks:
-                    lo, hs = _work(t)
-                    headings[lo:lo + len(hs)] = hs
+                    lo, ps = _work(t)
+                    poses[lo:lo + len(ps)] = ps
                     if bar is not None:
-                        bar.update(len(hs))
+                        bar.update(len(ps))
         finally:
             if bar is not None:
                 bar.close()
@@ -246,7 +319,7 @@ def generate_dataset(cfg: GenConfig, out_dir: str, workers: int = 1, overwrite: 
         t_render = time.time() - t1
         lat, lon = world.latlon(cams[:, 0], cams[:, 1])
         area = world.area_type(cams[:, 0], cams[:, 1])
-        _write_csvs(tmp, ids, cams, lat, lon, val, headings, area)
+        _write_csvs(tmp, ids, cams, lat, lon, val, poses, area, ground_camera(cfg))
         meta = {
             "format": "worldgen", "version": FORMAT_VERSION, "seed": cfg.seed,
             "origin": {"lat": cfg.lat, "lon": cfg.lon},
@@ -261,8 +334,19 @@ def generate_dataset(cfg: GenConfig, out_dir: str, workers: int = 1, overwrite: 
                        "area_types": {AREA_NAMES[k]: int((area == k).sum()) for k in range(3)}},
             "min_spacing_m": cfg.min_spacing_m, "world_res_m": cfg.world_res_m,
             "geodesy": "local x east / y north metres from the origin; azimuthal equidistant projection on the haversine sphere, R = 6371008.8 m",
-            "config": asdict(cfg),
+            "config": cfg.world_json_config(),
         }
+        if cfg.camera == "perspective":
+            cam = ground_camera(cfg)
+            meta["camera"] = {
+                "type": "perspective", "width": cfg.photo_width, "height": cfg.photo_height,
+                "hfov_deg": cam["hfov_deg"], "vfov_deg": cam["vfov_deg"],
+                "focal_length_35mm": focal_length_35mm(cfg.fov_deg),
+                "heading_jitter_deg": cfg.heading_jitter_deg, "pitch_roll_jitter_deg": cfg.pitch_roll_jitter_deg,
+                "exif": cfg.exif, "eye_height_m": EYE_HEIGHT,
+                "layout": "pinhole, principal point at the centre, square pixels; streetview/<id>.jpg holds the "
+                          "photos; per-photo heading, pitch and roll in cameras.csv",
+            }
         with open(os.path.join(tmp, "world.json"), "w") as f:
             json.dump(meta, f, indent=2, sort_keys=True)
             f.write("\n")
@@ -285,7 +369,20 @@ def _fmt(v: float) -> str:
     return f"{v:.8f}"
 
 
-def _write_csvs(root, ids, cams, lat, lon, val, headings, area):
+def ground_camera(cfg: GenConfig) -> dict:
+    """What every ground image of the world sees: camera type, fields of view, image size."""
+    if cfg.camera == "perspective":
+        w, h = cfg.photo_width, cfg.photo_height
+        vfov = 2 * math.degrees(math.atan(math.tan(math.radians(cfg.fov_deg) / 2) * h / w))
+        return {"camera": "perspective", "hfov_deg": cfg.fov_deg, "vfov_deg": vfov, "width": w, "height": h}
+    w = cfg.pano_width
+    if cfg.fov_deg < 360.0:
+        w = max(1, int(round(cfg.pano_width * cfg.fov_deg / 360.0)))  # as render_pano crops
+    return {"camera": "equirectangular", "hfov_deg": 360.0 * w / cfg.pano_width, "vfov_deg": 180.0,
+            "width": w, "height": cfg.pano_height}
+
+
+def _write_csvs(root, ids, cams, lat, lon, val, poses, area, camera):
     def w(path, header, rows):
         with open(os.path.join(root, path), "w", newline="") as f:
             wr = csv.writer(f, lineterminator="\n")
@@ -299,6 +396,13 @@ def _write_csvs(root, ids, cams, lat, lon, val, headings, area):
     w("tiles.csv", ["tile_id", "lat", "lon", "path"], [[ids[i], _fmt(lat[i]), _fmt(lon[i]), f"bingmap/{ids[i]}.png"] for i in range(n)])
     w("queries.csv", ["query_id", "path", "lat", "lon", "tile_id"],
       [[ids[i], f"streetview/{ids[i]}.jpg", _fmt(lat[i]), _fmt(lon[i]), ids[i]] for i in range(n)])
-    w("cameras.csv", ["id", "x_m", "y_m", "lat", "lon", "heading_deg", "area_type", "split"],
-      [[ids[i], f"{cams[i, 0]:.3f}", f"{cams[i, 1]:.3f}", _fmt(lat[i]), _fmt(lon[i]), f"{headings[i]:.3f}",
-        AREA_NAMES[int(area[i])], "val" if val[i] else "train"] for i in range(n)])
+    header = ["id", "x_m", "y_m", "lat", "lon", "heading_deg", "area_type", "split"]
+    rows = [[ids[i], f"{cams[i, 0]:.3f}", f"{cams[i, 1]:.3f}", _fmt(lat[i]), _fmt(lon[i]),
+             f"{poses[i].heading_deg:.3f}", AREA_NAMES[int(area[i])], "val" if val[i] else "train"] for i in range(n)]
+    if camera["camera"] == "perspective" or camera["hfov_deg"] < 360.0:
+        # limited field of view: the whole camera per query (full panoramas keep the old columns)
+        header += ["camera", "hfov_deg", "vfov_deg", "pitch_deg", "roll_deg", "width", "height"]
+        for r, p in zip(rows, poses):
+            r += [camera["camera"], f"{camera['hfov_deg']:.3f}", f"{camera['vfov_deg']:.3f}", f"{p.pitch_deg:.3f}",
+                  f"{p.roll_deg:.3f}", camera["width"], camera["height"]]
+    w("cameras.csv", header, rows)

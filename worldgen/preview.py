@@ -60,9 +60,16 @@ def contact_sheet(root: str, n: int = 6, ids=None, row_h: int = 160) -> Image.Im
         pol = Image.fromarray(np.clip(pol + 0.5, 0, 255).astype(np.uint8))
         sheet.paste(aer.resize((row_h, row_h), Image.BILINEAR), (0, y))
         sheet.paste(pol, (row_h + gap, y))
-        sheet.paste(pan.resize((pano_w, row_h), Image.BILINEAR), (row_h + 2 * gap + pano_w, y))
-        # north tick marks on the panorama and the polar image
-        for x0 in (row_h + gap + pano_w // 2, row_h + 2 * gap + pano_w + pano_w // 2):
+        is_pano = abs(pan.width / pan.height - pano_w / row_h) < 0.02
+        if is_pano:
+            sheet.paste(pan.resize((pano_w, row_h), Image.BILINEAR), (row_h + 2 * gap + pano_w, y))
+        else:  # a --fov crop or a perspective photo: its own aspect, not stretched
+            scale = min(pano_w / pan.width, row_h / pan.height)
+            fit = (max(1, round(pan.width * scale)), max(1, round(pan.height * scale)))
+            sheet.paste(pan.resize(fit, Image.BILINEAR), (row_h + 2 * gap + pano_w + (pano_w - fit[0]) // 2, y))
+        # north tick marks on the polar image and the panorama
+        ticks = (row_h + gap + pano_w // 2,) + ((row_h + 2 * gap + pano_w + pano_w // 2,) if is_pano else ())
+        for x0 in ticks:
             draw.line([(x0, y + row_h), (x0, y + row_h + 4)], fill=(255, 80, 80))
         draw.text((2, y + row_h + 1), f"{p['id']} ({p['split']})  lat {float(p['lat']):.6f}  lon {float(p['lon']):.6f}",
                   fill=(200, 200, 200))

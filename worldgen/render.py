@@ -13,11 +13,14 @@ spaced distances; the running maximum of the elevation of the terrain samples gi
 row, the first sample the ray hits (one searchsorted over all columns). Building hits are then
 refined by an exact ray/box intersection (facade side, along-facade coordinate for windows).
 Trees are sprites depth-tested against that buffer.
+
+Perspective (pinhole) photos are looked up, ray by ray, in a band of a finer panorama drawn by the
+same renderer (``render_perspective``), so they show exactly the scene the panoramas show.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -341,7 +344,20 @@ def render_pano(world: World, cx: float, cy: float, height: int = 128, width: in
         keep_w = max(1, int(round(W * fov_deg / 360.0)))
         c0 = W // 2 - keep_w // 2
         az = az[c0:c0 + keep_w]
+    return _render_columns(world, cx, cy, az, el, look, rng, eye, max_dist, steps, return_depth)
+
+
+def _render_columns(world: World, cx: float, cy: float, az: np.ndarray, el: np.ndarray, look: PanoLook,
+                    rng: np.random.Generator, eye: float, max_dist: float, steps: int, return_depth: bool,
+                    row0: int = 0, full_rows: int | None = None, col0: int = 0):
+    """The panorama renderer proper: one column per azimuth in ``az`` (equally spaced, clockwise), one
+    row per elevation in ``el`` (descending). ``el`` may be the band of rows ``row0 ..`` of a
+    ``full_rows``-row panorama (rows i at pi/2 - pi (i + 0.5) / full_rows); the tree sprites need to
+    know which. ``col0``: this is a block of columns starting there (keys the leaf texture, so
+    that blocks put together equal one render). Returns (len(el), len(az), 3) uint8 (and the depth
+    buffer when asked)."""
     C = len(az)
+    H = len(el)
     d = _distances(steps, 0.3, max_dist)
     K = len(d)
     sa, ca = np.sin(az).astype(np.float32), np.cos(az).astype(np.float32)
@@ -475,7 +491,7 @@ def render_pano(world: World, cx: float, cy: float, height: int = 128, width: in
     dist[far] = max_dist * 2
     dist[sky] = np.inf
     # ---- trees (sprites) depth tested against the solid buffer
-    _draw_trees(world, img, dist, cx, cy, az, el, eye, look, max_dist * 0.85)
+    _draw_trees(world, img, dist, cx, cy, az, el, eye, look, max_dist * 0.85, row0, full_rows or H, col0)
     # ---- aerial perspective (not on the sky)
     dfin = np.where(np.isfinite(dist), dist, np.float32(0))
     fog = (1.0 - np.exp(dfin * np.float32(-1.0 / look.fog_dist))).astype(np.float32)
@@ -484,6 +500,114 @@ def render_pano(world: World, cx: float, cy: float, height: int = 128, width: in
     out = np.ascontiguousarray(np.transpose(out, (1, 0, 2)))  # (H, C, 3)
     if return_depth:
         return out, np.transpose(dist, (1, 0))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# perspective (pinhole) view
+# --------------------------------------------------------------------------------------------
+_PERSPECTIVE_BLOCK_PIXELS = 1 << 18
+
+
+def perspective_angles(width: int, height: int, hfov_deg: float, heading_deg: float = 0.0,
+                       pitch_deg: float = 0.0, roll_deg: float = 0.0):
+    """(azimuth, elevation) in radians of the ray through the centre of every pixel of a pinhole
+    image, both (height, width); azimuth clockwise from north in (-pi, pi].
+
+    The camera: principal point at the image centre, square pixels, focal length
+    f = (width / 2) / tan(hfov / 2) pixels. Its orientation is built as heading, then pitch, then
+    roll (intrinsic yaw-pitch-roll): the optical axis looks at azimuth ``heading_deg`` (clockwise
+    from north) and elevation ``pitch_deg`` (up positive); ``roll_deg`` turns the camera about its
+    optical axis clockwise as seen from behind it (its right side goes down, so the scene turns
+    counter-clockwise in the image).
+    """
+    f = (width / 2.0) / math.tan(math.radians(hfov_deg) / 2.0)
+    x = ((np.arange(width) + 0.5 - width / 2.0) / f)[None, :]      # right
+    z = ((height / 2.0 - np.arange(height) - 0.5) / f)[:, None]     # up
+    ro, pi_, he = math.radians(roll_deg), math.radians(pitch_deg), math.radians(heading_deg)
+    x1 = x * math.cos(ro) + z * math.sin(ro)
+    z1 = z * math.cos(ro) - x * math.sin(ro)
+    y2 = math.cos(pi_) - z1 * math.sin(pi_)                          # forward component, before: 1
+    z2 = math.sin(pi_) + z1 * math.cos(pi_)
+    east = x1 * math.cos(he) + y2 * math.sin(he)
+    north = y2 * math.cos(he) - x1 * math.sin(he)
+    az = np.arctan2(east, north)
+    el = np.arctan2(z2, np.hypot(east, north))
+    return np.broadcast_to(az, (height, width)), np.broadcast_to(el, (height, width))
+
+
+def render_perspective(world: World, cx: float, cy: float, width: int = 1024, height: int = 768,
+                       hfov_deg: float = 65.0, heading_deg: float = 0.0, pitch_deg: float = 0.0,
+                       roll_deg: float = 0.0, look: PanoLook | None = None, rng: np.random.Generator | None = None,
+                       eye: float = EYE_HEIGHT, oversample: float = 1.25, max_dist: float = 120.0, steps: int = 256,
+                       return_depth: bool = False):
+    """A pinhole photo (height x width x 3 uint8) at (cx, cy) of the same scene as ``render_pano``
+    (camera model: ``perspective_angles``).
+
+    Every pixel's ray is looked up in an equirectangular panorama rendered by the panorama
+    renderer itself, only over the band of rows and columns the photo needs, at an angular step
+    of 1 / (f * oversample) radians: finer than the photo's pixels, which subtend at most 1/f
+    (at the image centre). The lookup is bilinear at the ray's exact azimuth and elevation. The
+    sensor noise of ``look`` is added to the photo's own pixels, after the lookup.
+    """
+    if not (0.0 < hfov_deg < 180.0):
+        raise ValueError(f"a pinhole camera needs a horizontal field of view in (0, 180) degrees, got {hfov_deg}")
+    if width < 2 or height < 2:
+        raise ValueError(f"perspective image size {width}x{height} is too small")
+    rng = rng if rng is not None else np.random.default_rng(0)
+    look = look if look is not None else sample_pano_look(rng)
+    az, el = perspective_angles(width, height, hfov_deg, heading_deg, pitch_deg, roll_deg)
+    f = (width / 2.0) / math.tan(math.radians(hfov_deg) / 2.0)
+    full_rows = int(math.ceil(math.pi * f * oversample))
+    full_w = 2 * full_rows  # same angular step along both axes
+    step = 2 * math.pi / full_w
+    heading = math.radians(heading_deg)
+    rel = np.mod(az - heading + math.pi, 2 * math.pi) - math.pi  # azimuth relative to the heading
+    half = int(math.ceil(float(np.abs(rel).max()) / step)) + 2
+    wrap = 2 * half + 1 >= full_w  # the photo sees (nearly) all azimuths, e.g. it holds the zenith
+    if wrap:
+        half = full_w // 2
+        cols = np.arange(-half, full_w - half)
+    else:
+        cols = np.arange(-half, half + 1)
+    col_az = np.mod(heading + step * cols, 2 * math.pi)
+    row_f = (math.pi / 2 - el) / math.pi * full_rows - 0.5  # fractional row of the full panorama
+    row0 = max(0, int(math.floor(float(row_f.min()))) - 1)
+    row1 = min(full_rows, int(math.floor(float(row_f.max()))) + 3)
+    band_el = math.pi / 2 - math.pi * (np.arange(row0, row1) + 0.5) / full_rows
+    # the band in blocks of columns: the renderer's temporaries take ~300 bytes per pixel
+    per_block = max(16, _PERSPECTIVE_BLOCK_PIXELS // len(band_el))
+    starts = list(range(0, len(col_az), per_block))
+    if len(starts) > 1 and len(col_az) - starts[-1] < 2:
+        starts.pop()  # the renderer needs two columns to know its angular step
+    quiet = replace(look, noise=0.0)
+    blocks = [_render_columns(world, cx, cy, col_az[a:b], band_el, quiet, rng, eye, max_dist, steps, True,
+                              row0=row0, full_rows=full_rows, col0=a)
+              for a, b in zip(starts, starts[1:] + [len(col_az)])]
+    band = np.concatenate([img for img, _ in blocks], axis=1)
+    depth = np.concatenate([d for _, d in blocks], axis=1)
+    del blocks
+    y = np.clip(row_f - row0, 0, band.shape[0] - 1)
+    x = rel / step + half
+    y0 = np.minimum(np.floor(y).astype(np.int64), band.shape[0] - 2)
+    x0 = np.floor(x).astype(np.int64)
+    fy = (y - y0).astype(np.float32)[..., None]
+    fx = (x - x0).astype(np.float32)[..., None]
+    if wrap:
+        x0, x1 = np.mod(x0, full_w), np.mod(x0 + 1, full_w)
+    else:
+        x1 = x0 + 1
+    b = band.astype(np.float32)
+    img = ((b[y0, x0] * (1 - fx) + b[y0, x1] * fx) * (1 - fy)
+           + (b[y0 + 1, x0] * (1 - fx) + b[y0 + 1, x1] * fx) * fy)
+    if look.noise > 0:
+        img += rng.standard_normal(img.shape, dtype=np.float32) * np.float32(look.noise)
+    out = np.clip(img + 0.5, 0, 255).astype(np.uint8)
+    if return_depth:
+        near_y = np.clip(np.rint(y).astype(np.int64), 0, band.shape[0] - 1)
+        near_x = np.rint(x).astype(np.int64)
+        near_x = np.mod(near_x, full_w) if wrap else near_x
+        return out, depth[near_y, near_x]
     return out
 
 
@@ -535,8 +659,16 @@ def _sky(look: PanoLook, az, el, C, H):
     return sky
 
 
-def _draw_trees(world: World, img, dist, cx, cy, az, el, eye, look: PanoLook, radius):
+# Sprite pixels enumerated at once; more are drawn in several passes (same result: a later pass
+# only paints where it is strictly nearer). A panorama of the default size needs one pass, a
+# high-resolution band for a perspective view with trees close by would otherwise need GBs.
+_TREE_PIXELS_PER_PASS = 1 << 22
+
+
+def _draw_trees(world: World, img, dist, cx, cy, az, el, eye, look: PanoLook, radius, row0: int = 0,
+                full_rows: int | None = None, col0: int = 0):
     C, H = dist.shape
+    full_rows = H if full_rows is None else full_rows
     idx = world.trees_near(cx - radius, cy - radius, cx + radius, cy + radius)
     if len(idx) == 0:
         return
@@ -556,7 +688,7 @@ def _draw_trees(world: World, img, dist, cx, cy, az, el, eye, look: PanoLook, ra
     Wfull = C if len(az) < 2 else int(round(2 * np.pi / (np.mod(az[1] - az[0], 2 * np.pi))))
     colc = np.mod(az_t - az[0], 2 * np.pi) / (2 * np.pi) * Wfull
     halfw = np.arctan2(r, D) / (2 * np.pi) * Wfull
-    row_of = lambda e: (np.pi / 2 - e) / np.pi * H - 0.5
+    row_of = lambda e: (np.pi / 2 - e) / np.pi * full_rows - 0.5 - row0  # row within this band
     r_top = row_of(np.arctan2(top - eye, D))
     r_base = row_of(np.arctan2(base - eye, D))
     r_gnd = row_of(np.arctan2(-eye, D))
@@ -567,16 +699,47 @@ def _draw_trees(world: World, img, dist, cx, cy, az, el, eye, look: PanoLook, ra
     rw_lo = np.clip(np.floor(r_top).astype(np.int64), 0, H - 1)
     rw_hi = np.clip(np.ceil(r_gnd).astype(np.int64), 0, H - 1)
     bw = np.minimum(c_hi - c_lo + 1, Wfull)
-    bh = rw_hi - rw_lo + 1
+    tree = np.arange(len(idx))
+    if C < Wfull:
+        # A crop: only unwrapped columns k*Wfull + [0, C) land in it; enumerate just those parts
+        # of each box (a box can meet the crop twice, across the wrap), in tree order.
+        pieces = []
+        for k in (-1, 0, 1):
+            lo = np.maximum(c_lo, k * Wfull)
+            hi = np.minimum(c_lo + bw - 1, k * Wfull + C - 1)
+            keep = lo <= hi
+            pieces.append((tree[keep], lo[keep], hi[keep] - lo[keep] + 1))
+        tree, c_lo, bw = (np.concatenate(a) for a in zip(*pieces))
+        order = np.argsort(tree, kind="stable")
+        tree, c_lo, bw = tree[order], c_lo[order], bw[order]
+    bh = rw_hi[tree] - rw_lo[tree] + 1
     cnt = (bw * bh).astype(np.int64)
-    tot = int(cnt.sum())
+    if int(cnt.sum()) == 0:
+        return
+    ends = np.cumsum(cnt)
+    lo = 0
+    while lo < len(tree):
+        hi = max(lo + 1, int(np.searchsorted(ends, (ends[lo - 1] if lo else 0) + _TREE_PIXELS_PER_PASS, side="right")))
+        _draw_tree_boxes(img, dist, tree[lo:hi], c_lo[lo:hi], bw[lo:hi], rw_lo[tree[lo:hi]], cnt[lo:hi], idx, D,
+                         az_t, colc, halfw, r_top, r_base, r_gnd, trunk_hw, con, t["col"], Wfull, look, row0, full_rows,
+                         col0)
+        lo = hi
+
+
+def _draw_tree_boxes(img, dist, tree, c_lo, bw, rw_lo, cnt, idx, D, az_t, colc, halfw, r_top, r_base, r_gnd,
+                     trunk_hw, con, tree_col, Wfull, look: PanoLook, row0, full_rows, col0):
+    """Paint the sprite pixels of the boxes (tree, first unwrapped column, width, first row, pixel
+    count) where they are nearer than ``dist``; nearest tree wins, ties to the earlier box."""
+    C, H = dist.shape
+    t_all = np.repeat(np.arange(len(tree)), cnt)
+    tot = len(t_all)
     if tot == 0:
         return
-    ti = np.repeat(np.arange(len(idx)), cnt)
     loc = np.arange(tot) - np.repeat(np.cumsum(cnt) - cnt, cnt)
-    bwi = bw[ti]
-    pr = rw_lo[ti] + loc // bwi
-    pcu = c_lo[ti] + loc % bwi
+    bwi = bw[t_all]
+    pr = rw_lo[t_all] + loc // bwi
+    pcu = c_lo[t_all] + loc % bwi
+    ti = tree[t_all]
     pc = np.mod(pcu, Wfull)
     # canopy: ellipse (deciduous) or triangle (conifer) between base and top rows
     u = (pcu + 0.0 - colc[ti]) / np.maximum(halfw[ti], 0.5)
@@ -601,13 +764,16 @@ def _draw_trees(world: World, img, dist, cx, cy, az, el, eye, look: PanoLook, ra
         return
     ti, pr, pc, u, v, canopy, Dt, flat = ti[vis], pr[vis], pc[vis], u[vis], v[vis], canopy[vis], Dt[vis], flat[vis]
     order = np.lexsort((Dt, flat))
-    flat, ti, u, v, canopy, Dt = flat[order], ti[order], u[order], v[order], canopy[order], Dt[order]
+    flat, ti, pr, pc, u, v, canopy, Dt = (flat[order], ti[order], pr[order], pc[order], u[order], v[order],
+                                          canopy[order], Dt[order])
     first = np.ones(len(flat), dtype=bool)
     first[1:] = flat[1:] != flat[:-1]
-    flat, ti, u, v, canopy, Dt = flat[first], ti[first], u[first], v[first], canopy[first], Dt[first]
+    flat, ti, pr, pc, u, v, canopy, Dt = (flat[first], ti[first], pr[first], pc[first], u[first], v[first],
+                                          canopy[first], Dt[first])
     tid = idx[ti]
-    base_col = t["col"][tid]
-    leaf = 0.7 + 0.45 * hash_u01(tid, flat, salt=3)
+    base_col = tree_col[tid]
+    # leaf texture keyed by the pixel's place in the whole render, so bands and blocks match it
+    leaf = 0.7 + 0.45 * hash_u01(tid, (pc + col0) * full_rows + pr + row0, salt=3)
     # light: sun side brighter (u > 0 is clockwise of the trunk direction)
     sun_rel = np.sin(look.sun_az - az_t[ti])
     shade = np.clip(0.75 + 0.35 * (u * sun_rel) * (look.sun_col.mean() > 0.3) - 0.15 * v, 0.35, 1.2)
