@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--tolerance", type=float, default=None, help="max 1-cosine (default 1e-4 CPU, 2e-2 CUDA)")
 
     t = sub.add_parser("tile", help="cut a georeferenced raster (orthophoto, any CRS) into a tile catalogue",
-                       description="Cut a georeferenced raster into north-up square tiles of --tile-m metres "
+                       description="Cut a georeferenced raster into north-up square tiles of --tile-m metres\n"
                                    "every --stride-m metres, and write them with a catalogue CSV for `build`.",
                        epilog=TILE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_tile_args(t)
