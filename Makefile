@@ -2,10 +2,10 @@
 PYTHON      ?= python3
 VENV        ?= .venv
 # Pinned so that a CPU machine installs the local CPU wheel instead of the multi-GB CUDA build.
-# GPU machines: `make install TORCH_INDEX=https://download.pytorch.org/whl/cu128 EXTRAS=gpu,service,plot,dev`.
+# GPU machines: `make install TORCH_INDEX=https://download.pytorch.org/whl/cu128 EXTRAS=gpu,service,plot,geo,dev`.
 TORCH_SPEC  ?= torch==2.13.0
 TORCH_INDEX ?=
-EXTRAS      ?= cpu,service,plot,ray,dev
+EXTRAS      ?= cpu,service,plot,ray,geo,dev
 PY          := $(VENV)/bin/python
 PIP         := $(PY) -m pip
 STAMP       := $(VENV)/.installed-stamp

@@ -6,6 +6,9 @@ Stages (each reads and writes plain files, each can be run and resumed alone):
     mapper   (encode_local.py / encode_ray.py)   catalog.csv -> vectors/shard-NNNNN.npy (+ .json sidecar)
     writer   (faiss_index.py, artifact.py)  shards -> index.faiss + tiles.csv + manifest.json, published atomically
 
+Before the reader, `tile` (raster_tiles.py) can make a catalogue: a georeferenced raster (orthophoto,
+any CRS) cut into north-up tiles + tiles.csv, read window by window.
+
 The command line lives in cli.py (`python -m index_build ...`, console script `index-build`).
 """
 

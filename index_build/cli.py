@@ -1,4 +1,4 @@
-"""Command line: `python -m index_build {build,add,info,verify}` (console script `index-build`)."""
+"""Command line: `python -m index_build {build,add,info,verify,tile}` (console script `index-build`)."""
 from __future__ import annotations
 
 import argparse
@@ -65,6 +65,63 @@ def _add_encode_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ray-decode-threads", type=_positive_int, default=2)
 
 
+TILE_EPILOG = """\
+output (docs/INTERFACES.md, "Tiles cut from a georeferenced raster"):
+  OUT/tiles.csv          tile_id,lat,lon,path,grid_row,grid_col: the catalogue `build --catalog` reads
+                         (lat/lon: WGS84 tile centre; path: relative to the CSV)
+  OUT/images/<id>.jpg    north-up square tile, --tile-m metres on the ground, --tile-px pixels
+  OUT/tiling.json        the raster, the grid, the options and the counts
+Tiles are laid out in a local transverse Mercator frame centred on the raster (ground metres, true
+north up), whatever the raster's CRS, and cut with one windowed read each: the raster is never read
+whole, so it may be larger than memory. OUT is written to a temporary directory and renamed into place.
+
+example:
+  python -m index_build tile --raster ortho.tif --tile-m 100 --stride-m 50 --out data/ortho_tiles
+  python -m index_build build --catalog data/ortho_tiles/tiles.csv --checkpoint weights/l2ltr_tiny_demo.safetensors --out data/ortho_index
+"""
+
+
+# Kept here so that `--help` works without rasterio; raster_tiles holds the same values.
+TILE_DEFAULTS = {"tile_m": 100.0, "tile_px": 256, "max_nodata": 0.5, "memory_budget": 256 * 2 ** 20}
+
+
+def _add_tile_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--raster", required=True,
+                   help="georeferenced raster GDAL can read (GeoTIFF, JPEG 2000, VRT, ...), in any CRS")
+    p.add_argument("--out", required=True,
+                   help="output directory for tiles.csv, images/ and tiling.json (must not exist unless --overwrite)")
+    p.add_argument("--tile-m", type=float, default=TILE_DEFAULTS["tile_m"],
+                   help="side of a tile on the ground, metres (default %(default)g: worldgen's footprint, "
+                        "what the demo model was trained on)")
+    p.add_argument("--stride-m", type=float, default=None,
+                   help="distance between neighbouring tile centres, metres (default: half of --tile-m)")
+    p.add_argument("--tile-px", type=int, default=TILE_DEFAULTS["tile_px"],
+                   help="side of a tile image, pixels (default %(default)d, as worldgen writes; the model "
+                        "resizes tiles to its aerial input size)")
+    p.add_argument("--format", dest="image_format", choices=("jpg", "png"), default="jpg",
+                   help="tile image format (default %(default)s)")
+    p.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality 1..100 (default %(default)d)")
+    p.add_argument("--max-nodata", type=float, default=TILE_DEFAULTS["max_nodata"],
+                   help="skip (and count) tiles whose share of pixels without data is above this fraction "
+                        "(default %(default)g); nodata comes from the raster's nodata value, mask or alpha band, "
+                        "and from tile parts outside the raster")
+    p.add_argument("--bands", default=None,
+                   help="1-based bands to use: R,G,B or one grey band N (default: the bands marked red, green "
+                        "and blue, else the first three non-alpha bands, else the single band; palettes expand)")
+    p.add_argument("--value-range", default=None, metavar="LO,HI",
+                   help="map raster values LO..HI linearly to 0..255 (required for rasters that are not 8-bit, "
+                        "e.g. 0,4095 for 12-bit data)")
+    p.add_argument("--resampling", choices=("nearest", "bilinear", "cubic", "lanczos", "average"),
+                   default="bilinear", help="warp resampling (default %(default)s)")
+    p.add_argument("--memory-budget", type=parse_size, default=TILE_DEFAULTS["memory_budget"],
+                   help="raster data held at once: a quarter for GDAL's block cache, a quarter for warp "
+                        "buffers, half for the arrays of the tile being cut (default 256MiB, at least 4MiB)")
+    p.add_argument("--id-prefix", default=None,
+                   help="tile ids are PREFIX-rROW-cCOL (default: the raster's file name without extension)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (at the very end)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="index-build",
                                      description="Geo-tagged aerial tiles -> L2LTR embeddings -> FAISS index artifact")
@@ -99,6 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--batch-size", type=_positive_int, default=64)
     v.add_argument("--min-rank1", type=float, default=0.99)
     v.add_argument("--tolerance", type=float, default=None, help="max 1-cosine (default 1e-4 CPU, 2e-2 CUDA)")
+
+    t = sub.add_parser("tile", help="cut a georeferenced raster (orthophoto, any CRS) into a tile catalogue",
+                       description="Cut a georeferenced raster into north-up square tiles of --tile-m metres\n"
+                                   "every --stride-m metres, and write them with a catalogue CSV for `build`.",
+                       epilog=TILE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_tile_args(t)
     return parser
 
 
@@ -127,6 +190,31 @@ def _print_summary(result) -> None:
     print(json.dumps(out, indent=2))
 
 
+def _run_tile(args) -> int:
+    """`index_build tile`: every input problem is one line on stderr and exit status 2."""
+    def fail(message: str) -> int:
+        print(f"index_build tile: error: {message}", file=sys.stderr)
+        return EXIT_INVALID
+
+    try:
+        from index_build import raster_tiles as rt
+    except ImportError as exc:
+        return fail(f"needs rasterio ({exc}); install it with: pip install 'l2ltr-geoloc[geo]'")
+    try:
+        options = rt.TileOptions(
+            raster=args.raster, out=args.out, tile_m=args.tile_m, stride_m=args.stride_m, tile_px=args.tile_px,
+            image_format=args.image_format, jpeg_quality=args.jpeg_quality, max_nodata=args.max_nodata,
+            bands=rt.parse_band_list(args.bands) if args.bands is not None else None,
+            value_range=rt.parse_value_range(args.value_range) if args.value_range is not None else None,
+            resampling=args.resampling, memory_budget=args.memory_budget, id_prefix=args.id_prefix,
+            overwrite=args.overwrite)
+        result = rt.tile_raster(options, progress=not args.quiet)
+    except rt.TilingError as exc:
+        return fail(str(exc))
+    print(result.summary_line())
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logger = logging.getLogger("index_build")
@@ -135,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         handler.setFormatter(logging.Formatter("index_build: %(levelname)s %(message)s"))
         logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    if args.command == "tile":
+        return _run_tile(args)
     from index_build.artifact import ArtifactError
     from index_build.build import AddOptions, BuildError, BuildOptions, run_add, run_build
     from index_build.encode_common import BadImagesError
