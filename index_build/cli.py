@@ -127,18 +127,33 @@ def _print_summary(result) -> None:
     print(json.dumps(out, indent=2))
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+class _StderrHandler(logging.StreamHandler):
+    """Writes each record to sys.stderr as it is then (main may run many times in one process,
+    each time with another stderr)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
+def _set_up_logging(level: int) -> None:
     logger = logging.getLogger("index_build")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("index_build: %(levelname)s %(message)s"))
         logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    logger.setLevel(level)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _set_up_logging(logging.DEBUG if args.verbose else logging.INFO)
     from index_build.artifact import ArtifactError
     from index_build.build import AddOptions, BuildError, BuildOptions, run_add, run_build
     from index_build.encode_common import BadImagesError
     from index_build.sources import CatalogueError
+    from model.checkpoint import CheckpointError
+    from model.config import ConfigError
 
     try:
         if args.command == "build":
@@ -169,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     except CatalogueError as exc:
         print(exc.report(limit=100), file=sys.stderr)
         return EXIT_INVALID
-    except (BuildError, ArtifactError, BadImagesError) as exc:
+    except (BuildError, ArtifactError, BadImagesError, CheckpointError, ConfigError) as exc:
         print(f"index_build: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
