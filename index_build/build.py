@@ -143,9 +143,11 @@ def _load_model(opts):
     from model import load_checkpoint
     from model.encode import pick_device, prepare_for_inference
 
+    log.info("loading the model from %s", opts.checkpoint)
     device = pick_device(opts.device)
     model = load_checkpoint(opts.checkpoint, config=opts.model_config)
     fingerprint = model.fingerprint()
+    log.info("model %r: %d-d embeddings, fingerprint %s", model.config.name, model.embedding_dim, fingerprint)
     return prepare_for_inference(model, device), device, fingerprint
 
 
@@ -297,12 +299,22 @@ def _recover_if_resumed(opts, layout: ArtifactLayout, plan: dict, result: BuildR
     return True
 
 
-def _encode_step(opts, layout: ArtifactLayout, plan: dict, model, device, fingerprint: str, result: BuildResult) -> bool:
-    """Encode the missing shards (shared by `build` and `add`). True when the run stops here (--stop-after encode)."""
-    t0 = time.perf_counter()
-    result.encode = _encode_pending(opts, layout, plan, model, device, fingerprint)
-    result.timings["encode_s"] = round(time.perf_counter() - t0, 3)
+def _encode_step(opts, layout: ArtifactLayout, plan: dict, model, device, fingerprint: str, result: BuildResult,
+                 stage_started: float) -> bool:
+    """Encode the missing shards (shared by `build` and `add`). True when the run stops here (--stop-after encode).
+
+    Timings: `encode_s` is the encoding itself (the time tiles_per_second is measured over);
+    `encode_setup_s` the rest of the stage since `stage_started`: the work directory's files, and
+    the warm-up batches that trace the model on a CPU."""
+    result.encode = stats = _encode_pending(opts, layout, plan, model, device, fingerprint)
+    stage_s = time.perf_counter() - stage_started
+    result.timings["encode_setup_s"] = round(max(0.0, stage_s - stats.encode_s), 3)
+    result.timings["encode_s"] = round(stats.encode_s, 3)
     result.status = "encoded"
+    reused = f"; {stats.shards_reused} of {stats.shards_total} shard(s) were done before" if stats.shards_reused else ""
+    skipped = f"; {stats.tiles_skipped} unreadable tile(s) skipped" if stats.tiles_skipped else ""
+    log.info("encoded %d tile(s) in %.1f s (%.1f tiles/s)%s%s", stats.tiles_encoded, stats.encode_s,
+             stats.tiles_per_second, reused, skipped)
     return opts.stop_after == "encode"
 
 
@@ -334,6 +346,7 @@ def run_build(opts: BuildOptions) -> BuildResult:
         t0 = time.perf_counter()
         model, device, fingerprint = _load_model(opts)
         result.timings["model_load_s"] = round(time.perf_counter() - t0, 3)
+        t_encode_stage = time.perf_counter()
         plan = {
             "kind": "build", "catalog_sha256": catalogue.sha256, "source": catalogue.source,
             "count": len(catalogue), "shard_size": int(opts.shard_size), "model_fingerprint": fingerprint,
@@ -345,7 +358,7 @@ def run_build(opts: BuildOptions) -> BuildResult:
             return result
         _prepare_work_dir(layout, plan, catalogue.records, catalogue.extra_columns, opts.resume)
         del catalogue  # the work directory holds the tiles now; free the catalogue before encoding
-        if _encode_step(opts, layout, plan, model, device, fingerprint, result):
+        if _encode_step(opts, layout, plan, model, device, fingerprint, result, t_encode_stage):
             return result
 
         t0 = time.perf_counter()
@@ -443,11 +456,16 @@ def run_add(opts: AddOptions) -> BuildResult:
             exc.report_path = report_path
             raise exc
         result.count = len(catalogue)
+        result.timings["validate_s"] = round(time.perf_counter() - t_start, 3)
+        log.info("catalogue %s: %d tile(s) valid", catalogue.source, len(catalogue))
         if opts.stop_after == "validate":
             return result
         if not len(catalogue):
             raise BuildError(f"catalogue {catalogue.source} has no tiles; nothing to add")
+        t0 = time.perf_counter()
         model, device, fingerprint = _load_model(opts)
+        result.timings["model_load_s"] = round(time.perf_counter() - t0, 3)
+        t_encode_stage = time.perf_counter()
         if fingerprint != base["model_fingerprint"]:
             raise BuildError(f"model fingerprint {fingerprint} ({opts.checkpoint}) differs from the artifact's "
                              f"{base['model_fingerprint']}; vectors from different models cannot share an index. "
@@ -464,7 +482,7 @@ def run_add(opts: AddOptions) -> BuildResult:
             return result
         _prepare_work_dir(layout, plan, catalogue.records, catalogue.extra_columns, opts.resume)
         del catalogue  # the work directory holds the tiles now; free the catalogue before encoding
-        if _encode_step(opts, layout, plan, model, device, fingerprint, result):
+        if _encode_step(opts, layout, plan, model, device, fingerprint, result, t_encode_stage):
             return result
 
         t0 = time.perf_counter()

@@ -146,12 +146,12 @@ class EncodeStats:
     shards_encoded: int = 0
     tiles_encoded: int = 0      # images that went through the model in this run
     tiles_skipped: int = 0      # unreadable images skipped in this run
-    seconds: float = 0.0
+    encode_s: float = 0.0       # decoding + encoding the tiles after the warm-up: what tiles_per_second is over
 
     @property
     def tiles_per_second(self) -> float:
-        return self.tiles_encoded / self.seconds if self.seconds > 0 else 0.0
+        return self.tiles_encoded / self.encode_s if self.encode_s > 0 else 0.0
 
     def to_json(self) -> dict:
-        return {**self.__dict__, "tiles_per_second": round(self.tiles_per_second, 2),
-                "seconds": round(self.seconds, 3)}
+        return {**self.__dict__, "encode_s": round(self.encode_s, 3),
+                "tiles_per_second": round(self.tiles_per_second, 2)}

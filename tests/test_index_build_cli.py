@@ -215,3 +215,163 @@ def test_catalogue_lines_runs():
     assert table.to_json() == [[0, 2], [2, 5], [5, 10]]
     assert [CatalogueLines(table.to_json()).line(r) for r in range(6)] == lines
     assert CatalogueLines.of_records([TileRecord("z-x-y", 0.0, 0.0, "x", where="1/2/3.png")]).line(0) is None
+
+
+# ----------------------------------------------------------------------------- what a build prints
+
+def _build_args(catalogue, ckpt, out, *extra):
+    return ("build", "--catalog", str(catalogue), "--checkpoint", ckpt, "--out", str(out), "--workers", "0",
+            "--batch-size", "4", "--device", "cpu", *extra)
+
+
+def test_quiet_prints_one_result_line_and_no_log(tmp_path, capsys, ckpt, catalogue):
+    code, out, err = run_cli(capsys, *_build_args(catalogue, ckpt, tmp_path / "idx", "--quiet"))
+    assert code == 0
+    assert err == ""
+    assert out.count("\n") == 1 and out.startswith(f"published {tmp_path / 'idx'} -> idx.versions/")
+    assert "6 tile(s), flat index" in out
+
+
+def test_text_summary_says_where_the_time_went(tmp_path, capsys, ckpt, catalogue):
+    code, out, err = run_cli(capsys, *_build_args(catalogue, ckpt, tmp_path / "idx"))
+    assert code == 0
+    lines = out.splitlines()
+    assert len(lines) == 3 and lines[0].startswith("published ")
+    assert lines[2].startswith("  time: validate ") and "set up encoder" in lines[2] and "tiles/s)" in lines[2]
+    assert "warming up the encoder on cpu: 2 blank batch(es) of 4 tile(s)" in err  # what the pause before the bar is
+    assert "encoded 6 tile(s) in " in err
+    assert "\r" not in err  # stderr is not a terminal here: no bar redraws
+
+
+def test_json_summary_timings_add_up(tmp_path, capsys, ckpt, catalogue):
+    code, out, _ = run_cli(capsys, *_build_args(catalogue, ckpt, tmp_path / "idx", "--json", "--quiet"))
+    assert code == 0
+    summary = json.loads(out)
+    timings, encode = summary["timings"], summary["encode"]
+    assert set(timings) == {"validate_s", "model_load_s", "encode_setup_s", "encode_s", "index_s", "total_s"}
+    assert "seconds" not in encode and encode["encode_s"] == timings["encode_s"] > 0
+    assert encode["tiles_per_second"] == pytest.approx(encode["tiles_encoded"] / encode["encode_s"], rel=0.02)
+    parts = sum(v for k, v in timings.items() if k != "total_s")
+    assert parts <= timings["total_s"] + 0.01 and parts >= 0.8 * timings["total_s"]
+    assert summary["manifest"]["count"] == 6
+
+
+class _Terminal:
+    """A stderr stand-in that says it is a terminal, and keeps what was written to it."""
+
+    def __init__(self):
+        self.text = ""
+
+    def isatty(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self.text += text
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_progress_bar_counts_whole_tiles_and_ends_once(monkeypatch):
+    import time
+
+    from index_build.progress import TileProgress
+
+    terminal = _Terminal()
+    monkeypatch.setenv("COLUMNS", "100")
+    progress = TileProgress(10, "encode", stream=terminal)
+    progress.update(4)
+    time.sleep(0.15)  # past tqdm's redraw interval: the last update is drawn
+    progress.update(6)
+    progress.close()
+    drawn = [part for part in terminal.text.split("\r") if part.strip()]
+    assert any("10/10" in part for part in drawn)
+    assert not any(".0/" in part or "/10.0" in part for part in drawn)  # no fractional counts
+    assert sum("100%" in part for part in drawn) == 1  # closing clears the bar instead of drawing it again
+
+
+def test_progress_in_a_log_is_lines_not_redraws(caplog):
+    import logging
+
+    from index_build.progress import TileProgress
+
+    log_file = _Terminal()
+    log_file.isatty = lambda: False
+    with caplog.at_level(logging.INFO, logger="index_build"):
+        progress = TileProgress(10, "encode", stream=log_file, every_s=0.0)
+        for _ in range(5):
+            progress.update(2)
+        progress.close()
+    assert log_file.text == ""
+    assert [r.getMessage().split(",")[0] for r in caplog.records] == [
+        "encode: 2/10 tiles (20%)", "encode: 4/10 tiles (40%)", "encode: 6/10 tiles (60%)", "encode: 8/10 tiles (80%)"]
+
+
+# ----------------------------------------------------------------------------- --help
+
+def _options(parser):
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from ((f"{name} {opt}", a, f) for opt, a, f in _options(sub))
+        elif action.option_strings and not isinstance(action, argparse._HelpAction):
+            yield action.option_strings[-1], action, parser._get_formatter()
+
+
+def _help_problems(parser, require_defaults: bool) -> list[str]:
+    import argparse
+
+    problems = []
+    for name, action, formatter in _options(parser):
+        if not action.help:
+            problems.append(f"{name}: no help text")
+            continue
+        shown = formatter._expand_help(action)
+        has_default = action.nargs != 0 and action.default is not None and action.default is not argparse.SUPPRESS
+        if require_defaults and has_default and "default" not in shown:
+            problems.append(f"{name}: default {action.default!r} not shown")
+    return problems
+
+
+def test_every_option_has_help_and_shows_its_default():
+    from index_build.cli import build_parser as index_build_parser
+    from model.evaluate import build_parser as evaluate_parser
+    from model.train import build_parser as train_parser
+    from worldgen.cli import build_parser as worldgen_parser
+
+    for parser in (index_build_parser(), train_parser(), evaluate_parser(), worldgen_parser()):
+        assert _help_problems(parser, require_defaults=True) == [], parser.prog
+
+
+def test_train_help_shows_defaults(capsys):
+    from model.train import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--lr LR peak AdamW learning rate, reached after --warmup (default: 0.0001)" in text
+    assert "--batch-size BATCH_SIZE pairs per step" in text and "(default: 32)" in text
+    assert "(default: False)" not in text
+
+
+def test_readme_and_help_agree_on_the_cpu_workers_default():
+    from index_build.cli import build_parser
+
+    workers = next(a for name, a, _ in _options(build_parser()) if name == "build --workers")
+    readme = (REPO / "README.md").read_text()
+    assert "on a CPU cores/4, which is 0 below 4 cores" in workers.help
+    assert "On a\n   CPU it defaults to a quarter of the cores, which is 0 below 4 cores" in readme
+    assert "(`--workers 0`, the default there)" not in readme
+
+
+def test_verbose_flag_on_either_side_of_the_subcommand():
+    from index_build.cli import build_parser
+
+    parser = build_parser()
+    required = ["--catalog", "c.csv", "--checkpoint", "m.safetensors", "--out", "idx"]
+    assert parser.parse_args(["-v", "build", *required]).verbose
+    assert parser.parse_args(["build", *required, "-v"]).verbose
+    assert not parser.parse_args(["build", *required]).verbose
