@@ -210,7 +210,7 @@ class CatalogueLines:
     """Row index of the validated tiles -> line of the catalogue CSV, so that errors found after
     validation (unreadable images) name the same lines as validation does. Stored in the build's
     plan as runs `[row, line]`: from `row` on, row r sits on line `line + r - row`; a new run starts
-    only after a blank line, a bad row or a quoted line break, so a clean CSV is one run."""
+    only after a blank line or a quoted line break, so a plain CSV is one run."""
 
     def __init__(self, runs: Sequence[Sequence[int]] = ()):
         self.runs = [(int(row), int(line)) for row, line in runs]

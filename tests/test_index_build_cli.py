@@ -108,6 +108,14 @@ def test_pth_without_model_config_asks_for_it(tmp_path, capsys, catalogue):
     assert nothing_left_beside(out)
 
 
+def test_out_that_cannot_be_made(tmp_path, capsys, ckpt, catalogue):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    code, _, err = run_cli(capsys, "build", "--catalog", str(catalogue), "--checkpoint", ckpt,
+                           "--out", str(blocker / "idx"))
+    assert_one_line_error(code, err, str(blocker), "Not a directory")
+
+
 def test_catalogue_that_is_not_text(tmp_path, capsys, ckpt):
     binary = tmp_path / "tiles.xlsx"
     binary.write_bytes(b"PK\x03\x04\x14\x00\x06\x00\x08\x00\x00\x00!\x00\xb1\xe3\xff\x9c" * 64)
