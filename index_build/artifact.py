@@ -106,7 +106,8 @@ class ArtifactLayout:
                 os.close(fd)
                 if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                     pid = f"pid {holder}, " if holder.isdigit() else ""
-                    raise ArtifactError(f"another index_build is writing {self.out} ({pid}lock {self.lock_path})") from None
+                    raise ArtifactError(f"another index_build is writing {self.out} "
+                                        f"({pid}lock {self.lock_path})") from None
                 raise
             try:
                 current = os.path.samestat(os.fstat(fd), os.stat(self.lock_path))

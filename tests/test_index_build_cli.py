@@ -133,7 +133,8 @@ def test_failed_builds_leave_no_lock(tmp_path, capsys, ckpt, catalogue):
     out = tmp_path / "idx"
     code, _, err = run_cli(capsys, "build", "--catalog", str(header_only), "--checkpoint", ckpt, "--out", str(out))
     assert code == 1 and "Traceback" not in err
-    assert err.strip().splitlines()[-1] == f"index_build: error: catalogue csv:{header_only} has no tiles; nothing to index"
+    last = err.strip().splitlines()[-1]
+    assert last == f"index_build: error: catalogue csv:{header_only} has no tiles; nothing to index"
     assert nothing_left_beside(out)  # the lock and the versions directory it made are gone
 
     invalid = tmp_path / "invalid.csv"
@@ -250,6 +251,11 @@ def test_text_summary_says_where_the_time_went(tmp_path, capsys, ckpt, catalogue
     assert "encoded 6 tile(s) in " in err
     assert "\r" not in err  # stderr is not a terminal here: no bar redraws
 
+    more = make_catalogue(tmp_path / "more", 3, prefix="m")
+    code, out, _ = run_cli(capsys, "add", *_build_args(more, ckpt, tmp_path / "idx", "--quiet")[1:])
+    assert code == 0
+    assert out.startswith(f"added 3 tile(s) to {tmp_path / 'idx'} -> idx.versions/") and ": 9 in all" in out
+
 
 def test_json_summary_timings_add_up(tmp_path, capsys, ckpt, catalogue):
     code, out, _ = run_cli(capsys, *_build_args(catalogue, ckpt, tmp_path / "idx", "--json", "--quiet"))
@@ -258,9 +264,10 @@ def test_json_summary_timings_add_up(tmp_path, capsys, ckpt, catalogue):
     timings, encode = summary["timings"], summary["encode"]
     assert set(timings) == {"validate_s", "model_load_s", "encode_setup_s", "encode_s", "index_s", "total_s"}
     assert "seconds" not in encode and encode["encode_s"] == timings["encode_s"] > 0
-    assert encode["tiles_per_second"] == pytest.approx(encode["tiles_encoded"] / encode["encode_s"], rel=0.02)
+    tiles, seconds = encode["tiles_encoded"], encode["encode_s"]  # seconds rounded to the millisecond
+    assert tiles / (seconds + 0.0005) - 0.01 <= encode["tiles_per_second"] <= tiles / (seconds - 0.0005) + 0.01
     parts = sum(v for k, v in timings.items() if k != "total_s")
-    assert parts <= timings["total_s"] + 0.01 and parts >= 0.8 * timings["total_s"]
+    assert parts <= timings["total_s"] + 0.01 and parts >= 0.5 * timings["total_s"]
     assert summary["manifest"]["count"] == 6
 
 
