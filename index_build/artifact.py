@@ -4,7 +4,7 @@ On disk, for `--out /data/tiles_index`:
 
     /data/tiles_index                    symlink -> tiles_index.versions/<version>   (what readers open)
     /data/tiles_index.versions/
-        .lock                            flock held by the one build/add writing this artifact
+        .lock                            flock held by the one build/add writing this artifact (removed after)
         .build/                          work directory of the build in progress (resumable)
         20260101T120000Z-ab12cd34/       a complete artifact: manifest.json index.faiss tiles.csv vectors/
 
@@ -74,20 +74,49 @@ class ArtifactLayout:
 
     @contextlib.contextmanager
     def lock(self):
-        os.makedirs(self.versions, exist_ok=True)
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        """Be the one writer of this artifact for the block (an flock on `.lock`). The lock file is
+        removed on the way out, and the versions directory too when the run left it empty, so a
+        failed run leaves nothing behind; a killed run leaves a file that holds no lock."""
+        fd = self._take_lock()
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
-                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise ArtifactError(f"another index_build is writing {self.out} (lock {self.lock_path})") from None
-                raise
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()}\n".encode())
             yield
         finally:
-            os.close(fd)  # closing releases the flock
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.lock_path)  # before the flock goes: see _take_lock
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.rmdir(self.versions)  # fails unless empty: then nothing was ever built here
+
+    def _take_lock(self) -> int:
+        # A writer that finishes unlinks the lock file while it still holds the flock. A writer that
+        # opened that file just before and is granted the flock afterwards holds a lock on a file no
+        # longer reachable by name: it sees that (the path names another inode, or none) and retries.
+        for _ in range(100):
+            os.makedirs(self.versions, exist_ok=True)
+            try:
+                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            except FileNotFoundError:  # the versions directory was just removed by a finishing run
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                os.close(fd)
+                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    pid = f"pid {holder}, " if holder.isdigit() else ""
+                    raise ArtifactError(f"another index_build is writing {self.out} "
+                                        f"({pid}lock {self.lock_path})") from None
+                raise
+            try:
+                current = os.path.samestat(os.fstat(fd), os.stat(self.lock_path))
+            except FileNotFoundError:
+                current = False
+            if current:
+                return fd
+            os.close(fd)
+        raise ArtifactError(f"could not take the lock {self.lock_path}: it keeps being replaced")
 
     # -- publication -------------------------------------------------------------------------
     def new_version_name(self, fingerprint: str) -> str:

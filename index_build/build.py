@@ -15,11 +15,11 @@ import numpy as np
 
 from index_build.artifact import (INDEX_FILE, TILES_FILE, ArtifactError, ArtifactLayout, make_manifest,
                                   read_manifest, write_manifest)
-from index_build.encode_common import EncodeStats
+from index_build.encode_common import BadImagesError, EncodeStats
 from index_build.faiss_index import DEFAULT_MEMORY_BUDGET, build_index, choose_index, tune_search
 from index_build.fsutil import atomic_write_bytes
-from index_build.sources import (Catalogue, CatalogueError, Issue, TileRecord, read_source, read_tiles_csv,
-                                 write_tiles_csv)
+from index_build.sources import (Catalogue, CatalogueError, CatalogueLines, Issue, TileRecord, read_source,
+                                 read_tiles_csv, write_tiles_csv)
 from index_build.workdir import (CATALOG_FILE, PLAN_FILE, ShardSpan, iter_vector_blocks, read_finished_shard,
                                  read_plan, spans_from_plan, utc_now_iso, vectors_dir, write_plan)
 
@@ -104,6 +104,26 @@ class BuildResult:
 
 # ------------------------------------------------------------------------------------- reader
 
+def check_inputs(opts: BuildOptions) -> None:
+    """The checks of the command line's files that take a moment, made before the lock is taken or
+    anything is written: the catalogue is there, the checkpoint is a file of a loadable kind (its
+    first bytes and header), a .pth/.npz checkpoint comes with a valid --model-config."""
+    from model.checkpoint import check_checkpoint_file
+    from model.config import L2LTRConfig
+
+    if not os.path.exists(opts.catalog):
+        raise BuildError(f"catalogue {opts.catalog} does not exist")
+    if not (os.path.isfile(opts.catalog) or os.path.isdir(opts.catalog)):
+        raise BuildError(f"catalogue {opts.catalog} is neither a CSV file nor a slippy-map directory")
+    checkpoint_format = check_checkpoint_file(opts.checkpoint)
+    if opts.model_config is not None:
+        L2LTRConfig.resolve(opts.model_config)  # a ConfigError names what is wrong with it
+    elif checkpoint_format != "safetensors":
+        kind = {"official": "PyTorch (.pth)", "npz": ".npz"}[checkpoint_format]
+        raise BuildError(f"{opts.checkpoint}: a {kind} checkpoint holds no architecture; "
+                         f"pass --model-config (paper, small, tiny or a JSON config)")
+
+
 def load_catalogue(path: str, check_files: bool, report_path: str | None) -> Catalogue:
     try:
         catalogue = read_source(path, check_files=check_files)
@@ -124,9 +144,11 @@ def _load_model(opts):
     from model.encode import pick_device
     from model.inference import InferenceEncoder
 
+    log.info("loading the model from %s", opts.checkpoint)
     device = pick_device(opts.device)
     model = load_checkpoint(opts.checkpoint, config=opts.model_config)
     fingerprint = model.fingerprint()
+    log.info("model %r: %d-d embeddings, fingerprint %s", model.config.name, model.embedding_dim, fingerprint)
     return InferenceEncoder(model, device, branches=("aerial",)), device, fingerprint
 
 
@@ -168,30 +190,11 @@ def _encode_pending(opts, layout: ArtifactLayout, plan: dict, model, device, fin
     reused = len(spans) - len(todo)
     if reused:
         log.info("resuming: %d of %d shard(s) already encoded, %d to go", reused, len(spans), len(todo))
-    if opts.engine == "ray":
-        from index_build.encode_ray import encode_shards_ray
-
-        stats = encode_shards_ray(
-            checkpoint=opts.checkpoint, model_config=opts.model_config, fingerprint=fingerprint, work=work,
-            spans=todo, total_rows=sum(len(s) for s in todo), batch_size=opts.batch_size,
-            skip_bad=opts.skip_bad, device=opts.device, actors=opts.ray_actors,
-            cpus_per_actor=opts.ray_cpus_per_actor, gpus_per_actor=opts.ray_gpus_per_actor,
-            decode_threads=opts.ray_decode_threads, address=opts.ray_address, progress=opts.progress)
-    elif opts.engine == "local":
-        from index_build.encode_local import encode_shards_local
-
-        if opts.workers is None:
-            opts.workers = default_workers(device.type)
-        if opts.workers == 0:
-            from index_build.encode_local import lane_plan
-            opts.lanes = lane_plan(opts.lanes)[0]
-        stats = encode_shards_local(
-            model, [r.source for r in records], [r.tile_id for r in records], todo, vdir,
-            batch_size=opts.batch_size, workers=opts.workers, device=device, skip_bad=opts.skip_bad,
-            fingerprint=fingerprint, progress=opts.progress, lanes=opts.lanes,
-            on_shard_written=opts.on_shard_written)
-    else:
-        raise BuildError(f"unknown engine {opts.engine!r} (local | ray)")
+    try:
+        stats = _run_encoder(opts, work, vdir, todo, records, model, device, fingerprint)
+    except BadImagesError as exc:
+        exc.locate(CatalogueLines(plan.get("catalog_lines", [])).line, plan["source"])
+        raise
     stats.shards_total = len(spans)
     stats.shards_reused = reused
     missing = [s.name for s in spans if read_finished_shard(vdir, s, fingerprint) is None]
@@ -200,16 +203,48 @@ def _encode_pending(opts, layout: ArtifactLayout, plan: dict, model, device, fin
     return stats
 
 
+def _run_encoder(opts, work: str, vdir: str, todo: list[ShardSpan], records: list[TileRecord], model, device,
+                 fingerprint: str) -> EncodeStats:
+    if opts.engine == "ray":
+        from index_build.encode_ray import encode_shards_ray
+
+        return encode_shards_ray(
+            checkpoint=opts.checkpoint, model_config=opts.model_config, fingerprint=fingerprint, work=work,
+            spans=todo, total_rows=sum(len(s) for s in todo), batch_size=opts.batch_size,
+            skip_bad=opts.skip_bad, device=opts.device, actors=opts.ray_actors,
+            cpus_per_actor=opts.ray_cpus_per_actor, gpus_per_actor=opts.ray_gpus_per_actor,
+            decode_threads=opts.ray_decode_threads, address=opts.ray_address, progress=opts.progress)
+    if opts.engine == "local":
+        from index_build.encode_local import encode_shards_local
+
+        if opts.workers is None:
+            opts.workers = default_workers(device.type)
+        if opts.workers == 0:
+            from index_build.encode_local import lane_plan
+            opts.lanes = lane_plan(opts.lanes)[0]
+        return encode_shards_local(
+            model, [r.source for r in records], [r.tile_id for r in records], todo, vdir,
+            batch_size=opts.batch_size, workers=opts.workers, device=device, skip_bad=opts.skip_bad,
+            fingerprint=fingerprint, progress=opts.progress, lanes=opts.lanes,
+            on_shard_written=opts.on_shard_written)
+    raise BuildError(f"unknown engine {opts.engine!r} (local | ray)")
+
+
 # ------------------------------------------------------------------------------------- writer
 
-def _shard_entries(vdir: str, spans: list[ShardSpan], fingerprint: str) -> tuple[list[dict], list[dict]]:
+def _shard_entries(vdir: str, spans: list[ShardSpan], fingerprint: str,
+                   plan: dict) -> tuple[list[dict], list[dict]]:
+    """The manifest's shard list and the tiles skipped as unreadable (with their catalogue line)."""
+    lines = CatalogueLines(plan.get("catalog_lines", []))
     entries, skipped = [], []
     for span in spans:
         meta = read_finished_shard(vdir, span, fingerprint)
         if meta is None:
             raise BuildError(f"{span.name} is not finished")
         entries.append({"file": f"vectors/{span.name}.npy", "rows": meta["rows"], "sha256": meta["sha256"]})
-        skipped.extend(meta["skipped"])
+        for tile in meta["skipped"]:
+            line = lines.line(tile["row"])
+            skipped.append(tile if line is None else {**tile, "line": line})
     return entries, skipped
 
 
@@ -265,12 +300,22 @@ def _recover_if_resumed(opts, layout: ArtifactLayout, plan: dict, result: BuildR
     return True
 
 
-def _encode_step(opts, layout: ArtifactLayout, plan: dict, model, device, fingerprint: str, result: BuildResult) -> bool:
-    """Encode the missing shards (shared by `build` and `add`). True when the run stops here (--stop-after encode)."""
-    t0 = time.perf_counter()
-    result.encode = _encode_pending(opts, layout, plan, model, device, fingerprint)
-    result.timings["encode_s"] = round(time.perf_counter() - t0, 3)
+def _encode_step(opts, layout: ArtifactLayout, plan: dict, model, device, fingerprint: str, result: BuildResult,
+                 stage_started: float) -> bool:
+    """Encode the missing shards (shared by `build` and `add`). True when the run stops here (--stop-after encode).
+
+    Timings: `encode_s` is the encoding itself (the time tiles_per_second is measured over);
+    `encode_setup_s` the rest of the stage since `stage_started`: the work directory's files, and
+    the warm-up batches that trace the model on a CPU."""
+    result.encode = stats = _encode_pending(opts, layout, plan, model, device, fingerprint)
+    stage_s = time.perf_counter() - stage_started
+    result.timings["encode_setup_s"] = round(max(0.0, stage_s - stats.encode_s), 3)
+    result.timings["encode_s"] = round(stats.encode_s, 3)
     result.status = "encoded"
+    reused = f"; {stats.shards_reused} of {stats.shards_total} shard(s) were done before" if stats.shards_reused else ""
+    skipped = f"; {stats.tiles_skipped} unreadable tile(s) skipped" if stats.tiles_skipped else ""
+    log.info("encoded %d tile(s) in %.1f s (%.1f tiles/s)%s%s", stats.tiles_encoded, stats.encode_s,
+             stats.tiles_per_second, reused, skipped)
     return opts.stop_after == "encode"
 
 
@@ -285,6 +330,7 @@ def _host_info(device) -> dict:
 def run_build(opts: BuildOptions) -> BuildResult:
     layout = ArtifactLayout(opts.out)
     layout.check_publishable()
+    check_inputs(opts)
     result = BuildResult(status="validated", out=layout.out)
     t_start = time.perf_counter()
     with layout.lock():
@@ -296,22 +342,24 @@ def run_build(opts: BuildOptions) -> BuildResult:
         if opts.stop_after == "validate":
             return result
         if not len(catalogue):
-            raise BuildError("the catalogue has no tiles; nothing to index")
+            raise BuildError(f"catalogue {catalogue.source} has no tiles; nothing to index")
 
         t0 = time.perf_counter()
         model, device, fingerprint = _load_model(opts)
         result.timings["model_load_s"] = round(time.perf_counter() - t0, 3)
+        t_encode_stage = time.perf_counter()
         plan = {
             "kind": "build", "catalog_sha256": catalogue.sha256, "source": catalogue.source,
             "count": len(catalogue), "shard_size": int(opts.shard_size), "model_fingerprint": fingerprint,
             "extra_columns": catalogue.extra_columns, "base_version": None, "first_shard_index": 0,
             "checkpoint": os.path.abspath(opts.checkpoint), "created_at": utc_now_iso(),
+            "catalog_lines": CatalogueLines.of_records(catalogue.records).to_json(),
         }
         if _recover_if_resumed(opts, layout, plan, result):
             return result
         _prepare_work_dir(layout, plan, catalogue.records, catalogue.extra_columns, opts.resume)
         del catalogue  # the work directory holds the tiles now; free the catalogue before encoding
-        if _encode_step(opts, layout, plan, model, device, fingerprint, result):
+        if _encode_step(opts, layout, plan, model, device, fingerprint, result, t_encode_stage):
             return result
 
         t0 = time.perf_counter()
@@ -333,7 +381,7 @@ def _finish_build(opts: BuildOptions, layout: ArtifactLayout, plan: dict, model,
     work = layout.work
     vdir = vectors_dir(work)
     spans = spans_from_plan(plan)
-    shard_entries, skipped = _shard_entries(vdir, spans, fingerprint)
+    shard_entries, skipped = _shard_entries(vdir, spans, fingerprint, plan)
     records, extra = read_tiles_csv(os.path.join(work, CATALOG_FILE))
     skipped_rows = {s["row"] for s in skipped}
     good = [r for i, r in enumerate(records) if i not in skipped_rows]
@@ -384,6 +432,7 @@ def run_add(opts: AddOptions) -> BuildResult:
 
     layout = ArtifactLayout(opts.out)
     layout.check_publishable()
+    check_inputs(opts)
     result = BuildResult(status="validated", out=layout.out)
     t_start = time.perf_counter()
     with layout.lock():
@@ -408,11 +457,16 @@ def run_add(opts: AddOptions) -> BuildResult:
             exc.report_path = report_path
             raise exc
         result.count = len(catalogue)
+        result.timings["validate_s"] = round(time.perf_counter() - t_start, 3)
+        log.info("catalogue %s: %d tile(s) valid", catalogue.source, len(catalogue))
         if opts.stop_after == "validate":
             return result
         if not len(catalogue):
-            raise BuildError("the catalogue has no tiles; nothing to add")
+            raise BuildError(f"catalogue {catalogue.source} has no tiles; nothing to add")
+        t0 = time.perf_counter()
         model, device, fingerprint = _load_model(opts)
+        result.timings["model_load_s"] = round(time.perf_counter() - t0, 3)
+        t_encode_stage = time.perf_counter()
         if fingerprint != base["model_fingerprint"]:
             raise BuildError(f"model fingerprint {fingerprint} ({opts.checkpoint}) differs from the artifact's "
                              f"{base['model_fingerprint']}; vectors from different models cannot share an index. "
@@ -423,19 +477,19 @@ def run_add(opts: AddOptions) -> BuildResult:
             "count": len(catalogue), "shard_size": int(opts.shard_size), "model_fingerprint": fingerprint,
             "extra_columns": catalogue.extra_columns, "base_version": base_version,
             "first_shard_index": _next_shard_index(base), "checkpoint": os.path.abspath(opts.checkpoint),
-            "created_at": utc_now_iso(),
+            "created_at": utc_now_iso(), "catalog_lines": CatalogueLines.of_records(catalogue.records).to_json(),
         }
         if _recover_if_resumed(opts, layout, plan, result):
             return result
         _prepare_work_dir(layout, plan, catalogue.records, catalogue.extra_columns, opts.resume)
         del catalogue  # the work directory holds the tiles now; free the catalogue before encoding
-        if _encode_step(opts, layout, plan, model, device, fingerprint, result):
+        if _encode_step(opts, layout, plan, model, device, fingerprint, result, t_encode_stage):
             return result
 
         t0 = time.perf_counter()
         work, vdir = layout.work, vectors_dir(layout.work)
         spans = spans_from_plan(plan)
-        new_entries, skipped = _shard_entries(vdir, spans, fingerprint)
+        new_entries, skipped = _shard_entries(vdir, spans, fingerprint, plan)
         records, extra = read_tiles_csv(os.path.join(work, CATALOG_FILE))
         skipped_rows = {s["row"] for s in skipped}
         good = [r for i, r in enumerate(records) if i not in skipped_rows]

@@ -35,34 +35,59 @@ def _add_encode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--catalog", required=True,
                    help="catalogue CSV (tile_id,lat,lon,path[,extra...]) or a slippy-map dir {z}/{x}/{y}.png|jpg")
     p.add_argument("--checkpoint", required=True, help="model checkpoint (.safetensors; .pth/.npz need --model-config)")
-    p.add_argument("--model-config", default=None, help="config name/JSON for .pth/.npz checkpoints")
+    p.add_argument("--model-config", default=None,
+                   help="architecture of a .pth/.npz checkpoint: paper, small, tiny, a JSON string or a JSON file")
     p.add_argument("--out", required=True, help="artifact path (a symlink to a versioned directory beside it)")
-    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--batch-size", type=_positive_int, default=64,
+                   help="tiles per forward pass of the model (default: 64)")
     p.add_argument("--workers", type=int, default=None,
-                   help="DataLoader decode workers (local engine; default: up to 8 with a GPU, cores/4 on CPU)")
+                   help="local engine: DataLoader processes decoding tiles ahead of the model; 0 = no such "
+                        "processes, encoder lanes decode and encode instead (see --lanes). Default: with a GPU "
+                        "cores-1, at most 8; on a CPU cores/4, which is 0 below 4 cores")
     p.add_argument("--lanes", type=_positive_int, default=None,
                    help="with --workers 0: encoder lanes, threads that each decode a batch and then encode it "
                         "with cores/lanes torch threads, side by side (default: one per core, up to 8)")
-    p.add_argument("--shard-size", type=_positive_int, default=10_000, help="tiles per embedding shard (resume unit)")
+    p.add_argument("--shard-size", type=_positive_int, default=10_000,
+                   help="tiles per embedding shard, the unit --resume keeps (default: 10000)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run; finished shards are kept")
     p.add_argument("--skip-bad", action="store_true",
                    help="skip unreadable images (counted, listed, recorded in the manifest) instead of failing")
-    p.add_argument("--engine", choices=("local", "ray"), default="local")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--keep-versions", type=_positive_int, default=2, help="published versions kept on disk")
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local: encode in this process; ray: encoder actors on a Ray cluster, see 'ray engine' "
+                        "below (default: local)")
+    p.add_argument("--device", default="auto",
+                   help="torch device for the model: auto (a GPU if there is one), cpu, cuda, cuda:N (default: auto)")
+    p.add_argument("--keep-versions", type=_positive_int, default=2,
+                   help="published versions kept on disk, the live one included (default: 2)")
     p.add_argument("--no-check-files", dest="check_files", action="store_false",
                    help="do not stat every image during validation (slow network storage)")
     p.add_argument("--report", dest="report_path", default=None,
                    help="write the full validation report here (default: <out>.versions/validation-report.txt)")
     p.add_argument("--stop-after", choices=("validate", "encode"), default=None,
                    help="run only the first stage(s); `--resume` continues later")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bar and no log lines: only warnings, errors and a one-line result")
+    p.add_argument("--json", action="store_true",
+                   help="print the result as one JSON object (status, counts, timings, manifest summary)")
     g = p.add_argument_group("ray engine")
     g.add_argument("--ray-address", default=None, help="cluster address (default: start a local Ray)")
-    g.add_argument("--ray-actors", type=_positive_int, default=1, help="encoder actors (one model each)")
-    g.add_argument("--ray-cpus-per-actor", type=float, default=1.0)
-    g.add_argument("--ray-gpus-per-actor", type=float, default=None, help="default: 1 if the cluster has GPUs")
-    g.add_argument("--ray-decode-threads", type=_positive_int, default=2)
+    g.add_argument("--ray-actors", type=_positive_int, default=1,
+                   help="encoder actors, each with its own copy of the model (default: 1)")
+    g.add_argument("--ray-cpus-per-actor", type=float, default=1.0,
+                   help="CPUs Ray reserves per actor; its torch threads are the whole number of them (default: 1)")
+    g.add_argument("--ray-gpus-per-actor", type=float, default=None,
+                   help="GPUs Ray reserves per actor (default: 1 if the cluster has GPUs, else 0)")
+    g.add_argument("--ray-decode-threads", type=_positive_int, default=2,
+                   help="threads per actor decoding the next batch while the model runs (default: 2)")
+
+
+def _verbose_flag(default) -> argparse.ArgumentParser:
+    """-v/--verbose, as a parent parser: on the main parser with default False, and on every
+    subcommand with no default (SUPPRESS), so that it works on either side of the subcommand's name
+    and the subcommand's copy does not reset a -v given before it."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("-v", "--verbose", action="store_true", default=default, help="debug log lines as well")
+    return p
 
 
 TILE_EPILOG = """\
@@ -123,41 +148,52 @@ def _add_tile_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="index-build",
+    parser = argparse.ArgumentParser(prog="index-build", parents=[_verbose_flag(False)],
                                      description="Geo-tagged aerial tiles -> L2LTR embeddings -> FAISS index artifact")
-    parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
+    verbose = _verbose_flag(argparse.SUPPRESS)
 
-    b = sub.add_parser("build", help="encode a catalogue and publish a new artifact at --out")
+    b = sub.add_parser("build", parents=[verbose], help="encode a catalogue and publish a new artifact at --out")
     _add_encode_args(b)
-    b.add_argument("--index", dest="index_type", choices=INDEX_TYPES, default="auto")
+    b.add_argument("--index", dest="index_type", choices=INDEX_TYPES, default="auto",
+                   help="FAISS index type; auto: flat (exact) up to 250k tiles, then ivf-flat while the vectors "
+                        "fit --memory-budget, then ivf-pq (default: auto)")
     b.add_argument("--memory-budget", type=parse_size, default=DEFAULT_MEMORY_BUDGET,
-                   help="RAM the index may use at serving time, drives --index auto (default 16GiB)")
-    b.add_argument("--nlist", type=_positive_int, default=None, help="IVF lists (default: from N)")
+                   help="RAM the index may use at serving time, drives --index auto (default: 16GiB)")
+    b.add_argument("--nlist", type=_positive_int, default=None,
+                   help="IVF lists (default: a power of two near 4-16 x sqrt(N))")
     b.add_argument("--pq-m", type=_positive_int, default=None, help="PQ bytes per vector (default: dim/8 within budget)")
     b.add_argument("--no-opq", dest="opq", action="store_false", help="ivf-pq without the OPQ rotation")
-    b.add_argument("--target-recall", type=float, default=0.95, help="recall@10 nprobe/efSearch are tuned for")
-    b.add_argument("--faiss-gpu", choices=("auto", "yes", "no"), default="auto")
+    b.add_argument("--target-recall", type=float, default=0.95,
+                   help="recall@10 that nprobe/efSearch are tuned for (default: 0.95)")
+    b.add_argument("--faiss-gpu", choices=("auto", "yes", "no"), default="auto",
+                   help="train IVF indexes on a GPU with faiss-gpu: auto and yes use it when faiss-gpu sees a GPU, "
+                        "no never does (default: auto)")
 
-    a = sub.add_parser("add", help="append the tiles of another catalogue to the artifact at --out")
+    a = sub.add_parser("add", parents=[verbose], help="append the tiles of another catalogue to the artifact at --out")
     _add_encode_args(a)
 
-    i = sub.add_parser("info", help="print the manifest of an artifact")
-    i.add_argument("artifact")
+    i = sub.add_parser("info", parents=[verbose], help="print the manifest of an artifact")
+    i.add_argument("artifact", help="artifact path (the published symlink or a version directory)")
     i.add_argument("--full", action="store_true", help="include the per-shard and skipped-tile lists")
 
-    v = sub.add_parser("verify", help="re-encode a random sample and check vectors + self-retrieval")
-    v.add_argument("artifact")
-    v.add_argument("--checkpoint", required=True)
-    v.add_argument("--model-config", default=None)
-    v.add_argument("--sample", type=_positive_int, default=64)
-    v.add_argument("--seed", type=int, default=0)
-    v.add_argument("--device", default="auto")
-    v.add_argument("--batch-size", type=_positive_int, default=64)
-    v.add_argument("--min-rank1", type=float, default=0.99)
-    v.add_argument("--tolerance", type=float, default=None, help="max 1-cosine (default 1e-4 CPU, 2e-2 CUDA)")
+    v = sub.add_parser("verify", parents=[verbose],
+                       help="re-encode a random sample and check vectors + self-retrieval")
+    v.add_argument("artifact", help="artifact path (the published symlink or a version directory)")
+    v.add_argument("--checkpoint", required=True, help="the checkpoint the artifact was built with")
+    v.add_argument("--model-config", default=None,
+                   help="architecture of a .pth/.npz checkpoint: paper, small, tiny, a JSON string or a JSON file")
+    v.add_argument("--sample", type=_positive_int, default=64, help="tiles re-encoded and searched for (default: 64)")
+    v.add_argument("--seed", type=int, default=0, help="seed of the random sample (default: 0)")
+    v.add_argument("--device", default="auto", help="torch device: auto, cpu, cuda, cuda:N (default: auto)")
+    v.add_argument("--batch-size", type=_positive_int, default=64, help="tiles per forward pass (default: 64)")
+    v.add_argument("--min-rank1", type=float, default=0.99,
+                   help="least fraction of the sample that must find itself first in the index (default: 0.99)")
+    v.add_argument("--tolerance", type=float, default=None,
+                   help="largest 1-cosine between a stored and a re-encoded vector (default: 1e-4 on a CPU, "
+                        "2e-2 on CUDA)")
 
-    t = sub.add_parser("tile", help="cut a georeferenced raster (orthophoto, any CRS) into a tile catalogue",
+    t = sub.add_parser("tile", parents=[verbose], help="cut a georeferenced raster (orthophoto, any CRS) into a tile catalogue",
                        description="Cut a georeferenced raster into north-up square tiles of --tile-m metres\n"
                                    "every --stride-m metres, and write them with a catalogue CSV for `build`.",
                        epilog=TILE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -181,13 +217,76 @@ def _encode_options(cls, args):
     return cls(**kwargs)
 
 
-def _print_summary(result) -> None:
+def _summary_json(result) -> dict:
     out = result.to_json()
     if result.manifest:
         m = result.manifest
         out["manifest"] = {k: m[k] for k in ("model_fingerprint", "embedding_dim", "count", "index_type")}
         out["manifest"]["index_params"] = {k: v for k, v in m["index_params"].items() if k != "tuning_curve"}
-    print(json.dumps(out, indent=2))
+    return out
+
+
+# timings key -> label in the text summary; they add up to total_s (see _encode_step for the encode pair)
+_TIMING_LABELS = (("validate_s", "validate"), ("model_load_s", "load model"), ("encode_setup_s", "set up encoder"),
+                  ("encode_s", "encode"), ("index_s", "index"))
+
+
+def _summary_lines(result, command: str) -> list[str]:
+    """What a build or add did, for people; --quiet prints only the first line."""
+    if result.status == "validated":
+        return [f"validated {result.count} tile(s); nothing encoded (--stop-after validate)"]
+    if result.status == "encoded":
+        from index_build.artifact import ArtifactLayout
+
+        return [f"encoded {result.encode.tiles_encoded} tile(s) into {ArtifactLayout(result.out).work} "
+                f"(--stop-after encode); the same command with --resume publishes them"]
+    m = result.manifest
+    version = os.path.relpath(result.version_dir, os.path.dirname(result.out))
+    if command == "add" and m.get("additions"):
+        head = f"added {m['additions'][-1]['count']} tile(s) to {result.out} -> {version}: {m['count']} in all"
+    else:
+        head = f"published {result.out} -> {version}: {m['count']} tile(s)"
+    lines = [f"{head}, {m['index_type']} index"]
+    details = f"  model fingerprint {m['model_fingerprint']}, {m['embedding_dim']}-d embeddings"
+    if result.skipped:
+        details += f"; {result.skipped} unreadable tile(s) skipped (listed in manifest.json under 'skipped')"
+    lines.append(details)
+    t = result.timings
+    parts = []
+    for key, label in _TIMING_LABELS:
+        if key in t:
+            rate = f" ({result.encode.tiles_per_second:.1f} tiles/s)" if key == "encode_s" and t[key] > 0 else ""
+            parts.append(f"{label} {t[key]:.1f} s{rate}")
+    if parts:
+        total = f"; total {t['total_s']:.1f} s" if "total_s" in t else ""
+        lines.append("  time: " + ", ".join(parts) + total)
+    return lines
+
+
+def _print_result(result, args) -> None:
+    if args.json:
+        print(json.dumps(_summary_json(result), indent=2))
+    else:
+        lines = _summary_lines(result, args.command)
+        print("\n".join(lines[:1] if args.quiet else lines))
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes each record to sys.stderr as it is then (main may run many times in one process,
+    each time with another stderr)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
+def _set_up_logging(level: int) -> None:
+    logger = logging.getLogger("index_build")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("index_build: %(levelname)s %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(level)
 
 
 def _run_tile(args) -> int:
@@ -217,24 +316,22 @@ def _run_tile(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logger = logging.getLogger("index_build")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("index_build: %(levelname)s %(message)s"))
-        logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    quiet = getattr(args, "quiet", False)
+    _set_up_logging(logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO)
     if args.command == "tile":
         return _run_tile(args)
     from index_build.artifact import ArtifactError
     from index_build.build import AddOptions, BuildError, BuildOptions, run_add, run_build
     from index_build.encode_common import BadImagesError
     from index_build.sources import CatalogueError
+    from model.checkpoint import CheckpointError
+    from model.config import ConfigError
 
     try:
         if args.command == "build":
-            _print_summary(run_build(_encode_options(BuildOptions, args)))
+            _print_result(run_build(_encode_options(BuildOptions, args)), args)
         elif args.command == "add":
-            _print_summary(run_add(_encode_options(AddOptions, args)))
+            _print_result(run_add(_encode_options(AddOptions, args)), args)
         elif args.command == "info":
             from index_build.artifact import read_manifest, resolve_artifact
 
@@ -259,8 +356,13 @@ def main(argv: list[str] | None = None) -> int:
     except CatalogueError as exc:
         print(exc.report(limit=100), file=sys.stderr)
         return EXIT_INVALID
-    except (BuildError, ArtifactError, BadImagesError) as exc:
+    except (BuildError, ArtifactError, BadImagesError, CheckpointError, ConfigError) as exc:
         print(f"index_build: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except OSError as exc:  # e.g. --out where it cannot be written: the message names the file
+        if args.verbose:
+            raise
+        print(f"index_build: error: {exc} (-v shows where)", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
 

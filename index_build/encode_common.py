@@ -6,7 +6,7 @@ shard files.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -38,12 +38,17 @@ class PathTable:
 def decode_tile(path: str, config) -> tuple[torch.Tensor | None, str]:
     """(uint8 [3, H, W] model-size aerial image, "") or (None, reason) for one tile image; never
     raises for bad image data. Kept as uint8 (4x less to pass between processes); a whole batch
-    is normalised at once by `model.preprocess.normalize_uint8_nchw`."""
-    from model.preprocess import aerial_image, image_uint8, load_image
+    is normalised at once by `model.preprocess.normalize_uint8_nchw`. The reason leaves out the
+    path: every report of a bad tile names it beside the reason."""
+    from model.preprocess import ImageDecodeError, aerial_image, image_uint8, load_image
     try:
         return image_uint8(aerial_image(load_image(path), config)), ""
     except Exception as exc:  # ImageDecodeError, OSError, odd sizes: all become a reported skip
-        return None, f"{type(exc).__name__}: {exc}"
+        reason = str(exc)
+        if reason.startswith(f"{path}: "):
+            reason = reason[len(path) + 2:]
+        reason = reason.replace(f" {path!r}", "").replace(f" {path}", "")  # PIL quotes the file name again
+        return None, reason if isinstance(exc, ImageDecodeError) else f"{type(exc).__name__}: {reason}"
 
 
 class TileImageDataset(torch.utils.data.Dataset):
@@ -91,27 +96,47 @@ class ShardAlignedBatches:
 
 @dataclass
 class BadTile:
-    row: int
+    row: int                    # 0-based row of the catalogue's tiles (the shard plan's numbering)
     tile_id: str
     source: str
     error: str
+    line: int | None = None     # line of the catalogue CSV, once known (None for a slippy-map directory)
 
     def to_json(self) -> dict:
-        return {"row": self.row, "tile_id": self.tile_id, "source": self.source, "error": self.error}
+        out = {"row": self.row, "tile_id": self.tile_id, "source": self.source, "error": self.error}
+        if self.line is not None:
+            out["line"] = self.line
+        return out
+
+    def __str__(self) -> str:
+        where = f"line {self.line} " if self.line is not None else ""
+        return f"{where}tile_id={self.tile_id!r} {self.source}: {self.error}"
 
 
 class BadImagesError(RuntimeError):
-    """Unreadable tile images while --skip-bad is off. Finished shards are kept for --resume."""
+    """Unreadable tile images while --skip-bad is off. Finished shards are kept for --resume.
 
-    def __init__(self, bad: Sequence[BadTile]):
+    The encoders only know plan rows; the build names the catalogue and its lines (`locate`)
+    before the error reaches the user, so that it speaks of the same lines as validation."""
+
+    def __init__(self, bad: Sequence[BadTile], catalogue: str = ""):
         self.bad = list(bad)
-        lines = [f"{len(self.bad)} tile image(s) could not be read:"]
-        lines += [f"  row {b.row} tile_id={b.tile_id!r} {b.source}: {b.error}" for b in self.bad[:50]]
+        self.catalogue = catalogue
+        super().__init__(self.bad)
+
+    def locate(self, line_of_row, catalogue: str) -> None:
+        self.bad = [replace(b, line=line_of_row(b.row)) for b in self.bad]
+        self.catalogue = catalogue
+
+    def __str__(self) -> str:
+        of = f" of catalogue {self.catalogue}" if self.catalogue else ""
+        lines = [f"{len(self.bad)} tile image(s){of} could not be read:"]
+        lines += [f"  {b}" for b in self.bad[:50]]
         if len(self.bad) > 50:
             lines.append(f"  ... and {len(self.bad) - 50} more")
         lines.append("Fix or remove them, or re-run with --resume --skip-bad to skip them (they are then "
                      "counted and listed in the manifest); finished shards are kept.")
-        super().__init__("\n".join(lines))
+        return "\n".join(lines)
 
 
 @dataclass
@@ -121,12 +146,12 @@ class EncodeStats:
     shards_encoded: int = 0
     tiles_encoded: int = 0      # images that went through the model in this run
     tiles_skipped: int = 0      # unreadable images skipped in this run
-    seconds: float = 0.0
+    encode_s: float = 0.0       # decoding + encoding the tiles after the warm-up: what tiles_per_second is over
 
     @property
     def tiles_per_second(self) -> float:
-        return self.tiles_encoded / self.seconds if self.seconds > 0 else 0.0
+        return self.tiles_encoded / self.encode_s if self.encode_s > 0 else 0.0
 
     def to_json(self) -> dict:
-        return {**self.__dict__, "tiles_per_second": round(self.tiles_per_second, 2),
-                "seconds": round(self.seconds, 3)}
+        return {**self.__dict__, "encode_s": round(self.encode_s, 3),
+                "tiles_per_second": round(self.tiles_per_second, 2)}

@@ -14,6 +14,7 @@ Two ways to run it:
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -22,14 +23,17 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from index_build.encode_common import (BadImagesError, BadTile, EncodeStats, PathTable, ShardAlignedBatches,
                                        TileImageDataset, collate_tiles)
+from index_build.progress import TileProgress
 from index_build.workdir import ShardSpan, write_shard
 from model.encode import available_cpus
 
 MAX_CPU_LANES = 8
+WARM_UP_BATCHES = 2
+
+log = logging.getLogger("index_build")
 
 
 def _worker_init(_worker_id: int) -> None:
@@ -69,7 +73,7 @@ def _warm_up(model, batch_size: int, device) -> None:
     """Setup before the clock starts: the first forwards at the build's batch size (the encoder
     warmed up on single images) allocate what the later ones reuse."""
     blank = torch.zeros(batch_size, 3, *model.config.aerial_size, dtype=torch.uint8)
-    for _ in range(2):
+    for _ in range(WARM_UP_BATCHES):
         model.encode_uint8(blank, "aerial")
 
 
@@ -135,7 +139,10 @@ def encode_shards_local(model, paths: Sequence[str], tile_ids: Sequence[str], sp
         return stats
     dataset = TileImageDataset(PathTable(paths), model.config)
     total = sum(len(s) for s in spans)
-    _warm_up(model, min(batch_size, total), device)
+    warm_up_size = min(batch_size, total)
+    log.info("warming up the encoder on %s: %d blank batch(es) of %d tile(s)", device, WARM_UP_BATCHES,
+             warm_up_size)
+    _warm_up(model, warm_up_size, device)
     batches = ShardAlignedBatches(spans, batch_size)
     if workers > 0:
         encoded = _loader_batches(model, dataset, batches, workers=workers, device=device, skip_bad=skip_bad,
@@ -144,8 +151,7 @@ def encode_shards_local(model, paths: Sequence[str], tile_ids: Sequence[str], sp
         n_lanes, per_lane = lane_plan(lanes)
         encoded = _lane_batches(model, dataset, batches, lanes=n_lanes, threads_per_lane=per_lane,
                                 device=device, skip_bad=skip_bad)
-    bar = tqdm(total=total, unit="tile", unit_scale=True, dynamic_ncols=True, disable=not progress,
-               desc="encode", smoothing=0.05)
+    bar = TileProgress(total, "encode", enabled=progress)
     span_iter = iter(spans)
     span = next(span_iter)
     parts: list[np.ndarray] = []
@@ -178,5 +184,5 @@ def encode_shards_local(model, paths: Sequence[str], tile_ids: Sequence[str], sp
     finally:
         encoded.close()
         bar.close()
-        stats.seconds = time.perf_counter() - t_run
+        stats.encode_s = time.perf_counter() - t_run
     return stats

@@ -138,7 +138,8 @@ def encode_shards_ray(*, checkpoint: str, model_config: str | None, fingerprint:
                       device: str, actors: int, cpus_per_actor: float, gpus_per_actor: float | None,
                       decode_threads: int, address: str | None, progress: bool = True) -> EncodeStats:
     import ray
-    from tqdm import tqdm
+
+    from index_build.progress import TileProgress
 
     stats = EncodeStats()
     spans = list(spans)
@@ -174,8 +175,7 @@ def encode_shards_ray(*, checkpoint: str, model_config: str | None, fingerprint:
             num_cpus=cpus_per_actor,
             num_gpus=gpus_per_actor,
         )
-        bar = tqdm(total=total_rows, unit="tile", unit_scale=True, dynamic_ncols=True, disable=not progress,
-                   desc=f"encode (ray x{actors})")
+        bar = TileProgress(total_rows, f"encode (ray x{actors})", enabled=progress)
         bad: list[BadTile] = []
         t0 = time.perf_counter()
         for row in ds.iter_rows():
@@ -187,7 +187,7 @@ def encode_shards_ray(*, checkpoint: str, model_config: str | None, fingerprint:
                 stats.tiles_skipped += int(row["skipped"])
             bar.update(int(row["rows"]) + int(row["skipped"]) + int(row["bad"] if row["error"] else 0))
         bar.close()
-        stats.seconds = time.perf_counter() - t0
+        stats.encode_s = time.perf_counter() - t0
         if bad:
             raise BadImagesError(sorted(bad, key=lambda b: b.row))
     finally:

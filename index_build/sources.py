@@ -13,13 +13,14 @@ slippy tiles); nothing is dropped silently. Image *contents* are checked later, 
 """
 from __future__ import annotations
 
+import bisect
 import csv
 import hashlib
 import math
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 from index_build.webmercator import MAX_ZOOM, tile_center_latlon
 
@@ -37,6 +38,7 @@ class TileRecord:
     source: str                  # absolute path of the image
     extra: tuple[str, ...] = ()  # values of Catalogue.extra_columns, in order
     where: str = ""              # "line 17" (CSV) or the relative path (slippy), for reports
+    line: int | None = None      # first line of the row in the CSV (None: slippy)
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,19 @@ def _parse_coordinate(text: str, name: str, lo: float, hi: float) -> tuple[float
     return value, None
 
 
+def _utf8_lines(f, source: str) -> Iterator[str]:
+    """The lines of a text file opened as UTF-8; a file that is not UTF-8 (a checkpoint or an
+    image given as --catalog, a spreadsheet saved as Latin-1) becomes a CatalogueError."""
+    line = 0
+    try:
+        for line, text in enumerate(f, start=1):
+            yield text
+    except UnicodeDecodeError:
+        # the file is decoded a block at a time, so the bad byte is at or after this line
+        raise CatalogueError(source, [Issue(f"line {line + 1}", "", "not UTF-8 text (at or after this line); "
+                                                                    "a catalogue is a UTF-8 CSV file")], 0) from None
+
+
 def read_catalogue_csv(csv_path: str, check_files: bool = True) -> Catalogue:
     """Read and validate a catalogue CSV. Raises CatalogueError listing every bad row."""
     csv_path = os.path.abspath(csv_path)
@@ -117,7 +132,7 @@ def read_catalogue_csv(csv_path: str, check_files: bool = True) -> Catalogue:
     rows_seen = 0
 
     with open(csv_path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
+        reader = csv.reader(_utf8_lines(f, source))
         try:
             header = next(reader)
         except StopIteration:
@@ -182,12 +197,44 @@ def read_catalogue_csv(csv_path: str, check_files: bool = True) -> Catalogue:
             if row_problems:
                 issues.extend(Issue(where, tile_id, p) for p in row_problems)
                 continue
-            records.append(TileRecord(tile_id, lat, lon, abs_path, tuple(row[i] for i in extra_idx), where))
+            records.append(TileRecord(tile_id, lat, lon, abs_path, tuple(row[i] for i in extra_idx), where,
+                                      start_line))
 
     if issues:
         raise CatalogueError(source, issues, rows_seen)
     notes = [] if records else ["catalogue has no rows"]
     return Catalogue(records, extra_columns, source, sha256_file(csv_path), notes)
+
+
+class CatalogueLines:
+    """Row index of the validated tiles -> line of the catalogue CSV, so that errors found after
+    validation (unreadable images) name the same lines as validation does. Stored in the build's
+    plan as runs `[row, line]`: from `row` on, row r sits on line `line + r - row`; a new run starts
+    only after a blank line or a quoted line break, so a plain CSV is one run."""
+
+    def __init__(self, runs: Sequence[Sequence[int]] = ()):
+        self.runs = [(int(row), int(line)) for row, line in runs]
+        self._starts = [row for row, _ in self.runs]
+
+    @classmethod
+    def of_records(cls, records: Sequence[TileRecord]) -> "CatalogueLines":
+        runs: list[tuple[int, int]] = []
+        for row, record in enumerate(records):
+            if record.line is None:  # a slippy-map directory has paths, not lines
+                return cls()
+            if not runs or record.line != runs[-1][1] + row - runs[-1][0]:
+                runs.append((row, record.line))
+        return cls(runs)
+
+    def line(self, row: int) -> int | None:
+        k = bisect.bisect_right(self._starts, row) - 1
+        if k < 0:
+            return None
+        start, line = self.runs[k]
+        return line + row - start
+
+    def to_json(self) -> list[list[int]]:
+        return [[row, line] for row, line in self.runs]
 
 
 def slippy_tile_id(z: int, x: int, y: int) -> str:

@@ -247,7 +247,19 @@ def _load_npz(path: Path, config: L2LTRConfig) -> L2LTR:
 
 # --------------------------------------------------------------------------- entry point
 
+CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".npz")
+_FORMAT_OF_SUFFIX = {".safetensors": "safetensors", ".pth": "official", ".pt": "official", ".npz": "npz"}
+_EXPECTED_CONTENT = {
+    "safetensors": "not a valid .safetensors file: it does not begin with a header length and a JSON header "
+                   "(truncated, damaged, or another kind of file renamed)",
+    "official": "not a PyTorch checkpoint (neither a zip archive nor a pickle)",
+    "npz": "not a .npz archive (no zip signature)",
+}
+
+
 def detect_format(path: Path) -> str:
+    """'safetensors', 'official' (the authors' .pth) or 'npz', from the file's first bytes."""
+    path = Path(path)
     with open(path, "rb") as f:
         head = f.read(16)
     if len(head) >= 9 and head[8:9] == b"{":
@@ -263,7 +275,35 @@ def detect_format(path: Path) -> str:
         return "official"
     if head[:1] == b"\x80":  # legacy pickle-based torch.save
         return "official"
-    raise CheckpointError(f"{path}: unknown checkpoint format (not .safetensors, .pth or .npz)")
+    if not head:
+        raise CheckpointError(f"{path}: the file is empty")
+    expected = _FORMAT_OF_SUFFIX.get(path.suffix.lower())
+    if expected:  # the name says what it should be: say that it is not
+        raise CheckpointError(f"{path}: {_EXPECTED_CONTENT[expected]}")
+    raise CheckpointError(f"{path}: unknown checkpoint format (expected one of our .safetensors files, "
+                          f"the authors' .pth or a Google .npz)")
+
+
+def check_checkpoint_file(path: str | os.PathLike) -> str:
+    """Fail early, with one line, for a checkpoint path that cannot be loaded: missing, a
+    directory, empty, or not in a known format (reads only the first bytes and, for .safetensors,
+    the header). Returns the format as `detect_format` names it."""
+    path = Path(path)
+    if path.is_dir():
+        inside = sorted(p.name for p in path.iterdir() if p.suffix.lower() in CHECKPOINT_SUFFIXES and p.is_file())
+        hint = f" (it holds {_limited(inside, 4)})" if inside else ""
+        raise CheckpointError(f"checkpoint {path} is a directory; give the checkpoint file itself{hint}")
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} is not a regular file")
+    try:
+        fmt = detect_format(path)
+    except OSError as exc:
+        raise CheckpointError(f"checkpoint {path} cannot be read ({exc.strerror or exc})") from None
+    if fmt == "safetensors":
+        read_safetensors_header(path)
+    return fmt
 
 
 def load_checkpoint(path: str | os.PathLike, config: "L2LTRConfig | str | Mapping | None" = None,
@@ -274,10 +314,8 @@ def load_checkpoint(path: str | os.PathLike, config: "L2LTRConfig | str | Mappin
     .safetensors (where it is checked against the stored one).
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+    fmt = check_checkpoint_file(path)
     cfg = L2LTRConfig.resolve(config) if config is not None else None
-    fmt = detect_format(path)
     if fmt == "safetensors":
         model = _load_safetensors(path, cfg)
     else:

@@ -20,7 +20,7 @@ from .checkpoint import CheckpointError, load_checkpoint
 from .config import ConfigError
 from .encode import pick_device
 from .metrics import localization_error, recall_curve, retrieval_recall
-from .train import TrainingError, encode_arrays, load_pair_arrays, read_records
+from .train import HelpFormatter, TrainingError, encode_arrays, load_pair_arrays, read_records
 
 
 def evaluate(checkpoint: Path, data: Path, dataset: str = "synthetic", split: str = "val", device: str = "auto",
@@ -65,19 +65,22 @@ def write_recall_plot(curve: np.ndarray, path: Path, title: str = "") -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m model.evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m model.evaluate", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", required=True, type=Path, help="our .safetensors checkpoint")
     p.add_argument("--data", required=True, type=Path, help="data set root")
-    p.add_argument("--dataset", default="synthetic", choices=["synthetic", "cvusa", "cvact"])
+    p.add_argument("--dataset", default="synthetic", choices=["synthetic", "cvusa", "cvact"], help="layout of --data")
     p.add_argument("--split", default="val", help="val, train or all (synthetic); val or train (CVUSA/CVACT)")
-    p.add_argument("--limit", type=int, default=0, help="evaluate the first N pairs only")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--limit", type=int, default=0, help="evaluate the first N pairs only (0: all)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (bf16 autocast on CUDA)")
     p.add_argument("--workers", type=int, default=2, help="decoding threads")
     p.add_argument("--plot", type=Path, help="write a recall@K curve PNG here")
     p.add_argument("--json", action="store_true", help="print one JSON object (r1, r5, r10, r1pct, n, ...)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         result = evaluate(args.checkpoint, args.data, args.dataset, args.split, args.device, args.limit, args.plot,
                           args.workers)

@@ -397,13 +397,22 @@ def train(args) -> dict:
     return summary
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The description as written, and each option's default after its help text, where it has
+    one to show (not for flags, nor for options whose absence means "not given")."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.nargs == 0 or action.default is None or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m model.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m model.train", description=__doc__, formatter_class=HelpFormatter)
     d = p.add_argument_group("data")
     d.add_argument("--data", required=True, help="data set root directory")
     d.add_argument("--dataset", default="synthetic", choices=["synthetic", "cvusa", "cvact"], help="layout of --data")
-    d.add_argument("--eval-split", default="val", help="split evaluated periodically (default val)")
+    d.add_argument("--eval-split", default="val", help="split evaluated periodically")
     d.add_argument("--max-pairs", type=int, default=0, help="use at most this many training pairs (0: all)")
     d.add_argument("--max-eval-pairs", type=int, default=0, help="evaluate on at most this many pairs (0: all)")
     d.add_argument("--workers", type=int, default=2, help="threads decoding images during preprocessing")
@@ -414,29 +423,33 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dropout", type=float, help="override the config's dropout rate (0..1)")
     m.add_argument("--init", help="initial weights: Google .npz or one of our .safetensors")
     o = p.add_argument_group("optimisation")
-    o.add_argument("--epochs", type=int, default=10)
-    o.add_argument("--steps", type=int, default=0, help="total steps (overrides --epochs)")
-    o.add_argument("--batch-size", type=int, default=32)
-    o.add_argument("--lr", type=float, default=1e-4)
-    o.add_argument("--weight-decay", type=float, default=0.03)
+    o.add_argument("--epochs", type=int, default=10, help="passes over the training pairs")
+    o.add_argument("--steps", type=int, default=0, help="total steps (0: --epochs x training pairs / --batch-size)")
+    o.add_argument("--batch-size", type=int, default=32,
+                   help="pairs per step; the other pairs of the batch are each pair's negatives")
+    o.add_argument("--lr", type=float, default=1e-4, help="peak AdamW learning rate, reached after --warmup")
+    o.add_argument("--weight-decay", type=float, default=0.03, help="AdamW weight decay")
     o.add_argument("--warmup", type=int, default=500, help="linear warm-up steps before the cosine decay")
     o.add_argument("--clip", type=float, default=1.0, help="gradient norm clip")
-    o.add_argument("--loss", choices=["triplet", "infonce"], default="triplet")
+    o.add_argument("--loss", choices=["triplet", "infonce"], default="triplet",
+                   help="triplet: the paper's weighted soft-margin triplet loss over all in-batch negatives; "
+                        "infonce: symmetric InfoNCE with a learned temperature")
     o.add_argument("--hard-negatives", type=float, default=0.0,
                    help="fraction of batches made of geographic neighbours (0..1)")
     o.add_argument("--augment", action="store_true",
                    help="aligned random turn + east-west mirror of both views, independent colour jitter")
     o.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="auto: bf16 autocast on CUDA, float32 on CPU; bf16 forces autocast on CPU too")
-    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--seed", type=int, default=0, help="seed of the initial weights, batch order and augmentation")
     r = p.add_argument_group("run")
     r.add_argument("--out", required=True, help="run directory (state, logs, checkpoints)")
     r.add_argument("--resume", action="store_true", help="continue the run in --out from its last saved state")
     r.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (bf16 autocast on CUDA)")
     r.add_argument("--eval-every", type=int, default=500, help="steps between evaluations (0: never)")
     r.add_argument("--save-every", type=int, default=100, help="steps between resumable state saves")
-    r.add_argument("--log-every", type=int, default=10)
-    r.add_argument("--max-minutes", type=float, default=0, help="stop (resumably) after this wall time")
+    r.add_argument("--log-every", type=int, default=10, help="steps between lines of log.jsonl")
+    r.add_argument("--max-minutes", type=float, default=0,
+                   help="stop (resumably) after this many minutes of wall time (0: no limit)")
     r.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     return p

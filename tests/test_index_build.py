@@ -243,7 +243,7 @@ def test_build_ivf_and_cli_info_verify(tmp_path, ckpt, catalogue):
     env = subprocess_env()
     proc = subprocess.run([PYTHON, "-m", "index_build", "build", "--catalog", str(catalogue), "--checkpoint", ckpt,
                            "--out", str(out), "--index", "ivf-flat", "--nlist", "4", "--workers", "0",
-                           "--batch-size", "16", "--quiet", "--device", "cpu"],
+                           "--batch-size", "16", "--quiet", "--json", "--device", "cpu"],
                           capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)

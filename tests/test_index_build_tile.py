@@ -404,7 +404,7 @@ def test_the_catalogue_builds_an_index(tmp_path, capsys):
     index = tmp_path / "index"
     proc = subprocess.run([PYTHON, "-m", "index_build", "build", "--catalog", str(out / "tiles.csv"),
                            "--checkpoint", str(ckpt), "--out", str(index), "--workers", "0", "--batch-size", "8",
-                           "--device", "cpu", "--quiet"],
+                           "--device", "cpu", "--quiet", "--json"],
                           capture_output=True, text=True, env=subprocess_env(), cwd=REPO, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout)["manifest"]["count"] == len(rows)

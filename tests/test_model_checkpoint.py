@@ -82,6 +82,28 @@ def test_missing_and_unknown_formats(tmp_path):
         load_checkpoint(junk)
 
 
+def test_unloadable_paths_say_what_they_are(micro_config, tmp_path):
+    """A directory, an empty file and garbage under a checkpoint's name each get their own message."""
+    run = tmp_path / "run"
+    run.mkdir()
+    save_checkpoint(L2LTR(micro_config), run / "best.safetensors")
+    with pytest.raises(CheckpointError, match=r"is a directory; give the checkpoint file itself "
+                                              r"\(it holds best\.safetensors\)"):
+        load_checkpoint(run)
+    empty = tmp_path / "empty.safetensors"
+    empty.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="empty.safetensors: the file is empty"):
+        load_checkpoint(empty)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"GARBAGE!" + os.urandom(4096).replace(b"{", b"}"))
+    with pytest.raises(CheckpointError, match="garbage.safetensors: not a valid .safetensors file"):
+        load_checkpoint(garbage)
+    not_pth = tmp_path / "model_checkpoint.pth"
+    not_pth.write_bytes(b"just text")
+    with pytest.raises(CheckpointError, match="not a PyTorch checkpoint"):
+        load_checkpoint(not_pth, config=micro_config)
+
+
 def test_missing_and_extra_keys_named(micro_config, tmp_path):
     from safetensors.torch import save_file
 
