@@ -1,9 +1,14 @@
 """The upload page in headless Chromium against a real uvicorn (skips without a browser)."""
 from __future__ import annotations
 
+import json
+import math
+import re
 import shutil
 import tempfile
+import urllib.request
 
+import numpy as np
 import pytest
 
 from test_service_support import ServiceProcess, world  # noqa: F401  (world is a fixture)
@@ -41,6 +46,7 @@ def browser():
                 "--disable-sync", "--disable-dev-shm-usage", f"--user-data-dir={profile}",
                 "--window-size=1200,900"):
         options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # console messages for get_log
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
     driver.set_page_load_timeout(30)
     try:
@@ -61,34 +67,221 @@ def page_server(world, tmp_path_factory, browser):
         proc.stop()
 
 
+@pytest.fixture(scope="module")
+def keyed_server(world, tmp_path_factory, browser):
+    env = {"GEOLOC_CHECKPOINT": str(world.checkpoint), "GEOLOC_INDEX": str(world.artifact_a),
+           "GEOLOC_RELOAD_POLL_S": "0", "GEOLOC_API_KEYS": "page-test-key"}
+    proc = ServiceProcess(env, tmp_path_factory.mktemp("browser-keyed") / "uvicorn.log")
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
 def _wait(driver, predicate, timeout=20):
     from selenium.webdriver.support.ui import WebDriverWait
 
     return WebDriverWait(driver, timeout).until(predicate)
 
 
+def _upload(driver, server, pano, k: int) -> None:
+    """Open the page, upload ``pano`` asking for ``k`` matches, wait until the list and the map
+    are drawn with every thumbnail loaded."""
+    from selenium.webdriver.common.by import By
+
+    driver.get(server.url + "/")
+    driver.find_element(By.ID, "image").send_keys(str(pano))
+    field = driver.find_element(By.ID, "k")
+    field.clear()
+    field.send_keys(str(k))
+    driver.find_element(By.ID, "submit").click()
+    _wait(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results li.result")) == k)
+    _wait(driver, lambda d: d.execute_script(
+        "return [...document.querySelectorAll('#results img.thumb')]"
+        ".every(i => i.complete && i.naturalWidth > 0)"
+        " && [...document.querySelectorAll('#map image.tile')].every(i => i.getAttribute('href'))"))
+
+
+def _coords(item) -> tuple[float, float]:
+    from selenium.webdriver.common.by import By
+
+    text = item.find_element(By.CSS_SELECTOR, "a.coords .latlon").text
+    lat, lon = (float(v) for v in text.split(","))
+    return lat, lon
+
+
+def _haversine_m(a: tuple[float, float], b: tuple[float, float]) -> float:
+    lat1, lon1, lat2, lon2 = map(math.radians, (*a, *b))
+    h = math.sin((lat2 - lat1) / 2) ** 2 + math.cos(lat1) * math.cos(lat2) * math.sin((lon2 - lon1) / 2) ** 2
+    return 2 * 6371008.8 * math.asin(math.sqrt(h))
+
+
+def _metres(label: str) -> float:
+    value, unit = label.split()
+    return float(value) * (1000.0 if unit == "km" else 1.0)
+
+
+def _access_log(server, since: int) -> list[dict]:
+    """The service's access log lines (JSON) written after character ``since`` of its log."""
+    lines = []
+    for line in server.log()[since:].splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if entry.get("logger") == "service.http" and "status" in entry:
+            lines.append(entry)
+    return lines
+
+
+def _console_errors(driver) -> list[str]:
+    """Console errors since the last call (failed loads show up here as 'Failed to load resource')."""
+    return [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+
+
+def _foreign_resources(driver, server) -> list[str]:
+    """Resources the page asked for anywhere but the service (a CDN, a tile server)."""
+    urls = driver.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+    return [url for url in urls if not url.startswith((server.url + "/", "blob:", "data:"))]
+
+
 def test_upload_shows_matches_with_thumbnails(browser, page_server, world):
     from selenium.webdriver.common.by import By
 
-    browser.get(page_server.url + "/")
+    _upload(browser, page_server, world.pano_path, 4)
     assert "panorama" in browser.title.lower()
-    browser.find_element(By.ID, "image").send_keys(str(world.pano_path))
-    k = browser.find_element(By.ID, "k")
-    k.clear()
-    k.send_keys("4")
-    browser.find_element(By.ID, "submit").click()
-    _wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results li.result")) == 4)
-    _wait(browser, lambda d: d.execute_script(
-        "return [...document.querySelectorAll('#results img.thumb')]"
-        ".every(i => i.complete && i.naturalWidth > 0)"))
     items = browser.find_elements(By.CSS_SELECTOR, "#results li.result")
     tile_ids = [li.get_attribute("data-tile-id") for li in items]
     assert all(t.startswith("a") for t in tile_ids)
     assert "#1" in items[0].text and "score" in items[0].text
-    coords = items[0].find_element(By.CSS_SELECTOR, "a.coords").text
-    lat, lon = (float(v) for v in coords.split(","))
+    lat, lon = _coords(items[0])
     assert 46 < lat < 47 and 7 < lon < 8
     assert "Done" in browser.find_element(By.ID, "status").text
+
+
+def test_coordinates_link_to_openstreetmap_and_say_so(browser, page_server, world):
+    from selenium.webdriver.common.by import By
+
+    _upload(browser, page_server, world.pano_path, 2)
+    for item in browser.find_elements(By.CSS_SELECTOR, "#results li.result"):
+        link = item.find_element(By.CSS_SELECTOR, "a.coords")
+        lat, lon = _coords(item)
+        assert link.get_attribute("href") == (
+            f"https://www.openstreetmap.org/?mlat={lat:.6f}&mlon={lon:.6f}#map=17/{lat:.6f}/{lon:.6f}")
+        assert "open in OpenStreetMap" in link.text
+        assert "new tab" in link.get_attribute("title")
+        assert link.get_attribute("target") == "_blank" and "noopener" in link.get_attribute("rel")
+
+
+def test_page_links_its_favicon_and_loads_without_errors(browser, page_server, world):
+    browser.execute_cdp_cmd("Network.clearBrowserCache", {})  # every request of the load goes out
+    browser.get_log("browser")  # forget what earlier tests left
+    since = len(page_server.log())
+    _upload(browser, page_server, world.pano_path, 3)
+    icon = browser.execute_script("return document.querySelector('link[rel~=icon]').href")
+    with urllib.request.urlopen(icon, timeout=10) as resp:
+        assert resp.status == 200 and resp.headers["Content-Type"].startswith("image/svg+xml")
+    with urllib.request.urlopen(page_server.url + "/favicon.ico", timeout=10) as resp:
+        assert resp.status == 200  # what a browser asks for when a page names no icon
+    assert _console_errors(browser) == []
+    assert _foreign_resources(browser, page_server) == []
+
+    def page_requests_logged(_):
+        entries = _access_log(page_server, since)
+        return entries if sum(e["path"].startswith("/tiles/") for e in entries) >= 3 else None
+
+    entries = _wait(browser, page_requests_logged, timeout=10)
+    failed = [f"{e['method']} {e['path']} {e['status']}" for e in entries if e["status"] >= 400]
+    assert failed == []
+    paths = {e["path"] for e in entries}
+    assert {"/", "/static/app.js", "/static/style.css", "/localize"} <= paths
+
+
+def test_map_shows_numbered_markers_distances_and_scale(browser, page_server, world, tmp_path):
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+
+    k = 4
+    _upload(browser, page_server, world.pano_path, k)
+    items = browser.find_elements(By.CSS_SELECTOR, "#results li.result")
+    coords = [_coords(item) for item in items]
+    figure = browser.find_element(By.ID, "map-figure")
+    assert figure.is_displayed()
+
+    markers = browser.find_elements(By.CSS_SELECTOR, "#map a.marker")
+    assert [m.get_attribute("data-rank") for m in markers] == [str(r) for r in range(1, k + 1)]
+    assert [m.find_element(By.CSS_SELECTOR, "text.pin-number").text for m in markers] == \
+        [str(r) for r in range(1, k + 1)]
+    assert [m.get_attribute("data-tile-id") for m in markers] == \
+        [li.get_attribute("data-tile-id") for li in items]
+    assert browser.find_elements(By.CSS_SELECTOR, "#map a.marker.best") == markers[:1]
+    assert all(m.get_dom_attribute("href") == f"#match-{r}" for r, m in enumerate(markers, 1))
+
+    # Each tile centre sits where its lat/lon puts it: further north is higher up, further east
+    # further right, in the proportions of a local equirectangular map.
+    centres = browser.execute_script(
+        "return [...document.querySelectorAll('#map circle.anchor')].map(c => "
+        "[+c.getAttribute('data-rank'), +c.getAttribute('cx'), +c.getAttribute('cy')])")
+    assert [rank for rank, _, _ in centres] == list(range(1, k + 1))
+    xy = [(x, y) for _, x, y in centres]
+    east_scale = math.cos(math.radians(sum(lat for lat, _ in coords) / k))
+    for i in range(k):
+        for j in range(i + 1, k):
+            (lat_i, lon_i), (lat_j, lon_j) = coords[i], coords[j]
+            (x_i, y_i), (x_j, y_j) = xy[i], xy[j]
+            assert (lat_i > lat_j) == (y_i < y_j), (i, j, coords, xy)
+            assert (lon_i > lon_j) == (x_i > x_j), (i, j, coords, xy)
+            ground = (lon_j - lon_i) * east_scale / (lat_j - lat_i)
+            assert (x_j - x_i) / (y_i - y_j) == pytest.approx(ground, rel=0.02)
+
+    # Distances from #1 to the others: on the lines of the map and in the list.
+    labels = browser.find_elements(By.CSS_SELECTOR, "#map text.distance")
+    assert [lb.get_attribute("data-to") for lb in labels] == [str(r) for r in range(2, k + 1)]
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#map .distances line")) == k - 1
+    for rank, label in enumerate(labels, 2):
+        expected = _haversine_m(coords[0], coords[rank - 1])
+        assert _metres(label.text) == pytest.approx(expected, abs=max(1.0, 0.006 * expected)), label.text
+        from_best = items[rank - 1].find_element(By.CSS_SELECTOR, ".from-best").text
+        assert from_best == f"{label.text} from #1"
+    scale = browser.find_element(By.CSS_SELECTOR, "#map .scale-bar text").text
+    assert re.fullmatch(r"[125]0* (m|km)", scale), scale
+    assert browser.find_element(By.CSS_SELECTOR, "#map .north-arrow text").text == "N"
+    caption = browser.find_element(By.ID, "map-caption").text
+    assert f"The {k} best matches" in caption and "not to its ground size" in caption
+
+    # The screenshot: every numbered pin is really painted, in its own colour, where the DOM says.
+    map_el = browser.find_element(By.ID, "map")
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", map_el)
+    pins = browser.execute_script(
+        "return [...document.querySelectorAll('#map circle.pin')].map(c => {"
+        " const r = c.getBoundingClientRect();"
+        " return [r.left, r.top, r.width, r.height, getComputedStyle(c).fill]; })")
+    map_box = browser.execute_script(
+        "const r = arguments[0].getBoundingClientRect(); return [r.left, r.top, r.width, r.height];", map_el)
+    ratio = browser.execute_script("return window.devicePixelRatio")
+    shot = tmp_path / "map.png"
+    shot.write_bytes(browser.get_screenshot_as_png())
+    image = Image.open(shot).convert("RGB")
+
+    def crop(left, top, width, height):
+        return image.crop(tuple(round(v * ratio) for v in (left, top, left + width, top + height)))
+
+    def share_of(region, colour, tolerance=40):
+        pixels = np.asarray(region, dtype=np.int16).reshape(-1, 3)
+        near = int((np.abs(pixels - np.array(colour)).max(axis=1) <= tolerance).sum())
+        return near / max(1, len(pixels)), near
+
+    map_region = crop(*map_box)
+    assert map_region.size[0] > 300 and map_region.size[1] > 150
+    colours = [tuple(int(v) for v in re.findall(r"\d+", fill)[:3]) for *_, fill in pins]
+    assert colours[0] != colours[1] and len(set(colours[1:])) == 1  # #1 stands out
+    for rank, (*box, fill) in enumerate(pins, 1):
+        share, _ = share_of(crop(*box), colours[rank - 1])
+        # a filled circle in its bounding square, less the white rim and the digits: about half
+        assert share > 0.3, f"pin #{rank} ({fill}) covers only {share:.0%} of its box in {shot}"
+    _, marker_pixels = share_of(map_region, colours[1])
+    pin_area = math.pi * (pins[1][2] / 2 - 2) ** 2 * ratio ** 2
+    assert marker_pixels > 0.6 * (k - 1) * pin_area, f"{marker_pixels} marker pixels in {shot}"
 
 
 def test_upload_error_is_shown(browser, page_server, tmp_path):
@@ -103,3 +296,29 @@ def test_upload_error_is_shown(browser, page_server, tmp_path):
         "Error") and el)
     assert "400" in status.text and "not an image" in status.text
     assert "error" in status.get_attribute("class")
+
+
+def test_api_key_goes_with_the_upload_and_the_map_thumbnails(browser, keyed_server, world):
+    from selenium.webdriver.common.by import By
+
+    browser.get(keyed_server.url + "/")
+    browser.execute_script("sessionStorage.clear()")
+    browser.get(keyed_server.url + "/")
+    browser.find_element(By.ID, "image").send_keys(str(world.pano_path))
+    browser.find_element(By.ID, "submit").click()
+    status = _wait(browser, lambda d: (el := d.find_element(By.ID, "status")).text.startswith("Error") and el)
+    assert "401" in status.text
+
+    browser.find_element(By.CSS_SELECTOR, "#auth summary").click()
+    browser.find_element(By.ID, "api-key").send_keys("page-test-key")
+    browser.find_element(By.ID, "submit").click()
+    _wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#map a.marker")) == 5)
+    # the thumbnails are fetched with the key too (a plain <img src> could not send it)
+    _wait(browser, lambda d: d.execute_script(
+        "return [...document.querySelectorAll('#map image.tile')].every(i => i.getAttribute('href'))"
+        " && [...document.querySelectorAll('#results img.thumb')].every(i => i.naturalWidth > 0)"))
+
+    _upload(browser, keyed_server, world.pano_path, 3)  # reloads the page: the key is remembered
+    assert browser.find_element(By.ID, "api-key").get_attribute("value") == "page-test-key"
+    browser.execute_script("sessionStorage.clear()")
+

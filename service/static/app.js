@@ -1,4 +1,5 @@
-// Upload a panorama to POST /localize and show the matches with their aerial thumbnails.
+// Upload a panorama to POST /localize; show the matches on a map drawn from their own aerial
+// thumbnails (GET /tiles/{id}; no tile server, so it works offline) and as a list.
 "use strict";
 (function () {
   const form = document.getElementById("upload-form");
@@ -9,7 +10,21 @@
   const summaryEl = document.getElementById("summary");
   const resultsEl = document.getElementById("results");
   const preview = document.getElementById("preview");
+  const mapFigure = document.getElementById("map-figure");
+  const mapEl = document.getElementById("map");
+  const mapCaption = document.getElementById("map-caption");
   const objectUrls = [];
+  let renderCount = 0;  // thumbnails arriving after a newer answer was drawn are dropped
+
+  const SVG_NS = "http://www.w3.org/2000/svg";
+  const EARTH_RADIUS_M = 6371008.8;  // mean radius (IUGG)
+  const MAP_W = 640;                 // SVG user units; the element scales to the page width
+  const MAP_H = 400;
+  const MAP_MARGIN = 56;             // keeps thumbnails and markers at the edges inside the map
+  const MIN_SPAN_M = 200;            // one match, or matches on one spot, still get a street-scale map
+  const PIN_R = 11;
+  const BEST_PIN_R = 14;
+  const MAX_DISTANCE_LABELS = 9;     // #2..#10; beyond that labels would pile up (the list has them all)
 
   keyInput.value = sessionStorage.getItem("geoloc-api-key") || "";
 
@@ -35,42 +50,281 @@
     return node;
   }
 
+  function svg(tag, attrs, parent, text) {
+    const node = document.createElementNS(SVG_NS, tag);
+    for (const [name, value] of Object.entries(attrs)) node.setAttribute(name, value);
+    if (text !== undefined) node.textContent = text;
+    if (parent) parent.append(node);
+    return node;
+  }
+
   // Thumbnails are fetched (not <img src>) so that the X-API-Key header goes with them.
-  async function loadThumb(img, tileId) {
+  // Resolves to an object URL, or null when the tile image is unavailable.
+  async function fetchThumb(tileId, forRender) {
     try {
       const resp = await fetch("tiles/" + encodeURIComponent(tileId), { headers: headers() });
       if (!resp.ok) throw new Error(resp.status);
       const url = URL.createObjectURL(await resp.blob());
+      if (forRender !== renderCount) { URL.revokeObjectURL(url); return null; }
       objectUrls.push(url);
-      img.src = url;
+      return url;
     } catch (err) {
-      img.alt = "thumbnail unavailable";
-      img.classList.add("missing");
+      return null;
     }
   }
 
+  // --- geometry ---------------------------------------------------------------------------------
+
+  function toRad(deg) { return deg * Math.PI / 180; }
+
+  function haversineM(a, b) {
+    const dLat = toRad(b.lat - a.lat);
+    const dLon = toRad(b.lon - a.lon);
+    const h = Math.sin(dLat / 2) ** 2 +
+      Math.cos(toRad(a.lat)) * Math.cos(toRad(b.lat)) * Math.sin(dLon / 2) ** 2;
+    return 2 * EARTH_RADIUS_M * Math.asin(Math.min(1, Math.sqrt(h)));
+  }
+
+  function formatDistance(m) {
+    if (m < 1000) return `${Math.round(m)} m`;
+    return `${(m / 1000).toFixed(m < 10000 ? 2 : m < 100000 ? 1 : 0)} km`;
+  }
+
+  function formatCoords(r) { return `${r.lat.toFixed(6)}, ${r.lon.toFixed(6)}`; }
+
+  // Local equirectangular projection to metres east and north (layout() centres them), scaled at the
+  // matches' mean latitude: over the few kilometres a top-k spans, far below a pixel of distortion.
+  function projector(results) {
+    const lat0 = results.reduce((sum, r) => sum + r.lat, 0) / results.length;
+    const lon0 = results[0].lon;
+    const eastScale = Math.cos(toRad(lat0));
+    return (r) => {
+      const dLon = ((r.lon - lon0 + 540) % 360) - 180;  // matches across the antimeridian stay together
+      return { x: EARTH_RADIUS_M * toRad(dLon) * eastScale, y: EARTH_RADIUS_M * toRad(r.lat - lat0) };
+    };
+  }
+
+  // Map positions (SVG units, north up) of the matches, and the scale.
+  function layout(results) {
+    const ground = results.map(projector(results));
+    const xs = ground.map((p) => p.x);
+    const ys = ground.map((p) => p.y);
+    const [minX, maxX, minY, maxY] = [Math.min(...xs), Math.max(...xs), Math.min(...ys), Math.max(...ys)];
+    const innerW = MAP_W - 2 * MAP_MARGIN;
+    const innerH = MAP_H - 2 * MAP_MARGIN;
+    const metresPerUnit = Math.max((maxX - minX) / innerW, (maxY - minY) / innerH, MIN_SPAN_M / innerW);
+    const midX = (minX + maxX) / 2;
+    const midY = (minY + maxY) / 2;
+    const points = ground.map((p) => ({
+      x: MAP_W / 2 + (p.x - midX) / metresPerUnit,
+      y: MAP_H / 2 - (p.y - midY) / metresPerUnit,
+    }));
+    return { points, metresPerUnit };
+  }
+
+  // Neighbouring tiles would put their numbered pins on top of each other: push overlapping pins
+  // apart (a leader line then joins a moved pin to its tile centre). #1 stays where it is.
+  function spreadPins(anchors, radii) {
+    const pins = anchors.map((p) => ({ x: p.x, y: p.y }));
+    for (let pass = 0; pass < 60; pass++) {
+      let moved = false;
+      for (let i = 0; i < pins.length; i++) {
+        for (let j = i + 1; j < pins.length; j++) {
+          const gap = radii[i] + radii[j] + 2;
+          let dx = pins[j].x - pins[i].x;
+          let dy = pins[j].y - pins[i].y;
+          let dist = Math.hypot(dx, dy);
+          if (dist >= gap) continue;
+          if (dist < 1e-6) {  // the same spot: part them in a direction that differs per pin
+            dx = Math.cos(j * 2.39996);
+            dy = Math.sin(j * 2.39996);
+            dist = 1;
+          }
+          const shareI = i === 0 ? 0 : 0.5;
+          const step = (gap - dist) / dist;
+          pins[i].x -= dx * step * shareI;
+          pins[i].y -= dy * step * shareI;
+          pins[j].x += dx * step * (1 - shareI);
+          pins[j].y += dy * step * (1 - shareI);
+          moved = true;
+        }
+      }
+      pins.forEach((p, i) => {
+        p.x = Math.min(MAP_W - radii[i] - 2, Math.max(radii[i] + 2, p.x));
+        p.y = Math.min(MAP_H - radii[i] - 2, Math.max(radii[i] + 2, p.y));
+      });
+      if (!moved) break;
+    }
+    return pins;
+  }
+
+  function overlaps(a, b) { return a.x0 < b.x1 && b.x0 < a.x1 && a.y0 < b.y1 && b.y0 < a.y1; }
+
+  // A distance label goes on its line: at the middle or the nearest spot along it that covers no
+  // pin and no earlier label, else beside the far pin (a short line between neighbouring tiles is
+  // all pin). Returns null where no spot is free: the list below the map has every distance.
+  function placeLabel(from, to, farPin, farRadius, text, taken) {
+    const halfW = 3.5 * text.length + 3;
+    const halfH = 8;
+    const spots = [0.5, 0.6, 0.4, 0.7, 0.3, 0.8, 0.2].map((t) => ({
+      x: from.x + (to.x - from.x) * t, y: from.y + (to.y - from.y) * t }));
+    const reach = farRadius + 3;
+    spots.push({ x: farPin.x + reach + halfW, y: farPin.y }, { x: farPin.x - reach - halfW, y: farPin.y },
+      { x: farPin.x, y: farPin.y - reach - halfH }, { x: farPin.x, y: farPin.y + reach + halfH });
+    for (const { x, y } of spots) {
+      const box = { x, y, x0: x - halfW, x1: x + halfW, y0: y - halfH, y1: y + halfH };
+      const inside = box.x0 >= 0 && box.x1 <= MAP_W && box.y0 >= 0 && box.y1 <= MAP_H;
+      if (inside && !taken.some((other) => overlaps(other, box))) {
+        taken.push(box);
+        return box;
+      }
+    }
+    return null;
+  }
+
+  // The largest 1, 2 or 5 x 10^n metres not longer than `metres`.
+  function roundLength(metres) {
+    const power = 10 ** Math.floor(Math.log10(metres));
+    return [5, 2, 1].map((f) => f * power).find((v) => v <= metres);
+  }
+
+  // --- the map ----------------------------------------------------------------------------------
+
+  function drawScaleBar(metresPerUnit) {
+    const metres = roundLength(130 * metresPerUnit);
+    const length = metres / metresPerUnit;
+    const x = 16;
+    const y = MAP_H - 16;
+    const g = svg("g", { class: "scale-bar" }, mapEl);
+    const d = `M${x} ${y - 6}V${y}H${x + length}V${y - 6}`;
+    svg("path", { d, class: "halo" }, g);
+    svg("path", { d }, g);
+    const label = metres < 1000 ? `${metres} m` : `${metres / 1000} km`;
+    svg("text", { x: x + length / 2, y: y - 10 }, g, label);
+  }
+
+  function drawNorthArrow() {
+    const g = svg("g", { class: "north-arrow", transform: `translate(${MAP_W - 24} 12)` }, mapEl);
+    svg("title", {}, g, "north is up");
+    svg("path", { d: "M0 0L8 22L0 17L-8 22Z" }, g);
+    svg("text", { x: 0, y: 36 }, g, "N");
+  }
+
+  // The tiles' own thumbnails are the map imagery; worst first so that better matches lie on top.
+  function drawTiles(points, thumbs) {
+    const side = points.length <= 10 ? 72 : 44;
+    const tiles = svg("g", { class: "tiles", "aria-hidden": "true" }, mapEl);
+    for (let i = points.length - 1; i >= 0; i--) {
+      const box = { x: points[i].x - side / 2, y: points[i].y - side / 2, width: side, height: side };
+      svg("rect", { ...box, class: "tile-backing" }, tiles);
+      const image = svg("image", { ...box, preserveAspectRatio: "xMidYMid slice", class: "tile" }, tiles);
+      thumbs[i].then((url) => { if (url) image.setAttribute("href", url); });
+      svg("rect", { ...box, class: i === 0 ? "tile-frame best" : "tile-frame" }, tiles);
+    }
+  }
+
+  function drawDistances(results, points, pins, radii, distances) {
+    const taken = pins.map((p, i) => ({
+      x0: p.x - radii[i], x1: p.x + radii[i], y0: p.y - radii[i], y1: p.y + radii[i] }));
+    // ...and the corners the scale bar (bottom left) and the north arrow (top right) take
+    taken.push({ x0: 0, x1: 160, y0: MAP_H - 36, y1: MAP_H }, { x0: MAP_W - 44, x1: MAP_W, y0: 0, y1: 56 });
+    const lines = svg("g", { class: "distances" }, mapEl);
+    for (let i = 1; i < results.length; i++) {
+      svg("line", { x1: points[0].x, y1: points[0].y, x2: points[i].x, y2: points[i].y }, lines);
+    }
+    for (let i = 1; i < Math.min(results.length, MAX_DISTANCE_LABELS + 1); i++) {
+      const text = formatDistance(distances[i]);
+      const spot = placeLabel(points[0], points[i], pins[i], radii[i], text, taken);
+      if (!spot) continue;
+      svg("text", {
+        class: "distance", x: spot.x, y: spot.y, "data-from": results[0].rank, "data-to": results[i].rank,
+      }, lines, text);
+    }
+  }
+
+  // A dot on each tile centre (joined to its pin when the pin had to move), then the numbered pins,
+  // each a link to its entry in the list.
+  function drawMarkers(results, points, pins, radii, distances) {
+    const anchors = svg("g", { class: "anchors", "aria-hidden": "true" }, mapEl);
+    results.forEach((r, i) => {
+      const [p, pin] = [points[i], pins[i]];
+      if (Math.hypot(pin.x - p.x, pin.y - p.y) > 0.5) {
+        svg("line", { class: "leader", x1: p.x, y1: p.y, x2: pin.x, y2: pin.y }, anchors);
+      }
+      svg("circle", { class: "anchor", cx: p.x, cy: p.y, r: 2.5, "data-rank": r.rank }, anchors);
+    });
+    const markers = svg("g", { class: "markers" }, mapEl);
+    results.forEach((r, i) => {
+      const away = i === 0 ? "best match" : `${formatDistance(distances[i])} from #1`;
+      const marker = svg("a", {
+        href: `#match-${r.rank}`, class: i === 0 ? "marker best" : "marker", "data-rank": r.rank,
+        "data-tile-id": r.tile_id, "aria-label": `#${r.rank}: tile ${r.tile_id} at ${formatCoords(r)}, ${away}`,
+      }, markers);
+      svg("title", {}, marker, `#${r.rank} · tile ${r.tile_id} · ${formatCoords(r)} · ${away}`);
+      svg("circle", { class: "pin", cx: pins[i].x, cy: pins[i].y, r: radii[i] }, marker);
+      svg("text", { class: "pin-number", x: pins[i].x, y: pins[i].y }, marker, String(r.rank));
+    });
+  }
+
+  function drawMap(results, thumbs, distances) {
+    mapEl.replaceChildren();
+    mapEl.setAttribute("viewBox", `0 0 ${MAP_W} ${MAP_H}`);
+    if (!results.length) { mapFigure.hidden = true; return; }
+    const { points, metresPerUnit } = layout(results);
+    const radii = results.map((_, i) => (i === 0 ? BEST_PIN_R : PIN_R));
+    const pins = spreadPins(points, radii);
+    svg("rect", { class: "ground", width: MAP_W, height: MAP_H }, mapEl);
+    drawTiles(points, thumbs);
+    drawDistances(results, points, pins, radii, distances);
+    drawMarkers(results, points, pins, radii, distances);
+    drawScaleBar(metresPerUnit);
+    drawNorthArrow();
+    const tileNote = "each aerial tile is drawn at its centre (not to its ground size)";
+    mapCaption.textContent = results.length === 1 ? `The best match, north up: ${tileNote}.` :
+      `The ${results.length} best matches, north up: ${tileNote}, the numbers are the ranks, the lines ` +
+      `join #1 to the others with their distance; all lie within ${formatDistance(Math.max(...distances))} of #1.`;
+    mapFigure.hidden = false;
+  }
+
+  // --- the answer -------------------------------------------------------------------------------
+
   function render(body) {
+    renderCount += 1;
+    const thisRender = renderCount;
     resultsEl.replaceChildren();
     releaseUrls();
+    const results = body.results;
     const t = body.timing_ms;
-    summaryEl.textContent = `${body.results.length} matches from ${body.index.count} tiles ` +
+    summaryEl.textContent = `${results.length} matches from ${body.index.count} tiles ` +
       `(model ${body.model.fingerprint}; ${t.total.toFixed(1)} ms on the server)`;
-    for (const r of body.results) {
+    const thumbs = results.map((r) => fetchThumb(r.tile_id, thisRender));
+    const distances = results.map((r) => haversineM(results[0], r));
+    drawMap(results, thumbs, distances);
+    results.forEach((r, i) => {
       const li = el("li", "result");
+      li.id = `match-${r.rank}`;
       li.dataset.tileId = r.tile_id;
       const img = el("img", "thumb");
       img.alt = "aerial tile " + r.tile_id;
       li.append(img);
       li.append(el("div", "rank", `#${r.rank} · tile ${r.tile_id}`));
       li.append(el("div", "score", `score ${r.score.toFixed(4)}`));
-      const coords = el("a", "coords", `${r.lat.toFixed(6)}, ${r.lon.toFixed(6)}`);
-      coords.href = `https://www.openstreetmap.org/?mlat=${r.lat}&mlon=${r.lon}#map=17/${r.lat}/${r.lon}`;
+      if (i > 0) li.append(el("div", "from-best", `${formatDistance(distances[i])} from #1`));
+      const coords = el("a", "coords");
+      coords.append(el("span", "latlon", formatCoords(r)), el("span", "opens", "open in OpenStreetMap ↗"));
+      coords.href = `https://www.openstreetmap.org/?mlat=${r.lat.toFixed(6)}&mlon=${r.lon.toFixed(6)}` +
+        `#map=17/${r.lat.toFixed(6)}/${r.lon.toFixed(6)}`;
+      coords.title = "Opens this point on openstreetmap.org in a new tab";
       coords.target = "_blank";
       coords.rel = "noopener";
       li.append(coords);
       resultsEl.append(li);
-      loadThumb(img, r.tile_id);
-    }
+      thumbs[i].then((url) => {
+        if (url) { img.src = url; return; }
+        img.alt = "thumbnail unavailable";
+        img.classList.add("missing");
+      });
+    });
   }
 
   fileInput.addEventListener("change", () => {
