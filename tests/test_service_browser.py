@@ -139,10 +139,13 @@ def _console_errors(driver) -> list[str]:
     return [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
 
 
-def _foreign_resources(driver, server) -> list[str]:
-    """Resources the page asked for anywhere but the service (a CDN, a tile server)."""
-    urls = driver.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
-    return [url for url in urls if not url.startswith((server.url + "/", "blob:", "data:"))]
+def _foreign_resources(driver, server, kinds: tuple[str, ...] = ()) -> list[str]:
+    """Resources the page asked for anywhere but the service (a CDN, a tile server); only those
+    its elements of ``kinds`` (initiator types: script, link, img, fetch...) asked for, if given."""
+    entries = driver.execute_script(
+        "return performance.getEntriesByType('resource').map(e => [e.name, e.initiatorType])")
+    return [url for url, kind in entries
+            if not url.startswith((server.url + "/", "blob:", "data:")) and (not kinds or kind in kinds)]
 
 
 def test_upload_shows_matches_with_thumbnails(browser, page_server, world):
@@ -322,3 +325,35 @@ def test_api_key_goes_with_the_upload_and_the_map_thumbnails(browser, keyed_serv
     assert browser.find_element(By.ID, "api-key").get_attribute("value") == "page-test-key"
     browser.execute_script("sessionStorage.clear()")
 
+
+def test_swagger_ui_renders_without_internet(browser, page_server):
+    """/docs takes Swagger UI from the service (fastapi-offline), not from a CDN."""
+    from selenium.webdriver.common.by import By
+
+    browser.get_log("browser")
+    browser.get(page_server.url + "/docs")
+    _wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, ".opblock")) >= 5)
+    operations = {
+        (block.find_element(By.CSS_SELECTOR, ".opblock-summary-method").text,
+         block.find_element(By.CSS_SELECTOR, ".opblock-summary-path").get_attribute("data-path"))
+        for block in browser.find_elements(By.CSS_SELECTOR, ".opblock")}
+    assert {("POST", "/localize"), ("POST", "/localize/batch"), ("GET", "/tiles/{tile_id}")} <= operations
+    assert _foreign_resources(browser, page_server) == []
+    assert _console_errors(browser) == []
+
+
+def test_redoc_renders_without_internet(browser, page_server):
+    from selenium.webdriver.common.by import By
+
+    browser.get_log("browser")
+    browser.get(page_server.url + "/redoc")
+    sections = _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "[data-section-id*='operation/']"))
+    assert len(sections) >= 5
+    titles = [s.find_element(By.TAG_NAME, "h2").text for s in sections]
+    assert "Top-k aerial tiles for one street-level panorama" in titles
+    assert _foreign_resources(browser, page_server, ("script", "link", "css", "fetch", "xmlhttprequest")) == []
+    # Redoc's sidebar footer shows Redocly's logo from cdn.redoc.ly; offline that image fails to
+    # load and Redoc leaves it out. Any other image from elsewhere or any other error would count.
+    logos = _foreign_resources(browser, page_server, ("img",))
+    assert all(url.startswith("https://cdn.redoc.ly/") for url in logos), logos
+    assert [e for e in _console_errors(browser) if not e.startswith(tuple(logos))] == []
