@@ -178,6 +178,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Upload a street-level 360° panorama, get the most likely locations: the "
         "panorama is matched against geo-tagged aerial tiles with L2LTR.",
         lifespan=lifespan,
+        redoc_url=None,  # its bundle fetches a logo from Redocly's CDN; /docs needs nothing from outside
         static_url="/docs-assets",
         favicon_url="/favicon.ico",
     )

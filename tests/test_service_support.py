@@ -80,7 +80,8 @@ def build_artifact(catalog: Path, checkpoint: Path, out: Path) -> Path:
     """Build an index artifact at ``out`` through the public ``python -m index_build`` CLI."""
     proc = subprocess.run(
         [PYTHON, "-m", "index_build", "build", "--catalog", str(catalog),
-         "--checkpoint", str(checkpoint), "--out", str(out), "--quiet"],
+         "--checkpoint", str(checkpoint), "--out", str(out), "--quiet",
+         "--workers", "0"],  # encoder threads, not decode processes: bounded on a many-core machine
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, f"index_build failed:\n{proc.stdout}\n{proc.stderr}"
