@@ -6,7 +6,9 @@ camera is therefore the same circular column shift in both images, and mirroring
 is the same column flip, so a pair stays a true match after either. For a plain (not polar)
 aerial tile the turn is limited to quarter turns (`rot90`) and the mirror is a left-right flip.
 Photometric jitter is drawn independently per view, as the two views were taken under
-different light anyway.
+different light anyway. A limited field of view (`limit_fields_of_view`) is drawn for the ground
+view alone: the part of the panorama a phone photo or a crop would have seen, anywhere around the
+camera, the rest set to the mean colour (model.views), while the aerial view stays whole.
 
 Every draw comes from a `torch.Generator` the caller seeds, so a resumed training run replays
 exactly the augmentation of an uninterrupted one.
@@ -25,6 +27,8 @@ class PairAugment:
     turn: float = 0.5  # probability of a random turn of the scene about the camera (both views)
     flip: float = 0.5  # probability of the east-west mirror (both views)
     color: float = 0.3  # strength of brightness / contrast / saturation / tint jitter (0: none)
+    fov: float = 0.0  # probability of limiting the panorama to a random field of view
+    fov_range: tuple[float, float] = (60.0, 240.0)  # its horizontal extent, degrees (uniform)
 
     def __call__(self, ground: torch.Tensor, aerial: torch.Tensor, polar: bool,
                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,6 +48,8 @@ class PairAugment:
         if self.color > 0:
             ground = jitter_colour(ground, self.color, generator)
             aerial = jitter_colour(aerial, self.color, generator)
+        if self.fov > 0:
+            ground = limit_fields_of_view(ground, self.fov, self.fov_range, generator)
         return ground, aerial
 
 
@@ -78,3 +84,29 @@ def jitter_colour(images: torch.Tensor, strength: float, generator: torch.Genera
     x = grey + (x - grey) * factor(1, 1, 1)
     x = x * (1.0 + 0.5 * (factor(3, 1, 1) - 1.0))
     return x.clamp_(0.0, 1.0)
+
+
+def limit_fields_of_view(images: torch.Tensor, probability: float, fov_range: tuple[float, float],
+                         generator: torch.Generator) -> torch.Tensor:
+    """Panoramas [B, 3, H, W] in [0, 1] (rows spanning 180 degrees of elevation), each with
+    ``probability`` cut to a random horizontal field of view from ``fov_range`` centred on a random
+    column; half of those also to the vertical field of view of a phone's 4:3 frame of that width.
+    Outside it: the ImageNet mean colour, which the normalised input reads as zero."""
+    from .preprocess import IMAGENET_MEAN
+
+    b, _, h, w = images.shape
+    limited = torch.rand(b, generator=generator) < probability
+    fov = fov_range[0] + (fov_range[1] - fov_range[0]) * torch.rand(b, generator=generator)
+    centre = torch.rand(b, generator=generator) * w
+    photo = torch.rand(b, generator=generator) < 0.5
+    # a pinhole 4:3 frame of horizontal field f sees 2 atan(0.75 tan(f/2)) vertically (f < 180)
+    vfov = torch.where(photo & (fov < 170), 2 * torch.rad2deg(torch.atan(0.75 * torch.tan(torch.deg2rad(
+        fov.clamp(max=170) / 2)))), torch.full_like(fov, 180.0))
+    offset = (torch.arange(w) + 0.5)[None, :] - centre[:, None]
+    offset = (offset + w / 2) % w - w / 2  # circular distance to the centre column
+    keep_cols = offset.abs() <= (fov / 360.0 * w / 2)[:, None]
+    rows = ((torch.arange(h) + 0.5) - h / 2).abs()[None, :]
+    keep_rows = rows <= (vfov / 180.0 * h / 2)[:, None]
+    keep = (keep_rows[:, :, None] & keep_cols[:, None, :]) | ~limited[:, None, None]
+    mean = torch.tensor(IMAGENET_MEAN, dtype=images.dtype).view(1, 3, 1, 1)
+    return torch.where(keep[:, None], images, mean)

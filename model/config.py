@@ -49,6 +49,8 @@ class L2LTRConfig:
     # Inference only: a descriptor is the normalised mean of the view's and its east-west mirror's
     # (both views are mirrored the same way, so a pair stays a pair); twice the encoding cost.
     test_time_flip: bool = False
+    # Width of the orientation head's column features (model.orientation); 0: no head.
+    orientation_dim: int = 0
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
@@ -68,6 +70,8 @@ class L2LTRConfig:
             raise ConfigError(
                 f"resnet_width_factor {self.resnet_width_factor} gives stem width {self.stem_width}; "
                 "GroupNorm(32) needs a multiple of 32")
+        if self.orientation_dim < 0:
+            raise ConfigError(f"orientation_dim must be >= 0, got {self.orientation_dim}")
         for name in ("dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +24,23 @@ from .metrics import localization_error, recall_curve, retrieval_recall
 from .train import HelpFormatter, TrainingError, encode_arrays, load_pair_arrays, read_records
 
 
+HEADING_MODES = ("known", "unknown")
+# How the heading of a view is found: the orientation head's column alignment with the matched
+# tile (model.orientation), or descriptors of the aerial tiles or of the query at --rotations turns.
+METHODS = ("head", "aerial", "query")
+
+
 def evaluate(checkpoint: Path, data: Path, dataset: str = "synthetic", split: str = "val", device: str = "auto",
-             limit: int = 0, plot: Path | None = None, workers: int = 2) -> dict:
+             limit: int = 0, plot: Path | None = None, workers: int = 2, fov: float = 360.0,
+             heading: str = "known", rotations: int = 16, method: str = "head", seed: int = 0,
+             photos: Path | None = None) -> dict:
+    """Retrieval of the split's panoramas (or, with ``photos``, of a perspective world's photos
+    of the same places) against its aerial tiles. ``fov`` < 360 keeps that much of each panorama
+    around a random heading; ``heading="unknown"`` searches the heading over ``rotations`` turns of
+    the aerial tiles (``method="aerial"``) or of the query (``method="query"``) and reports its
+    error."""
+    if heading not in HEADING_MODES or method not in METHODS:
+        raise ValueError(f"heading must be one of {HEADING_MODES} and method one of {METHODS}")
     model = load_checkpoint(checkpoint)
     dev = pick_device(device)
     model.to(dev)
@@ -32,16 +48,129 @@ def evaluate(checkpoint: Path, data: Path, dataset: str = "synthetic", split: st
     if limit:
         records = records[:limit]
     arrays = load_pair_arrays(records, model.config, f"preprocess {split}", workers=workers)
-    ground, aerial = encode_arrays(model, arrays, dev)
-    result = {**retrieval_recall(ground, aerial), "n": len(records), "split": split, "data": str(data),
-              "checkpoint": str(checkpoint), "fingerprint": model.fingerprint()}
-    if arrays.latlon is not None:
+    result = {"n": len(records), "split": split, "data": str(data), "checkpoint": str(checkpoint),
+              "fingerprint": model.fingerprint(), "fov": fov, "heading": heading}
+    plain = fov >= 360 and heading == "known" and photos is None
+    if plain:
+        ground, aerial = encode_arrays(model, arrays, dev)
+        result.update(retrieval_recall(ground, aerial))
+    else:
+        result.update(evaluate_views(model, arrays, records, dev, fov=fov, heading=heading, rotations=rotations,
+                                     method=method, seed=seed, photos=photos))
+    if arrays.latlon is not None and plain:
         result["localization"] = localization_error(ground, aerial, arrays.latlon, arrays.latlon)
-    if plot is not None:
+    if plot is not None and plain:
         write_recall_plot(recall_curve(ground, aerial, max_k=min(100, len(records))), plot,
                           title=f"{checkpoint.name} on {data.name}/{split} (N={len(records)})")
         result["plot"] = str(plot)
     return result
+
+
+def evaluate_views(model, arrays, records, device, *, fov: float, heading: str, rotations: int, method: str,
+                   seed: int, photos: Path | None) -> dict:
+    """Recalls (and heading errors) of limited-field-of-view or unknown-heading queries: panorama crops
+    of ``fov`` degrees around a random heading, or the photos of a perspective world."""
+    from .inference import InferenceEncoder
+    from .metrics import count_closer_scores, recall_from_counts
+    from .orientation import shift_scores
+    from .views import (angle_difference, describe_rotations, limit_fov, match_over_rotations, refine_heading,
+                        rotate_view)
+
+    encoder = InferenceEncoder(model, device)
+    encode_ground = partial(_encode_views, encoder, "ground")
+    encode_aerial = partial(_encode_views, encoder, "aerial")
+    if photos is not None:
+        views, true_heading = photo_views(photos, records, model.config, centred=heading == "unknown")
+    else:
+        true_heading = np.random.default_rng(seed).uniform(0.0, 360.0, len(records))
+        views = np.stack([limit_fov(rotate_view(g, h), fov) for g, h in zip(arrays.ground, true_heading)])
+    if method == "head" and getattr(model, "orientation", None) is None:
+        raise ValueError(f"{model.config.name}: this checkpoint has no orientation head (python -m model.orientation); "
+                         "use --method aerial or query")
+    out: dict = {"rotations": rotations if heading == "unknown" and method != "head" else None,
+                 "method": method if heading == "unknown" else None}
+    if heading == "known":  # placed at its true heading: compared with the tiles as they are
+        if photos is None:
+            views = np.stack([rotate_view(v, -h) for v, h in zip(views, true_heading)])
+        scores = encode_ground(views) @ encode_aerial(arrays.aerial).T
+    elif method == "head":  # one descriptor each; the heading from the columns of the best tile
+        queries, query_columns = _encode_views(encoder, "ground", views, columns=True)
+        aerial, aerial_columns = _encode_views(encoder, "aerial", arrays.aerial, columns=True)
+        scores = queries @ aerial.T
+        valid = _view_columns(views, query_columns.shape[1])
+        per_rotation = lambda i, j: shift_scores(query_columns[i:i + 1], aerial_columns[j], valid[i:i + 1])[0]  # noqa: E731
+    elif method == "aerial":
+        rotated = describe_rotations(encode_aerial, arrays.aerial, rotations)  # [R, N, D]
+        queries = encode_ground(views)
+        scores, _ = match_over_rotations(queries, rotated)
+        per_rotation = lambda i, j: rotated[:, j] @ queries[i]  # noqa: E731
+    else:
+        turned = np.stack([encode_ground(rotate_view(views, -h)) for h in _headings(rotations)])  # [R, Q, D]
+        aerial = encode_aerial(arrays.aerial)
+        scores = np.max(np.einsum("rqd,nd->rqn", turned, aerial, optimize=True), axis=0)
+        per_rotation = lambda i, j: turned[:, i] @ aerial[j]  # noqa: E731
+    counts = count_closer_scores(scores)
+    out.update(recall_from_counts(counts, scores.shape[1]))
+    if heading == "unknown":
+        top1 = scores.argmax(axis=1)
+        estimate = np.array([refine_heading(per_rotation(i, j)) for i, j in enumerate(top1)])
+        error = angle_difference(estimate, true_heading)
+        correct = top1 == np.arange(len(top1))
+        out["heading_error_median_deg"] = float(np.median(error[correct])) if correct.any() else None
+        out["heading_within_10deg"] = float((error[correct] <= 10).mean()) if correct.any() else None
+    return out
+
+
+def _headings(rotations: int) -> np.ndarray:
+    from .views import rotation_headings
+
+    return rotation_headings(rotations)
+
+
+def _encode_views(encoder, branch: str, views: np.ndarray, batch_size: int = 128, columns: bool = False):
+    """uint8 [N, H, W, 3] -> unit descriptors [N, D] (and, with ``columns``, the orientation head's
+    column features [N, Wg, C])."""
+    import torch
+
+    images = torch.from_numpy(np.ascontiguousarray(views)).permute(0, 3, 1, 2)
+    rows, cols = encoder.encode_uint8_with_columns(images, branch, max_batch=batch_size, columns=columns)
+    return (rows, cols) if columns else rows
+
+
+def _view_columns(views: np.ndarray, width: int) -> np.ndarray:
+    """[N, width] bool: the token columns of each view that hold at least half seen pixels (a pixel
+    column is unseen when all of it is the mean colour of model.views)."""
+    from .views import MEAN_RGB
+
+    seen = ~np.all(views == MEAN_RGB, axis=(1, 3))  # [N, W] pixel columns
+    return seen.reshape(len(views), width, -1).mean(axis=2) >= 0.5
+
+
+def photo_views(world: Path, records, config, centred: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The perspective photos of ``world`` (same places as ``records``, by id) mapped into the
+    panorama frame at the model's ground size: at their true heading (known) or centred on north
+    (``centred``: the heading is then searched); pitch and roll assumed level, as a phone
+    without its tilt sensors would. Returns (views [N, H, W, 3] uint8, true headings)."""
+    import csv
+
+    from .preprocess import load_image, perspective_to_panorama
+    from .views import MEAN_RGB
+
+    with open(world / "cameras.csv", newline="") as fh:
+        cameras = {row["id"]: row for row in csv.DictReader(fh)}
+    views = np.empty((len(records), *config.ground_size, 3), np.uint8)
+    headings = np.empty(len(records))
+    for i, record in enumerate(records):
+        camera = cameras.get(record.id)
+        if camera is None or camera.get("camera") != "perspective":
+            raise ValueError(f"{world / 'cameras.csv'}: no perspective camera for id {record.id!r}")
+        headings[i] = float(camera["heading_deg"]) % 360.0
+        photo = load_image(world / "streetview" / f"{record.id}.jpg")
+        pano, covered = perspective_to_panorama(photo, float(camera["hfov_deg"]), 0.0 if centred else headings[i],
+                                                config.ground_size)
+        pano[~covered] = MEAN_RGB
+        views[i] = pano
+    return views, headings
 
 
 def write_recall_plot(curve: np.ndarray, path: Path, title: str = "") -> None:
@@ -76,6 +205,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="decoding threads")
     p.add_argument("--plot", type=Path, help="write a recall@K curve PNG here")
     p.add_argument("--json", action="store_true", help="print one JSON object (r1, r5, r10, r1pct, n, ...)")
+    v = p.add_argument_group("limited field of view, unknown heading (synthetic worlds)")
+    v.add_argument("--fov", type=float, default=360.0,
+                   help="keep this many degrees of each panorama around a random heading (360: all)")
+    v.add_argument("--heading", choices=HEADING_MODES, default="known",
+                   help="known: the query is placed at its true heading; unknown: the heading is searched")
+    v.add_argument("--rotations", type=int, default=16, help="headings searched with --heading unknown")
+    v.add_argument("--method", choices=METHODS, default="head",
+                   help="with --heading unknown, how the heading is found: head: the orientation head aligns the "
+                        "view's columns with the best tile's (one encoding, the checkpoint needs the head); "
+                        "aerial / query: descriptors of the tiles / of the query at --rotations turns")
+    v.add_argument("--seed", type=int, default=0, help="seed of the random headings of the crops")
+    v.add_argument("--photos", type=Path,
+                   help="a perspective world (worldgen --camera perspective, same seed and pairs as --data): "
+                        "its photos are the queries, mapped into the panorama frame")
     return p
 
 
@@ -83,8 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = evaluate(args.checkpoint, args.data, args.dataset, args.split, args.device, args.limit, args.plot,
-                          args.workers)
-    except (CheckpointError, ConfigError, TrainingError) as exc:
+                          args.workers, fov=args.fov, heading=args.heading, rotations=args.rotations,
+                          method=args.method, seed=args.seed, photos=args.photos)
+    except (CheckpointError, ConfigError, TrainingError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if args.json:
@@ -93,6 +237,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{result['checkpoint']} on {result['data']} ({result['split']}, N={result['n']})")
     print(f"R@1 {result['r1'] * 100:.2f}  R@5 {result['r5'] * 100:.2f}  R@10 {result['r10'] * 100:.2f}  "
           f"R@1% {result['r1pct'] * 100:.2f}")
+    if "heading_error_median_deg" in result and result["heading_error_median_deg"] is not None:
+        how = "orientation head" if result["method"] == "head" else \
+            f"{result['rotations']} rotations, turning the {result['method']}"
+        print(f"heading ({how}): median error "
+              f"{result['heading_error_median_deg']:.1f} deg over the correctly localised queries, within 10 deg "
+              f"{result['heading_within_10deg'] * 100:.1f}%")
     if "localization" in result:
         loc = result["localization"]
         print(f"top-1 error: median {loc['median_m']:.1f} m; within 25 m {loc['within_25m'] * 100:.1f}%, "

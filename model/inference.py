@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .encode import BRANCHES, autocast_context
-from .network import L2LTR, describe
+from .network import L2LTR
 from .preprocess import normalize_uint8_nchw
 
 # glibc serves a large allocation with a fresh mmap and hands freed heap tops back to the kernel,
@@ -74,10 +74,12 @@ def _trace(branch: torch.nn.Module, example: torch.Tensor):
 class InferenceEncoder:
     """An L2LTR ready to encode batches of one or both branches.
 
-    On a CPU each branch runs as a frozen TorchScript trace: it skips the per-operator Python work
-    and runs without the interpreter lock, so several encoder threads in one process do not queue
-    for it. A trace holds its own copy of the weights, taken here: the network must not change
-    afterwards. On CUDA the network runs eagerly in channels_last with bf16 autocast."""
+    On a CPU each branch's transformer runs as a frozen TorchScript trace: it skips the per-operator
+    Python work and runs without the interpreter lock, so several encoder threads in one process do
+    not queue for it. A trace holds its own copy of the weights, taken here: the network must not
+    change afterwards. On CUDA the network runs eagerly in channels_last with bf16 autocast. Where
+    the network has an orientation head (model.orientation), `encode_uint8_with_columns` also gives
+    each image's column features."""
 
     def __init__(self, net: L2LTR, device: torch.device | str = "cpu", *,
                  branches: tuple[str, ...] = BRANCHES, trace: bool | None = None,
@@ -85,15 +87,16 @@ class InferenceEncoder:
         self.device = torch.device(device)
         self.net = net.to(self.device).eval()
         self.config = net.config
+        self.orientation = getattr(self.net, "orientation", None)
         on_cuda = self.device.type == "cuda"
         if on_cuda:
             self.net = self.net.to(memory_format=torch.channels_last)
         trace = not on_cuda if trace is None else trace
-        self._branches = {}
+        self._tokens = {}  # branch -> the transformer (or its trace): image -> final-layer tokens
         for name in branches:
-            module = getattr(self.net, name)
-            self._branches[name] = _trace(module, self._blank(name, 1).float()) if trace else module
-        self.traced = tuple(name for name, fn in self._branches.items() if isinstance(fn, torch.jit.ScriptModule))
+            module = getattr(self.net, name).transformer
+            self._tokens[name] = _trace(module, self._blank(name, 1).float()) if trace else module
+        self.traced = tuple(name for name, fn in self._tokens.items() if isinstance(fn, torch.jit.ScriptModule))
         for name in branches:  # TorchScript optimises a trace over its first runs
             for _ in range(warm_up):
                 self.encode(self._blank(name, 1).float(), name)
@@ -108,26 +111,43 @@ class InferenceEncoder:
     def _blank(self, branch: str, n: int) -> torch.Tensor:
         return torch.zeros(n, 3, *self.input_size(branch), dtype=torch.uint8, device=self.device)
 
-    def encode(self, batch: torch.Tensor, branch: str) -> torch.Tensor:
-        """ImageNet-normalised float images [n, 3, H, W] -> float32 unit rows [n, D] on the CPU."""
-        if branch not in self._branches:
-            raise ValueError(f"branch must be one of {tuple(self._branches)}, got {branch!r}")
+    def _forward(self, batch: torch.Tensor, branch: str, columns: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if branch not in self._tokens:
+            raise ValueError(f"branch must be one of {tuple(self._tokens)}, got {branch!r}")
         self.net.check_input(batch, branch)
+        tokens_of = self._tokens[branch]
         with torch.inference_mode(), autocast_context(self.device):
             x = batch.to(self.device, non_blocking=True)
             if self.device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
-            out = describe(self._branches[branch], x, self.config.test_time_flip).float()
+            tokens = tokens_of(x)
+            out = F.normalize(tokens[:, 0].float(), dim=-1)
+            if self.config.test_time_flip:  # and the view's east-west mirror (network.describe)
+                out = out + F.normalize(tokens_of(x.flip(3))[:, 0].float(), dim=-1)
+            cols = None
+            if columns and self.orientation is not None:
+                cols = self.orientation.columns(tokens.float(), self.config.grid(branch), branch).cpu()
         # bf16 rounding leaves rows slightly off unit length; renormalise in float32.
-        return F.normalize(out, dim=-1).cpu()
+        return F.normalize(out.float(), dim=-1).cpu(), cols
+
+    def encode(self, batch: torch.Tensor, branch: str) -> torch.Tensor:
+        """ImageNet-normalised float images [n, 3, H, W] -> float32 unit rows [n, D] on the CPU."""
+        return self._forward(batch, branch, columns=False)[0]
 
     def encode_uint8(self, images: torch.Tensor, branch: str, max_batch: int | None = None) -> np.ndarray:
         """uint8 images [n, 3, H, W] at the branch's input size -> float32 unit rows [n, D], at most
         ``max_batch`` per forward; each forward's images are normalised at once."""
+        return self.encode_uint8_with_columns(images, branch, max_batch, columns=False)[0]
+
+    def encode_uint8_with_columns(self, images: torch.Tensor, branch: str, max_batch: int | None = None,
+                                  columns: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        """As `encode_uint8`, plus the orientation head's column features [n, Wg, C] (None where the
+        network has no head)."""
         n = int(images.shape[0])
         step = max_batch or n or 1
-        parts = [self.encode(normalize_uint8_nchw(images[i:i + step]), branch) for i in range(0, n, step)]
+        parts = [self._forward(normalize_uint8_nchw(images[i:i + step]), branch, columns) for i in range(0, n, step)]
         if not parts:
-            return np.zeros((0, self.embedding_dim), dtype=np.float32)
-        out = parts[0] if len(parts) == 1 else torch.cat(parts)
-        return np.ascontiguousarray(out.numpy(), dtype=np.float32)
+            return np.zeros((0, self.embedding_dim), dtype=np.float32), None
+        rows = np.ascontiguousarray(torch.cat([p[0] for p in parts]).numpy(), dtype=np.float32)
+        cols = None if parts[0][1] is None else np.ascontiguousarray(torch.cat([p[1] for p in parts]).numpy())
+        return rows, cols

@@ -30,6 +30,24 @@ def count_closer(query, gallery, chunk: int = 2048) -> np.ndarray:
     return counts
 
 
+def count_closer_scores(scores) -> np.ndarray:
+    """``count_closer`` for a precomputed similarity matrix [Q, N] whose true match of query i is
+    gallery item i (e.g. the best over an aerial tile's rotations)."""
+    sims = np.asarray(scores, dtype=np.float32)
+    if sims.ndim != 2 or sims.shape[0] > sims.shape[1]:
+        raise ValueError(f"scores must be [Q, N] with Q <= N, got shape {sims.shape}")
+    rows = np.arange(sims.shape[0])
+    return (sims > sims[rows, rows][:, None]).sum(axis=1)
+
+
+def recall_from_counts(counts: np.ndarray, n: int) -> dict[str, float]:
+    """R@1, R@5, R@10, R@1% (fractions) from each query's count of strictly closer gallery items
+    in a gallery of ``n``."""
+    if len(counts) == 0:
+        raise ValueError("retrieval_recall needs at least one query")
+    return {name: float((counts < k).mean()) for name, k in recall_cutoffs(n).items()}
+
+
 def recall_cutoffs(n: int) -> dict[str, int]:
     # The authors' 1% cut-off is floor(0.01 N); for galleries under 100 that is 0, so we use 1.
     return {"r1": 1, "r5": 5, "r10": 10, "r1pct": max(1, math.floor(0.01 * n))}
@@ -41,10 +59,7 @@ def retrieval_recall(query, gallery) -> dict[str, float]:
     hit@K when fewer than K gallery items are strictly closer than the true match (so ties count
     in the query's favour, as in the authors' evaluation)."""
     counts = count_closer(query, gallery)
-    n = len(counts)
-    if n == 0:
-        raise ValueError("retrieval_recall needs at least one query")
-    return {name: float((counts < k).mean()) for name, k in recall_cutoffs(n).items()}
+    return recall_from_counts(counts, len(counts))
 
 
 def recall_curve(query, gallery, max_k: int = 100) -> np.ndarray:

@@ -228,6 +228,10 @@ class L2LTR(nn.Module):
         self.ground = Branch(config, config.grid("ground"))
         self.aerial = Branch(config, config.grid("aerial"))
         self.reset_parameters()
+        if config.orientation_dim:  # after reset_parameters: the head has its own initialisation
+            from .orientation import OrientationHead
+
+            self.orientation = OrientationHead(config.hidden_size, config.orientation_dim)
 
     @property
     def embedding_dim(self) -> int:
@@ -290,7 +294,7 @@ def describe(branch, x: torch.Tensor, test_time_flip: bool = False) -> torch.Ten
 
 
 # Config fields added after fingerprints were published: at their default they leave the hash as it was.
-FINGERPRINT_NEUTRAL_DEFAULTS = {"test_time_flip": False}
+FINGERPRINT_NEUTRAL_DEFAULTS = {"test_time_flip": False, "orientation_dim": 0}
 
 
 def state_fingerprint(config: L2LTRConfig, state: dict[str, torch.Tensor]) -> str:

@@ -227,8 +227,9 @@ class JsonLog:
 # --------------------------------------------------------------------------- training
 
 RESUME_KEYS = ("data", "dataset", "config", "attention", "no_polar", "batch_size", "lr", "weight_decay", "warmup",
-               "clip", "loss", "hard_negatives", "seed", "epochs", "steps", "init", "augment", "precision", "dropout")
-ADDED_SETTING_DEFAULTS = {"augment": False, "precision": "auto", "dropout": None}
+               "clip", "loss", "hard_negatives", "seed", "epochs", "steps", "init", "augment", "precision", "dropout",
+               "fov_augment")
+ADDED_SETTING_DEFAULTS = {"augment": False, "precision": "auto", "dropout": None, "fov_augment": 0.0}
 
 
 def build_config(args) -> L2LTRConfig:
@@ -323,7 +324,9 @@ def train(args) -> dict:
                 "loss": args.loss, "batch_size": args.batch_size,
                 **({"init": Path(args.init).name} if args.init else {}), **(extra or {})}
 
-    augment = PairAugment() if args.augment else None
+    fov_augment = getattr(args, "fov_augment", 0.0)
+    augment = (PairAugment(fov=fov_augment) if args.augment
+               else PairAugment(turn=0.0, flip=0.0, color=0.0, fov=fov_augment) if fov_augment else None)
 
     from tqdm import tqdm
 
@@ -438,6 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of batches made of geographic neighbours (0..1)")
     o.add_argument("--augment", action="store_true",
                    help="aligned random turn + east-west mirror of both views, independent colour jitter")
+    o.add_argument("--fov-augment", type=float, default=0.0, metavar="P",
+                   help="probability of cutting a panorama to a random field of view (60-240 degrees, anywhere "
+                        "around the camera; half of them also to a 4:3 photo's height), for limited-view queries")
     o.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="auto: bf16 autocast on CUDA, float32 on CPU; bf16 forces autocast on CPU too")
     o.add_argument("--seed", type=int, default=0, help="seed of the initial weights, batch order and augmentation")

@@ -1,0 +1,107 @@
+"""Street-level views that are not a north-aligned, full panorama: any heading, a limited field of view.
+
+Everything happens in the ground branch's panorama frame (DESIGN.md: columns run clockwise, the left
+edge looks south, the centre column north; the rows of a synthetic panorama span +90 to -90 degrees
+of elevation). A view whose centre column looks at azimuth ``h`` is the north-aligned panorama of the
+same place with its columns turned (`rotate_view`), and the polar aerial image of that place turns the
+same way, so one descriptor of a view can be compared with an aerial tile seen at any heading: the
+tile's descriptors at ``rotations`` evenly spaced headings (`describe_rotations`) are searched, the
+best one gives the match and the view's heading (`match_over_rotations`, `refine_heading`).
+
+A limited field of view keeps the columns (and, for a photo, the rows) it saw and fills the rest with
+the ImageNet mean colour, which the normalised network input reads as zero (`limit_fov`).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from .preprocess import IMAGENET_MEAN
+
+MEAN_RGB = np.array([round(255 * m) for m in IMAGENET_MEAN], dtype=np.uint8)
+
+
+def column_shift(width: int, heading_deg: float) -> int:
+    """Columns by which a north-aligned view rolls to look at ``heading_deg`` (clockwise from north)."""
+    return -int(round(heading_deg / 360.0 * width))
+
+
+def rotate_view(views: np.ndarray, heading_deg: float) -> np.ndarray:
+    """[..., H, W, C] views whose centre column looks north -> the same views centred on
+    ``heading_deg``; a negative heading turns back (a view centred on h, turned by -h, is north-aligned)."""
+    return np.roll(views, column_shift(views.shape[-2], heading_deg), axis=-2)
+
+
+def fov_columns(width: int, fov_deg: float) -> np.ndarray:
+    """[W] bool: the columns within +-fov/2 of the centre column."""
+    centre_offset = (np.arange(width) + 0.5) - width / 2
+    return np.abs(centre_offset) <= fov_deg / 360.0 * width / 2
+
+
+def fov_rows(height: int, vfov_deg: float) -> np.ndarray:
+    """[H] bool: the rows within +-vfov/2 of the horizon (rows span 180 degrees of elevation)."""
+    centre_offset = (np.arange(height) + 0.5) - height / 2
+    return np.abs(centre_offset) <= vfov_deg / 180.0 * height / 2
+
+
+def limit_fov(views: np.ndarray, fov_deg: float, vfov_deg: float | None = None) -> np.ndarray:
+    """[..., H, W, 3] uint8 views, each centred on its heading -> a copy in which only the centre
+    ``fov_deg`` of azimuth (and ``vfov_deg`` of elevation about the horizon) is kept; the rest is
+    the mean colour."""
+    if not 0 < fov_deg <= 360:
+        raise ValueError(f"fov_deg must be in (0, 360], got {fov_deg}")
+    h, w = views.shape[-3:-1]
+    keep = np.outer(fov_rows(h, vfov_deg) if vfov_deg is not None else np.ones(h, bool), fov_columns(w, fov_deg))
+    out = views.copy()
+    out[..., ~keep, :] = MEAN_RGB
+    return out
+
+
+def rotation_headings(rotations: int) -> np.ndarray:
+    """The headings (degrees) of ``rotations`` evenly spaced turns, starting at north."""
+    if rotations < 1:
+        raise ValueError(f"rotations must be >= 1, got {rotations}")
+    return np.arange(rotations) * (360.0 / rotations)
+
+
+def describe_rotations(encode: Callable[[np.ndarray], np.ndarray], views: np.ndarray,
+                       rotations: int) -> np.ndarray:
+    """Descriptors [R, N, D] of north-aligned views [N, H, W, 3] turned to each of the rotation
+    headings; ``encode`` maps uint8 views to unit rows. For polar aerial images: the tile as a view
+    centred on each heading would see it."""
+    return np.stack([encode(rotate_view(views, h)) for h in rotation_headings(rotations)])
+
+
+def match_over_rotations(queries: np.ndarray, rotated: np.ndarray,
+                         chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """queries [Q, D], rotated gallery [R, N, D] -> (scores [Q, N]: the best over the rotations,
+    best [Q, N]: which rotation)."""
+    q = np.asarray(queries, dtype=np.float32)
+    scores = np.empty((len(q), rotated.shape[1]), np.float32)
+    best = np.empty((len(q), rotated.shape[1]), np.int32)
+    for s in range(0, len(q), chunk):
+        sims = np.einsum("qd,rnd->rqn", q[s:s + chunk], rotated, optimize=True)
+        best[s:s + chunk] = sims.argmax(axis=0)
+        scores[s:s + chunk] = sims.max(axis=0)
+    return scores, best
+
+
+def refine_heading(rotation_scores: np.ndarray) -> float:
+    """The heading (degrees in [0, 360)) of the best of R evenly spaced rotations, refined by a
+    parabola through it and its two circular neighbours: between the rotations' grid points."""
+    s = np.asarray(rotation_scores, dtype=np.float64)
+    r = len(s)
+    best = int(np.argmax(s))
+    if r < 3:
+        return float(best * 360.0 / r)
+    left, mid, right = s[(best - 1) % r], s[best], s[(best + 1) % r]
+    curvature = left - 2 * mid + right
+    offset = 0.0 if curvature >= 0 else float(np.clip(0.5 * (left - right) / curvature, -0.5, 0.5))
+    return float(((best + offset) * 360.0 / r) % 360.0)
+
+
+def angle_difference(a_deg, b_deg) -> np.ndarray:
+    """Absolute circular difference of two headings, in [0, 180] degrees."""
+    d = (np.asarray(a_deg, dtype=np.float64) - np.asarray(b_deg, dtype=np.float64)) % 360.0
+    return np.minimum(d, 360.0 - d)
