@@ -163,6 +163,7 @@ def bench_module(name: str):
     """bench/NAME.py as a module (bench/ is no package; its scripts put the repo on sys.path)."""
     spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is made
     spec.loader.exec_module(module)
     return module
 
@@ -929,13 +930,13 @@ def summary_line(name: str, rec: dict) -> str:
                 f"{fmt(r.get('throughput_rps'))} req/s = {fmt(r.get('throughput_ratio'), 3)} x raw")
     if name == "search":
         rows = r.get("rows", [])
-        best = {}
-        for x in rows:
-            if x["batch"] == max(y["batch"] for y in rows):
-                key = (x["method"], x["dim"])
-                best[key] = x
-        return "; ".join(f"{m} d{d}: {fmt(x['qps'])} q/s" for (m, d), x in list(best.items())[:4]) + \
-            (f" (at batch {max(y['batch'] for y in rows)})" if rows else "")
+        if not rows:
+            return ""
+        dim, lo, hi = max(x["dim"] for x in rows), min(x["batch"] for x in rows), max(x["batch"] for x in rows)
+        qps = {(x["method"], x["batch"]): x["qps"] for x in rows if x["dim"] == dim}
+        methods = dict.fromkeys(m for m, _ in qps)
+        return f"dim {dim}, queries/s at batch {lo} / {hi}: " + "; ".join(
+            f"{m} {fmt(qps.get((m, lo)), 0)} / {fmt(qps.get((m, hi)), 0)}" for m in methods)
     return ""
 
 
