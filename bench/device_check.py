@@ -7,7 +7,7 @@ Each step writes DIR/STEP.json as it goes (status "running" until it ends), so a
 its time box still leaves what it had measured. Steps:
 
   env       machine: nvidia-smi, torch / CUDA / cuDNN versions, GPU name, CPUs, packages
-  ceilings  the two ceilings of bench/METHOD: a bf16 matrix product (TFLOP/s) and a
+  ceilings  the two ceilings the other numbers are read against: a bf16 matrix product (TFLOP/s) and a
             device-to-device copy (GB/s, bytes read + written)
   encode    paper-config encoder throughput per branch and batch size (the product path,
             model.inference.InferenceEncoder: bf16 autocast + channels_last on CUDA), FLOPs of one
@@ -84,9 +84,11 @@ DEMO_CHECKPOINT = REPO / "weights" / "l2ltr_tiny_demo.safetensors"
 # What the service needs beyond torch and numpy (module names), and what index_build needs.
 SERVICE_MODULES = ("fastapi", "starlette", "uvicorn", "pydantic", "pydantic_settings", "python_multipart",
                    "fastapi_offline", "httptools", "faiss")
+# (the machine's own ones among them are what the carried wheels assume: bench/device_wheels.py)
 PACKAGES_REPORTED = ("numpy", "pillow", "safetensors", "faiss-cpu", "faiss-gpu-cu12", "fastapi", "starlette",
                      "uvicorn", "pydantic", "pydantic-core", "pydantic-settings", "python-multipart",
-                     "fastapi-offline", "httptools", "uvloop", "prometheus-client", "triton")
+                     "fastapi-offline", "httptools", "opentelemetry-api", "uvloop", "prometheus-client",
+                     "typing-extensions", "anyio", "h11", "click", "annotated-doc", "packaging", "triton")
 
 
 @dataclass(frozen=True)
@@ -136,15 +138,15 @@ DEVICE_PROFILE = Profile(
 
 DRY_PROFILE = Profile(
     device="cpu", matmul_n=512, matmul_dtype="float32", copy_mib=32, ceiling_seconds=0.2,
-    encode_config=MICRO, encode_batches=(1, 8), encode_seconds=0.3,
+    encode_config=MICRO, encode_batches=(1, 8), encode_seconds=0.2,
     world_args=("--seed", "7", "--area-km2", "0.1", "--pairs", "40", "--tile-px", "128",
                 "--pano-height", "64", "--pano-width", "256"),
-    train_config=MICRO, train_batch=8, train_steps=5, train_log_every=1, train_max_pairs=32,
+    train_config=MICRO, train_batch=8, train_steps=4, train_log_every=1, train_max_pairs=32,
     index_models=(("micro", MICRO),), index_tiles=96, index_batch=16, raw_unique_tiles=24, raw_tiles=48,
     load_config=MICRO,
     load_args=("--tiles", "500", "--rounds", "1", "--concurrency", "4", "--max-batch-size", "4",
-               "--c1-requests", "20", "--c1-seconds", "1", "--load-requests", "200", "--load-seconds", "1.5",
-               "--raw-seconds", "0.4", "--raw-batches", "4", "--raw-threads", "1"),
+               "--c1-requests", "20", "--c1-seconds", "0.5", "--load-requests", "200", "--load-seconds", "1",
+               "--raw-seconds", "0.3", "--raw-batches", "4", "--raw-threads", "1"),
     search_n=20_000, search_dims=(64, 32), search_batches=(1, 16, 256), search_seconds=0.1,
 )
 
@@ -360,18 +362,21 @@ def step_env(rec: StepRecord, prof: Profile, work: Path) -> None:
         info.update(gpu=props.name, gpu_count=torch.cuda.device_count(), capability=f"{props.major}.{props.minor}",
                     sms=props.multi_processor_count, gpu_memory_gib=round(props.total_memory / 2 ** 30, 1),
                     peak_bf16_tflops=peak_bf16_tflops(props.name))
+    info["nvidia_smi"] = None
     if shutil.which("nvidia-smi"):
-        query = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.sm,power.limit,"
-             "temperature.gpu,utilization.gpu", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=30)
-        info["nvidia_smi"] = query.stdout.strip() or query.stderr.strip()
-        plain = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30)
-        print(plain.stdout, flush=True)
-    else:
-        info["nvidia_smi"] = None
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    info["commit"] = commit.stdout.strip() or None
+        try:
+            query = subprocess.run(
+                ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.sm,power.limit,"
+                 "temperature.gpu,utilization.gpu", "--format=csv,noheader"],
+                capture_output=True, text=True, timeout=30)
+            info["nvidia_smi"] = query.stdout.strip() or query.stderr.strip()
+            print(subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30).stdout, flush=True)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            rec.error("nvidia-smi", exc)
+    info["commit"] = None
+    if shutil.which("git"):  # the machine's copy of the tree may come without git or .git
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+        info["commit"] = commit.stdout.strip() or None
     packages = {}
     for dist in PACKAGES_REPORTED:
         try:
@@ -385,7 +390,7 @@ def step_env(rec: StepRecord, prof: Profile, work: Path) -> None:
 
         info["faiss"] = faiss.__version__
         info["faiss_gpus"] = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
-    rec.data["results"] = info
+    rec.data["results"].update(info)
     say("env", f"{info.get('gpu') or 'no GPU'}; torch {info['torch']} (CUDA {info['torch_cuda']}); "
                f"{info['cpus']} CPUs; missing for the service: {info['service_modules_missing'] or 'nothing'}")
 
@@ -518,12 +523,15 @@ def step_world(rec: StepRecord, prof: Profile, work: Path) -> None:
     seconds = time.perf_counter() - t0
     if proc.returncode:
         raise RuntimeError(f"worldgen exited with {proc.returncode}")
-    with open(out / "tiles.csv") as fh:
-        tiles = sum(1 for _ in fh) - 1
-    train = sum(1 for _ in open(out / "splits" / "train.csv")) - 1
+    tiles, train = csv_rows(out / "tiles.csv"), csv_rows(out / "splits" / "train.csv")
     rec.data["results"] = {"args": list(prof.world_args), "workers": workers, "seconds": round(seconds, 1),
                            "tiles": tiles, "train_pairs": train, "pairs_per_s": round(tiles / seconds, 1)}
     say("world", f"{tiles} pairs ({train} for training) in {seconds:.1f} s with {workers} workers")
+
+
+def csv_rows(path: Path) -> int:
+    with open(path, newline="") as fh:
+        return sum(1 for _ in csv.DictReader(fh))
 
 
 def need_world(work: Path) -> Path:
@@ -921,7 +929,8 @@ def summary_line(name: str, rec: dict) -> str:
         return (f"{r.get('config')}: {fmt(r.get('steps_per_s'), 2)} steps/s at batch {r.get('batch')} "
                 f"({fmt(r.get('pairs_per_s'))} pairs/s)")
     if name == "index":
-        return "; ".join(f"{x['model']}: {fmt(x.get('build_tiles_per_s'))} tiles/s (raw {fmt(x.get('raw_tiles_per_s'))})"
+        return "; ".join(f"{x['model']}: {fmt(x.get('build_tiles_per_s'))} tiles/s "
+                         f"(raw {fmt(x.get('raw_tiles_per_s'))})"
                          for x in r.get("rows", []) if "error" not in x)
     if name == "load":
         if r.get("throughput_rps") is None:
@@ -981,8 +990,9 @@ def markdown(report: dict) -> str:
     if tr.get("steps_per_s"):
         lines += ["", "| training config | device | precision | batch | steps/s | pairs/s | forward GFLOP/pair | "
                       "~TFLOP/s (3 x forward) | ~MFU |", "|---|---|---|---|---|---|---|---|---|",
-                  f"| {tr['config']} | {tr['device']} | {tr['precision']} | {tr['batch']} | {fmt(tr['steps_per_s'], 2)} | "
-                  f"{fmt(tr['pairs_per_s'])} | {fmt(tr['forward_gflop_per_pair'], 2)} | {fmt(tr['approx_tflops'], 2)} | "
+                  f"| {tr['config']} | {tr['device']} | {tr['precision']} | {tr['batch']} | "
+                  f"{fmt(tr['steps_per_s'], 2)} | {fmt(tr['pairs_per_s'])} | {fmt(tr['forward_gflop_per_pair'], 2)} | "
+                  f"{fmt(tr['approx_tflops'], 2)} | "
                   f"{fmt(tr.get('approx_mfu'), 3)} |"]
     ix = (steps.get("index") or {}).get("results") or {}
     if ix.get("rows"):
@@ -1013,7 +1023,8 @@ def markdown(report: dict) -> str:
                   "|---|---|---|---|---|---|---|"]
         for x in se["rows"]:
             recall = x.get("recall_at_10_vs_float32", x.get("recall_at_10_vs_torch"))
-            lines.append(f"| {x['method']} | {x['dim']} | {x['batch']} | {fmt(x['qps'])} | {fmt(x['ms_per_call'], 3)} | "
+            lines.append(f"| {x['method']} | {x['dim']} | {x['batch']} | {fmt(x['qps'])} | "
+                         f"{fmt(x['ms_per_call'], 3)} | "
                          f"{fmt(x['scan_gbps'])} | {fmt(recall, 4)} |")
     failed = [(n, r) for n, r in steps.items() if r["status"] in ("failed", "timeout", "partial")]
     if failed:

@@ -8,11 +8,12 @@
 # From a session with a lent machine (bench/device_wheels.sh first, here, to fill .whl/):
 #   run(command="bash bench/device_check.sh", carry=[".whl"], timeout_s=540)
 #
-# Steps: wheels (install .whl/*.whl into /tmp/site), then bench/device_check.py's env, ceilings,
-# encode, world, train, index, load, search. Every step is time-boxed (`timeout`) within a total
-# budget; a step that fails or runs out of time is recorded and the next one runs. The results go to
-# $OUT (default runs/device_check/): device_check.json, device_check.md (tables ready for
-# bench/RESULTS.md) and device_check.log (everything printed). Exit code 1 if a step failed or timed out.
+# Steps: wheels (pip installs .whl/*.whl into the working folder, put on PYTHONPATH), then
+# bench/device_check.py's env, ceilings, encode, world, train, index, load, search. Every step is
+# time-boxed (`timeout`) within a total budget; a step that fails or runs out of time is recorded and
+# the next one runs. The results go to $OUT (default runs/device_check/): device_check.json,
+# device_check.md (tables ready for bench/RESULTS.md) and device_check.log (everything printed).
+# Exit code 1 if a step failed or ran out of time.
 #
 # Environment: OUT (results folder), PYTHON (default python3), DEVICE_CHECK_BUDGET_S (seconds for
 # the whole run; default 470, 300 with --dry-run), KEEP_WORK=1 keeps the working folder.
@@ -25,7 +26,7 @@ declare -A CAP=([wheels]=60 [env]=30 [ceilings]=30 [encode]=90 [world]=60 [train
                 [load]=110 [search]=80)
 RESERVE_PER_STEP=10   # kept for every step still to come, so one slow step cannot starve the rest
 
-usage() { sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,/^set /{/^#/s/^# \{0,1\}//p}' "${BASH_SOURCE[0]}"; }
 
 DRY=0
 STEPS=$ALL_STEPS
@@ -67,7 +68,8 @@ time_box() {
 }
 
 install_wheels() {
-    local site=/tmp/site wheels=() failed=() installed=0 status=ok reason="" t0 limit
+    # inside the working folder, so that nothing outlives the run (on a machine without a GPU too)
+    local site=$WORK/site wheels=() failed=() installed=0 status=ok reason="" errors="" t0 limit
     t0=$(date +%s)
     limit=$(time_box wheels 8)
     shopt -s nullglob
@@ -94,14 +96,16 @@ install_wheels() {
                 else
                     failed+=("$(basename "$w")")
                     status=partial
+                    errors="\"pip could not install ${failed[*]} (see the log)\""
                 fi
             done
         fi
         export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
     fi
     # wheel file names hold only letters, digits and . _ - +, so they need no JSON escaping
-    printf '{"step": "wheels", "status": "%s", "reason": "%s", "results": {"wheels": %d, "installed": %d, "failed": "%s"}, "errors": []}\n' \
-        "$status" "$reason" "${#wheels[@]}" "$installed" "${failed[*]}" >"$WORK/wheels.json"
+    printf '{"step": "wheels", "status": "%s", "reason": "%s", "results": %s, "errors": [%s]}\n' \
+        "$status" "$reason" "{\"wheels\": ${#wheels[@]}, \"installed\": $installed, \"failed\": \"${failed[*]}\"}" \
+        "$errors" >"$WORK/wheels.json"
     record wheels 0 $(($(date +%s) - t0)) "$limit"
     say "wheels: ${reason:-$installed of ${#wheels[@]} installed${failed[*]:+; failed: ${failed[*]}}}"
 }

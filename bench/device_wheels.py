@@ -7,10 +7,10 @@
 The GPU machine runs Python 3.12 with torch, numpy and many other packages, but not faiss nor the
 service's web stack, and it reaches no package registry: what it lacks travels as wheels in the
 git-ignored folder .whl/, named in the device call's `carry`, and device_check.sh installs them with
-`pip install --no-index --no-deps --target /tmp/site`. What is fetched: faiss-cpu and the service
-extra of pyproject.toml, with every dependency they need that the machine does not have, each at the
-version installed in the Python running this (the project's venv: the versions the suite passes with),
-as manylinux x86_64 / pure-Python wheels for CPython 3.12.
+`pip install --no-index --no-deps --target` into its working folder. What is fetched: faiss-cpu and
+the service extra of pyproject.toml, with every dependency they need that the machine does not have,
+each at the version installed in the Python running this (the project's venv: the versions the suite
+passes with), as manylinux x86_64 / pure-Python wheels for CPython 3.12.
 
 Packages the machine already has are refused (a second copy on PYTHONPATH would shadow its own),
 unless named with --shadow after a device run has shown its version to be too old. The check
@@ -232,7 +232,8 @@ def check(dest: Path, shadow: set[str] = frozenset(), repo: Path | None = REPO) 
             else:
                 result.problems.append(f"{name} needs {req}, which neither the GPU machine nor .whl/ has")
     if result.wheels_bytes > WHEELS_LIMIT:
-        result.problems.append(f"the wheels take {result.wheels_bytes / MIB:.1f} MiB, more than {WHEELS_LIMIT // MIB} MiB")
+        result.problems.append(f"the wheels take {result.wheels_bytes / MIB:.1f} MiB, more than "
+                               f"{WHEELS_LIMIT // MIB} MiB")
     if repo is not None:
         result.tree_bytes = tree_bytes(repo)
         if result.tree_bytes is not None and result.tree_bytes + result.wheels_bytes > CARRY_LIMIT - CARRY_MARGIN:
