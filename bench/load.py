@@ -239,7 +239,8 @@ class Server:
         self.port = free_port()
         full = {k: v for k, v in os.environ.items() if not k.startswith("GEOLOC_")}
         full.update(env)
-        full["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+        # the repo first, then what the caller had (e.g. wheels installed with pip --target)
+        full["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), full.get("PYTHONPATH")) if p)
         self.log = log.open("wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(self.port)],
