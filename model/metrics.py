@@ -83,3 +83,19 @@ def localization_error(query, gallery, query_latlon, gallery_latlon) -> dict[str
     err = haversine_m(ql[:, 0], ql[:, 1], gl[top1, 0], gl[top1, 1])
     return {"median_m": float(np.median(err)), "within_25m": float((err <= 25).mean()),
             "within_50m": float((err <= 50).mean()), "within_100m": float((err <= 100).mean())}
+
+
+def match_margin(scores, latlon, distinct_m: float = 150.0) -> tuple[float | None, int | None]:
+    """How much the best of a ranked list of matches (scores [K], best first; their tile centres
+    latlon [K, 2]) beats the best one at least ``distinct_m`` away from it: (score margin, index of
+    that competitor), or (None, None) when no listed match is that far. A small margin means two
+    different places look alike: the answer is ambiguous."""
+    s = np.asarray(scores, dtype=np.float64)
+    ll = np.asarray(latlon, dtype=np.float64)
+    if len(s) < 2:
+        return None, None
+    far = haversine_m(ll[0, 0], ll[0, 1], ll[1:, 0], ll[1:, 1]) >= distinct_m
+    if not far.any():
+        return None, None
+    j = 1 + int(np.argmax(far))  # ranked: the first far one is the best far one
+    return float(s[0] - s[j]), j

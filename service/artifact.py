@@ -19,6 +19,9 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from model.metrics import match_margin
+from model.orientation import estimate_headings
+
 from .schemas import IndexInfo, TileMatch
 
 SUPPORTED_FORMAT_VERSIONS = {1}
@@ -60,6 +63,17 @@ class Signature:
 
 
 Match = TileMatch  # one ranked answer row
+CANDIDATES = 20  # matches searched per image at least: the confidence looks past the k asked for
+DISTINCT_M = 150.0  # a competing match this far from the best one is another place
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One image's answer: its ranked matches and how clearly the best one wins."""
+
+    matches: list[Match]
+    margin: float | None  # model.metrics.match_margin
+    competitor: str | None  # tile id of the best match at least DISTINCT_M from the best
 
 
 @dataclass(frozen=True, eq=False)
@@ -77,6 +91,7 @@ class ServedIndex:
     lon: np.ndarray
     sources: list[str]
     row_of: dict[str, int] = field(repr=False)
+    orientation: np.ndarray | None = field(default=None, repr=False)  # [count, columns, dim] float16
     gpu_resources: object = field(default=None, repr=False)  # must outlive a GPU index
 
     @property
@@ -87,14 +102,26 @@ class ServedIndex:
     def generation(self) -> int:
         return self.info.generation
 
-    def search(self, vectors: np.ndarray, k: int) -> list[list[Match]]:
-        """The top ``min(k, count)`` tiles of each query row, best first."""
-        scores, rows = self.index.search(vectors, min(k, self.count))
-        tile_ids, lat, lon = self.tile_ids, self.lat, self.lon
-        return [[Match.model_construct(rank=rank, tile_id=tile_ids[r], lat=float(lat[r]), lon=float(lon[r]),
-                                       score=float(s))
-                 for rank, (s, r) in enumerate(zip(score_row.tolist(), row_row.tolist()), start=1) if r >= 0]
-                for score_row, row_row in zip(scores, rows)]
+    def answer(self, vectors: np.ndarray, columns: np.ndarray | None, seen: np.ndarray, k: int) -> list[Answer]:
+        """Each query row's top ``k`` tiles, best first, with the view's heading at each tile where
+        both the model (``columns``: the view's column features [n, W, C]; ``seen`` [n, pixel
+        columns] what each view covers) and this index have orientation features."""
+        scores, rows = self.index.search(vectors, min(max(k, CANDIDATES), self.count))
+        answers = []
+        for i, (score_row, row_row) in enumerate(zip(scores, rows)):
+            found = row_row >= 0
+            score_row, row_row = score_row[found], row_row[found]
+            top = row_row[:k]
+            headings = [None] * len(top)
+            if columns is not None and self.orientation is not None and len(top):
+                headings = [round(float(h), 1) for h in estimate_headings(
+                    columns[i], self.orientation[top].astype(np.float32), seen[i])]
+            margin, j = match_margin(score_row, np.column_stack([self.lat[row_row], self.lon[row_row]]), DISTINCT_M)
+            matches = [Match.model_construct(rank=rank, tile_id=self.tile_ids[r], lat=float(self.lat[r]),
+                                             lon=float(self.lon[r]), score=float(sc), heading_deg=h)
+                       for rank, (sc, r, h) in enumerate(zip(score_row.tolist(), top.tolist(), headings), start=1)]
+            answers.append(Answer(matches, margin, None if j is None else self.tile_ids[row_row[j]]))
+        return answers
 
 
 def _read_manifest(directory: Path) -> dict:
@@ -218,6 +245,7 @@ def load_artifact(path: Path, *, expected_fingerprint: str, embedding_dim: int, 
             raise ArtifactChanged(f"{path}: artifact replaced while loading")
     except FileNotFoundError:
         raise ArtifactChanged(f"{path}: artifact moved away while loading") from None
+    orientation = _read_orientation(directory, manifest, count)
     resources = None
     if gpu is not None:
         index, resources = _to_gpu(index, gpu)
@@ -226,7 +254,23 @@ def load_artifact(path: Path, *, expected_fingerprint: str, embedding_dim: int, 
         metric=manifest["metric"], index_type=str(manifest["index_type"]), built_at=str(manifest["built_at"]),
         catalog_sha256=manifest.get("catalog_sha256"), generation=generation)
     return ServedIndex(path=directory, signature=signature, public_manifest=public_manifest(manifest), info=info, index=index, tile_ids=tile_ids,
-                       lat=lat, lon=lon, sources=sources, row_of=row_of, gpu_resources=resources)
+                       lat=lat, lon=lon, sources=sources, row_of=row_of, orientation=orientation,
+                       gpu_resources=resources)
+
+
+def _read_orientation(directory: Path, manifest: dict, count: int) -> np.ndarray | None:
+    """The tiles' orientation features (memory-mapped), when the artifact has them."""
+    entry = manifest.get("orientation")
+    if not entry:
+        return None
+    path = directory / str(entry.get("file", "orientation.npy"))
+    try:
+        columns = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"{path}: unreadable orientation features: {exc}") from None
+    if columns.ndim != 3 or columns.shape[0] != count:
+        raise ArtifactError(f"{path}: shape {columns.shape}, expected [{count}, columns, dim]")
+    return columns
 
 
 def _to_gpu(index: "faiss.Index", device: int):

@@ -24,7 +24,7 @@ from typing import Any, Awaitable, Callable, Iterator
 import numpy as np
 import torch
 
-from .artifact import Match, ServedIndex
+from .artifact import Answer, ServedIndex
 from .metrics import Metrics
 
 log = logging.getLogger("service.engine")
@@ -50,7 +50,8 @@ class ResultTimeout(Exception):
 class Job:
     n: int  # images
     k: int
-    decode: Callable[[], torch.Tensor]  # -> [n, 3, H, W] uint8 at the model's ground size
+    # -> ([n, 3, H, W] uint8 at the model's ground size, [n, W] bool: the pixel columns each view covers)
+    decode: Callable[[], tuple[torch.Tensor, np.ndarray]]
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
     enqueued: float = field(default_factory=time.perf_counter)
@@ -59,7 +60,7 @@ class Job:
 
 @dataclass(frozen=True)
 class JobResult:
-    matches: list[list[Match]]  # per image
+    answers: list[Answer]  # per image
     index: ServedIndex  # the generation that answered
     decode_ms: float
     queue_ms: float  # from queueing to the start of its batch
@@ -79,10 +80,12 @@ def _settle(outcomes: list[tuple[asyncio.Future, Any, BaseException | None]]) ->
 
 
 class Engine:
-    """Bounded job queue + executor threads. ``encode`` maps uint8 images to unit rows (the model's
-    ground branch); ``index`` is the ServedIndex searched, replaced by assignment."""
+    """Bounded job queue + executor threads. ``encode`` maps uint8 images to unit rows and, where the
+    model has an orientation head, column features (the model's ground branch); ``index`` is the
+    ServedIndex searched, replaced by assignment."""
 
-    def __init__(self, encode: Callable[[torch.Tensor], np.ndarray], index: ServedIndex, *,
+    def __init__(self, encode: Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray | None]],
+                 index: ServedIndex, *,
                  metrics: Metrics, workers: int, threads_per_worker: int | None,
                  max_batch_size: int, max_batch_wait_ms: float, queue_size: int,
                  request_timeout_s: float) -> None:
@@ -157,7 +160,7 @@ class Engine:
                 self._cond.notify_all()
 
     # --- the event loop's side ------------------------------------------------------------
-    async def localize(self, decode: Callable[[], torch.Tensor], *, n: int, k: int,
+    async def localize(self, decode: Callable[[], tuple[torch.Tensor, np.ndarray]], *, n: int, k: int,
                        disconnected: Callable[[], Awaitable[Any]] | None = None) -> JobResult:
         """Queue ``n`` images (made by ``decode`` on an executor thread) and wait for their matches."""
         loop = asyncio.get_running_loop()
@@ -230,14 +233,16 @@ class Engine:
     def _compute(self, jobs: list[Job]) -> None:
         index = self.index  # read once: the whole batch is answered by this generation
         started = time.perf_counter()
-        live, images, failed, decode_ms = [], [], [], {}
+        live, images, seen, failed, decode_ms = [], [], [], [], {}
         for job in jobs:
             if job.abandoned:
                 self.metrics.dropped.labels(job.abandoned).inc(job.n)
                 continue
             t0 = time.perf_counter()
             try:
-                images.append(job.decode())
+                job_images, job_seen = job.decode()
+                images.append(job_images)
+                seen.append(job_seen)
                 live.append(job)
             except Exception as exc:  # a bad upload fails its own job, not the batch
                 failed.append((job, None, exc))
@@ -246,18 +251,18 @@ class Engine:
         if not live:
             return
         t0 = time.perf_counter()
-        vectors = self._encode(images[0] if len(images) == 1 else torch.cat(images))
+        vectors, columns = self._encode(images[0] if len(images) == 1 else torch.cat(images))
         t1 = time.perf_counter()
-        per_image = index.search(vectors, max(job.k for job in live))
+        answers = index.answer(vectors, columns, np.concatenate(seen), max(job.k for job in live))
         t2 = time.perf_counter()
-        n = len(per_image)
+        n = len(answers)
         encode_ms, search_ms = (t1 - t0) * 1000.0, (t2 - t1) * 1000.0
         self.metrics.observe_batch(n, encode_ms / 1000.0, search_ms / 1000.0)
         outcomes, row = [], 0
         for job in live:
-            matches = [m[:job.k] for m in per_image[row:row + job.n]]
+            mine = [Answer(a.matches[:job.k], a.margin, a.competitor) for a in answers[row:row + job.n]]
             row += job.n
-            outcomes.append((job, JobResult(matches, index, decode_ms[job],
+            outcomes.append((job, JobResult(mine, index, decode_ms[job],
                                             (started - job.enqueued) * 1000.0, encode_ms, search_ms, n), None))
         self._deliver(outcomes)
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import anyio
 from fastapi import APIRouter, Depends, Header, Query, Request
@@ -60,6 +60,23 @@ KQuery = Annotated[int, BeforeValidator(_whole_number),
                    Query(ge=K_MIN, le=K_MAX, description="Number of matches to return (1-100).")]
 AcceptHeader = Annotated[str | None, Header(description="application/geo+json for GeoJSON")]
 
+
+def view_params(
+    fov_deg: Annotated[float | None, Query(gt=0, le=360, description=(
+        "Horizontal field of view of the image(s), degrees. Default: from the photo's EXIF focal length "
+        "(FocalLengthIn35mmFilm), else 360 for an image at least 3.5 times as wide as high; otherwise 422."))] = None,
+    heading_deg: Annotated[float | None, Query(ge=0, lt=360, description=(
+        "Where the image's centre looks, degrees clockwise from true north. Default: EXIF GPSImgDirection; "
+        "else unknown, and each match says the heading it implies."))] = None,
+    projection: Annotated[Literal["equirectangular", "perspective"] | None, Query(description=(
+        "perspective: a photo (pinhole camera); equirectangular: a panorama or a crop of one. Default: "
+        "perspective for a narrow image with a field of view under 360, else equirectangular."))] = None,
+) -> localize.ViewParams:
+    return localize.ViewParams(fov_deg, heading_deg, projection)
+
+
+ViewQuery = Annotated[localize.ViewParams, Depends(view_params)]
+
 # create_app adds the API-key check (and its 401) to `api` and `admin` where keys are configured
 api = APIRouter()
 public = APIRouter()
@@ -72,10 +89,10 @@ admin = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require
     openapi_extra=_multipart("image", many=False),
     responses=_localize_responses("Matches as JSON, or as a GeoJSON FeatureCollection on request."),
 )
-async def localize_one(request: Request, runtime: ReadyRuntime, k: KQuery = 5,
+async def localize_one(request: Request, runtime: ReadyRuntime, view: ViewQuery, k: KQuery = 5,
                        accept: AcceptHeader = None) -> Any:
-    result, _, started = await localize.run(request, runtime, k=k, batch=False)
-    body = localize.single_response(runtime, result, started)
+    done = await localize.run(request, runtime, k=k, batch=False, params=view)
+    body = localize.single_response(runtime, done)
     if localize.wants_geojson(accept):
         fc = localize.to_geojson([(None, body.results)], body.model, body.index, body.timing_ms.model_dump())
         return _json(fc, localize.GEOJSON)
@@ -88,10 +105,10 @@ async def localize_one(request: Request, runtime: ReadyRuntime, k: KQuery = 5,
     openapi_extra=_multipart("images", many=True),
     responses=_localize_responses("One list per image, or one FeatureCollection with an `image` property."),
 )
-async def localize_batch(request: Request, runtime: ReadyRuntime, k: KQuery = 5,
+async def localize_batch(request: Request, runtime: ReadyRuntime, view: ViewQuery, k: KQuery = 5,
                          accept: AcceptHeader = None) -> Any:
-    result, files, started = await localize.run(request, runtime, k=k, batch=True)
-    body = localize.batch_response(runtime, result, files, started)
+    done = await localize.run(request, runtime, k=k, batch=True, params=view)
+    body = localize.batch_response(runtime, done)
     if localize.wants_geojson(accept):
         fc = localize.to_geojson([(it.image, it.results) for it in body.items], body.model, body.index,
                                  body.timing_ms.model_dump())

@@ -139,7 +139,7 @@ class Runtime:
                 return
             workers, threads = encoder_plan(s, model.encoder.device.type == "cuda")
             engine = Engine(
-                lambda images: model.encoder.encode_uint8(images, "ground", s.max_batch_size), index,
+                lambda images: model.encoder.encode_uint8_with_columns(images, "ground", s.max_batch_size), index,
                 metrics=self.metrics, workers=workers, threads_per_worker=threads,
                 max_batch_size=s.max_batch_size, max_batch_wait_ms=s.max_batch_wait_ms,
                 queue_size=s.queue_size, request_timeout_s=s.request_timeout_s)

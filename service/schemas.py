@@ -12,6 +12,31 @@ class TileMatch(BaseModel):
     lat: float = Field(..., description="WGS84 latitude of the tile centre (camera position).")
     lon: float = Field(..., description="WGS84 longitude of the tile centre.")
     score: float = Field(..., description="Cosine similarity of the two descriptors (-1..1).")
+    heading_deg: float | None = Field(
+        None, description="The view's heading (its centre, degrees clockwise from north) were it taken at this "
+        "tile, found by the model's orientation head; null where the model or index has none.")
+
+
+class ViewInfo(BaseModel):
+    """How the upload was read: its field of view and heading, and where they came from."""
+
+    fov_deg: float = Field(..., description="Horizontal field of view, degrees.")
+    projection: Literal["equirectangular", "perspective"]
+    fov_source: Literal["parameter", "exif", "aspect"]
+    heading_deg: float | None = Field(
+        None, description="Given (parameter, EXIF GPSImgDirection) or, otherwise, estimated at the best match.")
+    heading_source: Literal["parameter", "exif", "estimated"] | None = None
+
+
+class Confidence(BaseModel):
+    """How clearly the best match beats the best one elsewhere (at least `distinct_m` away)."""
+
+    margin: float | None = Field(..., description="Score of the best match minus that of the best match at least "
+                                 "distinct_m from it; null when none of the candidates is that far.")
+    ambiguous: bool = Field(..., description="True when the margin is below GEOLOC_AMBIGUITY_MARGIN: two "
+                            "different places look alike, do not trust the best match alone.")
+    competitor_tile_id: str | None = None
+    distinct_m: float
 
 
 class ModelInfo(BaseModel):
@@ -43,6 +68,8 @@ class Timing(BaseModel):
 
 class LocalizeResponse(BaseModel):
     results: list[TileMatch]
+    view: ViewInfo
+    confidence: Confidence
     model: ModelInfo
     index: IndexInfo
     timing_ms: Timing
@@ -53,6 +80,8 @@ class BatchItem(BaseModel):
     image: int = Field(..., description="Position of the image in the request (0-based).")
     filename: str | None = None
     results: list[TileMatch]
+    view: ViewInfo
+    confidence: Confidence
     batch_size: int
 
 

@@ -74,7 +74,12 @@ class Settings(BaseSettings):
     max_pixels: int = Field(40_000_000, ge=1, description="Width x height limit (bombs).")
     min_image_side: int = Field(16, ge=1, description="Smallest accepted width or height.")
     max_aspect_ratio: float = Field(
-        10.0, ge=1.0, description="Largest accepted max(w/h, h/w); panoramas are ~2:1 to 5:1."
+        6.0, ge=1.0, description="Largest accepted max(w/h, h/w): street-level views are at most a "
+        "panorama's ~2:1 to 5.5:1 (CVUSA); a thinner strip is refused (400)."
+    )
+    ambiguity_margin: float = Field(
+        0.02, ge=0, description="An answer whose best match beats the best one elsewhere (150 m or more "
+        "away) by less than this score is flagged ambiguous.",
     )
 
     # --- security -------------------------------------------------------------------------

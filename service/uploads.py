@@ -14,13 +14,15 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import anyio
+import numpy as np
 import torch
 from PIL import Image
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
-from model.preprocess import ImageDecodeError, image_uint8, load_ground_image
+from model.preprocess import ImageDecodeError, exif_camera, image_uint8
+from model.views import place_view
 
 
 class UploadError(Exception):
@@ -307,8 +309,8 @@ def check_image(upload: UploadedFile, limits: ImageLimits) -> tuple[str, int, in
     if ratio > limits.max_aspect_ratio:
         raise UploadError(
             400, "bad_dimensions",
-            f"{label} is {width}x{height} (aspect ratio {ratio:.1f}); "
-            f"the limit is {limits.max_aspect_ratio:g}",
+            f"{label} is {width}x{height} (aspect ratio {ratio:.1f}): not a street-level view; "
+            f"photos and panoramas are at most {limits.max_aspect_ratio:g}:1",
         )
     return fmt, width, height
 
@@ -318,18 +320,63 @@ def _label(upload: UploadedFile) -> str:
     return f"image {upload.index}{name}"
 
 
-def decode_uploads(files: list[UploadedFile], limits: ImageLimits, config) -> torch.Tensor:
-    """Uploads that passed `check_image` -> [n, 3, H, W] uint8 at the model's ground size (an
-    encoder thread calls this right before its forward); UploadError names the first upload whose
-    pixel data is damaged."""
-    tensors = []
-    for upload in files:
+PANORAMA_ASPECT = 3.5  # width/height from which an image without a stated field of view is a 360 panorama
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """How one upload is read (service.schemas.ViewInfo says the same to the client)."""
+
+    fov_deg: float
+    projection: str  # model.views.PROJECTIONS
+    fov_source: str  # parameter | exif | aspect
+    heading_deg: float | None  # where it is placed; None: centred on north, the heading is searched
+    heading_source: str | None  # parameter | exif
+
+
+def view_spec(upload: UploadedFile, width: int, height: int, fov_deg: float | None, heading_deg: float | None,
+              projection: str | None) -> ViewSpec:
+    """The field of view, projection and heading of an upload that passed `check_image`: the request's
+    parameters first, then the photo's EXIF (FocalLengthIn35mmFilm, GPSImgDirection), then its shape
+    (a wide image is a 360 degree panorama). Without any: 422 naming the parameter to send."""
+    try:
+        exif_fov, exif_heading = exif_camera(upload.data, _label(upload))
+    except ImageDecodeError:
+        exif_fov = exif_heading = None
+    if fov_deg is not None:
+        fov, fov_source = fov_deg, "parameter"
+    elif exif_fov is not None:
+        fov, fov_source = exif_fov, "exif"
+    elif width >= PANORAMA_ASPECT * height:
+        fov, fov_source = 360.0, "aspect"
+    else:
+        raise UploadError(
+            422, "fov_unknown",
+            f"{_label(upload)} is {width}x{height} (aspect {width / height:.2f}): not a 360 degree panorama "
+            f"(aspect {PANORAMA_ASPECT:g}:1 or wider) and its EXIF states no focal length; send its horizontal "
+            "field of view as the parameter fov_deg (e.g. fov_deg=65 for a phone's main camera)")
+    if projection is None:
+        projection = "perspective" if fov_source == "exif" or (fov < 360 and width < PANORAMA_ASPECT * height) \
+            else "equirectangular"
+    heading, heading_source = (heading_deg, "parameter") if heading_deg is not None else \
+        (exif_heading, "exif") if exif_heading is not None else (None, None)
+    return ViewSpec(fov, projection, fov_source, heading, heading_source)
+
+
+def decode_uploads(files: list[UploadedFile], specs: list[ViewSpec], limits: ImageLimits,
+                   config) -> tuple[torch.Tensor, np.ndarray]:
+    """Uploads that passed `check_image` -> ([n, 3, H, W] uint8 in the ground branch's panorama frame,
+    [n, W] bool: the pixel columns each covers) (an encoder thread calls this right before its
+    forward); UploadError names the first upload whose pixel data is damaged."""
+    views, seen = [], []
+    for upload, spec in zip(files, specs):
         try:
-            img = load_ground_image(upload.data, config, name=f"image {upload.index}",
-                                    max_pixels=limits.max_pixels)
+            view, covered = place_view(upload.data, config, fov_deg=spec.fov_deg, heading_deg=spec.heading_deg,
+                                       projection=spec.projection, name=f"image {upload.index}",
+                                       max_pixels=limits.max_pixels)
         except ImageDecodeError as exc:
             raise UploadError(400, "undecodable_image", str(exc)) from None
-        tensors.append(image_uint8(img))
-        img.close()
+        views.append(image_uint8(view))
+        seen.append(covered)
         upload.data = b""  # the bytes are no longer needed; let them go early
-    return torch.stack(tensors)
+    return torch.stack(views), np.stack(seen)

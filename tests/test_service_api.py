@@ -17,6 +17,7 @@ import time
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -613,8 +614,8 @@ def test_no_result_in_time_is_504_and_the_job_is_dropped(world):
 
 
 def test_upload_bytes_in_progress_have_a_budget_beyond_which_requests_get_503(world):
-    big = jpeg_bytes(400, 200, seed=5, quality=100)  # two of them do not fit in the budget
-    assert 140_000 < len(big) < 190_000
+    big = jpeg_bytes(600, 150, seed=5, quality=100)  # a panorama; two of them do not fit in the budget
+    assert 140_000 < len(big) < 195_000
     settings = settings_for(world, world.artifact_a, max_upload_bytes=200_000, max_batch_images=1,
                             max_inflight_upload_bytes=265_536, retry_after_s=2)  # one body's worth
     with running_client(settings) as client:
@@ -800,3 +801,64 @@ def test_a_failed_reload_is_no_longer_reported_once_the_served_artifact_is_publi
 def test_admin_disabled_without_token(client):
     _assert_error(client.post("/admin/reload", headers={"Authorization": "Bearer x"}),
                   403, "forbidden")
+
+
+# --- limited views: field of view, heading, confidence ------------------------------------------
+
+def _photo(width: int = 160, height: int = 120, *, hfov: float | None = None, heading: float | None = None) -> bytes:
+    """A JPEG photo; with EXIF FocalLengthIn35mmFilm / GPSImgDirection as worldgen writes them."""
+    from worldgen.dataset import camera_exif, encode_jpeg
+
+    pixels = np.asarray(Image.open(io.BytesIO(jpeg_bytes(width, height, seed=11))).convert("RGB"))
+    return encode_jpeg(pixels, exif=camera_exif(hfov, heading) if hfov is not None else None)
+
+
+def test_the_field_of_view_and_heading_come_from_parameters_exif_or_the_shape(client, world):
+    pano = _post(client, world.pano).json()["view"]
+    assert pano == {"fov_deg": 360.0, "projection": "equirectangular", "fov_source": "aspect",
+                    "heading_deg": None, "heading_source": None}  # no orientation head: no heading
+    exif = _post(client, _photo(hfov=65.0, heading=123.0)).json()["view"]
+    assert exif["fov_source"] == "exif" and exif["projection"] == "perspective"
+    assert exif["fov_deg"] == pytest.approx(65.0, abs=1.0)  # a whole mm of 35 mm focal length
+    assert (exif["heading_deg"], exif["heading_source"]) == (123.0, "exif")
+    files = {"image": ("p.jpg", _photo(hfov=65.0, heading=123.0), "image/jpeg")}
+    given = client.post("/localize?fov_deg=90&heading_deg=10.5", files=files).json()["view"]
+    assert (given["fov_deg"], given["fov_source"], given["heading_deg"], given["heading_source"]) == \
+        (90.0, "parameter", 10.5, "parameter")  # parameters win over EXIF
+    crop = client.post("/localize?fov_deg=180&projection=equirectangular",
+                       files={"image": ("c.jpg", jpeg_bytes(256, 128), "image/jpeg")})
+    assert crop.status_code == 200 and crop.json()["view"]["projection"] == "equirectangular"
+    for query in ("fov_deg=0", "fov_deg=361", "heading_deg=360", "heading_deg=-1", "projection=fisheye"):
+        _assert_error(client.post(f"/localize?{query}", files=files), 422, "validation_error")
+
+
+def test_a_photo_of_unknown_field_of_view_is_asked_for_it(client):
+    body = _assert_error(_post(client, _photo()), 422, "fov_unknown")
+    assert "fov_deg" in body["detail"] and "160x120" in body["detail"]
+    assert client.post("/localize?fov_deg=70", files={"image": ("p.jpg", _photo(), "image/jpeg")}).status_code == 200
+
+
+def test_a_strip_is_not_a_street_level_view(client):
+    body = _assert_error(_post(client, image_bytes("PNG", 800, 100)), 400, "bad_dimensions")  # 1:8
+    assert "not a street-level view" in body["detail"]
+    assert _post(client, image_bytes("PNG", 550, 100)).status_code == 200  # 5.5:1, as CVUSA's panoramas
+
+
+def test_each_answer_says_how_clearly_its_best_match_wins(world):
+    import math
+
+    def far(a, b) -> bool:
+        lat = math.radians((a["lat"] + b["lat"]) / 2)
+        dy, dx = (a["lat"] - b["lat"]) * 111_195, (a["lon"] - b["lon"]) * 111_195 * math.cos(lat)
+        return math.hypot(dx, dy) >= 150
+
+    for margin, ambiguous in ((1.0, True), (0.0, False)):
+        with running_client(settings_for(world, world.artifact_a, ambiguity_margin=margin)) as client:
+            body = _post(client, world.pano, k=24).json()
+            results, confidence = body["results"], body["confidence"]
+            competitor = next(r for r in results if far(r, results[0]))  # tiles lie ~1.4 km apart
+            assert confidence["competitor_tile_id"] == competitor["tile_id"]
+            assert confidence["margin"] == pytest.approx(results[0]["score"] - competitor["score"], abs=1e-4)
+            assert confidence["ambiguous"] is ambiguous and confidence["distinct_m"] == 150
+            small = _post(client, world.pano, k=1).json()["confidence"]  # looks past the k asked for
+            assert small["competitor_tile_id"] == competitor["tile_id"]

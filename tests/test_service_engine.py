@@ -29,13 +29,14 @@ def _engine(world, encode, **overrides):
     return engine
 
 
-def _unit_rows(images: torch.Tensor) -> np.ndarray:
+def _unit_rows(images: torch.Tensor) -> tuple[np.ndarray, None]:
+    """Stands in for the ground branch: unit descriptors, no orientation columns."""
     rows = np.random.default_rng(int(images.sum())).standard_normal((len(images), 32)).astype(np.float32)
-    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True), None
 
 
 def _images(n: int = 1):
-    return lambda: torch.zeros(n, 3, 32, 128, dtype=torch.uint8)
+    return lambda: (torch.zeros(n, 3, 32, 128, dtype=torch.uint8), np.ones((n, 128), bool))
 
 
 def test_two_executor_threads_compute_two_batches_at_once(world):
@@ -57,7 +58,7 @@ def test_two_executor_threads_compute_two_batches_at_once(world):
     finally:
         engine.stop()
     assert [r.batch_size for r in results] == [1, 1] and len(threads) == 2
-    assert all(len(r.matches[0]) == 3 for r in results)
+    assert all(len(r.answers[0].matches) == 3 for r in results)
 
 
 def test_a_batch_is_answered_by_one_index_generation_while_the_next_sees_the_new_one(world):
@@ -82,8 +83,8 @@ def test_a_batch_is_answered_by_one_index_generation_while_the_next_sees_the_new
     finally:
         engine.stop()
     assert before.index.generation == 1 and after.index.generation == 2
-    assert all(m.tile_id.startswith("a") for image in before.matches for m in image)  # 24 a-tiles
-    assert len(before.matches[0]) == 24 and len(after.matches[0]) == 16
+    assert all(m.tile_id.startswith("a") for answer in before.answers for m in answer.matches)  # 24 a-tiles
+    assert len(before.answers[0].matches) == 24 and len(after.answers[0].matches) == 16
 
 
 def test_the_queue_counts_images_and_refuses_beyond_it_while_paused_jobs_wait(world):
