@@ -164,11 +164,13 @@ def test_resume_keeps_columns_right(tmp_path, headed, catalogue, monkeypatch):
 def test_skip_bad_keeps_columns_aligned(tmp_path, headed):
     cat = make_catalogue(tmp_path / "w", 20, prefix="s")
     (tmp_path / "w" / "bingmap" / "s00003.png").write_bytes(b"not an image")
-    (tmp_path / "w" / "bingmap" / "s00016.png").write_bytes(b"")
+    for i in range(16, 20):  # the whole last shard: it holds no rows, and no columns either
+        (tmp_path / "w" / "bingmap" / f"s{i:05d}.png").write_bytes(b"")
     out = tmp_path / "idx"
-    result = run_build(opts(cat, headed, out, shard_size=8, skip_bad=True))
-    assert result.count == 18 and result.skipped == 2
-    assert assert_columns_match_tiles(out, headed).shape == (18, COLUMNS, DIM)
+    result = run_build(opts(cat, headed, out, shard_size=4, skip_bad=True))
+    assert result.count == 15 and result.skipped == 5
+    assert assert_columns_match_tiles(out, headed).shape == (15, COLUMNS, DIM)
+    assert json.loads((out / "vectors" / "shard-00004.json").read_text())["orientation"]["columns"] == COLUMNS
 
 
 def test_add_appends_columns_and_refuses_a_mismatch(tmp_path, headed, headless, catalogue):
