@@ -7,6 +7,7 @@ On disk, for `--out /data/tiles_index`:
         .lock                            flock held by the one build/add writing this artifact (removed after)
         .build/                          work directory of the build in progress (resumable)
         20260101T120000Z-ab12cd34/       a complete artifact: manifest.json index.faiss tiles.csv vectors/
+                                         (+ orientation.npy where the checkpoint has an orientation head)
 
 Publishing = (1) every file of the new version is written and fsynced inside `.build`,
 (2) `.build` is renamed to its version name, (3) a new symlink is created under a temporary name
@@ -33,6 +34,7 @@ MANIFEST_FILE = "manifest.json"
 INDEX_FILE = "index.faiss"
 TILES_FILE = "tiles.csv"
 VECTORS_DIR = "vectors"
+ORIENTATION_FILE = "orientation.npy"   # only for a checkpoint with an orientation head
 REQUIRED_MANIFEST_KEYS = ("format_version", "model_fingerprint", "model_config", "embedding_dim", "metric",
                           "count", "index_type", "index_params", "faiss_version", "catalog_sha256",
                           "built_at", "source")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import logging
 import os
 import shutil
@@ -13,15 +14,16 @@ from typing import Callable
 
 import numpy as np
 
-from index_build.artifact import (INDEX_FILE, TILES_FILE, ArtifactError, ArtifactLayout, make_manifest,
-                                  read_manifest, write_manifest)
-from index_build.encode_common import BadImagesError, EncodeStats
+from index_build.artifact import (INDEX_FILE, ORIENTATION_FILE, TILES_FILE, VECTORS_DIR, ArtifactError,
+                                  ArtifactLayout, make_manifest, read_manifest, write_manifest)
+from index_build.encode_common import BadImagesError, EncodeStats, column_shape
 from index_build.faiss_index import DEFAULT_MEMORY_BUDGET, build_index, choose_index, tune_search
-from index_build.fsutil import atomic_write_bytes
+from index_build.fsutil import atomic_save_npy_blocks, atomic_write_bytes
 from index_build.sources import (Catalogue, CatalogueError, CatalogueLines, Issue, TileRecord, read_source,
                                  read_tiles_csv, write_tiles_csv)
-from index_build.workdir import (CATALOG_FILE, PLAN_FILE, ShardSpan, iter_vector_blocks, read_finished_shard,
-                                 read_plan, spans_from_plan, utc_now_iso, vectors_dir, write_plan)
+from index_build.workdir import (CATALOG_FILE, COLUMNS_DTYPE, COLUMNS_SUFFIX, PLAN_FILE, ShardSpan,
+                                 iter_vector_blocks, load_shard_columns, read_finished_shard, read_plan,
+                                 spans_from_plan, utc_now_iso, vectors_dir, write_plan)
 
 log = logging.getLogger("index_build")
 
@@ -183,7 +185,8 @@ def _encode_pending(opts, layout: ArtifactLayout, plan: dict, model, device, fin
     work = layout.work
     vdir = vectors_dir(work)
     spans = spans_from_plan(plan)
-    todo = [s for s in spans if read_finished_shard(vdir, s, fingerprint) is None]
+    columns = column_shape(model.config)
+    todo = [s for s in spans if read_finished_shard(vdir, s, fingerprint, columns) is None]
     records, _extra = read_tiles_csv(os.path.join(work, CATALOG_FILE))
     if len(records) != plan["count"]:
         raise BuildError(f"{work}/{CATALOG_FILE} has {len(records)} rows, plan.json says {plan['count']}")
@@ -197,7 +200,7 @@ def _encode_pending(opts, layout: ArtifactLayout, plan: dict, model, device, fin
         raise
     stats.shards_total = len(spans)
     stats.shards_reused = reused
-    missing = [s.name for s in spans if read_finished_shard(vdir, s, fingerprint) is None]
+    missing = [s.name for s in spans if read_finished_shard(vdir, s, fingerprint, columns) is None]
     if missing:
         raise BuildError(f"shard(s) {', '.join(missing[:10])} missing after encoding")
     return stats
@@ -232,13 +235,13 @@ def _run_encoder(opts, work: str, vdir: str, todo: list[ShardSpan], records: lis
 
 # ------------------------------------------------------------------------------------- writer
 
-def _shard_entries(vdir: str, spans: list[ShardSpan], fingerprint: str,
-                   plan: dict) -> tuple[list[dict], list[dict]]:
+def _shard_entries(vdir: str, spans: list[ShardSpan], fingerprint: str, plan: dict,
+                   columns: tuple[int, int] | None) -> tuple[list[dict], list[dict]]:
     """The manifest's shard list and the tiles skipped as unreadable (with their catalogue line)."""
     lines = CatalogueLines(plan.get("catalog_lines", []))
     entries, skipped = [], []
     for span in spans:
-        meta = read_finished_shard(vdir, span, fingerprint)
+        meta = read_finished_shard(vdir, span, fingerprint, columns)
         if meta is None:
             raise BuildError(f"{span.name} is not finished")
         entries.append({"file": f"vectors/{span.name}.npy", "rows": meta["rows"], "sha256": meta["sha256"]})
@@ -254,15 +257,88 @@ def _write_index(index, path: str) -> None:
     atomic_write_bytes(path, faiss.serialize_index(index).tobytes())
 
 
-def _publish(layout: ArtifactLayout, fingerprint: str, keep_versions: int) -> str:
-    version = layout.new_version_name(fingerprint)
-    version_dir = layout.promote_work_dir(version)
-    layout.swap_link(version)
-    for stage_file in (PLAN_FILE, CATALOG_FILE):  # stage files; the live dir is not read for them
+# Rows of orientation columns copied per block from a published orientation.npy (~2 KiB a row at
+# the paper size): the copy streams through a memory map, never the whole array in memory.
+ORIENTATION_BLOCK_ROWS = 16_384
+
+
+def _write_orientation(directory: str, count: int, columns: tuple[int, int], blocks) -> dict:
+    """Write `directory`/orientation.npy (float16 [count, Wg, C]) from `blocks` of rows in tile order;
+    returns the manifest's "orientation" entry."""
+    path = os.path.join(directory, ORIENTATION_FILE)
+    try:
+        sha256 = atomic_save_npy_blocks(path, (count, *columns), COLUMNS_DTYPE, blocks)
+    except ValueError as exc:
+        raise BuildError(f"orientation columns do not line up with the tiles: {exc}") from None
+    return {"file": ORIENTATION_FILE, "columns": int(columns[0]), "dim": int(columns[1]),
+            "dtype": np.dtype(COLUMNS_DTYPE).name, "sha256": sha256}
+
+
+def _shard_column_blocks(vdir: str, spans: list[ShardSpan]):
+    for span in spans:
+        yield load_shard_columns(vdir, span)
+
+
+def _open_published_columns(live: str, base: dict) -> np.ndarray:
+    """A published artifact's orientation.npy, memory-mapped, checked against its manifest."""
+    entry = base["orientation"]
+    path = os.path.join(live, entry.get("file", ORIENTATION_FILE))
+    try:
+        stored = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as exc:
+        raise BuildError(f"{path}: unreadable orientation columns: {exc}") from None
+    expected = (base["count"], entry.get("columns"), entry.get("dim"))
+    if stored.shape != expected or stored.dtype != COLUMNS_DTYPE:
+        raise BuildError(f"{path}: holds {stored.dtype} {list(stored.shape)}, manifest.json says "
+                         f"{np.dtype(COLUMNS_DTYPE).name} {list(expected)}")
+    return stored
+
+
+def _row_blocks(array: np.ndarray):
+    for start in range(0, array.shape[0], ORIENTATION_BLOCK_ROWS):
+        yield array[start:start + ORIENTATION_BLOCK_ROWS]
+
+
+def _check_add_orientation(base: dict, live: str, columns: tuple[int, int] | None, checkpoint: str) -> None:
+    """`add` joins the new tiles' columns to the artifact's: both must have them, of one shape.
+    Equal fingerprints make a mismatch rare (the fingerprint covers the head), but an artifact
+    published before index_build wrote columns, or edited by hand, can still disagree."""
+    stored = base.get("orientation")
+    manifest = os.path.join(live, "manifest.json")
+    if stored is None and columns is not None:
+        raise BuildError(f"{manifest}: the artifact has no orientation columns ({ORIENTATION_FILE}) but "
+                         f"{checkpoint} has an orientation head; rebuild the whole artifact with `build` "
+                         f"so that every tile gets its columns")
+    if stored is not None and columns is None:
+        raise BuildError(f"{manifest}: the artifact has orientation columns ({stored.get('file')}) but "
+                         f"{checkpoint} has no orientation head to give the new tiles theirs")
+    if stored is not None and (stored.get("columns"), stored.get("dim")) != tuple(columns):
+        raise BuildError(f"{manifest}: orientation columns {stored.get('columns')} x {stored.get('dim')} "
+                         f"differ from the {columns[0]} x {columns[1]} of {checkpoint}'s orientation head")
+    if stored is not None:
+        _open_published_columns(live, base)  # a damaged file stops `add` before anything is encoded
+
+
+def _drop_stage_files(version_dir: str) -> None:
+    """Remove what only the build needed from a published version: the plan, the catalogue copy,
+    and the shards' orientation columns (orientation.npy holds them now). The live dir is never
+    read for them."""
+    stage_files = [PLAN_FILE, CATALOG_FILE]
+    vdir = os.path.join(version_dir, VECTORS_DIR)
+    if os.path.isdir(vdir):
+        stage_files += [os.path.join(VECTORS_DIR, f) for f in os.listdir(vdir) if f.endswith(COLUMNS_SUFFIX)]
+    for stage_file in stage_files:
         try:
             os.unlink(os.path.join(version_dir, stage_file))
         except FileNotFoundError:
             pass
+
+
+def _publish(layout: ArtifactLayout, fingerprint: str, keep_versions: int) -> str:
+    version = layout.new_version_name(fingerprint)
+    version_dir = layout.promote_work_dir(version)
+    layout.swap_link(version)
+    _drop_stage_files(version_dir)
     removed = layout.prune(keep_versions)
     if removed:
         log.info("removed old version(s): %s", ", ".join(removed))
@@ -279,9 +355,7 @@ def _recover_promoted(layout: ArtifactLayout, plan: dict, keep_versions: int) ->
         old_plan = read_plan(path)
         if old_plan and not _plan_differences(old_plan, plan) and os.path.isfile(os.path.join(path, "manifest.json")):
             layout.swap_link(name)
-            for stage_file in (PLAN_FILE, CATALOG_FILE):
-                if os.path.exists(os.path.join(path, stage_file)):
-                    os.unlink(os.path.join(path, stage_file))
+            _drop_stage_files(path)
             layout.prune(keep_versions)
             return path
     return None
@@ -381,7 +455,8 @@ def _finish_build(opts: BuildOptions, layout: ArtifactLayout, plan: dict, model,
     work = layout.work
     vdir = vectors_dir(work)
     spans = spans_from_plan(plan)
-    shard_entries, skipped = _shard_entries(vdir, spans, fingerprint, plan)
+    columns = column_shape(model.config)
+    shard_entries, skipped = _shard_entries(vdir, spans, fingerprint, plan, columns)
     records, extra = read_tiles_csv(os.path.join(work, CATALOG_FILE))
     skipped_rows = {s["row"] for s in skipped}
     good = [r for i, r in enumerate(records) if i not in skipped_rows]
@@ -398,6 +473,9 @@ def _finish_build(opts: BuildOptions, layout: ArtifactLayout, plan: dict, model,
     if index.ntotal != n:
         raise BuildError(f"index holds {index.ntotal} vectors, expected {n}")
     _write_index(index, os.path.join(work, INDEX_FILE))
+    orientation = {}
+    if columns is not None:
+        orientation["orientation"] = _write_orientation(work, n, columns, _shard_column_blocks(vdir, spans))
     result.count, result.skipped = n, len(skipped)
     if skipped:
         log.warning("%d unreadable tile image(s) skipped (listed in manifest.json under 'skipped')", len(skipped))
@@ -407,7 +485,7 @@ def _finish_build(opts: BuildOptions, layout: ArtifactLayout, plan: dict, model,
         faiss_version=faiss.__version__, catalog_sha256=plan["catalog_sha256"], source=plan["source"],
         checkpoint=plan["checkpoint"], catalogue_rows=plan["count"],
         skipped={"count": len(skipped), "tiles": skipped},
-        shards=shard_entries, additions=[],
+        shards=shard_entries, **orientation, additions=[],
         build={"engine": opts.engine, "batch_size": opts.batch_size, "shard_size": plan["shard_size"],
                "workers": opts.workers, "lanes": opts.lanes, "encode": result.encode.to_json(), **_host_info(opts.device)},
     )
@@ -471,6 +549,8 @@ def run_add(opts: AddOptions) -> BuildResult:
             raise BuildError(f"model fingerprint {fingerprint} ({opts.checkpoint}) differs from the artifact's "
                              f"{base['model_fingerprint']}; vectors from different models cannot share an index. "
                              f"Rebuild the whole artifact with `build` instead.")
+        columns = column_shape(model.config)
+        _check_add_orientation(base, live, columns, opts.checkpoint)
         base_version = os.path.basename(live)
         plan = {
             "kind": "add", "catalog_sha256": catalogue.sha256, "source": catalogue.source,
@@ -489,7 +569,7 @@ def run_add(opts: AddOptions) -> BuildResult:
         t0 = time.perf_counter()
         work, vdir = layout.work, vectors_dir(layout.work)
         spans = spans_from_plan(plan)
-        new_entries, skipped = _shard_entries(vdir, spans, fingerprint, plan)
+        new_entries, skipped = _shard_entries(vdir, spans, fingerprint, plan, columns)
         records, extra = read_tiles_csv(os.path.join(work, CATALOG_FILE))
         skipped_rows = {s["row"] for s in skipped}
         good = [r for i, r in enumerate(records) if i not in skipped_rows]
@@ -509,13 +589,18 @@ def run_add(opts: AddOptions) -> BuildResult:
         if index.ntotal != count:
             raise BuildError(f"index holds {index.ntotal} vectors, expected {count}")
         _write_index(index, os.path.join(work, INDEX_FILE))
+        orientation = {}
+        if columns is not None:
+            base_rows = _row_blocks(_open_published_columns(live, base))
+            orientation["orientation"] = _write_orientation(
+                work, count, columns, itertools.chain(base_rows, _shard_column_blocks(vdir, spans)))
         if base["index_type"] != "flat" and added > base["count"]:
             log.warning("added %d tiles to an index trained on %d; recall may drop - consider a full `build`",
                         added, base["count"])
         manifest = dict(base)
         manifest.update(
             count=count, built_at=utc_now_iso(), faiss_version=faiss.__version__,
-            shards=[*base["shards"], *new_entries],
+            shards=[*base["shards"], *new_entries], **orientation,
             skipped={"count": base.get("skipped", {}).get("count", 0) + len(skipped),
                      "tiles": [*base.get("skipped", {}).get("tiles", []),
                                *({**s, "catalog": plan["source"]} for s in skipped)]},

@@ -173,12 +173,14 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("add", parents=[verbose], help="append the tiles of another catalogue to the artifact at --out")
     _add_encode_args(a)
 
-    i = sub.add_parser("info", parents=[verbose], help="print the manifest of an artifact")
+    i = sub.add_parser("info", parents=[verbose],
+                       help="print the manifest of an artifact (\"orientation\": null when it stores no "
+                            "orientation columns)")
     i.add_argument("artifact", help="artifact path (the published symlink or a version directory)")
     i.add_argument("--full", action="store_true", help="include the per-shard and skipped-tile lists")
 
     v = sub.add_parser("verify", parents=[verbose],
-                       help="re-encode a random sample and check vectors + self-retrieval")
+                       help="re-encode a random sample and check vectors, orientation columns + self-retrieval")
     v.add_argument("artifact", help="artifact path (the published symlink or a version directory)")
     v.add_argument("--checkpoint", required=True, help="the checkpoint the artifact was built with")
     v.add_argument("--model-config", default=None,
@@ -190,8 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--min-rank1", type=float, default=0.99,
                    help="least fraction of the sample that must find itself first in the index (default: 0.99)")
     v.add_argument("--tolerance", type=float, default=None,
-                   help="largest 1-cosine between a stored and a re-encoded vector (default: 1e-4 on a CPU, "
-                        "2e-2 on CUDA)")
+                   help="largest 1-cosine between a stored and a re-encoded vector, and between a stored "
+                        "orientation column and its re-encoding (plus 1e-6 for float16 storage) (default: 1e-4 "
+                        "on a CPU, 2e-2 on CUDA)")
 
     t = sub.add_parser("tile", parents=[verbose], help="cut a georeferenced raster (orthophoto, any CRS) into a tile catalogue",
                        description="Cut a georeferenced raster into north-up square tiles of --tile-m metres\n"
@@ -223,6 +226,7 @@ def _summary_json(result) -> dict:
         m = result.manifest
         out["manifest"] = {k: m[k] for k in ("model_fingerprint", "embedding_dim", "count", "index_type")}
         out["manifest"]["index_params"] = {k: v for k, v in m["index_params"].items() if k != "tuning_curve"}
+        out["manifest"]["orientation"] = m.get("orientation")  # null: no orientation columns stored
     return out
 
 
@@ -248,6 +252,9 @@ def _summary_lines(result, command: str) -> list[str]:
         head = f"published {result.out} -> {version}: {m['count']} tile(s)"
     lines = [f"{head}, {m['index_type']} index"]
     details = f"  model fingerprint {m['model_fingerprint']}, {m['embedding_dim']}-d embeddings"
+    if m.get("orientation"):
+        o = m["orientation"]
+        details += f", {o['columns']} x {o['dim']} orientation columns per tile ({o['file']})"
     if result.skipped:
         details += f"; {result.skipped} unreadable tile(s) skipped (listed in manifest.json under 'skipped')"
     lines.append(details)
@@ -344,7 +351,9 @@ def main(argv: list[str] | None = None) -> int:
                 manifest["skipped"] = {"count": skipped.get("count", 0),
                                        "tiles": skipped.get("tiles", [])[:10]}
                 manifest.get("index_params", {}).pop("tuning_curve", None)
-            print(json.dumps({"path": os.path.abspath(args.artifact), "resolved": root, **manifest}, indent=2))
+            # "orientation": null says outright that the artifact stores no orientation columns
+            print(json.dumps({"path": os.path.abspath(args.artifact), "resolved": root, **manifest,
+                              "orientation": manifest.get("orientation")}, indent=2))
         elif args.command == "verify":
             from index_build.verify import run_verify
 

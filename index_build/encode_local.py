@@ -1,5 +1,6 @@
 """Mapper stage, local engine: decoding + polar-transforming tiles feeding batched `encode_aerial`
-on one device, writing one shard file per finished shard.
+on one device, writing one shard (vectors, and the orientation columns where the model has an
+orientation head) per finished shard.
 
 Two ways to run it:
 - `workers > 0` (what a GPU wants): a torch DataLoader whose worker processes decode ahead of the
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 
 from index_build.encode_common import (BadImagesError, BadTile, EncodeStats, PathTable, ShardAlignedBatches,
-                                       TileImageDataset, collate_tiles)
+                                       TileImageDataset, collate_tiles, no_columns)
 from index_build.progress import TileProgress
 from index_build.workdir import ShardSpan, write_shard
 from model.encode import available_cpus
@@ -54,6 +55,7 @@ class EncodedBatch:
     rows: list[int]
     vectors: np.ndarray      # [rows without errors, D]
     errors: list[str]        # one per row, "" where the tile decoded
+    columns: np.ndarray | None = None  # [rows without errors, Wg, C] orientation columns; None without a head
 
 
 def _encode_good(model, rows, batch: torch.Tensor, errors: list[str], device, skip_bad: bool) -> EncodedBatch:
@@ -63,10 +65,10 @@ def _encode_good(model, rows, batch: torch.Tensor, errors: list[str], device, sk
     if len(keep) < len(rows):
         batch = batch.index_select(0, torch.tensor(keep, dtype=torch.long))
     if keep and (skip_bad or len(keep) == len(rows)):
-        vectors = model.encode_uint8(batch, "aerial")
+        vectors, columns = model.encode_uint8_with_columns(batch, "aerial")
     else:
-        vectors = np.zeros((0, model.embedding_dim), np.float32)
-    return EncodedBatch(list(rows), vectors, list(errors))
+        vectors, columns = np.zeros((0, model.embedding_dim), np.float32), no_columns(model.config)
+    return EncodedBatch(list(rows), vectors, list(errors), columns)
 
 
 def _warm_up(model, batch_size: int, device) -> None:
@@ -74,7 +76,7 @@ def _warm_up(model, batch_size: int, device) -> None:
     warmed up on single images) allocate what the later ones reuse."""
     blank = torch.zeros(batch_size, 3, *model.config.aerial_size, dtype=torch.uint8)
     for _ in range(WARM_UP_BATCHES):
-        model.encode_uint8(blank, "aerial")
+        model.encode_uint8_with_columns(blank, "aerial")
 
 
 def _loader_batches(model, dataset, batches: ShardAlignedBatches, *, workers: int, device, skip_bad: bool,
@@ -155,6 +157,7 @@ def encode_shards_local(model, paths: Sequence[str], tile_ids: Sequence[str], sp
     span_iter = iter(spans)
     span = next(span_iter)
     parts: list[np.ndarray] = []
+    column_parts: list[np.ndarray] = []
     skipped: list[dict] = []
     filled = 0
     t_run = time.perf_counter()
@@ -168,17 +171,20 @@ def encode_shards_local(model, paths: Sequence[str], tile_ids: Sequence[str], sp
                 skipped.extend(b.to_json() for b in bad)
                 stats.tiles_skipped += len(bad)
             parts.append(batch.vectors)
+            if batch.columns is not None:
+                column_parts.append(batch.columns)
             stats.tiles_encoded += len(batch.vectors)
             filled += len(batch.rows)
             bar.update(len(batch.rows))
             if filled == len(span):
                 vectors = np.concatenate(parts)
+                columns = np.concatenate(column_parts) if column_parts else None
                 meta = write_shard(vdir, span, vectors, skipped, fingerprint,
-                                   time.perf_counter() - t_shard, "local")
+                                   time.perf_counter() - t_shard, "local", columns=columns)
                 stats.shards_encoded += 1
                 if on_shard_written:
                     on_shard_written(meta)
-                parts, skipped, filled = [], [], 0
+                parts, column_parts, skipped, filled = [], [], [], 0
                 t_shard = time.perf_counter()
                 span = next(span_iter, None)
     finally:

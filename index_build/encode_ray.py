@@ -4,7 +4,8 @@ Ray Data `map_batches` runs a fixed-size pool of ShardEncoder actors (one model 
 per actor when the cluster has GPUs). The unit of work is one shard: an actor reads the shard's
 rows straight from the work dir's catalog.csv (byte ranges computed by the driver, so no actor
 parses the whole catalogue), decodes images on a small thread pool while the model encodes the
-previous batch, and writes the shard's .npy + sidecar itself, exactly as the local engine does.
+previous batch, and writes the shard's .npy files (vectors, and orientation columns where the model
+has a head) + sidecar itself, exactly as the local engine does.
 The work dir and the checkpoint must therefore be on storage every node sees (NFS, a mounted
 bucket, ...); only shard numbers and byte offsets travel through Ray's object store.
 """
@@ -20,7 +21,8 @@ from typing import Sequence
 
 import numpy as np
 
-from index_build.encode_common import (BadImagesError, BadTile, EncodeStats, decode_tile, shard_batches)
+from index_build.encode_common import (BadImagesError, BadTile, EncodeStats, decode_tile, no_columns,
+                                       shard_batches)
 from index_build.workdir import ShardSpan, write_shard
 
 
@@ -102,7 +104,7 @@ class ShardEncoder:
             raise RuntimeError(f"{span.name}: read {len(records)} catalogue rows, expected {len(span)}")
         batches = list(shard_batches(span, self.batch_size))
         pending = self.pool.submit(lambda b=batches[0]: list(self._decode([records[r - span.start][3] for r in b])))
-        parts, skipped, bad_tiles = [], [], []
+        parts, column_parts, skipped, bad_tiles = [], [], [], []
         for k, rows in enumerate(batches):
             decoded = pending.result()
             if k + 1 < len(batches):  # decode the next batch while this one runs through the model
@@ -116,13 +118,18 @@ class ShardEncoder:
                 else:
                     good.append(tensor)
             if good and not (bad_tiles and not self.skip_bad):
-                parts.append(self.model.encode_uint8(torch.stack(good), "aerial"))
+                vectors, columns = self.model.encode_uint8_with_columns(torch.stack(good), "aerial")
+                parts.append(vectors)
+                if columns is not None:
+                    column_parts.append(columns)
         if bad_tiles and not self.skip_bad:  # the shard is not written; the driver reports every bad tile
             return {"shard": span.index, "rows": 0, "skipped": 0, "seconds": time.perf_counter() - t0,
                     "error": json.dumps([b.to_json() for b in bad_tiles]), "bad": len(bad_tiles)}
         skipped = [b.to_json() for b in bad_tiles]
         vectors = np.concatenate(parts) if parts else np.zeros((0, self.model.embedding_dim), np.float32)
-        write_shard(self.vdir, span, vectors, skipped, self.fingerprint, time.perf_counter() - t0, "ray")
+        columns = np.concatenate(column_parts) if column_parts else no_columns(self.model.config)
+        write_shard(self.vdir, span, vectors, skipped, self.fingerprint, time.perf_counter() - t0, "ray",
+                    columns=columns)
         return {"shard": span.index, "rows": int(vectors.shape[0]), "skipped": len(skipped),
                 "seconds": time.perf_counter() - t0, "error": "", "bad": len(skipped)}
 

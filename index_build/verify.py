@@ -1,5 +1,6 @@
 """`verify`: re-encode a random sample of the artifact's tiles and check them against the stored
-vectors and against the index (self-retrieval), plus the artifact's internal consistency."""
+vectors, orientation columns (where the artifact has them) and the index (self-retrieval), plus the
+artifact's internal consistency."""
 from __future__ import annotations
 
 import hashlib
@@ -7,9 +8,47 @@ import os
 
 import numpy as np
 
-from index_build.artifact import INDEX_FILE, TILES_FILE, ArtifactError, read_manifest, resolve_artifact
-from index_build.encode_common import decode_tile
+from index_build.artifact import (INDEX_FILE, ORIENTATION_FILE, TILES_FILE, ArtifactError, read_manifest,
+                                  resolve_artifact)
+from index_build.encode_common import column_shape, decode_tile
 from index_build.sources import read_tiles_csv
+from index_build.workdir import COLUMNS_DTYPE
+
+# Columns are stored as float16: rounding moves each component by at most 2^-11 of itself (less
+# than 2^-25 in absolute terms below float16's normal range), so a unit column of C <= 1024
+# components, renormalised, loses well under 1e-6 of cosine to it. Added to the tolerance.
+FLOAT16_COSINE_LOSS = 1e-6
+
+
+def _load_orientation(root: str, manifest: dict, problems: list[str], check_checksum: bool) -> np.ndarray | None:
+    """The artifact's orientation columns (memory-mapped) when they are what the manifest says;
+    otherwise None, with the reasons added to `problems`."""
+    entry = manifest["orientation"]
+    name = entry.get("file", ORIENTATION_FILE)
+    path = os.path.join(root, name)
+    try:
+        stored = np.load(path, mmap_mode="r")
+    except FileNotFoundError:
+        problems.append(f"{name}: missing, manifest.json lists orientation columns")
+        return None
+    except (OSError, ValueError) as exc:
+        problems.append(f"{name}: unreadable: {exc}")
+        return None
+    expected = (manifest["count"], entry.get("columns"), entry.get("dim"))
+    if stored.shape != expected:
+        problems.append(f"{name}: shape {list(stored.shape)}, manifest.json says {list(expected)} "
+                        f"(count, orientation columns, dim)")
+        return None
+    if stored.dtype != COLUMNS_DTYPE or entry.get("dtype") != stored.dtype.name:
+        problems.append(f"{name}: dtype {stored.dtype}, manifest.json says {entry.get('dtype')}")
+        return None
+    if check_checksum and "sha256" in entry:
+        digest = hashlib.sha256()
+        for start in range(0, stored.shape[0], 16_384):
+            digest.update(np.ascontiguousarray(stored[start:start + 16_384]).tobytes())
+        if digest.hexdigest() != entry["sha256"]:
+            problems.append(f"{name}: checksum differs from the manifest")
+    return stored
 
 
 def run_verify(artifact: str, checkpoint: str, *, sample: int = 64, seed: int = 0, device: str = "auto",
@@ -42,6 +81,9 @@ def run_verify(artifact: str, checkpoint: str, *, sample: int = 64, seed: int = 
             arr = np.load(os.path.join(root, entry["file"]))
             if hashlib.sha256(np.ascontiguousarray(arr, np.float32).tobytes()).hexdigest() != entry["sha256"]:
                 problems.append(f"{entry['file']}: checksum differs from the manifest")
+    orientation = None
+    if "orientation" in manifest:
+        orientation = _load_orientation(root, manifest, problems, check_checksums)
 
     dev = pick_device(device)
     model = load_checkpoint(checkpoint, config=model_config)
@@ -52,6 +94,18 @@ def run_verify(artifact: str, checkpoint: str, *, sample: int = 64, seed: int = 
         report.update(ok=False, problems=problems)
         return report
     model = InferenceEncoder(model, dev, branches=("aerial",))
+    columns = column_shape(model.config)
+    entry = manifest.get("orientation")
+    if entry is not None and (entry.get("columns"), entry.get("dim")) != (columns or (None, None)):
+        has = f"{columns[0]} x {columns[1]} columns" if columns else "no orientation head"
+        problems.append(f"manifest.json: orientation columns {entry.get('columns')} x {entry.get('dim')}, "
+                        f"the checkpoint has {has}")
+        orientation = None
+    report["orientation"] = {"stored": entry is not None, "model_head": columns is not None}
+    if entry is None and columns is not None:
+        report["orientation"]["note"] = ("the checkpoint has an orientation head but the artifact stores no "
+                                         "orientation columns (built before index_build wrote them?): "
+                                         "rebuild it to give the service headings")
 
     n = len(records)
     k = min(sample, n)
@@ -65,7 +119,7 @@ def run_verify(artifact: str, checkpoint: str, *, sample: int = 64, seed: int = 
             cache[s] = np.load(os.path.join(root, manifest["shards"][s]["file"]), mmap_mode="r")
         stored[j] = cache[s][row - starts[s]]
 
-    fresh, decode_failures = [], []
+    fresh, fresh_columns, decode_failures = [], [], []
     for b in range(0, k, batch_size):
         tensors = []
         for row in rows[b:b + batch_size]:
@@ -75,7 +129,10 @@ def run_verify(artifact: str, checkpoint: str, *, sample: int = 64, seed: int = 
                 tensor = torch.zeros(3, *model.config.aerial_size, dtype=torch.uint8)
             tensors.append(tensor)
         if tensors:
-            fresh.append(model.encode_uint8(torch.stack(tensors), "aerial"))
+            vectors, cols = model.encode_uint8_with_columns(torch.stack(tensors), "aerial")
+            fresh.append(vectors)
+            if cols is not None:
+                fresh_columns.append(cols)
     fresh = np.concatenate(fresh) if fresh else np.zeros((0, manifest["embedding_dim"]), np.float32)
     if decode_failures:
         problems.append(f"{len(decode_failures)} sampled image(s) no longer decode: {decode_failures[:5]}")
@@ -87,6 +144,10 @@ def run_verify(artifact: str, checkpoint: str, *, sample: int = 64, seed: int = 
     mismatched = int(np.sum(cosine < 1.0 - tol))
     if mismatched:
         problems.append(f"{mismatched} of {k} re-encoded vector(s) differ from the stored ones (cosine < 1 - {tol})")
+
+    if orientation is not None and k and fresh_columns:
+        report["orientation"].update(_compare_columns(np.concatenate(fresh_columns), orientation, rows, tol,
+                                                      problems))
 
     if k:
         topk = min(10, n)
@@ -104,3 +165,18 @@ def run_verify(artifact: str, checkpoint: str, *, sample: int = 64, seed: int = 
     report["ok"] = not problems
     report["problems"] = problems
     return report
+
+
+def _compare_columns(fresh: np.ndarray, stored_all: np.ndarray, rows: np.ndarray, tol: float,
+                     problems: list[str]) -> dict:
+    """Per column, the cosine between re-encoded columns [k, Wg, C] and the stored float16 ones of
+    the same tiles; every column of every sampled tile must reach 1 - tol - FLOAT16_COSINE_LOSS."""
+    stored = np.asarray(stored_all[rows], dtype=np.float32)
+    norms = np.linalg.norm(stored, axis=2)
+    cosine = np.sum(fresh * stored, axis=2) / np.maximum(norms, np.finfo(np.float32).tiny)
+    limit = tol + FLOAT16_COSINE_LOSS
+    mismatched = int(np.sum(np.any(cosine < 1.0 - limit, axis=1)))
+    if mismatched:
+        problems.append(f"{ORIENTATION_FILE}: {mismatched} of {len(rows)} re-encoded tile(s) have orientation "
+                        f"columns that differ from the stored ones (a column's cosine < 1 - {limit:g})")
+    return {"sampled": int(len(rows)), "min_cosine": float(cosine.min()), "tolerance": limit}

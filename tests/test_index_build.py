@@ -306,9 +306,9 @@ def test_a_bad_tile_without_skip_bad_encodes_nothing_of_its_batch(ckpt):
         config = load_checkpoint(ckpt).config
         embedding_dim = 32
 
-        def encode_uint8(self, images, branch):
+        def encode_uint8_with_columns(self, images, branch):
             calls.append(images)
-            return np.zeros((len(images), 32), np.float32)
+            return np.zeros((len(images), 32), np.float32), None
 
     model = CountingEncoder()
     tiles = torch.zeros(2, 3, *model.config.aerial_size, dtype=torch.uint8)

@@ -13,15 +13,17 @@ REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 
 
-def micro_checkpoint(path: Path, seed: int = 0) -> str:
-    """A tiny L2LTR (32-d embeddings) saved as .safetensors; returns its fingerprint."""
+def micro_checkpoint(path: Path, seed: int = 0, orientation_dim: int = 0) -> str:
+    """A tiny L2LTR (32-d embeddings; with `orientation_dim`, an orientation head giving 8 aerial
+    columns of that width) saved as .safetensors; returns its fingerprint."""
     import torch
 
     from model import L2LTR, L2LTRConfig, save_checkpoint
 
     torch.manual_seed(seed)
     cfg = L2LTRConfig(hidden_size=32, num_heads=2, mlp_dim=64, num_layers=2, resnet_units=(1, 1, 1),
-                      resnet_width_factor=0.5, ground_size=(32, 128), aerial_size=(32, 128), name="micro")
+                      resnet_width_factor=0.5, ground_size=(32, 128), aerial_size=(32, 128), name="micro",
+                      orientation_dim=orientation_dim)
     return save_checkpoint(L2LTR(cfg), path, metadata={"purpose": "index_build tests"})
 
 
@@ -62,6 +64,21 @@ def encode_tiles_directly(checkpoint: str, paths: list[str]) -> np.ndarray:
     net = load_checkpoint(checkpoint)
     return encode_images(net, [aerial_tensor(load_image(p), net.config) for p in paths], "aerial",
                          batch_size=16, device="cpu")
+
+
+def encode_columns_directly(checkpoint: str, paths: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
+    """Ground truth for the orientation columns: (descriptors, aerial column features) of each image
+    from `InferenceEncoder.encode_uint8_with_columns`, images read by model.preprocess alone."""
+    import torch
+
+    from model import load_checkpoint
+    from model.inference import InferenceEncoder
+    from model.preprocess import aerial_image, image_uint8, load_image
+
+    net = load_checkpoint(checkpoint)
+    encoder = InferenceEncoder(net, "cpu", branches=("aerial",), warm_up=0)
+    images = torch.stack([image_uint8(aerial_image(load_image(p), net.config)) for p in paths])
+    return encoder.encode_uint8_with_columns(images, "aerial", max_batch=16)
 
 
 @contextlib.contextmanager
