@@ -33,12 +33,13 @@ METHODS = ("head", "aerial", "query")
 def evaluate(checkpoint: Path, data: Path, dataset: str = "synthetic", split: str = "val", device: str = "auto",
              limit: int = 0, plot: Path | None = None, workers: int = 2, fov: float = 360.0,
              heading: str = "known", rotations: int = 16, method: str = "head", seed: int = 0,
-             photos: Path | None = None) -> dict:
+             photos: Path | None = None, queries: int = 0) -> dict:
     """Retrieval of the split's panoramas (or, with ``photos``, of a perspective world's photos
     of the same places) against its aerial tiles. ``fov`` < 360 keeps that much of each panorama
     around a random heading; ``heading="unknown"`` searches the heading over ``rotations`` turns of
     the aerial tiles (``method="aerial"``) or of the query (``method="query"``) and reports its
-    error."""
+    error. ``queries``: only the first that many pairs are queries (against every tile of the split),
+    e.g. for a perspective world rendered with `worldgen --panoramas N`."""
     if heading not in HEADING_MODES or method not in METHODS:
         raise ValueError(f"heading must be one of {HEADING_MODES} and method one of {METHODS}")
     model = load_checkpoint(checkpoint)
@@ -50,13 +51,13 @@ def evaluate(checkpoint: Path, data: Path, dataset: str = "synthetic", split: st
     arrays = load_pair_arrays(records, model.config, f"preprocess {split}", workers=workers)
     result = {"n": len(records), "split": split, "data": str(data), "checkpoint": str(checkpoint),
               "fingerprint": model.fingerprint(), "fov": fov, "heading": heading}
-    plain = fov >= 360 and heading == "known" and photos is None
+    plain = fov >= 360 and heading == "known" and photos is None and not queries
     if plain:
         ground, aerial = encode_arrays(model, arrays, dev)
         result.update(retrieval_recall(ground, aerial))
     else:
         result.update(evaluate_views(model, arrays, records, dev, fov=fov, heading=heading, rotations=rotations,
-                                     method=method, seed=seed, photos=photos))
+                                     method=method, seed=seed, photos=photos, queries=queries))
     if arrays.latlon is not None and plain:
         result["localization"] = localization_error(ground, aerial, arrays.latlon, arrays.latlon)
     if plot is not None and plain:
@@ -67,7 +68,7 @@ def evaluate(checkpoint: Path, data: Path, dataset: str = "synthetic", split: st
 
 
 def evaluate_views(model, arrays, records, device, *, fov: float, heading: str, rotations: int, method: str,
-                   seed: int, photos: Path | None) -> dict:
+                   seed: int, photos: Path | None, queries: int = 0) -> dict:
     """Recalls (and heading errors) of limited-field-of-view or unknown-heading queries: panorama crops
     of ``fov`` degrees around a random heading, or the photos of a perspective world."""
     from .inference import InferenceEncoder
@@ -79,15 +80,16 @@ def evaluate_views(model, arrays, records, device, *, fov: float, heading: str, 
     encoder = InferenceEncoder(model, device)
     encode_ground = partial(_encode_views, encoder, "ground")
     encode_aerial = partial(_encode_views, encoder, "aerial")
+    q = min(queries or len(records), len(records))
     if photos is not None:
-        views, true_heading = photo_views(photos, records, model.config, centred=heading == "unknown")
+        views, true_heading = photo_views(photos, records[:q], model.config, centred=heading == "unknown")
     else:
-        true_heading = np.random.default_rng(seed).uniform(0.0, 360.0, len(records))
-        views = np.stack([limit_fov(rotate_view(g, h), fov) for g, h in zip(arrays.ground, true_heading)])
+        true_heading = np.random.default_rng(seed).uniform(0.0, 360.0, len(records))[:q]
+        views = np.stack([limit_fov(rotate_view(g, h), fov) for g, h in zip(arrays.ground[:q], true_heading)])
     if method == "head" and getattr(model, "orientation", None) is None:
         raise ValueError(f"{model.config.name}: this checkpoint has no orientation head (python -m model.orientation); "
                          "use --method aerial or query")
-    out: dict = {"rotations": rotations if heading == "unknown" and method != "head" else None,
+    out: dict = {"queries": q, "rotations": rotations if heading == "unknown" and method != "head" else None,
                  "method": method if heading == "unknown" else None}
     if heading == "known":  # placed at its true heading: compared with the tiles as they are
         if photos is None:
@@ -216,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "view's columns with the best tile's (one encoding, the checkpoint needs the head); "
                         "aerial / query: descriptors of the tiles / of the query at --rotations turns")
     v.add_argument("--seed", type=int, default=0, help="seed of the random headings of the crops")
+    v.add_argument("--queries", type=int, default=0,
+                   help="only the first N pairs are queries, matched against every tile of the split (0: all)")
     v.add_argument("--photos", type=Path,
                    help="a perspective world (worldgen --camera perspective, same seed and pairs as --data): "
                         "its photos are the queries, mapped into the panorama frame")
@@ -227,14 +231,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = evaluate(args.checkpoint, args.data, args.dataset, args.split, args.device, args.limit, args.plot,
                           args.workers, fov=args.fov, heading=args.heading, rotations=args.rotations,
-                          method=args.method, seed=args.seed, photos=args.photos)
+                          method=args.method, seed=args.seed, photos=args.photos, queries=args.queries)
     except (CheckpointError, ConfigError, TrainingError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(result, sort_keys=True))
         return 0
-    print(f"{result['checkpoint']} on {result['data']} ({result['split']}, N={result['n']})")
+    queries = f", {result['queries']} queries" if result.get("queries", result["n"]) != result["n"] else ""
+    view = f", field of view {result['fov']:g} deg, heading {result['heading']}" if "method" in result else ""
+    print(f"{result['checkpoint']} on {result['data']} ({result['split']}, N={result['n']}{queries}{view})")
     print(f"R@1 {result['r1'] * 100:.2f}  R@5 {result['r5'] * 100:.2f}  R@10 {result['r10'] * 100:.2f}  "
           f"R@1% {result['r1pct'] * 100:.2f}")
     if "heading_error_median_deg" in result and result["heading_error_median_deg"] is not None:

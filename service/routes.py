@@ -13,7 +13,7 @@ from . import localize
 from .artifact import public_text
 from .deps import ReadyRuntime, RuntimeDep, require_admin
 from .schemas import (
-    ErrorResponse, Health, LocalizeBatchResponse, LocalizeResponse, Manifest, Readiness, ReloadResult,
+    ErrorResponse, Health, LocalizeBatchResponse, LocalizeResponse, Readiness, ReloadResult,
 )
 from .thumbs import ThumbnailError
 from .uploads import UploadError
@@ -134,9 +134,8 @@ async def tile_thumbnail(tile_id: str, request: Request, runtime: ReadyRuntime) 
     return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=300"})
 
 
-@api.get("/v1/index", response_model=Manifest, response_model_by_alias=True, tags=["index"],
-         summary="Manifest of the index artifact being served (no host names or directories)",
-         responses=errors(503))
+@api.get("/v1/index", response_model=dict[str, Any], tags=["index"], responses=errors(503),
+         summary="Manifest of the index artifact being served (docs/INTERFACES.md; no host names or directories)")
 async def index_manifest(runtime: ReadyRuntime) -> Any:
     return runtime.engine.index.public_manifest  # type: ignore[union-attr]
 

@@ -135,22 +135,3 @@ class ReloadResult(BaseModel):
     status: Literal["reloaded", "unchanged"]
     index: IndexInfo
     previous: IndexInfo | None = None
-
-
-class Manifest(BaseModel):
-    """The artifact's manifest.json as published by index_build (unknown keys are kept)."""
-
-    model_config = {"extra": "allow", "protected_namespaces": ()}
-
-    format_version: int
-    model_fingerprint: str
-    embedding_dim: int
-    metric: str
-    count: int
-    index_type: str
-    index_params: dict[str, Any] = Field(default_factory=dict)
-    faiss_version: str | None = None
-    catalog_sha256: str | None = None
-    built_at: str
-    source: Any = None
-    model_config_: Any = Field(None, alias="model_config")
