@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import csv
 import functools
 import io
 import json
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from ship_support import assert_same_matches
@@ -862,3 +864,44 @@ def test_each_answer_says_how_clearly_its_best_match_wins(world):
             assert confidence["ambiguous"] is ambiguous and confidence["distinct_m"] == 150
             small = _post(client, world.pano, k=1).json()["confidence"]  # looks past the k asked for
             assert small["competitor_tile_id"] == competitor["tile_id"]
+
+
+@pytest.fixture(scope="module")
+def head_world(world, tmp_path_factory):
+    """A checkpoint with an orientation head and an index of world A's tiles built with it."""
+    from test_service_support import build_artifact, micro_checkpoint
+
+    root = tmp_path_factory.mktemp("head")
+    checkpoint = root / "micro_head.safetensors"
+    micro_checkpoint(checkpoint, seed=0, orientation_dim=8)
+    artifact = build_artifact(world.root / "world_a" / "tiles.csv", checkpoint, root / "index")
+    return checkpoint, artifact
+
+
+def test_with_an_orientation_head_every_match_says_the_view_heading_there(world, head_world):
+    checkpoint, artifact = head_world
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    assert manifest["orientation"]["columns"] == 8 and (artifact / "orientation.npy").is_file()
+    with running_client(settings_for(world, artifact, checkpoint=checkpoint)) as client:
+        body = _post(client, world.pano, k=5).json()
+        headings = [m["heading_deg"] for m in body["results"]]
+        assert all(h is not None and 0.0 <= h < 360.0 for h in headings)
+        assert body["view"]["heading_source"] == "estimated" and body["view"]["heading_deg"] == headings[0]
+        # the same as the model computes it against the index's features of those tiles
+        from model import load_checkpoint
+        from model.inference import InferenceEncoder
+        from model.orientation import estimate_headings
+        from model.views import place_view
+
+        view, seen = place_view(world.pano, load_checkpoint(checkpoint).config)
+        _, columns = InferenceEncoder(load_checkpoint(checkpoint), branches=("ground",)).encode_uint8_with_columns(
+            torch.from_numpy(view).permute(2, 0, 1)[None], "ground")
+        tile_rows = {r["tile_id"]: i for i, r in enumerate(csv.DictReader(open(artifact / "tiles.csv")))}
+        stored = np.load(artifact / "orientation.npy")[[tile_rows[m["tile_id"]] for m in body["results"]]]
+        expected = estimate_headings(columns[0], stored.astype(np.float32), seen)
+        assert headings == pytest.approx([round(float(h), 1) for h in expected], abs=0.11)
+        given = client.post("/localize?heading_deg=30", files={"image": ("p.jpg", world.pano, "image/jpeg")}).json()
+        assert (given["view"]["heading_deg"], given["view"]["heading_source"]) == (30.0, "parameter")
+        geo = client.post("/localize?k=2", files={"image": ("p.jpg", world.pano, "image/jpeg")},
+                          headers={"Accept": "application/geo+json"}).json()
+        assert all("heading_deg" in f["properties"] for f in geo["features"])

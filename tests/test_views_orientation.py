@@ -1,0 +1,184 @@
+"""Limited views and headings, model side: turning views, fields of view, rotation search, the
+orientation head, match confidence, the training augmentation and model.evaluate's view modes."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from model import L2LTR, save_checkpoint
+from model.views import (MEAN_RGB, angle_difference, fov_columns, limit_fov, match_over_rotations, place_view,
+                         refine_heading, rotate_view, rotation_headings)
+
+
+def _panorama(h: int = 8, w: int = 32) -> np.ndarray:
+    """[h, w, 3] uint8 whose red channel numbers the columns (column c looks at azimuth 180 + 360 c / w)."""
+    view = np.zeros((h, w, 3), np.uint8)
+    view[..., 0] = np.arange(w)[None, :]
+    view[..., 1] = 100
+    return view
+
+
+def test_a_view_turned_to_a_heading_is_centred_there_and_turns_back():
+    north = _panorama()
+    east = rotate_view(north, 90.0)
+    # the centre column of the turned view is the column of the north-aligned one that looks east
+    assert east[0, 16, 0] == north[0, 24, 0]  # 24 = 16 + 90/360 * 32
+    assert np.array_equal(rotate_view(east, -90.0), north)
+    assert np.array_equal(rotate_view(north, 360.0), north)
+
+
+def test_a_field_of_view_keeps_its_centre_columns_and_rows():
+    assert fov_columns(32, 90.0).sum() == 8 and fov_columns(32, 90.0)[12:20].all()
+    cut = limit_fov(_panorama(), 90.0, vfov_deg=90.0)
+    kept = ~(cut == MEAN_RGB).all(axis=-1)
+    assert kept.sum() == 8 * 4 and kept[2:6, 12:20].all()  # rows within +-45 degrees of the horizon
+    assert np.array_equal(limit_fov(_panorama(), 360.0), _panorama())
+    with pytest.raises(ValueError, match="fov_deg"):
+        limit_fov(_panorama(), 0.0)
+
+
+def test_rotation_search_finds_the_best_turn_and_headings_refine_between_them():
+    rotated = np.zeros((4, 3, 2), np.float32)  # 4 turns of 3 tiles, 2-d descriptors
+    rotated[2, 1] = [1.0, 0.0]
+    scores, best = match_over_rotations(np.array([[1.0, 0.0]], np.float32), rotated)
+    assert scores[0, 1] == 1.0 and best[0, 1] == 2
+    assert list(rotation_headings(4)) == [0.0, 90.0, 180.0, 270.0]
+    assert refine_heading([0.1, 0.5, 0.9, 0.5]) == pytest.approx(180.0)
+    assert 90.0 < refine_heading([0.1, 0.8, 0.9, 0.3]) < 180.0  # between the two best
+    assert refine_heading([0.9, 0.1, 0.1, 0.8]) > 315.0 or refine_heading([0.9, 0.1, 0.1, 0.8]) < 1e-6
+    assert angle_difference(350.0, 10.0) == 20.0 and angle_difference(90.0, 270.0) == 180.0
+
+
+def test_shift_scores_and_estimated_headings_follow_the_turn():
+    from model.orientation import estimate_headings, shift_scores, valid_columns
+
+    rng = np.random.default_rng(0)
+    tile = rng.standard_normal((16, 8)).astype(np.float32)
+    tile /= np.linalg.norm(tile, axis=1, keepdims=True)
+    for turn in (0, 3, 11):
+        view = np.roll(tile, -turn, axis=0)  # the view at heading turn * 22.5 sees tile column w + turn at w
+        assert int(np.argmax(shift_scores(view[None], tile[None])[0])) == turn
+        assert estimate_headings(view, tile[None])[0] == pytest.approx(turn * 22.5, abs=5.0)
+    seen = valid_columns(16, 90.0)
+    assert seen.sum() == 4 and seen[6:10].all()
+    half = np.roll(tile, -5, axis=0) * seen[:, None]  # only the seen columns carry the view
+    assert estimate_headings(half, tile[None], seen)[0] == pytest.approx(5 * 22.5, abs=5.0)  # within a column
+
+
+def test_match_margin_is_over_the_best_match_far_enough_away():
+    from model.metrics import match_margin
+
+    latlon = [[47.0, 8.0], [47.0005, 8.0], [47.01, 8.0], [47.02, 8.0]]  # 56 m, 1.1 km, 2.2 km
+    assert match_margin([0.9, 0.89, 0.7, 0.6], latlon) == (pytest.approx(0.2), 2)
+    assert match_margin([0.9, 0.89], latlon[:2]) == (None, None)  # nothing distinct among them
+    assert match_margin([0.9], latlon[:1]) == (None, None)
+
+
+def test_the_fov_augmentation_cuts_only_the_ground_view_to_the_mean_colour():
+    from model.augment import PairAugment
+    from model.preprocess import IMAGENET_MEAN
+
+    ground, aerial = torch.rand(64, 3, 16, 64), torch.rand(64, 3, 16, 64)
+    g, a = PairAugment(turn=0.0, flip=0.0, color=0.0, fov=0.5)(ground, aerial, True, torch.Generator().manual_seed(0))
+    assert torch.equal(a, aerial)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    cut = (g == mean).all(dim=1)  # [B, H, W] pixels set to the mean colour
+    limited = cut.flatten(1).any(dim=1)
+    assert 16 <= int(limited.sum()) <= 48  # about half
+    assert torch.equal(g[~limited], ground[~limited])
+    for b in torch.nonzero(limited).flatten().tolist():
+        seen_columns = (~cut[b]).any(dim=0).float().mean().item()
+        assert 60 / 360 - 0.05 <= seen_columns <= 240 / 360 + 0.05
+
+
+def test_place_view_puts_a_crop_or_photo_at_its_heading(tmp_path, micro_config):
+    from PIL import Image
+
+    config = micro_config  # ground 32 x 128
+    pano = np.zeros((64, 256, 3), np.uint8)
+    pano[:, 96:160] = (200, 50, 50)  # a red block around north (the centre) over 90 degrees
+    path = tmp_path / "pano.png"
+    Image.fromarray(pano).save(path)
+    full, seen = place_view(path, config)
+    assert full.shape == (32, 128, 3) and seen.all()
+    assert full[16, 64, 0] > 150  # north in the middle
+    turned, _ = place_view(path, config, heading_deg=90.0)  # its centre looked east: north-aligned, east
+    assert turned[16, 96, 0] > 150 and turned[16, 64, 0] < 100  # is a quarter turn right of the centre
+    crop = tmp_path / "crop.png"
+    Image.fromarray(pano[:, 96:160]).save(crop)  # the red 90 degrees alone, looking north
+    placed, seen = place_view(crop, config, fov_deg=90.0, projection="equirectangular")
+    assert seen.sum() == 32 and seen[48:80].all() and (placed[:, ~seen] == MEAN_RGB).all()
+    assert placed[16, 64, 0] > 150
+    photo, seen = place_view(crop, config, fov_deg=90.0, heading_deg=180.0, projection="perspective")
+    assert seen[:8].any() and seen[-8:].any() and not seen[48:80].any()  # south: the panorama's edges
+    with pytest.raises(ValueError, match="projection"):
+        place_view(crop, config, fov_deg=90.0, projection="fisheye")
+
+
+@pytest.fixture(scope="module")
+def view_world(tmp_path_factory):
+    """A tiny world with panoramas, and a checkpoint with an orientation head trained on it."""
+    from ship_support import tiny_world
+
+    from model.orientation import train_orientation
+
+    base = tmp_path_factory.mktemp("views")
+    world = tiny_world(base, seed=4, pairs=24)
+    net = L2LTR(json_config())
+    save_checkpoint(net, base / "plain.safetensors")
+    report = train_orientation(base / "plain.safetensors", world, base / "head.safetensors", pairs=24, rotations=2,
+                               steps=30, batch_size=16, workers=1, split="all")
+    return world, base, report
+
+
+def json_config():
+    from model import L2LTRConfig
+
+    return L2LTRConfig(hidden_size=32, num_heads=2, mlp_dim=64, num_layers=2, resnet_units=(1, 1, 1),
+                       resnet_width_factor=0.5, ground_size=(64, 256), aerial_size=(64, 256), name="micro256")
+
+
+def test_the_orientation_head_is_saved_with_the_network_and_encoded_with_it(view_world):
+    from model import load_checkpoint
+    from model.inference import InferenceEncoder
+
+    _, base, report = view_world
+    plain, head = load_checkpoint(base / "plain.safetensors"), load_checkpoint(base / "head.safetensors")
+    assert head.config.orientation_dim == 64 and not hasattr(plain, "orientation")
+    assert head.fingerprint() != plain.fingerprint()  # the head's weights take part
+    for key, value in plain.state_dict().items():  # the network itself is unchanged
+        assert torch.equal(head.state_dict()[key], value)
+    assert report["pairs"] == 24 and "orientation" in head.provenance
+    images = torch.randint(0, 256, (3, 3, 64, 256), dtype=torch.uint8)
+    rows, columns = InferenceEncoder(head).encode_uint8_with_columns(images, "ground")
+    assert rows.shape == (3, 32) and columns.shape == (3, 16, 64)
+    assert np.allclose(np.linalg.norm(columns, axis=-1), 1.0, atol=1e-5)
+    assert InferenceEncoder(plain).encode_uint8_with_columns(images, "ground")[1] is None
+
+
+@pytest.mark.parametrize("args", [["--heading", "unknown"], ["--fov", "90", "--heading", "unknown"],
+                                  ["--fov", "180"], ["--heading", "unknown", "--method", "aerial", "--rotations", "4"],
+                                  ["--heading", "unknown", "--method", "query", "--rotations", "4"]])
+def test_evaluate_reports_limited_views_and_heading_errors(view_world, capsys, args):
+    from model import evaluate
+
+    world, base, _ = view_world
+    assert evaluate.main(["--checkpoint", str(base / "head.safetensors"), "--data", str(world), "--split", "all",
+                          "--workers", "1", "--queries", "12", "--json", *args]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["queries"] == 12 and result["n"] == 24 and 0.0 <= result["r1"] <= result["r1pct"] <= 1.0
+    assert ("heading_error_median_deg" in result) == ("unknown" in args)
+    if "unknown" in args and result["heading_error_median_deg"] is not None:
+        assert 0.0 <= result["heading_error_median_deg"] <= 180.0
+
+
+def test_evaluate_needs_the_head_for_the_head_method(view_world, capsys):
+    from model import evaluate
+
+    world, base, _ = view_world
+    assert evaluate.main(["--checkpoint", str(base / "plain.safetensors"), "--data", str(world), "--split", "all",
+                          "--workers", "1", "--heading", "unknown"]) == 1
+    assert "no orientation head" in capsys.readouterr().err
