@@ -5,6 +5,15 @@ on an unseen region; prints a Markdown table of mean (and per-seed) recalls.
 
   python bench/ablation.py --train data/train_world --eval data/eval_world --steps 600 --seeds 0 1 \
       --out runs/ablation
+
+`views`: limited fields of view and unknown headings (issue 16). Each checkpoint (e.g. the same
+network before and after a fine-tune of the same budget) and each way of finding the heading (the
+orientation head, or descriptors of the aerial tiles / of the query at N turns) is evaluated on one
+unseen region and gallery, for each field of view and heading mode; a Markdown table of R@1/5/10/1%,
+the ratio to the checkpoint's known-heading 360 degree R@1, and the median heading error:
+
+  python bench/ablation.py views --eval data/eval_world --checkpoint shipped=weights/l2ltr_tiny_demo.safetensors \
+      --checkpoint fov=runs/orientation/tiny_fov_head.safetensors --fov 360 180 90 70 --methods head aerial query
 """
 from __future__ import annotations
 
@@ -33,7 +42,58 @@ def run(cmd: list[str], env: dict | None = None) -> str:
     return proc.stdout
 
 
+def views_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="bench/ablation.py views", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--eval", required=True, help="unseen evaluation world")
+    p.add_argument("--split", default="all", help="its split")
+    p.add_argument("--checkpoint", action="append", required=True, metavar="NAME=PATH", help="checkpoints to compare")
+    p.add_argument("--fov", type=float, nargs="+", default=[360, 180, 90, 70], help="fields of view, degrees")
+    p.add_argument("--methods", nargs="+", default=["head", "aerial", "query"],
+                   help="ways to find the heading: head, aerial, query (model.evaluate --method)")
+    p.add_argument("--rotations", type=int, default=16, help="turns searched by the aerial and query methods")
+    p.add_argument("--queries", type=int, default=0, help="the first N pairs are the queries (0: all)")
+    p.add_argument("--photos", help="a perspective world of the same region: its photos as queries too")
+    p.add_argument("--out", default="runs/ablation_views", help="where each evaluation's JSON is kept (reused)")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def evaluate(name: str, checkpoint: str, extra: list[str]) -> dict:
+        key = out / (name + "_" + "_".join(extra).replace("-", "").replace(" ", "") + ".json")
+        if not key.exists():
+            cmd = [sys.executable, "-m", "model.evaluate", "--checkpoint", checkpoint, "--data", args.eval,
+                   "--split", args.split, "--json", "--queries", str(args.queries), *extra]
+            key.write_text(run(cmd))
+        return json.loads(key.read_text())
+
+    print("| checkpoint | queries | heading | method | R@1 | R@5 | R@10 | R@1% | x known 360 R@1 | heading error (median) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, checkpoint in (item.split("=", 1) for item in args.checkpoint):
+        base = evaluate(name, checkpoint, ["--fov", "360", "--heading", "known"])
+        cases = [(f"{f:g} deg crops", ["--fov", str(f)]) for f in args.fov]
+        if args.photos:
+            cases.append(("photos", ["--photos", args.photos]))
+        for label, view in cases:
+            runs = [("known", "", [])] + [("unknown", m, ["--method", m, "--rotations", str(args.rotations)])
+                                          for m in args.methods]
+            for heading, method, extra in runs:
+                try:
+                    r = evaluate(name, checkpoint, [*view, "--heading", heading, *extra])
+                except SystemExit as exc:  # e.g. no orientation head for --method head
+                    print(f"| {name} | {label} | {heading} | {method} | failed: {str(exc).splitlines()[-1][:80]} |")
+                    continue
+                err = r.get("heading_error_median_deg")
+                print(f"| {name} | {label} | {heading} | {method or '-'} | {100 * r['r1']:.2f} | {100 * r['r5']:.2f} | "
+                      f"{100 * r['r10']:.2f} | {100 * r['r1pct']:.2f} | {r['r1'] / max(base['r1'], 1e-9):.2f} | "
+                      f"{'-' if err is None else f'{err:.1f} deg'} |", flush=True)
+    return 0
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["views"]:
+        return views_main(argv[1:])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train", required=True, help="training world directory")
     p.add_argument("--eval", required=True, help="unseen evaluation world directory")

@@ -20,7 +20,7 @@ import numpy as np
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import ConfigError
 from .encode import pick_device
-from .metrics import localization_error, recall_curve, retrieval_recall
+from .metrics import confidence_report, localization_error, recall_curve, retrieval_recall
 from .train import HelpFormatter, TrainingError, encode_arrays, load_pair_arrays, read_records
 
 
@@ -33,7 +33,7 @@ METHODS = ("head", "aerial", "query")
 def evaluate(checkpoint: Path, data: Path, dataset: str = "synthetic", split: str = "val", device: str = "auto",
              limit: int = 0, plot: Path | None = None, workers: int = 2, fov: float = 360.0,
              heading: str = "known", rotations: int = 16, method: str = "head", seed: int = 0,
-             photos: Path | None = None, queries: int = 0) -> dict:
+             photos: Path | None = None, queries: int = 0, ambiguity_margin: float = 0.02) -> dict:
     """Retrieval of the split's panoramas (or, with ``photos``, of a perspective world's photos
     of the same places) against its aerial tiles. ``fov`` < 360 keeps that much of each panorama
     around a random heading; ``heading="unknown"`` searches the heading over ``rotations`` turns of
@@ -55,9 +55,12 @@ def evaluate(checkpoint: Path, data: Path, dataset: str = "synthetic", split: st
     if plain:
         ground, aerial = encode_arrays(model, arrays, dev)
         result.update(retrieval_recall(ground, aerial))
+        if arrays.latlon is not None:
+            result["confidence"] = confidence_report(ground @ aerial.T, arrays.latlon, ambiguity_margin)
     else:
         result.update(evaluate_views(model, arrays, records, dev, fov=fov, heading=heading, rotations=rotations,
-                                     method=method, seed=seed, photos=photos, queries=queries))
+                                     method=method, seed=seed, photos=photos, queries=queries,
+                                     ambiguity_margin=ambiguity_margin))
     if arrays.latlon is not None and plain:
         result["localization"] = localization_error(ground, aerial, arrays.latlon, arrays.latlon)
     if plot is not None and plain:
@@ -68,7 +71,7 @@ def evaluate(checkpoint: Path, data: Path, dataset: str = "synthetic", split: st
 
 
 def evaluate_views(model, arrays, records, device, *, fov: float, heading: str, rotations: int, method: str,
-                   seed: int, photos: Path | None, queries: int = 0) -> dict:
+                   seed: int, photos: Path | None, queries: int = 0, ambiguity_margin: float = 0.02) -> dict:
     """Recalls (and heading errors) of limited-field-of-view or unknown-heading queries: panorama crops
     of ``fov`` degrees around a random heading, or the photos of a perspective world."""
     from .inference import InferenceEncoder
@@ -113,6 +116,8 @@ def evaluate_views(model, arrays, records, device, *, fov: float, heading: str, 
         per_rotation = lambda i, j: turned[:, i] @ aerial[j]  # noqa: E731
     counts = count_closer_scores(scores)
     out.update(recall_from_counts(counts, scores.shape[1]))
+    if arrays.latlon is not None:
+        out["confidence"] = confidence_report(scores, arrays.latlon, ambiguity_margin)
     if heading == "unknown":
         top1 = scores.argmax(axis=1)
         estimate = np.array([refine_heading(per_rotation(i, j)) for i, j in enumerate(top1)])
@@ -218,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "view's columns with the best tile's (one encoding, the checkpoint needs the head); "
                         "aerial / query: descriptors of the tiles / of the query at --rotations turns")
     v.add_argument("--seed", type=int, default=0, help="seed of the random headings of the crops")
+    v.add_argument("--ambiguity-margin", type=float, default=0.02,
+                   help="report how answers whose best match beats the best one 150 m away by less are right")
     v.add_argument("--queries", type=int, default=0,
                    help="only the first N pairs are queries, matched against every tile of the split (0: all)")
     v.add_argument("--photos", type=Path,
@@ -231,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = evaluate(args.checkpoint, args.data, args.dataset, args.split, args.device, args.limit, args.plot,
                           args.workers, fov=args.fov, heading=args.heading, rotations=args.rotations,
-                          method=args.method, seed=args.seed, photos=args.photos, queries=args.queries)
+                          method=args.method, seed=args.seed, photos=args.photos, queries=args.queries,
+                          ambiguity_margin=args.ambiguity_margin)
     except (CheckpointError, ConfigError, TrainingError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -249,6 +257,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"heading ({how}): median error "
               f"{result['heading_error_median_deg']:.1f} deg over the correctly localised queries, within 10 deg "
               f"{result['heading_within_10deg'] * 100:.1f}%")
+    if result.get("confidence"):
+        c = result["confidence"]
+        pct = lambda v: "-" if v is None else f"{v * 100:.1f}%"  # noqa: E731
+        print(f"ambiguous (margin < {c['threshold']:g}): {c['ambiguous_share'] * 100:.1f}% of the answers; "
+              f"top-1 right: {pct(c['r1_clear'])} of the clear ones, {pct(c['r1_ambiguous'])} of the ambiguous")
     if "localization" in result:
         loc = result["localization"]
         print(f"top-1 error: median {loc['median_m']:.1f} m; within 25 m {loc['within_25m'] * 100:.1f}%, "

@@ -99,3 +99,24 @@ def match_margin(scores, latlon, distinct_m: float = 150.0) -> tuple[float | Non
         return None, None
     j = 1 + int(np.argmax(far))  # ranked: the first far one is the best far one
     return float(s[0] - s[j]), j
+
+
+def confidence_report(scores, latlon, threshold: float, distinct_m: float = 150.0, candidates: int = 20) -> dict:
+    """How well the ambiguity flag separates right from wrong answers: scores [Q, N] of Q queries whose
+    true tile is gallery item i (latlon [N, 2]); each answer's margin (`match_margin` over its top
+    ``candidates``) is compared with ``threshold``. Returns the share flagged ambiguous and the top-1
+    accuracy of the flagged and of the clear answers."""
+    s = np.asarray(scores, dtype=np.float32)
+    ll = np.asarray(latlon, dtype=np.float64)
+    top = np.argsort(-s, axis=1)[:, :candidates]
+    correct = top[:, 0] == np.arange(len(s))
+    ambiguous = np.zeros(len(s), bool)
+    for i, row in enumerate(top):
+        margin, _ = match_margin(s[i, row], ll[row], distinct_m)
+        ambiguous[i] = margin is not None and margin < threshold
+
+    def share(mask) -> float | None:
+        return float(correct[mask].mean()) if mask.any() else None
+
+    return {"threshold": threshold, "ambiguous_share": float(ambiguous.mean()),
+            "r1_clear": share(~ambiguous), "r1_ambiguous": share(ambiguous)}
