@@ -9,10 +9,10 @@
 Steps, each skipped when its result is already there and current:
   1. the region: `python -m worldgen --seed S --area-km2 A --panoramas N --out DIR/world`: every
      aerial tile, but street panoramas for only the first N camera positions (default 32: the demo
-     shows one, the web page needs a few to upload; rendering all ~2,000 would take most of the
-     first run). Generated into a temporary sibling and renamed into place, so an interrupted run
-     never leaves half a region; regenerated only when world.json records another seed or area, or
-     fewer panoramas than asked for;
+     shows one, the web page needs a few to upload; rendering all ~2,000 of them was a third of a
+     first run on 2 cores). Generated into a temporary sibling and renamed into place, so an
+     interrupted run never leaves half a region; regenerated only when world.json records another
+     seed or area, or fewer panoramas than asked for;
   2. the index: `python -m index_build build --catalog DIR/world/tiles.csv --checkpoint CKPT
      --out DIR/index`; rebuilt only when the published manifest names another model fingerprint,
      another catalogue checksum or another catalogue path;
@@ -176,7 +176,7 @@ def ensure_region(demo_dir: Path, seed: int, area_km2: float, pairs: int | None,
             say(f"region: regenerating {relative_to_cwd(world)}: {why}")
         else:
             say(f"region: generating a {area_km2} km² synthetic region (seed {seed}) into "
-                f"{relative_to_cwd(world)}: every aerial tile, street panoramas for {which}; once")
+                f"{relative_to_cwd(world)}: every aerial tile, street panoramas for {which} (about a minute, once)")
         demo_dir.mkdir(parents=True, exist_ok=True)
         partial = demo_dir / f".world.partial-{os.getpid()}"
         shutil.rmtree(partial, ignore_errors=True)
