@@ -27,12 +27,19 @@ help:
 
 $(PY):
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "Python 3.10+ is needed, $(PYTHON) is " + sys.version.split()[0] + "; run e.g. make demo PYTHON=python3.11")'
-	$(PYTHON) -m venv $(VENV)
+	@echo "install: creating the virtual environment $(VENV) ($(PYTHON) -m venv)"
+	@$(PYTHON) -m venv $(VENV)
 
+# One line before and one after each pip step (pip itself runs --quiet): the install is the
+# longest silent part of a first `make demo`. SECONDS_SINCE prints the seconds since its argument.
+SECONDS_SINCE = $$(( $$(date +%s) - $(1) ))
 $(STAMP): pyproject.toml Makefile | $(PY)
-	$(PIP) install --upgrade --quiet pip
-	$(PIP) install --quiet "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)")
-	$(PIP) install --quiet -e ".[$(EXTRAS)]"
+	@echo "install: [1/3] $(PIP) install --upgrade pip ..."
+	@t=$$(date +%s); $(PIP) install --upgrade --quiet pip && echo "install: [1/3] pip is up to date ($(call SECONDS_SINCE,$$t) s)"
+	@echo "install: [2/3] $(PIP) install $(TORCH_SPEC)$(if $(TORCH_INDEX), --index-url $(TORCH_INDEX)) (the largest step: about a minute from pip's cache, longer when it downloads) ..."
+	@t=$$(date +%s); $(PIP) install --quiet "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)") && echo "install: [2/3] torch installed ($(call SECONDS_SINCE,$$t) s)"
+	@echo "install: [3/3] $(PIP) install -e .[$(EXTRAS)] (the project and its dependencies) ..."
+	@t=$$(date +%s); $(PIP) install --quiet -e ".[$(EXTRAS)]" && echo "install: [3/3] the project is installed ($(call SECONDS_SINCE,$$t) s); later runs skip the install until pyproject.toml or the Makefile change"
 	@touch $@
 
 install: $(STAMP)

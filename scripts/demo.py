@@ -7,9 +7,12 @@
     python scripts/demo.py --smoke --picture docs/demo.png   # the README picture (`make demo-picture`)
 
 Steps, each skipped when its result is already there and current:
-  1. the region: `python -m worldgen --seed S --area-km2 A --out DIR/world`, generated into a
-     temporary sibling and renamed into place, so an interrupted run never leaves half a region;
-     regenerated only when world.json records another seed or area;
+  1. the region: `python -m worldgen --seed S --area-km2 A --panoramas N --out DIR/world`: every
+     aerial tile, but street panoramas for only the first N camera positions (default 32: the demo
+     shows one, the web page needs a few to upload; rendering all ~2,000 of them was a third of a
+     first run on 2 cores). Generated into a temporary sibling and renamed into place, so an
+     interrupted run never leaves half a region; regenerated only when world.json records another
+     seed or area, or fewer panoramas than asked for;
   2. the index: `python -m index_build build --catalog DIR/world/tiles.csv --checkpoint CKPT
      --out DIR/index`; rebuilt only when the published manifest names another model fingerprint,
      another catalogue checksum or another catalogue path;
@@ -17,8 +20,10 @@ Steps, each skipped when its result is already there and current:
      answers, a ready-to-paste curl and the web page address are printed.
 
 Steps 1 and 2 run the stages' own command lines, exactly as a user would, and the freshness checks
-read only files (the checkpoint's safetensors header, manifest.json), so a second run reaches the
-server start without importing torch.
+read only small files (world.json, tiles.csv, the checkpoint's safetensors header, manifest.json),
+so a second run reaches the server start without importing torch. The stages start with the
+environment of `stage_env`, so that they neither start themselves a second time nor spin on a busy
+machine.
 """
 from __future__ import annotations
 
@@ -47,6 +52,15 @@ DEFAULT_CHECKPOINT = REPO / "weights" / "l2ltr_tiny_demo.safetensors"
 # demo shows the model on a region it has never seen.
 DEFAULT_SEED = 4242
 DEFAULT_AREA_KM2 = 4.0
+# Street panoramas rendered by default: those of the first N camera positions. The demo prints a
+# curl for one (--query) and the README suggests uploading others from the web page.
+DEFAULT_PANORAMAS = 32
+
+# model.inference.ALLOCATOR_ENV (tests/test_ship_demo.py keeps the two equal; importing it here
+# would import torch). `python -m service` and `python -m index_build` re-execute themselves with
+# these glibc malloc settings unless they already have them, and that second start imports torch
+# once more: about a second of CPU on every start.
+STAGE_ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}
 
 
 class DemoError(RuntimeError):
@@ -123,7 +137,9 @@ class Region:
     queries_csv: Path
 
 
-def region_is_current(world: Path, seed: int, area_km2: float) -> tuple[bool, str]:
+def region_is_current(world: Path, seed: int, area_km2: float, panoramas: int | None = None) -> tuple[bool, str]:
+    """Whether ``world`` is the region asked for, with street panoramas for at least its first
+    ``panoramas`` camera positions (None: for every position)."""
     meta_path = world / "world.json"
     for need in (meta_path, world / "tiles.csv", world / "queries.csv"):
         if not need.is_file():
@@ -137,21 +153,30 @@ def region_is_current(world: Path, seed: int, area_km2: float) -> tuple[bool, st
     area = meta.get("area_km2", meta.get("area"))
     if not isinstance(area, (int, float)) or abs(float(area) - area_km2) > 1e-9:
         return False, f"it covers {area} km², asked for {area_km2}"
+    counts = meta.get("counts") or {}
+    positions = counts.get("pairs")
+    rendered = counts.get("ground_images", positions)  # absent: worldgen rendered every panorama
+    if isinstance(positions, int) and isinstance(rendered, int):
+        wanted = positions if panoramas is None else min(panoramas, positions)
+        if rendered < wanted:
+            return False, (f"it has panoramas for {rendered} of its {positions} camera positions, "
+                           f"{'all' if panoramas is None else wanted} asked for")
     return True, "up to date"
 
 
-def ensure_region(demo_dir: Path, seed: int, area_km2: float, pairs: int | None, workers: int,
-                  extra_args: list[str]) -> Region:
+def ensure_region(demo_dir: Path, seed: int, area_km2: float, pairs: int | None, panoramas: int | None,
+                  workers: int, extra_args: list[str]) -> Region:
     world = demo_dir / "world"
-    current, why = region_is_current(world, seed, area_km2)
+    current, why = region_is_current(world, seed, area_km2, panoramas)
     if current:
         say(f"region: reusing {relative_to_cwd(world)} (seed {seed}, {area_km2} km²)")
     else:
+        which = "every camera position" if panoramas is None else f"the first {panoramas} camera positions"
         if world.exists():
             say(f"region: regenerating {relative_to_cwd(world)}: {why}")
         else:
             say(f"region: generating a {area_km2} km² synthetic region (seed {seed}) into "
-                f"{relative_to_cwd(world)}; this takes a few minutes once")
+                f"{relative_to_cwd(world)}: every aerial tile, street panoramas for {which} (about a minute, once)")
         demo_dir.mkdir(parents=True, exist_ok=True)
         partial = demo_dir / f".world.partial-{os.getpid()}"
         shutil.rmtree(partial, ignore_errors=True)
@@ -159,10 +184,12 @@ def ensure_region(demo_dir: Path, seed: int, area_km2: float, pairs: int | None,
                "--out", str(partial), "--workers", str(workers)]
         if pairs is not None:
             cmd += ["--pairs", str(pairs)]
+        if panoramas is not None:
+            cmd += ["--panoramas", str(panoramas)]
         cmd += extra_args
         try:
             run_step(cmd, "worldgen")
-            ok, why = region_is_current(partial, seed, area_km2)
+            ok, why = region_is_current(partial, seed, area_km2, panoramas)
             if not ok:
                 raise DemoError(f"worldgen finished but its output is not a region: {why}")
             if world.exists():
@@ -211,17 +238,38 @@ def ensure_index(demo_dir: Path, region: Region, checkpoint: Path, extra_args: l
     say(f"index: building {relative_to_cwd(index)} ({why})")
     cmd = [sys.executable, "-m", "index_build", "build", "--catalog", str(region.tiles_csv),
            "--checkpoint", str(checkpoint), "--out", str(index), *extra_args]
-    run_step(cmd, "index_build")
+    run_step(cmd, "index_build", env=stage_env())
     current, why = index_is_current(index, region.tiles_csv, fingerprint)
     if not current:
         raise DemoError(f"index_build finished but {relative_to_cwd(index)} is not current: {why}")
     return index
 
 
-def run_step(cmd: list[str], name: str) -> None:
+def stage_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for the stages' programs started here (index_build, the service).
+
+    - STAGE_ALLOCATOR_ENV, unless the user tuned glibc's malloc (then theirs wins, and the stages
+      do not re-execute either): the program starts once instead of twice.
+    - OMP_WAIT_POLICY=PASSIVE unless set: OpenMP threads that wait for each other sleep instead of
+      spinning. While the model loads (checkpoint, TorchScript trace, warm-up forwards, with a
+      thread per core) a machine busy with other work keeps descheduling one of them, and the
+      others spin through their time slices: on this project's shared 2-core box the model set-up
+      took 2.4-17 s instead of 0.7-1.4 s (bench/RESULTS.md). On 2 cores the encoding itself runs
+      one torch thread per encoder thread, so it has no OpenMP waits to lose.
+    """
+    env = dict(os.environ if base is None else base)
+    malloc_tuned = any(k.startswith("MALLOC_") and k.endswith("_") for k in env) or \
+        "glibc.malloc." in env.get("GLIBC_TUNABLES", "")
+    if not malloc_tuned:
+        env.update(STAGE_ALLOCATOR_ENV)
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    return env
+
+
+def run_step(cmd: list[str], name: str, env: dict[str, str] | None = None) -> None:
     say("$ " + " ".join(shlex.quote(c) for c in display_cmd(cmd)))
     t0 = time.monotonic()
-    proc = subprocess.run(cmd, cwd=REPO)
+    proc = subprocess.run(cmd, cwd=REPO, env=env)
     if proc.returncode != 0:
         raise DemoError(f"{name} failed (exit status {proc.returncode}); see its messages above")
     say(f"{name}: done in {time.monotonic() - t0:.0f} s")
@@ -291,10 +339,15 @@ def http_get_json(url: str, timeout: float = 2.0) -> tuple[int, dict | None]:
         return 0, None
 
 
-def wait_ready(proc: subprocess.Popen, base_url: str, timeout: float) -> dict:
+def wait_ready(proc: subprocess.Popen, base_url: str, timeout: float,
+               server_logged: threading.Event | None = None) -> dict:
+    """Poll /readyz every 0.25 s, and at once whenever the server logs a line (`server_logged`, set
+    by pump_log): it logs when it becomes ready."""
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
+        if server_logged is not None:
+            server_logged.clear()
         if proc.poll() is not None:
             raise DemoError(f"the API exited with status {proc.returncode} before it was ready"
                             + (f" (last /readyz: {last})" if last else "") + "; see its log above")
@@ -303,7 +356,10 @@ def wait_ready(proc: subprocess.Popen, base_url: str, timeout: float) -> dict:
             return body
         if body:
             last = body.get("detail") or body.get("status")
-        time.sleep(0.25)
+        if server_logged is not None:
+            server_logged.wait(0.25)
+        else:
+            time.sleep(0.25)
     raise DemoError(f"the API did not become ready within {timeout:.0f} s (last /readyz: {last})")
 
 
@@ -342,17 +398,20 @@ def haversine_m(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
     return 2 * r * math.asin(min(1.0, math.sqrt(a)))
 
 
-def pump_log(proc: subprocess.Popen, ready: threading.Event) -> None:
-    """Copy the server's log to ours, minus the answers to our own /readyz polls while it loads."""
+def pump_log(proc: subprocess.Popen, ready: threading.Event, logged: threading.Event | None = None) -> None:
+    """Copy the server's log to ours, minus the answers to our own /readyz polls while it loads;
+    set `logged` after each line."""
     assert proc.stdout is not None
     for line in proc.stdout:
         if not ready.is_set() and "/readyz" in line:
             continue
         emit(line)
+        if logged is not None:
+            logged.set()
 
 
 def server_env(checkpoint: Path, index: Path) -> dict[str, str]:
-    env = dict(os.environ)
+    env = stage_env()
     env["GEOLOC_CHECKPOINT"] = str(checkpoint.resolve())
     env["GEOLOC_INDEX"] = str(index.absolute())  # the published symlink: rebuilds are picked up live
     env.setdefault("GEOLOC_JSON_LOGS", "false")   # readable logs in a terminal
@@ -364,6 +423,10 @@ def serve(args, checkpoint: Path, index: Path, region: Region) -> int:
     if not port_is_free(args.host, args.port):
         raise DemoError(f"{args.host}:{args.port} is already in use (another demo still running?). "
                         f"Stop it, or pick another port: make demo DEMO_PORT={args.port + 1}")
+    query = demo_query(region, args.query)
+    if not query.path.is_file():
+        raise DemoError(f"the demo panorama {relative_to_cwd(query.path)} (query row {args.query}) is missing; "
+                        f"delete {relative_to_cwd(region.world)} to generate the region again")
     cmd = [sys.executable, "-m", "service", "--host", args.host, "--port", str(args.port)]
     say("api: $ GEOLOC_CHECKPOINT=" + relative_to_cwd(checkpoint) + " GEOLOC_INDEX=" + relative_to_cwd(index)
         + " " + " ".join(display_cmd(cmd)))
@@ -373,8 +436,8 @@ def serve(args, checkpoint: Path, index: Path, region: Region) -> int:
     proc = subprocess.Popen(cmd, cwd=REPO, env=server_env(checkpoint, index), start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                             errors="replace")
-    ready_event = threading.Event()
-    pump = threading.Thread(target=pump_log, args=(proc, ready_event), daemon=True)
+    ready_event, logged_event = threading.Event(), threading.Event()
+    pump = threading.Thread(target=pump_log, args=(proc, ready_event, logged_event), daemon=True)
     pump.start()
 
     def forward(signum, _frame):
@@ -384,10 +447,9 @@ def serve(args, checkpoint: Path, index: Path, region: Region) -> int:
     old_int = signal.signal(signal.SIGINT, forward)
     old_term = signal.signal(signal.SIGTERM, forward)
     try:
-        ready = wait_ready(proc, base_url, args.ready_timeout)
+        ready = wait_ready(proc, base_url, args.ready_timeout, logged_event)
         ready_event.set()
         api_key = api_key_from_env()
-        query = demo_query(region, args.query)
         idx = ready.get("index") or {}
         lines = [
             "",
@@ -437,6 +499,19 @@ def serve(args, checkpoint: Path, index: Path, region: Region) -> int:
 
 # ------------------------------------------------------------------------------ main
 
+def panorama_count(text: str) -> int | None:
+    """--panoramas: a positive count, or 'all' (None)."""
+    if text.strip().lower() == "all":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of panoramas or 'all', got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (the demo shows one), got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="scripts/demo.py", description=__doc__.split("\n\n")[0],
@@ -449,6 +524,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--area-km2", type=float, default=DEFAULT_AREA_KM2,
                    help=f"region size (default {DEFAULT_AREA_KM2})")
     p.add_argument("--pairs", type=int, default=None, help="passed to worldgen --pairs (default: worldgen's)")
+    p.add_argument("--panoramas", type=panorama_count, default=DEFAULT_PANORAMAS, metavar="N|all",
+                   help=f"street panoramas to render: those of the first N camera positions, or 'all' "
+                        f"(default {DEFAULT_PANORAMAS}; every aerial tile is rendered and indexed either way)")
     p.add_argument("--workers", type=int, default=max(1, min(4, os.cpu_count() or 1)),
                    help="worldgen render processes (default: up to 4, one per core)")
     p.add_argument("--worldgen-arg", action="append", default=[], metavar="ARG",
@@ -476,7 +554,10 @@ def main(argv: list[str] | None = None) -> int:
             raise DemoError(
                 f"checkpoint {checkpoint} not found. The demo model ships in weights/; pass another one "
                 "with --checkpoint (e.g. make demo DEMO_ARGS='--checkpoint my.safetensors')")
-        region = ensure_region(demo_dir, args.seed, args.area_km2, args.pairs, args.workers, args.worldgen_arg)
+        # the panorama of the demo query (--query) is one of those rendered
+        panoramas = None if args.panoramas is None else max(args.panoramas, args.query + 1)
+        region = ensure_region(demo_dir, args.seed, args.area_km2, args.pairs, panoramas, args.workers,
+                               args.worldgen_arg)
         index = ensure_index(demo_dir, region, checkpoint, args.index_arg)
         if args.prepare_only:
             say(f"prepared: region {relative_to_cwd(region.world)}, index {relative_to_cwd(index)}")

@@ -73,7 +73,8 @@ def test_fresh_pipeline_localises_held_out_panoramas(tmp_path, capsys):
     t0 = time.monotonic()
     proc = subprocess.Popen(
         [PY, str(REPO / "scripts" / "demo.py"), "--dir", str(demo_dir), "--checkpoint", str(CHECKPOINT),
-         "--seed", str(SEED), "--area-km2", str(AREA_KM2), "--workers", "1", "--port", str(port), "--k", str(K)],
+         "--seed", str(SEED), "--area-km2", str(AREA_KM2), "--workers", "1", "--panoramas", "all",
+         "--port", str(port), "--k", str(K)],
         cwd=REPO, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         curl, log = _read_until_curl(proc, timeout=240)

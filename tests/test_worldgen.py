@@ -218,6 +218,44 @@ def test_byte_identical_output_for_any_worker_count(dataset, tmp_path):
     assert all(a[k] == b[k] for k in a)
 
 
+def test_panorama_subset_writes_the_files_of_the_full_run(dataset, tmp_path):
+    """--panoramas N: the same world, every tile and the first N panoramas byte for byte; the pair
+    lists name only pairs whose panorama exists."""
+    from worldgen.cli import main
+
+    root, cfg, _ = dataset
+    sub = tmp_path / "sub"
+    assert main(["--seed", str(cfg.seed), "--area-km2", str(cfg.area_km2), "--pairs", str(cfg.pairs),
+                 "--val-fraction", str(cfg.val_fraction), "--min-spacing", str(cfg.min_spacing_m),
+                 "--panoramas", "5", "--workers", "2", "--out", str(sub), "--quiet"]) == 0
+    full, part = _tree_bytes(root), _tree_bytes(sub)
+    kept = [f"streetview/{i:06d}.jpg" for i in range(5)]
+    assert sorted(k for k in part if k.startswith("streetview/")) == kept
+    assert sorted(k for k in part if k.startswith("bingmap/")) == sorted(k for k in full if k.startswith("bingmap/"))
+    for rel in [k for k in part if k.startswith(("bingmap/", "streetview/"))] + ["tiles.csv", "cameras.csv"]:
+        assert part[rel] == full[rel], f"{rel} differs from the full run's"
+
+    def rows(tree, rel):
+        return tree[rel].decode().splitlines()
+
+    assert rows(part, "queries.csv") == rows(full, "queries.csv")[:6]  # header + the first 5
+    for rel in ("splits/train.csv", "splits/val.csv"):
+        with_pano = [r for r in rows(full, rel)[1:] if int(r.split(",")[0]) < 5]
+        assert rows(part, rel) == rows(full, rel)[:1] + with_pano
+    meta_full, meta_part = json.loads(full["world.json"]), json.loads(part["world.json"])
+    assert meta_part["config"].pop("panoramas") == 5 and meta_part["counts"].pop("ground_images") == 5
+    assert "panoramas" not in meta_full["config"] and "ground_images" not in meta_full["counts"]
+    assert meta_part == meta_full
+
+    # more panoramas than positions: every one, and the lists are complete
+    assert main(["--seed", str(cfg.seed), "--area-km2", str(cfg.area_km2), "--pairs", str(cfg.pairs),
+                 "--val-fraction", str(cfg.val_fraction), "--min-spacing", str(cfg.min_spacing_m),
+                 "--panoramas", "1000", "--out", str(tmp_path / "all"), "--quiet"]) == 0
+    every = _tree_bytes(tmp_path / "all")
+    assert {k: v for k, v in every.items() if k != "world.json"} == {k: v for k, v in full.items() if k != "world.json"}
+    assert json.loads(every["world.json"])["counts"]["ground_images"] == cfg.pairs
+
+
 # sha256 of the text files of the `dataset` world as worldgen wrote them before --camera existed
 # (main at f0fa1a6; all 54 files were then identical, images included). Image bytes are not pinned
 # here, as numpy's vectorised sin/exp may differ by an ulp between CPUs; the recipe that renders a
@@ -272,6 +310,8 @@ def test_cli_errors_and_help(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["--seed", "1", "--area-km2", "0.03", "--pairs", "5000", "--out", str(tmp_path / "y"), "--quiet"]) == 2
     assert "camera positions" in capsys.readouterr().err
+    assert main(["--seed", "1", "--area-km2", "0.03", "--panoramas", "-1", "--out", str(tmp_path / "y"), "--quiet"]) == 2
+    assert "--panoramas must be >= 0" in capsys.readouterr().err
     assert not (tmp_path / "y").exists()
 
 

@@ -23,6 +23,8 @@ examples:
   # phone-photo queries of the same region: pinhole 4:3, unknown heading, a tilted hand
   python -m worldgen --seed 2 --area-km2 3 --pairs 1000 --out data/world_eval_photos --camera perspective \
       --fov 65 --heading-jitter 180 --pitch-roll-jitter 5 --exif
+  # every aerial tile, but panoramas for only the first 32 positions (what `make demo` renders)
+  python -m worldgen --seed 4242 --area-km2 4 --panoramas 32 --out demo/world --workers 2
 Same seed and arguments give byte-identical output, for any --workers.
 """
 
@@ -39,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
     p.add_argument("--pairs", type=int, default=None,
                    help="number of pairs; default: every camera position that fits (~300-600 per km^2 at 25 m spacing)")
+    p.add_argument("--panoramas", type=int, default=None, metavar="N",
+                   help="render the ground images (panoramas, or photos with --camera perspective) of only the "
+                        "first N camera positions (default: all). Every aerial tile is still rendered; the images, "
+                        "tiles.csv and cameras.csv are byte-identical to a full run's, queries.csv and splits/ "
+                        "list only the N pairs with a ground image")
     p.add_argument("--tile-px", type=int, default=256, help="aerial tile size in pixels (default 256)")
     p.add_argument("--footprint-m", type=float, default=100.0, help="aerial tile footprint in metres (default 100)")
     p.add_argument("--pano-height", type=int, default=128, help="panorama height in pixels (default 128)")
@@ -97,7 +104,7 @@ def main(argv=None) -> int:
                     world_res_m=args.world_res, fov_deg=fov, heading_jitter_deg=args.heading_jitter,
                     jpeg_quality=args.jpeg_quality, camera=args.camera,
                     pitch_roll_jitter_deg=args.pitch_roll_jitter, photo_width=photo_w, photo_height=photo_h,
-                    exif=args.exif)
+                    exif=args.exif, panoramas=args.panoramas)
     log = (lambda *a, **k: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     try:
         generate_dataset(cfg, args.out, workers=args.workers, overwrite=args.overwrite,

@@ -36,6 +36,8 @@ CAMERAS = ("panorama", "perspective")
 # GenConfig fields added after format version 1 shipped. A panorama world leaves them out of
 # world.json, so its bytes stay what they were before these fields existed.
 _PERSPECTIVE_FIELDS = ("camera", "pitch_roll_jitter_deg", "photo_width", "photo_height", "exif")
+# Likewise left out while unset (every pair gets its ground image, as before the field existed).
+_UNSET_OMITTED_FIELDS = ("panoramas",)
 
 
 @dataclass
@@ -62,13 +64,23 @@ class GenConfig:
     photo_width: int = 1024
     photo_height: int = 768
     exif: bool = False  # perspective only: FocalLengthIn35mmFilm and GPSImgDirection in the JPEGs
+    # Ground images (panoramas or photos) for only the first N pairs; None: for every pair. Every
+    # aerial tile is rendered either way, and each rendered file is the one a full run writes.
+    panoramas: int | None = None
 
     def world_json_config(self) -> dict:
         d = asdict(self)
         if self.camera == "panorama":
             for k in _PERSPECTIVE_FIELDS:
                 del d[k]
+        for k in _UNSET_OMITTED_FIELDS:
+            if d[k] is None:
+                del d[k]
         return d
+
+    def ground_count(self, pairs: int) -> int:
+        """How many of ``pairs`` camera positions get a ground image: the first ones."""
+        return pairs if self.panoramas is None else min(pairs, self.panoramas)
 
     def validate(self):
         def bad(msg):
@@ -77,6 +89,8 @@ class GenConfig:
             bad(f"--area-km2 must be in (0, 64], got {self.area_km2}")
         if self.pairs is not None and self.pairs < 1:
             bad(f"--pairs must be >= 1, got {self.pairs}")
+        if self.panoramas is not None and self.panoramas < 0:
+            bad(f"--panoramas must be >= 0, got {self.panoramas}")
         if not (16 <= self.tile_px <= 2048):
             bad(f"--tile-px must be in [16, 2048], got {self.tile_px}")
         if self.tile_px % 2:
@@ -137,8 +151,10 @@ class GroundPose:
     roll_deg: float = 0.0
 
 
-def render_pair(world: World, cfg: GenConfig, i: int, x: float, y: float):
-    """(aerial uint8 HxWx3, ground image uint8 (panorama or photo), GroundPose) for pair ``i`` at (x, y)."""
+def render_pair(world: World, cfg: GenConfig, i: int, x: float, y: float, ground: bool = True):
+    """(aerial uint8 HxWx3, ground image uint8 (panorama or photo), GroundPose) for pair ``i`` at (x, y).
+
+    ``ground=False`` skips the ground image (None in its place); the tile and the pose are the same."""
     rng = pair_rng(cfg.seed, i)
     alook = sample_aerial_look(rng, cfg.lat)
     plook = sample_pano_look(rng)
@@ -151,11 +167,11 @@ def render_pair(world: World, cfg: GenConfig, i: int, x: float, y: float):
         jit = cfg.pitch_roll_jitter_deg
         pitch, roll = ((float(v) for v in np.random.default_rng([int(cfg.seed), 10, int(i)]).uniform(-jit, jit, 2))
                        if jit > 0 else (0.0, 0.0))
-        ground = render_perspective(world, x, y, cfg.photo_width, cfg.photo_height, cfg.fov_deg, heading,
-                                    pitch, roll, plook, r_p)
-        return aerial, ground, GroundPose(heading, pitch, roll)
+        photo = render_perspective(world, x, y, cfg.photo_width, cfg.photo_height, cfg.fov_deg, heading,
+                                   pitch, roll, plook, r_p) if ground else None
+        return aerial, photo, GroundPose(heading, pitch, roll)
     pano = render_pano(world, x, y, cfg.pano_height, cfg.pano_width, plook, r_p, heading_deg=heading,
-                       fov_deg=cfg.fov_deg)
+                       fov_deg=cfg.fov_deg) if ground else None
     return aerial, pano, GroundPose(heading)
 
 
@@ -212,15 +228,16 @@ _STATE: dict = {}
 
 def _work(task):
     lo, hi = task
-    world, cfg, cams, ids, root = (_STATE[k] for k in ("world", "cfg", "cams", "ids", "root"))
+    world, cfg, cams, ids, root, n_ground = (_STATE[k] for k in ("world", "cfg", "cams", "ids", "root", "n_ground"))
     poses = []
     for i in range(lo, hi):
-        a, g, pose = render_pair(world, cfg, i, cams[i, 0], cams[i, 1])
+        a, g, pose = render_pair(world, cfg, i, cams[i, 0], cams[i, 1], ground=i < n_ground)
         with open(os.path.join(root, "bingmap", ids[i] + ".png"), "wb") as f:
             f.write(encode_png(a, cfg.png_compress))
-        exif = camera_exif(cfg.fov_deg, pose.heading_deg) if cfg.exif else None
-        with open(os.path.join(root, "streetview", ids[i] + ".jpg"), "wb") as f:
-            f.write(encode_jpeg(g, cfg.jpeg_quality, exif))
+        if g is not None:
+            exif = camera_exif(cfg.fov_deg, pose.heading_deg) if cfg.exif else None
+            with open(os.path.join(root, "streetview", ids[i] + ".jpg"), "wb") as f:
+                f.write(encode_jpeg(g, cfg.jpeg_quality, exif))
         poses.append(pose)
     return lo, poses
 
@@ -283,19 +300,22 @@ def generate_dataset(cfg: GenConfig, out_dir: str, workers: int = 1, overwrite: 
         t_world = time.time() - t0
         cams = choose_cameras(world, cfg)
         n = len(cams)
+        n_ground = cfg.ground_count(n)
+        what = (f"{n} pairs" if n_ground == n else
+                f"{n} aerial tiles and the ground images of the first {n_ground} of them")
         log(f"worldgen: world built in {t_world:.1f} s ({len(world.buildings['cx']) - 1} buildings, "
-            f"{len(world.trees['x'])} trees); rendering {n} pairs with {workers} worker(s)")
+            f"{len(world.trees['x'])} trees); rendering {what} with {workers} worker(s)")
         w = _id_width(n)
         ids = [str(i).zfill(w) for i in range(n)]
         val = split_val(cams, cfg)
         poses = [None] * n
         chunk = 4 if cfg.camera == "perspective" else 16  # a photo takes ~20x a panorama; the bar moves per chunk
         tasks = [(lo, min(n, lo + chunk)) for lo in range(0, n, chunk)]
-        _STATE.update(world=world, cfg=cfg, cams=cams, ids=ids, root=tmp)
+        _STATE.update(world=world, cfg=cfg, cams=cams, ids=ids, root=tmp, n_ground=n_ground)
         bar = None
         if progress:
             from tqdm import tqdm
-            bar = tqdm(total=n, unit="pair", desc="rendering", dynamic_ncols=True)
+            bar = tqdm(total=n, unit="pair" if n_ground == n else "tile", desc="rendering", dynamic_ncols=True)
         t1 = time.time()
         try:
             if workers > 1 and n > chunk:
@@ -319,7 +339,7 @@ def generate_dataset(cfg: GenConfig, out_dir: str, workers: int = 1, overwrite: 
         t_render = time.time() - t1
         lat, lon = world.latlon(cams[:, 0], cams[:, 1])
         area = world.area_type(cams[:, 0], cams[:, 1])
-        _write_csvs(tmp, ids, cams, lat, lon, val, poses, area, ground_camera(cfg))
+        _write_csvs(tmp, ids, cams, lat, lon, val, poses, area, ground_camera(cfg), n_ground)
         meta = {
             "format": "worldgen", "version": FORMAT_VERSION, "seed": cfg.seed,
             "origin": {"lat": cfg.lat, "lon": cfg.lon},
@@ -336,6 +356,8 @@ def generate_dataset(cfg: GenConfig, out_dir: str, workers: int = 1, overwrite: 
             "geodesy": "local x east / y north metres from the origin; azimuthal equidistant projection on the haversine sphere, R = 6371008.8 m",
             "config": cfg.world_json_config(),
         }
+        if cfg.panoramas is not None:
+            meta["counts"]["ground_images"] = n_ground
         if cfg.camera == "perspective":
             cam = ground_camera(cfg)
             meta["camera"] = {
@@ -360,8 +382,10 @@ def generate_dataset(cfg: GenConfig, out_dir: str, workers: int = 1, overwrite: 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log(f"worldgen: wrote {n} pairs to {out_dir} in {time.time() - t0:.1f} s "
-        f"(world {t_world:.1f} s, rendering {t_render:.1f} s = {n / max(t_render, 1e-9):.1f} pairs/s)")
+    written, unit = ((f"{n} pairs", "pairs") if n_ground == n else
+                     (f"{n} aerial tiles and {n_ground} ground images", "positions"))
+    log(f"worldgen: wrote {written} to {out_dir} in {time.time() - t0:.1f} s "
+        f"(world {t_world:.1f} s, rendering {t_render:.1f} s = {n / max(t_render, 1e-9):.1f} {unit}/s)")
     return meta
 
 
@@ -382,20 +406,23 @@ def ground_camera(cfg: GenConfig) -> dict:
             "width": w, "height": cfg.pano_height}
 
 
-def _write_csvs(root, ids, cams, lat, lon, val, poses, area, camera):
+def _write_csvs(root, ids, cams, lat, lon, val, poses, area, camera, n_ground):
+    """tiles.csv and cameras.csv cover every camera position; the pair lists (splits/, queries.csv)
+    only the first ``n_ground``, the positions with a ground image."""
     def w(path, header, rows):
         with open(os.path.join(root, path), "w", newline="") as f:
             wr = csv.writer(f, lineterminator="\n")
             wr.writerow(header)
             wr.writerows(rows)
     n = len(ids)
-    pair_rows = [[ids[i], f"bingmap/{ids[i]}.png", f"streetview/{ids[i]}.jpg", _fmt(lat[i]), _fmt(lon[i])] for i in range(n)]
+    pair_rows = [[ids[i], f"bingmap/{ids[i]}.png", f"streetview/{ids[i]}.jpg", _fmt(lat[i]), _fmt(lon[i])]
+                 for i in range(n_ground)]
     header = ["id", "aerial", "ground", "lat", "lon"]
     w("splits/train.csv", header, [r for r, v in zip(pair_rows, val) if not v])
     w("splits/val.csv", header, [r for r, v in zip(pair_rows, val) if v])
     w("tiles.csv", ["tile_id", "lat", "lon", "path"], [[ids[i], _fmt(lat[i]), _fmt(lon[i]), f"bingmap/{ids[i]}.png"] for i in range(n)])
     w("queries.csv", ["query_id", "path", "lat", "lon", "tile_id"],
-      [[ids[i], f"streetview/{ids[i]}.jpg", _fmt(lat[i]), _fmt(lon[i]), ids[i]] for i in range(n)])
+      [[ids[i], f"streetview/{ids[i]}.jpg", _fmt(lat[i]), _fmt(lon[i]), ids[i]] for i in range(n_ground)])
     header = ["id", "x_m", "y_m", "lat", "lon", "heading_deg", "area_type", "split"]
     rows = [[ids[i], f"{cams[i, 0]:.3f}", f"{cams[i, 1]:.3f}", _fmt(lat[i]), _fmt(lon[i]),
              f"{poses[i].heading_deg:.3f}", AREA_NAMES[int(area[i])], "val" if val[i] else "train"] for i in range(n)]
