@@ -30,14 +30,16 @@ MICRO = dict(hidden_size=32, num_heads=2, mlp_dim=64, num_layers=2, resnet_units
 
 # --- files --------------------------------------------------------------------------------------
 
-def micro_checkpoint(path: Path, seed: int = 0) -> str:
-    """A randomly initialised micro L2LTR saved as .safetensors; returns its fingerprint."""
+def micro_checkpoint(path: Path, seed: int = 0, orientation_dim: int = 0) -> str:
+    """A randomly initialised micro L2LTR saved as .safetensors (with `orientation_dim`, an
+    orientation head: its index then holds orientation features and answers give headings);
+    returns its fingerprint."""
     import torch
 
     from model import L2LTR, L2LTRConfig, save_checkpoint
 
     torch.manual_seed(seed)
-    net = L2LTR(L2LTRConfig(**MICRO)).eval()
+    net = L2LTR(L2LTRConfig(**MICRO, orientation_dim=orientation_dim)).eval()
     save_checkpoint(net, path, metadata={"provenance": {"purpose": "service tests"}})
     return net.fingerprint()
 
