@@ -11,7 +11,9 @@ import urllib.request
 import numpy as np
 import pytest
 
-from test_service_support import ServiceProcess, world  # noqa: F401  (world is a fixture)
+from test_service_support import (  # noqa: F401  (world is a fixture)
+    ServiceProcess, build_artifact, micro_checkpoint, world, write_catalog,
+)
 
 CHROMIUM = next((p for p in (shutil.which(n) for n in ("chromium", "chromium-browser",
                                                         "google-chrome")) if p), None)
@@ -78,22 +80,52 @@ def keyed_server(world, tmp_path_factory, browser):
         proc.stop()
 
 
+@pytest.fixture(scope="module")
+def oriented_server(tmp_path_factory, browser):
+    """A model with an orientation head and its index (built with orientation features), so that
+    answers carry headings; GEOLOC_AMBIGUITY_MARGIN=0: no answer is ambiguous."""
+    root = tmp_path_factory.mktemp("browser-oriented")
+    checkpoint = root / "oriented.safetensors"
+    micro_checkpoint(checkpoint, seed=0, orientation_dim=8)
+    artifact = build_artifact(write_catalog(root / "world", "o", 24, seed=1), checkpoint, root / "artifact")
+    env = {"GEOLOC_CHECKPOINT": str(checkpoint), "GEOLOC_INDEX": str(artifact), "GEOLOC_RELOAD_POLL_S": "0",
+           "GEOLOC_AMBIGUITY_MARGIN": "0"}
+    proc = ServiceProcess(env, root / "uvicorn.log")
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="module")
+def ambiguous_server(world, tmp_path_factory, browser):
+    """Every answer is ambiguous (no margin reaches 1.0); the model has no orientation head."""
+    env = {"GEOLOC_CHECKPOINT": str(world.checkpoint), "GEOLOC_INDEX": str(world.artifact_a),
+           "GEOLOC_RELOAD_POLL_S": "0", "GEOLOC_AMBIGUITY_MARGIN": "1.0"}
+    proc = ServiceProcess(env, tmp_path_factory.mktemp("browser-ambiguous") / "uvicorn.log")
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
 def _wait(driver, predicate, timeout=20):
     from selenium.webdriver.support.ui import WebDriverWait
 
     return WebDriverWait(driver, timeout).until(predicate)
 
 
-def _upload(driver, server, pano, k: int) -> None:
-    """Open the page, upload ``pano`` asking for ``k`` matches, wait until the list and the map
-    are drawn with every thumbnail loaded."""
+def _upload(driver, server, pano, k: int, **view: float) -> None:
+    """Open the page, upload ``pano`` asking for ``k`` matches (``view``: fov / heading typed into
+    those inputs), wait until the list and the map are drawn with every thumbnail loaded."""
     from selenium.webdriver.common.by import By
 
     driver.get(server.url + "/")
     driver.find_element(By.ID, "image").send_keys(str(pano))
-    field = driver.find_element(By.ID, "k")
-    field.clear()
-    field.send_keys(str(k))
+    for field_id, value in (("k", k), *view.items()):
+        field = driver.find_element(By.ID, field_id)
+        field.clear()
+        field.send_keys(str(value))
     driver.find_element(By.ID, "submit").click()
     _wait(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results li.result")) == k)
     _wait(driver, lambda d: d.execute_script(
@@ -146,6 +178,35 @@ def _foreign_resources(driver, server, kinds: tuple[str, ...] = ()) -> list[str]
         "return performance.getEntriesByType('resource').map(e => [e.name, e.initiatorType])")
     return [url for url, kind in entries
             if not url.startswith((server.url + "/", "blob:", "data:")) and (not kinds or kind in kinds)]
+
+
+def _screenshot(driver, element, path):
+    """Scroll ``element`` to the middle of the window, take a screenshot: (RGB image, device pixel ratio)."""
+    from PIL import Image
+
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", element)
+    path.write_bytes(driver.get_screenshot_as_png())
+    return Image.open(path).convert("RGB"), driver.execute_script("return window.devicePixelRatio")
+
+
+def _client_box(driver, element) -> list[float]:
+    return driver.execute_script(
+        "const r = arguments[0].getBoundingClientRect(); return [r.left, r.top, r.width, r.height];", element)
+
+
+def _crop(image, ratio, left, top, width, height):
+    return image.crop(tuple(round(v * ratio) for v in (left, top, left + width, top + height)))
+
+
+def _rgb(css_colour: str) -> tuple[int, int, int]:
+    return tuple(int(v) for v in re.findall(r"\d+", css_colour)[:3])
+
+
+def _share_of(region, colour, tolerance=40) -> tuple[float, int]:
+    """The share and the number of the pixels of ``region`` within ``tolerance`` of ``colour``."""
+    pixels = np.asarray(region, dtype=np.int16).reshape(-1, 3)
+    near = int((np.abs(pixels - np.array(colour)).max(axis=1) <= tolerance).sum())
+    return near / max(1, len(pixels)), near
 
 
 def test_upload_shows_matches_with_thumbnails(browser, page_server, world):
@@ -201,7 +262,6 @@ def test_page_links_its_favicon_and_loads_without_errors(browser, page_server, w
 
 
 def test_map_shows_numbered_markers_distances_and_scale(browser, page_server, world, tmp_path):
-    from PIL import Image
     from selenium.webdriver.common.by import By
 
     k = 4
@@ -254,35 +314,21 @@ def test_map_shows_numbered_markers_distances_and_scale(browser, page_server, wo
 
     # The screenshot: every numbered pin is really painted, in its own colour, where the DOM says.
     map_el = browser.find_element(By.ID, "map")
-    browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", map_el)
+    shot = tmp_path / "map.png"
+    image, ratio = _screenshot(browser, map_el, shot)
     pins = browser.execute_script(
         "return [...document.querySelectorAll('#map circle.pin')].map(c => {"
         " const r = c.getBoundingClientRect();"
         " return [r.left, r.top, r.width, r.height, getComputedStyle(c).fill]; })")
-    map_box = browser.execute_script(
-        "const r = arguments[0].getBoundingClientRect(); return [r.left, r.top, r.width, r.height];", map_el)
-    ratio = browser.execute_script("return window.devicePixelRatio")
-    shot = tmp_path / "map.png"
-    shot.write_bytes(browser.get_screenshot_as_png())
-    image = Image.open(shot).convert("RGB")
-
-    def crop(left, top, width, height):
-        return image.crop(tuple(round(v * ratio) for v in (left, top, left + width, top + height)))
-
-    def share_of(region, colour, tolerance=40):
-        pixels = np.asarray(region, dtype=np.int16).reshape(-1, 3)
-        near = int((np.abs(pixels - np.array(colour)).max(axis=1) <= tolerance).sum())
-        return near / max(1, len(pixels)), near
-
-    map_region = crop(*map_box)
+    map_region = _crop(image, ratio, *_client_box(browser, map_el))
     assert map_region.size[0] > 300 and map_region.size[1] > 150
-    colours = [tuple(int(v) for v in re.findall(r"\d+", fill)[:3]) for *_, fill in pins]
+    colours = [_rgb(fill) for *_, fill in pins]
     assert colours[0] != colours[1] and len(set(colours[1:])) == 1  # #1 stands out
     for rank, (*box, fill) in enumerate(pins, 1):
-        share, _ = share_of(crop(*box), colours[rank - 1])
+        share, _ = _share_of(_crop(image, ratio, *box), colours[rank - 1])
         # a filled circle in its bounding square, less the white rim and the digits: about half
         assert share > 0.3, f"pin #{rank} ({fill}) covers only {share:.0%} of its box in {shot}"
-    _, marker_pixels = share_of(map_region, colours[1])
+    _, marker_pixels = _share_of(map_region, colours[1])
     pin_area = math.pi * (pins[1][2] / 2 - 2) ** 2 * ratio ** 2
     assert marker_pixels > 0.6 * (k - 1) * pin_area, f"{marker_pixels} marker pixels in {shot}"
 
@@ -340,3 +386,227 @@ def test_swagger_ui_renders_without_internet(browser, page_server):
     assert {("POST", "/localize"), ("POST", "/localize/batch"), ("GET", "/tiles/{tile_id}")} <= operations
     assert _foreign_resources(browser, page_server) == []
     assert _console_errors(browser) == []
+
+
+# --- limited views: heading arrows, field of view, confidence -----------------------------------
+
+def _photo(path, width: int = 160, height: int = 120, *, hfov: float | None = None,
+           heading: float | None = None):
+    """A 4:3 JPEG photo; with EXIF FocalLengthIn35mmFilm and GPSImgDirection when ``hfov`` is given."""
+    from worldgen.dataset import camera_exif, encode_jpeg
+
+    pixels = np.random.default_rng(11).integers(0, 255, (height, width, 3), dtype=np.uint8)
+    path.write_bytes(encode_jpeg(pixels, exif=camera_exif(hfov, heading) if hfov is not None else None))
+    return path
+
+
+def _answer(server, image, **query) -> dict:
+    """The API's own answer for ``image``: what the page is checked against."""
+    import httpx
+
+    resp = httpx.post(server.url + "/localize", params=query, timeout=30,
+                      files={"image": (image.name, image.read_bytes(), "image/jpeg")})
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+def _degrees(value: float) -> str:
+    """Degrees as the page writes them: one decimal at most."""
+    return f"{round(value, 1):g}°"
+
+
+def _bearing(origin, point) -> float:
+    """Degrees clockwise from north (up) of ``point`` seen from ``origin``, in map units (y down)."""
+    return math.degrees(math.atan2(point[0] - origin[0], origin[1] - point[1])) % 360.0
+
+
+def _turn(from_deg: float, to_deg: float) -> float:
+    """The signed turn (-180, 180] from one bearing to another, clockwise positive."""
+    return -((from_deg - to_deg + 180.0) % 360.0 - 180.0)
+
+
+def _anchors(driver) -> dict[int, tuple[float, float]]:
+    """Tile centres on the map by rank."""
+    return {rank: (x, y) for rank, x, y in driver.execute_script(
+        "return [...document.querySelectorAll('#map circle.anchor')].map(c => "
+        "[+c.getAttribute('data-rank'), +c.getAttribute('cx'), +c.getAttribute('cy')])")}
+
+
+def _arrows(driver) -> list[dict]:
+    """Each heading arrow's rank and class, and the outlines of its head, shaft and wedge (None without
+    one), sampled along each path and mapped into the map's own coordinates: the geometry as drawn,
+    whatever the transforms that put it there."""
+    return driver.execute_script("""
+        const map = document.getElementById('map');
+        const outline = (path, n) => {
+          if (!path) return null;
+          const toMap = map.getScreenCTM().inverse().multiply(path.getScreenCTM());
+          const length = path.getTotalLength();
+          return [...Array(n).keys()].map(i => {
+            const p = path.getPointAtLength(length * i / n).matrixTransform(toMap);
+            return [p.x, p.y];
+          });
+        };
+        return [...map.querySelectorAll('g.heading')].map(g => ({
+          rank: +g.getAttribute('data-rank'), classes: g.getAttribute('class'),
+          head: outline(g.querySelector('.arrow-head'), 90), shaft: outline(g.querySelector('.arrow-shaft'), 200),
+          wedge: outline(g.querySelector('.fov-wedge'), 720)}));""")
+
+
+def _check_arrows(driver, results) -> list[dict]:
+    """Every match with a heading has an arrow from its tile centre pointing that way, #1's the longest."""
+    arrows, anchors = _arrows(driver), _anchors(driver)
+    assert [a["rank"] for a in arrows] == [r["rank"] for r in results if r["heading_deg"] is not None]
+    lengths = []
+    for arrow in arrows:
+        heading = results[arrow["rank"] - 1]["heading_deg"]
+        centre = anchors[arrow["rank"]]
+        tip = max(arrow["head"], key=lambda p: math.dist(centre, p))
+        assert abs(_turn(heading, _bearing(centre, tip))) < 1.0, (arrow["rank"], heading, centre, tip)
+        assert min(math.dist(centre, p) for p in arrow["shaft"]) < 1.5  # it leaves the tile centre
+        lengths.append(math.dist(centre, tip))
+    assert "best" in arrows[0]["classes"].split() and lengths[0] > max(lengths[1:], default=0)
+    return arrows
+
+
+def test_heading_arrows_point_where_the_answer_says_and_are_painted_there(browser, oriented_server, world,
+                                                                          tmp_path):
+    from selenium.webdriver.common.by import By
+
+    k = 4
+    answer = _answer(oriented_server, world.pano_path, k=k)
+    results = answer["results"]
+    assert all(r["heading_deg"] is not None for r in results)
+    _upload(browser, oriented_server, world.pano_path, k)
+    items = browser.find_elements(By.CSS_SELECTOR, "#results li.result")
+    assert [li.get_attribute("data-tile-id") for li in items] == [r["tile_id"] for r in results]
+    assert [li.find_element(By.CSS_SELECTOR, ".heading").text for li in items] == \
+        [f"heading {_degrees(r['heading_deg'])}" for r in results]
+
+    view = browser.find_element(By.ID, "view")
+    assert view.text.startswith("Read as a 360° panorama (equirectangular)")
+    fov = view.find_element(By.CSS_SELECTOR, ".view-fov")
+    assert (fov.get_attribute("data-source"), fov.text) == ("aspect", "field of view 360° (from the image's shape)")
+    heading = view.find_element(By.CSS_SELECTOR, ".view-heading")
+    assert (heading.get_attribute("data-source"), heading.text) == (
+        "estimated", f"heading {_degrees(answer['view']['heading_deg'])} (estimated at #1)")
+
+    arrows = _check_arrows(browser, results)
+    assert all(a["wedge"] is None for a in arrows)  # a 360 degree panorama sees all around
+    assert "The arrows point where the image looks" in browser.find_element(By.ID, "map-caption").text
+    note = browser.find_element(By.ID, "confidence")
+    assert note.get_attribute("class") == "note" and note.text.startswith("Clear margin ")
+
+    # The screenshot: #1's arrow head is painted in its colour where the DOM puts it.
+    head = browser.find_element(By.CSS_SELECTOR, "#map g.heading.best .arrow-head")
+    shot = tmp_path / "arrow.png"
+    image, ratio = _screenshot(browser, browser.find_element(By.ID, "map"), shot)
+    colour = _rgb(browser.execute_script("return getComputedStyle(arguments[0]).fill", head))
+    share, _ = _share_of(_crop(image, ratio, *_client_box(browser, head)), colour)
+    # a triangle in its bounding box is half of it, less antialiased edges
+    assert share > 0.3, f"the arrow head ({colour}) covers only {share:.0%} of its box in {shot}"
+
+
+def test_a_photo_is_read_from_its_exif_and_its_field_of_view_drawn(browser, oriented_server, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    photo = _photo(tmp_path / "exif.jpg", hfov=65.0, heading=123.0)
+    answer = _answer(oriented_server, photo, k=3)
+    assert answer["view"]["fov_deg"] == pytest.approx(65.0, abs=1.0)  # a whole mm of 35 mm focal length
+    _upload(browser, oriented_server, photo, 3)
+    view = browser.find_element(By.ID, "view")
+    assert view.text.startswith("Read as a photo (perspective)")
+    fov = view.find_element(By.CSS_SELECTOR, ".view-fov")
+    assert (fov.get_attribute("data-source"), fov.text) == (
+        "exif", f"field of view {_degrees(answer['view']['fov_deg'])} (from EXIF)")
+    heading = view.find_element(By.CSS_SELECTOR, ".view-heading")
+    assert (heading.get_attribute("data-source"), heading.text) == ("exif", "heading 123° (from EXIF)")
+    results = answer["results"]
+    # the model may turn the given heading at #1 (its arrow shows that): then the view line says so too
+    turned = f"the model finds {_degrees(results[0]['heading_deg'])} at #1"
+    assert (turned in view.text) == (_degrees(results[0]["heading_deg"]) != "123°")
+
+    arrows = _check_arrows(browser, results)
+    assert arrows[0]["wedge"] is not None and all(a["wedge"] is None for a in arrows[1:])
+    # The wedge at #1 spans the field of view, centred on #1's heading: the bearings of its far rim.
+    centre = _anchors(browser)[1]
+    radius = max(math.dist(centre, p) for p in arrows[0]["wedge"])
+    rim = [_turn(results[0]["heading_deg"], _bearing(centre, p))
+           for p in arrows[0]["wedge"] if math.dist(centre, p) > 0.5 * radius]
+    half = answer["view"]["fov_deg"] / 2
+    assert min(rim) == pytest.approx(-half, abs=1.0) and max(rim) == pytest.approx(half, abs=1.0)
+    assert "the wedge spans its field of view" in browser.find_element(By.ID, "map-caption").text
+
+
+def test_a_photo_without_a_field_of_view_prompts_for_it(browser, oriented_server, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    photo = _photo(tmp_path / "plain.jpg")
+    browser.get(oriented_server.url + "/")
+    browser.find_element(By.ID, "image").send_keys(str(photo))
+    browser.find_element(By.ID, "submit").click()
+    prompt = _wait(browser, lambda d: (el := d.find_element(By.ID, "fov-prompt")).is_displayed() and el)
+    assert "does not say its field of view: enter it" in prompt.text and "about 65 degrees" in prompt.text
+    assert browser.execute_script(
+        "const fov = document.getElementById('fov');"
+        "return document.activeElement === fov && fov.closest('label').contains(arguments[0])", prompt)
+    status = browser.find_element(By.ID, "status")
+    assert "error" not in status.get_attribute("class") and not status.text.startswith("Error")
+    assert browser.find_elements(By.CSS_SELECTOR, "#results li") == []
+
+    browser.switch_to.active_element.send_keys("65")
+    browser.find_element(By.ID, "heading").send_keys("200")
+    browser.find_element(By.ID, "submit").click()
+    _wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results li.result")) == 5)
+    assert not prompt.is_displayed()
+    view = browser.find_element(By.ID, "view")
+    assert view.find_element(By.CSS_SELECTOR, ".view-fov").text == "field of view 65° (as entered)"
+    assert view.find_element(By.CSS_SELECTOR, ".view-heading").text == "heading 200° (as entered)"
+    _check_arrows(browser, _answer(oriented_server, photo, k=5, fov_deg=65, heading_deg=200)["results"])
+
+
+def test_an_ambiguous_answer_warns_and_marks_the_look_alike_place(browser, ambiguous_server, world):
+    from selenium.webdriver.common.by import By
+
+    answer = _answer(ambiguous_server, world.pano_path, k=24)
+    confidence, ids = answer["confidence"], [r["tile_id"] for r in answer["results"]]
+    competitor = confidence["competitor_tile_id"]
+    assert confidence["ambiguous"] and competitor in ids
+    rank = ids.index(competitor) + 1
+    _upload(browser, ambiguous_server, world.pano_path, max(2, rank))
+    warning = browser.find_element(By.ID, "confidence")
+    assert warning.is_displayed() and warning.get_attribute("class") == "warning"
+    assert warning.text.startswith(
+        f"Ambiguous: the best match beats a place 150 m or more away (tile {competitor}, #{rank}, ")
+    assert warning.text.endswith("the true place may be either.")
+    margin = float(re.search(r"by only ([0-9.]+);", warning.text).group(1))
+    assert margin == pytest.approx(confidence["margin"], rel=0.05, abs=1e-4)
+    assert [m.get_attribute("data-tile-id") for m in browser.find_elements(
+        By.CSS_SELECTOR, "#map a.marker.competitor")] == [competitor]
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#map rect.tile-frame.competitor")) == 1
+    assert [li.get_attribute("data-tile-id") for li in browser.find_elements(
+        By.CSS_SELECTOR, "#results li.competitor")] == [competitor]
+    assert "dashed red frame marks the look-alike place" in browser.find_element(By.ID, "map-caption").text
+    # this model has no orientation head: no heading anywhere, and the page says so
+    assert browser.find_elements(By.CSS_SELECTOR, "#map g.heading, #results .heading") == []
+    assert "heading unknown" in browser.find_element(By.ID, "view").text
+
+    _upload(browser, ambiguous_server, world.pano_path, 1)  # the look-alike place is off the map
+    warning = browser.find_element(By.ID, "confidence")
+    assert f"(tile {competitor}, not among the 1 shown: ask for more matches" in warning.text
+    assert browser.find_elements(By.CSS_SELECTOR, "#map .competitor, #results .competitor") == []
+
+
+def test_a_given_heading_is_drawn_at_the_best_match_when_the_service_estimates_none(browser, ambiguous_server,
+                                                                                    tmp_path):
+    from selenium.webdriver.common.by import By
+
+    photo = _photo(tmp_path / "exif.jpg", hfov=65.0, heading=123.0)
+    answer = _answer(ambiguous_server, photo, k=3)
+    assert [r["heading_deg"] for r in answer["results"]] == [None] * 3  # no orientation head
+    _upload(browser, ambiguous_server, photo, 3)
+    given = [{**answer["results"][0], "heading_deg": 123.0}, *answer["results"][1:]]
+    arrows = _check_arrows(browser, given)  # #1 only, in the EXIF heading
+    assert len(arrows) == 1 and arrows[0]["wedge"] is not None
+    assert "The arrow at #1 points" in browser.find_element(By.ID, "map-caption").text
+    assert browser.find_element(By.CSS_SELECTOR, "#results li.result .heading").text == "heading 123°"

@@ -31,8 +31,9 @@ MICRO = dict(hidden_size=32, num_heads=2, mlp_dim=64, num_layers=2, resnet_units
 # --- files --------------------------------------------------------------------------------------
 
 def micro_checkpoint(path: Path, seed: int = 0, orientation_dim: int = 0) -> str:
-    """A randomly initialised micro L2LTR (with ``orientation_dim``, an orientation head) saved as
-    .safetensors; returns its fingerprint."""
+    """A randomly initialised micro L2LTR saved as .safetensors (with `orientation_dim`, an
+    orientation head: its index then holds orientation features and answers give headings);
+    returns its fingerprint."""
     import torch
 
     from model import L2LTR, L2LTRConfig, save_checkpoint
