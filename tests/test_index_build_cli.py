@@ -372,14 +372,14 @@ def test_train_help_shows_defaults(capsys):
     assert "(default: False)" not in text
 
 
-def test_readme_and_help_agree_on_the_cpu_workers_default():
+def test_docs_and_help_agree_on_the_cpu_workers_default():
     from index_build.cli import build_parser
 
     workers = next(a for name, a, _ in _options(build_parser()) if name == "build --workers")
-    readme = (REPO / "README.md").read_text()
+    docs = (REPO / "docs" / "INDEX_BUILD.md").read_text()
     assert "on a CPU cores/4, which is 0 below 4 cores" in workers.help
-    assert "On a\n   CPU it defaults to a quarter of the cores, which is 0 below 4 cores" in readme
-    assert "(`--workers 0`, the default there)" not in readme
+    assert "On a\n   CPU it defaults to a quarter of the cores, which is 0 below 4 cores" in docs
+    assert "(`--workers 0`, the default there)" not in docs
 
 
 def test_verbose_flag_on_either_side_of_the_subcommand():
