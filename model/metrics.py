@@ -120,3 +120,74 @@ def confidence_report(scores, latlon, threshold: float, distinct_m: float = 150.
 
     return {"threshold": threshold, "ambiguous_share": float(ambiguous.mean()),
             "r1_clear": share(~ambiguous), "r1_ambiguous": share(ambiguous)}
+
+
+# Position refinement: from a ranked list of matches to a position in metres.
+TILE_FOOTPRINT_M = 100.0  # side of an aerial tile on the ground (worldgen's and index_build's default)
+CONSISTENT_TILES = 1.5  # matches within this many footprints of the best one show the same place
+POSITION_TEMPERATURE = 0.01  # softmax temperature on cosine scores: 0.01 lower weighs e^-1 as much
+UNCERTAINTY_FLOOR_TILES = 0.25  # a position is never claimed more precisely than a quarter tile
+
+
+def local_xy_m(lat, lon, lat0: float, lon0: float) -> np.ndarray:
+    """[N, 2] east/north offsets in metres of (lat, lon) from (lat0, lon0): an equirectangular frame,
+    accurate to well under a metre over the few hundred metres it is used for."""
+    k = math.radians(1.0) * EARTH_RADIUS_M
+    lat, lon = np.asarray(lat, dtype=np.float64), np.asarray(lon, dtype=np.float64)
+    return np.column_stack([(lon - lon0) * k * math.cos(math.radians(lat0)), (lat - lat0) * k])
+
+
+def refine_position(scores, latlon, tile_m: float = TILE_FOOTPRINT_M) -> tuple[float, float, float]:
+    """(lat, lon, uncertainty in metres) from ranked matches (scores [K], best first; tile centres
+    latlon [K, 2]): the softmax(score / POSITION_TEMPERATURE)-weighted centre of the best match and
+    of the matches within CONSISTENT_TILES footprints of it (the others show another place); the
+    uncertainty is the weighted RMS distance of those centres to it, at least a quarter tile."""
+    s = np.asarray(scores, dtype=np.float64)
+    ll = np.asarray(latlon, dtype=np.float64).reshape(-1, 2)
+    if len(s) == 0 or len(s) != len(ll):
+        raise ValueError(f"refine_position needs as many scores as centres, at least one (got {len(s)}, {len(ll)})")
+    lat0, lon0 = float(ll[0, 0]), float(ll[0, 1])
+    xy = local_xy_m(ll[:, 0], ll[:, 1], lat0, lon0)
+    near = np.hypot(xy[:, 0], xy[:, 1]) <= CONSISTENT_TILES * tile_m
+    w = np.exp((s[near] - s[0]) / POSITION_TEMPERATURE)  # the best match's weight is 1: no overflow
+    w /= w.sum()
+    centre = w @ xy[near]
+    spread = math.sqrt(float(w @ np.sum((xy[near] - centre) ** 2, axis=1)))
+    k = math.radians(1.0) * EARTH_RADIUS_M
+    lat = lat0 + centre[1] / k
+    lon = lon0 + centre[0] / (k * math.cos(math.radians(lat0)))
+    return lat, lon, max(spread, UNCERTAINTY_FLOOR_TILES * tile_m)
+
+
+def rows_within(lat, lon, near_lat: float, near_lon: float, radius_m: float) -> np.ndarray:
+    """Indices of the points (lat, lon arrays) within ``radius_m`` of (near_lat, near_lon), ascending.
+    A latitude band cuts the haversine down to the few candidates (a million tiles in milliseconds)."""
+    lat, lon = np.asarray(lat, dtype=np.float64), np.asarray(lon, dtype=np.float64)
+    band = math.degrees(radius_m / EARTH_RADIUS_M) + 1e-9
+    candidates = np.flatnonzero(np.abs(lat - near_lat) <= band)
+    d = haversine_m(near_lat, near_lon, lat[candidates], lon[candidates])
+    return candidates[d <= radius_m]
+
+
+ERROR_CUTOFFS_M = (10, 25, 50, 100)
+
+
+def error_summary(error_m) -> dict[str, float]:
+    """median_error_m, mean_error_m and the share within 10 / 25 / 50 / 100 m of errors in metres."""
+    e = np.asarray(error_m, dtype=np.float64)
+    return {"median_error_m": float(np.median(e)), "mean_error_m": float(np.mean(e)),
+            **{f"within_{c}m": float((e <= c).mean()) for c in ERROR_CUTOFFS_M}}
+
+
+def position_report(scores, latlon, tile_m: float = TILE_FOOTPRINT_M, candidates: int = 20) -> dict:
+    """Localisation error of the refined position (`refine_position` over each query's top
+    ``candidates``) and of the top-1 tile centre: scores [Q, N] of Q queries whose true place is
+    that of gallery item i (latlon [N, 2])."""
+    s = np.asarray(scores, dtype=np.float32)
+    ll = np.asarray(latlon, dtype=np.float64)
+    top = np.argsort(-s, axis=1)[:, :candidates]
+    truth = ll[:len(s)]
+    refined = np.array([refine_position(s[i, row], ll[row], tile_m)[:2] for i, row in enumerate(top)])
+    return {"refined": error_summary(haversine_m(truth[:, 0], truth[:, 1], refined[:, 0], refined[:, 1])),
+            "top1": error_summary(haversine_m(truth[:, 0], truth[:, 1], ll[top[:, 0], 0], ll[top[:, 0], 1])),
+            "tile_m": tile_m, "candidates": candidates}
