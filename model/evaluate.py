@@ -5,7 +5,8 @@
 
 Every query panorama of the split is matched against the aerial tiles of the same split
 (gallery of N tiles); R@1, R@5, R@10 and R@1% (K = floor(N/100)), plus the top-1 localisation
-error in metres when the data set has coordinates.
+error in metres when the data set has coordinates: of the top-1 tile centre and of the refined position
+(model.metrics.refine_position: the score-weighted centre of the consistent top matches).
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ import numpy as np
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import ConfigError
 from .encode import pick_device
-from .metrics import confidence_report, localization_error, recall_curve, retrieval_recall
+from .metrics import TILE_FOOTPRINT_M, confidence_report, localization_error, position_report, recall_curve, \
+    retrieval_recall
 from .train import HelpFormatter, TrainingError, encode_arrays, load_pair_arrays, read_records
 
 
@@ -33,13 +35,15 @@ METHODS = ("head", "aerial", "query")
 def evaluate(checkpoint: Path, data: Path, dataset: str = "synthetic", split: str = "val", device: str = "auto",
              limit: int = 0, plot: Path | None = None, workers: int = 2, fov: float = 360.0,
              heading: str = "known", rotations: int = 16, method: str = "head", seed: int = 0,
-             photos: Path | None = None, queries: int = 0, ambiguity_margin: float = 0.02) -> dict:
+             photos: Path | None = None, queries: int = 0, ambiguity_margin: float = 0.02,
+             tile_m: float = TILE_FOOTPRINT_M) -> dict:
     """Retrieval of the split's panoramas (or, with ``photos``, of a perspective world's photos
     of the same places) against its aerial tiles. ``fov`` < 360 keeps that much of each panorama
     around a random heading; ``heading="unknown"`` searches the heading over ``rotations`` turns of
     the aerial tiles (``method="aerial"``) or of the query (``method="query"``) and reports its
     error. ``queries``: only the first that many pairs are queries (against every tile of the split),
-    e.g. for a perspective world rendered with `worldgen --panoramas N`."""
+    e.g. for a perspective world rendered with `worldgen --panoramas N`. ``tile_m``: the tiles' footprint,
+    for the refined position (model.metrics.refine_position)."""
     if heading not in HEADING_MODES or method not in METHODS:
         raise ValueError(f"heading must be one of {HEADING_MODES} and method one of {METHODS}")
     model = load_checkpoint(checkpoint)
@@ -56,11 +60,13 @@ def evaluate(checkpoint: Path, data: Path, dataset: str = "synthetic", split: st
         ground, aerial = encode_arrays(model, arrays, dev)
         result.update(retrieval_recall(ground, aerial))
         if arrays.latlon is not None:
-            result["confidence"] = confidence_report(ground @ aerial.T, arrays.latlon, ambiguity_margin)
+            scores = ground @ aerial.T
+            result["confidence"] = confidence_report(scores, arrays.latlon, ambiguity_margin)
+            result["position"] = position_report(scores, arrays.latlon, tile_m)
     else:
         result.update(evaluate_views(model, arrays, records, dev, fov=fov, heading=heading, rotations=rotations,
                                      method=method, seed=seed, photos=photos, queries=queries,
-                                     ambiguity_margin=ambiguity_margin))
+                                     ambiguity_margin=ambiguity_margin, tile_m=tile_m))
     if arrays.latlon is not None and plain:
         result["localization"] = localization_error(ground, aerial, arrays.latlon, arrays.latlon)
     if plot is not None and plain:
@@ -71,7 +77,8 @@ def evaluate(checkpoint: Path, data: Path, dataset: str = "synthetic", split: st
 
 
 def evaluate_views(model, arrays, records, device, *, fov: float, heading: str, rotations: int, method: str,
-                   seed: int, photos: Path | None, queries: int = 0, ambiguity_margin: float = 0.02) -> dict:
+                   seed: int, photos: Path | None, queries: int = 0, ambiguity_margin: float = 0.02,
+                   tile_m: float = TILE_FOOTPRINT_M) -> dict:
     """Recalls (and heading errors) of limited-field-of-view or unknown-heading queries: panorama crops
     of ``fov`` degrees around a random heading, or the photos of a perspective world."""
     from .inference import InferenceEncoder
@@ -118,6 +125,7 @@ def evaluate_views(model, arrays, records, device, *, fov: float, heading: str, 
     out.update(recall_from_counts(counts, scores.shape[1]))
     if arrays.latlon is not None:
         out["confidence"] = confidence_report(scores, arrays.latlon, ambiguity_margin)
+        out["position"] = position_report(scores, arrays.latlon, tile_m)
     if heading == "unknown":
         top1 = scores.argmax(axis=1)
         estimate = np.array([refine_heading(per_rotation(i, j)) for i, j in enumerate(top1)])
@@ -225,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--seed", type=int, default=0, help="seed of the random headings of the crops")
     v.add_argument("--ambiguity-margin", type=float, default=0.02,
                    help="report how answers whose best match beats the best one 150 m away by less are right")
+    p.add_argument("--tile-m", type=float, default=TILE_FOOTPRINT_M,
+                   help="the aerial tiles' footprint in metres (world.json's tile_footprint_m), for the refined position")
     v.add_argument("--queries", type=int, default=0,
                    help="only the first N pairs are queries, matched against every tile of the split (0: all)")
     v.add_argument("--photos", type=Path,
@@ -239,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         result = evaluate(args.checkpoint, args.data, args.dataset, args.split, args.device, args.limit, args.plot,
                           args.workers, fov=args.fov, heading=args.heading, rotations=args.rotations,
                           method=args.method, seed=args.seed, photos=args.photos, queries=args.queries,
-                          ambiguity_margin=args.ambiguity_margin)
+                          ambiguity_margin=args.ambiguity_margin, tile_m=args.tile_m)
     except (CheckpointError, ConfigError, TrainingError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -266,6 +276,12 @@ def main(argv: list[str] | None = None) -> int:
         loc = result["localization"]
         print(f"top-1 error: median {loc['median_m']:.1f} m; within 25 m {loc['within_25m'] * 100:.1f}%, "
               f"50 m {loc['within_50m'] * 100:.1f}%, 100 m {loc['within_100m'] * 100:.1f}%")
+    if result.get("position"):
+        refined, top1 = result["position"]["refined"], result["position"]["top1"]
+        for name, e in (("refined position", refined), ("top-1 tile centre", top1)):
+            print(f"{name}: median {e['median_error_m']:.1f} m, mean {e['mean_error_m']:.1f} m; within 10 m "
+                  f"{e['within_10m'] * 100:.1f}%, 25 m {e['within_25m'] * 100:.1f}%, 50 m {e['within_50m'] * 100:.1f}%, "
+                  f"100 m {e['within_100m'] * 100:.1f}%")
     return 0
 
 

@@ -152,6 +152,10 @@ def test_evaluate_cli_end_to_end(world, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["n"] == 8 and set(out) >= {"r1", "r5", "r10", "r1pct", "localization"}
     assert 0 <= out["r1"] <= out["r5"] <= out["r10"] <= 1 and png.stat().st_size > 1000
+    for where in ("refined", "top1"):  # the refined position's error beside the top-1 tile centre's
+        e = out["position"][where]
+        assert set(e) == {"median_error_m", "mean_error_m", "within_10m", "within_25m", "within_50m", "within_100m"}
+        assert 0 <= e["within_10m"] <= e["within_25m"] <= e["within_50m"] <= e["within_100m"] <= 1
     assert plot.main([str(tmp_path / "run" / "log.jsonl")]) == 0
     assert (tmp_path / "run" / "curves.png").exists()
     assert evaluate.main(["--checkpoint", str(tmp_path / "missing.safetensors"), "--data", str(world)]) == 1
