@@ -434,3 +434,26 @@ def exif_camera(source: ImageSource, name: str | None = None) -> tuple[float | N
     if direction is not None and str(gps.get(EXIF_GPS_IMG_DIRECTION_REF, "")).strip().upper() == "T":
         heading = float(direction) % 360.0
     return hfov, heading
+
+
+EXIF_GPS_LATITUDE_REF, EXIF_GPS_LATITUDE = 0x0001, 0x0002
+EXIF_GPS_LONGITUDE_REF, EXIF_GPS_LONGITUDE = 0x0003, 0x0004
+
+
+def exif_gps(source: ImageSource) -> tuple[float, float] | None:
+    """(lat, lon) in degrees from a photo's EXIF GPSLatitude/GPSLongitude (degrees, minutes, seconds
+    with their N/S, E/W references); None when absent, incomplete, unreadable or out of range."""
+    try:
+        img = source if isinstance(source, Image.Image) else Image.open(
+            io.BytesIO(source) if isinstance(source, bytes) else source)
+        gps = img.getexif().get_ifd(EXIF_GPS_IFD_POINTER)
+        values = []
+        for tag, ref_tag, negative in ((EXIF_GPS_LATITUDE, EXIF_GPS_LATITUDE_REF, "S"),
+                                       (EXIF_GPS_LONGITUDE, EXIF_GPS_LONGITUDE_REF, "W")):
+            d, m, s = (float(part) for part in gps[tag])
+            sign = -1.0 if str(gps.get(ref_tag, "")).strip().upper() == negative else 1.0
+            values.append(sign * (d + m / 60.0 + s / 3600.0))
+    except (KeyError, TypeError, ValueError, ZeroDivisionError, OSError, SyntaxError, Image.DecompressionBombError):
+        return None
+    lat, lon = values
+    return (lat, lon) if np.isfinite(lat) and np.isfinite(lon) and abs(lat) <= 90 and abs(lon) <= 180 else None

@@ -19,7 +19,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from model.metrics import match_margin
+from model.metrics import TILE_FOOTPRINT_M, match_margin, refine_position, rows_within
 from model.orientation import estimate_headings
 
 from .schemas import IndexInfo, TileMatch
@@ -74,6 +74,18 @@ class Answer:
     matches: list[Match]
     margin: float | None  # model.metrics.match_margin
     competitor: str | None  # tile id of the best match at least DISTINCT_M from the best
+    position: tuple[float, float, float] | None = None  # model.metrics.refine_position: lat, lon, uncertainty_m
+    within: int | None = None  # with a geographic prior: how many tiles lie within its radius
+
+
+@dataclass(frozen=True)
+class Near:
+    """A geographic prior: only tiles within ``radius_m`` of (lat, lon) are searched."""
+
+    lat: float
+    lon: float
+    radius_m: float
+    source: str  # parameter | exif
 
 
 @dataclass(frozen=True, eq=False)
@@ -93,6 +105,7 @@ class ServedIndex:
     row_of: dict[str, int] = field(repr=False)
     orientation: np.ndarray | None = field(default=None, repr=False)  # [count, columns, dim] float16
     gpu_resources: object = field(default=None, repr=False)  # must outlive a GPU index
+    tile_m: float = TILE_FOOTPRINT_M  # the tiles' footprint (manifest tile_m), for the refined position
 
     @property
     def count(self) -> int:
@@ -102,13 +115,26 @@ class ServedIndex:
     def generation(self) -> int:
         return self.info.generation
 
-    def answer(self, vectors: np.ndarray, columns: np.ndarray | None, seen: np.ndarray, k: int) -> list[Answer]:
+    def answer(self, vectors: np.ndarray, columns: np.ndarray | None, seen: np.ndarray, k: int,
+               near: list[Near | None] | None = None) -> list[Answer]:
         """Each query row's top ``k`` tiles, best first, with the view's heading at each tile where
         both the model (``columns``: the view's column features [n, W, C]; ``seen`` [n, pixel
-        columns] what each view covers) and this index have orientation features."""
-        scores, rows = self.index.search(vectors, min(max(k, CANDIDATES), self.count))
+        columns] what each view covers) and this index have orientation features. A row with a
+        prior in ``near`` is searched exactly among the tiles within its radius only."""
+        n = min(max(k, CANDIDATES), self.count)
+        near = near or [None] * len(vectors)
+        free = [i for i, prior in enumerate(near) if prior is None]
+        hits, within = {}, {}
+        if free:
+            hits.update(zip(free, zip(*self.index.search(np.ascontiguousarray(vectors[free]), n))))
+        for i, prior in enumerate(near):
+            if prior is not None:
+                rows = rows_within(self.lat, self.lon, prior.lat, prior.lon, prior.radius_m)
+                within[i] = len(rows)
+                hits[i] = self._search_among(vectors[i], rows, n)
         answers = []
-        for i, (score_row, row_row) in enumerate(zip(scores, rows)):
+        for i in range(len(vectors)):
+            score_row, row_row = hits[i]
             found = row_row >= 0
             score_row, row_row = score_row[found], row_row[found]
             top = row_row[:k]
@@ -116,12 +142,36 @@ class ServedIndex:
             if columns is not None and self.orientation is not None and len(top):
                 headings = [round(float(h), 1) for h in estimate_headings(
                     columns[i], self.orientation[top].astype(np.float32), seen[i])]
-            margin, j = match_margin(score_row, np.column_stack([self.lat[row_row], self.lon[row_row]]), DISTINCT_M)
+            latlon = np.column_stack([self.lat[row_row], self.lon[row_row]])
+            margin, j = match_margin(score_row, latlon, DISTINCT_M)
+            position = refine_position(score_row, latlon, self.tile_m) if len(row_row) else None
             matches = [Match.model_construct(rank=rank, tile_id=self.tile_ids[r], lat=float(self.lat[r]),
                                              lon=float(self.lon[r]), score=float(sc), heading_deg=h)
                        for rank, (sc, r, h) in enumerate(zip(score_row.tolist(), top.tolist(), headings), start=1)]
-            answers.append(Answer(matches, margin, None if j is None else self.tile_ids[row_row[j]]))
+            answers.append(Answer(matches, margin, None if j is None else self.tile_ids[row_row[j]], position,
+                                  within.get(i)))
         return answers
+
+    def _search_among(self, vector: np.ndarray, rows: np.ndarray, n: int,
+                      chunk: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
+        """The top ``n`` of ``rows`` for one query vector, exactly: an IVF index scans all its lists
+        with only these ids allowed; any other reads their vectors back (exact for flat and HNSW)."""
+        if len(rows) == 0:
+            return np.empty(0, np.float32), np.empty(0, np.int64)
+        ivf = faiss.try_extract_index_ivf(self.index)
+        if ivf is not None:
+            selector = faiss.IDSelectorBatch(rows.astype(np.int64))
+            params = faiss.SearchParametersIVF(sel=selector, nprobe=ivf.nlist)
+            scores, found = self.index.search(vector[None], min(n, len(rows)), params=params)
+            return scores[0], found[0]
+        best_scores, best_rows = np.empty(0, np.float32), np.empty(0, np.int64)
+        for start in range(0, len(rows), chunk):
+            part = rows[start:start + chunk]
+            scores = np.concatenate([best_scores, self.index.reconstruct_batch(part) @ vector])
+            candidates = np.concatenate([best_rows, part])
+            order = np.argsort(-scores, kind="stable")[:n]
+            best_scores, best_rows = scores[order], candidates[order]
+        return best_scores, best_rows
 
 
 def _read_manifest(directory: Path) -> dict:
@@ -255,7 +305,7 @@ def load_artifact(path: Path, *, expected_fingerprint: str, embedding_dim: int, 
         catalog_sha256=manifest.get("catalog_sha256"), generation=generation)
     return ServedIndex(path=directory, signature=signature, public_manifest=public_manifest(manifest), info=info, index=index, tile_ids=tile_ids,
                        lat=lat, lon=lon, sources=sources, row_of=row_of, orientation=orientation,
-                       gpu_resources=resources)
+                       gpu_resources=resources, tile_m=float(manifest.get("tile_m") or TILE_FOOTPRINT_M))
 
 
 def _read_orientation(directory: Path, manifest: dict, count: int) -> np.ndarray | None:

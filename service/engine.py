@@ -18,13 +18,13 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Awaitable, Callable, Iterator
 
 import numpy as np
 import torch
 
-from .artifact import Answer, ServedIndex
+from .artifact import Answer, Near, ServedIndex
 from .metrics import Metrics
 
 log = logging.getLogger("service.engine")
@@ -56,6 +56,7 @@ class Job:
     future: asyncio.Future
     enqueued: float = field(default_factory=time.perf_counter)
     abandoned: str | None = None  # why nobody waits for it any more (a metrics label)
+    near: list[Near | None] | None = None  # per image: the geographic prior its search is restricted to
 
 
 @dataclass(frozen=True)
@@ -161,10 +162,11 @@ class Engine:
 
     # --- the event loop's side ------------------------------------------------------------
     async def localize(self, decode: Callable[[], tuple[torch.Tensor, np.ndarray]], *, n: int, k: int,
-                       disconnected: Callable[[], Awaitable[Any]] | None = None) -> JobResult:
+                       disconnected: Callable[[], Awaitable[Any]] | None = None,
+                       near: list[Near | None] | None = None) -> JobResult:
         """Queue ``n`` images (made by ``decode`` on an executor thread) and wait for their matches."""
         loop = asyncio.get_running_loop()
-        job = Job(n=n, k=k, decode=decode, loop=loop, future=loop.create_future())
+        job = Job(n=n, k=k, decode=decode, loop=loop, future=loop.create_future(), near=near)
         with self._cond:
             if self._closed:
                 raise NotReady("shutting down")
@@ -253,14 +255,15 @@ class Engine:
         t0 = time.perf_counter()
         vectors, columns = self._encode(images[0] if len(images) == 1 else torch.cat(images))
         t1 = time.perf_counter()
-        answers = index.answer(vectors, columns, np.concatenate(seen), max(job.k for job in live))
+        near = [prior for job in live for prior in (job.near or [None] * job.n)]
+        answers = index.answer(vectors, columns, np.concatenate(seen), max(job.k for job in live), near)
         t2 = time.perf_counter()
         n = len(answers)
         encode_ms, search_ms = (t1 - t0) * 1000.0, (t2 - t1) * 1000.0
         self.metrics.observe_batch(n, encode_ms / 1000.0, search_ms / 1000.0)
         outcomes, row = [], 0
         for job in live:
-            mine = [Answer(a.matches[:job.k], a.margin, a.competitor) for a in answers[row:row + job.n]]
+            mine = [replace(a, matches=a.matches[:job.k]) for a in answers[row:row + job.n]]
             row += job.n
             outcomes.append((job, JobResult(mine, index, decode_ms[job],
                                             (started - job.enqueued) * 1000.0, encode_ms, search_ms, n), None))

@@ -9,16 +9,19 @@ from functools import partial
 
 from fastapi import Request
 
-from .artifact import DISTINCT_M, Answer
+from model.preprocess import exif_gps
+
+from .artifact import DISTINCT_M, Answer, Near
 from .engine import JobResult
 from .runtime import Runtime
 from .schemas import (
     BatchItem, Confidence, Feature, FeatureCollection, IndexInfo, LocalizeBatchResponse, LocalizeResponse, ModelInfo,
-    PointGeometry, TileMatch, Timing, ViewInfo,
+    NearInfo, PointGeometry, Position, TileMatch, Timing, ViewInfo,
 )
 from .uploads import ImageLimits, UploadedFile, ViewSpec, check_image, decode_uploads, read_files, view_spec
 
 GEOJSON = "application/geo+json"
+EXIF_RADIUS_M = 500.0  # the prior's radius when near_from_exif is given without radius_m
 
 
 async def _wait_for_disconnect(request: Request) -> None:
@@ -34,6 +37,9 @@ class ViewParams:
     fov_deg: float | None = None
     heading_deg: float | None = None
     projection: str | None = None
+    near: tuple[float, float] | None = None  # lat, lon: search only within radius_m of it
+    radius_m: float | None = None
+    near_from_exif: bool = False  # where `near` is not given: the photo's EXIF GPS position, if any
 
 
 @dataclass
@@ -42,6 +48,7 @@ class Localized:
     files: list[UploadedFile]
     specs: list[ViewSpec]
     started: float
+    near: list[Near | None]
 
 
 async def run(request: Request, runtime: Runtime, *, k: int, batch: bool, params: ViewParams) -> Localized:
@@ -66,9 +73,17 @@ async def run(request: Request, runtime: Runtime, *, k: int, batch: bool, params
         for upload in files:  # a header parse each: bad uploads are refused before they queue
             _, width, height = check_image(upload, limits)
             specs.append(view_spec(upload, width, height, params.fov_deg, params.heading_deg, params.projection))
+        near = [_prior(upload, params) for upload in files]
         result = await engine.localize(partial(decode_uploads, files, specs, limits, model.config), n=len(files),
-                                       k=k, disconnected=partial(_wait_for_disconnect, request))
-    return Localized(result, files, specs, started)
+                                       k=k, disconnected=partial(_wait_for_disconnect, request), near=near)
+    return Localized(result, files, specs, started, near)
+
+
+def _prior(upload: UploadedFile, params: ViewParams) -> Near | None:
+    if params.near is not None:
+        return Near(*params.near, params.radius_m, "parameter")  # type: ignore[arg-type]
+    at = exif_gps(upload.data) if params.near_from_exif else None
+    return None if at is None else Near(*at, params.radius_m or EXIF_RADIUS_M, "exif")
 
 
 def _timing(runtime: Runtime, done: Localized) -> Timing:
@@ -80,8 +95,7 @@ def _timing(runtime: Runtime, done: Localized) -> Timing:
                   encode=round(result.encode_ms, 3), search=round(result.search_ms, 3), total=round(total_ms, 3))
 
 
-def _described(answer: Answer, spec: ViewSpec, ambiguity_margin: float) -> tuple[list[TileMatch], ViewInfo,
-                                                                                  Confidence]:
+def _described(answer: Answer, spec: ViewSpec, ambiguity_margin: float, prior: Near | None = None) -> dict:
     """An image's matches with absolute headings, how it was read, and how sure the answer is. A
     view placed at a known heading is aligned with north: the orientation head's estimate is then a
     correction of that heading."""
@@ -96,38 +110,43 @@ def _described(answer: Answer, spec: ViewSpec, ambiguity_margin: float) -> tuple
     confidence = Confidence(margin=None if answer.margin is None else round(answer.margin, 4),
                             ambiguous=answer.margin is not None and answer.margin < ambiguity_margin,
                             competitor_tile_id=answer.competitor, distinct_m=DISTINCT_M)
-    return matches, view, confidence
+    position = None if answer.position is None else Position(
+        lat=answer.position[0], lon=answer.position[1], uncertainty_m=round(answer.position[2], 1))
+    near = None if prior is None else NearInfo(lat=prior.lat, lon=prior.lon, radius_m=prior.radius_m,
+                                               source=prior.source, tiles=answer.within or 0)
+    return dict(results=matches, position=position, near=near, view=view, confidence=confidence)
 
 
 def single_response(runtime: Runtime, done: Localized) -> LocalizeResponse:
-    matches, view, confidence = _described(done.result.answers[0], done.specs[0], runtime.settings.ambiguity_margin)
-    return LocalizeResponse(results=matches, view=view, confidence=confidence,
-                            model=runtime.model.info,  # type: ignore[union-attr]
+    described = _described(done.result.answers[0], done.specs[0], runtime.settings.ambiguity_margin, done.near[0])
+    return LocalizeResponse(**described, model=runtime.model.info,  # type: ignore[union-attr]
                             index=done.result.index.info, timing_ms=_timing(runtime, done),
                             batch_size=done.result.batch_size)
 
 
 def batch_response(runtime: Runtime, done: Localized) -> LocalizeBatchResponse:
     items = []
-    for f, answer, spec in zip(done.files, done.result.answers, done.specs):
-        matches, view, confidence = _described(answer, spec, runtime.settings.ambiguity_margin)
-        items.append(BatchItem(image=f.index, filename=f.filename, results=matches, view=view,
-                               confidence=confidence, batch_size=done.result.batch_size))
+    for f, answer, spec, prior in zip(done.files, done.result.answers, done.specs, done.near):
+        items.append(BatchItem(image=f.index, filename=f.filename, batch_size=done.result.batch_size,
+                               **_described(answer, spec, runtime.settings.ambiguity_margin, prior)))
     return LocalizeBatchResponse(items=items, model=runtime.model.info,  # type: ignore[union-attr]
                                  index=done.result.index.info, timing_ms=_timing(runtime, done))
 
 
-def to_geojson(items: list[tuple[int | None, list[TileMatch]]], model: ModelInfo, index: IndexInfo,
+def to_geojson(items: list[tuple[int | None, Position | None, list[TileMatch]]], model: ModelInfo, index: IndexInfo,
                timing: dict[str, float]) -> FeatureCollection:
-    """RFC 7946: positions are [longitude, latitude]; one Point feature per match."""
+    """RFC 7946: positions are [longitude, latitude]; per image, its refined position first, then one
+    Point feature per match."""
     features = []
-    for image, matches in items:
-        for m in matches:
-            props = {"rank": m.rank, "tile_id": m.tile_id, "score": m.score, "heading_deg": m.heading_deg}
+    for image, position, matches in items:
+        points = [] if position is None else [
+            ((position.lon, position.lat), {"kind": "position", "uncertainty_m": position.uncertainty_m})]
+        points += [((m.lon, m.lat), {"kind": "match", "rank": m.rank, "tile_id": m.tile_id, "score": m.score,
+                                     "heading_deg": m.heading_deg}) for m in matches]
+        for coordinates, props in points:
             if image is not None:
                 props["image"] = image
-            features.append(Feature(geometry=PointGeometry(coordinates=(m.lon, m.lat)),
-                                    properties=props))
+            features.append(Feature(geometry=PointGeometry(coordinates=coordinates), properties=props))
     return FeatureCollection(features=features, model=model, index=index, timing_ms=timing)
 
 

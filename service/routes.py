@@ -6,6 +6,7 @@ from typing import Annotated, Any, Literal
 
 import anyio
 from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel, BeforeValidator
 
@@ -48,6 +49,19 @@ def _json(body: BaseModel, media_type: str = "application/json") -> Response:
     return Response(body.model_dump_json(), media_type=media_type)
 
 
+def _lat_lon(value: object) -> object:
+    """near=lat,lon in decimal degrees -> (lat, lon)."""
+    if value is None:
+        return None
+    try:
+        lat, lon = (float(part) for part in str(value).split(","))
+    except ValueError:
+        raise ValueError("near must be 'lat,lon' in decimal degrees, e.g. near=46.51,7.52") from None
+    if not (-90 <= lat <= 90 and -180 <= lon <= 180):  # NaN fails these too
+        raise ValueError(f"near: latitude must be in [-90, 90] and longitude in [-180, 180], got {value}")
+    return lat, lon
+
+
 def _whole_number(value: object) -> object:
     """``k=5.0`` would pass as 5 (pydantic's lax int); the API takes whole numbers written as such."""
     if isinstance(value, str) and not value.isdigit():
@@ -71,8 +85,23 @@ def view_params(
     projection: Annotated[Literal["equirectangular", "perspective"] | None, Query(description=(
         "perspective: a photo (pinhole camera); equirectangular: a panorama or a crop of one. Default: "
         "perspective for a narrow image with a field of view under 360, else equirectangular."))] = None,
+    near: Annotated[str | None, Query(description=(
+        "'lat,lon' (decimal degrees): search only the tiles within radius_m of this rough position "
+        "(e.g. a phone's GPS fix)."))] = None,
+    radius_m: Annotated[float | None, Query(gt=0, le=1e7, description=(
+        "Radius of the near restriction, metres; required with near. With near_from_exif alone: default 500."))] = None,
+    near_from_exif: Annotated[bool, Query(description=(
+        "Where near is not given: restrict to radius_m around each photo's EXIF GPS position, when it has one."))] = False,
 ) -> localize.ViewParams:
-    return localize.ViewParams(fov_deg, heading_deg, projection)
+    try:
+        at = _lat_lon(near)
+    except ValueError as exc:
+        raise RequestValidationError([{"type": "value_error", "loc": ("query", "near"), "msg": str(exc),
+                                       "input": near}]) from None
+    if at is not None and radius_m is None:
+        raise RequestValidationError([{"type": "missing", "loc": ("query", "radius_m"), "input": None,
+                                       "msg": "radius_m (metres) is required with near"}])
+    return localize.ViewParams(fov_deg, heading_deg, projection, at, radius_m, near_from_exif)
 
 
 ViewQuery = Annotated[localize.ViewParams, Depends(view_params)]
@@ -94,7 +123,8 @@ async def localize_one(request: Request, runtime: ReadyRuntime, view: ViewQuery,
     done = await localize.run(request, runtime, k=k, batch=False, params=view)
     body = localize.single_response(runtime, done)
     if localize.wants_geojson(accept):
-        fc = localize.to_geojson([(None, body.results)], body.model, body.index, body.timing_ms.model_dump())
+        fc = localize.to_geojson([(None, body.position, body.results)], body.model, body.index,
+                                 body.timing_ms.model_dump())
         return _json(fc, localize.GEOJSON)
     return _json(body)
 
@@ -110,7 +140,7 @@ async def localize_batch(request: Request, runtime: ReadyRuntime, view: ViewQuer
     done = await localize.run(request, runtime, k=k, batch=True, params=view)
     body = localize.batch_response(runtime, done)
     if localize.wants_geojson(accept):
-        fc = localize.to_geojson([(it.image, it.results) for it in body.items], body.model, body.index,
+        fc = localize.to_geojson([(it.image, it.position, it.results) for it in body.items], body.model, body.index,
                                  body.timing_ms.model_dump())
         return _json(fc, localize.GEOJSON)
     return _json(body)

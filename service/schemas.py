@@ -39,6 +39,26 @@ class Confidence(BaseModel):
     distinct_m: float
 
 
+class Position(BaseModel):
+    """Where the view was taken: the score-weighted centre of the best match and the matches
+    consistent with it (model.metrics.refine_position)."""
+
+    lat: float
+    lon: float
+    uncertainty_m: float = Field(..., description="Radius in metres: the weighted spread of those tiles, at least a "
+                                 "quarter tile.")
+
+
+class NearInfo(BaseModel):
+    """The geographic prior the search was restricted to."""
+
+    lat: float
+    lon: float
+    radius_m: float
+    source: Literal["parameter", "exif"]
+    tiles: int = Field(..., description="Tiles within the radius: the only ones searched (0: no results).")
+
+
 class ModelInfo(BaseModel):
     fingerprint: str
     checkpoint: str = Field(..., description="File name of the loaded checkpoint.")
@@ -68,6 +88,8 @@ class Timing(BaseModel):
 
 class LocalizeResponse(BaseModel):
     results: list[TileMatch]
+    position: Position | None = Field(None, description="Null when there are no results.")
+    near: NearInfo | None = Field(None, description="The geographic prior, when one restricted the search.")
     view: ViewInfo
     confidence: Confidence
     model: ModelInfo
@@ -80,6 +102,8 @@ class BatchItem(BaseModel):
     image: int = Field(..., description="Position of the image in the request (0-based).")
     filename: str | None = None
     results: list[TileMatch]
+    position: Position | None = None
+    near: NearInfo | None = None
     view: ViewInfo
     confidence: Confidence
     batch_size: int

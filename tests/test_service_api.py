@@ -194,8 +194,9 @@ def test_geojson_feature_collection(client, world):
     assert resp.status_code == 200
     assert resp.headers["content-type"].startswith("application/geo+json")
     fc = resp.json()
-    assert fc["type"] == "FeatureCollection" and len(fc["features"]) == 3
-    for feature, match in zip(fc["features"], plain["results"]):
+    assert fc["type"] == "FeatureCollection" and len(fc["features"]) == 4  # the position, then the matches
+    assert fc["features"][0]["properties"]["kind"] == "position"
+    for feature, match in zip(fc["features"][1:], plain["results"]):
         assert feature["type"] == "Feature"
         assert feature["geometry"]["type"] == "Point"
         # RFC 7946: [longitude, latitude]
@@ -232,7 +233,7 @@ def test_batch(client, world):
     assert_same_matches(body["items"][0]["results"], single)
     geo = client.post("/localize/batch?k=2", files=files, headers={"Accept": "application/geo+json"})
     assert geo.headers["content-type"].startswith("application/geo+json")
-    assert sorted(f["properties"]["image"] for f in geo.json()["features"]) == [0, 0, 1, 1, 2, 2]
+    assert sorted(f["properties"]["image"] for f in geo.json()["features"]) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     too_many = [("images", (f"{i}.jpg", world.pano, "image/jpeg")) for i in range(5)]
     _assert_error(client.post("/localize/batch", files=too_many), 413, "too_many_images")
     bad = files[:1] + [("images", ("bad.jpg", b"not an image at all", "image/jpeg"))]
