@@ -16,6 +16,10 @@ output layout (docs/INTERFACES.md):
   DIR/cameras.csv           id,x_m,y_m,lat,lon,heading_deg,area_type,split (extra metadata); with a limited
                             field of view (--camera perspective or --fov < 360) also
                             camera,hfov_deg,vfov_deg,pitch_deg,roll_deg,width,height
+--layout grid instead: DIR/ortho.tif (GeoTIFF of the whole region, local transverse Mercator),
+  DIR/streetview/<id>.jpg at cameras anywhere on the roads, queries.csv (query_id,path,lat,lon),
+  cameras.csv (no split column), world.json; no bingmap/, tiles.csv or splits/. Cut the tiles with
+  python -m index_build tile --raster DIR/ortho.tif --tile-m 100 --stride-m 50 --out DIR/tiles
 
 examples:
   python -m worldgen --seed 1 --area-km2 12 --pairs 6000 --out data/world_train --workers 2
@@ -25,6 +29,8 @@ examples:
       --fov 65 --heading-jitter 180 --pitch-roll-jitter 5 --exif
   # every aerial tile, but panoramas for only the first 32 positions (what `make demo` renders)
   python -m worldgen --seed 4242 --area-km2 4 --panoramas 32 --out demo/world --workers 2
+  # one orthophoto of the region plus 200 panoramas anywhere on its roads
+  python -m worldgen --seed 5 --area-km2 1 --layout grid --pairs 200 --out data/world_grid --workers 2
 Same seed and arguments give byte-identical output, for any --workers.
 """
 
@@ -46,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "first N camera positions (default: all). Every aerial tile is still rendered; the images, "
                         "tiles.csv and cameras.csv are byte-identical to a full run's, queries.csv and splits/ "
                         "list only the N pairs with a ground image")
+    p.add_argument("--layout", choices=("pairs", "grid"), default="pairs",
+                   help="'pairs' (default): an aerial tile centred on every camera; 'grid': the whole region's "
+                        "aerial view as one GeoTIFF (DIR/ortho.tif, tile_px pixels per footprint) and ground "
+                        "images at cameras anywhere on the roads, for `index_build tile` to cut")
     p.add_argument("--tile-px", type=int, default=256, help="aerial tile size in pixels (default 256)")
     p.add_argument("--footprint-m", type=float, default=100.0, help="aerial tile footprint in metres (default 100)")
     p.add_argument("--pano-height", type=int, default=128, help="panorama height in pixels (default 128)")
@@ -104,7 +114,7 @@ def main(argv=None) -> int:
                     world_res_m=args.world_res, fov_deg=fov, heading_jitter_deg=args.heading_jitter,
                     jpeg_quality=args.jpeg_quality, camera=args.camera,
                     pitch_roll_jitter_deg=args.pitch_roll_jitter, photo_width=photo_w, photo_height=photo_h,
-                    exif=args.exif, panoramas=args.panoramas)
+                    exif=args.exif, panoramas=args.panoramas, layout=args.layout)
     log = (lambda *a, **k: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     try:
         generate_dataset(cfg, args.out, workers=args.workers, overwrite=args.overwrite,

@@ -38,6 +38,9 @@ CAMERAS = ("panorama", "perspective")
 _PERSPECTIVE_FIELDS = ("camera", "pitch_roll_jitter_deg", "photo_width", "photo_height", "exif")
 # Likewise left out while unset (every pair gets its ground image, as before the field existed).
 _UNSET_OMITTED_FIELDS = ("panoramas",)
+# "pairs": an aerial tile centred on every camera (the original layout, world.json without the field);
+# "grid": one GeoTIFF of the whole region (ortho.tif) and ground images anywhere on the roads.
+LAYOUTS = ("pairs", "grid")
 
 
 @dataclass
@@ -67,6 +70,7 @@ class GenConfig:
     # Ground images (panoramas or photos) for only the first N pairs; None: for every pair. Every
     # aerial tile is rendered either way, and each rendered file is the one a full run writes.
     panoramas: int | None = None
+    layout: str = "pairs"
 
     def world_json_config(self) -> dict:
         d = asdict(self)
@@ -76,6 +80,10 @@ class GenConfig:
         for k in _UNSET_OMITTED_FIELDS:
             if d[k] is None:
                 del d[k]
+        if self.layout == "pairs":
+            del d["layout"]
+        else:
+            del d["val_fraction"], d["val_block_m"], d["png_compress"]  # no splits, no PNG tiles
         return d
 
     def ground_count(self, pairs: int) -> int:
@@ -107,6 +115,15 @@ class GenConfig:
             bad(f"origin ({self.lat}, {self.lon}) out of range (lat within +-80, lon within +-180)")
         if not (0.1 <= self.world_res_m <= 2.0):
             bad(f"--world-res must be in [0.1, 2] m, got {self.world_res_m}")
+        if self.layout not in LAYOUTS:
+            bad(f"--layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
+        if self.layout == "grid":
+            if self.panoramas is not None:
+                bad("--panoramas applies to --layout pairs (tiles for all, ground images for some); with "
+                    "--layout grid every camera has a ground image: set their number with --pairs")
+            if self.footprint_m > 200.0:
+                bad(f"--footprint-m {self.footprint_m:g} is too large for --layout grid: the ortho reaches half a "
+                    "footprint beyond the core square and the world only 130 m; use at most 200")
         if self.camera not in CAMERAS:
             bad(f"--camera must be one of {', '.join(CAMERAS)}, got {self.camera!r}")
         if self.camera == "perspective":
@@ -151,17 +168,19 @@ class GroundPose:
     roll_deg: float = 0.0
 
 
-def render_pair(world: World, cfg: GenConfig, i: int, x: float, y: float, ground: bool = True):
+def render_pair(world: World, cfg: GenConfig, i: int, x: float, y: float, ground: bool = True,
+                aerial: bool = True):
     """(aerial uint8 HxWx3, ground image uint8 (panorama or photo), GroundPose) for pair ``i`` at (x, y).
 
-    ``ground=False`` skips the ground image (None in its place); the tile and the pose are the same."""
+    ``ground=False`` skips the ground image, ``aerial=False`` the tile (None in its place); the
+    other image and the pose are the same."""
     rng = pair_rng(cfg.seed, i)
     alook = sample_aerial_look(rng, cfg.lat)
     plook = sample_pano_look(rng)
     heading = float(rng.uniform(-cfg.heading_jitter_deg, cfg.heading_jitter_deg)) if cfg.heading_jitter_deg > 0 else 0.0
     r_a = np.random.default_rng([int(cfg.seed), 8, int(i)])
     r_p = np.random.default_rng([int(cfg.seed), 9, int(i)])
-    aerial = render_aerial(world, x, y, cfg.tile_px, cfg.footprint_m, alook, r_a)
+    aerial = render_aerial(world, x, y, cfg.tile_px, cfg.footprint_m, alook, r_a) if aerial else None
     if cfg.camera == "perspective":
         # own stream, so that position, look and heading are those of the panorama world of the same seed
         jit = cfg.pitch_roll_jitter_deg
@@ -231,9 +250,11 @@ def _work(task):
     world, cfg, cams, ids, root, n_ground = (_STATE[k] for k in ("world", "cfg", "cams", "ids", "root", "n_ground"))
     poses = []
     for i in range(lo, hi):
-        a, g, pose = render_pair(world, cfg, i, cams[i, 0], cams[i, 1], ground=i < n_ground)
-        with open(os.path.join(root, "bingmap", ids[i] + ".png"), "wb") as f:
-            f.write(encode_png(a, cfg.png_compress))
+        a, g, pose = render_pair(world, cfg, i, cams[i, 0], cams[i, 1], ground=i < n_ground,
+                                 aerial=cfg.layout == "pairs")
+        if a is not None:
+            with open(os.path.join(root, "bingmap", ids[i] + ".png"), "wb") as f:
+                f.write(encode_png(a, cfg.png_compress))
         if g is not None:
             exif = camera_exif(cfg.fov_deg, pose.heading_deg) if cfg.exif else None
             with open(os.path.join(root, "streetview", ids[i] + ".jpg"), "wb") as f:
@@ -243,7 +264,12 @@ def _work(task):
 
 
 def choose_cameras(world: World, cfg: GenConfig) -> np.ndarray:
-    cams = camera_positions(world, cfg.min_spacing_m, np.random.default_rng([cfg.seed, 6]), limit=cfg.pairs)
+    if cfg.layout == "grid":
+        # anywhere on the roads, not on the candidate lattice; a stream of its own
+        cams = camera_positions(world, cfg.min_spacing_m, np.random.default_rng([cfg.seed, 13]), limit=cfg.pairs,
+                                continuous=True)
+    else:
+        cams = camera_positions(world, cfg.min_spacing_m, np.random.default_rng([cfg.seed, 6]), limit=cfg.pairs)
     if cfg.pairs is not None and len(cams) < cfg.pairs:
         raise WorldgenError(
             f"only {len(cams)} camera positions fit on the roads of {cfg.area_km2} km^2 with "
@@ -292,22 +318,35 @@ def generate_dataset(cfg: GenConfig, out_dir: str, workers: int = 1, overwrite: 
         shutil.rmtree(tmp)
     t0 = time.time()
     try:
-        os.makedirs(os.path.join(tmp, "bingmap"))
+        grid = cfg.layout == "grid"
         os.makedirs(os.path.join(tmp, "streetview"))
-        os.makedirs(os.path.join(tmp, "splits"))
+        if not grid:
+            os.makedirs(os.path.join(tmp, "bingmap"))
+            os.makedirs(os.path.join(tmp, "splits"))
         log(f"worldgen: building world seed={cfg.seed} area={cfg.area_km2} km^2 ...")
         world = generate_world(cfg.seed, cfg.area_km2, cfg.lat, cfg.lon, res=cfg.world_res_m, threads=min(workers, 4))
         t_world = time.time() - t0
         cams = choose_cameras(world, cfg)
         n = len(cams)
         n_ground = cfg.ground_count(n)
-        what = (f"{n} pairs" if n_ground == n else
+        what = (f"{n} ground images" if grid else f"{n} pairs" if n_ground == n else
                 f"{n} aerial tiles and the ground images of the first {n_ground} of them")
         log(f"worldgen: world built in {t_world:.1f} s ({len(world.buildings['cx']) - 1} buildings, "
-            f"{len(world.trees['x'])} trees); rendering {what} with {workers} worker(s)")
+            f"{len(world.trees['x'])} trees)")
+        ortho = None
+        if grid:
+            from worldgen.ortho import ORTHO_NAME, OrthoError, write_ortho
+            t_ortho = time.time()
+            try:
+                ortho = write_ortho(world, cfg.seed, cfg.footprint_m, cfg.tile_px, os.path.join(tmp, ORTHO_NAME))
+            except OrthoError as e:
+                raise WorldgenError(str(e)) from None
+            log(f"worldgen: wrote {ORTHO_NAME} ({ortho['width']} x {ortho['height']} px at "
+                f"{ortho['m_per_px']:.4f} m/px) in {time.time() - t_ortho:.1f} s")
+        log(f"worldgen: rendering {what} with {workers} worker(s)")
         w = _id_width(n)
         ids = [str(i).zfill(w) for i in range(n)]
-        val = split_val(cams, cfg)
+        val = np.zeros(n, dtype=bool) if grid else split_val(cams, cfg)
         poses = [None] * n
         chunk = 4 if cfg.camera == "perspective" else 16  # a photo takes ~20x a panorama; the bar moves per chunk
         tasks = [(lo, min(n, lo + chunk)) for lo in range(0, n, chunk)]
@@ -315,7 +354,8 @@ def generate_dataset(cfg: GenConfig, out_dir: str, workers: int = 1, overwrite: 
         bar = None
         if progress:
             from tqdm import tqdm
-            bar = tqdm(total=n, unit="pair" if n_ground == n else "tile", desc="rendering", dynamic_ncols=True)
+            bar_unit = "camera" if grid else "pair" if n_ground == n else "tile"
+            bar = tqdm(total=n, unit=bar_unit, desc="rendering", dynamic_ncols=True)
         t1 = time.time()
         try:
             if workers > 1 and n > chunk:
@@ -339,7 +379,10 @@ def generate_dataset(cfg: GenConfig, out_dir: str, workers: int = 1, overwrite: 
         t_render = time.time() - t1
         lat, lon = world.latlon(cams[:, 0], cams[:, 1])
         area = world.area_type(cams[:, 0], cams[:, 1])
-        _write_csvs(tmp, ids, cams, lat, lon, val, poses, area, ground_camera(cfg), n_ground)
+        if grid:
+            _write_grid_csvs(tmp, ids, cams, lat, lon, poses, area, ground_camera(cfg))
+        else:
+            _write_csvs(tmp, ids, cams, lat, lon, val, poses, area, ground_camera(cfg), n_ground)
         meta = {
             "format": "worldgen", "version": FORMAT_VERSION, "seed": cfg.seed,
             "origin": {"lat": cfg.lat, "lon": cfg.lon},
@@ -358,6 +401,12 @@ def generate_dataset(cfg: GenConfig, out_dir: str, workers: int = 1, overwrite: 
         }
         if cfg.panoramas is not None:
             meta["counts"]["ground_images"] = n_ground
+        if grid:
+            meta["layout"] = "grid"
+            meta["ortho"] = ortho
+            counts = meta["counts"]
+            del counts["pairs"], counts["train"], counts["val"]
+            counts["cameras"] = n
         if cfg.camera == "perspective":
             cam = ground_camera(cfg)
             meta["camera"] = {
@@ -382,7 +431,8 @@ def generate_dataset(cfg: GenConfig, out_dir: str, workers: int = 1, overwrite: 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    written, unit = ((f"{n} pairs", "pairs") if n_ground == n else
+    written, unit = ((f"{ortho['path']} and {n} ground images", "cameras") if grid else
+                     (f"{n} pairs", "pairs") if n_ground == n else
                      (f"{n} aerial tiles and {n_ground} ground images", "positions"))
     log(f"worldgen: wrote {written} to {out_dir} in {time.time() - t0:.1f} s "
         f"(world {t_world:.1f} s, rendering {t_render:.1f} s = {n / max(t_render, 1e-9):.1f} {unit}/s)")
@@ -406,6 +456,24 @@ def ground_camera(cfg: GenConfig) -> dict:
             "width": w, "height": cfg.pano_height}
 
 
+def _write_grid_csvs(root, ids, cams, lat, lon, poses, area, camera):
+    """--layout grid: queries.csv without a tile_id (the true tiles depend on how ortho.tif is cut) and
+    cameras.csv without a split (no splits/ yet)."""
+    def w(path, header, rows):
+        with open(os.path.join(root, path), "w", newline="") as f:
+            wr = csv.writer(f, lineterminator="\n")
+            wr.writerow(header)
+            wr.writerows(rows)
+    n = len(ids)
+    w("queries.csv", ["query_id", "path", "lat", "lon"],
+      [[ids[i], f"streetview/{ids[i]}.jpg", _fmt(lat[i]), _fmt(lon[i])] for i in range(n)])
+    header = ["id", "x_m", "y_m", "lat", "lon", "heading_deg", "area_type"]
+    rows = [[ids[i], f"{cams[i, 0]:.3f}", f"{cams[i, 1]:.3f}", _fmt(lat[i]), _fmt(lon[i]),
+             f"{poses[i].heading_deg:.3f}", AREA_NAMES[int(area[i])]] for i in range(n)]
+    _add_camera_columns(header, rows, poses, camera)
+    w("cameras.csv", header, rows)
+
+
 def _write_csvs(root, ids, cams, lat, lon, val, poses, area, camera, n_ground):
     """tiles.csv and cameras.csv cover every camera position; the pair lists (splits/, queries.csv)
     only the first ``n_ground``, the positions with a ground image."""
@@ -426,10 +494,14 @@ def _write_csvs(root, ids, cams, lat, lon, val, poses, area, camera, n_ground):
     header = ["id", "x_m", "y_m", "lat", "lon", "heading_deg", "area_type", "split"]
     rows = [[ids[i], f"{cams[i, 0]:.3f}", f"{cams[i, 1]:.3f}", _fmt(lat[i]), _fmt(lon[i]),
              f"{poses[i].heading_deg:.3f}", AREA_NAMES[int(area[i])], "val" if val[i] else "train"] for i in range(n)]
+    _add_camera_columns(header, rows, poses, camera)
+    w("cameras.csv", header, rows)
+
+
+def _add_camera_columns(header, rows, poses, camera):
+    """Limited field of view: the whole camera per query in cameras.csv (full panoramas keep the old columns)."""
     if camera["camera"] == "perspective" or camera["hfov_deg"] < 360.0:
-        # limited field of view: the whole camera per query (full panoramas keep the old columns)
         header += ["camera", "hfov_deg", "vfov_deg", "pitch_deg", "roll_deg", "width", "height"]
         for r, p in zip(rows, poses):
             r += [camera["camera"], f"{camera['hfov_deg']:.3f}", f"{camera['vfov_deg']:.3f}", f"{p.pitch_deg:.3f}",
                   f"{p.roll_deg:.3f}", camera["width"], camera["height"]]
-    w("cameras.csv", header, rows)

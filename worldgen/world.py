@@ -1021,8 +1021,13 @@ def generate_world(seed: int, area_km2: float, lat0: float = 47.3769, lon0: floa
     return world
 
 
-def camera_positions(world: World, min_spacing: float, rng: np.random.Generator, limit: int | None = None):
-    """Poisson-disc sample of road positions inside the core square (greedy, grid-hashed)."""
+def camera_positions(world: World, min_spacing: float, rng: np.random.Generator, limit: int | None = None,
+                     continuous: bool = False):
+    """Poisson-disc sample of road positions inside the core square (greedy, grid-hashed).
+
+    ``continuous``: each lattice candidate moves to a uniform random point of its lattice cell (kept
+    only if that point is on a road), so positions are not quantised to the lattice; the spacing
+    still holds exactly. Off (the default) the positions are what they always were."""
     res = world.res
     # candidates on a lattice of ~spacing/8 (enough for an even Poisson-disc cover, far fewer
     # candidates for the greedy loop than every road pixel)
@@ -1031,6 +1036,12 @@ def camera_positions(world: World, min_spacing: float, rng: np.random.Generator,
     rows, cols = np.nonzero(np.isin(cls, ROADLIKE))
     x = -world.half_world + (cols * stride + 0.5) * res
     y = world.half_world - (rows * stride + 0.5) * res
+    if continuous:
+        x = x + rng.uniform(-0.5, 0.5, len(x)) * stride * res
+        y = y + rng.uniform(-0.5, 0.5, len(y)) * stride * res
+        r_, c_ = world.px_index(x, y)
+        on_road = np.isin(world.cls[r_, c_], ROADLIKE)
+        x, y = x[on_road], y[on_road]
     inside = (np.abs(x) <= world.half_core) & (np.abs(y) <= world.half_core)
     x, y = x[inside], y[inside]
     order = rng.permutation(len(x))
