@@ -91,15 +91,19 @@ def evaluate_views(model, arrays, records, device, *, fov: float, heading: str, 
     encode_ground = partial(_encode_views, encoder, "ground")
     encode_aerial = partial(_encode_views, encoder, "aerial")
     q = min(queries or len(records), len(records))
-    if photos is not None:
-        views, true_heading = photo_views(photos, records[:q], model.config, centred=heading == "unknown")
+    truth = np.arange(q)  # gallery row of each query's true tile
+    if photos is not None:  # the pairs whose photo was rendered (worldgen --panoramas N)
+        truth = np.array([i for i, r in enumerate(records) if (photos / "streetview" / f"{r.id}.jpg").is_file()])[:q]
+        q = len(truth)
+        views, true_heading = photo_views(photos, [records[i] for i in truth], model.config,
+                                          centred=heading == "unknown")
     else:
         true_heading = np.random.default_rng(seed).uniform(0.0, 360.0, len(records))[:q]
         views = np.stack([limit_fov(rotate_view(g, h), fov) for g, h in zip(arrays.ground[:q], true_heading)])
-    if method == "head" and getattr(model, "orientation", None) is None:
+    if heading == "unknown" and method == "head" and getattr(model, "orientation", None) is None:
         raise ValueError(f"{model.config.name}: this checkpoint has no orientation head (python -m model.orientation); "
                          "use --method aerial or query")
-    out: dict = {"queries": q, "rotations": rotations if heading == "unknown" and method != "head" else None,
+    out: dict = {"queries": int(q), "rotations": rotations if heading == "unknown" and method != "head" else None,
                  "method": method if heading == "unknown" else None}
     if heading == "known":  # placed at its true heading: compared with the tiles as they are
         if photos is None:
@@ -121,16 +125,16 @@ def evaluate_views(model, arrays, records, device, *, fov: float, heading: str, 
         aerial = encode_aerial(arrays.aerial)
         scores = np.max(np.einsum("rqd,nd->rqn", turned, aerial, optimize=True), axis=0)
         per_rotation = lambda i, j: turned[:, i] @ aerial[j]  # noqa: E731
-    counts = count_closer_scores(scores)
+    counts = count_closer_scores(scores, truth)
     out.update(recall_from_counts(counts, scores.shape[1]))
     if arrays.latlon is not None:
-        out["confidence"] = confidence_report(scores, arrays.latlon, ambiguity_margin)
+        out["confidence"] = confidence_report(scores, arrays.latlon, ambiguity_margin, truth=truth)
         out["position"] = position_report(scores, arrays.latlon, tile_m)
     if heading == "unknown":
         top1 = scores.argmax(axis=1)
         estimate = np.array([refine_heading(per_rotation(i, j)) for i, j in enumerate(top1)])
         error = angle_difference(estimate, true_heading)
-        correct = top1 == np.arange(len(top1))
+        correct = top1 == truth
         out["heading_error_median_deg"] = float(np.median(error[correct])) if correct.any() else None
         out["heading_within_10deg"] = float((error[correct] <= 10).mean()) if correct.any() else None
     return out

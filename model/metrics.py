@@ -30,14 +30,15 @@ def count_closer(query, gallery, chunk: int = 2048) -> np.ndarray:
     return counts
 
 
-def count_closer_scores(scores) -> np.ndarray:
-    """``count_closer`` for a precomputed similarity matrix [Q, N] whose true match of query i is
-    gallery item i (e.g. the best over an aerial tile's rotations)."""
+def count_closer_scores(scores, truth=None) -> np.ndarray:
+    """``count_closer`` for a precomputed similarity matrix [Q, N] (e.g. the best over an aerial
+    tile's rotations) whose true match of query i is gallery item ``truth[i]`` (default: i)."""
     sims = np.asarray(scores, dtype=np.float32)
     if sims.ndim != 2 or sims.shape[0] > sims.shape[1]:
         raise ValueError(f"scores must be [Q, N] with Q <= N, got shape {sims.shape}")
     rows = np.arange(sims.shape[0])
-    return (sims > sims[rows, rows][:, None]).sum(axis=1)
+    truth = rows if truth is None else np.asarray(truth)
+    return (sims > sims[rows, truth][:, None]).sum(axis=1)
 
 
 def recall_from_counts(counts: np.ndarray, n: int) -> dict[str, float]:
@@ -101,15 +102,16 @@ def match_margin(scores, latlon, distinct_m: float = 150.0) -> tuple[float | Non
     return float(s[0] - s[j]), j
 
 
-def confidence_report(scores, latlon, threshold: float, distinct_m: float = 150.0, candidates: int = 20) -> dict:
+def confidence_report(scores, latlon, threshold: float, distinct_m: float = 150.0, candidates: int = 20,
+                      truth=None) -> dict:
     """How well the ambiguity flag separates right from wrong answers: scores [Q, N] of Q queries whose
     true tile is gallery item i (latlon [N, 2]); each answer's margin (`match_margin` over its top
     ``candidates``) is compared with ``threshold``. Returns the share flagged ambiguous and the top-1
-    accuracy of the flagged and of the clear answers."""
+    accuracy of the flagged and of the clear answers (true tile of query i: ``truth[i]``, default i)."""
     s = np.asarray(scores, dtype=np.float32)
     ll = np.asarray(latlon, dtype=np.float64)
     top = np.argsort(-s, axis=1)[:, :candidates]
-    correct = top[:, 0] == np.arange(len(s))
+    correct = top[:, 0] == (np.arange(len(s)) if truth is None else np.asarray(truth))
     ambiguous = np.zeros(len(s), bool)
     for i, row in enumerate(top):
         margin, _ = match_margin(s[i, row], ll[row], distinct_m)

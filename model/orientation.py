@@ -56,8 +56,8 @@ def shift_scores(ground: torch.Tensor | np.ndarray, aerial: torch.Tensor | np.nd
     """Column features of views [B, W, C] and of their tiles [B, W, C] (or one tile [W, C] for all)
     -> [B, W]: for each shift s, the mean over the view's valid columns w of <view[w], tile[w + s]>.
     The best shift s is the view's heading, s * 360 / W degrees."""
-    g = torch.as_tensor(np.asarray(ground, dtype=np.float32))
-    a = torch.as_tensor(np.asarray(aerial, dtype=np.float32))
+    g = torch.from_numpy(np.array(ground, dtype=np.float32))  # a copy: broadcast views are read-only
+    a = torch.from_numpy(np.array(aerial, dtype=np.float32))
     if a.ndim == 2:
         a = a.expand(g.shape[0], -1, -1)
     w = g.shape[1]

@@ -32,6 +32,9 @@ K = 10                # top-k asked for; chance of a hit is k / N, about 8 %
 BATCH = 8             # panoramas per POST /localize/batch (GEOLOC_MAX_BATCH_IMAGES default)
 MIN_RECALL = 0.7      # fraction of ALL the region's panoramas whose true tile must be in the top-k;
                       # the shipped model gets 0.97 here (125/129), a random-weight model 0.09 (11/129)
+CROP_FOV = 90.0       # then each panorama again as a 90 degree crop around a random heading, heading unknown
+MIN_CROP_RECALL = 0.4  # top-k hits among those crops; the shipped model 0.65 (84/129), chance k / N, about 8 %
+MAX_HEADING_ERROR = 20.0  # median degrees, over the crops whose true tile is in the top-k (shipped: 4.5)
 
 
 pytestmark = pytest.mark.skipif(
@@ -112,6 +115,7 @@ def test_fresh_pipeline_localises_held_out_panoramas(tmp_path, capsys):
                 assert len(results) == K
                 ranks.append(next((r["rank"] for r in results if r["tile_id"] == q["tile_id"]), None))
                 errors.append(haversine(float(q["lat"]), float(q["lon"]), results[0]["lat"], results[0]["lon"]))
+        crop_hits, heading_errors = _localize_crops(base_url, world, picked)
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -126,6 +130,44 @@ def test_fresh_pipeline_localises_held_out_panoramas(tmp_path, capsys):
               f"true tile in top-{K}: {hits}/{len(picked)}, top-1: {top1}/{len(picked)}; "
               f"top-1 error median {statistics.median(errors):.0f} m, mean {statistics.mean(errors):.0f} m, "
               f"first panorama {errors[0]:.0f} m (rank {ranks[0]}); chance of a top-{K} hit {K / len(tiles):.2f}")
+    crops = (f"{CROP_FOV:g} degree crops, heading unknown: true tile in top-{K}: {crop_hits}/{len(picked)}; "
+             f"heading error at the true tile: median {statistics.median(heading_errors):.1f} deg "
+             f"over {len(heading_errors)}" if heading_errors else "no heading estimated")
     with capsys.disabled():
-        print("\n" + report)
+        print("\n" + report + "\n" + crops)
     assert hits >= MIN_RECALL * len(picked), report
+    assert crop_hits >= MIN_CROP_RECALL * len(picked), crops
+    assert heading_errors and statistics.median(heading_errors) <= MAX_HEADING_ERROR, crops
+
+
+def _localize_crops(base_url: str, world: Path, queries: list[dict]) -> tuple[int, list[float]]:
+    """Each panorama cut to CROP_FOV degrees around a random heading, sent with fov_deg and no
+    heading: how many find their true tile in the top-K, and the heading error at that tile."""
+    import io
+
+    import httpx
+    import numpy as np
+    from PIL import Image
+
+    from model.preprocess import crop_panorama_fov
+    from model.views import angle_difference
+
+    headings = np.random.default_rng(SEED).uniform(0.0, 360.0, len(queries))
+    hits, heading_errors = 0, []
+    for start in range(0, len(queries), BATCH):
+        files = []
+        for q, heading in zip(queries[start:start + BATCH], headings[start:start + BATCH]):
+            crop = crop_panorama_fov(np.asarray(Image.open(world / q["path"]).convert("RGB")), CROP_FOV, heading)
+            out = io.BytesIO()
+            Image.fromarray(crop).save(out, format="JPEG", quality=92)
+            files.append(("images", (f"{q['query_id']}.jpg", out.getvalue(), "image/jpeg")))
+        resp = httpx.post(f"{base_url}/localize/batch", files=files, timeout=120,
+                          params={"k": K, "fov_deg": CROP_FOV, "projection": "equirectangular"})
+        assert resp.status_code == 200, resp.text[:500]
+        for q, heading, item in zip(queries[start:start + BATCH], headings[start:start + BATCH], resp.json()["items"]):
+            match = next((r for r in item["results"] if r["tile_id"] == q["tile_id"]), None)
+            if match is not None:
+                hits += 1
+                if match["heading_deg"] is not None:
+                    heading_errors.append(float(angle_difference(match["heading_deg"], heading)))
+    return hits, heading_errors
