@@ -311,6 +311,14 @@ def test_map_shows_numbered_markers_distances_and_scale(browser, page_server, wo
     assert browser.find_element(By.CSS_SELECTOR, "#map .north-arrow text").text == "N"
     caption = browser.find_element(By.ID, "map-caption").text
     assert f"The {k} best matches" in caption and "not to its ground size" in caption
+    # The refined position: a cross and a circle of its uncertainty, among the consistent best tiles.
+    circle = browser.execute_script(
+        "const c = document.querySelector('#map .position circle.uncertainty');"
+        "return c && [+c.getAttribute('cx'), +c.getAttribute('cy'), +c.getAttribute('r')];")
+    assert circle is not None and circle[2] >= 4
+    xs, ys = [x for x, _ in xy], [y for _, y in xy]
+    assert min(xs) - 1 <= circle[0] <= max(xs) + 1 and min(ys) - 1 <= circle[1] <= max(ys) + 1
+    assert "refined position" in caption and "uncertainty" in caption
 
     # The screenshot: every numbered pin is really painted, in its own colour, where the DOM says.
     map_el = browser.find_element(By.ID, "map")

@@ -121,7 +121,8 @@
 
   // Map positions (SVG units, north up) of the matches, and the scale.
   function layout(results) {
-    const ground = results.map(projector(results));
+    const project = projector(results);
+    const ground = results.map(project);
     const xs = ground.map((p) => p.x);
     const ys = ground.map((p) => p.y);
     const [minX, maxX, minY, maxY] = [Math.min(...xs), Math.max(...xs), Math.min(...ys), Math.max(...ys)];
@@ -130,11 +131,19 @@
     const metresPerUnit = Math.max((maxX - minX) / innerW, (maxY - minY) / innerH, MIN_SPAN_M / innerW);
     const midX = (minX + maxX) / 2;
     const midY = (minY + maxY) / 2;
-    const points = ground.map((p) => ({
-      x: MAP_W / 2 + (p.x - midX) / metresPerUnit,
-      y: MAP_H / 2 - (p.y - midY) / metresPerUnit,
-    }));
-    return { points, metresPerUnit };
+    const toMap = (p) => ({ x: MAP_W / 2 + (p.x - midX) / metresPerUnit, y: MAP_H / 2 - (p.y - midY) / metresPerUnit });
+    return { points: ground.map(toMap), metresPerUnit, place: (r) => toMap(project(r)) };
+  }
+
+  // The refined position (POST /localize's `position`): a cross, and a circle of its uncertainty radius.
+  function drawPosition(position, place, metresPerUnit) {
+    if (!position) return;
+    const at = place(position);
+    const group = svg("g", { class: "position" }, mapEl);
+    svg("circle", { class: "uncertainty", cx: at.x, cy: at.y, r: Math.max(4, position.uncertainty_m / metresPerUnit) },
+      group);
+    svg("path", { class: "position-mark", d: `M${at.x - 7},${at.y}h14M${at.x},${at.y - 7}v14` }, group);
+    svg("title", {}, group, `refined position ${formatCoords(position)} ± ${formatDistance(position.uncertainty_m)}`);
   }
 
   // Neighbouring tiles would put their numbered pins on top of each other: push overlapping pins
@@ -340,11 +349,11 @@
     });
   }
 
-  function drawMap(results, thumbs, distances, view, competitor) {
+  function drawMap(results, thumbs, distances, view, competitor, position) {
     mapEl.replaceChildren();
     mapEl.setAttribute("viewBox", `0 0 ${MAP_W} ${MAP_H}`);
     if (!results.length) { mapFigure.hidden = true; return; }
-    const { points, metresPerUnit } = layout(results);
+    const { points, metresPerUnit, place } = layout(results);
     const radii = results.map((_, i) => (i === 0 ? BEST_PIN_R : PIN_R));
     const pins = spreadPins(points, radii);
     svg("rect", { class: "ground", width: MAP_W, height: MAP_H }, mapEl);
@@ -353,6 +362,7 @@
     const arrowBoxes = drawHeadings(results, points, view);
     drawDistanceLabels(results, points, pins, radii, distances, arrowBoxes);
     drawMarkers(results, points, pins, radii, distances, view, competitor);
+    drawPosition(position, place, metresPerUnit);
     drawScaleBar(metresPerUnit);
     drawNorthArrow();
     const tileNote = "each aerial tile is drawn at its centre (not to its ground size)";
@@ -366,6 +376,10 @@
         (view.fov_deg < 360 ? "; the wedge spans its field of view." : ".");
     }
     if (competitor > 0) caption += " The dashed red frame marks the look-alike place.";
+    if (position) {
+      caption += ` The red cross is the refined position (${formatCoords(position)}), the circle its uncertainty ` +
+        `(± ${formatDistance(position.uncertainty_m)}).`;
+    }
     mapCaption.textContent = caption;
     mapFigure.hidden = false;
   }
@@ -446,7 +460,7 @@
     const competitor = confidence.ambiguous ? competitorShown : -1;
     describeView(view, sentProjection, results);
     describeConfidence(confidence, results, distances, competitorShown);
-    drawMap(results, thumbs, distances, view, competitor);
+    drawMap(results, thumbs, distances, view, competitor, body.position);
     results.forEach((r, i) => {
       const li = el("li", i === competitor ? "result competitor" : "result");
       li.id = `match-${r.rank}`;
