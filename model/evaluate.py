@@ -129,7 +129,7 @@ def evaluate_views(model, arrays, records, device, *, fov: float, heading: str, 
     out.update(recall_from_counts(counts, scores.shape[1]))
     if arrays.latlon is not None:
         out["confidence"] = confidence_report(scores, arrays.latlon, ambiguity_margin, truth=truth)
-        out["position"] = position_report(scores, arrays.latlon, tile_m)
+        out["position"] = position_report(scores, arrays.latlon, tile_m, truth=truth)
     if heading == "unknown":
         top1 = scores.argmax(axis=1)
         estimate = np.array([refine_heading(per_rotation(i, j)) for i, j in enumerate(top1)])

@@ -181,14 +181,14 @@ def error_summary(error_m) -> dict[str, float]:
             **{f"within_{c}m": float((e <= c).mean()) for c in ERROR_CUTOFFS_M}}
 
 
-def position_report(scores, latlon, tile_m: float = TILE_FOOTPRINT_M, candidates: int = 20) -> dict:
+def position_report(scores, latlon, tile_m: float = TILE_FOOTPRINT_M, candidates: int = 20, truth=None) -> dict:
     """Localisation error of the refined position (`refine_position` over each query's top
     ``candidates``) and of the top-1 tile centre: scores [Q, N] of Q queries whose true place is
-    that of gallery item i (latlon [N, 2])."""
+    that of gallery item ``truth[i]`` (default i; latlon [N, 2])."""
     s = np.asarray(scores, dtype=np.float32)
     ll = np.asarray(latlon, dtype=np.float64)
     top = np.argsort(-s, axis=1)[:, :candidates]
-    truth = ll[:len(s)]
+    truth = ll[:len(s)] if truth is None else ll[np.asarray(truth)]
     refined = np.array([refine_position(s[i, row], ll[row], tile_m)[:2] for i, row in enumerate(top)])
     return {"refined": error_summary(haversine_m(truth[:, 0], truth[:, 1], refined[:, 0], refined[:, 1])),
             "top1": error_summary(haversine_m(truth[:, 0], truth[:, 1], ll[top[:, 0], 0], ll[top[:, 0], 1])),

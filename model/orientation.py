@@ -78,6 +78,23 @@ def heading_targets(headings_deg: np.ndarray, width: int) -> np.ndarray:
     return np.round(np.asarray(headings_deg) / 360.0 * width).astype(np.int64) % width
 
 
+def estimate_headings(view_columns: np.ndarray, tile_columns: np.ndarray, seen: np.ndarray | None = None) -> np.ndarray:
+    """One view's column features [W, C] against several tiles' [K, W, C] (its seen pixel columns
+    ``seen`` [W * 16] or token columns [W], None: all) -> the view's heading at each tile, degrees
+    clockwise from north of the view's centre column, as if it stood at that tile."""
+    from .views import refine_heading
+
+    width = view_columns.shape[0]
+    valid = None
+    if seen is not None:
+        seen = np.asarray(seen, dtype=bool)
+        valid = seen.reshape(width, -1).mean(axis=1) >= 0.5 if seen.size != width else seen
+    tiles = np.asarray(tile_columns, dtype=np.float32)
+    views = np.broadcast_to(np.asarray(view_columns, dtype=np.float32), tiles.shape)
+    scores = shift_scores(views, tiles, None if valid is None else np.broadcast_to(valid, tiles.shape[:2]))
+    return np.array([refine_heading(row) for row in scores])
+
+
 # --------------------------------------------------------------------------- training
 
 def _column_features(model, branch: str, views: np.ndarray, batch_size: int = 128) -> torch.Tensor:
@@ -202,19 +219,3 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     sys.exit(main())
 
-
-def estimate_headings(view_columns: np.ndarray, tile_columns: np.ndarray, seen: np.ndarray | None = None) -> np.ndarray:
-    """One view's column features [W, C] against several tiles' [K, W, C] (its seen pixel columns
-    ``seen`` [W * 16] or token columns [W], None: all) -> the view's heading at each tile, degrees
-    clockwise from north of the view's centre column, as if it stood at that tile."""
-    from .views import refine_heading
-
-    width = view_columns.shape[0]
-    valid = None
-    if seen is not None:
-        seen = np.asarray(seen, dtype=bool)
-        valid = seen.reshape(width, -1).mean(axis=1) >= 0.5 if seen.size != width else seen
-    tiles = np.asarray(tile_columns, dtype=np.float32)
-    views = np.broadcast_to(np.asarray(view_columns, dtype=np.float32), tiles.shape)
-    scores = shift_scores(views, tiles, None if valid is None else np.broadcast_to(valid, tiles.shape[:2]))
-    return np.array([refine_heading(row) for row in scores])

@@ -428,12 +428,22 @@ def exif_camera(source: ImageSource, name: str | None = None) -> tuple[float | N
         raise ImageDecodeError(f"{label}: file not found") from None
     except (OSError, Image.DecompressionBombError, ValueError, SyntaxError) as exc:
         raise ImageDecodeError(f"{label}: not a readable image ({exc})") from None
-    hfov = float(np.degrees(2.0 * np.arctan(18.0 / float(f35)))) if f35 else None
+    focal = _finite(f35)  # untrusted: a tag may hold text, several values, 0/0
+    hfov = float(np.degrees(2.0 * np.arctan(18.0 / focal))) if focal is not None and 1.0 <= focal <= 5000.0 else None
     heading = None
-    direction = gps.get(EXIF_GPS_IMG_DIRECTION)
+    direction = _finite(gps.get(EXIF_GPS_IMG_DIRECTION))
     if direction is not None and str(gps.get(EXIF_GPS_IMG_DIRECTION_REF, "")).strip().upper() == "T":
-        heading = float(direction) % 360.0
+        heading = direction % 360.0
     return hfov, heading
+
+
+def _finite(value) -> float | None:
+    """An EXIF number as a finite float, or None (missing, text, a tuple, NaN, infinite)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError, ZeroDivisionError):
+        return None
+    return number if np.isfinite(number) else None
 
 
 EXIF_GPS_LATITUDE_REF, EXIF_GPS_LATITUDE = 0x0001, 0x0002

@@ -140,7 +140,7 @@ class ServedIndex:
             top = row_row[:k]
             headings = [None] * len(top)
             if columns is not None and self.orientation is not None and len(top):
-                headings = [round(float(h), 1) for h in estimate_headings(
+                headings = [float(h) for h in estimate_headings(
                     columns[i], self.orientation[top].astype(np.float32), seen[i])]
             latlon = np.column_stack([self.lat[row_row], self.lon[row_row]])
             margin, j = match_margin(score_row, latlon, DISTINCT_M)
@@ -318,8 +318,9 @@ def _read_orientation(directory: Path, manifest: dict, count: int) -> np.ndarray
         columns = np.load(path, mmap_mode="r")
     except (OSError, ValueError) as exc:
         raise ArtifactError(f"{path}: unreadable orientation features: {exc}") from None
-    if columns.ndim != 3 or columns.shape[0] != count:
-        raise ArtifactError(f"{path}: shape {columns.shape}, expected [{count}, columns, dim]")
+    expected = (count, entry.get("columns"), entry.get("dim"))
+    if columns.ndim != 3 or tuple(columns.shape) != expected:
+        raise ArtifactError(f"{path}: shape {columns.shape}, the manifest says {list(expected)}")
     return columns
 
 

@@ -100,8 +100,8 @@ def _described(answer: Answer, spec: ViewSpec, ambiguity_margin: float, prior: N
     view placed at a known heading is aligned with north: the orientation head's estimate is then a
     correction of that heading."""
     placed = spec.heading_deg or 0.0
-    matches = [m if m.heading_deg is None else m.model_copy(update={"heading_deg": round((placed + m.heading_deg)
-                                                                                          % 360.0, 1)})
+    matches = [m if m.heading_deg is None else m.model_copy(update={"heading_deg": round(placed + m.heading_deg, 1)
+                                                                                          % 360.0})
                for m in answer.matches]
     estimated = matches[0].heading_deg if matches else None
     view = ViewInfo(fov_deg=round(spec.fov_deg, 2), projection=spec.projection, fov_source=spec.fov_source,

@@ -88,7 +88,7 @@ def view_params(
     near: Annotated[str | None, Query(description=(
         "'lat,lon' (decimal degrees): search only the tiles within radius_m of this rough position "
         "(e.g. a phone's GPS fix)."))] = None,
-    radius_m: Annotated[float | None, Query(gt=0, le=1e7, description=(
+    radius_m: Annotated[float | None, Query(gt=0, le=50_000, description=(
         "Radius of the near restriction, metres; required with near. With near_from_exif alone: default 500."))] = None,
     near_from_exif: Annotated[bool, Query(description=(
         "Where near is not given: restrict to radius_m around each photo's EXIF GPS position, when it has one."))] = False,

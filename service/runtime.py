@@ -56,8 +56,8 @@ def encoder_plan(settings: Settings, on_gpu: bool) -> tuple[int, int | None]:
     cores each beat one forward over every core: an OpenMP forward stalls at each parallel region's
     barrier whenever the event loop pre-empts one of its threads (bench/RESULTS.md). On a GPU two
     threads let one decode its batch while the other's runs on the device."""
-    if on_gpu:
-        return settings.encoder_workers or 2, settings.torch_threads
+    if on_gpu:  # one thread: a FAISS GPU index must not be searched by several at once
+        return settings.encoder_workers or 1, settings.torch_threads
     cpus = available_cpus()
     workers = settings.encoder_workers or (2 if cpus >= 2 else 1)
     return workers, settings.torch_threads or max(1, cpus // workers)

@@ -235,7 +235,7 @@ _DECLARED_OK = {
     None, "", "image/jpeg", "image/jpg", "image/pjpeg", "image/png", "image/webp",
     "application/octet-stream",
 }
-_SUPPORTED = ("JPEG", "PNG", "WEBP")
+_SUPPORTED = ("JPEG", "MPO", "PNG", "WEBP")  # MPO: a phone's JPEG with extra frames (the first is read)
 
 
 @dataclass(frozen=True)
@@ -297,6 +297,7 @@ def _label(upload: UploadedFile) -> str:
 
 
 PANORAMA_ASPECT = 3.5  # width/height from which an image without a stated field of view is a 360 panorama
+MIN_FOV_DEG = 20.0  # narrower views cover less than one 16-pixel token column of a 256-pixel-wide panorama
 
 
 @dataclass(frozen=True)
@@ -321,10 +322,10 @@ def view_spec(upload: UploadedFile, width: int, height: int, fov_deg: float | No
         exif_fov = exif_heading = None
     if fov_deg is not None:
         fov, fov_source = fov_deg, "parameter"
+    elif width >= PANORAMA_ASPECT * height:  # before EXIF: a phone's panorama still names its lens
+        fov, fov_source = 360.0, "aspect"
     elif exif_fov is not None:
         fov, fov_source = exif_fov, "exif"
-    elif width >= PANORAMA_ASPECT * height:
-        fov, fov_source = 360.0, "aspect"
     else:
         raise UploadError(
             422, "fov_unknown",
@@ -334,6 +335,12 @@ def view_spec(upload: UploadedFile, width: int, height: int, fov_deg: float | No
     if projection is None:
         projection = "perspective" if fov_source == "exif" or (fov < 360 and width < PANORAMA_ASPECT * height) \
             else "equirectangular"
+    if fov < MIN_FOV_DEG or (projection == "perspective" and fov >= 180):
+        raise UploadError(
+            422, "bad_field_of_view",
+            f"{_label(upload)}: a field of view of {fov:g} degrees ({fov_source}) can not be read: a view must span "
+            f"at least {MIN_FOV_DEG:g} degrees, a photo (projection=perspective) less than 180; send fov_deg, or "
+            "projection=equirectangular for a wider panorama crop")
     heading, heading_source = (heading_deg, "parameter") if heading_deg is not None else \
         (exif_heading, "exif") if exif_heading is not None else (None, None)
     return ViewSpec(fov, projection, fov_source, heading, heading_source)

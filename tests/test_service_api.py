@@ -682,7 +682,7 @@ def test_encoder_plan(world):
     workers, threads = encoder_plan(settings_for(world, world.artifact_a), False)
     assert workers == (2 if cpus >= 2 else 1) and threads == max(1, cpus // workers)
     assert encoder_plan(settings_for(world, world.artifact_a, encoder_workers=1), False) == (1, cpus)
-    assert encoder_plan(settings_for(world, world.artifact_a), True) == (2, None)  # a GPU: torch's default
+    assert encoder_plan(settings_for(world, world.artifact_a), True) == (1, None)  # a GPU: one thread searches
 
 
 # --- hot reload ---------------------------------------------------------------------------------
@@ -906,3 +906,21 @@ def test_with_an_orientation_head_every_match_says_the_view_heading_there(world,
         geo = client.post("/localize?k=2", files={"image": ("p.jpg", world.pano, "image/jpeg")},
                           headers={"Accept": "application/geo+json"}).json()
         assert all("heading_deg" in f["properties"] for f in geo["features"] if f["properties"]["kind"] == "match")
+
+
+def test_a_field_of_view_that_can_not_be_read_is_a_422_and_broken_exif_is_ignored(client, world):
+    files = {"image": ("p.jpg", _photo(), "image/jpeg")}
+    for query in ("fov_deg=200", "fov_deg=360&projection=perspective", "fov_deg=5"):
+        body = _assert_error(client.post(f"/localize?{query}", files=files), 422, "bad_field_of_view")
+        assert "field of view" in body["detail"]
+    assert client.post("/localize?fov_deg=200&projection=equirectangular", files=files).status_code == 200
+    from PIL import Image as PILImage
+
+    out = io.BytesIO()
+    exif = PILImage.Exif()
+    exif.get_ifd(0x8769)[0xA405] = 0  # FocalLengthIn35mmFilm 0: "unknown" (and 18/0 in the formula)
+    PILImage.open(io.BytesIO(_photo())).save(out, format="JPEG", exif=exif)
+    body = _assert_error(_post(client, out.getvalue()), 422, "fov_unknown")  # as if no EXIF: asked for it
+    assert "fov_deg" in body["detail"]
+    pano_with_lens = _photo(256, 64, hfov=65.0, heading=0.0)  # a phone panorama names its lens: 360 by shape
+    assert _post(client, pano_with_lens).json()["view"]["fov_source"] == "aspect"

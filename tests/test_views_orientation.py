@@ -182,3 +182,13 @@ def test_evaluate_needs_the_head_for_the_head_method(view_world, capsys):
     assert evaluate.main(["--checkpoint", str(base / "plain.safetensors"), "--data", str(world), "--split", "all",
                           "--workers", "1", "--heading", "unknown"]) == 1
     assert "no orientation head" in capsys.readouterr().err
+
+
+def test_exif_numbers_that_are_not_finite_single_values_count_as_not_stated():
+    from PIL.TiffImagePlugin import IFDRational
+
+    from model.preprocess import _finite
+
+    assert _finite(IFDRational(65, 2)) == 32.5 and _finite(28) == 28.0
+    for broken in (IFDRational(1, 0), IFDRational(0, 0), float("inf"), "north", (10.0, 20.0), None):
+        assert _finite(broken) is None, broken
