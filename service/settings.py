@@ -40,8 +40,8 @@ class Settings(BaseSettings):
     device: str = Field("cpu", description='Torch device: "cpu", "cuda", "cuda:1" or "auto".')
     encoder_workers: int | None = Field(
         None, ge=1, le=64,
-        description="Encoder threads, each running one micro-batch at a time; unset = 2 (1 on a "
-        "single-core CPU). With several server processes, give each its share of the cores.",
+        description="Encoder threads, each running one micro-batch at a time; unset = 2 on a CPU (1 on "
+        "a single core), 1 on a GPU. With several server processes, give each its share of the cores.",
     )
     torch_threads: int | None = Field(
         None, ge=1,
