@@ -408,14 +408,21 @@ EXIF_GPS_IMG_DIRECTION_REF = 0x0010
 EXIF_GPS_IMG_DIRECTION = 0x0011
 
 
+def upright_size(img: Image.Image) -> tuple[int, int]:
+    """(width, height) of an opened image as it is shown: EXIF orientations 5-8 store it on its side."""
+    width, height = img.size
+    return (height, width) if img.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8) else (width, height)
+
+
 def exif_camera(source: ImageSource, name: str | None = None) -> tuple[float | None, float | None]:
     """(horizontal field of view, heading) in degrees from a photo's EXIF; None where not stated.
 
     The field of view comes from FocalLengthIn35mmFilm read against the 36 mm frame width,
     hfov = 2 atan(18 / f35), the convention worldgen writes (phones often derive that tag from the
-    frame diagonal instead, which this reading makes a few percent too wide). The heading is
-    GPSImgDirection when GPSImgDirectionRef says true north ('T'); a magnetic one is not used.
-    Only the header is read, not the pixels.
+    frame diagonal instead, which this reading makes a few percent too wide). The 36 mm are the
+    frame's long side: a portrait photo (upright, after its EXIF orientation) spans 36 mm x
+    width / height across. The heading is GPSImgDirection when GPSImgDirectionRef says true north
+    ('T'); a magnetic one is not used. Only the header is read, not the pixels.
     """
     label = name or (f"{len(source)}-byte upload" if isinstance(source, bytes) else str(source))
     try:
@@ -424,12 +431,15 @@ def exif_camera(source: ImageSource, name: str | None = None) -> tuple[float | N
         exif = img.getexif()
         f35 = exif.get_ifd(EXIF_IFD_POINTER).get(EXIF_FOCAL_LENGTH_35MM)
         gps = exif.get_ifd(EXIF_GPS_IFD_POINTER)
+        width, height = upright_size(img)
     except FileNotFoundError:
         raise ImageDecodeError(f"{label}: file not found") from None
     except (OSError, Image.DecompressionBombError, ValueError, SyntaxError) as exc:
         raise ImageDecodeError(f"{label}: not a readable image ({exc})") from None
     focal = _finite(f35)  # untrusted: a tag may hold text, several values, 0/0
-    hfov = float(np.degrees(2.0 * np.arctan(18.0 / focal))) if focal is not None and 1.0 <= focal <= 5000.0 else None
+    half_width_mm = 18.0 * min(1.0, width / height)
+    hfov = float(np.degrees(2.0 * np.arctan(half_width_mm / focal))) \
+        if focal is not None and 1.0 <= focal <= 5000.0 else None
     heading = None
     direction = _finite(gps.get(EXIF_GPS_IMG_DIRECTION))
     if direction is not None and str(gps.get(EXIF_GPS_IMG_DIRECTION_REF, "")).strip().upper() == "T":

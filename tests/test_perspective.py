@@ -308,6 +308,19 @@ def test_exif_round_trip(tmp_path):
     assert exif_camera(str(tmp_path / "plain.jpg")) == (None, None)
 
 
+def test_the_exif_field_of_view_of_a_portrait_photo_spans_its_upright_width(tmp_path):
+    f35 = focal_length_35mm(65.0)
+    landscape, portrait = (2 * math.degrees(math.atan(half / f35)) for half in (18.0, 18.0 * 48 / 64))
+    for stored, orientation, expected in (((64, 48), 1, landscape), ((48, 64), 1, portrait),
+                                          ((64, 48), 6, portrait), ((64, 48), 8, portrait), ((64, 48), 3, landscape)):
+        exif = Image.Exif()
+        exif.load(camera_exif(65.0, 10.0))
+        exif[0x0112] = orientation  # stored on its side (6, 8: the upright photo is 48 x 64) or upside down (3)
+        path = tmp_path / "photo.jpg"
+        Image.new("RGB", stored).save(path, exif=exif)
+        assert exif_camera(str(path))[0] == pytest.approx(expected), (stored, orientation)
+
+
 # --------------------------------------------------------------------------- worldgen --camera perspective
 
 PHOTO_CFG = dict(seed=5, area_km2=0.05, pairs=6, min_spacing_m=15.0, val_fraction=0.25, camera="perspective",
