@@ -32,7 +32,7 @@ from .runtime import ReloadFailed, Runtime
 from .schemas import ErrorResponse, FeatureCollection
 from .settings import Settings
 from .thumbs import Thumbnails
-from .uploads import MissingUpload, UploadBudget, UploadError
+from .uploads import UploadBudget
 
 log = logging.getLogger("service.http")
 
@@ -106,15 +106,6 @@ def _install_error_handlers(app: FastAPI, settings: Settings) -> None:
 
         app.add_exception_handler(exc_type, handle)
 
-    @app.exception_handler(UploadError)
-    async def upload_error(request: Request, exc: UploadError) -> JSONResponse:
-        return _error(exc.status, exc.code, exc.detail, exc.headers)
-
-    @app.exception_handler(MissingUpload)
-    async def missing_upload(request: Request, exc: MissingUpload) -> JSONResponse:
-        detail = [{"type": "missing", "loc": ["body", exc.field_name], "msg": "Field required", "input": None}]
-        return _error(422, "validation_error", detail)
-
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         detail = [{k: v for k, v in err.items() if k in ("type", "loc", "msg", "input")} for err in exc.errors()]
@@ -122,8 +113,9 @@ def _install_error_handlers(app: FastAPI, settings: Settings) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _error(exc.status_code, _HTTP_CODES.get(exc.status_code, "http_error"), exc.detail,
-                      getattr(exc, "headers", None))
+        """Starlette's and FastAPI's HTTP errors, and UploadError with its own code."""
+        code = getattr(exc, "code", None) or _HTTP_CODES.get(exc.status_code, "http_error")
+        return _error(exc.status_code, code, exc.detail, exc.headers)
 
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception) -> JSONResponse:

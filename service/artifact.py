@@ -7,12 +7,14 @@ re-checked at the end to catch a swap that happened underneath us.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
 import math
 import os
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,7 +64,6 @@ class Signature:
         return cls(str(resolved), st.st_ino, st.st_mtime_ns, st.st_size)
 
 
-Match = TileMatch  # one ranked answer row
 CANDIDATES = 20  # matches searched per image at least: the confidence looks past the k asked for
 DISTINCT_M = 150.0  # a competing match this far from the best one is another place
 
@@ -71,7 +72,7 @@ DISTINCT_M = 150.0  # a competing match this far from the best one is another pl
 class Answer:
     """One image's answer: its ranked matches and how clearly the best one wins."""
 
-    matches: list[Match]
+    matches: list[TileMatch]
     margin: float | None  # model.metrics.match_margin
     competitor: str | None  # tile id of the best match at least DISTINCT_M from the best
     position: tuple[float, float, float] | None = None  # model.metrics.refine_position: lat, lon, uncertainty_m
@@ -105,6 +106,8 @@ class ServedIndex:
     row_of: dict[str, int] = field(repr=False)
     orientation: np.ndarray | None = field(default=None, repr=False)  # [count, columns, dim] float16
     gpu_resources: object = field(default=None, repr=False)  # must outlive a GPU index
+    # FAISS GPU indexes must not be searched from several threads at once; CPU ones may be
+    search_lock: contextlib.AbstractContextManager = field(default_factory=contextlib.nullcontext, repr=False)
     tile_m: float = TILE_FOOTPRINT_M  # the tiles' footprint (manifest tile_m), for the refined position
 
     @property
@@ -116,41 +119,50 @@ class ServedIndex:
         return self.info.generation
 
     def answer(self, vectors: np.ndarray, columns: np.ndarray | None, seen: np.ndarray, k: int,
-               near: list[Near | None] | None = None) -> list[Answer]:
+               near: list[Near | None] | None = None) -> list[Answer | Exception]:
         """Each query row's top ``k`` tiles, best first, with the view's heading at each tile where
         both the model (``columns``: the view's column features [n, W, C]; ``seen`` [n, pixel
         columns] what each view covers) and this index have orientation features. A row with a
-        prior in ``near`` is searched exactly among the tiles within its radius only."""
+        prior in ``near`` is searched exactly among the tiles within its radius only. A row whose
+        answer fails gets its exception in its place; the other rows are answered."""
         n = min(max(k, CANDIDATES), self.count)
         near = near or [None] * len(vectors)
         free = [i for i, prior in enumerate(near) if prior is None]
-        hits, within = {}, {}
+        hits = {}
         if free:
-            hits.update(zip(free, zip(*self.index.search(np.ascontiguousarray(vectors[free]), n))))
+            with self.search_lock:
+                hits.update(zip(free, zip(*self.index.search(np.ascontiguousarray(vectors[free]), n))))
+        answers: list[Answer | Exception] = []
         for i, prior in enumerate(near):
-            if prior is not None:
-                rows = rows_within(self.lat, self.lon, prior.lat, prior.lon, prior.radius_m)
-                within[i] = len(rows)
-                hits[i] = self._search_among(vectors[i], rows, n)
-        answers = []
-        for i in range(len(vectors)):
-            score_row, row_row = hits[i]
-            found = row_row >= 0
-            score_row, row_row = score_row[found], row_row[found]
-            top = row_row[:k]
-            headings = [None] * len(top)
-            if columns is not None and self.orientation is not None and len(top):
-                headings = [float(h) for h in estimate_headings(
-                    columns[i], self.orientation[top].astype(np.float32), seen[i])]
-            latlon = np.column_stack([self.lat[row_row], self.lon[row_row]])
-            margin, j = match_margin(score_row, latlon, DISTINCT_M)
-            position = refine_position(score_row, latlon, self.tile_m) if len(row_row) else None
-            matches = [Match.model_construct(rank=rank, tile_id=self.tile_ids[r], lat=float(self.lat[r]),
-                                             lon=float(self.lon[r]), score=float(sc), heading_deg=h)
-                       for rank, (sc, r, h) in enumerate(zip(score_row.tolist(), top.tolist(), headings), start=1)]
-            answers.append(Answer(matches, margin, None if j is None else self.tile_ids[row_row[j]], position,
-                                  within.get(i)))
+            try:
+                answers.append(self._answer_one(vectors[i], None if columns is None else columns[i], seen[i],
+                                                hits.get(i), prior, k, n))
+            except Exception as exc:
+                answers.append(exc)
         return answers
+
+    def _answer_one(self, vector: np.ndarray, columns: np.ndarray | None, seen: np.ndarray,
+                    hit: tuple[np.ndarray, np.ndarray] | None, prior: Near | None, k: int, n: int) -> Answer:
+        within = None
+        if prior is not None:
+            rows = rows_within(self.lat, self.lon, prior.lat, prior.lon, prior.radius_m)
+            within = len(rows)
+            with self.search_lock:
+                hit = self._search_among(vector, rows, n)
+        scores, rows = hit  # type: ignore[misc]
+        found = rows >= 0
+        scores, rows = scores[found], rows[found]
+        top = rows[:k]
+        headings = [None] * len(top)
+        if columns is not None and self.orientation is not None and len(top):
+            headings = [float(h) for h in estimate_headings(columns, self.orientation[top].astype(np.float32), seen)]
+        latlon = np.column_stack([self.lat[rows], self.lon[rows]])
+        margin, j = match_margin(scores, latlon, DISTINCT_M)
+        position = refine_position(scores, latlon, self.tile_m) if len(rows) else None
+        matches = [TileMatch.model_construct(rank=rank, tile_id=self.tile_ids[r], lat=float(self.lat[r]),
+                                             lon=float(self.lon[r]), score=float(sc), heading_deg=h)
+                   for rank, (sc, r, h) in enumerate(zip(scores.tolist(), top.tolist(), headings), start=1)]
+        return Answer(matches, margin, None if j is None else self.tile_ids[rows[j]], position, within)
 
     def _search_among(self, vector: np.ndarray, rows: np.ndarray, n: int,
                       chunk: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
@@ -200,34 +212,33 @@ def _read_manifest(directory: Path) -> dict:
 
 
 def _read_tiles(path: Path, expected: int) -> tuple[list[str], np.ndarray, np.ndarray, list[str]]:
-    tile_ids: list[str] = []
-    lats: list[float] = []
-    lons: list[float] = []
-    sources: list[str] = []
+    """tiles.csv: (tile ids, latitudes, longitudes, sources), ``expected`` rows of them."""
     try:
         with path.open(newline="", encoding="utf-8") as fh:
             reader = csv.DictReader(fh)
             missing = [c for c in REQUIRED_TILE_COLUMNS if c not in (reader.fieldnames or [])]
             if missing:
                 raise ArtifactError(f"{path}: missing column(s) {', '.join(missing)}")
-            for line, row in enumerate(reader, start=2):
-                try:
-                    lat, lon = float(row["lat"]), float(row["lon"])
-                except (TypeError, ValueError):
-                    raise ArtifactError(f"{path}:{line}: lat/lon are not numbers") from None
-                if not (math.isfinite(lat) and math.isfinite(lon)) or abs(lat) > 90 or abs(lon) > 180:
-                    raise ArtifactError(f"{path}:{line}: lat/lon out of range ({lat}, {lon})")
-                tile_ids.append(row["tile_id"])
-                lats.append(lat)
-                lons.append(lon)
-                sources.append(row["source"] or "")
+            rows = [(row["tile_id"], *_lat_lon(row, f"{path}:{line}"), row["source"] or "")
+                    for line, row in enumerate(reader, start=2)]
     except FileNotFoundError:
         raise ArtifactError(f"{path}: missing") from None
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise ArtifactError(f"{path}: unreadable: {exc}") from None
-    if len(tile_ids) != expected:
-        raise ArtifactError(f"{path}: {len(tile_ids)} rows, manifest count is {expected}")
-    return tile_ids, np.asarray(lats, dtype=np.float64), np.asarray(lons, dtype=np.float64), sources
+    if len(rows) != expected:
+        raise ArtifactError(f"{path}: {len(rows)} rows, manifest count is {expected}")
+    tile_ids, lat, lon, sources = zip(*rows)  # (the manifest's count is above 0)
+    return list(tile_ids), np.asarray(lat, dtype=np.float64), np.asarray(lon, dtype=np.float64), list(sources)
+
+
+def _lat_lon(row: dict, where: str) -> tuple[float, float]:
+    try:
+        lat, lon = float(row["lat"]), float(row["lon"])
+    except (TypeError, ValueError):
+        raise ArtifactError(f"{where}: lat/lon are not numbers") from None
+    if not (math.isfinite(lat) and math.isfinite(lon)) or abs(lat) > 90 or abs(lon) > 180:
+        raise ArtifactError(f"{where}: lat/lon out of range ({lat}, {lon})")
+    return lat, lon
 
 
 def _apply_search_params(index: "faiss.Index", params: dict) -> None:
@@ -303,9 +314,11 @@ def load_artifact(path: Path, *, expected_fingerprint: str, embedding_dim: int, 
         model_fingerprint=manifest["model_fingerprint"], count=count, embedding_dim=embedding_dim,
         metric=manifest["metric"], index_type=str(manifest["index_type"]), built_at=str(manifest["built_at"]),
         catalog_sha256=manifest.get("catalog_sha256"), generation=generation)
-    return ServedIndex(path=directory, signature=signature, public_manifest=public_manifest(manifest), info=info, index=index, tile_ids=tile_ids,
-                       lat=lat, lon=lon, sources=sources, row_of=row_of, orientation=orientation,
-                       gpu_resources=resources, tile_m=float(manifest.get("tile_m") or TILE_FOOTPRINT_M))
+    lock = threading.Lock() if resources is not None else contextlib.nullcontext()
+    return ServedIndex(path=directory, signature=signature, public_manifest=public_manifest(manifest), info=info,
+                       index=index, tile_ids=tile_ids, lat=lat, lon=lon, sources=sources, row_of=row_of,
+                       orientation=orientation, gpu_resources=resources, search_lock=lock,
+                       tile_m=float(manifest.get("tile_m") or TILE_FOOTPRINT_M))
 
 
 def _read_orientation(directory: Path, manifest: dict, count: int) -> np.ndarray | None:

@@ -70,14 +70,14 @@ class JobResult:
     batch_size: int  # images in the batch
 
 
-def _settle(outcomes: list[tuple[asyncio.Future, Any, BaseException | None]]) -> None:
-    for future, value, error in outcomes:
-        if future.done():
+def _settle(outcomes: list[tuple[Job, Any, BaseException | None]]) -> None:
+    for job, value, error in outcomes:
+        if job.future.done():
             continue
         if error is not None:
-            future.set_exception(error)
+            job.future.set_exception(error)
         else:
-            future.set_result(value)
+            job.future.set_result(value)
 
 
 class Engine:
@@ -101,7 +101,6 @@ class Engine:
         self.request_timeout_s = request_timeout_s
         self._cond = threading.Condition()
         self._jobs: deque[Job] = deque()
-        self._images = 0
         self._paused = 0
         self._closed = False
         self._threads: list[threading.Thread] = []
@@ -119,7 +118,8 @@ class Engine:
     @property
     def depth(self) -> int:
         """Images waiting in the queue."""
-        return self._images
+        with self._cond:
+            return sum(job.n for job in self._jobs)
 
     @property
     def running(self) -> bool:
@@ -137,7 +137,6 @@ class Engine:
             self._closed = True
             left = list(self._jobs)
             self._jobs.clear()
-            self._images = 0
             self._cond.notify_all()
         for job in left:
             self.metrics.dropped.labels("shutdown").inc(job.n)
@@ -170,18 +169,17 @@ class Engine:
         with self._cond:
             if self._closed:
                 raise NotReady("shutting down")
-            if self._images + n > self.capacity:
+            if self.depth + n > self.capacity:
                 self.metrics.rejected.labels("queue_full").inc()
                 raise Overloaded(f"queue full ({self.capacity} images waiting)")
             self._jobs.append(job)
-            self._images += n
             self._cond.notify()
-        self.metrics.queue_depth.set(self._images)
+        self.metrics.queue_depth.set(self.depth)
 
         def give_up(reason: str, error: Exception) -> None:
             if not job.future.done():
-                job.abandoned = reason
                 job.future.set_exception(error)
+                self._withdraw(job, reason)
 
         timer = loop.call_later(self.request_timeout_s, give_up, "timeout",
                                 ResultTimeout(f"no result within {self.request_timeout_s:g} s"))
@@ -192,12 +190,25 @@ class Engine:
         try:
             return await job.future
         except asyncio.CancelledError:
-            job.abandoned = job.abandoned or "client_disconnected"
+            self._withdraw(job, "client_disconnected")
             raise
         finally:
             timer.cancel()
             if watcher is not None:
                 watcher.cancel()
+
+    def _withdraw(self, job: Job, reason: str) -> None:
+        """Nobody waits for ``job`` any more: still queued, it leaves the queue now (its images and
+        upload bytes with it); already taken, its batch skips it unless it is being computed."""
+        if job.abandoned:
+            return
+        job.abandoned = reason
+        with self._cond:
+            if job not in self._jobs:
+                return
+            self._jobs.remove(job)
+        self.metrics.dropped.labels(reason).inc(job.n)
+        self.metrics.queue_depth.set(self.depth)
 
     # --- executor threads -------------------------------------------------------------------
     def _take(self) -> list[Job] | None:
@@ -213,7 +224,6 @@ class Engine:
             while True:
                 while self._jobs and (not batch or images + self._jobs[0].n <= self.max_batch_size):
                     job = self._jobs.popleft()
-                    self._images -= job.n
                     batch.append(job)
                     images += job.n
                 remaining = deadline - time.perf_counter()
@@ -225,7 +235,7 @@ class Engine:
         if self.threads_per_worker:
             torch.set_num_threads(self.threads_per_worker)  # per thread: each worker its share
         while (jobs := self._take()) is not None:
-            self.metrics.queue_depth.set(self._images)
+            self.metrics.queue_depth.set(self.depth)
             try:
                 self._compute(jobs)
             except Exception as exc:  # never lose a worker; its jobs get the error
@@ -263,20 +273,19 @@ class Engine:
         self.metrics.observe_batch(n, encode_ms / 1000.0, search_ms / 1000.0)
         outcomes, row = [], 0
         for job in live:
-            mine = [replace(a, matches=a.matches[:job.k]) for a in answers[row:row + job.n]]
-            row += job.n
-            outcomes.append((job, JobResult(mine, index, decode_ms[job],
-                                            (started - job.enqueued) * 1000.0, encode_ms, search_ms, n), None))
+            mine, row = answers[row:row + job.n], row + job.n
+            error = next((a for a in mine if isinstance(a, Exception)), None)  # an image's error: its job's alone
+            if error is not None:
+                outcomes.append((job, None, error))
+                continue
+            mine = [replace(a, matches=a.matches[:job.k]) for a in mine]
+            outcomes.append((job, JobResult(mine, index, decode_ms[job], (started - job.enqueued) * 1000.0,
+                                            encode_ms, search_ms, n), None))
         self._deliver(outcomes)
 
     @staticmethod
     def _deliver(outcomes: list[tuple[Job, Any, BaseException | None]]) -> None:
-        """Settle jobs' futures with one call into each event loop they came from (one, in practice)."""
-        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-        for job, value, error in outcomes:
-            by_loop.setdefault(job.loop, []).append((job.future, value, error))
-        for loop, items in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_settle, items)
-            except RuntimeError:  # the event loop is closed: nobody is waiting any more
-                pass
+        """Settle jobs' futures with one call into the event loop they came from (the app's one loop)."""
+        if outcomes:
+            with contextlib.suppress(RuntimeError):  # the event loop is closed: nobody is waiting any more
+                outcomes[0][0].loop.call_soon_threadsafe(_settle, outcomes)

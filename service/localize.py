@@ -7,18 +7,17 @@ import time
 from dataclasses import dataclass
 from functools import partial
 
-from fastapi import Request
-
-from model.preprocess import exif_gps
+from fastapi import Request, Response
+from pydantic import BaseModel
 
 from .artifact import DISTINCT_M, Answer, Near
 from .engine import JobResult
 from .runtime import Runtime
 from .schemas import (
     BatchItem, Confidence, Feature, FeatureCollection, IndexInfo, LocalizeBatchResponse, LocalizeResponse, ModelInfo,
-    NearInfo, PointGeometry, Position, TileMatch, Timing, ViewInfo,
+    NearInfo, PointGeometry, Position, Timing, ViewInfo,
 )
-from .uploads import ImageLimits, UploadedFile, ViewSpec, check_image, decode_uploads, read_files, view_spec
+from .uploads import CheckedImage, ViewSpec, check_image, decode_uploads, read_files, view_spec
 
 GEOJSON = "application/geo+json"
 EXIF_RADIUS_M = 500.0  # the prior's radius when near_from_exif is given without radius_m
@@ -45,10 +44,11 @@ class ViewParams:
 @dataclass
 class Localized:
     result: JobResult
-    files: list[UploadedFile]
+    images: list[CheckedImage]
     specs: list[ViewSpec]
-    started: float
     near: list[Near | None]
+    batch: bool
+    started: float
 
 
 async def run(request: Request, runtime: Runtime, *, k: int, batch: bool, params: ViewParams) -> Localized:
@@ -60,29 +60,23 @@ async def run(request: Request, runtime: Runtime, *, k: int, batch: bool, params
     assert model is not None and engine is not None
     with request.app.state.upload_budget.reservation() as take:
         files = await read_files(
-            request,
-            field_names=("images", "image") if batch else ("image",),
-            max_files=s.max_batch_images if batch else 1,
-            max_file_bytes=s.max_upload_bytes,
+            request, field_names=("images", "image") if batch else ("image",),
+            max_files=s.max_batch_images if batch else 1, max_file_bytes=s.max_upload_bytes,
             max_body_bytes=s.max_batch_body_bytes if batch else s.max_body_bytes,
-            read_timeout_s=s.read_timeout_s,
-            take=take,
-        )
-        limits = ImageLimits(s.max_pixels, s.min_image_side, s.max_aspect_ratio)
-        specs = []
-        for upload in files:  # a header parse each: bad uploads are refused before they queue
-            _, width, height = check_image(upload, limits)
-            specs.append(view_spec(upload, width, height, params.fov_deg, params.heading_deg, params.projection))
-        near = [_prior(upload, params) for upload in files]
-        result = await engine.localize(partial(decode_uploads, files, specs, limits, model.config), n=len(files),
-                                       k=k, disconnected=partial(_wait_for_disconnect, request), near=near)
-    return Localized(result, files, specs, started, near)
+            read_timeout_s=s.read_timeout_s, take=take)
+        images = [check_image(upload, s) for upload in files]  # bad uploads are refused before they queue
+        specs = [view_spec(image, params.fov_deg, params.heading_deg, params.projection) for image in images]
+        near = [_prior(image, params) for image in images]
+        result = await engine.localize(partial(decode_uploads, images, specs, s.max_pixels, model.config),
+                                       n=len(images), k=k, disconnected=partial(_wait_for_disconnect, request),
+                                       near=near)
+    return Localized(result, images, specs, near, batch, started)
 
 
-def _prior(upload: UploadedFile, params: ViewParams) -> Near | None:
+def _prior(image: CheckedImage, params: ViewParams) -> Near | None:
     if params.near is not None:
         return Near(*params.near, params.radius_m, "parameter")  # type: ignore[arg-type]
-    at = exif_gps(upload.data) if params.near_from_exif else None
+    at = image.exif_gps if params.near_from_exif else None
     return None if at is None else Near(*at, params.radius_m or EXIF_RADIUS_M, "exif")
 
 
@@ -95,7 +89,7 @@ def _timing(runtime: Runtime, done: Localized) -> Timing:
                   encode=round(result.encode_ms, 3), search=round(result.search_ms, 3), total=round(total_ms, 3))
 
 
-def _described(answer: Answer, spec: ViewSpec, ambiguity_margin: float, prior: Near | None = None) -> dict:
+def _described(answer: Answer, spec: ViewSpec, ambiguity_margin: float, prior: Near | None) -> dict:
     """An image's matches with absolute headings, how it was read, and how sure the answer is. A
     view placed at a known heading is aligned with north: the orientation head's estimate is then a
     correction of that heading."""
@@ -117,62 +111,63 @@ def _described(answer: Answer, spec: ViewSpec, ambiguity_margin: float, prior: N
     return dict(results=matches, position=position, near=near, view=view, confidence=confidence)
 
 
-def single_response(runtime: Runtime, done: Localized) -> LocalizeResponse:
-    described = _described(done.result.answers[0], done.specs[0], runtime.settings.ambiguity_margin, done.near[0])
-    return LocalizeResponse(**described, model=runtime.model.info,  # type: ignore[union-attr]
-                            index=done.result.index.info, timing_ms=_timing(runtime, done),
-                            batch_size=done.result.batch_size)
+def _json(body: BaseModel, media_type: str = "application/json") -> Response:
+    """A response model built here (so already valid), serialised once; returned as a model,
+    FastAPI would validate it against ``response_model`` again before serialising it."""
+    return Response(body.model_dump_json(), media_type=media_type)
 
 
-def batch_response(runtime: Runtime, done: Localized) -> LocalizeBatchResponse:
-    items = []
-    for f, answer, spec, prior in zip(done.files, done.result.answers, done.specs, done.near):
-        items.append(BatchItem(image=f.index, filename=f.filename, batch_size=done.result.batch_size,
-                               **_described(answer, spec, runtime.settings.ambiguity_margin, prior)))
-    return LocalizeBatchResponse(items=items, model=runtime.model.info,  # type: ignore[union-attr]
-                                 index=done.result.index.info, timing_ms=_timing(runtime, done))
+def respond(runtime: Runtime, done: Localized, accept: str | None) -> Response:
+    """The answer to /localize (one image) or /localize/batch, as JSON or, when the Accept header
+    prefers it, GeoJSON."""
+    result, margin = done.result, runtime.settings.ambiguity_margin
+    described = [_described(answer, spec, margin, prior)
+                 for answer, spec, prior in zip(result.answers, done.specs, done.near)]
+    shared = dict(model=runtime.model.info, index=result.index.info,  # type: ignore[union-attr]
+                  timing_ms=_timing(runtime, done))
+    if wants_geojson(accept):
+        return _json(to_geojson(described, [image.upload.index if done.batch else None for image in done.images],
+                                **shared), GEOJSON)
+    if not done.batch:
+        return _json(LocalizeResponse(**described[0], batch_size=result.batch_size, **shared))
+    items = [BatchItem(image=image.upload.index, filename=image.upload.filename, batch_size=result.batch_size, **d)
+             for image, d in zip(done.images, described)]
+    return _json(LocalizeBatchResponse(items=items, **shared))
 
 
-def to_geojson(items: list[tuple[int | None, Position | None, list[TileMatch]]], model: ModelInfo, index: IndexInfo,
-               timing: dict[str, float]) -> FeatureCollection:
+def to_geojson(described: list[dict], images: list[int | None], model: ModelInfo, index: IndexInfo,
+               timing_ms: Timing) -> FeatureCollection:
     """RFC 7946: positions are [longitude, latitude]; per image, its refined position first, then one
     Point feature per match."""
     features = []
-    for image, position, matches in items:
+    for image, answer in zip(images, described):
+        position = answer["position"]
         points = [] if position is None else [
             ((position.lon, position.lat), {"kind": "position", "uncertainty_m": position.uncertainty_m})]
         points += [((m.lon, m.lat), {"kind": "match", "rank": m.rank, "tile_id": m.tile_id, "score": m.score,
-                                     "heading_deg": m.heading_deg}) for m in matches]
+                                     "heading_deg": m.heading_deg}) for m in answer["results"]]
         for coordinates, props in points:
             if image is not None:
                 props["image"] = image
             features.append(Feature(geometry=PointGeometry(coordinates=coordinates), properties=props))
-    return FeatureCollection(features=features, model=model, index=index, timing_ms=timing)
+    return FeatureCollection(features=features, model=model, index=index, timing_ms=timing_ms.model_dump())
+
+
+def _quality(value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        return 0.0
 
 
 def wants_geojson(accept: str | None) -> bool:
-    """True when the Accept header prefers application/geo+json over application/json."""
-    if not accept:
-        return False
-    q_geo = q_json = q_wild = None
-    for item in accept.split(","):
+    """True when the Accept header prefers application/geo+json over application/json. On a tie with
+    an explicit application/json, plain JSON wins; against a wildcard, GeoJSON."""
+    q: dict[str, float] = {}
+    for item in (accept or "").split(","):
         media, *params = (p.strip() for p in item.split(";"))
-        q = 1.0
-        for p in params:
-            if p.startswith("q="):
-                try:
-                    q = float(p[2:])
-                except ValueError:
-                    q = 0.0
-        media = media.lower()
-        if media == GEOJSON:
-            q_geo = max(q_geo or 0.0, q)
-        elif media == "application/json":
-            q_json = max(q_json or 0.0, q)
-        elif media in ("*/*", "application/*"):
-            q_wild = max(q_wild or 0.0, q)
-    if not q_geo:
-        return False
-    json_q = q_json if q_json is not None else (q_wild or 0.0)
-    # On a tie with an explicit application/json, plain JSON wins; against a wildcard, GeoJSON.
-    return q_geo > json_q or (q_geo == json_q and q_json is None)
+        weight = next((_quality(p[2:]) for p in params if p.startswith("q=")), 1.0)
+        q[media.lower()] = max(q.get(media.lower(), 0.0), weight)
+    geo = q.get(GEOJSON, 0.0)
+    json_q = q.get("application/json", max(q.get("*/*", 0.0), q.get("application/*", 0.0)))
+    return geo > json_q or (geo > 0 and geo == json_q and "application/json" not in q)

@@ -8,7 +8,8 @@ import anyio
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
-from pydantic import BaseModel, BeforeValidator
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BeforeValidator
 
 from . import localize
 from .artifact import public_text
@@ -43,22 +44,20 @@ def _localize_responses(description: str) -> dict[int | str, dict[str, Any]]:
     return {**ok, **errors(400, 408, 413, 415, 422, 503, 504)}
 
 
-def _json(body: BaseModel, media_type: str = "application/json") -> Response:
-    """A response model built here (so already valid), serialised once; returned as a model,
-    FastAPI would validate it against ``response_model`` again before serialising it."""
-    return Response(body.model_dump_json(), media_type=media_type)
+def _invalid(name: str, kind: str, msg: str, value: object) -> RequestValidationError:
+    return RequestValidationError([{"type": kind, "loc": ("query", name), "msg": msg, "input": value}])
 
 
-def _lat_lon(value: object) -> object:
-    """near=lat,lon in decimal degrees -> (lat, lon)."""
-    if value is None:
-        return None
+def _lat_lon(near: str) -> tuple[float, float]:
+    """near=lat,lon in decimal degrees -> (lat, lon); 422 otherwise."""
     try:
-        lat, lon = (float(part) for part in str(value).split(","))
+        lat, lon = (float(part) for part in near.split(","))
     except ValueError:
-        raise ValueError("near must be 'lat,lon' in decimal degrees, e.g. near=46.51,7.52") from None
+        raise _invalid("near", "value_error", "near must be 'lat,lon' in decimal degrees, e.g. near=46.51,7.52",
+                       near) from None
     if not (-90 <= lat <= 90 and -180 <= lon <= 180):  # NaN fails these too
-        raise ValueError(f"near: latitude must be in [-90, 90] and longitude in [-180, 180], got {value}")
+        raise _invalid("near", "value_error",
+                       f"near: latitude must be in [-90, 90] and longitude in [-180, 180], got {near}", near)
     return lat, lon
 
 
@@ -69,9 +68,8 @@ def _whole_number(value: object) -> object:
     return value
 
 
-K_MIN, K_MAX = 1, 100
 KQuery = Annotated[int, BeforeValidator(_whole_number),
-                   Query(ge=K_MIN, le=K_MAX, description="Number of matches to return (1-100).")]
+                   Query(ge=1, le=100, description="Number of matches to return (1-100).")]
 AcceptHeader = Annotated[str | None, Header(description="application/geo+json for GeoJSON")]
 
 
@@ -93,14 +91,9 @@ def view_params(
     near_from_exif: Annotated[bool, Query(description=(
         "Where near is not given: restrict to radius_m around each photo's EXIF GPS position, when it has one."))] = False,
 ) -> localize.ViewParams:
-    try:
-        at = _lat_lon(near)
-    except ValueError as exc:
-        raise RequestValidationError([{"type": "value_error", "loc": ("query", "near"), "msg": str(exc),
-                                       "input": near}]) from None
+    at = None if near is None else _lat_lon(near)
     if at is not None and radius_m is None:
-        raise RequestValidationError([{"type": "missing", "loc": ("query", "radius_m"), "input": None,
-                                       "msg": "radius_m (metres) is required with near"}])
+        raise _invalid("radius_m", "missing", "radius_m (metres) is required with near", None)
     return localize.ViewParams(fov_deg, heading_deg, projection, at, radius_m, near_from_exif)
 
 
@@ -120,13 +113,7 @@ admin = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require
 )
 async def localize_one(request: Request, runtime: ReadyRuntime, view: ViewQuery, k: KQuery = 5,
                        accept: AcceptHeader = None) -> Any:
-    done = await localize.run(request, runtime, k=k, batch=False, params=view)
-    body = localize.single_response(runtime, done)
-    if localize.wants_geojson(accept):
-        fc = localize.to_geojson([(None, body.position, body.results)], body.model, body.index,
-                                 body.timing_ms.model_dump())
-        return _json(fc, localize.GEOJSON)
-    return _json(body)
+    return localize.respond(runtime, await localize.run(request, runtime, k=k, batch=False, params=view), accept)
 
 
 @api.post(
@@ -137,13 +124,7 @@ async def localize_one(request: Request, runtime: ReadyRuntime, view: ViewQuery,
 )
 async def localize_batch(request: Request, runtime: ReadyRuntime, view: ViewQuery, k: KQuery = 5,
                          accept: AcceptHeader = None) -> Any:
-    done = await localize.run(request, runtime, k=k, batch=True, params=view)
-    body = localize.batch_response(runtime, done)
-    if localize.wants_geojson(accept):
-        fc = localize.to_geojson([(it.image, it.position, it.results) for it in body.items], body.model, body.index,
-                                 body.timing_ms.model_dump())
-        return _json(fc, localize.GEOJSON)
-    return _json(body)
+    return localize.respond(runtime, await localize.run(request, runtime, k=k, batch=True, params=view), accept)
 
 
 @api.get("/tiles/{tile_id}", tags=["index"], summary="JPEG thumbnail of one aerial tile",
@@ -194,8 +175,6 @@ async def readyz(runtime: RuntimeDep) -> Any:
 @public.get("/metrics", tags=["ops"], summary="Prometheus metrics", response_class=Response,
             responses={200: {"content": {"text/plain": {}}}})
 async def metrics(runtime: RuntimeDep) -> Response:
-    from prometheus_client import CONTENT_TYPE_LATEST
-
     return Response(runtime.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
@@ -215,6 +194,4 @@ async def favicon() -> FileResponse:
 async def reload_index(runtime: ReadyRuntime,
                        force: Annotated[bool, Query(description="Reload even if unchanged")] = False,
                        ) -> ReloadResult:
-    outcome = await anyio.to_thread.run_sync(runtime.reload, "admin", force)
-    return ReloadResult(status=outcome.status, index=outcome.index.info,
-                        previous=outcome.previous.info if outcome.previous else None)
+    return await anyio.to_thread.run_sync(runtime.reload, "admin", force)

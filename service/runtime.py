@@ -24,7 +24,7 @@ from .artifact import ArtifactChanged, ArtifactError, ServedIndex, Signature, lo
 from .engine import Engine
 from .logs import stop_logging
 from .metrics import Metrics
-from .schemas import ModelInfo
+from .schemas import ModelInfo, ReloadResult
 from .settings import Settings
 
 log = logging.getLogger("service.runtime")
@@ -40,23 +40,16 @@ class ReloadFailed(Exception):
 class LoadedModel:
     encoder: InferenceEncoder
     config: L2LTRConfig
-    fingerprint: str
     info: ModelInfo  # what every answer says about it
-
-
-@dataclass(frozen=True)
-class ReloadOutcome:
-    status: str  # "reloaded" | "unchanged"
-    index: ServedIndex
-    previous: ServedIndex | None
 
 
 def encoder_plan(settings: Settings, on_gpu: bool) -> tuple[int, int | None]:
     """(encoder threads, torch threads per encoder thread). On a CPU two threads with half the
     cores each beat one forward over every core: an OpenMP forward stalls at each parallel region's
-    barrier whenever the event loop pre-empts one of its threads (bench/RESULTS.md). On a GPU two
-    threads let one decode its batch while the other's runs on the device."""
-    if on_gpu:  # one thread: a FAISS GPU index must not be searched by several at once
+    barrier whenever the event loop pre-empts one of its threads (bench/RESULTS.md). On a GPU one
+    thread by default; more may decode a batch while another's runs on the device (their searches
+    of a FAISS GPU index take turns: ServedIndex.search_lock)."""
+    if on_gpu:
         return settings.encoder_workers or 1, settings.torch_threads
     cpus = available_cpus()
     workers = settings.encoder_workers or (2 if cpus >= 2 else 1)
@@ -67,11 +60,9 @@ def load_model(settings: Settings) -> LoadedModel:
     device = pick_device(settings.device)
     checkpoint = Path(settings.checkpoint)
     net = load_checkpoint(checkpoint)
-    fingerprint = net.fingerprint()
-    encoder = InferenceEncoder(net, device, branches=("ground",))
-    info = ModelInfo(fingerprint=fingerprint, checkpoint=checkpoint.name, embedding_dim=net.embedding_dim,
+    info = ModelInfo(fingerprint=net.fingerprint(), checkpoint=checkpoint.name, embedding_dim=net.embedding_dim,
                      device=str(device), ground_size=tuple(net.config.ground_size))
-    return LoadedModel(encoder, net.config, fingerprint, info)
+    return LoadedModel(InferenceEncoder(net, device, branches=("ground",)), net.config, info)
 
 
 class Runtime:
@@ -132,7 +123,7 @@ class Runtime:
             t0 = time.perf_counter()
             model = load_model(s)
             log.info("model loaded", extra={
-                "checkpoint": str(s.checkpoint), "fingerprint": model.fingerprint,
+                "checkpoint": str(s.checkpoint), "fingerprint": model.info.fingerprint,
                 "device": model.info.device, "seconds": round(time.perf_counter() - t0, 3)})
             index = self._load_index(model)
             if self._stop.is_set():
@@ -169,22 +160,22 @@ class Runtime:
 
     def _load_index(self, model: LoadedModel, attempts: int = 5) -> ServedIndex:
         device = model.encoder.device
-        for attempt in range(attempts):
+        for attempt in range(1, attempts + 1):
             try:
                 index = load_artifact(Path(self.settings.index),  # type: ignore[arg-type]
-                                      expected_fingerprint=model.fingerprint,
+                                      expected_fingerprint=model.info.fingerprint,
                                       embedding_dim=model.info.embedding_dim, generation=self._generation + 1,
                                       gpu=(device.index or 0) if device.type == "cuda" else None)
-                self._generation += 1
-                return index
+                break
             except ArtifactChanged:  # published while we read it: read the new one
-                if attempt == attempts - 1:
+                if attempt == attempts:
                     raise
-                time.sleep(0.05 * (attempt + 1))
-        raise AssertionError("unreachable")
+                time.sleep(0.05 * attempt)
+        self._generation += 1
+        return index
 
     # --- hot reload -----------------------------------------------------------------------
-    def reload(self, trigger: str, force: bool = False) -> ReloadOutcome:
+    def reload(self, trigger: str, force: bool = False) -> ReloadResult:
         """Load the artifact now published at GEOLOC_INDEX beside the current one and swap.
 
         Blocking (call it from a thread). Raises ReloadFailed and keeps the old index serving
@@ -199,7 +190,7 @@ class Runtime:
             try:
                 if not force and Signature.of(path) == current.signature:
                     self._reload_succeeded()  # the published artifact is the one served (again)
-                    return ReloadOutcome("unchanged", current, None)
+                    return ReloadResult(status="unchanged", index=current.info)
                 t0 = time.perf_counter()
                 new = self._load_index(self.model)
             except Exception as exc:
@@ -221,7 +212,7 @@ class Runtime:
                 "trigger": trigger, "index": str(new.path), "tiles": new.count,
                 "generation": new.generation, "previous": str(current.path),
                 "seconds": round(time.perf_counter() - t0, 3)})
-            return ReloadOutcome("reloaded", new, current)
+            return ReloadResult(status="reloaded", index=new.info, previous=current.info)
 
     def _reload_succeeded(self) -> None:
         self.last_reload_error = None
@@ -236,14 +227,11 @@ class Runtime:
                 signature = Signature.of(path)
             except OSError:
                 continue  # mid-publish (directory renamed away for an instant) or gone
-            if signature == self._failed_signature:
-                continue
-            if signature == self.engine.index.signature:  # type: ignore[union-attr]
-                if self.last_reload_error is not None:
-                    self._reload_succeeded()  # the served artifact is published again
+            served = signature == self.engine.index.signature  # type: ignore[union-attr]
+            if signature == self._failed_signature or (served and self.last_reload_error is None):
                 continue
             try:
-                self.reload("watch")
+                self.reload("watch")  # the served artifact published again: "unchanged", the failure forgotten
             except ReloadFailed:
                 pass  # logged and counted in reload()
             except Exception:

@@ -86,27 +86,26 @@ class Timing(BaseModel):
     total: float = Field(..., description="Server-side time from request start to answer, ms.")
 
 
-class LocalizeResponse(BaseModel):
+class ImageAnswer(BaseModel):
+    """One image's answer."""
+
     results: list[TileMatch]
     position: Position | None = Field(None, description="Null when there are no results.")
     near: NearInfo | None = Field(None, description="The geographic prior, when one restricted the search.")
     view: ViewInfo
     confidence: Confidence
-    model: ModelInfo
-    index: IndexInfo
-    timing_ms: Timing
     batch_size: int = Field(..., description="Images in the micro-batch this one was computed in.")
 
 
-class BatchItem(BaseModel):
+class LocalizeResponse(ImageAnswer):
+    model: ModelInfo
+    index: IndexInfo
+    timing_ms: Timing
+
+
+class BatchItem(ImageAnswer):
     image: int = Field(..., description="Position of the image in the request (0-based).")
     filename: str | None = None
-    results: list[TileMatch]
-    position: Position | None = None
-    near: NearInfo | None = None
-    view: ViewInfo
-    confidence: Confidence
-    batch_size: int
 
 
 class LocalizeBatchResponse(BaseModel):

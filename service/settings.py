@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_CHECKPOINT = Path("weights/l2ltr_tiny_demo.safetensors")
@@ -145,3 +145,14 @@ class Settings(BaseSettings):
     @property
     def max_batch_body_bytes(self) -> int:
         return self.max_batch_images * self.max_body_bytes
+
+
+def settings_error(exc: ValidationError) -> str:
+    """One line naming each GEOLOC_* variable that is wrong and why."""
+    parts = []
+    for error in exc.errors():
+        field = str(error["loc"][0]) if error["loc"] else None  # none: a check across several variables
+        shown = field not in (None, "api_keys", "admin_token") and isinstance(error["input"], str)  # no secrets
+        parts.append((f"GEOLOC_{field.upper()}: " if field else "") + error["msg"].removeprefix("Value error, ")
+                     + (f" (got {error['input']!r})" if shown else ""))
+    return "invalid settings: " + "; ".join(parts)

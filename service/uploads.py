@@ -10,38 +10,41 @@ from __future__ import annotations
 
 import contextlib
 import io
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import anyio
 import numpy as np
 import torch
+from fastapi.exceptions import RequestValidationError
 from PIL import Image
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
-from starlette.requests import ClientDisconnect, Request
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
 
-from model.preprocess import ImageDecodeError, exif_camera, image_uint8
+from model.preprocess import ImageDecodeError, exif_camera, exif_gps, image_uint8, upright_size
 from model.views import place_view
 
+from .settings import Settings
 
-class UploadError(Exception):
+
+class UploadError(HTTPException):
     """A client error with an HTTP status and a stable code; rendered as ErrorResponse."""
 
     def __init__(self, status: int, code: str, detail: str, headers: dict | None = None) -> None:
-        super().__init__(detail)
-        self.status = status
+        super().__init__(status, detail, headers)
         self.code = code
-        self.detail = detail
-        self.headers = headers or {}
 
 
-class MissingUpload(Exception):
-    """The required file field is absent; rendered as FastAPI's usual 422 validation error."""
+def _too_large(detail: str) -> UploadError:
+    return UploadError(413, "upload_too_large", detail, {"Connection": "close"})
 
-    def __init__(self, field_name: str) -> None:
-        super().__init__(field_name)
-        self.field_name = field_name
+
+def _missing(field_name: str) -> RequestValidationError:
+    """The required file field is absent: FastAPI's usual 422."""
+    return RequestValidationError([{"type": "missing", "loc": ("body", field_name), "msg": "Field required",
+                                    "input": None}])
 
 
 class UploadBudget:
@@ -80,108 +83,78 @@ class UploadedFile:
     content_type: str | None
     data: bytes
 
-
-@dataclass
-class _Part:
-    headers: dict[str, str] = field(default_factory=dict)
-    filename: str | None = None
-    content_type: str | None = None
-    buffer: bytearray = field(default_factory=bytearray)
-    keep: bool = False
+    @property
+    def label(self) -> str:
+        return f"image {self.index}" + (f" ({self.filename})" if self.filename else "")
 
 
 class _FileCollector:
     """python-multipart's callbacks, keeping the parts named one of ``field_names`` as files."""
 
-    EVENTS = ("part_begin", "header_field", "header_value", "header_end", "headers_finished", "part_data",
-              "part_end", "end")
-
     def __init__(self, field_names: tuple[str, ...], max_files: int, max_file_bytes: int) -> None:
         self.field_names, self.max_files, self.max_file_bytes = field_names, max_files, max_file_bytes
         self.files: list[UploadedFile] = []
-        self.part = _Part()
-        self.header = (bytearray(), bytearray())
+        self.headers: dict[str, str] = {}
+        self.header = (bytearray(), bytearray())  # the name and value being read
+        self.kept: UploadedFile | None = None  # the file part being read; None: a part not kept
+        self.buffer = bytearray()
         self.ended = False
 
     def callbacks(self) -> dict:
-        return {f"on_{event}": getattr(self, event) for event in self.EVENTS}
+        return {"on_part_begin": self.headers.clear,
+                "on_header_field": lambda data, start, end: self.header[0].extend(data[start:end]),
+                "on_header_value": lambda data, start, end: self.header[1].extend(data[start:end]),
+                "on_header_end": self._header_end, "on_headers_finished": self._headers_finished,
+                "on_part_data": self._part_data, "on_part_end": self._part_end, "on_end": self._end}
 
-    def part_begin(self) -> None:
-        self.part = _Part()
-
-    def header_field(self, data: bytes, start: int, end: int) -> None:
-        self.header[0].extend(data[start:end])
-
-    def header_value(self, data: bytes, start: int, end: int) -> None:
-        self.header[1].extend(data[start:end])
-
-    def header_end(self) -> None:
+    def _header_end(self) -> None:
         name, value = (bytes(h).decode("latin-1").strip() for h in self.header)
-        self.part.headers[name.lower()] = value
+        self.headers[name.lower()] = value
         self.header = (bytearray(), bytearray())
 
-    def headers_finished(self) -> None:
-        part = self.part
-        _, disposition = parse_options_header(part.headers.get("content-disposition"))
+    def _headers_finished(self) -> None:
+        _, disposition = parse_options_header(self.headers.get("content-disposition"))
         name, filename = disposition.get(b"name"), disposition.get(b"filename")
-        part.filename = filename.decode("utf-8", "replace") if filename is not None else None
-        raw_type = part.headers.get("content-type")
-        part.content_type = parse_options_header(raw_type)[0].decode("latin-1") if raw_type else None
-        part.keep = name is not None and name.decode("utf-8", "replace") in self.field_names
-        if part.keep and len(self.files) >= self.max_files:
+        self.kept, self.buffer = None, bytearray()
+        if name is None or name.decode("utf-8", "replace") not in self.field_names:
+            return
+        if len(self.files) >= self.max_files:
             raise UploadError(413, "too_many_images", f"at most {self.max_files} image(s) per request",
                               {"Connection": "close"})
+        raw_type = self.headers.get("content-type")
+        self.kept = UploadedFile(len(self.files), filename.decode("utf-8", "replace") if filename is not None else None,
+                                 parse_options_header(raw_type)[0].decode("latin-1") if raw_type else None, b"")
 
-    def part_data(self, data: bytes, start: int, end: int) -> None:
-        if not self.part.keep:
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        if self.kept is None:
             return
-        if len(self.part.buffer) + (end - start) > self.max_file_bytes:
+        if len(self.buffer) + (end - start) > self.max_file_bytes:
             raise _too_large(f"image exceeds the limit of {self.max_file_bytes} bytes")
-        self.part.buffer.extend(data[start:end])
+        self.buffer.extend(data[start:end])
 
-    def part_end(self) -> None:
-        if self.part.keep:
-            part = self.part
-            self.files.append(UploadedFile(len(self.files), part.filename, part.content_type, bytes(part.buffer)))
+    def _part_end(self) -> None:
+        if self.kept is not None:
+            self.kept.data = bytes(self.buffer)
+            self.files.append(self.kept)
+            self.kept = None
 
-    def end(self) -> None:
+    def _end(self) -> None:
         self.ended = True
 
 
-def _too_large(detail: str) -> UploadError:
-    return UploadError(413, "upload_too_large", detail, {"Connection": "close"})
-
-
-async def read_files(
-    request: Request,
-    *,
-    field_names: tuple[str, ...],
-    max_files: int,
-    max_file_bytes: int,
-    max_body_bytes: int,
-    read_timeout_s: float,
-    take: Callable[[int], None],
-) -> list[UploadedFile]:
-    """Stream a multipart/form-data body and return the parts named one of ``field_names``.
-
-    Other form fields are read and discarded (they still count towards ``max_body_bytes``). Each
-    chunk is ``take``n from the upload budget; a client that sends nothing for ``read_timeout_s``
-    gets 408.
-    """
+def _boundary(request: Request, field_name: str, max_body_bytes: int) -> bytes:
+    """The multipart boundary of a request whose headers promise an acceptable body."""
     content_type = request.headers.get("content-type")
     declared = request.headers.get("content-length")
     if not content_type:
         if declared in (None, "0"):
-            raise MissingUpload(field_names[0])
+            raise _missing(field_name)
         raise UploadError(415, "unsupported_media_type", "expected a multipart/form-data body")
     ctype, params = parse_options_header(content_type)
     if ctype != b"multipart/form-data":
-        raise UploadError(
-            415, "unsupported_media_type",
-            f"expected multipart/form-data, got {ctype.decode('latin-1') or 'nothing'}",
-        )
-    boundary = params.get(b"boundary")
-    if not boundary:
+        raise UploadError(415, "unsupported_media_type",
+                          f"expected multipart/form-data, got {ctype.decode('latin-1') or 'nothing'}")
+    if not params.get(b"boundary"):
         raise UploadError(400, "bad_multipart", "multipart/form-data without a boundary")
     if declared is not None:
         try:
@@ -189,10 +162,19 @@ async def read_files(
         except ValueError:
             raise UploadError(400, "bad_request", "invalid Content-Length") from None
         if declared_len > max_body_bytes:
-            raise _too_large(
-                f"request body of {declared_len} bytes exceeds the limit of {max_body_bytes}"
-            )
+            raise _too_large(f"request body of {declared_len} bytes exceeds the limit of {max_body_bytes}")
+    return params[b"boundary"]
 
+
+async def read_files(request: Request, *, field_names: tuple[str, ...], max_files: int, max_file_bytes: int,
+                     max_body_bytes: int, read_timeout_s: float, take: Callable[[int], None]) -> list[UploadedFile]:
+    """Stream a multipart/form-data body and return the parts named one of ``field_names``.
+
+    Other form fields are read and discarded (they still count towards ``max_body_bytes``). Each
+    chunk is ``take``n from the upload budget; a client that sends nothing for ``read_timeout_s``
+    gets 408.
+    """
+    boundary = _boundary(request, field_names[0], max_body_bytes)
     collector = _FileCollector(field_names, max_files, max_file_bytes)
     received = 0
     try:
@@ -206,26 +188,21 @@ async def read_files(
                 raise UploadError(408, "request_timeout", f"no upload data for {read_timeout_s:g} s",
                                   {"Connection": "close"}) from None
             if message["type"] == "http.disconnect":
-                raise ClientDisconnect()
+                raise UploadError(400, "client_disconnected", "client went away during upload")
             chunk, more = message.get("body", b""), message.get("more_body", False)
-            if not chunk:
-                continue
             received += len(chunk)
             if received > max_body_bytes:
                 raise _too_large(f"request body exceeds the limit of {max_body_bytes} bytes")
-            take(len(chunk))
-            parser.write(chunk)
+            if chunk:
+                take(len(chunk))
+                parser.write(chunk)
         parser.finalize()
     except FormParserError as exc:  # (MultipartParseError is one)
         raise UploadError(400, "bad_multipart", f"malformed multipart body: {exc}") from None
-    except ClientDisconnect:
-        raise UploadError(400, "client_disconnected", "client went away during upload") from None
-    if received == 0:
-        raise MissingUpload(field_names[0])
+    if received == 0 or (collector.ended and not collector.files):
+        raise _missing(field_names[0])
     if not collector.ended:
         raise UploadError(400, "bad_multipart", "multipart body ended before its final boundary")
-    if not collector.files:
-        raise MissingUpload(field_names[0])
     return collector.files
 
 
@@ -238,62 +215,57 @@ _DECLARED_OK = {
 _SUPPORTED = ("JPEG", "MPO", "PNG", "WEBP")  # MPO: a phone's JPEG with extra frames (the first is read)
 
 
-@dataclass(frozen=True)
-class ImageLimits:
-    max_pixels: int
-    min_side: int
-    max_aspect_ratio: float
+@dataclass
+class CheckedImage:
+    """An upload whose header passed `check_image`, opened once: its header read, its pixels not yet."""
+
+    upload: UploadedFile
+    image: Image.Image | None  # None once decoded
+    width: int  # upright: after its EXIF orientation
+    height: int
+    exif_fov: float | None = None
+    exif_heading: float | None = None
+    exif_gps: tuple[float, float] | None = None
 
 
-def check_image(upload: UploadedFile, limits: ImageLimits) -> tuple[str, int, int]:
-    """Validate type and header of an uploaded image without decoding its pixels.
-
-    Returns (format, width, height); raises UploadError with a precise reason otherwise.
-    """
-    label = _label(upload)
+def check_image(upload: UploadedFile, limits: Settings) -> CheckedImage:
+    """Validate type and header of an uploaded image without decoding its pixels, and read its EXIF
+    camera and position. Raises UploadError with a precise reason."""
+    label = upload.label
     data = upload.data
     if not data:
         raise UploadError(400, "empty_upload", f"{label} is empty")
     if upload.content_type not in _DECLARED_OK and not upload.content_type.startswith("image/"):
-        raise UploadError(
-            415, "unsupported_media_type",
-            f"{label} has type {upload.content_type}; send JPEG, PNG or WebP",
-        )
+        raise UploadError(415, "unsupported_media_type",
+                          f"{label} has type {upload.content_type}; send JPEG, PNG or WebP")
     if data[4:8] == b"ftyp":  # HEIF (a phone's HEIC photo) or AVIF: named, as Pillow reads neither
         raise UploadError(415, "unsupported_media_type", f"{label} is HEIF/AVIF; send JPEG, PNG or WebP")
     try:
-        with Image.open(io.BytesIO(data)) as img:  # the header only
-            fmt, (width, height) = img.format, img.size
+        img = Image.open(io.BytesIO(data))  # the header only
     except Image.DecompressionBombError as exc:
         raise UploadError(413, "too_many_pixels", f"{label}: {exc}") from None
     except Exception as exc:  # PIL raises many types for garbage headers
         raise UploadError(400, "not_an_image", f"{label} is not an image (JPEG, PNG or WebP): {exc}") from None
-    if fmt not in _SUPPORTED:
-        raise UploadError(415, "unsupported_media_type", f"{label} is {fmt}; send JPEG, PNG or WebP")
+    if img.format not in _SUPPORTED:
+        raise UploadError(415, "unsupported_media_type", f"{label} is {img.format}; send JPEG, PNG or WebP")
+    width, height = img.size
     if width * height > limits.max_pixels:
-        raise UploadError(
-            413, "too_many_pixels",
-            f"{label} is {width}x{height} = {width * height} pixels; "
-            f"the limit is {limits.max_pixels}",
-        )
-    if min(width, height) < limits.min_side:
-        raise UploadError(
-            400, "bad_dimensions",
-            f"{label} is {width}x{height}; each side must be at least {limits.min_side} pixels",
-        )
+        raise UploadError(413, "too_many_pixels", f"{label} is {width}x{height} = {width * height} pixels; "
+                          f"the limit is {limits.max_pixels}")
+    if min(width, height) < limits.min_image_side:
+        raise UploadError(400, "bad_dimensions",
+                          f"{label} is {width}x{height}; each side must be at least {limits.min_image_side} pixels")
     ratio = max(width / height, height / width)
     if ratio > limits.max_aspect_ratio:
-        raise UploadError(
-            400, "bad_dimensions",
-            f"{label} is {width}x{height} (aspect ratio {ratio:.1f}): not a street-level view; "
-            f"photos and panoramas are at most {limits.max_aspect_ratio:g}:1",
-        )
-    return fmt, width, height
-
-
-def _label(upload: UploadedFile) -> str:
-    name = f" ({upload.filename})" if upload.filename else ""
-    return f"image {upload.index}{name}"
+        raise UploadError(400, "bad_dimensions",
+                          f"{label} is {width}x{height} (aspect ratio {ratio:.1f}): not a street-level view; "
+                          f"photos and panoramas are at most {limits.max_aspect_ratio:g}:1")
+    try:
+        width, height = upright_size(img)
+        checked = CheckedImage(upload, img, width, height, *exif_camera(img, label), exif_gps(img))
+    except (ImageDecodeError, OSError, SyntaxError, ValueError):  # broken EXIF: read as if it had none
+        checked = CheckedImage(upload, img, *img.size)
+    return checked
 
 
 PANORAMA_ASPECT = 3.5  # width/height from which an image without a stated field of view is a 360 panorama
@@ -311,55 +283,54 @@ class ViewSpec:
     heading_source: str | None  # parameter | exif
 
 
-def view_spec(upload: UploadedFile, width: int, height: int, fov_deg: float | None, heading_deg: float | None,
+def view_spec(image: CheckedImage, fov_deg: float | None, heading_deg: float | None,
               projection: str | None) -> ViewSpec:
     """The field of view, projection and heading of an upload that passed `check_image`: the request's
     parameters first, then the photo's EXIF (FocalLengthIn35mmFilm, GPSImgDirection), then its shape
     (a wide image is a 360 degree panorama). Without any: 422 naming the parameter to send."""
-    try:
-        exif_fov, exif_heading = exif_camera(upload.data, _label(upload))
-    except ImageDecodeError:
-        exif_fov = exif_heading = None
+    width, height, wide = image.width, image.height, image.width >= PANORAMA_ASPECT * image.height
     if fov_deg is not None:
         fov, fov_source = fov_deg, "parameter"
-    elif width >= PANORAMA_ASPECT * height:  # before EXIF: a phone's panorama still names its lens
+    elif wide:  # before EXIF: a phone's panorama still names its lens
         fov, fov_source = 360.0, "aspect"
-    elif exif_fov is not None:
-        fov, fov_source = exif_fov, "exif"
+    elif image.exif_fov is not None:
+        fov, fov_source = image.exif_fov, "exif"
     else:
         raise UploadError(
             422, "fov_unknown",
-            f"{_label(upload)} is {width}x{height} (aspect {width / height:.2f}): not a 360 degree panorama "
+            f"{image.upload.label} is {width}x{height} (aspect {width / height:.2f}): not a 360 degree panorama "
             f"(aspect {PANORAMA_ASPECT:g}:1 or wider) and its EXIF states no focal length; send its horizontal "
             "field of view as the parameter fov_deg (e.g. fov_deg=65 for a phone's main camera)")
     if projection is None:
-        projection = "perspective" if fov_source == "exif" or (fov < 360 and width < PANORAMA_ASPECT * height) \
-            else "equirectangular"
+        projection = "perspective" if fov_source == "exif" or (fov < 360 and not wide) else "equirectangular"
     if fov < MIN_FOV_DEG or (projection == "perspective" and fov >= 180):
         raise UploadError(
             422, "bad_field_of_view",
-            f"{_label(upload)}: a field of view of {fov:g} degrees ({fov_source}) can not be read: a view must span "
+            f"{image.upload.label}: a field of view of {fov:g} degrees ({fov_source}) can not be read: a view must span "
             f"at least {MIN_FOV_DEG:g} degrees, a photo (projection=perspective) less than 180; send fov_deg, or "
             "projection=equirectangular for a wider panorama crop")
-    heading, heading_source = (heading_deg, "parameter") if heading_deg is not None else \
-        (exif_heading, "exif") if exif_heading is not None else (None, None)
-    return ViewSpec(fov, projection, fov_source, heading, heading_source)
+    if heading_deg is not None:
+        return ViewSpec(fov, projection, fov_source, heading_deg, "parameter")
+    if image.exif_heading is not None:
+        return ViewSpec(fov, projection, fov_source, image.exif_heading, "exif")
+    return ViewSpec(fov, projection, fov_source, None, None)
 
 
-def decode_uploads(files: list[UploadedFile], specs: list[ViewSpec], limits: ImageLimits,
+def decode_uploads(images: list[CheckedImage], specs: list[ViewSpec], max_pixels: int,
                    config) -> tuple[torch.Tensor, np.ndarray]:
-    """Uploads that passed `check_image` -> ([n, 3, H, W] uint8 in the ground branch's panorama frame,
+    """Images that passed `check_image` -> ([n, 3, H, W] uint8 in the ground branch's panorama frame,
     [n, W] bool: the pixel columns each covers) (an encoder thread calls this right before its
     forward); UploadError names the first upload whose pixel data is damaged."""
     views, seen = [], []
-    for upload, spec in zip(files, specs):
+    for image, spec in zip(images, specs):
         try:
-            view, covered = place_view(upload.data, config, fov_deg=spec.fov_deg, heading_deg=spec.heading_deg,
-                                       projection=spec.projection, name=f"image {upload.index}",
-                                       max_pixels=limits.max_pixels)
+            view, covered = place_view(image.image, config, fov_deg=spec.fov_deg, heading_deg=spec.heading_deg,
+                                       projection=spec.projection, name=f"image {image.upload.index}",
+                                       max_pixels=max_pixels)
         except ImageDecodeError as exc:
             raise UploadError(400, "undecodable_image", str(exc)) from None
+        finally:
+            image.image, image.upload.data = None, b""  # the bytes are no longer needed; let them go early
         views.append(image_uint8(view))
         seen.append(covered)
-        upload.data = b""  # the bytes are no longer needed; let them go early
     return torch.stack(views), np.stack(seen)

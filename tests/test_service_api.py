@@ -924,3 +924,52 @@ def test_a_field_of_view_that_can_not_be_read_is_a_422_and_broken_exif_is_ignore
     assert "fov_deg" in body["detail"]
     pano_with_lens = _photo(256, 64, hfov=65.0, heading=0.0)  # a phone panorama names its lens: 360 by shape
     assert _post(client, pano_with_lens).json()["view"]["fov_source"] == "aspect"
+
+
+def test_a_portrait_photos_field_of_view_spans_its_upright_width(client):
+    from worldgen.dataset import focal_length_35mm
+
+    exif = Image.Exif()
+    exif.load(_photo_exif(65.0))
+    exif[0x0112] = 6  # stored 160 x 120 on its side: the photo is 120 wide, 160 high
+    out = io.BytesIO()
+    Image.open(io.BytesIO(jpeg_bytes(160, 120, seed=11))).save(out, format="JPEG", exif=exif)
+    view = _post(client, out.getvalue()).json()["view"]
+    expected = 2 * np.degrees(np.arctan(18.0 * 120 / 160 / focal_length_35mm(65.0)))
+    assert (view["fov_source"], view["fov_deg"]) == ("exif", pytest.approx(expected, abs=0.01))
+
+
+def _photo_exif(hfov: float) -> bytes:
+    from worldgen.dataset import camera_exif
+
+    return camera_exif(hfov, 0.0)
+
+
+def test_an_uploads_header_is_opened_once(client, world, monkeypatch):
+    import PIL.Image
+
+    photo, opened, real_open = _photo(hfov=65.0, heading=0.0), [], PIL.Image.open
+
+    def counting_open(*args, **kwargs):
+        opened.append(1)
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(PIL.Image, "open", counting_open)
+    resp = client.post("/localize?near_from_exif=true", files={"image": ("p.jpg", photo, "image/jpeg")})
+    assert resp.status_code == 200 and resp.json()["view"]["fov_source"] == "exif"
+    assert len(opened) == 1  # checked, EXIF camera and position read, decoded: one header parse
+    files = [("images", (f"{i}.jpg", world.pano, "image/jpeg")) for i in range(2)]
+    assert client.post("/localize/batch", files=files).status_code == 200 and len(opened) == 3
+
+
+def test_a_bad_environment_value_is_one_line_naming_the_variable(world):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GEOLOC_")}
+    for name, value, said in (("GEOLOC_QUEUE_SIZE", "lots", "valid integer"),
+                              ("GEOLOC_MAX_BATCH_SIZE", "0", "greater than or equal to 1"),
+                              ("GEOLOC_API_KEYS", "[secret", "")):
+        proc = subprocess.run([sys.executable, "-m", "service", "--port", "0"], env={**env, name: value},
+                              capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and name in lines[0] and said in lines[0] and "Traceback" not in proc.stderr, lines
+        assert "secret" not in proc.stderr  # an API key is never echoed

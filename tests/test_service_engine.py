@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 
 import numpy as np
@@ -147,3 +148,142 @@ def test_a_failing_decode_fails_its_job_and_a_failing_forward_its_batch_but_no_w
 
     with pytest.raises(NotReady):
         asyncio.run(after_stop())
+
+
+def test_one_images_failing_answer_fails_its_job_alone(world, monkeypatch):
+    import service.artifact as artifact
+    from service.artifact import Near
+
+    real = artifact.rows_within
+
+    def rows_within(lat, lon, at_lat, at_lon, radius_m):
+        if radius_m == 13.0:
+            raise RuntimeError("restricted search failed")
+        return real(lat, lon, at_lat, at_lon, radius_m)
+
+    monkeypatch.setattr(artifact, "rows_within", rows_within)
+    engine = _engine(world, _unit_rows, workers=1)
+    priors = (None, [Near(46.5, 7.5, 13.0, "parameter")], [Near(46.5, 7.5, 5000.0, "parameter")])
+
+    async def scenario():
+        with engine.paused():
+            jobs = [asyncio.ensure_future(engine.localize(_images(), n=1, k=3, near=near)) for near in priors]
+            await asyncio.sleep(0.05)
+        return await asyncio.gather(*jobs, return_exceptions=True)
+
+    try:
+        free, failed, near = asyncio.run(scenario())
+    finally:
+        engine.stop()
+    assert isinstance(failed, RuntimeError)
+    assert free.batch_size == near.batch_size == 3  # one forward, one search: only its own answer failed
+    assert len(free.answers[0].matches) == 3 and near.answers[0].within > 0
+
+
+def test_a_job_given_up_leaves_the_queue_at_once_with_its_images_and_upload_bytes(world):
+    import gc
+    import weakref
+
+    from service.engine import ClientGone, ResultTimeout
+    from test_service_support import metric_value
+
+    engine = _engine(world, _unit_rows, queue_size=2, request_timeout_s=0.2)
+
+    class Upload:  # stands in for the request's uploads that a job's decode holds
+        def __call__(self):
+            return _images(2)()
+
+    async def gone():
+        return None  # the client has disconnected
+
+    async def scenario():
+        with engine.paused():  # no worker reaches the queue
+            upload = Upload()
+            held = weakref.ref(upload)
+            with pytest.raises(ResultTimeout) as timed_out:
+                await engine.localize(upload, n=2, k=1)
+            timed_out.value.__traceback__ = None  # its frames name the upload; a server drops them once it answers
+            del upload, timed_out
+            gc.collect()
+            assert engine.depth == 0 and held() is None
+            with pytest.raises(ClientGone):
+                await engine.localize(_images(2), n=2, k=1, disconnected=gone)
+            assert engine.depth == 0
+            waiting = asyncio.ensure_future(engine.localize(_images(2), n=2, k=1))  # the queue has room again
+            await asyncio.sleep(0.05)
+            assert engine.depth == 2
+        return await waiting
+
+    try:
+        result = asyncio.run(scenario())
+    finally:
+        engine.stop()
+    assert result.batch_size == 2
+    text = engine.metrics.exposition().decode()
+    assert metric_value(text, "geoloc_dropped_images_total", reason="timeout") == 2
+    assert metric_value(text, "geoloc_dropped_images_total", reason="client_disconnected") == 2
+
+
+class _ConcurrencyProbe:
+    """A FAISS index stand-in that records how many threads search it at once."""
+
+    def __init__(self, index) -> None:
+        self.real, self.inside, self.most = index, 0, 0
+        self.d, self.ntotal = index.d, index.ntotal
+        self._lock = threading.Lock()
+
+    def search(self, x, k, **kwargs):
+        with self._lock:
+            self.inside += 1
+            self.most = max(self.most, self.inside)
+        try:
+            threading.Event().wait(0.2)
+            return self.real.search(x, k, **kwargs)
+        finally:
+            with self._lock:
+                self.inside -= 1
+
+
+@pytest.mark.parametrize("gpu", [False, True])
+def test_a_faiss_gpu_index_is_searched_by_one_thread_at_a_time(world, monkeypatch, gpu):
+    import service.artifact as artifact
+
+    monkeypatch.setattr(artifact, "_to_gpu", lambda index, device: (_ConcurrencyProbe(index), object()))
+    index = artifact.load_artifact(world.artifact_a, expected_fingerprint=world.fingerprint, embedding_dim=32,
+                                   generation=1, gpu=0 if gpu else None)
+    if not gpu:
+        index = dataclasses.replace(index, index=_ConcurrencyProbe(index.index))
+    vectors, _ = _unit_rows(torch.ones(2, 3, 4, 4))
+    start = threading.Barrier(2, timeout=10)
+
+    def search():
+        start.wait()
+        return index.answer(vectors, None, np.ones((2, 128), bool), 3)
+
+    threads = [threading.Thread(target=search) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert index.index.most == (1 if gpu else 2)  # a CPU index is searched by both at once
+
+
+def test_the_service_modules_import_one_another_without_a_cycle():
+    import ast
+    from pathlib import Path
+
+    service = Path(__file__).resolve().parents[1] / "service"
+    imports = {}
+    for path in service.glob("*.py"):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                names |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("service."):
+                names.add(node.module.split(".")[1])
+        imports[path.stem] = names
+
+    def reaches(start, goal, seen=()):
+        return any(m == goal or (m not in seen and reaches(m, goal, (*seen, m))) for m in imports.get(start, ()))
+
+    assert [m for m in imports if reaches(m, m)] == []
