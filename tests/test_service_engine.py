@@ -230,14 +230,16 @@ class _ConcurrencyProbe:
     def __init__(self, index) -> None:
         self.real, self.inside, self.most = index, 0, 0
         self.d, self.ntotal = index.d, index.ntotal
-        self._lock = threading.Lock()
+        self._lock, self._both = threading.Lock(), threading.Event()
 
     def search(self, x, k, **kwargs):
         with self._lock:
             self.inside += 1
             self.most = max(self.most, self.inside)
+            if self.inside == 2:
+                self._both.set()
         try:
-            threading.Event().wait(0.2)
+            self._both.wait(1.0)  # the other thread comes in meanwhile unless the searches take turns
             return self.real.search(x, k, **kwargs)
         finally:
             with self._lock:
