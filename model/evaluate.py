@@ -7,6 +7,13 @@ Every query panorama of the split is matched against the aerial tiles of the sam
 (gallery of N tiles); R@1, R@5, R@10 and R@1% (K = floor(N/100)), plus the top-1 localisation
 error in metres when the data set has coordinates: of the top-1 tile centre and of the refined position
 (model.metrics.refine_position: the score-weighted centre of the consistent top matches).
+
+  python -m model.evaluate --checkpoint weights/l2ltr_tiny_demo.safetensors --data data/grid_eval \
+      --index data/grid_eval_index --near-radius-m 300
+
+With --index, cameras anywhere (--data/queries.csv, e.g. worldgen --layout grid) are matched against the
+stored tile vectors of an index built from the region (index_build tile + build); a camera's true tile
+is the one whose centre is nearest to it.
 """
 from __future__ import annotations
 
@@ -392,7 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     a = p.add_argument_group("cameras anywhere (--index: --data holds queries.csv, e.g. worldgen --layout grid)")
     a.add_argument("--index", type=Path,
                    help="an index artifact built from the region's tiles (index_build tile + build): the gallery; "
-                        "a query's true tile is the one whose centre is nearest to it")
+                        "a query's true tile is the one whose centre is nearest to it (--split, --dataset and the "
+                        "field-of-view options do not apply)")
     a.add_argument("--near-radius-m", type=float, default=0.0,
                    help="also search each query exactly among the tiles within this radius of its true position "
                         "(a location prior, as the API's near/radius_m); 0: not")
@@ -409,7 +417,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.index is None and (args.near_radius_m or args.save_scores or args.temperature is not None):
+        parser.error("--near-radius-m, --temperature and --save-scores need --index")
     if args.index is not None:
         try:
             result = evaluate_anywhere(args.checkpoint, args.data, args.index, args.device, args.workers, args.limit,

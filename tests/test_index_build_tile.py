@@ -434,3 +434,21 @@ def test_tiling_record_is_read_only_beside_a_catalogue_of_index_build_tile(tmp_p
         with pytest.raises(BuildError, match="tiling.json") as exc:
             catalogue_tiling(str(csv_path))
         assert "\n" not in str(exc.value)
+
+
+def test_add_refuses_tiles_of_another_footprint(tmp_path, capsys):
+    raster, _, _ = marker_raster(tmp_path / "ortho.tif", "utm32n", height=400, width=400)
+    for name, tile_m in (("a", 100), ("b", 80)):
+        rc, _, err = run_tile(capsys, "--raster", raster, "--out", tmp_path / name, "--tile-m", tile_m,
+                              "--tile-px", 32, "--id-prefix", name)
+        assert rc == 0, err
+    ckpt = tmp_path / "micro.safetensors"
+    micro_checkpoint(ckpt)
+    common = ["--checkpoint", str(ckpt), "--out", str(tmp_path / "index"), "--workers", "0", "--batch-size", "8",
+              "--device", "cpu", "--quiet"]
+    assert cli.main(["build", "--catalog", str(tmp_path / "a" / "tiles.csv"), *common]) == 0
+    capsys.readouterr()
+    assert cli.main(["add", "--catalog", str(tmp_path / "b" / "tiles.csv"), *common]) != 0
+    err = capsys.readouterr().err
+    assert "tiles of 80 m" in err and "100 m tiles" in err, err
+    assert json.loads((tmp_path / "index" / "manifest.json").read_text())["count"] == len(read_catalogue(tmp_path / "a"))
