@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import csv
 import itertools
+import json
 import logging
+import math
 import os
 import shutil
 import socket
@@ -139,6 +141,28 @@ def load_catalogue(path: str, check_files: bool, report_path: str | None) -> Cat
     for note in catalogue.notes:
         log.warning("%s", note)
     return catalogue
+
+
+TILING_FILE = "tiling.json"  # written beside tiles.csv by `index_build tile`
+
+
+def catalogue_tiling(catalog: str) -> dict | None:
+    """{"tile_m", "stride_m"} of a catalogue cut by `index_build tile` (its tiling.json beside the CSV),
+    None for any other catalogue. The manifest records them, and the service refines positions with them."""
+    path = os.path.join(os.path.dirname(os.path.abspath(catalog)), TILING_FILE)
+    if not os.path.isfile(catalog) or not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            tiling = json.load(f)
+        if not str(tiling.get("format", "")).startswith("index_build-tiling/"):
+            return None
+        tile_m, stride_m = float(tiling["tile_m"]), float(tiling["stride_m"])
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise BuildError(f"{path}: not a readable tiling record ({exc})") from None
+    if not (math.isfinite(tile_m) and math.isfinite(stride_m) and tile_m > 0 and stride_m > 0):
+        raise BuildError(f"{path}: tile_m {tile_m:g} and stride_m {stride_m:g} must be positive")
+    return {"tile_m": tile_m, "stride_m": stride_m}
 
 
 def _load_model(opts):
@@ -428,6 +452,7 @@ def run_build(opts: BuildOptions) -> BuildResult:
             "extra_columns": catalogue.extra_columns, "base_version": None, "first_shard_index": 0,
             "checkpoint": os.path.abspath(opts.checkpoint), "created_at": utc_now_iso(),
             "catalog_lines": CatalogueLines.of_records(catalogue.records).to_json(),
+            "tiling": catalogue_tiling(opts.catalog),
         }
         if _recover_if_resumed(opts, layout, plan, result):
             return result
@@ -485,7 +510,7 @@ def _finish_build(opts: BuildOptions, layout: ArtifactLayout, plan: dict, model,
         faiss_version=faiss.__version__, catalog_sha256=plan["catalog_sha256"], source=plan["source"],
         checkpoint=plan["checkpoint"], catalogue_rows=plan["count"],
         skipped={"count": len(skipped), "tiles": skipped},
-        shards=shard_entries, **orientation, additions=[],
+        shards=shard_entries, **orientation, additions=[], **(plan.get("tiling") or {}),
         build={"engine": opts.engine, "batch_size": opts.batch_size, "shard_size": plan["shard_size"],
                "workers": opts.workers, "lanes": opts.lanes, "encode": result.encode.to_json(), **_host_info(opts.device)},
     )
@@ -551,6 +576,10 @@ def run_add(opts: AddOptions) -> BuildResult:
                              f"Rebuild the whole artifact with `build` instead.")
         columns = column_shape(model.config)
         _check_add_orientation(base, live, columns, opts.checkpoint)
+        tiling = catalogue_tiling(opts.catalog)
+        if tiling and base.get("tile_m") is not None and tiling["tile_m"] != base["tile_m"]:
+            raise BuildError(f"tiles of {tiling['tile_m']:g} m ({opts.catalog}) cannot join an artifact of "
+                             f"{base['tile_m']:g} m tiles: positions are refined with one footprint per index")
         base_version = os.path.basename(live)
         plan = {
             "kind": "add", "catalog_sha256": catalogue.sha256, "source": catalogue.source,

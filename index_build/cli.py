@@ -227,6 +227,8 @@ def _summary_json(result) -> dict:
         out["manifest"] = {k: m[k] for k in ("model_fingerprint", "embedding_dim", "count", "index_type")}
         out["manifest"]["index_params"] = {k: v for k, v in m["index_params"].items() if k != "tuning_curve"}
         out["manifest"]["orientation"] = m.get("orientation")  # null: no orientation columns stored
+        # null unless the catalogue was cut by `index_build tile` (its tiling.json)
+        out["manifest"].update(tile_m=m.get("tile_m"), stride_m=m.get("stride_m"))
     return out
 
 

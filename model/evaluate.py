@@ -7,6 +7,13 @@ Every query panorama of the split is matched against the aerial tiles of the sam
 (gallery of N tiles); R@1, R@5, R@10 and R@1% (K = floor(N/100)), plus the top-1 localisation
 error in metres when the data set has coordinates: of the top-1 tile centre and of the refined position
 (model.metrics.refine_position: the score-weighted centre of the consistent top matches).
+
+  python -m model.evaluate --checkpoint weights/l2ltr_tiny_demo.safetensors --data data/grid_eval \
+      --index data/grid_eval_index --near-radius-m 300
+
+With --index, cameras anywhere (--data/queries.csv, e.g. worldgen --layout grid) are matched against the
+stored tile vectors of an index built from the region (index_build tile + build); a camera's true tile
+is the one whose centre is nearest to it.
 """
 from __future__ import annotations
 
@@ -21,8 +28,8 @@ import numpy as np
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import ConfigError
 from .encode import pick_device
-from .metrics import TILE_FOOTPRINT_M, confidence_report, localization_error, position_report, recall_curve, \
-    retrieval_recall
+from .metrics import TILE_FOOTPRINT_M, confidence_report, haversine_m, localization_error, position_report, \
+    recall_curve, retrieval_recall
 from .train import HelpFormatter, TrainingError, encode_arrays, load_pair_arrays, read_records
 
 
@@ -140,6 +147,155 @@ def evaluate_views(model, arrays, records, device, *, fov: float, heading: str, 
     return out
 
 
+# --------------------------------------------------------------------------- anywhere: queries against an index
+
+def read_query_csv(root: Path) -> tuple[list[Path], np.ndarray]:
+    """``root``/queries.csv (query_id,path,lat,lon; path relative to it, as worldgen --layout grid
+    writes it): the ground images and their true positions [Q, 2]."""
+    import csv
+
+    path = root / "queries.csv"
+    if not path.is_file():
+        raise ValueError(f"{path}: no queries.csv (python -m worldgen --layout grid writes one)")
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows or not {"path", "lat", "lon"} <= set(rows[0]):
+        raise ValueError(f"{path}: needs a header with path,lat,lon and at least one row")
+    try:
+        latlon = np.array([(float(r["lat"]), float(r["lon"])) for r in rows], np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{path}: a lat or lon is not a number") from None
+    return [root / r["path"] for r in rows], latlon
+
+
+def read_index_gallery(index: Path, fingerprint: str) -> tuple[np.ndarray, np.ndarray, dict]:
+    """An index artifact's stored tile vectors [N, D] (its embedding shards, row i = row i of its
+    tiles.csv), tile centres [N, 2] and manifest (docs/INTERFACES.md); the artifact must have been
+    built with the model of ``fingerprint``."""
+    import csv
+
+    manifest_path = index / "manifest.json"
+    if not manifest_path.is_file():
+        raise ValueError(f"{index}: no manifest.json; not an index artifact (python -m index_build build)")
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("model_fingerprint") != fingerprint:
+        raise ValueError(f"{index} was built with model {manifest.get('model_fingerprint')}, the checkpoint is "
+                         f"{fingerprint}: rebuild the index with this checkpoint")
+    with open(index / "tiles.csv", newline="") as fh:
+        latlon = np.array([(float(r["lat"]), float(r["lon"])) for r in csv.DictReader(fh)], np.float64)
+    vectors = np.concatenate([np.load(index / shard["file"]).astype(np.float32) for shard in manifest["shards"]])
+    if len(vectors) != len(latlon) or len(latlon) != manifest["count"]:
+        raise ValueError(f"{index}: {len(vectors)} stored vectors, {len(latlon)} tiles and a manifest count of "
+                         f"{manifest['count']} disagree")
+    return vectors, latlon, manifest
+
+
+def evaluate_anywhere(checkpoint: Path, data: Path, index: Path, device: str = "auto", workers: int = 2,
+                      limit: int = 0, tile_m: float | None = None, near_radius_m: float = 0.0,
+                      candidates: int = 20, temperature: float | None = None, scores_out: Path | None = None) -> dict:
+    """Cameras anywhere (``data``/queries.csv, e.g. a worldgen --layout grid region) against the tiles
+    of an index artifact built from that region (e.g. cut by index_build tile): the true tile of a
+    query is the one whose centre is nearest to it. R@1/5/10/1%, the error of the top-1 tile centre
+    and of the refined position (over the top ``candidates``), and the same per offset of the camera
+    from its nearest tile centre. ``near_radius_m`` > 0 adds the same with a prior: each query searched
+    exactly among the tiles within that radius of its true position. ``tile_m``: default the
+    manifest's (else 100 m). ``scores_out``: save the similarities and positions (.npz) for tuning."""
+    from .inference import InferenceEncoder
+    from .metrics import POSITION_TEMPERATURE, recall_from_counts, rows_within
+    from .preprocess import load_ground_image
+
+    model = load_checkpoint(checkpoint)
+    dev = pick_device(device)
+    model.to(dev)
+    paths, true_ll = read_query_csv(data)
+    if limit:
+        paths, true_ll = paths[:limit], true_ll[:limit]
+    gallery, tile_ll, manifest = read_index_gallery(index, model.fingerprint())
+    tile_m = float(tile_m or manifest.get("tile_m") or TILE_FOOTPRINT_M)
+    stride_m = float(manifest.get("stride_m") or tile_m / 2)
+    temperature = POSITION_TEMPERATURE if temperature is None else temperature
+
+    def load(path):
+        return np.asarray(load_ground_image(path, model.config))
+
+    if workers > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(workers) as pool:
+            views = np.stack(list(pool.map(load, paths)))
+    else:
+        views = np.stack([load(p) for p in paths])
+    queries = _encode_views(InferenceEncoder(model, dev), "ground", views)
+    scores = queries @ gallery.T  # [Q, N]
+    # true tile: the nearest centre (exact haversine over every tile)
+    dist = np.stack([haversine_m(lat, lon, tile_ll[:, 0], tile_ll[:, 1]) for lat, lon in true_ll])
+    truth = dist.argmin(axis=1)
+    offset = dist[np.arange(len(truth)), truth]
+    if scores_out is not None:
+        np.savez_compressed(scores_out, scores=scores, tile_latlon=tile_ll, true_latlon=true_ll, truth=truth)
+    result = {"n": len(paths), "tiles": len(tile_ll), "data": str(data), "index": str(index),
+              "checkpoint": str(checkpoint), "fingerprint": model.fingerprint(), "tile_m": tile_m,
+              "stride_m": stride_m, "offset_median_m": float(np.median(offset)), "offset_max_m": float(offset.max())}
+
+    def block(sims) -> tuple[dict, dict]:
+        rows = np.arange(len(sims))
+        counts = (sims > sims[rows, truth][:, None]).sum(axis=1)
+        out = recall_from_counts(counts, len(tile_ll))
+        pos = position_report(sims, tile_ll, tile_m, candidates, true_latlon=true_ll, temperature=temperature,
+                              errors=True)
+        errs = pos.pop("errors_m")
+        out["position"] = pos
+        return out, {"hit": counts == 0, **errs}
+
+    result["unrestricted"], detail = block(scores)
+    # per offset of the camera from its true tile's centre: a quarter and a half stride (the farthest a
+    # camera can be is stride / sqrt(2))
+    edges = (0.0, stride_m / 4, stride_m / 2, np.inf)
+    result["by_offset"] = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        sel = (offset >= lo) & (offset < hi)
+        if sel.any():
+            result["by_offset"].append({"from_m": lo, "to_m": None if np.isinf(hi) else hi, "n": int(sel.sum()),
+                                        "r1": float(detail["hit"][sel].mean()),
+                                        "top1_median_m": float(np.median(detail["top1"][sel])),
+                                        "refined_median_m": float(np.median(detail["refined"][sel]))})
+    if near_radius_m > 0:
+        masked = np.full_like(scores, -np.inf)
+        within = []
+        for i, (lat, lon) in enumerate(true_ll):
+            rows = rows_within(tile_ll[:, 0], tile_ll[:, 1], lat, lon, near_radius_m)
+            masked[i, rows] = scores[i, rows]
+            within.append(len(rows))
+        if not np.isfinite(masked[np.arange(len(truth)), truth]).all():
+            raise ValueError(f"--near-radius-m {near_radius_m:g} leaves some query without its true tile")
+        result["prior"], _ = block(masked)
+        result["prior"].update(radius_m=near_radius_m, tiles_within_median=float(np.median(within)))
+    return result
+
+
+def print_anywhere(result: dict) -> None:
+    print(f"{result['checkpoint']} on {result['data']}: {result['n']} cameras anywhere against {result['tiles']} "
+          f"tiles of {result['index']} ({result['tile_m']:g} m every {result['stride_m']:g} m; camera to its nearest "
+          f"tile centre: median {result['offset_median_m']:.1f} m, at most {result['offset_max_m']:.1f} m)")
+    pct = lambda v: f"{v * 100:.1f}"  # noqa: E731
+    print("| search | R@1 | R@5 | R@10 | R@1% | position | median m | mean m | <=10 m | <=25 m | <=50 m | <=100 m |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for key, name in (("unrestricted", "whole index"), ("prior", "prior")):
+        if key not in result:
+            continue
+        r = result[key]
+        label = name if key == "unrestricted" else f"within {r['radius_m']:g} m of the truth"
+        for pos_name, e in (("top-1 tile centre", r["position"]["top1"]), ("refined", r["position"]["refined"])):
+            print(f"| {label} | {pct(r['r1'])} | {pct(r['r5'])} | {pct(r['r10'])} | {pct(r['r1pct'])} | {pos_name} | "
+                  f"{e['median_error_m']:.1f} | {e['mean_error_m']:.1f} | {pct(e['within_10m'])} | "
+                  f"{pct(e['within_25m'])} | {pct(e['within_50m'])} | {pct(e['within_100m'])} |")
+    print("| camera offset from the nearest tile centre | cameras | R@1 | top-1 centre median m | refined median m |")
+    print("|---|---|---|---|---|")
+    for b in result["by_offset"]:
+        span = f"{b['from_m']:g}-{b['to_m']:g} m" if b["to_m"] is not None else f">= {b['from_m']:g} m"
+        print(f"| {span} | {b['n']} | {pct(b['r1'])} | {b['top1_median_m']:.1f} | {b['refined_median_m']:.1f} |")
+
+
 def _headings(rotations: int) -> np.ndarray:
     from .views import rotation_headings
 
@@ -237,8 +393,21 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--seed", type=int, default=0, help="seed of the random headings of the crops")
     v.add_argument("--ambiguity-margin", type=float, default=0.02,
                    help="report how answers whose best match beats the best one 150 m away by less are right")
-    p.add_argument("--tile-m", type=float, default=TILE_FOOTPRINT_M,
-                   help="the aerial tiles' footprint in metres (world.json's tile_footprint_m), for the refined position")
+    p.add_argument("--tile-m", type=float, default=None,
+                   help="the aerial tiles' footprint in metres (world.json's tile_footprint_m), for the refined position "
+                        f"(default: with --index the manifest's tile_m, else {TILE_FOOTPRINT_M:g})")
+    a = p.add_argument_group("cameras anywhere (--index: --data holds queries.csv, e.g. worldgen --layout grid)")
+    a.add_argument("--index", type=Path,
+                   help="an index artifact built from the region's tiles (index_build tile + build): the gallery; "
+                        "a query's true tile is the one whose centre is nearest to it (--split, --dataset and the "
+                        "field-of-view options do not apply)")
+    a.add_argument("--near-radius-m", type=float, default=0.0,
+                   help="also search each query exactly among the tiles within this radius of its true position "
+                        "(a location prior, as the API's near/radius_m); 0: not")
+    a.add_argument("--candidates", type=int, default=20, help="top matches the refined position is made from")
+    a.add_argument("--temperature", type=float, default=None,
+                   help="softmax temperature of the refined position (default model.metrics.POSITION_TEMPERATURE)")
+    a.add_argument("--save-scores", type=Path, help="write the similarities and positions here (.npz)")
     v.add_argument("--queries", type=int, default=0,
                    help="only the first N pairs are queries, matched against every tile of the split (0: all)")
     v.add_argument("--photos", type=Path,
@@ -248,12 +417,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.index is None and (args.near_radius_m or args.save_scores or args.temperature is not None):
+        parser.error("--near-radius-m, --temperature and --save-scores need --index")
+    if args.index is not None:
+        try:
+            result = evaluate_anywhere(args.checkpoint, args.data, args.index, args.device, args.workers, args.limit,
+                                       tile_m=args.tile_m, near_radius_m=args.near_radius_m,
+                                       candidates=args.candidates, temperature=args.temperature,
+                                       scores_out=args.save_scores)
+        except (CheckpointError, ConfigError, ValueError, OSError, KeyError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        if args.json:
+            print(json.dumps(result, sort_keys=True))
+        else:
+            print_anywhere(result)
+        return 0
     try:
         result = evaluate(args.checkpoint, args.data, args.dataset, args.split, args.device, args.limit, args.plot,
                           args.workers, fov=args.fov, heading=args.heading, rotations=args.rotations,
                           method=args.method, seed=args.seed, photos=args.photos, queries=args.queries,
-                          ambiguity_margin=args.ambiguity_margin, tile_m=args.tile_m)
+                          ambiguity_margin=args.ambiguity_margin, tile_m=args.tile_m or TILE_FOOTPRINT_M)
     except (CheckpointError, ConfigError, TrainingError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

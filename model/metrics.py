@@ -139,10 +139,11 @@ def local_xy_m(lat, lon, lat0: float, lon0: float) -> np.ndarray:
     return np.column_stack([(lon - lon0) * k * math.cos(math.radians(lat0)), (lat - lat0) * k])
 
 
-def refine_position(scores, latlon, tile_m: float = TILE_FOOTPRINT_M) -> tuple[float, float, float]:
+def refine_position(scores, latlon, tile_m: float = TILE_FOOTPRINT_M, temperature: float = POSITION_TEMPERATURE,
+                    consistent_tiles: float = CONSISTENT_TILES) -> tuple[float, float, float]:
     """(lat, lon, uncertainty in metres) from ranked matches (scores [K], best first; tile centres
-    latlon [K, 2]): the softmax(score / POSITION_TEMPERATURE)-weighted centre of the best match and
-    of the matches within CONSISTENT_TILES footprints of it (the others show another place); the
+    latlon [K, 2]): the softmax(score / ``temperature``)-weighted centre of the best match and
+    of the matches within ``consistent_tiles`` footprints of it (the others show another place); the
     uncertainty is the weighted RMS distance of those centres to it, at least a quarter tile."""
     s = np.asarray(scores, dtype=np.float64)
     ll = np.asarray(latlon, dtype=np.float64).reshape(-1, 2)
@@ -150,8 +151,11 @@ def refine_position(scores, latlon, tile_m: float = TILE_FOOTPRINT_M) -> tuple[f
         raise ValueError(f"refine_position needs as many scores as centres, at least one (got {len(s)}, {len(ll)})")
     lat0, lon0 = float(ll[0, 0]), float(ll[0, 1])
     xy = local_xy_m(ll[:, 0], ll[:, 1], lat0, lon0)
-    near = np.hypot(xy[:, 0], xy[:, 1]) <= CONSISTENT_TILES * tile_m
-    w = np.exp((s[near] - s[0]) / POSITION_TEMPERATURE)  # the best match's weight is 1: no overflow
+    if not (temperature > 0 and consistent_tiles >= 0):
+        raise ValueError(f"refine_position: temperature {temperature:g} must be > 0, consistent_tiles "
+                         f"{consistent_tiles:g} >= 0")
+    near = np.hypot(xy[:, 0], xy[:, 1]) <= consistent_tiles * tile_m
+    w = np.exp((s[near] - s[0]) / temperature)  # the best match's weight is 1: no overflow
     w /= w.sum()
     centre = w @ xy[near]
     spread = math.sqrt(float(w @ np.sum((xy[near] - centre) ** 2, axis=1)))
@@ -181,15 +185,27 @@ def error_summary(error_m) -> dict[str, float]:
             **{f"within_{c}m": float((e <= c).mean()) for c in ERROR_CUTOFFS_M}}
 
 
-def position_report(scores, latlon, tile_m: float = TILE_FOOTPRINT_M, candidates: int = 20, truth=None) -> dict:
+def position_report(scores, latlon, tile_m: float = TILE_FOOTPRINT_M, candidates: int = 20, truth=None,
+                    true_latlon=None, temperature: float = POSITION_TEMPERATURE,
+                    consistent_tiles: float = CONSISTENT_TILES, errors: bool = False) -> dict:
     """Localisation error of the refined position (`refine_position` over each query's top
     ``candidates``) and of the top-1 tile centre: scores [Q, N] of Q queries whose true place is
-    that of gallery item ``truth[i]`` (default i; latlon [N, 2])."""
+    ``true_latlon[i]`` (a camera anywhere, [Q, 2]) or else that of gallery item ``truth[i]``
+    (default i; latlon [N, 2]). A score of -inf marks a tile the query may not match (a prior's
+    radius): it is never a candidate. ``errors``: also each query's errors in metres (arrays)."""
     s = np.asarray(scores, dtype=np.float32)
     ll = np.asarray(latlon, dtype=np.float64)
     top = np.argsort(-s, axis=1)[:, :candidates]
-    truth = ll[:len(s)] if truth is None else ll[np.asarray(truth)]
-    refined = np.array([refine_position(s[i, row], ll[row], tile_m)[:2] for i, row in enumerate(top)])
-    return {"refined": error_summary(haversine_m(truth[:, 0], truth[:, 1], refined[:, 0], refined[:, 1])),
-            "top1": error_summary(haversine_m(truth[:, 0], truth[:, 1], ll[top[:, 0], 0], ll[top[:, 0], 1])),
-            "tile_m": tile_m, "candidates": candidates}
+    if true_latlon is not None:
+        truth = np.asarray(true_latlon, dtype=np.float64).reshape(-1, 2)
+    else:
+        truth = ll[:len(s)] if truth is None else ll[np.asarray(truth)]
+    refined = np.array([refine_position(s[i, row][np.isfinite(s[i, row])], ll[row][np.isfinite(s[i, row])], tile_m,
+                                        temperature, consistent_tiles)[:2] for i, row in enumerate(top)])
+    refined_err = haversine_m(truth[:, 0], truth[:, 1], refined[:, 0], refined[:, 1])
+    top1_err = haversine_m(truth[:, 0], truth[:, 1], ll[top[:, 0], 0], ll[top[:, 0], 1])
+    out = {"refined": error_summary(refined_err), "top1": error_summary(top1_err), "tile_m": tile_m,
+           "candidates": candidates, "temperature": temperature, "consistent_tiles": consistent_tiles}
+    if errors:
+        out["errors_m"] = {"refined": refined_err, "top1": top1_err}
+    return out

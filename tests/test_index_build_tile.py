@@ -407,9 +407,48 @@ def test_the_catalogue_builds_an_index(tmp_path, capsys):
                            "--device", "cpu", "--quiet", "--json"],
                           capture_output=True, text=True, env=subprocess_env(), cwd=REPO, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads(proc.stdout)["manifest"]["count"] == len(rows)
+    manifest = json.loads(proc.stdout)["manifest"]
+    assert manifest["count"] == len(rows)
+    # the footprint and stride from tiling.json: the service refines positions with them
+    assert (manifest["tile_m"], manifest["stride_m"]) == (100.0, 50.0)
     with open(index / "tiles.csv", newline="") as f:
         built = list(csv.DictReader(f))
     assert [(b["tile_id"], float(b["lat"]), float(b["lon"]), b["grid_row"], b["grid_col"]) for b in built] == \
         [(r["tile_id"], float(r["lat"]), float(r["lon"]), r["grid_row"], r["grid_col"]) for r in rows]
     assert all(os.path.samefile(b["source"], out / r["path"]) for b, r in zip(built, rows))
+
+
+def test_tiling_record_is_read_only_beside_a_catalogue_of_index_build_tile(tmp_path):
+    from index_build.build import BuildError, catalogue_tiling
+
+    csv_path = tmp_path / "tiles.csv"
+    csv_path.write_text("tile_id,lat,lon,path\n")
+    assert catalogue_tiling(str(csv_path)) is None  # a hand-made catalogue: no footprint recorded
+    (tmp_path / "tiling.json").write_text(json.dumps({"format": "index_build-tiling/1", "tile_m": 80, "stride_m": 30}))
+    assert catalogue_tiling(str(csv_path)) == {"tile_m": 80.0, "stride_m": 30.0}
+    (tmp_path / "tiling.json").write_text(json.dumps({"format": "something else", "tile_m": 80}))
+    assert catalogue_tiling(str(csv_path)) is None
+    for bad in ('{"format": "index_build-tiling/1", "tile_m": -5, "stride_m": 30}',
+                '{"format": "index_build-tiling/1", "stride_m": 30}', "not json"):
+        (tmp_path / "tiling.json").write_text(bad)
+        with pytest.raises(BuildError, match="tiling.json") as exc:
+            catalogue_tiling(str(csv_path))
+        assert "\n" not in str(exc.value)
+
+
+def test_add_refuses_tiles_of_another_footprint(tmp_path, capsys):
+    raster, _, _ = marker_raster(tmp_path / "ortho.tif", "utm32n", height=400, width=400)
+    for name, tile_m in (("a", 100), ("b", 80)):
+        rc, _, err = run_tile(capsys, "--raster", raster, "--out", tmp_path / name, "--tile-m", tile_m,
+                              "--tile-px", 32, "--id-prefix", name)
+        assert rc == 0, err
+    ckpt = tmp_path / "micro.safetensors"
+    micro_checkpoint(ckpt)
+    common = ["--checkpoint", str(ckpt), "--out", str(tmp_path / "index"), "--workers", "0", "--batch-size", "8",
+              "--device", "cpu", "--quiet"]
+    assert cli.main(["build", "--catalog", str(tmp_path / "a" / "tiles.csv"), *common]) == 0
+    capsys.readouterr()
+    assert cli.main(["add", "--catalog", str(tmp_path / "b" / "tiles.csv"), *common]) != 0
+    err = capsys.readouterr().err
+    assert "tiles of 80 m" in err and "100 m tiles" in err, err
+    assert json.loads((tmp_path / "index" / "manifest.json").read_text())["count"] == len(read_catalogue(tmp_path / "a"))

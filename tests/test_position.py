@@ -73,3 +73,28 @@ def test_position_report_compares_the_refined_position_with_the_top1_centre():
     report = position_report(np.full((2, 2), 0.5), latlon)
     assert report["refined"]["median_error_m"] == pytest.approx(30.0, abs=0.01)
     assert report["top1"]["mean_error_m"] == pytest.approx(30.0, abs=0.01)  # one query right, one 60 m off
+
+
+def test_position_report_against_cameras_anywhere_and_a_prior():
+    # tiles every 50 m on a line; a camera 20 m east of the first tile
+    latlon = np.array([_at(50 * i, 0) for i in range(4)])
+    camera = np.array([_at(20, 0)])
+    scores = np.array([[0.80, 0.79, 0.10, 0.95]])  # the far tile 3 scores best
+    free = position_report(scores, latlon, true_latlon=camera)
+    assert free["top1"]["median_error_m"] == pytest.approx(130.0, abs=0.01)
+    # a prior that excludes tile 3 (-inf): tiles 0 and 1 are averaged, e^-1 weighs tile 1 at 0.01 lower
+    masked = np.where(np.arange(4) == 3, -np.inf, scores).astype(np.float32)
+    prior = position_report(masked, latlon, true_latlon=camera, errors=True)
+    w1 = math.exp(-0.01 / POSITION_TEMPERATURE)
+    assert prior["top1"]["median_error_m"] == pytest.approx(20.0, abs=0.01)
+    assert prior["refined"]["median_error_m"] == pytest.approx(abs(50 * w1 / (1 + w1) - 20), abs=0.05)
+    assert prior["errors_m"]["refined"].shape == (1,)
+    # a colder softmax follows the best tile; a hotter one tends to the mean of the tiles within 1.5 footprints
+    cold = position_report(masked, latlon, true_latlon=camera, temperature=1e-4)["refined"]["median_error_m"]
+    hot = position_report(masked, latlon, true_latlon=camera, temperature=10.0)["refined"]["median_error_m"]
+    w = np.exp((np.array([0.80, 0.79, 0.10]) - 0.80) / 10.0)
+    assert cold == pytest.approx(20.0, abs=0.01) and hot == pytest.approx(w @ [0, 50, 100] / w.sum() - 20, abs=0.05)
+    narrow = position_report(masked, latlon, true_latlon=camera, temperature=10.0, consistent_tiles=0.75)
+    assert narrow["refined"]["median_error_m"] == pytest.approx(5.0, abs=0.1)  # tile 2 (100 m) left out
+    with pytest.raises(ValueError, match="temperature"):
+        refine_position([0.9], [_at(0, 0)], temperature=0.0)

@@ -108,3 +108,21 @@ def test_exif_gps_is_used_only_when_asked_for_and_per_image_in_a_batch(client, w
     assert items[1]["near"] is None and len(items[1]["results"]) == 24  # no GPS: searched everywhere
     ids = [r["tile_id"] for r in items[1]["results"]]
     assert ids == [r["tile_id"] for r in _post(client, world.pano, "k=24").json()["results"]]
+
+
+def test_the_manifest_footprint_sets_the_refined_position(client, world, tmp_path):
+    """An index cut by `index_build tile --tile-m T` records tile_m: the position's uncertainty floor is a
+    quarter of it and only matches within 1.5 footprints of the best are averaged (100 m when absent)."""
+    import json
+    import shutil
+
+    copy = tmp_path / "artifact"
+    shutil.copytree(world.artifact_a.resolve(), copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    assert "tile_m" not in manifest  # a hand-made catalogue: the default footprint
+    manifest.update(tile_m=400.0, stride_m=200.0)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with running_client(settings_for(world, copy)) as wide:
+        position = _post(wide, world.pano, "k=24").json()["position"]
+    default = _post(client, world.pano, "k=24").json()["position"]
+    assert default["uncertainty_m"] < 100.0 <= position["uncertainty_m"]  # a quarter of 400 m

@@ -1,0 +1,102 @@
+"""model.evaluate --index: cameras anywhere against an index artifact's stored tile vectors, the true tile being
+the one whose centre is nearest; a location prior searches only the tiles within its radius."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from model import evaluate
+from test_index_build_support import micro_checkpoint
+
+LAT0, LON0 = 47.0, 8.0
+M_PER_DEG = math.radians(1.0) * 6_371_008.8
+
+
+def _at(east_m: float, north_m: float) -> tuple[float, float]:
+    return LAT0 + north_m / M_PER_DEG, LON0 + east_m / (M_PER_DEG * math.cos(math.radians(LAT0)))
+
+
+def _setup(tmp_path, swap: bool = False):
+    """3 x 3 tiles every 50 m; four cameras 10 m east of tiles 0, 4, 8 and 2. The artifact stores each
+    camera's own descriptor as its true tile's vector (``swap``: at another tile, 40 to 110 m from it)."""
+    import torch
+
+    from model import load_checkpoint
+    from model.inference import InferenceEncoder
+    from model.preprocess import load_ground_image
+
+    ckpt = tmp_path / "micro.safetensors"
+    fingerprint = micro_checkpoint(ckpt)
+    centres = [(50.0 * c, -50.0 * r) for r in range(3) for c in range(3)]
+    owners = [0, 4, 8, 2]
+    data = tmp_path / "queries"
+    (data / "streetview").mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    with open(data / "queries.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["query_id", "path", "lat", "lon"])
+        for i, t in enumerate(owners):
+            Image.fromarray((rng.random((64, 256, 3)) * 255).astype(np.uint8)).save(data / "streetview" / f"{i}.jpg")
+            lat, lon = _at(centres[t][0] + 10.0, centres[t][1])
+            w.writerow([i, f"streetview/{i}.jpg", repr(lat), repr(lon)])
+    model = load_checkpoint(ckpt)
+    views = np.stack([np.asarray(load_ground_image(data / "streetview" / f"{i}.jpg", model.config))
+                      for i in range(len(owners))])
+    queries = evaluate._encode_views(InferenceEncoder(model, torch.device("cpu")), "ground", views)
+    vectors = rng.normal(size=(len(centres), queries.shape[1])).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    for q, t in enumerate(owners):
+        vectors[{0: 2, 4: 5, 8: 6, 2: 0}[t] if swap else t] = queries[q]
+    index = tmp_path / "index"
+    (index / "vectors").mkdir(parents=True)
+    np.save(index / "vectors" / "shard-00000.npy", vectors[:5])
+    np.save(index / "vectors" / "shard-00001.npy", vectors[5:])
+    with open(index / "tiles.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["tile_id", "lat", "lon", "source"])
+        for i, (x, y) in enumerate(centres):
+            w.writerow([f"t{i}", *map(repr, _at(x, y)), f"/tiles/{i}.jpg"])
+    manifest = {"model_fingerprint": fingerprint, "count": len(centres), "tile_m": 100.0, "stride_m": 50.0,
+                "shards": [{"file": "vectors/shard-00000.npy", "rows": 5}, {"file": "vectors/shard-00001.npy", "rows": 4}]}
+    (index / "manifest.json").write_text(json.dumps(manifest))
+    return ckpt, data, index
+
+
+def test_the_nearest_tile_is_the_true_one_and_errors_are_to_the_camera(tmp_path, capsys):
+    ckpt, data, index = _setup(tmp_path)
+    result = evaluate.evaluate_anywhere(ckpt, data, index, device="cpu", workers=1, near_radius_m=60.0)
+    free = result["unrestricted"]
+    assert (result["n"], result["tiles"], result["tile_m"], result["stride_m"]) == (4, 9, 100.0, 50.0)
+    assert result["offset_median_m"] == pytest.approx(10.0, abs=0.01)
+    assert free["r1"] == 1.0 and free["position"]["top1"]["median_error_m"] == pytest.approx(10.0, abs=0.01)
+    assert result["prior"]["r1"] == 1.0 and result["prior"]["tiles_within_median"] >= 3
+    assert [b["n"] for b in result["by_offset"]] == [4]  # every camera within a quarter stride
+    assert evaluate.main(["--checkpoint", str(ckpt), "--data", str(data), "--index", str(index), "--device", "cpu",
+                          "--workers", "1"]) == 0
+    assert "| whole index | 100.0 |" in capsys.readouterr().out
+
+
+def test_a_match_elsewhere_is_a_miss_unless_the_prior_excludes_it(tmp_path):
+    ckpt, data, index = _setup(tmp_path, swap=True)
+    result = evaluate.evaluate_anywhere(ckpt, data, index, device="cpu", workers=1, near_radius_m=60.0)
+    assert result["unrestricted"]["r1"] == 0.0
+    # the stored tiles are 90, 40, 110 and 110 m from the cameras
+    assert result["unrestricted"]["position"]["top1"]["median_error_m"] == pytest.approx(100.0, abs=0.5)
+    # within 60 m of the truth three of them are out of reach: every top-1 lies inside the radius
+    prior = result["prior"]["position"]["top1"]
+    assert prior["mean_error_m"] <= 60.0 and result["prior"]["r1"] < 1.0
+
+
+def test_an_index_of_another_model_is_refused(tmp_path, capsys):
+    ckpt, data, index = _setup(tmp_path)
+    other = tmp_path / "other.safetensors"
+    micro_checkpoint(other, seed=5)
+    assert evaluate.main(["--checkpoint", str(other), "--data", str(data), "--index", str(index),
+                          "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "rebuild the index with this checkpoint" in err and err.count("\n") == 1
