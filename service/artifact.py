@@ -20,7 +20,7 @@ import faiss
 import numpy as np
 
 from model.metrics import TILE_FOOTPRINT_M, match_margin, refine_position, rows_within
-from model.orientation import estimate_headings
+from model.orientation import RERANK_CANDIDATES, rerank
 
 from .schemas import IndexInfo, TileMatch
 
@@ -120,8 +120,11 @@ class ServedIndex:
         """Each query row's top ``k`` tiles, best first, with the view's heading at each tile where
         both the model (``columns``: the view's column features [n, W, C]; ``seen`` [n, pixel
         columns] what each view covers) and this index have orientation features. A row with a
-        prior in ``near`` is searched exactly among the tiles within its radius only."""
-        n = min(max(k, CANDIDATES), self.count)
+        prior in ``near`` is searched exactly among the tiles within its radius only. With both column
+        features, the best RERANK_CANDIDATES (or k) tiles are re-ranked by descriptor and column alignment
+        (model.orientation.rerank): their scores are then the combined ones."""
+        oriented = columns is not None and self.orientation is not None
+        n = min(max(k, CANDIDATES, RERANK_CANDIDATES if oriented else 0), self.count)
         near = near or [None] * len(vectors)
         free = [i for i, prior in enumerate(near) if prior is None]
         hits, within = {}, {}
@@ -139,9 +142,10 @@ class ServedIndex:
             score_row, row_row = score_row[found], row_row[found]
             top = row_row[:k]
             headings = [None] * len(top)
-            if columns is not None and self.orientation is not None and len(top):
-                headings = [float(h) for h in estimate_headings(
-                    columns[i], self.orientation[top].astype(np.float32), seen[i])]
+            if oriented and len(top):
+                ranked = rerank(score_row, columns[i], self.orientation[row_row].astype(np.float32), seen[i])
+                score_row, row_row = ranked.scores.astype(np.float32), row_row[ranked.order]
+                top, headings = row_row[:k], [float(h) for h in ranked.headings[:k]]
             latlon = np.column_stack([self.lat[row_row], self.lon[row_row]])
             margin, j = match_margin(score_row, latlon, DISTINCT_M)
             position = refine_position(score_row, latlon, self.tile_m) if len(row_row) else None
