@@ -8,12 +8,14 @@ on an unseen region; prints a Markdown table of mean (and per-seed) recalls.
 
 `views`: limited fields of view and unknown headings (issue 16). Each checkpoint (e.g. the same
 network before and after a fine-tune of the same budget) and each way of finding the heading (the
-orientation head, or descriptors of the aerial tiles / of the query at N turns) is evaluated on one
+orientation head, the head after re-ranking the best tiles by column alignment, or descriptors of the
+aerial tiles / of the query at N turns) is evaluated on one
 unseen region and gallery, for each field of view and heading mode; a Markdown table of R@1/5/10/1%,
-the ratio to the checkpoint's known-heading 360 degree R@1, and the median heading error:
+the ratio to the checkpoint's known-heading 360 degree R@1, and the median heading error. With
+`rerank` among the methods, the known-heading views are also re-ranked (a row of their own):
 
   python bench/ablation.py views --eval data/eval_world --checkpoint shipped=weights/l2ltr_tiny_demo.safetensors \
-      --checkpoint fov=runs/orientation/tiny_fov_head.safetensors --fov 360 180 90 70 --methods head aerial query
+      --checkpoint fov=runs/orientation/tiny_fov_head.safetensors --fov 360 180 90 70 --methods head rerank aerial query
 """
 from __future__ import annotations
 
@@ -49,8 +51,8 @@ def views_main(argv: list[str]) -> int:
     p.add_argument("--split", default="all", help="its split")
     p.add_argument("--checkpoint", action="append", required=True, metavar="NAME=PATH", help="checkpoints to compare")
     p.add_argument("--fov", type=float, nargs="+", default=[360, 180, 90, 70], help="fields of view, degrees")
-    p.add_argument("--methods", nargs="+", default=["head", "aerial", "query"],
-                   help="ways to find the heading: head, aerial, query (model.evaluate --method)")
+    p.add_argument("--methods", nargs="+", default=["head", "rerank", "aerial", "query"],
+                   help="ways to find the heading: head, rerank, aerial, query (model.evaluate --method)")
     p.add_argument("--rotations", type=int, default=16, help="turns searched by the aerial and query methods")
     p.add_argument("--queries", type=int, default=0, help="the first N pairs are the queries (0: all)")
     p.add_argument("--photos", help="a perspective world of the same region: its photos as queries too")
@@ -60,7 +62,7 @@ def views_main(argv: list[str]) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     def evaluate(name: str, checkpoint: str, extra: list[str]) -> dict:
-        key = out / (name + "_" + "_".join(extra).replace("-", "").replace(" ", "") + ".json")
+        key = out / (name + "_" + "_".join(extra).replace("-", "").replace(" ", "").replace("/", "_") + ".json")
         if not key.exists():
             cmd = [sys.executable, "-m", "model.evaluate", "--checkpoint", checkpoint, "--data", args.eval,
                    "--split", args.split, "--json", "--queries", str(args.queries), *extra]
@@ -75,8 +77,8 @@ def views_main(argv: list[str]) -> int:
         if args.photos:
             cases.append(("photos", ["--photos", args.photos]))
         for label, view in cases:
-            runs = [("known", "", [])] + [("unknown", m, ["--method", m, "--rotations", str(args.rotations)])
-                                          for m in args.methods]
+            runs = [("known", "", [])] + [("known", "rerank", ["--method", "rerank"])] * ("rerank" in args.methods) \
+                + [("unknown", m, ["--method", m, "--rotations", str(args.rotations)]) for m in args.methods]
             for heading, method, extra in runs:
                 try:
                     r = evaluate(name, checkpoint, [*view, "--heading", heading, *extra])

@@ -35,20 +35,24 @@ from .train import HelpFormatter, TrainingError, encode_arrays, load_pair_arrays
 
 HEADING_MODES = ("known", "unknown")
 # How the heading of a view is found: the orientation head's column alignment with the matched
-# tile (model.orientation), or descriptors of the aerial tiles or of the query at --rotations turns.
-METHODS = ("head", "aerial", "query")
+# tile (model.orientation), or descriptors of the aerial tiles or of the query at --rotations turns;
+# rerank: as head, after re-ranking the best tiles by descriptor and column alignment
+# (model.orientation.rerank; with a known heading too).
+METHODS = ("head", "aerial", "query", "rerank")
 
 
 def evaluate(checkpoint: Path, data: Path, dataset: str = "synthetic", split: str = "val", device: str = "auto",
              limit: int = 0, plot: Path | None = None, workers: int = 2, fov: float = 360.0,
              heading: str = "known", rotations: int = 16, method: str = "head", seed: int = 0,
              photos: Path | None = None, queries: int = 0, ambiguity_margin: float = 0.02,
-             tile_m: float = TILE_FOOTPRINT_M) -> dict:
+             tile_m: float = TILE_FOOTPRINT_M, rerank_k: int | None = None, rerank_weight: float | None = None) -> dict:
     """Retrieval of the split's panoramas (or, with ``photos``, of a perspective world's photos
     of the same places) against its aerial tiles. ``fov`` < 360 keeps that much of each panorama
     around a random heading; ``heading="unknown"`` searches the heading over ``rotations`` turns of
     the aerial tiles (``method="aerial"``) or of the query (``method="query"``) and reports its
-    error. ``queries``: only the first that many pairs are queries (against every tile of the split),
+    error; ``method="rerank"`` re-ranks each query's best ``rerank_k`` tiles by descriptor and column
+    alignment (model.orientation.rerank, ``rerank_weight``), for a known heading too. ``queries``: only the
+    first that many pairs are queries (against every tile of the split),
     e.g. for a perspective world rendered with `worldgen --panoramas N`. ``tile_m``: the tiles' footprint,
     for the refined position (model.metrics.refine_position)."""
     if heading not in HEADING_MODES or method not in METHODS:
@@ -62,7 +66,7 @@ def evaluate(checkpoint: Path, data: Path, dataset: str = "synthetic", split: st
     arrays = load_pair_arrays(records, model.config, f"preprocess {split}", workers=workers)
     result = {"n": len(records), "split": split, "data": str(data), "checkpoint": str(checkpoint),
               "fingerprint": model.fingerprint(), "fov": fov, "heading": heading}
-    plain = fov >= 360 and heading == "known" and photos is None and not queries
+    plain = fov >= 360 and heading == "known" and photos is None and not queries and method != "rerank"
     if plain:
         ground, aerial = encode_arrays(model, arrays, dev)
         result.update(retrieval_recall(ground, aerial))
@@ -73,7 +77,8 @@ def evaluate(checkpoint: Path, data: Path, dataset: str = "synthetic", split: st
     else:
         result.update(evaluate_views(model, arrays, records, dev, fov=fov, heading=heading, rotations=rotations,
                                      method=method, seed=seed, photos=photos, queries=queries,
-                                     ambiguity_margin=ambiguity_margin, tile_m=tile_m))
+                                     ambiguity_margin=ambiguity_margin, tile_m=tile_m, rerank_k=rerank_k,
+                                     rerank_weight=rerank_weight))
     if arrays.latlon is not None and plain:
         result["localization"] = localization_error(ground, aerial, arrays.latlon, arrays.latlon)
     if plot is not None and plain:
@@ -85,12 +90,13 @@ def evaluate(checkpoint: Path, data: Path, dataset: str = "synthetic", split: st
 
 def evaluate_views(model, arrays, records, device, *, fov: float, heading: str, rotations: int, method: str,
                    seed: int, photos: Path | None, queries: int = 0, ambiguity_margin: float = 0.02,
-                   tile_m: float = TILE_FOOTPRINT_M) -> dict:
+                   tile_m: float = TILE_FOOTPRINT_M, rerank_k: int | None = None,
+                   rerank_weight: float | None = None) -> dict:
     """Recalls (and heading errors) of limited-field-of-view or unknown-heading queries: panorama crops
     of ``fov`` degrees around a random heading, or the photos of a perspective world."""
     from .inference import InferenceEncoder
     from .metrics import count_closer_scores, recall_from_counts
-    from .orientation import shift_scores
+    from .orientation import RERANK_CANDIDATES, RERANK_WEIGHT, shift_scores
     from .views import (angle_difference, describe_rotations, limit_fov, match_over_rotations, refine_heading,
                         rotate_view)
 
@@ -107,21 +113,27 @@ def evaluate_views(model, arrays, records, device, *, fov: float, heading: str, 
     else:
         true_heading = np.random.default_rng(seed).uniform(0.0, 360.0, len(records))[:q]
         views = np.stack([limit_fov(rotate_view(g, h), fov) for g, h in zip(arrays.ground[:q], true_heading)])
-    if heading == "unknown" and method == "head" and getattr(model, "orientation", None) is None:
+    by_head = method == "rerank" or (heading == "unknown" and method == "head")
+    if by_head and getattr(model, "orientation", None) is None:
         raise ValueError(f"{model.config.name}: this checkpoint has no orientation head (python -m model.orientation); "
                          "use --method aerial or query")
-    out: dict = {"queries": int(q), "rotations": rotations if heading == "unknown" and method != "head" else None,
-                 "method": method if heading == "unknown" else None}
-    if heading == "known":  # placed at its true heading: compared with the tiles as they are
-        if photos is None:
-            views = np.stack([rotate_view(v, -h) for v, h in zip(views, true_heading)])
+    out: dict = {"queries": int(q), "rotations": rotations if heading == "unknown" and not by_head else None,
+                 "method": method if heading == "unknown" or method == "rerank" else None}
+    if heading == "known" and photos is None:  # placed at its true heading: compared with the tiles as they are
+        views = np.stack([rotate_view(v, -h) for v, h in zip(views, true_heading)])
+    if heading == "known" and method != "rerank":
         scores = encode_ground(views) @ encode_aerial(arrays.aerial).T
-    elif method == "head":  # one descriptor each; the heading from the columns of the best tile
+    elif by_head:  # one descriptor each; the heading from the columns of the best tile
         queries, query_columns = _encode_views(encoder, "ground", views, columns=True)
         aerial, aerial_columns = _encode_views(encoder, "aerial", arrays.aerial, columns=True)
         scores = queries @ aerial.T
         valid = _view_columns(views, query_columns.shape[1])
         per_rotation = lambda i, j: shift_scores(query_columns[i:i + 1], aerial_columns[j], valid[i:i + 1])[0]  # noqa: E731
+        if method == "rerank":
+            k = RERANK_CANDIDATES if rerank_k is None else rerank_k
+            weight = RERANK_WEIGHT if rerank_weight is None else rerank_weight
+            scores = reranked_scores(scores, query_columns, aerial_columns, valid, k, weight)
+            out["rerank"] = {"candidates": k, "weight": weight}
     elif method == "aerial":
         rotated = describe_rotations(encode_aerial, arrays.aerial, rotations)  # [R, N, D]
         queries = encode_ground(views)
@@ -296,6 +308,28 @@ def print_anywhere(result: dict) -> None:
         print(f"| {span} | {b['n']} | {pct(b['r1'])} | {b['top1_median_m']:.1f} | {b['refined_median_m']:.1f} |")
 
 
+def reranked_scores(scores: np.ndarray, query_columns: np.ndarray, aerial_columns: np.ndarray, valid: np.ndarray,
+                    k: int, weight: float) -> np.ndarray:
+    """Scores [Q, N] whose order is each query's best ``k`` tiles re-ranked by model.orientation.rerank,
+    above the rest in their descriptor order: the re-ranked get their combined score lifted by one
+    constant per query, so the differences among them (the confidence margin, the refined position's
+    weights) are those of the combined scores."""
+    from .orientation import rerank
+
+    if k < 1:
+        raise ValueError(f"rerank candidates must be >= 1, got {k}")
+    out = np.array(scores, dtype=np.float64)
+    k = min(k, out.shape[1])
+    for i, row in enumerate(out):
+        top = np.argpartition(-row, k - 1)[:k]
+        top = top[np.argsort(-row[top], kind="stable")]
+        result = rerank(row[top], query_columns[i], aerial_columns[top], valid[i], weight=weight)
+        rest = np.delete(row, top)
+        lift = max(0.0, (rest.max() if len(rest) else 0.0) - result.scores.min()) + 1.0
+        row[top[result.order]] = result.scores + lift
+    return out
+
+
 def _headings(rotations: int) -> np.ndarray:
     from .views import rotation_headings
 
@@ -389,7 +423,13 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--method", choices=METHODS, default="head",
                    help="with --heading unknown, how the heading is found: head: the orientation head aligns the "
                         "view's columns with the best tile's (one encoding, the checkpoint needs the head); "
-                        "aerial / query: descriptors of the tiles / of the query at --rotations turns")
+                        "aerial / query: descriptors of the tiles / of the query at --rotations turns; rerank: as "
+                        "head, after re-ranking the best --rerank-k tiles by descriptor and column alignment "
+                        "(also with --heading known)")
+    v.add_argument("--rerank-k", type=int, help="tiles re-ranked by --method rerank (default: "
+                                               "model.orientation.RERANK_CANDIDATES)")
+    v.add_argument("--rerank-weight", type=float, help="share of the column alignment in --method rerank's score "
+                                                       "(default: model.orientation.RERANK_WEIGHT)")
     v.add_argument("--seed", type=int, default=0, help="seed of the random headings of the crops")
     v.add_argument("--ambiguity-margin", type=float, default=0.02,
                    help="report how answers whose best match beats the best one 150 m away by less are right")
@@ -439,7 +479,8 @@ def main(argv: list[str] | None = None) -> int:
         result = evaluate(args.checkpoint, args.data, args.dataset, args.split, args.device, args.limit, args.plot,
                           args.workers, fov=args.fov, heading=args.heading, rotations=args.rotations,
                           method=args.method, seed=args.seed, photos=args.photos, queries=args.queries,
-                          ambiguity_margin=args.ambiguity_margin, tile_m=args.tile_m or TILE_FOOTPRINT_M)
+                          ambiguity_margin=args.ambiguity_margin, tile_m=args.tile_m or TILE_FOOTPRINT_M,
+                          rerank_k=args.rerank_k, rerank_weight=args.rerank_weight)
     except (CheckpointError, ConfigError, TrainingError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -452,7 +493,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"R@1 {result['r1'] * 100:.2f}  R@5 {result['r5'] * 100:.2f}  R@10 {result['r10'] * 100:.2f}  "
           f"R@1% {result['r1pct'] * 100:.2f}")
     if "heading_error_median_deg" in result and result["heading_error_median_deg"] is not None:
-        how = "orientation head" if result["method"] == "head" else \
+        how = "orientation head" if result["method"] == "head" else "orientation head after the re-rank" \
+            if result["method"] == "rerank" else \
             f"{result['rotations']} rotations, turning the {result['method']}"
         print(f"heading ({how}): median error "
               f"{result['heading_error_median_deg']:.1f} deg over the correctly localised queries, within 10 deg "

@@ -20,6 +20,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -56,15 +57,16 @@ def shift_scores(ground: torch.Tensor | np.ndarray, aerial: torch.Tensor | np.nd
     """Column features of views [B, W, C] and of their tiles [B, W, C] (or one tile [W, C] for all)
     -> [B, W]: for each shift s, the mean over the view's valid columns w of <view[w], tile[w + s]>.
     The best shift s is the view's heading, s * 360 / W degrees."""
-    g = torch.from_numpy(np.array(ground, dtype=np.float32))  # a copy: broadcast views are read-only
-    a = torch.from_numpy(np.array(aerial, dtype=np.float32))
+    g = np.asarray(ground.detach().cpu() if isinstance(ground, torch.Tensor) else ground, dtype=np.float32)
+    a = np.asarray(aerial.detach().cpu() if isinstance(aerial, torch.Tensor) else aerial, dtype=np.float32)
     if a.ndim == 2:
-        a = a.expand(g.shape[0], -1, -1)
-    w = g.shape[1]
-    keep = torch.ones(g.shape[:2]) if valid is None else torch.as_tensor(np.asarray(valid), dtype=torch.float32)
-    keep = keep / keep.sum(dim=1, keepdim=True).clamp(min=1)
-    per_shift = torch.stack([(g * torch.roll(a, -s, dims=1)).sum(dim=2) for s in range(w)], dim=1)  # [B, S, W]
-    return (per_shift * keep[:, None, :]).sum(dim=2).numpy()
+        a = np.broadcast_to(a, g.shape)
+    b, w = g.shape[:2]
+    keep = np.ones((b, w), np.float32) if valid is None else np.array(np.broadcast_to(valid, (b, w)), np.float32)
+    keep /= np.maximum(keep.sum(axis=1, keepdims=True), 1.0)
+    gram = np.matmul(g, a.transpose(0, 2, 1))  # [B, W, W]: view column w . tile column v
+    shifted = (np.arange(w)[None, :] + np.arange(w)[:, None]) % w  # [S, W]: the tile column w + s
+    return np.einsum("bsw,bw->bs", gram[:, np.arange(w)[None, :], shifted], keep)
 
 
 def valid_columns(width: int, fov_deg: float) -> np.ndarray:
@@ -78,43 +80,112 @@ def heading_targets(headings_deg: np.ndarray, width: int) -> np.ndarray:
     return np.round(np.asarray(headings_deg) / 360.0 * width).astype(np.int64) % width
 
 
+def alignment_scores(view_columns: np.ndarray, tile_columns: np.ndarray, seen: np.ndarray | None = None) -> np.ndarray:
+    """One view's column features [W, C] against several tiles' [K, W, C] (its seen pixel columns
+    ``seen`` [W * 16] or token columns [W], None: all) -> [K, W]: `shift_scores` of the view at each tile."""
+    width = view_columns.shape[0]
+    tiles = np.asarray(tile_columns, dtype=np.float32)
+    if tiles.ndim != 3 or tiles.shape[1:] != np.shape(view_columns):
+        raise ValueError(f"tile columns must be [K, {width}, {np.shape(view_columns)[-1]}] like the view's "
+                         f"{np.shape(view_columns)}, got {tiles.shape}")
+    valid = None
+    if seen is not None:
+        seen = np.asarray(seen, dtype=bool)
+        if seen.size % width:
+            raise ValueError(f"seen has {seen.size} columns, not a multiple of the view's {width}")
+        valid = seen.reshape(width, -1).mean(axis=1) >= 0.5 if seen.size != width else seen
+    views = np.broadcast_to(np.asarray(view_columns, dtype=np.float32), tiles.shape)
+    return shift_scores(views, tiles, None if valid is None else np.broadcast_to(valid, tiles.shape[:2]))
+
+
 def estimate_headings(view_columns: np.ndarray, tile_columns: np.ndarray, seen: np.ndarray | None = None) -> np.ndarray:
     """One view's column features [W, C] against several tiles' [K, W, C] (its seen pixel columns
     ``seen`` [W * 16] or token columns [W], None: all) -> the view's heading at each tile, degrees
     clockwise from north of the view's centre column, as if it stood at that tile."""
     from .views import refine_heading
 
-    width = view_columns.shape[0]
-    valid = None
-    if seen is not None:
-        seen = np.asarray(seen, dtype=bool)
-        valid = seen.reshape(width, -1).mean(axis=1) >= 0.5 if seen.size != width else seen
-    tiles = np.asarray(tile_columns, dtype=np.float32)
-    views = np.broadcast_to(np.asarray(view_columns, dtype=np.float32), tiles.shape)
-    scores = shift_scores(views, tiles, None if valid is None else np.broadcast_to(valid, tiles.shape[:2]))
-    return np.array([refine_heading(row) for row in scores])
+    return np.array([refine_heading(row) for row in alignment_scores(view_columns, tile_columns, seen)])
+
+
+# Re-ranking by column alignment (tuned on the training region's held-out pairs: bench/rerank.py).
+RERANK_CANDIDATES = 50  # the best this many tiles by descriptor are re-ranked
+RERANK_WEIGHT = 0.5  # share of the column alignment in the re-ranking score
+
+
+class Reranked(NamedTuple):
+    """Candidates re-ranked by `rerank`; every array is in the new order, best first."""
+
+    order: np.ndarray  # [K] int: position of each in the candidate list given
+    scores: np.ndarray  # [K] the combined score (1 - weight) * descriptor score + weight * alignment
+    alignment: np.ndarray  # [K] the best column alignment of the view at each (mean cosine over its seen columns)
+    headings: np.ndarray  # [K] the view's heading at each, degrees clockwise from north (`estimate_headings`)
+
+
+def rerank(scores: np.ndarray, view_columns: np.ndarray, tile_columns: np.ndarray, seen: np.ndarray | None = None,
+           weight: float = RERANK_WEIGHT) -> Reranked:
+    """Re-rank a view's candidate tiles (descriptor scores [K], e.g. a search's best K; their column
+    features [K, W, C]) by how well the view's columns [W, C] align with each tile's at the best
+    circular shift: score = (1 - weight) * descriptor score + weight * alignment, both cosines, so the
+    score stays in [-1, 1]. A descriptor nearly blind to the heading can not tell a place from one that
+    looks alike in another direction; the alignment sees where things are around the camera. Returns
+    the new order with each candidate's score, alignment and the view's heading there."""
+    from .views import refine_heading
+
+    descriptor = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"weight must be in [0, 1], got {weight}")
+    if len(descriptor) != len(tile_columns):
+        raise ValueError(f"{len(descriptor)} scores for {len(tile_columns)} candidates' column features")
+    if len(descriptor) == 0:
+        empty = np.empty(0)
+        return Reranked(np.empty(0, np.int64), empty, empty, empty)
+    shifts = alignment_scores(view_columns, tile_columns, seen)  # [K, W]
+    alignment = shifts.max(axis=1).astype(np.float64)
+    combined = (1.0 - weight) * descriptor + weight * alignment
+    order = np.argsort(-combined, kind="stable")  # ties keep the descriptor's order
+    headings = np.array([refine_heading(shifts[j]) for j in order])
+    return Reranked(order, combined[order], alignment[order], headings)
 
 
 # --------------------------------------------------------------------------- training
 
-def _column_features(model, branch: str, views: np.ndarray, batch_size: int = 128) -> torch.Tensor:
-    """The frozen branch's final tokens of uint8 views [N, H, W, 3], averaged over rows: [N, Wg, D]."""
+def _column_features(model, branch: str, views: np.ndarray, batch_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frozen branch's final tokens of uint8 views [N, H, W, 3], averaged over rows [N, Wg, D], and
+    the views' descriptors (unit class tokens) [N, D]."""
     from .preprocess import normalize_uint8_batch
 
     grid = model.config.grid(branch)
     transformer = getattr(model, branch).transformer
+    columns, descriptors = [], []
     with torch.inference_mode():
-        return torch.cat([column_tokens(transformer(normalize_uint8_batch(views[s:s + batch_size])), grid)
-                          for s in range(0, len(views), batch_size)])
+        for s in range(0, len(views), batch_size):
+            tokens = transformer(normalize_uint8_batch(views[s:s + batch_size]))
+            columns.append(column_tokens(tokens, grid))
+            descriptors.append(F.normalize(tokens[:, 0].float(), dim=-1))
+    return torch.cat(columns), torch.cat(descriptors)
+
+
+def _tile_logits(g: torch.Tensor, a: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Views' column features [A, W, C] (valid-column weights ``keep`` [A, W], each row summing to 1)
+    against tiles' [T, W, C] -> [A, T, S]: each view's alignment with each tile at each shift."""
+    return torch.stack([(torch.einsum("awc,twc->atw", g, torch.roll(a, -s, dims=1)) * keep[:, None, :]).sum(dim=2)
+                        for s in range(g.shape[1])], dim=2)
 
 
 def train_orientation(checkpoint: Path, data: Path, out: Path, *, pairs: int = 4000, rotations: int = 4,
                       fov_augment: float = 0.6, fov_range: tuple[float, float] = (60.0, 240.0), dim: int = 64,
                       steps: int = 800, batch_size: int = 64, lr: float = 3e-3, seed: int = 0, workers: int = 2,
-                      dataset: str = "synthetic", split: str = "train", holdout: float = 0.1) -> dict:
+                      dataset: str = "synthetic", split: str = "train", holdout: float = 0.1,
+                      retrieval: float = 0.0, negatives: int = 3, neighbours: int = 20) -> dict:
     """Train an orientation head on the frozen network of ``checkpoint`` with ``pairs`` pairs of
     ``data``, each panorama turned to ``rotations`` random headings (a share ``fov_augment`` of them
-    cut to a random field of view); write the network with the head to ``out``."""
+    cut to a random field of view); write the network with the head to ``out``.
+
+    The loss finds each view's heading at its own tile (cross-entropy over the shifts). With
+    ``retrieval`` > 0 it also tells the view's tile from look-alikes, as `rerank` needs: each view's
+    best alignment (over the shifts) with its tile against that with ``negatives`` tiles drawn from
+    its ``neighbours`` nearest by descriptor (and the batch's other tiles), a cross-entropy weighted
+    ``retrieval``."""
     from .checkpoint import load_checkpoint, save_checkpoint
     from .train import load_pair_arrays, read_records
     from .views import angle_difference, limit_fov, refine_heading, rotate_view
@@ -129,10 +200,12 @@ def train_orientation(checkpoint: Path, data: Path, out: Path, *, pairs: int = 4
     headings = rng.uniform(0.0, 360.0, (n, rotations))
     fovs = np.where(rng.random((n, rotations)) < fov_augment, rng.uniform(*fov_range, (n, rotations)), 360.0)
     t0 = time.perf_counter()
-    aerial = _column_features(net, "aerial", arrays.aerial)
-    ground = torch.stack([_column_features(net, "ground", np.stack(
+    aerial, aerial_descriptors = _column_features(net, "aerial", arrays.aerial)
+    turned = [_column_features(net, "ground", np.stack(
         [limit_fov(rotate_view(arrays.ground[i], headings[i, r]), fovs[i, r]) for i in range(n)]))
-        for r in range(rotations)], dim=1)  # [N, R, Wg, D]
+        for r in range(rotations)]
+    ground = torch.stack([t[0] for t in turned], dim=1)  # [N, R, Wg, D]
+    ground_descriptors = torch.stack([t[1] for t in turned], dim=1)  # [N, R, D]
     valid = torch.as_tensor(np.stack([[valid_columns(width, f) for f in row] for row in fovs]), dtype=torch.float32)
     features_s = time.perf_counter() - t0
     head = OrientationHead(net.config.hidden_size, dim)
@@ -140,6 +213,12 @@ def train_orientation(checkpoint: Path, data: Path, out: Path, *, pairs: int = 4
     optimizer = torch.optim.Adam([*head.parameters(), scale], lr=lr)
     targets = torch.as_tensor(heading_targets(headings, width))
     train_rows = np.arange(n)[: int(n * (1 - holdout))]
+    if retrieval > 0:  # each view's nearest training tiles by descriptor, its own left out: the look-alikes
+        sims = ground_descriptors[train_rows] @ aerial_descriptors[train_rows].T  # [n_train, R, n_train]
+        sims[np.arange(len(train_rows)), :, np.arange(len(train_rows))] = -np.inf
+        hard = train_rows[sims.topk(min(neighbours, len(train_rows) - 1), dim=2).indices.numpy()]  # [n_train, R, M]
+        tile_scale = nn.Parameter(torch.tensor(3.0))
+        optimizer.add_param_group({"params": [tile_scale]})
     for step in range(steps):
         b = rng.choice(train_rows, batch_size)
         r = rng.integers(0, rotations, batch_size)
@@ -148,6 +227,14 @@ def train_orientation(checkpoint: Path, data: Path, out: Path, *, pairs: int = 4
         logits = torch.stack([((g * torch.roll(a, -s, dims=1)).sum(dim=2) * keep).sum(dim=1)
                               for s in range(width)], dim=1) * scale.exp()
         loss = F.cross_entropy(logits, targets[b, r])
+        if retrieval > 0:  # b indexes train_rows' first rows, which are train_rows themselves
+            picks = hard[b, r][np.arange(batch_size)[:, None], rng.integers(0, hard.shape[2], (batch_size, negatives))]
+            tiles = np.concatenate([b, picks.reshape(-1)])
+            aligned = _tile_logits(g, head.project(aerial[tiles], "aerial"), keep).amax(dim=2) * tile_scale.exp()
+            same = torch.as_tensor(tiles[None, :] == b[:, None])  # a tile twice in the batch: not a negative
+            same[np.arange(batch_size), np.arange(batch_size)] = False
+            loss = loss + retrieval * F.cross_entropy(aligned.masked_fill(same, float("-inf")),
+                                                      torch.arange(batch_size))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -162,17 +249,30 @@ def train_orientation(checkpoint: Path, data: Path, out: Path, *, pairs: int = 4
             errors.append(angle_difference(estimate, headings[test, r]))
             full.append(fovs[test, r] >= 360)
     errors, full = np.concatenate(errors), np.concatenate(full)
+    with torch.no_grad():  # among the held-out tiles: the best by descriptor, and after `rerank`
+        a = head.project(aerial[test], "aerial").numpy()
+        hits = {"descriptor": [], "rerank": []}
+        for r in range(rotations):
+            g = head.project(ground[test, r], "ground").numpy()
+            sims = (ground_descriptors[test, r] @ aerial_descriptors[test].T).numpy()
+            for i, row in enumerate(sims):
+                top = np.argsort(-row, kind="stable")[:neighbours]
+                hits["descriptor"].append(top[0] == i)
+                hits["rerank"].append(top[rerank(row[top], g[i], a[top], valid[test[i], r].numpy() > 0).order[0]] == i)
     report = {"pairs": n, "held_out": len(test), "features_s": round(features_s, 1), "final_loss": float(loss.detach()),
               "heading_error_median_deg_360": float(np.median(errors[full])) if full.any() else None,
               "heading_error_median_deg_limited": float(np.median(errors[~full])) if (~full).any() else None,
-              "within_10deg": float((errors <= 10).mean())}
+              "within_10deg": float((errors <= 10).mean()),
+              **{f"held_out_r1_{how}_{kind}": float(np.mean(np.asarray(h)[mask])) if mask.any() else None
+                 for how, h in hits.items() for kind, mask in (("360", full), ("limited", ~full))}}
     model = type(net)(net.config.replace(orientation_dim=dim))
     missing = model.load_state_dict(net.state_dict(), strict=False).missing_keys
     assert all(k.startswith("orientation.") for k in missing), missing
     model.orientation.load_state_dict(head.state_dict())
     provenance = {**(getattr(net, "provenance", None) or {}),
                   "orientation": {"data": str(data), "pairs": n, "rotations": rotations, "fov_augment": fov_augment,
-                                  "steps": steps, "seed": seed, "init": checkpoint.name, **report}}
+                                  "steps": steps, "seed": seed, "init": checkpoint.name, "retrieval": retrieval,
+                                  "negatives": negatives, "neighbours": neighbours, **report}}
     out.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(model, out, metadata=provenance)
     return report
@@ -198,6 +298,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=800, help="optimisation steps of --batch-size views")
     p.add_argument("--batch-size", type=int, default=64, help="views per step")
     p.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate")
+    p.add_argument("--retrieval", type=float, default=0.0,
+                   help="weight of the loss that tells a view's tile from look-alikes by column alignment (0: off)")
+    p.add_argument("--negatives", type=int, default=3, help="with --retrieval: look-alike tiles per view in a batch")
+    p.add_argument("--neighbours", type=int, default=20,
+                   help="look-alikes are drawn from each view's this many nearest tiles by descriptor")
     p.add_argument("--seed", type=int, default=0, help="seed of the sample, headings and head initialisation")
     p.add_argument("--workers", type=int, default=2, help="decoding threads")
     args = p.parse_args(argv)
@@ -205,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
         report = train_orientation(args.checkpoint, args.data, args.out, pairs=args.pairs, rotations=args.rotations,
                                    fov_augment=args.fov_augment, dim=args.dim, steps=args.steps,
                                    batch_size=args.batch_size, lr=args.lr, seed=args.seed, workers=args.workers,
-                                   dataset=args.dataset, split=args.split)
+                                   dataset=args.dataset, split=args.split, retrieval=args.retrieval,
+                                   negatives=args.negatives, neighbours=args.neighbours)
     except (CheckpointError, ConfigError, TrainingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -213,6 +319,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{report['heading_error_median_deg_360']} deg (360 degree views), "
           f"{report['heading_error_median_deg_limited']} deg (limited views); within 10 deg "
           f"{report['within_10deg'] * 100:.1f}%")
+    pct = lambda v: "-" if v is None else f"{v * 100:.1f}%"  # noqa: E731
+    print(f"held-out top-1 among the held-out tiles, by descriptor / after the re-rank: 360 degree views "
+          f"{pct(report['held_out_r1_descriptor_360'])} / {pct(report['held_out_r1_rerank_360'])}, limited views "
+          f"{pct(report['held_out_r1_descriptor_limited'])} / {pct(report['held_out_r1_rerank_limited'])}")
     return 0
 
 

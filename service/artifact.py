@@ -22,7 +22,7 @@ import faiss
 import numpy as np
 
 from model.metrics import TILE_FOOTPRINT_M, match_margin, refine_position, rows_within
-from model.orientation import estimate_headings
+from model.orientation import RERANK_CANDIDATES, rerank
 
 from .schemas import IndexInfo, TileMatch
 
@@ -123,9 +123,12 @@ class ServedIndex:
         """Each query row's top ``k`` tiles, best first, with the view's heading at each tile where
         both the model (``columns``: the view's column features [n, W, C]; ``seen`` [n, pixel
         columns] what each view covers) and this index have orientation features. A row with a
-        prior in ``near`` is searched exactly among the tiles within its radius only. A row whose
-        answer fails gets its exception in its place; the other rows are answered."""
-        n = min(max(k, CANDIDATES), self.count)
+        prior in ``near`` is searched exactly among the tiles within its radius only. With both column
+        features, the best RERANK_CANDIDATES (or k) tiles are re-ranked by descriptor and column alignment
+        (model.orientation.rerank): their scores are then the combined ones. A row whose answer fails
+        gets its exception in its place; the other rows are answered."""
+        oriented = columns is not None and self.orientation is not None
+        n = min(max(k, CANDIDATES, RERANK_CANDIDATES if oriented else 0), self.count)
         near = near or [None] * len(vectors)
         free = [i for i, prior in enumerate(near) if prior is None]
         hits = {}
@@ -155,7 +158,9 @@ class ServedIndex:
         top = rows[:k]
         headings = [None] * len(top)
         if columns is not None and self.orientation is not None and len(top):
-            headings = [float(h) for h in estimate_headings(columns, self.orientation[top].astype(np.float32), seen)]
+            ranked = rerank(scores, columns, self.orientation[rows].astype(np.float32), seen)
+            scores, rows = ranked.scores.astype(np.float32), rows[ranked.order]
+            top, headings = rows[:k], [float(h) for h in ranked.headings[:k]]
         latlon = np.column_stack([self.lat[rows], self.lon[rows]])
         margin, j = match_margin(scores, latlon, DISTINCT_M)
         position = refine_position(scores, latlon, self.tile_m) if len(rows) else None

@@ -908,6 +908,42 @@ def test_with_an_orientation_head_every_match_says_the_view_heading_there(world,
         assert all("heading_deg" in f["properties"] for f in geo["features"] if f["properties"]["kind"] == "match")
 
 
+def test_with_an_orientation_head_the_best_tiles_are_re_ranked_by_their_column_alignment(world, head_world):
+    import faiss
+
+    from model import load_checkpoint
+    from model.inference import InferenceEncoder
+    from model.orientation import RERANK_CANDIDATES, rerank
+    from model.views import place_view
+
+    checkpoint, artifact = head_world
+    net = load_checkpoint(checkpoint)
+    encoder = InferenceEncoder(net, branches=("ground",))
+    index = faiss.read_index(str(artifact / "index.faiss"))
+    tiles = index.reconstruct_n(0, index.ntotal)
+    stored = np.load(artifact / "orientation.npy").astype(np.float32)
+    ids = [r["tile_id"] for r in csv.DictReader(open(artifact / "tiles.csv"))]
+    cases = [(world.pano, "", {}), (_photo(), "&fov_deg=90&projection=perspective",
+                                     {"fov_deg": 90.0, "projection": "perspective"})]
+    moved = 0
+    with running_client(settings_for(world, artifact, checkpoint=checkpoint)) as client:
+        for image, query, placed in cases:
+            body = client.post(f"/localize?k=8{query}", files={"image": ("v.jpg", image, "image/jpeg")}).json()
+            # the same by hand: the best RERANK_CANDIDATES tiles by descriptor, then model.orientation.rerank
+            view, seen = place_view(image, net.config, **placed)
+            vector, columns = encoder.encode_uint8_with_columns(torch.from_numpy(view).permute(2, 0, 1)[None], "ground")
+            scores = tiles @ vector[0]
+            best = np.argsort(-scores, kind="stable")[:min(RERANK_CANDIDATES, len(ids))]
+            expected = rerank(scores[best], columns[0], stored[best], seen)
+            rows = best[expected.order][:8]
+            assert [m["tile_id"] for m in body["results"]] == [ids[r] for r in rows]
+            assert [m["score"] for m in body["results"]] == pytest.approx(expected.scores[:8].tolist(), abs=1e-4)
+            assert [m["heading_deg"] for m in body["results"]] == \
+                pytest.approx([round(float(h), 1) for h in expected.headings[:8]], abs=0.11)
+            moved += int((expected.order[:8] != np.arange(8)).any())
+    assert moved  # the re-rank changed an order: the test would see a service that skipped it
+
+
 def test_a_field_of_view_that_can_not_be_read_is_a_422_and_broken_exif_is_ignored(client, world):
     files = {"image": ("p.jpg", _photo(), "image/jpeg")}
     for query in ("fov_deg=200", "fov_deg=360&projection=perspective", "fov_deg=5"):

@@ -61,11 +61,58 @@ def test_shift_scores_and_estimated_headings_follow_the_turn():
     for turn in (0, 3, 11):
         view = np.roll(tile, -turn, axis=0)  # the view at heading turn * 22.5 sees tile column w + turn at w
         assert int(np.argmax(shift_scores(view[None], tile[None])[0])) == turn
-        assert estimate_headings(view, tile[None])[0] == pytest.approx(turn * 22.5, abs=5.0)
+        assert angle_difference(estimate_headings(view, tile[None])[0], turn * 22.5) <= 5.0  # 359.99 is near 0
     seen = valid_columns(16, 90.0)
     assert seen.sum() == 4 and seen[6:10].all()
     half = np.roll(tile, -5, axis=0) * seen[:, None]  # only the seen columns carry the view
     assert estimate_headings(half, tile[None], seen)[0] == pytest.approx(5 * 22.5, abs=5.0)  # within a column
+
+
+def _unit(rng, *shape) -> np.ndarray:
+    x = rng.standard_normal(shape).astype(np.float32)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def test_rerank_lifts_the_candidate_whose_columns_align_and_says_its_heading():
+    from model.orientation import rerank, valid_columns
+
+    rng = np.random.default_rng(3)
+    tiles = _unit(rng, 6, 16, 64)  # 6 candidates, 16 columns of 64-d features
+    descriptor = np.array([0.90, 0.88, 0.86, 0.84, 0.70, 0.82])  # the true tile (4) is fifth by descriptor
+    seen = valid_columns(16, 90.0)  # a 90 degree view: 4 token columns
+    view = np.roll(tiles[4], -5, axis=0) * seen[:, None]  # seen at heading 5 columns = 112.5 degrees
+    result = rerank(descriptor, view, tiles, seen, weight=0.5)
+    assert result.order[0] == 4 and sorted(result.order.tolist()) == list(range(6))
+    assert result.alignment[0] == pytest.approx(1.0, abs=1e-5)
+    assert result.headings[0] == pytest.approx(112.5, abs=1.0)
+    assert result.scores[0] == pytest.approx(0.5 * 0.70 + 0.5 * 1.0, abs=1e-5)
+    assert np.all(np.diff(result.scores) <= 0) and np.all(np.abs(result.scores) <= 1.0)
+    # every candidate keeps its own heading and alignment through the new order
+    for rank, j in enumerate(result.order):
+        one = rerank(descriptor[j:j + 1], view, tiles[j:j + 1], seen, weight=0.5)
+        assert one.headings[0] == pytest.approx(result.headings[rank])
+        assert one.alignment[0] == pytest.approx(result.alignment[rank])
+    # pixel columns (16 per token column) are read as the token columns they cover
+    pixels = np.repeat(seen, 16)
+    assert rerank(descriptor, view, tiles, pixels, weight=0.5).order.tolist() == result.order.tolist()
+    # weight 0: the descriptor order; a view that matches none of them leaves the best descriptor first
+    assert rerank(descriptor, view, tiles, seen, weight=0.0).order.tolist() == [0, 1, 2, 3, 5, 4]
+    stranger = np.roll(_unit(rng, 16, 64), -5, axis=0) * seen[:, None]
+    assert rerank(descriptor, stranger, tiles, seen, weight=0.5).order[0] == 0
+
+
+def test_rerank_refuses_what_it_can_not_combine():
+    from model.orientation import rerank
+
+    rng = np.random.default_rng(0)
+    tiles, view = _unit(rng, 3, 16, 8), _unit(rng, 16, 8)
+    with pytest.raises(ValueError, match="weight"):
+        rerank(np.zeros(3), view, tiles, weight=1.5)
+    with pytest.raises(ValueError, match="2 scores for 3"):
+        rerank(np.zeros(2), view, tiles)
+    with pytest.raises(ValueError, match="tile columns"):
+        rerank(np.zeros(3), view, tiles[:, :8])
+    assert len(rerank(np.zeros(0), view, tiles[:0]).order) == 0
 
 
 def test_match_margin_is_over_the_best_match_far_enough_away():
@@ -159,8 +206,28 @@ def test_the_orientation_head_is_saved_with_the_network_and_encoded_with_it(view
     assert InferenceEncoder(plain).encode_uint8_with_columns(images, "ground")[1] is None
 
 
+def test_the_head_can_also_learn_to_tell_its_tile_from_look_alikes(view_world, tmp_path):
+    from model import load_checkpoint
+    from model.orientation import train_orientation
+
+    world, base, plain_report = view_world
+    common = dict(pairs=24, rotations=2, steps=10, batch_size=8, workers=1, split="all", seed=5)
+    without = train_orientation(base / "plain.safetensors", world, tmp_path / "a.safetensors", **common)
+    report = train_orientation(base / "plain.safetensors", world, tmp_path / "b.safetensors", retrieval=1.0,
+                               negatives=2, neighbours=5, **common)
+    for key in ("held_out_r1_descriptor_360", "held_out_r1_rerank_360", "held_out_r1_rerank_limited"):
+        assert key in plain_report and key in report
+    assert all(0.0 <= v <= 1.0 for k, v in report.items() if k.startswith("held_out_r1") and v is not None)
+    assert report["held_out_r1_descriptor_360"] == without["held_out_r1_descriptor_360"]  # the same frozen network
+    a, b = load_checkpoint(tmp_path / "a.safetensors"), load_checkpoint(tmp_path / "b.safetensors")
+    assert b.provenance["orientation"]["retrieval"] == 1.0 and a.provenance["orientation"]["retrieval"] == 0.0
+    assert not torch.equal(a.orientation.ground.weight, b.orientation.ground.weight)  # the second loss took part
+
+
 @pytest.mark.parametrize("args", [["--heading", "unknown"], ["--fov", "90", "--heading", "unknown"],
-                                  ["--fov", "180"], ["--heading", "unknown", "--method", "aerial", "--rotations", "4"],
+                                  ["--fov", "180"], ["--fov", "90", "--heading", "unknown", "--method", "rerank"],
+                                  ["--fov", "180", "--method", "rerank"],
+                                  ["--heading", "unknown", "--method", "aerial", "--rotations", "4"],
                                   ["--heading", "unknown", "--method", "query", "--rotations", "4"]])
 def test_evaluate_reports_limited_views_and_heading_errors(view_world, capsys, args):
     from model import evaluate
@@ -175,12 +242,37 @@ def test_evaluate_reports_limited_views_and_heading_errors(view_world, capsys, a
         assert 0.0 <= result["heading_error_median_deg"] <= 180.0
 
 
+def test_evaluate_rerank_with_no_weight_is_the_head_and_with_weight_moves_answers(view_world, capsys):
+    from model import evaluate
+
+    world, base, _ = view_world
+    common = ["--checkpoint", str(base / "head.safetensors"), "--data", str(world), "--split", "all", "--workers", "1",
+              "--json", "--fov", "90", "--heading", "unknown"]
+
+    def run(*extra):
+        assert evaluate.main([*common, *extra]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    head = run("--method", "head")
+    same = run("--method", "rerank", "--rerank-weight", "0", "--rerank-k", "10")
+    assert same["rerank"] == {"candidates": 10, "weight": 0.0}
+    assert [same[k] for k in ("r1", "r5", "r10", "r1pct", "heading_error_median_deg")] == \
+        [head[k] for k in ("r1", "r5", "r10", "r1pct", "heading_error_median_deg")]
+    alone = run("--method", "rerank", "--rerank-weight", "1", "--rerank-k", "24")  # alignment alone decides
+    assert alone["r1"] != head["r1"] or alone["r5"] != head["r5"] or alone["confidence"] != head["confidence"]
+    assert evaluate.main([*common, "--method", "rerank", "--rerank-k", "0"]) == 1
+    assert "candidates must be >= 1" in capsys.readouterr().err
+
+
 def test_evaluate_needs_the_head_for_the_head_method(view_world, capsys):
     from model import evaluate
 
     world, base, _ = view_world
     assert evaluate.main(["--checkpoint", str(base / "plain.safetensors"), "--data", str(world), "--split", "all",
                           "--workers", "1", "--heading", "unknown"]) == 1
+    assert "no orientation head" in capsys.readouterr().err
+    assert evaluate.main(["--checkpoint", str(base / "plain.safetensors"), "--data", str(world), "--split", "all",
+                          "--workers", "1", "--method", "rerank"]) == 1  # a known heading is re-ranked by it too
     assert "no orientation head" in capsys.readouterr().err
 
 
