@@ -390,10 +390,12 @@ def test_two_server_processes_answer_and_add_up_their_metrics(world, tmp_path):
     try:
         answered = 0
         with httpx.Client(base_url=proc.url, timeout=30) as c:
-            deadline = time.monotonic() + 60  # both workers load their model and index
-            while time.monotonic() < deadline:
-                if len(_workers(proc.proc.pid)) == 2 and all(c.get("/readyz").status_code == 200 for _ in range(4)):
-                    break
+            # both workers load their model and index; geoloc_ready is the minimum over the live processes
+            # (asking /readyz a few times may reach the same process every time)
+            deadline = time.monotonic() + 90
+            while not (len(_workers(proc.proc.pid)) == 2 and c.get("/readyz").status_code == 200
+                       and metric_value(c.get("/metrics").text, "geoloc_ready") == 1):
+                assert time.monotonic() < deadline, "the two workers were not both ready within 90 s"
                 time.sleep(0.2)
             for _ in range(12):
                 assert _post(c, world.pano).status_code == 200
