@@ -40,6 +40,18 @@ def _images(n: int = 1):
     return lambda: (torch.zeros(n, 3, 32, 128, dtype=torch.uint8), np.ones((n, 128), bool))
 
 
+def _in_one_batch(engine, *jobs: dict) -> list:
+    """Queue ``engine.localize(**job)`` for each job while the engine is paused, so that they meet in one
+    micro-batch; their results or exceptions, in order."""
+    async def scenario():
+        with engine.paused():
+            futures = [asyncio.ensure_future(engine.localize(**job)) for job in jobs]
+            await asyncio.sleep(0.05)
+        return await asyncio.gather(*futures, return_exceptions=True)
+
+    return asyncio.run(scenario())
+
+
 def test_two_executor_threads_compute_two_batches_at_once(world):
     both_inside = threading.Barrier(2, timeout=10)
     threads = set()
@@ -128,16 +140,14 @@ def test_a_failing_decode_fails_its_job_and_a_failing_forward_its_batch_but_no_w
 
     engine = _engine(world, encode, workers=1)
 
-    async def scenario():
+    async def lost():
         with pytest.raises(RuntimeError, match="device lost"):
             await engine.localize(_images(), n=1, k=1)
-        with engine.paused():
-            jobs = [asyncio.ensure_future(engine.localize(fn, n=1, k=1)) for fn in (_images(), bad, _images())]
-            await asyncio.sleep(0.05)
-        return await asyncio.gather(*jobs, return_exceptions=True)
 
     try:
-        good, failed, also_good = asyncio.run(scenario())
+        asyncio.run(lost())
+        good, failed, also_good = _in_one_batch(
+            engine, *(dict(decode=fn, n=1, k=1) for fn in (_images(), bad, _images())))
     finally:
         engine.stop()
     assert isinstance(failed, ValueError) and good.batch_size == also_good.batch_size == 2
@@ -165,14 +175,9 @@ def test_one_images_failing_answer_fails_its_job_alone(world, monkeypatch):
     engine = _engine(world, _unit_rows, workers=1)
     priors = (None, [Near(46.5, 7.5, 13.0, "parameter")], [Near(46.5, 7.5, 5000.0, "parameter")])
 
-    async def scenario():
-        with engine.paused():
-            jobs = [asyncio.ensure_future(engine.localize(_images(), n=1, k=3, near=near)) for near in priors]
-            await asyncio.sleep(0.05)
-        return await asyncio.gather(*jobs, return_exceptions=True)
-
     try:
-        free, failed, near = asyncio.run(scenario())
+        free, failed, near = _in_one_batch(
+            engine, *(dict(decode=_images(), n=1, k=3, near=near) for near in priors))
     finally:
         engine.stop()
     assert isinstance(failed, RuntimeError)

@@ -456,46 +456,44 @@ def ground_camera(cfg: GenConfig) -> dict:
             "width": w, "height": cfg.pano_height}
 
 
+def _write_csv(root, path, header, rows):
+    with open(os.path.join(root, path), "w", newline="") as f:
+        wr = csv.writer(f, lineterminator="\n")
+        wr.writerow(header)
+        wr.writerows(rows)
+
+
 def _write_grid_csvs(root, ids, cams, lat, lon, poses, area, camera):
     """--layout grid: queries.csv without a tile_id (the true tiles depend on how ortho.tif is cut) and
     cameras.csv without a split (no splits/ yet)."""
-    def w(path, header, rows):
-        with open(os.path.join(root, path), "w", newline="") as f:
-            wr = csv.writer(f, lineterminator="\n")
-            wr.writerow(header)
-            wr.writerows(rows)
     n = len(ids)
-    w("queries.csv", ["query_id", "path", "lat", "lon"],
-      [[ids[i], f"streetview/{ids[i]}.jpg", _fmt(lat[i]), _fmt(lon[i])] for i in range(n)])
+    _write_csv(root, "queries.csv", ["query_id", "path", "lat", "lon"],
+               [[ids[i], f"streetview/{ids[i]}.jpg", _fmt(lat[i]), _fmt(lon[i])] for i in range(n)])
     header = ["id", "x_m", "y_m", "lat", "lon", "heading_deg", "area_type"]
     rows = [[ids[i], f"{cams[i, 0]:.3f}", f"{cams[i, 1]:.3f}", _fmt(lat[i]), _fmt(lon[i]),
              f"{poses[i].heading_deg:.3f}", AREA_NAMES[int(area[i])]] for i in range(n)]
     _add_camera_columns(header, rows, poses, camera)
-    w("cameras.csv", header, rows)
+    _write_csv(root, "cameras.csv", header, rows)
 
 
 def _write_csvs(root, ids, cams, lat, lon, val, poses, area, camera, n_ground):
     """tiles.csv and cameras.csv cover every camera position; the pair lists (splits/, queries.csv)
     only the first ``n_ground``, the positions with a ground image."""
-    def w(path, header, rows):
-        with open(os.path.join(root, path), "w", newline="") as f:
-            wr = csv.writer(f, lineterminator="\n")
-            wr.writerow(header)
-            wr.writerows(rows)
     n = len(ids)
     pair_rows = [[ids[i], f"bingmap/{ids[i]}.png", f"streetview/{ids[i]}.jpg", _fmt(lat[i]), _fmt(lon[i])]
                  for i in range(n_ground)]
     header = ["id", "aerial", "ground", "lat", "lon"]
-    w("splits/train.csv", header, [r for r, v in zip(pair_rows, val) if not v])
-    w("splits/val.csv", header, [r for r, v in zip(pair_rows, val) if v])
-    w("tiles.csv", ["tile_id", "lat", "lon", "path"], [[ids[i], _fmt(lat[i]), _fmt(lon[i]), f"bingmap/{ids[i]}.png"] for i in range(n)])
-    w("queries.csv", ["query_id", "path", "lat", "lon", "tile_id"],
-      [[ids[i], f"streetview/{ids[i]}.jpg", _fmt(lat[i]), _fmt(lon[i]), ids[i]] for i in range(n_ground)])
+    _write_csv(root, "splits/train.csv", header, [r for r, v in zip(pair_rows, val) if not v])
+    _write_csv(root, "splits/val.csv", header, [r for r, v in zip(pair_rows, val) if v])
+    _write_csv(root, "tiles.csv", ["tile_id", "lat", "lon", "path"],
+               [[ids[i], _fmt(lat[i]), _fmt(lon[i]), f"bingmap/{ids[i]}.png"] for i in range(n)])
+    _write_csv(root, "queries.csv", ["query_id", "path", "lat", "lon", "tile_id"],
+               [[ids[i], f"streetview/{ids[i]}.jpg", _fmt(lat[i]), _fmt(lon[i]), ids[i]] for i in range(n_ground)])
     header = ["id", "x_m", "y_m", "lat", "lon", "heading_deg", "area_type", "split"]
     rows = [[ids[i], f"{cams[i, 0]:.3f}", f"{cams[i, 1]:.3f}", _fmt(lat[i]), _fmt(lon[i]),
              f"{poses[i].heading_deg:.3f}", AREA_NAMES[int(area[i])], "val" if val[i] else "train"] for i in range(n)]
     _add_camera_columns(header, rows, poses, camera)
-    w("cameras.csv", header, rows)
+    _write_csv(root, "cameras.csv", header, rows)
 
 
 def _add_camera_columns(header, rows, poses, camera):
