@@ -155,12 +155,13 @@ class ServedIndex:
         scores, rows = hit  # type: ignore[misc]
         found = rows >= 0
         scores, rows = scores[found], rows[found]
-        top = rows[:k]
-        headings = [None] * len(top)
-        if columns is not None and self.orientation is not None and len(top):
+        if columns is not None and self.orientation is not None and len(rows):
             ranked = rerank(scores, columns, self.orientation[rows].astype(np.float32), seen)
             scores, rows = ranked.scores.astype(np.float32), rows[ranked.order]
-            top, headings = rows[:k], [float(h) for h in ranked.headings[:k]]
+            headings = [float(h) for h in ranked.headings[:k]]
+        else:
+            headings = [None] * min(k, len(rows))
+        top = rows[:k]
         latlon = np.column_stack([self.lat[rows], self.lon[rows]])
         margin, j = match_margin(scores, latlon, DISTINCT_M)
         position = refine_position(scores, latlon, self.tile_m) if len(rows) else None
