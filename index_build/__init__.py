@@ -13,7 +13,3 @@ any CRS) cut into north-up tiles + tiles.csv, read window by window.
 
 The command line lives in cli.py (`python -m index_build ...`, console script `index-build`).
 """
-
-FORMAT_VERSION = 1
-
-__all__ = ["FORMAT_VERSION"]

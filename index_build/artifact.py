@@ -26,22 +26,13 @@ import os
 import shutil
 import time
 
-from index_build import FORMAT_VERSION
-from index_build.fsutil import atomic_write_json, fsync_dir, read_json
+from index_build.fsutil import atomic_write_json, fsync_dir
 from index_build.workdir import utc_now_iso
+# The format's names and its reader are in the shared library: the service and evaluation read artifacts too.
+from model.index_artifact import FORMAT_VERSION, MANIFEST_FILE, ArtifactError, read_manifest
 
-MANIFEST_FILE = "manifest.json"
-INDEX_FILE = "index.faiss"
-TILES_FILE = "tiles.csv"
-VECTORS_DIR = "vectors"
-ORIENTATION_FILE = "orientation.npy"   # only for a checkpoint with an orientation head
-REQUIRED_MANIFEST_KEYS = ("format_version", "model_fingerprint", "model_config", "embedding_dim", "metric",
-                          "count", "index_type", "index_params", "faiss_version", "catalog_sha256",
-                          "built_at", "source")
-
-
-class ArtifactError(RuntimeError):
-    pass
+# Keys index_build writes beyond those every reader needs (model.index_artifact.REQUIRED_MANIFEST_KEYS)
+WRITTEN_MANIFEST_KEYS = ("model_config", "index_params", "faiss_version", "catalog_sha256", "source", "shards")
 
 
 class ArtifactLayout:
@@ -199,16 +190,13 @@ def write_manifest(directory: str, manifest: dict) -> None:
     atomic_write_json(os.path.join(directory, MANIFEST_FILE), manifest)
 
 
-def read_manifest(directory: str) -> dict:
-    path = os.path.join(directory, MANIFEST_FILE)
-    if not os.path.isfile(path):
-        raise ArtifactError(f"{directory}: no {MANIFEST_FILE}; not an index artifact")
-    manifest = read_json(path)
-    missing = [k for k in REQUIRED_MANIFEST_KEYS if k not in manifest]
+def read_built_manifest(directory: str) -> dict:
+    """The manifest of an artifact index_build wrote, with every key it writes (as `add`, `info` and
+    `verify` use them)."""
+    manifest = read_manifest(directory)
+    missing = [key for key in WRITTEN_MANIFEST_KEYS if key not in manifest]
     if missing:
-        raise ArtifactError(f"{path}: missing key(s) {', '.join(missing)}")
-    if manifest["format_version"] != FORMAT_VERSION:
-        raise ArtifactError(f"{path}: format_version {manifest['format_version']}, this code reads {FORMAT_VERSION}")
+        raise ArtifactError(f"{os.path.join(directory, MANIFEST_FILE)}: missing key(s) {', '.join(missing)}")
     return manifest
 
 

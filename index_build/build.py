@@ -16,16 +16,16 @@ from typing import Callable
 
 import numpy as np
 
-from index_build.artifact import (INDEX_FILE, ORIENTATION_FILE, TILES_FILE, VECTORS_DIR, ArtifactError,
-                                  ArtifactLayout, make_manifest, read_manifest, write_manifest)
+from index_build.artifact import ArtifactLayout, make_manifest, read_built_manifest, write_manifest
 from index_build.encode_common import BadImagesError, EncodeStats, column_shape
 from index_build.faiss_index import DEFAULT_MEMORY_BUDGET, build_index, choose_index, tune_search
 from index_build.fsutil import atomic_save_npy_blocks, atomic_write_bytes
 from index_build.sources import (Catalogue, CatalogueError, CatalogueLines, Issue, TileRecord, read_source,
                                  read_tiles_csv, write_tiles_csv)
-from index_build.workdir import (CATALOG_FILE, COLUMNS_DTYPE, COLUMNS_SUFFIX, PLAN_FILE, ShardSpan,
+from index_build.workdir import (CATALOG_FILE, COLUMNS_DTYPE, COLUMNS_SUFFIX, PLAN_FILE, VECTORS_DIR, ShardSpan,
                                  iter_vector_blocks, load_shard_columns, read_finished_shard, read_plan,
                                  spans_from_plan, utc_now_iso, vectors_dir, write_plan)
+from model.index_artifact import INDEX_FILE, ORIENTATION_FILE, TILES_FILE, ArtifactError, read_orientation
 
 log = logging.getLogger("index_build")
 
@@ -305,16 +305,13 @@ def _shard_column_blocks(vdir: str, spans: list[ShardSpan]):
 
 def _open_published_columns(live: str, base: dict) -> np.ndarray:
     """A published artifact's orientation.npy, memory-mapped, checked against its manifest."""
-    entry = base["orientation"]
-    path = os.path.join(live, entry.get("file", ORIENTATION_FILE))
     try:
-        stored = np.load(path, mmap_mode="r")
-    except (OSError, ValueError) as exc:
-        raise BuildError(f"{path}: unreadable orientation columns: {exc}") from None
-    expected = (base["count"], entry.get("columns"), entry.get("dim"))
-    if stored.shape != expected or stored.dtype != COLUMNS_DTYPE:
-        raise BuildError(f"{path}: holds {stored.dtype} {list(stored.shape)}, manifest.json says "
-                         f"{np.dtype(COLUMNS_DTYPE).name} {list(expected)}")
+        stored = read_orientation(live, base)
+    except ArtifactError as exc:
+        raise BuildError(str(exc)) from None
+    if stored.dtype != COLUMNS_DTYPE:
+        raise BuildError(f"{os.path.join(live, base['orientation'].get('file', ORIENTATION_FILE))}: holds "
+                         f"{stored.dtype}, manifest.json says {np.dtype(COLUMNS_DTYPE).name}")
     return stored
 
 
@@ -394,7 +391,7 @@ def _recover_if_resumed(opts, layout: ArtifactLayout, plan: dict, result: BuildR
         return False
     log.info("published the finished but unpublished version %s", recovered)
     result.status, result.version_dir = "published", recovered
-    result.manifest = read_manifest(recovered)
+    result.manifest = read_built_manifest(recovered)
     return True
 
 
@@ -542,7 +539,7 @@ def run_add(opts: AddOptions) -> BuildResult:
         live = layout.live_version_dir()
         if live is None:
             raise ArtifactError(f"{layout.out}: no published artifact to add to; run `build` first")
-        base = read_manifest(live)
+        base = read_built_manifest(live)
         report_path = opts.report_path or os.path.join(layout.versions, "validation-report.txt")
         catalogue = load_catalogue(opts.catalog, opts.check_files, report_path)
         base_records, base_extra = read_tiles_csv(os.path.join(live, TILES_FILE))

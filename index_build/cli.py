@@ -342,10 +342,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "add":
             _print_result(run_add(_encode_options(AddOptions, args)), args)
         elif args.command == "info":
-            from index_build.artifact import read_manifest, resolve_artifact
+            from index_build.artifact import read_built_manifest, resolve_artifact
 
             root = resolve_artifact(args.artifact)
-            manifest = read_manifest(root)
+            manifest = read_built_manifest(root)
             if not args.full:
                 manifest = dict(manifest)
                 manifest["shards"] = f"{len(manifest.get('shards', []))} shard file(s) (--full to list)"

@@ -8,11 +8,11 @@ import os
 
 import numpy as np
 
-from index_build.artifact import (INDEX_FILE, ORIENTATION_FILE, TILES_FILE, ArtifactError, read_manifest,
-                                  resolve_artifact)
+from index_build.artifact import read_built_manifest, resolve_artifact
 from index_build.encode_common import column_shape, decode_tile
 from index_build.sources import read_tiles_csv
 from index_build.workdir import COLUMNS_DTYPE
+from model.index_artifact import INDEX_FILE, ORIENTATION_FILE, TILES_FILE, ArtifactError, read_orientation
 
 # Columns are stored as float16: rounding moves each component by at most 2^-11 of itself (less
 # than 2^-25 in absolute terms below float16's normal range), so a unit column of C <= 1024
@@ -25,19 +25,10 @@ def _load_orientation(root: str, manifest: dict, problems: list[str], check_chec
     otherwise None, with the reasons added to `problems`."""
     entry = manifest["orientation"]
     name = entry.get("file", ORIENTATION_FILE)
-    path = os.path.join(root, name)
     try:
-        stored = np.load(path, mmap_mode="r")
-    except FileNotFoundError:
-        problems.append(f"{name}: missing, manifest.json lists orientation columns")
-        return None
-    except (OSError, ValueError) as exc:
-        problems.append(f"{name}: unreadable: {exc}")
-        return None
-    expected = (manifest["count"], entry.get("columns"), entry.get("dim"))
-    if stored.shape != expected:
-        problems.append(f"{name}: shape {list(stored.shape)}, manifest.json says {list(expected)} "
-                        f"(count, orientation columns, dim)")
+        stored = read_orientation(root, manifest)
+    except ArtifactError as exc:
+        problems.append(str(exc).replace(os.path.join(root, ""), ""))
         return None
     if stored.dtype != COLUMNS_DTYPE or entry.get("dtype") != stored.dtype.name:
         problems.append(f"{name}: dtype {stored.dtype}, manifest.json says {entry.get('dtype')}")
@@ -62,7 +53,7 @@ def run_verify(artifact: str, checkpoint: str, *, sample: int = 64, seed: int = 
     from model.inference import InferenceEncoder
 
     root = resolve_artifact(artifact)  # resolve once: every file below comes from the same version
-    manifest = read_manifest(root)
+    manifest = read_built_manifest(root)
     problems: list[str] = []
     report: dict = {"artifact": root, "count": manifest["count"], "index_type": manifest["index_type"]}
 

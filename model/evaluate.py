@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from functools import partial
 from pathlib import Path
@@ -28,6 +29,7 @@ import numpy as np
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import ConfigError
 from .encode import pick_device
+from .index_artifact import ArtifactError, check_model, read_manifest, read_tiles, read_vectors
 from .metrics import TILE_FOOTPRINT_M, confidence_report, haversine_m, localization_error, position_report, \
     recall_curve, retrieval_recall
 from .train import HelpFormatter, TrainingError, encode_arrays, load_pair_arrays, read_records
@@ -181,25 +183,12 @@ def read_query_csv(root: Path) -> tuple[list[Path], np.ndarray]:
 
 
 def read_index_gallery(index: Path, fingerprint: str) -> tuple[np.ndarray, np.ndarray, dict]:
-    """An index artifact's stored tile vectors [N, D] (its embedding shards, row i = row i of its
-    tiles.csv), tile centres [N, 2] and manifest (docs/INTERFACES.md); the artifact must have been
-    built with the model of ``fingerprint``."""
-    import csv
-
-    manifest_path = index / "manifest.json"
-    if not manifest_path.is_file():
-        raise ValueError(f"{index}: no manifest.json; not an index artifact (python -m index_build build)")
-    manifest = json.loads(manifest_path.read_text())
-    if manifest.get("model_fingerprint") != fingerprint:
-        raise ValueError(f"{index} was built with model {manifest.get('model_fingerprint')}, the checkpoint is "
-                         f"{fingerprint}: rebuild the index with this checkpoint")
-    with open(index / "tiles.csv", newline="") as fh:
-        latlon = np.array([(float(r["lat"]), float(r["lon"])) for r in csv.DictReader(fh)], np.float64)
-    vectors = np.concatenate([np.load(index / shard["file"]).astype(np.float32) for shard in manifest["shards"]])
-    if len(vectors) != len(latlon) or len(latlon) != manifest["count"]:
-        raise ValueError(f"{index}: {len(vectors)} stored vectors, {len(latlon)} tiles and a manifest count of "
-                         f"{manifest['count']} disagree")
-    return vectors, latlon, manifest
+    """An index artifact's stored tile vectors [N, D] (row i = row i of its tiles.csv), tile centres
+    [N, 2] and manifest; the artifact must have been built with the model of ``fingerprint``."""
+    index = Path(os.path.realpath(index))
+    manifest = read_manifest(index)
+    check_model(index, manifest, fingerprint)
+    return read_vectors(index, manifest), read_tiles(index, manifest).latlon, manifest
 
 
 def evaluate_anywhere(checkpoint: Path, data: Path, index: Path, device: str = "auto", workers: int = 2,
@@ -467,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
                                        tile_m=args.tile_m, near_radius_m=args.near_radius_m,
                                        candidates=args.candidates, temperature=args.temperature,
                                        scores_out=args.save_scores)
-        except (CheckpointError, ConfigError, ValueError, OSError, KeyError) as exc:
+        except (ArtifactError, CheckpointError, ConfigError, ValueError, OSError, KeyError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         if args.json:

@@ -1,17 +1,14 @@
-"""Reading an index artifact directory (docs/INTERFACES.md, "Index artifact directory").
+"""The index being served: an artifact (docs/INTERFACES.md, read by model.index_artifact) held in
+memory, and the answers it gives (search, re-rank, confidence, refined position).
 
-The service only reads files here; it never imports index_build. Everything is read from the
-*resolved* directory (symlinks followed once, up front), so a publish that swaps the symlink or the
-directory while we read can not hand us files from two different artifacts; the manifest is
-re-checked at the end to catch a swap that happened underneath us.
+Everything is read from the *resolved* directory (symlinks followed once, up front), so a publish
+that swaps the symlink or the directory while we read can not hand us files from two different
+artifacts; the manifest is re-checked at the end to catch a swap that happened underneath us.
 """
 from __future__ import annotations
 
 import contextlib
-import csv
-import json
 import logging
-import math
 import os
 import re
 import threading
@@ -21,27 +18,15 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from model.index_artifact import (
+    ArtifactError, check_model, read_faiss_index, read_manifest, read_orientation, read_tiles,
+)
 from model.metrics import TILE_FOOTPRINT_M, match_margin, refine_position, rows_within
 from model.orientation import RERANK_CANDIDATES, rerank
 
 from .schemas import IndexInfo, TileMatch
 
-SUPPORTED_FORMAT_VERSIONS = {1}
-REQUIRED_MANIFEST_KEYS = (
-    "format_version", "model_fingerprint", "embedding_dim", "metric", "count", "index_type",
-    "built_at",
-)
-REQUIRED_TILE_COLUMNS = ("tile_id", "lat", "lon", "source")
-
 log = logging.getLogger("service.artifact")
-
-
-class ArtifactError(Exception):
-    """The artifact can not be served: missing/corrupt files or inconsistent with itself."""
-
-
-class FingerprintMismatch(ArtifactError):
-    """The artifact was built with another model than the one loaded."""
 
 
 class ArtifactChanged(ArtifactError):
@@ -192,96 +177,6 @@ class ServedIndex:
         return best_scores, best_rows
 
 
-def _read_manifest(directory: Path) -> dict:
-    path = directory / "manifest.json"
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ArtifactError(f"{directory}: no manifest.json (not an index artifact?)") from None
-    except (OSError, ValueError) as exc:
-        raise ArtifactError(f"{path}: unreadable manifest: {exc}") from None
-    if not isinstance(manifest, dict):
-        raise ArtifactError(f"{path}: manifest is not a JSON object")
-    missing = [key for key in REQUIRED_MANIFEST_KEYS if key not in manifest]
-    if missing:
-        raise ArtifactError(f"{path}: manifest lacks {', '.join(missing)}")
-    if manifest["format_version"] not in SUPPORTED_FORMAT_VERSIONS:
-        raise ArtifactError(
-            f"{path}: format_version {manifest['format_version']!r} is not supported "
-            f"(this service reads {sorted(SUPPORTED_FORMAT_VERSIONS)})"
-        )
-    if manifest["metric"] != "inner_product":
-        raise ArtifactError(f"{path}: metric {manifest['metric']!r}, expected 'inner_product'")
-    if not all(type(manifest[key]) is int for key in ("count", "embedding_dim")):
-        raise ArtifactError(f"{path}: manifest count/embedding_dim are not integers")
-    return manifest
-
-
-def _read_tiles(path: Path, expected: int) -> tuple[list[str], np.ndarray, np.ndarray, list[str]]:
-    """tiles.csv: (tile ids, latitudes, longitudes, sources), ``expected`` rows of them."""
-    try:
-        with path.open(newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
-            missing = [c for c in REQUIRED_TILE_COLUMNS if c not in (reader.fieldnames or [])]
-            if missing:
-                raise ArtifactError(f"{path}: missing column(s) {', '.join(missing)}")
-            rows = [(row["tile_id"], *_lat_lon(row, f"{path}:{line}"), row["source"] or "")
-                    for line, row in enumerate(reader, start=2)]
-    except FileNotFoundError:
-        raise ArtifactError(f"{path}: missing") from None
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise ArtifactError(f"{path}: unreadable: {exc}") from None
-    if len(rows) != expected:
-        raise ArtifactError(f"{path}: {len(rows)} rows, manifest count is {expected}")
-    tile_ids, lat, lon, sources = zip(*rows)  # (the manifest's count is above 0)
-    return list(tile_ids), np.asarray(lat, dtype=np.float64), np.asarray(lon, dtype=np.float64), list(sources)
-
-
-def _lat_lon(row: dict, where: str) -> tuple[float, float]:
-    try:
-        lat, lon = float(row["lat"]), float(row["lon"])
-    except (TypeError, ValueError):
-        raise ArtifactError(f"{where}: lat/lon are not numbers") from None
-    if not (math.isfinite(lat) and math.isfinite(lon)) or abs(lat) > 90 or abs(lon) > 180:
-        raise ArtifactError(f"{where}: lat/lon out of range ({lat}, {lon})")
-    return lat, lon
-
-
-def _apply_search_params(index: "faiss.Index", params: dict) -> None:
-    """Carry query-time parameters named in the manifest (nprobe, efSearch) onto the index."""
-    space = faiss.ParameterSpace()
-    for name in ("nprobe", "efSearch"):
-        if name in params:
-            try:
-                space.set_index_parameter(index, name, float(params[name]))
-            except Exception:  # the index type has no such parameter; harmless
-                pass
-
-
-_FAISS_LOCATION = re.compile(r"^Error in .*? at \S+:\d+:", re.S)
-
-
-def _read_index(directory: Path, manifest: dict) -> "faiss.Index":
-    """The artifact's FAISS index, consistent with its manifest, with its query-time parameters."""
-    count, dim = manifest["count"], manifest["embedding_dim"]
-    index_file = directory / "index.faiss"
-    if not index_file.is_file():
-        raise ArtifactError(f"{index_file}: missing")
-    try:
-        index = faiss.read_index(str(index_file))
-    except Exception as exc:  # FAISS prefixes its C++ function and source location: not for users
-        reason = _FAISS_LOCATION.sub("", str(exc)).strip()
-        raise ArtifactError(f"{index_file}: unreadable FAISS index: {reason}") from None
-    if index.d != dim:
-        raise ArtifactError(f"{index_file}: dimension {index.d}, manifest says {dim}")
-    if index.ntotal != count:
-        raise ArtifactError(f"{index_file}: {index.ntotal} vectors, manifest count is {count}")
-    if count == 0:
-        raise ArtifactError(f"{directory}: the index is empty")
-    _apply_search_params(index, manifest.get("index_params") or {})
-    return index
-
-
 def load_artifact(path: Path, *, expected_fingerprint: str, embedding_dim: int, generation: int,
                   gpu: int | None = None) -> ServedIndex:
     """Load and validate the artifact at ``path`` for a model with the given fingerprint; with
@@ -292,55 +187,29 @@ def load_artifact(path: Path, *, expected_fingerprint: str, embedding_dim: int, 
     except FileNotFoundError:
         raise ArtifactError(f"{path}: no index artifact there (missing manifest.json)") from None
     directory = Path(signature.resolved)
-    manifest = _read_manifest(directory)
-    if manifest["model_fingerprint"] != expected_fingerprint:
-        raise FingerprintMismatch(
-            f"index artifact {directory} was built for model fingerprint {manifest['model_fingerprint']}, "
-            f"but the loaded checkpoint has fingerprint {expected_fingerprint}; rebuild the index with this "
-            "checkpoint (python -m index_build build ...) or serve the checkpoint it was built with")
-    if manifest["embedding_dim"] != embedding_dim:
-        raise ArtifactError(f"{directory}: embedding_dim {manifest['embedding_dim']} differs from the model's "
-                            f"{embedding_dim}")
-    index = _read_index(directory, manifest)
-    count = manifest["count"]
-    tile_ids, lat, lon, sources = _read_tiles(directory / "tiles.csv", count)
-    row_of = {tile_id: row for row, tile_id in enumerate(tile_ids)}
-    if len(row_of) != count:
-        raise ArtifactError(f"{directory / 'tiles.csv'}: tile_id values are not unique")
+    manifest = read_manifest(directory)
+    check_model(directory, manifest, expected_fingerprint, embedding_dim)
+    index = read_faiss_index(directory, manifest)
+    tiles = read_tiles(directory, manifest)
     try:  # a publish that swapped the artifact underneath us: read the new one
         if Signature.of(path) != signature:
             raise ArtifactChanged(f"{path}: artifact replaced while loading")
     except FileNotFoundError:
         raise ArtifactChanged(f"{path}: artifact moved away while loading") from None
-    orientation = _read_orientation(directory, manifest, count)
+    orientation = read_orientation(directory, manifest)
     resources = None
     if gpu is not None:
         index, resources = _to_gpu(index, gpu)
     info = IndexInfo(
-        model_fingerprint=manifest["model_fingerprint"], count=count, embedding_dim=embedding_dim,
+        model_fingerprint=manifest["model_fingerprint"], count=manifest["count"], embedding_dim=embedding_dim,
         metric=manifest["metric"], index_type=str(manifest["index_type"]), built_at=str(manifest["built_at"]),
         catalog_sha256=manifest.get("catalog_sha256"), generation=generation)
     lock = threading.Lock() if resources is not None else contextlib.nullcontext()
     return ServedIndex(path=directory, signature=signature, public_manifest=public_manifest(manifest), info=info,
-                       index=index, tile_ids=tile_ids, lat=lat, lon=lon, sources=sources, row_of=row_of,
+                       index=index, tile_ids=tiles.tile_ids, lat=tiles.lat, lon=tiles.lon, sources=tiles.sources,
+                       row_of={tile_id: row for row, tile_id in enumerate(tiles.tile_ids)},
                        orientation=orientation, gpu_resources=resources, search_lock=lock,
                        tile_m=float(manifest.get("tile_m") or TILE_FOOTPRINT_M))
-
-
-def _read_orientation(directory: Path, manifest: dict, count: int) -> np.ndarray | None:
-    """The tiles' orientation features (memory-mapped), when the artifact has them."""
-    entry = manifest.get("orientation")
-    if not entry:
-        return None
-    path = directory / str(entry.get("file", "orientation.npy"))
-    try:
-        columns = np.load(path, mmap_mode="r")
-    except (OSError, ValueError) as exc:
-        raise ArtifactError(f"{path}: unreadable orientation features: {exc}") from None
-    expected = (count, entry.get("columns"), entry.get("dim"))
-    if columns.ndim != 3 or tuple(columns.shape) != expected:
-        raise ArtifactError(f"{path}: shape {columns.shape}, the manifest says {list(expected)}")
-    return columns
 
 
 def _to_gpu(index: "faiss.Index", device: int):

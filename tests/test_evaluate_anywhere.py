@@ -61,7 +61,9 @@ def _setup(tmp_path, swap: bool = False):
         w.writerow(["tile_id", "lat", "lon", "source"])
         for i, (x, y) in enumerate(centres):
             w.writerow([f"t{i}", *map(repr, _at(x, y)), f"/tiles/{i}.jpg"])
-    manifest = {"model_fingerprint": fingerprint, "count": len(centres), "tile_m": 100.0, "stride_m": 50.0,
+    manifest = {"format_version": 1, "model_fingerprint": fingerprint, "embedding_dim": int(queries.shape[1]),
+                "metric": "inner_product", "index_type": "flat", "built_at": "2026-12-03T00:00:00Z",
+                "count": len(centres), "tile_m": 100.0, "stride_m": 50.0,
                 "shards": [{"file": "vectors/shard-00000.npy", "rows": 5}, {"file": "vectors/shard-00001.npy", "rows": 4}]}
     (index / "manifest.json").write_text(json.dumps(manifest))
     return ckpt, data, index

@@ -12,7 +12,8 @@ import pytest
 faiss = pytest.importorskip("faiss")
 
 from index_build import webmercator  # noqa: E402
-from index_build.artifact import ArtifactError, ArtifactLayout, read_manifest  # noqa: E402
+from index_build.artifact import ArtifactError, ArtifactLayout  # noqa: E402
+from model.index_artifact import read_manifest  # noqa: E402
 from index_build.build import AddOptions, BuildError, BuildOptions, run_add, run_build  # noqa: E402
 from index_build.encode_common import BadImagesError  # noqa: E402
 from index_build.faiss_index import (build_index, choose_index, exact_topk, nlist_for, recall_at_k,  # noqa: E402

@@ -13,7 +13,7 @@ import pytest
 
 faiss = pytest.importorskip("faiss")
 
-from index_build.artifact import read_manifest  # noqa: E402
+from model.index_artifact import read_manifest  # noqa: E402
 from index_build.build import BuildOptions, run_build  # noqa: E402
 from test_index_build_support import (PYTHON, REPO, make_catalogue, micro_checkpoint, shard_files,  # noqa: E402
                                       single_threaded, subprocess_env, torch_threads)

@@ -14,7 +14,7 @@ import pytest
 faiss = pytest.importorskip("faiss")
 
 from index_build import workdir  # noqa: E402
-from index_build.artifact import read_manifest  # noqa: E402
+from model.index_artifact import read_manifest  # noqa: E402
 from index_build.build import AddOptions, BuildError, BuildOptions, run_add, run_build  # noqa: E402
 from index_build.cli import main as cli_main  # noqa: E402
 from index_build.verify import run_verify  # noqa: E402

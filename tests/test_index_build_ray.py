@@ -10,7 +10,7 @@ ray = pytest.importorskip("ray", reason="ray not installed (pip install -e '.[ra
 pytest.importorskip("ray.data")
 faiss = pytest.importorskip("faiss")
 
-from index_build.artifact import read_manifest  # noqa: E402
+from model.index_artifact import read_manifest  # noqa: E402
 from index_build.build import BuildOptions, run_build  # noqa: E402
 from test_index_build_support import make_catalogue, micro_checkpoint, single_threaded, torch_threads  # noqa: E402
 

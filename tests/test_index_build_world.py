@@ -17,7 +17,7 @@ import pytest
 faiss = pytest.importorskip("faiss")
 pytest.importorskip("worldgen.cli", reason="worldgen not available")
 
-from index_build.artifact import read_manifest  # noqa: E402
+from model.index_artifact import read_manifest  # noqa: E402
 from index_build.build import BuildOptions, run_build  # noqa: E402
 from index_build.verify import run_verify  # noqa: E402
 from test_index_build_support import (PYTHON, REPO, micro_checkpoint, single_threaded, subprocess_env,  # noqa: E402

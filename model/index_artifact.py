@@ -1,0 +1,185 @@
+"""Reading an index artifact directory (docs/INTERFACES.md, "Index artifact directory").
+
+index_build writes artifacts; the service, ``model.evaluate --index`` and ``index_build verify``
+read them, all through this one reader so that they agree on what a valid artifact is. Callers
+resolve the published symlink once and pass the resolved directory, so that every file comes from
+the same version. FAISS is imported only where an index file is read (it is an optional extra).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+INDEX_FILE = "index.faiss"
+TILES_FILE = "tiles.csv"
+ORIENTATION_FILE = "orientation.npy"  # only for a checkpoint with an orientation head
+# What a reader needs; index_build writes more (model_config, index_params, shards, catalog_sha256, ...)
+REQUIRED_MANIFEST_KEYS = ("format_version", "model_fingerprint", "embedding_dim", "metric", "count",
+                          "index_type", "built_at")
+REQUIRED_TILE_COLUMNS = ("tile_id", "lat", "lon", "source")
+
+
+class ArtifactError(RuntimeError):
+    """The artifact can not be used: missing/corrupt files or inconsistent with itself."""
+
+
+class FingerprintMismatch(ArtifactError):
+    """The artifact was built with another model than the one loaded."""
+
+
+def read_manifest(directory: str | Path) -> dict:
+    """``directory``/manifest.json, checked for the keys, format version and metric readers rely on."""
+    directory = Path(directory)
+    path = directory / MANIFEST_FILE
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ArtifactError(f"{directory}: no {MANIFEST_FILE} (not an index artifact?)") from None
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"{path}: unreadable manifest: {exc}") from None
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{path}: manifest is not a JSON object")
+    missing = [key for key in REQUIRED_MANIFEST_KEYS if key not in manifest]
+    if missing:
+        raise ArtifactError(f"{path}: manifest lacks {', '.join(missing)}")
+    if manifest["format_version"] != FORMAT_VERSION:
+        raise ArtifactError(f"{path}: format_version {manifest['format_version']!r} is not supported "
+                            f"(this code reads {FORMAT_VERSION})")
+    if manifest["metric"] != "inner_product":
+        raise ArtifactError(f"{path}: metric {manifest['metric']!r}, expected 'inner_product'")
+    if not all(type(manifest[key]) is int for key in ("count", "embedding_dim")):
+        raise ArtifactError(f"{path}: manifest count/embedding_dim are not integers")
+    return manifest
+
+
+def check_model(directory: str | Path, manifest: dict, fingerprint: str, embedding_dim: int | None = None) -> None:
+    """FingerprintMismatch unless the artifact was built with the model of ``fingerprint``."""
+    if manifest["model_fingerprint"] != fingerprint:
+        raise FingerprintMismatch(
+            f"index artifact {directory} was built for model fingerprint {manifest['model_fingerprint']}, "
+            f"but the loaded checkpoint has fingerprint {fingerprint}; rebuild the index with this "
+            "checkpoint (python -m index_build build ...) or use the checkpoint it was built with")
+    if embedding_dim is not None and manifest["embedding_dim"] != embedding_dim:
+        raise ArtifactError(f"{directory}: embedding_dim {manifest['embedding_dim']} differs from the model's "
+                            f"{embedding_dim}")
+
+
+@dataclass(frozen=True)
+class TileTable:
+    """tiles.csv: row i describes vector i of the index."""
+
+    tile_ids: list[str]
+    lat: np.ndarray  # float64 degrees
+    lon: np.ndarray
+    sources: list[str]
+
+    @property
+    def latlon(self) -> np.ndarray:
+        return np.column_stack([self.lat, self.lon])
+
+
+def read_tiles(directory: str | Path, manifest: dict) -> TileTable:
+    """The artifact's tiles.csv: as many rows as the manifest counts, unique ids, valid coordinates."""
+    path = Path(directory) / TILES_FILE
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            missing = [c for c in REQUIRED_TILE_COLUMNS if c not in (reader.fieldnames or [])]
+            if missing:
+                raise ArtifactError(f"{path}: missing column(s) {', '.join(missing)}")
+            rows = [(row["tile_id"], *_lat_lon(row, f"{path}:{line}"), row["source"] or "")
+                    for line, row in enumerate(reader, start=2)]
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: missing") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise ArtifactError(f"{path}: unreadable: {exc}") from None
+    if len(rows) != manifest["count"]:
+        raise ArtifactError(f"{path}: {len(rows)} rows, manifest count is {manifest['count']}")
+    if not rows:
+        raise ArtifactError(f"{directory}: the index is empty")
+    tile_ids, lat, lon, sources = zip(*rows)
+    if len(set(tile_ids)) != len(tile_ids):
+        raise ArtifactError(f"{path}: tile_id values are not unique")
+    return TileTable(list(tile_ids), np.asarray(lat, np.float64), np.asarray(lon, np.float64), list(sources))
+
+
+def _lat_lon(row: dict, where: str) -> tuple[float, float]:
+    try:
+        lat, lon = float(row["lat"]), float(row["lon"])
+    except (TypeError, ValueError):
+        raise ArtifactError(f"{where}: lat/lon are not numbers") from None
+    if not (math.isfinite(lat) and math.isfinite(lon)) or abs(lat) > 90 or abs(lon) > 180:
+        raise ArtifactError(f"{where}: lat/lon out of range ({lat}, {lon})")
+    return lat, lon
+
+
+_FAISS_LOCATION = re.compile(r"^Error in .*? at \S+:\d+:", re.S)
+
+
+def read_faiss_index(directory: str | Path, manifest: dict):
+    """The artifact's FAISS index, consistent with its manifest, with the query-time parameters the
+    manifest names (nprobe, efSearch) set."""
+    import faiss
+
+    count, dim = manifest["count"], manifest["embedding_dim"]
+    path = Path(directory) / INDEX_FILE
+    if not path.is_file():
+        raise ArtifactError(f"{path}: missing")
+    try:
+        index = faiss.read_index(str(path))
+    except Exception as exc:  # FAISS prefixes its C++ function and source location: not for users
+        raise ArtifactError(f"{path}: unreadable FAISS index: {_FAISS_LOCATION.sub('', str(exc)).strip()}") from None
+    if index.d != dim:
+        raise ArtifactError(f"{path}: dimension {index.d}, manifest says {dim}")
+    if index.ntotal != count:
+        raise ArtifactError(f"{path}: {index.ntotal} vectors, manifest count is {count}")
+    if count == 0:
+        raise ArtifactError(f"{directory}: the index is empty")
+    space = faiss.ParameterSpace()
+    for name, value in (manifest.get("index_params") or {}).items():
+        if name in ("nprobe", "efSearch"):
+            try:
+                space.set_index_parameter(index, name, float(value))
+            except Exception:  # the index type has no such parameter; harmless
+                pass
+    return index
+
+
+def read_orientation(directory: str | Path, manifest: dict) -> np.ndarray | None:
+    """The tiles' orientation features [count, columns, dim] (memory-mapped), when the manifest lists them."""
+    entry = manifest.get("orientation")
+    if not entry:
+        return None
+    path = Path(directory) / str(entry.get("file", ORIENTATION_FILE))
+    try:
+        columns = np.load(path, mmap_mode="r")
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: missing, manifest.json lists orientation columns") from None
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"{path}: unreadable orientation features: {exc}") from None
+    expected = [manifest["count"], entry.get("columns"), entry.get("dim")]
+    if list(columns.shape) != expected:
+        raise ArtifactError(f"{path}: shape {list(columns.shape)}, manifest.json says {expected} "
+                            "(count, orientation columns, dim)")
+    return columns
+
+
+def read_vectors(directory: str | Path, manifest: dict) -> np.ndarray:
+    """The stored tile descriptors [count, dim] float32 from the embedding shards, in tiles.csv order."""
+    shards = manifest.get("shards") or []
+    try:
+        vectors = [np.load(Path(directory) / entry["file"]).astype(np.float32) for entry in shards]
+    except (KeyError, OSError, ValueError) as exc:
+        raise ArtifactError(f"{directory}: unreadable embedding shard: {exc}") from None
+    rows = sum(len(v) for v in vectors)
+    if rows != manifest["count"]:
+        raise ArtifactError(f"{directory}: {rows} stored vectors, manifest count is {manifest['count']}")
+    return np.concatenate(vectors)

@@ -1,0 +1,83 @@
+"""model.index_artifact: the one reader of index artifacts (service, evaluation, index_build verify).
+Every refusal names the file (and line or key) at fault."""
+from __future__ import annotations
+
+import json
+
+import faiss
+import numpy as np
+import pytest
+
+from model import index_artifact as ia
+
+
+def _artifact(root, count: int = 3, dim: int = 4):
+    root.mkdir()
+    vectors = np.eye(count, dim, dtype=np.float32)
+    index = faiss.IndexFlatIP(dim)
+    index.add(vectors)
+    faiss.write_index(index, str(root / ia.INDEX_FILE))
+    (root / "vectors").mkdir()
+    np.save(root / "vectors" / "shard-00000.npy", vectors)
+    np.save(root / ia.ORIENTATION_FILE, np.zeros((count, 8, 2), np.float16))
+    rows = [f"t{i},{47 + i / 1000},{8 + i / 1000},tiles/{i}.png" for i in range(count)]
+    (root / ia.TILES_FILE).write_text("tile_id,lat,lon,source\n" + "\n".join(rows) + "\n")
+    manifest = {"format_version": 1, "model_fingerprint": "f" * 16, "embedding_dim": dim, "metric": "inner_product",
+                "count": count, "index_type": "flat", "built_at": "2026-12-03T00:00:00Z",
+                "shards": [{"file": "vectors/shard-00000.npy", "rows": count}],
+                "orientation": {"file": ia.ORIENTATION_FILE, "columns": 8, "dim": 2}}
+    (root / ia.MANIFEST_FILE).write_text(json.dumps(manifest))
+    return manifest
+
+
+def test_a_whole_artifact_reads_back(tmp_path):
+    root = tmp_path / "a"
+    _artifact(root)
+    manifest = ia.read_manifest(root)
+    ia.check_model(root, manifest, "f" * 16, 4)
+    tiles = ia.read_tiles(root, manifest)
+    assert tiles.tile_ids == ["t0", "t1", "t2"] and tiles.latlon.shape == (3, 2) and tiles.sources[2] == "tiles/2.png"
+    assert ia.read_faiss_index(root, manifest).ntotal == 3
+    assert ia.read_orientation(root, manifest).shape == (3, 8, 2)
+    np.testing.assert_array_equal(ia.read_vectors(root, manifest), np.eye(3, 4, dtype=np.float32))
+
+
+@pytest.mark.parametrize("damage, expected", [
+    (lambda root, m: m.pop("built_at"), "manifest.json: manifest lacks built_at"),
+    (lambda root, m: m.update(format_version=2), "format_version 2 is not supported"),
+    (lambda root, m: m.update(metric="l2"), "metric 'l2', expected 'inner_product'"),
+    (lambda root, m: m.update(count="3"), "count/embedding_dim are not integers"),
+    (lambda root, m: (root / ia.TILES_FILE).write_text("tile_id,lat,lon,source\nt0,47,8,a\nt1,north,8,b\nt2,47,8,c\n"),
+     "tiles.csv:3: lat/lon are not numbers"),
+    (lambda root, m: (root / ia.TILES_FILE).write_text("tile_id,lat,lon,source\nt0,47,8,a\nt0,47,8,b\nt2,47,8,c\n"),
+     "tiles.csv: tile_id values are not unique"),
+    (lambda root, m: (root / ia.TILES_FILE).write_text("tile_id,lat,source\nt0,47,a\n"), "missing column(s) lon"),
+    (lambda root, m: m.update(count=4), "index.faiss: 3 vectors, manifest count is 4"),
+    (lambda root, m: np.save(root / ia.ORIENTATION_FILE, np.zeros((2, 8, 2), np.float16)),
+     "orientation.npy: shape [2, 8, 2], manifest.json says [3, 8, 2]"),
+    (lambda root, m: m["shards"].append({"file": "vectors/shard-00000.npy", "rows": 3}),
+     "6 stored vectors, manifest count is 3"),
+])
+def test_a_damaged_artifact_is_refused_naming_what_is_wrong(tmp_path, damage, expected):
+    root = tmp_path / "a"
+    manifest = _artifact(root)
+    damage(root, manifest)
+    (root / ia.MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(ia.ArtifactError) as err:
+        manifest = ia.read_manifest(root)
+        ia.read_faiss_index(root, manifest)
+        ia.read_tiles(root, manifest)
+        ia.read_orientation(root, manifest)
+        ia.read_vectors(root, manifest)
+    assert expected in str(err.value)
+
+
+def test_an_artifact_of_another_model_is_refused(tmp_path):
+    root = tmp_path / "a"
+    manifest = _artifact(root)
+    with pytest.raises(ia.FingerprintMismatch, match="built for model fingerprint f{16}, but the loaded"):
+        ia.check_model(root, manifest, "0" * 16)
+    with pytest.raises(ia.ArtifactError, match="embedding_dim 4 differs from the model's 8"):
+        ia.check_model(root, manifest, "f" * 16, 8)
+    with pytest.raises(ia.ArtifactError, match="no manifest.json"):
+        ia.read_manifest(tmp_path)
