@@ -998,12 +998,13 @@ def test_an_uploads_header_is_opened_once(client, world, monkeypatch):
     assert client.post("/localize/batch", files=files).status_code == 200 and len(opened) == 3
 
 
-def test_a_bad_environment_value_is_one_line_naming_the_variable(world):
+@pytest.mark.parametrize("command", [["-m", "service"], ["-m", "uvicorn", "service.app:app"]])
+def test_a_bad_environment_value_is_one_line_naming_the_variable(world, command):
     env = {k: v for k, v in os.environ.items() if not k.startswith("GEOLOC_")}
     for name, value, said in (("GEOLOC_QUEUE_SIZE", "lots", "valid integer"),
                               ("GEOLOC_MAX_BATCH_SIZE", "0", "greater than or equal to 1"),
                               ("GEOLOC_API_KEYS", "[secret", "")):
-        proc = subprocess.run([sys.executable, "-m", "service", "--port", "0"], env={**env, name: value},
+        proc = subprocess.run([sys.executable, *command, "--port", "0"], env={**env, name: value},
                               capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
         assert proc.returncode == 2, proc.stderr
         lines = proc.stderr.strip().splitlines()
