@@ -103,28 +103,30 @@ class ServedIndex:
     def generation(self) -> int:
         return self.info.generation
 
-    def answer(self, vectors: np.ndarray, columns: np.ndarray | None, seen: np.ndarray, k: int,
+    def answer(self, vectors: np.ndarray, columns: np.ndarray | None, seen: np.ndarray, ks: list[int],
                near: list[Near | None] | None = None) -> list[Answer | Exception]:
-        """Each query row's top ``k`` tiles, best first, with the view's heading at each tile where
+        """Each query row's top ``ks[i]`` tiles, best first, with the view's heading at each tile where
         both the model (``columns``: the view's column features [n, W, C]; ``seen`` [n, pixel
         columns] what each view covers) and this index have orientation features. A row with a
         prior in ``near`` is searched exactly among the tiles within its radius only. With both column
         features, the best RERANK_CANDIDATES (or k) tiles are re-ranked by descriptor and column alignment
-        (model.orientation.rerank): their scores are then the combined ones. A row whose answer fails
-        gets its exception in its place; the other rows are answered."""
+        (model.orientation.rerank): their scores are then the combined ones. Each row looks at as many
+        candidates as it would alone, whatever its batch-mates ask for. A row whose answer fails gets
+        its exception in its place; the other rows are answered."""
         oriented = columns is not None and self.orientation is not None
-        n = min(max(k, CANDIDATES, RERANK_CANDIDATES if oriented else 0), self.count)
+        looked_at = [min(max(k, CANDIDATES, RERANK_CANDIDATES if oriented else 0), self.count) for k in ks]
         near = near or [None] * len(vectors)
         free = [i for i, prior in enumerate(near) if prior is None]
         hits = {}
         if free:
             with self.search_lock:
-                hits.update(zip(free, zip(*self.index.search(np.ascontiguousarray(vectors[free]), n))))
+                found = self.index.search(np.ascontiguousarray(vectors[free]), max(looked_at[i] for i in free))
+            hits = {i: (scores[:looked_at[i]], rows[:looked_at[i]]) for i, scores, rows in zip(free, *found)}
         answers: list[Answer | Exception] = []
         for i, prior in enumerate(near):
             try:
                 answers.append(self._answer_one(vectors[i], None if columns is None else columns[i], seen[i],
-                                                hits.get(i), prior, k, n))
+                                                hits.get(i), prior, ks[i], looked_at[i]))
             except Exception as exc:
                 answers.append(exc)
         return answers

@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Iterator
 
 import numpy as np
@@ -266,7 +266,8 @@ class Engine:
         vectors, columns = self._encode(images[0] if len(images) == 1 else torch.cat(images))
         t1 = time.perf_counter()
         near = [prior for job in live for prior in (job.near or [None] * job.n)]
-        answers = index.answer(vectors, columns, np.concatenate(seen), max(job.k for job in live), near)
+        ks = [job.k for job in live for _ in range(job.n)]
+        answers = index.answer(vectors, columns, np.concatenate(seen), ks, near)
         t2 = time.perf_counter()
         n = len(answers)
         encode_ms, search_ms = (t1 - t0) * 1000.0, (t2 - t1) * 1000.0
@@ -278,7 +279,6 @@ class Engine:
             if error is not None:
                 outcomes.append((job, None, error))
                 continue
-            mine = [replace(a, matches=a.matches[:job.k]) for a in mine]
             outcomes.append((job, JobResult(mine, index, decode_ms[job], (started - job.enqueued) * 1000.0,
                                             encode_ms, search_ms, n), None))
         self._deliver(outcomes)

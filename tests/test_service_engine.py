@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import threading
 
 import numpy as np
@@ -251,6 +252,40 @@ class _ConcurrencyProbe:
                 self.inside -= 1
 
 
+def test_an_answer_does_not_depend_on_what_its_batch_mates_ask_for(tmp_path):
+    """60 tiles 5 m apart on a line, the query most like tile 0 and less like each next one: among the 20
+    candidates a query with k=1 looks at, none is 150 m or more from the best (no competitor, no margin);
+    a batch-mate asking for k=40 must not make it look further."""
+    import faiss
+
+    from model import index_artifact as ia
+    from service.artifact import load_artifact
+
+    count, dim = 60, 64
+    angles = 0.01 * np.arange(count)
+    vectors = np.zeros((count, dim), np.float32)
+    vectors[:, 0], vectors[np.arange(count), np.arange(count) + 1] = np.cos(angles), np.sin(angles)
+    flat = faiss.IndexFlatIP(dim)
+    flat.add(vectors)
+    root = tmp_path / "line"
+    root.mkdir()
+    faiss.write_index(flat, str(root / ia.INDEX_FILE))
+    (root / ia.TILES_FILE).write_text("tile_id,lat,lon,source\n" + "".join(
+        f"t{i},{47 + i * 5 / 111_195:.8f},8.0,\n" for i in range(count)))
+    (root / ia.MANIFEST_FILE).write_text(json.dumps({
+        "format_version": 1, "model_fingerprint": "f" * 16, "embedding_dim": dim, "metric": "inner_product",
+        "count": count, "index_type": "flat", "built_at": "2026-12-03T00:00:00Z"}))
+    index = load_artifact(root, expected_fingerprint="f" * 16, embedding_dim=dim, generation=1)
+    query = np.zeros((2, dim), np.float32)
+    query[:, 0] = 1.0
+    seen = np.ones((2, 128), bool)
+    alone = index.answer(query[:1], None, seen[:1], [1])[0]
+    beside_a_k40 = index.answer(query, None, seen, [1, 40])
+    assert alone.margin is None and alone.competitor is None
+    assert beside_a_k40[0] == alone
+    assert beside_a_k40[1].competitor == "t31" and len(beside_a_k40[1].matches) == 40  # t30: 150 m less a hair
+
+
 @pytest.mark.parametrize("gpu", [False, True])
 def test_a_faiss_gpu_index_is_searched_by_one_thread_at_a_time(world, monkeypatch, gpu):
     import service.artifact as artifact
@@ -265,7 +300,7 @@ def test_a_faiss_gpu_index_is_searched_by_one_thread_at_a_time(world, monkeypatc
 
     def search():
         start.wait()
-        return index.answer(vectors, None, np.ones((2, 128), bool), 3)
+        return index.answer(vectors, None, np.ones((2, 128), bool), [3, 3])
 
     threads = [threading.Thread(target=search) for _ in range(2)]
     for t in threads:
