@@ -96,7 +96,7 @@ def make_picture(base_url: str, world: Path, out: Path, query: int = 0, k: int =
 
     # Thumbnails, as served by GET /tiles/{tile_id}: the true tile, then the matches.
     shown = [("true tile " + q.tile_id, q.tile_id, "#e0202a")]
-    shown += [(f"#{r['rank']}  {r['tile_id']}\ncos {r['score']:.3f}, "
+    shown += [(f"#{r['rank']}  {r['tile_id']}\nscore {r['score']:.3f}, "
                f"{haversine_m(q.lat, q.lon, r['lat'], r['lon']):.0f} m", r["tile_id"],
                "#e0202a" if r["tile_id"] == q.tile_id else "black") for r in results[:5]]
     grid = GridSpecFromSubplotSpec(2, 3, subplot_spec=outer[1, 1], hspace=0.35, wspace=0.08)
