@@ -45,8 +45,9 @@ class LoadedModel:
 
 def encoder_plan(settings: Settings, on_gpu: bool) -> tuple[int, int | None]:
     """(encoder threads, torch threads per encoder thread). On a CPU two threads with half the
-    cores each beat one forward over every core: an OpenMP forward stalls at each parallel region's
-    barrier whenever the event loop pre-empts one of its threads (bench/RESULTS.md). On a GPU one
+    cores each beat one forward over every core under load: an OpenMP forward stalls at each parallel
+    region's barrier whenever the event loop pre-empts one of its threads (bench/RESULTS.md); a lone
+    image still gets every core (Engine: a wide batch). On a GPU one
     thread by default; more may decode a batch while another's runs on the device (their searches
     of a FAISS GPU index take turns: ServedIndex.search_lock)."""
     if on_gpu:

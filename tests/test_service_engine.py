@@ -75,6 +75,28 @@ def test_two_executor_threads_compute_two_batches_at_once(world):
     assert all(len(r.answers[0].matches) == 3 for r in results)
 
 
+def test_a_lone_image_runs_on_every_core_and_batches_side_by_side_on_their_share(world):
+    """A one-image batch taken when nothing else is queued or computing runs with every executor
+    thread's torch threads (the others wait for it); batches taken together run one-thread each."""
+    seen = []
+    both_inside = threading.Barrier(2, timeout=10)
+
+    def encode(images):
+        seen.append(torch.get_num_threads())
+        if len(seen) > 1:
+            both_inside.wait()  # the two queued together overlap: neither ran wide
+        return _unit_rows(images)
+
+    engine = _engine(world, encode, max_batch_size=1)
+    try:
+        alone = asyncio.run(engine.localize(_images(), n=1, k=1))
+        together = _in_one_batch(engine, *(dict(decode=_images(), n=1, k=1) for _ in range(2)))
+    finally:
+        engine.stop()
+    assert alone.batch_size == 1 and all(r.batch_size == 1 for r in together)
+    assert seen == [2, 1, 1]
+
+
 def test_a_batch_is_answered_by_one_index_generation_while_the_next_sees_the_new_one(world):
     inside, go_on = threading.Event(), threading.Event()
 
