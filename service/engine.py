@@ -6,7 +6,7 @@ executor threads takes what is queued, up to ``max_batch_size`` images (waiting 
 ``max_batch_wait_ms`` for more to join the oldest), decodes it, runs ONE ground-branch forward and
 ONE FAISS search for the whole micro-batch, and hands every job its rows. Thread 0 takes work
 first; the others take what it leaves while it computes. A one-image batch that thread 0 takes
-while nothing else is queued or computing runs *wide*, on every thread's share of the cores (the
+while nothing else is queued or computing runs *wide*, with ``lone_threads`` torch threads (the
 others wait for it): a lone request gets the whole CPU, a loaded service splits it into lanes
 (bench/RESULTS.md, "Service load": c=1 about 4 ms faster, c=16 unchanged).
 
@@ -91,7 +91,7 @@ class Engine:
 
     def __init__(self, encode: Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray | None]],
                  index: ServedIndex, *,
-                 metrics: Metrics, workers: int, threads_per_worker: int | None,
+                 metrics: Metrics, workers: int, threads_per_worker: int | None, lone_threads: int | None = None,
                  max_batch_size: int, max_batch_wait_ms: float, queue_size: int,
                  request_timeout_s: float) -> None:
         self._encode = encode
@@ -99,6 +99,7 @@ class Engine:
         self.index = index
         self.workers = workers
         self.threads_per_worker = threads_per_worker
+        self.lone_threads = lone_threads  # torch threads of a wide batch; None: none runs wide
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_batch_wait_ms / 1000.0
         self.capacity = queue_size
@@ -237,7 +238,8 @@ class Engine:
                     images += job.n
                 remaining = deadline - time.perf_counter()
                 if images >= self.max_batch_size or self._jobs or self._closed or remaining <= 0:
-                    self._wide = lead and images == 1 and self.workers > 1 and self._busy == 0 and not self._jobs
+                    self._wide = (lead and images == 1 and self.lone_threads is not None and self._busy == 0
+                                  and not self._jobs)
                     self._busy += 1
                     if lead:
                         self._lead_busy = True
@@ -247,11 +249,10 @@ class Engine:
                 self._cond.wait(remaining)
 
     def _run(self, lead: bool) -> None:
-        narrow = self.threads_per_worker
         threads = None
         while (taken := self._take(lead)) is not None:
             jobs, wide = taken
-            want = narrow * self.workers if wide and narrow else narrow
+            want = self.lone_threads if wide else self.threads_per_worker
             if want and want != threads:
                 torch.set_num_threads(want)  # per thread: its share of the cores, or all of them alone
                 threads = want

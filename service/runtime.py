@@ -43,18 +43,21 @@ class LoadedModel:
     info: ModelInfo  # what every answer says about it
 
 
-def encoder_plan(settings: Settings, on_gpu: bool) -> tuple[int, int | None]:
-    """(encoder threads, torch threads per encoder thread). On a CPU two threads with half the
-    cores each beat one forward over every core under load: an OpenMP forward stalls at each parallel
-    region's barrier whenever the event loop pre-empts one of its threads (bench/RESULTS.md); a lone
-    image still gets every core (Engine: a wide batch). On a GPU one
-    thread by default; more may decode a batch while another's runs on the device (their searches
-    of a FAISS GPU index take turns: ServedIndex.search_lock)."""
+def encoder_plan(settings: Settings, on_gpu: bool) -> tuple[int, int | None, int | None]:
+    """(encoder threads, torch threads per encoder thread, torch threads of a lone image). On a CPU two
+    threads with half the cores each beat one forward over every core under load: an OpenMP forward
+    stalls at each parallel region's barrier whenever the event loop pre-empts one of its threads
+    (bench/RESULTS.md); a lone image still gets every core (Engine: a wide batch), unless
+    GEOLOC_TORCH_THREADS says how many a forward may use. On a GPU one thread by default; more may
+    decode a batch while another's runs on the device (their searches of a FAISS GPU index take
+    turns: ServedIndex.search_lock)."""
     if on_gpu:
-        return settings.encoder_workers or 1, settings.torch_threads
+        return settings.encoder_workers or 1, settings.torch_threads, None
     cpus = available_cpus()
     workers = settings.encoder_workers or (2 if cpus >= 2 else 1)
-    return workers, settings.torch_threads or max(1, cpus // workers)
+    threads = settings.torch_threads or max(1, cpus // workers)
+    lone = cpus if settings.torch_threads is None and workers > 1 and threads < cpus else None
+    return workers, threads, lone
 
 
 def load_model(settings: Settings) -> LoadedModel:
@@ -129,10 +132,10 @@ class Runtime:
             index = self._load_index(model)
             if self._stop.is_set():
                 return
-            workers, threads = encoder_plan(s, model.encoder.device.type == "cuda")
+            workers, threads, lone = encoder_plan(s, model.encoder.device.type == "cuda")
             engine = Engine(
                 lambda images: model.encoder.encode_uint8_with_columns(images, "ground", s.max_batch_size), index,
-                metrics=self.metrics, workers=workers, threads_per_worker=threads,
+                metrics=self.metrics, workers=workers, threads_per_worker=threads, lone_threads=lone,
                 max_batch_size=s.max_batch_size, max_batch_wait_ms=s.max_batch_wait_ms,
                 queue_size=s.queue_size, request_timeout_s=s.request_timeout_s)
             engine.start()

@@ -45,7 +45,7 @@ class Settings(BaseSettings):
     )
     torch_threads: int | None = Field(
         None, ge=1,
-        description="torch threads per encoder thread; unset = the CPUs divided among them.",
+        description="torch threads per encoder thread; unset = the CPUs divided among them, and a lone image on all.",
     )
 
     # --- micro-batching and backpressure --------------------------------------------------

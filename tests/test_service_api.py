@@ -678,11 +678,13 @@ def test_encoder_plan(world):
     from service.runtime import encoder_plan
 
     cpus = len(os.sched_getaffinity(0))
-    assert encoder_plan(settings_for(world, world.artifact_a, encoder_workers=3, torch_threads=2), False) == (3, 2)
-    workers, threads = encoder_plan(settings_for(world, world.artifact_a), False)
+    # a forward's threads set by hand: no wide lone image either
+    assert encoder_plan(settings_for(world, world.artifact_a, encoder_workers=3, torch_threads=2), False) == (3, 2, None)
+    workers, threads, lone = encoder_plan(settings_for(world, world.artifact_a), False)
     assert workers == (2 if cpus >= 2 else 1) and threads == max(1, cpus // workers)
-    assert encoder_plan(settings_for(world, world.artifact_a, encoder_workers=1), False) == (1, cpus)
-    assert encoder_plan(settings_for(world, world.artifact_a), True) == (1, None)  # a GPU: one thread searches
+    assert lone == (cpus if cpus >= 2 else None)  # a lone image on every core
+    assert encoder_plan(settings_for(world, world.artifact_a, encoder_workers=1), False) == (1, cpus, None)
+    assert encoder_plan(settings_for(world, world.artifact_a), True) == (1, None, None)  # a GPU: one thread searches
 
 
 # --- hot reload ---------------------------------------------------------------------------------

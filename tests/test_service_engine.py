@@ -87,7 +87,7 @@ def test_a_lone_image_runs_on_every_core_and_batches_side_by_side_on_their_share
             both_inside.wait()  # the two queued together overlap: neither ran wide
         return _unit_rows(images)
 
-    engine = _engine(world, encode, max_batch_size=1)
+    engine = _engine(world, encode, max_batch_size=1, lone_threads=2)
     try:
         alone = asyncio.run(engine.localize(_images(), n=1, k=1))
         together = _in_one_batch(engine, *(dict(decode=_images(), n=1, k=1) for _ in range(2)))
@@ -95,6 +95,13 @@ def test_a_lone_image_runs_on_every_core_and_batches_side_by_side_on_their_share
         engine.stop()
     assert alone.batch_size == 1 and all(r.batch_size == 1 for r in together)
     assert seen == [2, 1, 1]
+    engine = _engine(world, encode, max_batch_size=1)  # lone_threads unset (e.g. GEOLOC_TORCH_THREADS given)
+    try:
+        seen.clear()
+        asyncio.run(engine.localize(_images(), n=1, k=1))
+    finally:
+        engine.stop()
+    assert seen == [1]
 
 
 def test_a_batch_is_answered_by_one_index_generation_while_the_next_sees_the_new_one(world):
