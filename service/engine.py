@@ -131,7 +131,8 @@ class Engine:
 
     @property
     def running(self) -> bool:
-        return not self._closed and any(t.is_alive() for t in self._threads)
+        """Open, and thread 0 alive: the other threads take only what it leaves."""
+        return not self._closed and bool(self._threads) and self._threads[0].is_alive()
 
     def start(self) -> None:
         for i in range(self.workers):
@@ -249,15 +250,16 @@ class Engine:
                 self._cond.wait(remaining)
 
     def _run(self, lead: bool) -> None:
+        own = self.threads_per_worker or torch.get_num_threads()
         threads = None
         while (taken := self._take(lead)) is not None:
             jobs, wide = taken
-            want = self.lone_threads if wide else self.threads_per_worker
-            if want and want != threads:
-                torch.set_num_threads(want)  # per thread: its share of the cores, or all of them alone
-                threads = want
-            self.metrics.queue_depth.set(self.depth)
             try:
+                want = self.lone_threads if wide else own
+                if want != threads:
+                    torch.set_num_threads(want)  # per thread: its share of the cores, or all of them alone
+                    threads = want
+                self.metrics.queue_depth.set(self.depth)
                 self._compute(jobs)
             except Exception as exc:  # never lose a worker; its jobs get the error
                 log.exception("inference failed for a batch of %d job(s)", len(jobs))

@@ -104,6 +104,31 @@ def test_a_lone_image_runs_on_every_core_and_batches_side_by_side_on_their_share
     assert seen == [1]
 
 
+def test_an_error_before_a_batch_computes_fails_that_batch_only(world, monkeypatch):
+    """Thread 0 failing to set its thread count (or anything else before the forward) fails the batch it
+    took; its bookkeeping is undone, so the next request is answered and the engine still runs."""
+    import service.engine as engine_module
+
+    real, calls = torch.set_num_threads, []
+
+    def set_num_threads(n):
+        calls.append(n)
+        if len(calls) == 1:
+            raise RuntimeError("no threads today")
+        real(n)
+
+    monkeypatch.setattr(engine_module.torch, "set_num_threads", set_num_threads)
+    engine = _engine(world, _unit_rows, max_batch_size=1, lone_threads=2)
+    try:
+        with pytest.raises(RuntimeError, match="no threads today"):
+            asyncio.run(engine.localize(_images(), n=1, k=1))
+        assert len(asyncio.run(engine.localize(_images(), n=1, k=2)).answers[0].matches) == 2
+        assert engine.running
+    finally:
+        engine.stop()
+    assert not engine.running
+
+
 def test_a_batch_is_answered_by_one_index_generation_while_the_next_sees_the_new_one(world):
     inside, go_on = threading.Event(), threading.Event()
 
