@@ -9,7 +9,8 @@ naming the file.
 Layouts
 -------
 synthetic  ``DIR/splits/{train,val}.csv`` with header ``id,aerial,ground,lat,lon`` (paths relative
-           to DIR); split ``all`` = train + val.
+           to DIR; lat/lon: the camera), optionally ``,tile_lat,tile_lon``: the tile's centre where the
+           camera is not at it (``scripts/grid_pairs.py``); split ``all`` = train + val.
 cvusa      ``DIR/splits/{train,val}-19zl.csv``, lines ``bingmap/19/x.jpg,streetview/panos/x.jpg,annotations/...``
            (no header). With ``polar=True`` the aerial path becomes ``polarmap/19/x.png`` (the SAFA
            pre-computed polar images); such records carry ``aerial_is_polar=True``.
@@ -46,6 +47,8 @@ class PairRecord:
     lon: float | None = None
     aerial_is_polar: bool = False
     utm: tuple | None = None
+    tile_lat: float | None = None  # the aerial tile's centre where the camera is not at it (a grid region)
+    tile_lon: float | None = None
 
 
 # --------------------------------------------------------------------------- helpers
@@ -77,6 +80,7 @@ def _check_rel(rel: str, where: str, column: str) -> None:
 # --------------------------------------------------------------------------- synthetic world
 
 SYNTHETIC_HEADER = ["id", "aerial", "ground", "lat", "lon"]
+TILE_CENTRE_COLUMNS = ["tile_lat", "tile_lon"]  # optional: scripts/grid_pairs.py writes them
 
 
 def read_synthetic(root, split: str = "train", check_files: bool = True) -> list[PairRecord]:
@@ -96,14 +100,16 @@ def read_synthetic(root, split: str = "train", check_files: bool = True) -> list
         header = next(reader, None)
         if header is None:
             raise DatasetError(f"{path}: empty file (expected header {','.join(SYNTHETIC_HEADER)})")
-        if [h.strip() for h in header] != SYNTHETIC_HEADER:
-            raise DatasetError(f"{path}:1: header {','.join(header)!r} != {','.join(SYNTHETIC_HEADER)!r}")
+        columns = [h.strip() for h in header]
+        if columns not in (SYNTHETIC_HEADER, SYNTHETIC_HEADER + TILE_CENTRE_COLUMNS):
+            raise DatasetError(f"{path}:1: header {','.join(header)!r} != {','.join(SYNTHETIC_HEADER)!r} "
+                               f"(optionally followed by {','.join(TILE_CENTRE_COLUMNS)})")
         for lineno, row in enumerate(reader, start=2):
             if not row or all(not c.strip() for c in row):
                 continue
             where = f"{path}:{lineno}"
-            if len(row) != 5:
-                raise DatasetError(f"{where}: expected 5 columns (id,aerial,ground,lat,lon), got {len(row)}")
+            if len(row) != len(columns):
+                raise DatasetError(f"{where}: expected {len(columns)} columns ({','.join(columns)}), got {len(row)}")
             pid, aer, grd = (c.strip() for c in row[:3])
             if not pid:
                 raise DatasetError(f"{where}: empty id")
@@ -118,7 +124,9 @@ def read_synthetic(root, split: str = "train", check_files: bool = True) -> list
             if check_files:
                 _need_file(ap, where)
                 _need_file(gp, where)
-            records.append(PairRecord(pid, str(gp), str(ap), lat, lon))
+            tile = (() if len(columns) == 5 else
+                    (_float(row[5], "tile_lat", where, -90.0, 90.0), _float(row[6], "tile_lon", where, -180.0, 180.0)))
+            records.append(PairRecord(pid, str(gp), str(ap), lat, lon, False, None, *tile))
     return records
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,11 +40,31 @@ class InfoNCELoss(nn.Module):
     def temperature(self) -> float:
         return float(torch.exp(-self.log_inv_temperature.detach()))
 
-    def forward(self, ground: torch.Tensor, aerial: torch.Tensor) -> torch.Tensor:
+    def forward(self, ground: torch.Tensor, aerial: torch.Tensor, overlap: torch.Tensor | None = None) -> torch.Tensor:
+        """``overlap`` [B, B] (optional, e.g. `footprint_overlap`): how much of ground i's place aerial j
+        shows. Each row's (and column's) target is then spread over the tiles (views) in proportion, so
+        an overlapping neighbour is a semi-positive instead of a negative; without it, row i matches
+        row i only."""
         scale = self.log_inv_temperature.clamp(max=math.log(100.0)).exp()
         logits = scale * ground @ aerial.t()
-        target = torch.arange(ground.shape[0], device=ground.device)
-        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2.0
+        if overlap is None:
+            target = torch.arange(ground.shape[0], device=ground.device)
+            return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2.0
+        return (F.cross_entropy(logits, overlap / overlap.sum(1, keepdim=True))
+                + F.cross_entropy(logits.t(), (overlap / overlap.sum(0, keepdim=True)).t())) / 2.0
+
+
+def footprint_overlap(camera_latlon: np.ndarray, tile_latlon: np.ndarray, tile_m: float) -> np.ndarray:
+    """[B, B]: the share of a north-up ``tile_m`` square centred on camera i that tile j (its centre in
+    ``tile_latlon``, the same size) covers; 1 for a tile centred on the camera, 0 beyond a tile's side
+    (VIGOR's positives and semi-positives, weighted by how much of the camera's place they show)."""
+    from .metrics import local_xy_m
+
+    lat0, lon0 = (float(v) for v in camera_latlon.mean(0))
+    cameras = local_xy_m(camera_latlon[:, 0], camera_latlon[:, 1], lat0, lon0)
+    tiles = local_xy_m(tile_latlon[:, 0], tile_latlon[:, 1], lat0, lon0)
+    apart = np.abs(cameras[:, None, :] - tiles[None, :, :]) / tile_m  # [B, B, east/north] in tile sides
+    return np.clip(1.0 - apart, 0.0, None).prod(-1)
 
 
 class TripletLoss(nn.Module):
@@ -51,7 +72,9 @@ class TripletLoss(nn.Module):
         super().__init__()
         self.weight = weight
 
-    def forward(self, ground: torch.Tensor, aerial: torch.Tensor) -> torch.Tensor:
+    def forward(self, ground: torch.Tensor, aerial: torch.Tensor, overlap: torch.Tensor | None = None) -> torch.Tensor:
+        if overlap is not None:
+            raise ValueError("the triplet loss has no semi-positives; use the InfoNCE loss with overlapping tiles")
         return soft_margin_triplet_loss(ground, aerial, self.weight)
 
 

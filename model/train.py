@@ -29,7 +29,7 @@ from .augment import PairAugment
 from .checkpoint import CheckpointError, load_checkpoint, load_npz_into, save_checkpoint
 from .config import ConfigError, L2LTRConfig
 from .encode import autocast_context, encode_batch, pick_device
-from .losses import make_loss
+from .losses import footprint_overlap, make_loss
 from .metrics import retrieval_recall
 from .network import L2LTR
 from .preprocess import normalize_uint8_batch, normalize_unit_batch, unit_batch
@@ -51,12 +51,14 @@ class PairArrays:
     ground: np.ndarray  # [N, H, W, 3] uint8
     aerial: np.ndarray  # [N, H, W, 3] uint8
     latlon: np.ndarray | None  # [N, 2] float64 or None
+    tile_latlon: np.ndarray | None = None  # [N, 2]: each tile's centre where the data set names it
 
     def __len__(self) -> int:
         return len(self.ground)
 
 
-def load_pair_arrays(records: Sequence, config: L2LTRConfig, desc: str = "preprocess", workers: int = 0) -> PairArrays:
+def load_pair_arrays(records: Sequence, config: L2LTRConfig, desc: str = "preprocess", workers: int = 0,
+                     quiet: bool = False) -> PairArrays:
     """Decode + preprocess every record once (ground resize; aerial polar + resize)."""
     from tqdm import tqdm
 
@@ -76,14 +78,30 @@ def load_pair_arrays(records: Sequence, config: L2LTRConfig, desc: str = "prepro
 
         with ThreadPoolExecutor(workers) as pool:
             results = pool.map(work, range(n))
-            for i, g, a in tqdm(results, total=n, desc=desc, unit="pair", dynamic_ncols=True):
+            for i, g, a in tqdm(results, total=n, desc=desc, unit="pair", dynamic_ncols=True, disable=quiet):
                 ground[i], aerial[i] = g, a
     else:
-        for i in tqdm(range(n), desc=desc, unit="pair", dynamic_ncols=True):
+        for i in tqdm(range(n), desc=desc, unit="pair", dynamic_ncols=True, disable=quiet):
             _, ground[i], aerial[i] = work(i)
     has_ll = all(getattr(r, "lat", None) is not None for r in records)
     latlon = np.array([(r.lat, r.lon) for r in records], np.float64) if has_ll and n else None
-    return PairArrays(ground, aerial, latlon)
+    has_tile = has_ll and all(getattr(r, "tile_lat", None) is not None for r in records)
+    tile_latlon = np.array([(r.tile_lat, r.tile_lon) for r in records], np.float64) if has_tile and n else None
+    return PairArrays(ground, aerial, latlon, tile_latlon)
+
+
+def check_tile_centres(records: Sequence, tile_m: float, loss: str, root: Path) -> None:
+    """--semi-positives needs every training pair's tile centre, within a tile of its camera."""
+    if loss != "infonce":
+        raise TrainingError(f"--semi-positives needs --loss infonce (the {loss} loss has no semi-positives)")
+    for r in records:
+        if r.lat is None or getattr(r, "tile_lat", None) is None:
+            raise TrainingError(f"--semi-positives: pair {r.id} of {root} has no tile centre (the split files need "
+                                "the columns tile_lat,tile_lon, as scripts/grid_pairs.py writes them)")
+        camera, tile = np.array([[r.lat, r.lon]]), np.array([[r.tile_lat, r.tile_lon]])
+        if footprint_overlap(camera, tile, tile_m)[0, 0] <= 0:
+            raise TrainingError(f"--semi-positives {tile_m:g}: pair {r.id}'s tile does not cover its camera "
+                                f"(a tile side of {tile_m:g} m; is that the tiles' size?)")
 
 
 def read_records(dataset: str, root: Path, split: str):
@@ -228,8 +246,9 @@ class JsonLog:
 
 RESUME_KEYS = ("data", "dataset", "config", "attention", "no_polar", "batch_size", "lr", "weight_decay", "warmup",
                "clip", "loss", "hard_negatives", "seed", "epochs", "steps", "init", "augment", "precision", "dropout",
-               "fov_augment")
-ADDED_SETTING_DEFAULTS = {"augment": False, "precision": "auto", "dropout": None, "fov_augment": 0.0}
+               "fov_augment", "semi_positives")
+ADDED_SETTING_DEFAULTS = {"augment": False, "precision": "auto", "dropout": None, "fov_augment": 0.0,
+                         "semi_positives": 0.0}
 
 
 def build_config(args) -> L2LTRConfig:
@@ -275,6 +294,9 @@ def train(args) -> dict:
         train_records = train_records[: args.max_pairs]
     if args.max_eval_pairs:
         val_records = val_records[: args.max_eval_pairs]
+    semi_positives = getattr(args, "semi_positives", 0.0)
+    if semi_positives:
+        check_tile_centres(train_records, semi_positives, args.loss, Path(args.data))
     torch.manual_seed(args.seed)
     model = L2LTR(config)
     if args.init and not resume_state:
@@ -293,8 +315,9 @@ def train(args) -> dict:
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
 
     out.mkdir(parents=True, exist_ok=True)
-    train_data = load_pair_arrays(train_records, config, "preprocess train", workers=args.workers)
-    val_data = load_pair_arrays(val_records, config, f"preprocess {args.eval_split}", workers=args.workers) if val_records else None
+    train_data = load_pair_arrays(train_records, config, "preprocess train", workers=args.workers, quiet=args.quiet)
+    val_data = (load_pair_arrays(val_records, config, f"preprocess {args.eval_split}", workers=args.workers,
+                                 quiet=args.quiet) if val_records else None)
     steps_per_epoch = len(train_data) // args.batch_size
     if steps_per_epoch == 0:
         raise TrainingError(f"{len(train_data)} training pairs are fewer than one batch of {args.batch_size}")
@@ -322,6 +345,7 @@ def train(args) -> dict:
     def provenance(extra=None):
         return {"trained_steps": step, "data": str(args.data), "dataset": args.dataset, "seed": args.seed,
                 "loss": args.loss, "batch_size": args.batch_size,
+                **({"semi_positives_m": semi_positives} if semi_positives else {}),
                 **({"init": Path(args.init).name} if args.init else {}), **(extra or {})}
 
     fov_augment = getattr(args, "fov_augment", 0.0)
@@ -349,9 +373,13 @@ def train(args) -> dict:
             lr = lr_at(step, total_steps, args.lr, args.warmup)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            overlap = None
+            if semi_positives:
+                overlap = torch.from_numpy(footprint_overlap(train_data.latlon[idx], train_data.tile_latlon[idx],
+                                                             semi_positives)).float().to(device)
             with training_autocast(device, args.precision):
                 gd, ad = model(g, a)
-                loss = loss_fn(gd.float(), ad.float())
+                loss = loss_fn(gd.float(), ad.float(), overlap)
             if not torch.isfinite(loss):
                 raise TrainingError(f"loss is {loss.item()} at step {step} (lr {lr:.3g}); stopped instead of training "
                                     f"through it. Last good state: {state_path if state_path.exists() else 'none saved'}. "
@@ -439,6 +467,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "infonce: symmetric InfoNCE with a learned temperature")
     o.add_argument("--hard-negatives", type=float, default=0.0,
                    help="fraction of batches made of geographic neighbours (0..1)")
+    o.add_argument("--semi-positives", type=float, default=0.0, metavar="TILE_M",
+                   help="cameras anywhere in a grid of overlapping tiles (VIGOR-style; needs tile_lat,tile_lon in the "
+                        "split files and --loss infonce): each batch's tiles count as positives in proportion to how "
+                        "much of a TILE_M-metre square centred on the camera they cover, so an overlapping "
+                        "neighbour is a semi-positive, not a negative (0: off; use with --hard-negatives)")
     o.add_argument("--augment", action="store_true",
                    help="aligned random turn + east-west mirror of both views, independent colour jitter")
     o.add_argument("--fov-augment", type=float, default=0.0, metavar="P",
@@ -467,6 +500,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if not 0.0 <= args.hard_negatives <= 1.0:
         print("error: --hard-negatives must be within 0..1", file=sys.stderr)
+        return 2
+    if args.semi_positives < 0:
+        print("error: --semi-positives must be a tile side in metres (> 0), or 0 for off", file=sys.stderr)
         return 2
     try:
         summary = train(args)

@@ -5,7 +5,8 @@ nearest to it (cut by `index_build tile`), so that a model learns cameras anywhe
       --out data/grid_train_pairs --val 400
 
 OUT is a synthetic data set for `model.train --data OUT`: splits/train.csv and splits/val.csv
-(id,aerial,ground,lat,lon; lat/lon are the camera's true position) with `streetview` and `tiles`
+(id,aerial,ground,lat,lon,tile_lat,tile_lon; lat/lon are the camera's true position, tile_lat/tile_lon
+its tile's centre, for `model.train --semi-positives`) with `streetview` and `tiles`
 linked to the world's and the catalogue's directories. `offsets.csv` gives each camera's distance
 to its tile's centre. The last --val cameras (in camera order) are held out.
 """
@@ -69,10 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     for split, rows in (("train", range(n_train)), ("val", range(n_train, len(queries)))):
         with open(args.out / "splits" / f"{split}.csv", "w", newline="") as fh:
             w = csv.writer(fh)
-            w.writerow(["id", "aerial", "ground", "lat", "lon"])
+            w.writerow(["id", "aerial", "ground", "lat", "lon", "tile_lat", "tile_lon"])
             for i in rows:
                 q, t = queries[i], tiles[idx[i]]
-                w.writerow([q["query_id"], f"tiles/{t['path']}", q["path"], q["lat"], q["lon"]])
+                w.writerow([q["query_id"], f"tiles/{t['path']}", q["path"], q["lat"], q["lon"], t["lat"], t["lon"]])
     with open(args.out / "offsets.csv", "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["id", "tile_id", "offset_m"])

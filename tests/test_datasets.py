@@ -41,6 +41,23 @@ def test_synthetic_reader(tmp_path):
     assert len(read_synthetic(root, "all")) == 4
 
 
+def test_synthetic_reader_with_tile_centres(tmp_path):
+    """A grid region's pairs (scripts/grid_pairs.py) name each tile's centre beside the camera."""
+    root = _synthetic(tmp_path)
+    path = root / "splits" / "train.csv"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([lines[0] + ",tile_lat,tile_lon"] + [x + ",47.0002,8.5003" for x in lines[1:]]) + "\n")
+    records = read_synthetic(root, "train")
+    assert [(r.tile_lat, r.tile_lon) for r in records] == [(47.0002, 8.5003)] * 3
+    assert read_synthetic(root, "val")[0].tile_lat is None  # the plain header: no tile centres
+    path.write_text(path.read_text() + "000009,bingmap/000000.png,streetview/000000.jpg,47,8.5,91,8.5\n")
+    with pytest.raises(DatasetError, match=rf"{path}:5: tile_lat 91.0 is out of range"):
+        read_synthetic(root, "train")
+    path.write_text(path.read_text().replace(",91,8.5", ""))
+    with pytest.raises(DatasetError, match=rf"{path}:5: expected 7 columns"):
+        read_synthetic(root, "train")
+
+
 @pytest.mark.parametrize("line,msg", [
     ("000009,bingmap/x.png,streetview/x.jpg,47.0", "expected 5 columns"),
     ("000009,bingmap/x.png,streetview/x.jpg,abc,8.5", "lat 'abc' is not a number"),

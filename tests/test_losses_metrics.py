@@ -1,9 +1,11 @@
+import math
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from model.losses import InfoNCELoss, soft_margin_triplet_loss
+from model.losses import InfoNCELoss, make_loss, soft_margin_triplet_loss
 from model.metrics import haversine_m, localization_error, retrieval_recall
 
 
@@ -59,6 +61,38 @@ def test_infonce_learnable_and_fixed():
     learn, fixed = InfoNCELoss(0.07, True), InfoNCELoss(0.07, False)
     assert learn(g, g).item() == pytest.approx(fixed(g, g).item())
     assert len(list(learn.parameters())) == 1 and len(list(fixed.parameters())) == 0
+
+
+def test_footprint_overlap_of_tiles_around_a_camera():
+    from model.losses import footprint_overlap
+    from model.metrics import EARTH_RADIUS_M
+
+    metre = math.degrees(1.0 / EARTH_RADIUS_M)  # of latitude
+    camera = np.array([[47.0, 8.5]] * 4)
+    east = metre / math.cos(math.radians(47.0))
+    tiles = np.array([[47.0, 8.5], [47.0, 8.5 + 25 * east], [47.0 + 50 * metre, 8.5 + 50 * east],
+                      [47.0 + 120 * metre, 8.5]])
+    overlap = footprint_overlap(camera, tiles, 100.0)
+    assert overlap.shape == (4, 4)
+    assert overlap[0] == pytest.approx([1.0, 0.75, 0.25, 0.0], abs=1e-6)
+
+
+def test_infonce_semi_positives():
+    """An identity overlap is the plain loss. Tiles 0 and 1 overlap: a model that tells them apart
+    sharply is what the plain loss wants; with the overlap as semi-positives, one that scores them
+    alike costs less."""
+    torch.manual_seed(0)
+    apart = F.normalize(torch.randn(6, 16), dim=1)
+    alike = apart.clone()
+    alike[1] = F.normalize(apart[0] + 0.05 * torch.randn(16), dim=0)
+    loss = InfoNCELoss(0.1, learnable=False)
+    assert loss(alike, apart, torch.eye(6)).item() == pytest.approx(loss(alike, apart).item(), rel=1e-6)
+    overlap = torch.eye(6)
+    overlap[0, 1] = overlap[1, 0] = 0.5
+    assert loss(apart, apart).item() < loss(alike, alike).item()
+    assert loss(alike, alike, overlap).item() < loss(apart, apart, overlap).item()
+    with pytest.raises(ValueError, match="no semi-positives"):
+        make_loss("triplet")(apart, apart, overlap)
 
 
 def test_haversine_and_localization_error():

@@ -1,6 +1,7 @@
 """Training and evaluation CLIs: one step lowers the loss, exact resume, end-to-end evaluation, bad input."""
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -98,6 +99,38 @@ def test_dropout_override_reaches_the_checkpoint_and_is_validated(world, tmp_pat
     assert not (tmp_path / "e").exists()  # refused before anything was written
 
 
+def _with_tile_centres(world, north_m: float):
+    """The pairs' split files with tile_lat,tile_lon: each tile's centre north_m north of its camera."""
+    for split in ("train", "val"):
+        path = world / "splits" / f"{split}.csv"
+        head, *rows = path.read_text().splitlines()
+        rows = [f"{r},{float(r.split(',')[3]) + north_m / 111_195.0:.7f},{r.split(',')[4]}" for r in rows]
+        path.write_text("\n".join([head + ",tile_lat,tile_lon", *rows]) + "\n")
+
+
+def test_semi_positive_training_with_tile_centres(world, tmp_path, capfd):
+    """--semi-positives: the tiles of neighbouring cameras (11 m apart here) share the positive of each;
+    refused before any work without tile centres, with the triplet loss, or with tiles off their cameras."""
+    args = ("--steps", "2", "--eval-every", "0", "--loss", "infonce", "--hard-negatives", "1",
+            "--semi-positives", "100")
+    with pytest.raises(TrainingError, match=r"pair 000000 of .* has no tile centre .*tile_lat,tile_lon"):
+        train(run_args(world, tmp_path / "none", *args))
+    _with_tile_centres(world, 30.0)
+    capfd.readouterr()
+    summary = train(run_args(world, tmp_path / "semi", *args))
+    assert summary["finished"]
+    assert "preprocess" not in capfd.readouterr().err  # --quiet (run_args): no progress bars at all
+    trained = load_checkpoint(tmp_path / "semi" / "last.safetensors")
+    assert trained.provenance["semi_positives_m"] == 100.0
+    log = [json.loads(x) for x in (tmp_path / "semi" / "log.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["loss"]) for r in log if r["event"] == "train")
+    with pytest.raises(TrainingError, match="needs --loss infonce"):
+        train(run_args(world, tmp_path / "triplet", *args[:-6], "--semi-positives", "100"))
+    with pytest.raises(TrainingError, match="pair 000000's tile does not cover its camera"):
+        train(run_args(world, tmp_path / "far", *args[:-1], "25"))
+    assert not any((tmp_path / name).exists() for name in ("none", "triplet", "far"))
+
+
 def test_nan_loss_stops_with_step(world, tmp_path, monkeypatch):
     import model.train as train_module
     from model.losses import TripletLoss
@@ -105,9 +138,9 @@ def test_nan_loss_stops_with_step(world, tmp_path, monkeypatch):
     class NanAfterTwo(TripletLoss):
         calls = 0
 
-        def forward(self, g, a):
+        def forward(self, g, a, overlap=None):
             NanAfterTwo.calls += 1
-            loss = super().forward(g, a)
+            loss = super().forward(g, a, overlap)
             return loss * float("nan") if NanAfterTwo.calls > 2 else loss
 
     monkeypatch.setattr(train_module, "make_loss", lambda name: NanAfterTwo())
@@ -161,3 +194,33 @@ def test_evaluate_cli_end_to_end(world, tmp_path, capsys):
     assert evaluate.main(["--checkpoint", str(tmp_path / "missing.safetensors"), "--data", str(world)]) == 1
     assert "does not exist" in capsys.readouterr().err
     assert not math.isnan(out["r1"])
+
+
+def test_grid_pairs_pair_each_camera_with_its_nearest_tile(tmp_path):
+    """scripts/grid_pairs.py: a data set model.train reads, with each tile's centre for --semi-positives."""
+    import importlib.util
+
+    from model.datasets import read_synthetic
+
+    script = Path(__file__).parents[1] / "scripts" / "grid_pairs.py"
+    spec = importlib.util.spec_from_file_location("grid_pairs", script)
+    grid_pairs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(grid_pairs)
+    world, tiles = tmp_path / "world", tmp_path / "world" / "tiles"
+    (world / "streetview").mkdir(parents=True)
+    (tiles / "images").mkdir(parents=True)
+    degree = 111_195.0  # metres per degree of latitude
+    tile_rows = [(f"t{i}", f"images/t{i}.jpg", 47.0 + 50 * i / degree, 8.5) for i in range(4)]  # every 50 m north
+    camera_rows = [(f"{i:06d}", f"streetview/{i:06d}.jpg", 47.0 + north / degree, 8.5)
+                   for i, north in enumerate([10, 40, 140, 70])]
+    for name, rows, header in (("tiles/tiles.csv", tile_rows, "tile_id,path,lat,lon"),
+                               ("queries.csv", camera_rows, "query_id,path,lat,lon")):
+        (world / name).write_text(header + "\n" + "\n".join(",".join(map(str, r)) for r in rows) + "\n")
+        for row in rows:
+            Image.new("RGB", (8, 8)).save((tiles if name.startswith("tiles") else world) / row[1])
+    assert grid_pairs.main(["--world", str(world), "--tiles", str(tiles), "--out", str(tmp_path / "pairs"),
+                            "--val", "1"]) == 0
+    train_records = read_synthetic(tmp_path / "pairs", "train")
+    assert [Path(r.aerial_path).name for r in train_records] == ["t0.jpg", "t1.jpg", "t3.jpg"]
+    assert [round((r.tile_lat - r.lat) * degree) for r in train_records] == [-10, 10, 10]
+    assert Path(read_synthetic(tmp_path / "pairs", "val")[0].aerial_path).name == "t1.jpg"
