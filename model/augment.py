@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+PHOTO_MASKS = ("band", "pinhole")
+
 
 @dataclass(frozen=True)
 class PairAugment:
@@ -29,6 +31,13 @@ class PairAugment:
     color: float = 0.3  # strength of brightness / contrast / saturation / tint jitter (0: none)
     fov: float = 0.0  # probability of limiting the panorama to a random field of view
     fov_range: tuple[float, float] = (60.0, 240.0)  # its horizontal extent, degrees (uniform)
+    photo: float = 0.5  # share of the limited views that are a phone photo's frame (4:3, level)
+    photo_fov_range: tuple[float, float] | None = None  # a photo's horizontal extent (None: fov_range)
+    photo_mask: str = "band"  # "band": the rows of the frame's vertical fov; "pinhole": its exact outline
+
+    def __post_init__(self):
+        if self.photo_mask not in PHOTO_MASKS:
+            raise ValueError(f"photo_mask must be one of {PHOTO_MASKS}, got {self.photo_mask!r}")
 
     def __call__(self, ground: torch.Tensor, aerial: torch.Tensor, polar: bool,
                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,7 +58,8 @@ class PairAugment:
             ground = jitter_colour(ground, self.color, generator)
             aerial = jitter_colour(aerial, self.color, generator)
         if self.fov > 0:
-            ground = limit_fields_of_view(ground, self.fov, self.fov_range, generator)
+            ground = limit_fields_of_view(ground, self.fov, self.fov_range, generator, photo=self.photo,
+                                          photo_fov_range=self.photo_fov_range, photo_mask=self.photo_mask)
         return ground, aerial
 
 
@@ -87,26 +97,46 @@ def jitter_colour(images: torch.Tensor, strength: float, generator: torch.Genera
 
 
 def limit_fields_of_view(images: torch.Tensor, probability: float, fov_range: tuple[float, float],
-                         generator: torch.Generator) -> torch.Tensor:
+                         generator: torch.Generator, photo: float = 0.5,
+                         photo_fov_range: tuple[float, float] | None = None,
+                         photo_mask: str = "band") -> torch.Tensor:
     """Panoramas [B, 3, H, W] in [0, 1] (rows spanning 180 degrees of elevation), each with
     ``probability`` cut to a random horizontal field of view from ``fov_range`` centred on a random
-    column; half of those also to the vertical field of view of a phone's 4:3 frame of that width.
-    Outside it: the ImageNet mean colour, which the normalised input reads as zero."""
+    column; a share ``photo`` of those is a phone's level 4:3 frame of that width instead (its
+    horizontal field from ``photo_fov_range`` when given, below 170 degrees), as `model.views.place_view`
+    masks a photo. ``photo_mask`` "band": the frame cuts the rows to its vertical field of view at
+    every column (the frame's height at its centre); "pinhole": to the frame's true outline, which
+    narrows towards its left and right edges (a ray at azimuth a off the axis and elevation e is in a
+    4:3 frame of horizontal field F when |tan e| <= 0.75 tan(F/2) cos a). Outside it: the ImageNet
+    mean colour, which the normalised input reads as zero."""
     from .preprocess import IMAGENET_MEAN
 
+    if photo_mask not in PHOTO_MASKS:
+        raise ValueError(f"photo_mask must be one of {PHOTO_MASKS}, got {photo_mask!r}")
     b, _, h, w = images.shape
     limited = torch.rand(b, generator=generator) < probability
     fov = fov_range[0] + (fov_range[1] - fov_range[0]) * torch.rand(b, generator=generator)
     centre = torch.rand(b, generator=generator) * w
-    photo = torch.rand(b, generator=generator) < 0.5
-    # a pinhole 4:3 frame of horizontal field f sees 2 atan(0.75 tan(f/2)) vertically (f < 180)
-    vfov = torch.where(photo & (fov < 170), 2 * torch.rad2deg(torch.atan(0.75 * torch.tan(torch.deg2rad(
-        fov.clamp(max=170) / 2)))), torch.full_like(fov, 180.0))
+    is_photo = torch.rand(b, generator=generator) < photo
+    if photo_fov_range is not None:  # drawn after the others: without it, a seed cuts as it always did
+        photo_fov = photo_fov_range[0] + (photo_fov_range[1] - photo_fov_range[0]) * torch.rand(b, generator=generator)
+        fov = torch.where(is_photo, photo_fov, fov)
+    is_photo = is_photo & (fov < 170)
+    half = torch.deg2rad(fov.clamp(max=170) / 2)
     offset = (torch.arange(w) + 0.5)[None, :] - centre[:, None]
     offset = (offset + w / 2) % w - w / 2  # circular distance to the centre column
     keep_cols = offset.abs() <= (fov / 360.0 * w / 2)[:, None]
     rows = ((torch.arange(h) + 0.5) - h / 2).abs()[None, :]
-    keep_rows = rows <= (vfov / 180.0 * h / 2)[:, None]
-    keep = (keep_rows[:, :, None] & keep_cols[:, None, :]) | ~limited[:, None, None]
+    if photo_mask == "band":
+        # a pinhole 4:3 frame of horizontal field f sees 2 atan(0.75 tan(f/2)) vertically (f < 180)
+        vfov = torch.where(is_photo, 2 * torch.rad2deg(torch.atan(0.75 * torch.tan(half))), torch.full_like(fov, 180.0))
+        keep_rows = (rows <= (vfov / 180.0 * h / 2)[:, None])[:, :, None].expand(b, h, w)
+    else:
+        elevation = rows / h * torch.pi  # [1, H] |elevation| of each row's centre, radians
+        azimuth = (offset.abs() / w * 2 * torch.pi).clamp(max=torch.pi / 2)  # [B, W] off the axis
+        inside = (torch.tan(elevation.clamp(max=torch.pi / 2 - 1e-6))[:, :, None]
+                  <= (0.75 * torch.tan(half))[:, None, None] * torch.cos(azimuth)[:, None, :])  # [B, H, W]
+        keep_rows = inside | ~is_photo[:, None, None]
+    keep = (keep_rows & keep_cols[:, None, :]) | ~limited[:, None, None]
     mean = torch.tensor(IMAGENET_MEAN, dtype=images.dtype).view(1, 3, 1, 1)
     return torch.where(keep[:, None], images, mean)

@@ -177,7 +177,8 @@ def train_orientation(checkpoint: Path, data: Path, out: Path, *, pairs: int = 4
                       fov_augment: float = 0.6, fov_range: tuple[float, float] = (60.0, 240.0), dim: int = 64,
                       steps: int = 800, batch_size: int = 64, lr: float = 3e-3, seed: int = 0, workers: int = 2,
                       dataset: str = "synthetic", split: str = "train", holdout: float = 0.1,
-                      retrieval: float = 0.0, negatives: int = 3, neighbours: int = 20) -> dict:
+                      retrieval: float = 0.0, negatives: int = 3, neighbours: int = 20, photo_share: float = 0.0,
+                      photo_fov_range: tuple[float, float] = (60.0, 100.0)) -> dict:
     """Train an orientation head on the frozen network of ``checkpoint`` with ``pairs`` pairs of
     ``data``, each panorama turned to ``rotations`` random headings (a share ``fov_augment`` of them
     cut to a random field of view); write the network with the head to ``out``.
@@ -186,10 +187,11 @@ def train_orientation(checkpoint: Path, data: Path, out: Path, *, pairs: int = 4
     ``retrieval`` > 0 it also tells the view's tile from look-alikes, as `rerank` needs: each view's
     best alignment (over the shifts) with its tile against that with ``negatives`` tiles drawn from
     its ``neighbours`` nearest by descriptor (and the batch's other tiles), a cross-entropy weighted
-    ``retrieval``."""
+    ``retrieval``. A share ``photo_share`` of the cut views is a level 4:3 photo's outline instead
+    (`model.views.limit_photo`, its horizontal field from ``photo_fov_range``), as a phone photo is placed."""
     from .checkpoint import load_checkpoint, save_checkpoint
     from .train import load_pair_arrays, read_records
-    from .views import angle_difference, limit_fov, refine_heading, rotate_view
+    from .views import angle_difference, limit_fov, limit_photo, refine_heading, rotate_view
 
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
@@ -200,11 +202,18 @@ def train_orientation(checkpoint: Path, data: Path, out: Path, *, pairs: int = 4
     n, width = len(records), net.config.grid("ground")[1]
     headings = rng.uniform(0.0, 360.0, (n, rotations))
     fovs = np.where(rng.random((n, rotations)) < fov_augment, rng.uniform(*fov_range, (n, rotations)), 360.0)
+    photo = np.zeros((n, rotations), bool)
+    if photo_share > 0:  # drawn only then: without photos, a seed draws what it always did
+        photo = (fovs < 360.0) & (rng.random((n, rotations)) < photo_share)
+        fovs = np.where(photo, rng.uniform(*photo_fov_range, (n, rotations)), fovs)
+
+    def cut(i: int, r: int) -> np.ndarray:
+        view = rotate_view(arrays.ground[i], headings[i, r])
+        return limit_photo(view, fovs[i, r]) if photo[i, r] else limit_fov(view, fovs[i, r])
+
     t0 = time.perf_counter()
     aerial, aerial_descriptors = _column_features(net, "aerial", arrays.aerial)
-    turned = [_column_features(net, "ground", np.stack(
-        [limit_fov(rotate_view(arrays.ground[i], headings[i, r]), fovs[i, r]) for i in range(n)]))
-        for r in range(rotations)]
+    turned = [_column_features(net, "ground", np.stack([cut(i, r) for i in range(n)])) for r in range(rotations)]
     ground = torch.stack([t[0] for t in turned], dim=1)  # [N, R, Wg, D]
     ground_descriptors = torch.stack([t[1] for t in turned], dim=1)  # [N, R, D]
     valid = torch.as_tensor(np.stack([[valid_columns(width, f) for f in row] for row in fovs]), dtype=torch.float32)
@@ -273,7 +282,9 @@ def train_orientation(checkpoint: Path, data: Path, out: Path, *, pairs: int = 4
     provenance = {**(getattr(net, "provenance", None) or {}),
                   "orientation": {"data": str(data), "pairs": n, "rotations": rotations, "fov_augment": fov_augment,
                                   "steps": steps, "seed": seed, "init": checkpoint.name, "retrieval": retrieval,
-                                  "negatives": negatives, "neighbours": neighbours, **report}}
+                                  "negatives": negatives, "neighbours": neighbours,
+                                  **({"photo_share": photo_share, "photo_fov_range": list(photo_fov_range)}
+                                     if photo_share > 0 else {}), **report}}
     out.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(model, out, metadata=provenance)
     return report
@@ -295,6 +306,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rotations", type=int, default=4, help="random headings per panorama")
     p.add_argument("--fov-augment", type=float, default=0.6,
                    help="share of the views cut to a random field of view of 60-240 degrees")
+    p.add_argument("--photo-share", type=float, default=0.0,
+                   help="share of the cut views that are a level 4:3 phone photo's outline instead of a crop")
+    p.add_argument("--photo-fov", type=float, nargs=2, default=(60.0, 100.0), metavar=("MIN", "MAX"),
+                   help="a photo's horizontal field of view, degrees (uniform)")
     p.add_argument("--dim", type=int, default=64, help="width of a column feature")
     p.add_argument("--steps", type=int, default=800, help="optimisation steps of --batch-size views")
     p.add_argument("--batch-size", type=int, default=64, help="views per step")
@@ -312,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
                                    fov_augment=args.fov_augment, dim=args.dim, steps=args.steps,
                                    batch_size=args.batch_size, lr=args.lr, seed=args.seed, workers=args.workers,
                                    dataset=args.dataset, split=args.split, retrieval=args.retrieval,
-                                   negatives=args.negatives, neighbours=args.neighbours)
+                                   negatives=args.negatives, neighbours=args.neighbours,
+                                   photo_share=args.photo_share, photo_fov_range=tuple(args.photo_fov))
     except (CheckpointError, ConfigError, TrainingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -246,9 +246,9 @@ class JsonLog:
 
 RESUME_KEYS = ("data", "dataset", "config", "attention", "no_polar", "batch_size", "lr", "weight_decay", "warmup",
                "clip", "loss", "hard_negatives", "seed", "epochs", "steps", "init", "augment", "precision", "dropout",
-               "fov_augment", "semi_positives")
+               "fov_augment", "semi_positives", "photo_share", "photo_fov", "photo_mask")
 ADDED_SETTING_DEFAULTS = {"augment": False, "precision": "auto", "dropout": None, "fov_augment": 0.0,
-                         "semi_positives": 0.0}
+                          "semi_positives": 0.0, "photo_share": 0.5, "photo_fov": None, "photo_mask": "band"}
 
 
 def build_config(args) -> L2LTRConfig:
@@ -349,8 +349,11 @@ def train(args) -> dict:
                 **({"init": Path(args.init).name} if args.init else {}), **(extra or {})}
 
     fov_augment = getattr(args, "fov_augment", 0.0)
-    augment = (PairAugment(fov=fov_augment) if args.augment
-               else PairAugment(turn=0.0, flip=0.0, color=0.0, fov=fov_augment) if fov_augment else None)
+    photo_fov = getattr(args, "photo_fov", None)
+    photo = dict(photo=getattr(args, "photo_share", 0.5), photo_fov_range=tuple(photo_fov) if photo_fov else None,
+                 photo_mask=getattr(args, "photo_mask", "band"))
+    augment = (PairAugment(fov=fov_augment, **photo) if args.augment
+               else PairAugment(turn=0.0, flip=0.0, color=0.0, fov=fov_augment, **photo) if fov_augment else None)
 
     from tqdm import tqdm
 
@@ -477,6 +480,14 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--fov-augment", type=float, default=0.0, metavar="P",
                    help="probability of cutting a panorama to a random field of view (60-240 degrees, anywhere "
                         "around the camera; half of them also to a 4:3 photo's height), for limited-view queries")
+    o.add_argument("--photo-share", type=float, default=0.5, metavar="S",
+                   help="with --fov-augment: share of the cut panoramas that are a level 4:3 phone photo's frame")
+    o.add_argument("--photo-fov", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+                   help="with --fov-augment: a photo frame's horizontal field of view, degrees (default: the "
+                        "crops' 60-240, a frame of 170 or more cut as a crop)")
+    o.add_argument("--photo-mask", choices=["band", "pinhole"], default="band",
+                   help="band: a photo frame keeps the rows of its vertical field of view; pinhole: its true "
+                        "outline in the panorama frame, as model.views.place_view masks a photo")
     o.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="auto: bf16 autocast on CUDA, float32 on CPU; bf16 forces autocast on CPU too")
     o.add_argument("--seed", type=int, default=0, help="seed of the initial weights, batch order and augmentation")

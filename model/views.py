@@ -58,6 +58,31 @@ def limit_fov(views: np.ndarray, fov_deg: float, vfov_deg: float | None = None) 
     return out
 
 
+def photo_outline(height: int, width: int, hfov_deg: float, aspect: float = 0.75) -> np.ndarray:
+    """[H, W] bool: the pixels of a panorama frame that a level pinhole photo of horizontal field
+    ``hfov_deg`` and height / width ``aspect``, looking at the centre column (index W // 2), sees
+    (as `place_view` masks it): a ray at azimuth a off the axis and elevation e lands in the frame when |a| < fov/2
+    and |tan e| <= aspect tan(fov/2) cos a, so the frame spans its vertical field of view at its
+    centre and narrows towards its left and right edges."""
+    if not 0 < hfov_deg < 180:
+        raise ValueError(f"hfov_deg: a pinhole photo sees less than 180 degrees, got {hfov_deg}")
+    azimuth = np.abs(np.arange(width) - width / 2) / width * 2 * np.pi  # column j looks at 2 pi (j - W/2) / W
+    elevation = np.abs((np.arange(height) + 0.5) - height / 2) / height * np.pi
+    half = np.radians(hfov_deg) / 2
+    inside = (np.tan(np.minimum(elevation, np.pi / 2 - 1e-6))[:, None]
+              <= aspect * np.tan(half) * np.cos(np.minimum(azimuth, np.pi / 2))[None, :])
+    return inside & (azimuth <= half)[None, :]
+
+
+def limit_photo(views: np.ndarray, hfov_deg: float, aspect: float = 0.75) -> np.ndarray:
+    """[..., H, W, 3] uint8 views, each centred on its heading -> a copy cut to a level pinhole
+    photo's outline (`photo_outline`), the rest the mean colour."""
+    h, w = views.shape[-3:-1]
+    out = views.copy()
+    out[..., ~photo_outline(h, w, hfov_deg, aspect), :] = MEAN_RGB
+    return out
+
+
 def rotation_headings(rotations: int) -> np.ndarray:
     """The headings (degrees) of ``rotations`` evenly spaced turns, starting at north."""
     if rotations < 1:

@@ -72,3 +72,74 @@ def test_plain_tile_pairs_turn_by_quarters():
 def test_batch_size_mismatch():
     with pytest.raises(ValueError, match="batch sizes differ"):
         PairAugment()(torch.rand(2, 3, H, W), torch.rand(3, 3, H, W), polar=True, generator=torch.Generator())
+
+
+def _cut(out):
+    from model.preprocess import IMAGENET_MEAN
+
+    return (out == torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)).all(dim=1)  # [B, H, W] set to the mean colour
+
+
+def test_photo_frames_default_to_the_band_and_replay_the_old_draws():
+    """Without the new settings a seed cuts what it always did: half of the cut views keep a band of
+    rows (the frame's vertical field of view at its centre) at every seen column."""
+    from model.augment import limit_fields_of_view
+
+    images = torch.rand(256, 3, 64, 256)
+    a = limit_fields_of_view(images, 1.0, (60.0, 240.0), torch.Generator().manual_seed(5))
+    b = limit_fields_of_view(images, 1.0, (60.0, 240.0), torch.Generator().manual_seed(5), photo=0.5,
+                             photo_fov_range=None, photo_mask="band")
+    assert torch.equal(a, b)
+    seen = ~_cut(a)
+    rows = seen.any(dim=2).sum(dim=1)  # rows seen per image
+    banded = rows < 64
+    assert 90 <= int(banded.sum()) <= 166  # about half
+    for i in torch.nonzero(banded).flatten().tolist():  # a band: every seen column holds the same rows
+        cols = seen[i].any(dim=0)
+        assert (seen[i][:, cols] == seen[i][:, cols][:, :1]).all()
+
+
+def test_pinhole_photo_frames_are_cut_as_place_view_masks_a_photo():
+    """photo_mask="pinhole": a 90 degree frame keeps the outline a level 4:3 photo covers in the
+    panorama frame (model.views.photo_outline, = place_view's mask): 26 rows at its centre, 20 at its
+    edges, wherever around the camera it is."""
+    from model.augment import PairAugment, limit_fields_of_view
+    from model.views import photo_outline
+
+    images = torch.rand(32, 3, 64, 256)
+    out = limit_fields_of_view(images, 1.0, (200.0, 240.0), torch.Generator().manual_seed(1), photo=1.0,
+                               photo_fov_range=(90.0, 90.0), photo_mask="pinhole")
+    outline = photo_outline(64, 256, 90.0)
+    for seen in (~_cut(out)).numpy():
+        cols = np.nonzero(seen.any(axis=0))[0]
+        assert 62 <= seen.any(axis=0).sum() <= 65  # 90 of 360 degrees, not the crops' 200-240
+        centre = int(np.argmax(seen.sum(axis=0)))
+        assert seen.sum(axis=0).max() == 26 and outline.sum(axis=0).max() == 26
+        assert seen[:, cols].sum(axis=0).min() in (19, 20, 21)  # narrower at the edges
+        best = min((np.roll(outline, s, axis=1) != seen).sum() for s in range(256))
+        assert best <= 2 * 26, best  # the outline, up to where the random centre falls between columns
+        assert centre in cols
+    with pytest.raises(ValueError, match="photo_mask"):
+        PairAugment(photo_mask="fisheye")
+
+
+def test_the_photo_share_picks_how_many_cut_views_are_photos():
+    from model.augment import limit_fields_of_view
+
+    images = torch.rand(400, 3, 32, 128)
+    for share, lo, hi in ((0.0, 0, 0), (1.0, 400, 400), (0.7, 240, 320)):
+        out = limit_fields_of_view(images, 1.0, (60.0, 160.0), torch.Generator().manual_seed(2), photo=share,
+                                   photo_mask="pinhole")
+        photos = int((_cut(out).all(dim=2).any(dim=1)).sum())  # a photo leaves whole rows unseen
+        assert lo <= photos <= hi, (share, photos)
+
+
+def test_training_reads_the_photo_settings():
+    from model.train import ADDED_SETTING_DEFAULTS, RESUME_KEYS, build_parser
+
+    args = build_parser().parse_args(["--data", "d", "--out", "o", "--fov-augment", "0.5", "--photo-share", "0.6",
+                                      "--photo-fov", "60", "100", "--photo-mask", "pinhole"])
+    assert (args.photo_share, args.photo_fov, args.photo_mask) == (0.6, [60.0, 100.0], "pinhole")
+    defaults = build_parser().parse_args(["--data", "d", "--out", "o"])
+    for key in ("photo_share", "photo_fov", "photo_mask"):  # a run saved before them resumes as it was
+        assert key in RESUME_KEYS and ADDED_SETTING_DEFAULTS[key] == getattr(defaults, key)

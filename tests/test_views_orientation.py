@@ -284,3 +284,38 @@ def test_exif_numbers_that_are_not_finite_single_values_count_as_not_stated():
     assert _finite(IFDRational(65, 2)) == 32.5 and _finite(28) == 28.0
     for broken in (IFDRational(1, 0), IFDRational(0, 0), float("inf"), "north", (10.0, 20.0), None):
         assert _finite(broken) is None, broken
+
+
+@pytest.mark.parametrize("hfov,size", [(60.0, (64, 256)), (100.0, (64, 256)), (75.0, (128, 512)), (90.0, (32, 128))])
+def test_photo_outline_is_the_mask_place_view_gives_a_level_photo(hfov, size):
+    from model.preprocess import perspective_to_panorama
+    from model.views import limit_photo, photo_outline
+
+    _, covered = perspective_to_panorama(np.zeros((300, 400, 3), np.uint8), hfov, 0.0, size)
+    outline = photo_outline(*size, hfov)
+    # equal but for pixel centres exactly on the frame's edge (90 degrees: columns at +-45 exactly)
+    assert (outline != covered).sum() <= size[0] // 2
+    rows = outline.sum(axis=0)
+    assert rows[size[1] // 2] == rows.max() > rows[outline.any(axis=0)].min()  # tallest at the centre
+    views = np.full((2, *size, 3), 7, np.uint8)
+    cut = limit_photo(views, hfov)
+    assert (cut[:, outline] == 7).all() and (cut[:, ~outline] == MEAN_RGB).all()
+    with pytest.raises(ValueError, match="180"):
+        photo_outline(*size, 180.0)
+
+
+def test_the_orientation_head_can_train_on_photo_outlines(view_world, monkeypatch):
+    import model.views
+    from model import load_checkpoint
+    from model.orientation import train_orientation
+
+    world, base, _ = view_world
+    calls = []
+    real = model.views.limit_photo
+    monkeypatch.setattr(model.views, "limit_photo", lambda v, f, *a: calls.append(f) or real(v, f, *a))
+    train_orientation(base / "plain.safetensors", world, base / "photo_head.safetensors", pairs=24, rotations=2,
+                      steps=5, batch_size=16, workers=1, split="all", fov_augment=1.0, photo_share=1.0,
+                      photo_fov_range=(70.0, 80.0))
+    assert len(calls) == 48 and all(70.0 <= f <= 80.0 for f in calls)  # every view a photo
+    meta = load_checkpoint(base / "photo_head.safetensors").provenance["orientation"]
+    assert meta["photo_share"] == 1.0 and meta["photo_fov_range"] == [70.0, 80.0]
