@@ -8,7 +8,9 @@ ONE FAISS search for the whole micro-batch, and hands every job its rows. Thread
 first; the others take what it leaves while it computes. A one-image batch that thread 0 takes
 while nothing else is queued or computing runs *wide*, with ``lone_threads`` torch threads (the
 others wait for it): a lone request gets the whole CPU, a loaded service splits it into lanes
-(bench/RESULTS.md, "Service load": c=1 about 4 ms faster, c=16 unchanged).
+(bench/RESULTS.md, "Service load": c=1 about 4 ms faster, c=16 unchanged). A job that arrives during
+a wide batch had to wait for it: none runs wide for ``wide_cooldown_s`` after that, so a few clients
+at a time keep their side-by-side lanes.
 
 The index being served is an immutable ``ServedIndex``: a reload replaces the engine's reference
 to it, and a batch reads the reference once, so it is answered from one generation whole while
@@ -32,6 +34,8 @@ from .artifact import Answer, Near, ServedIndex
 from .metrics import Metrics
 
 log = logging.getLogger("service.engine")
+
+WIDE_COOLDOWN_S = 1.0  # after a job waited for a wide batch, none runs wide for this long
 
 
 class Overloaded(Exception):
@@ -93,13 +97,14 @@ class Engine:
                  index: ServedIndex, *,
                  metrics: Metrics, workers: int, threads_per_worker: int | None, lone_threads: int | None = None,
                  max_batch_size: int, max_batch_wait_ms: float, queue_size: int,
-                 request_timeout_s: float) -> None:
+                 request_timeout_s: float, wide_cooldown_s: float = WIDE_COOLDOWN_S) -> None:
         self._encode = encode
         self.metrics = metrics
         self.index = index
         self.workers = workers
         self.threads_per_worker = threads_per_worker
         self.lone_threads = lone_threads  # torch threads of a wide batch; None: none runs wide
+        self.wide_cooldown_s = wide_cooldown_s
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_batch_wait_ms / 1000.0
         self.capacity = queue_size
@@ -110,6 +115,7 @@ class Engine:
         self._busy = 0  # executor threads computing a batch
         self._lead_busy = False  # thread 0 computing: the others take only what it leaves
         self._wide = False  # a lone batch runs on every thread's cores: the others wait for it
+        self._narrow_until = 0.0  # perf_counter time before which no batch runs wide
         self._closed = False
         self._threads: list[threading.Thread] = []
         metrics.queue_capacity.set(queue_size)
@@ -182,6 +188,8 @@ class Engine:
                 self.metrics.rejected.labels("queue_full").inc()
                 raise Overloaded(f"queue full ({self.capacity} images waiting)")
             self._jobs.append(job)
+            if self._wide:  # it waits for a wide batch: others like it are likely to follow
+                self._narrow_until = job.enqueued + self.wide_cooldown_s
             self._cond.notify_all()  # thread 0 must hear of it: the others take only what it leaves
         self.metrics.queue_depth.set(self.depth)
 
@@ -240,7 +248,7 @@ class Engine:
                 remaining = deadline - time.perf_counter()
                 if images >= self.max_batch_size or self._jobs or self._closed or remaining <= 0:
                     self._wide = (lead and images == 1 and self.lone_threads is not None and self._busy == 0
-                                  and not self._jobs)
+                                  and not self._jobs and time.perf_counter() >= self._narrow_until)
                     self._busy += 1
                     if lead:
                         self._lead_busy = True
@@ -254,24 +262,30 @@ class Engine:
         threads = None
         while (taken := self._take(lead)) is not None:
             jobs, wide = taken
+            outcomes: list[tuple[Job, Any, BaseException | None]] = []
             try:
                 want = self.lone_threads if wide else own
                 if want != threads:
                     torch.set_num_threads(want)  # per thread: its share of the cores, or all of them alone
                     threads = want
                 self.metrics.queue_depth.set(self.depth)
-                self._compute(jobs)
+                outcomes = self._compute(jobs)
             except Exception as exc:  # never lose a worker; its jobs get the error
                 log.exception("inference failed for a batch of %d job(s)", len(jobs))
-                self._deliver([(job, None, exc) for job in jobs])
+                outcomes = [(job, None, exc) for job in jobs]
             finally:
+                if wide:
+                    with self._cond:  # before its answers go out: a client's next request does not wait for it
+                        self._wide = False
+                self._deliver(outcomes)
                 with self._cond:
                     self._busy -= 1
-                    self._wide = False
                     self._lead_busy = self._lead_busy and not lead
                     self._cond.notify_all()
 
-    def _compute(self, jobs: list[Job]) -> None:
+    def _compute(self, jobs: list[Job]) -> list[tuple[Job, Any, BaseException | None]]:
+        """Decode, encode and search a micro-batch; its jobs' outcomes (a job whose upload fails to
+        decode is answered at once)."""
         index = self.index  # read once: the whole batch is answered by this generation
         started = time.perf_counter()
         live, images, seen, failed, decode_ms = [], [], [], [], {}
@@ -290,7 +304,7 @@ class Engine:
             decode_ms[job] = (time.perf_counter() - t0) * 1000.0
         self._deliver(failed)
         if not live:
-            return
+            return []
         t0 = time.perf_counter()
         vectors, columns = self._encode(images[0] if len(images) == 1 else torch.cat(images))
         t1 = time.perf_counter()
@@ -310,7 +324,7 @@ class Engine:
                 continue
             outcomes.append((job, JobResult(mine, index, decode_ms[job], (started - job.enqueued) * 1000.0,
                                             encode_ms, search_ms, n), None))
-        self._deliver(outcomes)
+        return outcomes
 
     @staticmethod
     def _deliver(outcomes: list[tuple[Job, Any, BaseException | None]]) -> None:

@@ -104,6 +104,39 @@ def test_a_lone_image_runs_on_every_core_and_batches_side_by_side_on_their_share
     assert seen == [1]
 
 
+def test_after_a_job_waited_for_a_wide_batch_none_runs_wide_for_the_cooldown(world):
+    """A request arriving during a wide forward waits for it; for wide_cooldown_s after that, lone
+    images run on their own lane's share (the next client is likely to come soon), then wide again."""
+    seen = []
+    first_inside, release = threading.Event(), threading.Event()
+
+    def encode(images):
+        seen.append(torch.get_num_threads())
+        if len(seen) == 1:
+            first_inside.set()
+            release.wait(10)
+        return _unit_rows(images)
+
+    engine = _engine(world, encode, max_batch_size=1, lone_threads=2, wide_cooldown_s=2.0)
+
+    async def scenario():
+        first = asyncio.ensure_future(engine.localize(_images(), n=1, k=1))
+        await asyncio.to_thread(first_inside.wait, 10)
+        second = asyncio.ensure_future(engine.localize(_images(), n=1, k=1))  # arrives during the wide one
+        await asyncio.sleep(0.05)
+        release.set()
+        await asyncio.gather(first, second)
+        await engine.localize(_images(), n=1, k=1)  # within the cooldown: narrow
+        await asyncio.sleep(2.1)
+        await engine.localize(_images(), n=1, k=1)  # after it: wide again
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        engine.stop()
+    assert seen == [2, 1, 1, 2]
+
+
 def test_an_error_before_a_batch_computes_fails_that_batch_only(world, monkeypatch):
     """Thread 0 failing to set its thread count (or anything else before the forward) fails the batch it
     took; its bookkeeping is undone, so the next request is answered and the engine still runs."""
