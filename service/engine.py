@@ -277,11 +277,13 @@ class Engine:
                 if wide:
                     with self._cond:  # before its answers go out: a client's next request does not wait for it
                         self._wide = False
-                self._deliver(outcomes)
-                with self._cond:
-                    self._busy -= 1
-                    self._lead_busy = self._lead_busy and not lead
-                    self._cond.notify_all()
+                try:
+                    self._deliver(outcomes)
+                finally:
+                    with self._cond:
+                        self._busy -= 1
+                        self._lead_busy = self._lead_busy and not lead
+                        self._cond.notify_all()
 
     def _compute(self, jobs: list[Job]) -> list[tuple[Job, Any, BaseException | None]]:
         """Decode, encode and search a micro-batch; its jobs' outcomes (a job whose upload fails to
