@@ -251,6 +251,12 @@ ADDED_SETTING_DEFAULTS = {"augment": False, "precision": "auto", "dropout": None
                           "semi_positives": 0.0, "photo_share": 0.5, "photo_fov": None, "photo_mask": "band"}
 
 
+def added_setting(args, name: str):
+    """A setting added after the first runs: its value, or its default for callers (and saved runs)
+    that predate it."""
+    return getattr(args, name, ADDED_SETTING_DEFAULTS[name])
+
+
 def build_config(args) -> L2LTRConfig:
     cfg = L2LTRConfig.resolve(args.config)
     changes = {}
@@ -294,7 +300,7 @@ def train(args) -> dict:
         train_records = train_records[: args.max_pairs]
     if args.max_eval_pairs:
         val_records = val_records[: args.max_eval_pairs]
-    semi_positives = getattr(args, "semi_positives", 0.0)
+    semi_positives = added_setting(args, "semi_positives")
     if semi_positives:
         check_tile_centres(train_records, semi_positives, args.loss, Path(args.data))
     torch.manual_seed(args.seed)
@@ -348,10 +354,10 @@ def train(args) -> dict:
                 **({"semi_positives_m": semi_positives} if semi_positives else {}),
                 **({"init": Path(args.init).name} if args.init else {}), **(extra or {})}
 
-    fov_augment = getattr(args, "fov_augment", 0.0)
-    photo_fov = getattr(args, "photo_fov", None)
-    photo = dict(photo=getattr(args, "photo_share", 0.5), photo_fov_range=tuple(photo_fov) if photo_fov else None,
-                 photo_mask=getattr(args, "photo_mask", "band"))
+    fov_augment = added_setting(args, "fov_augment")
+    photo_fov = added_setting(args, "photo_fov")
+    photo = dict(photo=added_setting(args, "photo_share"), photo_fov_range=tuple(photo_fov) if photo_fov else None,
+                 photo_mask=added_setting(args, "photo_mask"))
     augment = (PairAugment(fov=fov_augment, **photo) if args.augment
                else PairAugment(turn=0.0, flip=0.0, color=0.0, fov=fov_augment, **photo) if fov_augment else None)
 

@@ -5,6 +5,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from model.orientation import RERANK_WEIGHT
+
 
 class TileMatch(BaseModel):
     rank: int = Field(..., ge=1, description="1 = best match.")
@@ -12,7 +14,8 @@ class TileMatch(BaseModel):
     lat: float = Field(..., description="WGS84 latitude of the tile centre (camera position).")
     lon: float = Field(..., description="WGS84 longitude of the tile centre.")
     score: float = Field(..., description="Match score (-1..1): the cosine of the two descriptors, or where the model "
-                         "and index have an orientation head, 0.2 x that cosine + 0.8 x the best column alignment.")
+                         f"and index have an orientation head, {1 - RERANK_WEIGHT:g} x that cosine + "
+                         f"{RERANK_WEIGHT:g} x the best column alignment.")
     heading_deg: float | None = Field(
         None, description="The view's heading (its centre, degrees clockwise from north) were it taken at this "
         "tile, found by the model's orientation head; null where the model or index has none.")
