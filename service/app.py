@@ -7,7 +7,6 @@ access (the module attribute is created lazily, so importing this module has no 
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from contextlib import asynccontextmanager
 from typing import Any
@@ -20,7 +19,6 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
-from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -32,7 +30,7 @@ from .logs import configure_logging, new_request_id, request_id_var
 from .metrics import Metrics
 from .runtime import ReloadFailed, Runtime
 from .schemas import ErrorResponse, FeatureCollection
-from .settings import Settings, settings_error
+from .settings import Settings, settings_or_exit
 from .thumbs import Thumbnails
 from .uploads import UploadBudget
 
@@ -207,11 +205,6 @@ def __getattr__(name: str) -> Any:
     global _app
     if name == "app":
         if _app is None:
-            try:
-                settings = Settings()
-            except ValidationError as exc:  # under a bare uvicorn too: one line naming the variable, no traceback
-                print(f"service.app: {settings_error(exc)}", file=sys.stderr)
-                raise SystemExit(2) from None
-            _app = create_app(settings)
+            _app = create_app(settings_or_exit("service.app"))
         return _app
     raise AttributeError(name)

@@ -193,24 +193,19 @@ class Engine:
             self._cond.notify_all()  # thread 0 must hear of it: the others take only what it leaves
         self.metrics.queue_depth.set(self.depth)
 
-        def give_up(reason: str, error: Exception) -> None:
-            if not job.future.done():
-                job.future.set_exception(error)
-                self._withdraw(job, reason)
-
-        timer = loop.call_later(self.request_timeout_s, give_up, "timeout",
-                                ResultTimeout(f"no result within {self.request_timeout_s:g} s"))
         watcher = asyncio.ensure_future(disconnected()) if disconnected is not None else None
         if watcher is not None:
-            watcher.add_done_callback(lambda w: w.cancelled() or give_up(
-                "client_disconnected", ClientGone("client disconnected before its result was computed")))
+            watcher.add_done_callback(lambda w: w.cancelled() or job.future.done() or job.future.set_exception(
+                ClientGone("client disconnected before its result was computed")))
         try:
-            return await job.future
-        except asyncio.CancelledError:
+            return await asyncio.wait_for(job.future, self.request_timeout_s)
+        except asyncio.TimeoutError:
+            self._withdraw(job, "timeout")
+            raise ResultTimeout(f"no result within {self.request_timeout_s:g} s") from None
+        except (ClientGone, asyncio.CancelledError):
             self._withdraw(job, "client_disconnected")
             raise
         finally:
-            timer.cancel()
             if watcher is not None:
                 watcher.cancel()
 

@@ -41,22 +41,13 @@ class ViewParams:
     near_from_exif: bool = False  # where `near` is not given: the photo's EXIF GPS position, if any
 
 
-@dataclass
-class Localized:
-    result: JobResult
-    images: list[CheckedImage]
-    specs: list[ViewSpec]
-    near: list[Near | None]
-    batch: bool
-    started: float
-
-
-async def run(request: Request, runtime: Runtime, *, k: int, batch: bool, params: ViewParams) -> Localized:
+async def localize(request: Request, runtime: Runtime, params: ViewParams, *, k: int, batch: bool,
+                   accept: str | None) -> Response:
     """Read the upload(s) within the byte budget, check their headers and work out how to read each
-    (field of view, heading), queue one job, await it."""
+    (field of view, heading), queue one job, await it; answer as JSON or, when the Accept header
+    prefers it, GeoJSON."""
     started = time.perf_counter()
-    s = runtime.settings
-    model, engine = runtime.model, runtime.engine
+    s, model, engine = runtime.settings, runtime.model, runtime.engine
     assert model is not None and engine is not None
     with request.app.state.upload_budget.reservation() as take:
         files = await read_files(
@@ -70,7 +61,17 @@ async def run(request: Request, runtime: Runtime, *, k: int, batch: bool, params
         result = await engine.localize(partial(decode_uploads, images, specs, s.max_pixels, model.config),
                                        n=len(images), k=k, disconnected=partial(_wait_for_disconnect, request),
                                        near=near)
-    return Localized(result, images, specs, near, batch, started)
+    described = [_described(answer, spec, s.ambiguity_margin, prior)
+                 for answer, spec, prior in zip(result.answers, specs, near)]
+    shared = dict(model=model.info, index=result.index.info, timing_ms=_timing(runtime, result, started))
+    if wants_geojson(accept):
+        return _json(to_geojson(described, [image.upload.index if batch else None for image in images], **shared),
+                     GEOJSON)
+    if not batch:
+        return _json(LocalizeResponse(**described[0], batch_size=result.batch_size, **shared))
+    items = [BatchItem(image=image.upload.index, filename=image.upload.filename, batch_size=result.batch_size, **d)
+             for image, d in zip(images, described)]
+    return _json(LocalizeBatchResponse(items=items, **shared))
 
 
 def _prior(image: CheckedImage, params: ViewParams) -> Near | None:
@@ -80,9 +81,8 @@ def _prior(image: CheckedImage, params: ViewParams) -> Near | None:
     return None if at is None else Near(*at, params.radius_m or EXIF_RADIUS_M, "exif")
 
 
-def _timing(runtime: Runtime, done: Localized) -> Timing:
-    result = done.result
-    total_ms = (time.perf_counter() - done.started) * 1000.0
+def _timing(runtime: Runtime, result: JobResult, started: float) -> Timing:
+    total_ms = (time.perf_counter() - started) * 1000.0
     runtime.metrics.observe_request(len(result.answers), result.decode_ms / 1000.0, result.queue_ms / 1000.0,
                                     total_ms / 1000.0)
     return Timing(decode=round(result.decode_ms, 3), queue=round(result.queue_ms, 3),
@@ -115,24 +115,6 @@ def _json(body: BaseModel, media_type: str = "application/json") -> Response:
     """A response model built here (so already valid), serialised once; returned as a model,
     FastAPI would validate it against ``response_model`` again before serialising it."""
     return Response(body.model_dump_json(), media_type=media_type)
-
-
-def respond(runtime: Runtime, done: Localized, accept: str | None) -> Response:
-    """The answer to /localize (one image) or /localize/batch, as JSON or, when the Accept header
-    prefers it, GeoJSON."""
-    result, margin = done.result, runtime.settings.ambiguity_margin
-    described = [_described(answer, spec, margin, prior)
-                 for answer, spec, prior in zip(result.answers, done.specs, done.near)]
-    shared = dict(model=runtime.model.info, index=result.index.info,  # type: ignore[union-attr]
-                  timing_ms=_timing(runtime, done))
-    if wants_geojson(accept):
-        return _json(to_geojson(described, [image.upload.index if done.batch else None for image in done.images],
-                                **shared), GEOJSON)
-    if not done.batch:
-        return _json(LocalizeResponse(**described[0], batch_size=result.batch_size, **shared))
-    items = [BatchItem(image=image.upload.index, filename=image.upload.filename, batch_size=result.batch_size, **d)
-             for image, d in zip(done.images, described)]
-    return _json(LocalizeBatchResponse(items=items, **shared))
 
 
 def to_geojson(described: list[dict], images: list[int | None], model: ModelInfo, index: IndexInfo,

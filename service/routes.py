@@ -113,7 +113,7 @@ admin = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require
 )
 async def localize_one(request: Request, runtime: ReadyRuntime, view: ViewQuery, k: KQuery = 5,
                        accept: AcceptHeader = None) -> Any:
-    return localize.respond(runtime, await localize.run(request, runtime, k=k, batch=False, params=view), accept)
+    return await localize.localize(request, runtime, view, k=k, batch=False, accept=accept)
 
 
 @api.post(
@@ -124,7 +124,7 @@ async def localize_one(request: Request, runtime: ReadyRuntime, view: ViewQuery,
 )
 async def localize_batch(request: Request, runtime: ReadyRuntime, view: ViewQuery, k: KQuery = 5,
                          accept: AcceptHeader = None) -> Any:
-    return localize.respond(runtime, await localize.run(request, runtime, k=k, batch=True, params=view), accept)
+    return await localize.localize(request, runtime, view, k=k, batch=True, accept=accept)
 
 
 @api.get("/tiles/{tile_id}", tags=["index"], summary="JPEG thumbnail of one aerial tile",

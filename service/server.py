@@ -16,14 +16,12 @@ import functools
 import json
 import os
 import shutil
-import sys
 import tempfile
 
 import uvicorn
-from pydantic import ValidationError
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from .settings import Settings, settings_error
+from .settings import Settings, settings_or_exit
 
 
 @functools.cache
@@ -90,11 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error(f"--workers must be at least 1, got {args.workers}")
-    try:
-        Settings()  # a bad GEOLOC_* variable: one clear error now, not one per worker
-    except ValidationError as exc:
-        print(f"python -m service: {settings_error(exc)}", file=sys.stderr)
-        return 2
+    settings_or_exit("python -m service")  # a bad GEOLOC_* variable: one clear error now, not one per worker
     own_metrics_dir = None
     if args.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         own_metrics_dir = tempfile.mkdtemp(prefix="geoloc-metrics-")

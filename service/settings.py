@@ -6,6 +6,7 @@ Every knob of the service lives here so that ``create_app(Settings(...))`` in te
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -156,3 +157,13 @@ def settings_error(exc: ValidationError) -> str:
         parts.append((f"GEOLOC_{field.upper()}: " if field else "") + error["msg"].removeprefix("Value error, ")
                      + (f" (got {error['input']!r})" if shown else ""))
     return "invalid settings: " + "; ".join(parts)
+
+
+def settings_or_exit(prog: str) -> Settings:
+    """Settings from the environment; a wrong GEOLOC_* variable ends the process (status 2) with one
+    line naming it, not a traceback (also under a bare uvicorn)."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        print(f"{prog}: {settings_error(exc)}", file=sys.stderr)
+        raise SystemExit(2) from None
