@@ -34,6 +34,7 @@ class PairAugment:
     photo: float = 0.5  # share of the limited views that are a phone photo's frame (4:3, level)
     photo_fov_range: tuple[float, float] | None = None  # a photo's horizontal extent (None: fov_range)
     photo_mask: str = "band"  # "band": the rows of the frame's vertical fov; "pinhole": its exact outline
+    photo_tilt: float = 0.0  # a photo's pitch and roll, each uniform in +-this (degrees), read as level
 
     def __post_init__(self):
         if self.photo_mask not in PHOTO_MASKS:
@@ -59,7 +60,8 @@ class PairAugment:
             aerial = jitter_colour(aerial, self.color, generator)
         if self.fov > 0:
             ground = limit_fields_of_view(ground, self.fov, self.fov_range, generator, photo=self.photo,
-                                          photo_fov_range=self.photo_fov_range, photo_mask=self.photo_mask)
+                                          photo_fov_range=self.photo_fov_range, photo_mask=self.photo_mask,
+                                          photo_tilt=self.photo_tilt)
         return ground, aerial
 
 
@@ -99,7 +101,7 @@ def jitter_colour(images: torch.Tensor, strength: float, generator: torch.Genera
 def limit_fields_of_view(images: torch.Tensor, probability: float, fov_range: tuple[float, float],
                          generator: torch.Generator, photo: float = 0.5,
                          photo_fov_range: tuple[float, float] | None = None,
-                         photo_mask: str = "band") -> torch.Tensor:
+                         photo_mask: str = "band", photo_tilt: float = 0.0) -> torch.Tensor:
     """Panoramas [B, 3, H, W] in [0, 1] (rows spanning 180 degrees of elevation), each with
     ``probability`` cut to a random horizontal field of view from ``fov_range`` centred on a random
     column; a share ``photo`` of those is a phone's level 4:3 frame of that width instead (its
@@ -108,7 +110,9 @@ def limit_fields_of_view(images: torch.Tensor, probability: float, fov_range: tu
     every column (the frame's height at its centre); "pinhole": to the frame's true outline, which
     narrows towards its left and right edges (a ray at azimuth a off the axis and elevation e is in a
     4:3 frame of horizontal field F when |tan e| <= 0.75 tan(F/2) cos a). Outside it: the ImageNet
-    mean colour, which the normalised input reads as zero."""
+    mean colour, which the normalised input reads as zero. ``photo_tilt`` > 0: a photo's camera had
+    a pitch and a roll, each uniform in +-photo_tilt degrees, and the photo is placed as if level, as
+    the service places a phone's photo (`tilt_panoramas`)."""
     from .preprocess import IMAGENET_MEAN
 
     if photo_mask not in PHOTO_MASKS:
@@ -137,6 +141,33 @@ def limit_fields_of_view(images: torch.Tensor, probability: float, fov_range: tu
         inside = (torch.tan(elevation.clamp(max=torch.pi / 2 - 1e-6))[:, :, None]
                   <= (0.75 * torch.tan(half))[:, None, None] * torch.cos(azimuth)[:, None, :])  # [B, H, W]
         keep_rows = inside | ~is_photo[:, None, None]
+    if photo_tilt > 0:  # drawn last: without it, a seed cuts as it always did
+        pitch, roll = photo_tilt * (2 * torch.rand(2, b, generator=generator) - 1)
+        tilted = is_photo & limited
+        images = torch.where(tilted[:, None, None, None],
+                             tilt_panoramas(images, centre, pitch * tilted, roll * tilted), images)
     keep = (keep_rows & keep_cols[:, None, :]) | ~limited[:, None, None]
     mean = torch.tensor(IMAGENET_MEAN, dtype=images.dtype).view(1, 3, 1, 1)
     return torch.where(keep[:, None], images, mean)
+
+
+def tilt_panoramas(images: torch.Tensor, centre: torch.Tensor, pitch_deg: torch.Tensor,
+                   roll_deg: torch.Tensor) -> torch.Tensor:
+    """What a camera looking at column ``centre`` [B] (fractional, 0..W) with a pitch and a roll [B]
+    (degrees) saw, placed in the frame of a level camera: the sphere of each panorama [B, 3, H, W]
+    (rows from +90 to -90 degrees of elevation) turned about the view's right axis (pitch, up
+    positive) and its optical axis (roll), resampled bilinearly (columns wrap around)."""
+    b, c, h, w = images.shape
+    elevation = (0.5 - (torch.arange(h) + 0.5) / h) * torch.pi  # [H]
+    azimuth = ((torch.arange(w) + 0.5)[None, :] - centre[:, None]) / w * 2 * torch.pi  # [B, W] from the view axis
+    e, a = elevation[None, :, None], azimuth[:, None, :]
+    x, y, z = torch.cos(e) * torch.cos(a), torch.cos(e) * torch.sin(a), torch.sin(e).expand(b, h, w)
+    p, r = torch.deg2rad(pitch_deg)[:, None, None], torch.deg2rad(roll_deg)[:, None, None]
+    y, z = y * torch.cos(r) - z * torch.sin(r), y * torch.sin(r) + z * torch.cos(r)  # roll about the axis
+    x, z = x * torch.cos(p) - z * torch.sin(p), x * torch.sin(p) + z * torch.cos(p)  # pitch about the right axis
+    source_col = (centre[:, None, None] + torch.atan2(y, x) / (2 * torch.pi) * w) % w  # [B, H, W] in 0..W
+    source_row = (0.5 - torch.asin(z.clamp(-1, 1)) / torch.pi) * h
+    padded = torch.cat([images[..., -1:], images, images[..., :1]], dim=3)  # a column either side: wrap-around
+    grid = torch.stack([(source_col + 1) / (w + 2) * 2 - 1, source_row / h * 2 - 1], dim=-1)
+    return torch.nn.functional.grid_sample(padded, grid.to(images.dtype), mode="bilinear",
+                                           padding_mode="border", align_corners=False)

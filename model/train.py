@@ -246,9 +246,10 @@ class JsonLog:
 
 RESUME_KEYS = ("data", "dataset", "config", "attention", "no_polar", "batch_size", "lr", "weight_decay", "warmup",
                "clip", "loss", "hard_negatives", "seed", "epochs", "steps", "init", "augment", "precision", "dropout",
-               "fov_augment", "semi_positives", "photo_share", "photo_fov", "photo_mask")
+               "fov_augment", "semi_positives", "photo_share", "photo_fov", "photo_mask", "photo_tilt")
 ADDED_SETTING_DEFAULTS = {"augment": False, "precision": "auto", "dropout": None, "fov_augment": 0.0,
-                          "semi_positives": 0.0, "photo_share": 0.5, "photo_fov": None, "photo_mask": "band"}
+                          "semi_positives": 0.0, "photo_share": 0.5, "photo_fov": None, "photo_mask": "band",
+                          "photo_tilt": 0.0}
 
 
 def added_setting(args, name: str):
@@ -357,7 +358,7 @@ def train(args) -> dict:
     fov_augment = added_setting(args, "fov_augment")
     photo_fov = added_setting(args, "photo_fov")
     photo = dict(photo=added_setting(args, "photo_share"), photo_fov_range=tuple(photo_fov) if photo_fov else None,
-                 photo_mask=added_setting(args, "photo_mask"))
+                 photo_mask=added_setting(args, "photo_mask"), photo_tilt=added_setting(args, "photo_tilt"))
     augment = (PairAugment(fov=fov_augment, **photo) if args.augment
                else PairAugment(turn=0.0, flip=0.0, color=0.0, fov=fov_augment, **photo) if fov_augment else None)
 
@@ -494,6 +495,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--photo-mask", choices=["band", "pinhole"], default="band",
                    help="band: a photo frame keeps the rows of its vertical field of view; pinhole: its true "
                         "outline in the panorama frame, as model.views.place_view masks a photo")
+    o.add_argument("--photo-tilt", type=float, default=0.0, metavar="DEG",
+                   help="with --fov-augment: a photo's camera pitched and rolled, each uniform in +-DEG, and the "
+                        "photo placed as if level (as the service places a phone's photo); 0: level photos")
     o.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="auto: bf16 autocast on CUDA, float32 on CPU; bf16 forces autocast on CPU too")
     o.add_argument("--seed", type=int, default=0, help="seed of the initial weights, batch order and augmentation")
@@ -520,6 +524,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.semi_positives < 0:
         print("error: --semi-positives must be a tile side in metres (> 0), or 0 for off", file=sys.stderr)
+        return 2
+    if not 0.0 <= args.photo_tilt <= 30.0:
+        print(f"error: --photo-tilt must be within 0..30 degrees, got {args.photo_tilt:g}", file=sys.stderr)
         return 2
     try:
         summary = train(args)

@@ -167,8 +167,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPIOffline(
         title="L2LTR geo-localization",
         version="0.1.0",
-        description="Upload a street-level 360° panorama, get the most likely locations: the "
-        "panorama is matched against geo-tagged aerial tiles with L2LTR.",
+        description="Upload a street-level view (a 360° panorama, a crop of one or a phone photo), get the most "
+        "likely locations: the view is matched against geo-tagged aerial tiles with L2LTR.",
         lifespan=lifespan,
         redoc_url=None,  # its bundle fetches a logo from Redocly's CDN; /docs needs nothing from outside
         static_url="/docs-assets",

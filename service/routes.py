@@ -29,7 +29,7 @@ def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 
 
 _IMAGE_FIELD = {"type": "string", "format": "binary",
-                "description": "Equirectangular panorama, JPEG, PNG or WebP."}
+                "description": "A 360° panorama, a crop of one or a photo; JPEG, PNG or WebP."}
 
 
 def _multipart(field: str, many: bool) -> dict[str, Any]:
@@ -107,7 +107,7 @@ admin = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require
 
 @api.post(
     "/localize", response_model=LocalizeResponse, tags=["localize"],
-    summary="Top-k aerial tiles for one street-level panorama",
+    summary="Top-k aerial tiles for one street-level view (panorama, crop or photo)",
     openapi_extra=_multipart("image", many=False),
     responses=_localize_responses("Matches as JSON, or as a GeoJSON FeatureCollection on request."),
 )
@@ -118,7 +118,7 @@ async def localize_one(request: Request, runtime: ReadyRuntime, view: ViewQuery,
 
 @api.post(
     "/localize/batch", response_model=LocalizeBatchResponse, tags=["localize"],
-    summary="Top-k aerial tiles for each of several panoramas (multipart field `images`)",
+    summary="Top-k aerial tiles for each of several views (multipart field `images`)",
     openapi_extra=_multipart("images", many=True),
     responses=_localize_responses("One list per image, or one FeatureCollection with an `image` property."),
 )

@@ -134,12 +134,59 @@ def test_the_photo_share_picks_how_many_cut_views_are_photos():
         assert lo <= photos <= hi, (share, photos)
 
 
-def test_training_reads_the_photo_settings():
-    from model.train import ADDED_SETTING_DEFAULTS, RESUME_KEYS, build_parser
+def test_training_reads_the_photo_settings(capsys):
+    from model.train import ADDED_SETTING_DEFAULTS, RESUME_KEYS, build_parser, main
 
     args = build_parser().parse_args(["--data", "d", "--out", "o", "--fov-augment", "0.5", "--photo-share", "0.6",
-                                      "--photo-fov", "60", "100", "--photo-mask", "pinhole"])
-    assert (args.photo_share, args.photo_fov, args.photo_mask) == (0.6, [60.0, 100.0], "pinhole")
+                                      "--photo-fov", "60", "100", "--photo-mask", "pinhole", "--photo-tilt", "4"])
+    assert (args.photo_share, args.photo_fov, args.photo_mask, args.photo_tilt) == (0.6, [60.0, 100.0], "pinhole", 4)
     defaults = build_parser().parse_args(["--data", "d", "--out", "o"])
-    for key in ("photo_share", "photo_fov", "photo_mask"):  # a run saved before them resumes as it was
+    assert main(["--data", "d", "--out", "o", "--photo-tilt", "45"]) == 2  # before any data is read
+    assert "--photo-tilt must be within 0..30 degrees, got 45" in capsys.readouterr().err
+    for key in ("photo_share", "photo_fov", "photo_mask", "photo_tilt"):  # a run saved before them resumes as it was
         assert key in RESUME_KEYS and ADDED_SETTING_DEFAULTS[key] == getattr(defaults, key)
+
+
+def _centre_of_bright_rows(image: torch.Tensor, col: int) -> float:
+    weights = image[0, :, col]
+    return float((weights * torch.arange(image.shape[1])).sum() / weights.sum())
+
+
+def test_tilt_turns_the_sphere_about_the_view_axes():
+    """A pitch moves the horizon up or down by the same angle in front of and behind the camera (in
+    opposite senses) and not at its sides; a roll does so at its sides. 10 degrees = 3.56 of 64 rows."""
+    from model.augment import tilt_panoramas
+
+    images = torch.zeros(2, 3, 64, 256)
+    images[:, :, 32] = 1.0  # a line along the horizon
+    centre = torch.tensor([128.0, 40.0])  # the view looks at column 128 or 40
+    zero = torch.zeros(2)
+    assert torch.equal(tilt_panoramas(images, centre, zero, zero), images)
+    pitched = tilt_panoramas(images, centre, torch.full((2,), 10.0), zero)
+    rolled = tilt_panoramas(images, centre, zero, torch.full((2,), 10.0))
+    for i, c in enumerate((128, 40)):
+        front, right, back, left = c, (c + 64) % 256, (c + 128) % 256, (c - 64) % 256
+        shift = {name: _centre_of_bright_rows(out[i], col) - 32
+                 for name, out, col in (("pitch front", pitched, front), ("pitch back", pitched, back),
+                                        ("pitch side", pitched, right), ("roll right", rolled, right),
+                                        ("roll left", rolled, left), ("roll front", rolled, front))}
+        assert abs(shift["pitch front"] - 3.56) < 0.1 and abs(shift["pitch back"] + 3.56) < 0.1, shift
+        assert abs(shift["roll right"] - 3.56) < 0.1 and abs(shift["roll left"] + 3.56) < 0.1, shift
+        assert abs(shift["pitch side"]) < 0.1 and abs(shift["roll front"]) < 0.1, shift
+
+
+def test_photo_tilt_resamples_only_photos_and_keeps_old_draws():
+    """photo_tilt=0 replays a seed exactly; with a tilt only the photo frames change (the crops and the
+    untouched views stay), and only by a few rows' worth (a level photo's outline still cuts them)."""
+    from model.augment import limit_fields_of_view
+
+    images = torch.rand(64, 3, 64, 256)
+    kw = dict(photo=0.5, photo_fov_range=(70.0, 100.0), photo_mask="pinhole")
+    level = limit_fields_of_view(images, 0.8, (60.0, 240.0), torch.Generator().manual_seed(7), **kw)
+    same = limit_fields_of_view(images, 0.8, (60.0, 240.0), torch.Generator().manual_seed(7), photo_tilt=0.0, **kw)
+    tilted = limit_fields_of_view(images, 0.8, (60.0, 240.0), torch.Generator().manual_seed(7), photo_tilt=5.0, **kw)
+    assert torch.equal(level, same)
+    assert torch.equal(_cut(level), _cut(tilted))  # the same outlines: read as level
+    photos = _cut(level).all(dim=2).any(dim=1)  # a photo leaves whole rows unseen
+    changed = (level != tilted).flatten(1).any(dim=1)
+    assert photos.any() and torch.equal(changed, photos)
