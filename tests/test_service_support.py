@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import fcntl
 import io
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -180,30 +182,48 @@ def metric_value(text: str, name: str, **labels: str) -> float:
 # --- fixtures -----------------------------------------------------------------------------------
 
 class World:
-    """Checkpoints and artifacts shared by all service tests of a session."""
+    """Checkpoints and artifacts shared by all service tests of a run (they only read them)."""
 
     def __init__(self, root: Path) -> None:
+        """Made in `root`, or read from there when a test process of the same run made them."""
         self.root = root
         self.checkpoint = root / "micro.safetensors"
-        self.fingerprint = micro_checkpoint(self.checkpoint, seed=0)
         self.other_checkpoint = root / "micro_other.safetensors"
-        micro_checkpoint(self.other_checkpoint, seed=1)
-        cat_a = write_catalog(root / "world_a", "a", 24, seed=1)
-        cat_b = write_catalog(root / "world_b", "b", 16, seed=2)
-        self.artifact_a = build_artifact(cat_a, self.checkpoint, root / "artifacts" / "a")
-        self.artifact_b = build_artifact(cat_b, self.checkpoint, root / "artifacts" / "b")
+        self.artifact_a, self.artifact_b = root / "artifacts" / "a", root / "artifacts" / "b"
         # Built with a different model: the service must refuse it.
-        self.artifact_other = build_artifact(cat_b, self.other_checkpoint,
-                                             root / "artifacts" / "other")
+        self.artifact_other = root / "artifacts" / "other"
         self.pano = jpeg_bytes(512, 128, seed=3)
         self.pano_path = root / "pano.jpg"
-        self.pano_path.write_bytes(self.pano)
         self.counts = {"a": 24, "b": 16}
+        made = root / "fingerprint.txt"  # written last: everything else is there
+        if made.is_file():
+            self.fingerprint = made.read_text()
+            return
+        shutil.rmtree(root, ignore_errors=True)  # what a process that failed half-way left
+        root.mkdir(parents=True)
+        fingerprint = micro_checkpoint(self.checkpoint, seed=0)
+        micro_checkpoint(self.other_checkpoint, seed=1)
+        cat_a = write_catalog(root / "world_a", "a", self.counts["a"], seed=1)
+        cat_b = write_catalog(root / "world_b", "b", self.counts["b"], seed=2)
+        build_artifact(cat_a, self.checkpoint, self.artifact_a)
+        build_artifact(cat_b, self.checkpoint, self.artifact_b)
+        build_artifact(cat_b, self.other_checkpoint, self.artifact_other)
+        self.pano_path.write_bytes(self.pano)
+        made.write_text(fingerprint)
+        self.fingerprint = fingerprint
 
 
 @pytest.fixture(scope="session")
 def world(tmp_path_factory) -> World:
-    return World(tmp_path_factory.mktemp("service_world"))
+    """One World for the whole run. Each test module that imports this fixture has a session fixture
+    of its own, and pytest-xdist workers are processes of their own: they all meet in one folder of
+    the run, under a lock, and the first to come makes the World there (~9 s of CPU each time)."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the run's folder, above each worker's own
+    with open(base / "service_world.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        return World(base / "service_world")
 
 
 def settings_for(world: World, index: Path, **overrides):
