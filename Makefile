@@ -11,7 +11,8 @@ PIP         := $(PY) -m pip
 STAMP       := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 # Test files run on this many pytest-xdist workers (a file's tests stay together, so module fixtures are
-# built once). Many tests wait on servers and subprocesses; 2 cut the suite from ~350 to ~280 s on 2 cores.
+# built once). Many tests wait on servers and subprocesses; 2 cut the suite from ~350 to ~280 s on 2 cores (~190 s since the
+# test processes run torch on one thread each and the service tests share one World).
 TEST_WORKERS ?= 2
 # `make demo`: where the synthetic region + index go, the port, extra scripts/demo.py options.
 DEMO_DIR    ?= demo
