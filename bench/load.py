@@ -11,7 +11,7 @@ Measures, in one run and on the same machine:
 Targets (issue 18): service throughput >= 0.70 x raw (>= 0.90 x with --config small); p50 at
 c=1 <= encoder batch-1 time + 5 ms. Also reported: the server's CPU per request outside the encoder
 (its CPU time per request at full load less the raw encoder's CPU time per image).
-Both sides run with the glibc allocator settings of model.inference.ALLOCATOR_ENV (this script
+Both sides run with the glibc allocator settings of model.allocator.ALLOCATOR_ENV (this script
 starts itself again with them, as `python -m service` does).
 The raw and the service measurements alternate for --rounds rounds and medians are reported, so a
 change in what else runs on the machine hits both sides; the CPU time other programs took during
@@ -54,7 +54,8 @@ sys.path.insert(0, str(REPO))
 
 from model import L2LTR, L2LTRConfig, load_checkpoint, save_checkpoint  # noqa: E402
 from model.encode import available_cpus, pick_device  # noqa: E402
-from model.inference import InferenceEncoder, reexec_with_allocator_env  # noqa: E402
+from model.allocator import reexec_with_allocator_env  # noqa: E402
+from model.inference import InferenceEncoder  # noqa: E402
 
 BOUNDARY = "geolocbenchboundary"
 RESPONSE_TIMEOUT_S = 60.0  # a run that has not ended this long after its last request fails

@@ -1,7 +1,6 @@
 """Orchestration of `build` and `add`: reader -> mapper -> writer, resumable, published atomically."""
 from __future__ import annotations
 
-import csv
 import itertools
 import json
 import logging

@@ -46,6 +46,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from model.allocator import allocator_env  # no torch: a second run starts the server without it
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CHECKPOINT = REPO / "weights" / "l2ltr_tiny_demo.safetensors"
 # The demo region. The shipped checkpoint was trained on other seeds (weights/README.md), so the
@@ -55,12 +57,6 @@ DEFAULT_AREA_KM2 = 4.0
 # Street panoramas rendered by default: those of the first N camera positions. The demo prints a
 # curl for one (--query) and the README suggests uploading others from the web page.
 DEFAULT_PANORAMAS = 32
-
-# model.inference.ALLOCATOR_ENV (tests/test_ship_demo.py keeps the two equal; importing it here
-# would import torch). `python -m service` and `python -m index_build` re-execute themselves with
-# these glibc malloc settings unless they already have them, and that second start imports torch
-# once more: about a second of CPU on every start.
-STAGE_ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}
 
 
 class DemoError(RuntimeError):
@@ -248,7 +244,7 @@ def ensure_index(demo_dir: Path, region: Region, checkpoint: Path, extra_args: l
 def stage_env(base: dict[str, str] | None = None) -> dict[str, str]:
     """The environment for the stages' programs started here (index_build, the service).
 
-    - STAGE_ALLOCATOR_ENV, unless the user tuned glibc's malloc (then theirs wins, and the stages
+    - model.allocator's glibc settings, unless the user tuned malloc (then theirs wins, and the stages
       do not re-execute either): the program starts once instead of twice.
     - OMP_WAIT_POLICY=PASSIVE unless set: OpenMP threads that wait for each other sleep instead of
       spinning. While the model loads (checkpoint, TorchScript trace, warm-up forwards, with a
@@ -257,11 +253,7 @@ def stage_env(base: dict[str, str] | None = None) -> dict[str, str]:
       took 2.4-17 s instead of 0.7-1.4 s (bench/RESULTS.md). On 2 cores the encoding itself runs
       one torch thread per encoder thread, so it has no OpenMP waits to lose.
     """
-    env = dict(os.environ if base is None else base)
-    malloc_tuned = any(k.startswith("MALLOC_") and k.endswith("_") for k in env) or \
-        "glibc.malloc." in env.get("GLIBC_TUNABLES", "")
-    if not malloc_tuned:
-        env.update(STAGE_ALLOCATOR_ENV)
+    env = allocator_env(os.environ if base is None else base)
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     return env
 

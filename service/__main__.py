@@ -1,6 +1,6 @@
 import sys
 
-from model.inference import reexec_with_allocator_env
+from model.allocator import reexec_with_allocator_env
 
 if __name__ == "__main__":
     reexec_with_allocator_env("service")  # CPU forwards keep their freed activation memory

@@ -264,7 +264,7 @@ def test_inference_encoder_traces_up_front_and_equals_the_eager_network(micro_co
 
 
 def test_allocator_settings_are_added_to_an_environment_unless_the_user_tuned_malloc():
-    from model.inference import ALLOCATOR_ENV, allocator_env
+    from model.allocator import ALLOCATOR_ENV, allocator_env
 
     assert allocator_env({"PATH": "/bin"}) == {"PATH": "/bin", **ALLOCATOR_ENV}
     for own in ({"MALLOC_TRIM_THRESHOLD_": "1000000"},
@@ -280,7 +280,7 @@ def test_an_entry_point_runs_itself_again_with_the_allocator_settings(tmp_path):
 
     (tmp_path / "probe_entry.py").write_text(
         "import os\n"
-        "from model.inference import reexec_with_allocator_env\n"
+        "from model.allocator import reexec_with_allocator_env\n"
         "print('start', os.getpid(), flush=True)\n"
         "reexec_with_allocator_env('probe_entry')\n"
         "import sys\n"
@@ -295,7 +295,7 @@ def test_an_entry_point_runs_itself_again_with_the_allocator_settings(tmp_path):
         assert out.returncode == 0, out.stderr
         return out.stdout.splitlines()
 
-    from model.inference import ALLOCATOR_ENV
+    from model.allocator import ALLOCATOR_ENV
 
     lines = run()
     assert [line.split()[0] for line in lines] == ["start", "start", ALLOCATOR_ENV["MALLOC_MMAP_THRESHOLD_"]]

@@ -176,7 +176,7 @@ def test_a_client_that_stalls_its_headers_or_its_body_gets_408(server, world):
 
 
 def test_the_entry_point_runs_with_the_allocator_settings(server):
-    from model.inference import ALLOCATOR_ENV
+    from model.allocator import ALLOCATOR_ENV
 
     environ = Path(f"/proc/{server.proc.pid}/environ")
     if not environ.exists():

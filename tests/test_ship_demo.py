@@ -125,12 +125,11 @@ def test_panoramas_option():
 
 def test_stages_start_once_and_do_not_spin(monkeypatch):
     """The service and index_build re-execute themselves unless the glibc settings of
-    model.inference are in their environment: stage_env puts them there (the user's own malloc
+    model.allocator are in their environment: stage_env puts them there (the user's own malloc
     tuning wins), and lets waiting OpenMP threads sleep."""
-    import model.inference as inference
+    import model.allocator as inference
 
     demo = demo_module()
-    assert demo.STAGE_ALLOCATOR_ENV == inference.ALLOCATOR_ENV
     env = demo.server_env(Path("ckpt.safetensors"), Path("index"))
     assert env["OMP_WAIT_POLICY"] == "PASSIVE"
     execs = []

@@ -187,7 +187,7 @@ def test_dockerfile_runtime_contract(name):
         assert dockerfile_env(instr)["GEOLOC_DEVICE"] == "cuda"
     else:
         assert "cpu" in wanted and args["TORCH_INDEX_URL"].endswith("/cpu")
-        from model.inference import ALLOCATOR_ENV
+        from model.allocator import ALLOCATOR_ENV
 
         # set in the image, so the entry point need not start itself again with them
         assert {k: env.get(k) for k in ALLOCATOR_ENV} == ALLOCATOR_ENV
