@@ -1,0 +1,47 @@
+"""bench/limited_views.py: the model card's limited-view tables from one folder of model.evaluate results."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("limited_views", REPO / "bench" / "limited_views.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_cell_has_its_evaluate_arguments():
+    lv = _module()
+    cells = dict(lv.cells())
+    assert len(cells) == 4 * 4 + 2 * 4
+    assert cells["360_known_descriptor"] == ["--fov", "360", "--heading", "known"]
+    assert cells["70_unknown_head"] == ["--fov", "70", "--heading", "unknown", "--method", "head"]
+    assert cells["photos_unknown_rerank"] == ["--fov", "90", "--heading", "unknown", "--queries", "400",
+                                              "--method", "rerank", "--photos", "{photos}"]
+    assert "--photos" not in cells["crops_known_rerank"]
+
+
+def test_tables_ratios_and_gaps(tmp_path, capsys):
+    lv = _module()
+    names = [name for name, _ in lv.cells()]
+    for i, name in enumerate(names):
+        r1 = {"360_known_descriptor": 0.5, "180_unknown_rerank": 0.3, "photos_known_rerank": 0.06,
+              "crops_known_rerank": 0.125}.get(name, 0.01 * (i + 1))
+        (tmp_path / f"{name}.json").write_text(json.dumps(
+            {"r1": r1, "r5": 0.2, "r10": 0.3, "r1pct": 0.4,
+             "heading_error_median_deg": 4.5 if "unknown" in name else None}))
+    (tmp_path / "360_unknown_rerank.json").unlink()
+    assert lv.main(["ckpt", "--out", str(tmp_path), "--tables-only"]) == 1  # a cell missing: named, no table
+    assert "360_unknown_rerank" in capsys.readouterr().err
+    (tmp_path / "360_unknown_rerank.json").write_text(json.dumps({"r1": 0.6, "r5": 0.8, "r10": 0.9, "r1pct": 0.9,
+                                                                  "heading_error_median_deg": 2.0}))
+    assert lv.main(["ckpt", "--out", str(tmp_path), "--tables-only"]) == 0
+    text = (tmp_path / "tables.md").read_text()
+    assert "| 180 | unknown | rerank | 30.00 | 20.00 | 30.00 | 40.00 | 0.60 | 4.50 deg |" in text
+    assert "| 360 | known | descriptor | 50.00 |" in text and "x known 360 descriptor R@1 (50.00): 360 1.20, 180 0.60" in text
+    assert "photos trail crops by (points): known 6.50" in text
