@@ -73,28 +73,26 @@ def _pct(value) -> str:
     return "" if value is None else f"{100 * value:.2f}"
 
 
+def _row(labels: tuple, r: dict, ratio: float | None) -> str:
+    error = r.get("heading_error_median_deg")
+    values = [*labels, _pct(r["r1"]), _pct(r["r5"]), _pct(r["r10"]), _pct(r["r1pct"])]
+    values += [] if ratio is None else [f"{ratio:.2f}"]
+    return "| " + " | ".join(map(str, [*values, "" if error is None else f"{error:.2f} deg"])) + " |"
+
+
 def tables(out: Path) -> str:
     """The two Markdown tables from the cells' JSON files in ``out``."""
     cell = {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")}
     base = cell["360_known_descriptor"]["r1"]
     lines = ["| field of view | heading | method | R@1 | R@5 | R@10 | R@1% | x known 360 R@1 | heading error (median) |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for fov in FOVS:
-        for heading, methods in METHODS.items():
-            for method in methods:
-                r = cell[f"{fov}_{heading}_{method}"]
-                error = r.get("heading_error_median_deg")
-                lines.append(f"| {fov} | {heading} | {method} | {_pct(r['r1'])} | {_pct(r['r5'])} | {_pct(r['r10'])} | "
-                             f"{_pct(r['r1pct'])} | {r['r1'] / base:.2f} | {'' if error is None else f'{error:.2f} deg'} |")
+    lines += [_row((fov, heading, method), cell[f"{fov}_{heading}_{method}"],
+                   cell[f"{fov}_{heading}_{method}"]["r1"] / base)
+              for fov in FOVS for heading, methods in METHODS.items() for method in methods]
     lines += ["", "| 90 degree queries (400) | heading | method | R@1 | R@5 | R@10 | R@1% | heading error (median) |",
               "|---|---|---|---|---|---|---|---|"]
-    for kind in ("photos", "crops"):
-        for heading, methods in METHODS.items():
-            for method in methods:
-                r = cell[f"{kind}_{heading}_{method}"]
-                error = r.get("heading_error_median_deg")
-                lines.append(f"| {kind} | {heading} | {method} | {_pct(r['r1'])} | {_pct(r['r5'])} | {_pct(r['r10'])} | "
-                             f"{_pct(r['r1pct'])} | {'' if error is None else f'{error:.2f} deg'} |")
+    lines += [_row((kind, heading, method), cell[f"{kind}_{heading}_{method}"], None)
+              for kind in ("photos", "crops") for heading, methods in METHODS.items() for method in methods]
     gaps = [f"{heading} {100 * (cell[f'crops_{heading}_rerank']['r1'] - cell[f'photos_{heading}_rerank']['r1']):.2f}"
             for heading in METHODS]
     ratios = [f"{fov} {cell[f'{fov}_unknown_rerank']['r1'] / base:.2f}" for fov in (360, 180, 90)]
