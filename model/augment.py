@@ -144,8 +144,9 @@ def limit_fields_of_view(images: torch.Tensor, probability: float, fov_range: tu
     if photo_tilt > 0:  # drawn last: without it, a seed cuts as it always did
         pitch, roll = photo_tilt * (2 * torch.rand(2, b, generator=generator) - 1)
         tilted = is_photo & limited
-        images = torch.where(tilted[:, None, None, None],
-                             tilt_panoramas(images, centre, pitch * tilted, roll * tilted), images)
+        if tilted.any():  # resample only the photos (out of place: the caller's batch stays as it was)
+            images = images.index_put((tilted,), tilt_panoramas(images[tilted], centre[tilted], pitch[tilted],
+                                                                roll[tilted]))
     keep = (keep_rows & keep_cols[:, None, :]) | ~limited[:, None, None]
     mean = torch.tensor(IMAGENET_MEAN, dtype=images.dtype).view(1, 3, 1, 1)
     return torch.where(keep[:, None], images, mean)
