@@ -47,7 +47,8 @@ def evaluate(checkpoint: Path, data: Path, dataset: str = "synthetic", split: st
              limit: int = 0, plot: Path | None = None, workers: int = 2, fov: float = 360.0,
              heading: str = "known", rotations: int = 16, method: str = "head", seed: int = 0,
              photos: Path | None = None, queries: int = 0, ambiguity_margin: float = 0.02,
-             tile_m: float = TILE_FOOTPRINT_M, rerank_k: int | None = None, rerank_weight: float | None = None) -> dict:
+             tile_m: float = TILE_FOOTPRINT_M, rerank_k: int | None = None, rerank_weight: float | None = None,
+             photo_tilt: bool = False) -> dict:
     """Retrieval of the split's panoramas (or, with ``photos``, of a perspective world's photos
     of the same places) against its aerial tiles. ``fov`` < 360 keeps that much of each panorama
     around a random heading; ``heading="unknown"`` searches the heading over ``rotations`` turns of
@@ -55,10 +56,13 @@ def evaluate(checkpoint: Path, data: Path, dataset: str = "synthetic", split: st
     error; ``method="rerank"`` re-ranks each query's best ``rerank_k`` tiles by descriptor and column
     alignment (model.orientation.rerank, ``rerank_weight``), for a known heading too. ``queries``: only the
     first that many pairs are queries (against every tile of the split),
-    e.g. for a perspective world rendered with `worldgen --panoramas N`. ``tile_m``: the tiles' footprint,
+    e.g. for a perspective world rendered with `worldgen --panoramas N`; ``photo_tilt``: its photos are
+    placed with their cameras' true pitch and roll instead of level. ``tile_m``: the tiles' footprint,
     for the refined position (model.metrics.refine_position)."""
     if heading not in HEADING_MODES or method not in METHODS:
         raise ValueError(f"heading must be one of {HEADING_MODES} and method one of {METHODS}")
+    if photo_tilt and photos is None:
+        raise ValueError("photo_tilt places the photos of a perspective world: it needs photos (--photos)")
     model = load_checkpoint(checkpoint)
     dev = pick_device(device)
     model.to(dev)
@@ -80,7 +84,7 @@ def evaluate(checkpoint: Path, data: Path, dataset: str = "synthetic", split: st
         result.update(evaluate_views(model, arrays, records, dev, fov=fov, heading=heading, rotations=rotations,
                                      method=method, seed=seed, photos=photos, queries=queries,
                                      ambiguity_margin=ambiguity_margin, tile_m=tile_m, rerank_k=rerank_k,
-                                     rerank_weight=rerank_weight))
+                                     rerank_weight=rerank_weight, photo_tilt=photo_tilt))
     if arrays.latlon is not None and plain:
         result["localization"] = localization_error(ground, aerial, arrays.latlon, arrays.latlon)
     if plot is not None and plain:
@@ -93,7 +97,7 @@ def evaluate(checkpoint: Path, data: Path, dataset: str = "synthetic", split: st
 def evaluate_views(model, arrays, records, device, *, fov: float, heading: str, rotations: int, method: str,
                    seed: int, photos: Path | None, queries: int = 0, ambiguity_margin: float = 0.02,
                    tile_m: float = TILE_FOOTPRINT_M, rerank_k: int | None = None,
-                   rerank_weight: float | None = None) -> dict:
+                   rerank_weight: float | None = None, photo_tilt: bool = False) -> dict:
     """Recalls (and heading errors) of limited-field-of-view or unknown-heading queries: panorama crops
     of ``fov`` degrees around a random heading, or the photos of a perspective world."""
     from .inference import InferenceEncoder
@@ -111,7 +115,7 @@ def evaluate_views(model, arrays, records, device, *, fov: float, heading: str, 
         truth = np.array([i for i, r in enumerate(records) if (photos / "streetview" / f"{r.id}.jpg").is_file()])[:q]
         q = len(truth)
         views, true_heading = photo_views(photos, [records[i] for i in truth], model.config,
-                                          centred=heading == "unknown")
+                                          centred=heading == "unknown", tilt=photo_tilt)
     else:
         true_heading = np.random.default_rng(seed).uniform(0.0, 360.0, len(records))[:q]
         views = np.stack([limit_fov(rotate_view(g, h), fov) for g, h in zip(arrays.ground[:q], true_heading)])
@@ -121,6 +125,8 @@ def evaluate_views(model, arrays, records, device, *, fov: float, heading: str, 
                          "use --method aerial or query")
     out: dict = {"queries": int(q), "rotations": rotations if heading == "unknown" and not by_head else None,
                  "method": method if heading == "unknown" or method == "rerank" else None}
+    if photos is not None:
+        out["photo_tilt"] = photo_tilt
     if heading == "known" and photos is None:  # placed at its true heading: compared with the tiles as they are
         views = np.stack([rotate_view(v, -h) for v, h in zip(views, true_heading)])
     if heading == "known" and method != "rerank":
@@ -339,11 +345,12 @@ def _view_columns(views: np.ndarray, width: int) -> np.ndarray:
     return seen.reshape(len(views), width, -1).mean(axis=2) >= 0.5
 
 
-def photo_views(world: Path, records, config, centred: bool) -> tuple[np.ndarray, np.ndarray]:
+def photo_views(world: Path, records, config, centred: bool, tilt: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """The perspective photos of ``world`` (same places as ``records``, by id) mapped into the
     panorama frame at the model's ground size: at their true heading (known) or centred on north
-    (``centred``: the heading is then searched); pitch and roll assumed level, as a phone
-    without its tilt sensors would. Returns (views [N, H, W, 3] uint8, true headings)."""
+    (``centred``: the heading is then searched); level, as a phone that does not send its tilt, or
+    (``tilt``) with their cameras' true pitch and roll, as one that does (the API's pitch_deg,
+    roll_deg). Returns (views [N, H, W, 3] uint8, true headings)."""
     import csv
 
     from .preprocess import load_image, perspective_to_panorama
@@ -359,8 +366,9 @@ def photo_views(world: Path, records, config, centred: bool) -> tuple[np.ndarray
             raise ValueError(f"{world / 'cameras.csv'}: no perspective camera for id {record.id!r}")
         headings[i] = float(camera["heading_deg"]) % 360.0
         photo = load_image(world / "streetview" / f"{record.id}.jpg")
+        pitch, roll = (float(camera["pitch_deg"]), float(camera["roll_deg"])) if tilt else (0.0, 0.0)
         pano, covered = perspective_to_panorama(photo, float(camera["hfov_deg"]), 0.0 if centred else headings[i],
-                                                config.ground_size)
+                                                config.ground_size, pitch, roll)
         pano[~covered] = MEAN_RGB
         views[i] = pano
     return views, headings
@@ -437,6 +445,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--photos", type=Path,
                    help="a perspective world (worldgen --camera perspective, same seed and pairs as --data): "
                         "its photos are the queries, mapped into the panorama frame")
+    v.add_argument("--photo-tilt", action="store_true",
+                   help="place each --photos photo with its camera's true pitch and roll (cameras.csv), as a phone "
+                        "that sends its tilt (the API's pitch_deg, roll_deg); default: level")
     return p
 
 
@@ -464,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
                           args.workers, fov=args.fov, heading=args.heading, rotations=args.rotations,
                           method=args.method, seed=args.seed, photos=args.photos, queries=args.queries,
                           ambiguity_margin=args.ambiguity_margin, tile_m=args.tile_m or TILE_FOOTPRINT_M,
-                          rerank_k=args.rerank_k, rerank_weight=args.rerank_weight)
+                          rerank_k=args.rerank_k, rerank_weight=args.rerank_weight, photo_tilt=args.photo_tilt)
     except (CheckpointError, ConfigError, TrainingError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

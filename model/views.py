@@ -138,26 +138,32 @@ PROJECTIONS = ("equirectangular", "perspective")
 
 
 def place_view(source, config, *, fov_deg: float = 360.0, heading_deg: float | None = None,
-               projection: str = "equirectangular", name: str | None = None,
-               max_pixels: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+               projection: str = "equirectangular", pitch_deg: float = 0.0, roll_deg: float = 0.0,
+               name: str | None = None, max_pixels: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """An uploaded street-level image (path, bytes or PIL image) -> (the ground branch's input
     [H, W, 3] uint8 in the panorama frame, seen [W] bool: its pixel columns that the image covers).
 
     A full equirectangular panorama is read as training read it (`load_ground_image`); a crop of
-    ``fov_deg`` (equirectangular) or a photo of that horizontal field of view (perspective, level)
-    lands at its azimuths, the rest the mean colour. The view is placed at ``heading_deg`` when it
-    is known, else centred on north, in which case its heading is the one the orientation head
-    finds against a tile."""
+    ``fov_deg`` (equirectangular) or a photo of that horizontal field of view (perspective, level
+    unless its camera's ``pitch_deg`` (up positive) and ``roll_deg`` (clockwise, seen from behind
+    the camera) are given) lands at its azimuths, the rest the mean colour. The view is placed at
+    ``heading_deg`` when it is known, else centred on north, in which case its heading is the one
+    the orientation head finds against a tile."""
     from .preprocess import equirect_crop_to_panorama, load_ground_image, load_image, perspective_to_panorama
 
     if projection not in PROJECTIONS:
         raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
+    if projection != "perspective" and (pitch_deg or roll_deg):
+        raise ValueError("pitch_deg and roll_deg describe a photo's camera (projection='perspective'); "
+                         "panoramas and their crops are level")
     heading = 0.0 if heading_deg is None else float(heading_deg)
     if projection == "equirectangular" and fov_deg >= 360.0:
         view = np.asarray(load_ground_image(source, config, name=name, max_pixels=max_pixels))
         return rotate_view(view, -heading), np.ones(view.shape[1], bool)
     image = load_image(source, name, max_pixels)
-    place = equirect_crop_to_panorama if projection == "equirectangular" else perspective_to_panorama
-    view, covered = place(image, fov_deg, heading, config.ground_size)
+    if projection == "equirectangular":
+        view, covered = equirect_crop_to_panorama(image, fov_deg, heading, config.ground_size)
+    else:
+        view, covered = perspective_to_panorama(image, fov_deg, heading, config.ground_size, pitch_deg, roll_deg)
     view[~covered] = MEAN_RGB
     return view, covered.any(axis=0)

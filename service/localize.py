@@ -36,6 +36,7 @@ class ViewParams:
     fov_deg: float | None = None
     heading_deg: float | None = None
     projection: str | None = None
+    tilt: tuple[float, float] = (0.0, 0.0)  # a photo's camera pitch, roll (degrees); panoramas are level
     near: tuple[float, float] | None = None  # lat, lon: search only within radius_m of it
     radius_m: float | None = None
     near_from_exif: bool = False  # where `near` is not given: the photo's EXIF GPS position, if any
@@ -56,7 +57,8 @@ async def localize(request: Request, runtime: Runtime, params: ViewParams, *, k:
             max_body_bytes=s.max_batch_body_bytes if batch else s.max_body_bytes,
             read_timeout_s=s.read_timeout_s, take=take)
         images = [check_image(upload, s) for upload in files]  # bad uploads are refused before they queue
-        specs = [view_spec(image, params.fov_deg, params.heading_deg, params.projection) for image in images]
+        specs = [view_spec(image, params.fov_deg, params.heading_deg, params.projection, params.tilt)
+                 for image in images]
         near = [_prior(image, params) for image in images]
         result = await engine.localize(partial(decode_uploads, images, specs, s.max_pixels, model.config),
                                        n=len(images), k=k, disconnected=partial(_wait_for_disconnect, request),
@@ -99,6 +101,7 @@ def _described(answer: Answer, spec: ViewSpec, ambiguity_margin: float, prior: N
                for m in answer.matches]
     estimated = matches[0].heading_deg if matches else None
     view = ViewInfo(fov_deg=round(spec.fov_deg, 2), projection=spec.projection, fov_source=spec.fov_source,
+                    pitch_deg=spec.tilt[0], roll_deg=spec.tilt[1],
                     heading_deg=spec.heading_deg if spec.heading_deg is not None else estimated,
                     heading_source=spec.heading_source or ("estimated" if estimated is not None else None))
     confidence = Confidence(margin=None if answer.margin is None else round(answer.margin, 4),

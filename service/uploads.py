@@ -281,13 +281,14 @@ class ViewSpec:
     fov_source: str  # parameter | exif | aspect
     heading_deg: float | None  # where it is placed; None: centred on north, the heading is searched
     heading_source: str | None  # parameter | exif
+    tilt: tuple[float, float] = (0.0, 0.0)  # a photo's camera pitch, roll (degrees)
 
 
 def view_spec(image: CheckedImage, fov_deg: float | None, heading_deg: float | None,
-              projection: str | None) -> ViewSpec:
-    """The field of view, projection and heading of an upload that passed `check_image`: the request's
-    parameters first, then the photo's EXIF (FocalLengthIn35mmFilm, GPSImgDirection), then its shape
-    (a wide image is a 360 degree panorama). Without any: 422 naming the parameter to send."""
+              projection: str | None, tilt: tuple[float, float] = (0.0, 0.0)) -> ViewSpec:
+    """The field of view, projection, heading and tilt of an upload that passed `check_image`: the
+    request's parameters first, then the photo's EXIF (FocalLengthIn35mmFilm, GPSImgDirection), then
+    its shape (a wide image is a 360 degree panorama). Without any: 422 naming the parameter to send."""
     width, height, wide = image.width, image.height, image.width >= PANORAMA_ASPECT * image.height
     if fov_deg is not None:
         fov, fov_source = fov_deg, "parameter"
@@ -309,11 +310,14 @@ def view_spec(image: CheckedImage, fov_deg: float | None, heading_deg: float | N
             f"{image.upload.label}: a field of view of {fov:g} degrees ({fov_source}) can not be read: a view must span "
             f"at least {MIN_FOV_DEG:g} degrees, a photo (projection=perspective) less than 180; send fov_deg, or "
             "projection=equirectangular for a wider panorama crop")
-    if heading_deg is not None:
-        return ViewSpec(fov, projection, fov_source, heading_deg, "parameter")
-    if image.exif_heading is not None:
-        return ViewSpec(fov, projection, fov_source, image.exif_heading, "exif")
-    return ViewSpec(fov, projection, fov_source, None, None)
+    if projection != "perspective" and tilt != (0.0, 0.0):
+        raise UploadError(
+            422, "tilt_not_a_photo",
+            f"{image.upload.label} is read as an equirectangular {'panorama' if fov >= 360 else 'crop'}, which is "
+            "level: pitch_deg and roll_deg describe a photo's camera (projection=perspective)")
+    heading, heading_source = ((heading_deg, "parameter") if heading_deg is not None else
+                               (image.exif_heading, "exif") if image.exif_heading is not None else (None, None))
+    return ViewSpec(fov, projection, fov_source, heading, heading_source, tilt)
 
 
 def decode_uploads(images: list[CheckedImage], specs: list[ViewSpec], max_pixels: int,
@@ -325,8 +329,8 @@ def decode_uploads(images: list[CheckedImage], specs: list[ViewSpec], max_pixels
     for image, spec in zip(images, specs):
         try:
             view, covered = place_view(image.image, config, fov_deg=spec.fov_deg, heading_deg=spec.heading_deg,
-                                       projection=spec.projection, name=f"image {image.upload.index}",
-                                       max_pixels=max_pixels)
+                                       projection=spec.projection, pitch_deg=spec.tilt[0], roll_deg=spec.tilt[1],
+                                       name=f"image {image.upload.index}", max_pixels=max_pixels)
         except ImageDecodeError as exc:
             raise UploadError(400, "undecodable_image", str(exc)) from None
         finally:

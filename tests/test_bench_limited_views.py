@@ -18,12 +18,14 @@ def _module():
 def test_every_cell_has_its_evaluate_arguments():
     lv = _module()
     cells = dict(lv.cells())
-    assert len(cells) == 4 * 4 + 2 * 4
+    assert len(cells) == 4 * 4 + 3 * 4
     assert cells["360_known_descriptor"] == ["--fov", "360", "--heading", "known"]
     assert cells["70_unknown_head"] == ["--fov", "70", "--heading", "unknown", "--method", "head"]
     assert cells["photos_unknown_rerank"] == ["--fov", "90", "--heading", "unknown", "--queries", "400",
                                               "--method", "rerank", "--photos", "{photos}"]
-    assert "--photos" not in cells["crops_known_rerank"]
+    assert cells["photos_tilt_known_descriptor"] == ["--fov", "90", "--heading", "known", "--queries", "400",
+                                                     "--photos", "{photos}", "--photo-tilt"]
+    assert "--photos" not in cells["crops_known_rerank"] and "--photo-tilt" not in cells["photos_known_rerank"]
 
 
 def test_tables_ratios_and_gaps(tmp_path, capsys):
@@ -31,7 +33,7 @@ def test_tables_ratios_and_gaps(tmp_path, capsys):
     names = [name for name, _ in lv.cells()]
     for i, name in enumerate(names):
         r1 = {"360_known_descriptor": 0.5, "180_unknown_rerank": 0.3, "photos_known_rerank": 0.06,
-              "crops_known_rerank": 0.125}.get(name, 0.01 * (i + 1))
+              "photos_tilt_known_rerank": 0.1, "crops_known_rerank": 0.125}.get(name, 0.01 * (i + 1))
         (tmp_path / f"{name}.json").write_text(json.dumps(
             {"r1": r1, "r5": 0.2, "r10": 0.3, "r1pct": 0.4,
              "heading_error_median_deg": 4.5 if "unknown" in name else None}))
@@ -44,4 +46,5 @@ def test_tables_ratios_and_gaps(tmp_path, capsys):
     text = (tmp_path / "tables.md").read_text()
     assert "| 180 | unknown | rerank | 30.00 | 20.00 | 30.00 | 40.00 | 0.60 | 4.50 deg |" in text
     assert "| 360 | known | descriptor | 50.00 |" in text and "x known 360 descriptor R@1 (50.00): 360 1.20, 180 0.60" in text
-    assert "photos trail crops by (points): known 6.50" in text
+    assert "photos trail crops by (points): placed level known 6.50 / unknown" in text
+    assert "; tilt given known 2.50 / unknown" in text and "| photos, tilt given | known | rerank | 10.00 |" in text

@@ -424,3 +424,27 @@ def test_cli_perspective_options(tmp_path, capsys):
     row = _rows(out / "cameras.csv")[0]
     assert row["hfov_deg"] == "65.000" and row["pitch_deg"] == "0.000" and row["heading_deg"] == "0.000"
     assert exif_camera(str(out / "streetview" / "000000.jpg")) == (None, None)
+
+
+def test_evaluate_places_the_photos_level_or_with_their_true_tilt(photo_world):
+    """model.evaluate --photos (--photo-tilt): as the service places a photo without and with pitch_deg/roll_deg."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from model.evaluate import evaluate, photo_views
+    from model.views import place_view
+
+    cams = _rows(photo_world / "cameras.csv")[:3]
+    records, config = [SimpleNamespace(id=c["id"]) for c in cams], SimpleNamespace(ground_size=(32, 128))
+    level, headings = photo_views(photo_world, records, config, centred=False)
+    tilted, _ = photo_views(photo_world, records, config, centred=False, tilt=True)
+    assert headings == pytest.approx([float(c["heading_deg"]) % 360 for c in cams])
+    for c, lv, tv, h in zip(cams, level, tilted, headings):
+        path = photo_world / "streetview" / f"{c['id']}.jpg"
+        common = dict(fov_deg=float(c["hfov_deg"]), heading_deg=h, projection="perspective")
+        assert (lv == place_view(path, config, **common)[0]).all()
+        assert (tv == place_view(path, config, pitch_deg=float(c["pitch_deg"]), roll_deg=float(c["roll_deg"]),
+                                 **common)[0]).all()
+        assert not np.array_equal(tv, lv)  # pitch and roll of up to 5 degrees move the photo's pixels
+    with pytest.raises(ValueError, match="photos"):
+        evaluate(Path("unused.safetensors"), photo_world, photo_tilt=True)

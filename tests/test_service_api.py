@@ -821,7 +821,7 @@ def _photo(width: int = 160, height: int = 120, *, hfov: float | None = None, he
 def test_the_field_of_view_and_heading_come_from_parameters_exif_or_the_shape(client, world):
     pano = _post(client, world.pano).json()["view"]
     assert pano == {"fov_deg": 360.0, "projection": "equirectangular", "fov_source": "aspect",
-                    "heading_deg": None, "heading_source": None}  # no orientation head: no heading
+                    "heading_deg": None, "heading_source": None, "pitch_deg": 0.0, "roll_deg": 0.0}  # no head: no heading
     exif = _post(client, _photo(hfov=65.0, heading=123.0)).json()["view"]
     assert exif["fov_source"] == "exif" and exif["projection"] == "perspective"
     assert exif["fov_deg"] == pytest.approx(65.0, abs=1.0)  # a whole mm of 35 mm focal length
@@ -833,8 +833,15 @@ def test_the_field_of_view_and_heading_come_from_parameters_exif_or_the_shape(cl
     crop = client.post("/localize?fov_deg=180&projection=equirectangular",
                        files={"image": ("c.jpg", jpeg_bytes(256, 128), "image/jpeg")})
     assert crop.status_code == 200 and crop.json()["view"]["projection"] == "equirectangular"
-    for query in ("fov_deg=0", "fov_deg=361", "heading_deg=360", "heading_deg=-1", "projection=fisheye"):
+    tilted = client.post("/localize?pitch_deg=12.5&roll_deg=-4", files=files).json()["view"]
+    assert (tilted["projection"], tilted["pitch_deg"], tilted["roll_deg"]) == ("perspective", 12.5, -4.0)
+    for query in ("fov_deg=0", "fov_deg=361", "heading_deg=360", "heading_deg=-1", "projection=fisheye",
+                  "pitch_deg=46", "roll_deg=-45.5", "pitch_deg=up"):
         _assert_error(client.post(f"/localize?{query}", files=files), 422, "validation_error")
+    for query, image in (("pitch_deg=5", world.pano), ("fov_deg=180&projection=equirectangular&roll_deg=3", _photo())):
+        body = _assert_error(client.post(f"/localize?{query}", files={"image": ("v.jpg", image, "image/jpeg")}),
+                             422, "tilt_not_a_photo")  # a panorama or crop is level: the tilt is not dropped silently
+        assert "pitch_deg and roll_deg" in body["detail"] and "projection=perspective" in body["detail"]
 
 
 def test_a_photo_of_unknown_field_of_view_is_asked_for_it(client):
@@ -926,7 +933,9 @@ def test_with_an_orientation_head_the_best_tiles_are_re_ranked_by_their_column_a
     stored = np.load(artifact / "orientation.npy").astype(np.float32)
     ids = [r["tile_id"] for r in csv.DictReader(open(artifact / "tiles.csv"))]
     cases = [(world.pano, "", {}), (_photo(), "&fov_deg=90&projection=perspective",
-                                     {"fov_deg": 90.0, "projection": "perspective"})]
+                                     {"fov_deg": 90.0, "projection": "perspective"}),
+             (_photo(), "&fov_deg=90&pitch_deg=15&roll_deg=-8",  # placed with the phone's tilt
+              {"fov_deg": 90.0, "projection": "perspective", "pitch_deg": 15.0, "roll_deg": -8.0})]
     moved = 0
     with running_client(settings_for(world, artifact, checkpoint=checkpoint)) as client:
         for image, query, placed in cases:

@@ -163,6 +163,12 @@ def test_place_view_puts_a_crop_or_photo_at_its_heading(tmp_path, micro_config):
     assert seen[:8].any() and seen[-8:].any() and not seen[48:80].any()  # south: the panorama's edges
     with pytest.raises(ValueError, match="projection"):
         place_view(crop, config, fov_deg=90.0, projection="fisheye")
+    pitched, _ = place_view(crop, config, fov_deg=90.0, projection="perspective", pitch_deg=20.0)
+    level, _ = place_view(crop, config, fov_deg=90.0, projection="perspective")
+    rows = lambda view: np.flatnonzero((view[:, 64] != MEAN_RGB).any(axis=-1))  # noqa: E731  seen rows at north
+    assert rows(pitched).min() < rows(level).min() and rows(pitched).max() < rows(level).max()  # looks higher up
+    with pytest.raises(ValueError, match="pitch_deg and roll_deg"):  # panoramas and their crops are level
+        place_view(crop, config, fov_deg=90.0, projection="equirectangular", roll_deg=5.0)
 
 
 @pytest.fixture(scope="module")
