@@ -6,7 +6,6 @@ from typing import Annotated, Any, Literal
 
 import anyio
 from fastapi import APIRouter, Depends, Header, Query, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BeforeValidator
@@ -18,7 +17,7 @@ from .schemas import (
     ErrorResponse, Health, LocalizeBatchResponse, LocalizeResponse, Readiness, ReloadResult,
 )
 from .thumbs import ThumbnailError
-from .uploads import UploadError
+from .uploads import UploadError, invalid
 
 STATIC = Path(__file__).resolve().parent / "static"
 
@@ -44,20 +43,16 @@ def _localize_responses(description: str) -> dict[int | str, dict[str, Any]]:
     return {**ok, **errors(400, 408, 413, 415, 422, 503, 504)}
 
 
-def _invalid(name: str, kind: str, msg: str, value: object) -> RequestValidationError:
-    return RequestValidationError([{"type": kind, "loc": ("query", name), "msg": msg, "input": value}])
-
-
 def _lat_lon(near: str) -> tuple[float, float]:
     """near=lat,lon in decimal degrees -> (lat, lon); 422 otherwise."""
     try:
         lat, lon = (float(part) for part in near.split(","))
     except ValueError:
-        raise _invalid("near", "value_error", "near must be 'lat,lon' in decimal degrees, e.g. near=46.51,7.52",
-                       near) from None
+        raise invalid("query", "near", "value_error",
+                      "near must be 'lat,lon' in decimal degrees, e.g. near=46.51,7.52", near) from None
     if not (-90 <= lat <= 90 and -180 <= lon <= 180):  # NaN fails these too
-        raise _invalid("near", "value_error",
-                       f"near: latitude must be in [-90, 90] and longitude in [-180, 180], got {near}", near)
+        raise invalid("query", "near", "value_error",
+                      f"near: latitude must be in [-90, 90] and longitude in [-180, 180], got {near}", near)
     return lat, lon
 
 
@@ -99,7 +94,7 @@ def view_params(
 ) -> localize.ViewParams:
     at = None if near is None else _lat_lon(near)
     if at is not None and radius_m is None:
-        raise _invalid("radius_m", "missing", "radius_m (metres) is required with near", None)
+        raise invalid("query", "radius_m", "missing", "radius_m (metres) is required with near")
     return localize.ViewParams(fov_deg, heading_deg, projection, (pitch_deg, roll_deg), at, radius_m, near_from_exif)
 
 
