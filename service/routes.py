@@ -136,9 +136,7 @@ async def tile_thumbnail(tile_id: str, request: Request, runtime: ReadyRuntime) 
     row = index.row_of.get(tile_id)
     if row is None:
         raise UploadError(404, "unknown_tile", f"no tile {tile_id!r} in the index being served")
-    source = Path(index.sources[row])
-    if not source.is_absolute():
-        source = index.path / source
+    source = index.path / index.sources[row]  # a relative source lies in the artifact; an absolute one stays as is
     try:
         data = await anyio.to_thread.run_sync(request.app.state.thumbnails.get, source)
     except ThumbnailError as exc:

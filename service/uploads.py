@@ -259,11 +259,9 @@ def check_image(upload: UploadedFile, limits: Settings) -> CheckedImage:
                           f"{label} is {width}x{height} (aspect ratio {ratio:.1f}): not a street-level view; "
                           f"photos and panoramas are at most {limits.max_aspect_ratio:g}:1")
     try:
-        width, height = upright_size(img)
-        checked = CheckedImage(upload, img, width, height, *exif_camera(img, label), exif_gps(img))
+        return CheckedImage(upload, img, *upright_size(img), *exif_camera(img, label), exif_gps(img))
     except (ImageDecodeError, OSError, SyntaxError, ValueError):  # broken EXIF: read as if it had none
-        checked = CheckedImage(upload, img, *img.size)
-    return checked
+        return CheckedImage(upload, img, *img.size)
 
 
 PANORAMA_ASPECT = 3.5  # width/height from which an image without a stated field of view is a 360 panorama
