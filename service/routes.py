@@ -31,16 +31,15 @@ _IMAGE_FIELD = {"type": "string", "format": "binary",
                 "description": "A 360° panorama, a crop of one or a photo; JPEG, PNG or WebP."}
 
 
-def _multipart(field: str, many: bool) -> dict[str, Any]:
+def _localize_docs(field: str, many: bool, description: str) -> dict[str, Any]:
+    """A localize route's tag, multipart body (the route reads it itself) and answers (GeoJSON too)."""
     schema = {"type": "array", "items": _IMAGE_FIELD} if many else _IMAGE_FIELD
-    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-        "type": "object", "required": [field], "properties": {field: schema}}}}}}
-
-
-def _localize_responses(description: str) -> dict[int | str, dict[str, Any]]:
-    ok = {200: {"description": description, "content": {localize.GEOJSON: {
-        "schema": {"$ref": "#/components/schemas/FeatureCollection"}}}}}
-    return {**ok, **errors(400, 408, 413, 415, 422, 503, 504)}
+    body = {"required": True, "content": {"multipart/form-data": {"schema": {
+        "type": "object", "required": [field], "properties": {field: schema}}}}}
+    ok = {"description": description, "content": {localize.GEOJSON: {
+        "schema": {"$ref": "#/components/schemas/FeatureCollection"}}}}
+    return {"tags": ["localize"], "openapi_extra": {"requestBody": body},
+            "responses": {200: ok, **errors(400, 408, 413, 415, 422, 503, 504)}}
 
 
 def _lat_lon(near: str) -> tuple[float, float]:
@@ -106,23 +105,17 @@ public = APIRouter()
 admin = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
 
 
-@api.post(
-    "/localize", response_model=LocalizeResponse, tags=["localize"],
-    summary="Top-k aerial tiles for one street-level view (panorama, crop or photo)",
-    openapi_extra=_multipart("image", many=False),
-    responses=_localize_responses("Matches as JSON, or as a GeoJSON FeatureCollection on request."),
-)
+@api.post("/localize", response_model=LocalizeResponse,
+          summary="Top-k aerial tiles for one street-level view (panorama, crop or photo)",
+          **_localize_docs("image", False, "Matches as JSON, or as a GeoJSON FeatureCollection on request."))
 async def localize_one(request: Request, runtime: ReadyRuntime, view: ViewQuery, k: KQuery = 5,
                        accept: AcceptHeader = None) -> Any:
     return await localize.localize(request, runtime, view, k=k, batch=False, accept=accept)
 
 
-@api.post(
-    "/localize/batch", response_model=LocalizeBatchResponse, tags=["localize"],
-    summary="Top-k aerial tiles for each of several views (multipart field `images`)",
-    openapi_extra=_multipart("images", many=True),
-    responses=_localize_responses("One list per image, or one FeatureCollection with an `image` property."),
-)
+@api.post("/localize/batch", response_model=LocalizeBatchResponse,
+          summary="Top-k aerial tiles for each of several views (multipart field `images`)",
+          **_localize_docs("images", True, "One list per image, or one FeatureCollection with an `image` property."))
 async def localize_batch(request: Request, runtime: ReadyRuntime, view: ViewQuery, k: KQuery = 5,
                          accept: AcceptHeader = None) -> Any:
     return await localize.localize(request, runtime, view, k=k, batch=True, accept=accept)
