@@ -177,7 +177,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.runtime = runtime
     app.state.thumbnails = Thumbnails(settings.thumbnail_px, settings.thumbnail_cache)
-    app.state.upload_budget = UploadBudget(settings.max_inflight_upload_bytes, settings.retry_after_s)
+    app.state.upload_budget = UploadBudget(settings.max_inflight_upload_bytes)
     _install_error_handlers(app, settings)
     # Without keys no route checks one: no dependency to solve per request, none in the docs.
     auth = [Depends(require_api_key)] if settings.api_keys else []

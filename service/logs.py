@@ -94,9 +94,7 @@ def configure_logging(level: str = "INFO", json_logs: bool = True) -> None:
     records: queue.SimpleQueue = queue.SimpleQueue()
     writer = logging.StreamHandler(sys.stderr)
     writer.setFormatter(formatter)
-    for handler in list(log.handlers):
-        log.removeHandler(handler)
-    log.addHandler(_ContextQueueHandler(records))
+    log.handlers = [_ContextQueueHandler(records)]
     log.setLevel(level)
     log.propagate = False
     _listener = QueueListener(records, writer)

@@ -7,6 +7,7 @@ directory writable by all of them, and ``GET /metrics`` from any process adds up
 from __future__ import annotations
 
 import os
+from functools import partial
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
@@ -25,51 +26,37 @@ def multiprocess_dir() -> str | None:
 class Metrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry(auto_describe=True)
-        self.requests = Counter(
-            "geoloc_http_requests_total", "HTTP requests by route template, method and status.",
-            ["route", "method", "status"], registry=r)
-        self.request_seconds = Histogram(
-            "geoloc_http_request_duration_seconds", "HTTP request latency by route template.",
-            ["route"], buckets=_LATENCY_BUCKETS, registry=r)
-        stage_seconds = Histogram(
-            "geoloc_stage_duration_seconds",
-            "Per-image latency of each stage: decode, queue, encode, search, total.",
-            ["stage"], buckets=_LATENCY_BUCKETS, registry=r)
+        counter, histogram = partial(Counter, registry=r), partial(Histogram, registry=r, buckets=_LATENCY_BUCKETS)
+        gauge = partial(Gauge, registry=r, multiprocess_mode="livemax")  # several processes: the largest value
+        self.requests = counter("geoloc_http_requests_total", "HTTP requests by route template, method and status.",
+                                ["route", "method", "status"])
+        self.request_seconds = histogram("geoloc_http_request_duration_seconds",
+                                         "HTTP request latency by route template.", ["route"])
+        stage_seconds = histogram("geoloc_stage_duration_seconds",
+                                  "Per-image latency of each stage: decode, queue, encode, search, total.", ["stage"])
         self.stage = {name: stage_seconds.labels(name) for name in STAGES}
-        self.batch_size = Histogram(
-            "geoloc_batch_size", "Images per micro-batch (one forward + one search).",
-            buckets=_BATCH_BUCKETS, registry=r)
-        self.queue_depth = Gauge("geoloc_queue_depth", "Images waiting for an encoder thread.",
-                                 registry=r, multiprocess_mode="livesum")
-        self.queue_capacity = Gauge("geoloc_queue_capacity", "Images that may wait before 503.",
-                                    registry=r, multiprocess_mode="livesum")
-        self.rejected = Counter(
-            "geoloc_rejected_total", "Requests refused before inference, by reason.", ["reason"], registry=r)
-        self.dropped = Counter(
-            "geoloc_dropped_images_total",
-            "Queued images not computed, by reason (client_disconnected, timeout, shutdown).",
-            ["reason"], registry=r)
-        self.images = Counter("geoloc_images_localized_total", "Images encoded and searched.", registry=r)
-        self.index_size = Gauge("geoloc_index_size", "Vectors in the index being served.", registry=r,
-                                multiprocess_mode="livemax")
-        self.index_generation = Gauge(
-            "geoloc_index_generation", "Index swaps since start (1 = the first load).", registry=r,
-            multiprocess_mode="livemax")
-        self.index_info = Gauge(
-            "geoloc_index_info", "The index artifact being served (1; 0 for one served before).",
-            ["model_fingerprint", "built_at", "catalog_sha256", "index_type", "count"],
-            registry=r, multiprocess_mode="livemax")
-        self.model_info = Gauge("geoloc_model_info", "The model being served (1).",
-                                ["fingerprint", "checkpoint", "embedding_dim", "device"],
-                                registry=r, multiprocess_mode="livemax")
-        self.reloads = Counter("geoloc_index_reloads_total", "Index reload attempts by trigger and result.",
-                               ["trigger", "result"], registry=r)
-        self.reload_failed = Gauge(
-            "geoloc_index_reload_failing",
-            "1 while the newest published artifact could not be loaded (old one still served).",
-            registry=r, multiprocess_mode="livemax")
-        self.ready = Gauge("geoloc_ready", "1 when model and index are loaded.", registry=r,
-                           multiprocess_mode="livemin")
+        self.batch_size = histogram("geoloc_batch_size", "Images per micro-batch (one forward + one search).",
+                                    buckets=_BATCH_BUCKETS)
+        self.queue_depth = gauge("geoloc_queue_depth", "Images waiting for an encoder thread.",
+                                 multiprocess_mode="livesum")
+        self.queue_capacity = gauge("geoloc_queue_capacity", "Images that may wait before 503.",
+                                    multiprocess_mode="livesum")
+        self.rejected = counter("geoloc_rejected_total", "Requests refused before inference, by reason.", ["reason"])
+        self.dropped = counter("geoloc_dropped_images_total",
+                               "Queued images not computed, by reason (client_disconnected, timeout, shutdown).",
+                               ["reason"])
+        self.images = counter("geoloc_images_localized_total", "Images encoded and searched.")
+        self.index_size = gauge("geoloc_index_size", "Vectors in the index being served.")
+        self.index_generation = gauge("geoloc_index_generation", "Index swaps since start (1 = the first load).")
+        self.index_info = gauge("geoloc_index_info", "The index artifact being served (1; 0 for one served before).",
+                                ["model_fingerprint", "built_at", "catalog_sha256", "index_type", "count"])
+        self.model_info = gauge("geoloc_model_info", "The model being served (1).",
+                                ["fingerprint", "checkpoint", "embedding_dim", "device"])
+        self.reloads = counter("geoloc_index_reloads_total", "Index reload attempts by trigger and result.",
+                               ["trigger", "result"])
+        self.reload_failed = gauge("geoloc_index_reload_failing",
+                                   "1 while the newest published artifact could not be loaded (old one still served).")
+        self.ready = gauge("geoloc_ready", "1 when model and index are loaded.", multiprocess_mode="livemin")
         self._index_labels: tuple | None = None
 
     def observe_batch(self, images: int, encode_s: float, search_s: float) -> None:

@@ -6,7 +6,6 @@ from typing import Annotated, Any, Literal
 
 import anyio
 from fastapi import APIRouter, Depends, Header, Query, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BeforeValidator
@@ -18,7 +17,7 @@ from .schemas import (
     ErrorResponse, Health, LocalizeBatchResponse, LocalizeResponse, Readiness, ReloadResult,
 )
 from .thumbs import ThumbnailError
-from .uploads import UploadError
+from .uploads import UploadError, invalid
 
 STATIC = Path(__file__).resolve().parent / "static"
 
@@ -32,20 +31,15 @@ _IMAGE_FIELD = {"type": "string", "format": "binary",
                 "description": "A 360° panorama, a crop of one or a photo; JPEG, PNG or WebP."}
 
 
-def _multipart(field: str, many: bool) -> dict[str, Any]:
+def _localize_docs(field: str, many: bool, description: str) -> dict[str, Any]:
+    """A localize route's tag, multipart body (the route reads it itself) and answers (GeoJSON too)."""
     schema = {"type": "array", "items": _IMAGE_FIELD} if many else _IMAGE_FIELD
-    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-        "type": "object", "required": [field], "properties": {field: schema}}}}}}
-
-
-def _localize_responses(description: str) -> dict[int | str, dict[str, Any]]:
-    ok = {200: {"description": description, "content": {localize.GEOJSON: {
-        "schema": {"$ref": "#/components/schemas/FeatureCollection"}}}}}
-    return {**ok, **errors(400, 408, 413, 415, 422, 503, 504)}
-
-
-def _invalid(name: str, kind: str, msg: str, value: object) -> RequestValidationError:
-    return RequestValidationError([{"type": kind, "loc": ("query", name), "msg": msg, "input": value}])
+    body = {"required": True, "content": {"multipart/form-data": {"schema": {
+        "type": "object", "required": [field], "properties": {field: schema}}}}}
+    ok = {"description": description, "content": {localize.GEOJSON: {
+        "schema": {"$ref": "#/components/schemas/FeatureCollection"}}}}
+    return {"tags": ["localize"], "openapi_extra": {"requestBody": body},
+            "responses": {200: ok, **errors(400, 408, 413, 415, 422, 503, 504)}}
 
 
 def _lat_lon(near: str) -> tuple[float, float]:
@@ -53,11 +47,11 @@ def _lat_lon(near: str) -> tuple[float, float]:
     try:
         lat, lon = (float(part) for part in near.split(","))
     except ValueError:
-        raise _invalid("near", "value_error", "near must be 'lat,lon' in decimal degrees, e.g. near=46.51,7.52",
-                       near) from None
+        raise invalid("query", "near", "value_error",
+                      "near must be 'lat,lon' in decimal degrees, e.g. near=46.51,7.52", near) from None
     if not (-90 <= lat <= 90 and -180 <= lon <= 180):  # NaN fails these too
-        raise _invalid("near", "value_error",
-                       f"near: latitude must be in [-90, 90] and longitude in [-180, 180], got {near}", near)
+        raise invalid("query", "near", "value_error",
+                      f"near: latitude must be in [-90, 90] and longitude in [-180, 180], got {near}", near)
     return lat, lon
 
 
@@ -99,7 +93,7 @@ def view_params(
 ) -> localize.ViewParams:
     at = None if near is None else _lat_lon(near)
     if at is not None and radius_m is None:
-        raise _invalid("radius_m", "missing", "radius_m (metres) is required with near", None)
+        raise invalid("query", "radius_m", "missing", "radius_m (metres) is required with near")
     return localize.ViewParams(fov_deg, heading_deg, projection, (pitch_deg, roll_deg), at, radius_m, near_from_exif)
 
 
@@ -111,23 +105,17 @@ public = APIRouter()
 admin = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
 
 
-@api.post(
-    "/localize", response_model=LocalizeResponse, tags=["localize"],
-    summary="Top-k aerial tiles for one street-level view (panorama, crop or photo)",
-    openapi_extra=_multipart("image", many=False),
-    responses=_localize_responses("Matches as JSON, or as a GeoJSON FeatureCollection on request."),
-)
+@api.post("/localize", response_model=LocalizeResponse,
+          summary="Top-k aerial tiles for one street-level view (panorama, crop or photo)",
+          **_localize_docs("image", False, "Matches as JSON, or as a GeoJSON FeatureCollection on request."))
 async def localize_one(request: Request, runtime: ReadyRuntime, view: ViewQuery, k: KQuery = 5,
                        accept: AcceptHeader = None) -> Any:
     return await localize.localize(request, runtime, view, k=k, batch=False, accept=accept)
 
 
-@api.post(
-    "/localize/batch", response_model=LocalizeBatchResponse, tags=["localize"],
-    summary="Top-k aerial tiles for each of several views (multipart field `images`)",
-    openapi_extra=_multipart("images", many=True),
-    responses=_localize_responses("One list per image, or one FeatureCollection with an `image` property."),
-)
+@api.post("/localize/batch", response_model=LocalizeBatchResponse,
+          summary="Top-k aerial tiles for each of several views (multipart field `images`)",
+          **_localize_docs("images", True, "One list per image, or one FeatureCollection with an `image` property."))
 async def localize_batch(request: Request, runtime: ReadyRuntime, view: ViewQuery, k: KQuery = 5,
                          accept: AcceptHeader = None) -> Any:
     return await localize.localize(request, runtime, view, k=k, batch=True, accept=accept)
@@ -141,9 +129,7 @@ async def tile_thumbnail(tile_id: str, request: Request, runtime: ReadyRuntime) 
     row = index.row_of.get(tile_id)
     if row is None:
         raise UploadError(404, "unknown_tile", f"no tile {tile_id!r} in the index being served")
-    source = Path(index.sources[row])
-    if not source.is_absolute():
-        source = index.path / source
+    source = index.path / index.sources[row]  # a relative source lies in the artifact; an absolute one stays as is
     try:
         data = await anyio.to_thread.run_sync(request.app.state.thumbnails.get, source)
     except ThumbnailError as exc:

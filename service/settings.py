@@ -16,18 +16,6 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 DEFAULT_CHECKPOINT = Path("weights/l2ltr_tiny_demo.safetensors")
 
 
-def _split_list(value: object) -> object:
-    """Accept a JSON list (``["a","b"]``) or a comma-separated string (``a,b``) for list settings."""
-    if isinstance(value, str):
-        text = value.strip()
-        if not text:
-            return []
-        if text.startswith("["):
-            return json.loads(text)
-        return [item.strip() for item in text.split(",") if item.strip()]
-    return value
-
-
 class Settings(BaseSettings):
     """All service settings. Environment variable = ``GEOLOC_`` + upper-cased field name."""
 
@@ -114,7 +102,13 @@ class Settings(BaseSettings):
     @field_validator("api_keys", "cors_origins", mode="before")
     @classmethod
     def _lists_from_env(cls, value: object) -> object:
-        return _split_list(value)
+        """A JSON list (``["a","b"]``) or a comma-separated string (``a,b``)."""
+        if not isinstance(value, str):
+            return value
+        text = value.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return [item.strip() for item in text.split(",") if item.strip()]
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -26,6 +26,7 @@ from starlette.requests import Request
 from model.preprocess import ImageDecodeError, exif_camera, exif_gps, image_uint8, upright_size
 from model.views import place_view
 
+from .engine import Overloaded
 from .settings import Settings
 
 
@@ -41,10 +42,9 @@ def _too_large(detail: str) -> UploadError:
     return UploadError(413, "upload_too_large", detail, {"Connection": "close"})
 
 
-def _missing(field_name: str) -> RequestValidationError:
-    """The required file field is absent: FastAPI's usual 422."""
-    return RequestValidationError([{"type": "missing", "loc": ("body", field_name), "msg": "Field required",
-                                    "input": None}])
+def invalid(where: str, name: str, kind: str, msg: str, value: object = None) -> RequestValidationError:
+    """FastAPI's usual 422, for a parameter (``where``: body, query) that the service checks itself."""
+    return RequestValidationError([{"type": kind, "loc": (where, name), "msg": msg, "input": value}])
 
 
 class UploadBudget:
@@ -52,10 +52,9 @@ class UploadBudget:
     body would take it over ``limit`` is refused (503, retry) instead of letting a few large bodies
     grow the process without bound. Used from the event loop only."""
 
-    def __init__(self, limit: int, retry_after_s: int) -> None:
+    def __init__(self, limit: int) -> None:
         self.limit = limit
         self.used = 0
-        self._retry = {"Retry-After": str(retry_after_s)}
 
     @contextlib.contextmanager
     def reservation(self) -> Iterator[Callable[[int], None]]:
@@ -65,8 +64,7 @@ class UploadBudget:
         def take(n: int) -> None:
             nonlocal held
             if self.used + n > self.limit:
-                raise UploadError(503, "overloaded", f"server busy: {self.used} bytes of uploads in progress "
-                                  f"(limit {self.limit}); retry later", self._retry)
+                raise Overloaded(f"{self.used} bytes of uploads in progress (limit {self.limit})")
             self.used += n
             held += n
 
@@ -148,7 +146,7 @@ def _boundary(request: Request, field_name: str, max_body_bytes: int) -> bytes:
     declared = request.headers.get("content-length")
     if not content_type:
         if declared in (None, "0"):
-            raise _missing(field_name)
+            raise invalid("body", field_name, "missing", "Field required")
         raise UploadError(415, "unsupported_media_type", "expected a multipart/form-data body")
     ctype, params = parse_options_header(content_type)
     if ctype != b"multipart/form-data":
@@ -200,7 +198,7 @@ async def read_files(request: Request, *, field_names: tuple[str, ...], max_file
     except FormParserError as exc:  # (MultipartParseError is one)
         raise UploadError(400, "bad_multipart", f"malformed multipart body: {exc}") from None
     if received == 0 or (collector.ended and not collector.files):
-        raise _missing(field_names[0])
+        raise invalid("body", field_names[0], "missing", "Field required")
     if not collector.ended:
         raise UploadError(400, "bad_multipart", "multipart body ended before its final boundary")
     return collector.files
@@ -261,11 +259,9 @@ def check_image(upload: UploadedFile, limits: Settings) -> CheckedImage:
                           f"{label} is {width}x{height} (aspect ratio {ratio:.1f}): not a street-level view; "
                           f"photos and panoramas are at most {limits.max_aspect_ratio:g}:1")
     try:
-        width, height = upright_size(img)
-        checked = CheckedImage(upload, img, width, height, *exif_camera(img, label), exif_gps(img))
+        return CheckedImage(upload, img, *upright_size(img), *exif_camera(img, label), exif_gps(img))
     except (ImageDecodeError, OSError, SyntaxError, ValueError):  # broken EXIF: read as if it had none
-        checked = CheckedImage(upload, img, *img.size)
-    return checked
+        return CheckedImage(upload, img, *img.size)
 
 
 PANORAMA_ASPECT = 3.5  # width/height from which an image without a stated field of view is a 360 panorama
