@@ -78,11 +78,11 @@ def view_params(
         "perspective: a photo (pinhole camera); equirectangular: a panorama or a crop of one. Default: "
         "perspective for a narrow image with a field of view under 360, else equirectangular."))] = None,
     pitch_deg: Annotated[float, Query(ge=-45, le=45, description=(
-        "A photo's camera pitch from its tilt sensors, degrees, up positive (projection=perspective). "
-        "Default 0: level."))] = 0.0,
+        "A photo's camera pitch: the elevation of its optical axis above the horizon, degrees (from the phone's "
+        "orientation sensors; projection=perspective). Default 0: level."))] = 0.0,
     roll_deg: Annotated[float, Query(ge=-45, le=45, description=(
-        "A photo's camera roll, degrees, clockwise as seen from behind the camera (projection=perspective). "
-        "Default 0: level."))] = 0.0,
+        "A photo's camera roll: its turn about the optical axis, degrees, clockwise as seen from behind the "
+        "camera, relative to the upright image (projection=perspective). Default 0: level."))] = 0.0,
     near: Annotated[str | None, Query(description=(
         "'lat,lon' (decimal degrees): search only the tiles within radius_m of this rough position "
         "(e.g. a phone's GPS fix)."))] = None,
@@ -94,7 +94,8 @@ def view_params(
     at = None if near is None else _lat_lon(near)
     if at is not None and radius_m is None:
         raise invalid("query", "radius_m", "missing", "radius_m (metres) is required with near")
-    return localize.ViewParams(fov_deg, heading_deg, projection, (pitch_deg, roll_deg), at, radius_m, near_from_exif)
+    return localize.ViewParams(fov_deg, heading_deg, projection, (pitch_deg + 0.0, roll_deg + 0.0), at, radius_m,
+                               near_from_exif)  # + 0.0: -0 is level too
 
 
 ViewQuery = Annotated[localize.ViewParams, Depends(view_params)]

@@ -821,7 +821,8 @@ def _photo(width: int = 160, height: int = 120, *, hfov: float | None = None, he
 def test_the_field_of_view_and_heading_come_from_parameters_exif_or_the_shape(client, world):
     pano = _post(client, world.pano).json()["view"]
     assert pano == {"fov_deg": 360.0, "projection": "equirectangular", "fov_source": "aspect",
-                    "heading_deg": None, "heading_source": None, "pitch_deg": 0.0, "roll_deg": 0.0}  # no head: no heading
+                    "heading_deg": None, "heading_source": None,  # no orientation head: no heading
+                    "pitch_deg": 0.0, "roll_deg": 0.0}
     exif = _post(client, _photo(hfov=65.0, heading=123.0)).json()["view"]
     assert exif["fov_source"] == "exif" and exif["projection"] == "perspective"
     assert exif["fov_deg"] == pytest.approx(65.0, abs=1.0)  # a whole mm of 35 mm focal length
@@ -842,6 +843,15 @@ def test_the_field_of_view_and_heading_come_from_parameters_exif_or_the_shape(cl
         body = _assert_error(client.post(f"/localize?{query}", files={"image": ("v.jpg", image, "image/jpeg")}),
                              422, "tilt_not_a_photo")  # a panorama or crop is level: the tilt is not dropped silently
         assert "pitch_deg and roll_deg" in body["detail"] and "projection=perspective" in body["detail"]
+    wide_with_lens = ("w.jpg", _photo(256, 64, hfov=65.0, heading=0.0), "image/jpeg")  # 360 by its shape
+    _assert_error(client.post("/localize?pitch_deg=5", files={"image": wide_with_lens}), 422, "tilt_not_a_photo")
+    level = client.post("/localize?pitch_deg=-0&roll_deg=-0.0", files={"image": ("p.jpg", world.pano, "image/jpeg")})
+    assert level.status_code == 200 and str(level.json()["view"]["pitch_deg"]) == "0.0"  # -0 is level, not a tilt
+    photos = [("images", (f"{i}.jpg", _photo(hfov=65.0, heading=10.0 * i), "image/jpeg")) for i in range(2)]
+    items = client.post("/localize/batch?pitch_deg=-7&roll_deg=2", files=photos).json()["items"]
+    assert [(it["view"]["pitch_deg"], it["view"]["roll_deg"]) for it in items] == [(-7.0, 2.0)] * 2
+    mixed = [photos[0], ("images", ("pano.jpg", world.pano, "image/jpeg"))]  # one set of parameters for all
+    _assert_error(client.post("/localize/batch?pitch_deg=-7", files=mixed), 422, "tilt_not_a_photo")
 
 
 def test_a_photo_of_unknown_field_of_view_is_asked_for_it(client):
