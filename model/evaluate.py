@@ -350,11 +350,11 @@ def photo_views(world: Path, records, config, centred: bool, tilt: bool = False)
     panorama frame at the model's ground size: at their true heading (known) or centred on north
     (``centred``: the heading is then searched); level, as a phone that does not send its tilt, or
     (``tilt``) with their cameras' true pitch and roll, as one that does (the API's pitch_deg,
-    roll_deg). Returns (views [N, H, W, 3] uint8, true headings)."""
+    roll_deg), by `place_view` as the service places an upload. Returns (views [N, H, W, 3] uint8,
+    true headings)."""
     import csv
 
-    from .preprocess import load_image, perspective_to_panorama
-    from .views import MEAN_RGB
+    from .views import place_view
 
     with open(world / "cameras.csv", newline="") as fh:
         cameras = {row["id"]: row for row in csv.DictReader(fh)}
@@ -365,12 +365,10 @@ def photo_views(world: Path, records, config, centred: bool, tilt: bool = False)
         if camera is None or camera.get("camera") != "perspective":
             raise ValueError(f"{world / 'cameras.csv'}: no perspective camera for id {record.id!r}")
         headings[i] = float(camera["heading_deg"]) % 360.0
-        photo = load_image(world / "streetview" / f"{record.id}.jpg")
         pitch, roll = (float(camera["pitch_deg"]), float(camera["roll_deg"])) if tilt else (0.0, 0.0)
-        pano, covered = perspective_to_panorama(photo, float(camera["hfov_deg"]), 0.0 if centred else headings[i],
-                                                config.ground_size, pitch, roll)
-        pano[~covered] = MEAN_RGB
-        views[i] = pano
+        views[i], _ = place_view(world / "streetview" / f"{record.id}.jpg", config, fov_deg=float(camera["hfov_deg"]),
+                                 heading_deg=None if centred else headings[i], projection="perspective",
+                                 pitch_deg=pitch, roll_deg=roll)
     return views, headings
 
 
