@@ -78,14 +78,17 @@ class JobResult:
     batch_size: int  # images in the batch
 
 
-def _settle(outcomes: list[tuple[Job, Any, BaseException | None]]) -> None:
-    for job, value, error in outcomes:
+Outcome = tuple[Job, JobResult | BaseException]  # a job and its result, or why it has none
+
+
+def _settle(outcomes: list[Outcome]) -> None:
+    for job, outcome in outcomes:
         if job.future.done():
             continue
-        if error is not None:
-            job.future.set_exception(error)
+        if isinstance(outcome, BaseException):
+            job.future.set_exception(outcome)
         else:
-            job.future.set_result(value)
+            job.future.set_result(outcome)
 
 
 class Engine:
@@ -155,7 +158,7 @@ class Engine:
             self._cond.notify_all()
         for job in left:
             self.metrics.dropped.labels("shutdown").inc(job.n)
-        self._deliver([(job, None, NotReady("shutting down")) for job in left])
+        self._deliver([(job, NotReady("shutting down")) for job in left])
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
@@ -257,7 +260,7 @@ class Engine:
         threads = None
         while (taken := self._take(lead)) is not None:
             jobs, wide = taken
-            outcomes: list[tuple[Job, Any, BaseException | None]] = []
+            outcomes: list[Outcome] = []
             try:
                 want = self.lone_threads if wide else own
                 if want != threads:
@@ -267,7 +270,7 @@ class Engine:
                 outcomes = self._compute(jobs)
             except Exception as exc:  # never lose a worker; its jobs get the error
                 log.exception("inference failed for a batch of %d job(s)", len(jobs))
-                outcomes = [(job, None, exc) for job in jobs]
+                outcomes = [(job, exc) for job in jobs]
             finally:
                 if wide:
                     with self._cond:  # before its answers go out: a client's next request does not wait for it
@@ -280,7 +283,7 @@ class Engine:
                         self._lead_busy = self._lead_busy and not lead
                         self._cond.notify_all()
 
-    def _compute(self, jobs: list[Job]) -> list[tuple[Job, Any, BaseException | None]]:
+    def _compute(self, jobs: list[Job]) -> list[Outcome]:
         """Decode, encode and search a micro-batch; its jobs' outcomes (a job whose upload fails to
         decode is answered at once)."""
         index = self.index  # read once: the whole batch is answered by this generation
@@ -297,7 +300,7 @@ class Engine:
                 seen.append(job_seen)
                 live.append(job)
             except Exception as exc:  # a bad upload fails its own job, not the batch
-                failed.append((job, None, exc))
+                failed.append((job, exc))
             decode_ms[job] = (time.perf_counter() - t0) * 1000.0
         self._deliver(failed)
         if not live:
@@ -316,15 +319,12 @@ class Engine:
         for job in live:
             mine, row = answers[row:row + job.n], row + job.n
             error = next((a for a in mine if isinstance(a, Exception)), None)  # an image's error: its job's alone
-            if error is not None:
-                outcomes.append((job, None, error))
-                continue
-            outcomes.append((job, JobResult(mine, index, decode_ms[job], (started - job.enqueued) * 1000.0,
-                                            encode_ms, search_ms, n), None))
+            outcomes.append((job, error if error is not None else JobResult(
+                mine, index, decode_ms[job], (started - job.enqueued) * 1000.0, encode_ms, search_ms, n)))
         return outcomes
 
     @staticmethod
-    def _deliver(outcomes: list[tuple[Job, Any, BaseException | None]]) -> None:
+    def _deliver(outcomes: list[Outcome]) -> None:
         """Settle jobs' futures with one call into the event loop they came from (the app's one loop)."""
         if outcomes:
             with contextlib.suppress(RuntimeError):  # the event loop is closed: nobody is waiting any more
