@@ -125,8 +125,8 @@ class ServedIndex:
         answers: list[Answer | Exception] = []
         for i, prior in enumerate(near):
             try:
-                answers.append(self._answer_one(vectors[i], None if columns is None else columns[i], seen[i],
-                                                hits.get(i), prior, ks[i], looked_at[i]))
+                answers.append(self._answer_one(vectors[i], columns[i] if oriented else None, seen[i], hits.get(i),
+                                                prior, ks[i], looked_at[i]))
             except Exception as exc:
                 answers.append(exc)
         return answers
@@ -142,7 +142,7 @@ class ServedIndex:
         scores, rows = hit  # type: ignore[misc]
         found = rows >= 0
         scores, rows = scores[found], rows[found]
-        if columns is not None and self.orientation is not None and len(rows):
+        if columns is not None and len(rows):  # columns: given where the index has orientation features too
             ranked = rerank(scores, columns, self.orientation[rows].astype(np.float32), seen)
             scores, rows = ranked.scores.astype(np.float32), rows[ranked.order]
             headings = [float(h) for h in ranked.headings[:k]]
