@@ -38,13 +38,10 @@ def _unauthorized(detail: str, scheme: str) -> HTTPException:
 
 
 async def require_api_key(request: Request, key: Annotated[str | None, Security(api_key_header)] = None) -> None:
-    secrets = request.app.state.settings.api_keys
-    if not secrets:
-        return
     if key is None:
         raise _unauthorized("missing X-API-Key header", "ApiKey")
     # Compare against every key (no early exit) so timing does not reveal which one matched.
-    if not any([_matches(key, secret) for secret in secrets]):
+    if not any([_matches(key, secret) for secret in request.app.state.settings.api_keys]):
         raise _unauthorized("invalid API key", "ApiKey")
 
 
@@ -54,7 +51,7 @@ async def require_admin(
     token = request.app.state.settings.admin_token
     if token is None:
         raise HTTPException(status.HTTP_403_FORBIDDEN, "admin endpoints are disabled (GEOLOC_ADMIN_TOKEN is not set)")
-    if credentials is None or credentials.scheme.lower() != "bearer":
+    if credentials is None:  # no Authorization header, or one of another scheme than Bearer
         raise _unauthorized("missing admin bearer token", "Bearer")
     if not _matches(credentials.credentials, token):
         raise _unauthorized("invalid admin token", "Bearer")
