@@ -4,7 +4,6 @@ the answer (JSON / GeoJSON)."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from functools import partial
 
 from fastapi import Request, Response
@@ -17,7 +16,7 @@ from .schemas import (
     BatchItem, Confidence, Feature, FeatureCollection, IndexInfo, LocalizeBatchResponse, LocalizeResponse, ModelInfo,
     NearInfo, PointGeometry, Position, Timing, ViewInfo,
 )
-from .uploads import CheckedImage, ViewSpec, check_image, decode_uploads, read_files, view_spec
+from .uploads import CheckedImage, ViewParams, check_image, decode_uploads, read_files, view_spec
 
 GEOJSON = "application/geo+json"
 EXIF_RADIUS_M = 500.0  # the prior's radius when near_from_exif is given without radius_m
@@ -27,19 +26,6 @@ async def _wait_for_disconnect(request: Request) -> None:
     """Return when the client has gone away (the body was read in full before this runs)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
-
-
-@dataclass(frozen=True)
-class ViewParams:
-    """What the request says about its images (query parameters); EXIF and shape fill the rest."""
-
-    fov_deg: float | None = None
-    heading_deg: float | None = None
-    projection: str | None = None
-    tilt: tuple[float, float] = (0.0, 0.0)  # a photo's camera pitch, roll (degrees); panoramas are level
-    near: tuple[float, float] | None = None  # lat, lon: search only within radius_m of it
-    radius_m: float | None = None
-    near_from_exif: bool = False  # where `near` is not given: the photo's EXIF GPS position, if any
 
 
 async def localize(request: Request, runtime: Runtime, params: ViewParams, *, k: int, batch: bool,
@@ -57,8 +43,7 @@ async def localize(request: Request, runtime: Runtime, params: ViewParams, *, k:
             max_body_bytes=s.max_batch_body_bytes if batch else s.max_body_bytes,
             read_timeout_s=s.read_timeout_s, take=take)
         images = [check_image(upload, s) for upload in files]  # bad uploads are refused before they queue
-        specs = [view_spec(image, params.fov_deg, params.heading_deg, params.projection, params.tilt)
-                 for image in images]
+        specs = [view_spec(image, params) for image in images]
         near = [_prior(image, params) for image in images]
         result = await engine.localize(partial(decode_uploads, images, specs, s.max_pixels, model.config),
                                        n=len(images), k=k, disconnected=partial(_wait_for_disconnect, request),
@@ -91,7 +76,7 @@ def _timing(runtime: Runtime, result: JobResult, started: float) -> Timing:
                   encode=round(result.encode_ms, 3), search=round(result.search_ms, 3), total=round(total_ms, 3))
 
 
-def _described(answer: Answer, spec: ViewSpec, ambiguity_margin: float, prior: Near | None) -> dict:
+def _described(answer: Answer, spec: ViewInfo, ambiguity_margin: float, prior: Near | None) -> dict:
     """An image's matches with absolute headings, how it was read, and how sure the answer is. A
     view placed at a known heading is aligned with north: the orientation head's estimate is then a
     correction of that heading."""
@@ -99,11 +84,9 @@ def _described(answer: Answer, spec: ViewSpec, ambiguity_margin: float, prior: N
     matches = [m if m.heading_deg is None else m.model_copy(update={"heading_deg": round(placed + m.heading_deg, 1)
                                                                                           % 360.0})
                for m in answer.matches]
-    estimated = matches[0].heading_deg if matches else None
-    view = ViewInfo(fov_deg=round(spec.fov_deg, 2), projection=spec.projection, fov_source=spec.fov_source,
-                    pitch_deg=spec.tilt[0], roll_deg=spec.tilt[1],
-                    heading_deg=spec.heading_deg if spec.heading_deg is not None else estimated,
-                    heading_source=spec.heading_source or ("estimated" if estimated is not None else None))
+    view = spec.model_copy(update={"fov_deg": round(spec.fov_deg, 2)})  # (the view was placed with the exact one)
+    if spec.heading_deg is None and matches and matches[0].heading_deg is not None:
+        view.heading_deg, view.heading_source = matches[0].heading_deg, "estimated"
     confidence = Confidence(margin=None if answer.margin is None else round(answer.margin, 4),
                             ambiguous=answer.margin is not None and answer.margin < ambiguity_margin,
                             competitor_tile_id=answer.competitor, distinct_m=DISTINCT_M)

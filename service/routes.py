@@ -17,7 +17,7 @@ from .schemas import (
     ErrorResponse, Health, LocalizeBatchResponse, LocalizeResponse, Readiness, ReloadResult,
 )
 from .thumbs import ThumbnailError
-from .uploads import UploadError, invalid
+from .uploads import UploadError, ViewParams, invalid
 
 STATIC = Path(__file__).resolve().parent / "static"
 
@@ -90,15 +90,15 @@ def view_params(
         "Radius of the near restriction, metres; required with near. With near_from_exif alone: default 500."))] = None,
     near_from_exif: Annotated[bool, Query(description=(
         "Where near is not given: restrict to radius_m around each photo's EXIF GPS position, when it has one."))] = False,
-) -> localize.ViewParams:
+) -> ViewParams:
     at = None if near is None else _lat_lon(near)
     if at is not None and radius_m is None:
         raise invalid("query", "radius_m", "missing", "radius_m (metres) is required with near")
-    return localize.ViewParams(fov_deg, heading_deg, projection, (pitch_deg + 0.0, roll_deg + 0.0), at, radius_m,
+    return ViewParams(fov_deg, heading_deg, projection, (pitch_deg + 0.0, roll_deg + 0.0), at, radius_m,
                                near_from_exif)  # + 0.0: -0 is level too
 
 
-ViewQuery = Annotated[localize.ViewParams, Depends(view_params)]
+ViewQuery = Annotated[ViewParams, Depends(view_params)]
 
 # create_app adds the API-key check (and its 401) to `api` and `admin` where keys are configured
 api = APIRouter()

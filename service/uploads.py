@@ -27,6 +27,7 @@ from model.preprocess import ImageDecodeError, exif_camera, exif_gps, image_uint
 from model.views import place_view
 
 from .engine import Overloaded
+from .schemas import ViewInfo
 from .settings import Settings
 
 
@@ -206,10 +207,7 @@ async def read_files(request: Request, *, field_names: tuple[str, ...], max_file
 
 # --- image checks ------------------------------------------------------------------------------
 
-_DECLARED_OK = {
-    None, "", "image/jpeg", "image/jpg", "image/pjpeg", "image/png", "image/webp",
-    "application/octet-stream",
-}
+_UNTYPED = {None, "", "application/octet-stream"}  # declared types accepted besides image/*
 _SUPPORTED = ("JPEG", "MPO", "PNG", "WEBP")  # MPO: a phone's JPEG with extra frames (the first is read)
 
 
@@ -233,7 +231,7 @@ def check_image(upload: UploadedFile, limits: Settings) -> CheckedImage:
     data = upload.data
     if not data:
         raise UploadError(400, "empty_upload", f"{label} is empty")
-    if upload.content_type not in _DECLARED_OK and not upload.content_type.startswith("image/"):
+    if upload.content_type not in _UNTYPED and not upload.content_type.startswith("image/"):
         raise UploadError(415, "unsupported_media_type",
                           f"{label} has type {upload.content_type}; send JPEG, PNG or WebP")
     if data[4:8] == b"ftyp":  # HEIF (a phone's HEIC photo) or AVIF: named, as Pillow reads neither
@@ -269,25 +267,26 @@ MIN_FOV_DEG = 20.0  # narrower views cover less than one 16-pixel token column o
 
 
 @dataclass(frozen=True)
-class ViewSpec:
-    """How one upload is read (service.schemas.ViewInfo says the same to the client)."""
+class ViewParams:
+    """What the request says about its images (query parameters); EXIF and shape fill the rest."""
 
-    fov_deg: float
-    projection: str  # model.views.PROJECTIONS
-    fov_source: str  # parameter | exif | aspect
-    heading_deg: float | None  # where it is placed; None: centred on north, the heading is searched
-    heading_source: str | None  # parameter | exif
-    tilt: tuple[float, float] = (0.0, 0.0)  # a photo's camera pitch, roll (degrees)
+    fov_deg: float | None = None
+    heading_deg: float | None = None
+    projection: str | None = None
+    tilt: tuple[float, float] = (0.0, 0.0)  # a photo's camera pitch, roll (degrees); panoramas are level
+    near: tuple[float, float] | None = None  # lat, lon: search only within radius_m of it
+    radius_m: float | None = None
+    near_from_exif: bool = False  # where `near` is not given: the photo's EXIF GPS position, if any
 
 
-def view_spec(image: CheckedImage, fov_deg: float | None, heading_deg: float | None,
-              projection: str | None, tilt: tuple[float, float] = (0.0, 0.0)) -> ViewSpec:
+def view_spec(image: CheckedImage, params: ViewParams) -> ViewInfo:
     """The field of view, projection, heading and tilt of an upload that passed `check_image`: the
     request's parameters first, then the photo's EXIF (FocalLengthIn35mmFilm, GPSImgDirection), then
-    its shape (a wide image is a 360 degree panorama). Without any: 422 naming the parameter to send."""
+    its shape (a wide image is a 360 degree panorama). Without any: 422 naming the parameter to send.
+    A heading of None: the view is placed centred on north and its heading is searched."""
     width, height, wide = image.width, image.height, image.width >= PANORAMA_ASPECT * image.height
-    if fov_deg is not None:
-        fov, fov_source = fov_deg, "parameter"
+    if params.fov_deg is not None:
+        fov, fov_source = params.fov_deg, "parameter"
     elif wide:  # before EXIF: a phone's panorama still names its lens
         fov, fov_source = 360.0, "aspect"
     elif image.exif_fov is not None:
@@ -298,25 +297,26 @@ def view_spec(image: CheckedImage, fov_deg: float | None, heading_deg: float | N
             f"{image.upload.label} is {width}x{height} (aspect {width / height:.2f}): not a 360 degree panorama "
             f"(aspect {PANORAMA_ASPECT:g}:1 or wider) and its EXIF states no focal length; send its horizontal "
             "field of view as the parameter fov_deg (e.g. fov_deg=65 for a phone's main camera)")
-    if projection is None:
-        projection = "perspective" if fov_source == "exif" or (fov < 360 and not wide) else "equirectangular"
+    projection = params.projection or (
+        "perspective" if fov_source == "exif" or (fov < 360 and not wide) else "equirectangular")
     if fov < MIN_FOV_DEG or (projection == "perspective" and fov >= 180):
         raise UploadError(
             422, "bad_field_of_view",
             f"{image.upload.label}: a field of view of {fov:g} degrees ({fov_source}) can not be read: a view must span "
             f"at least {MIN_FOV_DEG:g} degrees, a photo (projection=perspective) less than 180; send fov_deg, or "
             "projection=equirectangular for a wider panorama crop")
-    if projection != "perspective" and tilt != (0.0, 0.0):
+    if projection != "perspective" and params.tilt != (0.0, 0.0):
         raise UploadError(
             422, "tilt_not_a_photo",
             f"{image.upload.label} is read as an equirectangular {'panorama' if fov >= 360 else 'crop'}, which is "
             "level: pitch_deg and roll_deg describe a photo's camera (projection=perspective)")
-    heading, heading_source = ((heading_deg, "parameter") if heading_deg is not None else
+    heading, heading_source = ((params.heading_deg, "parameter") if params.heading_deg is not None else
                                (image.exif_heading, "exif") if image.exif_heading is not None else (None, None))
-    return ViewSpec(fov, projection, fov_source, heading, heading_source, tilt)
+    return ViewInfo(fov_deg=fov, projection=projection, fov_source=fov_source, heading_deg=heading,
+                    heading_source=heading_source, pitch_deg=params.tilt[0], roll_deg=params.tilt[1])
 
 
-def decode_uploads(images: list[CheckedImage], specs: list[ViewSpec], max_pixels: int,
+def decode_uploads(images: list[CheckedImage], specs: list[ViewInfo], max_pixels: int,
                    config) -> tuple[torch.Tensor, np.ndarray]:
     """Images that passed `check_image` -> ([n, 3, H, W] uint8 in the ground branch's panorama frame,
     [n, W] bool: the pixel columns each covers) (an encoder thread calls this right before its
@@ -325,7 +325,7 @@ def decode_uploads(images: list[CheckedImage], specs: list[ViewSpec], max_pixels
     for image, spec in zip(images, specs):
         try:
             view, covered = place_view(image.image, config, fov_deg=spec.fov_deg, heading_deg=spec.heading_deg,
-                                       projection=spec.projection, pitch_deg=spec.tilt[0], roll_deg=spec.tilt[1],
+                                       projection=spec.projection, pitch_deg=spec.pitch_deg, roll_deg=spec.roll_deg,
                                        name=f"image {image.upload.index}", max_pixels=max_pixels)
         except ImageDecodeError as exc:
             raise UploadError(400, "undecodable_image", str(exc)) from None
