@@ -142,22 +142,17 @@ class Settings(BaseSettings):
         return self.max_batch_images * self.max_body_bytes
 
 
-def settings_error(exc: ValidationError) -> str:
-    """One line naming each GEOLOC_* variable that is wrong and why."""
-    parts = []
-    for error in exc.errors():
-        field = str(error["loc"][0]) if error["loc"] else None  # none: a check across several variables
-        shown = field not in (None, "api_keys", "admin_token") and isinstance(error["input"], str)  # no secrets
-        parts.append((f"GEOLOC_{field.upper()}: " if field else "") + error["msg"].removeprefix("Value error, ")
-                     + (f" (got {error['input']!r})" if shown else ""))
-    return "invalid settings: " + "; ".join(parts)
-
-
 def settings_or_exit(prog: str) -> Settings:
     """Settings from the environment; a wrong GEOLOC_* variable ends the process (status 2) with one
-    line naming it, not a traceback (also under a bare uvicorn)."""
+    line naming each wrong variable and why, not a traceback (also under a bare uvicorn)."""
     try:
         return Settings()
     except ValidationError as exc:
-        print(f"{prog}: {settings_error(exc)}", file=sys.stderr)
+        parts = []
+        for error in exc.errors():
+            field = str(error["loc"][0]) if error["loc"] else None  # none: a check across several variables
+            shown = field not in (None, "api_keys", "admin_token") and isinstance(error["input"], str)  # no secrets
+            parts.append((f"GEOLOC_{field.upper()}: " if field else "") + error["msg"].removeprefix("Value error, ")
+                         + (f" (got {error['input']!r})" if shown else ""))
+        print(f"{prog}: invalid settings: {'; '.join(parts)}", file=sys.stderr)
         raise SystemExit(2) from None
