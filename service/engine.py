@@ -130,7 +130,7 @@ class Engine:
     @index.setter
     def index(self, new: ServedIndex) -> None:
         self._index = new  # one reference assignment: batches read it once each
-        self.metrics.set_index(new)
+        self.metrics.set_index(new.info)
 
     @property
     def depth(self) -> int:

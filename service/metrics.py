@@ -72,10 +72,9 @@ class Metrics:
             self.stage["queue"].observe(queue_s)
             self.stage["total"].observe(total_s)
 
-    def set_index(self, index) -> None:
-        """``index``: a ServedIndex. The previous one's info series drops to 0 (a multiprocess
-        file can not forget a series)."""
-        info = index.info
+    def set_index(self, info) -> None:
+        """``info``: the IndexInfo of the index now served. The previous one's info series drops to 0
+        (a multiprocess file can not forget a series)."""
         if self._index_labels is not None:
             self.index_info.labels(*self._index_labels).set(0)
         self._index_labels = (info.model_fingerprint, info.built_at, info.catalog_sha256 or "",
