@@ -45,7 +45,7 @@ async def localize(request: Request, runtime: Runtime, params: ViewParams, *, k:
         images = [check_image(upload, s) for upload in files]  # bad uploads are refused before they queue
         specs = [view_spec(image, params) for image in images]
         near = [_prior(image, params) for image in images]
-        result = await engine.localize(partial(decode_uploads, images, specs, s.max_pixels, model.config),
+        result = await engine.localize(partial(decode_uploads, images, specs, s.max_pixels, model.encoder.config),
                                        n=len(images), k=k, disconnected=partial(_wait_for_disconnect, request),
                                        near=near)
     described = [_described(answer, spec, s.ambiguity_margin, prior)

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from model import load_checkpoint
-from model.config import L2LTRConfig
 from model.encode import available_cpus, pick_device
 from model.inference import InferenceEncoder
 
@@ -38,8 +37,7 @@ class ReloadFailed(Exception):
 
 @dataclass(frozen=True)
 class LoadedModel:
-    encoder: InferenceEncoder
-    config: L2LTRConfig
+    encoder: InferenceEncoder  # .config: the model's L2LTRConfig
     info: ModelInfo  # what every answer says about it
 
 
@@ -66,7 +64,7 @@ def load_model(settings: Settings) -> LoadedModel:
     net = load_checkpoint(checkpoint)
     info = ModelInfo(fingerprint=net.fingerprint(), checkpoint=checkpoint.name, embedding_dim=net.embedding_dim,
                      device=str(device), ground_size=tuple(net.config.ground_size))
-    return LoadedModel(InferenceEncoder(net, device, branches=("ground",)), net.config, info)
+    return LoadedModel(InferenceEncoder(net, device, branches=("ground",)), info)
 
 
 class Runtime:
