@@ -148,9 +148,8 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     return app.openapi_schema
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings) -> FastAPI:
     """Build the app. Model and index load in the background when the lifespan starts."""
-    settings = settings or Settings()
     configure_logging(settings.log_level, settings.json_logs)
     metrics = Metrics()
     runtime = Runtime(settings, metrics)
