@@ -119,6 +119,8 @@ def main(argv=None) -> int:
     p.add_argument("--cache", type=Path, default=REPO / "runs/rerank/cache")
     p.add_argument("--out", type=Path, help="write the grid as JSON here")
     args = p.parse_args(argv)
+    if 0.0 not in args.weights:  # the gains are relative to R@1 without the re-rank
+        args.weights = [0.0, *args.weights]
 
     t0 = time.perf_counter()
     feats = encode_cases(args.checkpoint, args.data, args.split, args.limit, args.fov, args.modes, args.seed,

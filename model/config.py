@@ -51,6 +51,10 @@ class L2LTRConfig:
     test_time_flip: bool = False
     # Width of the orientation head's column features (model.orientation); 0: no head.
     orientation_dim: int = 0
+    # The head reads each token column row by row (the rows' tokens side by side) instead of their mean.
+    orientation_rows: bool = False
+    # Width of the head's hidden layer (GELU); 0: one linear map per branch.
+    orientation_hidden: int = 0
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
@@ -70,8 +74,9 @@ class L2LTRConfig:
             raise ConfigError(
                 f"resnet_width_factor {self.resnet_width_factor} gives stem width {self.stem_width}; "
                 "GroupNorm(32) needs a multiple of 32")
-        if self.orientation_dim < 0:
-            raise ConfigError(f"orientation_dim must be >= 0, got {self.orientation_dim}")
+        for name in ("orientation_dim", "orientation_hidden"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")

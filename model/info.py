@@ -49,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"inputs       ground {cfg['ground_size']}, aerial {cfg['aerial_size']} (polar {cfg['polar']}, "
           f"intermediate {cfg['polar_intermediate']})")
     print(f"descriptor   {info['embedding_dim']}-d unit vector, test-time flip {'on' if cfg['test_time_flip'] else 'off'}")
+    if cfg["orientation_dim"]:
+        reads = "each column's token rows side by side" if cfg["orientation_rows"] else "each column's mean token"
+        kind = f"a {cfg['orientation_hidden']}-wide GELU layer" if cfg["orientation_hidden"] else "linear"
+        print(f"orientation  {cfg['orientation_dim']}-d column features from {reads}, {kind}")
     print(f"parameters   ground {n['ground']:,}, aerial {n['aerial']:,}, total {n['total']:,}")
     print(f"provenance   {json.dumps(info['provenance'], sort_keys=True)}")
     return 0

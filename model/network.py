@@ -231,7 +231,7 @@ class L2LTR(nn.Module):
         if config.orientation_dim:  # after reset_parameters: the head has its own initialisation
             from .orientation import OrientationHead
 
-            self.orientation = OrientationHead(config.hidden_size, config.orientation_dim)
+            self.orientation = OrientationHead.for_config(config)
 
     @property
     def embedding_dim(self) -> int:
@@ -294,7 +294,8 @@ def describe(branch, x: torch.Tensor, test_time_flip: bool = False) -> torch.Ten
 
 
 # Config fields added after fingerprints were published: at their default they leave the hash as it was.
-FINGERPRINT_NEUTRAL_DEFAULTS = {"test_time_flip": False, "orientation_dim": 0}
+FINGERPRINT_NEUTRAL_DEFAULTS = {"test_time_flip": False, "orientation_dim": 0, "orientation_rows": False,
+                                "orientation_hidden": 0}
 
 
 def state_fingerprint(config: L2LTRConfig, state: dict[str, torch.Tensor]) -> str:

@@ -3,11 +3,12 @@
 Trained with views turned to every heading, L2LTR's descriptors became nearly invariant to the
 heading (a panorama turned by 90 degrees gets almost the same descriptor), which is what lets a
 view of unknown heading be matched at all, but which also means a descriptor can not say the
-heading. The token grids under the descriptors still can: a small head projects each branch's
-final patch tokens, averaged over the rows, to one unit feature per column (an azimuth sector of
-360/W degrees), and the heading is the circular shift that best aligns the view's columns with the
-tile's (`shift_scores`), refined between columns (`model.views.refine_heading`). Only the columns
-a limited field of view saw take part.
+heading. The token grids under the descriptors still can: a small head maps each branch's final
+patch tokens of one column (averaged over the rows, or with ``orientation_rows`` the rows side by
+side: a panorama's rows are elevations, a polar tile's distances from the camera) to one unit
+feature per column (an azimuth sector of 360/W degrees), and the heading is the circular shift that
+best aligns the view's columns with the tile's (`shift_scores`), refined between columns
+(`model.views.refine_heading`). Only the columns a limited field of view saw take part.
 
     python -m model.orientation --checkpoint weights/l2ltr_tiny_demo.safetensors --data data/train_world_l \\
         --out runs/orientation/tiny_orientation.safetensors
@@ -17,6 +18,7 @@ trains the head on the frozen network (minutes on a CPU) and writes the checkpoi
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -30,26 +32,45 @@ from torch import nn
 from .views import fov_columns
 
 
-class OrientationHead(nn.Module):
-    """Per-branch linear maps from final patch tokens to column features."""
+def _column_map(inputs: int, dim: int, hidden: int) -> nn.Module:
+    if not hidden:
+        return nn.Linear(inputs, dim)
+    return nn.Sequential(nn.Linear(inputs, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
-    def __init__(self, hidden_size: int, dim: int = 64) -> None:
+
+class OrientationHead(nn.Module):
+    """Per-branch maps (linear, or with ``hidden`` one GELU layer) from a column's final patch
+    tokens (their mean over the rows; with ``rows`` = the grids' row counts (ground, aerial), the rows
+    side by side) to a unit column feature of width ``dim``."""
+
+    def __init__(self, hidden_size: int, dim: int = 64, rows: tuple[int, int] | None = None, hidden: int = 0) -> None:
         super().__init__()
-        self.ground = nn.Linear(hidden_size, dim)
-        self.aerial = nn.Linear(hidden_size, dim)
+        self.rows = rows
+        ground_rows, aerial_rows = rows or (1, 1)
+        self.ground = _column_map(hidden_size * ground_rows, dim, hidden)
+        self.aerial = _column_map(hidden_size * aerial_rows, dim, hidden)
+
+    @classmethod
+    def for_config(cls, config) -> "OrientationHead":
+        rows = (config.grid("ground")[0], config.grid("aerial")[0]) if config.orientation_rows else None
+        return cls(config.hidden_size, config.orientation_dim, rows, config.orientation_hidden)
 
     def columns(self, tokens: torch.Tensor, grid: tuple[int, int], branch: str) -> torch.Tensor:
         """Final-layer tokens [B, 1 + Hg*Wg, D] of ``branch`` -> unit column features [B, Wg, C]."""
-        return self.project(column_tokens(tokens, grid), branch)
+        return self.project(column_tokens(tokens, grid, self.rows is not None), branch)
 
     def project(self, columns: torch.Tensor, branch: str) -> torch.Tensor:
-        """Row-averaged tokens [B, Wg, D] -> unit column features [B, Wg, C]."""
+        """`column_tokens` [B, Wg, D or Hg*D] -> unit column features [B, Wg, C]."""
         return F.normalize(getattr(self, branch)(columns), dim=-1)
 
 
-def column_tokens(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """Final-layer tokens [B, 1 + Hg*Wg, D] -> the patch tokens averaged over the rows [B, Wg, D]."""
-    return tokens[:, 1:].reshape(tokens.shape[0], grid[0], grid[1], tokens.shape[-1]).mean(dim=1)
+def column_tokens(tokens: torch.Tensor, grid: tuple[int, int], rows: bool = False) -> torch.Tensor:
+    """Final-layer tokens [B, 1 + Hg*Wg, D] -> each column's patch tokens averaged over the rows
+    [B, Wg, D], or (``rows``) its rows side by side, top row first [B, Wg, Hg*D]."""
+    grid_tokens = tokens[:, 1:].reshape(tokens.shape[0], grid[0], grid[1], tokens.shape[-1])
+    if not rows:
+        return grid_tokens.mean(dim=1)
+    return grid_tokens.permute(0, 2, 1, 3).reshape(tokens.shape[0], grid[1], grid[0] * tokens.shape[-1])
 
 
 def shift_scores(ground: torch.Tensor | np.ndarray, aerial: torch.Tensor | np.ndarray,
@@ -150,8 +171,9 @@ def rerank(scores: np.ndarray, view_columns: np.ndarray, tile_columns: np.ndarra
 
 # --------------------------------------------------------------------------- training
 
-def _column_features(model, branch: str, views: np.ndarray, batch_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """The frozen branch's final tokens of uint8 views [N, H, W, 3], averaged over rows [N, Wg, D], and
+def _column_features(model, branch: str, views: np.ndarray, rows: bool,
+                     batch_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frozen branch's final tokens of uint8 views [N, H, W, 3] by column (`column_tokens`) and
     the views' descriptors (unit class tokens) [N, D]."""
     from .preprocess import normalize_uint8_batch
 
@@ -161,7 +183,7 @@ def _column_features(model, branch: str, views: np.ndarray, batch_size: int = 12
     with torch.inference_mode():
         for s in range(0, len(views), batch_size):
             tokens = transformer(normalize_uint8_batch(views[s:s + batch_size]))
-            columns.append(column_tokens(tokens, grid))
+            columns.append(column_tokens(tokens, grid, rows))
             descriptors.append(F.normalize(tokens[:, 0].float(), dim=-1))
     return torch.cat(columns), torch.cat(descriptors)
 
@@ -178,7 +200,8 @@ def train_orientation(checkpoint: Path, data: Path, out: Path, *, pairs: int = 4
                       steps: int = 800, batch_size: int = 64, lr: float = 3e-3, seed: int = 0, workers: int = 2,
                       dataset: str = "synthetic", split: str = "train", holdout: float = 0.1,
                       retrieval: float = 0.0, negatives: int = 3, neighbours: int = 20, photo_share: float = 0.0,
-                      photo_fov_range: tuple[float, float] = (60.0, 100.0)) -> dict:
+                      photo_fov_range: tuple[float, float] = (60.0, 100.0), rows: bool = False, hidden: int = 0,
+                      schedule: str = "constant") -> dict:
     """Train an orientation head on the frozen network of ``checkpoint`` with ``pairs`` pairs of
     ``data``, each panorama turned to ``rotations`` random headings (a share ``fov_augment`` of them
     cut to a random field of view); write the network with the head to ``out``.
@@ -188,7 +211,11 @@ def train_orientation(checkpoint: Path, data: Path, out: Path, *, pairs: int = 4
     best alignment (over the shifts) with its tile against that with ``negatives`` tiles drawn from
     its ``neighbours`` nearest by descriptor (and the batch's other tiles), a cross-entropy weighted
     ``retrieval``. A share ``photo_share`` of the cut views is a level 4:3 photo's outline instead
-    (`model.views.limit_photo`, its horizontal field from ``photo_fov_range``), as a phone photo is placed."""
+    (`model.views.limit_photo`, its horizontal field from ``photo_fov_range``), as a phone photo is placed.
+    ``rows`` and ``hidden``: the head's kind (`OrientationHead`); ``schedule``: the learning rate stays
+    at ``lr`` (constant) or decays to 0 over the steps (cosine)."""
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"schedule must be constant or cosine, got {schedule!r}")
     from .checkpoint import load_checkpoint, save_checkpoint
     from .train import load_pair_arrays, read_records
     from .views import angle_difference, limit_fov, limit_photo, refine_heading, rotate_view
@@ -196,6 +223,7 @@ def train_orientation(checkpoint: Path, data: Path, out: Path, *, pairs: int = 4
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     net = load_checkpoint(checkpoint).eval()
+    config = net.config.replace(orientation_dim=dim, orientation_rows=rows, orientation_hidden=hidden)
     records = read_records(dataset, data, split)
     records = [records[i] for i in np.sort(rng.permutation(len(records))[:pairs])]
     arrays = load_pair_arrays(records, net.config, "preprocess", workers=workers)
@@ -212,13 +240,13 @@ def train_orientation(checkpoint: Path, data: Path, out: Path, *, pairs: int = 4
         return limit_photo(view, fovs[i, r]) if photo[i, r] else limit_fov(view, fovs[i, r])
 
     t0 = time.perf_counter()
-    aerial, aerial_descriptors = _column_features(net, "aerial", arrays.aerial)
-    turned = [_column_features(net, "ground", np.stack([cut(i, r) for i in range(n)])) for r in range(rotations)]
+    aerial, aerial_descriptors = _column_features(net, "aerial", arrays.aerial, rows)
+    turned = [_column_features(net, "ground", np.stack([cut(i, r) for i in range(n)]), rows) for r in range(rotations)]
     ground = torch.stack([t[0] for t in turned], dim=1)  # [N, R, Wg, D]
     ground_descriptors = torch.stack([t[1] for t in turned], dim=1)  # [N, R, D]
     valid = torch.as_tensor(np.stack([[valid_columns(width, f) for f in row] for row in fovs]), dtype=torch.float32)
     features_s = time.perf_counter() - t0
-    head = OrientationHead(net.config.hidden_size, dim)
+    head = OrientationHead.for_config(config)
     scale = nn.Parameter(torch.tensor(3.0))  # log of the logits' scale
     optimizer = torch.optim.Adam([*head.parameters(), scale], lr=lr)
     targets = torch.as_tensor(heading_targets(headings, width))
@@ -247,6 +275,9 @@ def train_orientation(checkpoint: Path, data: Path, out: Path, *, pairs: int = 4
                                                       torch.arange(batch_size))
         optimizer.zero_grad()
         loss.backward()
+        if schedule == "cosine":
+            for group in optimizer.param_groups:
+                group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / steps))
         optimizer.step()
     test = np.arange(n)[int(n * (1 - holdout)):]
     with torch.no_grad():
@@ -275,14 +306,15 @@ def train_orientation(checkpoint: Path, data: Path, out: Path, *, pairs: int = 4
               "within_10deg": float((errors <= 10).mean()),
               **{f"held_out_r1_{how}_{kind}": float(np.mean(np.asarray(h)[mask])) if mask.any() else None
                  for how, h in hits.items() for kind, mask in (("360", full), ("limited", ~full))}}
-    model = type(net)(net.config.replace(orientation_dim=dim))
+    model = type(net)(config)
     missing = model.load_state_dict(net.state_dict(), strict=False).missing_keys
     assert all(k.startswith("orientation.") for k in missing), missing
     model.orientation.load_state_dict(head.state_dict())
     provenance = {**(getattr(net, "provenance", None) or {}),
                   "orientation": {"data": str(data), "pairs": n, "rotations": rotations, "fov_augment": fov_augment,
                                   "steps": steps, "seed": seed, "init": checkpoint.name, "retrieval": retrieval,
-                                  "negatives": negatives, "neighbours": neighbours,
+                                  "negatives": negatives, "neighbours": neighbours, "rows": rows, "hidden": hidden,
+                                  "schedule": schedule,
                                   **({"photo_share": photo_share, "photo_fov_range": list(photo_fov_range)}
                                      if photo_share > 0 else {}), **report}}
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -311,6 +343,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--photo-fov", type=float, nargs=2, default=(60.0, 100.0), metavar=("MIN", "MAX"),
                    help="a photo's horizontal field of view, degrees (uniform)")
     p.add_argument("--dim", type=int, default=64, help="width of a column feature")
+    p.add_argument("--rows", action="store_true",
+                   help="the head reads each column's token rows side by side instead of their mean")
+    p.add_argument("--hidden", type=int, default=0, help="width of the head's hidden GELU layer (0: linear)")
+    p.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
+                   help="learning rate: constant, or decayed to 0 over the steps")
     p.add_argument("--steps", type=int, default=800, help="optimisation steps of --batch-size views")
     p.add_argument("--batch-size", type=int, default=64, help="views per step")
     p.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate")
@@ -328,7 +365,8 @@ def main(argv: list[str] | None = None) -> int:
                                    batch_size=args.batch_size, lr=args.lr, seed=args.seed, workers=args.workers,
                                    dataset=args.dataset, split=args.split, retrieval=args.retrieval,
                                    negatives=args.negatives, neighbours=args.neighbours,
-                                   photo_share=args.photo_share, photo_fov_range=tuple(args.photo_fov))
+                                   photo_share=args.photo_share, photo_fov_range=tuple(args.photo_fov),
+                                   rows=args.rows, hidden=args.hidden, schedule=args.schedule)
     except (CheckpointError, ConfigError, TrainingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -325,3 +325,30 @@ def test_the_orientation_head_can_train_on_photo_outlines(view_world, monkeypatc
     assert len(calls) == 48 and all(70.0 <= f <= 80.0 for f in calls)  # every view a photo
     meta = load_checkpoint(base / "photo_head.safetensors").provenance["orientation"]
     assert meta["photo_share"] == 1.0 and meta["photo_fov_range"] == [70.0, 80.0]
+
+
+def test_a_head_that_reads_the_rows_through_a_hidden_layer_is_saved_and_encoded_with_its_kind(view_world, tmp_path):
+    from model import load_checkpoint
+    from model.inference import InferenceEncoder
+    from model.orientation import column_tokens, train_orientation
+
+    world, base, _ = view_world
+    train_orientation(base / "plain.safetensors", world, tmp_path / "rows.safetensors", pairs=24, rotations=2, steps=6,
+                      batch_size=8, workers=1, split="all", retrieval=1.0, negatives=2, neighbours=5, rows=True,
+                      hidden=16, schedule="cosine")
+    net = load_checkpoint(tmp_path / "rows.safetensors")
+    assert (net.config.orientation_rows, net.config.orientation_hidden) == (True, 16)
+    assert net.orientation.ground[0].in_features == 4 * 32  # 4 token rows of the 32-wide micro network
+    meta = net.provenance["orientation"]
+    assert (meta["rows"], meta["hidden"], meta["schedule"]) == (True, 16, "cosine")
+    # the rows side by side, top row first: column w of row r sits at [r * D, (r + 1) * D)
+    tokens = torch.arange(2 * (1 + 4 * 16) * 3, dtype=torch.float32).reshape(2, 1 + 4 * 16, 3)
+    side_by_side = column_tokens(tokens, (4, 16), rows=True)
+    assert side_by_side.shape == (2, 16, 12)
+    assert torch.equal(side_by_side[1, 5, 6:9], tokens[1, 1 + 2 * 16 + 5])
+    assert torch.allclose(side_by_side.reshape(2, 16, 4, 3).mean(dim=2), column_tokens(tokens, (4, 16)))
+    images = torch.randint(0, 256, (2, 3, 64, 256), dtype=torch.uint8)
+    _, columns = InferenceEncoder(net).encode_uint8_with_columns(images, "aerial")
+    assert columns.shape == (2, 16, 64) and np.allclose(np.linalg.norm(columns, axis=-1), 1.0, atol=1e-5)
+    with pytest.raises(ValueError, match="schedule"):
+        train_orientation(base / "plain.safetensors", world, tmp_path / "x.safetensors", pairs=24, schedule="linear")
