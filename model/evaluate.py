@@ -29,7 +29,7 @@ import numpy as np
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import ConfigError
 from .encode import pick_device
-from .index_artifact import ArtifactError, check_model, read_manifest, read_tiles, read_vectors
+from .index_artifact import ArtifactError, check_model, read_manifest, read_orientation, read_tiles, read_vectors
 from .metrics import TILE_FOOTPRINT_M, confidence_report, haversine_m, localization_error, position_report, \
     recall_curve, retrieval_recall
 from .train import HelpFormatter, TrainingError, encode_arrays, load_pair_arrays, read_records
@@ -199,14 +199,19 @@ def read_index_gallery(index: Path, fingerprint: str) -> tuple[np.ndarray, np.nd
 
 def evaluate_anywhere(checkpoint: Path, data: Path, index: Path, device: str = "auto", workers: int = 2,
                       limit: int = 0, tile_m: float | None = None, near_radius_m: float = 0.0,
-                      candidates: int = 20, temperature: float | None = None, scores_out: Path | None = None) -> dict:
+                      candidates: int = 20, temperature: float | None = None, scores_out: Path | None = None,
+                      rerank_k: int | None = None, rerank_weight: float | None = None) -> dict:
     """Cameras anywhere (``data``/queries.csv, e.g. a worldgen --layout grid region) against the tiles
     of an index artifact built from that region (e.g. cut by index_build tile): the true tile of a
     query is the one whose centre is nearest to it. R@1/5/10/1%, the error of the top-1 tile centre
     and of the refined position (over the top ``candidates``), and the same per offset of the camera
     from its nearest tile centre. ``near_radius_m`` > 0 adds the same with a prior: each query searched
     exactly among the tiles within that radius of its true position. ``tile_m``: default the
-    manifest's (else 100 m). ``scores_out``: save the similarities and positions (.npz) for tuning."""
+    manifest's (else 100 m). ``scores_out``: save the similarities and positions (.npz) for tuning.
+    ``rerank_k``: rank as the service does with an orientation head, each query's best ``rerank_k`` tiles
+    (of those within the prior's radius, with one) re-ranked by column alignment (`reranked_scores`,
+    weight ``rerank_weight``, default model.orientation.RERANK_WEIGHT); the index must hold the tiles'
+    column features. None: by descriptor alone."""
     from .inference import InferenceEncoder
     from .metrics import POSITION_TEMPERATURE, recall_from_counts
     from .preprocess import load_ground_image
@@ -232,8 +237,22 @@ def evaluate_anywhere(checkpoint: Path, data: Path, index: Path, device: str = "
             views = np.stack(list(pool.map(load, paths)))
     else:
         views = np.stack([load(p) for p in paths])
-    queries = _encode_views(InferenceEncoder(model, dev), "ground", views)
+    queries, query_columns = _encode_views(InferenceEncoder(model, dev), "ground", views, columns=True)
     scores = queries @ gallery.T  # [Q, N]
+    if rerank_k is not None:
+        from .orientation import RERANK_WEIGHT
+
+        tile_columns = read_orientation(os.path.realpath(index), manifest)
+        if tile_columns is None or query_columns is None:
+            raise ValueError(f"re-ranking needs an orientation head in {checkpoint} and column features in {index}")
+        seen = np.ones(query_columns.shape[:2], bool)  # panoramas: every column
+        weight = RERANK_WEIGHT if rerank_weight is None else rerank_weight
+
+        def ranked(sims):
+            return reranked_scores(sims, query_columns, np.asarray(tile_columns, np.float32), seen, rerank_k, weight)
+    else:
+        def ranked(sims):
+            return sims
     # true tile: the nearest centre (exact haversine over every tile)
     dist = np.stack([haversine_m(lat, lon, tile_ll[:, 0], tile_ll[:, 1]) for lat, lon in true_ll])
     truth = dist.argmin(axis=1)
@@ -242,7 +261,8 @@ def evaluate_anywhere(checkpoint: Path, data: Path, index: Path, device: str = "
         np.savez_compressed(scores_out, scores=scores, tile_latlon=tile_ll, true_latlon=true_ll, truth=truth)
     result = {"n": len(paths), "tiles": len(tile_ll), "data": str(data), "index": str(index),
               "checkpoint": str(checkpoint), "fingerprint": model.fingerprint(), "tile_m": tile_m,
-              "stride_m": stride_m, "offset_median_m": float(np.median(offset)), "offset_max_m": float(offset.max())}
+              "stride_m": stride_m, "offset_median_m": float(np.median(offset)), "offset_max_m": float(offset.max()),
+              **({"rerank": {"candidates": rerank_k, "weight": weight}} if rerank_k is not None else {})}
 
     def block(sims) -> tuple[dict, dict]:
         rows = np.arange(len(sims))
@@ -254,7 +274,7 @@ def evaluate_anywhere(checkpoint: Path, data: Path, index: Path, device: str = "
         out["position"] = pos
         return out, {"hit": counts == 0, **errs}
 
-    result["unrestricted"], detail = block(scores)
+    result["unrestricted"], detail = block(ranked(scores))
     # per offset of the camera from its true tile's centre: a quarter and a half stride (the farthest a
     # camera can be is stride / sqrt(2))
     edges = (0.0, stride_m / 4, stride_m / 2, np.inf)
@@ -270,7 +290,7 @@ def evaluate_anywhere(checkpoint: Path, data: Path, index: Path, device: str = "
         inside = dist <= near_radius_m  # the tiles model.metrics.rows_within (the API's near) picks, from `dist`
         if not inside[np.arange(len(truth)), truth].all():
             raise ValueError(f"--near-radius-m {near_radius_m:g} leaves some query without its true tile")
-        result["prior"], _ = block(np.where(inside, scores, np.float32(-np.inf)))
+        result["prior"], _ = block(ranked(np.where(inside, scores, np.float32(-np.inf))))
         result["prior"].update(radius_m=near_radius_m, tiles_within_median=float(np.median(inside.sum(axis=1))))
     return result
 
@@ -279,6 +299,11 @@ def print_anywhere(result: dict) -> None:
     print(f"{result['checkpoint']} on {result['data']}: {result['n']} cameras anywhere against {result['tiles']} "
           f"tiles of {result['index']} ({result['tile_m']:g} m every {result['stride_m']:g} m; camera to its nearest "
           f"tile centre: median {result['offset_median_m']:.1f} m, at most {result['offset_max_m']:.1f} m)")
+    if "rerank" in result:
+        print(f"ranked as the service does: the best {result['rerank']['candidates']} tiles by descriptor re-ranked by "
+              f"column alignment (weight {result['rerank']['weight']:g})")
+    else:
+        print("ranked by descriptor alone (--method rerank: as the service does with an orientation head)")
     pct = lambda v: f"{v * 100:.1f}"  # noqa: E731
     print("| search | R@1 | R@5 | R@10 | R@1% | position | median m | mean m | <=10 m | <=25 m | <=50 m | <=100 m |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -313,6 +338,7 @@ def reranked_scores(scores: np.ndarray, query_columns: np.ndarray, aerial_column
     for i, row in enumerate(out):
         top = np.argpartition(-row, k - 1)[:k]
         top = top[np.argsort(-row[top], kind="stable")]
+        top = top[np.isfinite(row[top])]  # tiles a prior left out (-inf) stay out
         result = rerank(row[top], query_columns[i], aerial_columns[top], valid[i], weight=weight)
         rest = np.delete(row, top)
         lift = max(0.0, (rest.max() if len(rest) else 0.0) - result.scores.min()) + 1.0
@@ -430,7 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--index", type=Path,
                    help="an index artifact built from the region's tiles (index_build tile + build): the gallery; "
                         "a query's true tile is the one whose centre is nearest to it (--split, --dataset and the "
-                        "field-of-view options do not apply)")
+                        "field-of-view options do not apply; --method rerank ranks as the service does, by descriptor "
+                        "then the best --rerank-k re-ranked by column alignment; otherwise by descriptor alone)")
     a.add_argument("--near-radius-m", type=float, default=0.0,
                    help="also search each query exactly among the tiles within this radius of its true position "
                         "(a location prior, as the API's near/radius_m); 0: not")
@@ -455,11 +482,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.index is None and (args.near_radius_m or args.save_scores or args.temperature is not None):
         parser.error("--near-radius-m, --temperature and --save-scores need --index")
     if args.index is not None:
+        from .orientation import RERANK_CANDIDATES
+
+        rerank_k = (args.rerank_k or RERANK_CANDIDATES) if args.method == "rerank" else None
         try:
             result = evaluate_anywhere(args.checkpoint, args.data, args.index, args.device, args.workers, args.limit,
                                        tile_m=args.tile_m, near_radius_m=args.near_radius_m,
                                        candidates=args.candidates, temperature=args.temperature,
-                                       scores_out=args.save_scores)
+                                       scores_out=args.save_scores,
+                                       rerank_k=rerank_k, rerank_weight=args.rerank_weight)
         except (ArtifactError, CheckpointError, ConfigError, ValueError, OSError, KeyError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1

@@ -21,9 +21,11 @@ def _at(east_m: float, north_m: float) -> tuple[float, float]:
     return LAT0 + north_m / M_PER_DEG, LON0 + east_m / (M_PER_DEG * math.cos(math.radians(LAT0)))
 
 
-def _setup(tmp_path, swap: bool = False):
+def _setup(tmp_path, swap: bool = False, head: bool = False):
     """3 x 3 tiles every 50 m; four cameras 10 m east of tiles 0, 4, 8 and 2. The artifact stores each
-    camera's own descriptor as its true tile's vector (``swap``: at another tile, 40 to 110 m from it)."""
+    camera's own descriptor as its true tile's vector (``swap``: at another tile, 40 to 110 m from it).
+    ``head``: the checkpoint has an orientation head and the artifact each camera's own column features
+    as its true tile's (whatever ``swap`` says), random ones for the other tiles."""
     import torch
 
     from model import load_checkpoint
@@ -31,7 +33,7 @@ def _setup(tmp_path, swap: bool = False):
     from model.preprocess import load_ground_image
 
     ckpt = tmp_path / "micro.safetensors"
-    fingerprint = micro_checkpoint(ckpt)
+    fingerprint = micro_checkpoint(ckpt, orientation_dim=8 if head else 0)
     centres = [(50.0 * c, -50.0 * r) for r in range(3) for c in range(3)]
     owners = [0, 4, 8, 2]
     data = tmp_path / "queries"
@@ -47,7 +49,8 @@ def _setup(tmp_path, swap: bool = False):
     model = load_checkpoint(ckpt)
     views = np.stack([np.asarray(load_ground_image(data / "streetview" / f"{i}.jpg", model.config))
                       for i in range(len(owners))])
-    queries = evaluate._encode_views(InferenceEncoder(model, torch.device("cpu")), "ground", views)
+    queries, columns = evaluate._encode_views(InferenceEncoder(model, torch.device("cpu")), "ground", views,
+                                              columns=True)
     vectors = rng.normal(size=(len(centres), queries.shape[1])).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     for q, t in enumerate(owners):
@@ -65,6 +68,13 @@ def _setup(tmp_path, swap: bool = False):
                 "metric": "inner_product", "index_type": "flat", "built_at": "2026-12-03T00:00:00Z",
                 "count": len(centres), "tile_m": 100.0, "stride_m": 50.0,
                 "shards": [{"file": "vectors/shard-00000.npy", "rows": 5}, {"file": "vectors/shard-00001.npy", "rows": 4}]}
+    if head:
+        tile_columns = rng.normal(size=(len(centres), *columns.shape[1:])).astype(np.float32)
+        tile_columns /= np.linalg.norm(tile_columns, axis=2, keepdims=True)
+        for q, t in enumerate(owners):
+            tile_columns[t] = columns[q]
+        np.save(index / "orientation.npy", tile_columns.astype(np.float16))
+        manifest["orientation"] = {"file": "orientation.npy", "columns": columns.shape[1], "dim": columns.shape[2]}
     (index / "manifest.json").write_text(json.dumps(manifest))
     return ckpt, data, index
 
@@ -102,3 +112,31 @@ def test_an_index_of_another_model_is_refused(tmp_path, capsys):
                           "--device", "cpu"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "rebuild the index with this checkpoint" in err and err.count("\n") == 1
+
+
+def test_rerank_ranks_as_the_service_does_by_column_alignment(tmp_path, capsys):
+    ckpt, data, index = _setup(tmp_path, swap=True, head=True)
+    plain = evaluate.evaluate_anywhere(ckpt, data, index, device="cpu", workers=1, near_radius_m=60.0)
+    assert plain["unrestricted"]["r1"] == 0.0 and "rerank" not in plain  # by descriptor: another tile each
+    # the column alignment alone (weight 1) over every tile: each camera's own columns are its true tile's
+    result = evaluate.evaluate_anywhere(ckpt, data, index, device="cpu", workers=1, near_radius_m=60.0,
+                                        rerank_k=9, rerank_weight=1.0)
+    assert result["rerank"] == {"candidates": 9, "weight": 1.0}
+    assert result["unrestricted"]["r1"] == 1.0 and result["prior"]["r1"] == 1.0  # tiles outside the prior stay out
+    assert result["unrestricted"]["position"]["top1"]["median_error_m"] == pytest.approx(10.0, abs=0.01)
+    # without the weight the re-rank keeps the descriptor's order
+    same = evaluate.evaluate_anywhere(ckpt, data, index, device="cpu", workers=1, rerank_k=9, rerank_weight=0.0)
+    assert same["unrestricted"]["r1"] == plain["unrestricted"]["r1"]
+    assert evaluate.main(["--checkpoint", str(ckpt), "--data", str(data), "--index", str(index), "--device", "cpu",
+                          "--workers", "1", "--method", "rerank", "--rerank-k", "9", "--rerank-weight", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "ranked as the service does: the best 9 tiles" in out and "| whole index | 100.0 |" in out
+
+
+def test_rerank_needs_the_tiles_column_features(tmp_path, capsys):
+    ckpt, data, index = _setup(tmp_path)  # no head, no orientation.npy
+    with pytest.raises(ValueError, match="needs an orientation head"):
+        evaluate.evaluate_anywhere(ckpt, data, index, device="cpu", workers=1, rerank_k=5)
+    assert evaluate.main(["--checkpoint", str(ckpt), "--data", str(data), "--index", str(index), "--device", "cpu",
+                          "--method", "rerank"]) == 1
+    assert "needs an orientation head" in capsys.readouterr().err
