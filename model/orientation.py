@@ -128,10 +128,11 @@ def estimate_headings(view_columns: np.ndarray, tile_columns: np.ndarray, seen: 
     return np.array([refine_heading(row) for row in alignment_scores(view_columns, tile_columns, seen)])
 
 
-# Re-ranking by column alignment (tuned on the training region's held-out pairs: bench/rerank.py). The
-# weight suits the shipped head (trained with --retrieval); the first head, trained for headings only, had 0.5.
-RERANK_CANDIDATES = 50  # the best this many tiles by descriptor are re-ranked
-RERANK_WEIGHT = 0.8  # share of the column alignment in the re-ranking score
+# Re-ranking by column alignment (tuned on the training region's held-out pairs: bench/rerank.py). Both suit
+# the shipped head (rows side by side through a hidden layer, trained with --retrieval); the linear heads
+# before it had K = 50 and w = 0.8, the first one, trained for headings only, w = 0.5.
+RERANK_CANDIDATES = 200  # the best this many tiles by descriptor are re-ranked
+RERANK_WEIGHT = 0.9  # share of the column alignment in the re-ranking score
 
 
 class Reranked(NamedTuple):
