@@ -92,7 +92,8 @@ def candidate_alignment(queries, query_columns, valid, aerial, aerial_columns, m
 
 def reranked_counts(top, desc, align, counts, k: int, weight: float) -> np.ndarray:
     """Tiles strictly ahead of each query's true one after re-ranking its top ``k``."""
-    combined = (1.0 - weight) * desc[:, :k] + weight * align[:, :k]
+    # in float64, as model.orientation.rerank combines them: float32 sums could order near-ties differently
+    combined = (1.0 - weight) * desc[:, :k].astype(np.float64) + weight * align[:, :k].astype(np.float64)
     out = counts.copy()
     rows, cols = np.nonzero(top[:, :k] == np.arange(len(top))[:, None])
     out[rows] = (combined[rows] > combined[rows, cols][:, None]).sum(axis=1)
