@@ -123,9 +123,9 @@ def estimate_headings(view_columns: np.ndarray, tile_columns: np.ndarray, seen: 
     """One view's column features [W, C] against several tiles' [K, W, C] (its seen pixel columns
     ``seen`` [W * 16] or token columns [W], None: all) -> the view's heading at each tile, degrees
     clockwise from north of the view's centre column, as if it stood at that tile."""
-    from .views import refine_heading
+    from .views import refine_headings
 
-    return np.array([refine_heading(row) for row in alignment_scores(view_columns, tile_columns, seen)])
+    return refine_headings(alignment_scores(view_columns, tile_columns, seen))
 
 
 # Re-ranking by column alignment (tuned on the training region's held-out pairs: bench/rerank.py). Both suit
@@ -152,7 +152,7 @@ def rerank(scores: np.ndarray, view_columns: np.ndarray, tile_columns: np.ndarra
     score stays in [-1, 1]. A descriptor nearly blind to the heading can not tell a place from one that
     looks alike in another direction; the alignment sees where things are around the camera. Returns
     the new order with each candidate's score, alignment and the view's heading there."""
-    from .views import refine_heading
+    from .views import refine_headings
 
     descriptor = np.asarray(scores, dtype=np.float64).reshape(-1)
     if not 0.0 <= weight <= 1.0:
@@ -166,8 +166,7 @@ def rerank(scores: np.ndarray, view_columns: np.ndarray, tile_columns: np.ndarra
     alignment = shifts.max(axis=1).astype(np.float64)
     combined = (1.0 - weight) * descriptor + weight * alignment
     order = np.argsort(-combined, kind="stable")  # ties keep the descriptor's order
-    headings = np.array([refine_heading(shifts[j]) for j in order])
-    return Reranked(order, combined[order], alignment[order], headings)
+    return Reranked(order, combined[order], alignment[order], refine_headings(shifts[order]))
 
 
 # --------------------------------------------------------------------------- training
@@ -219,7 +218,7 @@ def train_orientation(checkpoint: Path, data: Path, out: Path, *, pairs: int = 4
         raise ValueError(f"schedule must be constant or cosine, got {schedule!r}")
     from .checkpoint import load_checkpoint, save_checkpoint
     from .train import load_pair_arrays, read_records
-    from .views import angle_difference, limit_fov, limit_photo, refine_heading, rotate_view
+    from .views import angle_difference, limit_fov, limit_photo, refine_headings, rotate_view
 
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
@@ -287,7 +286,7 @@ def train_orientation(checkpoint: Path, data: Path, out: Path, *, pairs: int = 4
         for r in range(rotations):
             g = head.project(ground[test, r], "ground")
             scores = shift_scores(g, a, valid[test, r].numpy() > 0)
-            estimate = np.array([refine_heading(row) for row in scores])
+            estimate = refine_headings(scores)
             errors.append(angle_difference(estimate, headings[test, r]))
             full.append(fovs[test, r] >= 360)
     errors, full = np.concatenate(errors), np.concatenate(full)

@@ -115,15 +115,22 @@ def match_over_rotations(queries: np.ndarray, rotated: np.ndarray,
 def refine_heading(rotation_scores: np.ndarray) -> float:
     """The heading (degrees in [0, 360)) of the best of R evenly spaced rotations, refined by a
     parabola through it and its two circular neighbours: between the rotations' grid points."""
+    return float(refine_headings(np.asarray(rotation_scores)[None])[0])
+
+
+def refine_headings(rotation_scores: np.ndarray) -> np.ndarray:
+    """`refine_heading` of each row of [N, R] scores at once -> [N] degrees."""
     s = np.asarray(rotation_scores, dtype=np.float64)
-    r = len(s)
-    best = int(np.argmax(s))
+    n, r = s.shape
+    best = np.argmax(s, axis=1)
     if r < 3:
-        return float(best * 360.0 / r)
-    left, mid, right = s[(best - 1) % r], s[best], s[(best + 1) % r]
+        return best * 360.0 / r
+    rows = np.arange(n)
+    left, mid, right = s[rows, (best - 1) % r], s[rows, best], s[rows, (best + 1) % r]
     curvature = left - 2 * mid + right
-    offset = 0.0 if curvature >= 0 else float(np.clip(0.5 * (left - right) / curvature, -0.5, 0.5))
-    return float(((best + offset) * 360.0 / r) % 360.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        offset = np.where(curvature < 0, np.clip(0.5 * (left - right) / curvature, -0.5, 0.5), 0.0)
+    return ((best + offset) * 360.0 / r) % 360.0
 
 
 def angle_difference(a_deg, b_deg) -> np.ndarray:
