@@ -226,6 +226,15 @@ def evaluate_anywhere(checkpoint: Path, data: Path, index: Path, device: str = "
     tile_m = float(tile_m or manifest.get("tile_m") or TILE_FOOTPRINT_M)
     stride_m = float(manifest.get("stride_m") or tile_m / 2)
     temperature = POSITION_TEMPERATURE if temperature is None else temperature
+    tile_columns = None  # with rerank_k: the tiles' column features, checked before any query is read
+    if rerank_k is not None:
+        from .orientation import RERANK_WEIGHT
+
+        weight = RERANK_WEIGHT if rerank_weight is None else rerank_weight
+        stored = read_orientation(os.path.realpath(index), manifest)
+        if stored is None or getattr(model, "orientation", None) is None:
+            raise ValueError(f"re-ranking needs an orientation head in {checkpoint} and column features in {index}")
+        tile_columns = np.asarray(stored, np.float32)
 
     def load(path):
         return np.asarray(load_ground_image(path, model.config))
@@ -237,22 +246,19 @@ def evaluate_anywhere(checkpoint: Path, data: Path, index: Path, device: str = "
             views = np.stack(list(pool.map(load, paths)))
     else:
         views = np.stack([load(p) for p in paths])
-    queries, query_columns = _encode_views(InferenceEncoder(model, dev), "ground", views, columns=True)
-    scores = queries @ gallery.T  # [Q, N]
-    if rerank_k is not None:
-        from .orientation import RERANK_WEIGHT
-
-        tile_columns = read_orientation(os.path.realpath(index), manifest)
-        if tile_columns is None or query_columns is None:
-            raise ValueError(f"re-ranking needs an orientation head in {checkpoint} and column features in {index}")
-        seen = np.ones(query_columns.shape[:2], bool)  # panoramas: every column
-        weight = RERANK_WEIGHT if rerank_weight is None else rerank_weight
-
-        def ranked(sims):
-            return reranked_scores(sims, query_columns, np.asarray(tile_columns, np.float32), seen, rerank_k, weight)
+    encoder = InferenceEncoder(model, dev)
+    if tile_columns is None:
+        queries = _encode_views(encoder, "ground", views)
     else:
-        def ranked(sims):
+        queries, query_columns = _encode_views(encoder, "ground", views, columns=True)
+    scores = queries @ gallery.T  # [Q, N]
+
+    def ranked(sims):
+        """As the service ranks: by descriptor, then (with rerank_k) its best re-ranked by column alignment."""
+        if tile_columns is None:
             return sims
+        seen = np.ones(query_columns.shape[:2], bool)  # panoramas: every column
+        return reranked_scores(sims, query_columns, tile_columns, seen, rerank_k, weight)
     # true tile: the nearest centre (exact haversine over every tile)
     dist = np.stack([haversine_m(lat, lon, tile_ll[:, 0], tile_ll[:, 1]) for lat, lon in true_ll])
     truth = dist.argmin(axis=1)

@@ -95,7 +95,7 @@ def view_params(
     if at is not None and radius_m is None:
         raise invalid("query", "radius_m", "missing", "radius_m (metres) is required with near")
     return ViewParams(fov_deg, heading_deg, projection, (pitch_deg + 0.0, roll_deg + 0.0), at, radius_m,
-                               near_from_exif)  # + 0.0: -0 is level too
+                      near_from_exif)  # + 0.0: -0 is level too
 
 
 ViewQuery = Annotated[ViewParams, Depends(view_params)]
