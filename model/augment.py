@@ -157,7 +157,9 @@ def tilt_panoramas(images: torch.Tensor, centre: torch.Tensor, pitch_deg: torch.
     """What a camera looking at column ``centre`` [B] (fractional, 0..W) with a pitch and a roll [B]
     (degrees) saw, placed in the frame of a level camera: the sphere of each panorama [B, 3, H, W]
     (rows from +90 to -90 degrees of elevation) turned about the view's right axis (pitch, up
-    positive) and its optical axis (roll), resampled bilinearly (columns wrap around)."""
+    positive) and its optical axis (roll: positive turns the camera's right side up, the opposite of
+    `model.preprocess.perspective_project`'s roll; the training draws are symmetric), resampled
+    bilinearly (columns wrap around)."""
     b, c, h, w = images.shape
     elevation = (0.5 - (torch.arange(h) + 0.5) / h) * torch.pi  # [H]
     azimuth = ((torch.arange(w) + 0.5)[None, :] - centre[:, None]) / w * 2 * torch.pi  # [B, W] from the view axis

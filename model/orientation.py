@@ -200,8 +200,8 @@ def train_orientation(checkpoint: Path, data: Path, out: Path, *, pairs: int = 4
                       steps: int = 800, batch_size: int = 64, lr: float = 3e-3, seed: int = 0, workers: int = 2,
                       dataset: str = "synthetic", split: str = "train", holdout: float = 0.1,
                       retrieval: float = 0.0, negatives: int = 3, neighbours: int = 20, photo_share: float = 0.0,
-                      photo_fov_range: tuple[float, float] = (60.0, 100.0), rows: bool = False, hidden: int = 0,
-                      schedule: str = "constant") -> dict:
+                      photo_fov_range: tuple[float, float] = (60.0, 100.0), photo_tilt: float = 0.0,
+                      rows: bool = False, hidden: int = 0, schedule: str = "constant") -> dict:
     """Train an orientation head on the frozen network of ``checkpoint`` with ``pairs`` pairs of
     ``data``, each panorama turned to ``rotations`` random headings (a share ``fov_augment`` of them
     cut to a random field of view); write the network with the head to ``out``.
@@ -211,14 +211,18 @@ def train_orientation(checkpoint: Path, data: Path, out: Path, *, pairs: int = 4
     best alignment (over the shifts) with its tile against that with ``negatives`` tiles drawn from
     its ``neighbours`` nearest by descriptor (and the batch's other tiles), a cross-entropy weighted
     ``retrieval``. A share ``photo_share`` of the cut views is a level 4:3 photo's outline instead
-    (`model.views.limit_photo`, its horizontal field from ``photo_fov_range``), as a phone photo is placed.
+    (`model.views.limit_photo`, its horizontal field from ``photo_fov_range``), as a phone photo is placed;
+    with ``photo_tilt`` > 0 its camera had a pitch and a roll, each uniform in +-photo_tilt degrees, and
+    it is placed as if level (`model.views.tilt_view`), as a photo whose tilt the client does not send.
     ``rows`` and ``hidden``: the head's kind (`OrientationHead`); ``schedule``: the learning rate stays
     at ``lr`` (constant) or decays to 0 over the steps (cosine)."""
     if schedule not in ("constant", "cosine"):
         raise ValueError(f"schedule must be constant or cosine, got {schedule!r}")
+    if not 0.0 <= photo_tilt <= 30.0:
+        raise ValueError(f"photo_tilt must be within 0..30 degrees, got {photo_tilt:g}")
     from .checkpoint import load_checkpoint, save_checkpoint
     from .train import load_pair_arrays, read_records
-    from .views import angle_difference, limit_fov, limit_photo, refine_headings, rotate_view
+    from .views import angle_difference, limit_fov, limit_photo, refine_headings, rotate_view, tilt_view
 
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
@@ -234,10 +238,13 @@ def train_orientation(checkpoint: Path, data: Path, out: Path, *, pairs: int = 4
     if photo_share > 0:  # drawn only then: without photos, a seed draws what it always did
         photo = (fovs < 360.0) & (rng.random((n, rotations)) < photo_share)
         fovs = np.where(photo, rng.uniform(*photo_fov_range, (n, rotations)), fovs)
+    tilts = rng.uniform(-photo_tilt, photo_tilt, (n, rotations, 2)) if photo_tilt > 0 else None  # drawn last
 
     def cut(i: int, r: int) -> np.ndarray:
         view = rotate_view(arrays.ground[i], headings[i, r])
-        return limit_photo(view, fovs[i, r]) if photo[i, r] else limit_fov(view, fovs[i, r])
+        if not photo[i, r]:
+            return limit_fov(view, fovs[i, r])
+        return limit_photo(tilt_view(view, *tilts[i, r]) if tilts is not None else view, fovs[i, r])
 
     t0 = time.perf_counter()
     aerial, aerial_descriptors = _column_features(net, "aerial", arrays.aerial, rows)
@@ -316,7 +323,8 @@ def train_orientation(checkpoint: Path, data: Path, out: Path, *, pairs: int = 4
                                   "negatives": negatives, "neighbours": neighbours, "rows": rows, "hidden": hidden,
                                   "schedule": schedule,
                                   **({"photo_share": photo_share, "photo_fov_range": list(photo_fov_range)}
-                                     if photo_share > 0 else {}), **report}}
+                                     if photo_share > 0 else {}),
+                                  **({"photo_tilt": photo_tilt} if photo_tilt > 0 else {}), **report}}
     out.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(model, out, metadata=provenance)
     return report
@@ -342,6 +350,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="share of the cut views that are a level 4:3 phone photo's outline instead of a crop")
     p.add_argument("--photo-fov", type=float, nargs=2, default=(60.0, 100.0), metavar=("MIN", "MAX"),
                    help="a photo's horizontal field of view, degrees (uniform)")
+    p.add_argument("--photo-tilt", type=float, default=0.0, metavar="DEG",
+                   help="a photo's pitch and roll, each uniform in +-DEG, placed as if level as the service places "
+                        "a photo sent without its tilt (default 0: level photos)")
     p.add_argument("--dim", type=int, default=64, help="width of a column feature")
     p.add_argument("--rows", action="store_true",
                    help="the head reads each column's token rows side by side instead of their mean")
@@ -359,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the sample, headings and head initialisation")
     p.add_argument("--workers", type=int, default=2, help="decoding threads")
     args = p.parse_args(argv)
+    if not 0.0 <= args.photo_tilt <= 30.0:
+        p.error(f"--photo-tilt must be within 0..30 degrees, got {args.photo_tilt:g}")
     try:
         report = train_orientation(args.checkpoint, args.data, args.out, pairs=args.pairs, rotations=args.rotations,
                                    fov_augment=args.fov_augment, dim=args.dim, steps=args.steps,
@@ -366,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
                                    dataset=args.dataset, split=args.split, retrieval=args.retrieval,
                                    negatives=args.negatives, neighbours=args.neighbours,
                                    photo_share=args.photo_share, photo_fov_range=tuple(args.photo_fov),
+                                   photo_tilt=args.photo_tilt,
                                    rows=args.rows, hidden=args.hidden, schedule=args.schedule)
     except (CheckpointError, ConfigError, TrainingError) as exc:
         print(f"error: {exc}", file=sys.stderr)

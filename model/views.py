@@ -83,6 +83,22 @@ def limit_photo(views: np.ndarray, hfov_deg: float, aspect: float = 0.75) -> np.
     return out
 
 
+def tilt_view(view: np.ndarray, pitch_deg: float, roll_deg: float) -> np.ndarray:
+    """A view [H, W, 3] uint8 centred on its heading -> what a camera looking there with that pitch
+    and roll saw (`place_view`'s conventions: pitch up positive, roll clockwise seen from behind the
+    camera), placed as if level, as `place_view` places a photo whose tilt is not given; cut it with
+    `limit_photo`. `model.augment.tilt_panoramas` turns the sphere; its roll turns the other way."""
+    import torch
+
+    from .augment import tilt_panoramas
+
+    w = view.shape[1]
+    images = torch.from_numpy(np.ascontiguousarray(view)).permute(2, 0, 1)[None].float()
+    centre = torch.tensor([w / 2 + 0.5])  # the centre of column W // 2, which looks at the heading
+    tilted = tilt_panoramas(images, centre, torch.tensor([float(pitch_deg)]), torch.tensor([-float(roll_deg)]))
+    return tilted[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
+
+
 def rotation_headings(rotations: int) -> np.ndarray:
     """The headings (degrees) of ``rotations`` evenly spaced turns, starting at north."""
     if rotations < 1:

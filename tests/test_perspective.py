@@ -199,6 +199,24 @@ def test_photo_mapped_back_matches_the_panorama_of_the_same_place(small_world, p
             assert _mae(level, pano, cov_level) > 1.5 * right
 
 
+def test_a_tilted_photo_sent_level_is_what_tilt_view_trains_on(small_world, positions):
+    """The orientation head's tilted training photos (model.views.tilt_view, cut by limit_photo) are
+    what the service makes of a tilted photo sent without its tilt (placed level)."""
+    from model.views import photo_outline, rotate_view, tilt_view
+
+    look = _quiet_look(2, noise=2.0)
+    outline = photo_outline(H, W, 80.0)
+    for k, (hd, pt, rl) in zip((5, 11), ((64.0, 5.0, -4.0), (-150.0, -4.0, 5.0))):
+        x, y = positions[k]
+        pano = render_pano(small_world, x, y, H, W, look, np.random.default_rng(k))
+        photo = render_perspective(small_world, x, y, 640, 480, 80.0, hd, pt, rl, look, np.random.default_rng(k))
+        placed, cov = perspective_to_panorama(photo, 80.0, 0.0, (H, W))  # level, its axis on the centre column
+        assert (cov != outline).mean() < 0.002  # the level outline, up to its edge pixels
+        centred = rotate_view(pano, hd)
+        tilted, level = _mae(tilt_view(centred, pt, rl), placed, cov & outline), _mae(centred, placed, cov & outline)
+        assert tilted < 0.1 * 255 and tilted < 0.6 * level, (k, tilted, level)
+
+
 def test_worldgen_fov_crop_maps_back_onto_its_columns(small_world, positions):
     look = _quiet_look(4)
     x, y = positions[7]

@@ -327,6 +327,26 @@ def test_the_orientation_head_can_train_on_photo_outlines(view_world, monkeypatc
     assert meta["photo_share"] == 1.0 and meta["photo_fov_range"] == [70.0, 80.0]
 
 
+def test_the_orientation_head_can_train_on_tilted_photos_placed_level(view_world, monkeypatch, capsys):
+    import model.views
+    from model import load_checkpoint
+    from model.orientation import main, train_orientation
+
+    world, base, _ = view_world
+    tilts = []
+    real = model.views.tilt_view
+    monkeypatch.setattr(model.views, "tilt_view", lambda v, p, r: tilts.append((p, r)) or real(v, p, r))
+    train_orientation(base / "plain.safetensors", world, base / "tilt_head.safetensors", pairs=24, rotations=2,
+                      steps=5, batch_size=16, workers=1, split="all", fov_augment=1.0, photo_share=0.5,
+                      photo_tilt=4.0)
+    assert 0 < len(tilts) < 48 and all(abs(p) <= 4.0 and abs(r) <= 4.0 for p, r in tilts)  # the photos only
+    assert len({t for t in tilts}) == len(tilts)
+    assert load_checkpoint(base / "tilt_head.safetensors").provenance["orientation"]["photo_tilt"] == 4.0
+    with pytest.raises(SystemExit):  # before any data is read
+        main(["--checkpoint", "x", "--data", "y", "--out", "z", "--photo-tilt", "45"])
+    assert "--photo-tilt must be within 0..30 degrees, got 45" in capsys.readouterr().err
+
+
 def test_a_head_that_reads_the_rows_through_a_hidden_layer_is_saved_and_encoded_with_its_kind(view_world, tmp_path):
     from model import load_checkpoint
     from model.inference import InferenceEncoder
