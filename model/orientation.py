@@ -128,9 +128,10 @@ def estimate_headings(view_columns: np.ndarray, tile_columns: np.ndarray, seen: 
     return refine_headings(alignment_scores(view_columns, tile_columns, seen))
 
 
-# Re-ranking by column alignment (tuned on the training region's held-out pairs: bench/rerank.py). Both suit
-# the shipped head (rows side by side through a hidden layer, trained with --retrieval); the linear heads
-# before it had K = 50 and w = 0.8, the first one, trained for headings only, w = 0.5.
+# Re-ranking by column alignment (tuned on the training region's held-out pairs: bench/rerank.py). Both were
+# tuned for a head of the shipped kind (rows side by side through a hidden layer, trained with --retrieval;
+# a3ae53bc8291dcfd) and kept for the shipped one, retrained with more photo outlines; the linear heads
+# before them had K = 50 and w = 0.8, the first one, trained for headings only, w = 0.5.
 RERANK_CANDIDATES = 200  # the best this many tiles by descriptor are re-ranked
 RERANK_WEIGHT = 0.9  # share of the column alignment in the re-ranking score
 
