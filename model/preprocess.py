@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from functools import lru_cache
 from typing import Union
 
@@ -454,6 +455,24 @@ def _finite(value) -> float | None:
     except (TypeError, ValueError, ZeroDivisionError):
         return None
     return number if np.isfinite(number) else None
+
+
+_GPANO_HEADING = re.compile(rb"GPano:PoseHeadingDegrees\s*(?:=\s*[\"']([^\"'<>]{1,40})[\"']|>([^<>]{1,40})<)")
+
+
+def xmp_panorama_heading(image: Image.Image) -> float | None:
+    """The heading of an image's centre, degrees clockwise from true north, from its XMP Photo Sphere
+    metadata (Google's GPano:PoseHeadingDegrees, as Street View style panoramas carry it; in JPEG,
+    WebP or PNG, as an attribute or an element); None when absent or not a number in [0, 360].
+    The XMP is searched as text, never parsed as XML (an upload's XML is untrusted)."""
+    xmp = image.info.get("xmp") or image.info.get("XML:com.adobe.xmp")
+    if isinstance(xmp, str):
+        xmp = xmp.encode("utf-8", "replace")
+    if not isinstance(xmp, bytes):
+        return None
+    found = _GPANO_HEADING.search(xmp[:1 << 20])
+    heading = _finite((found.group(1) or found.group(2)).decode("ascii", "replace").strip()) if found else None
+    return heading % 360.0 if heading is not None and 0.0 <= heading <= 360.0 else None
 
 
 EXIF_GPS_LATITUDE_REF, EXIF_GPS_LATITUDE = 0x0001, 0x0002

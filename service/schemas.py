@@ -28,8 +28,9 @@ class ViewInfo(BaseModel):
     projection: Literal["equirectangular", "perspective"]
     fov_source: Literal["parameter", "exif", "aspect"]
     heading_deg: float | None = Field(
-        None, description="Given (parameter, EXIF GPSImgDirection) or, otherwise, estimated at the best match.")
-    heading_source: Literal["parameter", "exif", "estimated"] | None = None
+        None, description="Given (parameter, XMP GPano:PoseHeadingDegrees, EXIF GPSImgDirection) or, otherwise, "
+        "estimated at the best match.")
+    heading_source: Literal["parameter", "xmp", "exif", "estimated"] | None = None
     pitch_deg: float = Field(0.0, description="The photo's camera pitch it was placed with (parameter; 0: level).")
     roll_deg: float = Field(0.0, description="The photo's camera roll it was placed with (parameter; 0: level).")
 

@@ -23,7 +23,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
-from model.preprocess import ImageDecodeError, exif_camera, exif_gps, image_uint8, upright_size
+from model.preprocess import ImageDecodeError, exif_camera, exif_gps, image_uint8, upright_size, xmp_panorama_heading
 from model.views import place_view
 
 from .engine import Overloaded
@@ -222,6 +222,7 @@ class CheckedImage:
     exif_fov: float | None = None
     exif_heading: float | None = None
     exif_gps: tuple[float, float] | None = None
+    xmp_heading: float | None = None  # a Street View style panorama's GPano:PoseHeadingDegrees
 
 
 def check_image(upload: UploadedFile, limits: Settings) -> CheckedImage:
@@ -257,7 +258,8 @@ def check_image(upload: UploadedFile, limits: Settings) -> CheckedImage:
                           f"{label} is {width}x{height} (aspect ratio {ratio:.1f}): not a street-level view; "
                           f"photos and panoramas are at most {limits.max_aspect_ratio:g}:1")
     try:
-        return CheckedImage(upload, img, *upright_size(img), *exif_camera(img, label), exif_gps(img))
+        return CheckedImage(upload, img, *upright_size(img), *exif_camera(img, label), exif_gps(img),
+                            xmp_panorama_heading(img))
     except (ImageDecodeError, OSError, SyntaxError, ValueError):  # broken EXIF: read as if it had none
         return CheckedImage(upload, img, *img.size)
 
@@ -281,8 +283,8 @@ class ViewParams:
 
 def view_spec(image: CheckedImage, params: ViewParams) -> ViewInfo:
     """The field of view, projection, heading and tilt of an upload that passed `check_image`: the
-    request's parameters first, then the photo's EXIF (FocalLengthIn35mmFilm, GPSImgDirection), then
-    its shape (a wide image is a 360 degree panorama). Without any: 422 naming the parameter to send.
+    request's parameters first, then the image's XMP (GPano:PoseHeadingDegrees) and EXIF
+    (FocalLengthIn35mmFilm, GPSImgDirection), then its shape (a wide image is a 360 degree panorama). Without any: 422 naming the parameter to send.
     A heading of None: the view is placed centred on north and its heading is searched."""
     width, height, wide = image.width, image.height, image.width >= PANORAMA_ASPECT * image.height
     if params.fov_deg is not None:
@@ -310,8 +312,8 @@ def view_spec(image: CheckedImage, params: ViewParams) -> ViewInfo:
             422, "tilt_not_a_photo",
             f"{image.upload.label} is read as an equirectangular {'panorama' if fov >= 360 else 'crop'}, which is "
             "level: pitch_deg and roll_deg describe a photo's camera (projection=perspective)")
-    heading, heading_source = ((params.heading_deg, "parameter") if params.heading_deg is not None else
-                               (image.exif_heading, "exif") if image.exif_heading is not None else (None, None))
+    heading, heading_source = next(((h, source) for h, source in ((params.heading_deg, "parameter"),
+                                   (image.xmp_heading, "xmp"), (image.exif_heading, "exif")) if h is not None), (None, None))
     return ViewInfo(fov_deg=fov, projection=projection, fov_source=fov_source, heading_deg=heading,
                     heading_source=heading_source, pitch_deg=params.tilt[0], roll_deg=params.tilt[1])
 

@@ -282,6 +282,35 @@ def test_evaluate_needs_the_head_for_the_head_method(view_world, capsys):
     assert "no orientation head" in capsys.readouterr().err
 
 
+def test_the_xmp_panorama_heading_is_read_as_attribute_or_element_in_jpeg_webp_and_png():
+    import io
+
+    from PIL import Image, PngImagePlugin
+
+    from model.preprocess import xmp_panorama_heading
+
+    def saved(fmt: str, xmp: str | None) -> Image.Image:
+        out, kw = io.BytesIO(), {}
+        if xmp is not None and fmt == "PNG":
+            kw["pnginfo"] = PngImagePlugin.PngInfo()
+            kw["pnginfo"].add_itxt("XML:com.adobe.xmp", xmp)
+        elif xmp is not None:
+            kw["xmp"] = xmp.encode()
+        Image.new("RGB", (64, 16)).save(out, fmt, **kw)
+        return Image.open(io.BytesIO(out.getvalue()))
+
+    attribute = '<rdf:Description xmlns:GPano="http://ns.google.com/photos/1.0/panorama/" GPano:PoseHeadingDegrees="{}"/>'
+    element = "<rdf:Description><GPano:PoseHeadingDegrees> {} </GPano:PoseHeadingDegrees></rdf:Description>"
+    for fmt in ("JPEG", "WEBP", "PNG"):
+        assert xmp_panorama_heading(saved(fmt, None)) is None
+        for form in (attribute, element):
+            assert xmp_panorama_heading(saved(fmt, form.format("271.25"))) == 271.25, (fmt, form)
+            assert xmp_panorama_heading(saved(fmt, form.format("360"))) == 0.0
+            for bad in ("-0.5", "360.5", "nan", "inf", "east", ""):
+                assert xmp_panorama_heading(saved(fmt, form.format(bad))) is None, (fmt, form, bad)
+    assert xmp_panorama_heading(saved("JPEG", '<x GPano:PosePitchDegrees="5"/>')) is None  # another GPano tag
+
+
 def test_exif_numbers_that_are_not_finite_single_values_count_as_not_stated():
     from PIL.TiffImagePlugin import IFDRational
 
