@@ -1,17 +1,13 @@
 """Estimate a phone photo's pitch and roll from its near-vertical edges, and measure what placing the
 photos at the estimated tilt is worth to the re-rank (issue 16: photos sent without their tilt).
 
-A prototype, not in the product. World verticals (building corners, window sides, trunks) seen by a
-pinhole camera of pitch p and roll r (`model.preprocess.perspective_project`'s conventions) run, at a
-pixel with normalised coordinates (x, y) (right, up, over the focal length), along the image
-direction (U_r - x U_f, U_u - y U_f), where U = (-cos p sin r, cos p cos r, sin p) is the world's up
-in camera axes (right, up, forward). Every tilt of a grid is scored by how well the photo's strong
-near-vertical edges (the top 10% of gradient magnitudes within 10 degrees of vertical, after a light
-blur) follow those directions: sum of magnitude x exp(-(angle difference / 3 deg)^2); the best tilt
-wins, unless it lies on the grid's edge (then no vertical was found: level). The window, the spread and
-the edge rule were chosen on a separate photo world (worldgen --seed 909 --area-km2 2 --pairs 600
---camera perspective --fov 90 --heading-jitter 180 --pitch-roll-jitter 5 --panoramas 300), not on the
-evaluation region. Then, with --checkpoint, the photos are placed level, at the estimated tilt and at the true tilt
+The estimate is `model.preprocess.estimate_photo_tilt` (the service places a photo sent without its
+tilt with it; the method is in `edge_tilt_scores`' docstring): a grid of tilts (+-6 deg, 0.5 deg steps)
+scored by how well the photo's strong near-vertical edges follow the verticals that camera would see,
+the best kept unless it lies on the grid's edge (then level). The window, the spread and the edge rule
+were chosen on a separate photo world (worldgen --seed 909 --area-km2 2 --pairs 600 --camera perspective
+--fov 90 --heading-jitter 180 --pitch-roll-jitter 5 --panoramas 300), not on the evaluation region.
+Then, with --checkpoint, the photos are placed level, at the estimated tilt and at the true tilt
 (`model.views.place_view`, known or unknown heading; errors: the larger of the pitch and roll errors) and ranked as the service ranks them (descriptor
 top K re-ranked by column alignment, `model.orientation.alignment_scores`), R@1 for each.
 
@@ -31,46 +27,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFilter
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-
-def edge_tilt_scores(photo: Image.Image, hfov_deg: float, grid_deg: np.ndarray, width: int = 512,
-                     window_deg: float = 10.0, spread_deg: float = 3.0) -> np.ndarray:
-    """[len(grid), len(grid)] how well the photo's near-vertical edges follow the verticals of a camera
-    pitched by grid[i] and rolled by grid[j] (degrees), as a share of their total magnitude."""
-    grey = photo.convert("L")
-    grey = grey.resize((width, round(grey.height * width / grey.width)), Image.BILINEAR)
-    a = np.asarray(grey.filter(ImageFilter.GaussianBlur(1.2)), np.float32)
-    h, w = a.shape
-    gx, gy = np.zeros_like(a), np.zeros_like(a)
-    gx[:, 1:-1], gy[1:-1, :] = a[:, 2:] - a[:, :-2], a[2:, :] - a[:-2, :]
-    magnitude = np.hypot(gx, gy)
-    along = (np.degrees(np.arctan2(-gy, gx)) + 90.0) % 180.0 - 90.0  # the edge's angle from vertical
-    ys, xs = np.nonzero((magnitude > np.percentile(magnitude, 90)) & (np.abs(along) < window_deg))
-    weight, along = magnitude[ys, xs], along[ys, xs]
-    f = (w / 2) / np.tan(np.radians(hfov_deg) / 2)
-    x, y = (xs + 0.5 - w / 2) / f, (h / 2 - ys - 0.5) / f
-    scores = np.zeros((len(grid_deg), len(grid_deg)))
-    for i, p in enumerate(np.radians(grid_deg)):
-        for j, r in enumerate(np.radians(grid_deg)):
-            up_r, up_u, up_f = -np.cos(p) * np.sin(r), np.cos(p) * np.cos(r), np.sin(p)
-            vertical = (np.degrees(np.arctan2(x * up_f - up_r, up_u - y * up_f)) + 90.0) % 180.0 - 90.0
-            off = (along - vertical + 90.0) % 180.0 - 90.0
-            scores[i, j] = np.sum(weight * np.exp(-(off / spread_deg) ** 2))
-    return scores / max(float(weight.sum()), 1e-9)
-
-
-def estimate_tilt(photo: Image.Image, hfov_deg: float, span_deg: float = 6.0, step_deg: float = 0.5):
-    """(pitch, roll) in degrees: the best of a grid within +-span; level when the best is on its edge."""
-    grid = np.arange(-span_deg, span_deg + 1e-9, step_deg)
-    scores = edge_tilt_scores(photo, hfov_deg, grid)
-    i, j = np.unravel_index(np.argmax(scores), scores.shape)
-    if max(abs(grid[i]), abs(grid[j])) >= span_deg:
-        return 0.0, 0.0
-    return float(grid[i]), float(grid[j])
+from model.preprocess import estimate_photo_tilt  # noqa: E402
 
 
 def rerank_r1(checkpoint: Path, world: Path, photos: Path, ids: list[str], tilts: dict[str, dict],
@@ -132,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"{args.photos}: no photos")
     t0 = time.perf_counter()
     true = {c["id"]: (float(c["pitch_deg"]), float(c["roll_deg"])) for c in cameras}
-    estimated = {c["id"]: estimate_tilt(Image.open(args.photos / "streetview" / f"{c['id']}.jpg"),
+    estimated = {c["id"]: estimate_photo_tilt(Image.open(args.photos / "streetview" / f"{c['id']}.jpg"),
                                         float(c["hfov_deg"]), args.span) for c in cameras}
     seconds = (time.perf_counter() - t0) / len(cameras)
     error = np.array([np.max(np.abs(np.subtract(estimated[i], true[i]))) for i in true])

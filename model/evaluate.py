@@ -48,7 +48,7 @@ def evaluate(checkpoint: Path, data: Path, dataset: str = "synthetic", split: st
              heading: str = "known", rotations: int = 16, method: str = "head", seed: int = 0,
              photos: Path | None = None, queries: int = 0, ambiguity_margin: float = 0.02,
              tile_m: float = TILE_FOOTPRINT_M, rerank_k: int | None = None, rerank_weight: float | None = None,
-             photo_tilt: bool = False) -> dict:
+             photo_tilt: bool | str = False) -> dict:
     """Retrieval of the split's panoramas (or, with ``photos``, of a perspective world's photos
     of the same places) against its aerial tiles. ``fov`` < 360 keeps that much of each panorama
     around a random heading; ``heading="unknown"`` searches the heading over ``rotations`` turns of
@@ -57,7 +57,8 @@ def evaluate(checkpoint: Path, data: Path, dataset: str = "synthetic", split: st
     alignment (model.orientation.rerank, ``rerank_weight``), for a known heading too. ``queries``: only the
     first that many pairs are queries (against every tile of the split),
     e.g. for a perspective world rendered with `worldgen --panoramas N`; ``photo_tilt``: its photos are
-    placed with their cameras' true pitch and roll instead of level. ``tile_m``: the tiles' footprint,
+    placed with their cameras' true pitch and roll instead of level ("estimated": with the tilt
+    `model.preprocess.estimate_photo_tilt` finds, as the service places a photo sent without one). ``tile_m``: the tiles' footprint,
     for the refined position (model.metrics.refine_position)."""
     if heading not in HEADING_MODES or method not in METHODS:
         raise ValueError(f"heading must be one of {HEADING_MODES} and method one of {METHODS}")
@@ -97,7 +98,7 @@ def evaluate(checkpoint: Path, data: Path, dataset: str = "synthetic", split: st
 def evaluate_views(model, arrays, records, device, *, fov: float, heading: str, rotations: int, method: str,
                    seed: int, photos: Path | None, queries: int = 0, ambiguity_margin: float = 0.02,
                    tile_m: float = TILE_FOOTPRINT_M, rerank_k: int | None = None,
-                   rerank_weight: float | None = None, photo_tilt: bool = False) -> dict:
+                   rerank_weight: float | None = None, photo_tilt: bool | str = False) -> dict:
     """Recalls (and heading errors) of limited-field-of-view or unknown-heading queries: panorama crops
     of ``fov`` degrees around a random heading, or the photos of a perspective world."""
     from .inference import InferenceEncoder
@@ -377,17 +378,21 @@ def _view_columns(views: np.ndarray, width: int) -> np.ndarray:
     return seen.reshape(len(views), width, -1).mean(axis=2) >= 0.5
 
 
-def photo_views(world: Path, records, config, centred: bool, tilt: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def photo_views(world: Path, records, config, centred: bool, tilt: bool | str = False) -> tuple[np.ndarray, np.ndarray]:
     """The perspective photos of ``world`` (same places as ``records``, by id) mapped into the
     panorama frame at the model's ground size: at their true heading (known) or centred on north
     (``centred``: the heading is then searched); level, as a phone that does not send its tilt, or
     (``tilt``) with their cameras' true pitch and roll, as one that does (the API's pitch_deg,
-    roll_deg), by `place_view` as the service places an upload. Returns (views [N, H, W, 3] uint8,
+    roll_deg), or (``tilt="estimated"``) with the tilt `estimate_photo_tilt` finds, as the service places
+    a photo sent without one, by `place_view` as the service places an upload. Returns (views [N, H, W, 3] uint8,
     true headings)."""
     import csv
 
+    from .preprocess import estimate_photo_tilt, load_image
     from .views import place_view
 
+    if tilt not in (False, True, "estimated"):
+        raise ValueError(f"tilt must be False, True or 'estimated', got {tilt!r}")
     with open(world / "cameras.csv", newline="") as fh:
         cameras = {row["id"]: row for row in csv.DictReader(fh)}
     views = np.empty((len(records), *config.ground_size, 3), np.uint8)
@@ -397,8 +402,12 @@ def photo_views(world: Path, records, config, centred: bool, tilt: bool = False)
         if camera is None or camera.get("camera") != "perspective":
             raise ValueError(f"{world / 'cameras.csv'}: no perspective camera for id {record.id!r}")
         headings[i] = float(camera["heading_deg"]) % 360.0
-        pitch, roll = (float(camera["pitch_deg"]), float(camera["roll_deg"])) if tilt else (0.0, 0.0)
-        views[i], _ = place_view(world / "streetview" / f"{record.id}.jpg", config, fov_deg=float(camera["hfov_deg"]),
+        photo = world / "streetview" / f"{record.id}.jpg"
+        pitch, roll = (float(camera["pitch_deg"]), float(camera["roll_deg"])) if tilt is True else (0.0, 0.0)
+        if tilt == "estimated":
+            photo = load_image(photo)
+            pitch, roll = estimate_photo_tilt(photo, float(camera["hfov_deg"]))
+        views[i], _ = place_view(photo, config, fov_deg=float(camera["hfov_deg"]),
                                  heading_deg=None if centred else headings[i], projection="perspective",
                                  pitch_deg=pitch, roll_deg=roll)
     return views, headings
@@ -476,9 +485,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--photos", type=Path,
                    help="a perspective world (worldgen --camera perspective, same seed and pairs as --data): "
                         "its photos are the queries, mapped into the panorama frame")
-    v.add_argument("--photo-tilt", action="store_true",
+    v.add_argument("--photo-tilt", nargs="?", const="true", choices=["true", "estimated"],
                    help="place each --photos photo with its camera's true pitch and roll (cameras.csv), as a phone "
-                        "that sends its tilt (the API's pitch_deg, roll_deg); default: level")
+                        "that sends its tilt (the API's pitch_deg, roll_deg); 'estimated': with the tilt estimated "
+                        "from its vertical edges, as the service places a photo sent without it; default: level")
     return p
 
 
@@ -510,7 +520,8 @@ def main(argv: list[str] | None = None) -> int:
                           args.workers, fov=args.fov, heading=args.heading, rotations=args.rotations,
                           method=args.method, seed=args.seed, photos=args.photos, queries=args.queries,
                           ambiguity_margin=args.ambiguity_margin, tile_m=args.tile_m or TILE_FOOTPRINT_M,
-                          rerank_k=args.rerank_k, rerank_weight=args.rerank_weight, photo_tilt=args.photo_tilt)
+                          rerank_k=args.rerank_k, rerank_weight=args.rerank_weight,
+                          photo_tilt={None: False, "true": True}.get(args.photo_tilt, args.photo_tilt))
     except (CheckpointError, ConfigError, TrainingError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -14,7 +14,7 @@ from typing import Union
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image, ImageFilter, ImageOps
 
 from .config import L2LTRConfig
 
@@ -280,6 +280,51 @@ def perspective_project(az: np.ndarray, el: np.ndarray, hfov_deg: float, image_s
     in_front = fwd > 1e-9
     safe = np.where(in_front, fwd, 1.0)
     return w / 2.0 + f * right / safe, h / 2.0 - f * up / safe, in_front
+
+
+def edge_tilt_scores(photo: Image.Image, hfov_deg: float, grid_deg: np.ndarray, width: int = 512,
+                     window_deg: float = 10.0, spread_deg: float = 3.0) -> np.ndarray:
+    """[len(grid), len(grid)] how well the photo's near-vertical edges follow the verticals of a camera
+    pitched by grid[i] and rolled by grid[j] (degrees), as a share of their total magnitude.
+
+    World verticals seen by a pinhole camera of pitch p and roll r run, at a pixel with normalised
+    coordinates (x, y) (right, up, over the focal length), along the image direction (U_r - x U_f,
+    U_u - y U_f), U = (-cos p sin r, cos p cos r, sin p) being the world's up in camera axes (right,
+    up, forward). Each edge pixel (the top 10% of gradient magnitudes within ``window_deg`` of
+    vertical, after a light blur) adds its magnitude x exp(-(angle off that direction / spread)^2)."""
+    grey = photo.convert("L")
+    grey = grey.resize((width, round(grey.height * width / grey.width)), Image.BILINEAR)
+    a = np.asarray(grey.filter(ImageFilter.GaussianBlur(1.2)), np.float32)
+    h, w = a.shape
+    gx, gy = np.zeros_like(a), np.zeros_like(a)
+    gx[:, 1:-1], gy[1:-1, :] = a[:, 2:] - a[:, :-2], a[2:, :] - a[:-2, :]
+    magnitude = np.hypot(gx, gy)
+    along = (np.degrees(np.arctan2(-gy, gx)) + 90.0) % 180.0 - 90.0  # the edge's angle from vertical
+    ys, xs = np.nonzero((magnitude > np.percentile(magnitude, 90)) & (np.abs(along) < window_deg))
+    weight, along = magnitude[ys, xs], along[ys, xs]
+    f = (w / 2) / np.tan(np.radians(hfov_deg) / 2)
+    x, y = (xs + 0.5 - w / 2) / f, (h / 2 - ys - 0.5) / f
+    scores = np.zeros((len(grid_deg), len(grid_deg)))
+    for i, p in enumerate(np.radians(grid_deg)):
+        for j, r in enumerate(np.radians(grid_deg)):
+            up_r, up_u, up_f = -np.cos(p) * np.sin(r), np.cos(p) * np.cos(r), np.sin(p)
+            vertical = (np.degrees(np.arctan2(x * up_f - up_r, up_u - y * up_f)) + 90.0) % 180.0 - 90.0
+            off = (along - vertical + 90.0) % 180.0 - 90.0
+            scores[i, j] = np.sum(weight * np.exp(-(off / spread_deg) ** 2))
+    return scores / max(float(weight.sum()), 1e-9)
+
+
+def estimate_photo_tilt(photo: Image.Image, hfov_deg: float, span_deg: float = 6.0,
+                        step_deg: float = 0.5) -> tuple[float, float]:
+    """A pinhole photo's (pitch, roll) in degrees (`perspective_project`'s conventions), from its
+    near-vertical edges (`edge_tilt_scores`): the best of a grid within +-span; level when the best
+    lies on the grid's edge (no verticals found). Measured in bench/tilt_estimate.py."""
+    grid = np.arange(-span_deg, span_deg + 1e-9, step_deg)
+    scores = edge_tilt_scores(photo, hfov_deg, grid)
+    i, j = np.unravel_index(np.argmax(scores), scores.shape)
+    if max(abs(grid[i]), abs(grid[j])) >= span_deg:
+        return 0.0, 0.0
+    return float(grid[i]), float(grid[j])
 
 
 def _rgb_array(image, what: str) -> np.ndarray:

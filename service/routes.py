@@ -77,12 +77,14 @@ def view_params(
     projection: Annotated[Literal["equirectangular", "perspective"] | None, Query(description=(
         "perspective: a photo (pinhole camera); equirectangular: a panorama or a crop of one. Default: "
         "perspective for a narrow image with a field of view under 360, else equirectangular."))] = None,
-    pitch_deg: Annotated[float, Query(ge=-45, le=45, description=(
+    pitch_deg: Annotated[float | None, Query(ge=-45, le=45, description=(
         "A photo's camera pitch: the elevation of its optical axis above the horizon, degrees (from the phone's "
-        "orientation sensors; projection=perspective). Default 0: level."))] = 0.0,
-    roll_deg: Annotated[float, Query(ge=-45, le=45, description=(
+        "orientation sensors; projection=perspective). Default: estimated from the photo's vertical edges "
+        "(within +-6 degrees; 0 where none are found); with roll_deg alone: 0."))] = None,
+    roll_deg: Annotated[float | None, Query(ge=-45, le=45, description=(
         "A photo's camera roll: its turn about the optical axis, degrees, clockwise as seen from behind the "
-        "camera, relative to the upright image (projection=perspective). Default 0: level."))] = 0.0,
+        "camera, relative to the upright image (projection=perspective). Default: estimated with the pitch; "
+        "with pitch_deg alone: 0."))] = None,
     near: Annotated[str | None, Query(description=(
         "'lat,lon' (decimal degrees): search only the tiles within radius_m of this rough position "
         "(e.g. a phone's GPS fix)."))] = None,
@@ -94,8 +96,8 @@ def view_params(
     at = None if near is None else _lat_lon(near)
     if at is not None and radius_m is None:
         raise invalid("query", "radius_m", "missing", "radius_m (metres) is required with near")
-    return ViewParams(fov_deg, heading_deg, projection, (pitch_deg + 0.0, roll_deg + 0.0), at, radius_m,
-                      near_from_exif)  # + 0.0: -0 is level too
+    tilt = None if pitch_deg is None and roll_deg is None else ((pitch_deg or 0.0) + 0.0, (roll_deg or 0.0) + 0.0)
+    return ViewParams(fov_deg, heading_deg, projection, tilt, at, radius_m, near_from_exif)  # + 0.0: -0 is level
 
 
 ViewQuery = Annotated[ViewParams, Depends(view_params)]

@@ -31,8 +31,11 @@ class ViewInfo(BaseModel):
         None, description="Given (parameter, XMP GPano:PoseHeadingDegrees, EXIF GPSImgDirection) or, otherwise, "
         "estimated at the best match.")
     heading_source: Literal["parameter", "xmp", "exif", "estimated"] | None = None
-    pitch_deg: float = Field(0.0, description="The photo's camera pitch it was placed with (parameter; 0: level).")
-    roll_deg: float = Field(0.0, description="The photo's camera roll it was placed with (parameter; 0: level).")
+    pitch_deg: float = Field(0.0, description="The photo's camera pitch it was placed with (0: level).")
+    roll_deg: float = Field(0.0, description="The photo's camera roll it was placed with (0: level).")
+    tilt_source: Literal["parameter", "estimated"] | None = Field(
+        None, description="Where a photo's pitch and roll came from: the parameters, or estimated from its "
+        "vertical edges; null for a panorama or a crop of one (level).")
 
 
 class Confidence(BaseModel):

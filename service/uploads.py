@@ -23,7 +23,8 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
-from model.preprocess import ImageDecodeError, exif_camera, exif_gps, image_uint8, upright_size, xmp_panorama_heading
+from model.preprocess import (ImageDecodeError, estimate_photo_tilt, exif_camera, exif_gps, image_uint8, load_image,
+                              upright_size, xmp_panorama_heading)
 from model.views import place_view
 
 from .engine import Overloaded
@@ -275,7 +276,7 @@ class ViewParams:
     fov_deg: float | None = None
     heading_deg: float | None = None
     projection: str | None = None
-    tilt: tuple[float, float] = (0.0, 0.0)  # a photo's camera pitch, roll (degrees); panoramas are level
+    tilt: tuple[float, float] | None = None  # a photo's camera pitch, roll (degrees); None: estimated from a photo
     near: tuple[float, float] | None = None  # lat, lon: search only within radius_m of it
     radius_m: float | None = None
     near_from_exif: bool = False  # where `near` is not given: the photo's EXIF GPS position, if any
@@ -307,15 +308,17 @@ def view_spec(image: CheckedImage, params: ViewParams) -> ViewInfo:
             f"{image.upload.label}: a field of view of {fov:g} degrees ({fov_source}) can not be read: a view must span "
             f"at least {MIN_FOV_DEG:g} degrees, a photo (projection=perspective) less than 180; send fov_deg, or "
             "projection=equirectangular for a wider panorama crop")
-    if projection != "perspective" and params.tilt != (0.0, 0.0):
+    if projection != "perspective" and params.tilt not in (None, (0.0, 0.0)):
         raise UploadError(
             422, "tilt_not_a_photo",
             f"{image.upload.label} is read as an equirectangular {'panorama' if fov >= 360 else 'crop'}, which is "
             "level: pitch_deg and roll_deg describe a photo's camera (projection=perspective)")
     heading, heading_source = next(((h, source) for h, source in ((params.heading_deg, "parameter"),
                                    (image.xmp_heading, "xmp"), (image.exif_heading, "exif")) if h is not None), (None, None))
+    pitch, roll = params.tilt or (0.0, 0.0)  # a photo's is estimated where it is decoded (decode_uploads)
     return ViewInfo(fov_deg=fov, projection=projection, fov_source=fov_source, heading_deg=heading,
-                    heading_source=heading_source, pitch_deg=params.tilt[0], roll_deg=params.tilt[1])
+                    heading_source=heading_source, pitch_deg=pitch, roll_deg=roll,
+                    tilt_source="parameter" if params.tilt is not None and projection == "perspective" else None)
 
 
 def decode_uploads(images: list[CheckedImage], specs: list[ViewInfo], max_pixels: int,
@@ -326,9 +329,14 @@ def decode_uploads(images: list[CheckedImage], specs: list[ViewInfo], max_pixels
     views, seen = [], []
     for image, spec in zip(images, specs):
         try:
-            view, covered = place_view(image.image, config, fov_deg=spec.fov_deg, heading_deg=spec.heading_deg,
+            source, name = image.image, f"image {image.upload.index}"
+            if spec.projection == "perspective" and spec.tilt_source is None:  # the tilt was not sent
+                source = load_image(source, name, max_pixels)
+                spec.pitch_deg, spec.roll_deg = estimate_photo_tilt(source, spec.fov_deg)
+                spec.tilt_source = "estimated"
+            view, covered = place_view(source, config, fov_deg=spec.fov_deg, heading_deg=spec.heading_deg,
                                        projection=spec.projection, pitch_deg=spec.pitch_deg, roll_deg=spec.roll_deg,
-                                       name=f"image {image.upload.index}", max_pixels=max_pixels)
+                                       name=name, max_pixels=max_pixels)
         except ImageDecodeError as exc:
             raise UploadError(400, "undecodable_image", str(exc)) from None
         finally:

@@ -18,7 +18,7 @@ def _module():
 def test_every_cell_has_its_evaluate_arguments():
     lv = _module()
     cells = dict(lv.cells())
-    assert len(cells) == 4 * 4 + 3 * 4
+    assert len(cells) == 4 * 4 + 4 * 4
     assert cells["360_known_descriptor"] == ["--fov", "360", "--heading", "known"]
     assert cells["70_unknown_head"] == ["--fov", "70", "--heading", "unknown", "--method", "head"]
     assert cells["photos_unknown_rerank"] == ["--fov", "90", "--heading", "unknown", "--queries", "400",
@@ -26,6 +26,7 @@ def test_every_cell_has_its_evaluate_arguments():
     assert cells["photos_tilt_known_descriptor"] == ["--fov", "90", "--heading", "known", "--queries", "400",
                                                      "--photos", "{photos}", "--photo-tilt"]
     assert "--photos" not in cells["crops_known_rerank"] and "--photo-tilt" not in cells["photos_known_rerank"]
+    assert cells["photos_est_unknown_rerank"][-4:] == ["--photos", "{photos}", "--photo-tilt", "estimated"]
 
 
 def test_tables_ratios_and_gaps(tmp_path, capsys):

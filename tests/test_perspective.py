@@ -464,5 +464,14 @@ def test_evaluate_places_the_photos_level_or_with_their_true_tilt(photo_world):
         assert (tv == place_view(path, config, pitch_deg=float(c["pitch_deg"]), roll_deg=float(c["roll_deg"]),
                                  **common)[0]).all()
         assert not np.array_equal(tv, lv)  # pitch and roll of up to 5 degrees move the photo's pixels
+    from model.preprocess import estimate_photo_tilt, load_image
+
+    estimated, _ = photo_views(photo_world, records[:1], config, centred=False, tilt="estimated")
+    photo = load_image(photo_world / "streetview" / f"{cams[0]['id']}.jpg")
+    pitch, roll = estimate_photo_tilt(photo, float(cams[0]["hfov_deg"]))
+    assert (estimated[0] == place_view(photo, config, fov_deg=float(cams[0]["hfov_deg"]), heading_deg=headings[0],
+                                       projection="perspective", pitch_deg=pitch, roll_deg=roll)[0]).all()
+    with pytest.raises(ValueError, match="tilt must be"):
+        photo_views(photo_world, records, config, centred=False, tilt="level")
     with pytest.raises(ValueError, match="photos"):
         evaluate(Path("unused.safetensors"), photo_world, photo_tilt=True)

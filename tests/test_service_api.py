@@ -822,8 +822,9 @@ def test_the_field_of_view_and_heading_come_from_parameters_exif_or_the_shape(cl
     pano = _post(client, world.pano).json()["view"]
     assert pano == {"fov_deg": 360.0, "projection": "equirectangular", "fov_source": "aspect",
                     "heading_deg": None, "heading_source": None,  # no orientation head: no heading
-                    "pitch_deg": 0.0, "roll_deg": 0.0}
+                    "pitch_deg": 0.0, "roll_deg": 0.0, "tilt_source": None}
     exif = _post(client, _photo(hfov=65.0, heading=123.0)).json()["view"]
+    assert exif["tilt_source"] == "estimated" and abs(exif["pitch_deg"]) < 6 and abs(exif["roll_deg"]) < 6
     assert exif["fov_source"] == "exif" and exif["projection"] == "perspective"
     assert exif["fov_deg"] == pytest.approx(65.0, abs=1.0)  # a whole mm of 35 mm focal length
     assert (exif["heading_deg"], exif["heading_source"]) == (123.0, "exif")
@@ -835,7 +836,10 @@ def test_the_field_of_view_and_heading_come_from_parameters_exif_or_the_shape(cl
                        files={"image": ("c.jpg", jpeg_bytes(256, 128), "image/jpeg")})
     assert crop.status_code == 200 and crop.json()["view"]["projection"] == "equirectangular"
     tilted = client.post("/localize?pitch_deg=12.5&roll_deg=-4", files=files).json()["view"]
-    assert (tilted["projection"], tilted["pitch_deg"], tilted["roll_deg"]) == ("perspective", 12.5, -4.0)
+    assert (tilted["projection"], tilted["pitch_deg"], tilted["roll_deg"], tilted["tilt_source"]) == \
+        ("perspective", 12.5, -4.0, "parameter")
+    pitched = client.post("/localize?pitch_deg=3", files=files).json()["view"]  # the roll alone left out: level
+    assert (pitched["pitch_deg"], pitched["roll_deg"], pitched["tilt_source"]) == (3.0, 0.0, "parameter")
     for query in ("fov_deg=0", "fov_deg=361", "heading_deg=360", "heading_deg=-1", "projection=fisheye",
                   "pitch_deg=46", "roll_deg=-45.5", "pitch_deg=up"):
         _assert_error(client.post(f"/localize?{query}", files=files), 422, "validation_error")
@@ -978,6 +982,8 @@ def test_with_an_orientation_head_the_best_tiles_are_re_ranked_by_their_column_a
         for image, query, placed in cases:
             body = client.post(f"/localize?k=8{query}", files={"image": ("v.jpg", image, "image/jpeg")}).json()
             # the same by hand: the best RERANK_CANDIDATES tiles by descriptor, then model.orientation.rerank
+            if placed.get("projection") == "perspective":  # a photo sent without its tilt: the one estimated
+                placed = {**placed, "pitch_deg": body["view"]["pitch_deg"], "roll_deg": body["view"]["roll_deg"]}
             view, seen = place_view(image, net.config, **placed)
             vector, columns = encoder.encode_uint8_with_columns(torch.from_numpy(view).permute(2, 0, 1)[None], "ground")
             scores = tiles @ vector[0]
