@@ -7,8 +7,8 @@ when they are missing, then runs `model.evaluate` for every cell of two tables: 
 180, 90, 70) x heading known (descriptor, re-rank) / unknown (head, re-rank), and 90 degree photos vs
 90 degree crops of the same first 400 pairs (the photos placed level, at the tilt estimated from their
 vertical edges as the service places them, and with their cameras' true pitch and roll). Each cell is one
-JSON file in --out, written when its run ends, so an interrupted run resumes where it stopped. The tables are printed as Markdown (and written to
-OUT/tables.md), with R@1 over the known-heading 360 degree descriptor R@1 (issue 16's ratios) and the
+JSON file in --out, written when its run ends, so an interrupted run resumes where it stopped. The
+tables are printed as Markdown (and written to OUT/tables.md), with R@1 over the known-heading 360 degree descriptor R@1 (issue 16's ratios) and the
 photo-to-crop gaps. About 25 evaluations: ~15 min on one core of the 2-vCPU VM for the `tiny` config.
 """
 from __future__ import annotations
@@ -102,7 +102,8 @@ def tables(out: Path) -> str:
               for kind in KINDS for heading, methods in METHODS.items() for method in methods]
     gap = lambda kind, heading: 100 * (cell[f"crops_{heading}_rerank"]["r1"] - cell[f"{kind}_{heading}_rerank"]["r1"])  # noqa: E731
     gaps = [f"{how} known {gap(kind, 'known'):.2f} / unknown {gap(kind, 'unknown'):.2f}"
-            for kind, how in (("photos", "placed level"), ("photos_est", "tilt estimated"), ("photos_tilt", "tilt given"))]
+            for kind, how in (("photos", "placed level"), ("photos_est", "tilt estimated"),
+                              ("photos_tilt", "tilt given"))]
     ratios = [f"{fov} {cell[f'{fov}_unknown_rerank']['r1'] / base:.2f}" for fov in (360, 180, 90)]
     lines += ["", f"Re-ranked photos trail crops by (points): {'; '.join(gaps)} (issue 16: at most 5).",
               f"Unknown heading re-ranked, x known 360 descriptor R@1 ({100 * base:.2f}): {', '.join(ratios)} "

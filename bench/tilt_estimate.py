@@ -8,8 +8,9 @@ the best kept unless it lies on the grid's edge (then level). The window, the sp
 were chosen on a separate photo world (worldgen --seed 909 --area-km2 2 --pairs 600 --camera perspective
 --fov 90 --heading-jitter 180 --pitch-roll-jitter 5 --panoramas 300), not on the evaluation region.
 Then, with --checkpoint, the photos are placed level, at the estimated tilt and at the true tilt
-(`model.views.place_view`, known or unknown heading; errors: the larger of the pitch and roll errors) and ranked as the service ranks them (descriptor
-top K re-ranked by column alignment, `model.orientation.alignment_scores`), R@1 for each.
+(`model.views.place_view`, known or unknown heading; errors: the larger of the pitch and roll errors)
+and ranked as the service ranks them (the descriptor's top K re-ranked by `model.orientation.rerank`),
+R@1 for each.
 
   python bench/tilt_estimate.py --photos data/eval_photos90 --world data/eval_world \\
       --checkpoint weights/l2ltr_tiny_demo.safetensors --out runs/tilt_estimate.json
@@ -41,7 +42,7 @@ def rerank_r1(checkpoint: Path, world: Path, photos: Path, ids: list[str], tilts
     from model.checkpoint import load_checkpoint
     from model.evaluate import _encode_views, _view_columns
     from model.inference import InferenceEncoder
-    from model.orientation import alignment_scores
+    from model.orientation import rerank
     from model.train import load_pair_arrays, read_records
     from model.views import place_view
 
@@ -58,8 +59,8 @@ def rerank_r1(checkpoint: Path, world: Path, photos: Path, ids: list[str], tilts
         for name, tilt in tilts.items():
             views = np.stack([place_view(photos / "streetview" / f"{i}.jpg", model.config,
                                          fov_deg=float(cameras[i]["hfov_deg"]), projection="perspective",
-                                         heading_deg=float(cameras[i]["heading_deg"]) % 360 if heading == "known" else None,
-                                         pitch_deg=tilt[i][0], roll_deg=tilt[i][1])[0] for i in ids])
+                                         heading_deg=float(cameras[i]["heading_deg"]) % 360 if heading == "known"
+                                         else None, pitch_deg=tilt[i][0], roll_deg=tilt[i][1])[0] for i in ids])
             queries, columns = _encode_views(encoder, "ground", views, columns=True)
             valid = _view_columns(views, columns.shape[1])
             scores = queries @ aerial.T
@@ -67,8 +68,8 @@ def rerank_r1(checkpoint: Path, world: Path, photos: Path, ids: list[str], tilts
             for q, i in enumerate(ids):
                 top = np.argsort(-scores[q], kind="stable")[:candidates]
                 if row[i] in top:
-                    alignment = alignment_scores(columns[q], aerial_columns[top], valid[q]).max(axis=1)
-                    hits += top[np.argmax((1 - weight) * scores[q, top] + weight * alignment)] == row[i]
+                    best = rerank(scores[q, top], columns[q], aerial_columns[top], valid[q], weight).order[0]
+                    hits += top[best] == row[i]
             out[f"{heading}_{name}"] = round(100.0 * hits / len(ids), 2)
             print(f"  {heading} heading, {name}: R@1 {out[f'{heading}_{name}']}", flush=True)
     return out

@@ -58,8 +58,8 @@ def evaluate(checkpoint: Path, data: Path, dataset: str = "synthetic", split: st
     first that many pairs are queries (against every tile of the split),
     e.g. for a perspective world rendered with `worldgen --panoramas N`; ``photo_tilt``: its photos are
     placed with their cameras' true pitch and roll instead of level ("estimated": with the tilt
-    `model.preprocess.estimate_photo_tilt` finds, as the service places a photo sent without one). ``tile_m``: the tiles' footprint,
-    for the refined position (model.metrics.refine_position)."""
+    `model.preprocess.estimate_photo_tilt` finds, as the service places a photo sent without one).
+    ``tile_m``: the tiles' footprint, for the refined position (model.metrics.refine_position)."""
     if heading not in HEADING_MODES or method not in METHODS:
         raise ValueError(f"heading must be one of {HEADING_MODES} and method one of {METHODS}")
     if photo_tilt and photos is None:
@@ -384,8 +384,8 @@ def photo_views(world: Path, records, config, centred: bool, tilt: bool | str = 
     (``centred``: the heading is then searched); level, as a phone that does not send its tilt, or
     (``tilt``) with their cameras' true pitch and roll, as one that does (the API's pitch_deg,
     roll_deg), or (``tilt="estimated"``) with the tilt `estimate_photo_tilt` finds, as the service places
-    a photo sent without one, by `place_view` as the service places an upload. Returns (views [N, H, W, 3] uint8,
-    true headings)."""
+    a photo sent without one, by `place_view` as the service places an upload. Returns (views [N, H, W, 3]
+    uint8, true headings)."""
     import csv
 
     from .preprocess import estimate_photo_tilt, load_image

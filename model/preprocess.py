@@ -302,7 +302,7 @@ def edge_tilt_scores(photo: Image.Image, hfov_deg: float, grid_deg: np.ndarray, 
     along = (np.degrees(np.arctan2(-gy, gx)) + 90.0) % 180.0 - 90.0  # the edge's angle from vertical
     ys, xs = np.nonzero((magnitude > np.percentile(magnitude, 90)) & (np.abs(along) < window_deg))
     weight, along = magnitude[ys, xs], along[ys, xs]
-    f = (w / 2) / np.tan(np.radians(hfov_deg) / 2)
+    f = focal_length_px(hfov_deg, w)
     x, y = (xs + 0.5 - w / 2) / f, (h / 2 - ys - 0.5) / f
     scores = np.zeros((len(grid_deg), len(grid_deg)))
     for i, p in enumerate(np.radians(grid_deg)):

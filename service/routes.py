@@ -73,7 +73,8 @@ def view_params(
         "(FocalLengthIn35mmFilm), else 360 for an image at least 3.5 times as wide as high; otherwise 422."))] = None,
     heading_deg: Annotated[float | None, Query(ge=0, lt=360, description=(
         "Where the image's centre looks, degrees clockwise from true north. Default: XMP "
-        "GPano:PoseHeadingDegrees (a Street View style panorama), else EXIF GPSImgDirection; else unknown, and each match says the heading it implies."))] = None,
+        "GPano:PoseHeadingDegrees (a Street View style panorama), else EXIF GPSImgDirection; else unknown, "
+        "and each match says the heading it implies."))] = None,
     projection: Annotated[Literal["equirectangular", "perspective"] | None, Query(description=(
         "perspective: a photo (pinhole camera); equirectangular: a panorama or a crop of one. Default: "
         "perspective for a narrow image with a field of view under 360, else equirectangular."))] = None,

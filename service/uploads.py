@@ -285,7 +285,8 @@ class ViewParams:
 def view_spec(image: CheckedImage, params: ViewParams) -> ViewInfo:
     """The field of view, projection, heading and tilt of an upload that passed `check_image`: the
     request's parameters first, then the image's XMP (GPano:PoseHeadingDegrees) and EXIF
-    (FocalLengthIn35mmFilm, GPSImgDirection), then its shape (a wide image is a 360 degree panorama). Without any: 422 naming the parameter to send.
+    (FocalLengthIn35mmFilm, GPSImgDirection), then its shape (a wide image is a 360 degree panorama).
+    Without any: 422 naming the parameter to send.
     A heading of None: the view is placed centred on north and its heading is searched."""
     width, height, wide = image.width, image.height, image.width >= PANORAMA_ASPECT * image.height
     if params.fov_deg is not None:
@@ -313,8 +314,8 @@ def view_spec(image: CheckedImage, params: ViewParams) -> ViewInfo:
             422, "tilt_not_a_photo",
             f"{image.upload.label} is read as an equirectangular {'panorama' if fov >= 360 else 'crop'}, which is "
             "level: pitch_deg and roll_deg describe a photo's camera (projection=perspective)")
-    heading, heading_source = next(((h, source) for h, source in ((params.heading_deg, "parameter"),
-                                   (image.xmp_heading, "xmp"), (image.exif_heading, "exif")) if h is not None), (None, None))
+    given = ((params.heading_deg, "parameter"), (image.xmp_heading, "xmp"), (image.exif_heading, "exif"))
+    heading, heading_source = next(((h, source) for h, source in given if h is not None), (None, None))
     pitch, roll = params.tilt or (0.0, 0.0)  # a photo's is estimated where it is decoded (decode_uploads)
     return ViewInfo(fov_deg=fov, projection=projection, fov_source=fov_source, heading_deg=heading,
                     heading_source=heading_source, pitch_deg=pitch, roll_deg=roll,
