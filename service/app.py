@@ -24,7 +24,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import routes
 from .artifact import public_text
-from .deps import require_api_key
 from .engine import ClientGone, NotReady, Overloaded, ResultTimeout
 from .logs import configure_logging, new_request_id, request_id_var
 from .metrics import Metrics
@@ -179,7 +178,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.upload_budget = UploadBudget(settings.max_inflight_upload_bytes)
     _install_error_handlers(app, settings)
     # Without keys no route checks one: no dependency to solve per request, none in the docs.
-    auth = [Depends(require_api_key)] if settings.api_keys else []
+    auth = [Depends(routes.require_api_key)] if settings.api_keys else []
     unauthorized = routes.errors(401) if settings.api_keys else None
     app.include_router(routes.api, dependencies=auth, responses=unauthorized)
     app.include_router(routes.admin, dependencies=auth)
