@@ -60,7 +60,6 @@ class Job:
     k: int
     # -> ([n, 3, H, W] uint8 at the model's ground size, [n, W] bool: the pixel columns each view covers)
     decode: Callable[[], tuple[torch.Tensor, np.ndarray]]
-    loop: asyncio.AbstractEventLoop
     future: asyncio.Future
     enqueued: float = field(default_factory=time.perf_counter)
     abandoned: str | None = None  # why nobody waits for it any more (a metrics label)
@@ -182,8 +181,7 @@ class Engine:
                        disconnected: Callable[[], Awaitable[Any]] | None = None,
                        near: list[Near | None] | None = None) -> JobResult:
         """Queue ``n`` images (made by ``decode`` on an executor thread) and wait for their matches."""
-        loop = asyncio.get_running_loop()
-        job = Job(n=n, k=k, decode=decode, loop=loop, future=loop.create_future(), near=near)
+        job = Job(n=n, k=k, decode=decode, future=asyncio.get_running_loop().create_future(), near=near)
         with self._cond:
             if self._closed:
                 raise NotReady("shutting down")
@@ -328,4 +326,4 @@ class Engine:
         """Settle jobs' futures with one call into the event loop they came from (the app's one loop)."""
         if outcomes:
             with contextlib.suppress(RuntimeError):  # the event loop is closed: nobody is waiting any more
-                outcomes[0][0].loop.call_soon_threadsafe(_settle, outcomes)
+                outcomes[0][0].future.get_loop().call_soon_threadsafe(_settle, outcomes)

@@ -19,10 +19,6 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 STAGES = ("decode", "queue", "encode", "search", "total")
 
 
-def multiprocess_dir() -> str | None:
-    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
-
-
 class Metrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry(auto_describe=True)
@@ -85,7 +81,7 @@ class Metrics:
 
     def exposition(self) -> bytes:
         """The text format of this process's metrics, or of every process's in multiprocess mode."""
-        if multiprocess_dir() is None:
+        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             return generate_latest(self.registry)
         merged = CollectorRegistry()
         multiprocess.MultiProcessCollector(merged)
@@ -94,5 +90,5 @@ class Metrics:
     @staticmethod
     def process_exit() -> None:
         """In multiprocess mode, forget this process's live gauges (queue depth, readiness)."""
-        if multiprocess_dir() is not None:
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             multiprocess.mark_process_dead(os.getpid())
