@@ -127,8 +127,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     (HTTPValidationError) on routes whose parameters can not be invalid, and several security
     schemes of one route listed as alternatives when each is required."""
     if app.openapi_schema is None:
-        schema = get_openapi(title=app.title, version=app.version, description=app.description,
-                             routes=app.routes)
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
         for path in schema["paths"].values():
             for operation in path.values():
                 default_422 = operation.get("responses", {}).get("422", {})

@@ -30,9 +30,7 @@ async def _wait_for_disconnect(request: Request) -> None:
 
 async def localize(request: Request, runtime: Runtime, params: ViewParams, *, k: int, batch: bool,
                    accept: str | None) -> Response:
-    """Read the upload(s) within the byte budget, check their headers and work out how to read each
-    (field of view, heading), queue one job, await it; answer as JSON or, when the Accept header
-    prefers it, GeoJSON."""
+    """The steps above for one request (``batch``: several images); GeoJSON where ``accept`` prefers it."""
     started = time.perf_counter()
     s, model, engine = runtime.settings, runtime.model, runtime.engine
     assert model is not None and engine is not None
