@@ -2,11 +2,12 @@
 photos at the estimated tilt is worth to the re-rank (issue 16: photos sent without their tilt).
 
 The estimate is `model.preprocess.estimate_photo_tilt` (the service places a photo sent without its
-tilt with it; the method is in `edge_tilt_scores`' docstring): a grid of tilts (+-6 deg, 0.5 deg steps)
-scored by how well the photo's strong near-vertical edges follow the verticals that camera would see,
-the best kept unless it lies on the grid's edge (then level). The window, the spread and the edge rule
-were chosen on a separate photo world (worldgen --seed 909 --area-km2 2 --pairs 600 --camera perspective
---fov 90 --heading-jitter 180 --pitch-roll-jitter 5 --panoramas 300), not on the evaluation region.
+tilt with it; the method is in `tilt_scores`' docstring): a grid of tilts (+-6 deg, 1 deg steps, then
+0.1 deg steps around the best) scored by how well the photo's strong near-vertical edges follow the
+verticals that camera would see, the best kept unless it lies on the grid's edge (then level). The
+window, the spread, the edge rule, the working width (1024 pixels) and the blur were chosen on a separate
+photo world (worldgen --seed 909 --area-km2 2 --pairs 600 --camera perspective --fov 90 --heading-jitter 180
+--pitch-roll-jitter 5 --panoramas 300), not on the evaluation region.
 Then, with --checkpoint, the photos are placed level, at the estimated tilt and at the true tilt
 (`model.views.place_view`, known or unknown heading; errors: the larger of the pitch and roll errors)
 and ranked as the service ranks them (the descriptor's top K re-ranked by `model.orientation.rerank`),
@@ -16,7 +17,7 @@ R@1 for each.
       --checkpoint weights/l2ltr_tiny_demo.safetensors --out runs/tilt_estimate.json
 
 (data/eval_world and data/eval_photos90: the unseen region and its photos that bench/limited_views.py
-makes.) ~1 min for the estimates of 400 photos on one core, ~4 min more for the rankings.
+makes.) ~1 min for the estimates of 400 photos on one core (~0.12 s each), ~4 min more for the rankings.
 """
 from __future__ import annotations
 
