@@ -282,14 +282,14 @@ def _metric_sum(text: str, name: str) -> float:
 # --- load -----------------------------------------------------------------------------------------
 
 def run_load(port: int, body: bytes, concurrency: int, max_requests: int, max_seconds: float,
-             k: int = 5) -> dict:
+             query: str = "k=5") -> dict:
     """Closed loop: `concurrency` clients, each with one keep-alive connection, send requests
     back to back until `max_requests` in total or `max_seconds` have passed.
 
     The clients are coroutines on one event loop writing pre-built request bytes: on a 2-core box
     the load generator shares the CPUs with the server, so it should cost as little as possible
     (uvloop where installed, as for the server)."""
-    coro = _run_load(port, body, concurrency, max_requests, max_seconds, k)
+    coro = _run_load(port, body, concurrency, max_requests, max_seconds, query)
     try:
         import uvloop
     except ImportError:
@@ -312,8 +312,8 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
 
 
 async def _run_load(port: int, body: bytes, concurrency: int, max_requests: int, max_seconds: float,
-                    k: int) -> dict:
-    request = (f"POST /localize?k={k} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                    query: str) -> dict:
+    request = (f"POST /localize?{query} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
                f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
                f"Content-Length: {len(body)}\r\n\r\n").encode() + body
     latencies: list[float] = []
@@ -434,6 +434,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tiles", type=int, default=10_000)
     p.add_argument("--image", type=Path, help="panorama to send; default: a synthetic JPEG")
     p.add_argument("--image-size", default="512x128", help="WxH of the synthetic panorama")
+    p.add_argument("--params", default="", metavar="QUERY",
+                   help="more query parameters of each POST /localize (k=5 and these), e.g. for a phone photo "
+                   "sent as --image: 'fov_deg=90&projection=perspective' (its tilt then estimated) or with "
+                   "'&pitch_deg=0&roll_deg=0' (given)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-batch-size", type=int, default=8, help="GEOLOC_MAX_BATCH_SIZE")
     p.add_argument("--max-wait-ms", type=float, default=0.0, help="GEOLOC_MAX_BATCH_WAIT_MS")
@@ -472,7 +476,9 @@ def main(argv: list[str] | None = None) -> int:
             make_random_artifact(index, checkpoint, args.tiles, seed=0)
     w, h = (int(v) for v in args.image_size.lower().split("x"))
     image = panorama_jpeg(args.image, (w, h), seed=1)
+    w, h = Image.open(io.BytesIO(image)).size  # --image's own
     body = multipart(image)
+    query = "k=5" + (f"&{args.params.lstrip('&?')}" if args.params else "")
 
     env = {"GEOLOC_CHECKPOINT": str(checkpoint), "GEOLOC_INDEX": str(index),
            "GEOLOC_DEVICE": args.device, "GEOLOC_MAX_BATCH_SIZE": str(args.max_batch_size),
@@ -482,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     for item in args.server_env:
         key, _, value = item.partition("=")
         env[key] = value
-    print(f"checkpoint {checkpoint}\nindex      {index}\nimage      {w}x{h} JPEG, {len(image)} bytes")
+    print(f"checkpoint {checkpoint}\nindex      {index}\nimage      {w}x{h} JPEG, {len(image)} bytes\nquery      {query}")
     raw_threads = tuple(int(t) for t in args.raw_threads.split(",") if t)
     cpus = available_cpus()
     raw_batches = sorted({args.max_batch_size, *(int(b) for b in args.raw_batches.split(",") if b)})
@@ -490,15 +496,15 @@ def main(argv: list[str] | None = None) -> int:
     meter = CpuMeter(server.proc.pid)
     rounds: list[dict] = []
     try:
-        run_load(server.port, body, 1, 30, 10)  # warm-up of the service
-        run_load(server.port, body, args.concurrency, 4 * args.concurrency, 10)
+        run_load(server.port, body, 1, 30, 10, query)  # warm-up of the service
+        run_load(server.port, body, args.concurrency, 4 * args.concurrency, 10, query)
         for r in range(args.rounds):
             meter.start()
             raw1 = raw_encoder(checkpoint, args.device, 1, args.raw_seconds, batch1_only=True,
                                threads=raw_threads)
             raw1["cpu"] = meter.stop()
             meter.start()
-            c1 = run_load(server.port, body, 1, args.c1_requests, args.c1_seconds)
+            c1 = run_load(server.port, body, 1, args.c1_requests, args.c1_seconds, query)
             c1["cpu"] = meter.stop()
             c1["server_cpu_ms_per_request"] = 1000 * c1["cpu"]["server_cpu_s"] / max(1, c1["ok"])
             meter.start()
@@ -522,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
             metrics_before = server.get("/metrics")
             meter.start()
             load = run_load(server.port, body, args.concurrency, args.load_requests,
-                            args.load_seconds)
+                            args.load_seconds, query)
             load["cpu"] = meter.stop()
             metrics_after = server.get("/metrics")
             after_cpu = [raw_steady(checkpoint, args.device, b, n, slice_s) for b, n in candidates]
@@ -588,7 +594,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(), "other_load": note_load, "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "checkpoint": str(checkpoint), "index": str(index), "image_bytes": len(image),
-        "image_size": [w, h], "settings": env, "rounds": rounds,
+        "image_size": [w, h], "query": query, "settings": env, "rounds": rounds,
         "raw_batch1_ms": raw_b1, "raw_batched_img_s": raw_img_s, "raw_lanes_img_s": lanes_img_s,
         "raw_best_trial_img_s": best_trial_img_s, "throughput_ratio_to_best_trial": ratio_best_trial,
         "throughput_ratio_to_lanes": ratio_lanes, "c1_p50_ms": c1_p50,

@@ -324,9 +324,15 @@ def tilt_scores(edges: tuple[np.ndarray, ...], pitch_deg: np.ndarray, roll_deg: 
         p = np.radians(np.asarray(pitch_deg[start:start + 64], np.float32))[:, None]
         r = np.radians(np.asarray(roll_deg[start:start + 64], np.float32))[:, None]
         up_r, up_u, up_f = -np.cos(p) * np.sin(r), np.cos(p) * np.cos(r), np.sin(p)
-        vertical = np.degrees(np.arctan2(x * up_f - up_r, up_u - y * up_f))
-        off = (angle - vertical + np.float32(90.0)) % np.float32(180.0) - np.float32(90.0)
-        out[start:start + 64] = np.exp(-np.square(off / np.float32(spread_deg))) @ weight
+        # in place and float32, the angle wrapped to +-90 deg by rint (a float % is slow): ~2x faster
+        off = np.arctan2(x * up_f - up_r, up_u - y * up_f)
+        off *= np.float32(-180.0 / np.pi)
+        off += angle
+        off -= np.float32(180.0) * np.rint(off * np.float32(1.0 / 180.0))
+        off *= np.float32(1.0 / spread_deg)
+        np.exp(-np.square(off, out=off), out=off)
+        # a sum, not `@`: a BLAS product would wake BLAS threads that spin on the encoder threads' cores
+        out[start:start + 64] = (off * weight).sum(axis=1)
     return out / max(float(weight.sum()), 1e-9)
 
 
