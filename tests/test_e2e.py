@@ -1,7 +1,8 @@
 """End to end, as a new user runs it: a fresh `make demo`-style pipeline on a tiny unseen region in a
 temporary directory (worldgen -> index_build with the shipped demo checkpoint -> a real uvicorn on a
 free loopback port), then held-out panoramas POSTed to /localize: their true tiles must come back in
-the top-k, and the top-1 localisation error in metres is reported.
+the top-k, and the top-1 localisation error in metres is reported. Then 90 degree crops of them, and phone
+photos of the same places sent as a phone app sends them (EXIF only).
 
 The shipped model (weights/l2ltr_tiny_demo.safetensors) was trained on other seeds, so every
 panorama of this region is held out. An untrained model cannot pass this, so the test skips when the
@@ -38,6 +39,10 @@ MIN_CROP_RECALL = 0.65  # top-k hits among those crops; the shipped model 0.84 (
                         # 0.75 (97/129; 95 at re-rank weight 0.5), the orientation head before that 0.64 (82/129:
                         # fails), the re-rank off 84/129, chance k / N, about 8 %
 MAX_HEADING_ERROR = 20.0  # median degrees, over the crops whose true tile is in the top-k (shipped: 3.1)
+PHOTOS = 24           # and phone photos of the first PHOTOS positions (worldgen --camera perspective, 90 degrees,
+                      # pitch and roll +-3 degrees, EXIF focal length and compass heading), sent with no parameters:
+MIN_PHOTO_RECALL = 0.75  # true tile in the top-k; the shipped model 0.92 (22/24), chance k / N, about 8 %
+MAX_TILT_ERROR = 1.0  # median degrees (the worse of pitch and roll) of the tilt the service estimated (shipped: 0.15)
 
 
 pytestmark = pytest.mark.skipif(
@@ -77,6 +82,13 @@ def test_fresh_pipeline_localises_held_out_panoramas(tmp_path, capsys):
     demo_dir = tmp_path / "demo"
     port = free_port()
     t0 = time.monotonic()
+    photos = tmp_path / "photos"  # the same region's phone photos, rendered while the demo starts
+    photo_log = open(tmp_path / "photos.log", "w")
+    photo_gen = subprocess.Popen(
+        [PY, "-m", "worldgen", "--seed", str(SEED), "--area-km2", str(AREA_KM2), "--camera", "perspective",
+         "--fov", "90", "--heading-jitter", "180", "--pitch-roll-jitter", "3", "--exif", "--panoramas", str(PHOTOS),
+         "--workers", "1", "--out", str(photos)],
+        cwd=REPO, env=clean_env(), stdout=photo_log, stderr=subprocess.STDOUT)
     proc = subprocess.Popen(
         [PY, str(REPO / "scripts" / "demo.py"), "--dir", str(demo_dir), "--checkpoint", str(CHECKPOINT),
          "--seed", str(SEED), "--area-km2", str(AREA_KM2), "--workers", "1", "--panoramas", "all",
@@ -119,7 +131,14 @@ def test_fresh_pipeline_localises_held_out_panoramas(tmp_path, capsys):
                 ranks.append(next((r["rank"] for r in results if r["tile_id"] == q["tile_id"]), None))
                 errors.append(haversine(float(q["lat"]), float(q["lon"]), results[0]["lat"], results[0]["lon"]))
         crop_hits, heading_errors = _localize_crops(base_url, world, picked)
+        assert photo_gen.wait(timeout=300) == 0, (tmp_path / "photos.log").read_text()[-2000:]
+        assert (photos / "tiles.csv").read_bytes() == (world / "tiles.csv").read_bytes()  # the same region
+        photo_hits, tilt_errors = _localize_photos(base_url, photos)
     finally:
+        if photo_gen.poll() is None:
+            photo_gen.kill()
+            photo_gen.wait()
+        photo_log.close()
         proc.send_signal(signal.SIGINT)
         try:
             proc.wait(timeout=30)
@@ -136,11 +155,15 @@ def test_fresh_pipeline_localises_held_out_panoramas(tmp_path, capsys):
     crops = (f"{CROP_FOV:g} degree crops, heading unknown: true tile in top-{K}: {crop_hits}/{len(picked)}; "
              f"heading error at the true tile: median {statistics.median(heading_errors):.1f} deg "
              f"over {len(heading_errors)}" if heading_errors else "no heading estimated")
+    phone = (f"phone photos, no parameters (EXIF focal length and heading, tilt estimated): true tile in "
+             f"top-{K}: {photo_hits}/{len(tilt_errors)}; tilt error median {statistics.median(tilt_errors):.2f} deg")
     with capsys.disabled():
-        print("\n" + report + "\n" + crops)
+        print("\n" + report + "\n" + crops + "\n" + phone)
     assert hits >= MIN_RECALL * len(picked), report
     assert crop_hits >= MIN_CROP_RECALL * len(picked), crops
     assert heading_errors and statistics.median(heading_errors) <= MAX_HEADING_ERROR, crops
+    assert len(tilt_errors) == PHOTOS and photo_hits >= MIN_PHOTO_RECALL * PHOTOS, phone
+    assert statistics.median(tilt_errors) <= MAX_TILT_ERROR, phone
 
 
 def _localize_crops(base_url: str, world: Path, queries: list[dict]) -> tuple[int, list[float]]:
@@ -174,3 +197,20 @@ def _localize_crops(base_url: str, world: Path, queries: list[dict]) -> tuple[in
                 if match["heading_deg"] is not None:
                     heading_errors.append(float(angle_difference(match["heading_deg"], heading)))
     return hits, heading_errors
+
+
+def _localize_photos(base_url: str, photos: Path) -> tuple[int, list[float]]:
+    """Each phone photo POSTed as a phone app would, with no parameters: the service must take its field of
+    view and heading from the EXIF and estimate its tilt. How many find their true tile in the top-K, and
+    the error of each estimated tilt (the worse of pitch and roll, degrees)."""
+    cameras = {c["id"]: c for c in read_csv(photos / "cameras.csv")}
+    hits, tilt_errors = 0, []
+    for q in read_csv(photos / "queries.csv"):
+        answer = post_image(base_url, photos / q["path"], k=K)
+        view, camera = answer["view"], cameras[q["query_id"]]
+        assert (view["projection"], view["fov_source"], view["heading_source"], view["tilt_source"]) == (
+            "perspective", "exif", "exif", "estimated"), view
+        hits += any(r["tile_id"] == q["tile_id"] for r in answer["results"])
+        tilt_errors.append(max(abs(view["pitch_deg"] - float(camera["pitch_deg"])),
+                               abs(view["roll_deg"] - float(camera["roll_deg"]))))
+    return hits, tilt_errors
