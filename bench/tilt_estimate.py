@@ -2,12 +2,13 @@
 photos at the estimated tilt is worth to the re-rank (issue 16: photos sent without their tilt).
 
 The estimate is `model.preprocess.estimate_photo_tilt` (the service places a photo sent without its
-tilt with it; the method is in `tilt_scores`' docstring): a grid of tilts (+-6 deg, 1 deg steps, then
-0.1 deg steps around the best) scored by how well the photo's strong near-vertical edges follow the
-verticals that camera would see, the best kept unless it lies on the grid's edge (then level). The
-window, the spread, the edge rule, the working width (1024 pixels) and the blur were chosen on a separate
-photo world (worldgen --seed 909 --area-km2 2 --pairs 600 --camera perspective --fov 90 --heading-jitter 180
---pitch-roll-jitter 5 --panoramas 300), not on the evaluation region.
+tilt with it; the method is in its and `tilt_scores`' docstrings): a grid of tilts (+-6 deg, 1 deg steps,
+then 0.1 deg steps around the best) scored by how well the photo's strong near-vertical edges follow the
+verticals that camera would see; where the best lies on the grid's edge, a +-12 deg grid (level when that
+one's best is on its edge too). The window, the spread, the edge rule, the working width (1024 pixels), the
+blur and the wide grid were chosen on separate photo worlds (worldgen --seed 909 --area-km2 2 --pairs 600
+--camera perspective --fov 90 --heading-jitter 180 --pitch-roll-jitter 5 --panoramas 300, and --seed 919
+--area-km2 1 --pairs 300 ... --pitch-roll-jitter 10 --panoramas 150), not on the evaluation region.
 Then, with --checkpoint, the photos are placed level, at the estimated tilt and at the true tilt
 (`model.views.place_view`, known or unknown heading; errors: the larger of the pitch and roll errors)
 and ranked as the service ranks them (the descriptor's top K re-ranked by `model.orientation.rerank`),

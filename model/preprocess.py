@@ -282,15 +282,15 @@ def perspective_project(az: np.ndarray, el: np.ndarray, hfov_deg: float, image_s
     return w / 2.0 + f * right / safe, h / 2.0 - f * up / safe, in_front
 
 
-def vertical_edges(photo: Image.Image, hfov_deg: float, width: int = 1024) -> tuple[np.ndarray, ...]:
-    """The photo's strong near-vertical edge pixels: (x, y, angle, weight) [N] each, x and y in
+def strong_edges(photo: Image.Image, hfov_deg: float, width: int = 1024) -> tuple[np.ndarray, ...]:
+    """The photo's strong edge pixels: (x, y, angle, weight) [N] each (float32), x and y in
     normalised camera coordinates (right, up, over the focal length), the edge's angle from the
-    image's vertical in degrees, its gradient magnitude as the weight.
+    image's vertical in degrees (-90, 90], its gradient magnitude as the weight.
 
     The photo is brought to ``width`` pixels (thin verticals, trunks and poles, vanish at half
     that: 7.7% of the tuning photos were more than 3 deg off at 512 pixels, 1.3% at 1024) and
-    lightly blurred (sigma 1.2 px, in float: blurring the 8-bit image costs precision); an edge
-    pixel is one in the top 10% of gradient magnitudes within 10 deg of vertical."""
+    lightly blurred (sigma 1.2 px, in float: blurring the 8-bit image costs precision); a strong
+    edge pixel is one in the top 10% of gradient magnitudes."""
     from scipy import ndimage
 
     grey = photo.convert("L")
@@ -302,33 +302,47 @@ def vertical_edges(photo: Image.Image, hfov_deg: float, width: int = 1024) -> tu
     magnitude = np.hypot(gx, gy)
     ys, xs = np.nonzero(magnitude > np.percentile(magnitude, 90))
     angle = (np.degrees(np.arctan2(-gy[ys, xs], gx[ys, xs])) + 90.0) % 180.0 - 90.0
-    near = np.abs(angle) < 10.0
-    ys, xs, angle = ys[near], xs[near], angle[near]
     f = np.float32(focal_length_px(hfov_deg, w))
     x, y = xs.astype(np.float32) + np.float32(0.5 - w / 2), np.float32(h / 2 - 0.5) - ys.astype(np.float32)
-    return x / f, y / f, angle, magnitude[ys, xs]
+    return x / f, y / f, angle.astype(np.float32), magnitude[ys, xs]
+
+
+def _off_vertical(edges: tuple[np.ndarray, ...], pitch_deg: np.ndarray, roll_deg: np.ndarray) -> np.ndarray:
+    """[M, N] float32: each edge's angle off the world's vertical as a camera of pitch_deg[m] and
+    roll_deg[m] sees it at that edge's pixel, degrees in [-90, 90].
+
+    World verticals seen by a pinhole camera of pitch p and roll r run, at a pixel (x, y), along
+    the image direction (U_r - x U_f, U_u - y U_f), U = (-cos p sin r, cos p cos r, sin p) being the
+    world's up in camera axes (right, up, forward)."""
+    x, y, angle, _ = edges
+    p = np.radians(np.asarray(pitch_deg, np.float32))[:, None]
+    r = np.radians(np.asarray(roll_deg, np.float32))[:, None]
+    up_r, up_u, up_f = -np.cos(p) * np.sin(r), np.cos(p) * np.cos(r), np.sin(p)
+    # in place and float32, the angle wrapped by rint (a float % is slow): ~2x faster
+    off = np.arctan2(x * up_f - up_r, up_u - y * up_f)
+    off *= np.float32(-180.0 / np.pi)
+    off += angle
+    off -= np.float32(180.0) * np.rint(off * np.float32(1.0 / 180.0))
+    return off
+
+
+def near_verticals(edges: tuple[np.ndarray, ...], pitch_deg: float = 0.0, roll_deg: float = 0.0,
+                   window_deg: float = 10.0) -> tuple[np.ndarray, ...]:
+    """The ``edges`` (`strong_edges`) within ``window_deg`` of the verticals a camera of that pitch
+    and roll sees (level: of the image's vertical)."""
+    keep = np.abs(_off_vertical(edges, [pitch_deg], [roll_deg])[0]) < window_deg
+    return tuple(a[keep] for a in edges)
 
 
 def tilt_scores(edges: tuple[np.ndarray, ...], pitch_deg: np.ndarray, roll_deg: np.ndarray,
                 spread_deg: float = 3.0) -> np.ndarray:
-    """How well ``edges`` (`vertical_edges`) follow the verticals of a camera pitched by each
-    ``pitch_deg`` and rolled by the matching ``roll_deg`` [M]: [M], a share of their total weight.
-
-    World verticals seen by a pinhole camera of pitch p and roll r run, at a pixel (x, y), along
-    the image direction (U_r - x U_f, U_u - y U_f), U = (-cos p sin r, cos p cos r, sin p) being the
-    world's up in camera axes (right, up, forward). Each edge adds its weight x exp(-(its angle off
-    that direction / spread)^2)."""
-    x, y, angle, weight = edges
+    """How well ``edges`` follow the verticals of a camera pitched by each ``pitch_deg`` and rolled
+    by the matching ``roll_deg`` [M]: [M], a share of their total weight. Each edge adds its weight
+    x exp(-(its angle off that camera's vertical there (`_off_vertical`) / spread)^2)."""
+    weight = edges[3]
     out = np.empty(len(pitch_deg))
     for start in range(0, len(out), 64):  # [64, N] at a time
-        p = np.radians(np.asarray(pitch_deg[start:start + 64], np.float32))[:, None]
-        r = np.radians(np.asarray(roll_deg[start:start + 64], np.float32))[:, None]
-        up_r, up_u, up_f = -np.cos(p) * np.sin(r), np.cos(p) * np.cos(r), np.sin(p)
-        # in place and float32, the angle wrapped to +-90 deg by rint (a float % is slow): ~2x faster
-        off = np.arctan2(x * up_f - up_r, up_u - y * up_f)
-        off *= np.float32(-180.0 / np.pi)
-        off += angle
-        off -= np.float32(180.0) * np.rint(off * np.float32(1.0 / 180.0))
+        off = _off_vertical(edges, pitch_deg[start:start + 64], roll_deg[start:start + 64])
         off *= np.float32(1.0 / spread_deg)
         np.exp(-np.square(off, out=off), out=off)
         # a sum, not `@`: a BLAS product would wake BLAS threads that spin on the encoder threads' cores
@@ -336,22 +350,34 @@ def tilt_scores(edges: tuple[np.ndarray, ...], pitch_deg: np.ndarray, roll_deg: 
     return out / max(float(weight.sum()), 1e-9)
 
 
-def estimate_photo_tilt(photo: Image.Image, hfov_deg: float, span_deg: float = 6.0) -> tuple[float, float]:
+def estimate_photo_tilt(photo: Image.Image, hfov_deg: float, span_deg: float = 6.0,
+                        wide_span_deg: float = 12.0) -> tuple[float, float]:
     """A pinhole photo's (pitch, roll) in degrees (`perspective_project`'s conventions), from its
-    near-vertical edges: the best of a 1 deg grid within +-span (`tilt_scores`), refined in 0.1 deg
-    steps within +-0.5 deg of it; level when the grid's best lies on its edge (no verticals found).
-    Measured in bench/tilt_estimate.py."""
-    edges = vertical_edges(photo, hfov_deg)
+    near-vertical edges (`near_verticals` of a level camera): the best of a 1 deg grid within +-span
+    (`tilt_scores`), refined in 0.1 deg steps within +-0.5 deg of it; level when no verticals are
+    found. Where the grid's best lies on its edge (a phone pointed up or down more), a grid within
+    +-wide_span instead, then the edges taken again around the verticals of its best camera (a
+    level camera's window cuts off those of a camera rolled by 10 deg) and a grid within +-2 deg of
+    it before the refinement; level when even the wide grid's best lies on its edge. Measured in
+    bench/tilt_estimate.py."""
+    edges = strong_edges(photo, hfov_deg)
+    near = near_verticals(edges)
 
     def best(pitches: np.ndarray, rolls: np.ndarray) -> tuple[float, float]:
         p, r = (g.ravel() for g in np.meshgrid(pitches, rolls, indexing="ij"))
-        k = int(np.argmax(tilt_scores(edges, p, r)))
+        k = int(np.argmax(tilt_scores(near, p, r)))
         return float(p[k]), float(r[k])
 
     grid = np.arange(-span_deg, span_deg + 1e-9, 1.0)
     pitch, roll = best(grid, grid)
     if max(abs(pitch), abs(roll)) >= span_deg:
-        return 0.0, 0.0
+        grid = np.arange(-wide_span_deg, wide_span_deg + 1e-9, 1.0)
+        pitch, roll = best(grid, grid)
+        if max(abs(pitch), abs(roll)) >= wide_span_deg:
+            return 0.0, 0.0
+        near = near_verticals(edges, pitch, roll)
+        around = np.arange(-2.0, 2.0 + 1e-9, 1.0)
+        pitch, roll = best(pitch + around, roll + around)
     fine = np.round(np.arange(-0.5, 0.5 + 1e-9, 0.1), 1)
     pitch, roll = best(pitch + fine, roll + fine)
     return round(pitch, 2), round(roll, 2)

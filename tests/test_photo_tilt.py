@@ -29,6 +29,19 @@ def test_the_tilt_of_worldgen_photos_is_found_from_their_verticals():
     assert np.median(errors) < 0.5 and max(errors) < 1.0 and np.median(errors) < 0.2 * np.median(level), (errors, level)
 
 
+def test_a_phone_pointed_further_up_or_down_is_found_by_the_wide_grid():
+    world = generate_world(11, 0.08)
+    positions = camera_positions(world, 20.0, np.random.default_rng(0))
+    look = dataclasses.replace(sample_pano_look(np.random.default_rng(2)), noise=2.0)
+    for k, (heading, pitch, roll) in enumerate(((30.0, 9.0, -2.0), (250.0, -4.0, 10.0))):
+        x, y = positions[k]
+        photo = render_perspective(world, x, y, 640, 480, 80.0, heading, pitch, roll, look, np.random.default_rng(k))
+        found = estimate_photo_tilt(Image.fromarray(photo), 80.0)
+        assert max(abs(found[0] - pitch), abs(found[1] - roll)) < 1.0, (found, pitch, roll)
+        # the first grid (+-6) alone reads it as level
+        assert estimate_photo_tilt(Image.fromarray(photo), 80.0, wide_span_deg=6.0) == (0.0, 0.0)
+
+
 def test_edges_along_a_cameras_verticals_score_highest_at_that_camera():
     rng = np.random.default_rng(0)
     x, y = rng.uniform(-1, 1, 500).astype(np.float32), rng.uniform(-0.75, 0.75, 500).astype(np.float32)
