@@ -496,7 +496,10 @@ def main(argv: list[str] | None = None) -> int:
     meter = CpuMeter(server.proc.pid)
     rounds: list[dict] = []
     try:
-        run_load(server.port, body, 1, 30, 10, query)  # warm-up of the service
+        warm = run_load(server.port, body, 1, 30, 10, query)  # warm-up of the service
+        if warm["errors"] or not warm["ok"]:
+            raise SystemExit(f"bench/load.py: the service answered the warm-up requests with {warm['errors']} "
+                             f"(query {query!r}; see {work / 'uvicorn.log'})")
         run_load(server.port, body, args.concurrency, 4 * args.concurrency, 10, query)
         for r in range(args.rounds):
             meter.start()

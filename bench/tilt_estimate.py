@@ -18,7 +18,7 @@ R@1 for each.
       --checkpoint weights/l2ltr_tiny_demo.safetensors --out runs/tilt_estimate.json
 
 (data/eval_world and data/eval_photos90: the unseen region and its photos that bench/limited_views.py
-makes.) ~1 min for the estimates of 400 photos on one core (~0.06 s each), ~4 min more for the rankings.
+makes.) ~1 min for the estimates of 400 photos on one core (~0.08 s each with the JPEG decode), ~4 min more for the rankings.
 """
 from __future__ import annotations
 

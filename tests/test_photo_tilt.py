@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model.preprocess import estimate_photo_tilt, tilt_scores
+from model.preprocess import estimate_photo_tilt, strong_edges, tilt_scores
 from worldgen.render import render_perspective, sample_pano_look
 from worldgen.world import camera_positions, generate_world
 
@@ -62,3 +62,11 @@ def test_a_photo_without_verticals_is_read_as_level():
     sky[:, :] = (120, 160, 220)
     sky[300:] = (90, 120, 60)  # a horizon, no verticals
     assert estimate_photo_tilt(Image.fromarray(sky), 80.0) == (0.0, 0.0)
+
+
+def test_the_work_is_bounded_whatever_the_photos_size_and_shape():
+    rng = np.random.default_rng(0)
+    for w, h in ((16, 96), (96, 16), (768, 1024), (2000, 1500)):  # the service accepts sides >= 16, aspect <= 6
+        noise = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        # the top 10% of gradients of an image brought to about 1024 x 768 pixels
+        assert len(strong_edges(noise, 60.0)[0]) <= 0.1 * 1024 * 768 * 1.01, (w, h)
