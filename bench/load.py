@@ -488,7 +488,8 @@ def main(argv: list[str] | None = None) -> int:
     for item in args.server_env:
         key, _, value = item.partition("=")
         env[key] = value
-    print(f"checkpoint {checkpoint}\nindex      {index}\nimage      {w}x{h} JPEG, {len(image)} bytes\nquery      {query}")
+    print(f"checkpoint {checkpoint}\nindex      {index}\nimage      {w}x{h} JPEG, {len(image)} bytes\n"
+          f"query      {query}")
     raw_threads = tuple(int(t) for t in args.raw_threads.split(",") if t)
     cpus = available_cpus()
     raw_batches = sorted({args.max_batch_size, *(int(b) for b in args.raw_batches.split(",") if b)})
