@@ -86,7 +86,7 @@ def view_params(
     pitch_deg: Annotated[float | None, Query(ge=-45, le=45, description=(
         "A photo's camera pitch: the elevation of its optical axis above the horizon, degrees (from the phone's "
         "orientation sensors; projection=perspective). Default: estimated from the photo's vertical edges "
-        "(within +-6 degrees; 0 where none are found); with roll_deg alone: 0."))] = None,
+        "(up to about 12 degrees; 0 where none are found); with roll_deg alone: 0."))] = None,
     roll_deg: Annotated[float | None, Query(ge=-45, le=45, description=(
         "A photo's camera roll: its turn about the optical axis, degrees, clockwise as seen from behind the "
         "camera, relative to the upright image (projection=perspective). Default: estimated with the pitch; "
