@@ -122,19 +122,23 @@ def polar_transform_numpy(tile: np.ndarray, out_h: int, out_w: int) -> np.ndarra
     return out[:, :, 0] if squeeze else out
 
 
-def polar_transform_torch(tile: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor:
-    """tile [..., C, S, S] -> [..., C, out_h, out_w]; the same sampling as the numpy version."""
+def polar_transform_torch(tile: torch.Tensor, out_h: int, out_w: int,
+                          centre_shift: torch.Tensor | None = None) -> torch.Tensor:
+    """tile [..., C, S, S] -> [..., C, out_h, out_w]; the same sampling as the numpy version.
+    `centre_shift` [N, 2] (rows down, columns right, pixels; N the flattened lead) moves each
+    tile's polar centre: the view of a camera that far from the tile's centre (zero outside the tile)."""
     size = _square_side(tile.shape[-2], tile.shape[-1])
     rows, cols = polar_sampling_grid(size, out_h, out_w)
     # grid_sample with align_corners=True puts -1 and +1 on the centres of the first/last pixels.
     grid = np.stack([cols / (size - 1) * 2 - 1, rows / (size - 1) * 2 - 1], axis=-1)
-    grid_t = torch.as_tensor(grid, dtype=torch.float32 if tile.dtype != torch.float64 else tile.dtype,
-                             device=tile.device)
     lead = tile.shape[:-3]
     x = tile.reshape(-1, *tile.shape[-3:])
     x = x if x.is_floating_point() else x.float()
-    out = F.grid_sample(x, grid_t.to(x.dtype).expand(x.shape[0], -1, -1, -1), mode="bilinear",
-                        padding_mode="zeros", align_corners=True)
+    grid_t = torch.as_tensor(grid, dtype=x.dtype, device=x.device).expand(x.shape[0], -1, -1, -1)
+    if centre_shift is not None:
+        shift = centre_shift.to(device=x.device, dtype=x.dtype).reshape(-1, 2).flip(1) / (size - 1) * 2
+        grid_t = grid_t + shift[:, None, None, :]
+    out = F.grid_sample(x, grid_t, mode="bilinear", padding_mode="zeros", align_corners=True)
     return out.reshape(*lead, tile.shape[-3], out_h, out_w)
 
 

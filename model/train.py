@@ -23,6 +23,8 @@ from typing import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from .augment import PairAugment
@@ -32,7 +34,7 @@ from .encode import autocast_context, encode_batch, pick_device
 from .losses import footprint_overlap, make_loss
 from .metrics import retrieval_recall
 from .network import L2LTR
-from .preprocess import normalize_uint8_batch, normalize_unit_batch, unit_batch
+from .preprocess import normalize_uint8_batch, normalize_unit_batch, polar_transform_torch, unit_batch
 
 STATE_FILE = "train_state.pt"
 LOG_FILE = "log.jsonl"
@@ -58,20 +60,25 @@ class PairArrays:
 
 
 def load_pair_arrays(records: Sequence, config: L2LTRConfig, desc: str = "preprocess", workers: int = 0,
-                     quiet: bool = False) -> PairArrays:
-    """Decode + preprocess every record once (ground resize; aerial polar + resize)."""
+                     quiet: bool = False, tile_side: int | None = None) -> PairArrays:
+    """Decode + preprocess every record once (ground resize; aerial polar + resize). With `tile_side`
+    the aerial images are kept as north-up tiles of that side, for a polar transform per batch."""
     from tqdm import tqdm
 
     from .preprocess import aerial_image, load_ground_image, load_image
 
     n = len(records)
     ground = np.empty((n, *config.ground_size, 3), np.uint8)
-    aerial = np.empty((n, *config.aerial_size, 3), np.uint8)
+    aerial = np.empty((n, *((tile_side, tile_side) if tile_side else config.aerial_size), 3), np.uint8)
+
+    def aerial_array(r):
+        if not tile_side:
+            return np.asarray(aerial_image(load_image(r.aerial_path), config))
+        return np.asarray(load_image(r.aerial_path).convert("RGB").resize((tile_side, tile_side), Image.BILINEAR))
 
     def work(i):
         r = records[i]
-        return i, np.asarray(load_ground_image(r.ground_path, config)), \
-            np.asarray(aerial_image(load_image(r.aerial_path), config))
+        return i, np.asarray(load_ground_image(r.ground_path, config)), aerial_array(r)
 
     if workers > 1:
         from concurrent.futures import ThreadPoolExecutor
@@ -88,6 +95,27 @@ def load_pair_arrays(records: Sequence, config: L2LTRConfig, desc: str = "prepro
     has_tile = has_ll and all(getattr(r, "tile_lat", None) is not None for r in records)
     tile_latlon = np.array([(r.tile_lat, r.tile_lon) for r in records], np.float64) if has_tile and n else None
     return PairArrays(ground, aerial, latlon, tile_latlon)
+
+
+def jitter_tile_side(config: L2LTRConfig) -> int:
+    """The side at which --centre-jitter keeps the tiles: four pixels per polar row (two of radius), the
+    demo's 256-pixel tiles for its 64 rows."""
+    return 4 * (config.polar_intermediate or config.aerial_size)[0]
+
+
+def off_centre_polar(tiles: np.ndarray, config: L2LTRConfig, jitter: float,
+                     generator: torch.Generator) -> torch.Tensor:
+    """[B, S, S, 3] uint8 north-up tiles -> [B, 3, H, W] polar images in [0, 1], each centred a random
+    distance (uniform over a disc of radius `jitter` x the tile's side) from its tile's centre: the
+    aerial view of a camera standing that far from the centre, as on a grid of tiles."""
+    b, side = tiles.shape[0], tiles.shape[1]
+    radius = jitter * side * torch.rand(b, generator=generator).sqrt()
+    angle = 2 * math.pi * torch.rand(b, generator=generator)
+    shift = torch.stack([radius * torch.cos(angle), radius * torch.sin(angle)], dim=1)
+    polar = polar_transform_torch(unit_batch(tiles), *(config.polar_intermediate or config.aerial_size), shift)
+    if polar.shape[-2:] != tuple(config.aerial_size):
+        polar = F.interpolate(polar, size=tuple(config.aerial_size), mode="bilinear", antialias=True)
+    return polar.clamp_(0.0, 1.0)
 
 
 def check_tile_centres(records: Sequence, tile_m: float, loss: str, root: Path) -> None:
@@ -246,10 +274,11 @@ class JsonLog:
 
 RESUME_KEYS = ("data", "dataset", "config", "attention", "no_polar", "batch_size", "lr", "weight_decay", "warmup",
                "clip", "loss", "hard_negatives", "seed", "epochs", "steps", "init", "augment", "precision", "dropout",
-               "fov_augment", "semi_positives", "photo_share", "photo_fov", "photo_mask", "photo_tilt")
+               "fov_augment", "semi_positives", "photo_share", "photo_fov", "photo_mask", "photo_tilt",
+               "centre_jitter")
 ADDED_SETTING_DEFAULTS = {"augment": False, "precision": "auto", "dropout": None, "fov_augment": 0.0,
                           "semi_positives": 0.0, "photo_share": 0.5, "photo_fov": None, "photo_mask": "band",
-                          "photo_tilt": 0.0}
+                          "photo_tilt": 0.0, "centre_jitter": 0.0}
 
 
 def added_setting(args, name: str):
@@ -282,6 +311,9 @@ def train(args) -> dict:
     out = Path(args.out)
     device = pick_device(args.device)
     config = build_config(args)
+    centre_jitter = added_setting(args, "centre_jitter")
+    if centre_jitter and not config.polar:
+        raise TrainingError("--centre-jitter moves the polar transform's centre; the config has no polar transform")
     state_path = out / STATE_FILE
     resume_state = None
     if args.resume and state_path.exists():
@@ -301,6 +333,9 @@ def train(args) -> dict:
         train_records = train_records[: args.max_pairs]
     if args.max_eval_pairs:
         val_records = val_records[: args.max_eval_pairs]
+    polar_record = next((r for r in train_records if r.aerial_is_polar), None)
+    if centre_jitter and polar_record:
+        raise TrainingError(f"--centre-jitter needs the aerial tiles; {polar_record.aerial_path} is a polar image")
     semi_positives = added_setting(args, "semi_positives")
     if semi_positives:
         check_tile_centres(train_records, semi_positives, args.loss, Path(args.data))
@@ -322,7 +357,8 @@ def train(args) -> dict:
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
 
     out.mkdir(parents=True, exist_ok=True)
-    train_data = load_pair_arrays(train_records, config, "preprocess train", workers=args.workers, quiet=args.quiet)
+    train_data = load_pair_arrays(train_records, config, "preprocess train", workers=args.workers, quiet=args.quiet,
+                                  tile_side=jitter_tile_side(config) if centre_jitter else None)
     val_data = (load_pair_arrays(val_records, config, f"preprocess {args.eval_split}", workers=args.workers,
                                  quiet=args.quiet) if val_records else None)
     steps_per_epoch = len(train_data) // args.batch_size
@@ -353,6 +389,7 @@ def train(args) -> dict:
         return {"trained_steps": step, "data": str(args.data), "dataset": args.dataset, "seed": args.seed,
                 "loss": args.loss, "batch_size": args.batch_size,
                 **({"semi_positives_m": semi_positives} if semi_positives else {}),
+                **({"centre_jitter": centre_jitter} if centre_jitter else {}),
                 **({"init": Path(args.init).name} if args.init else {}), **(extra or {})}
 
     fov_augment = added_setting(args, "fov_augment")
@@ -375,9 +412,12 @@ def train(args) -> dict:
             if step >= total_steps:
                 break
             idx = np.sort(idx)
-            g, a = unit_batch(train_data.ground[idx]), unit_batch(train_data.aerial[idx])
+            batch_rng = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+            g = unit_batch(train_data.ground[idx])
+            a = (off_centre_polar(train_data.aerial[idx], config, centre_jitter, batch_rng) if centre_jitter
+                 else unit_batch(train_data.aerial[idx]))
             if augment:
-                g, a = augment(g, a, config.polar, torch.Generator().manual_seed(args.seed * 1_000_003 + step))
+                g, a = augment(g, a, config.polar, batch_rng)
             g = normalize_unit_batch(g).to(device, non_blocking=True)
             a = normalize_unit_batch(a).to(device, non_blocking=True)
             lr = lr_at(step, total_steps, args.lr, args.warmup)
@@ -482,6 +522,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "split files and --loss infonce): each batch's tiles count as positives in proportion to how "
                         "much of a TILE_M-metre square centred on the camera they cover, so an overlapping "
                         "neighbour is a semi-positive, not a negative (0: off; use with --hard-negatives)")
+    o.add_argument("--centre-jitter", type=float, default=0.0, metavar="F",
+                   help="move each training tile's polar centre a random distance (uniform over a disc of radius F "
+                        "x the tile's side) from the camera, for cameras anywhere in a grid of tiles (0: off)")
     o.add_argument("--augment", action="store_true",
                    help="aligned random turn + east-west mirror of both views, independent colour jitter")
     o.add_argument("--fov-augment", type=float, default=0.0, metavar="P",
@@ -524,6 +567,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.semi_positives < 0:
         print("error: --semi-positives must be a tile side in metres (> 0), or 0 for off", file=sys.stderr)
+        return 2
+    if not 0.0 <= args.centre_jitter <= 0.4:
+        print(f"error: --centre-jitter must be within 0..0.4 of the tile's side, got {args.centre_jitter:g}",
+              file=sys.stderr)
         return 2
     if not 0.0 <= args.photo_tilt <= 30.0:
         print(f"error: --photo-tilt must be within 0..30 degrees, got {args.photo_tilt:g}", file=sys.stderr)

@@ -8,7 +8,7 @@ from PIL import Image
 from model import L2LTRConfig
 from model.preprocess import (ImageDecodeError, aerial_tensor, ground_image, ground_tensor, image_uint8,
                               load_ground_image, load_image, normalize_uint8_nchw, polar_transform,
-                              polar_sampling_grid, to_normalized_tensor)
+                              polar_sampling_grid, polar_transform_torch, to_normalized_tensor)
 
 
 def test_north_maps_to_centre_column_and_centre_to_bottom_row():
@@ -50,6 +50,22 @@ def test_numpy_equals_torch():
     a = polar_transform(tile, 28, 154)
     b = polar_transform(torch.from_numpy(tile).permute(2, 0, 1)[None], 28, 154)[0].permute(1, 2, 0).numpy()
     assert np.abs(a - b).max() < 0.01
+
+
+def test_moved_polar_centre_is_the_polar_transform_of_the_moved_tile():
+    """centre_shift (rows down, columns right): the polar image of a camera standing off the tile's centre,
+    the same as the plain transform of the tile moved under it (zero where the moved tile has no pixels)."""
+    rng = np.random.default_rng(3)
+    tiles = torch.from_numpy(rng.random((2, 3, 64, 64)).astype(np.float32))
+    shift = torch.tensor([[4.0, -6.0], [0.0, 0.0]])
+    moved = torch.zeros_like(tiles)
+    moved[0, :, :60, 6:] = tiles[0, :, 4:, :58]
+    moved[1] = tiles[1]
+    got = polar_transform_torch(tiles, 12, 48, centre_shift=shift)
+    want = polar_transform_torch(moved, 12, 48)
+    # the outer ring reaches the tile's edge, where the moved tile lost its border pixels
+    assert torch.allclose(got[:, :, 1:], want[:, :, 1:], atol=1e-5)
+    assert torch.equal(got[1], polar_transform_torch(tiles[1], 12, 48))
 
 
 def test_polar_rejects_non_square():

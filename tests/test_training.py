@@ -131,6 +131,47 @@ def test_semi_positive_training_with_tile_centres(world, tmp_path, capfd):
     assert not any((tmp_path / name).exists() for name in ("none", "triplet", "far"))
 
 
+def test_off_centre_polar_moves_the_camera_within_the_jitter_and_is_plain_polar_at_zero():
+    from model.config import L2LTRConfig
+    from model.preprocess import aerial_image
+    from model.train import off_centre_polar
+
+    config = L2LTRConfig.named("tiny")
+    rng = np.random.default_rng(4)
+    tiles = rng.integers(0, 256, (3, 256, 256, 3), dtype=np.uint8)
+    plain = off_centre_polar(tiles, config, 0.0, torch.Generator().manual_seed(0))
+    cached = np.stack([np.asarray(aerial_image(Image.fromarray(t), config)) for t in tiles])
+    assert plain.shape == (3, 3, 64, 256)
+    assert np.abs(plain.permute(0, 2, 3, 1).numpy() * 255 - cached).max() <= 0.51  # the cache rounds to uint8
+    # a white dot 20 px east of a black tile's centre; polar row i lies 2 (63 - i) px from the camera, so
+    # the dot's row tells how far each view's camera stands from it: as far as a camera uniform over the
+    # disc of 0.1 x 256 px around the centre stands, on average
+    dot = np.zeros((2000, 256, 256, 3), np.uint8)
+    dot[:, 126:131, 146:151] = 255
+    views = off_centre_polar(dot, config, 0.1, torch.Generator().manual_seed(1))
+    dot_px = 2.0 * (63 - views.amax(dim=(1, 3)).argmax(dim=1).float()).numpy()
+    radius, angle = 25.6 * np.sqrt(rng.random(10 ** 6)), 2 * np.pi * rng.random(10 ** 6)
+    expected = np.hypot(20 - radius * np.cos(angle), radius * np.sin(angle))
+    assert abs(dot_px.mean() - expected.mean()) < 1.5 and dot_px.std() > 0.8 * expected.std()
+    assert dot_px.max() <= 20 + 25.6 + 3
+    again = [off_centre_polar(dot[:8], config, 0.1, torch.Generator().manual_seed(1)) for _ in range(2)]
+    assert torch.equal(*again)  # seeded per step: a resumed run sees the same views
+
+
+def test_centre_jitter_training_keeps_tiles_and_refuses_what_it_cannot_do(world, tmp_path):
+    summary = train(run_args(world, tmp_path / "jit", "--steps", "2", "--eval-every", "2", "--centre-jitter", "0.2",
+                             "--augment"))
+    assert summary["finished"]
+    assert load_checkpoint(tmp_path / "jit" / "last.safetensors").provenance["centre_jitter"] == 0.2
+    with pytest.raises(TrainingError, match="no polar transform"):
+        train(run_args(world, tmp_path / "flat", "--steps", "1", "--centre-jitter", "0.2", "--no-polar"))
+    assert not (tmp_path / "flat").exists()
+    from model.train import main
+
+    assert main(["--data", str(world), "--out", str(tmp_path / "big"), "--centre-jitter", "0.6"]) == 2
+    assert not (tmp_path / "big").exists()
+
+
 def test_nan_loss_stops_with_step(world, tmp_path, monkeypatch):
     import model.train as train_module
     from model.losses import TripletLoss

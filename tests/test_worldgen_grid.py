@@ -141,3 +141,23 @@ def test_grid_argument_errors(tmp_path, capsys):
         cli.main(["--seed", "1", "--area-km2", "0.04", "--layout", "diagonal", "--out", str(tmp_path / "c")])
     assert "--layout" in capsys.readouterr().err
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
+
+
+def test_offset_decay_bench_reads_a_grid_region(grid_world, capsys):
+    """bench/offset_decay.py (issue 17's diagnosis) on this region: one row of R@1 per checkpoint, one value per
+    offset and one against the random tiles; refused with a clear error where no camera has room."""
+    import importlib.util
+
+    root, cfg, _ = grid_world
+    spec = importlib.util.spec_from_file_location("offset_decay", REPO / "bench" / "offset_decay.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    demo = str(REPO / "weights" / "l2ltr_tiny_demo.safetensors")
+    assert bench.main(["--grid", str(root), "--checkpoint", demo, "--tile-m", "40", "--distractors", "20"]) == 0
+    out = capsys.readouterr().out
+    assert f"{cfg.pairs} cameras of" in out
+    row = next(line for line in out.splitlines() if line.startswith(f"| {demo} |"))
+    values = [float(v) for v in row.strip("| ").split(" | ")[1:]]
+    assert len(values) == len(bench.OFFSETS_M) + 1 and all(0.0 <= v <= 100.0 for v in values)
+    with pytest.raises(SystemExit, match="no camera of .* stands"):
+        bench.main(["--grid", str(root), "--checkpoint", demo, "--tile-m", "400"])
