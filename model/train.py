@@ -74,7 +74,7 @@ def load_pair_arrays(records: Sequence, config: L2LTRConfig, desc: str = "prepro
     def aerial_array(r):
         if not tile_side:
             return np.asarray(aerial_image(load_image(r.aerial_path), config))
-        return np.asarray(load_image(r.aerial_path).convert("RGB").resize((tile_side, tile_side), Image.BILINEAR))
+        return np.asarray(load_image(r.aerial_path).resize((tile_side, tile_side), Image.BILINEAR))
 
     def work(i):
         r = records[i]
@@ -333,9 +333,10 @@ def train(args) -> dict:
         train_records = train_records[: args.max_pairs]
     if args.max_eval_pairs:
         val_records = val_records[: args.max_eval_pairs]
-    polar_record = next((r for r in train_records if r.aerial_is_polar), None)
-    if centre_jitter and polar_record:
-        raise TrainingError(f"--centre-jitter needs the aerial tiles; {polar_record.aerial_path} is a polar image")
+    if centre_jitter:
+        polar_record = next((r for r in train_records if r.aerial_is_polar), None)
+        if polar_record:
+            raise TrainingError(f"--centre-jitter needs the aerial tiles; {polar_record.aerial_path} is a polar image")
     semi_positives = added_setting(args, "semi_positives")
     if semi_positives:
         check_tile_centres(train_records, semi_positives, args.loss, Path(args.data))
