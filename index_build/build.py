@@ -146,8 +146,9 @@ TILING_FILE = "tiling.json"  # written beside tiles.csv by `index_build tile`
 
 
 def catalogue_tiling(catalog: str) -> dict | None:
-    """{"tile_m", "stride_m"} of a catalogue cut by `index_build tile` (its tiling.json beside the CSV),
-    None for any other catalogue. The manifest records them, and the service refines positions with them."""
+    """{"tile_m", "stride_m"} (and "centres_m" when it cut views between the tile centres) of a catalogue
+    cut by `index_build tile` (its tiling.json beside the CSV), None for any other catalogue. The manifest
+    records them, and the service refines positions with them."""
     path = os.path.join(os.path.dirname(os.path.abspath(catalog)), TILING_FILE)
     if not os.path.isfile(catalog) or not os.path.isfile(path):
         return None
@@ -157,11 +158,12 @@ def catalogue_tiling(catalog: str) -> dict | None:
         if not str(tiling.get("format", "")).startswith("index_build-tiling/"):
             return None
         tile_m, stride_m = float(tiling["tile_m"]), float(tiling["stride_m"])
+        centres_m = float(tiling.get("centres_m") or stride_m)
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
         raise BuildError(f"{path}: not a readable tiling record ({exc})") from None
     if not (math.isfinite(tile_m) and math.isfinite(stride_m) and tile_m > 0 and stride_m > 0):
         raise BuildError(f"{path}: tile_m {tile_m:g} and stride_m {stride_m:g} must be positive")
-    return {"tile_m": tile_m, "stride_m": stride_m}
+    return {"tile_m": tile_m, "stride_m": stride_m, **({"centres_m": centres_m} if centres_m < stride_m else {})}
 
 
 def _load_model(opts):

@@ -93,7 +93,8 @@ def _verbose_flag(default) -> argparse.ArgumentParser:
 TILE_EPILOG = """\
 output (docs/INTERFACES.md, "Tiles cut from a georeferenced raster"):
   OUT/tiles.csv          tile_id,lat,lon,path,grid_row,grid_col: the catalogue `build --catalog` reads
-                         (lat/lon: WGS84 tile centre; path: relative to the CSV)
+                         (lat/lon: WGS84 tile centre; path: relative to the CSV); with --centres-m one row
+                         per view and a last column `tile`, the tile_id of the tile the view belongs to
   OUT/images/<id>.jpg    north-up square tile, --tile-m metres on the ground, --tile-px pixels
   OUT/tiling.json        the raster, the grid, the options and the counts
 Tiles are laid out in a local transverse Mercator frame centred on the raster (ground metres, true
@@ -120,6 +121,12 @@ def _add_tile_args(p: argparse.ArgumentParser) -> None:
                         "what the demo model was trained on)")
     p.add_argument("--stride-m", type=float, default=None,
                    help="distance between neighbouring tile centres, metres (default: half of --tile-m)")
+    p.add_argument("--centres-m", type=float, default=None,
+                   help="also cut each tile's views centred every this many metres around its centre (a whole "
+                        "fraction of --stride-m, e.g. 10 for 50): the index then ranks every view, answers "
+                        "with the tiles and places the camera at its best view. A camera between tile centres "
+                        "is found far more often (docs/INDEX_BUILD.md); costs (stride/centres)^2 times the "
+                        "images, vectors and encoding time (default: one view per tile, at its centre)")
     p.add_argument("--tile-px", type=int, default=TILE_DEFAULTS["tile_px"],
                    help="side of a tile image, pixels (default %(default)d, as worldgen writes; the model "
                         "resizes tiles to its aerial input size)")
@@ -310,8 +317,8 @@ def _run_tile(args) -> int:
         return fail(f"needs rasterio ({exc}); install it with: pip install 'l2ltr-geoloc[geo]'")
     try:
         options = rt.TileOptions(
-            raster=args.raster, out=args.out, tile_m=args.tile_m, stride_m=args.stride_m, tile_px=args.tile_px,
-            image_format=args.image_format, jpeg_quality=args.jpeg_quality, max_nodata=args.max_nodata,
+            raster=args.raster, out=args.out, tile_m=args.tile_m, stride_m=args.stride_m,
+            centres_m=args.centres_m, tile_px=args.tile_px, image_format=args.image_format, jpeg_quality=args.jpeg_quality, max_nodata=args.max_nodata,
             bands=rt.parse_band_list(args.bands) if args.bands is not None else None,
             value_range=rt.parse_value_range(args.value_range) if args.value_range is not None else None,
             resampling=args.resampling, memory_budget=args.memory_budget, id_prefix=args.id_prefix,

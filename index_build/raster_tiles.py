@@ -27,7 +27,7 @@ import re
 import shutil
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 
 import numpy as np
@@ -107,6 +107,7 @@ class TileOptions:
     out: str
     tile_m: float = DEFAULT_TILE_M
     stride_m: float | None = None                     # None: half of tile_m
+    centres_m: float | None = None                    # None: one view per tile, at its centre
     tile_px: int = DEFAULT_TILE_PX
     image_format: str = "jpg"
     jpeg_quality: int = 90
@@ -122,6 +123,11 @@ class TileOptions:
     def stride(self) -> float:
         return self.tile_m / 2 if self.stride_m is None else self.stride_m
 
+    @property
+    def views_per_stride(self) -> int:
+        """View centres per stride along an axis: 1, or stride / --centres-m."""
+        return 1 if self.centres_m is None else round(self.stride / self.centres_m)
+
     def validate(self) -> None:
         def bad(message: str):
             raise TilingError(message)
@@ -130,6 +136,11 @@ class TileOptions:
             bad(f"--tile-m must be a positive number of metres, got {self.tile_m}")
         if not (math.isfinite(self.stride) and self.stride > 0):
             bad(f"--stride-m must be > 0 metres, got {self.stride}")
+        if self.centres_m is not None:
+            n = self.stride / self.centres_m if math.isfinite(self.centres_m) and self.centres_m > 0 else 0.0
+            if not (n >= 1 and abs(n - round(n)) < 1e-6):
+                bad(f"--centres-m must divide the stride ({self.stride:g} m) into a whole number of steps, "
+                    f"got {self.centres_m}")
         if not 16 <= self.tile_px <= 4096:
             bad(f"--tile-px must be in [16, 4096], got {self.tile_px}")
         if self.image_format not in IMAGE_FORMATS:
@@ -334,6 +345,24 @@ class TileGrid:
         return Affine(self.m_per_px, 0.0, x - half, 0.0, -self.m_per_px, y + half)
 
 
+def view_grid(grid: TileGrid, per_stride: int) -> TileGrid:
+    """The grid of view centres every stride / per_stride metres over ``grid``'s tiles: the tile
+    (row, col) is the view (row * per_stride, col * per_stride)."""
+    return replace(grid, stride_m=grid.stride_m / per_stride, rows=(grid.rows - 1) * per_stride + 1,
+                   cols=(grid.cols - 1) * per_stride + 1)
+
+
+def tile_views(grid: TileGrid, per_stride: int, row: int, col: int) -> list[tuple[int, int]]:
+    """The views of tile (row, col) in ``view_grid(grid, per_stride)``: those nearer its centre than
+    any other tile's (ties to the south-east), its own centre first."""
+    span = range(-(per_stride // 2), (per_stride - 1) // 2 + 1)
+    r0, c0 = row * per_stride, col * per_stride
+    last_r, last_c = (grid.rows - 1) * per_stride, (grid.cols - 1) * per_stride
+    views = [(r0 + dr, c0 + dc) for dr in span for dc in span
+             if (dr, dc) != (0, 0) and 0 <= r0 + dr <= last_r and 0 <= c0 + dc <= last_c]
+    return [(r0, c0), *views]
+
+
 def _axis_count(extent: float, tile_m: float, stride_m: float) -> tuple[int, float]:
     """How many tiles fit along an axis, and the margin left on each side when they are centred."""
     n = int(math.floor((extent - tile_m) / stride_m + 1e-9)) + 1
@@ -459,9 +488,12 @@ class TilingResult:
     tile_px: int
     max_nodata: float
     seconds: float
+    views: int          # catalogue rows: the tiles, or with --centres-m their views
+    centres_m: float
 
     def summary_line(self) -> str:
-        return (f"index_build tile: {self.written} tile(s) written to {self.catalogue}, "
+        views = f" as {self.views} views every {self.centres_m:g} m" if self.views != self.written else ""
+        return (f"index_build tile: {self.written} tile(s){views} written to {self.catalogue}, "
                 f"{self.skipped_nodata} skipped as nodata (more than {self.max_nodata:.0%} without data); "
                 f"grid {self.rows} x {self.cols} of {self.tile_m:g} m tiles every {self.stride_m:g} m at "
                 f"{self.tile_px} px ({self.tile_m / self.tile_px:.3g} m/px), {self.seconds:.1f} s")
@@ -511,35 +543,46 @@ def _publish(tmp: str, out_dir: str, parent: str) -> None:
     fsync_dir(parent)
 
 
-def _cut_all(cutter: TileCutter, options: TileOptions, tmp: str, tile_id, progress: bool) -> tuple[int, int]:
-    """Cut every tile of the grid into tmp/images/, listing the kept ones in tmp/tiles.csv."""
+def _cut_all(cutter: TileCutter, options: TileOptions, tmp: str, tiles: TileGrid, tile_id,
+             progress: bool) -> tuple[int, int, int]:
+    """Cut every tile of ``tiles`` (with --centres-m: each of its views, from ``cutter.grid``) into
+    tmp/images/, listing the kept ones in tmp/tiles.csv. A tile whose centre view is mostly nodata is
+    skipped whole. Returns (tiles written, tiles skipped, views written)."""
     from tqdm import tqdm
 
-    grid, ext = cutter.grid, options.image_format
-    written = skipped = 0
-    bar = tqdm(total=len(grid), unit="tile", desc="tiling", dynamic_ncols=True, disable=not progress)
+    ext, per, step = options.image_format, options.views_per_stride, cutter.grid.stride_m
+    written = skipped = views_written = 0
+    bar = tqdm(total=len(tiles), unit="tile", desc="tiling", dynamic_ncols=True, disable=not progress)
     try:
         with open(os.path.join(tmp, CATALOGUE_NAME), "w", newline="", encoding="utf-8") as f:
             out = csv.writer(f, lineterminator="\n")
-            out.writerow(["tile_id", "lat", "lon", "path", "grid_row", "grid_col"])
-            for row in range(grid.rows):
-                lats, lons = grid_centres_latlon(grid, row)
-                for col in range(grid.cols):
-                    rgb, nodata = cutter.cut(row, col)
+            out.writerow(["tile_id", "lat", "lon", "path", "grid_row", "grid_col", *(["tile"] if per > 1 else [])])
+            for row in range(tiles.rows):
+                for col in range(tiles.cols):
                     bar.update(1)
-                    if rgb is None or nodata > options.max_nodata:
-                        skipped += 1
-                        continue
-                    tid = tile_id(row, col)
-                    rel = f"{IMAGE_DIR}/{tid}.{ext}"
-                    _write_file(os.path.join(tmp, rel), encode_image(rgb, ext, options.jpeg_quality))
-                    out.writerow([tid, repr(float(lats[col])), repr(float(lons[col])), rel, row, col])
-                    written += 1
+                    views = tile_views(tiles, per, row, col)
+                    xs, ys = zip(*(cutter.grid.centre(r, c) for r, c in views))
+                    lons, lats = _to_crs(tiles.frame, WGS84, np.array(xs), np.array(ys))
+                    tile = tile_id(row, col)
+                    kept = 0
+                    for i, (r, c) in enumerate(views):
+                        rgb, nodata = cutter.cut(r, c)
+                        if rgb is None or nodata > options.max_nodata:
+                            if i == 0:
+                                break  # the tile itself is not there: none of its views either
+                            continue
+                        vid = tile if i == 0 else f"{tile}.e{(c - col * per) * step:g}n{(row * per - r) * step:g}"
+                        rel = f"{IMAGE_DIR}/{vid}.{ext}"
+                        _write_file(os.path.join(tmp, rel), encode_image(rgb, ext, options.jpeg_quality))
+                        out.writerow([vid, repr(float(lats[i])), repr(float(lons[i])), rel, row, col,
+                                      *([tile] if per > 1 else [])])
+                        kept += 1
+                    written, skipped, views_written = written + (kept > 0), skipped + (kept == 0), views_written + kept
             f.flush()
             os.fsync(f.fileno())
     finally:
         bar.close()
-    return written, skipped
+    return written, skipped, views_written
 
 
 def tile_raster(options: TileOptions, progress: bool = True) -> TilingResult:
@@ -553,7 +596,8 @@ def tile_raster(options: TileOptions, progress: bool = True) -> TilingResult:
         with dataset:
             frame = local_metric_frame(source)
             grid = plan_tile_grid(source, frame, options.tile_m, options.stride, options.tile_px)
-            cutter = TileCutter(dataset, source, grid, options.resampling, memory)
+            cutter = TileCutter(dataset, source, view_grid(grid, options.views_per_stride), options.resampling,
+                                memory)
             cutter.check_budget()
             log.debug("%s: %d x %d px in %s, %.3g m/px; %d x %d = %d tiles of %g m every %g m at %d px",
                       source.path, source.width, source.height, source.crs.to_string(),
@@ -564,12 +608,12 @@ def tile_raster(options: TileOptions, progress: bool = True) -> TilingResult:
             shutil.rmtree(tmp, ignore_errors=True)
             try:
                 os.makedirs(os.path.join(tmp, IMAGE_DIR))
-                written, skipped = _cut_all(cutter, options, tmp, tile_ids(prefix, grid), progress)
+                written, skipped, views = _cut_all(cutter, options, tmp, grid, tile_ids(prefix, grid), progress)
                 if written == 0:
                     raise TilingError(f"{options.raster}: all {len(grid)} tiles are more than "
                                       f"{options.max_nodata:.0%} nodata; nothing written (see --max-nodata)")
                 atomic_write_json(os.path.join(tmp, "tiling.json"), _tiling_record(
-                    options, source, cutter, prefix, written, skipped))
+                    options, source, grid, cutter, prefix, (written, skipped, views)))
                 fsync_dir(os.path.join(tmp, IMAGE_DIR))
                 fsync_dir(tmp)
                 _publish(tmp, out_dir, parent)
@@ -579,12 +623,12 @@ def tile_raster(options: TileOptions, progress: bool = True) -> TilingResult:
     return TilingResult(out_dir=out_dir, catalogue=os.path.join(out_dir, CATALOGUE_NAME), rows=grid.rows,
                         cols=grid.cols, written=written, skipped_nodata=skipped, tile_m=grid.tile_m,
                         stride_m=grid.stride_m, tile_px=grid.tile_px, max_nodata=options.max_nodata,
-                        seconds=time.monotonic() - started)
+                        seconds=time.monotonic() - started, views=views, centres_m=cutter.grid.stride_m)
 
 
-def _tiling_record(options: TileOptions, source: RasterSource, cutter: TileCutter, prefix: str,
-                   written: int, skipped: int) -> dict:
-    g = cutter.grid
+def _tiling_record(options: TileOptions, source: RasterSource, g: TileGrid, cutter: TileCutter, prefix: str,
+                   counts: tuple[int, int, int]) -> dict:
+    written, skipped, views = counts
     return {
         "format": TILING_FORMAT,
         "raster": source.path,
@@ -599,10 +643,11 @@ def _tiling_record(options: TileOptions, source: RasterSource, cutter: TileCutte
         "tile_m": g.tile_m, "stride_m": g.stride_m, "tile_px": g.tile_px, "m_per_px": g.m_per_px,
         "grid": {"rows": g.rows, "cols": g.cols, "first_centre_frame_m": [g.x0, g.y0]},
         "tile_id": f"{prefix}-r<row>-c<col>",
+        "centres_m": cutter.grid.stride_m,  # views every centres_m; a view off its tile's centre is <tile_id>.e<m>n<m>
         "image_format": options.image_format, "resampling": options.resampling,
         "memory_budget": options.memory_budget,
         "max_nodata": options.max_nodata,
-        "counts": {"tiles": len(g), "written": written, "skipped_nodata": skipped},
+        "counts": {"tiles": len(g), "written": written, "skipped_nodata": skipped, "views": views},
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 

@@ -29,7 +29,8 @@ import numpy as np
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import ConfigError
 from .encode import pick_device
-from .index_artifact import ArtifactError, check_model, read_manifest, read_orientation, read_tiles, read_vectors
+from .index_artifact import (ArtifactError, TileTable, check_model, read_manifest, read_orientation, read_tiles,
+                             read_vectors)
 from .metrics import TILE_FOOTPRINT_M, confidence_report, haversine_m, localization_error, position_report, \
     recall_curve, retrieval_recall
 from .train import HelpFormatter, TrainingError, encode_arrays, load_pair_arrays, read_records
@@ -189,13 +190,22 @@ def read_query_csv(root: Path) -> tuple[list[Path], np.ndarray]:
     return [root / r["path"] for r in rows], latlon
 
 
-def read_index_gallery(index: Path, fingerprint: str) -> tuple[np.ndarray, np.ndarray, dict]:
-    """An index artifact's stored tile vectors [N, D] (row i = row i of its tiles.csv), tile centres
-    [N, 2] and manifest; the artifact must have been built with the model of ``fingerprint``."""
+def read_index_gallery(index: Path, fingerprint: str) -> tuple[np.ndarray, TileTable, dict]:
+    """An index artifact's stored vectors [N, D] (row i = row i of its tiles.csv), its tile table and
+    manifest; the artifact must have been built with the model of ``fingerprint``."""
     index = Path(os.path.realpath(index))
     manifest = read_manifest(index)
     check_model(index, manifest, fingerprint)
-    return read_vectors(index, manifest), read_tiles(index, manifest).latlon, manifest
+    return read_vectors(index, manifest), read_tiles(index, manifest), manifest
+
+
+def best_per_tile(scores: np.ndarray, tile: np.ndarray, tiles: int) -> np.ndarray:
+    """[Q, N] scores of N rows -> [Q, tiles]: each tile's best row (``tile[i]`` the tile of row i)."""
+    order = np.argsort(tile, kind="stable")
+    starts = np.flatnonzero(np.r_[True, np.diff(tile[order]) != 0])
+    if len(starts) != tiles:
+        raise ValueError(f"{tiles} tiles expected, rows name {len(starts)}")
+    return np.maximum.reduceat(scores[:, order], starts, axis=1)
 
 
 def evaluate_anywhere(checkpoint: Path, data: Path, index: Path, device: str = "auto", workers: int = 2,
@@ -223,7 +233,12 @@ def evaluate_anywhere(checkpoint: Path, data: Path, index: Path, device: str = "
     paths, true_ll = read_query_csv(data)
     if limit:
         paths, true_ll = paths[:limit], true_ll[:limit]
-    gallery, tile_ll, manifest = read_index_gallery(index, model.fingerprint())
+    gallery, table, manifest = read_index_gallery(index, model.fingerprint())
+    # rows are tiles, or views of them (index_build tile --centres-m): tiles are ranked by their best view,
+    # the refined position comes from the views
+    view_ll = table.latlon
+    own_rows, tile_of = np.unique(table.tile_of, return_inverse=True)
+    tile_ll = view_ll[own_rows]
     tile_m = float(tile_m or manifest.get("tile_m") or TILE_FOOTPRINT_M)
     stride_m = float(manifest.get("stride_m") or tile_m / 2)
     temperature = POSITION_TEMPERATURE if temperature is None else temperature
@@ -261,22 +276,30 @@ def evaluate_anywhere(checkpoint: Path, data: Path, index: Path, device: str = "
         seen = np.ones(query_columns.shape[:2], bool)  # panoramas: every column
         return reranked_scores(sims, query_columns, tile_columns, seen, rerank_k, weight)
     # true tile: the nearest centre (exact haversine over every tile)
-    dist = np.stack([haversine_m(lat, lon, tile_ll[:, 0], tile_ll[:, 1]) for lat, lon in true_ll])
+    view_dist = np.stack([haversine_m(lat, lon, view_ll[:, 0], view_ll[:, 1]) for lat, lon in true_ll])
+    dist = view_dist[:, own_rows]
     truth = dist.argmin(axis=1)
     offset = dist[np.arange(len(truth)), truth]
     if scores_out is not None:
-        np.savez_compressed(scores_out, scores=scores, tile_latlon=tile_ll, true_latlon=true_ll, truth=truth)
-    result = {"n": len(paths), "tiles": len(tile_ll), "data": str(data), "index": str(index),
+        np.savez_compressed(scores_out, scores=scores, tile_latlon=view_ll, true_latlon=true_ll,
+                            truth=own_rows[truth], tile_of=own_rows[tile_of])
+    views = {"views": len(view_ll), "centres_m": manifest.get("centres_m")} if len(view_ll) > len(tile_ll) else {}
+    result = {"n": len(paths), "tiles": len(tile_ll), **views, "data": str(data), "index": str(index),
               "checkpoint": str(checkpoint), "fingerprint": model.fingerprint(), "tile_m": tile_m,
               "stride_m": stride_m, "offset_median_m": float(np.median(offset)), "offset_max_m": float(offset.max()),
               **({"rerank": {"candidates": rerank_k, "weight": weight}} if rerank_k is not None else {})}
 
     def block(sims) -> tuple[dict, dict]:
         rows = np.arange(len(sims))
-        counts = (sims > sims[rows, truth][:, None]).sum(axis=1)
+        per_tile = sims if not views else best_per_tile(sims, tile_of, len(tile_ll))
+        counts = (per_tile > per_tile[rows, truth][:, None]).sum(axis=1)
         out = recall_from_counts(counts, len(tile_ll))
-        pos = position_report(sims, tile_ll, tile_m, candidates, true_latlon=true_ll, temperature=temperature,
+        pos = position_report(per_tile, tile_ll, tile_m, candidates, true_latlon=true_ll, temperature=temperature,
                               errors=True)
+        if views:  # the top-1 tile's centre, and the position refined from the best views
+            by_view = position_report(sims, view_ll, tile_m, candidates, true_latlon=true_ll,
+                                      temperature=temperature, errors=True)
+            pos["refined"], pos["errors_m"]["refined"] = by_view["refined"], by_view["errors_m"]["refined"]
         errs = pos.pop("errors_m")
         out["position"] = pos
         return out, {"hit": counts == 0, **errs}
@@ -294,11 +317,12 @@ def evaluate_anywhere(checkpoint: Path, data: Path, index: Path, device: str = "
                                         "top1_median_m": float(np.median(detail["top1"][sel])),
                                         "refined_median_m": float(np.median(detail["refined"][sel]))})
     if near_radius_m > 0:
-        inside = dist <= near_radius_m  # the tiles model.metrics.rows_within (the API's near) picks, from `dist`
-        if not inside[np.arange(len(truth)), truth].all():
+        inside = view_dist <= near_radius_m  # the rows model.metrics.rows_within (the API's near) picks
+        if not inside[np.arange(len(truth)), own_rows[truth]].all():
             raise ValueError(f"--near-radius-m {near_radius_m:g} leaves some query without its true tile")
         result["prior"], _ = block(ranked(np.where(inside, scores, np.float32(-np.inf))))
-        result["prior"].update(radius_m=near_radius_m, tiles_within_median=float(np.median(inside.sum(axis=1))))
+        result["prior"].update(radius_m=near_radius_m,
+                               tiles_within_median=float(np.median(inside[:, own_rows].sum(axis=1))))
     return result
 
 
@@ -306,6 +330,9 @@ def print_anywhere(result: dict) -> None:
     print(f"{result['checkpoint']} on {result['data']}: {result['n']} cameras anywhere against {result['tiles']} "
           f"tiles of {result['index']} ({result['tile_m']:g} m every {result['stride_m']:g} m; camera to its nearest "
           f"tile centre: median {result['offset_median_m']:.1f} m, at most {result['offset_max_m']:.1f} m)")
+    if "views" in result:
+        print(f"each tile ranked by the best of its views ({result['views']} views every {result['centres_m']:g} m); "
+              "the refined position from the views")
     if "rerank" in result:
         print(f"ranked as the service does: the best {result['rerank']['candidates']} tiles by descriptor re-ranked by "
               f"column alignment (weight {result['rerank']['weight']:g})")

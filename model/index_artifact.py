@@ -80,6 +80,9 @@ class TileTable:
     lat: np.ndarray  # float64 degrees
     lon: np.ndarray
     sources: list[str]
+    # row of the tile each row belongs to: itself, or with views between tile centres (index_build tile
+    # --centres-m, a `tile` column) the row of its tile's own centre
+    tile_of: np.ndarray
 
     @property
     def latlon(self) -> np.ndarray:
@@ -95,7 +98,7 @@ def read_tiles(directory: str | Path, manifest: dict) -> TileTable:
             missing = [c for c in REQUIRED_TILE_COLUMNS if c not in (reader.fieldnames or [])]
             if missing:
                 raise ArtifactError(f"{path}: missing column(s) {', '.join(missing)}")
-            rows = [(row["tile_id"], *_lat_lon(row, f"{path}:{line}"), row["source"] or "")
+            rows = [(row["tile_id"], *_lat_lon(row, f"{path}:{line}"), row["source"] or "", row.get("tile") or "")
                     for line, row in enumerate(reader, start=2)]
     except FileNotFoundError:
         raise ArtifactError(f"{path}: missing") from None
@@ -105,10 +108,15 @@ def read_tiles(directory: str | Path, manifest: dict) -> TileTable:
         raise ArtifactError(f"{path}: {len(rows)} rows, manifest count is {manifest['count']}")
     if not rows:
         raise ArtifactError(f"{directory}: the index is empty")
-    tile_ids, lat, lon, sources = zip(*rows)
-    if len(set(tile_ids)) != len(tile_ids):
+    tile_ids, lat, lon, sources, tiles = zip(*rows)
+    row_of = {tid: i for i, tid in enumerate(tile_ids)}
+    if len(row_of) != len(tile_ids):
         raise ArtifactError(f"{path}: tile_id values are not unique")
-    return TileTable(list(tile_ids), np.asarray(lat, np.float64), np.asarray(lon, np.float64), list(sources))
+    try:
+        tile_of = np.array([row_of[t] if t else i for i, t in enumerate(tiles)], np.int64)
+    except KeyError as exc:
+        raise ArtifactError(f"{path}: a view names tile {exc.args[0]!r}, which has no row of its own") from None
+    return TileTable(list(tile_ids), np.asarray(lat, np.float64), np.asarray(lon, np.float64), list(sources), tile_of)
 
 
 def _lat_lon(row: dict, where: str) -> tuple[float, float]:

@@ -94,6 +94,9 @@ class ServedIndex:
     # FAISS GPU indexes must not be searched from several threads at once; CPU ones may be
     search_lock: contextlib.AbstractContextManager = field(default_factory=contextlib.nullcontext, repr=False)
     tile_m: float = TILE_FOOTPRINT_M  # the tiles' footprint (manifest tile_m), for the refined position
+    # with views between tile centres (index_build tile --centres-m): the row of each row's tile, else None
+    tile_of: np.ndarray | None = field(default=None, repr=False)
+    views_per_tile: int = 1
 
     @property
     def count(self) -> int:
@@ -114,7 +117,8 @@ class ServedIndex:
         candidates as it would alone, whatever its batch-mates ask for. A row whose answer fails gets
         its exception in its place; the other rows are answered."""
         oriented = columns is not None and self.orientation is not None
-        looked_at = [min(max(k, CANDIDATES, RERANK_CANDIDATES if oriented else 0), self.count) for k in ks]
+        looked_at = [min(max(k * self.views_per_tile, CANDIDATES, RERANK_CANDIDATES if oriented else 0), self.count)
+                     for k in ks]
         near = near or [None] * len(vectors)
         free = [i for i, prior in enumerate(near) if prior is None]
         hits = {}
@@ -136,26 +140,29 @@ class ServedIndex:
         within = None
         if prior is not None:
             rows = rows_within(self.lat, self.lon, prior.lat, prior.lon, prior.radius_m)
-            within = len(rows)
+            within = len(rows) if self.tile_of is None else len(np.unique(self.tile_of[rows]))
             with self.search_lock:
                 hit = self._search_among(vector, rows, n)
         scores, rows = hit  # type: ignore[misc]
         found = rows >= 0
         scores, rows = scores[found], rows[found]
+        headings = None
         if columns is not None and len(rows):  # columns: given where the index has orientation features too
             ranked = rerank(scores, columns, self.orientation[rows].astype(np.float32), seen)
-            scores, rows = ranked.scores.astype(np.float32), rows[ranked.order]
-            headings = [float(h) for h in ranked.headings[:k]]
-        else:
-            headings = [None] * min(k, len(rows))
-        top = rows[:k]
+            scores, rows, headings = ranked.scores.astype(np.float32), rows[ranked.order], ranked.headings
+        best = np.arange(min(k, len(rows)))  # the ranked rows the matches show
+        tiles = rows
+        if self.tile_of is not None:  # views: each tile once, at its best view, named and placed as the tile
+            tiles = self.tile_of[rows]
+            best = np.sort(np.unique(tiles, return_index=True)[1])[:k]
         latlon = np.column_stack([self.lat[rows], self.lon[rows]])
         margin, j = match_margin(scores, latlon, DISTINCT_M)
         position = refine_position(scores, latlon, self.tile_m) if len(rows) else None
-        matches = [TileMatch.model_construct(rank=rank, tile_id=self.tile_ids[r], lat=float(self.lat[r]),
-                                             lon=float(self.lon[r]), score=float(sc), heading_deg=h)
-                   for rank, (sc, r, h) in enumerate(zip(scores.tolist(), top.tolist(), headings), start=1)]
-        return Answer(matches, margin, None if j is None else self.tile_ids[rows[j]], position, within)
+        matches = [TileMatch.model_construct(rank=rank, tile_id=self.tile_ids[tiles[b]], lat=float(self.lat[tiles[b]]),
+                                             lon=float(self.lon[tiles[b]]), score=float(scores[b]),
+                                             heading_deg=None if headings is None else float(headings[b]))
+                   for rank, b in enumerate(best.tolist(), start=1)]
+        return Answer(matches, margin, None if j is None else self.tile_ids[tiles[j]], position, within)
 
     def _search_among(self, vector: np.ndarray, rows: np.ndarray, n: int,
                       chunk: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
@@ -211,7 +218,14 @@ def load_artifact(path: Path, *, expected_fingerprint: str, embedding_dim: int, 
                        index=index, tile_ids=tiles.tile_ids, lat=tiles.lat, lon=tiles.lon, sources=tiles.sources,
                        row_of={tile_id: row for row, tile_id in enumerate(tiles.tile_ids)},
                        orientation=orientation, gpu_resources=resources, search_lock=lock,
-                       tile_m=float(manifest.get("tile_m") or TILE_FOOTPRINT_M))
+                       tile_m=float(manifest.get("tile_m") or TILE_FOOTPRINT_M), **_views(tiles.tile_of))
+
+
+def _views(tile_of: np.ndarray) -> dict:
+    """ServedIndex's tile_of and views_per_tile: None and 1 unless rows are views of tiles."""
+    if np.array_equal(tile_of, np.arange(len(tile_of))):
+        return {}
+    return {"tile_of": tile_of, "views_per_tile": int(np.bincount(tile_of).max())}
 
 
 def _to_gpu(index: "faiss.Index", device: int):

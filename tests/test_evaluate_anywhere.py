@@ -21,11 +21,13 @@ def _at(east_m: float, north_m: float) -> tuple[float, float]:
     return LAT0 + north_m / M_PER_DEG, LON0 + east_m / (M_PER_DEG * math.cos(math.radians(LAT0)))
 
 
-def _setup(tmp_path, swap: bool = False, head: bool = False):
+def _setup(tmp_path, swap: bool = False, head: bool = False, with_views: bool = False):
     """3 x 3 tiles every 50 m; four cameras 10 m east of tiles 0, 4, 8 and 2. The artifact stores each
     camera's own descriptor as its true tile's vector (``swap``: at another tile, 40 to 110 m from it).
     ``head``: the checkpoint has an orientation head and the artifact each camera's own column features
-    as its true tile's (whatever ``swap`` says), random ones for the other tiles."""
+    as its true tile's (whatever ``swap`` says), random ones for the other tiles. ``with_views``: each tile
+    also has views 10 m east and west of its centre (index_build tile --centres-m), and the camera's
+    descriptor is its true tile's east view, the one at the camera."""
     import torch
 
     from model import load_checkpoint
@@ -36,6 +38,11 @@ def _setup(tmp_path, swap: bool = False, head: bool = False):
     fingerprint = micro_checkpoint(ckpt, orientation_dim=8 if head else 0)
     centres = [(50.0 * c, -50.0 * r) for r in range(3) for c in range(3)]
     owners = [0, 4, 8, 2]
+    rows = [(f"t{i}", x, y, f"t{i}") for i, (x, y) in enumerate(centres)]
+    if with_views:
+        rows = [row for i, (x, y) in enumerate(centres)
+                for row in ((f"t{i}", x, y, f"t{i}"), (f"t{i}.e10n0", x + 10, y, f"t{i}"),
+                            (f"t{i}.e-10n0", x - 10, y, f"t{i}"))]
     data = tmp_path / "queries"
     (data / "streetview").mkdir(parents=True)
     rng = np.random.default_rng(1)
@@ -51,23 +58,24 @@ def _setup(tmp_path, swap: bool = False, head: bool = False):
                       for i in range(len(owners))])
     queries, columns = evaluate._encode_views(InferenceEncoder(model, torch.device("cpu")), "ground", views,
                                               columns=True)
-    vectors = rng.normal(size=(len(centres), queries.shape[1])).astype(np.float32)
+    vectors = rng.normal(size=(len(rows), queries.shape[1])).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     for q, t in enumerate(owners):
-        vectors[{0: 2, 4: 5, 8: 6, 2: 0}[t] if swap else t] = queries[q]
+        vectors[3 * t + 1 if with_views else {0: 2, 4: 5, 8: 6, 2: 0}[t] if swap else t] = queries[q]
     index = tmp_path / "index"
     (index / "vectors").mkdir(parents=True)
     np.save(index / "vectors" / "shard-00000.npy", vectors[:5])
     np.save(index / "vectors" / "shard-00001.npy", vectors[5:])
     with open(index / "tiles.csv", "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["tile_id", "lat", "lon", "source"])
-        for i, (x, y) in enumerate(centres):
-            w.writerow([f"t{i}", *map(repr, _at(x, y)), f"/tiles/{i}.jpg"])
+        w.writerow(["tile_id", "lat", "lon", "source", *(["tile"] if with_views else [])])
+        for tile_id, x, y, tile in rows:
+            w.writerow([tile_id, *map(repr, _at(x, y)), f"/tiles/{tile_id}.jpg", *([tile] if with_views else [])])
     manifest = {"format_version": 1, "model_fingerprint": fingerprint, "embedding_dim": int(queries.shape[1]),
                 "metric": "inner_product", "index_type": "flat", "built_at": "2026-12-03T00:00:00Z",
-                "count": len(centres), "tile_m": 100.0, "stride_m": 50.0,
-                "shards": [{"file": "vectors/shard-00000.npy", "rows": 5}, {"file": "vectors/shard-00001.npy", "rows": 4}]}
+                "count": len(rows), "tile_m": 100.0, "stride_m": 50.0, **({"centres_m": 10.0} if with_views else {}),
+                "shards": [{"file": "vectors/shard-00000.npy", "rows": 5},
+                           {"file": "vectors/shard-00001.npy", "rows": len(rows) - 5}]}
     if head:
         tile_columns = rng.normal(size=(len(centres), *columns.shape[1:])).astype(np.float32)
         tile_columns /= np.linalg.norm(tile_columns, axis=2, keepdims=True)
@@ -91,6 +99,28 @@ def test_the_nearest_tile_is_the_true_one_and_errors_are_to_the_camera(tmp_path,
     assert evaluate.main(["--checkpoint", str(ckpt), "--data", str(data), "--index", str(index), "--device", "cpu",
                           "--workers", "1"]) == 0
     assert "| whole index | 100.0 |" in capsys.readouterr().out
+
+
+def test_views_rank_their_tiles_and_place_the_camera(tmp_path, capsys):
+    ckpt, data, index = _setup(tmp_path, with_views=True)
+    result = evaluate.evaluate_anywhere(ckpt, data, index, device="cpu", workers=1, near_radius_m=60.0)
+    assert (result["tiles"], result["views"], result["centres_m"]) == (9, 27, 10.0)
+    for block in (result["unrestricted"], result["prior"]):
+        assert block["r1"] == 1.0  # each tile ranked by its best view: the one at the camera
+        assert block["position"]["top1"]["median_error_m"] == pytest.approx(10.0, abs=0.01)  # the tile's centre
+        assert block["position"]["refined"]["median_error_m"] < 1.0  # the view at the camera
+    assert result["prior"]["tiles_within_median"] >= 3
+    assert evaluate.main(["--checkpoint", str(ckpt), "--data", str(data), "--index", str(index), "--device", "cpu",
+                          "--workers", "1"]) == 0
+    assert "each tile ranked by the best of its views (27 views every 10 m)" in capsys.readouterr().out
+
+
+def test_best_per_tile_takes_each_tiles_best_row():
+    scores = np.array([[0.1, 0.9, 0.3, 0.2], [0.5, -np.inf, 0.4, 0.6]], np.float32)
+    np.testing.assert_array_equal(evaluate.best_per_tile(scores, np.array([1, 0, 1, 0]), 2),
+                                  np.array([[0.9, 0.3], [0.6, 0.5]], np.float32))
+    with pytest.raises(ValueError, match="3 tiles expected"):
+        evaluate.best_per_tile(scores, np.array([1, 0, 1, 0]), 3)
 
 
 def test_a_match_elsewhere_is_a_miss_unless_the_prior_excludes_it(tmp_path):

@@ -125,10 +125,10 @@ def colour_blobs(img: np.ndarray, channel: int) -> list[tuple[float, float]]:
     return out
 
 
-def check_markers(out_dir, rows, tile_m, tile_px, marker_lat, marker_lon) -> dict:
-    """Every marker inside a tile is found where the tile's lat/lon says, north-up; returns the errors (m)."""
+def check_markers(out_dir, rows, tile_m, tile_px, marker_lat, marker_lon, margin_m: float = 6.0) -> dict:
+    """Every marker more than ``margin_m`` inside a tile is found where the tile's lat/lon says, north-up;
+    returns the errors (m)."""
     mpp = tile_m / tile_px
-    margin_m = 6.0
     marker_errors, centre_errors, seen = [], [], 0
     for row in rows:
         img = load_tile(out_dir, row)
@@ -191,6 +191,42 @@ def test_tile_centres_and_content_match_the_truth(tmp_path, capsys, name):
                 assert abs(e[0] - want_e) < 0.05 and abs(n[0] - want_n) < 0.05, (r, c, dr, dc, e, n)
     ids = [r["tile_id"] for r in rows]
     assert len(set(ids)) == len(ids) and all(i.startswith(f"{name}-r") for i in ids)
+
+
+def test_views_between_tile_centres_belong_to_the_nearest_tile(tmp_path, capsys):
+    raster, marker_lat, marker_lon = marker_raster(tmp_path / "utm.tif", "utm32n")
+    plain, out = tmp_path / "plain", tmp_path / "views"
+    assert run_tile(capsys, "--raster", raster, "--out", plain, "--tile-m", 100, "--stride-m", 50,
+                    "--tile-px", 128, "--format", "png")[0] == 0
+    rc, stdout, err = run_tile(capsys, "--raster", raster, "--out", out, "--tile-m", 100, "--stride-m", 50,
+                               "--centres-m", 12.5, "--tile-px", 128, "--format", "png")
+    assert rc == 0, err
+    tiles, rows = read_catalogue(plain), read_catalogue(out)
+    record = json.loads((out / "tiling.json").read_text())
+    n_rows, n_cols = record["grid"]["rows"], record["grid"]["cols"]
+    assert record["centres_m"] == 12.5 and record["counts"]["views"] == len(rows) == (4 * (n_rows - 1) + 1) * (
+        4 * (n_cols - 1) + 1)
+    assert f"{len(tiles)} tile(s) as {len(rows)} views every 12.5 m written" in stdout
+    # the tiles themselves are rows of their own, first of their views, where the plain grid has them
+    own = {r["tile_id"]: r for r in rows if r["tile"] == r["tile_id"]}
+    assert [(t["tile_id"], t["lat"], t["lon"]) for t in tiles] == [(i, r["lat"], r["lon"]) for i, r in own.items()]
+    assert [r["tile"] for r in rows] == sorted((r["tile"] for r in rows), key=list(own).index)
+    assert all(rows[i - 1]["tile"] != r["tile"] for i, r in enumerate(rows) if r["tile_id"] == r["tile"] and i)
+    # each view is nearer its own tile's centre than any other's, at the offset its id names, and its image
+    # shows the raster there (the markers land where their coordinates say)
+    centre = {i: (float(r["lat"]), float(r["lon"])) for i, r in own.items()}
+    names = list(centre)
+    for r in rows:
+        e, n = local_en(float(r["lat"]), float(r["lon"]), *np.array([centre[i] for i in names]).T)
+        d = np.hypot(e, n)
+        assert d[names.index(r["tile"])] <= d.min() + 1e-6, r
+        if r["tile_id"] != r["tile"]:
+            want_e, want_n = map(float, r["tile_id"].split(".e")[1].split("n"))
+            got_e, got_n = local_en(*centre[r["tile"]], float(r["lat"]), float(r["lon"]))
+            assert abs(got_e[0] - want_e) < 0.05 and abs(got_n[0] - want_n) < 0.05, r
+            assert max(abs(want_e), abs(want_n)) <= 25.0 and (want_e, want_n) != (0.0, 0.0)
+    result = check_markers(out, rows[::7], 100.0, 128, marker_lat, marker_lon, margin_m=2 * ARM_M)
+    assert result["max_centre_error_m"] < 1.0 and result["max_marker_error_m"] < 1.0
 
 
 def nodata_raster(path, kind: str) -> str:
@@ -346,6 +382,9 @@ def _bad_inputs(tmp_path) -> dict:
                                                            from_origin(500_000, 5_240_000, 1, 1))],
                                  "pass --value-range LO,HI"),
         "bad prefix": (["--id-prefix", "a/b"], "--id-prefix 'a/b' may only hold"),
+        "centres not a fraction of the stride": (["--stride-m", "25", "--centres-m", "10"],
+                                                 "--centres-m must divide the stride (25 m)"),
+        "centres 0": (["--centres-m", "0"], "--centres-m must divide the stride"),
         "nodata everywhere": (["--raster", write_raster(tmp_path / "empty.tif", np.zeros_like(rgb), "EPSG:32632",
                                                         from_origin(500_000, 5_240_000, 1, 1), nodata=0)],
                               "are more than 50% nodata; nothing written"),

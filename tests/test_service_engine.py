@@ -339,30 +339,36 @@ class _ConcurrencyProbe:
                 self.inside -= 1
 
 
-def test_an_answer_does_not_depend_on_what_its_batch_mates_ask_for(tmp_path):
-    """60 tiles 5 m apart on a line, the query most like tile 0 and less like each next one: among the 20
-    candidates a query with k=1 looks at, none is 150 m or more from the best (no competitor, no margin);
-    a batch-mate asking for k=40 must not make it look further."""
+def _line_artifact(root, angles: np.ndarray, tiles_csv: str, dim: int = 0, **manifest):
+    """A flat artifact whose row i is at ``angles[i]`` from the query (1, 0, ..., 0), loaded as the
+    service loads one; ``tiles_csv`` its tiles.csv."""
     import faiss
 
     from model import index_artifact as ia
     from service.artifact import load_artifact
 
-    count, dim = 60, 64
-    angles = 0.01 * np.arange(count)
+    count = len(angles)
+    dim = dim or count + 1
     vectors = np.zeros((count, dim), np.float32)
     vectors[:, 0], vectors[np.arange(count), np.arange(count) + 1] = np.cos(angles), np.sin(angles)
     flat = faiss.IndexFlatIP(dim)
     flat.add(vectors)
-    root = tmp_path / "line"
     root.mkdir()
     faiss.write_index(flat, str(root / ia.INDEX_FILE))
-    (root / ia.TILES_FILE).write_text("tile_id,lat,lon,source\n" + "".join(
-        f"t{i},{47 + i * 5 / 111_195:.8f},8.0,\n" for i in range(count)))
+    (root / ia.TILES_FILE).write_text(tiles_csv)
     (root / ia.MANIFEST_FILE).write_text(json.dumps({
         "format_version": 1, "model_fingerprint": "f" * 16, "embedding_dim": dim, "metric": "inner_product",
-        "count": count, "index_type": "flat", "built_at": "2026-12-03T00:00:00Z"}))
-    index = load_artifact(root, expected_fingerprint="f" * 16, embedding_dim=dim, generation=1)
+        "count": count, "index_type": "flat", "built_at": "2026-12-03T00:00:00Z", **manifest}))
+    return load_artifact(root, expected_fingerprint="f" * 16, embedding_dim=dim, generation=1)
+
+
+def test_an_answer_does_not_depend_on_what_its_batch_mates_ask_for(tmp_path):
+    """60 tiles 5 m apart on a line, the query most like tile 0 and less like each next one: among the 20
+    candidates a query with k=1 looks at, none is 150 m or more from the best (no competitor, no margin);
+    a batch-mate asking for k=40 must not make it look further."""
+    count, dim = 60, 64
+    index = _line_artifact(tmp_path / "line", 0.01 * np.arange(count), "tile_id,lat,lon,source\n" + "".join(
+        f"t{i},{47 + i * 5 / 111_195:.8f},8.0,\n" for i in range(count)), dim)
     query = np.zeros((2, dim), np.float32)
     query[:, 0] = 1.0
     seen = np.ones((2, 128), bool)
@@ -416,3 +422,34 @@ def test_the_service_modules_import_one_another_without_a_cycle():
         return any(m == goal or (m not in seen and reaches(m, goal, (*seen, m))) for m in imports.get(start, ()))
 
     assert [m for m in imports if reaches(m, m)] == []
+
+
+def test_views_between_tile_centres_answer_each_tile_once_and_place_the_camera(tmp_path):
+    """Six tiles 50 m apart on a line north, each with views 10 m north and south of its centre
+    (index_build tile --centres-m); the query is most like the view 10 m south of t2 and less like each
+    view the farther it is from there. The answer names tiles, each once at its best view's score and at
+    its own centre; the position is the best view's."""
+    from model.metrics import haversine_m
+    from service.artifact import Near
+
+    rows = [(f"t{t}" + ("" if dy == 0 else f".e0n{dy}"), 50.0 * t + dy, f"t{t}") for t in range(6)
+            for dy in (0, 10, -10)]
+    angles = np.minimum(0.02 * np.abs(np.array([y for _, y, _ in rows]) - 90.0), 3.0)
+    index = _line_artifact(tmp_path / "views", angles, "tile_id,lat,lon,source,tile\n" + "".join(
+        f"{tid},{47 + y / 111_195:.8f},8.0,,{tile}\n" for tid, y, tile in rows),
+        tile_m=100.0, stride_m=50.0, centres_m=10.0)
+    dim = len(rows) + 1
+    assert index.views_per_tile == 3
+    query = np.zeros((1, dim), np.float32)
+    query[:, 0] = 1.0
+    answer = index.answer(query, None, np.ones((1, 128), bool), [3])[0]
+    assert [m.tile_id for m in answer.matches] == ["t2", "t1", "t3"]
+    assert answer.matches[0].score == pytest.approx(1.0) and answer.matches[0].lat == pytest.approx(47 + 100 / 111_195)
+    assert answer.matches[1].score == pytest.approx(np.cos(0.02 * 30))  # t1's best view, 10 m north of it
+    assert answer.competitor == "t5"  # a view of t5 is the best match 150 m or more away: named as its tile
+    lat, lon, _ = answer.position
+    assert haversine_m(lat, lon, 47 + 90 / 111_195, 8.0) < 2.0  # at the best view, not t2's centre 10 m away
+    # a prior counts the tiles within its radius, and answers the same way from its views
+    near = Near(lat=47 + 100 / 111_195, lon=8.0, radius_m=45.0, source="parameter")  # t1.n10 .. t3.n-10
+    within = index.answer(query, None, np.ones((1, 128), bool), [3], near=[near])[0]
+    assert within.within == 3 and [m.tile_id for m in within.matches] == ["t2", "t1", "t3"]
