@@ -190,3 +190,19 @@ def place_view(source, config, *, fov_deg: float = 360.0, heading_deg: float | N
         view, covered = perspective_to_panorama(image, fov_deg, heading, config.ground_size, pitch_deg, roll_deg)
     view[~covered] = MEAN_RGB
     return view, covered.any(axis=0)
+
+
+def place_photo(source, config, *, fov_deg: float, heading_deg: float | None = None,
+                tilt: tuple[float, float] | None = None, name: str | None = None,
+                max_pixels: int | None = None) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
+    """A photo (perspective) placed by `place_view` with its camera's (pitch, roll) ``tilt``, or where
+    that is not known, with the tilt `model.preprocess.estimate_photo_tilt` finds from its vertical
+    edges -> (view, seen, the tilt it was placed with)."""
+    from .preprocess import estimate_photo_tilt, load_image
+
+    if tilt is None:
+        source = load_image(source, name, max_pixels)
+        tilt = estimate_photo_tilt(source, fov_deg)
+    view, seen = place_view(source, config, fov_deg=fov_deg, heading_deg=heading_deg, projection="perspective",
+                            pitch_deg=tilt[0], roll_deg=tilt[1], name=name, max_pixels=max_pixels)
+    return view, seen, tilt

@@ -23,9 +23,8 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
-from model.preprocess import (ImageDecodeError, estimate_photo_tilt, exif_camera, exif_gps, image_uint8, load_image,
-                              upright_size, xmp_panorama_heading)
-from model.views import place_view
+from model.preprocess import ImageDecodeError, exif_camera, exif_gps, image_uint8, upright_size, xmp_panorama_heading
+from model.views import place_photo, place_view
 
 from .engine import Overloaded
 from .schemas import ViewInfo
@@ -330,14 +329,16 @@ def decode_uploads(images: list[CheckedImage], specs: list[ViewInfo], max_pixels
     views, seen = [], []
     for image, spec in zip(images, specs):
         try:
-            source, name = image.image, f"image {image.upload.index}"
+            name = f"image {image.upload.index}"
             if spec.projection == "perspective" and spec.tilt_source is None:  # the tilt was not sent
-                source = load_image(source, name, max_pixels)
-                spec.pitch_deg, spec.roll_deg = estimate_photo_tilt(source, spec.fov_deg)
+                view, covered, (spec.pitch_deg, spec.roll_deg) = place_photo(
+                    image.image, config, fov_deg=spec.fov_deg, heading_deg=spec.heading_deg, name=name,
+                    max_pixels=max_pixels)
                 spec.tilt_source = "estimated"
-            view, covered = place_view(source, config, fov_deg=spec.fov_deg, heading_deg=spec.heading_deg,
-                                       projection=spec.projection, pitch_deg=spec.pitch_deg, roll_deg=spec.roll_deg,
-                                       name=name, max_pixels=max_pixels)
+            else:
+                view, covered = place_view(image.image, config, fov_deg=spec.fov_deg, heading_deg=spec.heading_deg,
+                                           projection=spec.projection, pitch_deg=spec.pitch_deg,
+                                           roll_deg=spec.roll_deg, name=name, max_pixels=max_pixels)
         except ImageDecodeError as exc:
             raise UploadError(400, "undecodable_image", str(exc)) from None
         finally:
