@@ -411,12 +411,11 @@ def photo_views(world: Path, records, config, centred: bool, tilt: bool | str = 
     (``centred``: the heading is then searched); level, as a phone that does not send its tilt, or
     (``tilt``) with their cameras' true pitch and roll, as one that does (the API's pitch_deg,
     roll_deg), or (``tilt="estimated"``) with the tilt `estimate_photo_tilt` finds, as the service places
-    a photo sent without one, by `place_view` as the service places an upload. Returns (views [N, H, W, 3]
+    a photo sent without one; by `place_photo`, as the service places an upload. Returns (views [N, H, W, 3]
     uint8, true headings)."""
     import csv
 
-    from .preprocess import estimate_photo_tilt, load_image
-    from .views import place_view
+    from .views import place_photo
 
     if tilt not in (False, True, "estimated"):
         raise ValueError(f"tilt must be False, True or 'estimated', got {tilt!r}")
@@ -430,13 +429,10 @@ def photo_views(world: Path, records, config, centred: bool, tilt: bool | str = 
             raise ValueError(f"{world / 'cameras.csv'}: no perspective camera for id {record.id!r}")
         headings[i] = float(camera["heading_deg"]) % 360.0
         photo = world / "streetview" / f"{record.id}.jpg"
-        pitch, roll = (float(camera["pitch_deg"]), float(camera["roll_deg"])) if tilt is True else (0.0, 0.0)
-        if tilt == "estimated":
-            photo = load_image(photo)
-            pitch, roll = estimate_photo_tilt(photo, float(camera["hfov_deg"]))
-        views[i], _ = place_view(photo, config, fov_deg=float(camera["hfov_deg"]),
-                                 heading_deg=None if centred else headings[i], projection="perspective",
-                                 pitch_deg=pitch, roll_deg=roll)
+        known = (float(camera["pitch_deg"]), float(camera["roll_deg"])) if tilt is True else (0.0, 0.0)
+        views[i], _, _ = place_photo(photo, config, fov_deg=float(camera["hfov_deg"]),
+                                     heading_deg=None if centred else headings[i],
+                                     tilt=None if tilt == "estimated" else known)
     return views, headings
 
 

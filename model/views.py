@@ -159,6 +159,57 @@ def angle_difference(a_deg, b_deg) -> np.ndarray:
 
 PROJECTIONS = ("equirectangular", "perspective")
 
+PANORAMA_ASPECT = 3.5  # width/height from which an image without a stated field of view is a 360 panorama
+MIN_FOV_DEG = 20.0  # narrower views cover less than one 16-pixel token column of a 256-pixel-wide panorama
+
+
+class UnreadableView(ValueError):
+    """An image whose field of view is not known or can not be read; ``reason`` says which:
+    fov_unknown, bad_field_of_view or tilt_not_a_photo."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def view_geometry(width: int, height: int, *, fov_deg: float | None = None, projection: str | None = None,
+                  exif_fov: float | None = None, tilted: bool = False,
+                  name: str = "the image") -> tuple[float, str, str]:
+    """How an upright image of ``width`` x ``height`` is read: (horizontal field of view, where it came
+    from: parameter, aspect or exif, projection). The field of view given, else 360 for an image at
+    least PANORAMA_ASPECT times as wide as high (before EXIF: a phone's panorama still names its lens),
+    else its EXIF focal length (`model.preprocess.exif_camera`); the projection given, else
+    perspective for a photo: a field of view from EXIF, or under 360 on a narrow image. ``tilted``: a
+    camera pitch or roll is given, which only a photo has. UnreadableView says what is missing or wrong
+    in terms of this function's parameters (``name``: the image, in its messages)."""
+    wide = width >= PANORAMA_ASPECT * height
+    if fov_deg is not None:
+        fov_source = "parameter"
+    elif wide:
+        fov_deg, fov_source = 360.0, "aspect"
+    elif exif_fov is not None:
+        fov_deg, fov_source = exif_fov, "exif"
+    else:
+        raise UnreadableView(
+            "fov_unknown",
+            f"{name} is {width}x{height} (aspect {width / height:.2f}): not a 360 degree panorama "
+            f"(aspect {PANORAMA_ASPECT:g}:1 or wider) and its EXIF states no focal length; send its horizontal "
+            "field of view as the parameter fov_deg (e.g. fov_deg=65 for a phone's main camera)")
+    projection = projection or (
+        "perspective" if fov_source == "exif" or (fov_deg < 360 and not wide) else "equirectangular")
+    if fov_deg < MIN_FOV_DEG or (projection == "perspective" and fov_deg >= 180):
+        raise UnreadableView(
+            "bad_field_of_view",
+            f"{name}: a field of view of {fov_deg:g} degrees ({fov_source}) can not be read: a view must span "
+            f"at least {MIN_FOV_DEG:g} degrees, a photo (projection=perspective) less than 180; send fov_deg, or "
+            "projection=equirectangular for a wider panorama crop")
+    if projection != "perspective" and tilted:
+        raise UnreadableView(
+            "tilt_not_a_photo",
+            f"{name} is read as an equirectangular {'panorama' if fov_deg >= 360 else 'crop'}, which is "
+            "level: pitch_deg and roll_deg describe a photo's camera (projection=perspective)")
+    return fov_deg, fov_source, projection
+
 
 def place_view(source, config, *, fov_deg: float = 360.0, heading_deg: float | None = None,
                projection: str = "equirectangular", pitch_deg: float = 0.0, roll_deg: float = 0.0,
@@ -190,3 +241,19 @@ def place_view(source, config, *, fov_deg: float = 360.0, heading_deg: float | N
         view, covered = perspective_to_panorama(image, fov_deg, heading, config.ground_size, pitch_deg, roll_deg)
     view[~covered] = MEAN_RGB
     return view, covered.any(axis=0)
+
+
+def place_photo(source, config, *, fov_deg: float, heading_deg: float | None = None,
+                tilt: tuple[float, float] | None = None, name: str | None = None,
+                max_pixels: int | None = None) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
+    """A photo (perspective) placed by `place_view` with its camera's (pitch, roll) ``tilt``, or where
+    that is not known, with the tilt `model.preprocess.estimate_photo_tilt` finds from its vertical
+    edges -> (view, seen, the tilt it was placed with)."""
+    from .preprocess import estimate_photo_tilt, load_image
+
+    if tilt is None:
+        source = load_image(source, name, max_pixels)
+        tilt = estimate_photo_tilt(source, fov_deg)
+    view, seen = place_view(source, config, fov_deg=fov_deg, heading_deg=heading_deg, projection="perspective",
+                            pitch_deg=tilt[0], roll_deg=tilt[1], name=name, max_pixels=max_pixels)
+    return view, seen, tilt

@@ -23,9 +23,8 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
-from model.preprocess import (ImageDecodeError, estimate_photo_tilt, exif_camera, exif_gps, image_uint8, load_image,
-                              upright_size, xmp_panorama_heading)
-from model.views import place_view
+from model.preprocess import ImageDecodeError, exif_camera, exif_gps, image_uint8, upright_size, xmp_panorama_heading
+from model.views import UnreadableView, place_photo, place_view, view_geometry
 
 from .engine import Overloaded
 from .schemas import ViewInfo
@@ -265,10 +264,6 @@ def check_image(upload: UploadedFile, limits: Settings) -> CheckedImage:
         return CheckedImage(upload, img, *img.size)
 
 
-PANORAMA_ASPECT = 3.5  # width/height from which an image without a stated field of view is a 360 panorama
-MIN_FOV_DEG = 20.0  # narrower views cover less than one 16-pixel token column of a 256-pixel-wide panorama
-
-
 @dataclass(frozen=True)
 class ViewParams:
     """What the request says about its images (query parameters); EXIF and shape fill the rest."""
@@ -285,35 +280,15 @@ class ViewParams:
 def view_spec(image: CheckedImage, params: ViewParams) -> ViewInfo:
     """The field of view, projection, heading and tilt of an upload that passed `check_image`: the
     request's parameters first, then the image's XMP (GPano:PoseHeadingDegrees) and EXIF
-    (FocalLengthIn35mmFilm, GPSImgDirection), then its shape (a wide image is a 360 degree panorama).
+    (FocalLengthIn35mmFilm, GPSImgDirection), then its shape (`model.views.view_geometry`).
     Without any: 422 naming the parameter to send.
     A heading of None: the view is placed centred on north and its heading is searched."""
-    width, height, wide = image.width, image.height, image.width >= PANORAMA_ASPECT * image.height
-    if params.fov_deg is not None:
-        fov, fov_source = params.fov_deg, "parameter"
-    elif wide:  # before EXIF: a phone's panorama still names its lens
-        fov, fov_source = 360.0, "aspect"
-    elif image.exif_fov is not None:
-        fov, fov_source = image.exif_fov, "exif"
-    else:
-        raise UploadError(
-            422, "fov_unknown",
-            f"{image.upload.label} is {width}x{height} (aspect {width / height:.2f}): not a 360 degree panorama "
-            f"(aspect {PANORAMA_ASPECT:g}:1 or wider) and its EXIF states no focal length; send its horizontal "
-            "field of view as the parameter fov_deg (e.g. fov_deg=65 for a phone's main camera)")
-    projection = params.projection or (
-        "perspective" if fov_source == "exif" or (fov < 360 and not wide) else "equirectangular")
-    if fov < MIN_FOV_DEG or (projection == "perspective" and fov >= 180):
-        raise UploadError(
-            422, "bad_field_of_view",
-            f"{image.upload.label}: a field of view of {fov:g} degrees ({fov_source}) can not be read: a view must span "
-            f"at least {MIN_FOV_DEG:g} degrees, a photo (projection=perspective) less than 180; send fov_deg, or "
-            "projection=equirectangular for a wider panorama crop")
-    if projection != "perspective" and params.tilt not in (None, (0.0, 0.0)):
-        raise UploadError(
-            422, "tilt_not_a_photo",
-            f"{image.upload.label} is read as an equirectangular {'panorama' if fov >= 360 else 'crop'}, which is "
-            "level: pitch_deg and roll_deg describe a photo's camera (projection=perspective)")
+    try:
+        fov, fov_source, projection = view_geometry(
+            image.width, image.height, fov_deg=params.fov_deg, projection=params.projection, exif_fov=image.exif_fov,
+            tilted=params.tilt not in (None, (0.0, 0.0)), name=image.upload.label)
+    except UnreadableView as exc:
+        raise UploadError(422, exc.reason, str(exc)) from None
     given = ((params.heading_deg, "parameter"), (image.xmp_heading, "xmp"), (image.exif_heading, "exif"))
     heading, heading_source = next(((h, source) for h, source in given if h is not None), (None, None))
     pitch, roll = params.tilt or (0.0, 0.0)  # a photo's is estimated where it is decoded (decode_uploads)
@@ -330,14 +305,16 @@ def decode_uploads(images: list[CheckedImage], specs: list[ViewInfo], max_pixels
     views, seen = [], []
     for image, spec in zip(images, specs):
         try:
-            source, name = image.image, f"image {image.upload.index}"
+            name = f"image {image.upload.index}"
             if spec.projection == "perspective" and spec.tilt_source is None:  # the tilt was not sent
-                source = load_image(source, name, max_pixels)
-                spec.pitch_deg, spec.roll_deg = estimate_photo_tilt(source, spec.fov_deg)
+                view, covered, (spec.pitch_deg, spec.roll_deg) = place_photo(
+                    image.image, config, fov_deg=spec.fov_deg, heading_deg=spec.heading_deg, name=name,
+                    max_pixels=max_pixels)
                 spec.tilt_source = "estimated"
-            view, covered = place_view(source, config, fov_deg=spec.fov_deg, heading_deg=spec.heading_deg,
-                                       projection=spec.projection, pitch_deg=spec.pitch_deg, roll_deg=spec.roll_deg,
-                                       name=name, max_pixels=max_pixels)
+            else:
+                view, covered = place_view(image.image, config, fov_deg=spec.fov_deg, heading_deg=spec.heading_deg,
+                                           projection=spec.projection, pitch_deg=spec.pitch_deg,
+                                           roll_deg=spec.roll_deg, name=name, max_pixels=max_pixels)
         except ImageDecodeError as exc:
             raise UploadError(400, "undecodable_image", str(exc)) from None
         finally:
