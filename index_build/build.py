@@ -578,6 +578,10 @@ def run_add(opts: AddOptions) -> BuildResult:
         if tiling and base.get("tile_m") is not None and tiling["tile_m"] != base["tile_m"]:
             raise BuildError(f"tiles of {tiling['tile_m']:g} m ({opts.catalog}) cannot join an artifact of "
                              f"{base['tile_m']:g} m tiles: positions are refined with one footprint per index")
+        if tiling and tiling.get("centres_m") != base.get("centres_m"):
+            views = lambda m: f"views every {m:g} m" if m else "no views"  # noqa: E731
+            raise BuildError(f"{opts.catalog} has {views(tiling.get('centres_m'))} and the artifact "
+                             f"{views(base.get('centres_m'))}: an index holds one kind (index_build tile --centres-m)")
         base_version = os.path.basename(live)
         plan = {
             "kind": "add", "catalog_sha256": catalogue.sha256, "source": catalogue.source,

@@ -138,7 +138,7 @@ class TileOptions:
             bad(f"--stride-m must be > 0 metres, got {self.stride}")
         if self.centres_m is not None:
             n = self.stride / self.centres_m if math.isfinite(self.centres_m) and self.centres_m > 0 else 0.0
-            if not (n >= 1 and abs(n - round(n)) < 1e-6):
+            if not (n >= 1 and abs(n - round(n)) < 1e-3):  # 16.667 for a third of 50 m; views are stride / n apart
                 bad(f"--centres-m must divide the stride ({self.stride:g} m) into a whole number of steps, "
                     f"got {self.centres_m}")
         if not 16 <= self.tile_px <= 4096:
@@ -385,14 +385,6 @@ def plan_tile_grid(source: RasterSource, frame: CRS, tile_m: float, stride_m: fl
     rows, margin_y = _axis_count(height_m, tile_m, stride_m)
     return TileGrid(frame=frame, tile_m=tile_m, stride_m=stride_m, tile_px=tile_px, rows=rows, cols=cols,
                     x0=xmin + margin_x + tile_m / 2, y0=ymax - margin_y - tile_m / 2)
-
-
-def grid_centres_latlon(grid: TileGrid, row: int) -> tuple[np.ndarray, np.ndarray]:
-    """WGS84 (lat, lon) of the tile centres of one grid row."""
-    xs = grid.x0 + np.arange(grid.cols) * grid.stride_m
-    ys = np.full(grid.cols, grid.y0 - row * grid.stride_m)
-    lon, lat = _to_crs(grid.frame, WGS84, xs, ys)
-    return lat, lon
 
 
 # ------------------------------------------------------------------------------------------- cutter

@@ -239,6 +239,8 @@ def evaluate_anywhere(checkpoint: Path, data: Path, index: Path, device: str = "
     view_ll = table.latlon
     own_rows, tile_of = np.unique(table.tile_of, return_inverse=True)
     tile_ll = view_ll[own_rows]
+    if rerank_k is not None and len(view_ll) > len(tile_ll):  # as many rows as the service re-ranks with views
+        rerank_k = max(rerank_k, candidates * table.views_per_tile)
     tile_m = float(tile_m or manifest.get("tile_m") or TILE_FOOTPRINT_M)
     stride_m = float(manifest.get("stride_m") or tile_m / 2)
     temperature = POSITION_TEMPERATURE if temperature is None else temperature
@@ -297,7 +299,7 @@ def evaluate_anywhere(checkpoint: Path, data: Path, index: Path, device: str = "
         pos = position_report(per_tile, tile_ll, tile_m, candidates, true_latlon=true_ll, temperature=temperature,
                               errors=True)
         if views:  # the top-1 tile's centre, and the position refined from the best views
-            by_view = position_report(sims, view_ll, tile_m, candidates, true_latlon=true_ll,
+            by_view = position_report(sims, view_ll, tile_m, candidates * table.views_per_tile, true_latlon=true_ll,
                                       temperature=temperature, errors=True)
             pos["refined"], pos["errors_m"]["refined"] = by_view["refined"], by_view["errors_m"]["refined"]
         errs = pos.pop("errors_m")
@@ -334,7 +336,8 @@ def print_anywhere(result: dict) -> None:
         print(f"each tile ranked by the best of its views ({result['views']} views every {result['centres_m']:g} m); "
               "the refined position from the views")
     if "rerank" in result:
-        print(f"ranked as the service does: the best {result['rerank']['candidates']} tiles by descriptor re-ranked by "
+        print(f"ranked as the service does: the best {result['rerank']['candidates']} {'views' if 'views' in result else 'tiles'} "
+              "by descriptor re-ranked by "
               f"column alignment (weight {result['rerank']['weight']:g})")
     else:
         print("ranked by descriptor alone (--method rerank: as the service does with an orientation head)")

@@ -81,8 +81,12 @@ class TileTable:
     lon: np.ndarray
     sources: list[str]
     # row of the tile each row belongs to: itself, or with views between tile centres (index_build tile
-    # --centres-m, a `tile` column) the row of its tile's own centre
+    # --centres-m: a `tile` column and the manifest's centres_m) the row of its tile's own centre
     tile_of: np.ndarray
+
+    @property
+    def views_per_tile(self) -> int:
+        return int(np.bincount(self.tile_of).max())
 
     @property
     def latlon(self) -> np.ndarray:
@@ -112,10 +116,10 @@ def read_tiles(directory: str | Path, manifest: dict) -> TileTable:
     row_of = {tid: i for i, tid in enumerate(tile_ids)}
     if len(row_of) != len(tile_ids):
         raise ArtifactError(f"{path}: tile_id values are not unique")
-    try:
-        tile_of = np.array([row_of[t] if t else i for i, t in enumerate(tiles)], np.int64)
-    except KeyError as exc:
-        raise ArtifactError(f"{path}: a view names tile {exc.args[0]!r}, which has no row of its own") from None
+    tile_of = np.arange(len(rows))
+    if manifest.get("centres_m") is not None:  # views of tiles (a `tile` column elsewhere is plain metadata)
+        first: dict[str, int] = {}  # a tile whose own row was skipped (unreadable) is named by its first view
+        tile_of = np.array([first.setdefault(t, row_of.get(t, i)) if t else i for i, t in enumerate(tiles)], np.int64)
     return TileTable(list(tile_ids), np.asarray(lat, np.float64), np.asarray(lon, np.float64), list(sources), tile_of)
 
 

@@ -50,6 +50,7 @@ class Signature:
 
 
 CANDIDATES = 20  # matches searched per image at least: the confidence looks past the k asked for
+GPU_MAX_K = 2048  # the most results one FAISS GPU search returns
 DISTINCT_M = 150.0  # a competing match this far from the best one is another place
 
 
@@ -117,7 +118,10 @@ class ServedIndex:
         candidates as it would alone, whatever its batch-mates ask for. A row whose answer fails gets
         its exception in its place; the other rows are answered."""
         oriented = columns is not None and self.orientation is not None
-        looked_at = [min(max(k * self.views_per_tile, CANDIDATES, RERANK_CANDIDATES if oriented else 0), self.count)
+        # with views, as many tiles' worth of rows: the answer for k <= CANDIDATES does not depend on k;
+        # a FAISS GPU index returns at most GPU_MAX_K rows
+        most = self.count if self.gpu_resources is None else min(self.count, GPU_MAX_K)
+        looked_at = [min(max(max(k, CANDIDATES) * self.views_per_tile, RERANK_CANDIDATES if oriented else 0), most)
                      for k in ks]
         near = near or [None] * len(vectors)
         free = [i for i, prior in enumerate(near) if prior is None]
@@ -218,14 +222,14 @@ def load_artifact(path: Path, *, expected_fingerprint: str, embedding_dim: int, 
                        index=index, tile_ids=tiles.tile_ids, lat=tiles.lat, lon=tiles.lon, sources=tiles.sources,
                        row_of={tile_id: row for row, tile_id in enumerate(tiles.tile_ids)},
                        orientation=orientation, gpu_resources=resources, search_lock=lock,
-                       tile_m=float(manifest.get("tile_m") or TILE_FOOTPRINT_M), **_views(tiles.tile_of))
+                       tile_m=float(manifest.get("tile_m") or TILE_FOOTPRINT_M), **_views(tiles))
 
 
-def _views(tile_of: np.ndarray) -> dict:
+def _views(tiles) -> dict:
     """ServedIndex's tile_of and views_per_tile: None and 1 unless rows are views of tiles."""
-    if np.array_equal(tile_of, np.arange(len(tile_of))):
+    if np.array_equal(tiles.tile_of, np.arange(len(tiles.tile_of))):
         return {}
-    return {"tile_of": tile_of, "views_per_tile": int(np.bincount(tile_of).max())}
+    return {"tile_of": tiles.tile_of, "views_per_tile": tiles.views_per_tile}
 
 
 def _to_gpu(index: "faiss.Index", device: int):

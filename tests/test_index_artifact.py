@@ -81,3 +81,18 @@ def test_an_artifact_of_another_model_is_refused(tmp_path):
         ia.check_model(root, manifest, "f" * 16, 8)
     with pytest.raises(ia.ArtifactError, match="no manifest.json"):
         ia.read_manifest(tmp_path)
+
+
+def test_views_are_grouped_by_their_tile_only_in_an_artifact_with_views(tmp_path):
+    """A `tile` column makes rows views of tiles only with the manifest's centres_m (index_build tile
+    --centres-m); elsewhere it is catalogue metadata. A tile whose own row was skipped at build (an
+    unreadable image) is named by its first view, so the artifact still loads."""
+    from model.index_artifact import read_tiles
+
+    (tmp_path / "tiles.csv").write_text("tile_id,lat,lon,source,tile\n"
+                                        "a,47.0,8.0,,a\na.e10n0,47.0,8.0001,,a\n"
+                                        "b.e-10n0,47.001,8.0,,b\nb.e10n0,47.001,8.0002,,b\nc,47.002,8.0,,x\n")
+    plain = read_tiles(tmp_path, {"count": 5})
+    assert plain.tile_of.tolist() == [0, 1, 2, 3, 4] and plain.views_per_tile == 1
+    views = read_tiles(tmp_path, {"count": 5, "centres_m": 10.0})
+    assert views.tile_of.tolist() == [0, 0, 2, 2, 4] and views.views_per_tile == 2
