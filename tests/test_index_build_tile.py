@@ -475,11 +475,13 @@ def test_tiling_record_is_read_only_beside_a_catalogue_of_index_build_tile(tmp_p
         assert "\n" not in str(exc.value)
 
 
-def test_add_refuses_tiles_of_another_footprint(tmp_path, capsys):
+def _build_then_add(tmp_path, capsys, first: list, second: list) -> tuple[dict, str]:
+    """Tiles of one raster cut twice (``first``/``second``: extra `tile` arguments), an index built from the
+    first, then `add` of the second, which must fail: the manifest after and add's stderr."""
     raster, _, _ = marker_raster(tmp_path / "ortho.tif", "utm32n", height=400, width=400)
-    for name, tile_m in (("a", 100), ("b", 80)):
-        rc, _, err = run_tile(capsys, "--raster", raster, "--out", tmp_path / name, "--tile-m", tile_m,
-                              "--tile-px", 32, "--id-prefix", name)
+    for name, extra in (("a", first), ("b", second)):
+        rc, _, err = run_tile(capsys, "--raster", raster, "--out", tmp_path / name, "--tile-px", 32,
+                              "--id-prefix", name, *extra)
         assert rc == 0, err
     ckpt = tmp_path / "micro.safetensors"
     micro_checkpoint(ckpt)
@@ -488,25 +490,17 @@ def test_add_refuses_tiles_of_another_footprint(tmp_path, capsys):
     assert cli.main(["build", "--catalog", str(tmp_path / "a" / "tiles.csv"), *common]) == 0
     capsys.readouterr()
     assert cli.main(["add", "--catalog", str(tmp_path / "b" / "tiles.csv"), *common]) != 0
-    err = capsys.readouterr().err
+    return json.loads((tmp_path / "index" / "manifest.json").read_text()), capsys.readouterr().err
+
+
+def test_add_refuses_tiles_of_another_footprint(tmp_path, capsys):
+    manifest, err = _build_then_add(tmp_path, capsys, ["--tile-m", 100], ["--tile-m", 80])
     assert "tiles of 80 m" in err and "100 m tiles" in err, err
-    assert json.loads((tmp_path / "index" / "manifest.json").read_text())["count"] == len(read_catalogue(tmp_path / "a"))
+    assert manifest["count"] == len(read_catalogue(tmp_path / "a"))
 
 
 def test_add_refuses_views_of_another_spacing(tmp_path, capsys):
-    raster, _, _ = marker_raster(tmp_path / "ortho.tif", "utm32n", height=400, width=400)
-    for name, centres_m in (("a", 25), ("b", 12.5)):
-        rc, _, err = run_tile(capsys, "--raster", raster, "--out", tmp_path / name, "--tile-m", 100, "--stride-m", 50,
-                              "--centres-m", centres_m, "--tile-px", 32, "--id-prefix", name)
-        assert rc == 0, err
-    ckpt = tmp_path / "micro.safetensors"
-    micro_checkpoint(ckpt)
-    common = ["--checkpoint", str(ckpt), "--out", str(tmp_path / "index"), "--workers", "0", "--batch-size", "8",
-              "--device", "cpu", "--quiet"]
-    assert cli.main(["build", "--catalog", str(tmp_path / "a" / "tiles.csv"), *common]) == 0
-    capsys.readouterr()
-    manifest = json.loads((tmp_path / "index" / "manifest.json").read_text())
+    manifest, err = _build_then_add(tmp_path, capsys, ["--tile-m", 100, "--stride-m", 50, "--centres-m", 25],
+                                    ["--tile-m", 100, "--stride-m", 50, "--centres-m", 12.5])
     assert (manifest["stride_m"], manifest["centres_m"]) == (50.0, 25.0)
-    assert cli.main(["add", "--catalog", str(tmp_path / "b" / "tiles.csv"), *common]) != 0
-    err = capsys.readouterr().err
     assert "views every 12.5 m" in err and "the artifact views every 25 m" in err, err
