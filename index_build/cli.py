@@ -318,7 +318,8 @@ def _run_tile(args) -> int:
     try:
         options = rt.TileOptions(
             raster=args.raster, out=args.out, tile_m=args.tile_m, stride_m=args.stride_m,
-            centres_m=args.centres_m, tile_px=args.tile_px, image_format=args.image_format, jpeg_quality=args.jpeg_quality, max_nodata=args.max_nodata,
+            centres_m=args.centres_m, tile_px=args.tile_px, image_format=args.image_format,
+            jpeg_quality=args.jpeg_quality, max_nodata=args.max_nodata,
             bands=rt.parse_band_list(args.bands) if args.bands is not None else None,
             value_range=rt.parse_value_range(args.value_range) if args.value_range is not None else None,
             resampling=args.resampling, memory_budget=args.memory_budget, id_prefix=args.id_prefix,

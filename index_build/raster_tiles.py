@@ -605,7 +605,7 @@ def tile_raster(options: TileOptions, progress: bool = True) -> TilingResult:
                     raise TilingError(f"{options.raster}: all {len(grid)} tiles are more than "
                                       f"{options.max_nodata:.0%} nodata; nothing written (see --max-nodata)")
                 atomic_write_json(os.path.join(tmp, "tiling.json"), _tiling_record(
-                    options, source, grid, cutter, prefix, (written, skipped, views)))
+                    options, source, grid, prefix, (written, skipped, views)))
                 fsync_dir(os.path.join(tmp, IMAGE_DIR))
                 fsync_dir(tmp)
                 _publish(tmp, out_dir, parent)
@@ -618,7 +618,7 @@ def tile_raster(options: TileOptions, progress: bool = True) -> TilingResult:
                         seconds=time.monotonic() - started, views=views, centres_m=cutter.grid.stride_m)
 
 
-def _tiling_record(options: TileOptions, source: RasterSource, g: TileGrid, cutter: TileCutter, prefix: str,
+def _tiling_record(options: TileOptions, source: RasterSource, g: TileGrid, prefix: str,
                    counts: tuple[int, int, int]) -> dict:
     written, skipped, views = counts
     return {
@@ -635,7 +635,8 @@ def _tiling_record(options: TileOptions, source: RasterSource, g: TileGrid, cutt
         "tile_m": g.tile_m, "stride_m": g.stride_m, "tile_px": g.tile_px, "m_per_px": g.m_per_px,
         "grid": {"rows": g.rows, "cols": g.cols, "first_centre_frame_m": [g.x0, g.y0]},
         "tile_id": f"{prefix}-r<row>-c<col>",
-        "centres_m": cutter.grid.stride_m,  # views every centres_m; a view off its tile's centre is <tile_id>.e<m>n<m>
+        # views every centres_m (stride_m without --centres-m); a view off its tile's centre is <tile_id>.e<m>n<m>
+        "centres_m": g.stride_m / options.views_per_stride,
         "image_format": options.image_format, "resampling": options.resampling,
         "memory_budget": options.memory_budget,
         "max_nodata": options.max_nodata,

@@ -227,7 +227,7 @@ def load_artifact(path: Path, *, expected_fingerprint: str, embedding_dim: int, 
 
 def _views(tiles) -> dict:
     """ServedIndex's tile_of and views_per_tile: None and 1 unless rows are views of tiles."""
-    if np.array_equal(tiles.tile_of, np.arange(len(tiles.tile_of))):
+    if tiles.views_per_tile == 1:
         return {}
     return {"tile_of": tiles.tile_of, "views_per_tile": tiles.views_per_tile}
 
