@@ -202,7 +202,8 @@ def train_orientation(checkpoint: Path, data: Path, out: Path, *, pairs: int = 4
                       dataset: str = "synthetic", split: str = "train", holdout: float = 0.1,
                       retrieval: float = 0.0, negatives: int = 3, neighbours: int = 20, photo_share: float = 0.0,
                       photo_fov_range: tuple[float, float] = (60.0, 100.0), photo_tilt: float = 0.0,
-                      rows: bool = False, hidden: int = 0, schedule: str = "constant") -> dict:
+                      rows: bool = False, hidden: int = 0, schedule: str = "constant",
+                      centre_jitter: float = 0.0) -> dict:
     """Train an orientation head on the frozen network of ``checkpoint`` with ``pairs`` pairs of
     ``data``, each panorama turned to ``rotations`` random headings (a share ``fov_augment`` of them
     cut to a random field of view); write the network with the head to ``out``.
@@ -216,13 +217,20 @@ def train_orientation(checkpoint: Path, data: Path, out: Path, *, pairs: int = 4
     with ``photo_tilt`` > 0 its camera had a pitch and a roll, each uniform in +-photo_tilt degrees, and
     it is placed as if level (`model.views.tilt_view`), as a photo whose tilt the client does not send.
     ``rows`` and ``hidden``: the head's kind (`OrientationHead`); ``schedule``: the learning rate stays
-    at ``lr`` (constant) or decays to 0 over the steps (cosine)."""
+    at ``lr`` (constant) or decays to 0 over the steps (cosine). ``centre_jitter`` > 0: each heading of a
+    view meets its own polar view of the tile, centred a random distance from the camera (uniform over a
+    disc of radius ``centre_jitter`` x the tile's side, `model.train.off_centre_polar`), as a camera
+    between the views of an index cut every few metres (index_build tile --centres-m) meets the nearest."""
     if schedule not in ("constant", "cosine"):
         raise ValueError(f"schedule must be constant or cosine, got {schedule!r}")
     if not 0.0 <= photo_tilt <= 30.0:
         raise ValueError(f"photo_tilt must be within 0..30 degrees, got {photo_tilt:g}")
+    if not 0.0 <= centre_jitter <= 0.4:
+        raise ValueError(f"centre_jitter must be within 0..0.4 of the tile's side, got {centre_jitter:g}")
+    from tqdm import tqdm
+
     from .checkpoint import load_checkpoint, save_checkpoint
-    from .train import load_pair_arrays, read_records
+    from .train import TrainingError, jitter_tile_side, load_pair_arrays, off_centre_polar, read_records
     from .views import angle_difference, limit_fov, limit_photo, refine_headings, rotate_view, tilt_view
 
     rng = np.random.default_rng(seed)
@@ -231,7 +239,11 @@ def train_orientation(checkpoint: Path, data: Path, out: Path, *, pairs: int = 4
     config = net.config.replace(orientation_dim=dim, orientation_rows=rows, orientation_hidden=hidden)
     records = read_records(dataset, data, split)
     records = [records[i] for i in np.sort(rng.permutation(len(records))[:pairs])]
-    arrays = load_pair_arrays(records, net.config, "preprocess", workers=workers)
+    if centre_jitter and (not net.config.polar or any(r.aerial_is_polar for r in records)):
+        raise TrainingError("centre_jitter moves the polar transform's centre: it needs a polar network and the "
+                            "aerial tiles, not polar images")
+    arrays = load_pair_arrays(records, net.config, "preprocess", workers=workers,
+                              tile_side=jitter_tile_side(net.config) if centre_jitter else None)
     n, width = len(records), net.config.grid("ground")[1]
     headings = rng.uniform(0.0, 360.0, (n, rotations))
     fovs = np.where(rng.random((n, rotations)) < fov_augment, rng.uniform(*fov_range, (n, rotations)), 360.0)
@@ -247,8 +259,20 @@ def train_orientation(checkpoint: Path, data: Path, out: Path, *, pairs: int = 4
             return limit_fov(view, fovs[i, r])
         return limit_photo(tilt_view(view, *tilts[i, r]) if tilts is not None else view, fovs[i, r])
 
+    def polar_views(shifted: torch.Generator) -> np.ndarray:
+        """The tiles' polar views, each centred a random distance from its camera (uint8 [N, H, W, 3])."""
+        return np.concatenate([(off_centre_polar(arrays.aerial[s:s + 256], net.config, centre_jitter, shifted)
+                                .mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
+                               for s in range(0, n, 256)])
+
     t0 = time.perf_counter()
-    aerial, aerial_descriptors = _column_features(net, "aerial", arrays.aerial, rows)
+    if centre_jitter:  # one polar view a heading: aerial [N, R, W, D]
+        shifted = torch.Generator().manual_seed(seed)
+        copies = [_column_features(net, "aerial", polar_views(shifted), rows) for _ in range(rotations)]
+        aerial, aerial_descriptors = torch.stack([c[0] for c in copies], dim=1), copies[0][1]
+    else:
+        aerial, aerial_descriptors = _column_features(net, "aerial", arrays.aerial, rows)
+        aerial = aerial[:, None]
     turned = [_column_features(net, "ground", np.stack([cut(i, r) for i in range(n)]), rows) for r in range(rotations)]
     ground = torch.stack([t[0] for t in turned], dim=1)  # [N, R, Wg, D]
     ground_descriptors = torch.stack([t[1] for t in turned], dim=1)  # [N, R, D]
@@ -265,10 +289,11 @@ def train_orientation(checkpoint: Path, data: Path, out: Path, *, pairs: int = 4
         hard = train_rows[sims.topk(min(neighbours, len(train_rows) - 1), dim=2).indices.numpy()]  # [n_train, R, M]
         tile_scale = nn.Parameter(torch.tensor(3.0))
         optimizer.add_param_group({"params": [tile_scale]})
-    for step in range(steps):
+    for step in tqdm(range(steps), desc="train head", unit="step", dynamic_ncols=True):
         b = rng.choice(train_rows, batch_size)
         r = rng.integers(0, rotations, batch_size)
-        g, a = head.project(ground[b, r], "ground"), head.project(aerial[b], "aerial")
+        copy = r % aerial.shape[1]
+        g, a = head.project(ground[b, r], "ground"), head.project(aerial[b, copy], "aerial")
         keep = valid[b, r] / valid[b, r].sum(dim=1, keepdim=True).clamp(min=1)
         logits = torch.stack([((g * torch.roll(a, -s, dims=1)).sum(dim=2) * keep).sum(dim=1)
                               for s in range(width)], dim=1) * scale.exp()
@@ -276,7 +301,9 @@ def train_orientation(checkpoint: Path, data: Path, out: Path, *, pairs: int = 4
         if retrieval > 0:  # b indexes train_rows' first rows, which are train_rows themselves
             picks = hard[b, r][np.arange(batch_size)[:, None], rng.integers(0, hard.shape[2], (batch_size, negatives))]
             tiles = np.concatenate([b, picks.reshape(-1)])
-            aligned = _tile_logits(g, head.project(aerial[tiles], "aerial"), keep).amax(dim=2) * tile_scale.exp()
+            tiles_copy = np.concatenate([copy, np.repeat(copy, negatives)])  # each negative as its view's heading
+            aligned = (_tile_logits(g, head.project(aerial[tiles, tiles_copy], "aerial"), keep).amax(dim=2)
+                       * tile_scale.exp())
             same = torch.as_tensor(tiles[None, :] == b[:, None])  # a tile twice in the batch: not a negative
             same[np.arange(batch_size), np.arange(batch_size)] = False
             loss = loss + retrieval * F.cross_entropy(aligned.masked_fill(same, float("-inf")),
@@ -289,9 +316,9 @@ def train_orientation(checkpoint: Path, data: Path, out: Path, *, pairs: int = 4
         optimizer.step()
     test = np.arange(n)[int(n * (1 - holdout)):]
     with torch.no_grad():
-        a = head.project(aerial[test], "aerial")
         errors, full = [], []
         for r in range(rotations):
+            a = head.project(aerial[test, r % aerial.shape[1]], "aerial")
             g = head.project(ground[test, r], "ground")
             scores = shift_scores(g, a, valid[test, r].numpy() > 0)
             estimate = refine_headings(scores)
@@ -299,9 +326,9 @@ def train_orientation(checkpoint: Path, data: Path, out: Path, *, pairs: int = 4
             full.append(fovs[test, r] >= 360)
     errors, full = np.concatenate(errors), np.concatenate(full)
     with torch.no_grad():  # among the held-out tiles: the best by descriptor, and after `rerank`
-        a = head.project(aerial[test], "aerial").numpy()
         hits = {"descriptor": [], "rerank": []}
         for r in range(rotations):
+            a = head.project(aerial[test, r % aerial.shape[1]], "aerial").numpy()
             g = head.project(ground[test, r], "ground").numpy()
             sims = (ground_descriptors[test, r] @ aerial_descriptors[test].T).numpy()
             for i, row in enumerate(sims):
@@ -325,7 +352,8 @@ def train_orientation(checkpoint: Path, data: Path, out: Path, *, pairs: int = 4
                                   "schedule": schedule,
                                   **({"photo_share": photo_share, "photo_fov_range": list(photo_fov_range)}
                                      if photo_share > 0 else {}),
-                                  **({"photo_tilt": photo_tilt} if photo_tilt > 0 else {}), **report}}
+                                  **({"photo_tilt": photo_tilt} if photo_tilt > 0 else {}),
+                                  **({"centre_jitter": centre_jitter} if centre_jitter > 0 else {}), **report}}
     out.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(model, out, metadata=provenance)
     return report
@@ -354,6 +382,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--photo-tilt", type=float, default=0.0, metavar="DEG",
                    help="a photo's pitch and roll, each uniform in +-DEG, placed as if level as the service places "
                         "a photo sent without its tilt (default 0: level photos)")
+    p.add_argument("--centre-jitter", type=float, default=0.0, metavar="F",
+                   help="each heading meets a polar view of its tile centred up to F x the tile's side from the "
+                        "camera (uniform over the disc), as a camera between the views of an index_build tile "
+                        "--centres-m index meets the nearest (0.07: views every 10 m of 100 m tiles)")
     p.add_argument("--dim", type=int, default=64, help="width of a column feature")
     p.add_argument("--rows", action="store_true",
                    help="the head reads each column's token rows side by side instead of their mean")
@@ -373,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not 0.0 <= args.photo_tilt <= 30.0:
         p.error(f"--photo-tilt must be within 0..30 degrees, got {args.photo_tilt:g}")
+    if not 0.0 <= args.centre_jitter <= 0.4:
+        p.error(f"--centre-jitter must be within 0..0.4 of the tile's side, got {args.centre_jitter:g}")
     try:
         report = train_orientation(args.checkpoint, args.data, args.out, pairs=args.pairs, rotations=args.rotations,
                                    fov_augment=args.fov_augment, dim=args.dim, steps=args.steps,
@@ -380,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
                                    dataset=args.dataset, split=args.split, retrieval=args.retrieval,
                                    negatives=args.negatives, neighbours=args.neighbours,
                                    photo_share=args.photo_share, photo_fov_range=tuple(args.photo_fov),
-                                   photo_tilt=args.photo_tilt,
+                                   photo_tilt=args.photo_tilt, centre_jitter=args.centre_jitter,
                                    rows=args.rows, hidden=args.hidden, schedule=args.schedule)
     except (CheckpointError, ConfigError, TrainingError) as exc:
         print(f"error: {exc}", file=sys.stderr)

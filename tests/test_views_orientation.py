@@ -401,3 +401,32 @@ def test_a_head_that_reads_the_rows_through_a_hidden_layer_is_saved_and_encoded_
     assert columns.shape == (2, 16, 64) and np.allclose(np.linalg.norm(columns, axis=-1), 1.0, atol=1e-5)
     with pytest.raises(ValueError, match="schedule"):
         train_orientation(base / "plain.safetensors", world, tmp_path / "x.safetensors", pairs=24, schedule="linear")
+
+
+def test_the_orientation_head_can_meet_polar_views_centred_off_the_camera(view_world, tmp_path, monkeypatch, capsys):
+    import model.train
+    from model import load_checkpoint
+    from model.orientation import main, train_orientation
+
+    world, base, _ = view_world
+    calls = []
+    real = model.train.off_centre_polar
+    monkeypatch.setattr(model.train, "off_centre_polar",
+                        lambda t, c, j, g: calls.append((len(t), j)) or real(t, c, j, g))
+    common = dict(pairs=24, rotations=2, steps=6, batch_size=8, workers=1, split="all", retrieval=1.0, negatives=2,
+                  neighbours=5, seed=3)
+    train_orientation(base / "plain.safetensors", world, tmp_path / "centred.safetensors", **common)
+    assert calls == []  # without the jitter the tiles are transformed as before
+    report = train_orientation(base / "plain.safetensors", world, tmp_path / "off.safetensors", centre_jitter=0.1,
+                               **common)
+    assert calls == [(24, 0.1), (24, 0.1)]  # one polar view of each tile a heading
+    assert 0.0 <= report["held_out_r1_rerank_360"] <= 1.0
+    centred, off = load_checkpoint(tmp_path / "centred.safetensors"), load_checkpoint(tmp_path / "off.safetensors")
+    assert off.provenance["orientation"]["centre_jitter"] == 0.1
+    assert "centre_jitter" not in centred.provenance["orientation"]
+    assert not torch.equal(centred.orientation.aerial.weight, off.orientation.aerial.weight)
+    with pytest.raises(ValueError, match="centre_jitter must be within 0..0.4"):
+        train_orientation(base / "plain.safetensors", world, tmp_path / "x.safetensors", centre_jitter=0.5)
+    with pytest.raises(SystemExit):  # before any data is read
+        main(["--checkpoint", "x", "--data", "y", "--out", "z", "--centre-jitter", "-0.1"])
+    assert "--centre-jitter must be within 0..0.4 of the tile's side, got -0.1" in capsys.readouterr().err
