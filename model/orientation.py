@@ -220,7 +220,8 @@ def train_orientation(checkpoint: Path, data: Path, out: Path, *, pairs: int = 4
     at ``lr`` (constant) or decays to 0 over the steps (cosine). ``centre_jitter`` > 0: each heading of a
     view meets its own polar view of the tile, centred a random distance from the camera (uniform over a
     disc of radius ``centre_jitter`` x the tile's side, `model.train.off_centre_polar`), as a camera
-    between the views of an index cut every few metres (index_build tile --centres-m) meets the nearest."""
+    between the views of an index cut every few metres (index_build tile --centres-m) meets the nearest;
+    the held-out numbers are then measured on such off-centre views too."""
     if schedule not in ("constant", "cosine"):
         raise ValueError(f"schedule must be constant or cosine, got {schedule!r}")
     if not 0.0 <= photo_tilt <= 30.0:
@@ -240,8 +241,8 @@ def train_orientation(checkpoint: Path, data: Path, out: Path, *, pairs: int = 4
     records = read_records(dataset, data, split)
     records = [records[i] for i in np.sort(rng.permutation(len(records))[:pairs])]
     if centre_jitter and (not net.config.polar or any(r.aerial_is_polar for r in records)):
-        raise TrainingError("centre_jitter moves the polar transform's centre: it needs a polar network and the "
-                            "aerial tiles, not polar images")
+        raise TrainingError("--centre-jitter moves the polar transform's centre: it needs a polar network and "
+                            "the aerial tiles, not polar images")
     arrays = load_pair_arrays(records, net.config, "preprocess", workers=workers,
                               tile_side=jitter_tile_side(net.config) if centre_jitter else None)
     n, width = len(records), net.config.grid("ground")[1]
@@ -266,13 +267,15 @@ def train_orientation(checkpoint: Path, data: Path, out: Path, *, pairs: int = 4
                                for s in range(0, n, 256)])
 
     t0 = time.perf_counter()
-    if centre_jitter:  # one polar view a heading: aerial [N, R, W, D]
+    if centre_jitter:  # one polar view a heading: aerial [N, R, W, D], descriptors [N, R, D]
         shifted = torch.Generator().manual_seed(seed)
         copies = [_column_features(net, "aerial", polar_views(shifted), rows) for _ in range(rotations)]
-        aerial, aerial_descriptors = torch.stack([c[0] for c in copies], dim=1), copies[0][1]
+        aerial = torch.stack([c[0] for c in copies], dim=1)
+        aerial_descriptors = torch.stack([c[1] for c in copies], dim=1)
+        del copies
     else:
         aerial, aerial_descriptors = _column_features(net, "aerial", arrays.aerial, rows)
-        aerial = aerial[:, None]
+        aerial, aerial_descriptors = aerial[:, None], aerial_descriptors[:, None]
     turned = [_column_features(net, "ground", np.stack([cut(i, r) for i in range(n)]), rows) for r in range(rotations)]
     ground = torch.stack([t[0] for t in turned], dim=1)  # [N, R, Wg, D]
     ground_descriptors = torch.stack([t[1] for t in turned], dim=1)  # [N, R, D]
@@ -283,8 +286,9 @@ def train_orientation(checkpoint: Path, data: Path, out: Path, *, pairs: int = 4
     optimizer = torch.optim.Adam([*head.parameters(), scale], lr=lr)
     targets = torch.as_tensor(heading_targets(headings, width))
     train_rows = np.arange(n)[: int(n * (1 - holdout))]
-    if retrieval > 0:  # each view's nearest training tiles by descriptor, its own left out: the look-alikes
-        sims = ground_descriptors[train_rows] @ aerial_descriptors[train_rows].T  # [n_train, R, n_train]
+    if retrieval > 0:  # each view's nearest training tiles by descriptor (the first polar view's), its own left
+        # out: the look-alikes
+        sims = ground_descriptors[train_rows] @ aerial_descriptors[train_rows, 0].T  # [n_train, R, n_train]
         sims[np.arange(len(train_rows)), :, np.arange(len(train_rows))] = -np.inf
         hard = train_rows[sims.topk(min(neighbours, len(train_rows) - 1), dim=2).indices.numpy()]  # [n_train, R, M]
         tile_scale = nn.Parameter(torch.tensor(3.0))
@@ -330,7 +334,7 @@ def train_orientation(checkpoint: Path, data: Path, out: Path, *, pairs: int = 4
         for r in range(rotations):
             a = head.project(aerial[test, r % aerial.shape[1]], "aerial").numpy()
             g = head.project(ground[test, r], "ground").numpy()
-            sims = (ground_descriptors[test, r] @ aerial_descriptors[test].T).numpy()
+            sims = (ground_descriptors[test, r] @ aerial_descriptors[test, r % aerial.shape[1]].T).numpy()
             for i, row in enumerate(sims):
                 top = np.argsort(-row, kind="stable")[:neighbours]
                 hits["descriptor"].append(top[0] == i)

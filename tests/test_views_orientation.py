@@ -409,17 +409,18 @@ def test_the_orientation_head_can_meet_polar_views_centred_off_the_camera(view_w
     from model.orientation import main, train_orientation
 
     world, base, _ = view_world
-    calls = []
+    calls, polar = [], []
     real = model.train.off_centre_polar
     monkeypatch.setattr(model.train, "off_centre_polar",
-                        lambda t, c, j, g: calls.append((len(t), j)) or real(t, c, j, g))
+                        lambda t, c, j, g: calls.append((len(t), j)) or polar.append(real(t, c, j, g)) or polar[-1])
     common = dict(pairs=24, rotations=2, steps=6, batch_size=8, workers=1, split="all", retrieval=1.0, negatives=2,
                   neighbours=5, seed=3)
     train_orientation(base / "plain.safetensors", world, tmp_path / "centred.safetensors", **common)
     assert calls == []  # without the jitter the tiles are transformed as before
     report = train_orientation(base / "plain.safetensors", world, tmp_path / "off.safetensors", centre_jitter=0.1,
                                **common)
-    assert calls == [(24, 0.1), (24, 0.1)]  # one polar view of each tile a heading
+    assert calls == [(24, 0.1), (24, 0.1)]  # one polar view of each tile a heading, centred elsewhere each time
+    assert polar[0].shape == (24, 3, 64, 256) and not torch.equal(polar[0], polar[1])
     assert 0.0 <= report["held_out_r1_rerank_360"] <= 1.0
     centred, off = load_checkpoint(tmp_path / "centred.safetensors"), load_checkpoint(tmp_path / "off.safetensors")
     assert off.provenance["orientation"]["centre_jitter"] == 0.1
