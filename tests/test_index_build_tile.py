@@ -475,9 +475,9 @@ def test_tiling_record_is_read_only_beside_a_catalogue_of_index_build_tile(tmp_p
         assert "\n" not in str(exc.value)
 
 
-def _build_then_add(tmp_path, capsys, first: list, second: list) -> tuple[dict, str]:
+def _build_then_add(tmp_path, capsys, first: list, second: list) -> tuple[dict, str, str]:
     """Tiles of one raster cut twice (``first``/``second``: extra `tile` arguments), an index built from the
-    first, then `add` of the second, which must fail: the manifest after and add's stderr."""
+    first, then `add` of the second, which must fail: the manifest after, build's and add's stderr."""
     raster, _, _ = marker_raster(tmp_path / "ortho.tif", "utm32n", height=400, width=400)
     for name, extra in (("a", first), ("b", second)):
         rc, _, err = run_tile(capsys, "--raster", raster, "--out", tmp_path / name, "--tile-px", 32,
@@ -488,19 +488,40 @@ def _build_then_add(tmp_path, capsys, first: list, second: list) -> tuple[dict, 
     common = ["--checkpoint", str(ckpt), "--out", str(tmp_path / "index"), "--workers", "0", "--batch-size", "8",
               "--device", "cpu", "--quiet"]
     assert cli.main(["build", "--catalog", str(tmp_path / "a" / "tiles.csv"), *common]) == 0
-    capsys.readouterr()
+    build_err = capsys.readouterr().err
     assert cli.main(["add", "--catalog", str(tmp_path / "b" / "tiles.csv"), *common]) != 0
-    return json.loads((tmp_path / "index" / "manifest.json").read_text()), capsys.readouterr().err
+    return json.loads((tmp_path / "index" / "manifest.json").read_text()), build_err, capsys.readouterr().err
 
 
 def test_add_refuses_tiles_of_another_footprint(tmp_path, capsys):
-    manifest, err = _build_then_add(tmp_path, capsys, ["--tile-m", 100], ["--tile-m", 80])
+    manifest, build_err, err = _build_then_add(tmp_path, capsys, ["--tile-m", 100], ["--tile-m", 80])
     assert "tiles of 80 m" in err and "100 m tiles" in err, err
+    assert "views" not in build_err  # plain tiles: no word on the checkpoint
     assert manifest["count"] == len(read_catalogue(tmp_path / "a"))
 
 
 def test_add_refuses_views_of_another_spacing(tmp_path, capsys):
-    manifest, err = _build_then_add(tmp_path, capsys, ["--tile-m", 100, "--stride-m", 50, "--centres-m", 25],
-                                    ["--tile-m", 100, "--stride-m", 50, "--centres-m", 12.5])
+    manifest, build_err, err = _build_then_add(tmp_path, capsys,
+                                               ["--tile-m", 100, "--stride-m", 50, "--centres-m", 25],
+                                               ["--tile-m", 100, "--stride-m", 50, "--centres-m", 12.5])
+    # views indexed with a checkpoint without an orientation head: the build says what places them better
+    assert "views every 25 m and this checkpoint has no orientation head" in build_err, build_err
+    assert "weights/l2ltr_tiny_grid.safetensors" in build_err
     assert (manifest["stride_m"], manifest["centres_m"]) == (50.0, 25.0)
     assert "views every 12.5 m" in err and "the artifact views every 25 m" in err, err
+
+
+def test_views_get_a_word_on_a_head_not_trained_off_centre():
+    from types import SimpleNamespace
+
+    from index_build.build import views_checkpoint_note
+
+    views, plain = {"tile_m": 100.0, "stride_m": 50.0, "centres_m": 10.0}, {"tile_m": 100.0, "stride_m": 50.0}
+    head = object()
+    centred = SimpleNamespace(orientation=head, provenance={"orientation": {"retrieval": 1.0}})
+    moved = SimpleNamespace(orientation=head, provenance={"orientation": {"centre_jitter": 0.07}})
+    bare = SimpleNamespace(orientation=None, provenance={"orientation": {"centre_jitter": 0.07}})
+    assert "trained on tiles centred on their cameras" in views_checkpoint_note(centred, views)
+    assert "has no orientation head" in views_checkpoint_note(bare, views)
+    assert views_checkpoint_note(moved, views) is None
+    assert all(views_checkpoint_note(net, tiling) is None for net in (centred, bare) for tiling in (plain, None))
