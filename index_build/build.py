@@ -172,11 +172,12 @@ def views_checkpoint_note(net, tiling: dict | None) -> str | None:
     with moved polar centres (`model.orientation --centre-jitter`); None otherwise."""
     if not tiling or "centres_m" not in tiling:
         return None
-    trained = ((getattr(net, "provenance", None) or {}).get("orientation") or {}).get("centre_jitter")
-    if getattr(net, "orientation", None) is not None and trained:
+    if getattr(net, "orientation", None) is None:
+        head = "has no orientation head"
+    elif ((getattr(net, "provenance", None) or {}).get("orientation") or {}).get("centre_jitter"):
         return None
-    head = "has no orientation head" if getattr(net, "orientation", None) is None else \
-        "has an orientation head trained on tiles centred on their cameras"
+    else:
+        head = "has an orientation head trained on tiles centred on their cameras"
     return (f"the catalogue holds views every {tiling['centres_m']:g} m and this checkpoint {head}: it places "
             "cameras between the views far worse than weights/l2ltr_tiny_grid.safetensors (unseen grid region: "
             "a median 273 m against 5 m; docs/INDEX_BUILD.md)")

@@ -226,12 +226,15 @@ def train_orientation(checkpoint: Path, data: Path, out: Path, *, pairs: int = 4
         raise ValueError(f"schedule must be constant or cosine, got {schedule!r}")
     if not 0.0 <= photo_tilt <= 30.0:
         raise ValueError(f"photo_tilt must be within 0..30 degrees, got {photo_tilt:g}")
-    if not 0.0 <= centre_jitter <= 0.4:
-        raise ValueError(f"centre_jitter must be within 0..0.4 of the tile's side, got {centre_jitter:g}")
     from tqdm import tqdm
 
     from .checkpoint import load_checkpoint, save_checkpoint
-    from .train import TrainingError, jitter_tile_side, load_pair_arrays, off_centre_polar, read_records
+    from .train import (MAX_CENTRE_JITTER, check_off_centre_inputs, jitter_tile_side, load_pair_arrays,
+                        off_centre_polar, read_records)
+
+    if not 0.0 <= centre_jitter <= MAX_CENTRE_JITTER:
+        raise ValueError(f"centre_jitter must be within 0..{MAX_CENTRE_JITTER:g} of the tile's side, "
+                         f"got {centre_jitter:g}")
     from .views import angle_difference, limit_fov, limit_photo, refine_headings, rotate_view, tilt_view
 
     rng = np.random.default_rng(seed)
@@ -240,9 +243,8 @@ def train_orientation(checkpoint: Path, data: Path, out: Path, *, pairs: int = 4
     config = net.config.replace(orientation_dim=dim, orientation_rows=rows, orientation_hidden=hidden)
     records = read_records(dataset, data, split)
     records = [records[i] for i in np.sort(rng.permutation(len(records))[:pairs])]
-    if centre_jitter and (not net.config.polar or any(r.aerial_is_polar for r in records)):
-        raise TrainingError("--centre-jitter moves the polar transform's centre: it needs a polar network and "
-                            "the aerial tiles, not polar images")
+    if centre_jitter:
+        check_off_centre_inputs(net.config, records)
     arrays = load_pair_arrays(records, net.config, "preprocess", workers=workers,
                               tile_side=jitter_tile_side(net.config) if centre_jitter else None)
     n, width = len(records), net.config.grid("ground")[1]
@@ -366,7 +368,7 @@ def train_orientation(checkpoint: Path, data: Path, out: Path, *, pairs: int = 4
 def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError
     from .config import ConfigError
-    from .train import HelpFormatter, TrainingError
+    from .train import MAX_CENTRE_JITTER, HelpFormatter, TrainingError
 
     p = argparse.ArgumentParser(prog="python -m model.orientation", description=__doc__,
                                 formatter_class=HelpFormatter)
@@ -409,8 +411,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not 0.0 <= args.photo_tilt <= 30.0:
         p.error(f"--photo-tilt must be within 0..30 degrees, got {args.photo_tilt:g}")
-    if not 0.0 <= args.centre_jitter <= 0.4:
-        p.error(f"--centre-jitter must be within 0..0.4 of the tile's side, got {args.centre_jitter:g}")
+    if not 0.0 <= args.centre_jitter <= MAX_CENTRE_JITTER:
+        p.error(f"--centre-jitter must be within 0..{MAX_CENTRE_JITTER:g} of the tile's side, "
+                f"got {args.centre_jitter:g}")
     try:
         report = train_orientation(args.checkpoint, args.data, args.out, pairs=args.pairs, rotations=args.rotations,
                                    fov_augment=args.fov_augment, dim=args.dim, steps=args.steps,

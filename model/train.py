@@ -97,6 +97,19 @@ def load_pair_arrays(records: Sequence, config: L2LTRConfig, desc: str = "prepro
     return PairArrays(ground, aerial, latlon, tile_latlon)
 
 
+MAX_CENTRE_JITTER = 0.4  # --centre-jitter's largest polar-centre move, a share of the tile's side
+
+
+def check_off_centre_inputs(config: L2LTRConfig, records: Sequence) -> None:
+    """--centre-jitter moves the polar transform's centre: it needs a polar config and the aerial tiles
+    (not pre-computed polar images) of every record."""
+    if not config.polar:
+        raise TrainingError("--centre-jitter moves the polar transform's centre; the config has no polar transform")
+    polar_record = next((r for r in records if r.aerial_is_polar), None)
+    if polar_record:
+        raise TrainingError(f"--centre-jitter needs the aerial tiles; {polar_record.aerial_path} is a polar image")
+
+
 def jitter_tile_side(config: L2LTRConfig) -> int:
     """The side at which --centre-jitter keeps the tiles: four pixels per polar row (two of radius), the
     demo's 256-pixel tiles for its 64 rows."""
@@ -312,8 +325,6 @@ def train(args) -> dict:
     device = pick_device(args.device)
     config = build_config(args)
     centre_jitter = added_setting(args, "centre_jitter")
-    if centre_jitter and not config.polar:
-        raise TrainingError("--centre-jitter moves the polar transform's centre; the config has no polar transform")
     state_path = out / STATE_FILE
     resume_state = None
     if args.resume and state_path.exists():
@@ -334,9 +345,7 @@ def train(args) -> dict:
     if args.max_eval_pairs:
         val_records = val_records[: args.max_eval_pairs]
     if centre_jitter:
-        polar_record = next((r for r in train_records if r.aerial_is_polar), None)
-        if polar_record:
-            raise TrainingError(f"--centre-jitter needs the aerial tiles; {polar_record.aerial_path} is a polar image")
+        check_off_centre_inputs(config, train_records)
     semi_positives = added_setting(args, "semi_positives")
     if semi_positives:
         check_tile_centres(train_records, semi_positives, args.loss, Path(args.data))
@@ -569,9 +578,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.semi_positives < 0:
         print("error: --semi-positives must be a tile side in metres (> 0), or 0 for off", file=sys.stderr)
         return 2
-    if not 0.0 <= args.centre_jitter <= 0.4:
-        print(f"error: --centre-jitter must be within 0..0.4 of the tile's side, got {args.centre_jitter:g}",
-              file=sys.stderr)
+    if not 0.0 <= args.centre_jitter <= MAX_CENTRE_JITTER:
+        print(f"error: --centre-jitter must be within 0..{MAX_CENTRE_JITTER:g} of the tile's side, got "
+              f"{args.centre_jitter:g}", file=sys.stderr)
         return 2
     if not 0.0 <= args.photo_tilt <= 30.0:
         print(f"error: --photo-tilt must be within 0..30 degrees, got {args.photo_tilt:g}", file=sys.stderr)
