@@ -14,17 +14,24 @@ PYTEST_ARGS ?=
 # built once). Many tests wait on servers and subprocesses; 2 cut the suite from ~350 to ~280 s on 2 cores (~190 s since the
 # test processes run torch on one thread each and the service tests share one World).
 TEST_WORKERS ?= 2
+# Then `make test` runs the tests marked cross_cpu again with the kernels an AMD EPYC picks (OpenBLAS's Zen
+# kernels, AVX2 in torch, oneDNN, MKL and numpy: scripts/cpu_profile.py), so that a comparison which holds
+# only with this machine's kernels fails here and not on the next machine. CROSS_CPU_PROFILE= skips it.
+CROSS_CPU_PROFILE ?= zen
+# `make test-cpu-profiles`: the whole suite once per profile.
+CPU_PROFILES ?= zen haswell skylakex
 # `make demo`: where the synthetic region + index go, the port, extra scripts/demo.py options.
 DEMO_DIR    ?= demo
 DEMO_PORT   ?= 8000
 DEMO_ARGS   ?=
 
-.PHONY: install test test-all bench demo demo-picture clean help
+.PHONY: install test test-all test-cpu-profiles bench demo demo-picture clean help
 
 help:
 	@echo "make install   create $(VENV) and install the project (torch: $(TORCH_SPEC), extras: $(EXTRAS))"
 	@echo "make test      install if needed, then run the test suite (what CI runs)"
 	@echo "make test-all  the suite including slow checks"
+	@echo "make test-cpu-profiles  the suite once per CPU whose kernels scripts/cpu_profile.py imitates ($(CPU_PROFILES))"
 	@echo "make bench     run the benchmarks in bench/ (results go to bench/RESULTS.md by hand)"
 	@echo "make demo      install if needed, make a synthetic region + its index in $(DEMO_DIR)/, serve the API on 127.0.0.1:$(DEMO_PORT)"
 	@echo "make demo-picture  redraw docs/demo.png from a real query against the demo API"
@@ -48,9 +55,19 @@ $(STAMP): pyproject.toml Makefile | $(PY)
 
 install: $(STAMP)
 
+# pytest's status 5 (PYTEST_ARGS selected no cross_cpu test) is not a failure of the second pass.
 test: $(STAMP)
 	@bash scripts/ensure-browser.sh || true
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+ifneq ($(CROSS_CPU_PROFILE),)
+	$(PY) scripts/cpu_profile.py $(CROSS_CPU_PROFILE) -- $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -q \
+	  -m "cross_cpu and not slow" $(PYTEST_ARGS) || [ $$? -eq 5 ]
+endif
+
+test-cpu-profiles: $(STAMP)
+	@for profile in $(CPU_PROFILES); do \
+	  $(PY) scripts/cpu_profile.py $$profile -- $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -q $(PYTEST_ARGS) \
+	    || { echo "test-cpu-profiles: $$profile failed"; exit 1; }; done
 
 test-all: $(STAMP)
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -m "" $(PYTEST_ARGS)

@@ -279,6 +279,7 @@ def test_build_ivf_and_cli_info_verify(tmp_path, ckpt, catalogue):
     assert not wrong["ok"] and "fingerprint" in wrong["problems"][-1]
 
 
+@pytest.mark.cross_cpu
 def test_encoder_lanes_keep_row_order_and_values(tmp_path, ckpt, catalogue):
     """Lanes finish their batches in any order; the shards must still hold row i at position i,
     with the values a single lane (and the model applied directly) gives."""

@@ -12,6 +12,8 @@ from model import L2LTR, L2LTRConfig, load_checkpoint, save_checkpoint
 from model.checkpoint import CheckpointError, read_safetensors_header
 from model.config import ConfigError
 
+pytestmark = pytest.mark.cross_cpu  # compares numbers of two paths: `make test` reruns it with other CPU kernels
+
 
 def _inputs(cfg, n=2, seed=0):
     g = torch.Generator().manual_seed(seed)

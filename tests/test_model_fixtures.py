@@ -5,6 +5,8 @@ import torch
 from model import L2LTR, L2LTRConfig, load_checkpoint
 from model.checkpoint import CheckpointError
 
+pytestmark = pytest.mark.cross_cpu  # compares numbers of two paths: `make test` reruns it with other CPU kernels
+
 TOL = 1e-5
 
 

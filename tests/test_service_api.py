@@ -28,6 +28,8 @@ from test_service_support import (  # noqa: F401  (world is a fixture)
     image_bytes, jpeg_bytes, metric_value, publish_symlink, running_client, settings_for, world,
 )
 
+pytestmark = pytest.mark.cross_cpu  # compares numbers of two paths: `make test` reruns it with other CPU kernels
+
 
 def _post(client, data: bytes, *, k: int | None = None, ctype: str = "image/jpeg",
           name: str = "pano.jpg", field: str = "image", headers: dict | None = None):

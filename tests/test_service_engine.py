@@ -12,6 +12,8 @@ import torch
 
 from test_service_support import world  # noqa: F401  (a fixture)
 
+pytestmark = pytest.mark.cross_cpu  # compares numbers of two paths: `make test` reruns it with other CPU kernels
+
 
 def _index(world, artifact, generation: int):
     from service.artifact import load_artifact

@@ -10,6 +10,8 @@ from PIL import Image
 from model.metrics import haversine_m
 from test_service_support import jpeg_bytes, running_client, settings_for, world  # noqa: F401
 
+pytestmark = pytest.mark.cross_cpu  # compares numbers of two paths: `make test` reruns it with other CPU kernels
+
 GEO = {"Accept": "application/geo+json"}
 
 

@@ -1,0 +1,110 @@
+"""Run a command with the numeric kernels another x86-64 CPU would pick, on this one.
+
+    python scripts/cpu_profile.py zen -- python -m pytest -m cross_cpu
+
+torch, oneDNN, MKL, OpenBLAS (FAISS's and numpy's BLAS) and numpy's own loops each pick their kernels
+from the CPU when they load, so one number can differ in its last bits from one machine to another
+(an AMD EPYC sums a dot product in another order than an Intel Xeon). Each library also reads an
+environment variable that caps or names its pick; this sets them for a profile and runs the command
+(its children inherit them):
+
+  zen       AMD EPYC Zen 2/3: OpenBLAS's Zen kernels; AVX2 in torch, oneDNN, MKL and numpy
+  haswell   Intel with AVX2 and no AVX-512 (Haswell to Comet Lake): OpenBLAS's Haswell kernels; AVX2 elsewhere
+  skylakex  Intel AVX-512 without AMX (Skylake-SP to Ice Lake): OpenBLAS's SkylakeX kernels; AVX-512 elsewhere
+
+A library can only be sent *down* from what the CPU has: on a machine without a profile's
+instructions (or not x86-64) the command is not run and the script says so and exits 0, unless
+--strict (then 3).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Profile:
+    summary: str
+    needs: frozenset[str]  # /proc/cpuinfo flags the kernels use
+    openblas: str  # OPENBLAS_CORETYPE
+    aten: str  # ATEN_CPU_CAPABILITY: torch's own vectorised kernels
+    onednn: str  # ONEDNN_MAX_CPU_ISA
+    mkl: str  # MKL_ENABLE_INSTRUCTIONS
+    numpy_above: tuple[str, ...]  # numpy's dispatch targets this CPU would not have (NPY_DISABLE_CPU_FEATURES)
+
+
+_AVX2 = frozenset({"avx2", "fma", "f16c", "bmi2"})
+_AVX512 = _AVX2 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
+_NUMPY_AVX512 = ("X86_V4", "AVX512_SKX", "AVX512_CLX", "AVX512_CNL", "AVX512_ICL", "AVX512_SPR")
+
+PROFILES = {
+    "zen": Profile("AMD EPYC Zen 2/3", _AVX2, "Zen", "avx2", "AVX2", "AVX2", _NUMPY_AVX512),
+    "haswell": Profile("Intel AVX2 (Haswell to Comet Lake)", _AVX2, "Haswell", "avx2", "AVX2", "AVX2",
+                       _NUMPY_AVX512),
+    "skylakex": Profile("Intel AVX-512 (Skylake-SP to Ice Lake)", _AVX512, "SkylakeX", "avx512", "AVX512_CORE",
+                        "AVX512", ("AVX512_CNL", "AVX512_ICL", "AVX512_SPR")),
+}
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
+    """The first processor's flags; empty where there is no /proc/cpuinfo."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return set()
+    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
+def numpy_disable(targets: tuple[str, ...]) -> str:
+    """The targets numpy dispatches to on this machine among ``targets`` (naming one it does not know, or
+    one this CPU lacks, makes numpy fail or warn at import)."""
+    try:
+        from numpy._core._multiarray_umath import __cpu_dispatch__, __cpu_features__
+    except ImportError:
+        return ""
+    return " ".join(t for t in targets if t in __cpu_dispatch__ and __cpu_features__.get(t))
+
+
+def profile_env(profile: Profile) -> dict[str, str]:
+    env = {"OPENBLAS_CORETYPE": profile.openblas, "ATEN_CPU_CAPABILITY": profile.aten,
+           "ONEDNN_MAX_CPU_ISA": profile.onednn, "MKL_ENABLE_INSTRUCTIONS": profile.mkl}
+    disable = numpy_disable(profile.numpy_above)
+    if disable:
+        env["NPY_DISABLE_CPU_FEATURES"] = disable
+    return env
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="cpu_profile.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run COMMAND with the numeric kernels of another x86-64 CPU (profiles below).",
+        epilog="\n".join(f"  {name:9} {p.summary}" for name, p in PROFILES.items()))
+    parser.add_argument("profile", choices=sorted(PROFILES), help="the CPU to imitate")
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command and its arguments")
+    parser.add_argument("--strict", action="store_true", help="exit 3 instead of 0 where the profile can not run")
+    args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        parser.error("no command given (put it after --)")
+    profile = PROFILES[args.profile]
+    missing = sorted(profile.needs - cpu_flags()) if platform.machine() in ("x86_64", "AMD64") else ["x86-64"]
+    if missing:
+        print(f"cpu_profile: {args.profile} ({profile.summary}) needs {', '.join(missing)}, which this machine "
+              f"({platform.machine()}) lacks: not run", file=sys.stderr)
+        return 3 if args.strict else 0
+    env = profile_env(profile)
+    print(f"cpu_profile: {args.profile} ({profile.summary}): "
+          + " ".join(f"{k}={v!r}" if " " in v else f"{k}={v}" for k, v in env.items()), file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execvpe(command[0], command, {**os.environ, **env})
+    return 0  # not reached
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""scripts/cpu_profile.py: the kernels of another x86-64 CPU, chosen through each library's variable."""
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+
+import pytest
+
+from ship_support import REPO
+
+SCRIPT = REPO / "scripts" / "cpu_profile.py"
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("cpu_profile_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # (its dataclass looks its module up there)
+    spec.loader.exec_module(module)
+    return module
+
+
+cpu_profile = _module()
+ZEN_RUNS_HERE = cpu_profile.platform.machine() in ("x86_64", "AMD64") and \
+    cpu_profile.PROFILES["zen"].needs <= cpu_profile.cpu_flags()
+
+
+def test_cpu_flags_are_read_from_the_first_processor(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n\nprocessor\t: 1\nflags\t\t: fpu\n")
+    assert cpu_profile.cpu_flags(info) == {"fpu", "sse2", "avx2", "fma"}
+    assert cpu_profile.cpu_flags(tmp_path / "missing") == set()
+
+
+@pytest.mark.parametrize("strict, status", [(False, 0), (True, 3)])
+def test_a_profile_this_cpu_can_not_imitate_is_not_run(monkeypatch, capsys, strict, status):
+    monkeypatch.setattr(cpu_profile.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(cpu_profile, "cpu_flags", lambda: {"avx2", "fma", "f16c", "bmi2"})  # an AVX2-only CPU
+    monkeypatch.setattr(cpu_profile.os, "execvpe", lambda *a: pytest.fail("the command ran"))
+    argv = ["--strict"] if strict else []
+    assert cpu_profile.main([*argv, "skylakex", "--", "true"]) == status
+    err = capsys.readouterr().err
+    assert "skylakex" in err and "avx512f" in err and "not run" in err
+
+
+def test_no_command_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cpu_profile.main(["zen"])
+    assert exc.value.code == 2 and "no command given" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not ZEN_RUNS_HERE, reason="this machine can not imitate an AMD EPYC (no AVX2 or not x86-64)")
+def test_the_command_runs_with_the_profiles_kernels_and_its_status_is_kept():
+    probe = ("import ctypes, glob, os, sys, torch, faiss\n"
+             "from numpy._core._multiarray_umath import __cpu_features__\n"
+             "blas = glob.glob(os.path.join(os.path.dirname(faiss.__file__), '..', 'faiss_cpu.libs', 'libopenblas*'))\n"
+             "core = None\n"
+             "if blas:\n"
+             "    lib = ctypes.CDLL(blas[0]); lib.openblas_get_corename.restype = ctypes.c_char_p\n"
+             "    core = lib.openblas_get_corename().decode()\n"
+             "print(torch.backends.cpu.get_cpu_capability(), __cpu_features__.get('X86_V4'), core)\n"
+             "sys.exit(7)\n")
+    done = subprocess.run([sys.executable, str(SCRIPT), "zen", "--", sys.executable, "-c", probe],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 7, done.stderr
+    capability, avx512_loops, core = done.stdout.split()
+    assert capability == "AVX2"  # torch's own kernels
+    assert avx512_loops in ("False", "None")  # numpy's: no AVX-512 loops
+    assert core in ("Zen", "None")  # FAISS's OpenBLAS (a wheel that bundles it)
+    assert "OPENBLAS_CORETYPE=Zen" in done.stderr  # the line saying what was set
