@@ -61,13 +61,15 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
 
 
 def numpy_disable(targets: tuple[str, ...]) -> str:
-    """The targets numpy dispatches to on this machine among ``targets`` (naming one it does not know, or
-    one this CPU lacks, makes numpy fail or warn at import)."""
+    """NPY_DISABLE_CPU_FEATURES: what it already holds, and the targets numpy dispatches to on this machine
+    among ``targets`` (naming one it does not know, or one this CPU lacks, makes numpy fail or warn)."""
+    already = os.environ.get("NPY_DISABLE_CPU_FEATURES", "").replace(",", " ").split()
     try:
         from numpy._core._multiarray_umath import __cpu_dispatch__, __cpu_features__
     except ImportError:
-        return ""
-    return " ".join(t for t in targets if t in __cpu_dispatch__ and __cpu_features__.get(t))
+        return " ".join(already)
+    more = [t for t in targets if t not in already and t in __cpu_dispatch__ and __cpu_features__.get(t)]
+    return " ".join(already + more)
 
 
 def profile_env(profile: Profile) -> dict[str, str]:

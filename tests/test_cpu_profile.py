@@ -68,3 +68,8 @@ def test_the_command_runs_with_the_profiles_kernels_and_its_status_is_kept():
     assert avx512_loops in ("False", "None")  # numpy's: no AVX-512 loops
     assert core in ("Zen", "None")  # FAISS's OpenBLAS (a wheel that bundles it)
     assert "OPENBLAS_CORETYPE=Zen" in done.stderr  # the line saying what was set
+
+
+def test_numpy_features_already_disabled_stay_disabled(monkeypatch):
+    monkeypatch.setenv("NPY_DISABLE_CPU_FEATURES", "AVX512_SPR,X86_V3")
+    assert cpu_profile.numpy_disable(("X86_V3", "NOT_A_NUMPY_TARGET")).split() == ["AVX512_SPR", "X86_V3"]
