@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 # test processes run torch on one thread each and the service tests share one World).
 TEST_WORKERS ?= 2
 # Then `make test` runs the tests marked cross_cpu again with the kernels an AMD EPYC picks (OpenBLAS's Zen
-# kernels, AVX2 in torch, oneDNN, MKL and numpy: scripts/cpu_profile.py), so that a comparison which holds
+# kernels, AVX2 in torch, oneDNN, MKL, FAISS and numpy: scripts/cpu_profile.py), so that a comparison which holds
 # only with this machine's kernels fails here and not on the next machine. CROSS_CPU_PROFILE= skips it.
 CROSS_CPU_PROFILE ?= zen
 # `make test-cpu-profiles`: the whole suite once per profile.

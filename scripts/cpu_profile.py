@@ -2,13 +2,13 @@
 
     python scripts/cpu_profile.py zen -- python -m pytest -m cross_cpu
 
-torch, oneDNN, MKL, OpenBLAS (FAISS's and numpy's BLAS) and numpy's own loops each pick their kernels
+torch, oneDNN, MKL, FAISS, OpenBLAS (FAISS's and numpy's BLAS) and numpy's own loops each pick their kernels
 from the CPU when they load, so one number can differ in its last bits from one machine to another
 (an AMD EPYC sums a dot product in another order than an Intel Xeon). Each library also reads an
 environment variable that caps or names its pick; this sets them for a profile and runs the command
 (its children inherit them):
 
-  zen       AMD EPYC Zen 2/3: OpenBLAS's Zen kernels; AVX2 in torch, oneDNN, MKL and numpy
+  zen       AMD EPYC Zen 2/3: OpenBLAS's Zen kernels; AVX2 in torch, oneDNN, MKL, FAISS and numpy
   haswell   Intel with AVX2 and no AVX-512 (Haswell to Comet Lake): OpenBLAS's Haswell kernels; AVX2 elsewhere
   skylakex  Intel AVX-512 without AMX (Skylake-SP to Ice Lake): OpenBLAS's SkylakeX kernels; AVX-512 elsewhere
 
@@ -34,6 +34,7 @@ class Profile:
     aten: str  # ATEN_CPU_CAPABILITY: torch's own vectorised kernels
     onednn: str  # ONEDNN_MAX_CPU_ISA
     mkl: str  # MKL_ENABLE_INSTRUCTIONS
+    faiss: str  # FAISS_SIMD_LEVEL: FAISS's own kernels (a build with dynamic dispatch)
     numpy_above: tuple[str, ...]  # numpy's dispatch targets this CPU would not have (NPY_DISABLE_CPU_FEATURES)
 
 
@@ -42,11 +43,11 @@ _AVX512 = _AVX2 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
 _NUMPY_AVX512 = ("X86_V4", "AVX512_SKX", "AVX512_CLX", "AVX512_CNL", "AVX512_ICL", "AVX512_SPR")
 
 PROFILES = {
-    "zen": Profile("AMD EPYC Zen 2/3", _AVX2, "Zen", "avx2", "AVX2", "AVX2", _NUMPY_AVX512),
-    "haswell": Profile("Intel AVX2 (Haswell to Comet Lake)", _AVX2, "Haswell", "avx2", "AVX2", "AVX2",
+    "zen": Profile("AMD EPYC Zen 2/3", _AVX2, "Zen", "avx2", "AVX2", "AVX2", "AVX2", _NUMPY_AVX512),
+    "haswell": Profile("Intel AVX2 (Haswell to Comet Lake)", _AVX2, "Haswell", "avx2", "AVX2", "AVX2", "AVX2",
                        _NUMPY_AVX512),
     "skylakex": Profile("Intel AVX-512 (Skylake-SP to Ice Lake)", _AVX512, "SkylakeX", "avx512", "AVX512_CORE",
-                        "AVX512", ("AVX512_CNL", "AVX512_ICL", "AVX512_SPR")),
+                        "AVX512", "AVX512", ("AVX512_CNL", "AVX512_ICL", "AVX512_SPR")),
 }
 
 
@@ -74,7 +75,8 @@ def numpy_disable(targets: tuple[str, ...]) -> str:
 
 def profile_env(profile: Profile) -> dict[str, str]:
     env = {"OPENBLAS_CORETYPE": profile.openblas, "ATEN_CPU_CAPABILITY": profile.aten,
-           "ONEDNN_MAX_CPU_ISA": profile.onednn, "MKL_ENABLE_INSTRUCTIONS": profile.mkl}
+           "ONEDNN_MAX_CPU_ISA": profile.onednn, "MKL_ENABLE_INSTRUCTIONS": profile.mkl,
+           "FAISS_SIMD_LEVEL": profile.faiss}
     disable = numpy_disable(profile.numpy_above)
     if disable:
         env["NPY_DISABLE_CPU_FEATURES"] = disable

@@ -58,15 +58,17 @@ def test_the_command_runs_with_the_profiles_kernels_and_its_status_is_kept():
              "if blas:\n"
              "    lib = ctypes.CDLL(blas[0]); lib.openblas_get_corename.restype = ctypes.c_char_p\n"
              "    core = lib.openblas_get_corename().decode()\n"
-             "print(torch.backends.cpu.get_cpu_capability(), __cpu_features__.get('X86_V4'), core)\n"
+             "simd = faiss.SIMDConfig.get_level_name() if hasattr(faiss, 'SIMDConfig') else None\n"
+             "print(torch.backends.cpu.get_cpu_capability(), __cpu_features__.get('X86_V4'), core, simd)\n"
              "sys.exit(7)\n")
     done = subprocess.run([sys.executable, str(SCRIPT), "zen", "--", sys.executable, "-c", probe],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 7, done.stderr
-    capability, avx512_loops, core = done.stdout.split()
+    capability, avx512_loops, core, simd = done.stdout.split()
     assert capability == "AVX2"  # torch's own kernels
     assert avx512_loops in ("False", "None")  # numpy's: no AVX-512 loops
     assert core in ("Zen", "None")  # FAISS's OpenBLAS (a wheel that bundles it)
+    assert simd in ("AVX2", "None")  # FAISS's own kernels (a build with dynamic dispatch)
     assert "OPENBLAS_CORETYPE=Zen" in done.stderr  # the line saying what was set
 
 
