@@ -10,11 +10,13 @@ environment variable that caps or names its pick; this sets them for a profile a
 
   zen       AMD EPYC Zen 2/3: OpenBLAS's Zen kernels; AVX2 in torch, oneDNN, MKL, FAISS and numpy
   haswell   Intel with AVX2 and no AVX-512 (Haswell to Comet Lake): OpenBLAS's Haswell kernels; AVX2 elsewhere
-  skylakex  Intel AVX-512 without AMX (Skylake-SP to Ice Lake): OpenBLAS's SkylakeX kernels; AVX-512 elsewhere
+  skylakex  Intel AVX-512 without AMX (Skylake-SP, Cascade Lake): OpenBLAS's SkylakeX kernels; AVX-512 elsewhere
+  baseline  any x86-64 CPU: SSE4.2 kernels, no AVX anywhere (OpenBLAS's Prescott, torch's default)
+  other     zen on a CPU with AVX-512 (its kernels then differ from this CPU's own), else baseline
 
 A library can only be sent *down* from what the CPU has: on a machine without a profile's
-instructions (or not x86-64) the command is not run and the script says so and exits 0, unless
---strict (then 3).
+instructions (or not x86-64 Linux) the command is not run and the script says so and exits 0, unless
+--strict (then 77, automake's "skipped").
 """
 from __future__ import annotations
 
@@ -34,21 +36,33 @@ class Profile:
     aten: str  # ATEN_CPU_CAPABILITY: torch's own vectorised kernels
     onednn: str  # ONEDNN_MAX_CPU_ISA
     mkl: str  # MKL_ENABLE_INSTRUCTIONS
-    faiss: str  # FAISS_SIMD_LEVEL: FAISS's own kernels (a build with dynamic dispatch)
+    faiss: tuple[str, str]  # FAISS_SIMD_LEVEL (a build with dynamic dispatch), FAISS_OPT_LEVEL (an older wheel)
     numpy_above: tuple[str, ...]  # numpy's dispatch targets this CPU would not have (NPY_DISABLE_CPU_FEATURES)
 
 
-_AVX2 = frozenset({"avx2", "fma", "f16c", "bmi2"})
+_BASELINE = frozenset({"sse4_1", "sse4_2", "popcnt"})
+_AVX2 = _BASELINE | {"avx2", "fma", "f16c", "bmi2"}
 _AVX512 = _AVX2 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
-_NUMPY_AVX512 = ("X86_V4", "AVX512_SKX", "AVX512_CLX", "AVX512_CNL", "AVX512_ICL", "AVX512_SPR")
+# numpy's names: 2.4 dispatches to X86_V3/X86_V4/AVX512_ICL/AVX512_SPR, earlier ones to AVX2, AVX512F, AVX512_SKX, ...
+_NUMPY_AVX512 = ("X86_V4", "AVX512F", "AVX512CD", "AVX512_SKX", "AVX512_CLX", "AVX512_CNL", "AVX512_ICL",
+                 "AVX512_SPR")
+_NUMPY_AVX2 = ("X86_V3", "AVX", "F16C", "FMA3", "AVX2") + _NUMPY_AVX512
 
 PROFILES = {
-    "zen": Profile("AMD EPYC Zen 2/3", _AVX2, "Zen", "avx2", "AVX2", "AVX2", "AVX2", _NUMPY_AVX512),
-    "haswell": Profile("Intel AVX2 (Haswell to Comet Lake)", _AVX2, "Haswell", "avx2", "AVX2", "AVX2", "AVX2",
-                       _NUMPY_AVX512),
-    "skylakex": Profile("Intel AVX-512 (Skylake-SP to Ice Lake)", _AVX512, "SkylakeX", "avx512", "AVX512_CORE",
-                        "AVX512", "AVX512", ("AVX512_CNL", "AVX512_ICL", "AVX512_SPR")),
+    "zen": Profile("AMD EPYC Zen 2/3", _AVX2, "Zen", "avx2", "AVX2", "AVX2", ("AVX2", "AVX2"), _NUMPY_AVX512),
+    "haswell": Profile("Intel AVX2 (Haswell to Comet Lake)", _AVX2, "Haswell", "avx2", "AVX2", "AVX2",
+                       ("AVX2", "AVX2"), _NUMPY_AVX512),
+    "skylakex": Profile("Intel AVX-512 (Skylake-SP, Cascade Lake)", _AVX512, "SkylakeX", "avx512", "AVX512_CORE",
+                        "AVX512", ("AVX512", "AVX512"), ("AVX512_CNL", "AVX512_ICL", "AVX512_SPR")),
+    "baseline": Profile("any x86-64 CPU: SSE4.2 kernels, no AVX", _BASELINE, "Prescott", "default", "SSE41", "SSE4_2",
+                        ("NONE", "generic"), _NUMPY_AVX2),
 }
+SKIPPED = 77  # --strict, where the profile can not run (automake's "skipped"; pytest uses 0-5)
+OTHER = "other"  # zen where this CPU has AVX-512 (zen's kernels then differ from its own), else baseline
+
+
+def pick_other(flags: set[str]) -> str:
+    return "zen" if PROFILES["skylakex"].needs <= flags else "baseline"
 
 
 def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
@@ -68,7 +82,11 @@ def numpy_disable(targets: tuple[str, ...]) -> str:
     try:
         from numpy._core._multiarray_umath import __cpu_dispatch__, __cpu_features__
     except ImportError:
-        return " ".join(already)
+        try:  # numpy 1.x
+            from numpy.core._multiarray_umath import __cpu_dispatch__, __cpu_features__
+        except ImportError:
+            print("cpu_profile: numpy's kernels can not be capped here (no numpy, or too old)", file=sys.stderr)
+            return " ".join(already)
     more = [t for t in targets if t not in already and t in __cpu_dispatch__ and __cpu_features__.get(t)]
     return " ".join(already + more)
 
@@ -76,7 +94,7 @@ def numpy_disable(targets: tuple[str, ...]) -> str:
 def profile_env(profile: Profile) -> dict[str, str]:
     env = {"OPENBLAS_CORETYPE": profile.openblas, "ATEN_CPU_CAPABILITY": profile.aten,
            "ONEDNN_MAX_CPU_ISA": profile.onednn, "MKL_ENABLE_INSTRUCTIONS": profile.mkl,
-           "FAISS_SIMD_LEVEL": profile.faiss}
+           "FAISS_SIMD_LEVEL": profile.faiss[0], "FAISS_OPT_LEVEL": profile.faiss[1]}
     disable = numpy_disable(profile.numpy_above)
     if disable:
         env["NPY_DISABLE_CPU_FEATURES"] = disable
@@ -84,25 +102,35 @@ def profile_env(profile: Profile) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    # the command is everything after the first "--", whatever it looks like; options go before it
+    ours, command = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     parser = argparse.ArgumentParser(
         prog="cpu_profile.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="%(prog)s [-h] [--strict] PROFILE -- COMMAND [ARG ...]",
         description="Run COMMAND with the numeric kernels of another x86-64 CPU (profiles below).",
-        epilog="\n".join(f"  {name:9} {p.summary}" for name, p in PROFILES.items()))
-    parser.add_argument("profile", choices=sorted(PROFILES), help="the CPU to imitate")
-    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command and its arguments")
-    parser.add_argument("--strict", action="store_true", help="exit 3 instead of 0 where the profile can not run")
-    args = parser.parse_args(argv)
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+        epilog="\n".join([f"  {name:9} {p.summary}" for name, p in PROFILES.items()]
+                         + [f"  {OTHER:9} zen on a CPU with AVX-512, else baseline: kernels unlike this CPU's own"]))
+    parser.add_argument("profile", choices=[*PROFILES, OTHER], metavar="PROFILE", help="the CPU to imitate")
+    parser.add_argument("--strict", action="store_true",
+                        help=f"exit {SKIPPED} instead of 0 where the profile can not run")
+    args = parser.parse_args(ours)
     if not command:
         parser.error("no command given (put it after --)")
-    profile = PROFILES[args.profile]
-    missing = sorted(profile.needs - cpu_flags()) if platform.machine() in ("x86_64", "AMD64") else ["x86-64"]
-    if missing:
-        print(f"cpu_profile: {args.profile} ({profile.summary}) needs {', '.join(missing)}, which this machine "
-              f"({platform.machine()}) lacks: not run", file=sys.stderr)
-        return 3 if args.strict else 0
+    flags = cpu_flags()
+    name = pick_other(flags) if args.profile == OTHER else args.profile
+    profile = PROFILES[name]
+    if platform.machine() != "x86_64" or not flags:
+        why = (f"runs on x86-64 only (this machine: {platform.machine()})" if platform.machine() != "x86_64"
+               else "needs the CPU flags of /proc/cpuinfo, which this machine has not")
+    else:
+        missing = sorted(profile.needs - flags)
+        why = f"needs {', '.join(missing)}, which this CPU lacks" if missing else ""
+    if why:
+        print(f"cpu_profile: {name} ({profile.summary}) {why}: not run", file=sys.stderr)
+        return SKIPPED if args.strict else 0
     env = profile_env(profile)
-    print(f"cpu_profile: {args.profile} ({profile.summary}): "
+    print(f"cpu_profile: {name} ({profile.summary}): "
           + " ".join(f"{k}={v!r}" if " " in v else f"{k}={v}" for k, v in env.items()), file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()

@@ -32,15 +32,39 @@ def test_cpu_flags_are_read_from_the_first_processor(tmp_path):
     assert cpu_profile.cpu_flags(tmp_path / "missing") == set()
 
 
-@pytest.mark.parametrize("strict, status", [(False, 0), (True, 3)])
-def test_a_profile_this_cpu_can_not_imitate_is_not_run(monkeypatch, capsys, strict, status):
+@pytest.mark.parametrize("argv, status", [(["skylakex"], 0), (["--strict", "skylakex"], 77),
+                                          (["skylakex", "--strict"], 77)])
+def test_a_profile_this_cpu_can_not_imitate_is_not_run(monkeypatch, capsys, argv, status):
     monkeypatch.setattr(cpu_profile.platform, "machine", lambda: "x86_64")
-    monkeypatch.setattr(cpu_profile, "cpu_flags", lambda: {"avx2", "fma", "f16c", "bmi2"})  # an AVX2-only CPU
+    monkeypatch.setattr(cpu_profile, "cpu_flags", lambda: set(cpu_profile.PROFILES["zen"].needs))  # AVX2 only
     monkeypatch.setattr(cpu_profile.os, "execvpe", lambda *a: pytest.fail("the command ran"))
-    argv = ["--strict"] if strict else []
-    assert cpu_profile.main([*argv, "skylakex", "--", "true"]) == status
+    assert cpu_profile.main([*argv, "--", "true"]) == status
     err = capsys.readouterr().err
     assert "skylakex" in err and "avx512f" in err and "not run" in err
+
+
+def test_without_cpu_flags_nothing_is_imitated(monkeypatch, capsys):
+    monkeypatch.setattr(cpu_profile.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(cpu_profile, "cpu_flags", lambda: set())  # no /proc/cpuinfo: a Mac, say
+    monkeypatch.setattr(cpu_profile.os, "execvpe", lambda *a: pytest.fail("the command ran"))
+    assert cpu_profile.main(["--strict", "zen", "--", "true"]) == 77
+    assert "/proc/cpuinfo" in capsys.readouterr().err
+
+
+def test_other_is_zen_where_this_cpu_has_avx512_else_baseline():
+    assert cpu_profile.pick_other(set(cpu_profile.PROFILES["skylakex"].needs)) == "zen"
+    assert cpu_profile.pick_other(set(cpu_profile.PROFILES["zen"].needs)) == "baseline"
+
+
+def test_everything_after_the_double_dash_is_the_command(monkeypatch):
+    ran = []
+    monkeypatch.setattr(cpu_profile.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(cpu_profile, "cpu_flags", lambda: set(cpu_profile.PROFILES["skylakex"].needs))
+    monkeypatch.setattr(cpu_profile.os, "execvpe", lambda file, args, env: ran.append((args, env)))
+    cpu_profile.main(["haswell", "--", "tool", "--strict", "-h", "--"])
+    (args, env), = ran
+    assert args == ["tool", "--strict", "-h", "--"]
+    assert env["OPENBLAS_CORETYPE"] == "Haswell" and env["ATEN_CPU_CAPABILITY"] == "avx2"
 
 
 def test_no_command_is_a_usage_error(capsys):

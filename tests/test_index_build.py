@@ -203,6 +203,7 @@ def test_shard_plan():
 
 # ----------------------------------------------------------------------------- build end to end
 
+@pytest.mark.cross_cpu
 def test_build_writes_the_documented_artifact(tmp_path, ckpt, catalogue):
     out = tmp_path / "idx"
     result = run_build(opts(catalogue, ckpt, out, workers=1))  # one DataLoader worker process
