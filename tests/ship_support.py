@@ -314,18 +314,24 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def demo_module():
-    """scripts/demo.py as a module (scripts/ is not a package)."""
+def script_module(relpath: str):
+    """A script of the repository (``scripts/demo.py``, ``bench/...``: folders that are not packages) as a
+    module, loaded once. It is registered in sys.modules before it runs: a dataclass looks its module up there."""
     import importlib.util
 
-    name = "ship_demo_script"
+    name = "repo_script_" + relpath.removesuffix(".py").replace("/", "_").replace("-", "_")
     if name in sys.modules:
         return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / "demo.py")
+    spec = importlib.util.spec_from_file_location(name, REPO / relpath)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def demo_module():
+    """scripts/demo.py as a module."""
+    return script_module("scripts/demo.py")
 
 
 # ------------------------------------------------------------------------------ comparing answers

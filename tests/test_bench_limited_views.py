@@ -1,18 +1,13 @@
 """bench/limited_views.py: the model card's limited-view tables from one folder of model.evaluate results."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from ship_support import script_module
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("limited_views", REPO / "bench" / "limited_views.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return script_module("bench/limited_views.py")
 
 
 def test_every_cell_has_its_evaluate_arguments():

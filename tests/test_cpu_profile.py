@@ -1,26 +1,16 @@
 """scripts/cpu_profile.py: the kernels of another x86-64 CPU, chosen through each library's variable."""
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 
 import pytest
 
-from ship_support import REPO
+from ship_support import REPO, script_module
 
 SCRIPT = REPO / "scripts" / "cpu_profile.py"
 
-
-def _module():
-    spec = importlib.util.spec_from_file_location("cpu_profile_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # (its dataclass looks its module up there)
-    spec.loader.exec_module(module)
-    return module
-
-
-cpu_profile = _module()
+cpu_profile = script_module("scripts/cpu_profile.py")
 ZEN_RUNS_HERE = cpu_profile.platform.machine() in ("x86_64", "AMD64") and \
     cpu_profile.PROFILES["zen"].needs <= cpu_profile.cpu_flags()
 

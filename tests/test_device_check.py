@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from ship_support import script_module
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "bench" / "device_check.sh"
 STEPS = ("env", "ceilings", "encode", "world", "train", "index", "load", "search")
@@ -111,12 +113,7 @@ def test_script_arguments(tmp_path):
 
 @pytest.fixture(scope="module")
 def wheels():
-    spec = importlib.util.spec_from_file_location("device_wheels", REPO / "bench" / "device_wheels.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up while the class is made
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+    return script_module("bench/device_wheels.py")
 
 
 def make_wheel(folder: Path, name: str, version: str, requires: tuple[str, ...] = (),
