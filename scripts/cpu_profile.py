@@ -36,7 +36,8 @@ class Profile:
     aten: str  # ATEN_CPU_CAPABILITY: torch's own vectorised kernels
     onednn: str  # ONEDNN_MAX_CPU_ISA
     mkl: str  # MKL_ENABLE_INSTRUCTIONS
-    faiss: tuple[str, str]  # FAISS_SIMD_LEVEL (a build with dynamic dispatch), FAISS_OPT_LEVEL (an older wheel)
+    faiss_simd: str  # FAISS_SIMD_LEVEL: faiss-cpu with dynamic dispatch (1.15)
+    faiss_opt: str  # FAISS_OPT_LEVEL: an older wheel's choice among its swigfaiss_* modules
     numpy_above: tuple[str, ...]  # numpy's dispatch targets this CPU would not have (NPY_DISABLE_CPU_FEATURES)
 
 
@@ -49,13 +50,13 @@ _NUMPY_AVX512 = ("X86_V4", "AVX512F", "AVX512CD", "AVX512_SKX", "AVX512_CLX", "A
 _NUMPY_AVX2 = ("X86_V3", "AVX", "F16C", "FMA3", "AVX2") + _NUMPY_AVX512
 
 PROFILES = {
-    "zen": Profile("AMD EPYC Zen 2/3", _AVX2, "Zen", "avx2", "AVX2", "AVX2", ("AVX2", "AVX2"), _NUMPY_AVX512),
+    "zen": Profile("AMD EPYC Zen 2/3", _AVX2, "Zen", "avx2", "AVX2", "AVX2", "AVX2", "AVX2", _NUMPY_AVX512),
     "haswell": Profile("Intel AVX2 (Haswell to Comet Lake)", _AVX2, "Haswell", "avx2", "AVX2", "AVX2",
-                       ("AVX2", "AVX2"), _NUMPY_AVX512),
+                       "AVX2", "AVX2", _NUMPY_AVX512),
     "skylakex": Profile("Intel AVX-512 (Skylake-SP, Cascade Lake)", _AVX512, "SkylakeX", "avx512", "AVX512_CORE",
-                        "AVX512", ("AVX512", "AVX512"), ("AVX512_CNL", "AVX512_ICL", "AVX512_SPR")),
+                        "AVX512", "AVX512", "AVX512", ("AVX512_CNL", "AVX512_ICL", "AVX512_SPR")),
     "baseline": Profile("any x86-64 CPU: SSE4.2 kernels, no AVX", _BASELINE, "Prescott", "default", "SSE41", "SSE4_2",
-                        ("NONE", "generic"), _NUMPY_AVX2),
+                        "NONE", "generic", _NUMPY_AVX2),
 }
 SKIPPED = 77  # --strict, where the profile can not run (automake's "skipped"; pytest uses 0-5)
 OTHER = "other"  # zen where this CPU has AVX-512 (zen's kernels then differ from its own), else baseline
@@ -63,6 +64,17 @@ OTHER = "other"  # zen where this CPU has AVX-512 (zen's kernels then differ fro
 
 def pick_other(flags: set[str]) -> str:
     return "zen" if PROFILES["skylakex"].needs <= flags else "baseline"
+
+
+def why_not(profile: Profile, flags: set[str]) -> str:
+    """Why this machine can not run ``profile``'s kernels (its CPU's ``flags``); empty when it can."""
+    machine = platform.machine()
+    if machine != "x86_64":
+        return f"runs on x86-64 only (this machine: {machine})"
+    if not flags:
+        return "needs the CPU flags of /proc/cpuinfo, which this machine has not"
+    missing = sorted(profile.needs - flags)
+    return f"needs {', '.join(missing)}, which this CPU lacks" if missing else ""
 
 
 def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
@@ -94,7 +106,7 @@ def numpy_disable(targets: tuple[str, ...]) -> str:
 def profile_env(profile: Profile) -> dict[str, str]:
     env = {"OPENBLAS_CORETYPE": profile.openblas, "ATEN_CPU_CAPABILITY": profile.aten,
            "ONEDNN_MAX_CPU_ISA": profile.onednn, "MKL_ENABLE_INSTRUCTIONS": profile.mkl,
-           "FAISS_SIMD_LEVEL": profile.faiss[0], "FAISS_OPT_LEVEL": profile.faiss[1]}
+           "FAISS_SIMD_LEVEL": profile.faiss_simd, "FAISS_OPT_LEVEL": profile.faiss_opt}
     disable = numpy_disable(profile.numpy_above)
     if disable:
         env["NPY_DISABLE_CPU_FEATURES"] = disable
@@ -120,12 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     flags = cpu_flags()
     name = pick_other(flags) if args.profile == OTHER else args.profile
     profile = PROFILES[name]
-    if platform.machine() != "x86_64" or not flags:
-        why = (f"runs on x86-64 only (this machine: {platform.machine()})" if platform.machine() != "x86_64"
-               else "needs the CPU flags of /proc/cpuinfo, which this machine has not")
-    else:
-        missing = sorted(profile.needs - flags)
-        why = f"needs {', '.join(missing)}, which this CPU lacks" if missing else ""
+    why = why_not(profile, flags)
     if why:
         print(f"cpu_profile: {name} ({profile.summary}) {why}: not run", file=sys.stderr)
         return SKIPPED if args.strict else 0

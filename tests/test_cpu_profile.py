@@ -11,8 +11,7 @@ from ship_support import REPO, script_module
 SCRIPT = REPO / "scripts" / "cpu_profile.py"
 
 cpu_profile = script_module("scripts/cpu_profile.py")
-ZEN_RUNS_HERE = cpu_profile.platform.machine() in ("x86_64", "AMD64") and \
-    cpu_profile.PROFILES["zen"].needs <= cpu_profile.cpu_flags()
+ZEN_RUNS_HERE = not cpu_profile.why_not(cpu_profile.PROFILES["zen"], cpu_profile.cpu_flags())
 
 
 def test_cpu_flags_are_read_from_the_first_processor(tmp_path):
