@@ -165,8 +165,10 @@ def read_faiss_index(directory: str | Path, manifest: dict):
     return index
 
 
-def read_orientation(directory: str | Path, manifest: dict) -> np.ndarray | None:
-    """The tiles' orientation features [count, columns, dim] (memory-mapped), when the manifest lists them."""
+def read_orientation(directory: str | Path, manifest: dict,
+                     column_shape: tuple[int, int] | None = None) -> np.ndarray | None:
+    """The tiles' orientation features [count, columns, dim] (memory-mapped), when the manifest lists them;
+    with ``column_shape``, the (columns, dim) of the model's own column features, which they must match."""
     entry = manifest.get("orientation")
     if not entry:
         return None
@@ -181,6 +183,10 @@ def read_orientation(directory: str | Path, manifest: dict) -> np.ndarray | None
     if list(columns.shape) != expected:
         raise ArtifactError(f"{path}: shape {list(columns.shape)}, manifest.json says {expected} "
                             "(count, orientation columns, dim)")
+    if column_shape is not None and columns.shape[1:] != tuple(column_shape):
+        raise ArtifactError(f"{path}: orientation features of {list(columns.shape[1:])} (columns, dim), the "
+                            f"model's orientation head gives {list(column_shape)}; rebuild the index with this "
+                            "checkpoint (python -m index_build build ...)")
     return columns
 
 

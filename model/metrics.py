@@ -133,10 +133,12 @@ UNCERTAINTY_FLOOR_TILES = 0.25  # a position is never claimed more precisely tha
 
 def local_xy_m(lat, lon, lat0: float, lon0: float) -> np.ndarray:
     """[N, 2] east/north offsets in metres of (lat, lon) from (lat0, lon0): an equirectangular frame,
-    accurate to well under a metre over the few hundred metres it is used for."""
+    accurate to well under a metre over the few hundred metres it is used for, across the antimeridian too."""
     k = math.radians(1.0) * EARTH_RADIUS_M
     lat, lon = np.asarray(lat, dtype=np.float64), np.asarray(lon, dtype=np.float64)
-    return np.column_stack([(lon - lon0) * k * math.cos(math.radians(lat0)), (lat - lat0) * k])
+    east = lon - lon0
+    east = np.where(east > 180.0, east - 360.0, np.where(east < -180.0, east + 360.0, east))
+    return np.column_stack([east * k * math.cos(math.radians(lat0)), (lat - lat0) * k])
 
 
 def refine_position(scores, latlon, tile_m: float = TILE_FOOTPRINT_M, temperature: float = POSITION_TEMPERATURE,
@@ -162,6 +164,7 @@ def refine_position(scores, latlon, tile_m: float = TILE_FOOTPRINT_M, temperatur
     k = math.radians(1.0) * EARTH_RADIUS_M
     lat = lat0 + centre[1] / k
     lon = lon0 + centre[0] / (k * math.cos(math.radians(lat0)))
+    lon = lon - 360.0 if lon > 180.0 else lon + 360.0 if lon < -180.0 else lon
     return lat, lon, max(spread, UNCERTAINTY_FLOOR_TILES * tile_m)
 
 

@@ -23,7 +23,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import routes
-from .artifact import public_text
 from .engine import ClientGone, NotReady, Overloaded, ResultTimeout
 from .logs import configure_logging, new_request_id, request_id_var
 from .metrics import Metrics
@@ -101,7 +100,7 @@ def _install_error_handlers(app: FastAPI, settings: Settings) -> None:
     for exc_type, (status, code, text, headers) in simple.items():
         async def handle(request: Request, exc: Exception, status=status, code=code, text=text,
                          headers=headers) -> JSONResponse:
-            return _error(status, code, public_text(text.format(exc)), headers)
+            return _error(status, code, request.app.state.runtime.public_text(text.format(exc)), headers)
 
         app.add_exception_handler(exc_type, handle)
 
@@ -119,7 +118,8 @@ def _install_error_handlers(app: FastAPI, settings: Settings) -> None:
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception) -> JSONResponse:
         log.error("unhandled error", exc_info=exc)
-        return _error(500, "internal_error", "internal server error")
+        rid = request_id_var.get()  # sent from outside RequestContext, which adds it to every other answer
+        return _error(500, "internal_error", "internal server error", rid and {"X-Request-ID": rid})
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:

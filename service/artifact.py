@@ -14,6 +14,7 @@ import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 import faiss
 import numpy as np
@@ -191,9 +192,10 @@ class ServedIndex:
 
 
 def load_artifact(path: Path, *, expected_fingerprint: str, embedding_dim: int, generation: int,
-                  gpu: int | None = None) -> ServedIndex:
-    """Load and validate the artifact at ``path`` for a model with the given fingerprint; with
-    ``gpu`` (a CUDA device number) its FAISS index is moved there where this FAISS build can."""
+                  column_shape: tuple[int, int] | None = None, gpu: int | None = None) -> ServedIndex:
+    """Load and validate the artifact at ``path`` for a model with the given fingerprint (and column
+    features of ``column_shape``: model.inference.InferenceEncoder); with ``gpu`` (a CUDA device
+    number) its FAISS index is moved there where this FAISS build can."""
     path = Path(path)
     try:
         signature = Signature.of(path)
@@ -209,7 +211,7 @@ def load_artifact(path: Path, *, expected_fingerprint: str, embedding_dim: int, 
             raise ArtifactChanged(f"{path}: artifact replaced while loading")
     except FileNotFoundError:
         raise ArtifactChanged(f"{path}: artifact moved away while loading") from None
-    orientation = read_orientation(directory, manifest)
+    orientation = read_orientation(directory, manifest, column_shape)
     resources = None
     if gpu is not None:
         index, resources = _to_gpu(index, gpu)
@@ -248,9 +250,13 @@ def _to_gpu(index: "faiss.Index", device: int):
 _DIRECTORIES = re.compile(r"(?<![\w.~/-])/(?:[^/\s:'\",;()\[\]]+/)+")
 
 
-def public_text(text: str) -> str:
+def public_text(text: str, directories: Iterable[str | Path] = ()) -> str:
     """``text`` without the directories of any absolute path in it: for answers that anyone who
-    can reach the service reads (/readyz, 409s), where the log keeps the full text."""
+    can reach the service reads (/readyz, 409s), where the log keeps the full text. ``directories``
+    are taken out first, whole: the pattern stops at a space, colon or bracket in a name."""
+    for directory in sorted({os.path.join(os.path.abspath(d), "") for d in directories}, key=len, reverse=True):
+        if directory != os.sep:
+            text = text.replace(directory, "")
     return _DIRECTORIES.sub("", text)
 
 

@@ -132,7 +132,8 @@ def wants_geojson(accept: str | None) -> bool:
     q: dict[str, float] = {}
     for item in (accept or "").split(","):
         media, *params = (p.strip() for p in item.split(";"))
-        weight = next((_quality(p[2:]) for p in params if p.startswith("q=")), 1.0)
+        weight = next((_quality(value) for name, _, value in (p.partition("=") for p in params)
+                       if name.strip().lower() == "q"), 1.0)  # RFC 9110: parameter names are case-insensitive
         q[media.lower()] = max(q.get(media.lower(), 0.0), weight)
     geo = q.get(GEOJSON, 0.0)
     json_q = q.get("application/json", max(q.get("*/*", 0.0), q.get("application/*", 0.0)))

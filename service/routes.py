@@ -15,7 +15,6 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BeforeValidator, SecretStr
 
 from . import localize
-from .artifact import public_text
 from .engine import NotReady
 from .runtime import Runtime
 from .schemas import (
@@ -180,7 +179,7 @@ async def localize_batch(request: Request, runtime: ReadyRuntime, view: ViewQuer
     return await localize.localize(request, runtime, view, k=k, batch=True, accept=accept)
 
 
-@api.get("/tiles/{tile_id}", tags=["index"], summary="JPEG thumbnail of one aerial tile",
+@api.get("/tiles/{tile_id:path}", tags=["index"], summary="JPEG thumbnail of one aerial tile (an id may hold '/')",
          response_class=Response,
          responses={200: {"content": {"image/jpeg": {}}}, **errors(404, 503)})
 async def tile_thumbnail(tile_id: str, request: Request, runtime: ReadyRuntime) -> Response:
@@ -214,12 +213,12 @@ async def healthz() -> Health:
 async def readyz(runtime: RuntimeDep) -> Any:
     if not runtime.ready:
         state = runtime.state if runtime.state != "ready" else "failed"
-        body = Readiness(status=state, detail=public_text(runtime.not_ready_reason()))
+        body = Readiness(status=state, detail=runtime.public_text(runtime.not_ready_reason()))
         return JSONResponse(body.model_dump(mode="json"), status_code=503)
     failed = runtime.last_reload_error
     return Readiness(
         status="ready", model=runtime.model.info, index=runtime.engine.index.info,  # type: ignore[union-attr]
-        detail=failed and f"last index reload failed (old index still served): {public_text(failed)}",
+        detail=failed and f"last index reload failed (old index still served): {runtime.public_text(failed)}",
         queue_depth=runtime.engine.depth)  # type: ignore[union-attr]
 
 

@@ -19,7 +19,7 @@ from model import load_checkpoint
 from model.encode import available_cpus, pick_device
 from model.inference import InferenceEncoder
 
-from .artifact import ArtifactChanged, ArtifactError, ServedIndex, Signature, load_artifact
+from .artifact import ArtifactChanged, ArtifactError, ServedIndex, Signature, load_artifact, public_text
 from .engine import Engine
 from .logs import stop_logging
 from .metrics import Metrics
@@ -117,6 +117,15 @@ class Runtime:
             return self.error or "loading failed"
         return {"loading": "model and index are loading", "stopping": "shutting down"}[self.state]
 
+    def public_text(self, text: str) -> str:
+        """``text`` as unauthenticated answers show it: artifact.public_text, also without the
+        directories of the index (as configured and as resolved now) and of the checkpoint."""
+        index = self.settings.index
+        around = [self.settings.checkpoint.parent]
+        if index is not None:
+            around += [index.parent, index.resolve().parent]
+        return public_text(text, around)
+
     def _load(self) -> None:
         s = self.settings
         try:
@@ -167,6 +176,7 @@ class Runtime:
                 index = load_artifact(Path(self.settings.index),  # type: ignore[arg-type]
                                       expected_fingerprint=model.info.fingerprint,
                                       embedding_dim=model.info.embedding_dim, generation=self._generation + 1,
+                                      column_shape=model.encoder.column_shape,
                                       gpu=(device.index or 0) if device.type == "cuda" else None)
                 break
             except ArtifactChanged:  # published while we read it: read the new one
@@ -189,8 +199,10 @@ class Runtime:
         with self._reload_lock:
             current = self.engine.index
             path = Path(self.settings.index)  # type: ignore[arg-type]
+            attempted = None  # what a failure is recorded as: not whatever is published by the time it fails
             try:
-                if not force and Signature.of(path) == current.signature:
+                attempted = Signature.of(path)
+                if not force and attempted == current.signature:
                     self._reload_succeeded()  # the published artifact is the one served (again)
                     return ReloadResult(status="unchanged", index=current.info)
                 t0 = time.perf_counter()
@@ -198,10 +210,7 @@ class Runtime:
             except Exception as exc:
                 message = str(exc) if isinstance(exc, ArtifactError) else f"{type(exc).__name__}: {exc}"
                 self.last_reload_error = message
-                try:
-                    self._failed_signature = Signature.of(path)
-                except OSError:
-                    self._failed_signature = None
+                self._failed_signature = attempted
                 self.metrics.reloads.labels(trigger, "failure").inc()
                 self.metrics.reload_failed.set(1)
                 log.error("index reload failed, still serving %s: %s", current.path, message,

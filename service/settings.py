@@ -102,13 +102,15 @@ class Settings(BaseSettings):
     @field_validator("api_keys", "cors_origins", mode="before")
     @classmethod
     def _lists_from_env(cls, value: object) -> object:
-        """A JSON list (``["a","b"]``) or a comma-separated string (``a,b``)."""
+        """A JSON list (``["a","b"]``) or a comma-separated string (``a,b``); blank: none. A blank
+        item (``a,`` or ``${K1},${K2}`` with both unset) is kept, for ``_check_lists`` to refuse: it
+        must not turn API keys off unnoticed."""
         if not isinstance(value, str):
             return value
         text = value.strip()
         if text.startswith("["):
             return json.loads(text)
-        return [item.strip() for item in text.split(",") if item.strip()]
+        return [item.strip() for item in text.split(",")] if text else []
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -116,9 +118,11 @@ class Settings(BaseSettings):
         return value.upper() if isinstance(value, str) else value
 
     @model_validator(mode="after")
-    def _check_keys(self) -> "Settings":
+    def _check_lists(self) -> "Settings":
         if any(not key.get_secret_value() for key in self.api_keys):
-            raise ValueError("GEOLOC_API_KEYS must not contain empty keys")
+            raise ValueError("GEOLOC_API_KEYS must not contain empty keys (a stray comma, or an unset variable in it)")
+        if any(not origin for origin in self.cors_origins):
+            raise ValueError("GEOLOC_CORS_ORIGINS must not contain empty origins")
         if self.queue_size < self.max_batch_images:
             raise ValueError(
                 f"GEOLOC_QUEUE_SIZE ({self.queue_size}) must be at least GEOLOC_MAX_BATCH_IMAGES "

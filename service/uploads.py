@@ -17,7 +17,7 @@ import anyio
 import numpy as np
 import torch
 from fastapi.exceptions import RequestValidationError
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.exceptions import HTTPException
@@ -187,7 +187,7 @@ async def read_files(request: Request, *, field_names: tuple[str, ...], max_file
                 raise UploadError(408, "request_timeout", f"no upload data for {read_timeout_s:g} s",
                                   {"Connection": "close"}) from None
             if message["type"] == "http.disconnect":
-                raise UploadError(400, "client_disconnected", "client went away during upload")
+                raise UploadError(499, "client_disconnected", "client went away during upload")  # as when queued
             chunk, more = message.get("body", b""), message.get("more_body", False)
             received += len(chunk)
             if received > max_body_bytes:
@@ -242,7 +242,8 @@ def check_image(upload: UploadedFile, limits: Settings) -> CheckedImage:
     except Image.DecompressionBombError as exc:
         raise UploadError(413, "too_many_pixels", f"{label}: {exc}") from None
     except Exception as exc:  # PIL raises many types for garbage headers
-        raise UploadError(400, "not_an_image", f"{label} is not an image (JPEG, PNG or WebP): {exc}") from None
+        reason = "" if isinstance(exc, UnidentifiedImageError) else f": {exc}"  # its text: "<_io.BytesIO at 0x..>"
+        raise UploadError(400, "not_an_image", f"{label} is not an image (JPEG, PNG or WebP){reason}") from None
     if img.format not in _SUPPORTED:
         raise UploadError(415, "unsupported_media_type", f"{label} is {img.format}; send JPEG, PNG or WebP")
     width, height = img.size

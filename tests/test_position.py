@@ -43,6 +43,21 @@ def test_an_inconsistent_far_match_is_ignored():
     assert local_xy_m(with_far[0], with_far[1], LAT0, LON0)[0] == pytest.approx([25.0, 0.0], abs=0.01)
 
 
+@pytest.mark.parametrize("shift", [0.0, 180.0 - LON0 - 0.0003, -180.0 - LON0 + 0.0003])
+def test_the_antimeridian_changes_nothing(shift):
+    """Tiles 60 m apart on either side of 180 degrees east are neighbours, as anywhere else."""
+    offsets = [(0.0, 0.0), (60.0, 0.0), (0.0, 80.0), (-60.0, 0.0)]
+    base = np.array([_at(*o) for o in offsets])
+    moved = base + [0.0, shift]
+    moved[:, 1] = (moved[:, 1] + 180.0) % 360.0 - 180.0
+    scores = [0.90, 0.89, 0.87, 0.86]
+    lat, lon, uncertainty = refine_position(scores, moved)
+    expected = refine_position(scores, base)
+    assert -180.0 <= lon <= 180.0 and (lat, uncertainty) == pytest.approx(expected[::2])
+    assert haversine_m(lat, lon, expected[0], (expected[1] + shift + 180.0) % 360.0 - 180.0) < 0.01
+    assert local_xy_m(moved[:, 0], moved[:, 1], *moved[0]) == pytest.approx(local_xy_m(base[:, 0], base[:, 1], *base[0]))
+
+
 def test_uncertainty_grows_with_spread_and_is_floored():
     lone = refine_position([0.9], [_at(0, 0)])
     assert lone[:2] == pytest.approx(_at(0, 0)) and lone[2] == UNCERTAINTY_FLOOR_TILES * TILE_FOOTPRINT_M

@@ -95,6 +95,36 @@ def test_fingerprint_mismatch_refuses_to_start(world, capfd):
     assert world.fingerprint in record["msg"] and "model fingerprint" in record["msg"]
 
 
+def test_directories_with_spaces_and_brackets_stay_out_of_public_answers(world, tmp_path):
+    odd = tmp_path / "geo data (prod): v2" / "grid"
+    shutil.copytree(world.artifact_other.resolve(), odd)
+    link = tmp_path / "serving [blue]" / "current"
+    link.parent.mkdir()
+    link.symlink_to(odd)
+    with running_client(settings_for(world, link), wait=False) as client:
+        assert not client.app.state.runtime.wait_loaded(60)
+        detail = client.get("/readyz").json()["detail"]
+        assert "index artifact grid was built" in detail and "geo data" not in detail and "/" not in detail
+        assert "geo data" not in _post(client, world.pano).json()["detail"]
+
+
+def test_an_unexpected_error_is_a_500_that_carries_its_request_id(world):
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+
+    app = create_app(settings_for(world, world.artifact_a))
+
+    @app.get("/boom")
+    async def boom() -> None:
+        raise RuntimeError("a bug")
+
+    resp = TestClient(app, raise_server_exceptions=False).get("/boom", headers={"X-Request-ID": "req-500"})
+    assert resp.status_code == 500 and resp.json() == {
+        "detail": "internal server error", "code": "internal_error", "request_id": "req-500"}
+    assert resp.headers["x-request-id"] == "req-500"
+
+
 def test_missing_index_setting_is_a_clear_failure(world):
     with running_client(settings_for(world, None), wait=False) as client:
         assert not client.app.state.runtime.wait_loaded(60)
@@ -214,6 +244,7 @@ def test_geojson_feature_collection(client, world):
     ("application/json, application/geo+json;q=0.5", False),
     ("application/geo+json;q=0.9, application/json;q=0.5", True),
     ("application/geo+json;q=0", False), ("text/html, */*", False),
+    ("Application/GEO+json;Q=0.1, application/json;q=0.5", False), ("application/geo+json ; Q = 0.9", True),
 ])
 def test_accept_negotiation(accept, geo):
     from service.localize import wants_geojson
@@ -240,7 +271,7 @@ def test_batch(client, world):
     _assert_error(client.post("/localize/batch", files=too_many), 413, "too_many_images")
     bad = files[:1] + [("images", ("bad.jpg", b"not an image at all", "image/jpeg"))]
     body = _assert_error(client.post("/localize/batch", files=bad), 400, "not_an_image")
-    assert "image 1 (bad.jpg)" in body["detail"]
+    assert body["detail"] == "image 1 (bad.jpg) is not an image (JPEG, PNG or WebP)"  # no "<_io.BytesIO at 0x..>"
 
 
 # --- bad input ----------------------------------------------------------------------------------
@@ -390,6 +421,19 @@ def test_tile_thumbnail(client, world):
     assert sneaky.status_code == 404 and sneaky.json()["code"] in ("not_found", "unknown_tile")
 
 
+def test_a_tile_id_with_a_slash_has_its_thumbnail(world, tmp_path):
+    """A catalogue's ids may hold '/' (index_build takes them); the web page asks for /tiles/a%2Fb."""
+    artifact = tmp_path / "slashed"
+    shutil.copytree(world.artifact_a.resolve(), artifact)
+    tiles = artifact / "tiles.csv"
+    tiles.write_text(tiles.read_text().replace("\na0000,", "\nzurich/a0000,", 1))
+    with running_client(settings_for(world, artifact)) as client:
+        for path in ("/tiles/zurich%2Fa0000", "/tiles/zurich/a0000"):
+            resp = client.get(path)
+            assert resp.status_code == 200 and resp.headers["content-type"] == "image/jpeg", path
+        _assert_error(client.get("/tiles/zurich/a0001"), 404, "unknown_tile")
+
+
 def test_v1_index_is_the_manifest_without_host_names_or_directories(client, world):
     resp = client.get("/v1/index")
     assert resp.status_code == 200
@@ -497,6 +541,21 @@ def test_settings_from_environment(monkeypatch, world):
     monkeypatch.setenv("GEOLOC_QUEUE_SIZE", "2")
     monkeypatch.setenv("GEOLOC_MAX_BATCH_IMAGES", "8")
     with pytest.raises(ValueError):
+        Settings()
+
+
+@pytest.mark.parametrize("keys", [",", " , ", "a,", "a,,b", '["a", ""]'])
+def test_a_blank_api_key_is_refused_not_dropped(monkeypatch, keys):
+    """"${K1},${K2}" with both unset must not start a service without authentication."""
+    from service.settings import Settings
+
+    monkeypatch.setenv("GEOLOC_API_KEYS", keys)
+    with pytest.raises(ValueError, match="GEOLOC_API_KEYS must not contain empty keys"):
+        Settings()
+    monkeypatch.setenv("GEOLOC_API_KEYS", " ")
+    assert Settings().api_keys == []  # blank: no keys, as documented
+    monkeypatch.setenv("GEOLOC_CORS_ORIGINS", "https://x.example,")
+    with pytest.raises(ValueError, match="GEOLOC_CORS_ORIGINS must not contain empty origins"):
         Settings()
 
 
@@ -753,8 +812,8 @@ def test_admin_reload_and_broken_artifacts_keep_the_old_index(world, tmp_path):
         (corrupt / "index.faiss").write_bytes(b"garbage")
         publish_symlink(link, corrupt)
         body = _assert_error(client.post("/admin/reload", headers=auth), 409, "reload_failed")
-        assert "index.faiss: unreadable FAISS index" in body["detail"]
-        assert ".cpp" not in body["detail"] and "Error in" not in body["detail"] and "/" not in body["detail"]
+        assert "corrupt/index.faiss: unreadable FAISS index" in body["detail"]  # the artifact's name, not where
+        assert ".cpp" not in body["detail"] and "Error in" not in body["detail"] and str(tmp_path) not in body["detail"]
         # tiles.csv inconsistent with the index.
         short = tmp_path / "short"
         shutil.copytree(world.artifact_a.resolve(), short)
@@ -803,6 +862,32 @@ def test_a_failed_reload_is_no_longer_reported_once_the_served_artifact_is_publi
         assert detail() is None
         assert metric_value(client.get("/metrics").text, "geoloc_index_reload_failing") == 0
         assert client.get("/readyz").json()["index"]["generation"] == 1
+
+
+def test_an_artifact_published_while_a_broken_one_loads_is_still_picked_up(world, tmp_path, monkeypatch):
+    """A failure is remembered as the artifact that failed, not as the one published meanwhile."""
+    import service.runtime
+
+    link = tmp_path / "current"
+    publish_symlink(link, world.artifact_a.resolve())
+    real_load = service.runtime.load_artifact
+
+    def load_then_fail_once(path, **kwargs):
+        if kwargs["generation"] == 2 and not list(tmp_path.glob("failed-once")):
+            (tmp_path / "failed-once").touch()
+            publish_symlink(link, world.artifact_b.resolve())  # the fix arrives while the broken one loads
+            raise service.runtime.ArtifactError("broken artifact")
+        return real_load(path, **kwargs)
+
+    monkeypatch.setattr(service.runtime, "load_artifact", load_then_fail_once)
+    with running_client(settings_for(world, link, reload_poll_s=0.05, admin_token="t")) as client:
+        publish_symlink(link, world.artifact_other.resolve())
+        _assert_error(client.post("/admin/reload", headers={"Authorization": "Bearer t"}), 409, "reload_failed")
+        deadline = time.monotonic() + 10
+        while client.get("/readyz").json()["index"]["count"] != 16 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        ready = client.get("/readyz").json()
+        assert ready["index"]["count"] == 16 and ready["detail"] is None
 
 
 def test_admin_disabled_without_token(client):
@@ -958,6 +1043,30 @@ def test_with_an_orientation_head_every_match_says_the_view_heading_there(world,
         geo = client.post("/localize?k=2", files={"image": ("p.jpg", world.pano, "image/jpeg")},
                           headers={"Accept": "application/geo+json"}).json()
         assert all("heading_deg" in f["properties"] for f in geo["features"] if f["properties"]["kind"] == "match")
+
+
+def test_orientation_features_unlike_the_models_are_refused_at_load_not_answered_500(world, head_world, tmp_path):
+    """The manifest and orientation.npy agree with each other but not with the model's head."""
+    checkpoint, artifact = head_world
+    narrow = tmp_path / "narrow"
+    shutil.copytree(artifact, narrow)
+    np.save(narrow / "orientation.npy", np.load(artifact / "orientation.npy")[:, :4])
+    manifest = json.loads((narrow / "manifest.json").read_text())
+    manifest["orientation"]["columns"] = 4
+    (narrow / "manifest.json").write_text(json.dumps(manifest))
+    link = tmp_path / "current"
+    publish_symlink(link, artifact)
+    with running_client(settings_for(world, link, checkpoint=checkpoint, admin_token="t")) as client:
+        publish_symlink(link, narrow)
+        body = _assert_error(client.post("/admin/reload", headers={"Authorization": "Bearer t"}),
+                             409, "reload_failed")
+        assert "orientation features of [4, 8] (columns, dim), the model's orientation head gives [8, 8]" \
+            in body["detail"]
+        assert _post(client, world.pano).status_code == 200  # the old index still answers
+    with running_client(settings_for(world, narrow, checkpoint=checkpoint), wait=False) as client:
+        assert client.app.state.runtime.wait_loaded(60) is False
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and "orientation head" in ready.json()["detail"]
 
 
 def test_with_an_orientation_head_the_best_tiles_are_re_ranked_by_their_column_alignment(world, head_world):

@@ -381,6 +381,19 @@ def test_disconnected_client_is_not_computed(world):
         with httpx.Client(base_url=f"http://127.0.0.1:{srv.port}", timeout=30) as c:
             assert _post(c, world.pano).status_code == 200
         assert metric("geoloc_images_localized_total") == images_before + 1
+        with socket.create_connection(("127.0.0.1", srv.port)) as sock:  # gone half-way through its upload
+            sock.sendall(b"POST /localize HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
+                         b"Content-Type: multipart/form-data; boundary=BB\r\n\r\n" % len(body) + body[:len(body) // 2])
+            time.sleep(0.2)
+
+        def gone() -> float:  # 499, "client closed request", in both cases
+            return metric("geoloc_http_requests_total", route="/localize", method="POST", status="499")
+
+        deadline = time.monotonic() + 5
+        while gone() < 2:
+            assert time.monotonic() < deadline, metric("geoloc_http_requests_total", route="/localize",
+                                                       method="POST", status="400")
+            time.sleep(0.02)
 
 
 def test_two_server_processes_answer_and_add_up_their_metrics(world, tmp_path):
