@@ -9,6 +9,7 @@ import re
 import sys
 
 from index_build.faiss_index import DEFAULT_MEMORY_BUDGET, INDEX_TYPES
+from model.arguments import positive_int
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 
@@ -24,13 +25,6 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * scale)
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
-
-
 def _add_encode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--catalog", required=True,
                    help="catalogue CSV (tile_id,lat,lon,path[,extra...]) or a slippy-map dir {z}/{x}/{y}.png|jpg")
@@ -38,16 +32,16 @@ def _add_encode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-config", default=None,
                    help="architecture of a .pth/.npz checkpoint: paper, small, tiny, a JSON string or a JSON file")
     p.add_argument("--out", required=True, help="artifact path (a symlink to a versioned directory beside it)")
-    p.add_argument("--batch-size", type=_positive_int, default=64,
+    p.add_argument("--batch-size", type=positive_int, default=64,
                    help="tiles per forward pass of the model (default: 64)")
     p.add_argument("--workers", type=int, default=None,
                    help="local engine: DataLoader processes decoding tiles ahead of the model; 0 = no such "
                         "processes, encoder lanes decode and encode instead (see --lanes). Default: with a GPU "
                         "cores-1, at most 8; on a CPU cores/4, which is 0 below 4 cores")
-    p.add_argument("--lanes", type=_positive_int, default=None,
+    p.add_argument("--lanes", type=positive_int, default=None,
                    help="with --workers 0: encoder lanes, threads that each decode a batch and then encode it "
                         "with cores/lanes torch threads, side by side (default: one per core, up to 8)")
-    p.add_argument("--shard-size", type=_positive_int, default=10_000,
+    p.add_argument("--shard-size", type=positive_int, default=10_000,
                    help="tiles per embedding shard, the unit --resume keeps (default: 10000)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run; finished shards are kept")
     p.add_argument("--skip-bad", action="store_true",
@@ -57,7 +51,7 @@ def _add_encode_args(p: argparse.ArgumentParser) -> None:
                         "below (default: local)")
     p.add_argument("--device", default="auto",
                    help="torch device for the model: auto (a GPU if there is one), cpu, cuda, cuda:N (default: auto)")
-    p.add_argument("--keep-versions", type=_positive_int, default=2,
+    p.add_argument("--keep-versions", type=positive_int, default=2,
                    help="published versions kept on disk, the live one included (default: 2)")
     p.add_argument("--no-check-files", dest="check_files", action="store_false",
                    help="do not stat every image during validation (slow network storage)")
@@ -71,13 +65,13 @@ def _add_encode_args(p: argparse.ArgumentParser) -> None:
                    help="print the result as one JSON object (status, counts, timings, manifest summary)")
     g = p.add_argument_group("ray engine")
     g.add_argument("--ray-address", default=None, help="cluster address (default: start a local Ray)")
-    g.add_argument("--ray-actors", type=_positive_int, default=1,
+    g.add_argument("--ray-actors", type=positive_int, default=1,
                    help="encoder actors, each with its own copy of the model (default: 1)")
     g.add_argument("--ray-cpus-per-actor", type=float, default=1.0,
                    help="CPUs Ray reserves per actor; its torch threads are the whole number of them (default: 1)")
     g.add_argument("--ray-gpus-per-actor", type=float, default=None,
                    help="GPUs Ray reserves per actor (default: 1 if the cluster has GPUs, else 0)")
-    g.add_argument("--ray-decode-threads", type=_positive_int, default=2,
+    g.add_argument("--ray-decode-threads", type=positive_int, default=2,
                    help="threads per actor decoding the next batch while the model runs (default: 2)")
 
 
@@ -167,9 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "fit --memory-budget, then ivf-pq (default: auto)")
     b.add_argument("--memory-budget", type=parse_size, default=DEFAULT_MEMORY_BUDGET,
                    help="RAM the index may use at serving time, drives --index auto (default: 16GiB)")
-    b.add_argument("--nlist", type=_positive_int, default=None,
+    b.add_argument("--nlist", type=positive_int, default=None,
                    help="IVF lists (default: a power of two near 4-16 x sqrt(N))")
-    b.add_argument("--pq-m", type=_positive_int, default=None, help="PQ bytes per vector (default: dim/8 within budget)")
+    b.add_argument("--pq-m", type=positive_int, default=None, help="PQ bytes per vector (default: dim/8 within budget)")
     b.add_argument("--no-opq", dest="opq", action="store_false", help="ivf-pq without the OPQ rotation")
     b.add_argument("--target-recall", type=float, default=0.95,
                    help="recall@10 that nprobe/efSearch are tuned for (default: 0.95)")
@@ -192,10 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--checkpoint", required=True, help="the checkpoint the artifact was built with")
     v.add_argument("--model-config", default=None,
                    help="architecture of a .pth/.npz checkpoint: paper, small, tiny, a JSON string or a JSON file")
-    v.add_argument("--sample", type=_positive_int, default=64, help="tiles re-encoded and searched for (default: 64)")
+    v.add_argument("--sample", type=positive_int, default=64, help="tiles re-encoded and searched for (default: 64)")
     v.add_argument("--seed", type=int, default=0, help="seed of the random sample (default: 0)")
     v.add_argument("--device", default="auto", help="torch device: auto, cpu, cuda, cuda:N (default: auto)")
-    v.add_argument("--batch-size", type=_positive_int, default=64, help="tiles per forward pass (default: 64)")
+    v.add_argument("--batch-size", type=positive_int, default=64, help="tiles per forward pass (default: 64)")
     v.add_argument("--min-rank1", type=float, default=0.99,
                    help="least fraction of the sample that must find itself first in the index (default: 0.99)")
     v.add_argument("--tolerance", type=float, default=None,
