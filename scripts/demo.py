@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from model.allocator import allocator_env  # no torch: a second run starts the server without it
+from model.arguments import non_negative_int, positive_int
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CHECKPOINT = REPO / "weights" / "l2ltr_tiny_demo.safetensors"
@@ -288,7 +289,10 @@ def demo_query(region: Region, which: int = 0) -> DemoQuery:
         rows = list(csv.DictReader(f))
     if not rows:
         raise DemoError(f"{region.queries_csv} lists no panoramas")
-    row = rows[which % len(rows)]
+    if not 0 <= which < len(rows):
+        raise DemoError(f"--query {which}: {region.queries_csv} lists {len(rows)} camera positions (rows 0 to "
+                        f"{len(rows) - 1})")
+    row = rows[which]
     path = Path(row["path"])
     if not path.is_absolute():
         path = region.queries_csv.parent / path
@@ -504,6 +508,14 @@ def panorama_count(text: str) -> int | None:
     return value
 
 
+def port_number(text: str) -> int:
+    """--port: a TCP port, 1 to 65535."""
+    value = positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"a TCP port is at most 65535, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="scripts/demo.py", description=__doc__.split("\n\n")[0],
@@ -525,10 +537,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="extra argument for worldgen (repeatable), e.g. --worldgen-arg=--tile-px=384")
     p.add_argument("--index-arg", action="append", default=[], metavar="ARG",
                    help="extra argument for index_build build (repeatable)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--k", type=int, default=5, help="matches asked for in the printed curl (default 5)")
-    p.add_argument("--query", type=int, default=0, help="row of queries.csv used as the demo panorama")
+    p.add_argument("--host", default="127.0.0.1", help="address the API listens on (default 127.0.0.1: this machine)")
+    p.add_argument("--port", type=port_number, default=8000, help="port of the API (default 8000)")
+    p.add_argument("--k", type=positive_int, default=5, help="matches asked for in the printed curl (default 5)")
+    p.add_argument("--query", type=non_negative_int, default=0, help="row of queries.csv used as the demo panorama")
     p.add_argument("--ready-timeout", type=float, default=180.0, help="seconds to wait for /readyz")
     p.add_argument("--prepare-only", action="store_true", help="make the region and the index, do not serve")
     p.add_argument("--smoke", action="store_true",

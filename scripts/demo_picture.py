@@ -21,7 +21,8 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from demo import Region, api_key_from_env, demo_query, haversine_m, localize  # noqa: E402
+from demo import DemoError, Region, api_key_from_env, demo_query, haversine_m, localize  # noqa: E402
+from model.arguments import non_negative_int, positive_int  # noqa: E402
 
 
 def _fetch(url: str, api_key: str | None, timeout: float = 10.0) -> bytes | None:
@@ -127,12 +128,16 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--url", default="http://127.0.0.1:8000", help="base URL of a running API")
     p.add_argument("--world", default="demo/world", help="the region (tiles.csv, queries.csv)")
-    p.add_argument("--out", default="docs/demo.png")
-    p.add_argument("--query", type=int, default=0, help="row of queries.csv to localise")
-    p.add_argument("--k", type=int, default=5)
+    p.add_argument("--out", default="docs/demo.png", help="the picture (PNG) to write (default docs/demo.png)")
+    p.add_argument("--query", type=non_negative_int, default=0, help="row of queries.csv to localise")
+    p.add_argument("--k", type=positive_int, default=5, help="matches drawn on the map (default 5)")
     args = p.parse_args(argv)
-    out = make_picture(args.url.rstrip("/"), Path(args.world), Path(args.out), args.query, args.k,
-                       api_key_from_env())
+    try:
+        out = make_picture(args.url.rstrip("/"), Path(args.world), Path(args.out), args.query, args.k,
+                           api_key_from_env())
+    except (DemoError, OSError) as exc:  # urllib's URLError is an OSError: no API at --url
+        print(f"demo_picture: error: {exc}", file=sys.stderr)
+        return 1
     print(f"wrote {out}")
     return 0
 

@@ -16,19 +16,39 @@ import argparse
 import csv
 import math
 import os
+import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from model.arguments import non_negative_int
+
 EARTH_RADIUS_M = 6_371_008.8
 
 
-def _rows(path: Path) -> list[dict]:
+def _rows(path: Path, columns: tuple[str, ...]) -> tuple[list[dict], np.ndarray]:
+    """A CSV's rows (with at least ``columns``, lat and lon among them) and their [N, 2] lat/lon; a
+    missing column or a bad coordinate ends the run naming the file and line."""
     if not path.is_file():
         raise SystemExit(f"grid_pairs: error: {path} does not exist")
     with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
+        reader = csv.DictReader(fh)
+        missing = [c for c in columns if c not in (reader.fieldnames or [])]
+        if missing:
+            raise SystemExit(f"grid_pairs: error: {path}: no column {', '.join(missing)} (header: {reader.fieldnames})")
+        rows, latlon = [], []
+        for row in reader:
+            try:
+                lat, lon = float(row["lat"]), float(row["lon"])
+            except (TypeError, ValueError):
+                lat = lon = math.nan
+            if not (-90 <= lat <= 90 and -180 <= lon <= 180):
+                raise SystemExit(f"grid_pairs: error: {path}:{reader.line_num}: lat/lon must be degrees, "
+                                 f"got {row['lat']!r}, {row['lon']!r}")
+            rows.append(row)
+            latlon.append((lat, lon))
+    return rows, np.array(latlon, dtype=np.float64).reshape(-1, 2)
 
 
 def nearest_tiles(cam_ll: np.ndarray, tile_ll: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -49,39 +69,48 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--world", required=True, type=Path, help="a worldgen --layout grid directory")
     p.add_argument("--tiles", required=True, type=Path, help="its tiles cut by index_build tile (holds tiles.csv)")
     p.add_argument("--out", required=True, type=Path, help="new data set directory (must not exist)")
-    p.add_argument("--val", type=int, default=400, help="cameras held out as the validation split")
+    p.add_argument("--val", type=non_negative_int, default=400, help="cameras held out as the validation split")
     args = p.parse_args(argv)
     if args.out.exists():
         raise SystemExit(f"grid_pairs: error: {args.out} exists")
-    queries = _rows(args.world / "queries.csv")
-    tiles = _rows(args.tiles / "tiles.csv")
+    queries, cam_ll = _rows(args.world / "queries.csv", ("query_id", "path", "lat", "lon"))
+    tiles, tile_ll = _rows(args.tiles / "tiles.csv", ("tile_id", "path", "lat", "lon"))
     if not queries or not tiles:
         raise SystemExit("grid_pairs: error: no cameras or no tiles")
     if not 0 <= args.val < len(queries):
         raise SystemExit(f"grid_pairs: error: --val {args.val} must be below the {len(queries)} cameras")
-    cam_ll = np.array([(float(q["lat"]), float(q["lon"])) for q in queries])
-    tile_ll = np.array([(float(t["lat"]), float(t["lon"])) for t in tiles])
     idx, dist = nearest_tiles(cam_ll, tile_ll)
-    args.out.mkdir(parents=True)
-    (args.out / "splits").mkdir()
-    os.symlink(os.path.abspath(args.world / "streetview"), args.out / "streetview")
-    os.symlink(os.path.abspath(args.tiles), args.out / "tiles")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    building = args.out.with_name(f".{args.out.name}.tmp-{os.getpid()}")  # renamed to OUT once whole
+    try:
+        _write(building, args, queries, tiles, idx, dist)
+        os.rename(building, args.out)
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        raise
+    print(f"{len(queries) - args.val} training and {args.val} validation pairs in {args.out}; camera to its tile "
+          f"centre: median {np.median(dist):.1f} m, at most {dist.max():.1f} m")
+    return 0
+
+
+def _write(out: Path, args: argparse.Namespace, queries: list[dict], tiles: list[dict], idx: np.ndarray,
+           dist: np.ndarray) -> None:
+    (out / "splits").mkdir(parents=True)
+    os.symlink(os.path.abspath(args.world / "streetview"), out / "streetview")
+    os.symlink(os.path.abspath(args.tiles), out / "tiles")
     n_train = len(queries) - args.val
     for split, rows in (("train", range(n_train)), ("val", range(n_train, len(queries)))):
-        with open(args.out / "splits" / f"{split}.csv", "w", newline="") as fh:
+        with open(out / "splits" / f"{split}.csv", "w", newline="") as fh:
             w = csv.writer(fh)
             w.writerow(["id", "aerial", "ground", "lat", "lon", "tile_lat", "tile_lon"])
             for i in rows:
                 q, t = queries[i], tiles[idx[i]]
                 w.writerow([q["query_id"], f"tiles/{t['path']}", q["path"], q["lat"], q["lon"], t["lat"], t["lon"]])
-    with open(args.out / "offsets.csv", "w", newline="") as fh:
+    with open(out / "offsets.csv", "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["id", "tile_id", "offset_m"])
         for q, i, d in zip(queries, idx, dist):
             w.writerow([q["query_id"], tiles[i]["tile_id"], f"{d:.2f}"])
-    print(f"{n_train} training and {args.val} validation pairs in {args.out}; camera to its tile centre: median "
-          f"{np.median(dist):.1f} m, at most {dist.max():.1f} m")
-    return 0
 
 
 if __name__ == "__main__":

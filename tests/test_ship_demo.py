@@ -123,6 +123,35 @@ def test_panoramas_option():
             parse(["--panoramas", bad])
 
 
+def test_numbers_and_the_query_row_are_checked(tmp_path, capsys):
+    demo = demo_module()
+    parse = demo.build_parser().parse_args
+    assert (parse(["--port", "8001", "--query", "3", "--k", "1"]).port, parse([]).query) == (8001, 0)
+    for bad in (["--port", "0"], ["--port", "70000"], ["--query", "-1"], ["--k", "0"]):
+        with pytest.raises(SystemExit):
+            parse(bad)
+    assert "a TCP port is at most 65535" in capsys.readouterr().err
+    queries = tmp_path / "queries.csv"
+    queries.write_text("query_id,path,lat,lon,tile_id\n000000,a.jpg,47,8,000000\n000001,b.jpg,47,8,000001\n")
+    region = demo.Region(tmp_path, tmp_path / "tiles.csv", queries)
+    assert demo.demo_query(region, 1).query_id == "000001"
+    with pytest.raises(demo.DemoError, match="--query 2: .* lists 2 camera positions \\(rows 0 to 1\\)"):
+        demo.demo_query(region, 2)  # not another row, wrapped round
+
+
+def test_the_picture_script_says_what_is_wrong(tmp_path, capsys):
+    from ship_support import script_module
+
+    picture = script_module("scripts/demo_picture.py")
+    (tmp_path / "queries.csv").write_text("query_id,path,lat,lon,tile_id\n000000,a.jpg,47,8,000000\n")
+    (tmp_path / "a.jpg").write_bytes(b"")
+    for world, expected in ((tmp_path / "none", "queries.csv"), (tmp_path, "Connection refused")):
+        args = ["--url", f"http://127.0.0.1:{free_port()}", "--world", str(world), "--out", str(tmp_path / "p.png")]
+        assert picture.main(args) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("demo_picture: error: ") and expected in err and "Traceback" not in err
+
+
 def test_stages_start_once_and_do_not_spin(monkeypatch):
     """The service and index_build re-execute themselves unless the glibc settings of
     model.allocator are in their environment: stage_env puts them there (the user's own malloc

@@ -235,33 +235,3 @@ def test_evaluate_cli_end_to_end(world, tmp_path, capsys):
     assert evaluate.main(["--checkpoint", str(tmp_path / "missing.safetensors"), "--data", str(world)]) == 1
     assert "does not exist" in capsys.readouterr().err
     assert not math.isnan(out["r1"])
-
-
-def test_grid_pairs_pair_each_camera_with_its_nearest_tile(tmp_path):
-    """scripts/grid_pairs.py: a data set model.train reads, with each tile's centre for --semi-positives."""
-    import importlib.util
-
-    from model.datasets import read_synthetic
-
-    script = Path(__file__).parents[1] / "scripts" / "grid_pairs.py"
-    spec = importlib.util.spec_from_file_location("grid_pairs", script)
-    grid_pairs = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(grid_pairs)
-    world, tiles = tmp_path / "world", tmp_path / "world" / "tiles"
-    (world / "streetview").mkdir(parents=True)
-    (tiles / "images").mkdir(parents=True)
-    degree = 111_195.0  # metres per degree of latitude
-    tile_rows = [(f"t{i}", f"images/t{i}.jpg", 47.0 + 50 * i / degree, 8.5) for i in range(4)]  # every 50 m north
-    camera_rows = [(f"{i:06d}", f"streetview/{i:06d}.jpg", 47.0 + north / degree, 8.5)
-                   for i, north in enumerate([10, 40, 140, 70])]
-    for name, rows, header in (("tiles/tiles.csv", tile_rows, "tile_id,path,lat,lon"),
-                               ("queries.csv", camera_rows, "query_id,path,lat,lon")):
-        (world / name).write_text(header + "\n" + "\n".join(",".join(map(str, r)) for r in rows) + "\n")
-        for row in rows:
-            Image.new("RGB", (8, 8)).save((tiles if name.startswith("tiles") else world) / row[1])
-    assert grid_pairs.main(["--world", str(world), "--tiles", str(tiles), "--out", str(tmp_path / "pairs"),
-                            "--val", "1"]) == 0
-    train_records = read_synthetic(tmp_path / "pairs", "train")
-    assert [Path(r.aerial_path).name for r in train_records] == ["t0.jpg", "t1.jpg", "t3.jpg"]
-    assert [round((r.tile_lat - r.lat) * degree) for r in train_records] == [-10, 10, 10]
-    assert Path(read_synthetic(tmp_path / "pairs", "val")[0].aerial_path).name == "t1.jpg"
