@@ -372,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     except (BuildError, ArtifactError, BadImagesError, CheckpointError, ConfigError) as exc:
         print(f"index_build: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    except OSError as exc:  # e.g. --out where it cannot be written: the message names the file
+    except (OSError, ValueError) as exc:  # e.g. --out where it cannot be written: the message names the file
         if args.verbose:
             raise
         print(f"index_build: error: {exc} (-v shows where)", file=sys.stderr)

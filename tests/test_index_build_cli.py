@@ -13,7 +13,7 @@ pytest.importorskip("faiss")
 
 from index_build import artifact as artifact_module  # noqa: E402
 from index_build.artifact import ArtifactError, ArtifactLayout  # noqa: E402
-from index_build.build import BuildOptions, run_build  # noqa: E402
+from index_build.build import BuildError, BuildOptions, run_build  # noqa: E402
 from index_build.cli import main  # noqa: E402
 from index_build.encode_common import BadImagesError  # noqa: E402
 from index_build.sources import CatalogueError, CatalogueLines, read_catalogue_csv  # noqa: E402
@@ -390,3 +390,39 @@ def test_verbose_flag_on_either_side_of_the_subcommand():
     assert parser.parse_args(["-v", "build", *required]).verbose
     assert parser.parse_args(["build", *required, "-v"]).verbose
     assert not parser.parse_args(["build", *required]).verbose
+
+
+# ----------------------------------------------------------------------------- index options
+
+@pytest.mark.parametrize("options, names", [
+    (("--index", "ivf-flat", "--nlist", "50"), ("--nlist 50", "at least 50 tiles", "there are 6")),
+    (("--index", "ivf-pq", "--nlist", "2", "--pq-m", "7"), ("--pq-m 7", "embedding size 32")),
+    (("--index", "ivf-pq", "--nlist", "2"), ("--index ivf-pq", "at least 256 tiles")),
+])
+def test_index_options_that_can_not_work_stop_before_encoding(tmp_path, capsys, ckpt, catalogue, options, names):
+    out = tmp_path / "idx"
+    code, _, err = run_cli(capsys, *_build_args(catalogue, ckpt, out, "--quiet", *options))
+    assert_one_line_error(code, err, *names)
+    assert code == 1
+    assert nothing_left_beside(out)  # refused before the work directory, let alone a shard, was written
+
+
+def test_too_few_tiles_left_after_skip_bad_is_a_build_error(tmp_path, ckpt):
+    cat = _catalogue_with_a_gap(tmp_path / "w")  # three tiles, one of them unreadable
+    options = BuildOptions(catalog=str(cat), checkpoint=ckpt, out=str(tmp_path / "idx"), index_type="ivf-flat",
+                           nlist=3, workers=0, progress=False, device="cpu", skip_bad=True)
+    with pytest.raises(BuildError, match="--nlist 3: .* at least 3 tiles, there are 2"):
+        run_build(options)
+
+
+def test_a_value_error_is_one_line_without_verbose(tmp_path, capsys, monkeypatch, ckpt, catalogue):
+    from index_build import build
+
+    def refuse(_options):
+        raise ValueError("something the checks before it missed")
+
+    monkeypatch.setattr(build, "run_build", refuse)
+    code, _, err = run_cli(capsys, *_build_args(catalogue, ckpt, tmp_path / "idx"))
+    assert_one_line_error(code, err, "something the checks before it missed", "-v shows where")
+    with pytest.raises(ValueError):
+        main(["-v", *_build_args(catalogue, ckpt, tmp_path / "idx")])
