@@ -426,3 +426,43 @@ def test_a_value_error_is_one_line_without_verbose(tmp_path, capsys, monkeypatch
     assert_one_line_error(code, err, "something the checks before it missed", "-v shows where")
     with pytest.raises(ValueError):
         main(["-v", *_build_args(catalogue, ckpt, tmp_path / "idx")])
+
+
+# ----------------------------------------------------------------------------- verify reads as the service does
+
+def _nan_latitude(root):
+    path = root / "tiles.csv"
+    lines = path.read_text().splitlines(keepends=True)
+    fields = lines[4].split(",")
+    fields[1] = "nan"
+    lines[4] = ",".join(fields)
+    os.chmod(path, 0o644)
+    path.write_text("".join(lines))
+
+
+def _truncated_index(root):
+    path = root / "index.faiss"
+    data = path.read_bytes()
+    os.chmod(path, 0o644)
+    path.write_bytes(data[:len(data) // 2])
+
+
+def _deleted_shard(root):
+    os.unlink(root / "vectors" / "shard-00000.npy")
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (_nan_latitude, "tiles.csv:5: lat/lon out of range"),
+    (_truncated_index, "index.faiss: unreadable FAISS index"),
+    (_deleted_shard, "unreadable embedding shard"),
+])
+def test_verify_refuses_what_the_service_refuses(tmp_path, capsys, ckpt, catalogue, damage, problem):
+    out = tmp_path / "idx"
+    assert run_cli(capsys, *_build_args(catalogue, ckpt, out, "--quiet"))[0] == 0
+    damage(out.resolve())
+    code, printed, err = run_cli(capsys, "verify", str(out), "--checkpoint", ckpt, "--device", "cpu")
+    assert code == 1 and "Traceback" not in err
+    report = json.loads(printed)
+    assert not report["ok"]
+    assert any(problem in p for p in report["problems"]), report["problems"]
+    assert not any(str(out.resolve()) in p for p in report["problems"])  # paths relative to the artifact
