@@ -12,6 +12,11 @@ from index_build.faiss_index import DEFAULT_MEMORY_BUDGET, INDEX_TYPES
 from model.arguments import positive_int
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
+EXIT_INTERRUPTED = 130  # Ctrl-C: 128 + SIGINT, as a shell reports it
+
+# What the one line printed on Ctrl-C adds for a command
+_INTERRUPTED = {"build": "; rerun with --resume to continue", "add": "; rerun with --resume to continue",
+                "tile": "; nothing written"}
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b?)\s*$", re.I)
 
@@ -329,8 +334,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet = getattr(args, "quiet", False)
     _set_up_logging(logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO)
-    if args.command == "tile":
-        return _run_tile(args)
+    try:
+        return _run_tile(args) if args.command == "tile" else _run(args)
+    except KeyboardInterrupt:  # a finished shard is kept, a half-written file never published
+        tool = "index_build tile" if args.command == "tile" else "index_build"
+        print(f"{tool}: interrupted{_INTERRUPTED.get(args.command, '')}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _run(args) -> int:
     from index_build.artifact import ArtifactError
     from index_build.build import AddOptions, BuildError, BuildOptions, run_add, run_build
     from index_build.encode_common import BadImagesError

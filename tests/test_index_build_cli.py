@@ -466,3 +466,24 @@ def test_verify_refuses_what_the_service_refuses(tmp_path, capsys, ckpt, catalog
     assert not report["ok"]
     assert any(problem in p for p in report["problems"]), report["problems"]
     assert not any(str(out.resolve()) in p for p in report["problems"])  # paths relative to the artifact
+
+
+@pytest.mark.parametrize("command, function, line", [
+    ("add", "index_build.build.run_add", "index_build: interrupted; rerun with --resume to continue"),
+    ("verify", "index_build.verify.run_verify", "index_build: interrupted"),
+    ("tile", "index_build.raster_tiles.tile_raster", "index_build tile: interrupted; nothing written"),
+])
+def test_ctrl_c_is_one_line_and_status_130(tmp_path, capsys, monkeypatch, ckpt, catalogue, command, function, line):
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(function, interrupted)
+    if command == "add":
+        argv = _build_args(catalogue, ckpt, tmp_path / "idx")[1:]
+    elif command == "tile":
+        pytest.importorskip("rasterio")
+        argv = ("--raster", str(tmp_path / "ortho.tif"), "--out", str(tmp_path / "tiles"))
+    else:
+        argv = (str(tmp_path / "idx"), "--checkpoint", ckpt)
+    code, out, err = run_cli(capsys, command, *argv)
+    assert (code, out, err) == (130, "", line + "\n")
