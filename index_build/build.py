@@ -128,15 +128,24 @@ def check_inputs(opts: BuildOptions) -> None:
                          f"pass --model-config (paper, small, tiny or a JSON config)")
 
 
+def write_report(exc: CatalogueError, report_path: str) -> None:
+    """Every problem of `exc` into `report_path` (written atomically). Where it can not be written the
+    error says why (exc.report_unwritten) and keeps no report_path: the CLI then prints every problem."""
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(report_path)), exist_ok=True)
+        atomic_write_bytes(report_path, (exc.report() + "\n").encode("utf-8"))
+    except OSError as err:
+        exc.report_unwritten = f"could not write the validation report {report_path}: {err.strerror or err}"
+        return
+    exc.report_path = report_path
+
+
 def load_catalogue(path: str, check_files: bool, report_path: str | None) -> Catalogue:
     try:
         catalogue = read_source(path, check_files=check_files)
     except CatalogueError as exc:
         if report_path:
-            os.makedirs(os.path.dirname(os.path.abspath(report_path)), exist_ok=True)
-            with open(report_path, "w", encoding="utf-8") as f:
-                f.write(exc.report() + "\n")
-            exc.report_path = report_path
+            write_report(exc, report_path)
         raise
     for note in catalogue.notes:
         log.warning("%s", note)
@@ -587,9 +596,7 @@ def run_add(opts: AddOptions) -> BuildResult:
                    if r.tile_id in base_ids]
         if issues:
             exc = CatalogueError(catalogue.source, issues, len(catalogue))
-            with open(report_path, "w", encoding="utf-8") as f:
-                f.write(exc.report() + "\n")
-            exc.report_path = report_path
+            write_report(exc, report_path)
             raise exc
         result.count = len(catalogue)
         result.timings["validate_s"] = round(time.perf_counter() - t_start, 3)

@@ -379,7 +379,9 @@ def _run(args) -> int:
             print(json.dumps(report, indent=2))
             return EXIT_OK if report["ok"] else EXIT_FAILED
     except CatalogueError as exc:
-        print(exc.report(limit=100), file=sys.stderr)
+        if exc.report_unwritten:  # then every problem is printed: the report file holds none of them
+            print(f"index_build: warning: {exc.report_unwritten}", file=sys.stderr)
+        print(exc.report(limit=100 if exc.report_path else None), file=sys.stderr)
         return EXIT_INVALID
     except (BuildError, ArtifactError, BadImagesError, CheckpointError, ConfigError) as exc:
         print(f"index_build: error: {exc}", file=sys.stderr)

@@ -71,7 +71,8 @@ class CatalogueError(Exception):
         self.source = source
         self.issues = list(issues)
         self.total_rows = total_rows
-        self.report_path: str | None = None
+        self.report_path: str | None = None         # where the full report was written
+        self.report_unwritten: str | None = None    # why it could not be written there
         super().__init__(self.report(limit=50))
 
     def report(self, limit: int | None = None) -> str:

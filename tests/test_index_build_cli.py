@@ -487,3 +487,19 @@ def test_ctrl_c_is_one_line_and_status_130(tmp_path, capsys, monkeypatch, ckpt, 
         argv = (str(tmp_path / "idx"), "--checkpoint", ckpt)
     code, out, err = run_cli(capsys, command, *argv)
     assert (code, out, err) == (130, "", line + "\n")
+
+
+def test_unwritable_report_prints_every_problem_instead(tmp_path, capsys, ckpt):
+    invalid = tmp_path / "invalid.csv"
+    invalid.write_text("tile_id,lat,lon,path\n" + "".join(f"t{i},95,8,t{i}.png\n" for i in range(120)))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    report = blocker / "report.txt"
+    code, _, err = run_cli(capsys, "build", "--catalog", str(invalid), "--checkpoint", ckpt,
+                           "--out", str(tmp_path / "idx"), "--report", str(report), "--no-check-files")
+    assert code == 2 and "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert lines[0].startswith(f"index_build: warning: could not write the validation report {report}: ")
+    assert lines[1].startswith(f"catalogue csv:{invalid}: 120 problem(s) in 120 row(s)")
+    assert lines[2:] == [f"  line {i + 2} tile_id='t{i}': lat 95.0 outside [-90, 90]" for i in range(120)]
+    assert nothing_left_beside(tmp_path / "idx")
