@@ -326,6 +326,9 @@ def _run_tile(args) -> int:
         result = rt.tile_raster(options, progress=not args.quiet)
     except rt.TilingError as exc:
         return fail(str(exc))
+    except OSError as exc:  # not the input's fault (a full disk, say): one line all the same
+        print(f"index_build tile: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     print(result.summary_line())
     return EXIT_OK
 

@@ -315,6 +315,29 @@ def test_cli_errors_and_help(tmp_path, capsys):
     assert not (tmp_path / "y").exists()
 
 
+def test_output_that_can_not_be_written_is_one_line(tmp_path, capsys):
+    from worldgen.cli import main
+
+    too_long = tmp_path / ("w" * 300)
+    assert main(["--seed", "1", "--area-km2", "0.03", "--pairs", "4", "--out", str(too_long), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: output directory {too_long}: can not write ") and err.count("\n") == 1
+    assert "File name too long" in err
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_failed_write_midway_is_one_line(tmp_path, capsys, monkeypatch):
+    import worldgen.dataset as D
+    from worldgen.cli import main
+
+    def full_disk(*_args, **_kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(D, "generate_dataset", full_disk)
+    assert main(["--seed", "1", "--area-km2", "0.03", "--out", str(tmp_path / "w"), "--quiet"]) == 1
+    assert capsys.readouterr().err == "error: [Errno 28] No space left on device\n"
+
+
 def test_failed_run_leaves_nothing(tmp_path, monkeypatch):
     import worldgen.dataset as D
 

@@ -319,7 +319,7 @@ def generate_dataset(cfg: GenConfig, out_dir: str, workers: int = 1, overwrite: 
     t0 = time.time()
     try:
         grid = cfg.layout == "grid"
-        os.makedirs(os.path.join(tmp, "streetview"))
+        _make_temporary_dir(tmp, out_dir)
         if not grid:
             os.makedirs(os.path.join(tmp, "bingmap"))
             os.makedirs(os.path.join(tmp, "splits"))
@@ -437,6 +437,15 @@ def generate_dataset(cfg: GenConfig, out_dir: str, workers: int = 1, overwrite: 
     log(f"worldgen: wrote {written} to {out_dir} in {time.time() - t0:.1f} s "
         f"(world {t_world:.1f} s, rendering {t_render:.1f} s = {n / max(t_render, 1e-9):.1f} {unit}/s)")
     return meta
+
+
+def _make_temporary_dir(tmp: str, out_dir: str) -> None:
+    """The directory the data set is written to, renamed to out_dir at the end: the first thing written,
+    so a place where nothing can be written (e.g. /proc, a name too long) fails before the world is built."""
+    try:
+        os.makedirs(os.path.join(tmp, "streetview"))
+    except OSError as exc:
+        raise WorldgenError(f"output directory {out_dir}: can not write {tmp}: {exc.strerror or exc}") from None
 
 
 def _fmt(v: float) -> str:
