@@ -476,8 +476,6 @@ def run_build(opts: BuildOptions) -> BuildResult:
         log.info("catalogue %s: %d tile(s) valid", catalogue.source, len(catalogue))
         if opts.stop_after == "validate":
             return result
-        if not len(catalogue):
-            raise BuildError(f"catalogue {catalogue.source} has no tiles; nothing to index")
 
         t0 = time.perf_counter()
         model, device, fingerprint = _load_model(opts)
@@ -603,8 +601,6 @@ def run_add(opts: AddOptions) -> BuildResult:
         log.info("catalogue %s: %d tile(s) valid", catalogue.source, len(catalogue))
         if opts.stop_after == "validate":
             return result
-        if not len(catalogue):
-            raise BuildError(f"catalogue {catalogue.source} has no tiles; nothing to add")
         t0 = time.perf_counter()
         model, device, fingerprint = _load_model(opts)
         result.timings["model_load_s"] = round(time.perf_counter() - t0, 3)

@@ -132,10 +132,11 @@ def test_failed_builds_leave_no_lock(tmp_path, capsys, ckpt, catalogue):
     header_only.write_text("tile_id,lat,lon,path\n")
     out = tmp_path / "idx"
     code, _, err = run_cli(capsys, "build", "--catalog", str(header_only), "--checkpoint", ckpt, "--out", str(out))
-    assert code == 1 and "Traceback" not in err
-    last = err.strip().splitlines()[-1]
-    assert last == f"index_build: error: catalogue csv:{header_only} has no tiles; nothing to index"
-    assert nothing_left_beside(out)  # the lock and the versions directory it made are gone
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == "  line 2: no rows after the header: the catalogue lists no tiles"
+    assert sorted(os.listdir(f"{out}.versions")) == ["validation-report.txt"]  # the lock is gone
+    os.unlink(f"{out}.versions/validation-report.txt")
+    os.rmdir(f"{out}.versions")
 
     invalid = tmp_path / "invalid.csv"
     invalid.write_text("tile_id,lat,lon,path\na,95,8,nope.png\n")
@@ -503,3 +504,52 @@ def test_unwritable_report_prints_every_problem_instead(tmp_path, capsys, ckpt):
     assert lines[1].startswith(f"catalogue csv:{invalid}: 120 problem(s) in 120 row(s)")
     assert lines[2:] == [f"  line {i + 2} tile_id='t{i}': lat 95.0 outside [-90, 90]" for i in range(120)]
     assert nothing_left_beside(tmp_path / "idx")
+
+
+# ----------------------------------------------------------------------------- option ranges, catalogue errors
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--target-recall", "nan", "must be a finite number"),
+    ("--target-recall", "-1", "must be > 0"),
+    ("--target-recall", "1.5", "must be <= 1"),
+    ("--memory-budget", "0", "must be at least 1 byte"),
+    ("--workers", "-3", "must be at least 0"),
+    ("--ray-cpus-per-actor", "0", "must be > 0"),
+    ("--ray-gpus-per-actor", "-1", "must be >= 0"),
+])
+def test_numbers_out_of_range_are_refused_while_parsing(tmp_path, capsys, option, value, message):
+    with pytest.raises(SystemExit) as exit_:
+        main(["build", "--catalog", "c.csv", "--checkpoint", "m.safetensors", "--out", str(tmp_path / "idx"),
+              option, value])
+    assert exit_.value.code == 2
+    assert f"argument {option}: {message}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option, value", [("--min-rank1", "1.01"), ("--min-rank1", "nan"), ("--tolerance", "-1")])
+def test_verify_numbers_out_of_range_are_refused_while_parsing(capsys, option, value):
+    with pytest.raises(SystemExit) as exit_:
+        main(["verify", "idx", "--checkpoint", "m.safetensors", option, value])
+    assert exit_.value.code == 2 and f"argument {option}: " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("stop_after", [(), ("--stop-after", "validate")])
+def test_an_empty_catalogue_is_a_catalogue_error(tmp_path, capsys, ckpt, stop_after):
+    header_only = tmp_path / "empty.csv"
+    header_only.write_text("tile_id,lat,lon,path\n")
+    empty_dir = tmp_path / "slippy"
+    empty_dir.mkdir()
+    for catalog in (header_only, empty_dir):
+        code, _, err = run_cli(capsys, "build", "--catalog", str(catalog), "--checkpoint", ckpt,
+                               "--out", str(tmp_path / "idx"), *stop_after)
+        assert code == 2 and "Traceback" not in err
+        assert "no tiles" in err.strip().splitlines()[-1]
+
+
+def test_a_binary_catalogue_is_quoted_short(tmp_path, capsys, ckpt):
+    binary = tmp_path / "archive.tar"
+    binary.write_bytes(b"tiles.csv" + b"\0" * 3000 + b"0000644,0000000" * 200 + b"\n")
+    code, _, err = run_cli(capsys, "build", "--catalog", str(binary), "--checkpoint", ckpt, "--out",
+                           str(tmp_path / "idx"))
+    assert code == 2 and "header lacks column(s) tile_id, lat, lon, path" in err
+    assert len(err) < 600, err
+    assert "(6009 characters)" in err
