@@ -17,7 +17,8 @@ import numpy as np
 
 from index_build.artifact import ArtifactLayout, make_manifest, read_built_manifest, write_manifest
 from index_build.encode_common import BadImagesError, EncodeStats, column_shape
-from index_build.faiss_index import DEFAULT_MEMORY_BUDGET, build_index, choose_index, tune_search
+from index_build.faiss_index import (DEFAULT_MEMORY_BUDGET, IndexSpec, build_index, check_trainable, choose_index,
+                                     tune_search)
 from index_build.fsutil import atomic_save_npy_blocks, atomic_write_bytes
 from index_build.sources import (Catalogue, CatalogueError, CatalogueLines, Issue, TileRecord, read_source,
                                  read_tiles_csv, write_tiles_csv)
@@ -127,15 +128,24 @@ def check_inputs(opts: BuildOptions) -> None:
                          f"pass --model-config (paper, small, tiny or a JSON config)")
 
 
+def write_report(exc: CatalogueError, report_path: str) -> None:
+    """Every problem of `exc` into `report_path` (written atomically). Where it can not be written the
+    error says why (exc.report_unwritten) and keeps no report_path: the CLI then prints every problem."""
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(report_path)), exist_ok=True)
+        atomic_write_bytes(report_path, (exc.report() + "\n").encode("utf-8"))
+    except OSError as err:
+        exc.report_unwritten = f"could not write the validation report {report_path}: {err.strerror or err}"
+        return
+    exc.report_path = report_path
+
+
 def load_catalogue(path: str, check_files: bool, report_path: str | None) -> Catalogue:
     try:
         catalogue = read_source(path, check_files=check_files)
     except CatalogueError as exc:
         if report_path:
-            os.makedirs(os.path.dirname(os.path.abspath(report_path)), exist_ok=True)
-            with open(report_path, "w", encoding="utf-8") as f:
-                f.write(exc.report() + "\n")
-            exc.report_path = report_path
+            write_report(exc, report_path)
         raise
     for note in catalogue.notes:
         log.warning("%s", note)
@@ -194,6 +204,18 @@ def _load_model(opts):
     fingerprint = model.fingerprint()
     log.info("model %r: %d-d embeddings, fingerprint %s", model.config.name, model.embedding_dim, fingerprint)
     return InferenceEncoder(model, device, branches=("aerial",)), device, fingerprint
+
+
+def index_spec(opts: BuildOptions, count: int, dim: int) -> IndexSpec:
+    """The index --index, --nlist and --pq-m ask for, for `count` tiles of `dim`-d embeddings; a BuildError
+    naming the option when they can not make one. Checked before encoding, and again on the tiles left
+    after --skip-bad."""
+    try:
+        spec = choose_index(opts.index_type, count, dim, opts.memory_budget, opts.nlist, opts.pq_m, opq=opts.opq)
+        check_trainable(spec, count)
+    except ValueError as exc:
+        raise BuildError(str(exc)) from None
+    return spec
 
 
 def _plan_differences(old: dict, new: dict) -> list[str]:
@@ -454,12 +476,11 @@ def run_build(opts: BuildOptions) -> BuildResult:
         log.info("catalogue %s: %d tile(s) valid", catalogue.source, len(catalogue))
         if opts.stop_after == "validate":
             return result
-        if not len(catalogue):
-            raise BuildError(f"catalogue {catalogue.source} has no tiles; nothing to index")
 
         t0 = time.perf_counter()
         model, device, fingerprint = _load_model(opts)
         result.timings["model_load_s"] = round(time.perf_counter() - t0, 3)
+        index_spec(opts, len(catalogue), model.embedding_dim)  # a bad --nlist or --pq-m stops before encoding
         t_encode_stage = time.perf_counter()
         plan = {
             "kind": "build", "catalog_sha256": catalogue.sha256, "source": catalogue.source,
@@ -508,7 +529,7 @@ def _finish_build(opts: BuildOptions, layout: ArtifactLayout, plan: dict, model,
         raise BuildError("every tile was skipped as unreadable; nothing to index")
     write_tiles_csv(os.path.join(work, TILES_FILE), good, extra)
     dim = model.embedding_dim
-    spec = choose_index(opts.index_type, n, dim, opts.memory_budget, opts.nlist, opts.pq_m, opq=opts.opq)
+    spec = index_spec(opts, n, dim)
     log.info("index: %s (%s) - %s", spec.index_type, spec.factory, spec.reason)
     blocks = lambda: iter_vector_blocks(vdir, spans)  # noqa: E731
     index, info = build_index(spec, dim, n, blocks, use_gpu=opts.faiss_gpu)
@@ -573,17 +594,13 @@ def run_add(opts: AddOptions) -> BuildResult:
                    if r.tile_id in base_ids]
         if issues:
             exc = CatalogueError(catalogue.source, issues, len(catalogue))
-            with open(report_path, "w", encoding="utf-8") as f:
-                f.write(exc.report() + "\n")
-            exc.report_path = report_path
+            write_report(exc, report_path)
             raise exc
         result.count = len(catalogue)
         result.timings["validate_s"] = round(time.perf_counter() - t_start, 3)
         log.info("catalogue %s: %d tile(s) valid", catalogue.source, len(catalogue))
         if opts.stop_after == "validate":
             return result
-        if not len(catalogue):
-            raise BuildError(f"catalogue {catalogue.source} has no tiles; nothing to add")
         t0 = time.perf_counter()
         model, device, fingerprint = _load_model(opts)
         result.timings["model_load_s"] = round(time.perf_counter() - t0, 3)

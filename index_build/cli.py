@@ -9,9 +9,14 @@ import re
 import sys
 
 from index_build.faiss_index import DEFAULT_MEMORY_BUDGET, INDEX_TYPES
-from model.arguments import positive_int
+from model.arguments import non_negative_int, number, positive_int
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
+EXIT_INTERRUPTED = 130  # Ctrl-C: 128 + SIGINT, as a shell reports it
+
+# What the one line printed on Ctrl-C adds for a command
+_INTERRUPTED = {"build": "; rerun with --resume to continue", "add": "; rerun with --resume to continue",
+                "tile": "; nothing written"}
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b?)\s*$", re.I)
 
@@ -22,7 +27,10 @@ def parse_size(text: str) -> int:
     if not m:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 16GiB, 500MB)")
     scale = {"": 1, "k": 2 ** 10, "m": 2 ** 20, "g": 2 ** 30, "t": 2 ** 40}[m.group(2).lower()]
-    return int(float(m.group(1)) * scale)
+    size = int(float(m.group(1)) * scale)
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 byte, got {text!r}")
+    return size
 
 
 def _add_encode_args(p: argparse.ArgumentParser) -> None:
@@ -34,7 +42,7 @@ def _add_encode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="artifact path (a symlink to a versioned directory beside it)")
     p.add_argument("--batch-size", type=positive_int, default=64,
                    help="tiles per forward pass of the model (default: 64)")
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--workers", type=non_negative_int, default=None,
                    help="local engine: DataLoader processes decoding tiles ahead of the model; 0 = no such "
                         "processes, encoder lanes decode and encode instead (see --lanes). Default: with a GPU "
                         "cores-1, at most 8; on a CPU cores/4, which is 0 below 4 cores")
@@ -67,9 +75,9 @@ def _add_encode_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ray-address", default=None, help="cluster address (default: start a local Ray)")
     g.add_argument("--ray-actors", type=positive_int, default=1,
                    help="encoder actors, each with its own copy of the model (default: 1)")
-    g.add_argument("--ray-cpus-per-actor", type=float, default=1.0,
+    g.add_argument("--ray-cpus-per-actor", type=number(above=0), default=1.0,
                    help="CPUs Ray reserves per actor; its torch threads are the whole number of them (default: 1)")
-    g.add_argument("--ray-gpus-per-actor", type=float, default=None,
+    g.add_argument("--ray-gpus-per-actor", type=number(low=0), default=None,
                    help="GPUs Ray reserves per actor (default: 1 if the cluster has GPUs, else 0)")
     g.add_argument("--ray-decode-threads", type=positive_int, default=2,
                    help="threads per actor decoding the next batch while the model runs (default: 2)")
@@ -165,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="IVF lists (default: a power of two near 4-16 x sqrt(N))")
     b.add_argument("--pq-m", type=positive_int, default=None, help="PQ bytes per vector (default: dim/8 within budget)")
     b.add_argument("--no-opq", dest="opq", action="store_false", help="ivf-pq without the OPQ rotation")
-    b.add_argument("--target-recall", type=float, default=0.95,
+    b.add_argument("--target-recall", type=number(above=0, high=1), default=0.95,
                    help="recall@10 that nprobe/efSearch are tuned for (default: 0.95)")
     b.add_argument("--faiss-gpu", choices=("auto", "yes", "no"), default="auto",
                    help="train IVF indexes on a GPU with faiss-gpu: auto and yes use it when faiss-gpu sees a GPU, "
@@ -190,9 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--seed", type=int, default=0, help="seed of the random sample (default: 0)")
     v.add_argument("--device", default="auto", help="torch device: auto, cpu, cuda, cuda:N (default: auto)")
     v.add_argument("--batch-size", type=positive_int, default=64, help="tiles per forward pass (default: 64)")
-    v.add_argument("--min-rank1", type=float, default=0.99,
+    v.add_argument("--min-rank1", type=number(0, 1), default=0.99,
                    help="least fraction of the sample that must find itself first in the index (default: 0.99)")
-    v.add_argument("--tolerance", type=float, default=None,
+    v.add_argument("--tolerance", type=number(low=0), default=None,
                    help="largest 1-cosine between a stored and a re-encoded vector, and between a stored "
                         "orientation column and its re-encoding (plus 1e-6 for float16 storage) (default: 1e-4 "
                         "on a CPU, 2e-2 on CUDA)")
@@ -208,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _encode_options(cls, args):
     kwargs = dict(
         catalog=args.catalog, checkpoint=args.checkpoint, out=args.out, batch_size=args.batch_size,
-        workers=None if args.workers is None else max(0, args.workers), lanes=args.lanes, shard_size=args.shard_size, resume=args.resume, skip_bad=args.skip_bad,
+        workers=args.workers, lanes=args.lanes, shard_size=args.shard_size, resume=args.resume,
+        skip_bad=args.skip_bad,
         engine=args.engine, device=args.device, model_config=args.model_config, keep_versions=args.keep_versions,
         progress=not args.quiet, stop_after=args.stop_after, check_files=args.check_files,
         report_path=args.report_path, ray_address=args.ray_address, ray_actors=args.ray_actors,
@@ -321,6 +330,9 @@ def _run_tile(args) -> int:
         result = rt.tile_raster(options, progress=not args.quiet)
     except rt.TilingError as exc:
         return fail(str(exc))
+    except OSError as exc:  # not the input's fault (a full disk, say): one line all the same
+        print(f"index_build tile: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     print(result.summary_line())
     return EXIT_OK
 
@@ -329,8 +341,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet = getattr(args, "quiet", False)
     _set_up_logging(logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO)
-    if args.command == "tile":
-        return _run_tile(args)
+    try:
+        return _run_tile(args) if args.command == "tile" else _run(args)
+    except KeyboardInterrupt:  # a finished shard is kept, a half-written file never published
+        tool = "index_build tile" if args.command == "tile" else "index_build"
+        print(f"{tool}: interrupted{_INTERRUPTED.get(args.command, '')}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _run(args) -> int:
     from index_build.artifact import ArtifactError
     from index_build.build import AddOptions, BuildError, BuildOptions, run_add, run_build
     from index_build.encode_common import BadImagesError
@@ -367,12 +386,14 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(report, indent=2))
             return EXIT_OK if report["ok"] else EXIT_FAILED
     except CatalogueError as exc:
-        print(exc.report(limit=100), file=sys.stderr)
+        if exc.report_unwritten:  # then every problem is printed: the report file holds none of them
+            print(f"index_build: warning: {exc.report_unwritten}", file=sys.stderr)
+        print(exc.report(limit=100 if exc.report_path else None), file=sys.stderr)
         return EXIT_INVALID
     except (BuildError, ArtifactError, BadImagesError, CheckpointError, ConfigError) as exc:
         print(f"index_build: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    except OSError as exc:  # e.g. --out where it cannot be written: the message names the file
+    except (OSError, ValueError) as exc:  # e.g. --out where it cannot be written: the message names the file
         if args.verbose:
             raise
         print(f"index_build: error: {exc} (-v shows where)", file=sys.stderr)

@@ -91,11 +91,26 @@ def choose_index(index_type: str, n: int, dim: int, memory_budget: int = DEFAULT
                          {"nlist": lists, "estimated_bytes": raw_bytes + n * 8 + lists * dim * 4}, reason)
     m = int(pq_m) if pq_m else pq_code_size_for(dim, n, memory_budget, lists)
     if dim % m:
-        raise ValueError(f"PQ code size {m} must divide the embedding dim {dim}")
+        divisors = ", ".join(str(d) for d in range(1, dim + 1) if dim % d == 0)
+        raise ValueError(f"--pq-m {m}: the PQ code size must divide the model's embedding size {dim} "
+                         f"(one of {divisors})")
     rotation = f"OPQ{m}," if opq else ""
     return IndexSpec("ivf-pq", f"{rotation}{quantizer},PQ{m}x8",
                      {"nlist": lists, "pq_m": m, "pq_bits": 8, "opq": bool(opq),
                       "estimated_bytes": n * (m + 8) + lists * dim * 4 + dim * dim * 4}, reason)
+
+
+def check_trainable(spec: IndexSpec, n: int) -> None:
+    """ValueError unless n vectors can train the index of ``spec``: k-means needs a vector for each
+    IVF list, and PQ one for each of the 2^8 centroids of every sub-quantizer."""
+    nlist = spec.params.get("nlist")
+    if nlist and n < nlist:
+        raise ValueError(f"--nlist {nlist}: an {spec.index_type} index with {nlist} lists needs at least "
+                         f"{nlist} tiles, there are {n}")
+    centroids = 2 ** spec.params.get("pq_bits", 0)
+    if spec.index_type == "ivf-pq" and n < centroids:
+        raise ValueError(f"--index ivf-pq needs at least {centroids} tiles to train its codebooks, there are "
+                         f"{n}; use --index flat or ivf-flat")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -515,6 +515,15 @@ def _check_output(options: TileOptions) -> tuple[str, str]:
     return out_dir, parent
 
 
+def _make_temporary_dir(tmp: str, out: str) -> None:
+    """The directory the tiles are written to, renamed to --out at the end: the first thing written,
+    so a place where nothing can be written (e.g. /proc, a name too long) fails before any tile is cut."""
+    try:
+        os.makedirs(os.path.join(tmp, IMAGE_DIR))
+    except OSError as exc:
+        raise TilingError(f"--out {out}: can not write {tmp}: {exc.strerror or exc}") from None
+
+
 def _write_file(path: str, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
     with os.fdopen(fd, "wb") as f:
@@ -599,7 +608,7 @@ def tile_raster(options: TileOptions, progress: bool = True) -> TilingResult:
             tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.tmp-{os.getpid()}")
             shutil.rmtree(tmp, ignore_errors=True)
             try:
-                os.makedirs(os.path.join(tmp, IMAGE_DIR))
+                _make_temporary_dir(tmp, options.out)
                 written, skipped, views = _cut_all(cutter, options, tmp, grid, tile_ids(prefix, grid), progress)
                 if written == 0:
                     raise TilingError(f"{options.raster}: all {len(grid)} tiles are more than "

@@ -28,6 +28,14 @@ REQUIRED_COLUMNS = ("tile_id", "lat", "lon", "path")
 # Columns the artifact's tiles.csv writes itself; a catalogue may not bring its own.
 RESERVED_COLUMNS = ("source",)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+QUOTE_LIMIT = 60  # characters of a cell or header quoted in a problem (a binary file's "header" is kilobytes)
+
+
+def quoted(text: str, limit: int = QUOTE_LIMIT) -> str:
+    """repr(text) for a message, cut after `limit` characters and saying how long it was."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
 
 
 @dataclass(frozen=True)
@@ -48,7 +56,7 @@ class Issue:
     problem: str
 
     def __str__(self) -> str:
-        tid = f" tile_id={self.tile_id!r}" if self.tile_id else ""
+        tid = f" tile_id={quoted(self.tile_id)}" if self.tile_id else ""
         return f"{self.where}{tid}: {self.problem}"
 
 
@@ -71,7 +79,8 @@ class CatalogueError(Exception):
         self.source = source
         self.issues = list(issues)
         self.total_rows = total_rows
-        self.report_path: str | None = None
+        self.report_path: str | None = None         # where the full report was written
+        self.report_unwritten: str | None = None    # why it could not be written there
         super().__init__(self.report(limit=50))
 
     def report(self, limit: int | None = None) -> str:
@@ -100,9 +109,9 @@ def _parse_coordinate(text: str, name: str, lo: float, hi: float) -> tuple[float
     try:
         value = float(text)
     except (TypeError, ValueError):
-        return None, f"{name} {text!r} is not a number"
+        return None, f"{name} {quoted(text)} is not a number"
     if not math.isfinite(value):
-        return None, f"{name} {text!r} is not finite"
+        return None, f"{name} {quoted(text)} is not finite"
     if not lo <= value <= hi:
         return None, f"{name} {value} outside [{lo:g}, {hi:g}]"
     return value, None
@@ -145,9 +154,9 @@ def read_catalogue_csv(csv_path: str, check_files: bool = True) -> Catalogue:
         header_problems = []
         if missing:
             header_problems.append(f"header lacks column(s) {', '.join(missing)} "
-                                   f"(need {','.join(REQUIRED_COLUMNS)}; got {','.join(header)})")
+                                   f"(need {','.join(REQUIRED_COLUMNS)}; got {quoted(','.join(header))})")
         if dup_cols:
-            header_problems.append(f"header repeats column(s) {', '.join(dup_cols)}")
+            header_problems.append(f"header repeats column(s) {quoted(', '.join(dup_cols))}")
         if reserved:
             header_problems.append(f"column(s) {', '.join(reserved)} are reserved for the artifact; rename them")
         if header_problems:
@@ -202,8 +211,10 @@ def read_catalogue_csv(csv_path: str, check_files: bool = True) -> Catalogue:
 
     if issues:
         raise CatalogueError(source, issues, rows_seen)
-    notes = [] if records else ["catalogue has no rows"]
-    return Catalogue(records, extra_columns, source, sha256_file(csv_path), notes)
+    if not records:
+        raise CatalogueError(source, [Issue(f"line {prev_line + 1}", "", "no rows after the header: the catalogue "
+                                                                        "lists no tiles")], 0)
+    return Catalogue(records, extra_columns, source, sha256_file(csv_path))
 
 
 class CatalogueLines:
@@ -292,6 +303,8 @@ def read_slippy_dir(root: str, check_files: bool = True) -> Catalogue:
         found[(z, x, y)] = path
     if issues:
         raise CatalogueError(source, issues, images_seen)
+    if not found:
+        raise CatalogueError(source, [Issue(root, "", "no tiles: no {z}/{x}/{y}.png|jpg|jpeg file in it")], 0)
     records = []
     for (z, x, y), path in sorted(found.items()):
         lat, lon = tile_center_latlon(z, x, y)
@@ -300,8 +313,6 @@ def read_slippy_dir(root: str, check_files: bool = True) -> Catalogue:
     notes = []
     if ignored:
         notes.append(f"ignored {ignored} non-image file(s) under {root}")
-    if not records:
-        notes.append("slippy directory has no tiles")
     return Catalogue(records, ["z", "x", "y"], source, listing.hexdigest(), notes)
 
 

@@ -10,9 +10,9 @@ import numpy as np
 
 from index_build.artifact import read_built_manifest, resolve_artifact
 from index_build.encode_common import column_shape, decode_tile
-from index_build.sources import read_tiles_csv
 from index_build.workdir import COLUMNS_DTYPE
-from model.index_artifact import INDEX_FILE, ORIENTATION_FILE, TILES_FILE, ArtifactError, read_orientation
+from model.index_artifact import (ORIENTATION_FILE, ArtifactError, read_faiss_index, read_orientation, read_tiles,
+                                  read_vectors)
 
 # Columns are stored as float16: rounding moves each component by at most 2^-11 of itself (less
 # than 2^-25 in absolute terms below float16's normal range), so a unit column of C <= 1024
@@ -20,32 +20,54 @@ from model.index_artifact import INDEX_FILE, ORIENTATION_FILE, TILES_FILE, Artif
 FLOAT16_COSINE_LOSS = 1e-6
 
 
-def _load_orientation(root: str, manifest: dict, problems: list[str], check_checksum: bool) -> np.ndarray | None:
-    """The artifact's orientation columns (memory-mapped) when they are what the manifest says;
-    otherwise None, with the reasons added to `problems`."""
-    entry = manifest["orientation"]
-    name = entry.get("file", ORIENTATION_FILE)
+def _problem(root: str, exc: ArtifactError) -> str:
+    """An ArtifactError of the shared reader as a problem, its paths relative to the artifact."""
+    text = str(exc).replace(os.path.join(root, ""), "")
+    return text.removeprefix(f"{root}: ")
+
+
+def _read(root: str, reader, manifest: dict, problems: list[str]):
+    """reader(root, manifest) of model.index_artifact; None, with its refusal added to `problems`, when
+    it refuses the artifact."""
     try:
-        stored = read_orientation(root, manifest)
+        return reader(root, manifest)
     except ArtifactError as exc:
-        problems.append(str(exc).replace(os.path.join(root, ""), ""))
+        problems.append(_problem(root, exc))
         return None
+
+
+def _check_orientation(stored: np.ndarray, entry: dict, problems: list[str], check_checksum: bool) -> bool:
+    """Whether the orientation columns read by read_orientation have the manifest's dtype and checksum;
+    the reasons they do not are added to `problems`."""
+    name = entry.get("file", ORIENTATION_FILE)
     if stored.dtype != COLUMNS_DTYPE or entry.get("dtype") != stored.dtype.name:
         problems.append(f"{name}: dtype {stored.dtype}, manifest.json says {entry.get('dtype')}")
-        return None
+        return False
     if check_checksum and "sha256" in entry:
         digest = hashlib.sha256()
         for start in range(0, stored.shape[0], 16_384):
             digest.update(np.ascontiguousarray(stored[start:start + 16_384]).tobytes())
         if digest.hexdigest() != entry["sha256"]:
             problems.append(f"{name}: checksum differs from the manifest")
-    return stored
+    return True
+
+
+def _check_shard_checksums(vectors: np.ndarray, shards: list[dict], problems: list[str]) -> None:
+    """The checksum of each shard's rows of `vectors` (read_vectors: the shards in order) against the manifest."""
+    start = 0
+    for entry in shards:
+        rows = int(entry.get("rows", 0))
+        digest = hashlib.sha256(np.ascontiguousarray(vectors[start:start + rows]).tobytes()).hexdigest()
+        if digest != entry.get("sha256"):
+            problems.append(f"{entry['file']}: checksum differs from the manifest")
+        start += rows
 
 
 def run_verify(artifact: str, checkpoint: str, *, sample: int = 64, seed: int = 0, device: str = "auto",
                batch_size: int = 64, model_config: str | None = None, min_rank1: float = 0.99,
                tolerance: float | None = None, check_checksums: bool = True) -> dict:
-    import faiss
+    """The artifact read through model.index_artifact, as the service reads it: whatever that reader
+    refuses is a problem, and the sample is re-encoded only when it reads every file."""
     import torch
 
     from model import load_checkpoint
@@ -53,28 +75,28 @@ def run_verify(artifact: str, checkpoint: str, *, sample: int = 64, seed: int = 
     from model.inference import InferenceEncoder
 
     root = resolve_artifact(artifact)  # resolve once: every file below comes from the same version
-    manifest = read_built_manifest(root)
     problems: list[str] = []
-    report: dict = {"artifact": root, "count": manifest["count"], "index_type": manifest["index_type"]}
+    report: dict = {"artifact": root}
+    try:
+        manifest = read_built_manifest(root)
+    except ArtifactError as exc:
+        return {**report, "ok": False, "problems": [_problem(root, exc)]}
+    report.update(count=manifest["count"], index_type=manifest["index_type"])
 
-    records, _extra = read_tiles_csv(os.path.join(root, TILES_FILE))
-    index = faiss.read_index(os.path.join(root, INDEX_FILE))
-    shard_rows = [e["rows"] for e in manifest["shards"]]
-    counts = {"manifest": manifest["count"], "tiles.csv": len(records), "index": int(index.ntotal),
-              "shards": int(sum(shard_rows))}
-    report["counts"] = counts
-    if len(set(counts.values())) != 1:
-        problems.append(f"row counts disagree: {counts}")
-    if index.d != manifest["embedding_dim"]:
-        problems.append(f"index dim {index.d} != manifest embedding_dim {manifest['embedding_dim']}")
-    if check_checksums:
-        for entry in manifest["shards"]:
-            arr = np.load(os.path.join(root, entry["file"]))
-            if hashlib.sha256(np.ascontiguousarray(arr, np.float32).tobytes()).hexdigest() != entry["sha256"]:
-                problems.append(f"{entry['file']}: checksum differs from the manifest")
-    orientation = None
-    if "orientation" in manifest:
-        orientation = _load_orientation(root, manifest, problems, check_checksums)
+    tiles = _read(root, read_tiles, manifest, problems)
+    index = _read(root, read_faiss_index, manifest, problems)
+    vectors = _read(root, read_vectors, manifest, problems)
+    if vectors is not None and check_checksums:
+        _check_shard_checksums(vectors, manifest["shards"], problems)
+    orientation = _read(root, read_orientation, manifest, problems)
+    if orientation is not None and not _check_orientation(orientation, manifest["orientation"], problems,
+                                                          check_checksums):
+        orientation = None
+    if tiles is None or index is None or vectors is None:
+        report.update(ok=False, problems=problems)
+        return report
+    report["counts"] = {"manifest": manifest["count"], "tiles.csv": len(tiles.tile_ids),
+                        "index": int(index.ntotal), "shards": int(vectors.shape[0])}
 
     dev = pick_device(device)
     model = load_checkpoint(checkpoint, config=model_config)
@@ -98,30 +120,23 @@ def run_verify(artifact: str, checkpoint: str, *, sample: int = 64, seed: int = 
                                          "orientation columns (built before index_build wrote them?): "
                                          "rebuild it to give the service headings")
 
-    n = len(records)
+    n = len(tiles.tile_ids)
     k = min(sample, n)
     rows = np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False)) if k else np.zeros(0, int)
-    starts = np.concatenate([[0], np.cumsum(shard_rows)])
-    stored = np.zeros((k, manifest["embedding_dim"]), np.float32)
-    cache: dict[int, np.ndarray] = {}
-    for j, row in enumerate(rows):
-        s = int(np.searchsorted(starts, row, side="right") - 1)
-        if s not in cache:
-            cache[s] = np.load(os.path.join(root, manifest["shards"][s]["file"]), mmap_mode="r")
-        stored[j] = cache[s][row - starts[s]]
+    stored = vectors[rows]
 
     fresh, fresh_columns, decode_failures = [], [], []
     for b in range(0, k, batch_size):
         tensors = []
         for row in rows[b:b + batch_size]:
-            tensor, error = decode_tile(records[row].source, model.config)
+            tensor, error = decode_tile(tiles.sources[row], model.config)
             if tensor is None:
-                decode_failures.append(f"row {row} {records[row].tile_id}: {error}")
+                decode_failures.append(f"row {row} {tiles.tile_ids[row]}: {error}")
                 tensor = torch.zeros(3, *model.config.aerial_size, dtype=torch.uint8)
             tensors.append(tensor)
         if tensors:
-            vectors, cols = model.encode_uint8_with_columns(torch.stack(tensors), "aerial")
-            fresh.append(vectors)
+            encoded, cols = model.encode_uint8_with_columns(torch.stack(tensors), "aerial")
+            fresh.append(encoded)
             if cols is not None:
                 fresh_columns.append(cols)
     fresh = np.concatenate(fresh) if fresh else np.zeros((0, manifest["embedding_dim"]), np.float32)

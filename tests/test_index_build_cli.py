@@ -13,7 +13,7 @@ pytest.importorskip("faiss")
 
 from index_build import artifact as artifact_module  # noqa: E402
 from index_build.artifact import ArtifactError, ArtifactLayout  # noqa: E402
-from index_build.build import BuildOptions, run_build  # noqa: E402
+from index_build.build import BuildError, BuildOptions, run_build  # noqa: E402
 from index_build.cli import main  # noqa: E402
 from index_build.encode_common import BadImagesError  # noqa: E402
 from index_build.sources import CatalogueError, CatalogueLines, read_catalogue_csv  # noqa: E402
@@ -132,10 +132,11 @@ def test_failed_builds_leave_no_lock(tmp_path, capsys, ckpt, catalogue):
     header_only.write_text("tile_id,lat,lon,path\n")
     out = tmp_path / "idx"
     code, _, err = run_cli(capsys, "build", "--catalog", str(header_only), "--checkpoint", ckpt, "--out", str(out))
-    assert code == 1 and "Traceback" not in err
-    last = err.strip().splitlines()[-1]
-    assert last == f"index_build: error: catalogue csv:{header_only} has no tiles; nothing to index"
-    assert nothing_left_beside(out)  # the lock and the versions directory it made are gone
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == "  line 2: no rows after the header: the catalogue lists no tiles"
+    assert sorted(os.listdir(f"{out}.versions")) == ["validation-report.txt"]  # the lock is gone
+    os.unlink(f"{out}.versions/validation-report.txt")
+    os.rmdir(f"{out}.versions")
 
     invalid = tmp_path / "invalid.csv"
     invalid.write_text("tile_id,lat,lon,path\na,95,8,nope.png\n")
@@ -390,3 +391,165 @@ def test_verbose_flag_on_either_side_of_the_subcommand():
     assert parser.parse_args(["-v", "build", *required]).verbose
     assert parser.parse_args(["build", *required, "-v"]).verbose
     assert not parser.parse_args(["build", *required]).verbose
+
+
+# ----------------------------------------------------------------------------- index options
+
+@pytest.mark.parametrize("options, names", [
+    (("--index", "ivf-flat", "--nlist", "50"), ("--nlist 50", "at least 50 tiles", "there are 6")),
+    (("--index", "ivf-pq", "--nlist", "2", "--pq-m", "7"), ("--pq-m 7", "embedding size 32")),
+    (("--index", "ivf-pq", "--nlist", "2"), ("--index ivf-pq", "at least 256 tiles")),
+])
+def test_index_options_that_can_not_work_stop_before_encoding(tmp_path, capsys, ckpt, catalogue, options, names):
+    out = tmp_path / "idx"
+    code, _, err = run_cli(capsys, *_build_args(catalogue, ckpt, out, "--quiet", *options))
+    assert_one_line_error(code, err, *names)
+    assert code == 1
+    assert nothing_left_beside(out)  # refused before the work directory, let alone a shard, was written
+
+
+def test_too_few_tiles_left_after_skip_bad_is_a_build_error(tmp_path, ckpt):
+    cat = _catalogue_with_a_gap(tmp_path / "w")  # three tiles, one of them unreadable
+    options = BuildOptions(catalog=str(cat), checkpoint=ckpt, out=str(tmp_path / "idx"), index_type="ivf-flat",
+                           nlist=3, workers=0, progress=False, device="cpu", skip_bad=True)
+    with pytest.raises(BuildError, match="--nlist 3: .* at least 3 tiles, there are 2"):
+        run_build(options)
+
+
+def test_a_value_error_is_one_line_without_verbose(tmp_path, capsys, monkeypatch, ckpt, catalogue):
+    from index_build import build
+
+    def refuse(_options):
+        raise ValueError("something the checks before it missed")
+
+    monkeypatch.setattr(build, "run_build", refuse)
+    code, _, err = run_cli(capsys, *_build_args(catalogue, ckpt, tmp_path / "idx"))
+    assert_one_line_error(code, err, "something the checks before it missed", "-v shows where")
+    with pytest.raises(ValueError):
+        main(["-v", *_build_args(catalogue, ckpt, tmp_path / "idx")])
+
+
+# ----------------------------------------------------------------------------- verify reads as the service does
+
+def _nan_latitude(root):
+    path = root / "tiles.csv"
+    lines = path.read_text().splitlines(keepends=True)
+    fields = lines[4].split(",")
+    fields[1] = "nan"
+    lines[4] = ",".join(fields)
+    os.chmod(path, 0o644)
+    path.write_text("".join(lines))
+
+
+def _truncated_index(root):
+    path = root / "index.faiss"
+    data = path.read_bytes()
+    os.chmod(path, 0o644)
+    path.write_bytes(data[:len(data) // 2])
+
+
+def _deleted_shard(root):
+    os.unlink(root / "vectors" / "shard-00000.npy")
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (_nan_latitude, "tiles.csv:5: lat/lon out of range"),
+    (_truncated_index, "index.faiss: unreadable FAISS index"),
+    (_deleted_shard, "unreadable embedding shard"),
+])
+def test_verify_refuses_what_the_service_refuses(tmp_path, capsys, ckpt, catalogue, damage, problem):
+    out = tmp_path / "idx"
+    assert run_cli(capsys, *_build_args(catalogue, ckpt, out, "--quiet"))[0] == 0
+    damage(out.resolve())
+    code, printed, err = run_cli(capsys, "verify", str(out), "--checkpoint", ckpt, "--device", "cpu")
+    assert code == 1 and "Traceback" not in err
+    report = json.loads(printed)
+    assert not report["ok"]
+    assert any(problem in p for p in report["problems"]), report["problems"]
+    assert not any(str(out.resolve()) in p for p in report["problems"])  # paths relative to the artifact
+
+
+@pytest.mark.parametrize("command, function, line", [
+    ("add", "index_build.build.run_add", "index_build: interrupted; rerun with --resume to continue"),
+    ("verify", "index_build.verify.run_verify", "index_build: interrupted"),
+    ("tile", "index_build.raster_tiles.tile_raster", "index_build tile: interrupted; nothing written"),
+])
+def test_ctrl_c_is_one_line_and_status_130(tmp_path, capsys, monkeypatch, ckpt, catalogue, command, function, line):
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(function, interrupted)
+    if command == "add":
+        argv = _build_args(catalogue, ckpt, tmp_path / "idx")[1:]
+    elif command == "tile":
+        pytest.importorskip("rasterio")
+        argv = ("--raster", str(tmp_path / "ortho.tif"), "--out", str(tmp_path / "tiles"))
+    else:
+        argv = (str(tmp_path / "idx"), "--checkpoint", ckpt)
+    code, out, err = run_cli(capsys, command, *argv)
+    assert (code, out, err) == (130, "", line + "\n")
+
+
+def test_unwritable_report_prints_every_problem_instead(tmp_path, capsys, ckpt):
+    invalid = tmp_path / "invalid.csv"
+    invalid.write_text("tile_id,lat,lon,path\n" + "".join(f"t{i},95,8,t{i}.png\n" for i in range(120)))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    report = blocker / "report.txt"
+    code, _, err = run_cli(capsys, "build", "--catalog", str(invalid), "--checkpoint", ckpt,
+                           "--out", str(tmp_path / "idx"), "--report", str(report), "--no-check-files")
+    assert code == 2 and "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert lines[0].startswith(f"index_build: warning: could not write the validation report {report}: ")
+    assert lines[1].startswith(f"catalogue csv:{invalid}: 120 problem(s) in 120 row(s)")
+    assert lines[2:] == [f"  line {i + 2} tile_id='t{i}': lat 95.0 outside [-90, 90]" for i in range(120)]
+    assert nothing_left_beside(tmp_path / "idx")
+
+
+# ----------------------------------------------------------------------------- option ranges, catalogue errors
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--target-recall", "nan", "must be a finite number"),
+    ("--target-recall", "-1", "must be > 0"),
+    ("--target-recall", "1.5", "must be <= 1"),
+    ("--memory-budget", "0", "must be at least 1 byte"),
+    ("--workers", "-3", "must be at least 0"),
+    ("--ray-cpus-per-actor", "0", "must be > 0"),
+    ("--ray-gpus-per-actor", "-1", "must be >= 0"),
+])
+def test_numbers_out_of_range_are_refused_while_parsing(tmp_path, capsys, option, value, message):
+    with pytest.raises(SystemExit) as exit_:
+        main(["build", "--catalog", "c.csv", "--checkpoint", "m.safetensors", "--out", str(tmp_path / "idx"),
+              option, value])
+    assert exit_.value.code == 2
+    assert f"argument {option}: {message}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option, value", [("--min-rank1", "1.01"), ("--min-rank1", "nan"), ("--tolerance", "-1")])
+def test_verify_numbers_out_of_range_are_refused_while_parsing(capsys, option, value):
+    with pytest.raises(SystemExit) as exit_:
+        main(["verify", "idx", "--checkpoint", "m.safetensors", option, value])
+    assert exit_.value.code == 2 and f"argument {option}: " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("stop_after", [(), ("--stop-after", "validate")])
+def test_an_empty_catalogue_is_a_catalogue_error(tmp_path, capsys, ckpt, stop_after):
+    header_only = tmp_path / "empty.csv"
+    header_only.write_text("tile_id,lat,lon,path\n")
+    empty_dir = tmp_path / "slippy"
+    empty_dir.mkdir()
+    for catalog in (header_only, empty_dir):
+        code, _, err = run_cli(capsys, "build", "--catalog", str(catalog), "--checkpoint", ckpt,
+                               "--out", str(tmp_path / "idx"), *stop_after)
+        assert code == 2 and "Traceback" not in err
+        assert "no tiles" in err.strip().splitlines()[-1]
+
+
+def test_a_binary_catalogue_is_quoted_short(tmp_path, capsys, ckpt):
+    binary = tmp_path / "archive.tar"
+    binary.write_bytes(b"tiles.csv" + b"\0" * 3000 + b"0000644,0000000" * 200 + b"\n")
+    code, _, err = run_cli(capsys, "build", "--catalog", str(binary), "--checkpoint", ckpt, "--out",
+                           str(tmp_path / "idx"))
+    assert code == 2 and "header lacks column(s) tile_id, lat, lon, path" in err
+    assert len(err) < 600, err
+    assert "(6009 characters)" in err

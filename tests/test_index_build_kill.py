@@ -143,6 +143,29 @@ def test_sigkill_mid_encode_then_resume_equals_uninterrupted(setup, tmp_path):
     assert os.path.isdir(old_version)
 
 
+def test_ctrl_c_mid_encode_is_one_line_and_resumable(setup, tmp_path):
+    root, ckpt, old_cat, new_cat, child = setup
+    out = tmp_path / "idx"
+    proc = subprocess.Popen([PYTHON, str(child), "slow-shards", *_cli_args(new_cat, ckpt, out)],
+                            env=subprocess_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    vectors = tmp_path / "idx.versions" / ".build" / "vectors"
+    deadline = time.time() + 90
+    while time.time() < deadline and len(list(vectors.glob("shard-*.json"))) < 2:
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert stderr == "index_build: interrupted; rerun with --resume to continue\n"
+    assert stdout == "" and not os.path.lexists(out)
+    assert not (tmp_path / "idx.versions" / ".lock").exists()
+    finished = len(list(vectors.glob("shard-*.json")))
+    with torch_threads(1):
+        result = run_build(_opts(new_cat, ckpt, out, resume=True))
+    assert result.status == "published" and result.encode.shards_reused == finished >= 2
+
+
 def test_sigkill_between_promote_and_link_swap(setup, tmp_path):
     root, ckpt, old_cat, new_cat, child = setup
     out = tmp_path / "idx"

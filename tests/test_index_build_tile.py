@@ -410,6 +410,25 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(tmp_path, capsys):
     assert rc == 0 and len(read_catalogue(tmp_path / "tiles")) > 0
 
 
+def test_output_that_can_not_be_written_is_one_line(tmp_path, capsys):
+    raster, _, _ = marker_raster(tmp_path / "good.tif", "utm32n", height=200, width=400)
+    too_long = tmp_path / ("t" * 300)
+    rc, stdout, err = run_tile(capsys, "--raster", raster, "--out", too_long, "--tile-m", 50)
+    assert rc == 2 and stdout == ""
+    assert err.startswith(f"index_build tile: error: --out {too_long}: can not write ") and err.count("\n") == 1
+    assert "File name too long" in err
+    assert sorted(os.listdir(tmp_path)) == ["good.tif"]
+
+
+def test_a_failed_write_midway_is_one_line(tmp_path, capsys, monkeypatch):
+    def full_disk(*_args, **_kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("index_build.raster_tiles.tile_raster", full_disk)
+    rc, _, err = run_tile(capsys, "--raster", tmp_path / "ortho.tif", "--out", tmp_path / "tiles")
+    assert (rc, err) == (1, "index_build tile: error: [Errno 28] No space left on device\n")
+
+
 def test_the_real_command_line_prints_one_error_line(tmp_path):
     (tmp_path / "ortho.tif").write_bytes(b"II*\x00garbage")
     proc = subprocess.run([PYTHON, "-m", "index_build", "tile", "--raster", str(tmp_path / "ortho.tif"),

@@ -315,6 +315,29 @@ def test_cli_errors_and_help(tmp_path, capsys):
     assert not (tmp_path / "y").exists()
 
 
+def test_output_that_can_not_be_written_is_one_line(tmp_path, capsys):
+    from worldgen.cli import main
+
+    too_long = tmp_path / ("w" * 300)
+    assert main(["--seed", "1", "--area-km2", "0.03", "--pairs", "4", "--out", str(too_long), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: output directory {too_long}: can not write ") and err.count("\n") == 1
+    assert "File name too long" in err
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_failed_write_midway_is_one_line(tmp_path, capsys, monkeypatch):
+    import worldgen.dataset as D
+    from worldgen.cli import main
+
+    def full_disk(*_args, **_kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(D, "generate_dataset", full_disk)
+    assert main(["--seed", "1", "--area-km2", "0.03", "--out", str(tmp_path / "w"), "--quiet"]) == 1
+    assert capsys.readouterr().err == "error: [Errno 28] No space left on device\n"
+
+
 def test_failed_run_leaves_nothing(tmp_path, monkeypatch):
     import worldgen.dataset as D
 
@@ -332,6 +355,37 @@ def test_failed_run_leaves_nothing(tmp_path, monkeypatch):
         generate_dataset(GenConfig(seed=2, area_km2=0.03, pairs=8), str(tmp_path / "out"), progress=False,
                          log=lambda *a: None)
     assert os.listdir(tmp_path) == []
+
+
+def _pid_of_a_finished_process() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(proc.stdout)
+
+
+def test_leftovers_of_killed_runs_are_removed_and_a_running_one_kept(tmp_path):
+    from worldgen.cli import main
+
+    dead = _pid_of_a_finished_process()
+    (tmp_path / f".w.tmp-{dead}" / "streetview").mkdir(parents=True)
+    (tmp_path / f".w.old-{dead}").write_text("the file an --overwrite run replaced before it was killed")
+    running = tmp_path / f".w.tmp-{os.getppid()}"
+    running.mkdir()
+    (tmp_path / f".other.tmp-{dead}").mkdir()  # another output's: not ours to judge
+    assert main(["--seed", "3", "--area-km2", "0.03", "--pairs", "4", "--out", str(tmp_path / "w"), "--quiet"]) == 0
+    assert sorted(os.listdir(tmp_path)) == sorted([f".other.tmp-{dead}", running.name, "w"])
+
+
+def test_overwrite_replaces_a_file_and_leaves_nothing_beside_it(tmp_path):
+    from worldgen.cli import main
+
+    out = tmp_path / "w"
+    out.write_text("a file where the data set goes")
+    assert main(["--seed", "3", "--area-km2", "0.03", "--pairs", "4", "--out", str(out), "--quiet",
+                 "--overwrite"]) == 0
+    assert os.listdir(tmp_path) == ["w"] and (out / "tiles.csv").is_file()
 
 
 def test_cli_overwrite_and_preview(tmp_path):

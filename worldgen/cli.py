@@ -122,6 +122,9 @@ def main(argv=None) -> int:
     except WorldgenError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # not the arguments' fault (a full disk, say): one line all the same
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted; nothing written", file=sys.stderr)
         return 130
