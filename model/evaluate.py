@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .arguments import output_file
+from .atomic import atomic_write
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import ConfigError
 from .encode import pick_device
@@ -33,6 +35,7 @@ from .index_artifact import (ArtifactError, TileTable, check_model, read_manifes
                              read_vectors)
 from .metrics import TILE_FOOTPRINT_M, confidence_report, haversine_m, localization_error, position_report, \
     recall_curve, retrieval_recall
+from .plot import figure_file, save_figure
 from .train import HelpFormatter, TrainingError, encode_arrays, load_pair_arrays, read_records
 
 
@@ -283,8 +286,9 @@ def evaluate_anywhere(checkpoint: Path, data: Path, index: Path, device: str = "
     truth = dist.argmin(axis=1)
     offset = dist[np.arange(len(truth)), truth]
     if scores_out is not None:
-        np.savez_compressed(scores_out, scores=scores, tile_latlon=view_ll, true_latlon=true_ll,
-                            truth=own_rows[truth], tile_of=own_rows[tile_of])
+        arrays = dict(scores=scores, tile_latlon=view_ll, true_latlon=true_ll, truth=own_rows[truth],
+                      tile_of=own_rows[tile_of])
+        save_npz(scores_out, arrays)
     views = {"views": len(view_ll), "centres_m": manifest.get("centres_m")} if len(view_ll) > len(tile_ll) else {}
     result = {"n": len(paths), "tiles": len(tile_ll), **views, "data": str(data), "index": str(index),
               "checkpoint": str(checkpoint), "fingerprint": model.fingerprint(), "tile_m": tile_m,
@@ -439,6 +443,19 @@ def photo_views(world: Path, records, config, centred: bool, tilt: bool | str = 
     return views, headings
 
 
+def save_npz(path: Path, arrays: dict) -> None:
+    """np.savez_compressed, atomically (``.npz`` added to a name without it, as numpy does)."""
+    path = Path(path)
+    if path.suffix != ".npz":
+        path = path.with_name(path.name + ".npz")
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, **arrays)
+
+    atomic_write(path, write)
+
+
 def write_recall_plot(curve: np.ndarray, path: Path, title: str = "") -> None:
     import matplotlib
 
@@ -454,9 +471,8 @@ def write_recall_plot(curve: np.ndarray, path: Path, title: str = "") -> None:
     ax.set_ylim(0, 100)
     ax.grid(True, which="both", alpha=0.3)
     ax.set_title(title, fontsize=9)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -469,7 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=0, help="evaluate the first N pairs only (0: all)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (bf16 autocast on CUDA)")
     p.add_argument("--workers", type=int, default=2, help="decoding threads")
-    p.add_argument("--plot", type=Path, help="write a recall@K curve PNG here")
+    p.add_argument("--plot", type=figure_file, help="write a recall@K curve PNG here")
     p.add_argument("--json", action="store_true", help="print one JSON object (r1, r5, r10, r1pct, n, ...)")
     v = p.add_argument_group("limited field of view, unknown heading (synthetic worlds)")
     v.add_argument("--fov", type=float, default=360.0,
@@ -505,7 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--candidates", type=int, default=20, help="top matches the refined position is made from")
     a.add_argument("--temperature", type=float, default=None,
                    help="softmax temperature of the refined position (default model.metrics.POSITION_TEMPERATURE)")
-    a.add_argument("--save-scores", type=Path, help="write the similarities and positions here (.npz)")
+    a.add_argument("--save-scores", type=output_file, help="write the similarities and positions here (.npz)")
     v.add_argument("--queries", type=int, default=0,
                    help="only the first N pairs are queries, matched against every tile of the split (0: all)")
     v.add_argument("--photos", type=Path,

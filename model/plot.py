@@ -9,6 +9,9 @@ import json
 import sys
 from pathlib import Path
 
+from .arguments import output_file
+from .atomic import atomic_write
+
 
 def read_log(path: Path) -> list[dict]:
     rows = []
@@ -19,6 +22,22 @@ def read_log(path: Path) -> list[dict]:
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}:{n}: not JSON ({exc})") from None
     return rows
+
+
+def figure_file(text: str) -> Path:
+    """argparse type: an image file to write, of a format matplotlib writes (by its suffix; none: PNG)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    path = output_file(text)
+    kind = path.suffix[1:].lower()
+    if kind and kind not in FigureCanvasBase.get_supported_filetypes():
+        raise argparse.ArgumentTypeError(f"{text}: matplotlib does not write .{kind} files (.png, .pdf or .svg do)")
+    return path
+
+
+def save_figure(fig, path: Path) -> None:
+    """Write a figure atomically, in the format its suffix names (none: PNG)."""
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format=path.suffix[1:].lower() or "png"))
 
 
 def plot_log(rows: list[dict], out: Path, title: str = "") -> None:
@@ -43,8 +62,7 @@ def plot_log(rows: list[dict], out: Path, title: str = "") -> None:
     ax2.legend()
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
+    save_figure(fig, out)
     plt.close(fig)
 
 
@@ -52,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m model.plot", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("log", type=Path, help="a run's log.jsonl")
-    p.add_argument("--out", type=Path, help="PNG path (default: curves.png beside the log)")
+    p.add_argument("--out", type=figure_file, help="PNG path (default: curves.png beside the log)")
     args = p.parse_args(argv)
     if not args.log.is_file():
         print(f"error: {args.log} does not exist", file=sys.stderr)

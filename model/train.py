@@ -12,12 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Sequence
 
@@ -27,6 +26,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from .arguments import output_dir
+from .atomic import atomic_write
 from .augment import PairAugment
 from .checkpoint import CheckpointError, load_checkpoint, load_npz_into, save_checkpoint
 from .config import ConfigError, L2LTRConfig
@@ -244,17 +245,6 @@ def evaluate_arrays(model: L2LTR, arrays: PairArrays, device: torch.device) -> d
 
 # --------------------------------------------------------------------------- state
 
-def _atomic_torch_save(obj, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def rng_state() -> dict:
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
@@ -391,9 +381,9 @@ def train(args) -> dict:
                   train_pairs=len(train_data), eval_pairs=len(val_data) if val_data else 0, total_steps=total_steps)
 
     def save_state():
-        _atomic_torch_save({"model": model.state_dict(), "loss": loss_fn.state_dict(),
-                            "optimizer": optimizer.state_dict(), "step": step, "best_r1": best_r1,
-                            "rng": rng_state(), "args": vars(args), "config": config.to_dict()}, state_path)
+        state = {"model": model.state_dict(), "loss": loss_fn.state_dict(), "optimizer": optimizer.state_dict(),
+                 "step": step, "best_r1": best_r1, "rng": rng_state(), "args": vars(args), "config": config.to_dict()}
+        atomic_write(state_path, partial(torch.save, state))
 
     def provenance(extra=None):
         return {"trained_steps": step, "data": str(args.data), "dataset": args.dataset, "seed": args.seed,
@@ -555,7 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: bf16 autocast on CUDA, float32 on CPU; bf16 forces autocast on CPU too")
     o.add_argument("--seed", type=int, default=0, help="seed of the initial weights, batch order and augmentation")
     r = p.add_argument_group("run")
-    r.add_argument("--out", required=True, help="run directory (state, logs, checkpoints)")
+    r.add_argument("--out", required=True, type=output_dir, help="run directory (state, logs, checkpoints)")
     r.add_argument("--resume", action="store_true", help="continue the run in --out from its last saved state")
     r.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (bf16 autocast on CUDA)")
     r.add_argument("--eval-every", type=int, default=500, help="steps between evaluations (0: never)")
