@@ -89,3 +89,52 @@ def test_plot_refuses_an_out_under_a_file(tmp_path, capsys):
     (tmp_path / "log.jsonl").write_text('{"event": "train", "step": 1, "loss": 1.0}\n')
     err = _refused(plot.main, [str(tmp_path / "log.jsonl"), "--out", str(tmp_path / "log.jsonl" / "c.png")], capsys)
     assert "argument --out: " in err and "is not a directory" in err
+
+
+@pytest.mark.parametrize("option,message", [
+    (["--batch-size", "-4"], "--batch-size: must be at least 1, got -4"),
+    (["--batch-size", "0"], "--batch-size: must be at least 1, got 0"),
+    (["--batch-size", "1"], "--batch-size: must be at least 2"),
+    (["--epochs", "0"], "--epochs: must be at least 1, got 0"),
+    (["--steps", "-5"], "--steps: must be at least 0, got -5"),
+    (["--max-pairs", "-30"], "--max-pairs: must be at least 0, got -30"),
+    (["--save-every", "0"], "--save-every: must be at least 1, got 0"),
+    (["--log-every", "0"], "--log-every: must be at least 1, got 0"),
+    (["--threads", "-2"], "--threads: must be at least 0, got -2"),
+    (["--seed", "-1"], "--seed: must be at least 0, got -1"),
+    (["--lr", "nan"], "--lr: must be a finite number, got 'nan'"),
+    (["--lr", "0"], "--lr: must be > 0, got 0"),
+    (["--clip", "-1"], "--clip: must be > 0, got -1"),
+    (["--dropout", "1"], "--dropout: must be < 1, got 1"),
+    (["--fov-augment", "5"], "--fov-augment: must be <= 1, got 5"),
+    (["--photo-share", "-3"], "--photo-share: must be >= 0, got -3"),
+    (["--photo-fov", "200", "-10"], "--photo-fov: must be > 0, got -10"),
+    (["--photo-fov", "200", "400"], "--photo-fov: must be <= 360, got 400"),
+    (["--photo-fov", "100", "60"], "--photo-fov: MIN 100 is above MAX 60"),
+    (["--hard-negatives", "1.5"], "--hard-negatives: must be <= 1, got 1.5"),
+    (["--max-minutes", "inf"], "--max-minutes: must be a finite number"),
+])
+def test_train_refuses_numbers_out_of_range_before_any_work(tmp_path, capsys, option, message):
+    from model.train import main
+
+    err = _refused(main, ["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run"), *option], capsys)
+    assert f"argument {message}" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_epoch_batches_refuses_a_batch_size_that_makes_no_batches():
+    from model.train import epoch_batches
+
+    with pytest.raises(ValueError, match="batch_size must be at least 1, got -4"):
+        epoch_batches(24, -4, seed=0, epoch=0)
+
+
+def test_train_refuses_fewer_pairs_than_a_batch_before_preprocessing(tmp_path, monkeypatch):
+    import model.train
+    from test_training import make_world, run_args
+
+    world = make_world(tmp_path / "world")  # 16 training pairs
+    monkeypatch.setattr(model.train, "load_pair_arrays", lambda *a, **k: pytest.fail("preprocessed"))
+    with pytest.raises(model.train.TrainingError, match="16 training pairs are fewer than one batch of 32"):
+        model.train.train(run_args(world, tmp_path / "run", "--batch-size", "32"))
+    assert not (tmp_path / "run").exists()
