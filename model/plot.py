@@ -13,15 +13,28 @@ from .arguments import output_file
 from .atomic import atomic_write
 
 
+def log_lines(path: Path) -> list[tuple[str, dict]]:
+    """Each record of a run's log.jsonl with its line. A torn last line, as a run stopped while writing
+    it leaves, is left out; any other line that is not a JSON object is an error naming it."""
+    lines = path.read_text(errors="replace").splitlines()
+    records = []
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if n == len(lines):
+                break
+            raise ValueError(f"{path}:{n}: not JSON ({exc})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{n}: not a JSON object")
+        records.append((line, record))
+    return records
+
+
 def read_log(path: Path) -> list[dict]:
-    rows = []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{n}: not JSON ({exc})") from None
-    return rows
+    return [record for _, record in log_lines(path)]
 
 
 def figure_file(text: str) -> Path:

@@ -35,9 +35,12 @@ from .encode import autocast_context, encode_batch, pick_device
 from .losses import footprint_overlap, make_loss
 from .metrics import retrieval_recall
 from .network import L2LTR
-from .preprocess import normalize_uint8_batch, normalize_unit_batch, polar_transform_torch, unit_batch
+from .plot import log_lines
+from .preprocess import (ImageDecodeError, normalize_uint8_batch, normalize_unit_batch, polar_transform_torch,
+                         unit_batch)
 
 STATE_FILE = "train_state.pt"
+STATE_KEYS = ("model", "loss", "optimizer", "step", "best_r1", "rng", "args")
 LOG_FILE = "log.jsonl"
 
 
@@ -260,14 +263,32 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def load_resume_state(path: Path) -> dict:
+    """A run's saved training state, or a TrainingError that names the file and what to do."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch raises many kinds for a truncated or foreign file
+        reason = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+        raise TrainingError(f"{path} is damaged and can not be resumed ({reason}); delete it to train this run "
+                            "again from step 0, or train into a new --out") from None
+    missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise TrainingError(f"{path} is not a training state (no {', '.join(missing)}); delete it to train this "
+                            "run again from step 0, or train into a new --out")
+    return state
+
+
 class JsonLog:
     def __init__(self, path: Path, truncate_after_step: int | None = None):
         self.path = path
         if truncate_after_step is not None and path.exists():
-            # a resumed run rewrites what came after its checkpoint
-            keep = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= truncate_after_step]
-            path.write_text("".join(x + "\n" for x in keep))
+            # a resumed run rewrites what came after its checkpoint (and a line torn by a crash)
+            try:
+                lines = log_lines(path)
+            except ValueError as exc:
+                raise TrainingError(f"{exc}; repair or delete that line to resume") from None
+            keep = "".join(line + "\n" for line, record in lines if record.get("step", 0) <= truncate_after_step)
+            atomic_write(path, lambda tmp: Path(tmp).write_text(keep))
 
     def write(self, **record) -> None:
         record.setdefault("time", time.time())
@@ -320,7 +341,7 @@ def train(args) -> dict:
     state_path = out / STATE_FILE
     resume_state = None
     if args.resume and state_path.exists():
-        resume_state = torch.load(state_path, map_location="cpu", weights_only=False)
+        resume_state = load_resume_state(state_path)
         # a run saved before a setting existed used that setting's default
         saved = {**ADDED_SETTING_DEFAULTS, **resume_state["args"]}
         diffs = {k: (saved.get(k), getattr(args, k)) for k in RESUME_KEYS if saved.get(k) != getattr(args, k)}
@@ -329,6 +350,7 @@ def train(args) -> dict:
                                 "use the original command or a new --out")
     elif state_path.exists() and not args.resume:
         raise TrainingError(f"{out} already holds a run ({STATE_FILE}); pass --resume to continue it or pick a new --out")
+    log = JsonLog(out / LOG_FILE, truncate_after_step=resume_state["step"] if resume_state else None)
 
     train_records = read_records(args.dataset, Path(args.data), "train")
     val_records = read_records(args.dataset, Path(args.data), args.eval_split) if args.eval_every else []
@@ -360,11 +382,11 @@ def train(args) -> dict:
     params = list(model.parameters()) + list(loss_fn.parameters())
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
 
-    out.mkdir(parents=True, exist_ok=True)
     train_data = load_pair_arrays(train_records, config, "preprocess train", workers=args.workers, quiet=args.quiet,
                                   tile_side=jitter_tile_side(config) if centre_jitter else None)
     val_data = (load_pair_arrays(val_records, config, f"preprocess {args.eval_split}", workers=args.workers,
                                  quiet=args.quiet) if val_records else None)
+    out.mkdir(parents=True, exist_ok=True)  # after the preprocessing, which a damaged image stops
     steps_per_epoch = len(train_data) // args.batch_size
     total_steps = args.steps or args.epochs * steps_per_epoch
 
@@ -376,7 +398,6 @@ def train(args) -> dict:
         step, best_r1 = resume_state["step"], resume_state["best_r1"]
         set_rng_state(resume_state["rng"])
         print(f"resumed {out} at step {step}/{total_steps}", file=sys.stderr)
-    log = JsonLog(out / LOG_FILE, truncate_after_step=step if resume_state else None)
     if not resume_state:
         (out / LOG_FILE).write_text("")
         log.write(step=0, event="start", config=config.to_dict(), args=vars(args), device=str(device),
@@ -581,9 +602,13 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         summary = train(args)
-    except (TrainingError, CheckpointError, ConfigError) as exc:
+    except (TrainingError, CheckpointError, ConfigError, ImageDecodeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command with --resume to continue from the last saved state",
+              file=sys.stderr)
+        return 130
     print(json.dumps(summary))
     return 0
 

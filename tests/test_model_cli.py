@@ -4,6 +4,7 @@ files of a run, Ctrl-C."""
 from __future__ import annotations
 
 import argparse
+import json
 
 import pytest
 
@@ -138,3 +139,92 @@ def test_train_refuses_fewer_pairs_than_a_batch_before_preprocessing(tmp_path, m
     with pytest.raises(model.train.TrainingError, match="16 training pairs are fewer than one batch of 32"):
         model.train.train(run_args(world, tmp_path / "run", "--batch-size", "32"))
     assert not (tmp_path / "run").exists()
+
+
+def _train_cli(world, out, *extra) -> list[str]:
+    """model.train's command line of the test runs (test_training.run_args)."""
+    from test_training import MICRO
+
+    return ["--data", str(world), "--config", MICRO, "--out", str(out), "--batch-size", "4", "--warmup", "2",
+            "--lr", "1e-3", "--eval-every", "0", "--save-every", "2", "--workers", "0", "--quiet", *extra]
+
+
+def test_train_names_a_damaged_image_without_a_traceback_or_a_run_directory(tmp_path, capfd):
+    from model.train import main
+    from test_training import make_world
+
+    world = make_world(tmp_path / "world")
+    (world / "streetview" / "000003.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    assert main(_train_cli(world, tmp_path / "run", "--steps", "2")) == 1
+    err = capfd.readouterr().err
+    assert "error: " in err and "000003.jpg" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_ctrl_c_while_training_says_how_to_go_on_and_resume_does(tmp_path, capfd, monkeypatch):
+    import model.train
+    from model.losses import TripletLoss
+    from test_training import make_world
+
+    world = make_world(tmp_path / "world")
+    real_forward, calls = TripletLoss.forward, []
+
+    def interrupted_at_step_3(self, g, a, overlap=None):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_forward(self, g, a, overlap)
+
+    monkeypatch.setattr(TripletLoss, "forward", interrupted_at_step_3)
+    assert model.train.main(_train_cli(world, tmp_path / "run", "--steps", "4")) == 130
+    err = capfd.readouterr().err
+    assert "interrupted; rerun the same command with --resume" in err and "Traceback" not in err
+    assert model.train.main(_train_cli(world, tmp_path / "run", "--steps", "4", "--resume")) == 0
+    assert "resumed" in capfd.readouterr().err and (tmp_path / "run" / "last.safetensors").exists()
+
+
+def _stopped_run(world, out):
+    """A run of 4 steps stopped (resumably) after its first."""
+    from test_training import run_args
+
+    from model.train import train
+
+    args = run_args(world, out, "--steps", "4", "--eval-every", "0")
+    args.max_minutes = 1e-9
+    assert train(args)["step"] == 1
+    return run_args(world, out, "--steps", "4", "--eval-every", "0", "--resume")
+
+
+def test_resume_tolerates_a_torn_last_log_line_and_names_any_other(tmp_path):
+    from model.plot import read_log
+    from model.train import TrainingError, train
+    from test_training import make_world
+
+    world = make_world(tmp_path / "world")
+    resume = _stopped_run(world, tmp_path / "run")
+    log = tmp_path / "run" / "log.jsonl"
+    good = log.read_text()
+    log.write_text(good + '{"event": "train", "lo')  # a crash while writing a line
+    assert read_log(log) == [json.loads(line) for line in good.splitlines()]  # model.plot of a live run too
+    assert train(resume)["finished"]
+    assert all(json.loads(line) for line in log.read_text().splitlines())
+    resume = _stopped_run(world, tmp_path / "again")
+    log = tmp_path / "again" / "log.jsonl"
+    first, *rest = log.read_text().splitlines(keepends=True)
+    log.write_text(first + "garbage\n" + "".join(rest))
+    with pytest.raises(TrainingError, match=r"log.jsonl:2: not JSON .*repair or delete that line"):
+        train(resume)
+
+
+def test_resume_names_a_damaged_state_file_and_what_to_do(tmp_path, capfd):
+    from model.train import main
+    from test_training import make_world
+
+    world = make_world(tmp_path / "world")
+    _stopped_run(world, tmp_path / "run")
+    state = tmp_path / "run" / "train_state.pt"
+    state.write_bytes(state.read_bytes()[:1000])  # truncated
+    assert main(_train_cli(world, tmp_path / "run", "--steps", "4", "--resume")) == 1
+    err = capfd.readouterr().err
+    assert f"error: {state} is damaged and can not be resumed" in err and "delete it" in err
+    assert "Traceback" not in err
