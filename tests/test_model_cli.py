@@ -4,6 +4,7 @@ files of a run, Ctrl-C."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 
 import pytest
@@ -92,35 +93,42 @@ def test_plot_refuses_an_out_under_a_file(tmp_path, capsys):
     assert "argument --out: " in err and "is not a directory" in err
 
 
-@pytest.mark.parametrize("option,message", [
-    (["--batch-size", "-4"], "--batch-size: must be at least 1, got -4"),
-    (["--batch-size", "0"], "--batch-size: must be at least 1, got 0"),
-    (["--batch-size", "1"], "--batch-size: must be at least 2"),
-    (["--epochs", "0"], "--epochs: must be at least 1, got 0"),
-    (["--steps", "-5"], "--steps: must be at least 0, got -5"),
-    (["--max-pairs", "-30"], "--max-pairs: must be at least 0, got -30"),
-    (["--save-every", "0"], "--save-every: must be at least 1, got 0"),
-    (["--log-every", "0"], "--log-every: must be at least 1, got 0"),
-    (["--threads", "-2"], "--threads: must be at least 0, got -2"),
-    (["--seed", "-1"], "--seed: must be at least 0, got -1"),
-    (["--lr", "nan"], "--lr: must be a finite number, got 'nan'"),
-    (["--lr", "0"], "--lr: must be > 0, got 0"),
-    (["--clip", "-1"], "--clip: must be > 0, got -1"),
-    (["--dropout", "1"], "--dropout: must be < 1, got 1"),
-    (["--fov-augment", "5"], "--fov-augment: must be <= 1, got 5"),
-    (["--photo-share", "-3"], "--photo-share: must be >= 0, got -3"),
-    (["--photo-fov", "200", "-10"], "--photo-fov: must be > 0, got -10"),
-    (["--photo-fov", "200", "400"], "--photo-fov: must be <= 360, got 400"),
-    (["--photo-fov", "100", "60"], "--photo-fov: MIN 100 is above MAX 60"),
-    (["--hard-negatives", "1.5"], "--hard-negatives: must be <= 1, got 1.5"),
-    (["--max-minutes", "inf"], "--max-minutes: must be a finite number"),
-])
-def test_train_refuses_numbers_out_of_range_before_any_work(tmp_path, capsys, option, message):
-    from model.train import main
+def _required(tool: str, tmp_path) -> list[str]:
+    """A tool's required options, for a command line refused before they are used."""
+    return {"train": ["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run")],
+            "orientation": ["--checkpoint", "x", "--data", "y", "--out", str(tmp_path / "o.safetensors")]}[tool]
 
-    err = _refused(main, ["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run"), *option], capsys)
-    assert f"argument {message}" in err
-    assert not (tmp_path / "run").exists()
+
+# each tool's options out of range, and why (argparse names the option: "argument --lr: ...")
+REFUSED = {
+    "train": [
+        ("--batch-size -4", "must be at least 1, got -4"), ("--batch-size 0", "must be at least 1, got 0"),
+        ("--batch-size 1", "must be at least 2"), ("--epochs 0", "must be at least 1, got 0"),
+        ("--steps -5", "must be at least 0, got -5"), ("--max-pairs -30", "must be at least 0, got -30"),
+        ("--save-every 0", "must be at least 1, got 0"), ("--log-every 0", "must be at least 1, got 0"),
+        ("--threads -2", "must be at least 0, got -2"), ("--seed -1", "must be at least 0, got -1"),
+        ("--lr nan", "must be a finite number, got 'nan'"), ("--lr 0", "must be > 0, got 0"),
+        ("--clip -1", "must be > 0, got -1"), ("--dropout 1", "must be < 1, got 1"),
+        ("--fov-augment 5", "must be <= 1, got 5"), ("--photo-share -3", "must be >= 0, got -3"),
+        ("--photo-fov 200 -10", "must be > 0, got -10"), ("--photo-fov 200 400", "must be <= 360, got 400"),
+        ("--photo-fov 100 60", "MIN 100 is above MAX 60"), ("--hard-negatives 1.5", "must be <= 1, got 1.5"),
+        ("--max-minutes inf", "must be a finite number")],
+    "orientation": [
+        ("--batch-size 0", "must be at least 1, got 0"), ("--steps 0", "must be at least 1, got 0"),
+        ("--dim 0", "must be at least 1, got 0"), ("--pairs 0", "must be at least 1, got 0"),
+        ("--rotations 0", "must be at least 1, got 0"), ("--neighbours 0", "must be at least 1, got 0"),
+        ("--hidden -1", "must be at least 0, got -1"), ("--lr nan", "must be a finite number, got 'nan'"),
+        ("--fov-augment 2", "must be <= 1, got 2"), ("--photo-fov 190 100", "must be < 180, got 190"),
+        ("--photo-fov 100 60", "MIN 100 is above MAX 60")],
+}
+
+
+@pytest.mark.parametrize("tool,option,reason", [(tool, *row) for tool, rows in REFUSED.items() for row in rows])
+def test_numbers_out_of_range_are_refused_before_any_work(tmp_path, capsys, tool, option, reason):
+    main = importlib.import_module(f"model.{tool}").main
+    err = _refused(main, [*_required(tool, tmp_path), *option.split()], capsys)
+    assert f"argument {option.split()[0]}: {reason}" in err
+    assert not any(tmp_path.iterdir())  # nothing written
 
 
 def test_epoch_batches_refuses_a_batch_size_that_makes_no_batches():
@@ -228,3 +236,45 @@ def test_resume_names_a_damaged_state_file_and_what_to_do(tmp_path, capfd):
     err = capfd.readouterr().err
     assert f"error: {state} is damaged and can not be resumed" in err and "delete it" in err
     assert "Traceback" not in err
+
+
+def test_orientation_refuses_an_out_it_can_not_write_before_training(tmp_path, capsys):
+    from model.orientation import main
+
+    err = _refused(main, ["--checkpoint", "x", "--data", "y", "--out", str(tmp_path)], capsys)
+    assert "argument --out: " in err and "is a directory; give a file name" in err
+
+
+@pytest.fixture
+def micro_net(tmp_path, micro_config):
+    from model import L2LTR, save_checkpoint
+
+    save_checkpoint(L2LTR(micro_config), tmp_path / "net.safetensors")
+    return tmp_path / "net.safetensors"
+
+
+def test_orientation_names_too_few_pairs_and_a_damaged_image_and_writes_nothing(tmp_path, micro_net, capfd,
+                                                                                   monkeypatch):
+    import model.orientation
+    from test_training import make_world
+
+    world = make_world(tmp_path / "world")
+    out = tmp_path / "head.safetensors"
+    base = ["--checkpoint", str(micro_net), "--data", str(world), "--out", str(out), "--workers", "0",
+            "--steps", "2", "--batch-size", "4", "--rotations", "1"]
+    assert model.orientation.main([*base, "--pairs", "1"]) == 1
+    assert "error: 1 pairs (train of" in capfd.readouterr().err
+    assert model.orientation.main([*base, "--pairs", "2", "--retrieval", "1"]) == 1
+    assert "leave 1 to train the head on and 1 to test it on; it needs at least 2" in capfd.readouterr().err
+    (world / "bingmap" / "000005.png").write_bytes(b"not a png")
+    assert model.orientation.main(base) == 1
+    err = capfd.readouterr().err
+    assert "error: " in err and "000005.png" in err and "Traceback" not in err
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(model.orientation, "train_orientation", ctrl_c)
+    assert model.orientation.main(base) == 130
+    assert capfd.readouterr().err == "interrupted; nothing written\n"
+    assert not out.exists()
