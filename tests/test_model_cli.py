@@ -96,7 +96,8 @@ def test_plot_refuses_an_out_under_a_file(tmp_path, capsys):
 def _required(tool: str, tmp_path) -> list[str]:
     """A tool's required options, for a command line refused before they are used."""
     return {"train": ["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run")],
-            "orientation": ["--checkpoint", "x", "--data", "y", "--out", str(tmp_path / "o.safetensors")]}[tool]
+            "orientation": ["--checkpoint", "x", "--data", "y", "--out", str(tmp_path / "o.safetensors")],
+            "evaluate": ["--checkpoint", "x", "--data", "y"]}[tool]
 
 
 # each tool's options out of range, and why (argparse names the option: "argument --lr: ...")
@@ -120,6 +121,13 @@ REFUSED = {
         ("--hidden -1", "must be at least 0, got -1"), ("--lr nan", "must be a finite number, got 'nan'"),
         ("--fov-augment 2", "must be <= 1, got 2"), ("--photo-fov 190 100", "must be < 180, got 190"),
         ("--photo-fov 100 60", "MIN 100 is above MAX 60")],
+    "evaluate": [
+        ("--fov 500", "must be <= 360, got 500"), ("--fov 0", "must be > 0, got 0"),
+        ("--tile-m -100", "must be > 0, got -100"), ("--near-radius-m -5", "must be >= 0, got -5"),
+        ("--queries -5", "must be at least 0, got -5"), ("--limit -3", "must be at least 0, got -3"),
+        ("--rotations 0", "must be at least 1, got 0"), ("--rerank-k 0", "must be at least 1, got 0"),
+        ("--rerank-weight 2", "must be <= 1, got 2"), ("--candidates 0", "must be at least 1, got 0"),
+        ("--temperature 0", "must be > 0, got 0"), ("--seed -1", "must be at least 0, got -1")],
 }
 
 
@@ -278,3 +286,16 @@ def test_orientation_names_too_few_pairs_and_a_damaged_image_and_writes_nothing(
     assert model.orientation.main(base) == 130
     assert capfd.readouterr().err == "interrupted; nothing written\n"
     assert not out.exists()
+
+
+def test_evaluate_checks_the_head_and_the_photos_before_preprocessing(tmp_path, micro_net, capsys, monkeypatch):
+    from model import evaluate
+    from test_training import make_world
+
+    world = make_world(tmp_path / "world")
+    monkeypatch.setattr(evaluate, "load_pair_arrays", lambda *a, **k: pytest.fail("preprocessed"))
+    base = ["--checkpoint", str(micro_net), "--data", str(world), "--workers", "0"]
+    assert evaluate.main([*base, "--heading", "unknown"]) == 1
+    assert "this checkpoint has no orientation head" in capsys.readouterr().err
+    assert evaluate.main([*base, "--photos", str(tmp_path)]) == 1
+    assert f"--photos {tmp_path}: no cameras.csv" in capsys.readouterr().err

@@ -266,8 +266,9 @@ def test_evaluate_rerank_with_no_weight_is_the_head_and_with_weight_moves_answer
         [head[k] for k in ("r1", "r5", "r10", "r1pct", "heading_error_median_deg")]
     alone = run("--method", "rerank", "--rerank-weight", "1", "--rerank-k", "24")  # alignment alone decides
     assert alone["r1"] != head["r1"] or alone["r5"] != head["r5"] or alone["confidence"] != head["confidence"]
-    assert evaluate.main([*common, "--method", "rerank", "--rerank-k", "0"]) == 1
-    assert "candidates must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate.main([*common, "--method", "rerank", "--rerank-k", "0"])
+    assert "argument --rerank-k: must be at least 1, got 0" in capsys.readouterr().err
 
 
 def test_evaluate_needs_the_head_for_the_head_method(view_world, capsys):
