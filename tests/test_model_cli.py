@@ -299,3 +299,16 @@ def test_evaluate_checks_the_head_and_the_photos_before_preprocessing(tmp_path, 
     assert "this checkpoint has no orientation head" in capsys.readouterr().err
     assert evaluate.main([*base, "--photos", str(tmp_path)]) == 1
     assert f"--photos {tmp_path}: no cameras.csv" in capsys.readouterr().err
+
+
+def test_info_names_its_config_option_for_a_checkpoint_without_an_architecture(tmp_path, capsys):
+    import torch
+
+    from model import info
+
+    pth = tmp_path / "x.pth"
+    torch.save({"model_grd": {}, "model_sat": {}}, pth)
+    assert info.main([str(pth)]) == 1
+    err = capsys.readouterr().err
+    assert err == f"error: {pth}: a PyTorch (.pth) checkpoint holds no architecture; pass --config (paper, small, " \
+                  "tiny, a JSON config or a JSON file)\n"
