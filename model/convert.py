@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted; nothing written", file=sys.stderr)
+        return 130
     print(f"wrote {args.out} (config {config.name}, fingerprint {fingerprint})")
     return 0
 

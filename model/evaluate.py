@@ -542,6 +542,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _interrupted() -> int:
+    print("interrupted", file=sys.stderr)
+    return 130
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -560,6 +565,8 @@ def main(argv: list[str] | None = None) -> int:
         except (ArtifactError, CheckpointError, ConfigError, ValueError, OSError, KeyError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
+        except KeyboardInterrupt:
+            return _interrupted()
         if args.json:
             print(json.dumps(result, sort_keys=True))
         else:
@@ -575,6 +582,8 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, ConfigError, TrainingError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        return _interrupted()
     if args.json:
         print(json.dumps(result, sort_keys=True))
         return 0

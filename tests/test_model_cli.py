@@ -21,6 +21,10 @@ def _refused(main, argv, capsys) -> str:
     return capsys.readouterr().err
 
 
+def _ctrl_c(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
 def test_output_paths_are_checked_as_options(tmp_path):
     (tmp_path / "file").write_text("x")
     assert output_file(str(tmp_path / "new" / "deeper" / "a.png")) == tmp_path / "new" / "deeper" / "a.png"
@@ -278,11 +282,7 @@ def test_orientation_names_too_few_pairs_and_a_damaged_image_and_writes_nothing(
     assert model.orientation.main(base) == 1
     err = capfd.readouterr().err
     assert "error: " in err and "000005.png" in err and "Traceback" not in err
-
-    def ctrl_c(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(model.orientation, "train_orientation", ctrl_c)
+    monkeypatch.setattr(model.orientation, "train_orientation", _ctrl_c)
     assert model.orientation.main(base) == 130
     assert capfd.readouterr().err == "interrupted; nothing written\n"
     assert not out.exists()
@@ -312,3 +312,18 @@ def test_info_names_its_config_option_for_a_checkpoint_without_an_architecture(t
     err = capsys.readouterr().err
     assert err == f"error: {pth}: a PyTorch (.pth) checkpoint holds no architecture; pass --config (paper, small, " \
                   "tiny, a JSON config or a JSON file)\n"
+
+
+def test_ctrl_c_in_evaluate_and_convert_is_one_line(tmp_path, capsys, monkeypatch):
+    from model import convert, evaluate
+
+    monkeypatch.setattr(evaluate, "evaluate", _ctrl_c)
+    monkeypatch.setattr(evaluate, "evaluate_anywhere", _ctrl_c)
+    assert evaluate.main(["--checkpoint", "x", "--data", "y"]) == 130
+    assert evaluate.main(["--checkpoint", "x", "--data", "y", "--index", "z"]) == 130
+    assert capsys.readouterr().err == "interrupted\ninterrupted\n"
+    src = tmp_path / "in.safetensors"
+    src.write_bytes(b"\0" * 8 + b"{}")  # detect_format reads it as one of ours
+    monkeypatch.setattr(convert, "load_checkpoint", _ctrl_c)
+    assert convert.main(["--from", "ours", "--in", str(src), "--out", str(tmp_path / "out.safetensors")]) == 130
+    assert capsys.readouterr().err == "interrupted; nothing written\n"
