@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any, Mapping
@@ -14,6 +13,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from .atomic import atomic_write
 from .config import ConfigError, L2LTRConfig
 from .network import L2LTR, state_fingerprint
 
@@ -68,19 +68,7 @@ def save_checkpoint(model: L2LTR, path: str | os.PathLike, metadata: Mapping[str
         "fingerprint": fingerprint,
         "provenance": json.dumps(dict(metadata or {}), sort_keys=True),
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata=header)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a checkpoint is meant to be shared (e.g. container users)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, lambda tmp: save_file(state, tmp, metadata=header))
     return fingerprint
 
 

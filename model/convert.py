@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .arguments import output_file
 from .checkpoint import CheckpointError, detect_format, load_checkpoint, save_checkpoint
 from .config import ConfigError, L2LTRConfig
 
@@ -30,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-time-flip", choices=["on", "off"],
                    help="set the inference option: descriptors averaged with the mirrored view's (2x encoding cost)")
     p.add_argument("--in", dest="inp", required=True, type=Path, help="input checkpoint file")
-    p.add_argument("--out", required=True, type=Path, help="output .safetensors file (written atomically)")
+    p.add_argument("--out", required=True, type=output_file, help="output .safetensors file (written atomically)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="storage dtype (default float32)")
     return p
 
@@ -60,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted; nothing written", file=sys.stderr)
+        return 130
     print(f"wrote {args.out} (config {config.name}, fingerprint {fingerprint})")
     return 0
 

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .arguments import non_negative_int, number, output_file, positive_int
+from .atomic import atomic_write
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import ConfigError
 from .encode import pick_device
@@ -33,6 +35,7 @@ from .index_artifact import (ArtifactError, TileTable, check_model, read_manifes
                              read_vectors)
 from .metrics import TILE_FOOTPRINT_M, confidence_report, haversine_m, localization_error, position_report, \
     recall_curve, retrieval_recall
+from .plot import figure_file, save_figure
 from .train import HelpFormatter, TrainingError, encode_arrays, load_pair_arrays, read_records
 
 
@@ -66,6 +69,11 @@ def evaluate(checkpoint: Path, data: Path, dataset: str = "synthetic", split: st
     if photo_tilt and photos is None:
         raise ValueError("photo_tilt places the photos of a perspective world: it needs photos (--photos)")
     model = load_checkpoint(checkpoint)
+    if uses_head(method, heading) and getattr(model, "orientation", None) is None:
+        raise ValueError(f"{model.config.name}: this checkpoint has no orientation head (python -m model.orientation); "
+                         "use --method aerial or query")
+    if photos is not None and not (photos / "cameras.csv").is_file():
+        raise ValueError(f"--photos {photos}: no cameras.csv (a world of worldgen --camera perspective has one)")
     dev = pick_device(device)
     model.to(dev)
     records = read_records(dataset, data, split)
@@ -96,6 +104,11 @@ def evaluate(checkpoint: Path, data: Path, dataset: str = "synthetic", split: st
     return result
 
 
+def uses_head(method: str, heading: str) -> bool:
+    """Whether the checkpoint's orientation head finds the heading (or re-ranks) with this method."""
+    return method == "rerank" or (heading == "unknown" and method == "head")
+
+
 def evaluate_views(model, arrays, records, device, *, fov: float, heading: str, rotations: int, method: str,
                    seed: int, photos: Path | None, queries: int = 0, ambiguity_margin: float = 0.02,
                    tile_m: float = TILE_FOOTPRINT_M, rerank_k: int | None = None,
@@ -121,10 +134,7 @@ def evaluate_views(model, arrays, records, device, *, fov: float, heading: str, 
     else:
         true_heading = np.random.default_rng(seed).uniform(0.0, 360.0, len(records))[:q]
         views = np.stack([limit_fov(rotate_view(g, h), fov) for g, h in zip(arrays.ground[:q], true_heading)])
-    by_head = method == "rerank" or (heading == "unknown" and method == "head")
-    if by_head and getattr(model, "orientation", None) is None:
-        raise ValueError(f"{model.config.name}: this checkpoint has no orientation head (python -m model.orientation); "
-                         "use --method aerial or query")
+    by_head = uses_head(method, heading)
     out: dict = {"queries": int(q), "rotations": rotations if heading == "unknown" and not by_head else None,
                  "method": method if heading == "unknown" or method == "rerank" else None}
     if photos is not None:
@@ -283,8 +293,9 @@ def evaluate_anywhere(checkpoint: Path, data: Path, index: Path, device: str = "
     truth = dist.argmin(axis=1)
     offset = dist[np.arange(len(truth)), truth]
     if scores_out is not None:
-        np.savez_compressed(scores_out, scores=scores, tile_latlon=view_ll, true_latlon=true_ll,
-                            truth=own_rows[truth], tile_of=own_rows[tile_of])
+        arrays = dict(scores=scores, tile_latlon=view_ll, true_latlon=true_ll, truth=own_rows[truth],
+                      tile_of=own_rows[tile_of])
+        save_npz(scores_out, arrays)
     views = {"views": len(view_ll), "centres_m": manifest.get("centres_m")} if len(view_ll) > len(tile_ll) else {}
     result = {"n": len(paths), "tiles": len(tile_ll), **views, "data": str(data), "index": str(index),
               "checkpoint": str(checkpoint), "fingerprint": model.fingerprint(), "tile_m": tile_m,
@@ -439,6 +450,19 @@ def photo_views(world: Path, records, config, centred: bool, tilt: bool | str = 
     return views, headings
 
 
+def save_npz(path: Path, arrays: dict) -> None:
+    """np.savez_compressed, atomically (``.npz`` added to a name without it, as numpy does)."""
+    path = Path(path)
+    if path.suffix != ".npz":
+        path = path.with_name(path.name + ".npz")
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, **arrays)
+
+    atomic_write(path, write)
+
+
 def write_recall_plot(curve: np.ndarray, path: Path, title: str = "") -> None:
     import matplotlib
 
@@ -454,9 +478,8 @@ def write_recall_plot(curve: np.ndarray, path: Path, title: str = "") -> None:
     ax.set_ylim(0, 100)
     ax.grid(True, which="both", alpha=0.3)
     ax.set_title(title, fontsize=9)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -466,31 +489,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, type=Path, help="data set root")
     p.add_argument("--dataset", default="synthetic", choices=["synthetic", "cvusa", "cvact"], help="layout of --data")
     p.add_argument("--split", default="val", help="val, train or all (synthetic); val or train (CVUSA/CVACT)")
-    p.add_argument("--limit", type=int, default=0, help="evaluate the first N pairs only (0: all)")
+    p.add_argument("--limit", type=non_negative_int, default=0, help="evaluate the first N pairs only (0: all)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (bf16 autocast on CUDA)")
-    p.add_argument("--workers", type=int, default=2, help="decoding threads")
-    p.add_argument("--plot", type=Path, help="write a recall@K curve PNG here")
+    p.add_argument("--workers", type=non_negative_int, default=2, help="decoding threads")
+    p.add_argument("--plot", type=figure_file, help="write a recall@K curve PNG here")
     p.add_argument("--json", action="store_true", help="print one JSON object (r1, r5, r10, r1pct, n, ...)")
     v = p.add_argument_group("limited field of view, unknown heading (synthetic worlds)")
-    v.add_argument("--fov", type=float, default=360.0,
+    v.add_argument("--fov", type=number(above=0, high=360), default=360.0,
                    help="keep this many degrees of each panorama around a random heading (360: all)")
     v.add_argument("--heading", choices=HEADING_MODES, default="known",
                    help="known: the query is placed at its true heading; unknown: the heading is searched")
-    v.add_argument("--rotations", type=int, default=16, help="headings searched with --heading unknown")
+    v.add_argument("--rotations", type=positive_int, default=16, help="headings searched with --heading unknown")
     v.add_argument("--method", choices=METHODS, default="head",
                    help="with --heading unknown, how the heading is found: head: the orientation head aligns the "
                         "view's columns with the best tile's (one encoding, the checkpoint needs the head); "
                         "aerial / query: descriptors of the tiles / of the query at --rotations turns; rerank: as "
                         "head, after re-ranking the best --rerank-k tiles by descriptor and column alignment "
                         "(also with --heading known)")
-    v.add_argument("--rerank-k", type=int, help="tiles re-ranked by --method rerank (default: "
+    v.add_argument("--rerank-k", type=positive_int, help="tiles re-ranked by --method rerank (default: "
                                                "model.orientation.RERANK_CANDIDATES)")
-    v.add_argument("--rerank-weight", type=float, help="share of the column alignment in --method rerank's score "
-                                                       "(default: model.orientation.RERANK_WEIGHT)")
-    v.add_argument("--seed", type=int, default=0, help="seed of the random headings of the crops")
-    v.add_argument("--ambiguity-margin", type=float, default=0.02,
+    v.add_argument("--rerank-weight", type=number(0, 1),
+                   help="share of the column alignment in --method rerank's score "
+                        "(default: model.orientation.RERANK_WEIGHT)")
+    v.add_argument("--seed", type=non_negative_int, default=0, help="seed of the random headings of the crops")
+    v.add_argument("--ambiguity-margin", type=number(0), default=0.02,
                    help="report how answers whose best match beats the best one 150 m away by less are right")
-    p.add_argument("--tile-m", type=float, default=None,
+    p.add_argument("--tile-m", type=number(above=0), default=None,
                    help="the aerial tiles' footprint in metres (world.json's tile_footprint_m), for the refined position "
                         f"(default: with --index the manifest's tile_m, else {TILE_FOOTPRINT_M:g})")
     a = p.add_argument_group("cameras anywhere (--index: --data holds queries.csv, e.g. worldgen --layout grid)")
@@ -499,14 +523,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "a query's true tile is the one whose centre is nearest to it (--split, --dataset and the "
                         "field-of-view options do not apply; --method rerank ranks as the service does, by descriptor "
                         "then the best --rerank-k re-ranked by column alignment; otherwise by descriptor alone)")
-    a.add_argument("--near-radius-m", type=float, default=0.0,
+    a.add_argument("--near-radius-m", type=number(0), default=0.0,
                    help="also search each query exactly among the tiles within this radius of its true position "
                         "(a location prior, as the API's near/radius_m); 0: not")
-    a.add_argument("--candidates", type=int, default=20, help="top matches the refined position is made from")
-    a.add_argument("--temperature", type=float, default=None,
+    a.add_argument("--candidates", type=positive_int, default=20, help="top matches the refined position is made from")
+    a.add_argument("--temperature", type=number(above=0), default=None,
                    help="softmax temperature of the refined position (default model.metrics.POSITION_TEMPERATURE)")
-    a.add_argument("--save-scores", type=Path, help="write the similarities and positions here (.npz)")
-    v.add_argument("--queries", type=int, default=0,
+    a.add_argument("--save-scores", type=output_file, help="write the similarities and positions here (.npz)")
+    v.add_argument("--queries", type=non_negative_int, default=0,
                    help="only the first N pairs are queries, matched against every tile of the split (0: all)")
     v.add_argument("--photos", type=Path,
                    help="a perspective world (worldgen --camera perspective, same seed and pairs as --data): "
@@ -516,6 +540,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "that sends its tilt (the API's pitch_deg, roll_deg); 'estimated': with the tilt estimated "
                         "from its vertical edges, as the service places a photo sent without it; default: level")
     return p
+
+
+def _interrupted() -> int:
+    print("interrupted", file=sys.stderr)
+    return 130
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -536,6 +565,8 @@ def main(argv: list[str] | None = None) -> int:
         except (ArtifactError, CheckpointError, ConfigError, ValueError, OSError, KeyError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
+        except KeyboardInterrupt:
+            return _interrupted()
         if args.json:
             print(json.dumps(result, sort_keys=True))
         else:
@@ -551,6 +582,8 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, ConfigError, TrainingError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        return _interrupted()
     if args.json:
         print(json.dumps(result, sort_keys=True))
         return 0

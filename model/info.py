@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from .checkpoint import CheckpointError, load_checkpoint
+from .checkpoint import CheckpointError, check_checkpoint_file, load_checkpoint
 from .config import ConfigError
 
 
@@ -34,6 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
     try:
+        fmt = check_checkpoint_file(args.file)
+        if fmt != "safetensors" and args.config is None:
+            kind = {"official": "PyTorch (.pth)", "npz": ".npz"}[fmt]
+            raise CheckpointError(f"{args.file}: a {kind} checkpoint holds no architecture; "
+                                  "pass --config (paper, small, tiny, a JSON config or a JSON file)")
         info = describe(args.file, args.config)
     except (CheckpointError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)

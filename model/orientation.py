@@ -229,7 +229,7 @@ def train_orientation(checkpoint: Path, data: Path, out: Path, *, pairs: int = 4
     from tqdm import tqdm
 
     from .checkpoint import load_checkpoint, save_checkpoint
-    from .train import (MAX_CENTRE_JITTER, check_off_centre_inputs, jitter_tile_side, load_pair_arrays,
+    from .train import (MAX_CENTRE_JITTER, TrainingError, check_off_centre_inputs, jitter_tile_side, load_pair_arrays,
                         off_centre_polar, read_records)
 
     if not 0.0 <= centre_jitter <= MAX_CENTRE_JITTER:
@@ -243,6 +243,10 @@ def train_orientation(checkpoint: Path, data: Path, out: Path, *, pairs: int = 4
     config = net.config.replace(orientation_dim=dim, orientation_rows=rows, orientation_hidden=hidden)
     records = read_records(dataset, data, split)
     records = [records[i] for i in np.sort(rng.permutation(len(records))[:pairs])]
+    n_train, least = int(len(records) * (1 - holdout)), 2 if retrieval > 0 else 1
+    if n_train < least or n_train == len(records):
+        raise TrainingError(f"{len(records)} pairs ({split} of {data}) leave {n_train} to train the head on and "
+                            f"{len(records) - n_train} to test it on; it needs at least {least} and 1 (more --pairs)")
     if centre_jitter:
         check_off_centre_inputs(net.config, records)
     arrays = load_pair_arrays(records, net.config, "preprocess", workers=workers,
@@ -366,8 +370,10 @@ def train_orientation(checkpoint: Path, data: Path, out: Path, *, pairs: int = 4
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .arguments import non_negative_int, number, output_file, positive_int
     from .checkpoint import CheckpointError
     from .config import ConfigError
+    from .preprocess import ImageDecodeError
     from .train import MAX_CENTRE_JITTER, HelpFormatter, TrainingError
 
     p = argparse.ArgumentParser(prog="python -m model.orientation", description=__doc__,
@@ -376,44 +382,45 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", required=True, type=Path, help="a training world (worldgen) or data set root")
     p.add_argument("--dataset", default="synthetic", choices=["synthetic", "cvusa", "cvact"], help="layout of --data")
     p.add_argument("--split", default="train", help="split whose pairs train the head")
-    p.add_argument("--out", required=True, type=Path, help="checkpoint to write: the network plus the head")
-    p.add_argument("--pairs", type=int, default=4000, help="pairs used (a random sample of the split)")
-    p.add_argument("--rotations", type=int, default=4, help="random headings per panorama")
-    p.add_argument("--fov-augment", type=float, default=0.6,
+    p.add_argument("--out", required=True, type=output_file, help="checkpoint to write: the network plus the head")
+    p.add_argument("--pairs", type=positive_int, default=4000, help="pairs used (a random sample of the split)")
+    p.add_argument("--rotations", type=positive_int, default=4, help="random headings per panorama")
+    p.add_argument("--fov-augment", type=number(0, 1), default=0.6,
                    help="share of the views cut to a random field of view of 60-240 degrees")
-    p.add_argument("--photo-share", type=float, default=0.0,
+    p.add_argument("--photo-share", type=number(0, 1), default=0.0,
                    help="share of the cut views that are a level 4:3 phone photo's outline instead of a crop")
-    p.add_argument("--photo-fov", type=float, nargs=2, default=(60.0, 100.0), metavar=("MIN", "MAX"),
+    p.add_argument("--photo-fov", type=number(above=0, below=180), nargs=2, default=(60.0, 100.0),
+                   metavar=("MIN", "MAX"),
                    help="a photo's horizontal field of view, degrees (uniform)")
-    p.add_argument("--photo-tilt", type=float, default=0.0, metavar="DEG",
+    p.add_argument("--photo-tilt", type=number(0, 30), default=0.0, metavar="DEG",
                    help="a photo's pitch and roll, each uniform in +-DEG, placed as if level as the service places "
                         "a photo sent without its tilt (default 0: level photos)")
-    p.add_argument("--centre-jitter", type=float, default=0.0, metavar="F",
+    p.add_argument("--centre-jitter", type=number(0, MAX_CENTRE_JITTER), default=0.0, metavar="F",
                    help="each heading meets a polar view of its tile centred up to F x the tile's side from the "
                         "camera (uniform over the disc), as a camera between the views of an index_build tile "
                         "--centres-m index meets the nearest (0.07: views every 10 m of 100 m tiles)")
-    p.add_argument("--dim", type=int, default=64, help="width of a column feature")
+    p.add_argument("--dim", type=positive_int, default=64, help="width of a column feature")
     p.add_argument("--rows", action="store_true",
                    help="the head reads each column's token rows side by side instead of their mean")
-    p.add_argument("--hidden", type=int, default=0, help="width of the head's hidden GELU layer (0: linear)")
+    p.add_argument("--hidden", type=non_negative_int, default=0,
+                   help="width of the head's hidden GELU layer (0: linear)")
     p.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
                    help="learning rate: constant, or decayed to 0 over the steps")
-    p.add_argument("--steps", type=int, default=800, help="optimisation steps of --batch-size views")
-    p.add_argument("--batch-size", type=int, default=64, help="views per step")
-    p.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate")
-    p.add_argument("--retrieval", type=float, default=0.0,
+    p.add_argument("--steps", type=positive_int, default=800, help="optimisation steps of --batch-size views")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="views per step")
+    p.add_argument("--lr", type=number(above=0), default=3e-3, help="Adam learning rate")
+    p.add_argument("--retrieval", type=number(0), default=0.0,
                    help="weight of the loss that tells a view's tile from look-alikes by column alignment (0: off)")
-    p.add_argument("--negatives", type=int, default=3, help="with --retrieval: look-alike tiles per view in a batch")
-    p.add_argument("--neighbours", type=int, default=20,
+    p.add_argument("--negatives", type=positive_int, default=3,
+                   help="with --retrieval: look-alike tiles per view in a batch")
+    p.add_argument("--neighbours", type=positive_int, default=20,
                    help="look-alikes are drawn from each view's this many nearest tiles by descriptor")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sample, headings and head initialisation")
-    p.add_argument("--workers", type=int, default=2, help="decoding threads")
+    p.add_argument("--seed", type=non_negative_int, default=0,
+                   help="seed of the sample, headings and head initialisation")
+    p.add_argument("--workers", type=non_negative_int, default=2, help="decoding threads")
     args = p.parse_args(argv)
-    if not 0.0 <= args.photo_tilt <= 30.0:
-        p.error(f"--photo-tilt must be within 0..30 degrees, got {args.photo_tilt:g}")
-    if not 0.0 <= args.centre_jitter <= MAX_CENTRE_JITTER:
-        p.error(f"--centre-jitter must be within 0..{MAX_CENTRE_JITTER:g} of the tile's side, "
-                f"got {args.centre_jitter:g}")
+    if args.photo_fov[0] > args.photo_fov[1]:
+        p.error(f"argument --photo-fov: MIN {args.photo_fov[0]:g} is above MAX {args.photo_fov[1]:g}")
     try:
         report = train_orientation(args.checkpoint, args.data, args.out, pairs=args.pairs, rotations=args.rotations,
                                    fov_augment=args.fov_augment, dim=args.dim, steps=args.steps,
@@ -423,9 +430,12 @@ def main(argv: list[str] | None = None) -> int:
                                    photo_share=args.photo_share, photo_fov_range=tuple(args.photo_fov),
                                    photo_tilt=args.photo_tilt, centre_jitter=args.centre_jitter,
                                    rows=args.rows, hidden=args.hidden, schedule=args.schedule)
-    except (CheckpointError, ConfigError, TrainingError) as exc:
+    except (CheckpointError, ConfigError, TrainingError, ImageDecodeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted; nothing written", file=sys.stderr)
+        return 130
     print(f"wrote {args.out}: heading error on {report['held_out']} held-out pairs, median "
           f"{report['heading_error_median_deg_360']} deg (360 degree views), "
           f"{report['heading_error_median_deg_limited']} deg (limited views); within 10 deg "

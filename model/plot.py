@@ -9,16 +9,48 @@ import json
 import sys
 from pathlib import Path
 
+from .arguments import output_file
+from .atomic import atomic_write
+
+
+def log_lines(path: Path) -> list[tuple[str, dict]]:
+    """Each record of a run's log.jsonl with its line. A torn last line, as a run stopped while writing
+    it leaves, is left out; any other line that is not a JSON object is an error naming it."""
+    lines = path.read_text(errors="replace").splitlines()
+    records = []
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if n == len(lines):
+                break
+            raise ValueError(f"{path}:{n}: not JSON ({exc})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{n}: not a JSON object")
+        records.append((line, record))
+    return records
+
 
 def read_log(path: Path) -> list[dict]:
-    rows = []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{n}: not JSON ({exc})") from None
-    return rows
+    return [record for _, record in log_lines(path)]
+
+
+def figure_file(text: str) -> Path:
+    """argparse type: an image file to write, of a format matplotlib writes (by its suffix; none: PNG)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    path = output_file(text)
+    kind = path.suffix[1:].lower()
+    if kind and kind not in FigureCanvasBase.get_supported_filetypes():
+        raise argparse.ArgumentTypeError(f"{text}: matplotlib does not write .{kind} files (.png, .pdf or .svg do)")
+    return path
+
+
+def save_figure(fig, path: Path) -> None:
+    """Write a figure atomically, in the format its suffix names (none: PNG)."""
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format=path.suffix[1:].lower() or "png"))
 
 
 def plot_log(rows: list[dict], out: Path, title: str = "") -> None:
@@ -43,8 +75,7 @@ def plot_log(rows: list[dict], out: Path, title: str = "") -> None:
     ax2.legend()
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
+    save_figure(fig, out)
     plt.close(fig)
 
 
@@ -52,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m model.plot", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("log", type=Path, help="a run's log.jsonl")
-    p.add_argument("--out", type=Path, help="PNG path (default: curves.png beside the log)")
+    p.add_argument("--out", type=figure_file, help="PNG path (default: curves.png beside the log)")
     args = p.parse_args(argv)
     if not args.log.is_file():
         print(f"error: {args.log} does not exist", file=sys.stderr)

@@ -12,12 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Sequence
 
@@ -27,6 +26,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from .arguments import non_negative_int, number, output_dir, positive_int
+from .atomic import atomic_write
 from .augment import PairAugment
 from .checkpoint import CheckpointError, load_checkpoint, load_npz_into, save_checkpoint
 from .config import ConfigError, L2LTRConfig
@@ -34,9 +35,12 @@ from .encode import autocast_context, encode_batch, pick_device
 from .losses import footprint_overlap, make_loss
 from .metrics import retrieval_recall
 from .network import L2LTR
-from .preprocess import normalize_uint8_batch, normalize_unit_batch, polar_transform_torch, unit_batch
+from .plot import log_lines
+from .preprocess import (ImageDecodeError, normalize_uint8_batch, normalize_unit_batch, polar_transform_torch,
+                         unit_batch)
 
 STATE_FILE = "train_state.pt"
+STATE_KEYS = ("model", "loss", "optimizer", "step", "best_r1", "rng", "args")
 LOG_FILE = "log.jsonl"
 
 
@@ -198,6 +202,8 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, latlon: np.nda
     """The batches of one epoch, a pure function of (seed, epoch) so that resuming replays them.
 
     A `hard_fraction` of the batches is made of geographic neighbours; the rest are random."""
+    if batch_size < 1:  # no batches at all: the training loop would wait for one forever
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     rng = np.random.default_rng([seed, epoch])
     n_batches = n // batch_size
     if n_batches == 0:
@@ -244,17 +250,6 @@ def evaluate_arrays(model: L2LTR, arrays: PairArrays, device: torch.device) -> d
 
 # --------------------------------------------------------------------------- state
 
-def _atomic_torch_save(obj, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def rng_state() -> dict:
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
@@ -268,14 +263,32 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def load_resume_state(path: Path) -> dict:
+    """A run's saved training state, or a TrainingError that names the file and what to do."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch raises many kinds for a truncated or foreign file
+        reason = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+        raise TrainingError(f"{path} is damaged and can not be resumed ({reason}); delete it to train this run "
+                            "again from step 0, or train into a new --out") from None
+    missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise TrainingError(f"{path} is not a training state (no {', '.join(missing)}); delete it to train this "
+                            "run again from step 0, or train into a new --out")
+    return state
+
+
 class JsonLog:
     def __init__(self, path: Path, truncate_after_step: int | None = None):
         self.path = path
         if truncate_after_step is not None and path.exists():
-            # a resumed run rewrites what came after its checkpoint
-            keep = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= truncate_after_step]
-            path.write_text("".join(x + "\n" for x in keep))
+            # a resumed run rewrites what came after its checkpoint (and a line torn by a crash)
+            try:
+                lines = log_lines(path)
+            except ValueError as exc:
+                raise TrainingError(f"{exc}; repair or delete that line to resume") from None
+            keep = "".join(line + "\n" for line, record in lines if record.get("step", 0) <= truncate_after_step)
+            atomic_write(path, lambda tmp: Path(tmp).write_text(keep))
 
     def write(self, **record) -> None:
         record.setdefault("time", time.time())
@@ -328,7 +341,7 @@ def train(args) -> dict:
     state_path = out / STATE_FILE
     resume_state = None
     if args.resume and state_path.exists():
-        resume_state = torch.load(state_path, map_location="cpu", weights_only=False)
+        resume_state = load_resume_state(state_path)
         # a run saved before a setting existed used that setting's default
         saved = {**ADDED_SETTING_DEFAULTS, **resume_state["args"]}
         diffs = {k: (saved.get(k), getattr(args, k)) for k in RESUME_KEYS if saved.get(k) != getattr(args, k)}
@@ -337,6 +350,7 @@ def train(args) -> dict:
                                 "use the original command or a new --out")
     elif state_path.exists() and not args.resume:
         raise TrainingError(f"{out} already holds a run ({STATE_FILE}); pass --resume to continue it or pick a new --out")
+    log = JsonLog(out / LOG_FILE, truncate_after_step=resume_state["step"] if resume_state else None)
 
     train_records = read_records(args.dataset, Path(args.data), "train")
     val_records = read_records(args.dataset, Path(args.data), args.eval_split) if args.eval_every else []
@@ -344,6 +358,8 @@ def train(args) -> dict:
         train_records = train_records[: args.max_pairs]
     if args.max_eval_pairs:
         val_records = val_records[: args.max_eval_pairs]
+    if len(train_records) < args.batch_size:
+        raise TrainingError(f"{len(train_records)} training pairs are fewer than one batch of {args.batch_size}")
     if centre_jitter:
         check_off_centre_inputs(config, train_records)
     semi_positives = added_setting(args, "semi_positives")
@@ -366,14 +382,12 @@ def train(args) -> dict:
     params = list(model.parameters()) + list(loss_fn.parameters())
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
 
-    out.mkdir(parents=True, exist_ok=True)
     train_data = load_pair_arrays(train_records, config, "preprocess train", workers=args.workers, quiet=args.quiet,
                                   tile_side=jitter_tile_side(config) if centre_jitter else None)
     val_data = (load_pair_arrays(val_records, config, f"preprocess {args.eval_split}", workers=args.workers,
                                  quiet=args.quiet) if val_records else None)
+    out.mkdir(parents=True, exist_ok=True)  # after the preprocessing, which a damaged image stops
     steps_per_epoch = len(train_data) // args.batch_size
-    if steps_per_epoch == 0:
-        raise TrainingError(f"{len(train_data)} training pairs are fewer than one batch of {args.batch_size}")
     total_steps = args.steps or args.epochs * steps_per_epoch
 
     step, best_r1 = 0, -1.0
@@ -384,16 +398,15 @@ def train(args) -> dict:
         step, best_r1 = resume_state["step"], resume_state["best_r1"]
         set_rng_state(resume_state["rng"])
         print(f"resumed {out} at step {step}/{total_steps}", file=sys.stderr)
-    log = JsonLog(out / LOG_FILE, truncate_after_step=step if resume_state else None)
     if not resume_state:
         (out / LOG_FILE).write_text("")
         log.write(step=0, event="start", config=config.to_dict(), args=vars(args), device=str(device),
                   train_pairs=len(train_data), eval_pairs=len(val_data) if val_data else 0, total_steps=total_steps)
 
     def save_state():
-        _atomic_torch_save({"model": model.state_dict(), "loss": loss_fn.state_dict(),
-                            "optimizer": optimizer.state_dict(), "step": step, "best_r1": best_r1,
-                            "rng": rng_state(), "args": vars(args), "config": config.to_dict()}, state_path)
+        state = {"model": model.state_dict(), "loss": loss_fn.state_dict(), "optimizer": optimizer.state_dict(),
+                 "step": step, "best_r1": best_r1, "rng": rng_state(), "args": vars(args), "config": config.to_dict()}
+        atomic_write(state_path, partial(torch.save, state))
 
     def provenance(extra=None):
         return {"trained_steps": step, "data": str(args.data), "dataset": args.dataset, "seed": args.seed,
@@ -498,98 +511,104 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         return super()._get_help_string(action)
 
 
+def training_batch_size(text: str) -> int:
+    """argparse type of --batch-size: at least 2, as each pair's negatives are the batch's other pairs."""
+    value = positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError("must be at least 2 (each pair's negatives are the batch's other pairs)")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m model.train", description=__doc__, formatter_class=HelpFormatter)
     d = p.add_argument_group("data")
     d.add_argument("--data", required=True, help="data set root directory")
     d.add_argument("--dataset", default="synthetic", choices=["synthetic", "cvusa", "cvact"], help="layout of --data")
     d.add_argument("--eval-split", default="val", help="split evaluated periodically")
-    d.add_argument("--max-pairs", type=int, default=0, help="use at most this many training pairs (0: all)")
-    d.add_argument("--max-eval-pairs", type=int, default=0, help="evaluate on at most this many pairs (0: all)")
-    d.add_argument("--workers", type=int, default=2, help="threads decoding images during preprocessing")
+    d.add_argument("--max-pairs", type=non_negative_int, default=0,
+                   help="use at most this many training pairs (0: all)")
+    d.add_argument("--max-eval-pairs", type=non_negative_int, default=0,
+                   help="evaluate on at most this many pairs (0: all)")
+    d.add_argument("--workers", type=non_negative_int, default=2, help="threads decoding images during preprocessing")
     m = p.add_argument_group("model")
     m.add_argument("--config", default="tiny", help="config name (paper, small, tiny), JSON or JSON file")
     m.add_argument("--attention", choices=["self_cross", "vanilla"], help="override the config's attention mode")
     m.add_argument("--no-polar", action="store_true", help="feed the aerial branch the plain tile (ablation)")
-    m.add_argument("--dropout", type=float, help="override the config's dropout rate (0..1)")
+    m.add_argument("--dropout", type=number(0, below=1), help="override the config's dropout rate (0..1)")
     m.add_argument("--init", help="initial weights: Google .npz or one of our .safetensors")
     o = p.add_argument_group("optimisation")
-    o.add_argument("--epochs", type=int, default=10, help="passes over the training pairs")
-    o.add_argument("--steps", type=int, default=0, help="total steps (0: --epochs x training pairs / --batch-size)")
-    o.add_argument("--batch-size", type=int, default=32,
+    o.add_argument("--epochs", type=positive_int, default=10, help="passes over the training pairs")
+    o.add_argument("--steps", type=non_negative_int, default=0,
+                   help="total steps (0: --epochs x training pairs / --batch-size)")
+    o.add_argument("--batch-size", type=training_batch_size, default=32,
                    help="pairs per step; the other pairs of the batch are each pair's negatives")
-    o.add_argument("--lr", type=float, default=1e-4, help="peak AdamW learning rate, reached after --warmup")
-    o.add_argument("--weight-decay", type=float, default=0.03, help="AdamW weight decay")
-    o.add_argument("--warmup", type=int, default=500, help="linear warm-up steps before the cosine decay")
-    o.add_argument("--clip", type=float, default=1.0, help="gradient norm clip")
+    o.add_argument("--lr", type=number(above=0), default=1e-4, help="peak AdamW learning rate, reached after --warmup")
+    o.add_argument("--weight-decay", type=number(0), default=0.03, help="AdamW weight decay")
+    o.add_argument("--warmup", type=non_negative_int, default=500, help="linear warm-up steps before the cosine decay")
+    o.add_argument("--clip", type=number(above=0), default=1.0, help="gradient norm clip")
     o.add_argument("--loss", choices=["triplet", "infonce"], default="triplet",
                    help="triplet: the paper's weighted soft-margin triplet loss over all in-batch negatives; "
                         "infonce: symmetric InfoNCE with a learned temperature")
-    o.add_argument("--hard-negatives", type=float, default=0.0,
+    o.add_argument("--hard-negatives", type=number(0, 1), default=0.0,
                    help="fraction of batches made of geographic neighbours (0..1)")
-    o.add_argument("--semi-positives", type=float, default=0.0, metavar="TILE_M",
+    o.add_argument("--semi-positives", type=number(0), default=0.0, metavar="TILE_M",
                    help="cameras anywhere in a grid of overlapping tiles (VIGOR-style; needs tile_lat,tile_lon in the "
                         "split files and --loss infonce): each batch's tiles count as positives in proportion to how "
                         "much of a TILE_M-metre square centred on the camera they cover, so an overlapping "
                         "neighbour is a semi-positive, not a negative (0: off; use with --hard-negatives)")
-    o.add_argument("--centre-jitter", type=float, default=0.0, metavar="F",
+    o.add_argument("--centre-jitter", type=number(0, MAX_CENTRE_JITTER), default=0.0, metavar="F",
                    help="move each training tile's polar centre a random distance (uniform over a disc of radius F "
                         "x the tile's side) from the camera, for cameras anywhere in a grid of tiles (0: off)")
     o.add_argument("--augment", action="store_true",
                    help="aligned random turn + east-west mirror of both views, independent colour jitter")
-    o.add_argument("--fov-augment", type=float, default=0.0, metavar="P",
+    o.add_argument("--fov-augment", type=number(0, 1), default=0.0, metavar="P",
                    help="probability of cutting a panorama to a random field of view (60-240 degrees, anywhere "
                         "around the camera; half of them also to a 4:3 photo's height), for limited-view queries")
-    o.add_argument("--photo-share", type=float, default=0.5, metavar="S",
+    o.add_argument("--photo-share", type=number(0, 1), default=0.5, metavar="S",
                    help="with --fov-augment: share of the cut panoramas that are a level 4:3 phone photo's frame")
-    o.add_argument("--photo-fov", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+    o.add_argument("--photo-fov", type=number(above=0, high=360), nargs=2, default=None, metavar=("MIN", "MAX"),
                    help="with --fov-augment: a photo frame's horizontal field of view, degrees (default: the "
                         "crops' 60-240, a frame of 170 or more cut as a crop)")
     o.add_argument("--photo-mask", choices=["band", "pinhole"], default="band",
                    help="band: a photo frame keeps the rows of its vertical field of view; pinhole: its true "
                         "outline in the panorama frame, as model.views.place_view masks a photo")
-    o.add_argument("--photo-tilt", type=float, default=0.0, metavar="DEG",
+    o.add_argument("--photo-tilt", type=number(0, 30), default=0.0, metavar="DEG",
                    help="with --fov-augment: a photo's camera pitched and rolled, each uniform in +-DEG, and the "
                         "photo placed as if level (as the service places a phone's photo); 0: level photos")
     o.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="auto: bf16 autocast on CUDA, float32 on CPU; bf16 forces autocast on CPU too")
-    o.add_argument("--seed", type=int, default=0, help="seed of the initial weights, batch order and augmentation")
+    o.add_argument("--seed", type=non_negative_int, default=0,
+                   help="seed of the initial weights, batch order and augmentation")
     r = p.add_argument_group("run")
-    r.add_argument("--out", required=True, help="run directory (state, logs, checkpoints)")
+    r.add_argument("--out", required=True, type=output_dir, help="run directory (state, logs, checkpoints)")
     r.add_argument("--resume", action="store_true", help="continue the run in --out from its last saved state")
     r.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (bf16 autocast on CUDA)")
-    r.add_argument("--eval-every", type=int, default=500, help="steps between evaluations (0: never)")
-    r.add_argument("--save-every", type=int, default=100, help="steps between resumable state saves")
-    r.add_argument("--log-every", type=int, default=10, help="steps between lines of log.jsonl")
-    r.add_argument("--max-minutes", type=float, default=0,
+    r.add_argument("--eval-every", type=non_negative_int, default=500, help="steps between evaluations (0: never)")
+    r.add_argument("--save-every", type=positive_int, default=100, help="steps between resumable state saves")
+    r.add_argument("--log-every", type=positive_int, default=10, help="steps between lines of log.jsonl")
+    r.add_argument("--max-minutes", type=number(0), default=0,
                    help="stop (resumably) after this many minutes of wall time (0: no limit)")
-    r.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    r.add_argument("--threads", type=non_negative_int, default=0, help="torch CPU threads (0: torch default)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.photo_fov and args.photo_fov[0] > args.photo_fov[1]:
+        parser.error(f"argument --photo-fov: MIN {args.photo_fov[0]:g} is above MAX {args.photo_fov[1]:g}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if not 0.0 <= args.hard_negatives <= 1.0:
-        print("error: --hard-negatives must be within 0..1", file=sys.stderr)
-        return 2
-    if args.semi_positives < 0:
-        print("error: --semi-positives must be a tile side in metres (> 0), or 0 for off", file=sys.stderr)
-        return 2
-    if not 0.0 <= args.centre_jitter <= MAX_CENTRE_JITTER:
-        print(f"error: --centre-jitter must be within 0..{MAX_CENTRE_JITTER:g} of the tile's side, got "
-              f"{args.centre_jitter:g}", file=sys.stderr)
-        return 2
-    if not 0.0 <= args.photo_tilt <= 30.0:
-        print(f"error: --photo-tilt must be within 0..30 degrees, got {args.photo_tilt:g}", file=sys.stderr)
-        return 2
     try:
         summary = train(args)
-    except (TrainingError, CheckpointError, ConfigError) as exc:
+    except (TrainingError, CheckpointError, ConfigError, ImageDecodeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command with --resume to continue from the last saved state",
+              file=sys.stderr)
+        return 130
     print(json.dumps(summary))
     return 0
 

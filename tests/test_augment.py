@@ -141,8 +141,9 @@ def test_training_reads_the_photo_settings(capsys):
                                       "--photo-fov", "60", "100", "--photo-mask", "pinhole", "--photo-tilt", "4"])
     assert (args.photo_share, args.photo_fov, args.photo_mask, args.photo_tilt) == (0.6, [60.0, 100.0], "pinhole", 4)
     defaults = build_parser().parse_args(["--data", "d", "--out", "o"])
-    assert main(["--data", "d", "--out", "o", "--photo-tilt", "45"]) == 2  # before any data is read
-    assert "--photo-tilt must be within 0..30 degrees, got 45" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="2"):  # before any data is read
+        main(["--data", "d", "--out", "o", "--photo-tilt", "45"])
+    assert "argument --photo-tilt: must be <= 30, got 45" in capsys.readouterr().err
     for key in ("photo_share", "photo_fov", "photo_mask", "photo_tilt"):  # a run saved before them resumes as it was
         assert key in RESUME_KEYS and ADDED_SETTING_DEFAULTS[key] == getattr(defaults, key)
 

@@ -97,8 +97,11 @@ def test_the_nearest_tile_is_the_true_one_and_errors_are_to_the_camera(tmp_path,
     assert result["prior"]["r1"] == 1.0 and result["prior"]["tiles_within_median"] >= 3
     assert [b["n"] for b in result["by_offset"]] == [4]  # every camera within a quarter stride
     assert evaluate.main(["--checkpoint", str(ckpt), "--data", str(data), "--index", str(index), "--device", "cpu",
-                          "--workers", "1"]) == 0
+                          "--workers", "1", "--save-scores", str(tmp_path / "scores")]) == 0
     assert "| whole index | 100.0 |" in capsys.readouterr().out
+    with np.load(tmp_path / "scores.npz") as saved:  # written whole (atomically), named as numpy names it
+        assert saved["scores"].shape == (4, 9) and list(saved["truth"]) == [0, 4, 8, 2]
+    assert sorted(p.name for p in tmp_path.iterdir() if "scores" in p.name) == ["scores.npz"]
 
 
 def test_views_rank_their_tiles_and_place_the_camera(tmp_path, capsys):

@@ -94,8 +94,12 @@ def test_dropout_override_reaches_the_checkpoint_and_is_validated(world, tmp_pat
 
     train(run_args(world, tmp_path / "d", "--steps", "1", "--eval-every", "0", "--dropout", "0"))
     assert load_checkpoint(tmp_path / "d" / "last.safetensors").config.dropout == 0.0
+    with pytest.raises(SystemExit):  # the command line refuses it as it reads the options
+        run_args(world, tmp_path / "e", "--steps", "1", "--dropout", "1.5")
+    args = run_args(world, tmp_path / "e", "--steps", "1")
+    args.dropout = 1.5
     with pytest.raises(ConfigError, match=r"dropout must be in \[0, 1\)"):
-        train(run_args(world, tmp_path / "e", "--steps", "1", "--dropout", "1.5"))
+        train(args)
     assert not (tmp_path / "e").exists()  # refused before anything was written
 
 
@@ -168,7 +172,8 @@ def test_centre_jitter_training_keeps_tiles_and_refuses_what_it_cannot_do(world,
     assert not (tmp_path / "flat").exists()
     from model.train import main
 
-    assert main(["--data", str(world), "--out", str(tmp_path / "big"), "--centre-jitter", "0.6"]) == 2
+    with pytest.raises(SystemExit, match="2"):
+        main(["--data", str(world), "--out", str(tmp_path / "big"), "--centre-jitter", "0.6"])
     assert not (tmp_path / "big").exists()
 
 
