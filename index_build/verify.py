@@ -11,8 +11,8 @@ import numpy as np
 from index_build.artifact import read_built_manifest, resolve_artifact
 from index_build.encode_common import column_shape, decode_tile
 from index_build.workdir import COLUMNS_DTYPE
-from model.index_artifact import (ORIENTATION_FILE, ArtifactError, read_faiss_index, read_orientation, read_tiles,
-                                  read_vectors)
+from model.index_artifact import (ORIENTATION_FILE, ArtifactError, iter_vector_shards, read_faiss_index,
+                                  read_orientation, read_tiles)
 
 # Columns are stored as float16: rounding moves each component by at most 2^-11 of itself (less
 # than 2^-25 in absolute terms below float16's normal range), so a unit column of C <= 1024
@@ -52,15 +52,22 @@ def _check_orientation(stored: np.ndarray, entry: dict, problems: list[str], che
     return True
 
 
-def _check_shard_checksums(vectors: np.ndarray, shards: list[dict], problems: list[str]) -> None:
-    """The checksum of each shard's rows of `vectors` (read_vectors: the shards in order) against the manifest."""
-    start = 0
-    for entry in shards:
-        rows = int(entry.get("rows", 0))
-        digest = hashlib.sha256(np.ascontiguousarray(vectors[start:start + rows]).tobytes()).hexdigest()
-        if digest != entry.get("sha256"):
-            problems.append(f"{entry['file']}: checksum differs from the manifest")
-        start += rows
+def _stored_rows(root: str, manifest: dict, rows: np.ndarray, problems: list[str],
+                 check_checksums: bool) -> tuple[np.ndarray, int] | None:
+    """The stored descriptors of `rows` (ascending) and how many rows the shards hold, read one shard at a
+    time (a country's shards need not fit in memory together), each checked against its manifest checksum;
+    None, with the reason added to `problems`, when the shared reader refuses a shard."""
+    picked, start = [], 0
+    try:
+        for entry, vectors in iter_vector_shards(root, manifest):
+            if check_checksums and hashlib.sha256(vectors.tobytes()).hexdigest() != entry.get("sha256"):
+                problems.append(f"{entry['file']}: checksum differs from the manifest")
+            picked.append(vectors[rows[(rows >= start) & (rows < start + len(vectors))] - start])
+            start += len(vectors)
+    except ArtifactError as exc:
+        problems.append(_problem(root, exc))
+        return None
+    return np.concatenate(picked) if picked else np.zeros((0, manifest["embedding_dim"]), np.float32), start
 
 
 def run_verify(artifact: str, checkpoint: str, *, sample: int = 64, seed: int = 0, device: str = "auto",
@@ -85,18 +92,20 @@ def run_verify(artifact: str, checkpoint: str, *, sample: int = 64, seed: int = 
 
     tiles = _read(root, read_tiles, manifest, problems)
     index = _read(root, read_faiss_index, manifest, problems)
-    vectors = _read(root, read_vectors, manifest, problems)
-    if vectors is not None and check_checksums:
-        _check_shard_checksums(vectors, manifest["shards"], problems)
+    n = manifest["count"] if tiles is None else len(tiles.tile_ids)
+    k = min(sample, n)
+    rows = np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False)) if k else np.zeros(0, int)
+    stored = _stored_rows(root, manifest, rows, problems, check_checksums)
     orientation = _read(root, read_orientation, manifest, problems)
     if orientation is not None and not _check_orientation(orientation, manifest["orientation"], problems,
                                                           check_checksums):
         orientation = None
-    if tiles is None or index is None or vectors is None:
+    if tiles is None or index is None or stored is None:
         report.update(ok=False, problems=problems)
         return report
-    report["counts"] = {"manifest": manifest["count"], "tiles.csv": len(tiles.tile_ids),
-                        "index": int(index.ntotal), "shards": int(vectors.shape[0])}
+    stored, shard_rows = stored
+    report["counts"] = {"manifest": manifest["count"], "tiles.csv": n, "index": int(index.ntotal),
+                        "shards": shard_rows}
 
     dev = pick_device(device)
     model = load_checkpoint(checkpoint, config=model_config)
@@ -120,10 +129,6 @@ def run_verify(artifact: str, checkpoint: str, *, sample: int = 64, seed: int = 
                                          "orientation columns (built before index_build wrote them?): "
                                          "rebuild it to give the service headings")
 
-    n = len(tiles.tile_ids)
-    k = min(sample, n)
-    rows = np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False)) if k else np.zeros(0, int)
-    stored = vectors[rows]
 
     fresh, fresh_columns, decode_failures = [], [], []
     for b in range(0, k, batch_size):

@@ -13,6 +13,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -190,14 +191,22 @@ def read_orientation(directory: str | Path, manifest: dict,
     return columns
 
 
-def read_vectors(directory: str | Path, manifest: dict) -> np.ndarray:
-    """The stored tile descriptors [count, dim] float32 from the embedding shards, in tiles.csv order."""
-    shards = manifest.get("shards") or []
-    try:
-        vectors = [np.load(Path(directory) / entry["file"]).astype(np.float32) for entry in shards]
-    except (KeyError, OSError, ValueError) as exc:
-        raise ArtifactError(f"{directory}: unreadable embedding shard: {exc}") from None
-    rows = sum(len(v) for v in vectors)
+def iter_vector_shards(directory: str | Path, manifest: dict) -> Iterator[tuple[dict, np.ndarray]]:
+    """Each embedding shard's manifest entry and its tile descriptors [rows, dim] float32, in tiles.csv
+    order, one shard in memory at a time; an ArtifactError for a shard that can not be read, and at the
+    end where the shards' rows do not add up to the manifest's count."""
+    rows = 0
+    for entry in manifest.get("shards") or []:
+        try:
+            vectors = np.load(Path(directory) / entry["file"]).astype(np.float32)
+        except (KeyError, OSError, ValueError) as exc:
+            raise ArtifactError(f"{directory}: unreadable embedding shard: {exc}") from None
+        rows += len(vectors)
+        yield entry, vectors
     if rows != manifest["count"]:
         raise ArtifactError(f"{directory}: {rows} stored vectors, manifest count is {manifest['count']}")
-    return np.concatenate(vectors)
+
+
+def read_vectors(directory: str | Path, manifest: dict) -> np.ndarray:
+    """The stored tile descriptors [count, dim] float32 from the embedding shards, in tiles.csv order."""
+    return np.concatenate([vectors for _, vectors in iter_vector_shards(directory, manifest)])
