@@ -308,6 +308,8 @@ def load_checkpoint(path: str | os.PathLike, config: "L2LTRConfig | str | Mappin
         model = _load_safetensors(path, cfg)
     else:
         if cfg is None:
-            raise CheckpointError(f"{path}: a {fmt} checkpoint holds no architecture; pass config=")
+            raise CheckpointError(f"{path}: a {fmt} checkpoint holds no architecture; name it (paper, small, tiny or "
+                                  "a JSON config) with config= in Python or the tool's --config / --model-config, or "
+                                  "convert the file once to .safetensors with python -m model.convert")
         model = _load_official(path, cfg) if fmt == "official" else _load_npz(path, cfg)
     return model.to(map_location).eval()

@@ -75,7 +75,7 @@ def test_official_with_wrong_config_names_the_problem(official, official_pth):
 
 
 def test_official_requires_config(official_pth):
-    with pytest.raises(CheckpointError, match="pass config"):
+    with pytest.raises(CheckpointError, match="holds no architecture; name it .* with config= in Python"):
         load_checkpoint(official_pth)
 
 
