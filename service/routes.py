@@ -102,7 +102,8 @@ def view_params(
     if at is not None and radius_m is None:
         raise invalid("query", "radius_m", "missing", "radius_m (metres) is required with near")
     tilt = None if pitch_deg is None and roll_deg is None else ((pitch_deg or 0.0) + 0.0, (roll_deg or 0.0) + 0.0)
-    return ViewParams(fov_deg, heading_deg, projection, tilt, at, radius_m, near_from_exif)  # + 0.0: -0 is level
+    heading = None if heading_deg is None else heading_deg + 0.0  # + 0.0: -0.0 answered as 0.0 (the tilt too)
+    return ViewParams(fov_deg, heading, projection, tilt, at, radius_m, near_from_exif)
 
 
 ViewQuery = Annotated[ViewParams, Depends(view_params)]

@@ -925,6 +925,8 @@ def test_the_field_of_view_and_heading_come_from_parameters_exif_or_the_shape(cl
     tilted = client.post("/localize?pitch_deg=12.5&roll_deg=-4", files=files).json()["view"]
     assert (tilted["projection"], tilted["pitch_deg"], tilted["roll_deg"], tilted["tilt_source"]) == \
         ("perspective", 12.5, -4.0, "parameter")
+    north = client.post("/localize?heading_deg=-0.0&roll_deg=-0", files=files)
+    assert '"heading_deg":0.0,' in north.text and '"roll_deg":0.0,' in north.text  # not -0.0
     pitched = client.post("/localize?pitch_deg=3", files=files).json()["view"]  # the roll alone left out: level
     assert (pitched["pitch_deg"], pitched["roll_deg"], pitched["tilt_source"]) == (3.0, 0.0, "parameter")
     for query in ("fov_deg=0", "fov_deg=361", "heading_deg=360", "heading_deg=-1", "projection=fisheye",
