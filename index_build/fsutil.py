@@ -1,4 +1,4 @@
-"""Crash-safe file writes: write to a temporary name in the same directory, fsync, os.replace."""
+"""Crash-safe file writes of the artifact (model.atomic's, for bytes, JSON and .npy arrays written block by block)."""
 from __future__ import annotations
 
 import contextlib
@@ -7,53 +7,16 @@ import io
 import json
 import os
 import tempfile
+from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-# mkstemp creates files 0600; published files must be readable by the service's user like any
-# other file this process writes, so they get the ordinary 0666 & ~umask.
-FILE_MODE = 0o666 & ~_current_umask()
-
-
-def fsync_dir(path: str) -> None:
-    """Make a rename/creation inside `path` durable (no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+from model.atomic import FILE_MODE, atomic_write, fsync_dir, fsync_file
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    try:
-        os.fchmod(fd, FILE_MODE)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    fsync_dir(directory)
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def atomic_write_json(path: str, obj) -> None:
@@ -91,11 +54,7 @@ def atomic_save_npy_blocks(path: str, shape: tuple[int, ...], dtype, blocks: Ite
             raise ValueError(f"{path}: the blocks held {filled} rows, expected {out.shape[0]}")
         out.flush()
         del out
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

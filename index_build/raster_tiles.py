@@ -24,7 +24,6 @@ import logging
 import math
 import os
 import re
-import shutil
 import time
 import warnings
 from dataclasses import dataclass, replace
@@ -41,6 +40,7 @@ from rasterio.vrt import WarpedVRT
 from rasterio.warp import transform as transform_points
 
 from index_build.fsutil import FILE_MODE, atomic_write_json, fsync_dir
+from model.atomic import staged_directory, tidy_leftovers
 
 log = logging.getLogger("index_build.raster_tiles")
 
@@ -501,9 +501,11 @@ def default_id_prefix(raster: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("_.") or "tile"
 
 
-def _check_output(options: TileOptions) -> tuple[str, str]:
+def _check_output(options: TileOptions) -> str:
     out_dir = os.path.abspath(options.out)
     parent = os.path.dirname(out_dir)
+    if os.path.isdir(parent) and os.access(parent, os.W_OK):
+        tidy_leftovers(out_dir, log.warning)  # may put a previous --out back
     if os.path.exists(out_dir) and not options.overwrite:
         raise TilingError(f"--out {options.out}: already exists (pass --overwrite to replace it)")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
@@ -512,16 +514,7 @@ def _check_output(options: TileOptions) -> tuple[str, str]:
         raise TilingError(f"--out {options.out}: parent directory {parent} does not exist")
     if not os.access(parent, os.W_OK):
         raise TilingError(f"--out {options.out}: parent directory {parent} is not writable")
-    return out_dir, parent
-
-
-def _make_temporary_dir(tmp: str, out: str) -> None:
-    """The directory the tiles are written to, renamed to --out at the end: the first thing written,
-    so a place where nothing can be written (e.g. /proc, a name too long) fails before any tile is cut."""
-    try:
-        os.makedirs(os.path.join(tmp, IMAGE_DIR))
-    except OSError as exc:
-        raise TilingError(f"--out {out}: can not write {tmp}: {exc.strerror or exc}") from None
+    return out_dir
 
 
 def _write_file(path: str, data: bytes) -> None:
@@ -530,18 +523,6 @@ def _write_file(path: str, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _publish(tmp: str, out_dir: str, parent: str) -> None:
-    """Rename the finished temporary directory into place (replacing an old one only at the very end)."""
-    if os.path.exists(out_dir):
-        old = os.path.join(parent, f".{os.path.basename(out_dir)}.old-{os.getpid()}")
-        os.rename(out_dir, old)
-        os.rename(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out_dir)
-    fsync_dir(parent)
 
 
 def _cut_all(cutter: TileCutter, options: TileOptions, tmp: str, tiles: TileGrid, tile_id,
@@ -590,7 +571,7 @@ def tile_raster(options: TileOptions, progress: bool = True) -> TilingResult:
     """Cut options.raster into a catalogue directory at options.out (see the module docstring)."""
     started = time.monotonic()
     options.validate()
-    out_dir, parent = _check_output(options)
+    out_dir = _check_output(options)
     memory = MemoryPlan.split(options.memory_budget)
     with rasterio.Env(GDAL_CACHEMAX=memory.block_cache):
         dataset, source = open_raster(options.raster, options.bands, options.value_range)
@@ -605,10 +586,9 @@ def tile_raster(options: TileOptions, progress: bool = True) -> TilingResult:
                       source_ground_resolution(source, frame), grid.rows, grid.cols, len(grid), grid.tile_m,
                       grid.stride_m, grid.tile_px)
             prefix = options.id_prefix or default_id_prefix(options.raster)
-            tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.tmp-{os.getpid()}")
-            shutil.rmtree(tmp, ignore_errors=True)
-            try:
-                _make_temporary_dir(tmp, options.out)
+            with staged_directory(out_dir, lambda message: TilingError(f"--out {options.out}: {message}")) as stage:
+                tmp = stage.path
+                os.makedirs(os.path.join(tmp, IMAGE_DIR))
                 written, skipped, views = _cut_all(cutter, options, tmp, grid, tile_ids(prefix, grid), progress)
                 if written == 0:
                     raise TilingError(f"{options.raster}: all {len(grid)} tiles are more than "
@@ -616,11 +596,7 @@ def tile_raster(options: TileOptions, progress: bool = True) -> TilingResult:
                 atomic_write_json(os.path.join(tmp, "tiling.json"), _tiling_record(
                     options, source, grid, prefix, (written, skipped, views)))
                 fsync_dir(os.path.join(tmp, IMAGE_DIR))
-                fsync_dir(tmp)
-                _publish(tmp, out_dir, parent)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
+                stage.publish()
     return TilingResult(out_dir=out_dir, catalogue=os.path.join(out_dir, CATALOGUE_NAME), rows=grid.rows,
                         cols=grid.cols, written=written, skipped_nodata=skipped, tile_m=grid.tile_m,
                         stride_m=grid.stride_m, tile_px=grid.tile_px, max_nodata=options.max_nodata,

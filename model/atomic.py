@@ -1,12 +1,17 @@
-"""Crash-safe writes of the tools' outputs: each is written to a temporary file beside its target and
-renamed over it once complete, so that a reader never sees half a file and a write that fails or is
-interrupted leaves nothing behind (an older file of that name stays as it was)."""
+"""Crash-safe writes of the tools' outputs, files and whole directories: each is written under a
+temporary name beside its target, made durable (fsync) and renamed over it once complete, so that a
+reader never sees half an output and a write that fails or is interrupted leaves the older one as it was.
+index_build.fsutil builds its artifact writes on these."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import re
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 
 def _file_mode() -> int:
@@ -19,9 +24,31 @@ def _file_mode() -> int:
 FILE_MODE = _file_mode()
 
 
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a rename or creation inside ``path`` durable (a no-op where directories can not be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: str | os.PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> None:
     """Write ``path`` by calling ``write`` with the name of a temporary file beside it (its directory is
-    made if missing), then renaming that file to ``path`` with the ordinary permissions."""
+    made if missing), then renaming that file, synced to disk, to ``path`` with the ordinary permissions."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -29,7 +56,133 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Non
     try:
         write(tmp)
         os.chmod(tmp, FILE_MODE)
+        fsync_file(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    fsync_dir(path.parent)
+
+
+class OutputDirectoryError(OSError):
+    """The temporary directory of an output can not be made (a path where nothing can be written)."""
+
+
+@contextlib.contextmanager
+def staged_directory(out_dir: str, error: Callable[[str], Exception] = OutputDirectoryError) -> Iterator["Staging"]:
+    """Write a whole output directory or none of it: files go into ``staging.path`` (``.NAME.tmp-PID``
+    beside ``out_dir``), ``staging.publish()`` renames it to ``out_dir`` (an existing one replaced only
+    then, through ``.NAME.old-PID``); leaving the block without publishing removes it. The run holds
+    ``.NAME.run-PID.lock`` (flock) meanwhile, which tells `tidy_leftovers` that it is alive. Where
+    nothing can be written there, ``error(message)`` is raised (a tool's own error class)."""
+    staging = Staging(os.path.abspath(out_dir))
+    with _held_lock(staging.lock_path, error):
+        try:
+            os.makedirs(staging.path)
+        except OSError as exc:
+            raise error(f"can not write {staging.path}: {exc.strerror or exc}") from None
+        try:
+            yield staging
+        finally:
+            shutil.rmtree(staging.path, ignore_errors=True)  # once published, no longer there
+
+
+class Staging:
+    """The names a `staged_directory` run uses beside its output, and its publish step."""
+
+    def __init__(self, out_dir: str, pid: int | None = None) -> None:
+        self.out_dir = out_dir
+        self.parent, self.name = os.path.split(out_dir)
+        pid = os.getpid() if pid is None else pid
+        self.path = os.path.join(self.parent, f".{self.name}.tmp-{pid}")
+        self.old = os.path.join(self.parent, f".{self.name}.old-{pid}")
+        self.lock_path = os.path.join(self.parent, f".{self.name}.run-{pid}.lock")
+
+    def publish(self) -> None:
+        """Rename the finished temporary directory to the output (replacing an old one only now)."""
+        fsync_dir(self.path)
+        if os.path.lexists(self.out_dir):
+            os.rename(self.out_dir, self.old)
+            os.rename(self.path, self.out_dir)
+            _remove(self.old)
+        else:
+            os.rename(self.path, self.out_dir)
+        fsync_dir(self.parent)
+
+
+@contextlib.contextmanager
+def _held_lock(path: str, error: Callable[[str], Exception]) -> Iterator[None]:
+    """Hold the flock of ``path`` (made here) until the block ends, then remove it. A tidying run removes
+    a lock file it finds free: one it removed just before we took it is made again."""
+    while True:
+        try:
+            lock = open(path, "a")
+        except OSError as exc:
+            raise error(f"can not write {path}: {exc.strerror or exc}") from None
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if os.stat(path).st_ino == os.fstat(lock.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        lock.close()
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)  # while still held: nobody finds it free
+        lock.close()
+
+
+def tidy_leftovers(out_dir: str, log: Callable[[str], object] = lambda message: None) -> None:
+    """Tidy what `staged_directory` runs for ``out_dir`` that were killed outright (kill -9, a power cut)
+    left beside it: their temporary directories are removed, and a previous output one was killed in the
+    middle of replacing is put back. A run still writing, in another process, container or host, holds
+    its lock and is left alone. Called before a tool looks whether ``out_dir`` exists."""
+    staging = Staging(os.path.abspath(out_dir))
+    pattern = re.compile(re.escape(f".{staging.name}.") + r"(?:(?:tmp|old)-([1-9][0-9]*)|run-([1-9][0-9]*)\.lock)")
+    try:
+        entries = sorted(os.listdir(staging.parent))
+    except OSError:  # a directory that can be written but not listed: nothing to tidy that can be seen
+        return
+    pids = {int(m.group(1) or m.group(2)) for m in map(pattern.fullmatch, entries) if m}
+    for pid in sorted(pids - {os.getpid()}):
+        dead = Staging(staging.out_dir, pid)
+        with _lock_if_free(dead.lock_path) as free:
+            if not free:
+                continue  # a run still writing
+            if os.path.lexists(dead.old) and not os.path.lexists(staging.out_dir):
+                os.rename(dead.old, staging.out_dir)  # killed between its two renames: the previous output back
+                log(f"put back {staging.out_dir} from {dead.old}, left by a run that was killed while replacing it")
+            for path in (dead.path, dead.old):
+                if os.path.lexists(path):
+                    log(f"removing {path}, left by a run that was killed")
+                    _remove(path)
+            with contextlib.suppress(OSError):
+                os.unlink(dead.lock_path)
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+@contextlib.contextmanager
+def _lock_if_free(path: str) -> Iterator[bool]:
+    """Hold ``path``'s flock if no live run holds it (True; also when the file is gone: its run ended or
+    was killed), else False."""
+    try:
+        lock = open(path, "r+")
+    except FileNotFoundError:
+        yield True
+        return
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True

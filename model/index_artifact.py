@@ -198,9 +198,13 @@ def iter_vector_shards(directory: str | Path, manifest: dict) -> Iterator[tuple[
     rows = 0
     for entry in manifest.get("shards") or []:
         try:
-            vectors = np.load(Path(directory) / entry["file"]).astype(np.float32)
+            vectors = np.load(Path(directory) / entry["file"]).astype(np.float32, copy=False)
         except (KeyError, OSError, ValueError) as exc:
             raise ArtifactError(f"{directory}: unreadable embedding shard: {exc}") from None
+        expected = [entry.get("rows", len(vectors)), manifest["embedding_dim"]]
+        if list(vectors.shape) != expected:
+            raise ArtifactError(f"{Path(directory) / entry['file']}: shape {list(vectors.shape)}, manifest.json says "
+                                f"{expected} (rows, embedding_dim)")
         rows += len(vectors)
         yield entry, vectors
     if rows != manifest["count"]:

@@ -37,20 +37,30 @@ def read_log(path: Path) -> list[dict]:
     return [record for _, record in log_lines(path)]
 
 
-def figure_file(text: str) -> Path:
-    """argparse type: an image file to write, of a format matplotlib writes (by its suffix; none: PNG)."""
-    from matplotlib.backend_bases import FigureCanvasBase
+def figure_path(path: str | Path) -> Path:
+    """Where matplotlib writes a figure given ``path``: a name without a suffix gets ``.png``."""
+    path = Path(path)
+    return path if path.suffix else path.with_name(path.name + ".png")
 
-    path = output_file(text)
+
+def figure_file(text: str) -> Path:
+    """argparse type: an image file to write (`figure_path`), of a format matplotlib writes."""
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:
+        raise argparse.ArgumentTypeError("drawing a figure needs matplotlib: pip install '.[plot]'") from None
+    path = figure_path(output_file(text))
     kind = path.suffix[1:].lower()
-    if kind and kind not in FigureCanvasBase.get_supported_filetypes():
+    if kind not in FigureCanvasBase.get_supported_filetypes():
         raise argparse.ArgumentTypeError(f"{text}: matplotlib does not write .{kind} files (.png, .pdf or .svg do)")
     return path
 
 
-def save_figure(fig, path: Path) -> None:
-    """Write a figure atomically, in the format its suffix names (none: PNG)."""
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format=path.suffix[1:].lower() or "png"))
+def save_figure(fig, path: Path) -> Path:
+    """Write a figure atomically at `figure_path` (path), in the format its suffix names; returns where."""
+    path = figure_path(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format=path.suffix[1:].lower()))
+    return path
 
 
 def plot_log(rows: list[dict], out: Path, title: str = "") -> None:

@@ -515,7 +515,8 @@ def training_batch_size(text: str) -> int:
     """argparse type of --batch-size: at least 2, as each pair's negatives are the batch's other pairs."""
     value = positive_int(text)
     if value < 2:
-        raise argparse.ArgumentTypeError("must be at least 2 (each pair's negatives are the batch's other pairs)")
+        raise argparse.ArgumentTypeError(f"must be at least 2 (each pair's negatives are the batch's other pairs), "
+                                         f"got {value}")
     return value
 
 

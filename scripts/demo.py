@@ -562,6 +562,7 @@ def main(argv: list[str] | None = None) -> int:
         panoramas = None if args.panoramas is None else max(args.panoramas, args.query + 1)
         region = ensure_region(demo_dir, args.seed, args.area_km2, args.pairs, panoramas, args.workers,
                                args.worldgen_arg)
+        demo_query(region, args.query)  # a --query past the region's cameras: said now, before the index
         index = ensure_index(demo_dir, region, checkpoint, args.index_arg)
         if args.prepare_only:
             say(f"prepared: region {relative_to_cwd(region.world)}, index {relative_to_cwd(index)}")

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 
+import numpy as np
 import pytest
 
 pytest.importorskip("faiss")
@@ -452,10 +453,18 @@ def _deleted_shard(root):
     os.unlink(root / "vectors" / "shard-00000.npy")
 
 
+def _narrow_shard(root):
+    path = root / "vectors" / "shard-00000.npy"
+    stored = np.load(path)
+    os.chmod(path, 0o644)
+    np.save(path, stored[:, :-1])
+
+
 @pytest.mark.parametrize("damage, problem", [
     (_nan_latitude, "tiles.csv:5: lat/lon out of range"),
     (_truncated_index, "index.faiss: unreadable FAISS index"),
     (_deleted_shard, "unreadable embedding shard"),
+    (_narrow_shard, "vectors/shard-00000.npy: shape ["),
 ])
 def test_verify_refuses_what_the_service_refuses(tmp_path, capsys, ckpt, catalogue, damage, problem):
     out = tmp_path / "idx"

@@ -89,6 +89,22 @@ def test_train_refuses_an_out_that_is_a_file(tmp_path, capsys):
     assert "argument --out: " in err and "exists and is not a directory" in err
 
 
+def test_a_figure_without_a_suffix_is_a_png_and_needs_matplotlib(tmp_path, monkeypatch):
+    import argparse
+    import sys
+
+    import matplotlib.pyplot as plt
+
+    from model.plot import figure_file, save_figure
+
+    assert figure_file(str(tmp_path / "recall")) == tmp_path / "recall.png"
+    assert save_figure(plt.figure(), tmp_path / "curves") == tmp_path / "curves.png"
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG" and not (tmp_path / "curves").exists()
+    monkeypatch.setitem(sys.modules, "matplotlib.backend_bases", None)  # not installed (the service image)
+    with pytest.raises(argparse.ArgumentTypeError, match=r"needs matplotlib: pip install '\.\[plot\]'"):
+        figure_file(str(tmp_path / "recall.png"))
+
+
 def test_plot_refuses_an_out_under_a_file(tmp_path, capsys):
     from model import plot
 

@@ -366,16 +366,40 @@ def _pid_of_a_finished_process() -> int:
 
 
 def test_leftovers_of_killed_runs_are_removed_and_a_running_one_kept(tmp_path):
+    """A run holds .OUT.run-PID.lock while it writes (model.atomic.staged_directory); what runs that are
+    gone left is removed, whatever their pid is now on this host (another container's or host's run)."""
+    import fcntl
+
     from worldgen.cli import main
 
+    out = tmp_path / "w"
+    out.mkdir()  # the data set a killed --overwrite run was replacing: still there
     dead = _pid_of_a_finished_process()
     (tmp_path / f".w.tmp-{dead}" / "streetview").mkdir(parents=True)
     (tmp_path / f".w.old-{dead}").write_text("the file an --overwrite run replaced before it was killed")
-    running = tmp_path / f".w.tmp-{os.getppid()}"
+    (tmp_path / f".w.run-{dead}.lock").touch()
+    running = tmp_path / f".w.tmp-{os.getpid()}0"  # a live run's, whatever its pid: it holds its lock
     running.mkdir()
     (tmp_path / f".other.tmp-{dead}").mkdir()  # another output's: not ours to judge
-    assert main(["--seed", "3", "--area-km2", "0.03", "--pairs", "4", "--out", str(tmp_path / "w"), "--quiet"]) == 0
-    assert sorted(os.listdir(tmp_path)) == sorted([f".other.tmp-{dead}", running.name, "w"])
+    with open(tmp_path / f".w.run-{os.getpid()}0.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        assert main(["--seed", "3", "--area-km2", "0.03", "--pairs", "4", "--out", str(out), "--quiet",
+                     "--overwrite"]) == 0
+    assert sorted(os.listdir(tmp_path)) == sorted([f".other.tmp-{dead}", running.name, lock.name.split("/")[-1], "w"])
+    assert (out / "tiles.csv").is_file()
+
+
+def test_a_run_killed_while_it_replaced_the_output_has_the_previous_one_put_back(tmp_path, capsys):
+    from worldgen.cli import main
+
+    dead = _pid_of_a_finished_process()
+    previous = tmp_path / f".w.old-{dead}"  # renamed away; the new one never renamed into place
+    previous.mkdir()
+    (previous / "tiles.csv").write_text("tile_id\n")
+    (tmp_path / f".w.tmp-{dead}").mkdir()
+    assert main(["--seed", "3", "--area-km2", "0.03", "--pairs", "4", "--out", str(tmp_path / "w"), "--quiet"]) == 2
+    assert "already exists" in capsys.readouterr().err  # the previous data set, back: not replaced unasked
+    assert sorted(os.listdir(tmp_path)) == ["w"] and (tmp_path / "w" / "tiles.csv").read_text() == "tile_id\n"
 
 
 def test_overwrite_replaces_a_file_and_leaves_nothing_beside_it(tmp_path):

@@ -12,8 +12,6 @@ import io
 import json
 import math
 import os
-import re
-import shutil
 import struct
 import time
 import zlib
@@ -22,6 +20,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import ExifTags, Image, TiffImagePlugin
 
+from model.atomic import staged_directory, tidy_leftovers
 from worldgen import FORMAT_VERSION
 from worldgen.noise import hash_u01
 from worldgen.render import (EYE_HEIGHT, render_aerial, render_pano, render_perspective, sample_aerial_look,
@@ -308,18 +307,18 @@ def generate_dataset(cfg: GenConfig, out_dir: str, workers: int = 1, overwrite: 
     cfg.validate()
     out_dir = os.path.abspath(out_dir)
     parent = os.path.dirname(out_dir) or "."
-    if os.path.exists(out_dir) and not overwrite:
-        raise WorldgenError(f"output directory {out_dir} already exists (pass --overwrite to replace it)")
     if not os.path.isdir(parent):
         raise WorldgenError(f"parent directory {parent} does not exist")
     if not os.access(parent, os.W_OK):
         raise WorldgenError(f"parent directory {parent} is not writable")
-    tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.tmp-{os.getpid()}")
-    _remove_leftovers(out_dir, log)
+    tidy_leftovers(out_dir, lambda message: log(f"worldgen: {message}"))  # may put a previous OUT back
+    if os.path.exists(out_dir) and not overwrite:
+        raise WorldgenError(f"output directory {out_dir} already exists (pass --overwrite to replace it)")
     t0 = time.time()
-    try:
+    with staged_directory(out_dir, lambda message: WorldgenError(f"output directory {out_dir}: {message}")) as stage:
+        tmp = stage.path
         grid = cfg.layout == "grid"
-        _make_temporary_dir(tmp, out_dir)
+        os.makedirs(os.path.join(tmp, "streetview"))
         if not grid:
             os.makedirs(os.path.join(tmp, "bingmap"))
             os.makedirs(os.path.join(tmp, "splits"))
@@ -421,70 +420,13 @@ def generate_dataset(cfg: GenConfig, out_dir: str, workers: int = 1, overwrite: 
         with open(os.path.join(tmp, "world.json"), "w") as f:
             json.dump(meta, f, indent=2, sort_keys=True)
             f.write("\n")
-        if os.path.exists(out_dir):
-            old = os.path.join(parent, f".{os.path.basename(out_dir)}.old-{os.getpid()}")
-            os.rename(out_dir, old)
-            os.rename(tmp, out_dir)
-            _remove(old)
-        else:
-            os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        stage.publish()
     written, unit = ((f"{ortho['path']} and {n} ground images", "cameras") if grid else
                      (f"{n} pairs", "pairs") if n_ground == n else
                      (f"{n} aerial tiles and {n_ground} ground images", "positions"))
     log(f"worldgen: wrote {written} to {out_dir} in {time.time() - t0:.1f} s "
         f"(world {t_world:.1f} s, rendering {t_render:.1f} s = {n / max(t_render, 1e-9):.1f} {unit}/s)")
     return meta
-
-
-def _process_running(pid: int) -> bool:
-    if pid == os.getpid():
-        return False  # what this process has not written yet is a leftover of an earlier one
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, OverflowError):
-        return False
-    except PermissionError:
-        return True  # another user's process
-    return True
-
-
-def _remove(path: str) -> None:
-    """Remove a file or a directory tree, as far as it can be removed."""
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
-
-
-def _remove_leftovers(out_dir: str, log) -> None:
-    """Remove the `.OUT.tmp-PID` and `.OUT.old-PID` beside out_dir of runs that were killed before they
-    could (kill -9, a power cut): those whose process is no longer running. A run still writing keeps its own."""
-    parent, name = os.path.split(out_dir)
-    leftover = re.compile(re.escape(f".{name}.") + r"(?:tmp|old)-([1-9][0-9]*)")
-    try:
-        entries = sorted(os.listdir(parent))
-    except OSError:  # a directory that can be written but not listed: nothing to tidy that can be seen
-        return
-    for entry in entries:
-        match = leftover.fullmatch(entry)
-        if match and not _process_running(int(match.group(1))):
-            log(f"worldgen: removing {os.path.join(parent, entry)}, left by a run that was killed")
-            _remove(os.path.join(parent, entry))
-
-
-def _make_temporary_dir(tmp: str, out_dir: str) -> None:
-    """The directory the data set is written to, renamed to out_dir at the end: the first thing written,
-    so a place where nothing can be written (e.g. /proc, a name too long) fails before the world is built."""
-    try:
-        os.makedirs(os.path.join(tmp, "streetview"))
-    except OSError as exc:
-        raise WorldgenError(f"output directory {out_dir}: can not write {tmp}: {exc.strerror or exc}") from None
 
 
 def _fmt(v: float) -> str:
