@@ -25,7 +25,7 @@ from PIL import Image
 
 from ship_support import assert_same_matches
 from test_service_support import (  # noqa: F401  (world is a fixture)
-    image_bytes, jpeg_bytes, metric_value, publish_symlink, running_client, settings_for, world,
+    image_bytes, jpeg_bytes, metric_value, publish_symlink, running_client, settings_for, with_gpano_heading, world,
 )
 
 pytestmark = pytest.mark.cross_cpu  # compares numbers of two paths: `make test` reruns it with other CPU kernels
@@ -947,30 +947,16 @@ def test_the_field_of_view_and_heading_come_from_parameters_exif_or_the_shape(cl
     _assert_error(client.post("/localize/batch?pitch_deg=-7", files=mixed), 422, "tilt_not_a_photo")
 
 
-def _with_gpano_heading(image: bytes, value: str, *, exif_heading: float | None = None) -> bytes:
-    """The image re-encoded as a JPEG whose XMP carries GPano:PoseHeadingDegrees = ``value`` (a Street View
-    style panorama's), optionally with an EXIF GPSImgDirection too."""
-    from worldgen.dataset import camera_exif
-
-    xmp = ('<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
-           '<rdf:Description rdf:about="" xmlns:GPano="http://ns.google.com/photos/1.0/panorama/" '
-           f'GPano:ProjectionType="equirectangular" GPano:PoseHeadingDegrees="{value}"/></rdf:RDF></x:xmpmeta>')
-    out = io.BytesIO()
-    extra = {"exif": camera_exif(65.0, exif_heading)} if exif_heading is not None else {}
-    Image.open(io.BytesIO(image)).save(out, "JPEG", quality=85, xmp=xmp.encode(), **extra)
-    return out.getvalue()
-
-
 def test_a_street_view_panorama_s_xmp_heading_is_read_before_exif_after_the_parameter(client, world):
     read = lambda image, query="": client.post(f"/localize{query}", files={"image": ("v.jpg", image, "image/jpeg")})  # noqa: E731
-    view = read(_with_gpano_heading(world.pano, "123.5")).json()["view"]
+    view = read(with_gpano_heading(world.pano, "123.5")).json()["view"]
     assert (view["fov_source"], view["heading_deg"], view["heading_source"]) == ("aspect", 123.5, "xmp")
-    both = read(_with_gpano_heading(world.pano, "200", exif_heading=10.0)).json()["view"]
+    both = read(with_gpano_heading(world.pano, "200", exif_heading=10.0)).json()["view"]
     assert (both["heading_deg"], both["heading_source"]) == (200.0, "xmp")  # the image centre's, by definition
-    given = read(_with_gpano_heading(world.pano, "200"), "?heading_deg=45").json()["view"]
+    given = read(with_gpano_heading(world.pano, "200"), "?heading_deg=45").json()["view"]
     assert (given["heading_deg"], given["heading_source"]) == (45.0, "parameter")
     for broken in ("north", "nan", "-1", "361", "1e400"):  # not a heading: read as absent, never a 500
-        answer = read(_with_gpano_heading(world.pano, broken))
+        answer = read(with_gpano_heading(world.pano, broken))
         assert answer.status_code == 200 and answer.json()["view"]["heading_source"] is None, broken
 
 

@@ -6,13 +6,14 @@ import math
 import re
 import shutil
 import tempfile
+import time
 import urllib.request
 
 import numpy as np
 import pytest
 
 from test_service_support import (  # noqa: F401  (world is a fixture)
-    ServiceProcess, build_artifact, micro_checkpoint, world, write_catalog,
+    ServiceProcess, build_artifact, micro_checkpoint, with_gpano_heading, world, write_catalog,
 )
 
 CHROMIUM = next((p for p in (shutil.which(n) for n in ("chromium", "chromium-browser",
@@ -352,7 +353,50 @@ def test_upload_error_is_shown(browser, page_server, tmp_path):
     status = _wait(browser, lambda d: (el := d.find_element(By.ID, "status")).text.startswith(
         "Error") and el)
     assert "400" in status.text and "not an image" in status.text
+    assert re.search(r"\(request id [0-9a-f]{32}\)$", status.text)  # to quote when asking for help
     assert "error" in status.get_attribute("class")
+
+
+def test_an_older_answer_never_replaces_a_newer_one(browser, page_server, world):
+    """A slow answer to k=5 arriving after the answer to k=2 the user asked for next is dropped."""
+    from selenium.webdriver.common.by import By
+
+    _upload(browser, page_server, world.pano_path, 3)
+    browser.execute_script("""
+      const realFetch = window.fetch; let delayed = false;
+      window.fetch = (url, options) => {
+        if (String(url).startsWith('localize') && !delayed) {
+          delayed = true;  // the first answer comes 1.5 s late, unless its request is cancelled
+          return new Promise((resolve, reject) => {
+            const timer = setTimeout(() => resolve(realFetch(url, options)), 1500);
+            if (options.signal) options.signal.addEventListener('abort', () => {
+              clearTimeout(timer); reject(new DOMException('cancelled', 'AbortError')); });
+          });
+        }
+        return realFetch(url, options);
+      };""")
+    k = browser.find_element(By.ID, "k")
+    k.clear()
+    k.send_keys("5")
+    browser.find_element(By.ID, "submit").click()
+    assert browser.find_elements(By.CSS_SELECTOR, "#results li.result") == []  # not the answer to k=3 any more
+    k.clear()
+    k.send_keys("2")
+    browser.find_element(By.ID, "submit").click()
+    _wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results li.result")) == 2)
+    time.sleep(2.0)  # past the first answer's delay
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#results li.result")) == 2
+    assert browser.find_element(By.ID, "status").text == "Done."
+
+
+def test_a_heading_from_a_panoramas_xmp_says_so(browser, page_server, world, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    pano = tmp_path / "street_view.jpg"
+    pano.write_bytes(with_gpano_heading(world.pano, "123"))
+    _upload(browser, page_server, pano, 2)
+    heading = browser.find_element(By.CSS_SELECTOR, "#view .view-heading")
+    assert (heading.get_attribute("data-source"), heading.text) == ("xmp", "heading 123° (from the panorama's XMP)")
 
 
 def test_api_key_goes_with_the_upload_and_the_map_thumbnails(browser, keyed_server, world):
@@ -365,8 +409,9 @@ def test_api_key_goes_with_the_upload_and_the_map_thumbnails(browser, keyed_serv
     browser.find_element(By.ID, "submit").click()
     status = _wait(browser, lambda d: (el := d.find_element(By.ID, "status")).text.startswith("Error") and el)
     assert "401" in status.text
-
-    browser.find_element(By.CSS_SELECTOR, "#auth summary").click()
+    # the page opens the key field and puts the cursor there
+    assert browser.find_element(By.ID, "auth").get_attribute("open") is not None
+    assert browser.switch_to.active_element.get_attribute("id") == "api-key"
     browser.find_element(By.ID, "api-key").send_keys("page-test-key")
     browser.find_element(By.ID, "submit").click()
     _wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#map a.marker")) == 5)

@@ -247,3 +247,17 @@ def running_client(settings, wait: bool = True):
         if wait:
             assert app.state.runtime.wait_loaded(60), app.state.runtime.error
         yield client
+
+
+def with_gpano_heading(image: bytes, value: str, *, exif_heading: float | None = None) -> bytes:
+    """The image re-encoded as a JPEG whose XMP carries GPano:PoseHeadingDegrees = ``value`` (a Street View
+    style panorama's), optionally with an EXIF GPSImgDirection too."""
+    from worldgen.dataset import camera_exif
+
+    xmp = ('<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+           '<rdf:Description rdf:about="" xmlns:GPano="http://ns.google.com/photos/1.0/panorama/" '
+           f'GPano:ProjectionType="equirectangular" GPano:PoseHeadingDegrees="{value}"/></rdf:RDF></x:xmpmeta>')
+    out = io.BytesIO()
+    extra = {"exif": camera_exif(65.0, exif_heading)} if exif_heading is not None else {}
+    Image.open(io.BytesIO(image)).save(out, "JPEG", quality=85, xmp=xmp.encode(), **extra)
+    return out.getvalue()

@@ -7,6 +7,7 @@
   const fileInput = document.getElementById("image");
   const kInput = document.getElementById("k");
   const keyInput = document.getElementById("api-key");
+  const authDetails = document.getElementById("auth");
   const fovInput = document.getElementById("fov");
   const headingInput = document.getElementById("heading");
   const projectionInput = document.getElementById("projection");
@@ -387,7 +388,8 @@
   // --- the answer -------------------------------------------------------------------------------
 
   const SOURCE_WORDS = {
-    parameter: "as entered", exif: "from EXIF", aspect: "from the image's shape", estimated: "estimated at #1",
+    parameter: "as entered", exif: "from EXIF", xmp: "from the panorama's XMP", aspect: "from the image's shape",
+    estimated: "estimated at #1",
   };
 
   function viewPart(className, text, source) {
@@ -520,9 +522,29 @@
     return query;
   }
 
+  // The request whose answer the page waits for; an earlier one still running is cancelled (its
+  // answer would be for another image or other settings).
+  let pending = null;
+
+  function cancelPending() {
+    if (pending) pending.abort();
+    pending = null;
+  }
+
+  // "Error 422: k: ..." from an error answer: the field a validation error names, the request id.
+  function errorText(resp, body) {
+    if (!body || body.detail === undefined) return `Error ${resp.status}: ${resp.statusText || "no details"}`;
+    const detail = Array.isArray(body.detail)
+      ? body.detail.map((d) => (Array.isArray(d.loc) ? `${d.loc[d.loc.length - 1]}: ` : "") + d.msg).join("; ")
+      : body.detail;
+    return `Error ${resp.status}: ${detail}` + (body.request_id ? ` (request id ${body.request_id})` : "");
+  }
+
   fileInput.addEventListener("change", () => {
     const file = fileInput.files[0];
     if (preview.src) URL.revokeObjectURL(preview.src);
+    cancelPending();
+    setStatus("", false);
     hideFovPrompt();
     clearAnswer();  // it was the previous image's
     if (file) {
@@ -541,23 +563,35 @@
     data.append("image", file, file.name);
     const query = localizeQuery();
     hideFovPrompt();
+    clearAnswer();  // an answer on screen is the one to these settings, or none
+    cancelPending();
+    const request = new AbortController();
+    pending = request;
     setStatus("Localizing…", false);
     try {
-      const resp = await fetch(`localize?${query}`, { method: "POST", body: data, headers: headers() });
-      const body = await resp.json();
-      if (resp.status === 422 && body.code === "fov_unknown") {
+      const resp = await fetch(`localize?${query}`,
+        { method: "POST", body: data, headers: headers(), signal: request.signal });
+      const body = await resp.json().catch(() => null);  // a proxy's HTML error page is not JSON
+      if (pending !== request) return;
+      pending = null;
+      if (resp.status === 422 && body && body.code === "fov_unknown") {
         showFovPrompt();
         setStatus("The field of view is needed: see the form.", false);
         return;
       }
-      if (!resp.ok) {
-        const detail = Array.isArray(body.detail) ? body.detail.map((d) => d.msg).join("; ") : body.detail;
-        setStatus(`Error ${resp.status}: ${detail}`, true);
+      if (!resp.ok || !body) {
+        setStatus(errorText(resp, body), true);
+        if (resp.status === 401) {
+          authDetails.open = true;
+          keyInput.focus();
+        }
         return;
       }
       render(body, query.has("projection"));
       setStatus("Done.", false);
     } catch (err) {
+      if (pending !== request) return;  // cancelled: a newer request or another image took its place
+      pending = null;
       setStatus("Request failed: " + err, true);
     }
   });
