@@ -596,7 +596,7 @@ def tile_raster(options: TileOptions, progress: bool = True) -> TilingResult:
                 atomic_write_json(os.path.join(tmp, "tiling.json"), _tiling_record(
                     options, source, grid, prefix, (written, skipped, views)))
                 fsync_dir(os.path.join(tmp, IMAGE_DIR))
-                stage.publish()
+                stage.publish(replace=options.overwrite)
     return TilingResult(out_dir=out_dir, catalogue=os.path.join(out_dir, CATALOGUE_NAME), rows=grid.rows,
                         cols=grid.cols, written=written, skipped_nodata=skipped, tile_m=grid.tile_m,
                         stride_m=grid.stride_m, tile_px=grid.tile_px, max_nodata=options.max_nodata,

@@ -75,8 +75,9 @@ def staged_directory(out_dir: str, error: Callable[[str], Exception] = OutputDir
     then, through ``.NAME.old-PID``); leaving the block without publishing removes it. The run holds
     ``.NAME.run-PID.lock`` (flock) meanwhile, which tells `tidy_leftovers` that it is alive. Where
     nothing can be written there, ``error(message)`` is raised (a tool's own error class)."""
-    staging = Staging(os.path.abspath(out_dir))
+    staging = Staging(os.path.abspath(out_dir), error=error)
     with _held_lock(staging.lock_path, error):
+        _tidy_run(staging)  # an earlier run with our pid (a container's pid 1 again) that was killed
         try:
             os.makedirs(staging.path)
         except OSError as exc:
@@ -90,20 +91,30 @@ def staged_directory(out_dir: str, error: Callable[[str], Exception] = OutputDir
 class Staging:
     """The names a `staged_directory` run uses beside its output, and its publish step."""
 
-    def __init__(self, out_dir: str, pid: int | None = None) -> None:
+    def __init__(self, out_dir: str, pid: int | None = None,
+                 error: Callable[[str], Exception] = OutputDirectoryError) -> None:
         self.out_dir = out_dir
+        self.error = error
         self.parent, self.name = os.path.split(out_dir)
         pid = os.getpid() if pid is None else pid
         self.path = os.path.join(self.parent, f".{self.name}.tmp-{pid}")
         self.old = os.path.join(self.parent, f".{self.name}.old-{pid}")
         self.lock_path = os.path.join(self.parent, f".{self.name}.run-{pid}.lock")
 
-    def publish(self) -> None:
-        """Rename the finished temporary directory to the output (replacing an old one only now)."""
+    def publish(self, replace: bool = True) -> None:
+        """Rename the finished temporary directory to the output, replacing an old one only now (and
+        only with ``replace``: a run that started when there was none must not replace another's)."""
         fsync_dir(self.path)
         if os.path.lexists(self.out_dir):
+            if not replace:
+                raise self.error(f"{self.out_dir} appeared while this run wrote it (another run?); nothing replaced")
             os.rename(self.out_dir, self.old)
-            os.rename(self.path, self.out_dir)
+            try:
+                os.rename(self.path, self.out_dir)
+            except BaseException:  # Ctrl-C or a failure between the two renames: the old output back
+                if not os.path.lexists(self.out_dir):
+                    os.rename(self.old, self.out_dir)
+                raise
             _remove(self.old)
         else:
             os.rename(self.path, self.out_dir)
@@ -146,20 +157,25 @@ def tidy_leftovers(out_dir: str, log: Callable[[str], object] = lambda message: 
     except OSError:  # a directory that can be written but not listed: nothing to tidy that can be seen
         return
     pids = {int(m.group(1) or m.group(2)) for m in map(pattern.fullmatch, entries) if m}
-    for pid in sorted(pids - {os.getpid()}):
+    for pid in sorted(pids):  # our own pid too: a killed earlier run can have had it (a container's pid 1)
         dead = Staging(staging.out_dir, pid)
         with _lock_if_free(dead.lock_path) as free:
             if not free:
                 continue  # a run still writing
-            if os.path.lexists(dead.old) and not os.path.lexists(staging.out_dir):
-                os.rename(dead.old, staging.out_dir)  # killed between its two renames: the previous output back
-                log(f"put back {staging.out_dir} from {dead.old}, left by a run that was killed while replacing it")
-            for path in (dead.path, dead.old):
-                if os.path.lexists(path):
-                    log(f"removing {path}, left by a run that was killed")
-                    _remove(path)
+            _tidy_run(dead, log)
             with contextlib.suppress(OSError):
                 os.unlink(dead.lock_path)
+
+
+def _tidy_run(dead: Staging, log: Callable[[str], object] = lambda message: None) -> None:
+    """Tidy what the run with ``dead``'s names left; its lock is free, or the caller's own."""
+    if os.path.lexists(dead.old) and not os.path.lexists(dead.out_dir):
+        os.rename(dead.old, dead.out_dir)  # killed between its two renames: the previous output back
+        log(f"put back {dead.out_dir} from {dead.old}, left by a run that was killed while replacing it")
+    for path in (dead.path, dead.old):
+        if os.path.lexists(path):
+            log(f"removing {path}, left by a run that was killed")
+            _remove(path)
 
 
 def _remove(path: str) -> None:
@@ -175,9 +191,12 @@ def _lock_if_free(path: str) -> Iterator[bool]:
     """Hold ``path``'s flock if no live run holds it (True; also when the file is gone: its run ended or
     was killed), else False."""
     try:
-        lock = open(path, "r+")
+        lock = open(path)  # flock needs no write access: another user's lock file is read
     except FileNotFoundError:
         yield True
+        return
+    except PermissionError:  # not even readable: taken as a live run's, left alone
+        yield False
         return
     with lock:
         try:

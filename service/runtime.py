@@ -123,7 +123,7 @@ class Runtime:
         index = self.settings.index
         around = [self.settings.checkpoint.parent]
         if index is not None:
-            around += [index.parent, index.resolve().parent]
+            around += [index.parent, Path(os.path.realpath(index)).parent]  # (resolve() raises on a symlink loop)
         return public_text(text, around)
 
     def _load(self) -> None:

@@ -119,7 +119,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_lists(self) -> "Settings":
-        if any(not key.get_secret_value() for key in self.api_keys):
+        if any(not key.get_secret_value().strip() for key in self.api_keys):
             raise ValueError("GEOLOC_API_KEYS must not contain empty keys (a stray comma, or an unset variable in it)")
         if any(not origin for origin in self.cors_origins):
             raise ValueError("GEOLOC_CORS_ORIGINS must not contain empty origins")

@@ -125,6 +125,16 @@ def test_an_unexpected_error_is_a_500_that_carries_its_request_id(world):
     assert resp.headers["x-request-id"] == "req-500"
 
 
+def test_an_index_path_that_is_a_symlink_loop_is_a_clear_failure(world, tmp_path):
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    with running_client(settings_for(world, tmp_path / "a"), wait=False) as client:
+        assert not client.app.state.runtime.wait_loaded(60)
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["status"] == "failed", ready.text
+        assert str(tmp_path) not in ready.json()["detail"]
+
+
 def test_missing_index_setting_is_a_clear_failure(world):
     with running_client(settings_for(world, None), wait=False) as client:
         assert not client.app.state.runtime.wait_loaded(60)
@@ -544,7 +554,7 @@ def test_settings_from_environment(monkeypatch, world):
         Settings()
 
 
-@pytest.mark.parametrize("keys", [",", " , ", "a,", "a,,b", '["a", ""]'])
+@pytest.mark.parametrize("keys", [",", " , ", "a,", "a,,b", '["a", ""]', '["a", " "]'])
 def test_a_blank_api_key_is_refused_not_dropped(monkeypatch, keys):
     """"${K1},${K2}" with both unset must not start a service without authentication."""
     from service.settings import Settings

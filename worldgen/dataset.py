@@ -420,7 +420,7 @@ def generate_dataset(cfg: GenConfig, out_dir: str, workers: int = 1, overwrite: 
         with open(os.path.join(tmp, "world.json"), "w") as f:
             json.dump(meta, f, indent=2, sort_keys=True)
             f.write("\n")
-        stage.publish()
+        stage.publish(replace=overwrite)
     written, unit = ((f"{ortho['path']} and {n} ground images", "cameras") if grid else
                      (f"{n} pairs", "pairs") if n_ground == n else
                      (f"{n} aerial tiles and {n_ground} ground images", "positions"))
