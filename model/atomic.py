@@ -190,18 +190,23 @@ def _remove(path: str) -> None:
 def _lock_if_free(path: str) -> Iterator[bool]:
     """Hold ``path``'s flock if no live run holds it (True; also when the file is gone: its run ended or
     was killed), else False."""
-    try:
-        lock = open(path)  # flock needs no write access: another user's lock file is read
-    except FileNotFoundError:
-        yield True
-        return
-    except PermissionError:  # not even readable: taken as a live run's, left alone
+    lock = None
+    for mode in ("r+", "r"):  # another user's lock file is read: flock needs no write access (but over NFS)
+        try:
+            lock = open(path, mode)
+            break
+        except FileNotFoundError:
+            yield True
+            return
+        except PermissionError:
+            continue
+    if lock is None:  # not even readable: taken as a live run's, left alone
         yield False
         return
     with lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        except OSError:  # held by a live run (or it can not be told: left alone all the same)
             yield False
             return
         yield True
