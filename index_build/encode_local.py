@@ -79,6 +79,11 @@ def _warm_up(model, batch_size: int, device) -> None:
         model.encode_uint8_with_columns(blank, "aerial")
 
 
+# A batch the workers have not delivered in this long is never coming (a worker that died on a full
+# /dev/shm can leave the loader waiting for ever): an error instead of a hang.
+LOADER_TIMEOUT_S = 600.0
+
+
 def _loader_batches(model, dataset, batches: ShardAlignedBatches, *, workers: int, device, skip_bad: bool,
                     prefetch_batches: int) -> Iterator[EncodedBatch]:
     """DataLoader workers decode ahead; this thread runs the model."""
@@ -90,6 +95,7 @@ def _loader_batches(model, dataset, batches: ShardAlignedBatches, *, workers: in
         pin_memory=device.type == "cuda",
         worker_init_fn=_worker_init,
         prefetch_factor=max(2, prefetch_batches),
+        timeout=LOADER_TIMEOUT_S,
     )
     # On a CPU device the workers' decoding and the model's threads share the same cores: give the
     # model the cores the workers leave free instead of oversubscribing them.
