@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 
 from index_build.artifact import ArtifactLayout, make_manifest, read_built_manifest, write_manifest
-from index_build.encode_common import BadImagesError, EncodeStats, column_shape
+from index_build.encode_common import BadImagesError, EncodeStats
 from index_build.faiss_index import (DEFAULT_MEMORY_BUDGET, IndexSpec, build_index, check_trainable, choose_index,
                                      tune_search)
 from index_build.fsutil import atomic_save_npy_blocks, atomic_write_bytes
@@ -249,7 +249,7 @@ def _encode_pending(opts, layout: ArtifactLayout, plan: dict, model, device, fin
     work = layout.work
     vdir = vectors_dir(work)
     spans = spans_from_plan(plan)
-    columns = column_shape(model.config)
+    columns = model.config.column_shape()
     todo = [s for s in spans if read_finished_shard(vdir, s, fingerprint, columns) is None]
     records, _extra = read_tiles_csv(os.path.join(work, CATALOG_FILE))
     if len(records) != plan["count"]:
@@ -519,7 +519,7 @@ def _finish_build(opts: BuildOptions, layout: ArtifactLayout, plan: dict, model,
     work = layout.work
     vdir = vectors_dir(work)
     spans = spans_from_plan(plan)
-    columns = column_shape(model.config)
+    columns = model.config.column_shape()
     shard_entries, skipped = _shard_entries(vdir, spans, fingerprint, plan, columns)
     records, extra = read_tiles_csv(os.path.join(work, CATALOG_FILE))
     skipped_rows = {s["row"] for s in skipped}
@@ -609,7 +609,7 @@ def run_add(opts: AddOptions) -> BuildResult:
             raise BuildError(f"model fingerprint {fingerprint} ({opts.checkpoint}) differs from the artifact's "
                              f"{base['model_fingerprint']}; vectors from different models cannot share an index. "
                              f"Rebuild the whole artifact with `build` instead.")
-        columns = column_shape(model.config)
+        columns = model.config.column_shape()
         _check_add_orientation(base, live, columns, opts.checkpoint)
         tiling = catalogue_tiling(opts.catalog)
         if tiling and base.get("tile_m") is not None and tiling["tile_m"] != base["tile_m"]:

@@ -35,17 +35,9 @@ class PathTable:
         return self.blob[self.offsets[i]:self.offsets[i + 1]].tobytes().decode("utf-8", "surrogateescape")
 
 
-def column_shape(config) -> tuple[int, int] | None:
-    """(columns Wg, feature dim C) of the aerial column features a model with this config gives
-    (`InferenceEncoder.encode_uint8_with_columns`), or None when it has no orientation head."""
-    if not getattr(config, "orientation_dim", 0):
-        return None
-    return config.grid("aerial")[1], int(config.orientation_dim)
-
-
 def no_columns(config) -> np.ndarray | None:
     """The column features of zero tiles: [0, Wg, C] float32, or None without an orientation head."""
-    shape = column_shape(config)
+    shape = config.column_shape()
     return None if shape is None else np.zeros((0, *shape), np.float32)
 
 

@@ -9,7 +9,7 @@ import os
 import numpy as np
 
 from index_build.artifact import read_built_manifest, resolve_artifact
-from index_build.encode_common import column_shape, decode_tile
+from index_build.encode_common import decode_tile
 from index_build.workdir import COLUMNS_DTYPE
 from model.index_artifact import (ORIENTATION_FILE, ArtifactError, iter_vector_shards, read_faiss_index,
                                   read_orientation, read_tiles)
@@ -117,7 +117,7 @@ def run_verify(artifact: str, checkpoint: str, *, sample: int = 64, seed: int = 
         report.update(ok=False, problems=problems)
         return report
     model = InferenceEncoder(model, dev, branches=("aerial",))
-    columns = column_shape(model.config)
+    columns = model.config.column_shape()
     entry = manifest.get("orientation")
     if entry is not None and (entry.get("columns"), entry.get("dim")) != (columns or (None, None)):
         has = f"{columns[0]} x {columns[1]} columns" if columns else "no orientation head"

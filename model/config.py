@@ -93,6 +93,14 @@ class L2LTRConfig:
         h, w = self.ground_size if branch == "ground" else self.aerial_size
         return h // 16, w // 16
 
+    def column_shape(self) -> tuple[int, int] | None:
+        """(columns Wg, feature dim C) of the aerial column features a model with this config gives
+        (`InferenceEncoder.encode_uint8_with_columns`; an index artifact stores them), or None when it
+        has no orientation head."""
+        if not self.orientation_dim:
+            return None
+        return self.grid("aerial")[1], int(self.orientation_dim)
+
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         for k, v in out.items():

@@ -71,11 +71,6 @@ class InferenceEncoder:
     def embedding_dim(self) -> int:
         return self.net.embedding_dim
 
-    @property
-    def column_shape(self) -> tuple[int, int] | None:
-        """(token columns, width) of a ground image's column features; None without an orientation head."""
-        return None if self.orientation is None else (self.config.grid("ground")[1], self.config.orientation_dim)
-
     def input_size(self, branch: str) -> tuple[int, int]:
         return self.config.ground_size if branch == "ground" else self.config.aerial_size
 

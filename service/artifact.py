@@ -194,7 +194,7 @@ class ServedIndex:
 def load_artifact(path: Path, *, expected_fingerprint: str, embedding_dim: int, generation: int,
                   column_shape: tuple[int, int] | None = None, gpu: int | None = None) -> ServedIndex:
     """Load and validate the artifact at ``path`` for a model with the given fingerprint (and column
-    features of ``column_shape``: model.inference.InferenceEncoder); with ``gpu`` (a CUDA device
+    features of ``column_shape``: model.config.L2LTRConfig.column_shape); with ``gpu`` (a CUDA device
     number) its FAISS index is moved there where this FAISS build can."""
     path = Path(path)
     try:

@@ -176,7 +176,7 @@ class Runtime:
                 index = load_artifact(Path(self.settings.index),  # type: ignore[arg-type]
                                       expected_fingerprint=model.info.fingerprint,
                                       embedding_dim=model.info.embedding_dim, generation=self._generation + 1,
-                                      column_shape=model.encoder.column_shape,
+                                      column_shape=model.encoder.config.column_shape(),
                                       gpu=(device.index or 0) if device.type == "cuda" else None)
                 break
             except ArtifactChanged:  # published while we read it: read the new one
