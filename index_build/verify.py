@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from functools import partial
 
 import numpy as np
 
@@ -52,22 +53,18 @@ def _check_orientation(stored: np.ndarray, entry: dict, problems: list[str], che
     return True
 
 
-def _stored_rows(root: str, manifest: dict, rows: np.ndarray, problems: list[str],
-                 check_checksums: bool) -> tuple[np.ndarray, int] | None:
+def _stored_rows(root: str, manifest: dict, *, rows: np.ndarray, problems: list[str],
+                 check_checksums: bool) -> tuple[np.ndarray, int]:
     """The stored descriptors of `rows` (ascending) and how many rows the shards hold, read one shard at a
-    time (a country's shards need not fit in memory together), each checked against its manifest checksum;
-    None, with the reason added to `problems`, when the shared reader refuses a shard."""
+    time (a country's shards need not fit in memory together), each checked against its manifest checksum
+    (a mismatch added to `problems`); ArtifactError where the shared reader refuses a shard."""
     picked, start = [], 0
-    try:
-        for entry, vectors in iter_vector_shards(root, manifest):
-            digest = hashlib.sha256(np.ascontiguousarray(vectors).data).hexdigest() if check_checksums else None
-            if digest not in (None, entry.get("sha256")):
-                problems.append(f"{entry['file']}: checksum differs from the manifest")
-            picked.append(vectors[rows[(rows >= start) & (rows < start + len(vectors))] - start])
-            start += len(vectors)
-    except ArtifactError as exc:
-        problems.append(_problem(root, exc))
-        return None
+    for entry, vectors in iter_vector_shards(root, manifest):
+        digest = hashlib.sha256(np.ascontiguousarray(vectors).data).hexdigest() if check_checksums else None
+        if digest not in (None, entry.get("sha256")):
+            problems.append(f"{entry['file']}: checksum differs from the manifest")
+        picked.append(vectors[rows[(rows >= start) & (rows < start + len(vectors))] - start])
+        start += len(vectors)
     return np.concatenate(picked) if picked else np.zeros((0, manifest["embedding_dim"]), np.float32), start
 
 
@@ -96,7 +93,8 @@ def run_verify(artifact: str, checkpoint: str, *, sample: int = 64, seed: int = 
     n = manifest["count"] if tiles is None else len(tiles.tile_ids)
     k = min(sample, n)
     rows = np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False)) if k else np.zeros(0, int)
-    stored = _stored_rows(root, manifest, rows, problems, check_checksums)
+    stored = _read(root, partial(_stored_rows, rows=rows, problems=problems, check_checksums=check_checksums),
+                   manifest, problems)
     orientation = _read(root, read_orientation, manifest, problems)
     if orientation is not None and not _check_orientation(orientation, manifest["orientation"], problems,
                                                           check_checksums):
