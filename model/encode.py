@@ -39,9 +39,12 @@ def autocast_context(device: torch.device | str, enabled: bool = True):
 
 def encode_batch(model: L2LTR, batch: torch.Tensor, branch: str, device: torch.device | str | None = None,
                  amp: bool = True) -> torch.Tensor:
-    """One forward of one branch; returns float32 unit rows on the CPU."""
+    """One forward of one branch of a model in eval mode (as load_checkpoint returns it); returns
+    float32 unit rows on the CPU."""
     if branch not in BRANCHES:
         raise ValueError(f"branch must be one of {BRANCHES}, got {branch!r}")
+    if model.training:  # dropout would make each call's descriptors differ
+        raise ValueError("the model is in training mode: call model.eval() before encoding")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     encode = model.encode_ground if branch == "ground" else model.encode_aerial
     with torch.inference_mode(), autocast_context(device, amp):

@@ -228,13 +228,13 @@ def evaluate_anywhere(checkpoint: Path, data: Path, index: Path, device: str = "
     and of the refined position (over the top ``candidates``), and the same per offset of the camera
     from its nearest tile centre. ``near_radius_m`` > 0 adds the same with a prior: each query searched
     exactly among the tiles within that radius of its true position. ``tile_m``: default the
-    manifest's (else 100 m). ``scores_out``: save the similarities and positions (.npz) for tuning.
+    manifest's (else 100 m). ``scores_out``: save the similarities as ranked and the positions (.npz) for tuning.
     ``rerank_k``: rank as the service does with an orientation head, each query's best ``rerank_k`` tiles
     (of those within the prior's radius, with one) re-ranked by column alignment (`reranked_scores`,
     weight ``rerank_weight``, default model.orientation.RERANK_WEIGHT); the index must hold the tiles'
     column features. None: by descriptor alone."""
     from .inference import InferenceEncoder
-    from .metrics import POSITION_TEMPERATURE, recall_from_counts
+    from .metrics import POSITION_TEMPERATURE, count_closer_scores, recall_from_counts
     from .preprocess import load_ground_image
 
     model = load_checkpoint(checkpoint)
@@ -292,9 +292,10 @@ def evaluate_anywhere(checkpoint: Path, data: Path, index: Path, device: str = "
     dist = view_dist[:, own_rows]
     truth = dist.argmin(axis=1)
     offset = dist[np.arange(len(truth)), truth]
-    if scores_out is not None:
-        arrays = dict(scores=scores, tile_latlon=view_ll, true_latlon=true_ll, truth=own_rows[truth],
-                      tile_of=own_rows[tile_of])
+    ranked_scores = ranked(scores)
+    if scores_out is not None:  # the scores as ranked (re-ranked too), so the file reproduces the report
+        arrays = dict(scores=ranked_scores, tile_latlon=view_ll, true_latlon=true_ll, truth=own_rows[truth],
+                      tile_of=own_rows[tile_of], ranking=np.array("descriptor" if tile_columns is None else "rerank"))
         save_npz(scores_out, arrays)
     views = {"views": len(view_ll), "centres_m": manifest.get("centres_m")} if len(view_ll) > len(tile_ll) else {}
     result = {"n": len(paths), "tiles": len(tile_ll), **views, "data": str(data), "index": str(index),
@@ -303,10 +304,10 @@ def evaluate_anywhere(checkpoint: Path, data: Path, index: Path, device: str = "
               **({"rerank": {"candidates": rerank_k, "weight": weight}} if rerank_k is not None else {})}
 
     def block(sims) -> tuple[dict, dict]:
-        rows = np.arange(len(sims))
         per_tile = sims if not views else best_per_tile(sims, tile_of, len(tile_ll))
-        counts = (per_tile > per_tile[rows, truth][:, None]).sum(axis=1)
-        out = recall_from_counts(counts, len(tile_ll))
+        counts = count_closer_scores(per_tile, truth)
+        searched = np.isfinite(per_tile).sum(axis=1)  # per query: the tiles a prior leaves (-inf: left out)
+        out = recall_from_counts(counts, searched)  # R@1%: of the tiles searched
         pos = position_report(per_tile, tile_ll, tile_m, candidates, true_latlon=true_ll, temperature=temperature,
                               errors=True)
         if views:  # the top-1 tile's centre, and the position refined from the best views
@@ -315,9 +316,9 @@ def evaluate_anywhere(checkpoint: Path, data: Path, index: Path, device: str = "
             pos["refined"], pos["errors_m"]["refined"] = by_view["refined"], by_view["errors_m"]["refined"]
         errs = pos.pop("errors_m")
         out["position"] = pos
-        return out, {"hit": counts == 0, **errs}
+        return out, {"hit": counts == 0, "searched": searched, **errs}
 
-    result["unrestricted"], detail = block(ranked(scores))
+    result["unrestricted"], detail = block(ranked_scores)
     # per offset of the camera from its true tile's centre: a quarter and a half stride (the farthest a
     # camera can be is stride / sqrt(2))
     edges = (0.0, stride_m / 4, stride_m / 2, np.inf)
@@ -333,9 +334,8 @@ def evaluate_anywhere(checkpoint: Path, data: Path, index: Path, device: str = "
         inside = view_dist <= near_radius_m  # the rows model.metrics.rows_within (the API's near) picks
         if not inside[np.arange(len(truth)), own_rows[truth]].all():
             raise ValueError(f"--near-radius-m {near_radius_m:g} leaves some query without its true tile")
-        result["prior"], _ = block(ranked(np.where(inside, scores, np.float32(-np.inf))))
-        result["prior"].update(radius_m=near_radius_m,
-                               tiles_within_median=float(np.median(inside[:, own_rows].sum(axis=1))))
+        result["prior"], within = block(ranked(np.where(inside, scores, np.float32(-np.inf))))
+        result["prior"].update(radius_m=near_radius_m, tiles_within_median=float(np.median(within["searched"])))
     return result
 
 
@@ -411,12 +411,12 @@ def _encode_views(encoder, branch: str, views: np.ndarray, batch_size: int = 128
 
 
 def _view_columns(views: np.ndarray, width: int) -> np.ndarray:
-    """[N, width] bool: the token columns of each view that hold at least half seen pixels (a pixel
-    column is unseen when all of it is the mean colour of model.views)."""
+    """[N, width] bool: the seen token columns of each view (model.orientation.seen_token_columns; a
+    pixel column is unseen when all of it is the mean colour of model.views)."""
+    from .orientation import seen_token_columns
     from .views import MEAN_RGB
 
-    seen = ~np.all(views == MEAN_RGB, axis=(1, 3))  # [N, W] pixel columns
-    return seen.reshape(len(views), width, -1).mean(axis=2) >= 0.5
+    return seen_token_columns(~np.all(views == MEAN_RGB, axis=(1, 3)), width)  # from [N, W] pixel columns
 
 
 def photo_views(world: Path, records, config, centred: bool, tilt: bool | str = False) -> tuple[np.ndarray, np.ndarray]:

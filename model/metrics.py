@@ -26,32 +26,38 @@ def count_closer(query, gallery, chunk: int = 2048) -> np.ndarray:
         rows = np.arange(sims.shape[0])
         # The true match's similarity is read from the same product, so exact ties stay ties.
         pos = sims[rows, s + rows]
-        counts[s:s + chunk] = (sims > pos[:, None]).sum(axis=1)
+        counts[s:s + chunk] = (sims > _compared(pos)[:, None]).sum(axis=1)
     return counts
+
+
+def _compared(true_scores: np.ndarray) -> np.ndarray:
+    """The true matches' similarities, which must be numbers: nothing is "closer" than NaN (a NaN
+    descriptor would count as a hit at every K)."""
+    if np.isnan(true_scores).any():
+        raise ValueError(f"{int(np.isnan(true_scores).sum())} queries have a NaN similarity to their true match "
+                         "(NaN descriptors: a broken checkpoint or input?)")
+    return true_scores
 
 
 def count_closer_scores(scores, truth=None) -> np.ndarray:
     """``count_closer`` for a precomputed similarity matrix [Q, N] (e.g. the best over an aerial
     tile's rotations) whose true match of query i is gallery item ``truth[i]`` (default: i)."""
     sims = np.asarray(scores, dtype=np.float32)
-    if sims.ndim != 2 or sims.shape[0] > sims.shape[1]:
-        raise ValueError(f"scores must be [Q, N] with Q <= N, got shape {sims.shape}")
+    if sims.ndim != 2 or (truth is None and sims.shape[0] > sims.shape[1]):
+        raise ValueError(f"scores must be [Q, N] (with Q <= N unless truth is given), got shape {sims.shape}")
     rows = np.arange(sims.shape[0])
     truth = rows if truth is None else np.asarray(truth)
-    return (sims > sims[rows, truth][:, None]).sum(axis=1)
+    return (sims > _compared(sims[rows, truth])[:, None]).sum(axis=1)
 
 
-def recall_from_counts(counts: np.ndarray, n: int) -> dict[str, float]:
+def recall_from_counts(counts: np.ndarray, n: int | np.ndarray) -> dict[str, float]:
     """R@1, R@5, R@10, R@1% (fractions) from each query's count of strictly closer gallery items
-    in a gallery of ``n``."""
+    in a gallery of ``n`` (or of ``n[i]`` for query i: the tiles a geographic prior leaves it)."""
     if len(counts) == 0:
         raise ValueError("retrieval_recall needs at least one query")
-    return {name: float((counts < k).mean()) for name, k in recall_cutoffs(n).items()}
-
-
-def recall_cutoffs(n: int) -> dict[str, int]:
     # The authors' 1% cut-off is floor(0.01 N); for galleries under 100 that is 0, so we use 1.
-    return {"r1": 1, "r5": 5, "r10": 10, "r1pct": max(1, math.floor(0.01 * n))}
+    one_percent = np.maximum(1, np.floor(0.01 * np.asarray(n)))
+    return {name: float((counts < k).mean()) for name, k in (("r1", 1), ("r5", 5), ("r10", 10), ("r1pct", one_percent))}
 
 
 def retrieval_recall(query, gallery) -> dict[str, float]:

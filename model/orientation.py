@@ -90,10 +90,17 @@ def shift_scores(ground: torch.Tensor | np.ndarray, aerial: torch.Tensor | np.nd
     return np.einsum("bsw,bw->bs", gram[:, np.arange(w)[None, :], shifted], keep)
 
 
+def seen_token_columns(seen: np.ndarray, width: int) -> np.ndarray:
+    """Seen pixel columns [..., width * P] -> [..., width] bool: the token columns at least half seen;
+    where none is (a view of about one token column straddling two), its most seen ones."""
+    fraction = np.asarray(seen, dtype=np.float32).reshape(*np.shape(seen)[:-1], width, -1).mean(axis=-1)
+    most = fraction.max(axis=-1, keepdims=True)
+    return np.where((fraction >= 0.5).any(axis=-1, keepdims=True), fraction >= 0.5, (fraction == most) & (most > 0))
+
+
 def valid_columns(width: int, fov_deg: float) -> np.ndarray:
-    """[width] bool: the token columns at least half inside a centred field of view of ``fov_deg``."""
-    pixels = fov_columns(width * 16, fov_deg).reshape(width, 16)
-    return pixels.mean(axis=1) >= 0.5
+    """[width] bool: the token columns of a centred field of view of ``fov_deg`` (`seen_token_columns`)."""
+    return seen_token_columns(fov_columns(width * 16, fov_deg), width)
 
 
 def heading_targets(headings_deg: np.ndarray, width: int) -> np.ndarray:
@@ -114,7 +121,7 @@ def alignment_scores(view_columns: np.ndarray, tile_columns: np.ndarray, seen: n
         seen = np.asarray(seen, dtype=bool)
         if seen.size % width:
             raise ValueError(f"seen has {seen.size} columns, not a multiple of the view's {width}")
-        valid = seen.reshape(width, -1).mean(axis=1) >= 0.5 if seen.size != width else seen
+        valid = seen_token_columns(seen, width) if seen.size != width else seen
     views = np.broadcast_to(np.asarray(view_columns, dtype=np.float32), tiles.shape)
     return shift_scores(views, tiles, None if valid is None else np.broadcast_to(valid, tiles.shape[:2]))
 

@@ -10,15 +10,17 @@ reaches the same weights as an uninterrupted one (same batches, same dropout mas
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
+import os
 import random
 import sys
 import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
@@ -38,6 +40,9 @@ from .network import L2LTR
 from .plot import log_lines
 from .preprocess import (ImageDecodeError, normalize_uint8_batch, normalize_unit_batch, polar_transform_torch,
                          unit_batch)
+
+if TYPE_CHECKING:
+    from .datasets import PairRecord
 
 STATE_FILE = "train_state.pt"
 STATE_KEYS = ("model", "loss", "optimizer", "step", "best_r1", "rng", "args")
@@ -287,7 +292,9 @@ class JsonLog:
                 lines = log_lines(path)
             except ValueError as exc:
                 raise TrainingError(f"{exc}; repair or delete that line to resume") from None
-            keep = "".join(line + "\n" for line, record in lines if record.get("step", 0) <= truncate_after_step)
+            # and drops the "end" lines its stops wrote: the run ends once, when it ends
+            keep = "".join(line + "\n" for line, record in lines
+                           if record.get("step", 0) <= truncate_after_step and record.get("event") != "end")
             atomic_write(path, lambda tmp: Path(tmp).write_text(keep))
 
     def write(self, **record) -> None:
@@ -301,16 +308,40 @@ class JsonLog:
 RESUME_KEYS = ("data", "dataset", "config", "attention", "no_polar", "batch_size", "lr", "weight_decay", "warmup",
                "clip", "loss", "hard_negatives", "seed", "epochs", "steps", "init", "augment", "precision", "dropout",
                "fov_augment", "semi_positives", "photo_share", "photo_fov", "photo_mask", "photo_tilt",
-               "centre_jitter")
+               "centre_jitter", "max_pairs", "max_eval_pairs", "eval_split")
+RESUME_PATHS = ("data", "init")  # compared as the files they name: a relative path from elsewhere is the same run
 ADDED_SETTING_DEFAULTS = {"augment": False, "precision": "auto", "dropout": None, "fov_augment": 0.0,
                           "semi_positives": 0.0, "photo_share": 0.5, "photo_fov": None, "photo_mask": "band",
-                          "photo_tilt": 0.0, "centre_jitter": 0.0}
+                          "photo_tilt": 0.0, "centre_jitter": 0.0, "max_pairs": 0, "max_eval_pairs": 0,
+                          "eval_split": "val"}
 
 
 def added_setting(args, name: str):
     """A setting added after the first runs: its value, or its default for callers (and saved runs)
     that predate it."""
     return getattr(args, name, ADDED_SETTING_DEFAULTS[name])
+
+
+def resume_differences(saved_args: dict, args) -> dict:
+    """The RESUME_KEYS settings in which ``args`` differ from a saved run's: {name: (saved, now)}."""
+    saved = {**ADDED_SETTING_DEFAULTS, **saved_args}  # a run saved before a setting existed used its default
+
+    def same(key: str, a, b) -> bool:
+        return a == b or (key in RESUME_PATHS and a is not None and b is not None
+                          and os.path.realpath(a) == os.path.realpath(b))
+
+    return {k: (saved.get(k), getattr(args, k)) for k in RESUME_KEYS if not same(k, saved.get(k), getattr(args, k))}
+
+
+def records_digest(root: Path, *splits: Sequence[PairRecord]) -> str:
+    """What the pairs of a run are (ids, image paths under ``root``, positions, in order): a data set
+    regenerated or edited at the same path gives another digest."""
+    top = os.path.realpath(root)
+    h = hashlib.sha256()
+    for records in splits:
+        h.update(json.dumps([[r.id, *(os.path.relpath(os.path.realpath(p), top) for p in (r.ground_path, r.aerial_path)),
+                              r.lat, r.lon, r.tile_lat, r.tile_lon] for r in records]).encode())
+    return h.hexdigest()
 
 
 def build_config(args) -> L2LTRConfig:
@@ -342,9 +373,13 @@ def train(args) -> dict:
     resume_state = None
     if args.resume and state_path.exists():
         resume_state = load_resume_state(state_path)
-        # a run saved before a setting existed used that setting's default
-        saved = {**ADDED_SETTING_DEFAULTS, **resume_state["args"]}
-        diffs = {k: (saved.get(k), getattr(args, k)) for k in RESUME_KEYS if saved.get(k) != getattr(args, k)}
+        diffs = resume_differences(resume_state["args"], args)
+        saved_config = {k: v for k, v in (resume_state.get("config") or {}).items() if k != "name"}
+        now_config = {k: v for k, v in config.to_dict().items() if k != "name"}
+        if saved_config and saved_config != now_config:  # e.g. the --config JSON file edited since
+            diffs.update({f"config.{k}": (saved_config.get(k), now_config.get(k))
+                          for k in sorted(saved_config.keys() | now_config.keys())
+                          if saved_config.get(k) != now_config.get(k)})
         if diffs:
             raise TrainingError(f"--resume from {state_path} with different settings {diffs}; "
                                 "use the original command or a new --out")
@@ -358,6 +393,10 @@ def train(args) -> dict:
         train_records = train_records[: args.max_pairs]
     if args.max_eval_pairs:
         val_records = val_records[: args.max_eval_pairs]
+    digest = records_digest(Path(args.data), train_records, val_records)
+    if resume_state and resume_state.get("data_digest", digest) != digest:
+        raise TrainingError(f"--resume from {state_path}: the pairs under {args.data} are not the ones this run "
+                            "was trained on (regenerated or edited since); use the original data or a new --out")
     if len(train_records) < args.batch_size:
         raise TrainingError(f"{len(train_records)} training pairs are fewer than one batch of {args.batch_size}")
     if centre_jitter:
@@ -373,7 +412,9 @@ def train(args) -> dict:
             load_npz_into(model, init)
         else:
             loaded = load_checkpoint(init)
-            if loaded.config.replace(name=config.name) != config:
+            # dropout rates are training settings: fine-tuning may change them
+            if loaded.config.replace(name=config.name, dropout=config.dropout,
+                                     attention_dropout=config.attention_dropout) != config:
                 raise TrainingError(f"--init {init} has config {loaded.config.to_json()}, which differs from "
                                     f"the training config {config.to_json()}")
             model.load_state_dict(loaded.state_dict())
@@ -405,7 +446,8 @@ def train(args) -> dict:
 
     def save_state():
         state = {"model": model.state_dict(), "loss": loss_fn.state_dict(), "optimizer": optimizer.state_dict(),
-                 "step": step, "best_r1": best_r1, "rng": rng_state(), "args": vars(args), "config": config.to_dict()}
+                 "step": step, "best_r1": best_r1, "rng": rng_state(), "args": vars(args), "config": config.to_dict(),
+                 "data_digest": digest, "log_window": [window_loss, window_n]}
         atomic_write(state_path, partial(torch.save, state))
 
     def provenance(extra=None):
@@ -426,7 +468,9 @@ def train(args) -> dict:
 
     started = time.time()
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True, disable=args.quiet)
-    window_loss, window_n, window_t = 0.0, 0, time.time()
+    # a log line's loss averages the steps since the previous line, across a stop and resume too
+    window_loss, window_n = resume_state.get("log_window", (0.0, 0)) if resume_state else (0.0, 0)
+    window_t, timed_n = time.time(), 0  # the steps timed since window_t, for pairs/s
     stopped_early = False
     while step < total_steps:
         epoch, offset = divmod(step, steps_per_epoch)
@@ -464,14 +508,15 @@ def train(args) -> dict:
             step += 1
             window_loss += loss.item()
             window_n += 1
+            timed_n += 1
             bar.update(1)
             if step % args.log_every == 0 or step == total_steps:
                 dt = time.time() - window_t
-                rate = window_n * args.batch_size / max(dt, 1e-9)
+                rate = timed_n * args.batch_size / max(dt, 1e-9)
                 bar.set_postfix(loss=f"{window_loss / window_n:.4f}", pairs_s=f"{rate:.1f}", lr=f"{lr:.2e}")
                 log.write(step=step, event="train", loss=window_loss / window_n, lr=lr, grad_norm=float(grad_norm),
                           pairs_per_s=rate, epoch=epoch)
-                window_loss, window_n, window_t = 0.0, 0, time.time()
+                window_loss, window_n, window_t, timed_n = 0.0, 0, time.time(), 0
             do_eval = val_data is not None and (step % args.eval_every == 0 or step == total_steps)
             if do_eval:
                 rec = evaluate_arrays(model, val_data, device)

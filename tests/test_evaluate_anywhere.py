@@ -161,9 +161,33 @@ def test_rerank_ranks_as_the_service_does_by_column_alignment(tmp_path, capsys):
     same = evaluate.evaluate_anywhere(ckpt, data, index, device="cpu", workers=1, rerank_k=9, rerank_weight=0.0)
     assert same["unrestricted"]["r1"] == plain["unrestricted"]["r1"]
     assert evaluate.main(["--checkpoint", str(ckpt), "--data", str(data), "--index", str(index), "--device", "cpu",
-                          "--workers", "1", "--method", "rerank", "--rerank-k", "9", "--rerank-weight", "1"]) == 0
+                          "--workers", "1", "--method", "rerank", "--rerank-k", "9", "--rerank-weight", "1",
+                          "--save-scores", str(tmp_path / "scores.npz")]) == 0
     out = capsys.readouterr().out
     assert "ranked as the service does: the best 9 tiles" in out and "| whole index | 100.0 |" in out
+    with np.load(tmp_path / "scores.npz") as saved:  # the scores as ranked: they give the R@1 reported
+        assert str(saved["ranking"]) == "rerank"
+        assert (saved["scores"].argmax(axis=1) == saved["truth"]).all()
+
+
+def test_the_prior_s_recall_at_one_percent_is_of_the_tiles_it_searches(tmp_path, monkeypatch):
+    import model.metrics
+
+    galleries = []
+    real = model.metrics.recall_from_counts
+    monkeypatch.setattr(model.metrics, "recall_from_counts", lambda counts, n: galleries.append(n) or real(counts, n))
+    ckpt, data, index = _setup(tmp_path)
+    result = evaluate.evaluate_anywhere(ckpt, data, index, device="cpu", workers=1, near_radius_m=60.0)
+    whole, prior = galleries
+    assert list(whole) == [9] * 4  # every tile, for every camera
+    from model.metrics import haversine_m
+
+    with open(data / "queries.csv") as q, open(index / "tiles.csv") as t:
+        cameras, tiles = list(csv.DictReader(q)), list(csv.DictReader(t))
+    within = [sum(haversine_m(float(c["lat"]), float(c["lon"]), float(t["lat"]), float(t["lon"])) <= 60.0
+                  for t in tiles) for c in cameras]
+    assert list(prior) == within and 2 <= min(within) and max(within) <= 4  # the tiles within 60 m
+    assert result["prior"]["tiles_within_median"] == np.median(within)
 
 
 def test_rerank_needs_the_tiles_column_features(tmp_path, capsys):

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from model.losses import InfoNCELoss, make_loss, soft_margin_triplet_loss
-from model.metrics import haversine_m, localization_error, retrieval_recall
+from model.metrics import count_closer_scores, haversine_m, localization_error, recall_from_counts, retrieval_recall
 
 
 def brute_force_recall(q, g):
@@ -39,6 +39,18 @@ def test_recall_perfect_and_validation():
     assert retrieval_recall(eye, eye) == {"r1": 1.0, "r5": 1.0, "r10": 1.0, "r1pct": 1.0}
     with pytest.raises(ValueError, match="row-aligned"):
         retrieval_recall(eye, eye[:5])
+
+
+def test_recall_at_one_percent_of_each_query_s_own_gallery_and_nan_refused():
+    counts = np.array([0, 2, 2, 3])
+    assert recall_from_counts(counts, 300)["r1pct"] == 0.75  # 1% of 300: the top 3
+    assert recall_from_counts(counts, np.array([300, 300, 100, 50]))["r1pct"] == 0.5  # top 3, 3, 1, 1
+    scores = np.array([[0.9, 0.1, 0.2], [np.nan, np.nan, np.nan]], np.float32)  # a NaN descriptor is no hit
+    with pytest.raises(ValueError, match="1 queries have a NaN similarity"):
+        count_closer_scores(scores)
+    with pytest.raises(ValueError, match="NaN similarity"):
+        retrieval_recall(np.array([[1.0, 0.0], [np.nan, 0.0]]), np.eye(2))
+    assert list(count_closer_scores(np.array([[0.1, 0.5], [0.3, 0.2], [0.0, 0.9]]), truth=[1, 0, 0])) == [0, 0, 1]
 
 
 def test_triplet_loss_reference_and_direction():

@@ -243,6 +243,8 @@ def test_inference_encoder_traces_up_front_and_equals_the_eager_network(micro_co
         assert np.allclose(rows, encode_batch(eager, normalize_uint8_nchw(images), "ground").numpy(), atol=1e-6)
         with pytest.raises(ValueError, match="ground input must be"):
             encoder.encode(torch.zeros(1, 3, 8, 8), "ground")
+        with pytest.raises(ValueError, match=r"training mode: call model.eval\(\)"):  # dropout: random rows
+            encode_batch(L2LTR(config).train(), g, "ground")
     aerial_only = InferenceEncoder(L2LTR(micro_config), "cpu", branches=("aerial",), trace=False)
     assert aerial_only.traced == ()
     with pytest.raises(ValueError, match="branch must be one of"):

@@ -79,6 +79,39 @@ def test_resume_after_interruption_matches_uninterrupted(world, tmp_path):
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
     log = [json.loads(x) for x in (tmp_path / "part" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if r["event"] == "eval"] == [4, 8]
+    # the log reads as one run: one "end" line, and the step-2 loss averages steps 1 and 2 across the stop
+    assert [r["finished"] for r in log if r["event"] == "end"] == [True]
+    full_log = [json.loads(x) for x in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
+    losses = [[(r["step"], round(r["loss"], 5)) for r in run if r["event"] == "train"] for run in (log, full_log)]
+    assert losses[0] == losses[1]
+
+
+def test_resume_refuses_another_config_data_or_subset(world, tmp_path, monkeypatch):
+    config = tmp_path / "micro.json"
+    config.write_text(MICRO)
+
+    def args(*extra):
+        return build_parser().parse_args(["--data", str(world), "--config", str(config), "--out", str(tmp_path / "r"),
+                                          "--batch-size", "4", "--eval-every", "0", "--workers", "0", "--quiet",
+                                          "--steps", "4", *extra])
+
+    first = args()
+    first.max_minutes = 1e-9  # stops after one step
+    assert train(first)["step"] == 1
+    config.write_text(MICRO.replace('"num_layers": 2', '"num_layers": 1'))
+    with pytest.raises(TrainingError, match=r"config\.num_layers.*\(2, 1\)"):  # the same --config, edited
+        train(args("--resume"))
+    config.write_text(MICRO)
+    with pytest.raises(TrainingError, match="max_pairs"):
+        train(args("--resume", "--max-pairs", "8"))
+    make_world(world, n=28)  # the data set regenerated at the same path, with more pairs
+    with pytest.raises(TrainingError, match="not the ones this run was trained on"):
+        train(args("--resume"))
+    make_world(world, seed=0)
+    monkeypatch.chdir(world.parent)  # the same data by a relative path is the same run
+    resumed = args("--resume")
+    resumed.data = world.name
+    assert train(resumed)["finished"]
 
 
 def test_resume_refuses_changed_settings_and_existing_run(world, tmp_path):
@@ -207,6 +240,9 @@ def test_init_config_mismatch(world, tmp_path, micro_config):
     save_checkpoint(L2LTR(micro_config.replace(num_layers=1)), other)
     with pytest.raises(TrainingError, match="differs from the training config"):
         train(run_args(world, tmp_path / "o", "--steps", "1", "--init", str(other)))
+    same = tmp_path / "same.safetensors"  # the same network trained with another dropout: fine-tuned with ours
+    save_checkpoint(L2LTR(micro_config.replace(dropout=0.3)), same)
+    assert train(run_args(world, tmp_path / "p", "--steps", "1", "--eval-every", "0", "--init", str(same)))["finished"]
 
 
 def test_hard_negative_batches_are_neighbours():

@@ -66,6 +66,13 @@ def test_shift_scores_and_estimated_headings_follow_the_turn():
     assert seen.sum() == 4 and seen[6:10].all()
     half = np.roll(tile, -5, axis=0) * seen[:, None]  # only the seen columns carry the view
     assert estimate_headings(half, tile[None], seen)[0] == pytest.approx(5 * 22.5, abs=5.0)  # within a column
+    # a 20 degree view (the API's narrowest) covers 14 pixels, 7 in each of two token columns: those two
+    # carry it (no column half seen left none: every heading scored 0 and the answer was north)
+    narrow = valid_columns(16, 20.0)
+    assert np.flatnonzero(narrow).tolist() == [7, 8]
+    sliver = np.roll(tile, -5, axis=0) * narrow[:, None]
+    assert estimate_headings(sliver, tile[None], narrow)[0] == pytest.approx(5 * 22.5, abs=5.0)
+    assert not valid_columns(16, 0.0).any()  # nothing seen: no column
 
 
 def _unit(rng, *shape) -> np.ndarray:
