@@ -27,7 +27,7 @@ import shutil
 import time
 
 from index_build.fsutil import atomic_write_json, fsync_dir
-from index_build.workdir import utc_now_iso
+from index_build.workdir import PLAN_FILE, utc_now_iso
 # The format's names and its reader are in the shared library: the service and evaluation read artifacts too.
 from model.index_artifact import FORMAT_VERSION, MANIFEST_FILE, ArtifactError, read_manifest
 
@@ -133,23 +133,28 @@ class ArtifactLayout:
         """Atomically point `out` at versions/<version> (a relative link: the tree can be moved)."""
         target = os.path.join(os.path.basename(self.versions), version)
         tmp = os.path.join(self.parent, f".{self.name}.link-{os.getpid()}.tmp")
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        prefix = f".{self.name}.link-"  # ours, and those of runs killed here (we hold the lock: none is live)
+        for name in os.listdir(self.parent):
+            if name.startswith(prefix) and name.endswith(".tmp"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.parent, name))
         os.symlink(target, tmp)
         os.replace(tmp, self.out)
         fsync_dir(self.parent)
 
     def prune(self, keep: int) -> list[str]:
-        """Delete the oldest versions beyond `keep` (never the live one). Returns the removed names."""
+        """Delete the oldest versions beyond `keep` (never the live one), and first those a killed run
+        promoted but never published (they still hold its plan.json): they count as no rollback target.
+        Returns the removed names."""
         live = self.live_version_dir()
-        versions = self.list_versions()
-        removed = []
-        for name in versions[:max(0, len(versions) - max(1, keep))]:
-            path = os.path.join(self.versions, name)
-            if live and os.path.realpath(path) == live:
-                continue
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(name)
+        paths = {name: os.path.join(self.versions, name) for name in self.list_versions()}
+        if live:
+            paths = {name: path for name, path in paths.items() if os.path.realpath(path) != live}
+        orphans = [name for name, path in paths.items() if os.path.isfile(os.path.join(path, PLAN_FILE))]
+        published = [name for name in paths if name not in orphans]
+        removed = orphans + published[:max(0, len(published) + (1 if live else 0) - max(1, keep))]
+        for name in removed:
+            shutil.rmtree(paths[name], ignore_errors=True)
         return removed
 
 

@@ -1,6 +1,7 @@
 """Orchestration of `build` and `add`: reader -> mapper -> writer, resumable, published atomically."""
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import logging
@@ -21,7 +22,7 @@ from index_build.faiss_index import (DEFAULT_MEMORY_BUDGET, IndexSpec, build_ind
                                      tune_search)
 from index_build.fsutil import atomic_save_npy_blocks, atomic_write_bytes
 from index_build.sources import (Catalogue, CatalogueError, CatalogueLines, Issue, TileRecord, read_source,
-                                 read_tiles_csv, write_tiles_csv)
+                                 read_tiles_csv, sha256_file, write_tiles_csv)
 from index_build.workdir import (CATALOG_FILE, COLUMNS_DTYPE, COLUMNS_SUFFIX, PLAN_FILE, VECTORS_DIR, ShardSpan,
                                  iter_vector_blocks, load_shard_columns, read_finished_shard, read_plan,
                                  spans_from_plan, utc_now_iso, vectors_dir, write_plan)
@@ -29,9 +30,10 @@ from model.index_artifact import INDEX_FILE, ORIENTATION_FILE, TILES_FILE, Artif
 
 log = logging.getLogger("index_build")
 
-# Plan keys that must match for --resume to reuse a work dir.
+# Plan keys that must match for --resume to reuse a work dir. tiling_sha256: a raster cut again into the
+# same grid writes the same tiles.csv over other images, and a new tiling.json.
 PLAN_IDENTITY = ("kind", "catalog_sha256", "source", "count", "shard_size", "model_fingerprint",
-                 "extra_columns", "base_version", "first_shard_index")
+                 "extra_columns", "base_version", "first_shard_index", "tiling_sha256")
 
 
 class BuildError(RuntimeError):
@@ -153,6 +155,12 @@ def load_catalogue(path: str, check_files: bool, report_path: str | None) -> Cat
 
 
 TILING_FILE = "tiling.json"  # written beside tiles.csv by `index_build tile`
+
+
+def tiling_sha256(catalog: str) -> str | None:
+    """The checksum of the tiling.json beside a catalogue cut by `index_build tile`, else None."""
+    path = os.path.join(os.path.dirname(os.path.abspath(catalog)), TILING_FILE)
+    return sha256_file(path) if os.path.isfile(catalog) and os.path.isfile(path) else None
 
 
 def catalogue_tiling(catalog: str) -> dict | None:
@@ -315,10 +323,18 @@ def _shard_entries(vdir: str, spans: list[ShardSpan], fingerprint: str, plan: di
     return entries, skipped
 
 
-def _write_index(index, path: str) -> None:
+def _write_index(index, path: str) -> str:
+    """Write a FAISS index atomically; its sha256."""
     import faiss
 
-    atomic_write_bytes(path, faiss.serialize_index(index).tobytes())
+    data = faiss.serialize_index(index).tobytes()
+    atomic_write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def _checksums(work: str, index_sha256: str) -> dict:
+    """The manifest's "checksums" of the files no shard checksum covers (verify checks them)."""
+    return {"checksums": {TILES_FILE: sha256_file(os.path.join(work, TILES_FILE)), INDEX_FILE: index_sha256}}
 
 
 # Rows of orientation columns copied per block from a published orientation.npy (~2 KiB a row at
@@ -382,12 +398,13 @@ def _check_add_orientation(base: dict, live: str, columns: tuple[int, int] | Non
 
 def _drop_stage_files(version_dir: str) -> None:
     """Remove what only the build needed from a published version: the plan, the catalogue copy,
-    and the shards' orientation columns (orientation.npy holds them now). The live dir is never
-    read for them."""
-    stage_files = [PLAN_FILE, CATALOG_FILE]
+    the shards' orientation columns (orientation.npy holds them now) and the temporary files of
+    writes a killed run left (a resumed run wrote its own). The live dir is never read for them."""
+    stage_files = [PLAN_FILE, CATALOG_FILE] + [f for f in os.listdir(version_dir) if f.endswith(".tmp")]
     vdir = os.path.join(version_dir, VECTORS_DIR)
     if os.path.isdir(vdir):
-        stage_files += [os.path.join(VECTORS_DIR, f) for f in os.listdir(vdir) if f.endswith(COLUMNS_SUFFIX)]
+        stage_files += [os.path.join(VECTORS_DIR, f) for f in os.listdir(vdir)
+                        if f.endswith(COLUMNS_SUFFIX) or f.endswith(".tmp")]
     for stage_file in stage_files:
         try:
             os.unlink(os.path.join(version_dir, stage_file))
@@ -396,11 +413,14 @@ def _drop_stage_files(version_dir: str) -> None:
 
 
 def _publish(layout: ArtifactLayout, fingerprint: str, keep_versions: int) -> str:
+    previous = layout.live_version_dir()
     version = layout.new_version_name(fingerprint)
     version_dir = layout.promote_work_dir(version)
     layout.swap_link(version)
-    _drop_stage_files(version_dir)
-    removed = layout.prune(keep_versions)
+    for published in (version_dir, previous):  # the previous one's too, if a run was killed before dropping them
+        if published and os.path.isdir(published):
+            _drop_stage_files(published)
+    removed = layout.prune(keep_versions)  # (a version with stage files left is one never published)
     if removed:
         log.info("removed old version(s): %s", ", ".join(removed))
     return version_dir
@@ -488,7 +508,7 @@ def run_build(opts: BuildOptions) -> BuildResult:
             "extra_columns": catalogue.extra_columns, "base_version": None, "first_shard_index": 0,
             "checkpoint": os.path.abspath(opts.checkpoint), "created_at": utc_now_iso(),
             "catalog_lines": CatalogueLines.of_records(catalogue.records).to_json(),
-            "tiling": catalogue_tiling(opts.catalog),
+            "tiling": catalogue_tiling(opts.catalog), "tiling_sha256": tiling_sha256(opts.catalog),
         }
         note = views_checkpoint_note(model.net, plan["tiling"])
         if note:
@@ -536,7 +556,7 @@ def _finish_build(opts: BuildOptions, layout: ArtifactLayout, plan: dict, model,
     tuning = tune_search(index, spec, n, blocks, target_recall=opts.target_recall)
     if index.ntotal != n:
         raise BuildError(f"index holds {index.ntotal} vectors, expected {n}")
-    _write_index(index, os.path.join(work, INDEX_FILE))
+    checksums = _checksums(work, _write_index(index, os.path.join(work, INDEX_FILE)))
     orientation = {}
     if columns is not None:
         orientation["orientation"] = _write_orientation(work, n, columns, _shard_column_blocks(vdir, spans))
@@ -549,7 +569,7 @@ def _finish_build(opts: BuildOptions, layout: ArtifactLayout, plan: dict, model,
         faiss_version=faiss.__version__, catalog_sha256=plan["catalog_sha256"], source=plan["source"],
         checkpoint=plan["checkpoint"], catalogue_rows=plan["count"],
         skipped={"count": len(skipped), "tiles": skipped},
-        shards=shard_entries, **orientation, additions=[], **(plan.get("tiling") or {}),
+        shards=shard_entries, **orientation, **checksums, additions=[], **(plan.get("tiling") or {}),
         build={"engine": opts.engine, "batch_size": opts.batch_size, "shard_size": plan["shard_size"],
                "workers": opts.workers, "lanes": opts.lanes, "encode": result.encode.to_json(), **_host_info(opts.device)},
     )
@@ -656,7 +676,7 @@ def run_add(opts: AddOptions) -> BuildResult:
         count = base["count"] + added
         if index.ntotal != count:
             raise BuildError(f"index holds {index.ntotal} vectors, expected {count}")
-        _write_index(index, os.path.join(work, INDEX_FILE))
+        checksums = _checksums(work, _write_index(index, os.path.join(work, INDEX_FILE)))
         orientation = {}
         if columns is not None:
             base_rows = _row_blocks(_open_published_columns(live, base))
@@ -668,7 +688,7 @@ def run_add(opts: AddOptions) -> BuildResult:
         manifest = dict(base)
         manifest.update(
             count=count, built_at=utc_now_iso(), faiss_version=faiss.__version__,
-            shards=[*base["shards"], *new_entries], **orientation,
+            shards=[*base["shards"], *new_entries], **orientation, **checksums,
             skipped={"count": base.get("skipped", {}).get("count", 0) + len(skipped),
                      "tiles": [*base.get("skipped", {}).get("tiles", []),
                                *({**s, "catalog": plan["source"]} for s in skipped)]},

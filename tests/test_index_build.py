@@ -401,6 +401,14 @@ def test_resume_refuses_a_different_plan(tmp_path, ckpt, catalogue):
     run_build(opts(catalogue, ckpt, out, stop_after="encode"))
     with pytest.raises(BuildError, match="shard_size"):
         run_build(opts(catalogue, ckpt, out, shard_size=8, resume=True))
+    # a raster cut again into the same grid: the same tiles.csv over other images, a new tiling.json
+    tiling = catalogue.parent / "tiling.json"
+    try:
+        tiling.write_text(json.dumps({"format": "index_build-tiling/1", "tile_m": 100, "stride_m": 50}))
+        with pytest.raises(BuildError, match="tiling_sha256"):
+            run_build(opts(catalogue, ckpt, out, resume=True))
+    finally:
+        tiling.unlink()
     result = run_build(opts(catalogue, ckpt, out, resume=True))  # same plan: nothing re-encoded
     assert result.encode.tiles_encoded == 0 and result.encode.shards_reused == 3
     assert result.status == "published"

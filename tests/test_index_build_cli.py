@@ -3,6 +3,7 @@ numbering of catalogue rows, what --quiet and --json print, --help for every opt
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import subprocess
@@ -460,8 +461,37 @@ def _narrow_shard(root):
     np.save(path, stored[:, :-1])
 
 
+def _moved_tile(root):
+    path = root / "tiles.csv"
+    lines = path.read_text().splitlines(keepends=True)
+    fields = lines[4].split(",")
+    fields[1] = f"{float(fields[1]) + 0.01:.6f}"  # 1.1 km north: still a valid position
+    lines[4] = ",".join(fields)
+    os.chmod(path, 0o644)
+    path.write_text("".join(lines))
+
+
+def _index_of_other_rows(root):
+    """index.faiss rewritten with its vectors in reverse order, the manifest's checksum with it: only the
+    self-retrieval check can see that id i is no longer tiles.csv's row i."""
+    import faiss
+
+    path = root / "index.faiss"
+    index = faiss.read_index(str(path))
+    reversed_index = faiss.IndexFlatIP(index.d)
+    reversed_index.add(index.reconstruct_n(0, index.ntotal)[::-1].copy())
+    os.chmod(path, 0o644)
+    faiss.write_index(reversed_index, str(path))
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["checksums"]["index.faiss"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    os.chmod(root / "manifest.json", 0o644)
+    (root / "manifest.json").write_text(json.dumps(manifest))
+
+
 @pytest.mark.parametrize("damage, problem", [
     (_nan_latitude, "tiles.csv:5: lat/lon out of range"),
+    (_moved_tile, "tiles.csv: checksum differs from the manifest"),
+    (_index_of_other_rows, "self-retrieval rank-1 0.0000 below 0.99"),
     (_truncated_index, "index.faiss: unreadable FAISS index"),
     (_deleted_shard, "unreadable embedding shard"),
     (_narrow_shard, "vectors/shard-00000.npy: shape ["),

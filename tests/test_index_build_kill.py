@@ -161,20 +161,35 @@ def test_ctrl_c_mid_encode_is_one_line_and_resumable(setup, tmp_path):
     assert stdout == "" and not os.path.lexists(out)
     assert not (tmp_path / "idx.versions" / ".lock").exists()
     finished = len(list(vectors.glob("shard-*.json")))
+    # what a run killed in the middle of atomic writes leaves: their temporary files, a temporary link
+    leftovers = [vectors.parent / ".index.faiss.k1ll3d.tmp", vectors / ".shard-00005.npy.k1ll3d.tmp"]
+    for leftover in leftovers:
+        leftover.write_bytes(b"half a file")
+    os.symlink("idx.versions/nowhere", tmp_path / ".idx.link-99999.tmp")
     with torch_threads(1):
         result = run_build(_opts(new_cat, ckpt, out, resume=True))
     assert result.status == "published" and result.encode.shards_reused == finished >= 2
+    published = os.path.realpath(out)  # they are not published inside the artifact, nor left beside it
+    assert not [f for _, _, files in os.walk(published) for f in files if f.endswith(".tmp")]
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+
+
+def _killed_before_link_swap(setup, out) -> str:
+    """The old catalogue published at ``out``, then a build of the new one killed after promoting its
+    version, before the link swap; the old version's directory."""
+    root, ckpt, old_cat, new_cat, child = setup
+    with torch_threads(1):
+        run_build(_opts(old_cat, ckpt, out))
+    proc = subprocess.run([PYTHON, str(child), "die-before-link-swap", *_cli_args(new_cat, ckpt, out)],
+                          env=subprocess_env(), cwd=REPO, capture_output=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
+    return os.path.realpath(out)
 
 
 def test_sigkill_between_promote_and_link_swap(setup, tmp_path):
     root, ckpt, old_cat, new_cat, child = setup
     out = tmp_path / "idx"
-    with torch_threads(1):
-        run_build(_opts(old_cat, ckpt, out))
-    old_version = os.path.realpath(out)
-    proc = subprocess.run([PYTHON, str(child), "die-before-link-swap", *_cli_args(new_cat, ckpt, out)],
-                          env=subprocess_env(), cwd=REPO, capture_output=True, timeout=120)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
+    old_version = _killed_before_link_swap(setup, out)
     _assert_old_artifact_intact(out, old_version)
     versions = sorted(p.name for p in (tmp_path / "idx.versions").iterdir() if not p.name.startswith("."))
     assert len(versions) == 2  # the finished new version exists, unpublished
@@ -186,3 +201,13 @@ def test_sigkill_between_promote_and_link_swap(setup, tmp_path):
     m = read_manifest(str(out))
     assert m["count"] == N_TILES
     assert sorted(os.listdir(out)) == ["index.faiss", "manifest.json", "tiles.csv", "vectors"]
+
+
+def test_a_version_never_published_is_pruned_before_the_previous_one(setup, tmp_path):
+    root, ckpt, old_cat, new_cat, child = setup
+    out = tmp_path / "idx"
+    old_version = _killed_before_link_swap(setup, out)
+    with torch_threads(1):
+        run_build(_opts(new_cat, ckpt, out))  # built again without --resume: the killed run's version is garbage
+    versions = sorted(str(p) for p in (tmp_path / "idx.versions").iterdir() if not p.name.startswith("."))
+    assert versions == sorted([old_version, os.path.realpath(out)])  # --keep-versions 2: live + the rollback
