@@ -374,6 +374,10 @@ def _bad_inputs(tmp_path) -> dict:
         "tile larger": (["--raster", write_raster(tmp_path / "small.tif", rgb, "EPSG:32632",
                                                   from_origin(500_000, 5_240_000, 0.4, 0.4)), "--tile-m", "100"],
                         "--tile-m 100 is larger than the raster"),
+        # 200 px of 1e-5 degrees from 179.999 E: the east half lies past the antimeridian, written as 180-181
+        "past 180": (["--raster", write_raster(tmp_path / "pacific.tif", rgb, "EPSG:4326",
+                                               from_origin(179.999, 0.001, 1e-5, 1e-5))],
+                     "longitudes 179.999 to 180.001 in a geographic CRS reach past +-180"),
         "stride 0": (["--stride-m", "0"], "--stride-m must be > 0"),
         "stride negative": (["--stride-m", "-5"], "--stride-m must be > 0"),
         "bad bands": (["--bands", "1,2"], "--bands '1,2': give three bands"),
