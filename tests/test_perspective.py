@@ -314,25 +314,28 @@ def test_bad_arguments_name_the_field():
 # --------------------------------------------------------------------------- EXIF
 
 def test_exif_round_trip(tmp_path):
-    assert focal_length_35mm(65.0) == 28 and focal_length_35mm(90.0) == 18
+    assert focal_length_35mm(65.0, 4, 3) == 28 and focal_length_35mm(90.0, 4, 3) == 18
     for hfov, heading in ((65.0, -59.103), (40.0, 359.999), (90.0, 0.0)):
         path = tmp_path / "photo.jpg"
-        Image.new("RGB", (64, 48)).save(path, exif=camera_exif(hfov, heading))
+        Image.new("RGB", (64, 48)).save(path, exif=camera_exif(hfov, heading, 64, 48))
         got_fov, got_heading = exif_camera(str(path))
-        assert got_fov == pytest.approx(2 * math.degrees(math.atan(18 / focal_length_35mm(hfov))))
+        assert got_fov == pytest.approx(2 * math.degrees(math.atan(18 / focal_length_35mm(hfov, 64, 48))))
         assert abs(got_fov - hfov) < 1.5
         assert abs((got_heading - heading + 180) % 360 - 180) <= 0.005 and 0 <= got_heading < 360
+    # a portrait photo: its long side, the height, is the 36 mm side (it was read back 51.5 degrees wide)
+    Image.new("RGB", (48, 64)).save(tmp_path / "portrait.jpg", exif=camera_exif(65.0, 0.0, 48, 64))
+    assert focal_length_35mm(65.0, 48, 64) == 21 and abs(exif_camera(str(tmp_path / "portrait.jpg"))[0] - 65.0) < 1.5
     Image.new("RGB", (64, 48)).save(tmp_path / "plain.jpg")
     assert exif_camera(str(tmp_path / "plain.jpg")) == (None, None)
 
 
 def test_the_exif_field_of_view_of_a_portrait_photo_spans_its_upright_width(tmp_path):
-    f35 = focal_length_35mm(65.0)
+    f35 = focal_length_35mm(65.0, 64, 48)
     landscape, portrait = (2 * math.degrees(math.atan(half / f35)) for half in (18.0, 18.0 * 48 / 64))
     for stored, orientation, expected in (((64, 48), 1, landscape), ((48, 64), 1, portrait),
                                           ((64, 48), 6, portrait), ((64, 48), 8, portrait), ((64, 48), 3, landscape)):
         exif = Image.Exif()
-        exif.load(camera_exif(65.0, 10.0))
+        exif.load(camera_exif(65.0, 10.0, 64, 48))
         exif[0x0112] = orientation  # stored on its side (6, 8: the upright photo is 48 x 64) or upside down (3)
         path = tmp_path / "photo.jpg"
         Image.new("RGB", stored).save(path, exif=exif)
@@ -377,7 +380,7 @@ def test_perspective_world_layout_cameras_and_exif(photo_world):
         img = Image.open(root / q["path"])
         assert img.format == "JPEG" and img.size == (320, 240) and img.size[0] * 3 == img.size[1] * 4
         hfov, heading = exif_camera(str(root / q["path"]))
-        assert hfov == pytest.approx(2 * math.degrees(math.atan(18 / focal_length_35mm(60.0))))
+        assert hfov == pytest.approx(2 * math.degrees(math.atan(18 / focal_length_35mm(60.0, 320, 240))))
         assert abs((heading - float(c["heading_deg"]) + 180) % 360 - 180) <= 0.006
     assert len({c["pitch_deg"] for c in cams}) == len(cams)  # jittered, not constant
     meta = json.loads((root / "world.json").read_text())

@@ -912,7 +912,7 @@ def _photo(width: int = 160, height: int = 120, *, hfov: float | None = None, he
     from worldgen.dataset import camera_exif, encode_jpeg
 
     pixels = np.asarray(Image.open(io.BytesIO(jpeg_bytes(width, height, seed=11))).convert("RGB"))
-    return encode_jpeg(pixels, exif=camera_exif(hfov, heading) if hfov is not None else None)
+    return encode_jpeg(pixels, exif=camera_exif(hfov, heading, width, height) if hfov is not None else None)
 
 
 def test_the_field_of_view_and_heading_come_from_parameters_exif_or_the_shape(client, world):
@@ -1134,14 +1134,14 @@ def test_a_portrait_photos_field_of_view_spans_its_upright_width(client):
     out = io.BytesIO()
     Image.open(io.BytesIO(jpeg_bytes(160, 120, seed=11))).save(out, format="JPEG", exif=exif)
     view = _post(client, out.getvalue()).json()["view"]
-    expected = 2 * np.degrees(np.arctan(18.0 * 120 / 160 / focal_length_35mm(65.0)))
+    expected = 2 * np.degrees(np.arctan(18.0 * 120 / 160 / focal_length_35mm(65.0, 160, 120)))
     assert (view["fov_source"], view["fov_deg"]) == ("exif", pytest.approx(expected, abs=0.01))
 
 
 def _photo_exif(hfov: float) -> bytes:
     from worldgen.dataset import camera_exif
 
-    return camera_exif(hfov, 0.0)
+    return camera_exif(hfov, 0.0, 160, 120)  # the stored (sensor) frame: landscape
 
 
 def test_an_uploads_header_is_opened_once(client, world, monkeypatch):

@@ -449,7 +449,7 @@ def _photo(path, width: int = 160, height: int = 120, *, hfov: float | None = No
     from worldgen.dataset import camera_exif, encode_jpeg
 
     pixels = np.random.default_rng(11).integers(0, 255, (height, width, 3), dtype=np.uint8)
-    path.write_bytes(encode_jpeg(pixels, exif=camera_exif(hfov, heading) if hfov is not None else None))
+    path.write_bytes(encode_jpeg(pixels, exif=camera_exif(hfov, heading, width, height) if hfov is not None else None))
     return path
 
 

@@ -258,6 +258,6 @@ def with_gpano_heading(image: bytes, value: str, *, exif_heading: float | None =
            '<rdf:Description rdf:about="" xmlns:GPano="http://ns.google.com/photos/1.0/panorama/" '
            f'GPano:ProjectionType="equirectangular" GPano:PoseHeadingDegrees="{value}"/></rdf:RDF></x:xmpmeta>')
     out = io.BytesIO()
-    extra = {"exif": camera_exif(65.0, exif_heading)} if exif_heading is not None else {}
+    extra = {"exif": camera_exif(65.0, exif_heading, 4, 3)} if exif_heading is not None else {}
     Image.open(io.BytesIO(image)).save(out, "JPEG", quality=85, xmp=xmp.encode(), **extra)
     return out.getvalue()

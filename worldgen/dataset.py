@@ -222,18 +222,21 @@ def encode_jpeg(img: np.ndarray, quality: int = 90, exif: bytes | None = None) -
     return buf.getvalue()
 
 
-def focal_length_35mm(hfov_deg: float) -> int:
-    """EXIF FocalLengthIn35mmFilm of a horizontal field of view: the focal length that gives it on
-    a 36 mm wide frame, f = 18 / tan(hfov / 2), in whole millimetres (the tag is an integer)."""
-    return max(1, int(round(18.0 / math.tan(math.radians(hfov_deg) / 2.0))))
+def focal_length_35mm(hfov_deg: float, width: int, height: int) -> int:
+    """EXIF FocalLengthIn35mmFilm of a ``width`` x ``height`` photo's horizontal field of view: the focal
+    length that gives it on a 36 x 24 mm frame, whose 36 mm side is the photo's long side (as readers,
+    model.preprocess.exif_camera among them, take it): f = 18 * min(1, w / h) / tan(hfov / 2), in whole
+    millimetres (the tag is an integer)."""
+    half_width_mm = 18.0 * min(1.0, width / height)
+    return max(1, int(round(half_width_mm / math.tan(math.radians(hfov_deg) / 2.0))))
 
 
-def camera_exif(hfov_deg: float, heading_deg: float) -> bytes:
+def camera_exif(hfov_deg: float, heading_deg: float, width: int, height: int) -> bytes:
     """EXIF block of a perspective photo: FocalLengthIn35mmFilm and GPSImgDirection (true north,
     GPSImgDirectionRef 'T', in [0, 360) with 0.01 degree steps). No GPS position: the position is
     what the service has to find."""
     exif = Image.Exif()
-    exif.get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.FocalLengthIn35mmFilm] = focal_length_35mm(hfov_deg)
+    exif.get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.FocalLengthIn35mmFilm] = focal_length_35mm(hfov_deg, width, height)
     gps = exif.get_ifd(ExifTags.IFD.GPSInfo)
     gps[ExifTags.GPS.GPSImgDirectionRef] = "T"
     centi = int(round((heading_deg % 360.0) * 100)) % 36000
@@ -256,7 +259,7 @@ def _work(task):
             with open(os.path.join(root, "bingmap", ids[i] + ".png"), "wb") as f:
                 f.write(encode_png(a, cfg.png_compress))
         if g is not None:
-            exif = camera_exif(cfg.fov_deg, pose.heading_deg) if cfg.exif else None
+            exif = camera_exif(cfg.fov_deg, pose.heading_deg, cfg.photo_width, cfg.photo_height) if cfg.exif else None
             with open(os.path.join(root, "streetview", ids[i] + ".jpg"), "wb") as f:
                 f.write(encode_jpeg(g, cfg.jpeg_quality, exif))
         poses.append(pose)
@@ -411,7 +414,7 @@ def generate_dataset(cfg: GenConfig, out_dir: str, workers: int = 1, overwrite: 
             meta["camera"] = {
                 "type": "perspective", "width": cfg.photo_width, "height": cfg.photo_height,
                 "hfov_deg": cam["hfov_deg"], "vfov_deg": cam["vfov_deg"],
-                "focal_length_35mm": focal_length_35mm(cfg.fov_deg),
+                "focal_length_35mm": focal_length_35mm(cfg.fov_deg, cfg.photo_width, cfg.photo_height),
                 "heading_jitter_deg": cfg.heading_jitter_deg, "pitch_roll_jitter_deg": cfg.pitch_roll_jitter_deg,
                 "exif": cfg.exif, "eye_height_m": EYE_HEIGHT,
                 "layout": "pinhole, principal point at the centre, square pixels; streetview/<id>.jpg holds the "
