@@ -33,12 +33,25 @@ def load(path: Path, near_radius_m: float, local_m: float) -> dict:
     which cameras' top-1 tile centre is within ``local_m`` of them (the place was found)."""
     with np.load(path) as z:
         data = {k: z[k] for k in ("scores", "tile_latlon", "true_latlon")}
+        ranking = str(z["ranking"]) if "ranking" in z else "descriptor"
+        saved_radius = float(z["near_radius_m"]) if "near_radius_m" in z else None
+        if near_radius_m > 0 and saved_radius == near_radius_m:  # ranked among the prior's tiles when saved
+            data["scores"] = z["prior_scores"]
+            return _found(data, local_m)
+    if near_radius_m > 0 and ranking != "descriptor":
+        raise SystemExit(f"{path}: its scores are re-ranked over the whole index, which a prior can not be applied to "
+                         f"afterwards; save them with model.evaluate --near-radius-m {near_radius_m:g}")
     tiles, truth = data["tile_latlon"], data["true_latlon"]
     if near_radius_m > 0:
         for i, (lat, lon) in enumerate(truth):
             far = np.ones(len(tiles), bool)
             far[rows_within(tiles[:, 0], tiles[:, 1], lat, lon, near_radius_m)] = False
             data["scores"][i, far] = -np.inf
+    return _found(data, local_m)
+
+
+def _found(data: dict, local_m: float) -> dict:
+    tiles, truth = data["tile_latlon"], data["true_latlon"]
     top1 = data["scores"].argmax(axis=1)
     data["found"] = haversine_m(truth[:, 0], truth[:, 1], tiles[top1, 0], tiles[top1, 1]) <= local_m
     return data

@@ -59,6 +59,11 @@ class ArtifactLayout:
             return None
         return os.path.realpath(self.out)
 
+    def live_is_ours(self) -> bool:
+        """`out` links to one of our versions (not to a directory linked there by hand)."""
+        live = self.live_version_dir()
+        return live is not None and os.path.dirname(live) == os.path.realpath(self.versions)
+
     def list_versions(self) -> list[str]:
         if not os.path.isdir(self.versions):
             return []
@@ -146,7 +151,7 @@ class ArtifactLayout:
         """Delete the oldest versions beyond `keep` (never the live one), and first those a killed run
         promoted but never published (they still hold its plan.json): they count as no rollback target.
         Returns the removed names."""
-        live = self.live_version_dir()
+        live = self.live_version_dir() if self.live_is_ours() else None
         paths = {name: os.path.join(self.versions, name) for name in self.list_versions()}
         if live:
             paths = {name: path for name, path in paths.items() if os.path.realpath(path) != live}

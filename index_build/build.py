@@ -227,7 +227,8 @@ def index_spec(opts: BuildOptions, count: int, dim: int) -> IndexSpec:
 
 
 def _plan_differences(old: dict, new: dict) -> list[str]:
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in PLAN_IDENTITY if old.get(k) != new.get(k)]
+    """A key a plan written before it existed lacks is not a difference (tiling_sha256)."""
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in PLAN_IDENTITY if k in old and old[k] != new.get(k)]
 
 
 def _prepare_work_dir(layout: ArtifactLayout, plan: dict, records: list[TileRecord], extra_columns: list[str],
@@ -332,6 +333,15 @@ def _write_index(index, path: str) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _check_published_files(live: str, manifest: dict) -> None:
+    """`add` builds on the published tiles.csv and index.faiss: not on ones edited since their build,
+    whose new checksums would hide the edit."""
+    for name, expected in (manifest.get("checksums") or {}).items():
+        if sha256_file(os.path.join(live, name)) != expected:
+            raise BuildError(f"{os.path.join(live, name)} differs from its checksum in manifest.json (edited or "
+                             "replaced since it was built); `verify` it, and build the artifact again")
+
+
 def _checksums(work: str, index_sha256: str) -> dict:
     """The manifest's "checksums" of the files no shard checksum covers (verify checks them)."""
     return {"checksums": {TILES_FILE: sha256_file(os.path.join(work, TILES_FILE)), INDEX_FILE: index_sha256}}
@@ -413,7 +423,7 @@ def _drop_stage_files(version_dir: str) -> None:
 
 
 def _publish(layout: ArtifactLayout, fingerprint: str, keep_versions: int) -> str:
-    previous = layout.live_version_dir()
+    previous = layout.live_version_dir() if layout.live_is_ours() else None  # (not a directory linked by hand)
     version = layout.new_version_name(fingerprint)
     version_dir = layout.promote_work_dir(version)
     layout.swap_link(version)
@@ -602,6 +612,7 @@ def run_add(opts: AddOptions) -> BuildResult:
         if live is None:
             raise ArtifactError(f"{layout.out}: no published artifact to add to; run `build` first")
         base = read_built_manifest(live)
+        _check_published_files(live, base)
         report_path = opts.report_path or os.path.join(layout.versions, "validation-report.txt")
         catalogue = load_catalogue(opts.catalog, opts.check_files, report_path)
         base_records, base_extra = read_tiles_csv(os.path.join(live, TILES_FILE))
@@ -646,6 +657,7 @@ def run_add(opts: AddOptions) -> BuildResult:
             "extra_columns": catalogue.extra_columns, "base_version": base_version,
             "first_shard_index": _next_shard_index(base), "checkpoint": os.path.abspath(opts.checkpoint),
             "created_at": utc_now_iso(), "catalog_lines": CatalogueLines.of_records(catalogue.records).to_json(),
+            "tiling_sha256": tiling_sha256(opts.catalog),
         }
         if _recover_if_resumed(opts, layout, plan, result):
             return result

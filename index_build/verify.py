@@ -20,7 +20,20 @@ from model.index_artifact import (ORIENTATION_FILE, ArtifactError, iter_vector_s
 # than 2^-25 in absolute terms below float16's normal range), so a unit column of C <= 1024
 # components, renormalised, loses well under 1e-6 of cosine to it. Added to the tolerance.
 FLOAT16_COSINE_LOSS = 1e-6
-TIE_DEPTH = 64  # results searched per sampled tile: a tile may tie with this many copies of its image
+TIE_DEPTH = 64  # results searched per sampled tile first; deeper where its copies fill them all
+
+
+def _search_own(index, vectors: np.ndarray, rows: np.ndarray, n: int):
+    """index.search of each sampled tile's vector, deep enough to see its own id where copies of its
+    image tie with it: (scores, ids, own [k, depth] bool: the result is the tile's own id)."""
+    depth = min(TIE_DEPTH, n)
+    while True:
+        scores, ids = index.search(vectors, depth)
+        own = ids == rows[:, None]
+        tied_throughout = ~own.any(axis=1) & (scores[:, -1] >= scores[:, 0] - 1e-6)
+        if depth == n or not tied_throughout.any():
+            return scores, ids, own
+        depth = min(2 * depth, n)
 
 
 def _check_files(root: str, manifest: dict, problems: list[str], report: dict) -> None:
@@ -179,8 +192,7 @@ def run_verify(artifact: str, checkpoint: str, *, sample: int = 64, seed: int = 
                                                       problems))
 
     if k:
-        scores, ids = index.search(fresh, min(TIE_DEPTH, n))
-        own = ids == rows[:, None]
+        scores, ids, own = _search_own(index, fresh, rows, n)
         hit1 = own[:, 0]
         # A tie: another tile comes first, but the tile's own id is returned as high (identical images).
         # An index whose ids are not tiles.csv's rows returns the tile's vector under another id: a miss.

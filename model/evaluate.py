@@ -293,9 +293,14 @@ def evaluate_anywhere(checkpoint: Path, data: Path, index: Path, device: str = "
     truth = dist.argmin(axis=1)
     offset = dist[np.arange(len(truth)), truth]
     ranked_scores = ranked(scores)
+    inside = view_dist <= near_radius_m if near_radius_m > 0 else None  # the rows model.metrics.rows_within picks
+    prior_scores = None if inside is None else ranked(np.where(inside, scores, np.float32(-np.inf)))
     if scores_out is not None:  # the scores as ranked (re-ranked too), so the file reproduces the report
-        arrays = dict(scores=ranked_scores, tile_latlon=view_ll, true_latlon=true_ll, truth=own_rows[truth],
-                      tile_of=own_rows[tile_of], ranking=np.array("descriptor" if tile_columns is None else "rerank"))
+        arrays = dict(scores=ranked_scores.astype(np.float32), tile_latlon=view_ll, true_latlon=true_ll,
+                      truth=own_rows[truth], tile_of=own_rows[tile_of],
+                      ranking=np.array("descriptor" if tile_columns is None else "rerank"))
+        if prior_scores is not None:  # a re-rank among the prior's tiles is not the whole index's, masked
+            arrays.update(prior_scores=prior_scores.astype(np.float32), near_radius_m=np.float64(near_radius_m))
         save_npz(scores_out, arrays)
     views = {"views": len(view_ll), "centres_m": manifest.get("centres_m")} if len(view_ll) > len(tile_ll) else {}
     result = {"n": len(paths), "tiles": len(tile_ll), **views, "data": str(data), "index": str(index),
@@ -330,11 +335,10 @@ def evaluate_anywhere(checkpoint: Path, data: Path, index: Path, device: str = "
                                         "r1": float(detail["hit"][sel].mean()),
                                         "top1_median_m": float(np.median(detail["top1"][sel])),
                                         "refined_median_m": float(np.median(detail["refined"][sel]))})
-    if near_radius_m > 0:
-        inside = view_dist <= near_radius_m  # the rows model.metrics.rows_within (the API's near) picks
+    if inside is not None:
         if not inside[np.arange(len(truth)), own_rows[truth]].all():
             raise ValueError(f"--near-radius-m {near_radius_m:g} leaves some query without its true tile")
-        result["prior"], within = block(ranked(np.where(inside, scores, np.float32(-np.inf))))
+        result["prior"], within = block(prior_scores)
         result["prior"].update(radius_m=near_radius_m, tiles_within_median=float(np.median(within["searched"])))
     return result
 

@@ -305,7 +305,7 @@ class JsonLog:
 
 # --------------------------------------------------------------------------- training
 
-RESUME_KEYS = ("data", "dataset", "config", "attention", "no_polar", "batch_size", "lr", "weight_decay", "warmup",
+RESUME_KEYS = ("data", "dataset", "attention", "no_polar", "batch_size", "lr", "weight_decay", "warmup",
                "clip", "loss", "hard_negatives", "seed", "epochs", "steps", "init", "augment", "precision", "dropout",
                "fov_augment", "semi_positives", "photo_share", "photo_fov", "photo_mask", "photo_tilt",
                "centre_jitter", "max_pairs", "max_eval_pairs", "eval_split")
@@ -331,6 +331,20 @@ def resume_differences(saved_args: dict, args) -> dict:
                           and os.path.realpath(a) == os.path.realpath(b))
 
     return {k: (saved.get(k), getattr(args, k)) for k in RESUME_KEYS if not same(k, saved.get(k), getattr(args, k))}
+
+
+def config_differences(saved: dict | None, config: L2LTRConfig) -> dict:
+    """The fields in which ``config`` differs from a saved run's (its --config file edited since, or
+    another file or name for another network): {"config.field": (saved, now)}. A field added to
+    L2LTRConfig after the run was saved has its default there."""
+    if saved is None:
+        return {}
+    try:
+        before = L2LTRConfig.from_dict(saved).to_dict()
+    except ConfigError as exc:
+        return {"config": (str(exc), config.name)}
+    now = config.to_dict()
+    return {f"config.{k}": (before[k], now[k]) for k in now if k != "name" and before[k] != now[k]}
 
 
 def records_digest(root: Path, *splits: Sequence[PairRecord]) -> str:
@@ -374,12 +388,7 @@ def train(args) -> dict:
     if args.resume and state_path.exists():
         resume_state = load_resume_state(state_path)
         diffs = resume_differences(resume_state["args"], args)
-        saved_config = {k: v for k, v in (resume_state.get("config") or {}).items() if k != "name"}
-        now_config = {k: v for k, v in config.to_dict().items() if k != "name"}
-        if saved_config and saved_config != now_config:  # e.g. the --config JSON file edited since
-            diffs.update({f"config.{k}": (saved_config.get(k), now_config.get(k))
-                          for k in sorted(saved_config.keys() | now_config.keys())
-                          if saved_config.get(k) != now_config.get(k)})
+        diffs.update(config_differences(resume_state.get("config"), config))
         if diffs:
             raise TrainingError(f"--resume from {state_path} with different settings {diffs}; "
                                 "use the original command or a new --out")
@@ -393,10 +402,14 @@ def train(args) -> dict:
         train_records = train_records[: args.max_pairs]
     if args.max_eval_pairs:
         val_records = val_records[: args.max_eval_pairs]
-    digest = records_digest(Path(args.data), train_records, val_records)
-    if resume_state and resume_state.get("data_digest", digest) != digest:
-        raise TrainingError(f"--resume from {state_path}: the pairs under {args.data} are not the ones this run "
-                            "was trained on (regenerated or edited since); use the original data or a new --out")
+    # the training pairs, always; the evaluation pairs where both the saved run and this one evaluate
+    digests = {"data_digest": records_digest(Path(args.data), train_records),
+               "eval_digest": records_digest(Path(args.data), val_records) if val_records else None}
+    for key, what in (("data_digest", "training"), ("eval_digest", f"{args.eval_split}")):
+        saved = resume_state.get(key) if resume_state else None
+        if saved is not None and digests[key] is not None and saved != digests[key]:
+            raise TrainingError(f"--resume from {state_path}: the {what} pairs under {args.data} are not the ones "
+                                "this run used (regenerated or edited since); use the original data or a new --out")
     if len(train_records) < args.batch_size:
         raise TrainingError(f"{len(train_records)} training pairs are fewer than one batch of {args.batch_size}")
     if centre_jitter:
@@ -447,7 +460,7 @@ def train(args) -> dict:
     def save_state():
         state = {"model": model.state_dict(), "loss": loss_fn.state_dict(), "optimizer": optimizer.state_dict(),
                  "step": step, "best_r1": best_r1, "rng": rng_state(), "args": vars(args), "config": config.to_dict(),
-                 "data_digest": digest, "log_window": [window_loss, window_n]}
+                 **digests, "log_window": [window_loss, window_n], "minutes": minutes()}
         atomic_write(state_path, partial(torch.save, state))
 
     def provenance(extra=None):
@@ -467,6 +480,12 @@ def train(args) -> dict:
     from tqdm import tqdm
 
     started = time.time()
+    earlier_minutes = resume_state.get("minutes", 0.0) if resume_state else 0.0
+
+    def minutes() -> float:
+        """The run's wall time, over every session of it (--max-minutes limits this one's)."""
+        return earlier_minutes + (time.time() - started) / 60
+
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True, disable=args.quiet)
     # a log line's loss averages the steps since the previous line, across a stop and resume too
     window_loss, window_n = resume_state.get("log_window", (0.0, 0)) if resume_state else (0.0, 0)
@@ -519,7 +538,10 @@ def train(args) -> dict:
                 window_loss, window_n, window_t, timed_n = 0.0, 0, time.time(), 0
             do_eval = val_data is not None and (step % args.eval_every == 0 or step == total_steps)
             if do_eval:
-                rec = evaluate_arrays(model, val_data, device)
+                try:
+                    rec = evaluate_arrays(model, val_data, device)
+                except ValueError as exc:  # e.g. NaN descriptors
+                    raise TrainingError(f"evaluation at step {step} failed: {exc}") from None
                 log.write(step=step, event="eval", split=args.eval_split, n=len(val_data), **rec)
                 bar.write(f"step {step}: {args.eval_split} R@1 {rec['r1']:.3f} R@5 {rec['r5']:.3f} "
                           f"R@10 {rec['r10']:.3f} R@1% {rec['r1pct']:.3f}", file=sys.stderr)
@@ -529,7 +551,7 @@ def train(args) -> dict:
                                     metadata=provenance({"val": rec}))
             if step % args.save_every == 0 or step == total_steps:
                 save_state()
-            if args.max_minutes and (time.time() - started) / 60 > args.max_minutes:
+            if args.max_minutes and (time.time() - started) / 60 > args.max_minutes:  # this session's
                 stopped_early = True
                 save_state()
                 bar.write(f"time budget of {args.max_minutes} min reached at step {step}; resume with --resume",
@@ -540,7 +562,7 @@ def train(args) -> dict:
     bar.close()
     save_state()
     save_checkpoint(model, out / "last.safetensors", dtype=torch.float16, metadata=provenance())
-    summary = {"step": step, "total_steps": total_steps, "best_r1": best_r1, "minutes": (time.time() - started) / 60,
+    summary = {"step": step, "total_steps": total_steps, "best_r1": best_r1, "minutes": minutes(),
                "finished": step >= total_steps}
     log.write(event="end", **summary)
     return summary

@@ -170,6 +170,24 @@ def test_rerank_ranks_as_the_service_does_by_column_alignment(tmp_path, capsys):
         assert (saved["scores"].argmax(axis=1) == saved["truth"]).all()
 
 
+def test_refine_tune_reads_the_ranking_the_report_used(tmp_path):
+    from ship_support import script_module
+
+    refine_tune = script_module("bench/refine_tune.py")
+    ckpt, data, index = _setup(tmp_path, swap=True, head=True)
+    saved = tmp_path / "scores.npz"
+    result = evaluate.evaluate_anywhere(ckpt, data, index, device="cpu", workers=1, near_radius_m=60.0,
+                                        rerank_k=2, rerank_weight=1.0, scores_out=saved)
+    with np.load(saved) as z:
+        truth = z["truth"]
+        assert z["scores"].dtype == np.float32
+    for radius, block in ((0.0, "unrestricted"), (60.0, "prior")):  # re-ranked among the prior's tiles
+        tuned = refine_tune.load(saved, radius, 50.0)
+        assert (tuned["scores"].argmax(axis=1) == truth).mean() == result[block]["r1"]
+    with pytest.raises(SystemExit, match="re-ranked over the whole index"):  # a prior it was not saved with
+        refine_tune.load(saved, 100.0, 50.0)
+
+
 def test_the_prior_s_recall_at_one_percent_is_of_the_tiles_it_searches(tmp_path, monkeypatch):
     import model.metrics
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import os
 import subprocess
 
@@ -366,6 +367,14 @@ def test_add_appends_and_enforces_fingerprint(tmp_path, ckpt, catalogue):
     # ids already present -> refused with the offending lines
     with pytest.raises(CatalogueError, match="already in the artifact"):
         run_add(AddOptions(**{**opts(catalogue, ckpt, out).__dict__}))
+    # a published tiles.csv edited since its build -> refused (the new checksums would hide the edit)
+    tiles_csv = os.path.join(first, "tiles.csv")
+    original = open(tiles_csv, "rb").read()
+    os.chmod(tiles_csv, 0o644)
+    open(tiles_csv, "wb").write(original.replace(b"47.30", b"47.31", 1))
+    with pytest.raises(BuildError, match="tiles.csv differs from its checksum in manifest.json"):
+        run_add(AddOptions(**{**opts(extra, ckpt, out).__dict__}))
+    open(tiles_csv, "wb").write(original)
     result = run_add(AddOptions(**{**opts(extra, ckpt, out, shard_size=5).__dict__}))
     assert result.status == "published" and result.count == 52
     root = os.path.realpath(out)
@@ -383,6 +392,14 @@ def test_add_appends_and_enforces_fingerprint(tmp_path, ckpt, catalogue):
     # a third publish prunes the oldest version, never the live one
     run_build(opts(catalogue, ckpt, out))
     assert not os.path.exists(first) and len(ArtifactLayout(str(out)).list_versions()) == 2
+    # out linked by hand to a directory of someone else's: publishing leaves its files alone and keeps two versions
+    foreign = tmp_path / "restored-by-hand"
+    shutil.copytree(os.path.realpath(out), foreign)
+    (foreign / "plan.json").write_text("{}")
+    os.unlink(out)
+    os.symlink(foreign, out)
+    run_build(opts(catalogue, ckpt, out))
+    assert (foreign / "plan.json").exists() and len(ArtifactLayout(str(out)).list_versions()) == 2
 
 
 def test_out_must_be_a_link_and_one_writer_at_a_time(tmp_path, ckpt, catalogue):
@@ -407,6 +424,11 @@ def test_resume_refuses_a_different_plan(tmp_path, ckpt, catalogue):
         tiling.write_text(json.dumps({"format": "index_build-tiling/1", "tile_m": 100, "stride_m": 50}))
         with pytest.raises(BuildError, match="tiling_sha256"):
             run_build(opts(catalogue, ckpt, out, resume=True))
+        plan_file = tmp_path / "idx.versions" / ".build" / "plan.json"  # a plan from before tiling_sha256
+        plan = json.loads(plan_file.read_text())
+        del plan["tiling_sha256"]
+        plan_file.write_text(json.dumps(plan))
+        assert run_build(opts(catalogue, ckpt, out, resume=True, stop_after="encode")).encode.tiles_encoded == 0
     finally:
         tiling.unlink()
     result = run_build(opts(catalogue, ckpt, out, resume=True))  # same plan: nothing re-encoded

@@ -508,6 +508,19 @@ def test_verify_refuses_what_the_service_refuses(tmp_path, capsys, ckpt, catalog
     assert not any(str(out.resolve()) in p for p in report["problems"])  # paths relative to the artifact
 
 
+def test_verify_takes_a_tile_among_many_copies_of_its_image_for_itself(tmp_path, capsys, ckpt):
+    """More copies of one image than verify first searches (64): the tile's own id is further down."""
+    root = make_catalogue(tmp_path / "sea", 10, prefix="s")
+    rows = (root.read_text().splitlines() + [f"copy{i:03d},47.4,8.6,bingmap/s00000.png,zurich" for i in range(90)])
+    root.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "idx"
+    assert run_cli(capsys, "build", "--catalog", str(root), "--checkpoint", ckpt, "--out", str(out), "--workers", "0",
+                   "--quiet", "--device", "cpu")[0] == 0
+    code, printed, _ = run_cli(capsys, "verify", str(out), "--checkpoint", ckpt, "--device", "cpu", "--sample", "100")
+    report = json.loads(printed)
+    assert code == 0 and report["ok"] and report["self_retrieval"]["rank1_with_ties"] == 1.0, report
+
+
 @pytest.mark.parametrize("command, function, line", [
     ("add", "index_build.build.run_add", "index_build: interrupted; rerun with --resume to continue"),
     ("verify", "index_build.verify.run_verify", "index_build: interrupted"),
