@@ -8,12 +8,19 @@ OUT is a synthetic data set for `model.train --data OUT`: splits/train.csv and s
 (id,aerial,ground,lat,lon,tile_lat,tile_lon; lat/lon are the camera's true position, tile_lat/tile_lon
 its tile's centre, for `model.train --semi-positives`) with `streetview` and `tiles`
 linked to the world's and the catalogue's directories. `offsets.csv` gives each camera's distance
-to its tile's centre. The last --val cameras (in camera order) are held out.
+to its tile's centre and its split.
+
+The --val cameras held out are the easternmost ones, a band along the region's east edge (the cameras'
+order is random: the last ones were scattered among the training cameras, half of them on the same
+tiles). A training camera whose tile overlaps a held-out camera's tile (centres nearer than the tile
+size, --tile-m, in both directions) would train on the ground the validation tests: it is left out
+of both splits ("buffer" in offsets.csv).
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 import os
 import shutil
@@ -22,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model.arguments import non_negative_int
+from model.arguments import non_negative_int, number
 
 EARTH_RADIUS_M = 6_371_008.8
 
@@ -51,17 +58,46 @@ def _rows(path: Path, columns: tuple[str, ...]) -> tuple[list[dict], np.ndarray]
     return rows, np.array(latlon, dtype=np.float64).reshape(-1, 2)
 
 
-def nearest_tiles(cam_ll: np.ndarray, tile_ll: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Index of the nearest tile centre of each camera and its distance in metres (equirectangular
-    frame at the cameras' mean latitude: exact enough over a region of a few km)."""
+def local_metres(latlon: np.ndarray, lat0: float) -> np.ndarray:
+    """[N, 2] lat/lon -> east, north metres in an equirectangular frame at ``lat0`` (exact enough over a
+    region of a few km)."""
     k = math.radians(1.0) * EARTH_RADIUS_M
-    c = math.cos(math.radians(float(cam_ll[:, 0].mean())))
-    cam = np.column_stack([cam_ll[:, 1] * k * c, cam_ll[:, 0] * k])
-    tile = np.column_stack([tile_ll[:, 1] * k * c, tile_ll[:, 0] * k])
+    return np.column_stack([latlon[:, 1] * k * math.cos(math.radians(lat0)), latlon[:, 0] * k])
+
+
+def nearest_tiles(cam_ll: np.ndarray, tile_ll: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Index of the nearest tile centre of each camera and its distance in metres."""
     from scipy.spatial import cKDTree
 
-    dist, idx = cKDTree(tile).query(cam)
+    lat0 = float(cam_ll[:, 0].mean())
+    dist, idx = cKDTree(local_metres(tile_ll, lat0)).query(local_metres(cam_ll, lat0))
     return idx, dist
+
+
+def split_cameras(cam_ll: np.ndarray, tile_ll: np.ndarray, idx: np.ndarray, val: int, tile_m: float) -> np.ndarray:
+    """Each camera's split: "val" for the ``val`` easternmost, "buffer" for the others whose tile overlaps
+    a val camera's tile (centres nearer than ``tile_m`` east-west and north-south), else "train"."""
+    from scipy.spatial import cKDTree
+
+    split = np.full(len(cam_ll), "train", dtype=object)
+    if val == 0:
+        return split
+    held = np.lexsort((cam_ll[:, 0], cam_ll[:, 1]))[-val:]  # by longitude, then latitude
+    split[held] = "val"
+    centres = local_metres(tile_ll, float(cam_ll[:, 0].mean()))
+    near_val = cKDTree(centres[np.unique(idx[held])]).query(centres[idx], distance_upper_bound=tile_m, p=np.inf)[0]
+    split[(split == "train") & (near_val < tile_m)] = "buffer"
+    return split
+
+
+def tile_size(tiles: Path, given: float | None) -> float:
+    """--tile-m, else the tile_m of the tiling.json that index_build tile wrote beside tiles.csv."""
+    if given is not None:
+        return given
+    try:
+        return float(json.loads((tiles / "tiling.json").read_text())["tile_m"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise SystemExit(f"grid_pairs: error: no tile size: pass --tile-m ({tiles / 'tiling.json'}: {exc})") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,7 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--world", required=True, type=Path, help="a worldgen --layout grid directory")
     p.add_argument("--tiles", required=True, type=Path, help="its tiles cut by index_build tile (holds tiles.csv)")
     p.add_argument("--out", required=True, type=Path, help="new data set directory (must not exist)")
-    p.add_argument("--val", type=non_negative_int, default=400, help="cameras held out as the validation split")
+    p.add_argument("--val", type=non_negative_int, default=400,
+                   help="cameras held out as the validation split: the easternmost")
+    p.add_argument("--tile-m", type=number(above=0),
+                   help="the tiles' side in metres, for the buffer around the held-out cameras' tiles "
+                        "(default: from the tiling.json beside --tiles' tiles.csv)")
     args = p.parse_args(argv)
     if args.out.exists():
         raise SystemExit(f"grid_pairs: error: {args.out} exists")
@@ -80,37 +120,38 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.val < len(queries):
         raise SystemExit(f"grid_pairs: error: --val {args.val} must be below the {len(queries)} cameras")
     idx, dist = nearest_tiles(cam_ll, tile_ll)
+    split = split_cameras(cam_ll, tile_ll, idx, args.val, tile_size(args.tiles, args.tile_m) if args.val else 0.0)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     building = args.out.with_name(f".{args.out.name}.tmp-{os.getpid()}")  # renamed to OUT once whole
     try:
-        _write(building, args, queries, tiles, idx, dist)
+        _write(building, args, queries, tiles, idx, dist, split)
         os.rename(building, args.out)
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
         raise
-    print(f"{len(queries) - args.val} training and {args.val} validation pairs in {args.out}; camera to its tile "
-          f"centre: median {np.median(dist):.1f} m, at most {dist.max():.1f} m")
+    print(f"{(split == 'train').sum()} training and {args.val} validation pairs in {args.out} "
+          f"({(split == 'buffer').sum()} cameras left out: their tiles overlap validation tiles); camera to its "
+          f"tile centre: median {np.median(dist):.1f} m, at most {dist.max():.1f} m")
     return 0
 
 
 def _write(out: Path, args: argparse.Namespace, queries: list[dict], tiles: list[dict], idx: np.ndarray,
-           dist: np.ndarray) -> None:
+           dist: np.ndarray, split: np.ndarray) -> None:
     (out / "splits").mkdir(parents=True)
     os.symlink(os.path.abspath(args.world / "streetview"), out / "streetview")
     os.symlink(os.path.abspath(args.tiles), out / "tiles")
-    n_train = len(queries) - args.val
-    for split, rows in (("train", range(n_train)), ("val", range(n_train, len(queries)))):
-        with open(out / "splits" / f"{split}.csv", "w", newline="") as fh:
+    for name in ("train", "val"):
+        with open(out / "splits" / f"{name}.csv", "w", newline="") as fh:
             w = csv.writer(fh)
             w.writerow(["id", "aerial", "ground", "lat", "lon", "tile_lat", "tile_lon"])
-            for i in rows:
+            for i in np.flatnonzero(split == name):
                 q, t = queries[i], tiles[idx[i]]
                 w.writerow([q["query_id"], f"tiles/{t['path']}", q["path"], q["lat"], q["lon"], t["lat"], t["lon"]])
     with open(out / "offsets.csv", "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["id", "tile_id", "offset_m"])
-        for q, i, d in zip(queries, idx, dist):
-            w.writerow([q["query_id"], tiles[i]["tile_id"], f"{d:.2f}"])
+        w.writerow(["id", "tile_id", "offset_m", "split"])
+        for q, i, d, s in zip(queries, idx, dist, split):
+            w.writerow([q["query_id"], tiles[i]["tile_id"], f"{d:.2f}", s])
 
 
 if __name__ == "__main__":

@@ -34,12 +34,35 @@ def test_each_camera_is_paired_with_its_nearest_tile(tmp_path):
     world, tiles = _region(tmp_path)
     grid_pairs = script_module("scripts/grid_pairs.py")
     assert grid_pairs.main(["--world", str(world), "--tiles", str(tiles), "--out", str(tmp_path / "pairs"),
-                            "--val", "1"]) == 0
+                            "--val", "0"]) == 0
     train_records = read_synthetic(tmp_path / "pairs", "train")
-    assert [Path(r.aerial_path).name for r in train_records] == ["t0.jpg", "t1.jpg", "t3.jpg"]
-    assert [round((r.tile_lat - r.lat) * DEGREE) for r in train_records] == [-10, 10, 10]
-    assert Path(read_synthetic(tmp_path / "pairs", "val")[0].aerial_path).name == "t1.jpg"
+    assert [Path(r.aerial_path).name for r in train_records] == ["t0.jpg", "t1.jpg", "t3.jpg", "t1.jpg"]
+    assert [round((r.tile_lat - r.lat) * DEGREE) for r in train_records] == [-10, 10, 10, -20]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs", "world"]  # no temporary directory left
+
+
+def test_the_held_out_cameras_are_a_band_whose_tiles_no_training_camera_shares(tmp_path):
+    """The easternmost cameras are held out; a training camera whose tile overlaps one of theirs is left out
+    (the cameras' order is random: the last ones were interleaved with the training ones, on the same tiles)."""
+    from model.datasets import read_synthetic
+
+    world, tiles = _region(tmp_path)  # tiles every 50 m north; cameras 10, 40, 140, 70 m north
+    lines = (world / "queries.csv").read_text().splitlines()
+    lines[3] = lines[3].replace(",8.5", ",8.5004")  # the camera 140 m north, 30 m east of the others
+    (world / "queries.csv").write_text("\n".join(lines) + "\n")
+    (tiles / "tiling.json").write_text('{"format": "index_build-tiling/1", "tile_m": 100, "stride_m": 50}')
+    grid_pairs = script_module("scripts/grid_pairs.py")
+    assert grid_pairs.main(["--world", str(world), "--tiles", str(tiles), "--out", str(tmp_path / "pairs"),
+                            "--val", "1"]) == 0
+    assert [Path(r.aerial_path).name for r in read_synthetic(tmp_path / "pairs", "val")] == ["t3.jpg"]
+    # t3 (150 m north) overlaps t2 (100 m), which no camera is on; t0 and t1 are 100 m and more from it
+    assert [Path(r.aerial_path).name for r in read_synthetic(tmp_path / "pairs", "train")] == \
+        ["t0.jpg", "t1.jpg", "t1.jpg"]
+    assert grid_pairs.main(["--world", str(world), "--tiles", str(tiles), "--out", str(tmp_path / "wide"),
+                            "--val", "1", "--tile-m", "120"]) == 0  # tiles of 120 m: t3 overlaps t1 too
+    assert [Path(r.aerial_path).name for r in read_synthetic(tmp_path / "wide", "train")] == ["t0.jpg"]
+    splits = [line.split(",")[-1] for line in (tmp_path / "wide" / "offsets.csv").read_text().splitlines()[1:]]
+    assert splits == ["train", "buffer", "val", "buffer"]
 
 
 @pytest.mark.parametrize("lats,header,message", [

@@ -284,8 +284,9 @@ def choose_cameras(world: World, cfg: GenConfig) -> np.ndarray:
 
 
 def split_val(cams: np.ndarray, cfg: GenConfig) -> np.ndarray:
-    """Boolean val mask: whole spatial blocks of val_block_m go to val (no train/val overlap leaks
-    beyond block borders), blocks chosen in a seeded order until val_fraction is reached."""
+    """Boolean val mask: whole spatial blocks of val_block_m go to val, blocks chosen in a seeded order
+    until val_fraction is reached. No buffer: tiles of val cameras near a block's edge overlap training
+    tiles next door (worldgen/README.md)."""
     n = len(cams)
     want = int(round(cfg.val_fraction * n))
     val = np.zeros(n, dtype=bool)
