@@ -34,6 +34,7 @@ log = logging.getLogger("index_build")
 # same grid writes the same tiles.csv over other images, and a new tiling.json.
 PLAN_IDENTITY = ("kind", "catalog_sha256", "source", "count", "shard_size", "model_fingerprint",
                  "extra_columns", "base_version", "first_shard_index", "tiling_sha256")
+ADDED_PLAN_KEYS = ("tiling_sha256",)  # a plan written before them lacks them: not a difference
 
 
 class BuildError(RuntimeError):
@@ -227,8 +228,8 @@ def index_spec(opts: BuildOptions, count: int, dim: int) -> IndexSpec:
 
 
 def _plan_differences(old: dict, new: dict) -> list[str]:
-    """A key a plan written before it existed lacks is not a difference (tiling_sha256)."""
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in PLAN_IDENTITY if k in old and old[k] != new.get(k)]
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in PLAN_IDENTITY
+            if old.get(k) != new.get(k) and (k in old or k not in ADDED_PLAN_KEYS)]
 
 
 def _prepare_work_dir(layout: ArtifactLayout, plan: dict, records: list[TileRecord], extra_columns: list[str],

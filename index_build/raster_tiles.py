@@ -224,7 +224,7 @@ def _describe(dataset, path: str, bands, value_range) -> RasterSource:
                           "(e.g. gdal_edit.py -a_srs EPSG:...)")
     if dataset.width < 2 or dataset.height < 2:
         raise TilingError(f"{path}: {dataset.width} x {dataset.height} pixels is too small to tile")
-    left, _, right, _ = dataset.bounds
+    left, right = sorted(dataset.bounds[::2])  # (a raster whose columns run west: left > right)
     if dataset.crs.is_geographic and (left < -180 or right > 180):  # (the warp reads -170, not 190: half lost)
         raise TilingError(f"{path}: longitudes {left:g} to {right:g} in a geographic CRS reach past +-180, which "
                           "tiles can not be read across; reproject it to a projected CRS first (e.g. gdalwarp "

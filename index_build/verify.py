@@ -24,16 +24,24 @@ TIE_DEPTH = 64  # results searched per sampled tile first; deeper where its copi
 
 
 def _search_own(index, vectors: np.ndarray, rows: np.ndarray, n: int):
-    """index.search of each sampled tile's vector, deep enough to see its own id where copies of its
-    image tie with it: (scores, ids, own [k, depth] bool: the result is the tile's own id)."""
-    depth = min(TIE_DEPTH, n)
-    while True:
-        scores, ids = index.search(vectors, depth)
-        own = ids == rows[:, None]
-        tied_throughout = ~own.any(axis=1) & (scores[:, -1] >= scores[:, 0] - 1e-6)
-        if depth == n or not tied_throughout.any():
-            return scores, ids, own
-        depth = min(2 * depth, n)
+    """index.search of each sampled tile's vector: (scores, ids, own [k, TIE_DEPTH] bool: the result is the
+    tile's own id). A tile whose copies fill every result and push its own id further down is searched
+    again, alone and deeper, until its own id or a lower score shows: own[i, 0] then says whether its
+    own id ties with the first."""
+    scores, ids = index.search(vectors, min(TIE_DEPTH, n))
+    own = ids == rows[:, None]
+    for i in np.flatnonzero(~own.any(axis=1) & (scores[:, -1] >= scores[:, 0] - 1e-6)):
+        depth = min(2 * TIE_DEPTH, n)
+        while True:
+            deep_scores, deep_ids = index.search(vectors[i:i + 1], depth)
+            found = np.flatnonzero(deep_ids[0] == rows[i])
+            if found.size or depth == n or deep_scores[0, -1] < deep_scores[0, 0] - 1e-6:
+                break
+            depth = min(2 * depth, n)
+        if found.size and deep_scores[0, found[0]] >= deep_scores[0, 0] - 1e-6:
+            own[i, -1] = True  # found as high as the first, where the first results could not show it
+            scores[i, -1] = deep_scores[0, found[0]]
+    return scores, ids, own
 
 
 def _check_files(root: str, manifest: dict, problems: list[str], report: dict) -> None:

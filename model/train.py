@@ -342,7 +342,7 @@ def config_differences(saved: dict | None, config: L2LTRConfig) -> dict:
     try:
         before = L2LTRConfig.from_dict(saved).to_dict()
     except ConfigError as exc:
-        return {"config": (str(exc), config.name)}
+        return {"config": (f"saved by another version of model.config ({str(exc).split(';')[0]})", config.name)}
     now = config.to_dict()
     return {f"config.{k}": (before[k], now[k]) for k in now if k != "name" and before[k] != now[k]}
 
@@ -403,9 +403,12 @@ def train(args) -> dict:
     if args.max_eval_pairs:
         val_records = val_records[: args.max_eval_pairs]
     # the training pairs, always; the evaluation pairs where both the saved run and this one evaluate
-    digests = {"data_digest": records_digest(Path(args.data), train_records),
+    # (a state of the session that introduced them holds one "data_digest" of both: not compared)
+    digests = {"train_digest": records_digest(Path(args.data), train_records),
                "eval_digest": records_digest(Path(args.data), val_records) if val_records else None}
-    for key, what in (("data_digest", "training"), ("eval_digest", f"{args.eval_split}")):
+    if resume_state and digests["eval_digest"] is None:  # a session without evaluation keeps the run's
+        digests["eval_digest"] = resume_state.get("eval_digest")
+    for key, what in (("train_digest", "training"), ("eval_digest", f"{args.eval_split}")):
         saved = resume_state.get(key) if resume_state else None
         if saved is not None and digests[key] is not None and saved != digests[key]:
             raise TrainingError(f"--resume from {state_path}: the {what} pairs under {args.data} are not the ones "

@@ -86,7 +86,8 @@ def split_cameras(cam_ll: np.ndarray, tile_ll: np.ndarray, idx: np.ndarray, val:
     split[held] = "val"
     centres = local_metres(tile_ll, float(cam_ll[:, 0].mean()))
     near_val = cKDTree(centres[np.unique(idx[held])]).query(centres[idx], distance_upper_bound=tile_m, p=np.inf)[0]
-    split[(split == "train") & (near_val < tile_m)] = "buffer"
+    # overlapping by more than 1%: touching tiles (centres tile_m apart, give or take this frame's error) are fine
+    split[(split == "train") & (near_val < 0.99 * tile_m)] = "buffer"
     return split
 
 
@@ -121,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"grid_pairs: error: --val {args.val} must be below the {len(queries)} cameras")
     idx, dist = nearest_tiles(cam_ll, tile_ll)
     split = split_cameras(cam_ll, tile_ll, idx, args.val, tile_size(args.tiles, args.tile_m) if args.val else 0.0)
+    if not (split == "train").any():
+        raise SystemExit(f"grid_pairs: error: --val {args.val} leaves no training pair (the other "
+                         f"{(split == 'buffer').sum()} cameras' tiles overlap the held-out cameras' tiles)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     building = args.out.with_name(f".{args.out.name}.tmp-{os.getpid()}")  # renamed to OUT once whole
     try:

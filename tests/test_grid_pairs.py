@@ -76,3 +76,12 @@ def test_a_bad_catalogue_is_named_by_file_and_line_and_nothing_is_written(tmp_pa
     with pytest.raises(SystemExit, match=message):
         grid_pairs.main(["--world", str(world), "--tiles", str(tiles), "--out", str(tmp_path / "pairs"), "--val", "1"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["world"]
+
+
+def test_a_hold_out_that_leaves_no_training_pair_is_refused(tmp_path):
+    world, tiles = _region(tmp_path)
+    grid_pairs = script_module("scripts/grid_pairs.py")
+    with pytest.raises(SystemExit, match="--val 1 leaves no training pair \\(the other 3 cameras' tiles overlap"):
+        grid_pairs.main(["--world", str(world), "--tiles", str(tiles), "--out", str(tmp_path / "pairs"),
+                         "--val", "1", "--tile-m", "500"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["world"]

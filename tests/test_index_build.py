@@ -375,6 +375,13 @@ def test_add_appends_and_enforces_fingerprint(tmp_path, ckpt, catalogue):
     with pytest.raises(BuildError, match="tiles.csv differs from its checksum in manifest.json"):
         run_add(AddOptions(**{**opts(extra, ckpt, out).__dict__}))
     open(tiles_csv, "wb").write(original)
+    index_file = os.path.join(first, "index.faiss")  # so is an index.faiss replaced since
+    original = open(index_file, "rb").read()
+    os.chmod(index_file, 0o644)
+    faiss.write_index(faiss.IndexFlatIP(faiss.read_index(index_file).d), index_file)
+    with pytest.raises(BuildError, match="index.faiss differs from its checksum"):
+        run_add(AddOptions(**{**opts(extra, ckpt, out).__dict__}))
+    open(index_file, "wb").write(original)
     result = run_add(AddOptions(**{**opts(extra, ckpt, out, shard_size=5).__dict__}))
     assert result.status == "published" and result.count == 52
     root = os.path.realpath(out)

@@ -22,7 +22,7 @@ rasterio = pytest.importorskip("rasterio")
 from PIL import Image  # noqa: E402
 from rasterio.crs import CRS  # noqa: E402
 from rasterio.errors import NotGeoreferencedWarning  # noqa: E402
-from rasterio.transform import from_origin  # noqa: E402
+from rasterio.transform import Affine, from_origin  # noqa: E402
 from rasterio.warp import transform as warp_points  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
@@ -378,6 +378,9 @@ def _bad_inputs(tmp_path) -> dict:
         "past 180": (["--raster", write_raster(tmp_path / "pacific.tif", rgb, "EPSG:4326",
                                                from_origin(179.999, 0.001, 1e-5, 1e-5))],
                      "longitudes 179.999 to 180.001 in a geographic CRS reach past +-180"),
+        "past 180, columns running west": (["--raster", write_raster(tmp_path / "west.tif", rgb, "EPSG:4326",
+                                                                     Affine(-1e-5, 0, 180.001, 0, -1e-5, 0.001))],
+                                           "longitudes 179.999 to 180.001 in a geographic CRS"),
         "stride 0": (["--stride-m", "0"], "--stride-m must be > 0"),
         "stride negative": (["--stride-m", "-5"], "--stride-m must be > 0"),
         "bad bands": (["--bands", "1,2"], "--bands '1,2': give three bands"),

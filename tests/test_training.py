@@ -112,11 +112,35 @@ def test_resume_refuses_another_config_data_or_subset(world, tmp_path, monkeypat
     # a state saved before a config field existed: the field had its default
     state = torch.load(tmp_path / "r" / "train_state.pt", weights_only=False)
     del state["config"]["orientation_hidden"]
+    first_minutes = state["minutes"]
     torch.save(state, tmp_path / "r" / "train_state.pt")
     monkeypatch.chdir(world.parent)  # the same data and --config by relative paths are the same run
-    resumed = args("--resume")  # and the rest of it without evaluating
-    resumed.data, resumed.config = world.name, os.path.relpath(config)
-    assert train(resumed)["finished"]
+    second = args("--resume")  # a step more without evaluating
+    second.data, second.config, second.max_minutes = world.name, os.path.relpath(config), 1e-9
+    assert train(second)["step"] == 2
+    state = torch.load(tmp_path / "r" / "train_state.pt", weights_only=False)
+    assert state["eval_digest"] is not None and state["minutes"] > first_minutes  # kept; summed over sessions
+    head, *rows = (world / "splits" / "val.csv").read_text().splitlines()
+    (world / "splits" / "val.csv").write_text("\n".join([head, *rows[::-1]]) + "\n")  # the val pairs reordered
+    with pytest.raises(TrainingError, match="the val pairs under .* are not the ones this run used"):
+        train(args("--resume", "--eval-every", "2"))
+    make_world(world, seed=0)
+    # a state of the version that kept one digest of both splits (data_digest): not compared
+    state["data_digest"] = state.pop("train_digest")
+    del state["eval_digest"]
+    torch.save(state, tmp_path / "r" / "train_state.pt")
+    assert train(args("--resume"))["finished"]
+
+
+def test_a_nan_in_a_training_evaluation_stops_with_a_clear_error(world, tmp_path, monkeypatch):
+    import model.train
+
+    def nan_descriptors(*_args):
+        raise ValueError("8 queries have a NaN similarity to their true match")
+
+    monkeypatch.setattr(model.train, "evaluate_arrays", nan_descriptors)
+    with pytest.raises(TrainingError, match="evaluation at step 4 failed: 8 queries have a NaN similarity"):
+        train(run_args(world, tmp_path / "n", "--steps", "4"))
 
 
 def test_resume_refuses_changed_settings_and_existing_run(world, tmp_path):
