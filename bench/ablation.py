@@ -20,6 +20,7 @@ the ratio to the checkpoint's known-heading 360 degree R@1, and the median headi
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -62,7 +63,11 @@ def views_main(argv: list[str]) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     def evaluate(name: str, checkpoint: str, extra: list[str]) -> dict:
-        key = out / (name + "_" + "_".join(extra).replace("-", "").replace(" ", "").replace("/", "_") + ".json")
+        # kept per checkpoint file, region, split and query count too: a cell is never another one's
+        setting = json.dumps([os.path.realpath(checkpoint), os.path.realpath(args.eval), args.split, args.queries])
+        tag = hashlib.sha256(setting.encode()).hexdigest()[:10]
+        key = out / (name + "_" + tag + "_" + "_".join(extra).replace("-", "").replace(" ", "").replace("/", "_")
+                     + ".json")
         if not key.exists():
             cmd = [sys.executable, "-m", "model.evaluate", "--checkpoint", checkpoint, "--data", args.eval,
                    "--split", args.split, "--json", "--queries", str(args.queries), *extra]
@@ -118,7 +123,16 @@ def main(argv=None) -> int:
         name, seed = job
         run_dir = out / f"{name.replace(' ', '').replace(',', '_').replace('+', '_')}-s{seed}"
         summary_file = run_dir / "eval.json"
+        request = {"train": os.path.realpath(args.train), "config": args.config, "steps": args.steps, "seed": seed,
+                   "variant": VARIANTS[name], "extra": args.extra.split(), "eval": os.path.realpath(args.eval),
+                   "eval_split": args.eval_split}
+        recorded = run_dir / "request.json"  # what the run in run_dir was made with: reused only for the same
+        if recorded.exists() and json.loads(recorded.read_text()) != request:
+            raise SystemExit(f"bench/ablation.py: {run_dir} holds a run made with other settings ({recorded}); "
+                             "use another --out")
         if not summary_file.exists():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            recorded.write_text(json.dumps(request))
             started = time.time()
             cmd = [sys.executable, "-m", "model.train", "--data", args.train, "--config", args.config,
                    "--out", str(run_dir), "--steps", str(args.steps), "--seed", str(seed), "--eval-every", "0",

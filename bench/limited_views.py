@@ -60,7 +60,22 @@ def ensure_world(path: Path, args: list[str]) -> None:
     subprocess.run([sys.executable, "-m", "worldgen", *args, "--out", str(path), "--workers", "2"], cwd=REPO, check=True)
 
 
+def check_reused_cells(checkpoint: Path, world: Path, out: Path) -> None:
+    """The cells already in ``out`` are reused: they must be of this checkpoint (by fingerprint) and region,
+    or their numbers would be printed as this checkpoint's."""
+    sys.path.insert(0, str(REPO))
+    from model import load_checkpoint
+
+    fingerprint = load_checkpoint(checkpoint).fingerprint()
+    for path in sorted(out.glob("*.json")):
+        cell = json.loads(path.read_text())
+        if (cell.get("fingerprint"), os.path.realpath(cell.get("data", ""))) != (fingerprint, os.path.realpath(world)):
+            raise SystemExit(f"limited_views: {path} holds {cell.get('checkpoint')} ({cell.get('fingerprint')}) on "
+                             f"{cell.get('data')}, not {checkpoint} ({fingerprint}) on {world}: use another --out")
+
+
 def run_cells(checkpoint: Path, world: Path, photos: Path, out: Path) -> None:
+    check_reused_cells(checkpoint, world, out)
     todo = [(name, args) for name, args in cells() if not (out / f"{name}.json").is_file()]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     for i, (name, args) in enumerate(todo, start=1):

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from ship_support import script_module
 
 
@@ -44,3 +46,20 @@ def test_tables_ratios_and_gaps(tmp_path, capsys):
     assert "| 360 | known | descriptor | 50.00 |" in text and "x known 360 descriptor R@1 (50.00): 360 1.20, 180 0.60" in text
     assert "photos trail crops by (points): placed level known 6.50 / unknown" in text
     assert "; tilt given known 2.50 / unknown" in text and "| photos, tilt given | known | rerank | 10.00 |" in text
+
+
+def test_cells_of_another_checkpoint_or_region_are_not_reused(tmp_path):
+    from test_index_build_support import micro_checkpoint
+
+    lv = _module()
+    ckpt = tmp_path / "micro.safetensors"
+    fingerprint = micro_checkpoint(ckpt)
+    world = tmp_path / "world"
+    cell = {"checkpoint": str(ckpt), "fingerprint": fingerprint, "data": str(world), "r1": 0.5}
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "360_known_descriptor.json").write_text(json.dumps(cell))
+    lv.check_reused_cells(ckpt, world, tmp_path / "out")  # this checkpoint's, this region's: reused
+    for other in ({"fingerprint": "0123456789abcdef"}, {"data": str(tmp_path / "elsewhere")}):
+        (tmp_path / "out" / "360_known_descriptor.json").write_text(json.dumps({**cell, **other}))
+        with pytest.raises(SystemExit, match="360_known_descriptor.json holds .*: use another --out"):
+            lv.check_reused_cells(ckpt, world, tmp_path / "out")
