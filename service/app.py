@@ -174,7 +174,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.settings = settings
     app.state.runtime = runtime
     app.state.thumbnails = Thumbnails(settings.thumbnail_px, settings.thumbnail_cache)
-    app.state.upload_budget = UploadBudget(settings.max_inflight_upload_bytes)
+    app.state.upload_budget = UploadBudget(settings.max_inflight_upload_bytes, metrics.rejected.labels("upload_budget").inc)
     _install_error_handlers(app, settings)
     # Without keys no route checks one: no dependency to solve per request, none in the docs.
     auth = [Depends(routes.require_api_key)] if settings.api_keys else []

@@ -64,6 +64,8 @@ class PlainFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         if not getattr(record, "request_id", None):
             record.request_id = request_id_var.get() or "-"
+        # one record, one line: a request path with %0A in it must not write a line of its own
+        record.msg, record.args = record.getMessage().replace("\r", "\\r").replace("\n", "\\n"), None
         return super().format(record)
 
 
@@ -85,23 +87,24 @@ _listener: QueueListener | None = None
 
 
 def configure_logging(level: str = "INFO", json_logs: bool = True) -> None:
-    """The ``service`` logger through a queue to stderr; uvicorn's loggers restyled alike, and its
-    access log off (the service logs every request itself, with its id). Calling it again (another
-    ``create_app``) replaces the previous set-up."""
+    """The ``service`` and ``uvicorn`` loggers through a queue to stderr, and uvicorn's access log off (the
+    service logs every request itself, with its id). Calling it again (another ``create_app``) replaces
+    the previous set-up."""
     global _listener
     stop_logging()
     formatter: logging.Formatter = JsonFormatter() if json_logs else PlainFormatter()
     records: queue.SimpleQueue = queue.SimpleQueue()
     writer = logging.StreamHandler(sys.stderr)
     writer.setFormatter(formatter)
-    log.handlers = [_ContextQueueHandler(records)]
-    log.setLevel(level)
-    log.propagate = False
+    # uvicorn's lines too (uvicorn.error propagates to uvicorn): none written on the event loop, where a
+    # stalled stderr pipe would stop every request
+    handler = _ContextQueueHandler(records)
+    for logger in (log, logging.getLogger("uvicorn")):
+        logger.handlers, logger.propagate = [handler], False
+    for name in ("service", "uvicorn", "uvicorn.error"):
+        logging.getLogger(name).setLevel(level)
     _listener = QueueListener(records, writer)
     _listener.start()
-    for name in ("uvicorn", "uvicorn.error"):
-        for existing in logging.getLogger(name).handlers:
-            existing.setFormatter(formatter)
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
 
 

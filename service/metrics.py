@@ -83,12 +83,26 @@ class Metrics:
         """The text format of this process's metrics, or of every process's in multiprocess mode."""
         if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             return generate_latest(self.registry)
+        _forget_dead_processes(os.environ["PROMETHEUS_MULTIPROC_DIR"])
         merged = CollectorRegistry()
         multiprocess.MultiProcessCollector(merged)
         return generate_latest(merged)
 
     @staticmethod
-    def process_exit() -> None:
+    def process_exit() -> None:  # (a process killed outright: _forget_dead_processes)
         """In multiprocess mode, forget this process's live gauges (queue depth, readiness)."""
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             multiprocess.mark_process_dead(os.getpid())
+
+
+def _forget_dead_processes(directory: str) -> None:
+    """Drop the live gauges of worker processes that died without their shutdown (killed, out of memory):
+    their last queue depth, readiness and index would count for ever. (One host: a pid is this host's.)"""
+    for pid in {int(name.rsplit("_", 1)[1][:-3]) for name in os.listdir(directory)
+                if name.startswith("gauge_live") and name.endswith(".db") and name.rsplit("_", 1)[1][:-3].isdigit()}:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            multiprocess.mark_process_dead(pid, directory)
+        except PermissionError:
+            pass  # alive, another user's

@@ -7,6 +7,7 @@ mismatch between checkpoint and artifact) is logged as one clear line and, unles
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -24,11 +25,9 @@ from .engine import Engine
 from .logs import stop_logging
 from .metrics import Metrics
 from .schemas import ModelInfo, ReloadResult
-from .settings import Settings
+from .settings import EXIT_LOAD_FAILURE, Settings
 
 log = logging.getLogger("service.runtime")
-
-EXIT_LOAD_FAILURE = 3
 
 
 class ReloadFailed(Exception):
@@ -151,6 +150,8 @@ class Runtime:
             self.error = f"{type(exc).__name__}: {exc}"
             log.critical("refusing to start: %s", exc, extra={"error": type(exc).__name__})
             if s.exit_on_load_failure:
+                with contextlib.suppress(KeyError, OSError):  # python -m service's exit status, several workers
+                    Path(os.environ["_GEOLOC_LOAD_FAILED"]).touch()
                 stop_logging()
                 sys.stderr.flush()
                 os._exit(EXIT_LOAD_FAILURE)

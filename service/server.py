@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -21,7 +22,10 @@ import tempfile
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from .settings import Settings, settings_or_exit
+from .logs import configure_logging
+from .settings import EXIT_LOAD_FAILURE, Settings, settings_or_exit
+
+log = logging.getLogger("service.server")
 
 
 @functools.cache
@@ -88,16 +92,28 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error(f"--workers must be at least 1, got {args.workers}")
-    settings_or_exit("python -m service")  # a bad GEOLOC_* variable: one clear error now, not one per worker
+    settings = settings_or_exit("python -m service")  # a bad GEOLOC_* variable: one clear error now, not one per worker
+    configure_logging(settings.log_level, settings.json_logs)  # the supervisor's lines like the workers'
     own_metrics_dir = None
     if args.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         own_metrics_dir = tempfile.mkdtemp(prefix="geoloc-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = own_metrics_dir  # before any worker starts
+    elif args.workers > 1 and any(name.endswith(".db") for name in _listing(os.environ["PROMETHEUS_MULTIPROC_DIR"])):
+        log.warning("PROMETHEUS_MULTIPROC_DIR %s holds an earlier run's metrics: its counters go on from theirs "
+                    "(empty it before each start)", os.environ["PROMETHEUS_MULTIPROC_DIR"])
+    run_dir = tempfile.mkdtemp(prefix="geoloc-run-")
+    # a worker that refuses to start leaves this file: the exit status says so (uvicorn's supervisor exits 0)
+    failed = os.environ["_GEOLOC_LOAD_FAILED"] = os.path.join(run_dir, "failed")
     try:
         uvicorn.run("service.app:app", host=args.host, port=args.port, workers=args.workers,
                     http=HeaderDeadlineProtocol, access_log=False, timeout_keep_alive=args.timeout_keep_alive,
-                    timeout_graceful_shutdown=args.timeout_graceful_shutdown)
+                    timeout_graceful_shutdown=args.timeout_graceful_shutdown, log_config=None)
+        return EXIT_LOAD_FAILURE if os.path.exists(failed) else 0
     finally:
-        if own_metrics_dir:
-            shutil.rmtree(own_metrics_dir, ignore_errors=True)
-    return 0
+        for directory in (own_metrics_dir, run_dir):
+            if directory:
+                shutil.rmtree(directory, ignore_errors=True)
+
+
+def _listing(directory: str) -> list[str]:
+    return os.listdir(directory) if os.path.isdir(directory) else []

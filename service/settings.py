@@ -16,6 +16,9 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 DEFAULT_CHECKPOINT = Path("weights/l2ltr_tiny_demo.safetensors")
 
 
+EXIT_LOAD_FAILURE = 3  # the status of a service that refuses to start: model or index would not load
+
+
 class Settings(BaseSettings):
     """All service settings. Environment variable = ``GEOLOC_`` + upper-cased field name."""
 

@@ -53,9 +53,10 @@ class UploadBudget:
     body would take it over ``limit`` is refused (503, retry) instead of letting a few large bodies
     grow the process without bound. Used from the event loop only."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, on_refused: Callable[[], None] = lambda: None) -> None:
         self.limit = limit
         self.used = 0
+        self.on_refused = on_refused  # (a metric)
 
     @contextlib.contextmanager
     def reservation(self) -> Iterator[Callable[[int], None]]:
@@ -65,6 +66,7 @@ class UploadBudget:
         def take(n: int) -> None:
             nonlocal held
             if self.used + n > self.limit:
+                self.on_refused()
                 raise Overloaded(f"{self.used} bytes of uploads in progress (limit {self.limit})")
             self.used += n
             held += n

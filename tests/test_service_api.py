@@ -171,6 +171,7 @@ def test_log_lines_are_json_written_by_a_listener_thread_in_order_with_request_i
             mp.setattr(logging.StreamHandler, "emit", spy)
             for i in range(50):
                 log.info("line %d", i, extra={"n": i})
+            logging.getLogger("uvicorn.error").info("from uvicorn")  # its lines through the queue too
             try:
                 raise ValueError("boom")
             except ValueError:
@@ -179,11 +180,28 @@ def test_log_lines_are_json_written_by_a_listener_thread_in_order_with_request_i
     finally:
         request_id_var.reset(token)
     lines = [json.loads(line) for line in capfd.readouterr().err.splitlines() if line.startswith("{")]
-    assert [r["msg"] for r in lines] == [f"line {i}" for i in range(50)] + ["failed"]
+    assert [r["msg"] for r in lines] == [f"line {i}" for i in range(50)] + ["from uvicorn", "failed"]
     assert all(r["request_id"] == "rid-7" for r in lines)  # taken in the logging thread
     assert lines[3]["n"] == 3 and "ValueError: boom" in lines[-1]["exc"]
     assert writer_threads and threading.main_thread().name not in writer_threads
     assert logging.getLogger("uvicorn.access").getEffectiveLevel() > logging.INFO  # logged once, by us
+
+
+def test_plain_log_lines_are_one_line_each_and_the_level_holds_for_uvicorn(capfd):
+    import logging
+
+    from service.logs import configure_logging, log, stop_logging
+
+    configure_logging("WARNING", json_logs=False)
+    try:
+        forged = "/x\n2026-12-05 11:00:00,000 CRITICAL service.runtime [-] index deleted by admin"
+        log.warning("GET %s 404", forged)  # a request path with %0A in it
+        logging.getLogger("uvicorn.error").info("not at WARNING")
+    finally:
+        stop_logging()
+    lines = capfd.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].endswith("GET /x\\n2026-12-05 11:00:00,000 CRITICAL service.runtime [-] "
+                                                 "index deleted by admin 404")
 
 
 # --- POST /localize -----------------------------------------------------------------------------
@@ -705,6 +723,7 @@ def test_upload_bytes_in_progress_have_a_budget_beyond_which_requests_get_503(wo
             assert refused.headers["retry-after"] == "2" and "bytes of uploads in progress" in refused.json()["detail"]
         first.join(10)
         assert results[0].status_code == 200 and budget.used == 0  # given back once answered
+        assert metric_value(client.get("/metrics").text, "geoloc_rejected_total", reason="upload_budget") == 1
         assert _post(client, big).status_code == 200
     with pytest.raises(ValueError, match="GEOLOC_MAX_INFLIGHT_UPLOAD_BYTES"):
         settings_for(world, world.artifact_a, max_upload_bytes=200_000, max_batch_images=1,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import threading
 import time
@@ -308,10 +309,11 @@ def test_no_file_descriptor_or_thread_leak(server, http, world):
     assert threads() <= before_threads + 2
 
 
-def test_fingerprint_mismatch_process_exits(world, tmp_path):
-    env = {"GEOLOC_CHECKPOINT": str(world.checkpoint),
-           "GEOLOC_INDEX": str(world.artifact_other)}
-    proc = ServiceProcess(env, tmp_path / "refused.log", wait_ready=False)
+@pytest.mark.parametrize("workers", ["1", "2"])  # uvicorn's supervisor of several exits 0 by itself
+def test_fingerprint_mismatch_process_exits(world, tmp_path, workers):
+    env = {"GEOLOC_CHECKPOINT": str(world.checkpoint), "GEOLOC_INDEX": str(world.artifact_other),
+           "GEOLOC_ENCODER_WORKERS": "1", "GEOLOC_TORCH_THREADS": "1"}
+    proc = ServiceProcess(env, tmp_path / "refused.log", wait_ready=False, args=("--workers", workers))
     try:
         code = proc.proc.wait(90)
     finally:
@@ -418,7 +420,17 @@ def test_two_server_processes_answer_and_add_up_their_metrics(world, tmp_path):
                                    method="POST", status="200") for _ in range(6)}
             assert totals == {answered}  # whichever process answers /metrics counts both
             assert metric_value(c.get("/metrics").text, "geoloc_ready") == 1
+            capacity = metric_value(c.get("/metrics").text, "geoloc_queue_capacity")  # the two workers' sum
+            # a worker killed outright: uvicorn starts another; the dead one's gauges must not count on
+            os.kill(_workers(proc.proc.pid)[0], signal.SIGKILL)
+            deadline = time.monotonic() + 90
+            while not (len(_workers(proc.proc.pid)) == 2 and proc.log().count('"msg": "ready"') == 3):
+                assert time.monotonic() < deadline, "no worker took the killed one's place within 90 s"
+                time.sleep(0.2)
+            assert {metric_value(c.get("/metrics").text, "geoloc_queue_capacity") for _ in range(4)} == {capacity}
         assert len(_workers(proc.proc.pid)) == 2
+        # the supervisor's own lines are JSON lines too
+        assert json.loads(next(ln for ln in proc.log().splitlines() if "parent process" in ln))["level"] == "INFO"
     finally:
         code = proc.stop()
     assert code in (0, -15), proc.log()[-3000:]
