@@ -16,8 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-import faiss
 import numpy as np
+# torch before faiss: torch's OpenMP runtime, loaded first, then serves faiss too; loaded after faiss's,
+# each keeps its own threads and a search's spinning ones slow the next forward (a 2-thread batch-1
+# forward 6.5 -> 10.5 ms with a search after each; bench/RESULTS.md, "Service load")
+import torch  # noqa: F401
+import faiss
 
 from model.index_artifact import (
     ArtifactError, check_model, read_faiss_index, read_manifest, read_orientation, read_tiles,

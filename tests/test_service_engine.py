@@ -455,3 +455,14 @@ def test_views_between_tile_centres_answer_each_tile_once_and_place_the_camera(t
     near = Near(lat=47 + 100 / 111_195, lon=8.0, radius_m=45.0, source="parameter")  # t1.n10 .. t3.n-10
     within = index.answer(query, None, np.ones((1, 128), bool), [3], near=[near])[0]
     assert within.within == 3 and [m.tile_id for m in within.matches] == ["t2", "t1", "t3"]
+
+
+def test_the_service_imports_torch_before_faiss():
+    """torch's OpenMP runtime must be loaded first, or faiss keeps its own and a search's spinning threads
+    slow the next forward (c=1 +1.5-3 ms on 2 cores: bench/RESULTS.md); sys.modules keeps import order."""
+    import subprocess
+    import sys
+
+    code = "import sys, service.app; m = list(sys.modules); print(m.index('torch') < m.index('faiss'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "True"
