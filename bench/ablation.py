@@ -130,6 +130,9 @@ def main(argv=None) -> int:
         if recorded.exists() and json.loads(recorded.read_text()) != request:
             raise SystemExit(f"bench/ablation.py: {run_dir} holds a run made with other settings ({recorded}); "
                              "use another --out")
+        if not recorded.exists() and (summary_file.exists() or (run_dir / "train_state.pt").exists()):
+            raise SystemExit(f"bench/ablation.py: {run_dir} holds a run made before its settings were recorded "
+                             "(no request.json): use another --out")
         if not summary_file.exists():
             run_dir.mkdir(parents=True, exist_ok=True)
             recorded.write_text(json.dumps(request))

@@ -24,7 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import routes
 from .engine import ClientGone, NotReady, Overloaded, ResultTimeout
-from .logs import configure_logging, new_request_id, request_id_var
+from .logs import configure_logging, new_request_id, request_id_var, write_directly
 from .metrics import Metrics
 from .runtime import ReloadFailed, Runtime
 from .schemas import ErrorResponse, FeatureCollection
@@ -160,6 +160,7 @@ def create_app(settings: Settings) -> FastAPI:
         finally:
             await anyio.to_thread.run_sync(runtime.stop)
             metrics.process_exit()
+            write_directly()
 
     app = FastAPIOffline(
         title="L2LTR geo-localization",

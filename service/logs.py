@@ -108,6 +108,18 @@ def configure_logging(level: str = "INFO", json_logs: bool = True) -> None:
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
 
 
+def write_directly() -> None:
+    """From shutdown on: the waiting lines written, the writer thread stopped, and later lines written
+    straight to stderr. (uvicorn ends a process stopped by SIGTERM by raising it again, so no atexit
+    runs: its last lines, "Application shutdown complete." and "Finished server process", were lost.)"""
+    if _listener is None:
+        return
+    writer = _listener.handlers[0]
+    stop_logging()
+    for logger in (log, logging.getLogger("uvicorn")):
+        logger.handlers = [writer]
+
+
 def stop_logging() -> None:
     """Write every waiting line and stop the writer thread (shutdown, exit)."""
     global _listener

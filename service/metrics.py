@@ -6,6 +6,7 @@ directory writable by all of them, and ``GET /metrics`` from any process adds up
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from functools import partial
 
@@ -102,7 +103,8 @@ def _forget_dead_processes(directory: str) -> None:
                 if name.startswith("gauge_live") and name.endswith(".db") and name.rsplit("_", 1)[1][:-3].isdigit()}:
         try:
             os.kill(pid, 0)
-        except ProcessLookupError:
-            multiprocess.mark_process_dead(pid, directory)
+        except (ProcessLookupError, OverflowError):  # (a pid too large for one: no process either)
+            with contextlib.suppress(FileNotFoundError):  # another scrape removing them at the same time
+                multiprocess.mark_process_dead(pid, directory)
         except PermissionError:
             pass  # alive, another user's

@@ -7,7 +7,6 @@ mismatch between checkpoint and artifact) is logged as one clear line and, unles
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import sys
@@ -150,8 +149,6 @@ class Runtime:
             self.error = f"{type(exc).__name__}: {exc}"
             log.critical("refusing to start: %s", exc, extra={"error": type(exc).__name__})
             if s.exit_on_load_failure:
-                with contextlib.suppress(KeyError, OSError):  # python -m service's exit status, several workers
-                    Path(os.environ["_GEOLOC_LOAD_FAILED"]).touch()
                 stop_logging()
                 sys.stderr.flush()
                 os._exit(EXIT_LOAD_FAILURE)

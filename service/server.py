@@ -101,18 +101,31 @@ def main(argv: list[str] | None = None) -> int:
     elif args.workers > 1 and any(name.endswith(".db") for name in _listing(os.environ["PROMETHEUS_MULTIPROC_DIR"])):
         log.warning("PROMETHEUS_MULTIPROC_DIR %s holds an earlier run's metrics: its counters go on from theirs "
                     "(empty it before each start)", os.environ["PROMETHEUS_MULTIPROC_DIR"])
-    run_dir = tempfile.mkdtemp(prefix="geoloc-run-")
-    # a worker that refuses to start leaves this file: the exit status says so (uvicorn's supervisor exits 0)
-    failed = os.environ["_GEOLOC_LOAD_FAILED"] = os.path.join(run_dir, "failed")
+    # uvicorn's supervisor of several workers stops by itself only when one exits with uvicorn's
+    # STARTUP_FAILURE (3, our EXIT_LOAD_FAILURE too: it stops rather than start refusing workers for ever),
+    # and then exits 0: the exit status says so instead
+    startup_failed = _Seen("failed to start")
+    logging.getLogger("uvicorn.error").addFilter(startup_failed)
     try:
         uvicorn.run("service.app:app", host=args.host, port=args.port, workers=args.workers,
                     http=HeaderDeadlineProtocol, access_log=False, timeout_keep_alive=args.timeout_keep_alive,
                     timeout_graceful_shutdown=args.timeout_graceful_shutdown, log_config=None)
-        return EXIT_LOAD_FAILURE if os.path.exists(failed) else 0
+        return EXIT_LOAD_FAILURE if startup_failed.seen else 0
     finally:
-        for directory in (own_metrics_dir, run_dir):
-            if directory:
-                shutil.rmtree(directory, ignore_errors=True)
+        if own_metrics_dir:
+            shutil.rmtree(own_metrics_dir, ignore_errors=True)
+
+
+class _Seen(logging.Filter):
+    """Notes whether a record whose message holds ``text`` went by (it lets every record through)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text, self.seen = text, False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.seen = self.seen or self.text in record.getMessage()
+        return True
 
 
 def _listing(directory: str) -> list[str]:

@@ -16,7 +16,9 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 DEFAULT_CHECKPOINT = Path("weights/l2ltr_tiny_demo.safetensors")
 
 
-EXIT_LOAD_FAILURE = 3  # the status of a service that refuses to start: model or index would not load
+# the status of a service that refuses to start (model or index would not load); uvicorn's STARTUP_FAILURE
+# too, the status on which its supervisor of several workers stops instead of starting another
+EXIT_LOAD_FAILURE = 3
 
 
 class Settings(BaseSettings):

@@ -41,3 +41,14 @@ def test_views_cells_are_kept_per_checkpoint_region_and_query_count(tmp_path, ab
     assert module.main(argv) == 0 and len(calls) == first  # the same: reused
     assert module.main([*argv, "--queries", "400"]) == 0 and len(calls) == 2 * first  # another query count
     assert module.main([*argv[:4], f"c={tmp_path / 'b.safetensors'}", *argv[5:]]) == 0 and len(calls) == 3 * first
+
+
+def test_a_run_kept_without_its_settings_is_not_reused(tmp_path, ablation):
+    module, calls = ablation
+    run_dir = tmp_path / "out" / "vanilla_polar-s0"
+    run_dir.mkdir(parents=True)
+    (run_dir / "eval.json").write_text(json.dumps({"r1": 0.9, "r5": 0.9, "r10": 0.9, "r1pct": 0.9, "n": 1}))
+    with pytest.raises(SystemExit, match="made before its settings were recorded"):
+        module.main(["--train", str(tmp_path / "train"), "--eval", str(tmp_path / "eval"), "--variants",
+                     "vanilla + polar", "--seeds", "0", "--out", str(tmp_path / "out"), "--steps", "5000"])
+    assert calls == []

@@ -187,11 +187,33 @@ def test_log_lines_are_json_written_by_a_listener_thread_in_order_with_request_i
     assert logging.getLogger("uvicorn.access").getEffectiveLevel() > logging.INFO  # logged once, by us
 
 
+def test_gauges_of_dead_worker_processes_are_dropped(tmp_path, monkeypatch):
+    from prometheus_client import multiprocess
+
+    from service.metrics import _forget_dead_processes
+
+    dead, alive = 2 ** 22 + 1, os.getpid()  # (above Linux's largest pid)
+    for name in (f"gauge_livesum_{dead}.db", f"gauge_livesum_{alive}.db", "gauge_livesum_99999999999999999999.db",
+                 f"counter_{dead}.db", "gauge_liveall_x.db"):
+        (tmp_path / name).write_bytes(b"")
+    _forget_dead_processes(str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [f"gauge_livesum_{alive}.db", f"counter_{dead}.db", "gauge_liveall_x.db"])
+
+    def raced(pid, path):  # another scrape removed them first
+        raise FileNotFoundError(path)
+
+    monkeypatch.setattr(multiprocess, "mark_process_dead", raced)
+    (tmp_path / f"gauge_livemax_{dead}.db").write_bytes(b"")
+    _forget_dead_processes(str(tmp_path))
+
+
 def test_plain_log_lines_are_one_line_each_and_the_level_holds_for_uvicorn(capfd):
     import logging
 
     from service.logs import configure_logging, log, stop_logging
 
+    logging.getLogger("uvicorn.error").setLevel(logging.INFO)  # as uvicorn's own logging set-up leaves it
     configure_logging("WARNING", json_logs=False)
     try:
         forged = "/x\n2026-12-05 11:00:00,000 CRITICAL service.runtime [-] index deleted by admin"

@@ -325,6 +325,17 @@ def test_fingerprint_mismatch_process_exits(world, tmp_path, workers):
     assert world.fingerprint in line["msg"]
 
 
+def test_a_stopped_service_writes_its_last_lines(world, tmp_path):
+    """uvicorn ends a process stopped by SIGTERM by raising the signal again (no atexit): the lines it
+    logs after the app's shutdown must not wait in the log queue."""
+    env = {"GEOLOC_CHECKPOINT": str(world.checkpoint), "GEOLOC_INDEX": str(world.artifact_a),
+           "GEOLOC_ENCODER_WORKERS": "1", "GEOLOC_TORCH_THREADS": "1", "GEOLOC_RELOAD_POLL_S": "0"}
+    proc = ServiceProcess(env, tmp_path / "stop.log")
+    proc.stop()
+    lines = [json.loads(ln) for ln in proc.log().splitlines() if ln.startswith("{")]
+    assert [r["msg"] for r in lines][-2:] == ["Application shutdown complete.", f"Finished server process [{proc.proc.pid}]"]
+
+
 # --- in-process uvicorn, so the test can hold the worker --------------------------------------
 
 class ThreadedServer:
