@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import csv
 import datetime
 import hashlib
@@ -37,6 +38,7 @@ import io
 import json
 import os
 import platform
+import shutil
 import signal
 import socket
 import statistics
@@ -66,6 +68,9 @@ THROUGHPUT_TARGET = {"small": 0.90}  # x raw at c=16, by config; others: 0.70
 
 
 # --- inputs ---------------------------------------------------------------------------------------
+
+_COMPLETED: list[bool] = []  # set when main has measured everything
+
 
 def make_checkpoint(path: Path, config: str, seed: int) -> None:
     torch.manual_seed(seed)
@@ -467,6 +472,8 @@ def main(argv: list[str] | None = None) -> int:
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="geoloc-bench-"))
     work.mkdir(parents=True, exist_ok=True)
+    if args.workdir is None:  # a temporary one goes when the run completes; kept, with the server's log, if it fails
+        atexit.register(lambda: _COMPLETED and shutil.rmtree(work, ignore_errors=True))
     note_load = other_load()
     checkpoint = args.checkpoint
     if checkpoint is None:
@@ -651,6 +658,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| service c={args.concurrency} vs the one-thread lanes | {ratio_lanes:.2f} x | |")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
+    _COMPLETED.append(True)
     return 0 if result["target_throughput_ok"] and result["target_latency_ok"] else 1
 
 

@@ -24,7 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import routes
 from .engine import ClientGone, NotReady, Overloaded, ResultTimeout
-from .logs import configure_logging, new_request_id, request_id_var, write_directly
+from .logs import configure_logging, new_request_id, request_id_var, stop_logging
 from .metrics import Metrics
 from .runtime import ReloadFailed, Runtime
 from .schemas import ErrorResponse, FeatureCollection
@@ -158,9 +158,11 @@ def create_app(settings: Settings) -> FastAPI:
         try:
             yield
         finally:
-            await anyio.to_thread.run_sync(runtime.stop)
-            metrics.process_exit()
-            write_directly()
+            try:
+                await anyio.to_thread.run_sync(runtime.stop)
+                metrics.process_exit()
+            finally:
+                stop_logging()
 
     app = FastAPIOffline(
         title="L2LTR geo-localization",

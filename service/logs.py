@@ -108,24 +108,22 @@ def configure_logging(level: str = "INFO", json_logs: bool = True) -> None:
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
 
 
-def write_directly() -> None:
-    """From shutdown on: the waiting lines written, the writer thread stopped, and later lines written
+def stop_logging() -> None:
+    """Write every waiting line and stop the writer thread (shutdown, exit); later lines are written
     straight to stderr. (uvicorn ends a process stopped by SIGTERM by raising it again, so no atexit
-    runs: its last lines, "Application shutdown complete." and "Finished server process", were lost.)"""
+    runs: the app's shutdown calls this, or uvicorn's last lines would wait in the queue for ever.)"""
+    global _listener
     if _listener is None:
         return
     writer = _listener.handlers[0]
-    stop_logging()
-    for logger in (log, logging.getLogger("uvicorn")):
+    loggers = (log, logging.getLogger("uvicorn"))
+    for handler in {h for logger in loggers for h in logger.handlers if isinstance(h, _ContextQueueHandler)}:
+        with handler.lock:  # from now on straight to the writer, so none lands behind the listener's end mark
+            handler.emit = writer.handle  # type: ignore[method-assign]
+    _listener.stop()
+    _listener = None
+    for logger in loggers:
         logger.handlers = [writer]
-
-
-def stop_logging() -> None:
-    """Write every waiting line and stop the writer thread (shutdown, exit)."""
-    global _listener
-    if _listener is not None:
-        _listener.stop()
-        _listener = None
 
 
 atexit.register(stop_logging)

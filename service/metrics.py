@@ -100,7 +100,7 @@ def _forget_dead_processes(directory: str) -> None:
     """Drop the live gauges of worker processes that died without their shutdown (killed, out of memory):
     their last queue depth, readiness and index would count for ever. (One host: a pid is this host's.)"""
     for pid in {int(name.rsplit("_", 1)[1][:-3]) for name in os.listdir(directory)
-                if name.startswith("gauge_live") and name.endswith(".db") and name.rsplit("_", 1)[1][:-3].isdigit()}:
+                if name.startswith("gauge_live") and name.endswith(".db") and name.rsplit("_", 1)[1][:-3].isdecimal()}:
         try:
             os.kill(pid, 0)
         except (ProcessLookupError, OverflowError):  # (a pid too large for one: no process either)

@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                     timeout_graceful_shutdown=args.timeout_graceful_shutdown, log_config=None)
         return EXIT_LOAD_FAILURE if startup_failed.seen else 0
     finally:
+        logging.getLogger("uvicorn.error").removeFilter(startup_failed)
         if own_metrics_dir:
             shutil.rmtree(own_metrics_dir, ignore_errors=True)
 

@@ -221,8 +221,9 @@ def test_plain_log_lines_are_one_line_each_and_the_level_holds_for_uvicorn(capfd
         logging.getLogger("uvicorn.error").info("not at WARNING")
     finally:
         stop_logging()
+    log.warning("after the stop")  # (the app's shutdown stops the writer thread: later lines go straight out)
     lines = capfd.readouterr().err.splitlines()
-    assert len(lines) == 1 and lines[0].endswith("GET /x\\n2026-12-05 11:00:00,000 CRITICAL service.runtime [-] "
+    assert len(lines) == 2 and lines[1].endswith("after the stop") and lines[0].endswith("GET /x\\n2026-12-05 11:00:00,000 CRITICAL service.runtime [-] "
                                                  "index deleted by admin 404")
 
 
