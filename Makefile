@@ -34,7 +34,7 @@ help:
 	@echo "make test      install if needed, then run the test suite (what CI runs)"
 	@echo "make test-all  the suite including slow checks"
 	@echo "make test-cpu-profiles  the suite once per CPU whose kernels scripts/cpu_profile.py imitates ($(CPU_PROFILES))"
-	@echo "make bench     run the benchmarks in bench/ (results go to bench/RESULTS.md by hand)"
+	@echo "make bench     run the encoder benchmark, bench/encode.py (the others: bench/*.py --help; results go to bench/RESULTS.md by hand)"
 	@echo "make demo      install if needed, make a synthetic region + its index in $(DEMO_DIR)/, serve the API on 127.0.0.1:$(DEMO_PORT)"
 	@echo "make demo-picture  redraw docs/demo.png from a real query against the demo API"
 

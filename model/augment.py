@@ -112,7 +112,7 @@ def limit_fields_of_view(images: torch.Tensor, probability: float, fov_range: tu
     4:3 frame of horizontal field F when |tan e| <= 0.75 tan(F/2) cos a). Outside it: the ImageNet
     mean colour, which the normalised input reads as zero. ``photo_tilt`` > 0: a photo's camera had
     a pitch and a roll, each uniform in +-photo_tilt degrees, and the photo is placed as if level, as
-    the service places a phone's photo (`tilt_panoramas`)."""
+    a photo whose tilt is neither sent nor estimated (`tilt_panoramas`)."""
     from .preprocess import IMAGENET_MEAN
 
     if photo_mask not in PHOTO_MASKS:

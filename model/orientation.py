@@ -222,7 +222,7 @@ def train_orientation(checkpoint: Path, data: Path, out: Path, *, pairs: int = 4
     ``retrieval``. A share ``photo_share`` of the cut views is a level 4:3 photo's outline instead
     (`model.views.limit_photo`, its horizontal field from ``photo_fov_range``), as a phone photo is placed;
     with ``photo_tilt`` > 0 its camera had a pitch and a roll, each uniform in +-photo_tilt degrees, and
-    it is placed as if level (`model.views.tilt_view`), as a photo whose tilt the client does not send.
+    it is placed as if level (`model.views.tilt_view`), as a photo whose tilt is neither sent nor estimated.
     ``rows`` and ``hidden``: the head's kind (`OrientationHead`); ``schedule``: the learning rate stays
     at ``lr`` (constant) or decays to 0 over the steps (cosine). ``centre_jitter`` > 0: each heading of a
     view meets its own polar view of the tile, centred a random distance from the camera (uniform over a
@@ -400,8 +400,8 @@ def main(argv: list[str] | None = None) -> int:
                    metavar=("MIN", "MAX"),
                    help="a photo's horizontal field of view, degrees (uniform)")
     p.add_argument("--photo-tilt", type=number(0, 30), default=0.0, metavar="DEG",
-                   help="a photo's pitch and roll, each uniform in +-DEG, placed as if level as the service places "
-                        "a photo sent without its tilt (default 0: level photos)")
+                   help="a photo's pitch and roll, each uniform in +-DEG, placed as if level (as a photo whose tilt is "
+                        "neither sent nor estimated; default 0: level photos)")
     p.add_argument("--centre-jitter", type=number(0, MAX_CENTRE_JITTER), default=0.0, metavar="F",
                    help="each heading meets a polar view of its tile centred up to F x the tile's side from the "
                         "camera (uniform over the disc), as a camera between the views of an index_build tile "

@@ -645,7 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "outline in the panorama frame, as model.views.place_view masks a photo")
     o.add_argument("--photo-tilt", type=number(0, 30), default=0.0, metavar="DEG",
                    help="with --fov-augment: a photo's camera pitched and rolled, each uniform in +-DEG, and the "
-                        "photo placed as if level (as the service places a phone's photo); 0: level photos")
+                        "photo placed as if level (as a photo whose tilt is neither sent nor estimated); 0: level photos")
     o.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="auto: bf16 autocast on CUDA, float32 on CPU; bf16 forces autocast on CPU too")
     o.add_argument("--seed", type=non_negative_int, default=0,

@@ -22,7 +22,7 @@ output layout (docs/INTERFACES.md):
   python -m index_build tile --raster DIR/ortho.tif --tile-m 100 --stride-m 50 --out DIR/tiles
 
 examples:
-  python -m worldgen --seed 1 --area-km2 12 --pairs 6000 --out data/world_train --workers 2
+  python -m worldgen --seed 1 --area-km2 14 --pairs 6000 --out data/world_train --workers 2
   python -m worldgen --seed 2 --area-km2 3 --pairs 1000 --out data/world_eval --workers 2
   # phone-photo queries of the same region: pinhole 4:3, unknown heading, a tilted hand
   python -m worldgen --seed 2 --area-km2 3 --pairs 1000 --out data/world_eval_photos --camera perspective \
