@@ -352,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args) -> int:
     from index_build.artifact import ArtifactError
     from index_build.build import AddOptions, BuildError, BuildOptions, run_add, run_build
-    from index_build.encode_common import BadImagesError
+    from index_build.encode_common import BadImagesError, EncoderFailed
     from index_build.sources import CatalogueError
     from model.checkpoint import CheckpointError
     from model.config import ConfigError
@@ -390,7 +390,7 @@ def _run(args) -> int:
             print(f"index_build: warning: {exc.report_unwritten}", file=sys.stderr)
         print(exc.report(limit=100 if exc.report_path else None), file=sys.stderr)
         return EXIT_INVALID
-    except (BuildError, ArtifactError, BadImagesError, CheckpointError, ConfigError) as exc:
+    except (BuildError, ArtifactError, BadImagesError, EncoderFailed, CheckpointError, ConfigError) as exc:
         print(f"index_build: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except (OSError, ValueError) as exc:  # e.g. --out where it cannot be written: the message names the file

@@ -119,6 +119,10 @@ class BadTile:
         return f"{where}tile_id={self.tile_id!r} {self.source}: {self.error}"
 
 
+class EncoderFailed(RuntimeError):
+    """A distributed encoder failed (its cause named): the shards it finished are kept for --resume."""
+
+
 class BadImagesError(RuntimeError):
     """Unreadable tile images while --skip-bad is off. Finished shards are kept for --resume.
 

@@ -15,13 +15,14 @@ import csv
 import io
 import json
 import os
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 import numpy as np
 
-from index_build.encode_common import (BadImagesError, BadTile, EncodeStats, decode_tile, no_columns,
+from index_build.encode_common import (BadImagesError, BadTile, EncodeStats, EncoderFailed, decode_tile, no_columns,
                                        shard_batches)
 from index_build.workdir import ShardSpan, write_shard
 
@@ -181,18 +182,24 @@ def encode_shards_ray(*, checkpoint: str, model_config: str | None, fingerprint:
             compute=ray.data.ActorPoolStrategy(size=actors),
             num_cpus=cpus_per_actor,
             num_gpus=gpus_per_actor,
+            max_restarts=ACTOR_RETRIES,  # Ray Data's default, for ever: a shard that kills its actor each time
+            max_task_retries=ACTOR_RETRIES,  # (out of memory, a crashing decoder) hung the build silently
         )
         bar = TileProgress(total_rows, f"encode (ray x{actors})", enabled=progress)
         bad: list[BadTile] = []
         t0 = time.perf_counter()
-        for row in ds.iter_rows():
-            if row["error"]:
-                bad.extend(BadTile(**b) for b in json.loads(str(row["error"])))
-            else:
-                stats.shards_encoded += 1
-                stats.tiles_encoded += int(row["rows"])
-                stats.tiles_skipped += int(row["skipped"])
-            bar.update(int(row["rows"]) + int(row["skipped"]) + int(row["bad"] if row["error"] else 0))
+        try:
+            for row in ds.iter_rows():
+                if row["error"]:
+                    bad.extend(BadTile(**b) for b in json.loads(str(row["error"])))
+                else:
+                    stats.shards_encoded += 1
+                    stats.tiles_encoded += int(row["rows"])
+                    stats.tiles_skipped += int(row["skipped"])
+                bar.update(int(row["rows"]) + int(row["skipped"]) + int(row["bad"] if row["error"] else 0))
+        except Exception as exc:  # Ray's wrappers of an encoder's error: 80-150 lines of traceback, the cause inside
+            raise EncoderFailed(f"a Ray encoder failed: {_cause(exc)}; the shards finished are kept for "
+                                "--resume") from None
         bar.close()
         stats.encode_s = time.perf_counter() - t0
         if bad:
@@ -201,3 +208,16 @@ def encode_shards_ray(*, checkpoint: str, model_config: str | None, fingerprint:
         if started_here:
             ray.shutdown()
     return stats
+
+
+ACTOR_RETRIES = 3
+_EXCEPTION_LINE = re.compile(r"^\s*([A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)):")
+
+
+def _cause(exc: BaseException) -> str:
+    """The actor's own exception under Ray's wrappers, as one line: Ray sends it across processes as the
+    text of its traceback, whose last exception line names it."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    lines = [line.strip() for line in text.splitlines() if _EXCEPTION_LINE.match(line)]
+    theirs = [line for line in lines if not line.startswith("ray.")]
+    return (theirs or lines or [f"{type(exc).__name__}: {text.strip()}"])[-1]

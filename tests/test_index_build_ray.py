@@ -84,3 +84,24 @@ def test_ray_engine_reports_unreadable_images(tmp_path, local_ray):
     assert not os.path.lexists(out)
     vdir = tmp_path / "idx.versions" / ".build" / "vectors"
     assert (vdir / "shard-00000.json").is_file() and not (vdir / "shard-00001.json").exists()
+
+
+def test_an_encoder_error_is_one_line_naming_its_cause(tmp_path, local_ray):
+    """A failure inside a Ray actor (here: its shard's file can not be written) is an EncoderFailed naming the
+    cause, not Ray's 80-150 lines of wrapped traceback; the shards finished are kept."""
+    from index_build.encode_common import EncoderFailed
+
+    ckpt = tmp_path / "micro.safetensors"
+    micro_checkpoint(ckpt, seed=0)
+    cat = make_catalogue(tmp_path / "w", 16, prefix="c")
+    opts = dict(catalog=str(cat), checkpoint=str(ckpt), out=str(tmp_path / "idx"), batch_size=4, shard_size=8,
+                progress=False, device="cpu", engine="ray")
+    run_build(BuildOptions(**opts, stop_after="encode"))
+    vdir = tmp_path / "idx.versions" / ".build" / "vectors"
+    for name in ("shard-00001.npy", "shard-00001.json"):
+        (vdir / name).unlink()
+    (vdir / "shard-00001.npy").mkdir()  # where the second shard goes
+    with pytest.raises(EncoderFailed, match=r"^a Ray encoder failed: IsADirectoryError: .*shard-00001\.npy'; the "
+                                            r"shards finished are kept for --resume$"):
+        run_build(BuildOptions(**opts, resume=True))
+    assert (vdir / "shard-00000.json").is_file()
