@@ -30,8 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from model.arguments import non_negative_int, number
-
-EARTH_RADIUS_M = 6_371_008.8
+from model.metrics import local_xy_m
 
 
 def _rows(path: Path, columns: tuple[str, ...]) -> tuple[list[dict], np.ndarray]:
@@ -58,19 +57,13 @@ def _rows(path: Path, columns: tuple[str, ...]) -> tuple[list[dict], np.ndarray]
     return rows, np.array(latlon, dtype=np.float64).reshape(-1, 2)
 
 
-def local_metres(latlon: np.ndarray, lat0: float) -> np.ndarray:
-    """[N, 2] lat/lon -> east, north metres in an equirectangular frame at ``lat0`` (exact enough over a
-    region of a few km)."""
-    k = math.radians(1.0) * EARTH_RADIUS_M
-    return np.column_stack([latlon[:, 1] * k * math.cos(math.radians(lat0)), latlon[:, 0] * k])
-
-
 def nearest_tiles(cam_ll: np.ndarray, tile_ll: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Index of the nearest tile centre of each camera and its distance in metres."""
+    """Index of the nearest tile centre of each camera and its distance in metres (model.metrics.local_xy_m:
+    exact enough over a region of a few km)."""
     from scipy.spatial import cKDTree
 
-    lat0 = float(cam_ll[:, 0].mean())
-    dist, idx = cKDTree(local_metres(tile_ll, lat0)).query(local_metres(cam_ll, lat0))
+    origin = cam_ll.mean(axis=0)
+    dist, idx = cKDTree(local_xy_m(*tile_ll.T, *origin)).query(local_xy_m(*cam_ll.T, *origin))
     return idx, dist
 
 
@@ -84,7 +77,7 @@ def split_cameras(cam_ll: np.ndarray, tile_ll: np.ndarray, idx: np.ndarray, val:
         return split
     held = np.lexsort((cam_ll[:, 0], cam_ll[:, 1]))[-val:]  # by longitude, then latitude
     split[held] = "val"
-    centres = local_metres(tile_ll, float(cam_ll[:, 0].mean()))
+    centres = local_xy_m(*tile_ll.T, *cam_ll.mean(axis=0))
     near_val = cKDTree(centres[np.unique(idx[held])]).query(centres[idx], distance_upper_bound=tile_m, p=np.inf)[0]
     # overlapping by more than 1%: touching tiles (centres tile_m apart, give or take this frame's error) are fine
     split[(split == "train") & (near_val < 0.99 * tile_m)] = "buffer"
