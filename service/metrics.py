@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from functools import partial
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
@@ -96,11 +97,13 @@ class Metrics:
             multiprocess.mark_process_dead(os.getpid())
 
 
+_LIVE_GAUGE_FILE = re.compile(r"gauge_live[a-z]*_([0-9]+)\.db")  # prometheus_client's name: mode, pid
+
+
 def _forget_dead_processes(directory: str) -> None:
     """Drop the live gauges of worker processes that died without their shutdown (killed, out of memory):
     their last queue depth, readiness and index would count for ever. (One host: a pid is this host's.)"""
-    for pid in {int(name.rsplit("_", 1)[1][:-3]) for name in os.listdir(directory)
-                if name.startswith("gauge_live") and name.endswith(".db") and name.rsplit("_", 1)[1][:-3].isdecimal()}:
+    for pid in {int(m[1]) for name in os.listdir(directory) if (m := _LIVE_GAUGE_FILE.fullmatch(name))}:
         try:
             os.kill(pid, 0)
         except (ProcessLookupError, OverflowError):  # (a pid too large for one: no process either)
