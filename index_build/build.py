@@ -158,18 +158,24 @@ def load_catalogue(path: str, check_files: bool, report_path: str | None) -> Cat
 TILING_FILE = "tiling.json"  # written beside tiles.csv by `index_build tile`
 
 
+def _tiling_file(catalog: str) -> str | None:
+    """The tiling.json beside a catalogue CSV (`index_build tile` writes one), if there is one."""
+    path = os.path.join(os.path.dirname(os.path.abspath(catalog)), TILING_FILE)
+    return path if os.path.isfile(catalog) and os.path.isfile(path) else None
+
+
 def tiling_sha256(catalog: str) -> str | None:
     """The checksum of the tiling.json beside a catalogue cut by `index_build tile`, else None."""
-    path = os.path.join(os.path.dirname(os.path.abspath(catalog)), TILING_FILE)
-    return sha256_file(path) if os.path.isfile(catalog) and os.path.isfile(path) else None
+    path = _tiling_file(catalog)
+    return sha256_file(path) if path else None
 
 
 def catalogue_tiling(catalog: str) -> dict | None:
     """{"tile_m", "stride_m"} (and "centres_m" when it cut views between the tile centres) of a catalogue
     cut by `index_build tile` (its tiling.json beside the CSV), None for any other catalogue. The manifest
     records them, and the service refines positions with them."""
-    path = os.path.join(os.path.dirname(os.path.abspath(catalog)), TILING_FILE)
-    if not os.path.isfile(catalog) or not os.path.isfile(path):
+    path = _tiling_file(catalog)
+    if path is None:
         return None
     try:
         with open(path, encoding="utf-8") as f:
