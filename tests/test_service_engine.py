@@ -33,7 +33,7 @@ def _engine(world, encode, **overrides):
     return engine
 
 
-def _unit_rows(images: torch.Tensor) -> tuple[np.ndarray, None]:
+def _unit_rows(images: torch.Tensor, columns: bool = False) -> tuple[np.ndarray, None]:
     """Stands in for the ground branch: unit descriptors, no orientation columns."""
     rows = np.random.default_rng(int(images.sum())).standard_normal((len(images), 32)).astype(np.float32)
     return rows / np.linalg.norm(rows, axis=1, keepdims=True), None
@@ -59,10 +59,10 @@ def test_two_executor_threads_compute_two_batches_at_once(world):
     both_inside = threading.Barrier(2, timeout=10)
     threads = set()
 
-    def encode(images):
+    def encode(images, columns):
         threads.add(threading.current_thread().name)
         both_inside.wait()  # breaks (and the batch fails) unless two batches overlap
-        return _unit_rows(images)
+        return _unit_rows(images, columns)
 
     engine = _engine(world, encode, max_batch_size=1)
 
@@ -83,11 +83,11 @@ def test_a_lone_image_runs_on_every_core_and_batches_side_by_side_on_their_share
     seen = []
     both_inside = threading.Barrier(2, timeout=10)
 
-    def encode(images):
+    def encode(images, columns):
         seen.append(torch.get_num_threads())
         if len(seen) > 1:
             both_inside.wait()  # the two queued together overlap: neither ran wide
-        return _unit_rows(images)
+        return _unit_rows(images, columns)
 
     engine = _engine(world, encode, max_batch_size=1, lone_threads=2)
     try:
@@ -112,12 +112,12 @@ def test_after_a_job_waited_for_a_wide_batch_none_runs_wide_for_the_cooldown(wor
     seen = []
     first_inside, release = threading.Event(), threading.Event()
 
-    def encode(images):
+    def encode(images, columns):
         seen.append(torch.get_num_threads())
         if len(seen) == 1:
             first_inside.set()
             release.wait(10)
-        return _unit_rows(images)
+        return _unit_rows(images, columns)
 
     engine = _engine(world, encode, max_batch_size=1, lone_threads=2, wide_cooldown_s=2.0)
 
@@ -167,10 +167,10 @@ def test_an_error_before_a_batch_computes_fails_that_batch_only(world, monkeypat
 def test_a_batch_is_answered_by_one_index_generation_while_the_next_sees_the_new_one(world):
     inside, go_on = threading.Event(), threading.Event()
 
-    def encode(images):
+    def encode(images, columns):
         inside.set()
         go_on.wait(10)
-        return _unit_rows(images)
+        return _unit_rows(images, columns)
 
     engine = _engine(world, encode, workers=1)
 
@@ -188,6 +188,31 @@ def test_a_batch_is_answered_by_one_index_generation_while_the_next_sees_the_new
     assert before.index.generation == 1 and after.index.generation == 2
     assert all(m.tile_id.startswith("a") for answer in before.answers for m in answer.matches)  # 24 a-tiles
     assert len(before.answers[0].matches) == 24 and len(after.answers[0].matches) == 16
+
+
+def test_column_features_are_asked_for_only_where_the_served_index_holds_its_own(world):
+    asked = []
+
+    def encode(images, columns):
+        asked.append(columns)
+        return _unit_rows(images, columns)
+
+    engine = _engine(world, encode, workers=1)
+    plain = engine.index
+    oriented = dataclasses.replace(plain, orientation=np.zeros((plain.count, 4, 8), np.float16))
+
+    async def one():
+        return await engine.localize(_images(), n=1, k=3)
+
+    try:
+        asyncio.run(one())
+        engine.index = oriented
+        asyncio.run(one())
+        engine.index = plain
+        asyncio.run(one())
+    finally:
+        engine.stop()
+    assert asked == [False, True, False]
 
 
 def test_the_queue_counts_images_and_refuses_beyond_it_while_paused_jobs_wait(world):
@@ -219,11 +244,11 @@ def test_a_failing_decode_fails_its_job_and_a_failing_forward_its_batch_but_no_w
 
     calls = []
 
-    def encode(images):
+    def encode(images, columns):
         calls.append(len(images))
         if len(calls) == 1:
             raise RuntimeError("device lost")
-        return _unit_rows(images)
+        return _unit_rows(images, columns)
 
     def bad():
         raise ValueError("truncated")
