@@ -54,10 +54,15 @@ def cells() -> list[tuple[str, list[str]]]:
 
 
 def ensure_world(path: Path, args: list[str]) -> None:
+    """worldgen's region at ``path`` unless it is there (worldgen runs in the repository: given ``path``
+    absolute, and its parent made, as on a fresh clone without data/)."""
     if (path / "world.json").is_file():
         return
     print(f"limited_views: making {path} (worldgen {' '.join(args)}) ...", flush=True)
-    subprocess.run([sys.executable, "-m", "worldgen", *args, "--out", str(path), "--workers", "2"], cwd=REPO, check=True)
+    path.resolve().parent.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "worldgen", *args, "--out", str(path.resolve()), "--workers", "2"]
+    if subprocess.run(command, cwd=REPO).returncode != 0:
+        raise SystemExit(f"limited_views: worldgen failed making {path} (its error above)")
 
 
 def check_reused_cells(checkpoint: Path, world: Path, out: Path) -> None:

@@ -63,3 +63,30 @@ def test_cells_of_another_checkpoint_or_region_are_not_reused(tmp_path):
         (tmp_path / "out" / "360_known_descriptor.json").write_text(json.dumps({**cell, **other}))
         with pytest.raises(SystemExit, match="360_known_descriptor.json holds .*: use another --out"):
             lv.check_reused_cells(ckpt, world, tmp_path / "out")
+
+
+def test_a_missing_region_is_made_beside_folders_that_do_not_exist_yet(tmp_path, monkeypatch):
+    """A fresh clone has no data/: the region's parent is made, worldgen is given the absolute path (it
+    runs in the repository, not in the caller's folder), and its failure is one line, not a traceback."""
+    lv = _module()
+    ran = []
+
+    class Done:
+        returncode = 0
+
+    def run(command, cwd):
+        ran.append(command)
+        return Done()
+
+    monkeypatch.setattr(lv.subprocess, "run", run)
+    monkeypatch.chdir(tmp_path)
+    lv.ensure_world(lv.Path("data/eval_world"), ["--seed", "202"])
+    assert (tmp_path / "data").is_dir()
+    assert ran[0][ran[0].index("--out") + 1] == str(tmp_path / "data" / "eval_world")
+    Done.returncode = 2
+    with pytest.raises(SystemExit, match="worldgen failed making data/other"):
+        lv.ensure_world(lv.Path("data/other"), ["--seed", "202"])
+    (tmp_path / "data" / "made").mkdir()
+    (tmp_path / "data" / "made" / "world.json").write_text("{}")
+    lv.ensure_world(lv.Path("data/made"), ["--seed", "202"])  # there already: not made again
+    assert len(ran) == 2
