@@ -73,6 +73,8 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
                              b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
         self.transport.close()
+        log.info("request headers not received within %g s: 408, connection closed", header_timeout_s(),
+                 extra={"status": 408, "client": (self.client or ("", 0))[0]})
 
 
 def main(argv: list[str] | None = None) -> int:

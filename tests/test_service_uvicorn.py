@@ -174,6 +174,10 @@ def test_a_client_that_stalls_its_headers_or_its_body_gets_408(server, world):
             assert sock.recv(1 << 16) == b""  # and the connection is closed
     with httpx.Client(base_url=server.url, timeout=30) as c:  # the server is fine
         assert _post(c, world.pano).status_code == 200
+    deadline = time.monotonic() + 5  # the two header timeouts are in the log (the queue's writer thread writes it)
+    while server.log().count("request headers not received within") < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert server.log().count("request headers not received within") == 2
 
 
 def test_the_entry_point_runs_with_the_allocator_settings(server):
