@@ -15,7 +15,8 @@
 # device_check.md (tables ready for bench/RESULTS.md) and device_check.log (everything printed).
 # Exit code 1 if a step failed or ran out of time.
 #
-# Environment: OUT (results folder), PYTHON (default python3), DEVICE_CHECK_BUDGET_S (seconds for
+# Environment: OUT (results folder), PYTHON (default: the repository's .venv/bin/python where
+# `make install` made one, else python3, as on a lent machine), DEVICE_CHECK_BUDGET_S (seconds for
 # the whole run; default 470, 300 with --dry-run), KEEP_WORK=1 keeps the working folder.
 set -uo pipefail
 
@@ -43,6 +44,7 @@ while (($#)); do
 done
 
 PY=${PYTHON:-python3}
+[[ -z ${PYTHON:-} && -x $REPO/.venv/bin/python ]] && PY=$REPO/.venv/bin/python
 OUT=${OUT:-$REPO/runs/device_check}
 BUDGET=${DEVICE_CHECK_BUDGET_S:-$((DRY ? 300 : 470))}
 MODE=()

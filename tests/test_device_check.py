@@ -102,6 +102,24 @@ def test_a_failing_step_is_recorded_and_the_others_run(tmp_path):
     assert "step no-such-step: FAILED" in proc.stdout
 
 
+def test_without_python_set_the_repositorys_venv_runs_the_steps(tmp_path):
+    """As docs/GPU.md runs it, `bash bench/device_check.sh --dry-run` with no PYTHON: the python3 on PATH
+    (here one that fails, as a system python without torch does) is not used where `make install` made
+    .venv; on a lent machine without one it is."""
+    if not (REPO / ".venv" / "bin" / "python").is_file():
+        pytest.skip("no .venv here (make install makes it)")
+    stub = tmp_path / "bin"
+    stub.mkdir()
+    (stub / "python3").write_text("#!/bin/sh\necho 'python3 from PATH: no torch here' >&2\nexit 1\n")
+    (stub / "python3").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("DEVICE_CHECK_BUDGET_S", "KEEP_WORK", "PYTHON")}
+    env.update(OUT=str(tmp_path / "out"), PATH=f"{stub}:{env.get('PATH', '/usr/bin:/bin')}")
+    proc = subprocess.run(["bash", str(SCRIPT), "--dry-run", "--steps", "env"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "no torch here" not in proc.stdout + proc.stderr
+
+
 def test_script_arguments(tmp_path):
     helped = subprocess.run(["bash", str(SCRIPT), "--help"], capture_output=True, text=True)
     assert helped.returncode == 0 and "--dry-run" in helped.stdout and 'carry=[".whl"]' in helped.stdout
