@@ -9,7 +9,7 @@ when they are missing, then runs `model.evaluate` for every cell of two tables: 
 vertical edges as the service places them, and with their cameras' true pitch and roll). Each cell is one
 JSON file in --out, written when its run ends, so an interrupted run resumes where it stopped. The
 tables are printed as Markdown (and written to OUT/tables.md), with R@1 over the known-heading 360 degree descriptor R@1 (issue 16's ratios) and the
-photo-to-crop gaps. About 25 evaluations: ~15 min on one core of the 2-vCPU VM for the `tiny` config.
+photo-to-crop gaps. 32 evaluations: about 20 min on the 2-vCPU VM for the `tiny` config (and 6 min for the two regions).
 """
 from __future__ import annotations
 

@@ -592,7 +592,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result, sort_keys=True))
         return 0
     queries = f", {result['queries']} queries" if result.get("queries", result["n"]) != result["n"] else ""
-    view = f", field of view {result['fov']:g} deg, heading {result['heading']}" if "method" in result else ""
+    fov = f"photos at their own fields of view ({args.photos.name})" if args.photos else f"field of view {result['fov']:g} deg"
+    view = f", {fov}, heading {result['heading']}" if "method" in result else ""
     print(f"{result['checkpoint']} on {result['data']} ({result['split']}, N={result['n']}{queries}{view})")
     print(f"R@1 {result['r1'] * 100:.2f}  R@5 {result['r5'] * 100:.2f}  R@10 {result['r10'] * 100:.2f}  "
           f"R@1% {result['r1pct'] * 100:.2f}")

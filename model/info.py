@@ -2,6 +2,7 @@
 
   python -m model.info weights/l2ltr_tiny_demo.safetensors
   python -m model.info model_checkpoint.pth --config paper
+  python -m model.info weights/l2ltr_tiny_demo.safetensors --save-config data/shipped_config.json
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+from .atomic import atomic_write
 from .checkpoint import CheckpointError, check_checkpoint_file, load_checkpoint
 from .config import ConfigError
 
@@ -32,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("file", type=Path, help=".safetensors, authors' .pth or Google .npz")
     p.add_argument("--config", help="required for .pth and .npz: a config name, JSON or JSON file")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--save-config", type=Path, metavar="FILE",
+                   help="also write the checkpoint's config as a JSON file, for model.train --config "
+                        "(e.g. to fine-tune it with --init)")
     args = p.parse_args(argv)
     try:
         fmt = check_checkpoint_file(args.file)
@@ -43,6 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    if args.save_config is not None:
+        try:
+            text = json.dumps(info["config"], indent=2) + "\n"
+            atomic_write(args.save_config, lambda tmp: Path(tmp).write_text(text))
+        except OSError as exc:
+            print(f"error: --save-config {args.save_config}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
     if args.json:
         print(json.dumps(info, indent=2, sort_keys=True))
         return 0

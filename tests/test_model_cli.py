@@ -343,3 +343,39 @@ def test_ctrl_c_in_evaluate_and_convert_is_one_line(tmp_path, capsys, monkeypatc
     monkeypatch.setattr(convert, "load_checkpoint", _ctrl_c)
     assert convert.main(["--from", "ours", "--in", str(src), "--out", str(tmp_path / "out.safetensors")]) == 130
     assert capsys.readouterr().err == "interrupted; nothing written\n"
+
+
+def test_info_saves_the_config_that_model_train_takes_back(tmp_path, capsys):
+    """docs/TRAINING.md fine-tunes the demo checkpoint with --config of its own config: --save-config writes it
+    (the parent made), and it resolves to the checkpoint's config, orientation head included."""
+    from pathlib import Path
+
+    from model import info, load_checkpoint
+    from model.config import L2LTRConfig
+
+    checkpoint = Path(__file__).resolve().parents[1] / "weights" / "l2ltr_tiny_demo.safetensors"
+    saved = tmp_path / "new" / "shipped_config.json"
+    assert info.main([str(checkpoint), "--save-config", str(saved)]) == 0
+    assert L2LTRConfig.resolve(str(saved)) == load_checkpoint(checkpoint).config
+    assert "fingerprint" in capsys.readouterr().out
+    (tmp_path / "file").write_text("")
+    assert info.main([str(checkpoint), "--save-config", str(tmp_path / "file" / "x.json")]) == 1
+    assert capsys.readouterr().err.startswith(f"error: --save-config {tmp_path / 'file' / 'x.json'}: ")
+
+
+def test_evaluate_names_photos_by_their_own_fields_of_view(tmp_path, monkeypatch, capsys):
+    """With --photos the queries are the photos at the fields of view they were taken with: the summary line
+    does not claim --fov's default (360) for them."""
+    from model import evaluate
+
+    result = {"checkpoint": "c.safetensors", "data": "world", "split": "all", "n": 4, "r1": 0.25, "r5": 0.5,
+              "r10": 0.75, "r1pct": 0.25, "fov": 360.0, "heading": "unknown", "method": "rerank",
+              "heading_error_median_deg": None}
+    monkeypatch.setattr(evaluate, "evaluate", lambda *a, **k: dict(result))
+    base = ["--checkpoint", "c.safetensors", "--data", "world", "--split", "all", "--heading", "unknown",
+            "--method", "rerank"]
+    assert evaluate.main([*base, "--photos", str(tmp_path / "eval_photos")]) == 0
+    line = capsys.readouterr().out.splitlines()[0]
+    assert "photos at their own fields of view (eval_photos), heading unknown" in line and "360" not in line
+    assert evaluate.main([*base, "--fov", "90"]) == 0
+    assert "field of view 360 deg" in capsys.readouterr().out  # (the stand-in's result says 360 whatever --fov)
