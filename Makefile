@@ -4,7 +4,7 @@ VENV        ?= .venv
 # Pinned so that a CPU machine installs the local CPU wheel instead of the multi-GB CUDA build (where pip
 # finds one, as on this project's machines; elsewhere PyPI's torch is the CUDA build: pass
 # TORCH_INDEX=https://download.pytorch.org/whl/cpu, as README.md says).
-# GPU machines: `make install TORCH_INDEX=https://download.pytorch.org/whl/cu128 EXTRAS=gpu,service,plot,geo,dev`.
+# GPU machines: `make install TORCH_INDEX=https://download.pytorch.org/whl/cu128 EXTRAS=gpu,service,plot,ray,geo,dev`.
 TORCH_SPEC  ?= torch==2.13.0
 TORCH_INDEX ?=
 EXTRAS      ?= cpu,service,plot,ray,geo,dev

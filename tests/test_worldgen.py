@@ -5,6 +5,7 @@ import csv
 import json
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -309,7 +310,12 @@ def test_cli_errors_and_help(tmp_path, capsys):
     assert main(["--seed", "1", "--area-km2", "0.05", "--out", str(tmp_path / "nope" / "x")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["--seed", "1", "--area-km2", "0.03", "--pairs", "5000", "--out", str(tmp_path / "y"), "--quiet"]) == 2
-    assert "camera positions" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "camera positions" in err
+    fit = int(re.search(r"only (\d+) camera positions", err).group(1))
+    assert main(["--seed", "1", "--area-km2", "0.03", "--pairs", str(fit + 1), "--out", str(tmp_path / "y"), "--quiet"]) == 2
+    suggested = float(re.search(r"raise --area-km2 \(about ([0-9.e+-]+) km\^2\)", capsys.readouterr().err).group(1))
+    assert suggested > 0.03  # one camera short: a larger area, not the one given again
     assert main(["--seed", "1", "--area-km2", "0.03", "--panoramas", "-1", "--out", str(tmp_path / "y"), "--quiet"]) == 2
     assert "--panoramas must be >= 0" in capsys.readouterr().err
     assert not (tmp_path / "y").exists()

@@ -277,7 +277,7 @@ def choose_cameras(world: World, cfg: GenConfig) -> np.ndarray:
         raise WorldgenError(
             f"only {len(cams)} camera positions fit on the roads of {cfg.area_km2} km^2 with "
             f"--min-spacing {cfg.min_spacing_m} m, but --pairs {cfg.pairs} was asked; raise --area-km2 "
-            f"(about {cfg.area_km2 * cfg.pairs / max(len(cams), 1) * 1.1:.1f} km^2) or lower --min-spacing")
+            f"(about {cfg.area_km2 * cfg.pairs / max(len(cams), 1) * 1.1:.3g} km^2) or lower --min-spacing")
     if len(cams) == 0:
         raise WorldgenError("no road inside the area; raise --area-km2")
     return cams
