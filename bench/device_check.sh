@@ -15,8 +15,8 @@
 # device_check.md (tables ready for bench/RESULTS.md) and device_check.log (everything printed).
 # Exit code 1 if a step failed or ran out of time.
 #
-# Environment: OUT (results folder), PYTHON (default: the repository's .venv/bin/python where
-# `make install` made one, else python3, as on a lent machine), DEVICE_CHECK_BUDGET_S (seconds for
+# Environment: OUT (results folder), PYTHON (default python3, as on a lent machine; with --dry-run the
+# repository's .venv/bin/python where `make install` made one), DEVICE_CHECK_BUDGET_S (seconds for
 # the whole run; default 470, 300 with --dry-run), KEEP_WORK=1 keeps the working folder.
 set -uo pipefail
 
@@ -44,7 +44,8 @@ while (($#)); do
 done
 
 PY=${PYTHON:-python3}
-[[ -z ${PYTHON:-} && -x $REPO/.venv/bin/python ]] && PY=$REPO/.venv/bin/python
+# a dry run on a development machine: the project's .venv (a CPU torch there would skip every GPU step of a real run)
+[[ -z ${PYTHON:-} ]] && ((DRY)) && [[ -x $REPO/.venv/bin/python ]] && PY=$REPO/.venv/bin/python
 OUT=${OUT:-$REPO/runs/device_check}
 BUDGET=${DEVICE_CHECK_BUDGET_S:-$((DRY ? 300 : 470))}
 MODE=()
@@ -136,7 +137,7 @@ run_step() {
 main() {
     WORK=$(mktemp -d "${TMPDIR:-/tmp}/device_check.XXXXXX")
     if [[ ${KEEP_WORK:-0} == 1 ]]; then say "working folder $WORK (kept)"; else trap 'rm -rf "$WORK"' EXIT; fi
-    say "device check$( ((DRY)) && echo ' (dry run: CPU, toy sizes)'): budget ${BUDGET} s, results to $OUT"
+    say "device check$( ((DRY)) && echo ' (dry run: CPU, toy sizes)'): budget ${BUDGET} s, results to $OUT, python $PY"
     cd "$REPO" || exit 1
     install_wheels
     local steps=($STEPS) i

@@ -9,7 +9,8 @@ when they are missing, then runs `model.evaluate` for every cell of two tables: 
 vertical edges as the service places them, and with their cameras' true pitch and roll). Each cell is one
 JSON file in --out, written when its run ends, so an interrupted run resumes where it stopped. The
 tables are printed as Markdown (and written to OUT/tables.md), with R@1 over the known-heading 360 degree descriptor R@1 (issue 16's ratios) and the
-photo-to-crop gaps. 32 evaluations: about 20 min on the 2-vCPU VM for the `tiny` config (and 6 min for the two regions).
+photo-to-crop gaps. 32 evaluations: about 20 min on the 2-vCPU VM for the `tiny` config (and about 4
+min for the two regions).
 """
 from __future__ import annotations
 
@@ -59,7 +60,10 @@ def ensure_world(path: Path, args: list[str]) -> None:
     if (path / "world.json").is_file():
         return
     print(f"limited_views: making {path} (worldgen {' '.join(args)}) ...", flush=True)
-    path.resolve().parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.resolve().parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SystemExit(f"limited_views: cannot make the folder of {path}: {exc.strerror or exc}") from None
     command = [sys.executable, "-m", "worldgen", *args, "--out", str(path.resolve()), "--workers", "2"]
     if subprocess.run(command, cwd=REPO).returncode != 0:
         raise SystemExit(f"limited_views: worldgen failed making {path} (its error above)")

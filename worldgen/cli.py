@@ -25,7 +25,7 @@ examples:
   python -m worldgen --seed 1 --area-km2 14 --pairs 6000 --out data/world_train --workers 2
   python -m worldgen --seed 2 --area-km2 3 --pairs 1000 --out data/world_eval --workers 2
   # phone-photo queries of the same region: pinhole 4:3, unknown heading, a tilted hand
-  python -m worldgen --seed 2 --area-km2 3 --pairs 1000 --out data/world_eval_photos --camera perspective \
+  python -m worldgen --seed 2 --area-km2 3 --pairs 1000 --out data/world_eval_photos_tilted --camera perspective \
       --fov 65 --heading-jitter 180 --pitch-roll-jitter 5 --exif
   # every aerial tile, but panoramas for only the first 32 positions (what `make demo` renders)
   python -m worldgen --seed 4242 --area-km2 4 --panoramas 32 --out demo/world --workers 2

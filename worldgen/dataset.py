@@ -277,7 +277,7 @@ def choose_cameras(world: World, cfg: GenConfig) -> np.ndarray:
         raise WorldgenError(
             f"only {len(cams)} camera positions fit on the roads of {cfg.area_km2} km^2 with "
             f"--min-spacing {cfg.min_spacing_m} m, but --pairs {cfg.pairs} was asked; raise --area-km2 "
-            f"(about {cfg.area_km2 * cfg.pairs / max(len(cams), 1) * 1.1:.3g} km^2) or lower --min-spacing")
+            f"(about {_area_text(cfg.area_km2 * cfg.pairs / max(len(cams), 1) * 1.1)} km^2) or lower --min-spacing")
     if len(cams) == 0:
         raise WorldgenError("no road inside the area; raise --area-km2")
     return cams
@@ -304,6 +304,11 @@ def split_val(cams: np.ndarray, cfg: GenConfig) -> np.ndarray:
         val |= m
         count += int(m.sum())
     return val
+
+
+def _area_text(km2: float) -> str:
+    """An area in km^2 to about three significant digits, never in scientific notation."""
+    return f"{km2:.3g}" if km2 < 100 else f"{km2:,.0f}"
 
 
 def generate_dataset(cfg: GenConfig, out_dir: str, workers: int = 1, overwrite: bool = False,
