@@ -43,6 +43,9 @@ class Metrics:
         self.dropped = counter("geoloc_dropped_images_total",
                                "Queued images not computed, by reason (client_disconnected, timeout, shutdown).",
                                ["reason"])
+        for reason in ("client_disconnected", "timeout", "shutdown"):  # at 0 from the start: an alert's rate() is 0
+            self.dropped.labels(reason)
+        self.rejected.labels("queue_full")
         self.images = counter("geoloc_images_localized_total", "Images encoded and searched.")
         self.index_size = gauge("geoloc_index_size", "Vectors in the index being served.")
         self.index_generation = gauge("geoloc_index_generation", "Index swaps since start (1 = the first load).")

@@ -535,6 +535,11 @@ def test_metrics(client, world):
     assert metric_value(text, "geoloc_index_info", model_fingerprint=world.fingerprint,
                         count="24") == 1
     assert metric_value(text, "geoloc_ready") == 1
+    # the refusal and drop counters are there at 0 before anything is refused or dropped: an alert reads 0, not "no data"
+    for name, reason in (("geoloc_rejected_total", "queue_full"), ("geoloc_rejected_total", "upload_budget"),
+                         ("geoloc_dropped_images_total", "client_disconnected"),
+                         ("geoloc_dropped_images_total", "timeout"), ("geoloc_dropped_images_total", "shutdown")):
+        assert f'{name}{{reason="{reason}"}} 0.0' in text
 
 
 # --- auth, CORS ---------------------------------------------------------------------------------
