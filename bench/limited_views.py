@@ -8,8 +8,9 @@ when they are missing, then runs `model.evaluate` for every cell of two tables: 
 90 degree crops of the same first 400 pairs (the photos placed level, at the tilt estimated from their
 vertical edges as the service places them, and with their cameras' true pitch and roll). Each cell is one
 JSON file in --out, written when its run ends, so an interrupted run resumes where it stopped. The
-tables are printed as Markdown (and written to OUT/tables.md), with R@1 over the known-heading 360 degree descriptor R@1 (issue 16's ratios) and the
-photo-to-crop gaps. 32 evaluations: about 20 min on the 2-vCPU VM for the `tiny` config (and about 4
+tables are printed as Markdown (and written to OUT/tables.md), with each R@1 over the known-heading 360 degree
+R@1 of the same ranking, descriptor or re-rank (issue 16's ratios), and the photo-to-crop gaps. 32
+evaluations: about 20 min on the 2-vCPU VM for the `tiny` config (and about 4
 min for the two regions).
 """
 from __future__ import annotations
@@ -37,20 +38,22 @@ KIND_LABELS = {"photos": "photos, level", "photos_est": "photos, tilt estimated"
                "crops": "crops"}
 
 
-def cells() -> list[tuple[str, list[str]]]:
-    """(cell name, model.evaluate arguments) of every table cell."""
+def cells(tile_phases: int = 1) -> list[tuple[str, list[str]]]:
+    """(cell name, model.evaluate arguments) of every table cell; the unknown-heading ones meet the tiles at
+    ``tile_phases`` sub-column phases (model.evaluate --tile-phases)."""
     out = []
+    phased = ["--tile-phases", str(tile_phases)] if tile_phases > 1 else []
     for fov in FOVS:
         for heading, methods in METHODS.items():
             for method in methods:
                 args = ["--fov", str(fov), "--heading", heading] + ([] if method == "descriptor" else ["--method", method])
-                out.append((f"{fov}_{heading}_{method}", args))
+                out.append((f"{fov}_{heading}_{method}", args + (phased if heading == "unknown" else [])))
     for kind, kind_args in KINDS.items():
         for heading, methods in METHODS.items():
             for method in methods:
                 args = ["--fov", "90", "--heading", heading, "--queries", "400"]
                 args += [] if method == "descriptor" else ["--method", method]
-                out.append((f"{kind}_{heading}_{method}", args + kind_args))
+                out.append((f"{kind}_{heading}_{method}", args + kind_args + (phased if heading == "unknown" else [])))
     return out
 
 
@@ -69,9 +72,9 @@ def ensure_world(path: Path, args: list[str]) -> None:
         raise SystemExit(f"limited_views: worldgen failed making {path} (its error above)")
 
 
-def check_reused_cells(checkpoint: Path, world: Path, out: Path) -> None:
-    """The cells already in ``out`` are reused: they must be of this checkpoint (by fingerprint) and region,
-    or their numbers would be printed as this checkpoint's."""
+def check_reused_cells(checkpoint: Path, world: Path, out: Path, tile_phases: int = 1) -> None:
+    """The cells already in ``out`` are reused: they must be of this checkpoint (by fingerprint), region and
+    tile phases, or their numbers would be printed as this checkpoint's."""
     sys.path.insert(0, str(REPO))
     from model import load_checkpoint
 
@@ -81,11 +84,14 @@ def check_reused_cells(checkpoint: Path, world: Path, out: Path) -> None:
         if (cell.get("fingerprint"), os.path.realpath(cell.get("data", ""))) != (fingerprint, os.path.realpath(world)):
             raise SystemExit(f"limited_views: {path} holds {cell.get('checkpoint')} ({cell.get('fingerprint')}) on "
                              f"{cell.get('data')}, not {checkpoint} ({fingerprint}) on {world}: use another --out")
+        if cell.get("heading") == "unknown" and cell.get("tile_phases", 1) != tile_phases:
+            raise SystemExit(f"limited_views: {path} met the tiles at {cell.get('tile_phases', 1)} phase(s), not "
+                             f"--tile-phases {tile_phases}: use another --out")
 
 
-def run_cells(checkpoint: Path, world: Path, photos: Path, out: Path) -> None:
-    check_reused_cells(checkpoint, world, out)
-    todo = [(name, args) for name, args in cells() if not (out / f"{name}.json").is_file()]
+def run_cells(checkpoint: Path, world: Path, photos: Path, out: Path, tile_phases: int = 1) -> None:
+    check_reused_cells(checkpoint, world, out, tile_phases)
+    todo = [(name, args) for name, args in cells(tile_phases) if not (out / f"{name}.json").is_file()]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     for i, (name, args) in enumerate(todo, start=1):
         started = time.perf_counter()
@@ -115,10 +121,11 @@ def tables(out: Path) -> str:
     """The two Markdown tables from the cells' JSON files in ``out``."""
     cell = {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")}
     base = cell["360_known_descriptor"]["r1"]
-    lines = ["| field of view | heading | method | R@1 | R@5 | R@10 | R@1% | x known 360 R@1 | heading error (median) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    reranked_base = cell["360_known_rerank"]["r1"]  # each ratio is to the known 360 R@1 of its own ranking
+    lines = ["| field of view | heading | method | R@1 | R@5 | R@10 | R@1% | x known 360 R@1, same ranking | "
+             "heading error (median) |", "|---|---|---|---|---|---|---|---|---|"]
     lines += [_row((fov, heading, method), cell[f"{fov}_{heading}_{method}"],
-                   cell[f"{fov}_{heading}_{method}"]["r1"] / base)
+                   cell[f"{fov}_{heading}_{method}"]["r1"] / (reranked_base if method == "rerank" else base))
               for fov in FOVS for heading, methods in METHODS.items() for method in methods]
     lines += ["", "| 90 degree queries (400) | heading | method | R@1 | R@5 | R@10 | R@1% | heading error (median) |",
               "|---|---|---|---|---|---|---|---|"]
@@ -128,9 +135,11 @@ def tables(out: Path) -> str:
     gaps = [f"{how} known {gap(kind, 'known'):.2f} / unknown {gap(kind, 'unknown'):.2f}"
             for kind, how in (("photos", "placed level"), ("photos_est", "tilt estimated"),
                               ("photos_tilt", "tilt given"))]
-    ratios = [f"{fov} {cell[f'{fov}_unknown_rerank']['r1'] / base:.2f}" for fov in (360, 180, 90)]
+    ratios = lambda known: ", ".join(f"{fov} {cell[f'{fov}_unknown_rerank']['r1'] / known:.2f}"  # noqa: E731
+                                     for fov in (360, 180, 90))
     lines += ["", f"Re-ranked photos trail crops by (points): {'; '.join(gaps)} (issue 16: at most 5).",
-              f"Unknown heading re-ranked, x known 360 descriptor R@1 ({100 * base:.2f}): {', '.join(ratios)} "
+              f"Unknown heading re-ranked, x known 360 re-ranked R@1 ({100 * reranked_base:.2f}): "
+              f"{ratios(reranked_base)}; x known 360 descriptor R@1 ({100 * base:.2f}): {ratios(base)} "
               "(issue 16: 0.90 / 0.60 / 0.30)."]
     return "\n".join(lines) + "\n"
 
@@ -143,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--world", type=Path, default=Path("data/eval_world"), help="unseen region (made if missing)")
     parser.add_argument("--photos", type=Path, default=Path("data/eval_photos90"),
                         help="its phone-mode photos (made if missing)")
+    parser.add_argument("--tile-phases", type=int, default=1, choices=range(1, 17), metavar="P",
+                        help="the unknown-heading cells meet the tiles' columns at P sub-column phases "
+                             "(model.evaluate --tile-phases; default 1)")
     parser.add_argument("--tables-only", action="store_true", help="print the tables of the cells already in --out")
     args = parser.parse_args(argv)
     if not args.tables_only:
@@ -151,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         ensure_world(args.world, REGION)
         ensure_world(args.photos, PHOTOS)
-        run_cells(args.checkpoint.resolve(), args.world.resolve(), args.photos.resolve(), args.out)
+        run_cells(args.checkpoint.resolve(), args.world.resolve(), args.photos.resolve(), args.out, args.tile_phases)
     missing = [name for name, _ in cells() if not (args.out / f"{name}.json").is_file()]
     if missing:
         print(f"limited_views: {len(missing)} cell(s) missing in {args.out}: {', '.join(missing)}", file=sys.stderr)

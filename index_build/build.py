@@ -33,7 +33,7 @@ log = logging.getLogger("index_build")
 # Plan keys that must match for --resume to reuse a work dir. tiling_sha256: a raster cut again into the
 # same grid writes the same tiles.csv over other images, and a new tiling.json.
 PLAN_IDENTITY = ("kind", "catalog_sha256", "source", "count", "shard_size", "model_fingerprint",
-                 "extra_columns", "base_version", "first_shard_index", "tiling_sha256")
+                 "extra_columns", "base_version", "first_shard_index", "tiling_sha256", "tile_phases")
 ADDED_PLAN_KEYS = ("tiling_sha256",)  # a plan written before them lacks them: not a difference
 
 
@@ -89,6 +89,7 @@ class BuildOptions:
     ray_gpus_per_actor: float | None = None
     ray_decode_threads: int = 2
     report_path: str | None = None         # where the full validation report goes (default: beside --out)
+    tile_phases: int = 1                   # the orientation columns at this many sub-column phases (add: the base's)
     # test/bench hook: called with each finished shard's sidecar (never used by the CLI)
     on_shard_written: Callable[[dict], None] | None = None
 
@@ -208,7 +209,7 @@ def views_checkpoint_note(net, tiling: dict | None) -> str | None:
             "a median 273 m against 5 m; docs/INDEX_BUILD.md)")
 
 
-def _load_model(opts):
+def _load_model(opts, tile_phases: int = 1):
     from model import load_checkpoint
     from model.encode import pick_device
     from model.inference import InferenceEncoder
@@ -218,7 +219,21 @@ def _load_model(opts):
     model = load_checkpoint(opts.checkpoint, config=opts.model_config)
     fingerprint = model.fingerprint()
     log.info("model %r: %d-d embeddings, fingerprint %s", model.config.name, model.embedding_dim, fingerprint)
-    return InferenceEncoder(model, device, branches=("aerial",)), device, fingerprint
+    return InferenceEncoder(model, device, branches=("aerial",), tile_phases=tile_phases), device, fingerprint
+
+
+def _check_tile_phases(model, phases: int, checkpoint: str) -> None:
+    """--tile-phases needs an orientation head, and tiles whose pixel columns split into that many phases
+    of each token column (model.orientation.phase_columns); checked before anything is encoded."""
+    if phases == 1:
+        return
+    if model.column_shape is None:
+        raise BuildError(f"--tile-phases {phases}: {checkpoint} has no orientation head to give the tiles "
+                         "columns at phases (python -m model.orientation)")
+    width_px, width = model.config.aerial_size[1], model.config.column_shape()[0]
+    if width_px % (width * phases):
+        raise BuildError(f"--tile-phases {phases}: the model's {width_px}-pixel polar tiles do not split into "
+                         f"{phases} phases of each of its {width} columns (try a divisor of {width_px // width})")
 
 
 def index_spec(opts: BuildOptions, count: int, dim: int) -> IndexSpec:
@@ -265,7 +280,7 @@ def _encode_pending(opts, layout: ArtifactLayout, plan: dict, model, device, fin
     work = layout.work
     vdir = vectors_dir(work)
     spans = spans_from_plan(plan)
-    columns = model.config.column_shape()
+    columns = model.column_shape
     todo = [s for s in spans if read_finished_shard(vdir, s, fingerprint, columns) is None]
     records, _extra = read_tiles_csv(os.path.join(work, CATALOG_FILE))
     if len(records) != plan["count"]:
@@ -296,7 +311,8 @@ def _run_encoder(opts, work: str, vdir: str, todo: list[ShardSpan], records: lis
             spans=todo, total_rows=sum(len(s) for s in todo), batch_size=opts.batch_size,
             skip_bad=opts.skip_bad, device=opts.device, actors=opts.ray_actors,
             cpus_per_actor=opts.ray_cpus_per_actor, gpus_per_actor=opts.ray_gpus_per_actor,
-            decode_threads=opts.ray_decode_threads, address=opts.ray_address, progress=opts.progress)
+            decode_threads=opts.ray_decode_threads, address=opts.ray_address, progress=opts.progress,
+            tile_phases=model.tile_phases)
     if opts.engine == "local":
         from index_build.encode_local import encode_shards_local
 
@@ -359,8 +375,8 @@ def _checksums(work: str, index_sha256: str) -> dict:
 ORIENTATION_BLOCK_ROWS = 16_384
 
 
-def _write_orientation(directory: str, count: int, columns: tuple[int, int], blocks) -> dict:
-    """Write `directory`/orientation.npy (float16 [count, Wg, C]) from `blocks` of rows in tile order;
+def _write_orientation(directory: str, count: int, columns: tuple[int, int], blocks, phases: int = 1) -> dict:
+    """Write `directory`/orientation.npy (float16 [count, phases * Wg, C]) from `blocks` of rows in tile order;
     returns the manifest's "orientation" entry."""
     path = os.path.join(directory, ORIENTATION_FILE)
     try:
@@ -368,7 +384,7 @@ def _write_orientation(directory: str, count: int, columns: tuple[int, int], blo
     except ValueError as exc:
         raise BuildError(f"orientation columns do not line up with the tiles: {exc}") from None
     return {"file": ORIENTATION_FILE, "columns": int(columns[0]), "dim": int(columns[1]),
-            "dtype": np.dtype(COLUMNS_DTYPE).name, "sha256": sha256}
+            "dtype": np.dtype(COLUMNS_DTYPE).name, "sha256": sha256, **({"phases": phases} if phases > 1 else {})}
 
 
 def _shard_column_blocks(vdir: str, spans: list[ShardSpan]):
@@ -377,11 +393,13 @@ def _shard_column_blocks(vdir: str, spans: list[ShardSpan]):
 
 
 def _open_published_columns(live: str, base: dict) -> np.ndarray:
-    """A published artifact's orientation.npy, memory-mapped, checked against its manifest."""
+    """A published artifact's orientation.npy [count, columns, dim] as stored (the phases side by side),
+    memory-mapped, checked against its manifest."""
     try:
         stored = read_orientation(live, base)
     except ArtifactError as exc:
         raise BuildError(str(exc)) from None
+    stored = stored.reshape(len(stored), -1, stored.shape[-1])
     if stored.dtype != COLUMNS_DTYPE:
         raise BuildError(f"{os.path.join(live, base['orientation'].get('file', ORIENTATION_FILE))}: holds "
                          f"{stored.dtype}, manifest.json says {np.dtype(COLUMNS_DTYPE).name}")
@@ -515,8 +533,9 @@ def run_build(opts: BuildOptions) -> BuildResult:
             return result
 
         t0 = time.perf_counter()
-        model, device, fingerprint = _load_model(opts)
+        model, device, fingerprint = _load_model(opts, opts.tile_phases)
         result.timings["model_load_s"] = round(time.perf_counter() - t0, 3)
+        _check_tile_phases(model, opts.tile_phases, opts.checkpoint)
         index_spec(opts, len(catalogue), model.embedding_dim)  # a bad --nlist or --pq-m stops before encoding
         t_encode_stage = time.perf_counter()
         plan = {
@@ -526,6 +545,7 @@ def run_build(opts: BuildOptions) -> BuildResult:
             "checkpoint": os.path.abspath(opts.checkpoint), "created_at": utc_now_iso(),
             "catalog_lines": CatalogueLines.of_records(catalogue.records).to_json(),
             "tiling": catalogue_tiling(opts.catalog), "tiling_sha256": tiling_sha256(opts.catalog),
+            **({"tile_phases": opts.tile_phases} if opts.tile_phases > 1 and model.column_shape else {}),
         }
         note = views_checkpoint_note(model.net, plan["tiling"])
         if note:
@@ -556,7 +576,7 @@ def _finish_build(opts: BuildOptions, layout: ArtifactLayout, plan: dict, model,
     work = layout.work
     vdir = vectors_dir(work)
     spans = spans_from_plan(plan)
-    columns = model.config.column_shape()
+    columns = model.column_shape
     shard_entries, skipped = _shard_entries(vdir, spans, fingerprint, plan, columns)
     records, extra = read_tiles_csv(os.path.join(work, CATALOG_FILE))
     skipped_rows = {s["row"] for s in skipped}
@@ -576,7 +596,8 @@ def _finish_build(opts: BuildOptions, layout: ArtifactLayout, plan: dict, model,
     checksums = _checksums(work, _write_index(index, os.path.join(work, INDEX_FILE)))
     orientation = {}
     if columns is not None:
-        orientation["orientation"] = _write_orientation(work, n, columns, _shard_column_blocks(vdir, spans))
+        orientation["orientation"] = _write_orientation(work, n, columns, _shard_column_blocks(vdir, spans),
+                                                        plan.get("tile_phases", 1))
     result.count, result.skipped = n, len(skipped)
     if skipped:
         log.warning("%d unreadable tile image(s) skipped (listed in manifest.json under 'skipped')", len(skipped))
@@ -640,14 +661,15 @@ def run_add(opts: AddOptions) -> BuildResult:
         if opts.stop_after == "validate":
             return result
         t0 = time.perf_counter()
-        model, device, fingerprint = _load_model(opts)
+        phases = (base.get("orientation") or {}).get("phases", 1)  # the new tiles' columns as the base's
+        model, device, fingerprint = _load_model(opts, phases)
         result.timings["model_load_s"] = round(time.perf_counter() - t0, 3)
         t_encode_stage = time.perf_counter()
         if fingerprint != base["model_fingerprint"]:
             raise BuildError(f"model fingerprint {fingerprint} ({opts.checkpoint}) differs from the artifact's "
                              f"{base['model_fingerprint']}; vectors from different models cannot share an index. "
                              f"Rebuild the whole artifact with `build` instead.")
-        columns = model.config.column_shape()
+        columns = model.column_shape
         _check_add_orientation(base, live, columns, opts.checkpoint)
         tiling = catalogue_tiling(opts.catalog)
         if tiling and base.get("tile_m") is not None and tiling["tile_m"] != base["tile_m"]:
@@ -700,7 +722,7 @@ def run_add(opts: AddOptions) -> BuildResult:
         if columns is not None:
             base_rows = _row_blocks(_open_published_columns(live, base))
             orientation["orientation"] = _write_orientation(
-                work, count, columns, itertools.chain(base_rows, _shard_column_blocks(vdir, spans)))
+                work, count, columns, itertools.chain(base_rows, _shard_column_blocks(vdir, spans)), phases)
         if base["index_type"] != "flat" and added > base["count"]:
             log.warning("added %d tiles to an index trained on %d; recall may drop - consider a full `build`",
                         added, base["count"])

@@ -35,9 +35,10 @@ class PathTable:
         return self.blob[self.offsets[i]:self.offsets[i + 1]].tobytes().decode("utf-8", "surrogateescape")
 
 
-def no_columns(config) -> np.ndarray | None:
-    """The column features of zero tiles: [0, Wg, C] float32, or None without an orientation head."""
-    shape = config.column_shape()
+def no_columns(encoder) -> np.ndarray | None:
+    """The column features of zero tiles: [0, columns, C] float32 (model.inference.InferenceEncoder.column_shape),
+    or None without an orientation head."""
+    shape = encoder.column_shape
     return None if shape is None else np.zeros((0, *shape), np.float32)
 
 

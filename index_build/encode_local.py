@@ -67,7 +67,7 @@ def _encode_good(model, rows, batch: torch.Tensor, errors: list[str], device, sk
     if keep and (skip_bad or len(keep) == len(rows)):
         vectors, columns = model.encode_uint8_with_columns(batch, "aerial")
     else:
-        vectors, columns = np.zeros((0, model.embedding_dim), np.float32), no_columns(model.config)
+        vectors, columns = np.zeros((0, model.embedding_dim), np.float32), no_columns(model)
     return EncodedBatch(list(rows), vectors, list(errors), columns)
 
 

@@ -70,7 +70,8 @@ class ShardEncoder:
     """Ray Data callable class: one model per actor; each call encodes and writes whole shards."""
 
     def __init__(self, checkpoint: str, model_config: str | None, fingerprint: str, work: str,
-                 batch_size: int, skip_bad: bool, device: str, decode_threads: int, torch_threads: int):
+                 batch_size: int, skip_bad: bool, device: str, decode_threads: int, torch_threads: int,
+                 tile_phases: int = 1):
         import torch
 
         from model import load_checkpoint
@@ -84,7 +85,7 @@ class ShardEncoder:
         if got != fingerprint:
             raise RuntimeError(f"{checkpoint} on this node has fingerprint {got}, the build expects {fingerprint}")
         self.device = pick_device(device)
-        self.model = InferenceEncoder(model, self.device, branches=("aerial",))
+        self.model = InferenceEncoder(model, self.device, branches=("aerial",), tile_phases=tile_phases)
         self.fingerprint = fingerprint
         self.work = work
         self.catalog = os.path.join(work, "catalog.csv")
@@ -128,7 +129,7 @@ class ShardEncoder:
                     "error": json.dumps([b.to_json() for b in bad_tiles]), "bad": len(bad_tiles)}
         skipped = [b.to_json() for b in bad_tiles]
         vectors = np.concatenate(parts) if parts else np.zeros((0, self.model.embedding_dim), np.float32)
-        columns = np.concatenate(column_parts) if column_parts else no_columns(self.model.config)
+        columns = np.concatenate(column_parts) if column_parts else no_columns(self.model)
         write_shard(self.vdir, span, vectors, skipped, self.fingerprint, time.perf_counter() - t0, "ray",
                     columns=columns)
         return {"shard": span.index, "rows": int(vectors.shape[0]), "skipped": len(skipped),
@@ -144,7 +145,8 @@ class ShardEncoder:
 def encode_shards_ray(*, checkpoint: str, model_config: str | None, fingerprint: str, work: str,
                       spans: Sequence[ShardSpan], total_rows: int, batch_size: int, skip_bad: bool,
                       device: str, actors: int, cpus_per_actor: float, gpus_per_actor: float | None,
-                      decode_threads: int, address: str | None, progress: bool = True) -> EncodeStats:
+                      decode_threads: int, address: str | None, progress: bool = True,
+                      tile_phases: int = 1) -> EncodeStats:
     import ray
 
     from index_build.progress import TileProgress
@@ -176,7 +178,7 @@ def encode_shards_ray(*, checkpoint: str, model_config: str | None, fingerprint:
                                        fingerprint=fingerprint, work=os.path.abspath(work),
                                        batch_size=batch_size, skip_bad=skip_bad, device=device,
                                        decode_threads=decode_threads,
-                                       torch_threads=max(1, int(cpus_per_actor))),
+                                       torch_threads=max(1, int(cpus_per_actor)), tile_phases=tile_phases),
             batch_size=1,
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=actors),

@@ -154,9 +154,10 @@ def run_verify(artifact: str, checkpoint: str, *, sample: int = 64, seed: int = 
         problems.append(f"model fingerprint {fingerprint} != artifact's {manifest['model_fingerprint']}")
         report.update(ok=False, problems=problems)
         return report
-    model = InferenceEncoder(model, dev, branches=("aerial",))
-    columns = model.config.column_shape()
     entry = manifest.get("orientation")
+    phases = (entry or {}).get("phases", 1)  # re-encoded at the artifact's own tile phases
+    model = InferenceEncoder(model, dev, branches=("aerial",), tile_phases=phases if isinstance(phases, int) else 1)
+    columns = model.column_shape
     if entry is not None and (entry.get("columns"), entry.get("dim")) != (columns or (None, None)):
         has = f"{columns[0]} x {columns[1]} columns" if columns else "no orientation head"
         problems.append(f"manifest.json: orientation columns {entry.get('columns')} x {entry.get('dim')}, "
@@ -220,6 +221,7 @@ def _compare_columns(fresh: np.ndarray, stored_all: np.ndarray, rows: np.ndarray
     """Per column, the cosine between re-encoded columns [k, Wg, C] and the stored float16 ones of
     the same tiles; every column of every sampled tile must reach 1 - tol - FLOAT16_COSINE_LOSS."""
     stored = np.asarray(stored_all[rows], dtype=np.float32)
+    stored = stored.reshape(len(stored), -1, stored.shape[-1])  # tile phases side by side, as re-encoded
     norms = np.linalg.norm(stored, axis=2)
     cosine = np.sum(fresh * stored, axis=2) / np.maximum(norms, np.finfo(np.float32).tiny)
     limit = tol + FLOAT16_COSINE_LOSS

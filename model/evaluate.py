@@ -52,7 +52,7 @@ def evaluate(checkpoint: Path, data: Path, dataset: str = "synthetic", split: st
              heading: str = "known", rotations: int = 16, method: str = "head", seed: int = 0,
              photos: Path | None = None, queries: int = 0, ambiguity_margin: float = 0.02,
              tile_m: float = TILE_FOOTPRINT_M, rerank_k: int | None = None, rerank_weight: float | None = None,
-             photo_tilt: bool | str = False) -> dict:
+             photo_tilt: bool | str = False, tile_phases: int = 1) -> dict:
     """Retrieval of the split's panoramas (or, with ``photos``, of a perspective world's photos
     of the same places) against its aerial tiles. ``fov`` < 360 keeps that much of each panorama
     around a random heading; ``heading="unknown"`` searches the heading over ``rotations`` turns of
@@ -63,7 +63,9 @@ def evaluate(checkpoint: Path, data: Path, dataset: str = "synthetic", split: st
     e.g. for a perspective world rendered with `worldgen --panoramas N`; ``photo_tilt``: its photos are
     placed with their cameras' true pitch and roll instead of level ("estimated": with the tilt
     `model.preprocess.estimate_photo_tilt` finds, as the service places a photo sent without one).
-    ``tile_m``: the tiles' footprint, for the refined position (model.metrics.refine_position)."""
+    ``tile_phases``: with an unknown heading, the orientation head meets the tiles at that many sub-column
+    phases (model.orientation.phase_columns). ``tile_m``: the tiles' footprint, for the refined position
+    (model.metrics.refine_position)."""
     if heading not in HEADING_MODES or method not in METHODS:
         raise ValueError(f"heading must be one of {HEADING_MODES} and method one of {METHODS}")
     if photo_tilt and photos is None:
@@ -94,7 +96,8 @@ def evaluate(checkpoint: Path, data: Path, dataset: str = "synthetic", split: st
         result.update(evaluate_views(model, arrays, records, dev, fov=fov, heading=heading, rotations=rotations,
                                      method=method, seed=seed, photos=photos, queries=queries,
                                      ambiguity_margin=ambiguity_margin, tile_m=tile_m, rerank_k=rerank_k,
-                                     rerank_weight=rerank_weight, photo_tilt=photo_tilt))
+                                     rerank_weight=rerank_weight, photo_tilt=photo_tilt,
+                                     tile_phases=tile_phases))
     if arrays.latlon is not None and plain:
         result["localization"] = localization_error(ground, aerial, arrays.latlon, arrays.latlon)
     if plot is not None and plain:
@@ -112,12 +115,13 @@ def uses_head(method: str, heading: str) -> bool:
 def evaluate_views(model, arrays, records, device, *, fov: float, heading: str, rotations: int, method: str,
                    seed: int, photos: Path | None, queries: int = 0, ambiguity_margin: float = 0.02,
                    tile_m: float = TILE_FOOTPRINT_M, rerank_k: int | None = None,
-                   rerank_weight: float | None = None, photo_tilt: bool | str = False) -> dict:
+                   rerank_weight: float | None = None, photo_tilt: bool | str = False, tile_phases: int = 1) -> dict:
     """Recalls (and heading errors) of limited-field-of-view or unknown-heading queries: panorama crops
-    of ``fov`` degrees around a random heading, or the photos of a perspective world."""
+    of ``fov`` degrees around a random heading, or the photos of a perspective world. A known heading
+    places the view where its columns meet the tiles' at phase 0: ``tile_phases`` is for unknown ones."""
     from .inference import InferenceEncoder
     from .metrics import count_closer_scores, recall_from_counts
-    from .orientation import RERANK_CANDIDATES, RERANK_WEIGHT, shift_scores
+    from .orientation import RERANK_CANDIDATES, RERANK_WEIGHT, alignment_scores, phase_columns
     from .views import (angle_difference, describe_rotations, limit_fov, match_over_rotations, refine_heading,
                         rotate_view)
 
@@ -146,9 +150,14 @@ def evaluate_views(model, arrays, records, device, *, fov: float, heading: str, 
     elif by_head:  # one descriptor each; the heading from the columns of the best tile
         queries, query_columns = _encode_views(encoder, "ground", views, columns=True)
         aerial, aerial_columns = _encode_views(encoder, "aerial", arrays.aerial, columns=True)
+        if heading == "unknown" and tile_phases > 1:
+            aerial_columns = phase_columns(lambda v: _encode_views(encoder, "aerial", v, columns=True)[1],
+                                           arrays.aerial, tile_phases, first=aerial_columns)
+            out["tile_phases"] = tile_phases
         scores = queries @ aerial.T
         valid = _view_columns(views, query_columns.shape[1])
-        per_rotation = lambda i, j: shift_scores(query_columns[i:i + 1], aerial_columns[j], valid[i:i + 1])[0]  # noqa: E731
+        per_rotation = lambda i, j: alignment_scores(  # noqa: E731
+            query_columns[i], aerial_columns[j:j + 1], valid[i])[0]
         if method == "rerank":
             k = RERANK_CANDIDATES if rerank_k is None else rerank_k
             weight = RERANK_WEIGHT if rerank_weight is None else rerank_weight
@@ -515,6 +524,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--rerank-weight", type=number(0, 1),
                    help="share of the column alignment in --method rerank's score "
                         "(default: model.orientation.RERANK_WEIGHT)")
+    v.add_argument("--tile-phases", type=positive_int, default=1,
+                   help="with --heading unknown and the orientation head: meet the tiles' columns at this many "
+                        "sub-column phases (each a polar tile encoded again, turned by 1/N of a token column; "
+                        "model.orientation.phase_columns); 1: as the tiles are")
     v.add_argument("--seed", type=non_negative_int, default=0, help="seed of the random headings of the crops")
     v.add_argument("--ambiguity-margin", type=number(0), default=0.02,
                    help="report how answers whose best match beats the best one 150 m away by less are right")
@@ -556,6 +569,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.index is None and (args.near_radius_m or args.save_scores or args.temperature is not None):
         parser.error("--near-radius-m, --temperature and --save-scores need --index")
+    if args.tile_phases > 1 and (args.index is not None or args.heading != "unknown"
+                                 or not uses_head(args.method, args.heading)):
+        parser.error("--tile-phases needs --heading unknown with --method head or rerank (and no --index)")
     if args.index is not None:
         from .orientation import RERANK_CANDIDATES
 
@@ -582,7 +598,8 @@ def main(argv: list[str] | None = None) -> int:
                           method=args.method, seed=args.seed, photos=args.photos, queries=args.queries,
                           ambiguity_margin=args.ambiguity_margin, tile_m=args.tile_m or TILE_FOOTPRINT_M,
                           rerank_k=args.rerank_k, rerank_weight=args.rerank_weight,
-                          photo_tilt={None: False, "true": True}.get(args.photo_tilt, args.photo_tilt))
+                          photo_tilt={None: False, "true": True}.get(args.photo_tilt, args.photo_tilt),
+                          tile_phases=args.tile_phases)
     except (CheckpointError, ConfigError, TrainingError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -168,12 +168,19 @@ def read_faiss_index(directory: str | Path, manifest: dict):
 
 def read_orientation(directory: str | Path, manifest: dict,
                      column_shape: tuple[int, int] | None = None) -> np.ndarray | None:
-    """The tiles' orientation features [count, columns, dim] (memory-mapped), when the manifest lists them;
-    with ``column_shape``, the (columns, dim) of the model's own column features, which they must match."""
+    """The tiles' orientation features (memory-mapped), when the manifest lists them: [count, columns, dim],
+    or [count, phases, columns / phases, dim] for tiles encoded at sub-column phases (index_build build
+    --tile-phases; model.orientation.phase_columns); with ``column_shape``, the (columns, dim) of the model's
+    own column features, which each phase must match."""
     entry = manifest.get("orientation")
     if not entry:
         return None
     path = Path(directory) / str(entry.get("file", ORIENTATION_FILE))
+    phases = entry.get("phases", 1)
+    columns_given = entry.get("columns")
+    if not isinstance(phases, int) or phases < 1 or (isinstance(columns_given, int) and columns_given % phases):
+        raise ArtifactError(f"{Path(directory) / MANIFEST_FILE}: orientation phases {phases!r} do not divide its "
+                            f"{entry.get('columns')!r} columns")
     try:
         columns = np.load(path, mmap_mode="r")
     except FileNotFoundError:
@@ -184,11 +191,13 @@ def read_orientation(directory: str | Path, manifest: dict,
     if list(columns.shape) != expected:
         raise ArtifactError(f"{path}: shape {list(columns.shape)}, manifest.json says {expected} "
                             "(count, orientation columns, dim)")
-    if column_shape is not None and columns.shape[1:] != tuple(column_shape):
-        raise ArtifactError(f"{path}: orientation features of {list(columns.shape[1:])} (columns, dim), the "
+    per_phase = (columns.shape[1] // phases, columns.shape[2])
+    if column_shape is not None and per_phase != tuple(column_shape):
+        raise ArtifactError(f"{path}: orientation features of {list(per_phase)} (columns, dim)"
+                            f"{f' at each of {phases} phases' if phases > 1 else ''}, the "
                             f"model's orientation head gives {list(column_shape)}; rebuild the index with this "
                             "checkpoint (python -m index_build build ...)")
-    return columns
+    return columns if phases == 1 else columns.reshape(len(columns), phases, *per_phase)
 
 
 def iter_vector_shards(directory: str | Path, manifest: dict) -> Iterator[tuple[dict, np.ndarray]]:

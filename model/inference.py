@@ -45,11 +45,14 @@ class InferenceEncoder:
     not queue for it. A trace holds its own copy of the weights, taken here: the network must not
     change afterwards. On CUDA the network runs eagerly in channels_last with bf16 autocast. Where
     the network has an orientation head (model.orientation), `encode_uint8_with_columns` also gives
-    each image's column features."""
+    each image's column features, the aerial ones at ``tile_phases`` sub-column phases."""
 
     def __init__(self, net: L2LTR, device: torch.device | str = "cpu", *,
                  branches: tuple[str, ...] = BRANCHES, trace: bool | None = None,
-                 warm_up: int = 2) -> None:
+                 warm_up: int = 2, tile_phases: int = 1) -> None:
+        if tile_phases < 1:
+            raise ValueError(f"tile_phases must be at least 1, got {tile_phases}")
+        self.tile_phases = int(tile_phases)
         self.device = torch.device(device)
         self.net = net.to(self.device).eval()
         self.config = net.config
@@ -70,6 +73,13 @@ class InferenceEncoder:
     @property
     def embedding_dim(self) -> int:
         return self.net.embedding_dim
+
+    @property
+    def column_shape(self) -> tuple[int, int] | None:
+        """(columns, dim) of the aerial column features this encoder gives (an index artifact stores them):
+        the config's `column_shape` with the columns of every tile phase side by side; None without a head."""
+        shape = self.config.column_shape()
+        return None if shape is None else (self.tile_phases * shape[0], shape[1])
 
     def input_size(self, branch: str) -> tuple[int, int]:
         return self.config.ground_size if branch == "ground" else self.config.aerial_size
@@ -106,9 +116,23 @@ class InferenceEncoder:
         return self.encode_uint8_with_columns(images, branch, max_batch, columns=False)[0]
 
     def encode_uint8_with_columns(self, images: torch.Tensor, branch: str, max_batch: int | None = None,
-                                  columns: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+                                  columns: bool = True,
+                                  phases: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """As `encode_uint8`, plus the orientation head's column features [n, Wg, C] (None where the
-        network has no head)."""
+        network has no head); with ``phases`` > 1 (default: ``tile_phases`` for the aerial branch, else 1),
+        at that many sub-column phases, [n, phases * Wg, C], phase by phase (model.orientation.phase_columns:
+        each phase is one more forward of the images)."""
+        phases = (self.tile_phases if branch == "aerial" else 1) if phases is None else phases
+        if phases > 1 and columns:
+            from .orientation import phase_columns
+
+            rows, cols = self.encode_uint8_with_columns(images, branch, max_batch, phases=1)
+            if cols is None:
+                return rows, None
+            encode_columns = lambda turned: self.encode_uint8_with_columns(  # noqa: E731
+                turned, branch, max_batch, phases=1)[1]
+            phased = phase_columns(encode_columns, images, phases, first=cols, width_axis=3)
+            return rows, np.ascontiguousarray(phased.reshape(len(cols), -1, cols.shape[-1]))
         n = int(images.shape[0])
         step = max_batch or n or 1
         parts = [self._forward(normalize_uint8_nchw(images[i:i + step]), branch, columns) for i in range(0, n, step)]

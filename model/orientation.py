@@ -110,9 +110,18 @@ def heading_targets(headings_deg: np.ndarray, width: int) -> np.ndarray:
 
 def alignment_scores(view_columns: np.ndarray, tile_columns: np.ndarray, seen: np.ndarray | None = None) -> np.ndarray:
     """One view's column features [W, C] against several tiles' [K, W, C] (its seen pixel columns
-    ``seen`` [W * 16] or token columns [W], None: all) -> [K, W]: `shift_scores` of the view at each tile."""
+    ``seen`` [W * 16] or token columns [W], None: all) -> [K, W]: `shift_scores` of the view at each tile.
+    Tiles encoded at P sub-column phases (`phase_columns`, [K, P, W, C]) give [K, W * P]: the scores at
+    headings 360 / (W * P) degrees apart, the best over the phases and shifts still at the view's heading."""
     width = view_columns.shape[0]
     tiles = np.asarray(tile_columns, dtype=np.float32)
+    if tiles.ndim == 4:  # phase p is the tile turned by p / P of a column: shift s there is heading s - p / P
+        k, phases = tiles.shape[:2]
+        per_phase = alignment_scores(view_columns, tiles.reshape(k * phases, *tiles.shape[2:]), seen)
+        fine = np.empty((k, width * phases), per_phase.dtype)
+        for p in range(phases):
+            fine[:, (np.arange(width) * phases - p) % (width * phases)] = per_phase[p::phases]
+        return fine
     if tiles.ndim != 3 or tiles.shape[1:] != np.shape(view_columns):
         raise ValueError(f"tile columns must be [K, {width}, {np.shape(view_columns)[-1]}] like the view's "
                          f"{np.shape(view_columns)}, got {tiles.shape}")
@@ -124,6 +133,31 @@ def alignment_scores(view_columns: np.ndarray, tile_columns: np.ndarray, seen: n
         valid = seen_token_columns(seen, width) if seen.size != width else seen
     views = np.broadcast_to(np.asarray(view_columns, dtype=np.float32), tiles.shape)
     return shift_scores(views, tiles, None if valid is None else np.broadcast_to(valid, tiles.shape[:2]))
+
+
+def phase_columns(encode_columns, polar_tiles, phases: int, first: np.ndarray | None = None,
+                  width_axis: int = 2) -> np.ndarray:
+    """Column features of polar tiles (uint8 [N, H, W_px, 3], or any layout whose pixel columns are on
+    ``width_axis``; a numpy array or a torch tensor) at ``phases`` sub-column phases -> [N, P, W, C]:
+    phase p is the tile turned by p / P of a token column (its polar image rolled by p * W_px / (W * P)
+    pixels). A view of unknown heading meets its tile's columns at any fraction of a column; a tile
+    seen at a phase near that fraction aligns better (bench/RESULTS.md, "Sub-column phases").
+    ``encode_columns``: tiles -> their column features [N, W, C]; ``first``: phase 0's, if known."""
+    first = np.asarray(encode_columns(polar_tiles) if first is None else first)
+    if phases == 1:
+        return first[:, None]
+    width_px, width = polar_tiles.shape[width_axis], first.shape[1]
+    step, rest = divmod(width_px, width * phases)
+    if rest or step == 0:
+        raise ValueError(f"{phases} phases of a {width}-column view need its {width_px} pixels to be a "
+                         f"multiple of {width * phases}")
+
+    def turned(p: int):
+        if isinstance(polar_tiles, torch.Tensor):
+            return torch.roll(polar_tiles, p * step, dims=width_axis)
+        return np.roll(polar_tiles, p * step, axis=width_axis)
+
+    return np.stack([first, *(np.asarray(encode_columns(turned(p))) for p in range(1, phases))], axis=1)
 
 
 def estimate_headings(view_columns: np.ndarray, tile_columns: np.ndarray, seen: np.ndarray | None = None) -> np.ndarray:

@@ -95,7 +95,8 @@ class ServedIndex:
     lon: np.ndarray
     sources: list[str]
     row_of: dict[str, int] = field(repr=False)
-    orientation: np.ndarray | None = field(default=None, repr=False)  # [count, columns, dim] float16
+    # [count, columns, dim] float16, or [count, phases, columns, dim] (index_build build --tile-phases)
+    orientation: np.ndarray | None = field(default=None, repr=False)
     gpu_resources: object = field(default=None, repr=False)  # must outlive a GPU index
     # FAISS GPU indexes must not be searched from several threads at once; CPU ones may be
     search_lock: contextlib.AbstractContextManager = field(default_factory=contextlib.nullcontext, repr=False)
@@ -113,11 +114,13 @@ class ServedIndex:
         return self.info.generation
 
     def answer(self, vectors: np.ndarray, columns: np.ndarray | None, seen: np.ndarray, ks: list[int],
-               near: list[Near | None] | None = None) -> list[Answer | Exception]:
+               near: list[Near | None] | None = None, headed: list[bool] | None = None) -> list[Answer | Exception]:
         """Each query row's top ``ks[i]`` tiles, best first, with the view's heading at each tile where
         both the model (``columns``: the view's column features [n, W, C]; ``seen`` [n, pixel
         columns] what each view covers) and this index have orientation features. A row with a
-        prior in ``near`` is searched exactly among the tiles within its radius only. With both column
+        prior in ``near`` is searched exactly among the tiles within its radius only. A view placed at a
+        given heading (``headed``) meets tiles stored at sub-column phases at phase 0, where its columns
+        fall; one whose heading is searched, at every phase. With both column
         features, the best RERANK_CANDIDATES (or k) tiles are re-ranked by descriptor and column alignment
         (model.orientation.rerank): their scores are then the combined ones. Each row looks at as many
         candidates as it would alone, whatever its batch-mates ask for. A row whose answer fails gets
@@ -129,6 +132,7 @@ class ServedIndex:
         looked_at = [min(max(max(k, CANDIDATES) * self.views_per_tile, RERANK_CANDIDATES if oriented else 0), most)
                      for k in ks]
         near = near or [None] * len(vectors)
+        headed = headed or [False] * len(vectors)
         free = [i for i, prior in enumerate(near) if prior is None]
         hits = {}
         if free:
@@ -139,13 +143,14 @@ class ServedIndex:
         for i, prior in enumerate(near):
             try:
                 answers.append(self._answer_one(vectors[i], columns[i] if oriented else None, seen[i], hits.get(i),
-                                                prior, ks[i], looked_at[i]))
+                                                prior, ks[i], looked_at[i], headed[i]))
             except Exception as exc:
                 answers.append(exc)
         return answers
 
     def _answer_one(self, vector: np.ndarray, columns: np.ndarray | None, seen: np.ndarray,
-                    hit: tuple[np.ndarray, np.ndarray] | None, prior: Near | None, k: int, n: int) -> Answer:
+                    hit: tuple[np.ndarray, np.ndarray] | None, prior: Near | None, k: int, n: int,
+                    headed: bool = False) -> Answer:
         within = None
         if prior is not None:
             rows = rows_within(self.lat, self.lon, prior.lat, prior.lon, prior.radius_m)
@@ -157,7 +162,10 @@ class ServedIndex:
         scores, rows = scores[found], rows[found]
         headings = None
         if columns is not None and len(rows):  # columns: given where the index has orientation features too
-            ranked = rerank(scores, columns, self.orientation[rows].astype(np.float32), seen)
+            tile_columns = self.orientation[rows]
+            if headed and tile_columns.ndim == 4:
+                tile_columns = tile_columns[:, 0]
+            ranked = rerank(scores, columns, tile_columns.astype(np.float32), seen)
             scores, rows, headings = ranked.scores.astype(np.float32), rows[ranked.order], ranked.headings
         best = np.arange(min(k, len(rows)))  # the ranked rows the matches show
         tiles = rows

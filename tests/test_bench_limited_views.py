@@ -24,13 +24,19 @@ def test_every_cell_has_its_evaluate_arguments():
                                                      "--photos", "{photos}", "--photo-tilt"]
     assert "--photos" not in cells["crops_known_rerank"] and "--photo-tilt" not in cells["photos_known_rerank"]
     assert cells["photos_est_unknown_rerank"][-4:] == ["--photos", "{photos}", "--photo-tilt", "estimated"]
+    assert not any("--tile-phases" in args for args in cells.values())
+    phased = dict(lv.cells(4))  # the unknown-heading cells meet the tiles at 4 phases, the known ones as they are
+    assert phased["90_unknown_rerank"] == cells["90_unknown_rerank"] + ["--tile-phases", "4"]
+    assert phased["photos_unknown_head"][-2:] == ["--tile-phases", "4"]
+    assert phased["90_known_rerank"] == cells["90_known_rerank"]
 
 
 def test_tables_ratios_and_gaps(tmp_path, capsys):
     lv = _module()
     names = [name for name, _ in lv.cells()]
     for i, name in enumerate(names):
-        r1 = {"360_known_descriptor": 0.5, "180_unknown_rerank": 0.3, "photos_known_rerank": 0.06,
+        r1 = {"360_known_descriptor": 0.5, "360_known_rerank": 0.75, "180_unknown_rerank": 0.3,
+              "photos_known_rerank": 0.06,
               "photos_tilt_known_rerank": 0.1, "crops_known_rerank": 0.125}.get(name, 0.01 * (i + 1))
         (tmp_path / f"{name}.json").write_text(json.dumps(
             {"r1": r1, "r5": 0.2, "r10": 0.3, "r1pct": 0.4,
@@ -42,8 +48,13 @@ def test_tables_ratios_and_gaps(tmp_path, capsys):
                                                                   "heading_error_median_deg": 2.0}))
     assert lv.main(["ckpt", "--out", str(tmp_path), "--tables-only"]) == 0
     text = (tmp_path / "tables.md").read_text()
-    assert "| 180 | unknown | rerank | 30.00 | 20.00 | 30.00 | 40.00 | 0.60 | 4.50 deg |" in text
-    assert "| 360 | known | descriptor | 50.00 |" in text and "x known 360 descriptor R@1 (50.00): 360 1.20, 180 0.60" in text
+    # each R@1 over the known 360 R@1 of its own ranking: re-ranked rows over the re-ranked one (75.00)
+    assert "| 180 | unknown | rerank | 30.00 | 20.00 | 30.00 | 40.00 | 0.40 | 4.50 deg |" in text
+    head = lv.json.loads((tmp_path / "180_unknown_head.json").read_text())["r1"]
+    assert f"| 180 | unknown | head | {100 * head:.2f} | 20.00 | 30.00 | 40.00 | {head / 0.5:.2f} | 4.50 deg |" in text
+    assert "| 360 | known | descriptor | 50.00 |" in text
+    assert "x known 360 re-ranked R@1 (75.00): 360 0.80, 180 0.40" in text
+    assert "x known 360 descriptor R@1 (50.00): 360 1.20, 180 0.60" in text
     assert "photos trail crops by (points): placed level known 6.50 / unknown" in text
     assert "; tilt given known 2.50 / unknown" in text and "| photos, tilt given | known | rerank | 10.00 |" in text
 
@@ -63,6 +74,12 @@ def test_cells_of_another_checkpoint_or_region_are_not_reused(tmp_path):
         (tmp_path / "out" / "360_known_descriptor.json").write_text(json.dumps({**cell, **other}))
         with pytest.raises(SystemExit, match="360_known_descriptor.json holds .*: use another --out"):
             lv.check_reused_cells(ckpt, world, tmp_path / "out")
+    unknown = {**cell, "heading": "unknown", "tile_phases": 4}  # cells of other tile phases are not reused either
+    (tmp_path / "out" / "360_known_descriptor.json").unlink()
+    (tmp_path / "out" / "90_unknown_rerank.json").write_text(json.dumps(unknown))
+    lv.check_reused_cells(ckpt, world, tmp_path / "out", tile_phases=4)
+    with pytest.raises(SystemExit, match="met the tiles at 4 phase"):
+        lv.check_reused_cells(ckpt, world, tmp_path / "out")
 
 
 def test_a_missing_region_is_made_beside_folders_that_do_not_exist_yet(tmp_path, monkeypatch):

@@ -309,6 +309,7 @@ def test_a_bad_tile_without_skip_bad_encodes_nothing_of_its_batch(ckpt):
     class CountingEncoder:  # stands in for model.inference.InferenceEncoder
         config = load_checkpoint(ckpt).config
         embedding_dim = 32
+        column_shape = None  # no orientation head
 
         def encode_uint8_with_columns(self, images, branch):
             calls.append(images)

@@ -251,3 +251,47 @@ def test_ray_engine_writes_the_same_columns(tmp_path, headed, catalogue):
     np.testing.assert_allclose(stored.astype(np.float32),
                                np.load(tmp_path / "local" / "orientation.npy").astype(np.float32),
                                atol=FLOAT16_ATOL)
+
+
+def test_tile_phases_store_every_phase_and_add_resume_and_verify_keep_them(tmp_path, headed, headless, catalogue):
+    import torch
+
+    from model import load_checkpoint
+    from model.index_artifact import read_orientation
+    from model.inference import InferenceEncoder
+    from model.preprocess import aerial_image, image_uint8, load_image
+
+    out = tmp_path / "idx"
+    assert cli_main(["build", "--catalog", str(catalogue), "--checkpoint", headed, "--out", str(out), "--workers", "0",
+                     "--batch-size", "4", "--shard-size", "10", "--device", "cpu", "--tile-phases", "4",
+                     "--quiet"]) == 0
+    m = read_manifest(str(out))
+    assert {k: m["orientation"][k] for k in ("columns", "dim", "phases")} == {"columns": 4 * COLUMNS, "dim": DIM,
+                                                                              "phases": 4}
+    stored = np.load(out / "orientation.npy").astype(np.float32)
+    assert stored.shape == (24, 4 * COLUMNS, DIM)
+    # phase p: the polar tile rolled by p / 4 of a column (16 pixels of the micro model's 128: 4 p pixels)
+    net = load_checkpoint(headed)
+    encoder = InferenceEncoder(net, "cpu", branches=("aerial",), warm_up=0)
+    images = torch.stack([image_uint8(aerial_image(load_image(p), net.config)) for p in sources(out)])
+    for p in range(4):
+        expected = encoder.encode_uint8_with_columns(torch.roll(images, 4 * p, dims=3), "aerial")[1]
+        np.testing.assert_allclose(stored[:, p * COLUMNS:(p + 1) * COLUMNS], expected, atol=FLOAT16_ATOL)
+    assert read_orientation(os.path.realpath(out), m, (COLUMNS, DIM)).shape == (24, 4, COLUMNS, DIM)
+    assert run_verify(str(out), headed, sample=24, device="cpu")["ok"]
+
+    extra = make_catalogue(tmp_path / "more", 5, prefix="m", seed=7)  # `add` encodes at the artifact's phases
+    assert run_add(opts(extra, headed, out, cls=AddOptions)).count == 29
+    added = read_manifest(str(out))["orientation"]
+    assert (added["columns"], added["phases"]) == (4 * COLUMNS, 4)
+    assert np.load(out / "orientation.npy").shape == (29, 4 * COLUMNS, DIM)
+    assert run_verify(str(out), headed, sample=29, device="cpu")["ok"]
+
+    half = tmp_path / "half"  # a build stopped after encoding resumes only at the phases it began with
+    run_build(opts(catalogue, headed, half, tile_phases=2, stop_after="encode"))
+    with pytest.raises(BuildError, match="tile_phases: 2 -> 4"):
+        run_build(opts(catalogue, headed, half, tile_phases=4, resume=True))
+    with pytest.raises(BuildError, match="has no orientation head"):
+        run_build(opts(catalogue, headless, tmp_path / "plain", tile_phases=2))
+    with pytest.raises(BuildError, match="do not split into 3 phases"):
+        run_build(opts(catalogue, headed, tmp_path / "thirds", tile_phases=3))

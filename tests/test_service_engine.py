@@ -300,6 +300,27 @@ def test_one_images_failing_answer_fails_its_job_alone(world, monkeypatch):
     assert len(free.answers[0].matches) == 3 and near.answers[0].within > 0
 
 
+def test_each_image_says_whether_it_was_placed_at_a_given_heading_to_the_index(world, monkeypatch):
+    """Batched with others, a view placed at a given heading is still answered as one (tile phases: phase 0)."""
+    import service.artifact as artifact
+
+    seen_headed = []
+    real = artifact.ServedIndex.answer
+
+    def answer(self, vectors, columns, seen, ks, near=None, headed=None):
+        seen_headed.append(list(headed))
+        return real(self, vectors, columns, seen, ks, near, headed)
+
+    monkeypatch.setattr(artifact.ServedIndex, "answer", answer)
+    engine = _engine(world, _unit_rows, workers=1)
+    try:
+        _in_one_batch(engine, dict(decode=_images(), n=1, k=3, headed=[True]), dict(decode=_images(2), n=2, k=3),
+                      dict(decode=_images(), n=1, k=3, headed=[False]))
+    finally:
+        engine.stop()
+    assert seen_headed == [[True, False, False, False]]
+
+
 def test_a_job_given_up_leaves_the_queue_at_once_with_its_images_and_upload_bytes(world):
     import gc
     import weakref
@@ -404,6 +425,48 @@ def test_an_answer_does_not_depend_on_what_its_batch_mates_ask_for(tmp_path):
     assert alone.margin is None and alone.competitor is None
     assert beside_a_k40[0] == alone
     assert beside_a_k40[1].competitor == "t31" and len(beside_a_k40[1].matches) == 40  # t30: 150 m less a hair
+
+
+def test_tiles_stored_at_phases_meet_a_searched_heading_at_every_phase_and_a_given_one_at_phase_0(tmp_path):
+    """index_build build --tile-phases 4: two tiles 1 km apart, the view's columns those of tile b at phase 2
+    (a turn of half a column) and of tile a at phase 0; b is the better by descriptor. A view whose heading is
+    searched meets b at phase 2 (heading -11.25 degrees); one placed at a given heading meets every tile at
+    phase 0, where its columns fall, and finds a."""
+    from model.orientation import RERANK_WEIGHT
+
+    width, dim_c, phases = 16, 8, 4
+    rng = np.random.default_rng(0)
+    def unit(*shape):
+        x = rng.standard_normal(shape)
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    view = unit(width, dim_c).astype(np.float32)
+    columns = unit(2, phases, width, dim_c).astype(np.float16)
+    columns[0, 0], columns[1, 2] = view, view
+    root = tmp_path / "phased"
+    _line_artifact(root, np.array([0.2, 0.1]), "tile_id,lat,lon,source\na,47.0,8.0,\nb,47.009,8.0,\n", 32)
+    np.save(root / "orientation.npy", columns.reshape(2, phases * width, dim_c))  # as index_build writes it
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["orientation"] = {"file": "orientation.npy", "columns": phases * width, "dim": dim_c, "dtype": "float16",
+                               "phases": phases}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    from service.artifact import load_artifact
+
+    index = load_artifact(root, expected_fingerprint="f" * 16, embedding_dim=32, generation=1,
+                          column_shape=(width, dim_c))
+    assert index.orientation.shape == (2, phases, width, dim_c)
+    query = np.zeros((2, 32), np.float32)
+    query[:, 0] = 1.0
+    searched, given = index.answer(query, np.stack([view, view]), np.ones((2, 256), bool), [2, 2],
+                                   headed=[False, True])
+    assert [m.tile_id for m in searched.matches] == ["b", "a"] and searched.matches[0].heading_deg == pytest.approx(
+        360 - 11.25, abs=0.5)
+    assert searched.matches[0].score == pytest.approx((1 - RERANK_WEIGHT) * np.cos(0.1) + RERANK_WEIGHT, abs=1e-3)
+    assert given.matches[0].tile_id == "a"
+    assert min(given.matches[0].heading_deg % 360, -given.matches[0].heading_deg % 360) < 0.5  # north
+    # the model's column shape is each phase's: one of another width is refused at load
+    with pytest.raises(Exception, match="at each of 4 phases"):
+        load_artifact(root, expected_fingerprint="f" * 16, embedding_dim=32, generation=1, column_shape=(8, dim_c))
 
 
 @pytest.mark.parametrize("gpu", [False, True])

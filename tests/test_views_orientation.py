@@ -108,6 +108,51 @@ def test_rerank_lifts_the_candidate_whose_columns_align_and_says_its_heading():
     assert rerank(descriptor, stranger, tiles, seen, weight=0.5).order[0] == 0
 
 
+def _smooth_columns(rng, width: int, dim: int, at: np.ndarray) -> np.ndarray:
+    """Unit features of a smooth signal around the horizon sampled at azimuths ``at`` (in columns of a
+    ``width``-column view): a few random harmonics, so a fraction of a column is a small change."""
+    a, b = rng.standard_normal((2, 3, dim))
+    angle = 2 * np.pi * np.asarray(at, dtype=np.float64)[:, None] / width
+    x = sum(a[k][None] * np.cos((k + 1) * angle) + b[k][None] * np.sin((k + 1) * angle) for k in range(3))
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def test_tiles_met_at_sub_column_phases_find_the_heading_between_columns():
+    from model.orientation import alignment_scores, phase_columns, rerank
+
+    rng = np.random.default_rng(5)
+    width, phases, heading = 16, 4, 3.25  # heading in columns: 73.125 degrees, between columns 3 and 4
+    seed = int(rng.integers(0, 2**31))  # one signal: the same harmonics for the tile and the view
+    def tile_at(shift):
+        return _smooth_columns(np.random.default_rng(seed), width, 8, np.arange(width) - shift)
+
+    # phase p: the tile turned by p / P of a column, so its column w looks at azimuth w - p / P
+    tiles = np.stack([tile_at(p / phases) for p in range(phases)])[None]  # [1, P, W, C]
+    view = _smooth_columns(np.random.default_rng(seed), width, 8, np.arange(width) + heading)  # north-centred
+    fine = alignment_scores(view, tiles)
+    assert fine.shape == (1, width * phases)
+    assert int(np.argmax(fine[0])) == round(heading * phases)  # 13 quarter columns
+    assert fine[0].max() == pytest.approx(1.0, abs=1e-5)  # a phase meets the view exactly
+    plain = alignment_scores(view, tiles[:, 0])  # the tile as it is: between two shifts, worse
+    assert plain[0].max() < fine[0].max() - 1e-3
+    assert np.allclose(fine[0, ::phases], plain[0])  # phase 0's shifts are the plain scores
+    result = rerank(np.array([0.5]), view, tiles)
+    assert result.headings[0] == pytest.approx(heading * 22.5, abs=0.5)
+    # phase_columns encodes the tiles turned by 1/P of a column: rolled by 16/P pixels of a 16-pixel column
+    polar = np.zeros((2, 4, width * 16, 3), np.uint8)
+    polar[..., 0] = np.arange(width * 16)[None, None, :] % 256
+    seen = []
+    def encode(v):  # stands in for the network: each token column's first pixel's red, twice; notes each roll
+        seen.append(int(v[0, 0, 0, 0]))
+        return np.repeat(v[:, 0, ::16, :1].astype(np.float32), 2, -1)
+
+    out = phase_columns(encode, polar, 4)
+    assert out.shape == (2, 4, width, 2) and seen == [0, 252, 248, 244]  # rolled 0, 4, 8, 12 pixels
+    assert phase_columns(encode, polar, 1).shape == (2, 1, width, 2)
+    with pytest.raises(ValueError, match="multiple of 48"):
+        phase_columns(encode, polar, 3)
+
+
 def test_rerank_refuses_what_it_can_not_combine():
     from model.orientation import rerank
 
@@ -217,6 +262,15 @@ def test_the_orientation_head_is_saved_with_the_network_and_encoded_with_it(view
     assert rows.shape == (3, 32) and columns.shape == (3, 16, 64)
     assert np.allclose(np.linalg.norm(columns, axis=-1), 1.0, atol=1e-5)
     assert InferenceEncoder(plain).encode_uint8_with_columns(images, "ground")[1] is None
+    # tiles at 4 sub-column phases: phase by phase, phase p the polar image rolled by 4 p of its 256 pixels
+    encoder = InferenceEncoder(head)
+    tile_rows, phased = encoder.encode_uint8_with_columns(images, "aerial", phases=4)
+    plain_rows, plain_columns = encoder.encode_uint8_with_columns(images, "aerial")
+    assert phased.shape == (3, 4 * 16, 64) and np.allclose(tile_rows, plain_rows, atol=1e-6)
+    assert np.allclose(phased[:, :16], plain_columns, atol=1e-6)
+    rolled = encoder.encode_uint8_with_columns(torch.roll(images, 8, dims=3), "aerial")[1]
+    assert np.allclose(phased[:, 32:48], rolled, atol=1e-6) and not np.allclose(rolled, plain_columns, atol=1e-3)
+    assert InferenceEncoder(plain).encode_uint8_with_columns(images, "aerial", phases=4)[1] is None
 
 
 def test_the_head_can_also_learn_to_tell_its_tile_from_look_alikes(view_world, tmp_path):
@@ -276,6 +330,12 @@ def test_evaluate_rerank_with_no_weight_is_the_head_and_with_weight_moves_answer
     with pytest.raises(SystemExit):
         evaluate.main([*common, "--method", "rerank", "--rerank-k", "0"])
     assert "argument --rerank-k: must be at least 1, got 0" in capsys.readouterr().err
+    phased = run("--method", "rerank", "--tile-phases", "2")  # the tiles' columns at 2 phases: encoded twice
+    assert phased["tile_phases"] == 2 and "tile_phases" not in head and phased["heading_error_median_deg"] is not None
+    for wrong in (["--heading", "known", "--method", "rerank"], ["--method", "aerial"]):
+        with pytest.raises(SystemExit):
+            evaluate.main([*common, *wrong, "--tile-phases", "2"])
+        assert "--tile-phases needs --heading unknown" in capsys.readouterr().err
 
 
 def test_evaluate_needs_the_head_for_the_head_method(view_world, capsys):
