@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--world", type=Path, default=Path("data/eval_world"), help="unseen region (made if missing)")
     parser.add_argument("--photos", type=Path, default=Path("data/eval_photos90"),
                         help="its phone-mode photos (made if missing)")
-    parser.add_argument("--tile-phases", type=int, default=1, choices=range(1, 17), metavar="P",
+    parser.add_argument("--tile-phases", type=int, default=1, choices=(1, 2, 4, 8, 16), metavar="P",
                         help="the unknown-heading cells meet the tiles' columns at P sub-column phases "
                              "(model.evaluate --tile-phases; default 1)")
     parser.add_argument("--tables-only", action="store_true", help="print the tables of the cells already in --out")

@@ -26,7 +26,8 @@ from index_build.sources import (Catalogue, CatalogueError, CatalogueLines, Issu
 from index_build.workdir import (CATALOG_FILE, COLUMNS_DTYPE, COLUMNS_SUFFIX, PLAN_FILE, VECTORS_DIR, ShardSpan,
                                  iter_vector_blocks, load_shard_columns, read_finished_shard, read_plan,
                                  spans_from_plan, utc_now_iso, vectors_dir, write_plan)
-from model.index_artifact import INDEX_FILE, ORIENTATION_FILE, TILES_FILE, ArtifactError, read_orientation
+from model.index_artifact import (INDEX_FILE, ORIENTATION_FILE, TILES_FILE, ArtifactError, check_orientation_phases,
+                                  read_orientation)
 
 log = logging.getLogger("index_build")
 
@@ -661,7 +662,10 @@ def run_add(opts: AddOptions) -> BuildResult:
         if opts.stop_after == "validate":
             return result
         t0 = time.perf_counter()
-        phases = (base.get("orientation") or {}).get("phases", 1)  # the new tiles' columns as the base's
+        try:  # the new tiles' columns at the base's phases
+            phases = check_orientation_phases(live, base["orientation"]) if base.get("orientation") else 1
+        except ArtifactError as exc:
+            raise BuildError(str(exc)) from None
         model, device, fingerprint = _load_model(opts, phases)
         result.timings["model_load_s"] = round(time.perf_counter() - t0, 3)
         t_encode_stage = time.perf_counter()

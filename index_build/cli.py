@@ -271,7 +271,9 @@ def _summary_lines(result, command: str) -> list[str]:
     details = f"  model fingerprint {m['model_fingerprint']}, {m['embedding_dim']}-d embeddings"
     if m.get("orientation"):
         o = m["orientation"]
-        details += f", {o['columns']} x {o['dim']} orientation columns per tile ({o['file']})"
+        phases = o.get("phases", 1)
+        at = f" at {phases} phases" if phases > 1 else ""
+        details += f", {o['columns'] // phases} x {o['dim']} orientation columns per tile{at} ({o['file']})"
     if result.skipped:
         details += f"; {result.skipped} unreadable tile(s) skipped (listed in manifest.json under 'skipped')"
     lines.append(details)

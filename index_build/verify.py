@@ -13,8 +13,8 @@ from index_build.artifact import read_built_manifest, resolve_artifact
 from index_build.encode_common import decode_tile
 from index_build.sources import sha256_file
 from index_build.workdir import COLUMNS_DTYPE
-from model.index_artifact import (ORIENTATION_FILE, ArtifactError, iter_vector_shards, read_faiss_index,
-                                  read_orientation, read_tiles)
+from model.index_artifact import (ORIENTATION_FILE, ArtifactError, check_orientation_phases, iter_vector_shards,
+                                  read_faiss_index, read_orientation, read_tiles)
 
 # Columns are stored as float16: rounding moves each component by at most 2^-11 of itself (less
 # than 2^-25 in absolute terms below float16's normal range), so a unit column of C <= 1024
@@ -155,8 +155,11 @@ def run_verify(artifact: str, checkpoint: str, *, sample: int = 64, seed: int = 
         report.update(ok=False, problems=problems)
         return report
     entry = manifest.get("orientation")
-    phases = (entry or {}).get("phases", 1)  # re-encoded at the artifact's own tile phases
-    model = InferenceEncoder(model, dev, branches=("aerial",), tile_phases=phases if isinstance(phases, int) else 1)
+    try:  # re-encoded at the artifact's own tile phases
+        phases = check_orientation_phases(root, entry) if entry else 1
+    except ArtifactError:
+        phases = 1  # reported above with orientation.npy's problems
+    model = InferenceEncoder(model, dev, branches=("aerial",), tile_phases=phases)
     columns = model.column_shape
     if entry is not None and (entry.get("columns"), entry.get("dim")) != (columns or (None, None)):
         has = f"{columns[0]} x {columns[1]} columns" if columns else "no orientation head"

@@ -166,6 +166,16 @@ def read_faiss_index(directory: str | Path, manifest: dict):
     return index
 
 
+def check_orientation_phases(directory: str | Path, entry: dict) -> int:
+    """The manifest's orientation "phases" (1 when absent): a positive integer dividing its "columns"; an
+    ArtifactError naming the manifest otherwise."""
+    phases, columns = entry.get("phases", 1), entry.get("columns")
+    if type(phases) is not int or phases < 1 or (isinstance(columns, int) and columns % phases):
+        raise ArtifactError(f"{Path(directory) / MANIFEST_FILE}: orientation phases must be a positive integer "
+                            f"dividing its {columns!r} columns, got {phases!r}")
+    return phases
+
+
 def read_orientation(directory: str | Path, manifest: dict,
                      column_shape: tuple[int, int] | None = None) -> np.ndarray | None:
     """The tiles' orientation features (memory-mapped), when the manifest lists them: [count, columns, dim],
@@ -177,10 +187,7 @@ def read_orientation(directory: str | Path, manifest: dict,
         return None
     path = Path(directory) / str(entry.get("file", ORIENTATION_FILE))
     phases = entry.get("phases", 1)
-    columns_given = entry.get("columns")
-    if not isinstance(phases, int) or phases < 1 or (isinstance(columns_given, int) and columns_given % phases):
-        raise ArtifactError(f"{Path(directory) / MANIFEST_FILE}: orientation phases {phases!r} do not divide its "
-                            f"{entry.get('columns')!r} columns")
+    check_orientation_phases(directory, entry)
     try:
         columns = np.load(path, mmap_mode="r")
     except FileNotFoundError:

@@ -117,6 +117,9 @@ def alignment_scores(view_columns: np.ndarray, tile_columns: np.ndarray, seen: n
     tiles = np.asarray(tile_columns, dtype=np.float32)
     if tiles.ndim == 4:  # phase p is the tile turned by p / P of a column: shift s there is heading s - p / P
         k, phases = tiles.shape[:2]
+        if tiles.shape[2:] != np.shape(view_columns):
+            raise ValueError(f"tile columns at phases must be [K, P, {width}, {np.shape(view_columns)[-1]}] like "
+                             f"the view's {np.shape(view_columns)}, got {tiles.shape}")
         per_phase = alignment_scores(view_columns, tiles.reshape(k * phases, *tiles.shape[2:]), seen)
         fine = np.empty((k, width * phases), per_phase.dtype)
         for p in range(phases):
@@ -141,7 +144,7 @@ def phase_columns(encode_columns, polar_tiles, phases: int, first: np.ndarray | 
     ``width_axis``; a numpy array or a torch tensor) at ``phases`` sub-column phases -> [N, P, W, C]:
     phase p is the tile turned by p / P of a token column (its polar image rolled by p * W_px / (W * P)
     pixels). A view of unknown heading meets its tile's columns at any fraction of a column; a tile
-    seen at a phase near that fraction aligns better (bench/RESULTS.md, "Sub-column phases").
+    seen at a phase near that fraction aligns better (bench/RESULTS.md, "Tiles at sub-column phases").
     ``encode_columns``: tiles -> their column features [N, W, C]; ``first``: phase 0's, if known."""
     first = np.asarray(encode_columns(polar_tiles) if first is None else first)
     if phases == 1:
@@ -149,7 +152,7 @@ def phase_columns(encode_columns, polar_tiles, phases: int, first: np.ndarray | 
     width_px, width = polar_tiles.shape[width_axis], first.shape[1]
     step, rest = divmod(width_px, width * phases)
     if rest or step == 0:
-        raise ValueError(f"{phases} phases of a {width}-column view need its {width_px} pixels to be a "
+        raise ValueError(f"{phases} phases of {width}-column tiles need their {width_px} pixels to be a "
                          f"multiple of {width * phases}")
 
     def turned(p: int):
@@ -161,7 +164,8 @@ def phase_columns(encode_columns, polar_tiles, phases: int, first: np.ndarray | 
 
 
 def estimate_headings(view_columns: np.ndarray, tile_columns: np.ndarray, seen: np.ndarray | None = None) -> np.ndarray:
-    """One view's column features [W, C] against several tiles' [K, W, C] (its seen pixel columns
+    """One view's column features [W, C] against several tiles' [K, W, C] or [K, P, W, C] (at sub-column
+    phases, `alignment_scores`) (its seen pixel columns
     ``seen`` [W * 16] or token columns [W], None: all) -> the view's heading at each tile, degrees
     clockwise from north of the view's centre column, as if it stood at that tile."""
     from .views import refine_headings
@@ -189,8 +193,8 @@ class Reranked(NamedTuple):
 def rerank(scores: np.ndarray, view_columns: np.ndarray, tile_columns: np.ndarray, seen: np.ndarray | None = None,
            weight: float = RERANK_WEIGHT) -> Reranked:
     """Re-rank a view's candidate tiles (descriptor scores [K], e.g. a search's best K; their column
-    features [K, W, C]) by how well the view's columns [W, C] align with each tile's at the best
-    circular shift: score = (1 - weight) * descriptor score + weight * alignment, both cosines, so the
+    features [K, W, C], or [K, P, W, C] at sub-column phases: `alignment_scores`) by how well the view's
+    columns [W, C] align with each tile's at the best circular shift: score = (1 - weight) * descriptor score + weight * alignment, both cosines, so the
     score stays in [-1, 1]. A descriptor nearly blind to the heading can not tell a place from one that
     looks alike in another direction; the alignment sees where things are around the camera. Returns
     the new order with each candidate's score, alignment and the view's heading there."""

@@ -253,7 +253,8 @@ def test_ray_engine_writes_the_same_columns(tmp_path, headed, catalogue):
                                atol=FLOAT16_ATOL)
 
 
-def test_tile_phases_store_every_phase_and_add_resume_and_verify_keep_them(tmp_path, headed, headless, catalogue):
+def test_tile_phases_store_every_phase_and_add_resume_and_verify_keep_them(tmp_path, headed, headless, catalogue,
+                                                                          capsys):
     import torch
 
     from model import load_checkpoint
@@ -263,8 +264,8 @@ def test_tile_phases_store_every_phase_and_add_resume_and_verify_keep_them(tmp_p
 
     out = tmp_path / "idx"
     assert cli_main(["build", "--catalog", str(catalogue), "--checkpoint", headed, "--out", str(out), "--workers", "0",
-                     "--batch-size", "4", "--shard-size", "10", "--device", "cpu", "--tile-phases", "4",
-                     "--quiet"]) == 0
+                     "--batch-size", "4", "--shard-size", "10", "--device", "cpu", "--tile-phases", "4"]) == 0
+    assert f"{COLUMNS} x {DIM} orientation columns per tile at 4 phases" in capsys.readouterr().out
     m = read_manifest(str(out))
     assert {k: m["orientation"][k] for k in ("columns", "dim", "phases")} == {"columns": 4 * COLUMNS, "dim": DIM,
                                                                               "phases": 4}
@@ -295,3 +296,13 @@ def test_tile_phases_store_every_phase_and_add_resume_and_verify_keep_them(tmp_p
         run_build(opts(catalogue, headless, tmp_path / "plain", tile_phases=2))
     with pytest.raises(BuildError, match="do not split into 3 phases"):
         run_build(opts(catalogue, headed, tmp_path / "thirds", tile_phases=3))
+
+    # a manifest whose phases were edited: `add` refuses it before encoding, `verify` reports it
+    for phases in (0, 3, "4"):
+        edited = dict(read_manifest(str(out)))
+        edited["orientation"] = {**edited["orientation"], "phases": phases}
+        (out / "manifest.json").write_text(json.dumps(edited))
+        with pytest.raises(BuildError, match="orientation phases must be a positive integer dividing its 32"):
+            run_add(opts(make_catalogue(tmp_path / f"m{phases}", 2, prefix="z", seed=9), headed, out, cls=AddOptions))
+        report = run_verify(str(out), headed, sample=4, device="cpu")
+        assert not report["ok"] and any("orientation phases must be" in p for p in report["problems"])

@@ -136,6 +136,8 @@ def test_tiles_met_at_sub_column_phases_find_the_heading_between_columns():
     plain = alignment_scores(view, tiles[:, 0])  # the tile as it is: between two shifts, worse
     assert plain[0].max() < fine[0].max() - 1e-3
     assert np.allclose(fine[0, ::phases], plain[0])  # phase 0's shifts are the plain scores
+    with pytest.raises(ValueError, match=r"tile columns at phases must be \[K, P, 16, 8\]"):
+        alignment_scores(view, tiles[:, :, :8])
     result = rerank(np.array([0.5]), view, tiles)
     assert result.headings[0] == pytest.approx(heading * 22.5, abs=0.5)
     # phase_columns encodes the tiles turned by 1/P of a column: rolled by 16/P pixels of a 16-pixel column
