@@ -194,10 +194,11 @@ def rerank(scores: np.ndarray, view_columns: np.ndarray, tile_columns: np.ndarra
            weight: float = RERANK_WEIGHT) -> Reranked:
     """Re-rank a view's candidate tiles (descriptor scores [K], e.g. a search's best K; their column
     features [K, W, C], or [K, P, W, C] at sub-column phases: `alignment_scores`) by how well the view's
-    columns [W, C] align with each tile's at the best circular shift: score = (1 - weight) * descriptor score + weight * alignment, both cosines, so the
-    score stays in [-1, 1]. A descriptor nearly blind to the heading can not tell a place from one that
-    looks alike in another direction; the alignment sees where things are around the camera. Returns
-    the new order with each candidate's score, alignment and the view's heading there."""
+    columns [W, C] align with each tile's at the best circular shift: score = (1 - weight) * descriptor
+    score + weight * alignment, both cosines, so the score stays in [-1, 1]. A descriptor nearly blind
+    to the heading can not tell a place from one that looks alike in another direction; the alignment
+    sees where things are around the camera. Returns the new order with each candidate's score,
+    alignment and the view's heading there."""
     from .views import refine_headings
 
     descriptor = np.asarray(scores, dtype=np.float64).reshape(-1)
