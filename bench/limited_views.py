@@ -135,7 +135,7 @@ def tables(out: Path) -> str:
     gaps = [f"{how} known {gap(kind, 'known'):.2f} / unknown {gap(kind, 'unknown'):.2f}"
             for kind, how in (("photos", "placed level"), ("photos_est", "tilt estimated"),
                               ("photos_tilt", "tilt given"))]
-    ratios = lambda known: ", ".join(f"{fov} {cell[f'{fov}_unknown_rerank']['r1'] / known:.2f}"  # noqa: E731
+    ratios = lambda known: ", ".join(f"{fov} {cell[f'{fov}_unknown_rerank']['r1'] / known:.3f}"  # noqa: E731
                                      for fov in (360, 180, 90))
     lines += ["", f"Re-ranked photos trail crops by (points): {'; '.join(gaps)} (issue 16: at most 5).",
               f"Unknown heading re-ranked, x known 360 re-ranked R@1 ({100 * reranked_base:.2f}): "

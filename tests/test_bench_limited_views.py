@@ -53,8 +53,8 @@ def test_tables_ratios_and_gaps(tmp_path, capsys):
     head = lv.json.loads((tmp_path / "180_unknown_head.json").read_text())["r1"]
     assert f"| 180 | unknown | head | {100 * head:.2f} | 20.00 | 30.00 | 40.00 | {head / 0.5:.2f} | 4.50 deg |" in text
     assert "| 360 | known | descriptor | 50.00 |" in text
-    assert "x known 360 re-ranked R@1 (75.00): 360 0.80, 180 0.40" in text
-    assert "x known 360 descriptor R@1 (50.00): 360 1.20, 180 0.60" in text
+    assert "x known 360 re-ranked R@1 (75.00): 360 0.800, 180 0.400" in text  # 3 decimals: 0.297 is not 0.30
+    assert "x known 360 descriptor R@1 (50.00): 360 1.200, 180 0.600" in text
     assert "photos trail crops by (points): placed level known 6.50 / unknown" in text
     assert "; tilt given known 2.50 / unknown" in text and "| photos, tilt given | known | rerank | 10.00 |" in text
 
