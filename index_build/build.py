@@ -231,10 +231,15 @@ def _check_tile_phases(model, phases: int, checkpoint: str) -> None:
     if model.column_shape is None:
         raise BuildError(f"--tile-phases {phases}: {checkpoint} has no orientation head to give the tiles "
                          "columns at phases (python -m model.orientation)")
+    from model.orientation import phase_step
+
     width_px, width = model.config.aerial_size[1], model.config.column_shape()[0]
-    if width_px % (width * phases):
+    try:
+        phase_step(width_px, width, phases)
+    except ValueError:
         raise BuildError(f"--tile-phases {phases}: the model's {width_px}-pixel polar tiles do not split into "
-                         f"{phases} phases of each of its {width} columns (try a divisor of {width_px // width})")
+                         f"{phases} phases of each of its {width} columns (try a divisor of {width_px // width})"
+                         ) from None
 
 
 def index_spec(opts: BuildOptions, count: int, dim: int) -> IndexSpec:
@@ -546,7 +551,7 @@ def run_build(opts: BuildOptions) -> BuildResult:
             "checkpoint": os.path.abspath(opts.checkpoint), "created_at": utc_now_iso(),
             "catalog_lines": CatalogueLines.of_records(catalogue.records).to_json(),
             "tiling": catalogue_tiling(opts.catalog), "tiling_sha256": tiling_sha256(opts.catalog),
-            **({"tile_phases": opts.tile_phases} if opts.tile_phases > 1 and model.column_shape else {}),
+            **({"tile_phases": opts.tile_phases} if opts.tile_phases > 1 else {}),  # checked: with a head
         }
         note = views_checkpoint_note(model.net, plan["tiling"])
         if note:

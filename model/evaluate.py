@@ -121,7 +121,7 @@ def evaluate_views(model, arrays, records, device, *, fov: float, heading: str, 
     places the view where its columns meet the tiles' at phase 0: ``tile_phases`` is for unknown ones."""
     from .inference import InferenceEncoder
     from .metrics import count_closer_scores, recall_from_counts
-    from .orientation import RERANK_CANDIDATES, RERANK_WEIGHT, alignment_scores, phase_columns
+    from .orientation import RERANK_CANDIDATES, RERANK_WEIGHT, alignment_scores
     from .views import (angle_difference, describe_rotations, limit_fov, match_over_rotations, refine_heading,
                         rotate_view)
 
@@ -149,11 +149,11 @@ def evaluate_views(model, arrays, records, device, *, fov: float, heading: str, 
         scores = encode_ground(views) @ encode_aerial(arrays.aerial).T
     elif by_head:  # one descriptor each; the heading from the columns of the best tile
         queries, query_columns = _encode_views(encoder, "ground", views, columns=True)
-        aerial, aerial_columns = _encode_views(encoder, "aerial", arrays.aerial, columns=True)
-        if heading == "unknown" and tile_phases > 1:
-            aerial_columns = phase_columns(lambda v: _encode_views(encoder, "aerial", v, columns=True)[1],
-                                           arrays.aerial, tile_phases, first=aerial_columns)
-            out["tile_phases"] = tile_phases
+        phases = tile_phases if heading == "unknown" else 1
+        aerial, aerial_columns = _encode_views(encoder, "aerial", arrays.aerial, columns=True, phases=phases)
+        if phases > 1:  # [N, P * W, C] -> [N, P, W, C]
+            aerial_columns = aerial_columns.reshape(len(aerial_columns), phases, -1, aerial_columns.shape[-1])
+            out["tile_phases"] = phases
         scores = queries @ aerial.T
         valid = _view_columns(views, query_columns.shape[1])
         per_rotation = lambda i, j: alignment_scores(  # noqa: E731
@@ -413,13 +413,15 @@ def _headings(rotations: int) -> np.ndarray:
     return rotation_headings(rotations)
 
 
-def _encode_views(encoder, branch: str, views: np.ndarray, batch_size: int = 128, columns: bool = False):
+def _encode_views(encoder, branch: str, views: np.ndarray, batch_size: int = 128, columns: bool = False,
+                  phases: int = 1):
     """uint8 [N, H, W, 3] -> unit descriptors [N, D] (and, with ``columns``, the orientation head's
-    column features [N, Wg, C])."""
+    column features [N, Wg, C], or [N, phases * Wg, C]: InferenceEncoder.encode_uint8_with_columns)."""
     import torch
 
     images = torch.from_numpy(np.ascontiguousarray(views)).permute(0, 3, 1, 2)
-    rows, cols = encoder.encode_uint8_with_columns(images, branch, max_batch=batch_size, columns=columns)
+    rows, cols = encoder.encode_uint8_with_columns(images, branch, max_batch=batch_size, columns=columns,
+                                                   phases=phases)
     return (rows, cols) if columns else rows
 
 

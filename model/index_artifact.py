@@ -186,8 +186,7 @@ def read_orientation(directory: str | Path, manifest: dict,
     if not entry:
         return None
     path = Path(directory) / str(entry.get("file", ORIENTATION_FILE))
-    phases = entry.get("phases", 1)
-    check_orientation_phases(directory, entry)
+    phases = check_orientation_phases(directory, entry)
     try:
         columns = np.load(path, mmap_mode="r")
     except FileNotFoundError:

@@ -131,7 +131,7 @@ class InferenceEncoder:
                 return rows, None
             encode_columns = lambda turned: self.encode_uint8_with_columns(  # noqa: E731
                 turned, branch, max_batch, phases=1)[1]
-            phased = phase_columns(encode_columns, images, phases, first=cols, width_axis=3)
+            phased = phase_columns(encode_columns, images, phases, first=cols)
             return rows, np.ascontiguousarray(phased.reshape(len(cols), -1, cols.shape[-1]))
         n = int(images.shape[0])
         step = max_batch or n or 1

@@ -138,29 +138,29 @@ def alignment_scores(view_columns: np.ndarray, tile_columns: np.ndarray, seen: n
     return shift_scores(views, tiles, None if valid is None else np.broadcast_to(valid, tiles.shape[:2]))
 
 
-def phase_columns(encode_columns, polar_tiles, phases: int, first: np.ndarray | None = None,
-                  width_axis: int = 2) -> np.ndarray:
-    """Column features of polar tiles (uint8 [N, H, W_px, 3], or any layout whose pixel columns are on
-    ``width_axis``; a numpy array or a torch tensor) at ``phases`` sub-column phases -> [N, P, W, C]:
-    phase p is the tile turned by p / P of a token column (its polar image rolled by p * W_px / (W * P)
+def phase_step(width_px: int, width: int, phases: int) -> int:
+    """Pixels a polar tile of ``width_px`` pixel columns and ``width`` token columns is rolled by from one of
+    ``phases`` sub-column phases to the next; a ValueError where they do not split evenly."""
+    step, rest = divmod(width_px, width * phases)
+    if rest or step == 0:
+        raise ValueError(f"{phases} phases of {width}-column tiles need their {width_px} pixels to be a "
+                         f"multiple of {width * phases}")
+    return step
+
+
+def phase_columns(encode_columns, polar_tiles: torch.Tensor, phases: int,
+                  first: np.ndarray | None = None) -> np.ndarray:
+    """Column features of polar tiles (uint8 [N, 3, H, W_px]) at ``phases`` sub-column phases -> [N, P, W, C]:
+    phase p is the tile turned by p / P of a token column (its polar image rolled by `phase_step` * p
     pixels). A view of unknown heading meets its tile's columns at any fraction of a column; a tile
     seen at a phase near that fraction aligns better (bench/RESULTS.md, "Tiles at sub-column phases").
     ``encode_columns``: tiles -> their column features [N, W, C]; ``first``: phase 0's, if known."""
     first = np.asarray(encode_columns(polar_tiles) if first is None else first)
     if phases == 1:
         return first[:, None]
-    width_px, width = polar_tiles.shape[width_axis], first.shape[1]
-    step, rest = divmod(width_px, width * phases)
-    if rest or step == 0:
-        raise ValueError(f"{phases} phases of {width}-column tiles need their {width_px} pixels to be a "
-                         f"multiple of {width * phases}")
-
-    def turned(p: int):
-        if isinstance(polar_tiles, torch.Tensor):
-            return torch.roll(polar_tiles, p * step, dims=width_axis)
-        return np.roll(polar_tiles, p * step, axis=width_axis)
-
-    return np.stack([first, *(np.asarray(encode_columns(turned(p))) for p in range(1, phases))], axis=1)
+    step = phase_step(polar_tiles.shape[-1], first.shape[1], phases)
+    turned = (np.asarray(encode_columns(torch.roll(polar_tiles, p * step, dims=-1))) for p in range(1, phases))
+    return np.stack([first, *turned], axis=1)
 
 
 def estimate_headings(view_columns: np.ndarray, tile_columns: np.ndarray, seen: np.ndarray | None = None) -> np.ndarray:

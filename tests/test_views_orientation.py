@@ -141,12 +141,13 @@ def test_tiles_met_at_sub_column_phases_find_the_heading_between_columns():
     result = rerank(np.array([0.5]), view, tiles)
     assert result.headings[0] == pytest.approx(heading * 22.5, abs=0.5)
     # phase_columns encodes the tiles turned by 1/P of a column: rolled by 16/P pixels of a 16-pixel column
-    polar = np.zeros((2, 4, width * 16, 3), np.uint8)
-    polar[..., 0] = np.arange(width * 16)[None, None, :] % 256
+    polar = torch.zeros((2, 3, 4, width * 16), dtype=torch.uint8)  # as the encoder takes them: [N, 3, H, W_px]
+    polar[:, 0] = torch.arange(width * 16, dtype=torch.uint8)[None, None, :]
     seen = []
+
     def encode(v):  # stands in for the network: each token column's first pixel's red, twice; notes each roll
         seen.append(int(v[0, 0, 0, 0]))
-        return np.repeat(v[:, 0, ::16, :1].astype(np.float32), 2, -1)
+        return np.repeat(v[:, 0, 0, ::16, None].numpy().astype(np.float32), 2, -1)
 
     out = phase_columns(encode, polar, 4)
     assert out.shape == (2, 4, width, 2) and seen == [0, 252, 248, 244]  # rolled 0, 4, 8, 12 pixels
