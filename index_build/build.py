@@ -566,9 +566,11 @@ def run_build(opts: BuildOptions) -> BuildResult:
         t0 = time.perf_counter()
         manifest = _finish_build(opts, layout, plan, model, fingerprint, result)
         result.timings["index_s"] = round(time.perf_counter() - t0, 3)
+        t0 = time.perf_counter()
         manifest["build"]["timings"] = dict(result.timings)
         write_manifest(layout.work, manifest)
         result.version_dir = _publish(layout, fingerprint, opts.keep_versions)
+        result.timings["publish_s"] = round(time.perf_counter() - t0, 3)
         result.status = "published"
         result.manifest = manifest
         result.timings["total_s"] = round(time.perf_counter() - t_start, 3)
@@ -749,7 +751,9 @@ def run_add(opts: AddOptions) -> BuildResult:
         )
         write_manifest(work, manifest)
         result.timings["index_s"] = round(time.perf_counter() - t0, 3)
+        t0 = time.perf_counter()
         result.version_dir = _publish(layout, fingerprint, opts.keep_versions)
+        result.timings["publish_s"] = round(time.perf_counter() - t0, 3)
         result.status, result.count, result.skipped, result.manifest = "published", count, len(skipped), manifest
         result.timings["total_s"] = round(time.perf_counter() - t_start, 3)
         return result

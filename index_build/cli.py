@@ -249,7 +249,7 @@ def _summary_json(result) -> dict:
 
 # timings key -> label in the text summary; they add up to total_s (see _encode_step for the encode pair)
 _TIMING_LABELS = (("validate_s", "validate"), ("model_load_s", "load model"), ("encode_setup_s", "set up encoder"),
-                  ("encode_s", "encode"), ("index_s", "index"))
+                  ("encode_s", "encode"), ("index_s", "index"), ("publish_s", "publish"))
 
 
 def _summary_lines(result, command: str) -> list[str]:

@@ -138,6 +138,11 @@ class Engine:
         with self._cond:
             return sum(job.n for job in self._jobs)
 
+    def _report_depth(self) -> None:
+        # Read and set under the queue's lock: two threads setting it outside could leave a stale depth.
+        with self._cond:
+            self.metrics.queue_depth.set(sum(job.n for job in self._jobs))
+
     @property
     def running(self) -> bool:
         """Open, and thread 0 alive: the other threads take only what it leaves."""
@@ -194,7 +199,7 @@ class Engine:
             if self._wide:  # it waits for a wide batch: others like it are likely to follow
                 self._narrow_until = job.enqueued + self.wide_cooldown_s
             self._cond.notify_all()  # thread 0 must hear of it: the others take only what it leaves
-        self.metrics.queue_depth.set(self.depth)
+        self._report_depth()
 
         watcher = asyncio.ensure_future(disconnected()) if disconnected is not None else None
         if watcher is not None:
@@ -223,7 +228,7 @@ class Engine:
                 return
             self._jobs.remove(job)
         self.metrics.dropped.labels(reason).inc(job.n)
-        self.metrics.queue_depth.set(self.depth)
+        self._report_depth()
 
     # --- executor threads -------------------------------------------------------------------
     def _take(self, lead: bool) -> tuple[list[Job], bool] | None:
@@ -266,7 +271,7 @@ class Engine:
                 if want != threads:
                     torch.set_num_threads(want)  # per thread: its share of the cores, or all of them alone
                     threads = want
-                self.metrics.queue_depth.set(self.depth)
+                self._report_depth()
                 outcomes = self._compute(jobs)
             except Exception as exc:  # never lose a worker; its jobs get the error
                 log.exception("inference failed for a batch of %d job(s)", len(jobs))

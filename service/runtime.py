@@ -208,16 +208,16 @@ class Runtime:
                 new = self._load_index(self.model)
             except Exception as exc:
                 message = str(exc) if isinstance(exc, ArtifactError) else f"{type(exc).__name__}: {exc}"
-                self.last_reload_error = message
                 self._failed_signature = attempted
                 self.metrics.reloads.labels(trigger, "failure").inc()
                 self.metrics.reload_failed.set(1)
+                self.last_reload_error = message  # last: what /readyz shows comes after the metrics agree with it
                 log.error("index reload failed, still serving %s: %s", current.path, message,
                           extra={"trigger": trigger})
                 raise ReloadFailed(message) from None
-            self.engine.index = new
             self._reload_succeeded()
             self.metrics.reloads.labels(trigger, "success").inc()
+            self.engine.index = new  # last, as above
             log.info("index reloaded", extra={
                 "trigger": trigger, "index": str(new.path), "tiles": new.count,
                 "generation": new.generation, "previous": str(current.path),
@@ -225,9 +225,9 @@ class Runtime:
             return ReloadResult(status="reloaded", index=new.info, previous=current.info)
 
     def _reload_succeeded(self) -> None:
-        self.last_reload_error = None
         self._failed_signature = None
         self.metrics.reload_failed.set(0)
+        self.last_reload_error = None
 
     def _watch(self) -> None:
         """Poll GEOLOC_INDEX; reload when the resolved directory or its manifest changes."""

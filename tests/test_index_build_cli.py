@@ -265,7 +265,8 @@ def test_json_summary_timings_add_up(tmp_path, capsys, ckpt, catalogue):
     assert code == 0
     summary = json.loads(out)
     timings, encode = summary["timings"], summary["encode"]
-    assert set(timings) == {"validate_s", "model_load_s", "encode_setup_s", "encode_s", "index_s", "total_s"}
+    assert set(timings) == {"validate_s", "model_load_s", "encode_setup_s", "encode_s", "index_s", "publish_s",
+                            "total_s"}
     assert "seconds" not in encode and encode["encode_s"] == timings["encode_s"] > 0
     tiles, seconds = encode["tiles_encoded"], encode["encode_s"]  # seconds rounded to the millisecond
     assert tiles / (seconds + 0.0005) - 0.01 <= encode["tiles_per_second"] <= tiles / (seconds - 0.0005) + 0.01

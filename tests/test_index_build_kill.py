@@ -37,9 +37,11 @@ CHILD = textwrap.dedent("""
     if mode == "slow-shards":
         import index_build.encode_local as encode_local
         real_write = encode_local.write_shard
+        written = []
         def slow_write(*args, **kwargs):
             meta = real_write(*args, **kwargs)
-            time.sleep(0.4)
+            written.append(meta)
+            time.sleep(0.4 if len(written) < 3 else 60)  # from the third on, it waits to be killed (a slow box)
             return meta
         encode_local.write_shard = slow_write
     elif mode == "die-before-link-swap":

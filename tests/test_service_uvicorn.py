@@ -15,7 +15,7 @@ import pytest
 
 from test_service_api import BAD_UPLOADS, _bad_payload
 from test_service_support import (  # noqa: F401  (world is a fixture)
-    ServiceProcess, free_port, metric_value, publish_symlink, settings_for, world,
+    ServiceProcess, metric_value, publish_symlink, settings_for, world,
 )
 
 ADMIN = {"Authorization": "Bearer adm1n"}
@@ -29,16 +29,8 @@ def live_link(world, tmp_path_factory) -> Path:
     return link
 
 
-@pytest.fixture(scope="module")
-def server(world, live_link, tmp_path_factory):
-    env = {
-        "GEOLOC_CHECKPOINT": str(world.checkpoint), "GEOLOC_INDEX": str(live_link),
-        "GEOLOC_RELOAD_POLL_S": "0.2", "GEOLOC_ADMIN_TOKEN": "adm1n",
-        "GEOLOC_QUEUE_SIZE": "4", "GEOLOC_MAX_BATCH_SIZE": "2", "GEOLOC_MAX_BATCH_IMAGES": "4",
-        "GEOLOC_MAX_UPLOAD_BYTES": str(64 * 1024), "GEOLOC_MAX_PIXELS": "2000000",
-        "GEOLOC_READ_TIMEOUT_S": str(READ_TIMEOUT_S),
-    }
-    proc = ServiceProcess(env, tmp_path_factory.mktemp("logs") / "uvicorn.log")
+def _serve(env: dict[str, str], log_path: Path):
+    proc = ServiceProcess(env, log_path)
     try:
         yield proc
     finally:
@@ -46,6 +38,26 @@ def server(world, live_link, tmp_path_factory):
         # uvicorn re-raises the SIGTERM it handled once shutdown is done: -15 is a clean exit.
         assert code in (0, -15), f"uvicorn died ({code}):\n{proc.log()[-3000:]}"
         assert "Application shutdown complete" in proc.log()
+
+
+@pytest.fixture(scope="module")
+def server(world, live_link, tmp_path_factory):
+    env = {
+        "GEOLOC_CHECKPOINT": str(world.checkpoint), "GEOLOC_INDEX": str(live_link),
+        "GEOLOC_RELOAD_POLL_S": "0.2", "GEOLOC_ADMIN_TOKEN": "adm1n",
+        "GEOLOC_QUEUE_SIZE": "4", "GEOLOC_MAX_BATCH_SIZE": "2", "GEOLOC_MAX_BATCH_IMAGES": "4",
+        "GEOLOC_MAX_UPLOAD_BYTES": str(64 * 1024), "GEOLOC_MAX_PIXELS": "2000000",
+    }
+    yield from _serve(env, tmp_path_factory.mktemp("logs") / "uvicorn.log")
+
+
+@pytest.fixture()
+def impatient_server(world, tmp_path):
+    """Its own server with a short read timeout: on the shared one, 40 clients of one busy process could
+    stall that long between connecting and sending, and get a 408 another test did not ask for."""
+    env = {"GEOLOC_CHECKPOINT": str(world.checkpoint), "GEOLOC_INDEX": str(world.artifact_a),
+           "GEOLOC_RELOAD_POLL_S": "0", "GEOLOC_READ_TIMEOUT_S": str(READ_TIMEOUT_S)}
+    yield from _serve(env, tmp_path / "uvicorn.log")
 
 
 @pytest.fixture()
@@ -157,7 +169,8 @@ def test_oversized_upload_rejected_while_streaming(server):
             assert body["code"] == "upload_too_large"
 
 
-def test_a_client_that_stalls_its_headers_or_its_body_gets_408(server, world):
+def test_a_client_that_stalls_its_headers_or_its_body_gets_408(impatient_server, world):
+    server = impatient_server
     logged_before = server.log().count("request headers not received within")
     head = (b"POST /localize HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n"
             b"Content-Type: multipart/form-data; boundary=BB\r\n\r\n")
@@ -220,15 +233,20 @@ def test_reload_during_load_has_no_failed_or_mixed_requests(server, world, live_
     def generation() -> int:
         return http.get("/readyz").json()["index"]["generation"]
 
+    def answered_at(gen: int) -> bool:  # a request was served by that generation (fixed sleeps raced a slow box)
+        with lock:
+            return any(isinstance(body, dict) and body.get("index", {}).get("generation") == gen
+                       for _, body in outcomes)
+
     start_gen = generation()
     threads = [threading.Thread(target=client_loop) for _ in range(4)]  # <= queue size: no 503
     for t in threads:
         t.start()
     try:
-        time.sleep(0.5)
+        wait_for(lambda: answered_at(start_gen), "a request served by the first index", timeout=60)
         publish_symlink(live_link, world.artifact_b.resolve())  # what index_build does
         wait_for(lambda: generation() == start_gen + 1, "the watcher to load artifact b")
-        time.sleep(0.3)
+        wait_for(lambda: answered_at(start_gen + 1), "a request served by artifact b", timeout=60)
         forced = http.post("/admin/reload?force=true", headers=ADMIN)
         assert forced.status_code == 200 and forced.json()["index"]["count"] == 16
         time.sleep(0.3)
@@ -351,11 +369,13 @@ class ThreadedServer:
     def __init__(self, app) -> None:
         import uvicorn
 
-        self.port = free_port()
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                access_log=False, lifespan="on")
+        # Bound here and handed over: a port found free and bound later could be taken meanwhile.
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
         self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self):
         self.thread.start()
@@ -368,6 +388,7 @@ class ThreadedServer:
     def __exit__(self, *exc):
         self.server.should_exit = True
         self.thread.join(15)
+        self.sock.close()
 
 
 def test_disconnected_client_is_not_computed(world):
@@ -394,7 +415,10 @@ def test_disconnected_client_is_not_computed(world):
             assert engine.depth == 1
             images_before = metric("geoloc_images_localized_total")
             sock.close()  # the client gives up while its job waits
-            time.sleep(0.3)
+            deadline = time.monotonic() + 10  # withdrawn while the queue is still paused: a fixed sleep raced it
+            while engine.depth > 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert engine.depth == 0, "the abandoned job was not withdrawn from the queue"
         deadline = time.monotonic() + 5
         while metric("geoloc_dropped_images_total", reason="client_disconnected") < 1:
             assert time.monotonic() < deadline, "the abandoned job was not dropped"
