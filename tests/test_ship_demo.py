@@ -39,10 +39,8 @@ def demo_cmd(base: Path, ckpt: Path, *extra: str) -> list[str]:
 @pytest.fixture(scope="module")
 def prepared(demo_setup):
     base, ckpt = demo_setup
-    t0 = time.monotonic()
     first = run(demo_cmd(base, ckpt, "--prepare-only"), timeout=300)
-    first_s = time.monotonic() - t0
-    return base, ckpt, first, first_s
+    return base, ckpt, first
 
 
 # ------------------------------------------------------------------------------ unit checks
@@ -206,7 +204,7 @@ def test_missing_checkpoint_says_what_to_do(tmp_path):
 # ------------------------------------------------------------------------------ the real thing
 
 def test_first_run_builds_region_and_index(prepared):
-    base, _ckpt, first, _ = prepared
+    base, _ckpt, first = prepared
     assert "region: generating" in first.stdout and "index: building" in first.stdout
     world = base / "demo" / "world"
     assert (world / "queries.csv").is_file()
@@ -220,15 +218,13 @@ def test_first_run_builds_region_and_index(prepared):
     assert len((world / "queries.csv").read_text().splitlines()) == 1 + PANORAMAS
 
 
-def test_second_run_reuses_everything_quickly(prepared):
-    base, ckpt, _, first_s = prepared
-    t0 = time.monotonic()
+def test_second_run_reuses_everything(prepared):
+    base, ckpt, _ = prepared
     second = run(demo_cmd(base, ckpt, "--prepare-only"), timeout=60)
-    elapsed = time.monotonic() - t0
+    # what makes it quick, not a time (a busy box): nothing regenerated, nothing re-encoded; what reuse reads
+    # is the next test's
     assert "region: reusing" in second.stdout and "index: reusing" in second.stdout
     assert "worldgen" not in second.stdout and "index_build" not in second.stdout
-    # relative, not absolute: the box running the tests may be busy
-    assert elapsed < first_s / 4, f"second run took {elapsed:.1f} s, the first {first_s:.1f} s"
 
 
 def test_reuse_checks_read_only_small_files(prepared, monkeypatch):
@@ -236,7 +232,7 @@ def test_reuse_checks_read_only_small_files(prepared, monkeypatch):
     the checkpoint (whose header alone is read): no image, no index file, no checkpoint hashing."""
     import builtins
 
-    base, ckpt, _, _ = prepared
+    base, ckpt, _ = prepared
     demo = demo_module()
     opened = []
     real_open = builtins.open
@@ -274,7 +270,7 @@ def test_more_panoramas_regenerate_the_region_but_keep_the_index(demo_setup, tmp
 
 
 def test_smoke_and_picture_from_a_real_query(prepared, tmp_path):
-    base, ckpt, _, _ = prepared
+    base, ckpt, _ = prepared
     png = tmp_path / "demo.png"
     proc = run(demo_cmd(base, ckpt, "--port", str(free_port()), "--smoke", "--picture", str(png), "--k", "3"),
                timeout=180)
@@ -288,7 +284,7 @@ def test_smoke_and_picture_from_a_real_query(prepared, tmp_path):
 
 
 def test_serve_prints_a_working_curl_and_stops_cleanly_on_ctrl_c(prepared):
-    base, ckpt, _, _ = prepared
+    base, ckpt, _ = prepared
     port = free_port()
     proc = subprocess.Popen(demo_cmd(base, ckpt, "--port", str(port)), cwd=REPO, env=clean_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -341,7 +337,7 @@ def test_serve_prints_a_working_curl_and_stops_cleanly_on_ctrl_c(prepared):
 
 
 def test_port_in_use_is_reported(prepared):
-    base, ckpt, _, _ = prepared
+    base, ckpt, _ = prepared
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen(1)
@@ -351,7 +347,7 @@ def test_port_in_use_is_reported(prepared):
 
 
 def test_new_checkpoint_rebuilds_only_the_index(prepared, tmp_path):
-    base, _ckpt, _, _ = prepared
+    base, _ckpt, _ = prepared
     other = stand_in_checkpoint(tmp_path / "other.safetensors", seed=1)
     proc = run(demo_cmd(base, other, "--prepare-only"), timeout=180)
     assert "region: reusing" in proc.stdout
