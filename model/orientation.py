@@ -121,10 +121,7 @@ def alignment_scores(view_columns: np.ndarray, tile_columns: np.ndarray, seen: n
             raise ValueError(f"tile columns at phases must be [K, P, {width}, {np.shape(view_columns)[-1]}] like "
                              f"the view's {np.shape(view_columns)}, got {tiles.shape}")
         per_phase = alignment_scores(view_columns, tiles.reshape(k * phases, *tiles.shape[2:]), seen)
-        fine = np.empty((k, width * phases), per_phase.dtype)
-        for p in range(phases):
-            fine[:, (np.arange(width) * phases - p) % (width * phases)] = per_phase[p::phases]
-        return fine
+        return interleave_phases(per_phase.reshape(k, phases, width))
     if tiles.ndim != 3 or tiles.shape[1:] != np.shape(view_columns):
         raise ValueError(f"tile columns must be [K, {width}, {np.shape(view_columns)[-1]}] like the view's "
                          f"{np.shape(view_columns)}, got {tiles.shape}")
@@ -136,6 +133,16 @@ def alignment_scores(view_columns: np.ndarray, tile_columns: np.ndarray, seen: n
         valid = seen_token_columns(seen, width) if seen.size != width else seen
     views = np.broadcast_to(np.asarray(view_columns, dtype=np.float32), tiles.shape)
     return shift_scores(views, tiles, None if valid is None else np.broadcast_to(valid, tiles.shape[:2]))
+
+
+def interleave_phases(scores):
+    """Scores [..., P, W] at P sub-column phases (phase p: the tile turned by p / P of a column, its shift s
+    at heading s - p / P columns) -> [..., W * P] at headings 360 / (W * P) degrees apart, in order.
+    numpy or torch alike."""
+    phases, width = scores.shape[-2:]
+    fine = (np.arange(width)[None, :] * phases - np.arange(phases)[:, None]) % (width * phases)  # [P, W]
+    order = np.argsort(fine.reshape(-1), kind="stable")
+    return scores.reshape(*scores.shape[:-2], phases * width)[..., order]
 
 
 def phase_step(width_px: int, width: int, phases: int) -> int:
@@ -235,11 +242,20 @@ def _column_features(model, branch: str, views: np.ndarray, rows: bool,
     return torch.cat(columns), torch.cat(descriptors)
 
 
+def _heading_logits(g: torch.Tensor, a: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Views' column features [B, W, C] (valid-column weights ``keep`` [B, W], each row summing to 1)
+    against their own tiles' at P phases [B, P, W, C] -> [B, W * P]: each view's alignment at each
+    heading 360 / (W * P) degrees apart (`interleave_phases`)."""
+    views = g[:, None]
+    shifts = [((views * torch.roll(a, -s, dims=2)).sum(dim=3) * keep[:, None]).sum(dim=2) for s in range(g.shape[1])]
+    return interleave_phases(torch.stack(shifts, dim=2))
+
+
 def _tile_logits(g: torch.Tensor, a: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Views' column features [A, W, C] (valid-column weights ``keep`` [A, W], each row summing to 1)
-    against tiles' [T, W, C] -> [A, T, S]: each view's alignment with each tile at each shift."""
-    return torch.stack([(torch.einsum("awc,twc->atw", g, torch.roll(a, -s, dims=1)) * keep[:, None, :]).sum(dim=2)
-                        for s in range(g.shape[1])], dim=2)
+    against tiles' [T, P, W, C] -> [A, T, P * S]: each view's alignment with each tile at each phase and shift."""
+    return torch.stack([(torch.einsum("awc,tpwc->atpw", g, torch.roll(a, -s, dims=2))
+                         * keep[:, None, None, :]).sum(dim=3) for s in range(g.shape[1])], dim=3).flatten(2)
 
 
 def train_orientation(checkpoint: Path, data: Path, out: Path, *, pairs: int = 4000, rotations: int = 4,
@@ -249,7 +265,7 @@ def train_orientation(checkpoint: Path, data: Path, out: Path, *, pairs: int = 4
                       retrieval: float = 0.0, negatives: int = 3, neighbours: int = 20, photo_share: float = 0.0,
                       photo_fov_range: tuple[float, float] = (60.0, 100.0), photo_tilt: float = 0.0,
                       rows: bool = False, hidden: int = 0, schedule: str = "constant",
-                      centre_jitter: float = 0.0) -> dict:
+                      centre_jitter: float = 0.0, tile_phases: int = 1) -> dict:
     """Train an orientation head on the frozen network of ``checkpoint`` with ``pairs`` pairs of
     ``data``, each panorama turned to ``rotations`` random headings (a share ``fov_augment`` of them
     cut to a random field of view); write the network with the head to ``out``.
@@ -267,7 +283,9 @@ def train_orientation(checkpoint: Path, data: Path, out: Path, *, pairs: int = 4
     view meets its own polar view of the tile, centred a random distance from the camera (uniform over a
     disc of radius ``centre_jitter`` x the tile's side, `model.train.off_centre_polar`), as a camera
     between the views of an index cut every few metres (index_build tile --centres-m) meets the nearest;
-    the held-out numbers are then measured on such off-centre views too."""
+    the held-out numbers are then measured on such off-centre views too. ``tile_phases`` > 1: each tile is
+    also met at that many sub-column phases (`phase_columns`), as an index built ``--tile-phases`` holds it,
+    and the heading is found among W x P shifts (the held-out numbers too)."""
     if schedule not in ("constant", "cosine"):
         raise ValueError(f"schedule must be constant or cosine, got {schedule!r}")
     if not 0.0 <= photo_tilt <= 30.0:
@@ -281,11 +299,19 @@ def train_orientation(checkpoint: Path, data: Path, out: Path, *, pairs: int = 4
     if not 0.0 <= centre_jitter <= MAX_CENTRE_JITTER:
         raise ValueError(f"centre_jitter must be within 0..{MAX_CENTRE_JITTER:g} of the tile's side, "
                          f"got {centre_jitter:g}")
+    if tile_phases > 1 and centre_jitter:
+        raise TrainingError("tile phases and a centre jitter can not be combined (each heading meets its own "
+                            "off-centre polar view, at phase 0)")
     from .views import angle_difference, limit_fov, limit_photo, refine_headings, rotate_view, tilt_view
 
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     net = load_checkpoint(checkpoint).eval()
+    width = net.config.grid("ground")[1]
+    try:  # refused before the pairs are read
+        step = phase_step(net.config.aerial_size[1], width, tile_phases) if tile_phases > 1 else 0
+    except ValueError as exc:
+        raise TrainingError(str(exc)) from None
     config = net.config.replace(orientation_dim=dim, orientation_rows=rows, orientation_hidden=hidden)
     records = read_records(dataset, data, split)
     records = [records[i] for i in np.sort(rng.permutation(len(records))[:pairs])]
@@ -297,7 +323,7 @@ def train_orientation(checkpoint: Path, data: Path, out: Path, *, pairs: int = 4
         check_off_centre_inputs(net.config, records)
     arrays = load_pair_arrays(records, net.config, "preprocess", workers=workers,
                               tile_side=jitter_tile_side(net.config) if centre_jitter else None)
-    n, width = len(records), net.config.grid("ground")[1]
+    n = len(records)
     headings = rng.uniform(0.0, 360.0, (n, rotations))
     fovs = np.where(rng.random((n, rotations)) < fov_augment, rng.uniform(*fov_range, (n, rotations)), 360.0)
     photo = np.zeros((n, rotations), bool)
@@ -319,15 +345,18 @@ def train_orientation(checkpoint: Path, data: Path, out: Path, *, pairs: int = 4
                                for s in range(0, n, 256)])
 
     t0 = time.perf_counter()
-    if centre_jitter:  # one polar view a heading: aerial [N, R, W, D], descriptors [N, R, D]
+    if centre_jitter:  # one polar view a heading: aerial [N, R, 1, W, D], descriptors [N, R, D]
         shifted = torch.Generator().manual_seed(seed)
         copies = [_column_features(net, "aerial", polar_views(shifted), rows) for _ in range(rotations)]
-        aerial = torch.stack([c[0] for c in copies], dim=1)
+        aerial = torch.stack([c[0] for c in copies], dim=1)[:, :, None]
         aerial_descriptors = torch.stack([c[1] for c in copies], dim=1)
         del copies
-    else:
+    else:  # aerial [N, 1, P, W, D]: phase p is the polar tile rolled by p * step pixels (`phase_columns`)
         aerial, aerial_descriptors = _column_features(net, "aerial", arrays.aerial, rows)
-        aerial, aerial_descriptors = aerial[:, None], aerial_descriptors[:, None]
+        turned = [_column_features(net, "aerial", np.roll(arrays.aerial, p * step, axis=2), rows)[0]
+                  for p in range(1, tile_phases)]
+        aerial, aerial_descriptors = torch.stack([aerial, *turned], dim=1)[:, None], aerial_descriptors[:, None]
+        del turned
     turned = [_column_features(net, "ground", np.stack([cut(i, r) for i in range(n)]), rows) for r in range(rotations)]
     ground = torch.stack([t[0] for t in turned], dim=1)  # [N, R, Wg, D]
     ground_descriptors = torch.stack([t[1] for t in turned], dim=1)  # [N, R, D]
@@ -336,7 +365,7 @@ def train_orientation(checkpoint: Path, data: Path, out: Path, *, pairs: int = 4
     head = OrientationHead.for_config(config)
     scale = nn.Parameter(torch.tensor(3.0))  # log of the logits' scale
     optimizer = torch.optim.Adam([*head.parameters(), scale], lr=lr)
-    targets = torch.as_tensor(heading_targets(headings, width))
+    targets = torch.as_tensor(heading_targets(headings, width * tile_phases))
     train_rows = np.arange(n)[: int(n * (1 - holdout))]
     if retrieval > 0:  # each view's nearest training tiles by descriptor (the first polar view's), its own left
         # out: the look-alikes
@@ -351,8 +380,7 @@ def train_orientation(checkpoint: Path, data: Path, out: Path, *, pairs: int = 4
         copy = r % aerial.shape[1]
         g, a = head.project(ground[b, r], "ground"), head.project(aerial[b, copy], "aerial")
         keep = valid[b, r] / valid[b, r].sum(dim=1, keepdim=True).clamp(min=1)
-        logits = torch.stack([((g * torch.roll(a, -s, dims=1)).sum(dim=2) * keep).sum(dim=1)
-                              for s in range(width)], dim=1) * scale.exp()
+        logits = _heading_logits(g, a, keep) * scale.exp()
         loss = F.cross_entropy(logits, targets[b, r])
         if retrieval > 0:  # b indexes train_rows' first rows, which are train_rows themselves
             picks = hard[b, r][np.arange(batch_size)[:, None], rng.integers(0, hard.shape[2], (batch_size, negatives))]
@@ -376,7 +404,8 @@ def train_orientation(checkpoint: Path, data: Path, out: Path, *, pairs: int = 4
         for r in range(rotations):
             a = head.project(aerial[test, r % aerial.shape[1]], "aerial")
             g = head.project(ground[test, r], "ground")
-            scores = shift_scores(g, a, valid[test, r].numpy() > 0)
+            seen = valid[test, r].numpy() > 0
+            scores = interleave_phases(np.stack([shift_scores(g, a[:, p], seen) for p in range(a.shape[1])], axis=1))
             estimate = refine_headings(scores)
             errors.append(angle_difference(estimate, headings[test, r]))
             full.append(fovs[test, r] >= 360)
@@ -409,7 +438,8 @@ def train_orientation(checkpoint: Path, data: Path, out: Path, *, pairs: int = 4
                                   **({"photo_share": photo_share, "photo_fov_range": list(photo_fov_range)}
                                      if photo_share > 0 else {}),
                                   **({"photo_tilt": photo_tilt} if photo_tilt > 0 else {}),
-                                  **({"centre_jitter": centre_jitter} if centre_jitter > 0 else {}), **report}}
+                                  **({"centre_jitter": centre_jitter} if centre_jitter > 0 else {}),
+                                  **({"tile_phases": tile_phases} if tile_phases > 1 else {}), **report}}
     out.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(model, out, metadata=provenance)
     return report
@@ -445,6 +475,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="each heading meets a polar view of its tile centred up to F x the tile's side from the "
                         "camera (uniform over the disc), as a camera between the views of an index_build tile "
                         "--centres-m index meets the nearest (0.07: views every 10 m of 100 m tiles)")
+    p.add_argument("--tile-phases", type=positive_int, default=1, metavar="P",
+                   help="each tile is also met at P sub-column phases, as an index_build build --tile-phases P "
+                        "index holds it, and the heading is found among 16 x P shifts (1: phase 0 only)")
     p.add_argument("--dim", type=positive_int, default=64, help="width of a column feature")
     p.add_argument("--rows", action="store_true",
                    help="the head reads each column's token rows side by side instead of their mean")
@@ -475,6 +508,7 @@ def main(argv: list[str] | None = None) -> int:
                                    negatives=args.negatives, neighbours=args.neighbours,
                                    photo_share=args.photo_share, photo_fov_range=tuple(args.photo_fov),
                                    photo_tilt=args.photo_tilt, centre_jitter=args.centre_jitter,
+                                   tile_phases=args.tile_phases,
                                    rows=args.rows, hidden=args.hidden, schedule=args.schedule)
     except (CheckpointError, ConfigError, TrainingError, ImageDecodeError) as exc:
         print(f"error: {exc}", file=sys.stderr)

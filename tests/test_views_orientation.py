@@ -474,6 +474,54 @@ def test_a_head_that_reads_the_rows_through_a_hidden_layer_is_saved_and_encoded_
         train_orientation(base / "plain.safetensors", world, tmp_path / "x.safetensors", pairs=24, schedule="linear")
 
 
+def test_the_orientation_head_can_train_on_tiles_at_sub_column_phases(view_world, tmp_path, monkeypatch):
+    """Trained as an index built --tile-phases meets it: the tiles at P phases, the heading among W x P shifts,
+    scored by the same rule as at inference (`alignment_scores`)."""
+    import model.orientation
+    from model import load_checkpoint
+    from model.orientation import (_heading_logits, _tile_logits, alignment_scores, heading_targets,
+                                   train_orientation)
+    from model.train import TrainingError
+
+    world, base, _ = view_world
+    seen_inputs = []
+    real = model.orientation._column_features
+    monkeypatch.setattr(model.orientation, "_column_features",
+                        lambda net, branch, views, rows: seen_inputs.append((branch, views)) or real(net, branch, views,
+                                                                                                   rows))
+    common = dict(pairs=24, rotations=2, steps=6, batch_size=8, workers=1, split="all", retrieval=1.0, negatives=2,
+                  neighbours=5, seed=3)
+    report = train_orientation(base / "plain.safetensors", world, tmp_path / "phased.safetensors", tile_phases=4,
+                               **common)
+    tiles = [views for branch, views in seen_inputs if branch == "aerial"]
+    assert len(tiles) == 4  # phase p: the polar tiles rolled by p * 256 / (16 * 4) pixels
+    for p in range(1, 4):
+        assert np.array_equal(tiles[p], np.roll(tiles[0], 4 * p, axis=2))
+    assert 0.0 <= report["held_out_r1_rerank_limited"] <= 1.0 and report["heading_error_median_deg_360"] is not None
+    assert load_checkpoint(tmp_path / "phased.safetensors").provenance["orientation"]["tile_phases"] == 4
+    assert list(heading_targets(np.array([0.0, 5.625, 11.0, 359.0]), 16 * 4)) == [0, 1, 2, 0]
+
+    rng = np.random.default_rng(0)
+    view = torch.nn.functional.normalize(torch.as_tensor(rng.normal(size=(16, 8)), dtype=torch.float32), dim=-1)
+    phased = torch.nn.functional.normalize(torch.as_tensor(rng.normal(size=(3, 4, 16, 8)), dtype=torch.float32),
+                                           dim=-1)
+    seen = np.zeros(16, bool)
+    seen[5:9] = True
+    keep = torch.as_tensor(seen / seen.sum(), dtype=torch.float32)
+    expected = alignment_scores(view.numpy(), phased.numpy(), seen)  # [3, 64], as the service scores
+    trained = _heading_logits(view.expand(3, 16, 8), phased, keep.expand(3, 16))
+    assert trained.shape == (3, 64) and np.allclose(trained.numpy(), expected, atol=1e-5)
+    best = _tile_logits(view[None], phased, keep[None]).amax(dim=2)[0]  # the best over phases and shifts
+    assert np.allclose(best.numpy(), expected.max(axis=1), atol=1e-5)
+
+    with pytest.raises(TrainingError, match="3 phases of 16-column tiles need their 256 pixels"):
+        train_orientation(base / "plain.safetensors", world, tmp_path / "x.safetensors", tile_phases=3, **common)
+    with pytest.raises(TrainingError, match="tile phases and a centre jitter"):
+        train_orientation(base / "plain.safetensors", world, tmp_path / "x.safetensors", tile_phases=2,
+                          centre_jitter=0.1, **common)
+    assert not (tmp_path / "x.safetensors").exists()
+
+
 def test_the_orientation_head_can_meet_polar_views_centred_off_the_camera(view_world, tmp_path, monkeypatch, capsys):
     import model.train
     from model import load_checkpoint
