@@ -9,7 +9,8 @@ when they are missing, then runs `model.evaluate` for every cell of two tables: 
 vertical edges as the service places them, and with their cameras' true pitch and roll). Each cell is one
 JSON file in --out, written when its run ends, so an interrupted run resumes where it stopped. The
 tables are printed as Markdown (and written to OUT/tables.md), with each R@1 over the known-heading 360 degree
-R@1 of the same ranking, descriptor or re-rank (issue 16's ratios), and the photo-to-crop gaps. 32
+R@1 of the same ranking, descriptor or re-rank (issue 16's ratios, cut to their last decimal, not rounded up
+to a goal), and the photo-to-crop gaps. 32
 evaluations: about 20 min on the 2-vCPU VM for the `tiny` config (and about 4
 min for the two regions).
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -110,10 +112,17 @@ def _pct(value) -> str:
     return "" if value is None else f"{100 * value:.2f}"
 
 
+def _ratio(value: float, decimals: int) -> str:
+    """Cut, not rounded, to ``decimals``: 348 / 1161 = 0.2997 is "0.299", never "0.300" against a 0.30 goal
+    (1e-9 keeps 0.3 / 0.75 = 0.39999... at "0.40")."""
+    scale = 10 ** decimals
+    return f"{math.floor(value * scale + 1e-9) / scale:.{decimals}f}"
+
+
 def _row(labels: tuple, r: dict, ratio: float | None) -> str:
     error = r.get("heading_error_median_deg")
     values = [*labels, _pct(r["r1"]), _pct(r["r5"]), _pct(r["r10"]), _pct(r["r1pct"])]
-    values += [] if ratio is None else [f"{ratio:.2f}"]
+    values += [] if ratio is None else [_ratio(ratio, 2)]
     return "| " + " | ".join(map(str, [*values, "" if error is None else f"{error:.2f} deg"])) + " |"
 
 
@@ -135,7 +144,7 @@ def tables(out: Path) -> str:
     gaps = [f"{how} known {gap(kind, 'known'):.2f} / unknown {gap(kind, 'unknown'):.2f}"
             for kind, how in (("photos", "placed level"), ("photos_est", "tilt estimated"),
                               ("photos_tilt", "tilt given"))]
-    ratios = lambda known: ", ".join(f"{fov} {cell[f'{fov}_unknown_rerank']['r1'] / known:.3f}"  # noqa: E731
+    ratios = lambda known: ", ".join(f"{fov} {_ratio(cell[f'{fov}_unknown_rerank']['r1'] / known, 3)}"  # noqa: E731
                                      for fov in (360, 180, 90))
     lines += ["", f"Re-ranked photos trail crops by (points): {'; '.join(gaps)} (issue 16: at most 5).",
               f"Unknown heading re-ranked, x known 360 re-ranked R@1 ({100 * reranked_base:.2f}): "

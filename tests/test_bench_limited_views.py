@@ -36,6 +36,7 @@ def test_tables_ratios_and_gaps(tmp_path, capsys):
     names = [name for name, _ in lv.cells()]
     for i, name in enumerate(names):
         r1 = {"360_known_descriptor": 0.5, "360_known_rerank": 0.75, "180_unknown_rerank": 0.3,
+              "90_unknown_rerank": 0.22475,  # 0.29967 of the re-ranked 0.75: short of 0.30
               "photos_known_rerank": 0.06,
               "photos_tilt_known_rerank": 0.1, "crops_known_rerank": 0.125}.get(name, 0.01 * (i + 1))
         (tmp_path / f"{name}.json").write_text(json.dumps(
@@ -53,7 +54,8 @@ def test_tables_ratios_and_gaps(tmp_path, capsys):
     head = lv.json.loads((tmp_path / "180_unknown_head.json").read_text())["r1"]
     assert f"| 180 | unknown | head | {100 * head:.2f} | 20.00 | 30.00 | 40.00 | {head / 0.5:.2f} | 4.50 deg |" in text
     assert "| 360 | known | descriptor | 50.00 |" in text
-    assert "x known 360 re-ranked R@1 (75.00): 360 0.800, 180 0.400" in text  # 3 decimals: 0.297 is not 0.30
+    assert "x known 360 re-ranked R@1 (75.00): 360 0.800, 180 0.400, 90 0.299;" in text  # cut, not rounded to 0.300
+    assert "| 90 | unknown | rerank | 22.48 | 20.00 | 30.00 | 40.00 | 0.29 | 4.50 deg |" in text
     assert "x known 360 descriptor R@1 (50.00): 360 1.200, 180 0.600" in text
     assert "photos trail crops by (points): placed level known 6.50 / unknown" in text
     assert "; tilt given known 2.50 / unknown" in text and "| photos, tilt given | known | rerank | 10.00 |" in text
