@@ -749,9 +749,9 @@ def run_add(opts: AddOptions) -> BuildResult:
                         "skipped": len(skipped), "added_at": utc_now_iso(), "base_version": base_version,
                         "encode": result.encode.to_json()}],
         )
-        write_manifest(work, manifest)
         result.timings["index_s"] = round(time.perf_counter() - t0, 3)
-        t0 = time.perf_counter()
+        t0 = time.perf_counter()  # publish, as in build: the manifest, then the version and the link
+        write_manifest(work, manifest)
         result.version_dir = _publish(layout, fingerprint, opts.keep_versions)
         result.timings["publish_s"] = round(time.perf_counter() - t0, 3)
         result.status, result.count, result.skipped, result.manifest = "published", count, len(skipped), manifest

@@ -309,7 +309,7 @@ def train_orientation(checkpoint: Path, data: Path, out: Path, *, pairs: int = 4
     net = load_checkpoint(checkpoint).eval()
     width = net.config.grid("ground")[1]
     try:  # refused before the pairs are read
-        step = phase_step(net.config.aerial_size[1], width, tile_phases) if tile_phases > 1 else 0
+        phase_step(net.config.aerial_size[1], width, tile_phases)
     except ValueError as exc:
         raise TrainingError(str(exc)) from None
     config = net.config.replace(orientation_dim=dim, orientation_rows=rows, orientation_hidden=hidden)
@@ -351,12 +351,12 @@ def train_orientation(checkpoint: Path, data: Path, out: Path, *, pairs: int = 4
         aerial = torch.stack([c[0] for c in copies], dim=1)[:, :, None]
         aerial_descriptors = torch.stack([c[1] for c in copies], dim=1)
         del copies
-    else:  # aerial [N, 1, P, W, D]: phase p is the polar tile rolled by p * step pixels (`phase_columns`)
+    else:  # aerial [N, 1, P, W, D]: the tiles at their phases as an index holds them (`phase_columns`)
         aerial, aerial_descriptors = _column_features(net, "aerial", arrays.aerial, rows)
-        turned = [_column_features(net, "aerial", np.roll(arrays.aerial, p * step, axis=2), rows)[0]
-                  for p in range(1, tile_phases)]
-        aerial, aerial_descriptors = torch.stack([aerial, *turned], dim=1)[:, None], aerial_descriptors[:, None]
-        del turned
+        aerial = torch.as_tensor(phase_columns(
+            lambda tiles: _column_features(net, "aerial", tiles.permute(0, 2, 3, 1).numpy(), rows)[0],
+            torch.from_numpy(arrays.aerial).permute(0, 3, 1, 2), tile_phases, first=aerial.numpy()))
+        aerial, aerial_descriptors = aerial[:, None], aerial_descriptors[:, None]
     turned = [_column_features(net, "ground", np.stack([cut(i, r) for i in range(n)]), rows) for r in range(rotations)]
     ground = torch.stack([t[0] for t in turned], dim=1)  # [N, R, Wg, D]
     ground_descriptors = torch.stack([t[1] for t in turned], dim=1)  # [N, R, D]

@@ -141,7 +141,7 @@ class Engine:
     def _report_depth(self) -> None:
         # Read and set under the queue's lock: two threads setting it outside could leave a stale depth.
         with self._cond:
-            self.metrics.queue_depth.set(sum(job.n for job in self._jobs))
+            self.metrics.queue_depth.set(self.depth)  # the lock is re-entrant
 
     @property
     def running(self) -> bool:
