@@ -10,7 +10,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import queue
@@ -20,6 +19,8 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 
 import pytest
+
+from ports import free_port  # noqa: F401  (one place for ports; the tests import it from here)
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -36,12 +37,6 @@ def clean_env(**extra: str) -> dict[str, str]:
     env.setdefault("OMP_NUM_THREADS", "2")
     env.update(extra)
     return env
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(cmd: list[str], *, cwd: Path | str = REPO, env: dict | None = None, timeout: float = 300,
