@@ -90,7 +90,8 @@ class BuildOptions:
     ray_gpus_per_actor: float | None = None
     ray_decode_threads: int = 2
     report_path: str | None = None         # where the full validation report goes (default: beside --out)
-    tile_phases: int = 1                   # the orientation columns at this many sub-column phases (add: the base's)
+    tile_phases: int | None = None         # orientation columns at this many sub-column phases; None: those the
+                                           # checkpoint's head was trained at (model.orientation.trained_tile_phases)
     # test/bench hook: called with each finished shard's sidecar (never used by the CLI)
     on_shard_written: Callable[[dict], None] | None = None
 
@@ -210,16 +211,23 @@ def views_checkpoint_note(net, tiling: dict | None) -> str | None:
             "a median 273 m against 5 m; docs/INDEX_BUILD.md)")
 
 
-def _load_model(opts, tile_phases: int = 1):
+def _load_model(opts, tile_phases: int | None = 1):
+    """The aerial encoder, its device and fingerprint; ``tile_phases`` None: the phases its head was trained at."""
     from model import load_checkpoint
     from model.encode import pick_device
     from model.inference import InferenceEncoder
+    from model.orientation import trained_tile_phases
 
     log.info("loading the model from %s", opts.checkpoint)
     device = pick_device(opts.device)
     model = load_checkpoint(opts.checkpoint, config=opts.model_config)
     fingerprint = model.fingerprint()
     log.info("model %r: %d-d embeddings, fingerprint %s", model.config.name, model.embedding_dim, fingerprint)
+    if tile_phases is None:
+        tile_phases = trained_tile_phases(model)
+        if tile_phases > 1:
+            log.info("tile phases: %d, as the checkpoint's orientation head was trained (--tile-phases 1: none)",
+                     tile_phases)
     return InferenceEncoder(model, device, branches=("aerial",), tile_phases=tile_phases), device, fingerprint
 
 
@@ -541,7 +549,7 @@ def run_build(opts: BuildOptions) -> BuildResult:
         t0 = time.perf_counter()
         model, device, fingerprint = _load_model(opts, opts.tile_phases)
         result.timings["model_load_s"] = round(time.perf_counter() - t0, 3)
-        _check_tile_phases(model, opts.tile_phases, opts.checkpoint)
+        _check_tile_phases(model, model.tile_phases, opts.checkpoint)
         index_spec(opts, len(catalogue), model.embedding_dim)  # a bad --nlist or --pq-m stops before encoding
         t_encode_stage = time.perf_counter()
         plan = {
@@ -551,7 +559,7 @@ def run_build(opts: BuildOptions) -> BuildResult:
             "checkpoint": os.path.abspath(opts.checkpoint), "created_at": utc_now_iso(),
             "catalog_lines": CatalogueLines.of_records(catalogue.records).to_json(),
             "tiling": catalogue_tiling(opts.catalog), "tiling_sha256": tiling_sha256(opts.catalog),
-            **({"tile_phases": opts.tile_phases} if opts.tile_phases > 1 else {}),  # checked: with a head
+            **({"tile_phases": model.tile_phases} if model.tile_phases > 1 else {}),  # checked: with a head
         }
         note = views_checkpoint_note(model.net, plan["tiling"])
         if note:

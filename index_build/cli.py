@@ -175,11 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-opq", dest="opq", action="store_false", help="ivf-pq without the OPQ rotation")
     b.add_argument("--target-recall", type=number(above=0, high=1), default=0.95,
                    help="recall@10 that nprobe/efSearch are tuned for (default: 0.95)")
-    b.add_argument("--tile-phases", type=positive_int, default=1,
+    b.add_argument("--tile-phases", type=positive_int, default=None,
                    help="store each tile's orientation columns at this many sub-column phases (each one more "
                         "forward of the tile, and as many column features stored): views of unknown heading are "
                         "re-ranked against the phase nearest theirs; 4 lifts panoramas and crops, not phone photos "
-                        "(docs/INDEX_BUILD.md; needs an orientation head; `add` keeps the artifact's) (default: 1)")
+                        "(docs/INDEX_BUILD.md; needs an orientation head; `add` keeps the artifact's) (default: "
+                        "the phases the checkpoint's head was trained at, model.orientation --tile-phases; 1 for "
+                        "the shipped checkpoints)")
     b.add_argument("--faiss-gpu", choices=("auto", "yes", "no"), default="auto",
                    help="train IVF indexes on a GPU with faiss-gpu: auto and yes use it when faiss-gpu sees a GPU, "
                         "no never does (default: auto)")

@@ -145,6 +145,16 @@ def interleave_phases(scores):
     return scores.reshape(*scores.shape[:-2], phases * width)[..., order]
 
 
+def trained_tile_phases(net) -> int:
+    """The sub-column phases a checkpoint's orientation head was trained to meet tiles at (`train_orientation`'s
+    ``tile_phases``, kept in its provenance): an index for it is built at them. 1 without a head, for a head
+    trained on the tiles as they are, and for a provenance that does not say."""
+    if not net.config.orientation_dim:
+        return 1
+    phases = ((getattr(net, "provenance", None) or {}).get("orientation") or {}).get("tile_phases", 1)
+    return phases if isinstance(phases, int) and not isinstance(phases, bool) and phases >= 1 else 1
+
+
 def phase_step(width_px: int, width: int, phases: int) -> int:
     """Pixels a polar tile of ``width_px`` pixel columns and ``width`` token columns is rolled by from one of
     ``phases`` sub-column phases to the next; a ValueError where they do not split evenly."""

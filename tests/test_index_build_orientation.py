@@ -306,3 +306,26 @@ def test_tile_phases_store_every_phase_and_add_resume_and_verify_keep_them(tmp_p
             run_add(opts(make_catalogue(tmp_path / f"m{phases}", 2, prefix="z", seed=9), headed, out, cls=AddOptions))
         report = run_verify(str(out), headed, sample=4, device="cpu")
         assert not report["ok"] and any("orientation phases must be" in p for p in report["problems"])
+
+
+def test_tile_phases_default_to_those_the_head_was_trained_at(tmp_path, headed, headless, catalogue, caplog):
+    from model import load_checkpoint
+    from model.orientation import trained_tile_phases
+
+    phased = str(tmp_path / "phased.safetensors")  # as model.orientation --tile-phases 2 records it
+    micro_checkpoint(phased, seed=0, orientation_dim=DIM, provenance={"orientation": {"tile_phases": 2}})
+    assert [trained_tile_phases(load_checkpoint(c)) for c in (phased, headed, headless)] == [2, 1, 1]
+    odd = load_checkpoint(headed)
+    for said in ("2", 0, True, None):
+        odd.provenance = {"orientation": {"tile_phases": said}}
+        assert trained_tile_phases(odd) == 1
+
+    with caplog.at_level("INFO", logger="index_build"):
+        run_build(opts(catalogue, phased, tmp_path / "auto"))
+    assert read_manifest(str(tmp_path / "auto"))["orientation"]["phases"] == 2
+    assert "tile phases: 2, as the checkpoint's orientation head was trained" in caplog.text
+    assert np.load(tmp_path / "auto" / "orientation.npy").shape == (24, 2 * COLUMNS, DIM)
+    run_build(opts(catalogue, phased, tmp_path / "one", tile_phases=1))  # said: as the tiles are
+    assert read_manifest(str(tmp_path / "one"))["orientation"].get("phases", 1) == 1
+    run_build(opts(catalogue, headed, tmp_path / "plain"))
+    assert read_manifest(str(tmp_path / "plain"))["orientation"].get("phases", 1) == 1

@@ -13,9 +13,9 @@ REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 
 
-def micro_checkpoint(path: Path, seed: int = 0, orientation_dim: int = 0) -> str:
+def micro_checkpoint(path: Path, seed: int = 0, orientation_dim: int = 0, provenance: dict | None = None) -> str:
     """A tiny L2LTR (32-d embeddings; with `orientation_dim`, an orientation head giving 8 aerial
-    columns of that width) saved as .safetensors; returns its fingerprint."""
+    columns of that width) saved as .safetensors, `provenance` added to its metadata; returns its fingerprint."""
     import torch
 
     from model import L2LTR, L2LTRConfig, save_checkpoint
@@ -24,7 +24,7 @@ def micro_checkpoint(path: Path, seed: int = 0, orientation_dim: int = 0) -> str
     cfg = L2LTRConfig(hidden_size=32, num_heads=2, mlp_dim=64, num_layers=2, resnet_units=(1, 1, 1),
                       resnet_width_factor=0.5, ground_size=(32, 128), aerial_size=(32, 128), name="micro",
                       orientation_dim=orientation_dim)
-    return save_checkpoint(L2LTR(cfg), path, metadata={"purpose": "index_build tests"})
+    return save_checkpoint(L2LTR(cfg), path, metadata={"purpose": "index_build tests", **(provenance or {})})
 
 
 def make_tile(path: Path, seed: int, size: int = 64) -> None:
