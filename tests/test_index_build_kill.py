@@ -33,6 +33,9 @@ CHILD = textwrap.dedent("""
     import os, signal, sys, time
     import torch
     torch.set_num_threads(1)
+    # Ctrl-C as in a terminal: a test run started as a background job hands its children SIGINT ignored,
+    # and Python then installs no KeyboardInterrupt for it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     mode, argv = sys.argv[1], sys.argv[2:]
     if mode == "slow-shards":
         import index_build.encode_local as encode_local
