@@ -178,10 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--tile-phases", type=positive_int, default=None,
                    help="store each tile's orientation columns at this many sub-column phases (each one more "
                         "forward of the tile, and as many column features stored): views of unknown heading are "
-                        "re-ranked against the phase nearest theirs; 4 lifts panoramas and crops, not phone photos "
-                        "(docs/INDEX_BUILD.md; needs an orientation head; `add` keeps the artifact's) (default: "
-                        "the phases the checkpoint's head was trained at, model.orientation --tile-phases; 1 for "
-                        "the shipped checkpoints)")
+                        "re-ranked against the phase nearest theirs (the demo checkpoint at 4: panoramas and crops "
+                        "lifted, phone photos not; docs/INDEX_BUILD.md; needs an orientation head; `add` keeps the "
+                        "artifact's) (default: "
+                        "the phases the checkpoint's head was trained at, model.orientation --tile-phases: 4 for "
+                        "weights/l2ltr_tiny_phases.safetensors, 1 for the demo and grid checkpoints)")
     b.add_argument("--faiss-gpu", choices=("auto", "yes", "no"), default="auto",
                    help="train IVF indexes on a GPU with faiss-gpu: auto and yes use it when faiss-gpu sees a GPU, "
                         "no never does (default: auto)")
