@@ -231,9 +231,11 @@ def _load_model(opts, tile_phases: int | None = 1):
     return InferenceEncoder(model, device, branches=("aerial",), tile_phases=tile_phases), device, fingerprint
 
 
-def _check_tile_phases(model, phases: int, checkpoint: str) -> None:
-    """--tile-phases needs an orientation head, and tiles whose pixel columns split into that many phases
-    of each token column (model.orientation.phase_columns); checked before anything is encoded."""
+def _check_tile_phases(model, checkpoint: str) -> None:
+    """The encoder's tile phases (--tile-phases, or its head's) need an orientation head, and tiles whose pixel
+    columns split into that many phases of each token column (model.orientation.phase_columns); checked
+    before anything is encoded."""
+    phases = model.tile_phases
     if phases == 1:
         return
     if model.column_shape is None:
@@ -549,7 +551,7 @@ def run_build(opts: BuildOptions) -> BuildResult:
         t0 = time.perf_counter()
         model, device, fingerprint = _load_model(opts, opts.tile_phases)
         result.timings["model_load_s"] = round(time.perf_counter() - t0, 3)
-        _check_tile_phases(model, model.tile_phases, opts.checkpoint)
+        _check_tile_phases(model, opts.checkpoint)
         index_spec(opts, len(catalogue), model.embedding_dim)  # a bad --nlist or --pq-m stops before encoding
         t_encode_stage = time.perf_counter()
         plan = {
