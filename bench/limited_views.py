@@ -9,7 +9,8 @@ when they are missing, then runs `model.evaluate` for every cell of two tables: 
 vertical edges as the service places them, and with their cameras' true pitch and roll). Each cell is one
 JSON file in --out, written when its run ends, so an interrupted run resumes where it stopped. The
 tables are printed as Markdown (and written to OUT/tables.md), with each R@1 over the known-heading 360 degree
-R@1 of the same ranking, descriptor or re-rank (issue 16's ratios, cut to their last decimal, not rounded up
+R@1 of the same ranking, descriptor or re-rank (a known heading re-ranked as the service does, aligned only
+within model.orientation.HEADING_WITHIN_DEG of it; issue 16's ratios, cut to their last decimal, not rounded up
 to a goal), and the photo-to-crop gaps. 32
 evaluations: about 20 min on the 2-vCPU VM for the `tiny` config (and about 4
 min for the two regions).
@@ -79,6 +80,7 @@ def check_reused_cells(checkpoint: Path, world: Path, out: Path, tile_phases: in
     tile phases, or their numbers would be printed as this checkpoint's."""
     sys.path.insert(0, str(REPO))
     from model import load_checkpoint
+    from model.orientation import HEADING_WITHIN_DEG
 
     fingerprint = load_checkpoint(checkpoint).fingerprint()
     for path in sorted(out.glob("*.json")):
@@ -89,6 +91,11 @@ def check_reused_cells(checkpoint: Path, world: Path, out: Path, tile_phases: in
         if cell.get("heading") == "unknown" and cell.get("tile_phases", 1) != tile_phases:
             raise SystemExit(f"limited_views: {path} met the tiles at {cell.get('tile_phases', 1)} phase(s), not "
                              f"--tile-phases {tile_phases}: use another --out")
+        within = (cell.get("rerank") or {}).get("heading_within_deg")
+        if cell.get("heading") == "known" and "rerank" in cell and within != HEADING_WITHIN_DEG:
+            raise SystemExit(f"limited_views: {path} aligned views of known heading "
+                             f"{'all round' if within is None else f'within {within:g} degrees of it'}, not within "
+                             f"{HEADING_WITHIN_DEG:g} (model.orientation.HEADING_WITHIN_DEG): use another --out")
 
 
 def run_cells(checkpoint: Path, world: Path, photos: Path, out: Path, tile_phases: int = 1) -> None:

@@ -45,6 +45,7 @@ HEADING_MODES = ("known", "unknown")
 # rerank: as head, after re-ranking the best tiles by descriptor and column alignment
 # (model.orientation.rerank; with a known heading too).
 METHODS = ("head", "aerial", "query", "rerank")
+CROPS = ("full", "photo")  # what a limited view keeps: the panorama's full height, or a photo's outline
 
 
 def evaluate(checkpoint: Path, data: Path, dataset: str = "synthetic", split: str = "val", device: str = "auto",
@@ -52,24 +53,34 @@ def evaluate(checkpoint: Path, data: Path, dataset: str = "synthetic", split: st
              heading: str = "known", rotations: int = 16, method: str = "head", seed: int = 0,
              photos: Path | None = None, queries: int = 0, ambiguity_margin: float = 0.02,
              tile_m: float = TILE_FOOTPRINT_M, rerank_k: int | None = None, rerank_weight: float | None = None,
-             photo_tilt: bool | str = False, tile_phases: int = 1) -> dict:
+             photo_tilt: bool | str = False, tile_phases: int = 1, crop: str = "full",
+             heading_within: float | None = None, heading_error: float = 0.0) -> dict:
     """Retrieval of the split's panoramas (or, with ``photos``, of a perspective world's photos
     of the same places) against its aerial tiles. ``fov`` < 360 keeps that much of each panorama
-    around a random heading; ``heading="unknown"`` searches the heading over ``rotations`` turns of
-    the aerial tiles (``method="aerial"``) or of the query (``method="query"``) and reports its
-    error; ``method="rerank"`` re-ranks each query's best ``rerank_k`` tiles by descriptor and column
-    alignment (model.orientation.rerank, ``rerank_weight``), for a known heading too. ``queries``: only the
-    first that many pairs are queries (against every tile of the split),
-    e.g. for a perspective world rendered with `worldgen --panoramas N`; ``photo_tilt``: its photos are
-    placed with their cameras' true pitch and roll instead of level ("estimated": with the tilt
-    `model.preprocess.estimate_photo_tilt` finds, as the service places a photo sent without one).
-    ``tile_phases``: with an unknown heading, the orientation head meets the tiles at that many sub-column
-    phases (model.orientation.phase_columns). ``tile_m``: the tiles' footprint, for the refined position
+    around a random heading (``crop="photo"``: cut to the outline a level 4:3 photo of that field of
+    view covers, `model.views.limit_photo`, a photo without a perspective world); ``heading="unknown"``
+    searches the heading over ``rotations`` turns of the aerial tiles (``method="aerial"``) or of the
+    query (``method="query"``) and reports its error; ``method="rerank"`` re-ranks each query's best
+    ``rerank_k`` tiles by descriptor and column alignment (model.orientation.rerank, ``rerank_weight``),
+    for a known heading too (aligned only within ``heading_within`` degrees of it, default
+    model.orientation.HEADING_WITHIN_DEG; 180: all round), placed off it by up to ``heading_error`` degrees
+    (uniform, as a phone compass errs). ``queries``: only the first that many pairs
+    are queries (against every tile of the split), e.g. for a perspective world rendered with
+    `worldgen --panoramas N`; ``photo_tilt``: its photos are placed with their cameras' true pitch and
+    roll instead of level ("estimated": with the tilt `model.preprocess.estimate_photo_tilt` finds, as
+    the service places a photo sent without one). ``tile_phases``: with an unknown heading, the
+    orientation head meets the tiles at that many sub-column phases (model.orientation.phase_columns).
+    ``tile_m``: the tiles' footprint, for the refined position
     (model.metrics.refine_position)."""
     if heading not in HEADING_MODES or method not in METHODS:
         raise ValueError(f"heading must be one of {HEADING_MODES} and method one of {METHODS}")
     if photo_tilt and photos is None:
         raise ValueError("photo_tilt places the photos of a perspective world: it needs photos (--photos)")
+    if crop not in CROPS:
+        raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")
+    if crop == "photo" and (photos is not None or not 0 < fov < 180):
+        raise ValueError(f"crop 'photo' cuts panoramas to a photo's outline: it needs a field of view under 180 "
+                         f"degrees (got {fov:g}) and no photos")
     model = load_checkpoint(checkpoint)
     if uses_head(method, heading) and getattr(model, "orientation", None) is None:
         raise ValueError(f"{model.config.name}: this checkpoint has no orientation head (python -m model.orientation); "
@@ -97,7 +108,8 @@ def evaluate(checkpoint: Path, data: Path, dataset: str = "synthetic", split: st
                                      method=method, seed=seed, photos=photos, queries=queries,
                                      ambiguity_margin=ambiguity_margin, tile_m=tile_m, rerank_k=rerank_k,
                                      rerank_weight=rerank_weight, photo_tilt=photo_tilt,
-                                     tile_phases=tile_phases))
+                                     tile_phases=tile_phases, crop=crop, heading_within=heading_within,
+                                     heading_error=heading_error))
     if arrays.latlon is not None and plain:
         result["localization"] = localization_error(ground, aerial, arrays.latlon, arrays.latlon)
     if plot is not None and plain:
@@ -115,36 +127,44 @@ def uses_head(method: str, heading: str) -> bool:
 def evaluate_views(model, arrays, records, device, *, fov: float, heading: str, rotations: int, method: str,
                    seed: int, photos: Path | None, queries: int = 0, ambiguity_margin: float = 0.02,
                    tile_m: float = TILE_FOOTPRINT_M, rerank_k: int | None = None,
-                   rerank_weight: float | None = None, photo_tilt: bool | str = False, tile_phases: int = 1) -> dict:
+                   rerank_weight: float | None = None, photo_tilt: bool | str = False, tile_phases: int = 1,
+                   crop: str = "full", heading_within: float | None = None, heading_error: float = 0.0) -> dict:
     """Recalls (and heading errors) of limited-field-of-view or unknown-heading queries: panorama crops
     of ``fov`` degrees around a random heading, or the photos of a perspective world. A known heading
     places the view where its columns meet the tiles' at phase 0: ``tile_phases`` is for unknown ones."""
     from .inference import InferenceEncoder
     from .metrics import count_closer_scores, recall_from_counts
-    from .orientation import RERANK_CANDIDATES, RERANK_WEIGHT, alignment_scores
-    from .views import (angle_difference, describe_rotations, limit_fov, match_over_rotations, refine_heading,
-                        rotate_view)
+    from .orientation import HEADING_WITHIN_DEG, RERANK_CANDIDATES, RERANK_WEIGHT, alignment_scores
+    from .views import (angle_difference, describe_rotations, limit_fov, limit_photo, match_over_rotations,
+                        refine_heading, rotate_view)
 
     encoder = InferenceEncoder(model, device)
     encode_ground = partial(_encode_views, encoder, "ground")
     encode_aerial = partial(_encode_views, encoder, "aerial")
     q = min(queries or len(records), len(records))
     truth = np.arange(q)  # gallery row of each query's true tile
+    # where a known heading places each view: off the true one by a compass's error
+    placed_off = np.random.default_rng(seed + 1).uniform(-heading_error, heading_error, len(records))[:q]
     if photos is not None:  # the pairs whose photo was rendered (worldgen --panoramas N)
         truth = np.array([i for i, r in enumerate(records) if (photos / "streetview" / f"{r.id}.jpg").is_file()])[:q]
         q = len(truth)
         views, true_heading = photo_views(photos, [records[i] for i in truth], model.config,
-                                          centred=heading == "unknown", tilt=photo_tilt)
+                                          centred=heading == "unknown", tilt=photo_tilt, off=placed_off)
     else:
         true_heading = np.random.default_rng(seed).uniform(0.0, 360.0, len(records))[:q]
-        views = np.stack([limit_fov(rotate_view(g, h), fov) for g, h in zip(arrays.ground[:q], true_heading)])
+        cut = limit_photo if crop == "photo" else limit_fov
+        views = np.stack([cut(rotate_view(g, h), fov) for g, h in zip(arrays.ground[:q], true_heading)])
     by_head = uses_head(method, heading)
     out: dict = {"queries": int(q), "rotations": rotations if heading == "unknown" and not by_head else None,
                  "method": method if heading == "unknown" or method == "rerank" else None}
     if photos is not None:
         out["photo_tilt"] = photo_tilt
+    if crop != "full":
+        out["crop"] = crop
+    if heading_error:
+        out["heading_error_deg"] = heading_error
     if heading == "known" and photos is None:  # placed at its true heading: compared with the tiles as they are
-        views = np.stack([rotate_view(v, -h) for v, h in zip(views, true_heading)])
+        views = np.stack([rotate_view(v, -(h + off)) for v, h, off in zip(views, true_heading, placed_off)])
     if heading == "known" and method != "rerank":
         scores = encode_ground(views) @ encode_aerial(arrays.aerial).T
     elif by_head:  # one descriptor each; the heading from the columns of the best tile
@@ -161,8 +181,9 @@ def evaluate_views(model, arrays, records, device, *, fov: float, heading: str, 
         if method == "rerank":
             k = RERANK_CANDIDATES if rerank_k is None else rerank_k
             weight = RERANK_WEIGHT if rerank_weight is None else rerank_weight
-            scores = reranked_scores(scores, query_columns, aerial_columns, valid, k, weight)
-            out["rerank"] = {"candidates": k, "weight": weight}
+            within = None if heading == "unknown" else HEADING_WITHIN_DEG if heading_within is None else heading_within
+            scores = reranked_scores(scores, query_columns, aerial_columns, valid, k, weight, within)
+            out["rerank"] = {"candidates": k, "weight": weight, "heading_within_deg": within}
     elif method == "aerial":
         rotated = describe_rotations(encode_aerial, arrays.aerial, rotations)  # [R, N, D]
         queries = encode_ground(views)
@@ -385,8 +406,9 @@ def print_anywhere(result: dict) -> None:
 
 
 def reranked_scores(scores: np.ndarray, query_columns: np.ndarray, aerial_columns: np.ndarray, valid: np.ndarray,
-                    k: int, weight: float) -> np.ndarray:
-    """Scores [Q, N] whose order is each query's best ``k`` tiles re-ranked by model.orientation.rerank,
+                    k: int, weight: float, within_deg: float | None = None) -> np.ndarray:
+    """Scores [Q, N] whose order is each query's best ``k`` tiles re-ranked by model.orientation.rerank
+    (the views placed at their headings, trusted to ``within_deg``, or None: searched),
     above the rest in their descriptor order: the re-ranked get their combined score lifted by one
     constant per query, so the differences among them (the confidence margin, the refined position's
     weights) are those of the combined scores."""
@@ -400,7 +422,7 @@ def reranked_scores(scores: np.ndarray, query_columns: np.ndarray, aerial_column
         top = np.argpartition(-row, k - 1)[:k]
         top = top[np.argsort(-row[top], kind="stable")]
         top = top[np.isfinite(row[top])]  # tiles a prior left out (-inf) stay out
-        result = rerank(row[top], query_columns[i], aerial_columns[top], valid[i], weight=weight)
+        result = rerank(row[top], query_columns[i], aerial_columns[top], valid[i], weight=weight, within_deg=within_deg)
         rest = np.delete(row, top)
         lift = max(0.0, (rest.max() if len(rest) else 0.0) - result.scores.min()) + 1.0
         row[top[result.order]] = result.scores + lift
@@ -434,13 +456,15 @@ def _view_columns(views: np.ndarray, width: int) -> np.ndarray:
     return seen_token_columns(~np.all(views == MEAN_RGB, axis=(1, 3)), width)  # from [N, W] pixel columns
 
 
-def photo_views(world: Path, records, config, centred: bool, tilt: bool | str = False) -> tuple[np.ndarray, np.ndarray]:
+def photo_views(world: Path, records, config, centred: bool, tilt: bool | str = False,
+                off: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The perspective photos of ``world`` (same places as ``records``, by id) mapped into the
     panorama frame at the model's ground size: at their true heading (known) or centred on north
     (``centred``: the heading is then searched); level, as a phone that does not send its tilt, or
     (``tilt``) with their cameras' true pitch and roll, as one that does (the API's pitch_deg,
     roll_deg), or (``tilt="estimated"``) with the tilt `estimate_photo_tilt` finds, as the service places
-    a photo sent without one; by `place_photo`, as the service places an upload. Returns (views [N, H, W, 3]
+    a photo sent without one; by `place_photo`, as the service places an upload. A known heading is given off
+    the true one by ``off`` [N] degrees (None: none). Returns (views [N, H, W, 3]
     uint8, true headings)."""
     import csv
 
@@ -460,7 +484,7 @@ def photo_views(world: Path, records, config, centred: bool, tilt: bool | str = 
         photo = world / "streetview" / f"{record.id}.jpg"
         known = (float(camera["pitch_deg"]), float(camera["roll_deg"])) if tilt is True else (0.0, 0.0)
         views[i], _, _ = place_photo(photo, config, fov_deg=float(camera["hfov_deg"]),
-                                     heading_deg=None if centred else headings[i],
+                                     heading_deg=None if centred else headings[i] + (0.0 if off is None else off[i]),
                                      tilt=None if tilt == "estimated" else known)
     return views, headings
 
@@ -512,6 +536,10 @@ def build_parser() -> argparse.ArgumentParser:
     v = p.add_argument_group("limited field of view, unknown heading (synthetic worlds)")
     v.add_argument("--fov", type=number(above=0, high=360), default=360.0,
                    help="keep this many degrees of each panorama around a random heading (360: all)")
+    v.add_argument("--crop", choices=CROPS, default="full",
+                   help="full: each view keeps the panorama's whole height over --fov; photo: only the outline a "
+                        "level 4:3 phone photo of --fov horizontal degrees covers in the panorama frame (about 26 of "
+                        "64 rows at 90), as a photo without a perspective world (--photos)")
     v.add_argument("--heading", choices=HEADING_MODES, default="known",
                    help="known: the query is placed at its true heading; unknown: the heading is searched")
     v.add_argument("--rotations", type=positive_int, default=16, help="headings searched with --heading unknown")
@@ -526,6 +554,13 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--rerank-weight", type=number(0, 1),
                    help="share of the column alignment in --method rerank's score "
                         "(default: model.orientation.RERANK_WEIGHT)")
+    v.add_argument("--heading-within", type=number(0, 180), default=None,
+                   help="with --heading known and --method rerank: the column alignment is searched only within this "
+                        "many degrees of the true heading, as the service trusts a given one (180: all round, as for "
+                        "an unknown heading; default: model.orientation.HEADING_WITHIN_DEG)")
+    v.add_argument("--heading-error", type=number(0, 180), default=0.0,
+                   help="with --heading known: place each view off its true heading by up to this many degrees "
+                        "(uniform), as a phone compass's heading errs (0: at the true heading)")
     v.add_argument("--tile-phases", type=positive_int, default=1,
                    help="with --heading unknown and the orientation head: meet the tiles' columns at this many "
                         "sub-column phases (each a polar tile encoded again, turned by 1/N of a token column; "
@@ -574,6 +609,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.tile_phases > 1 and (args.index is not None or args.heading != "unknown"
                                  or not uses_head(args.method, args.heading)):
         parser.error("--tile-phases needs --heading unknown with --method head or rerank (and no --index)")
+    if args.heading_within is not None and (args.index is not None or args.heading != "known"
+                                            or args.method != "rerank"):
+        parser.error("--heading-within needs --heading known with --method rerank (and no --index)")
+    if args.heading_error and (args.index is not None or args.heading != "known"):
+        parser.error("--heading-error needs --heading known (and no --index)")
     if args.index is not None:
         from .orientation import RERANK_CANDIDATES
 
@@ -601,7 +641,8 @@ def main(argv: list[str] | None = None) -> int:
                           ambiguity_margin=args.ambiguity_margin, tile_m=args.tile_m or TILE_FOOTPRINT_M,
                           rerank_k=args.rerank_k, rerank_weight=args.rerank_weight,
                           photo_tilt={None: False, "true": True}.get(args.photo_tilt, args.photo_tilt),
-                          tile_phases=args.tile_phases)
+                          tile_phases=args.tile_phases, crop=args.crop, heading_within=args.heading_within,
+                          heading_error=args.heading_error)
     except (CheckpointError, ConfigError, TrainingError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

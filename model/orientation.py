@@ -196,6 +196,21 @@ def estimate_headings(view_columns: np.ndarray, tile_columns: np.ndarray, seen: 
 # before them had K = 50 and w = 0.8, the first one, trained for headings only, w = 0.5.
 RERANK_CANDIDATES = 200  # the best this many tiles by descriptor are re-ranked
 RERANK_WEIGHT = 0.9  # share of the column alignment in the re-ranking score
+# A view placed at a given heading is aligned only at the shifts within this many degrees of it (and always the
+# nearest: at 16 columns, 22.5 degrees apart, the given heading's own column): a look-alike that matches when
+# turned away from the given heading no longer competes (bench/RESULTS.md, "A given heading in the re-rank").
+HEADING_WITHIN_DEG = 15.0
+
+
+def shifts_within(shifts: int, within_deg: float) -> np.ndarray:
+    """[shifts] bool: the circular shifts (shift s turns a view by s * 360 / shifts degrees) within
+    ``within_deg`` of no turn, the nearest (shift 0) always among them; 180: every shift."""
+    if not 0.0 <= within_deg <= 180.0:
+        raise ValueError(f"within_deg must be in [0, 180], got {within_deg}")
+    turn = np.arange(shifts) * 360.0 / shifts
+    allowed = np.minimum(turn, 360.0 - turn) <= within_deg + 1e-9
+    allowed[0] = True
+    return allowed
 
 
 class Reranked(NamedTuple):
@@ -208,13 +223,15 @@ class Reranked(NamedTuple):
 
 
 def rerank(scores: np.ndarray, view_columns: np.ndarray, tile_columns: np.ndarray, seen: np.ndarray | None = None,
-           weight: float = RERANK_WEIGHT) -> Reranked:
+           weight: float = RERANK_WEIGHT, within_deg: float | None = None) -> Reranked:
     """Re-rank a view's candidate tiles (descriptor scores [K], e.g. a search's best K; their column
     features [K, W, C], or [K, P, W, C] at sub-column phases: `alignment_scores`) by how well the view's
     columns [W, C] align with each tile's at the best circular shift: score = (1 - weight) * descriptor
     score + weight * alignment, both cosines, so the score stays in [-1, 1]. A descriptor nearly blind
     to the heading can not tell a place from one that looks alike in another direction; the alignment
-    sees where things are around the camera. Returns the new order with each candidate's score,
+    sees where things are around the camera. ``within_deg``: the view was placed at a given heading, trusted
+    to that many degrees (`shifts_within`): only those shifts count, and the headings are corrections within
+    them; None: the heading is searched all round. Returns the new order with each candidate's score,
     alignment and the view's heading there."""
     from .views import refine_headings
 
@@ -227,10 +244,11 @@ def rerank(scores: np.ndarray, view_columns: np.ndarray, tile_columns: np.ndarra
         empty = np.empty(0)
         return Reranked(np.empty(0, np.int64), empty, empty, empty)
     shifts = alignment_scores(view_columns, tile_columns, seen)  # [K, W]
-    alignment = shifts.max(axis=1).astype(np.float64)
+    allowed = None if within_deg is None else shifts_within(shifts.shape[1], within_deg)
+    alignment = (shifts if allowed is None else shifts[:, allowed]).max(axis=1).astype(np.float64)
     combined = (1.0 - weight) * descriptor + weight * alignment
     order = np.argsort(-combined, kind="stable")  # ties keep the descriptor's order
-    return Reranked(order, combined[order], alignment[order], refine_headings(shifts[order]))
+    return Reranked(order, combined[order], alignment[order], refine_headings(shifts[order], allowed))
 
 
 # --------------------------------------------------------------------------- training

@@ -134,11 +134,12 @@ def refine_heading(rotation_scores: np.ndarray) -> float:
     return float(refine_headings(np.asarray(rotation_scores)[None])[0])
 
 
-def refine_headings(rotation_scores: np.ndarray) -> np.ndarray:
-    """`refine_heading` of each row of [N, R] scores at once -> [N] degrees."""
+def refine_headings(rotation_scores: np.ndarray, allowed: np.ndarray | None = None) -> np.ndarray:
+    """`refine_heading` of each row of [N, R] scores at once -> [N] degrees; with ``allowed`` [R] bool, the
+    best of the allowed rotations only, refined by its neighbours' scores all the same."""
     s = np.asarray(rotation_scores, dtype=np.float64)
     n, r = s.shape
-    best = np.argmax(s, axis=1)
+    best = np.argmax(s if allowed is None else np.where(allowed, s, -np.inf), axis=1)
     if r < 3:
         return best * 360.0 / r
     rows = np.arange(n)

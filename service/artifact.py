@@ -114,13 +114,15 @@ class ServedIndex:
         return self.info.generation
 
     def answer(self, vectors: np.ndarray, columns: np.ndarray | None, seen: np.ndarray, ks: list[int],
-               near: list[Near | None] | None = None, headed: list[bool] | None = None) -> list[Answer | Exception]:
+               near: list[Near | None] | None = None,
+               heading_within: list[float | None] | None = None) -> list[Answer | Exception]:
         """Each query row's top ``ks[i]`` tiles, best first, with the view's heading at each tile where
         both the model (``columns``: the view's column features [n, W, C]; ``seen`` [n, pixel
         columns] what each view covers) and this index have orientation features. A row with a
         prior in ``near`` is searched exactly among the tiles within its radius only. A view placed at a
-        given heading (``headed``) meets tiles stored at sub-column phases at phase 0, where its columns
-        fall; one whose heading is searched, at every phase. With both column
+        given heading, trusted to ``heading_within[i]`` degrees (None: the heading is searched), meets tiles
+        stored at sub-column phases at phase 0, where its columns fall, and aligns with them only within
+        that many degrees of it; one whose heading is searched, at every phase and shift. With both column
         features, the best RERANK_CANDIDATES (or k) tiles are re-ranked by descriptor and column alignment
         (model.orientation.rerank): their scores are then the combined ones. Each row looks at as many
         candidates as it would alone, whatever its batch-mates ask for. A row whose answer fails gets
@@ -132,7 +134,7 @@ class ServedIndex:
         looked_at = [min(max(max(k, CANDIDATES) * self.views_per_tile, RERANK_CANDIDATES if oriented else 0), most)
                      for k in ks]
         near = near or [None] * len(vectors)
-        headed = headed or [False] * len(vectors)
+        heading_within = heading_within or [None] * len(vectors)
         free = [i for i, prior in enumerate(near) if prior is None]
         hits = {}
         if free:
@@ -143,14 +145,14 @@ class ServedIndex:
         for i, prior in enumerate(near):
             try:
                 answers.append(self._answer_one(vectors[i], columns[i] if oriented else None, seen[i], hits.get(i),
-                                                prior, ks[i], looked_at[i], headed[i]))
+                                                prior, ks[i], looked_at[i], heading_within[i]))
             except Exception as exc:
                 answers.append(exc)
         return answers
 
     def _answer_one(self, vector: np.ndarray, columns: np.ndarray | None, seen: np.ndarray,
                     hit: tuple[np.ndarray, np.ndarray] | None, prior: Near | None, k: int, n: int,
-                    headed: bool = False) -> Answer:
+                    heading_within: float | None = None) -> Answer:
         within = None
         if prior is not None:
             rows = rows_within(self.lat, self.lon, prior.lat, prior.lon, prior.radius_m)
@@ -163,9 +165,9 @@ class ServedIndex:
         headings = None
         if columns is not None and len(rows):  # columns: given where the index has orientation features too
             tile_columns = self.orientation[rows]
-            if headed and tile_columns.ndim == 4:
+            if heading_within is not None and tile_columns.ndim == 4:
                 tile_columns = tile_columns[:, 0]
-            ranked = rerank(scores, columns, tile_columns.astype(np.float32), seen)
+            ranked = rerank(scores, columns, tile_columns.astype(np.float32), seen, within_deg=heading_within)
             scores, rows, headings = ranked.scores.astype(np.float32), rows[ranked.order], ranked.headings
         best = np.arange(min(k, len(rows)))  # the ranked rows the matches show
         tiles = rows

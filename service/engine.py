@@ -64,7 +64,8 @@ class Job:
     enqueued: float = field(default_factory=time.perf_counter)
     abandoned: str | None = None  # why nobody waits for it any more (a metrics label)
     near: list[Near | None] | None = None  # per image: the geographic prior its search is restricted to
-    headed: list[bool] | None = None  # per image: placed at a given heading (None: none was)
+    # per image: placed at a given heading, trusted to this many degrees (None: its heading is searched)
+    heading_within: list[float | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -185,10 +186,11 @@ class Engine:
     # --- the event loop's side ------------------------------------------------------------
     async def localize(self, decode: Callable[[], tuple[torch.Tensor, np.ndarray]], *, n: int, k: int,
                        disconnected: Callable[[], Awaitable[Any]] | None = None,
-                       near: list[Near | None] | None = None, headed: list[bool] | None = None) -> JobResult:
+                       near: list[Near | None] | None = None,
+                       heading_within: list[float | None] | None = None) -> JobResult:
         """Queue ``n`` images (made by ``decode`` on an executor thread) and wait for their matches."""
         job = Job(n=n, k=k, decode=decode, future=asyncio.get_running_loop().create_future(), near=near,
-                  headed=headed)
+                  heading_within=heading_within)
         with self._cond:
             if self._closed:
                 raise NotReady("shutting down")
@@ -317,8 +319,8 @@ class Engine:
         t1 = time.perf_counter()
         near = [prior for job in live for prior in (job.near or [None] * job.n)]
         ks = [job.k for job in live for _ in range(job.n)]
-        headed = [given for job in live for given in (job.headed or [False] * job.n)]
-        answers = index.answer(vectors, columns, np.concatenate(seen), ks, near, headed)
+        within = [given for job in live for given in (job.heading_within or [None] * job.n)]
+        answers = index.answer(vectors, columns, np.concatenate(seen), ks, near, within)
         t2 = time.perf_counter()
         n = len(answers)
         encode_ms, search_ms = (t1 - t0) * 1000.0, (t2 - t1) * 1000.0

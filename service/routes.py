@@ -14,6 +14,8 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BeforeValidator, SecretStr
 
+from model.orientation import HEADING_WITHIN_DEG
+
 from . import localize
 from .engine import NotReady
 from .runtime import Runtime
@@ -79,6 +81,11 @@ def view_params(
         "Where the image's centre looks, degrees clockwise from true north. Default: XMP "
         "GPano:PoseHeadingDegrees (a Street View style panorama), else EXIF GPSImgDirection; else unknown, "
         "and each match says the heading it implies."))] = None,
+    heading_within_deg: Annotated[float, Query(ge=0, le=180, description=(
+        "How far off a given heading (heading_deg, XMP or EXIF) may be, degrees: the view is aligned with each "
+        "tile only within this much of it, and each match's heading is the given one corrected within it "
+        "(0: the given heading's own column, 22.5 degrees wide; 180: all round, as for an unknown heading, "
+        "for a heading that may be far off)."))] = HEADING_WITHIN_DEG,
     projection: Annotated[Literal["equirectangular", "perspective"] | None, Query(description=(
         "perspective: a photo (pinhole camera); equirectangular: a panorama or a crop of one. Default: "
         "perspective for a narrow image with a field of view under 360, else equirectangular."))] = None,
@@ -103,7 +110,7 @@ def view_params(
         raise invalid("query", "radius_m", "missing", "radius_m (metres) is required with near")
     tilt = None if pitch_deg is None and roll_deg is None else ((pitch_deg or 0.0) + 0.0, (roll_deg or 0.0) + 0.0)
     heading = None if heading_deg is None else heading_deg + 0.0  # + 0.0: -0.0 answered as 0.0 (the tilt too)
-    return ViewParams(fov_deg, heading, projection, tilt, at, radius_m, near_from_exif)
+    return ViewParams(fov_deg, heading, projection, tilt, at, radius_m, near_from_exif, heading_within_deg)
 
 
 ViewQuery = Annotated[ViewParams, Depends(view_params)]

@@ -15,7 +15,8 @@ class TileMatch(BaseModel):
     lon: float = Field(..., description="WGS84 longitude of the tile centre.")
     score: float = Field(..., description="Match score (-1..1): the cosine of the two descriptors, or where the model "
                          f"and index have an orientation head, {1 - RERANK_WEIGHT:g} x that cosine + "
-                         f"{RERANK_WEIGHT:g} x the best column alignment.")
+                         f"{RERANK_WEIGHT:g} x the best column alignment (within heading_within_deg of a "
+                         "given heading).")
     heading_deg: float | None = Field(
         None, description="The view's heading (its centre, degrees clockwise from north) were it taken at this "
         "tile, found by the model's orientation head; null where the model or index has none.")

@@ -23,6 +23,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
+from model.orientation import HEADING_WITHIN_DEG
 from model.preprocess import ImageDecodeError, exif_camera, exif_gps, image_uint8, upright_size, xmp_panorama_heading
 from model.views import UnreadableView, place_photo, place_view, view_geometry
 
@@ -278,6 +279,7 @@ class ViewParams:
     near: tuple[float, float] | None = None  # lat, lon: search only within radius_m of it
     radius_m: float | None = None
     near_from_exif: bool = False  # where `near` is not given: the photo's EXIF GPS position, if any
+    heading_within_deg: float = HEADING_WITHIN_DEG  # how far off a given heading may be (180: searched all round)
 
 
 def view_spec(image: CheckedImage, params: ViewParams) -> ViewInfo:

@@ -82,6 +82,15 @@ def test_cells_of_another_checkpoint_or_region_are_not_reused(tmp_path):
     lv.check_reused_cells(ckpt, world, tmp_path / "out", tile_phases=4)
     with pytest.raises(SystemExit, match="met the tiles at 4 phase"):
         lv.check_reused_cells(ckpt, world, tmp_path / "out")
+    (tmp_path / "out" / "90_unknown_rerank.json").unlink()
+    known = {**cell, "heading": "known", "rerank": {"candidates": 200, "weight": 0.9, "heading_within_deg": 15.0}}
+    (tmp_path / "out" / "90_known_rerank.json").write_text(json.dumps(known))
+    lv.check_reused_cells(ckpt, world, tmp_path / "out")  # aligned within HEADING_WITHIN_DEG, as now
+    for before, said in ((None, "all round"), (180.0, "within 180 degrees")):  # measured before the heading took part
+        known["rerank"]["heading_within_deg"] = before
+        (tmp_path / "out" / "90_known_rerank.json").write_text(json.dumps(known))
+        with pytest.raises(SystemExit, match=f"90_known_rerank.json aligned views of known heading {said}"):
+            lv.check_reused_cells(ckpt, world, tmp_path / "out")
 
 
 def test_a_missing_region_is_made_beside_folders_that_do_not_exist_yet(tmp_path, monkeypatch):

@@ -474,6 +474,10 @@ def test_evaluate_places_the_photos_level_or_with_their_true_tilt(photo_world):
     pitch, roll = estimate_photo_tilt(photo, float(cams[0]["hfov_deg"]))
     assert (estimated[0] == place_view(photo, config, fov_deg=float(cams[0]["hfov_deg"]), heading_deg=headings[0],
                                        projection="perspective", pitch_deg=pitch, roll_deg=roll)[0]).all()
+    off, _ = photo_views(photo_world, records[:1], config, centred=False, off=np.array([-7.5]))  # a compass's error
+    assert (off[0] == place_view(photo_world / "streetview" / f"{cams[0]['id']}.jpg", config, projection="perspective",
+                                 fov_deg=float(cams[0]["hfov_deg"]), heading_deg=headings[0] - 7.5)[0]).all()
+    assert not np.array_equal(off[0], level[0])
     with pytest.raises(ValueError, match="tilt must be"):
         photo_views(photo_world, records, config, centred=False, tilt="level")
     with pytest.raises(ValueError, match="photos"):

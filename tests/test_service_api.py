@@ -992,7 +992,7 @@ def test_the_field_of_view_and_heading_come_from_parameters_exif_or_the_shape(cl
     pitched = client.post("/localize?pitch_deg=3", files=files).json()["view"]  # the roll alone left out: level
     assert (pitched["pitch_deg"], pitched["roll_deg"], pitched["tilt_source"]) == (3.0, 0.0, "parameter")
     for query in ("fov_deg=0", "fov_deg=361", "heading_deg=360", "heading_deg=-1", "projection=fisheye",
-                  "pitch_deg=46", "roll_deg=-45.5", "pitch_deg=up"):
+                  "pitch_deg=46", "roll_deg=-45.5", "pitch_deg=up", "heading_within_deg=181", "heading_within_deg=-1"):
         _assert_error(client.post(f"/localize?{query}", files=files), 422, "validation_error")
     for query, image in (("pitch_deg=5", world.pano), ("fov_deg=180&projection=equirectangular&roll_deg=3", _photo())):
         body = _assert_error(client.post(f"/localize?{query}", files={"image": ("v.jpg", image, "image/jpeg")}),
@@ -1124,7 +1124,7 @@ def test_with_an_orientation_head_the_best_tiles_are_re_ranked_by_their_column_a
 
     from model import load_checkpoint
     from model.inference import InferenceEncoder
-    from model.orientation import RERANK_CANDIDATES, rerank
+    from model.orientation import HEADING_WITHIN_DEG, RERANK_CANDIDATES, rerank
     from model.views import place_view
 
     checkpoint, artifact = head_world
@@ -1134,13 +1134,17 @@ def test_with_an_orientation_head_the_best_tiles_are_re_ranked_by_their_column_a
     tiles = index.reconstruct_n(0, index.ntotal)
     stored = np.load(artifact / "orientation.npy").astype(np.float32)
     ids = [r["tile_id"] for r in csv.DictReader(open(artifact / "tiles.csv"))]
-    cases = [(world.pano, "", {}), (_photo(), "&fov_deg=90&projection=perspective",
-                                     {"fov_deg": 90.0, "projection": "perspective"}),
+    cases = [(world.pano, "", {}, None), (_photo(), "&fov_deg=90&projection=perspective",
+                                           {"fov_deg": 90.0, "projection": "perspective"}, None),
              (_photo(), "&fov_deg=90&pitch_deg=15&roll_deg=-8",  # placed with the phone's tilt
-              {"fov_deg": 90.0, "projection": "perspective", "pitch_deg": 15.0, "roll_deg": -8.0})]
+              {"fov_deg": 90.0, "projection": "perspective", "pitch_deg": 15.0, "roll_deg": -8.0}, None),
+             # a given heading: aligned within HEADING_WITHIN_DEG of it, or within what the request says
+             (_photo(), "&fov_deg=90&heading_deg=30",
+              {"fov_deg": 90.0, "projection": "perspective", "heading_deg": 30.0}, HEADING_WITHIN_DEG),
+             (world.pano, "&heading_deg=300&heading_within_deg=50", {"heading_deg": 300.0}, 50.0)]
     moved = 0
     with running_client(settings_for(world, artifact, checkpoint=checkpoint)) as client:
-        for image, query, placed in cases:
+        for image, query, placed, within in cases:
             body = client.post(f"/localize?k=8{query}", files={"image": ("v.jpg", image, "image/jpeg")}).json()
             # the same by hand: the best RERANK_CANDIDATES tiles by descriptor, then model.orientation.rerank
             if placed.get("projection") == "perspective":  # a photo sent without its tilt: the one estimated
@@ -1149,12 +1153,16 @@ def test_with_an_orientation_head_the_best_tiles_are_re_ranked_by_their_column_a
             vector, columns = encoder.encode_uint8_with_columns(torch.from_numpy(view).permute(2, 0, 1)[None], "ground")
             scores = tiles @ vector[0]
             best = np.argsort(-scores, kind="stable")[:min(RERANK_CANDIDATES, len(ids))]
-            expected = rerank(scores[best], columns[0], stored[best], seen)
+            expected = rerank(scores[best], columns[0], stored[best], seen, within_deg=within)
             rows = best[expected.order][:8]
             assert [m["tile_id"] for m in body["results"]] == [ids[r] for r in rows]
             assert [m["score"] for m in body["results"]] == pytest.approx(expected.scores[:8].tolist(), abs=1e-4)
+            given = placed.get("heading_deg", 0.0)  # a match's heading: the given one, corrected
             assert [m["heading_deg"] for m in body["results"]] == \
-                pytest.approx([round(float(h), 1) for h in expected.headings[:8]], abs=0.11)
+                pytest.approx([round(given + float(h), 1) % 360.0 for h in expected.headings[:8]], abs=0.11)
+            if within is not None:
+                searched = rerank(scores[best], columns[0], stored[best], seen)
+                assert not np.array_equal(searched.scores, expected.scores)  # the given heading took part
             moved += int((expected.order[:8] != np.arange(8)).any())
     assert moved  # the re-rank changed an order: the test would see a service that skipped it
 

@@ -300,25 +300,26 @@ def test_one_images_failing_answer_fails_its_job_alone(world, monkeypatch):
     assert len(free.answers[0].matches) == 3 and near.answers[0].within > 0
 
 
-def test_each_image_says_whether_it_was_placed_at_a_given_heading_to_the_index(world, monkeypatch):
-    """Batched with others, a view placed at a given heading is still answered as one (tile phases: phase 0)."""
+def test_each_image_says_how_far_its_given_heading_is_trusted_to_the_index(world, monkeypatch):
+    """Batched with others, a view placed at a given heading is still answered as one (tile phases: phase 0,
+    the alignment within its own reach)."""
     import service.artifact as artifact
 
-    seen_headed = []
+    seen_within = []
     real = artifact.ServedIndex.answer
 
-    def answer(self, vectors, columns, seen, ks, near=None, headed=None):
-        seen_headed.append(list(headed))
-        return real(self, vectors, columns, seen, ks, near, headed)
+    def answer(self, vectors, columns, seen, ks, near=None, heading_within=None):
+        seen_within.append(list(heading_within))
+        return real(self, vectors, columns, seen, ks, near, heading_within)
 
     monkeypatch.setattr(artifact.ServedIndex, "answer", answer)
     engine = _engine(world, _unit_rows, workers=1)
     try:
-        _in_one_batch(engine, dict(decode=_images(), n=1, k=3, headed=[True]), dict(decode=_images(2), n=2, k=3),
-                      dict(decode=_images(), n=1, k=3, headed=[False]))
+        _in_one_batch(engine, dict(decode=_images(), n=1, k=3, heading_within=[15.0]),
+                      dict(decode=_images(2), n=2, k=3), dict(decode=_images(), n=1, k=3, heading_within=[None]))
     finally:
         engine.stop()
-    assert seen_headed == [[True, False, False, False]]
+    assert seen_within == [[15.0, None, None, None]]
 
 
 def test_a_job_given_up_leaves_the_queue_at_once_with_its_images_and_upload_bytes(world):
@@ -459,7 +460,7 @@ def test_tiles_stored_at_phases_meet_a_searched_heading_at_every_phase_and_a_giv
     query = np.zeros((2, 32), np.float32)
     query[:, 0] = 1.0
     searched, given = index.answer(query, np.stack([view, view]), np.ones((2, 256), bool), [2, 2],
-                                   headed=[False, True])
+                                   heading_within=[None, 15.0])
     assert [m.tile_id for m in searched.matches] == ["b", "a"] and searched.matches[0].heading_deg == pytest.approx(
         360 - 11.25, abs=0.5)
     assert searched.matches[0].score == pytest.approx((1 - RERANK_WEIGHT) * np.cos(0.1) + RERANK_WEIGHT, abs=1e-3)

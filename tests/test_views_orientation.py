@@ -108,6 +108,32 @@ def test_rerank_lifts_the_candidate_whose_columns_align_and_says_its_heading():
     assert rerank(descriptor, stranger, tiles, seen, weight=0.5).order[0] == 0
 
 
+def test_a_given_heading_keeps_the_alignment_to_the_shifts_near_it():
+    from model.orientation import rerank, shifts_within, valid_columns
+
+    assert np.flatnonzero(shifts_within(16, 15.0)).tolist() == [0]  # 22.5 degrees apart: its own column only
+    assert np.flatnonzero(shifts_within(16, 22.5)).tolist() == [0, 1, 15]
+    assert np.flatnonzero(shifts_within(64, 12.0)).tolist() == [0, 1, 2, 62, 63]
+    assert shifts_within(16, 0.0).sum() == 1 and shifts_within(16, 180.0).all()
+    with pytest.raises(ValueError, match="within_deg"):
+        shifts_within(16, 181.0)
+    rng = np.random.default_rng(5)
+    tiles = _unit(rng, 2, 16, 64)
+    seen = valid_columns(16, 90.0)
+    near = np.roll(tiles[0], -1, axis=0) * seen[:, None]  # tile 0 seen turned by one column (22.5 degrees)
+    view = 0.6 * near + 0.4 * np.roll(tiles[1], -6, axis=0) * seen[:, None]  # tile 1 looks alike six columns away
+    descriptor = np.array([0.5, 0.5])
+    searched = rerank(descriptor, view, tiles, seen)
+    assert searched.order[0] == 0 and searched.headings[0] == pytest.approx(22.5, abs=1.0)
+    far = rerank(descriptor, 0.4 * near + 0.6 * np.roll(tiles[1], -6, axis=0) * seen[:, None], tiles, seen)
+    assert far.order[0] == 1 and far.headings[0] == pytest.approx(135.0, abs=1.0)  # searched: the look-alike wins
+    given = rerank(descriptor, 0.4 * near + 0.6 * np.roll(tiles[1], -6, axis=0) * seen[:, None], tiles, seen,
+                   within_deg=30.0)  # the heading given to within 30 degrees: six columns away is out of reach
+    assert given.order[0] == 0 and given.headings[0] == pytest.approx(22.5, abs=2.5)
+    assert given.headings[1] <= 33.75 or given.headings[1] >= 326.25  # a correction within the reach (+ half a column)
+    assert rerank(descriptor, view, tiles, seen, within_deg=180.0).order.tolist() == searched.order.tolist()
+
+
 def _smooth_columns(rng, width: int, dim: int, at: np.ndarray) -> np.ndarray:
     """Unit features of a smooth signal around the horizon sampled at azimuths ``at`` (in columns of a
     ``width``-column view): a few random harmonics, so a fraction of a column is a small change."""
@@ -235,6 +261,7 @@ def view_world(tmp_path_factory):
 
     base = tmp_path_factory.mktemp("views")
     world = tiny_world(base, seed=4, pairs=24)
+    torch.manual_seed(0)  # the same network whatever ran before in this process (some draws have no right top-1)
     net = L2LTR(json_config())
     save_checkpoint(net, base / "plain.safetensors")
     report = train_orientation(base / "plain.safetensors", world, base / "head.safetensors", pairs=24, rotations=2,
@@ -325,7 +352,7 @@ def test_evaluate_rerank_with_no_weight_is_the_head_and_with_weight_moves_answer
 
     head = run("--method", "head")
     same = run("--method", "rerank", "--rerank-weight", "0", "--rerank-k", "10")
-    assert same["rerank"] == {"candidates": 10, "weight": 0.0}
+    assert same["rerank"] == {"candidates": 10, "weight": 0.0, "heading_within_deg": None}  # searched all round
     assert [same[k] for k in ("r1", "r5", "r10", "r1pct", "heading_error_median_deg")] == \
         [head[k] for k in ("r1", "r5", "r10", "r1pct", "heading_error_median_deg")]
     alone = run("--method", "rerank", "--rerank-weight", "1", "--rerank-k", "24")  # alignment alone decides
@@ -339,6 +366,45 @@ def test_evaluate_rerank_with_no_weight_is_the_head_and_with_weight_moves_answer
         with pytest.raises(SystemExit):
             evaluate.main([*common, *wrong, "--tile-phases", "2"])
         assert "--tile-phases needs --heading unknown" in capsys.readouterr().err
+    known = ["--heading", "known", "--method", "rerank", "--rerank-k", "24"]  # the last --heading counts
+    near = run(*known)
+    assert near["rerank"]["heading_within_deg"] == 15.0  # model.orientation.HEADING_WITHIN_DEG: its own column
+    wide = run(*known, "--heading-within", "180")
+    assert wide["rerank"]["heading_within_deg"] == 180.0
+    assert (wide["r1"], wide["r5"], wide["confidence"]) != (near["r1"], near["r5"], near["confidence"])
+    with pytest.raises(SystemExit):
+        evaluate.main([*common, "--method", "rerank", "--heading-within", "30"])  # an unknown heading
+    assert "--heading-within needs --heading known" in capsys.readouterr().err
+    off = run(*known, "--heading-error", "90")  # placed up to 90 degrees off the true heading, as a bad compass
+    assert off["heading_error_deg"] == 90.0 and "heading_error_deg" not in near
+    assert (off["r1"], off["r5"], off["confidence"]) != (near["r1"], near["r5"], near["confidence"])
+    with pytest.raises(SystemExit):
+        evaluate.main([*common, "--heading-error", "10"])  # an unknown heading is not placed at all
+    assert "--heading-error needs --heading known" in capsys.readouterr().err
+
+
+def test_evaluate_can_cut_crops_to_a_photos_outline(view_world, capsys, monkeypatch):
+    from model import evaluate, views
+
+    world, base, _ = view_world
+    cut = []
+    real = views.limit_photo
+    monkeypatch.setattr(views, "limit_photo", lambda v, fov: cut.append((v, real(v, fov))) or cut[-1][1])
+    common = ["--checkpoint", str(base / "head.safetensors"), "--data", str(world), "--split", "all", "--workers", "1",
+              "--queries", "6", "--json", "--heading", "known", "--method", "rerank"]
+    assert evaluate.main([*common, "--fov", "90", "--crop", "photo"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["crop"] == "photo" and result["queries"] == 6 and 0.0 <= result["r1"] <= result["r1pct"] <= 1.0
+    assert len(cut) == 6
+    view, outline = cut[0]
+    kept = views.photo_outline(*view.shape[:2], 90.0)
+    assert np.array_equal(outline[kept], view[kept]) and not np.array_equal(outline, view)
+    assert outline[0, view.shape[1] // 2].tolist() == list(views.MEAN_RGB)  # the top row is above a photo's frame
+    assert evaluate.main([*common, "--fov", "90"]) == 0
+    assert "crop" not in json.loads(capsys.readouterr().out) and len(cut) == 6  # full height: no outline cut
+    assert evaluate.main([*common, "--fov", "180", "--crop", "photo"]) == 1
+    err = capsys.readouterr().err
+    assert "crop 'photo'" in err and "got 180" in err
 
 
 def test_evaluate_needs_the_head_for_the_head_method(view_world, capsys):
