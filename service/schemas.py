@@ -32,6 +32,9 @@ class ViewInfo(BaseModel):
         None, description="Given (parameter, XMP GPano:PoseHeadingDegrees, EXIF GPSImgDirection) or, otherwise, "
         "estimated at the best match.")
     heading_source: Literal["parameter", "xmp", "exif", "estimated"] | None = None
+    heading_within_deg: float | None = Field(
+        None, description="How far off a given heading was trusted to be (the heading_within_deg parameter): the "
+        "matches were aligned with the view only within this much of it; null where the heading was not given.")
     pitch_deg: float = Field(0.0, description="The photo's camera pitch it was placed with (0: level).")
     roll_deg: float = Field(0.0, description="The photo's camera roll it was placed with (0: level).")
     tilt_source: Literal["parameter", "estimated"] | None = Field(

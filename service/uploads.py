@@ -299,6 +299,7 @@ def view_spec(image: CheckedImage, params: ViewParams) -> ViewInfo:
     pitch, roll = params.tilt or (0.0, 0.0)  # a photo's is estimated where it is decoded (decode_uploads)
     return ViewInfo(fov_deg=fov, projection=projection, fov_source=fov_source, heading_deg=heading,
                     heading_source=heading_source, pitch_deg=pitch, roll_deg=roll,
+                    heading_within_deg=None if heading is None else params.heading_within_deg,
                     tilt_source="parameter" if params.tilt is not None and projection == "perspective" else None)
 
 

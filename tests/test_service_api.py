@@ -968,9 +968,11 @@ def _photo(width: int = 160, height: int = 120, *, hfov: float | None = None, he
 
 
 def test_the_field_of_view_and_heading_come_from_parameters_exif_or_the_shape(client, world):
+    from model.orientation import HEADING_WITHIN_DEG
+
     pano = _post(client, world.pano).json()["view"]
     assert pano == {"fov_deg": 360.0, "projection": "equirectangular", "fov_source": "aspect",
-                    "heading_deg": None, "heading_source": None,  # no orientation head: no heading
+                    "heading_deg": None, "heading_source": None, "heading_within_deg": None,  # none given
                     "pitch_deg": 0.0, "roll_deg": 0.0, "tilt_source": None}
     exif = _post(client, _photo(hfov=65.0, heading=123.0)).json()["view"]
     assert exif["tilt_source"] == "estimated" and abs(exif["pitch_deg"]) < 6 and abs(exif["roll_deg"]) < 6
@@ -981,6 +983,9 @@ def test_the_field_of_view_and_heading_come_from_parameters_exif_or_the_shape(cl
     given = client.post("/localize?fov_deg=90&heading_deg=10.5", files=files).json()["view"]
     assert (given["fov_deg"], given["fov_source"], given["heading_deg"], given["heading_source"]) == \
         (90.0, "parameter", 10.5, "parameter")  # parameters win over EXIF
+    assert given["heading_within_deg"] == HEADING_WITHIN_DEG and exif["heading_within_deg"] == HEADING_WITHIN_DEG
+    rough = client.post("/localize?heading_within_deg=40", files=files).json()["view"]  # EXIF's compass, rough
+    assert (rough["heading_deg"], rough["heading_source"], rough["heading_within_deg"]) == (123.0, "exif", 40.0)
     crop = client.post("/localize?fov_deg=180&projection=equirectangular",
                        files={"image": ("c.jpg", jpeg_bytes(256, 128), "image/jpeg")})
     assert crop.status_code == 200 and crop.json()["view"]["projection"] == "equirectangular"

@@ -10,6 +10,7 @@
   const authDetails = document.getElementById("auth");
   const fovInput = document.getElementById("fov");
   const headingInput = document.getElementById("heading");
+  const headingWithinInput = document.getElementById("heading-within");
   const projectionInput = document.getElementById("projection");
   const fovPrompt = document.getElementById("fov-prompt");
   const statusEl = document.getElementById("status");
@@ -407,7 +408,8 @@
       view.fov_deg >= 360 ? "a 360° panorama (equirectangular)" : "part of a panorama (equirectangular)";
     const heading = view.heading_deg === null ?
       el("span", "view-heading", "heading unknown (this service does not estimate it; enter it if you know it)") :
-      viewPart("view-heading", `heading ${formatDegrees(view.heading_deg)}`, view.heading_source);
+      viewPart("view-heading", `heading ${formatDegrees(view.heading_deg)}` + (view.heading_within_deg == null ?
+        "" : ` ±${formatDegrees(view.heading_within_deg)}`), view.heading_source);
     viewEl.replaceChildren("Read as ", viewPart("view-projection", kind, sentProjection ? "parameter" : null),
       " · ", viewPart("view-fov", `field of view ${formatDegrees(view.fov_deg)}`, view.fov_source), " · ", heading);
     // A given heading places the view; the orientation head may still turn it at #1 (the arrow shows that).
@@ -518,6 +520,7 @@
     const query = new URLSearchParams({ k: String(Math.max(1, Math.min(100, parseInt(kInput.value, 10) || 5))) });
     if (fovInput.value !== "") query.set("fov_deg", String(fovInput.valueAsNumber));
     if (headingInput.value !== "") query.set("heading_deg", String(headingInput.valueAsNumber % 360));
+    if (headingWithinInput.value !== "") query.set("heading_within_deg", String(headingWithinInput.valueAsNumber));
     if (projectionInput.value) query.set("projection", projectionInput.value);
     return query;
   }
