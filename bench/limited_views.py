@@ -42,21 +42,23 @@ KIND_LABELS = {"photos": "photos, level", "photos_est": "photos, tilt estimated"
 
 
 def cells(tile_phases: int = 1) -> list[tuple[str, list[str]]]:
-    """(cell name, model.evaluate arguments) of every table cell; the unknown-heading ones meet the tiles at
-    ``tile_phases`` sub-column phases (model.evaluate --tile-phases)."""
+    """(cell name, model.evaluate arguments) of every table cell; the re-ranked and unknown-heading ones meet
+    the tiles at ``tile_phases`` sub-column phases (model.evaluate --tile-phases), as the service meets an index
+    built at them."""
     out = []
     phased = ["--tile-phases", str(tile_phases)] if tile_phases > 1 else []
     for fov in FOVS:
         for heading, methods in METHODS.items():
             for method in methods:
                 args = ["--fov", str(fov), "--heading", heading] + ([] if method == "descriptor" else ["--method", method])
-                out.append((f"{fov}_{heading}_{method}", args + (phased if heading == "unknown" else [])))
+                out.append((f"{fov}_{heading}_{method}", args + (phased if method != "descriptor" else [])))
     for kind, kind_args in KINDS.items():
         for heading, methods in METHODS.items():
             for method in methods:
                 args = ["--fov", "90", "--heading", heading, "--queries", "400"]
                 args += [] if method == "descriptor" else ["--method", method]
-                out.append((f"{kind}_{heading}_{method}", args + kind_args + (phased if heading == "unknown" else [])))
+                phases = phased if method != "descriptor" else []
+                out.append((f"{kind}_{heading}_{method}", args + kind_args + phases))
     return out
 
 
@@ -88,7 +90,7 @@ def check_reused_cells(checkpoint: Path, world: Path, out: Path, tile_phases: in
         if (cell.get("fingerprint"), os.path.realpath(cell.get("data", ""))) != (fingerprint, os.path.realpath(world)):
             raise SystemExit(f"limited_views: {path} holds {cell.get('checkpoint')} ({cell.get('fingerprint')}) on "
                              f"{cell.get('data')}, not {checkpoint} ({fingerprint}) on {world}: use another --out")
-        if cell.get("heading") == "unknown" and cell.get("tile_phases", 1) != tile_phases:
+        if (cell.get("heading") == "unknown" or "rerank" in cell) and cell.get("tile_phases", 1) != tile_phases:
             raise SystemExit(f"limited_views: {path} met the tiles at {cell.get('tile_phases', 1)} phase(s), not "
                              f"--tile-phases {tile_phases}: use another --out")
         within = (cell.get("rerank") or {}).get("heading_within_deg")

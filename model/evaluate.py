@@ -68,8 +68,8 @@ def evaluate(checkpoint: Path, data: Path, dataset: str = "synthetic", split: st
     are queries (against every tile of the split), e.g. for a perspective world rendered with
     `worldgen --panoramas N`; ``photo_tilt``: its photos are placed with their cameras' true pitch and
     roll instead of level ("estimated": with the tilt `model.preprocess.estimate_photo_tilt` finds, as
-    the service places a photo sent without one). ``tile_phases``: with an unknown heading, the
-    orientation head meets the tiles at that many sub-column phases (model.orientation.phase_columns).
+    the service places a photo sent without one). ``tile_phases``: the orientation head meets the tiles at
+    that many sub-column phases (model.orientation.phase_columns; a known heading within its reach).
     ``tile_m``: the tiles' footprint, for the refined position
     (model.metrics.refine_position)."""
     if heading not in HEADING_MODES or method not in METHODS:
@@ -131,7 +131,8 @@ def evaluate_views(model, arrays, records, device, *, fov: float, heading: str, 
                    crop: str = "full", heading_within: float | None = None, heading_error: float = 0.0) -> dict:
     """Recalls (and heading errors) of limited-field-of-view or unknown-heading queries: panorama crops
     of ``fov`` degrees around a random heading, or the photos of a perspective world. A known heading
-    places the view where its columns meet the tiles' at phase 0: ``tile_phases`` is for unknown ones."""
+    places the view at it, aligned with the tiles (at ``tile_phases`` sub-column phases) within ``heading_within``
+    of it."""
     from .inference import InferenceEncoder
     from .metrics import count_closer_scores, recall_from_counts
     from .orientation import HEADING_WITHIN_DEG, RERANK_CANDIDATES, RERANK_WEIGHT, alignment_scores
@@ -169,7 +170,7 @@ def evaluate_views(model, arrays, records, device, *, fov: float, heading: str, 
         scores = encode_ground(views) @ encode_aerial(arrays.aerial).T
     elif by_head:  # one descriptor each; the heading from the columns of the best tile
         queries, query_columns = _encode_views(encoder, "ground", views, columns=True)
-        phases = tile_phases if heading == "unknown" else 1
+        phases = tile_phases
         aerial, aerial_columns = _encode_views(encoder, "aerial", arrays.aerial, columns=True, phases=phases)
         if phases > 1:  # [N, P * W, C] -> [N, P, W, C]
             aerial_columns = aerial_columns.reshape(len(aerial_columns), phases, -1, aerial_columns.shape[-1])
@@ -562,9 +563,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --heading known: place each view off its true heading by up to this many degrees "
                         "(uniform), as a phone compass's heading errs (0: at the true heading)")
     v.add_argument("--tile-phases", type=positive_int, default=1,
-                   help="with --heading unknown and the orientation head: meet the tiles' columns at this many "
-                        "sub-column phases (each a polar tile encoded again, turned by 1/N of a token column; "
-                        "model.orientation.phase_columns); 1: as the tiles are")
+                   help="with the orientation head: meet the tiles' columns at this many sub-column phases (each "
+                        "a polar tile encoded again, turned by 1/N of a token column; model.orientation.phase_columns; "
+                        "a known heading at those within --heading-within of it), as an index_build build "
+                        "--tile-phases N index holds them; 1: as the tiles are")
     v.add_argument("--seed", type=non_negative_int, default=0, help="seed of the random headings of the crops")
     v.add_argument("--ambiguity-margin", type=number(0), default=0.02,
                    help="report how answers whose best match beats the best one 150 m away by less are right")
@@ -606,9 +608,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.index is None and (args.near_radius_m or args.save_scores or args.temperature is not None):
         parser.error("--near-radius-m, --temperature and --save-scores need --index")
-    if args.tile_phases > 1 and (args.index is not None or args.heading != "unknown"
-                                 or not uses_head(args.method, args.heading)):
-        parser.error("--tile-phases needs --heading unknown with --method head or rerank (and no --index)")
+    if args.tile_phases > 1 and (args.index is not None or not uses_head(args.method, args.heading)):
+        parser.error("--tile-phases needs the orientation head: --method rerank, or head with --heading unknown "
+                     "(and no --index)")
     if args.heading_within is not None and (args.index is not None or args.heading != "known"
                                             or args.method != "rerank"):
         parser.error("--heading-within needs --heading known with --method rerank (and no --index)")

@@ -120,9 +120,9 @@ class ServedIndex:
         both the model (``columns``: the view's column features [n, W, C]; ``seen`` [n, pixel
         columns] what each view covers) and this index have orientation features. A row with a
         prior in ``near`` is searched exactly among the tiles within its radius only. A view placed at a
-        given heading, trusted to ``heading_within[i]`` degrees (None: the heading is searched), meets tiles
-        stored at sub-column phases at phase 0, where its columns fall, and aligns with them only within
-        that many degrees of it; one whose heading is searched, at every phase and shift. With both column
+        given heading, trusted to ``heading_within[i]`` degrees (None: the heading is searched), aligns with
+        the tiles only at the shifts (and the sub-column phases, where the index stores them) within that many
+        degrees of it; one whose heading is searched, at every phase and shift. With both column
         features, the best RERANK_CANDIDATES (or k) tiles are re-ranked by descriptor and column alignment
         (model.orientation.rerank): their scores are then the combined ones. Each row looks at as many
         candidates as it would alone, whatever its batch-mates ask for. A row whose answer fails gets
@@ -165,8 +165,6 @@ class ServedIndex:
         headings = None
         if columns is not None and len(rows):  # columns: given where the index has orientation features too
             tile_columns = self.orientation[rows]
-            if heading_within is not None and tile_columns.ndim == 4:
-                tile_columns = tile_columns[:, 0]
             ranked = rerank(scores, columns, tile_columns.astype(np.float32), seen, within_deg=heading_within)
             scores, rows, headings = ranked.scores.astype(np.float32), rows[ranked.order], ranked.headings
         best = np.arange(min(k, len(rows)))  # the ranked rows the matches show

@@ -84,8 +84,8 @@ def view_params(
     heading_within_deg: Annotated[float, Query(ge=0, le=180, description=(
         "How far off a given heading (heading_deg, XMP or EXIF) may be, degrees: the view is aligned with each "
         "tile only within this much of it, and each match's heading is the given one corrected within it "
-        "(0: the given heading's own column, 22.5 degrees wide; 180: all round, as for an unknown heading, "
-        "for a heading that may be far off)."))] = HEADING_WITHIN_DEG,
+        "(0: the given heading's own column, 22.5 degrees wide, at phase 0 of an index built at tile phases; "
+        "180: all round, as for an unknown heading, for a heading that may be far off)."))] = HEADING_WITHIN_DEG,
     projection: Annotated[Literal["equirectangular", "perspective"] | None, Query(description=(
         "perspective: a photo (pinhole camera); equirectangular: a panorama or a crop of one. Default: "
         "perspective for a narrow image with a field of view under 360, else equirectangular."))] = None,

@@ -25,10 +25,11 @@ def test_every_cell_has_its_evaluate_arguments():
     assert "--photos" not in cells["crops_known_rerank"] and "--photo-tilt" not in cells["photos_known_rerank"]
     assert cells["photos_est_unknown_rerank"][-4:] == ["--photos", "{photos}", "--photo-tilt", "estimated"]
     assert not any("--tile-phases" in args for args in cells.values())
-    phased = dict(lv.cells(4))  # the unknown-heading cells meet the tiles at 4 phases, the known ones as they are
+    phased = dict(lv.cells(4))  # the head meets the tiles at 4 phases (a known heading too); descriptors do not
     assert phased["90_unknown_rerank"] == cells["90_unknown_rerank"] + ["--tile-phases", "4"]
     assert phased["photos_unknown_head"][-2:] == ["--tile-phases", "4"]
-    assert phased["90_known_rerank"] == cells["90_known_rerank"]
+    assert phased["90_known_rerank"] == cells["90_known_rerank"] + ["--tile-phases", "4"]
+    assert phased["90_known_descriptor"] == cells["90_known_descriptor"]
 
 
 def test_tables_ratios_and_gaps(tmp_path, capsys):
@@ -83,7 +84,7 @@ def test_cells_of_another_checkpoint_or_region_are_not_reused(tmp_path):
     with pytest.raises(SystemExit, match="met the tiles at 4 phase"):
         lv.check_reused_cells(ckpt, world, tmp_path / "out")
     (tmp_path / "out" / "90_unknown_rerank.json").unlink()
-    known = {**cell, "heading": "known", "rerank": {"candidates": 200, "weight": 0.9, "heading_within_deg": 15.0}}
+    known = {**cell, "heading": "known", "rerank": {"candidates": 200, "weight": 0.9, "heading_within_deg": 10.0}}
     (tmp_path / "out" / "90_known_rerank.json").write_text(json.dumps(known))
     lv.check_reused_cells(ckpt, world, tmp_path / "out")  # aligned within HEADING_WITHIN_DEG, as now
     for before, said in ((None, "all round"), (180.0, "within 180 degrees")):  # measured before the heading took part
@@ -91,6 +92,10 @@ def test_cells_of_another_checkpoint_or_region_are_not_reused(tmp_path):
         (tmp_path / "out" / "90_known_rerank.json").write_text(json.dumps(known))
         with pytest.raises(SystemExit, match=f"90_known_rerank.json aligned views of known heading {said}"):
             lv.check_reused_cells(ckpt, world, tmp_path / "out")
+    known["rerank"]["heading_within_deg"] = 10.0  # a known heading re-ranked at 1 phase is not reused at 4
+    (tmp_path / "out" / "90_known_rerank.json").write_text(json.dumps(known))
+    with pytest.raises(SystemExit, match="met the tiles at 1 phase"):
+        lv.check_reused_cells(ckpt, world, tmp_path / "out", tile_phases=4)
 
 
 def test_a_missing_region_is_made_beside_folders_that_do_not_exist_yet(tmp_path, monkeypatch):

@@ -397,7 +397,7 @@ def test_a_heading_from_a_panoramas_xmp_says_so(browser, page_server, world, tmp
     _upload(browser, page_server, pano, 2)
     heading = browser.find_element(By.CSS_SELECTOR, "#view .view-heading")
     assert (heading.get_attribute("data-source"), heading.text) == \
-        ("xmp", "heading 123° ±15° (from the panorama's XMP)")  # trusted to HEADING_WITHIN_DEG
+        ("xmp", "heading 123° ±10° (from the panorama's XMP)")  # trusted to HEADING_WITHIN_DEG
     _upload(browser, page_server, pano, 2, **{"heading-within": 40})  # a rough heading, typed in
     heading = browser.find_element(By.CSS_SELECTOR, "#view .view-heading")
     assert heading.text == "heading 123° ±40° (from the panorama's XMP)"
@@ -589,7 +589,7 @@ def test_a_photo_is_read_from_its_exif_and_its_field_of_view_drawn(browser, orie
     assert (fov.get_attribute("data-source"), fov.text) == (
         "exif", f"field of view {_degrees(answer['view']['fov_deg'])} (from EXIF)")
     heading = view.find_element(By.CSS_SELECTOR, ".view-heading")
-    assert (heading.get_attribute("data-source"), heading.text) == ("exif", "heading 123° ±15° (from EXIF)")
+    assert (heading.get_attribute("data-source"), heading.text) == ("exif", "heading 123° ±10° (from EXIF)")
     results = answer["results"]
     # the model may turn the given heading at #1 (its arrow shows that): then the view line says so too
     turned = f"the model finds {_degrees(results[0]['heading_deg'])} at #1"
@@ -630,7 +630,7 @@ def test_a_photo_without_a_field_of_view_prompts_for_it(browser, oriented_server
     assert not prompt.is_displayed()
     view = browser.find_element(By.ID, "view")
     assert view.find_element(By.CSS_SELECTOR, ".view-fov").text == "field of view 65° (as entered)"
-    assert view.find_element(By.CSS_SELECTOR, ".view-heading").text == "heading 200° ±15° (as entered)"
+    assert view.find_element(By.CSS_SELECTOR, ".view-heading").text == "heading 200° ±10° (as entered)"
     _check_arrows(browser, _answer(oriented_server, photo, k=5, fov_deg=65, heading_deg=200)["results"])
 
 

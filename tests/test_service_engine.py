@@ -429,11 +429,12 @@ def test_an_answer_does_not_depend_on_what_its_batch_mates_ask_for(tmp_path):
     assert beside_a_k40[1].competitor == "t31" and len(beside_a_k40[1].matches) == 40  # t30: 150 m less a hair
 
 
-def test_tiles_stored_at_phases_meet_a_searched_heading_at_every_phase_and_a_given_one_at_phase_0(tmp_path):
+def test_tiles_stored_at_phases_meet_a_searched_heading_at_every_phase_and_a_given_one_within_its_reach(tmp_path):
     """index_build build --tile-phases 4: two tiles 1 km apart, the view's columns those of tile b at phase 2
     (a turn of half a column) and of tile a at phase 0; b is the better by descriptor. A view whose heading is
-    searched meets b at phase 2 (heading -11.25 degrees); one placed at a given heading meets every tile at
-    phase 0, where its columns fall, and finds a."""
+    searched meets b at phase 2 (heading -11.25 degrees); one placed at a given heading trusted to 10 degrees
+    meets the tiles only at the phases within 10 degrees of it (0 and +-5.6) and finds a; trusted to 15, b
+    again."""
     from model.orientation import RERANK_WEIGHT
 
     width, dim_c, phases = 16, 8, 4
@@ -457,15 +458,16 @@ def test_tiles_stored_at_phases_meet_a_searched_heading_at_every_phase_and_a_giv
     index = load_artifact(root, expected_fingerprint="f" * 16, embedding_dim=32, generation=1,
                           column_shape=(width, dim_c))
     assert index.orientation.shape == (2, phases, width, dim_c)
-    query = np.zeros((2, 32), np.float32)
+    query = np.zeros((3, 32), np.float32)
     query[:, 0] = 1.0
-    searched, given = index.answer(query, np.stack([view, view]), np.ones((2, 256), bool), [2, 2],
-                                   heading_within=[None, 15.0])
+    searched, given, loose = index.answer(query, np.stack([view, view, view]), np.ones((3, 256), bool), [2, 2, 2],
+                                          heading_within=[None, 10.0, 15.0])
     assert [m.tile_id for m in searched.matches] == ["b", "a"] and searched.matches[0].heading_deg == pytest.approx(
         360 - 11.25, abs=0.5)
     assert searched.matches[0].score == pytest.approx((1 - RERANK_WEIGHT) * np.cos(0.1) + RERANK_WEIGHT, abs=1e-3)
     assert given.matches[0].tile_id == "a"
     assert min(given.matches[0].heading_deg % 360, -given.matches[0].heading_deg % 360) < 0.5  # north
+    assert loose.matches[0].tile_id == "b" and loose.matches[0].heading_deg == pytest.approx(360 - 11.25, abs=0.5)
     # the model's column shape is each phase's: one of another width is refused at load
     with pytest.raises(Exception, match="at each of 4 phases"):
         load_artifact(root, expected_fingerprint="f" * 16, embedding_dim=32, generation=1, column_shape=(8, dim_c))

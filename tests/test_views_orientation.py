@@ -362,13 +362,16 @@ def test_evaluate_rerank_with_no_weight_is_the_head_and_with_weight_moves_answer
     assert "argument --rerank-k: must be at least 1, got 0" in capsys.readouterr().err
     phased = run("--method", "rerank", "--tile-phases", "2")  # the tiles' columns at 2 phases: encoded twice
     assert phased["tile_phases"] == 2 and "tile_phases" not in head and phased["heading_error_median_deg"] is not None
-    for wrong in (["--heading", "known", "--method", "rerank"], ["--method", "aerial"]):
+    for wrong in (["--method", "aerial"], ["--heading", "known"]):  # no head, or a known heading by descriptor
         with pytest.raises(SystemExit):
             evaluate.main([*common, *wrong, "--tile-phases", "2"])
-        assert "--tile-phases needs --heading unknown" in capsys.readouterr().err
+        assert "--tile-phases needs the orientation head" in capsys.readouterr().err
     known = ["--heading", "known", "--method", "rerank", "--rerank-k", "24"]  # the last --heading counts
     near = run(*known)
-    assert near["rerank"]["heading_within_deg"] == 15.0  # model.orientation.HEADING_WITHIN_DEG: its own column
+    assert near["rerank"]["heading_within_deg"] == 10.0  # model.orientation.HEADING_WITHIN_DEG: its own column
+    assert "tile_phases" not in near
+    phased_known = run(*known, "--tile-phases", "4")  # and the 5.6 degree phases either side, at 4 phases
+    assert phased_known["tile_phases"] == 4 and phased_known["rerank"]["heading_within_deg"] == 10.0
     wide = run(*known, "--heading-within", "180")
     assert wide["rerank"]["heading_within_deg"] == 180.0
     assert (wide["r1"], wide["r5"], wide["confidence"]) != (near["r1"], near["r5"], near["confidence"])
