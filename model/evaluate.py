@@ -170,11 +170,10 @@ def evaluate_views(model, arrays, records, device, *, fov: float, heading: str, 
         scores = encode_ground(views) @ encode_aerial(arrays.aerial).T
     elif by_head:  # one descriptor each; the heading from the columns of the best tile
         queries, query_columns = _encode_views(encoder, "ground", views, columns=True)
-        phases = tile_phases
-        aerial, aerial_columns = _encode_views(encoder, "aerial", arrays.aerial, columns=True, phases=phases)
-        if phases > 1:  # [N, P * W, C] -> [N, P, W, C]
-            aerial_columns = aerial_columns.reshape(len(aerial_columns), phases, -1, aerial_columns.shape[-1])
-            out["tile_phases"] = phases
+        aerial, aerial_columns = _encode_views(encoder, "aerial", arrays.aerial, columns=True, phases=tile_phases)
+        if tile_phases > 1:  # [N, P * W, C] -> [N, P, W, C]
+            aerial_columns = aerial_columns.reshape(len(aerial_columns), tile_phases, -1, aerial_columns.shape[-1])
+            out["tile_phases"] = tile_phases
         scores = queries @ aerial.T
         valid = _view_columns(views, query_columns.shape[1])
         per_rotation = lambda i, j: alignment_scores(  # noqa: E731

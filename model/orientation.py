@@ -206,10 +206,11 @@ HEADING_WITHIN_DEG = 10.0
 def shifts_within(shifts: int, within_deg: float) -> np.ndarray:
     """[shifts] bool: the circular shifts (shift s turns a view by s * 360 / shifts degrees) within
     ``within_deg`` of no turn, the nearest (shift 0) always among them; 180: every shift."""
+    from .views import angle_difference
+
     if not 0.0 <= within_deg <= 180.0:
         raise ValueError(f"within_deg must be in [0, 180], got {within_deg}")
-    turn = np.arange(shifts) * 360.0 / shifts
-    allowed = np.minimum(turn, 360.0 - turn) <= within_deg + 1e-9
+    allowed = angle_difference(np.arange(shifts) * 360.0 / shifts, 0.0) <= within_deg + 1e-9
     allowed[0] = True
     return allowed
 
