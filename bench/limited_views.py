@@ -79,7 +79,7 @@ def ensure_world(path: Path, args: list[str]) -> None:
 
 def check_reused_cells(checkpoint: Path, world: Path, out: Path, tile_phases: int = 1) -> None:
     """The cells already in ``out`` are reused: they must be of this checkpoint (by fingerprint), region and
-    tile phases, or their numbers would be printed as this checkpoint's."""
+    tile phases (the views encoded at as many), or their numbers would be printed as this checkpoint's."""
     sys.path.insert(0, str(REPO))
     from model import load_checkpoint
     from model.orientation import HEADING_WITHIN_DEG
@@ -93,6 +93,10 @@ def check_reused_cells(checkpoint: Path, world: Path, out: Path, tile_phases: in
         if (cell.get("heading") == "unknown" or "rerank" in cell) and cell.get("tile_phases", 1) != tile_phases:
             raise SystemExit(f"limited_views: {path} met the tiles at {cell.get('tile_phases', 1)} phase(s), not "
                              f"--tile-phases {tile_phases}: use another --out")
+        if (cell.get("heading") == "unknown" or "rerank" in cell) and cell.get("view_phases", 1) != tile_phases:
+            raise SystemExit(f"limited_views: {path} encoded each view at {cell.get('view_phases', 1)} phase(s), not "
+                             f"at the tiles' {tile_phases} (model.evaluate's default since session 29): use another "
+                             f"--out")
         within = (cell.get("rerank") or {}).get("heading_within_deg")
         if cell.get("heading") == "known" and "rerank" in cell and within != HEADING_WITHIN_DEG:
             raise SystemExit(f"limited_views: {path} aligned views of known heading "

@@ -54,7 +54,7 @@ def evaluate(checkpoint: Path, data: Path, dataset: str = "synthetic", split: st
              photos: Path | None = None, queries: int = 0, ambiguity_margin: float = 0.02,
              tile_m: float = TILE_FOOTPRINT_M, rerank_k: int | None = None, rerank_weight: float | None = None,
              photo_tilt: bool | str = False, tile_phases: int = 1, crop: str = "full",
-             heading_within: float | None = None, heading_error: float = 0.0) -> dict:
+             heading_within: float | None = None, heading_error: float = 0.0, view_phases: int | None = None) -> dict:
     """Retrieval of the split's panoramas (or, with ``photos``, of a perspective world's photos
     of the same places) against its aerial tiles. ``fov`` < 360 keeps that much of each panorama
     around a random heading (``crop="photo"``: cut to the outline a level 4:3 photo of that field of
@@ -69,7 +69,9 @@ def evaluate(checkpoint: Path, data: Path, dataset: str = "synthetic", split: st
     `worldgen --panoramas N`; ``photo_tilt``: its photos are placed with their cameras' true pitch and
     roll instead of level ("estimated": with the tilt `model.preprocess.estimate_photo_tilt` finds, as
     the service places a photo sent without one). ``tile_phases``: the orientation head meets the tiles at
-    that many sub-column phases (model.orientation.phase_columns; a known heading within its reach).
+    that many sub-column phases (model.orientation.phase_columns; a known heading within its reach), and each
+    view is encoded at ``view_phases`` of them (default: as many, as the service meets an index; the
+    alignments that meet at one heading averaged: model.orientation.view_phase_scores).
     ``tile_m``: the tiles' footprint, for the refined position
     (model.metrics.refine_position)."""
     if heading not in HEADING_MODES or method not in METHODS:
@@ -109,7 +111,7 @@ def evaluate(checkpoint: Path, data: Path, dataset: str = "synthetic", split: st
                                      ambiguity_margin=ambiguity_margin, tile_m=tile_m, rerank_k=rerank_k,
                                      rerank_weight=rerank_weight, photo_tilt=photo_tilt,
                                      tile_phases=tile_phases, crop=crop, heading_within=heading_within,
-                                     heading_error=heading_error))
+                                     heading_error=heading_error, view_phases=view_phases))
     if arrays.latlon is not None and plain:
         result["localization"] = localization_error(ground, aerial, arrays.latlon, arrays.latlon)
     if plot is not None and plain:
@@ -128,11 +130,12 @@ def evaluate_views(model, arrays, records, device, *, fov: float, heading: str, 
                    seed: int, photos: Path | None, queries: int = 0, ambiguity_margin: float = 0.02,
                    tile_m: float = TILE_FOOTPRINT_M, rerank_k: int | None = None,
                    rerank_weight: float | None = None, photo_tilt: bool | str = False, tile_phases: int = 1,
-                   crop: str = "full", heading_within: float | None = None, heading_error: float = 0.0) -> dict:
+                   crop: str = "full", heading_within: float | None = None, heading_error: float = 0.0,
+                   view_phases: int | None = None) -> dict:
     """Recalls (and heading errors) of limited-field-of-view or unknown-heading queries: panorama crops
     of ``fov`` degrees around a random heading, or the photos of a perspective world. A known heading
     places the view at it, aligned with the tiles (at ``tile_phases`` sub-column phases) within ``heading_within``
-    of it."""
+    of it; the view encoded at ``view_phases`` sub-column phases (None: ``tile_phases``)."""
     from .inference import InferenceEncoder
     from .metrics import count_closer_scores, recall_from_counts
     from .orientation import HEADING_WITHIN_DEG, RERANK_CANDIDATES, RERANK_WEIGHT, alignment_scores
@@ -169,13 +172,16 @@ def evaluate_views(model, arrays, records, device, *, fov: float, heading: str, 
     if heading == "known" and method != "rerank":
         scores = encode_ground(views) @ encode_aerial(arrays.aerial).T
     elif by_head:  # one descriptor each; the heading from the columns of the best tile
-        queries, query_columns = _encode_views(encoder, "ground", views, columns=True)
+        view_phases = tile_phases if view_phases is None else view_phases
+        queries, query_columns = _encode_views(encoder, "ground", views, columns=True, phases=view_phases)
         aerial, aerial_columns = _encode_views(encoder, "aerial", arrays.aerial, columns=True, phases=tile_phases)
         if tile_phases > 1:  # [N, P * W, C] -> [N, P, W, C]
             aerial_columns = aerial_columns.reshape(len(aerial_columns), tile_phases, -1, aerial_columns.shape[-1])
             out["tile_phases"] = tile_phases
+        if view_phases > 1:
+            out["view_phases"] = view_phases
         scores = queries @ aerial.T
-        valid = _view_columns(views, query_columns.shape[1])
+        valid = _seen_pixels(views)
         per_rotation = lambda i, j: alignment_scores(  # noqa: E731
             query_columns[i], aerial_columns[j:j + 1], valid[i])[0]
         if method == "rerank":
@@ -308,14 +314,16 @@ def evaluate_anywhere(checkpoint: Path, data: Path, index: Path, device: str = "
     if tile_columns is None:
         queries = _encode_views(encoder, "ground", views)
     else:
-        queries, query_columns = _encode_views(encoder, "ground", views, columns=True)
+        # each view at the tiles' sub-column phases, as the service meets the index
+        view_phases = tile_columns.shape[1] if tile_columns.ndim == 4 else 1
+        queries, query_columns = _encode_views(encoder, "ground", views, columns=True, phases=view_phases)
     scores = queries @ gallery.T  # [Q, N]
 
     def ranked(sims):
         """As the service ranks: by descriptor, then (with rerank_k) its best re-ranked by column alignment."""
         if tile_columns is None:
             return sims
-        seen = np.ones(query_columns.shape[:2], bool)  # panoramas: every column
+        seen = np.ones(views.shape[:1] + views.shape[2:3], bool)  # panoramas: every pixel column
         return reranked_scores(sims, query_columns, tile_columns, seen, rerank_k, weight)
     # true tile: the nearest centre (exact haversine over every tile)
     view_dist = np.stack([haversine_m(lat, lon, view_ll[:, 0], view_ll[:, 1]) for lat, lon in true_ll])
@@ -447,13 +455,19 @@ def _encode_views(encoder, branch: str, views: np.ndarray, batch_size: int = 128
     return (rows, cols) if columns else rows
 
 
-def _view_columns(views: np.ndarray, width: int) -> np.ndarray:
-    """[N, width] bool: the seen token columns of each view (model.orientation.seen_token_columns; a
-    pixel column is unseen when all of it is the mean colour of model.views)."""
-    from .orientation import seen_token_columns
+def _seen_pixels(views: np.ndarray) -> np.ndarray:
+    """[N, W] bool: the seen pixel columns of each view [N, H, W, 3] (a pixel column is unseen when all of it
+    is the mean colour of model.views)."""
     from .views import MEAN_RGB
 
-    return seen_token_columns(~np.all(views == MEAN_RGB, axis=(1, 3)), width)  # from [N, W] pixel columns
+    return ~np.all(views == MEAN_RGB, axis=(1, 3))
+
+
+def _view_columns(views: np.ndarray, width: int) -> np.ndarray:
+    """[N, width] bool: the seen token columns of each view (model.orientation.seen_token_columns)."""
+    from .orientation import seen_token_columns
+
+    return seen_token_columns(_seen_pixels(views), width)
 
 
 def photo_views(world: Path, records, config, centred: bool, tilt: bool | str = False,
@@ -566,6 +580,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "a polar tile encoded again, turned by 1/N of a token column; model.orientation.phase_columns; "
                         "a known heading at those within --heading-within of it), as an index_build build "
                         "--tile-phases N index holds them; 1: as the tiles are")
+    v.add_argument("--view-phases", type=positive_int, default=None,
+                   help="with the orientation head: encode each view at this many sub-column phases and average "
+                        "the alignments that meet at one heading (model.orientation.view_phase_scores; default: "
+                        "--tile-phases, as the service meets an index)")
     v.add_argument("--seed", type=non_negative_int, default=0, help="seed of the random headings of the crops")
     v.add_argument("--ambiguity-margin", type=number(0), default=0.02,
                    help="report how answers whose best match beats the best one 150 m away by less are right")
@@ -610,6 +628,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.tile_phases > 1 and (args.index is not None or not uses_head(args.method, args.heading)):
         parser.error("--tile-phases needs the orientation head: --method rerank, or head with --heading unknown "
                      "(and no --index)")
+    if args.view_phases is not None and (args.index is not None or not uses_head(args.method, args.heading)):
+        parser.error("--view-phases needs the orientation head: --method rerank, or head with --heading unknown "
+                     "(and no --index, whose own --tile-phases it follows)")
     if args.heading_within is not None and (args.index is not None or args.heading != "known"
                                             or args.method != "rerank"):
         parser.error("--heading-within needs --heading known with --method rerank (and no --index)")
@@ -643,7 +664,7 @@ def main(argv: list[str] | None = None) -> int:
                           rerank_k=args.rerank_k, rerank_weight=args.rerank_weight,
                           photo_tilt={None: False, "true": True}.get(args.photo_tilt, args.photo_tilt),
                           tile_phases=args.tile_phases, crop=args.crop, heading_within=args.heading_within,
-                          heading_error=args.heading_error)
+                          heading_error=args.heading_error, view_phases=args.view_phases)
     except (CheckpointError, ConfigError, TrainingError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

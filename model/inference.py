@@ -121,7 +121,9 @@ class InferenceEncoder:
         """As `encode_uint8`, plus the orientation head's column features [n, Wg, C] (None where the
         network has no head); with ``phases`` > 1 (default: ``tile_phases`` for the aerial branch, else 1),
         at that many sub-column phases, [n, phases * Wg, C], phase by phase (model.orientation.phase_columns:
-        each phase is one more forward of the images)."""
+        each phase is one more forward of the images), as an index stores a tile's. A ground view's are
+        [n, phases, Wg, C] (model.orientation.view_phase_scores) and its descriptor the mean over its phases
+        (unit length again); a tile's stays its phase 0 one."""
         phases = (self.tile_phases if branch == "aerial" else 1) if phases is None else phases
         if phases > 1 and columns:
             from .orientation import phase_columns
@@ -129,9 +131,18 @@ class InferenceEncoder:
             rows, cols = self.encode_uint8_with_columns(images, branch, max_batch, phases=1)
             if cols is None:
                 return rows, None
-            encode_columns = lambda turned: self.encode_uint8_with_columns(  # noqa: E731
-                turned, branch, max_batch, phases=1)[1]
+            turned_rows = []
+
+            def encode_columns(turned: torch.Tensor) -> np.ndarray:
+                turned_rows.append(self.encode_uint8_with_columns(turned, branch, max_batch, phases=1))
+                return turned_rows[-1][1]
+
             phased = phase_columns(encode_columns, images, phases, first=cols)
+            if branch == "ground":
+                mean = np.mean([rows, *(r for r, _ in turned_rows)], axis=0)
+                rows = np.ascontiguousarray(mean / np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12),
+                                            dtype=np.float32)
+                return rows, phased
             return rows, np.ascontiguousarray(phased.reshape(len(cols), -1, cols.shape[-1]))
         n = int(images.shape[0])
         step = max_batch or n or 1

@@ -112,9 +112,12 @@ def alignment_scores(view_columns: np.ndarray, tile_columns: np.ndarray, seen: n
     """One view's column features [W, C] against several tiles' [K, W, C] (its seen pixel columns
     ``seen`` [W * 16] or token columns [W], None: all) -> [K, W]: `shift_scores` of the view at each tile.
     Tiles encoded at P sub-column phases (`phase_columns`, [K, P, W, C]) give [K, W * P]: the scores at
-    headings 360 / (W * P) degrees apart, the best over the phases and shifts still at the view's heading."""
-    width = view_columns.shape[0]
+    headings 360 / (W * P) degrees apart, the best over the phases and shifts still at the view's heading.
+    A view encoded at T sub-column phases too ([T, W, C]: `view_phase_scores`) gives [K, W * lcm(P, T)]."""
+    if np.ndim(view_columns) == 3:
+        return view_phase_scores(view_columns, tile_columns, seen)
     tiles = np.asarray(tile_columns, dtype=np.float32)
+    width = view_columns.shape[0]
     if tiles.ndim == 4:  # phase p is the tile turned by p / P of a column: shift s there is heading s - p / P
         k, phases = tiles.shape[:2]
         if tiles.shape[2:] != np.shape(view_columns):
@@ -133,6 +136,41 @@ def alignment_scores(view_columns: np.ndarray, tile_columns: np.ndarray, seen: n
         valid = seen_token_columns(seen, width) if seen.size != width else seen
     views = np.broadcast_to(np.asarray(view_columns, dtype=np.float32), tiles.shape)
     return shift_scores(views, tiles, None if valid is None else np.broadcast_to(valid, tiles.shape[:2]))
+
+
+def view_phase_scores(view_columns: np.ndarray, tile_columns: np.ndarray, seen: np.ndarray | None = None) -> np.ndarray:
+    """A view encoded at T sub-column phases ([T, W, C]: phase t is the view turned by t / T of a token
+    column, as `InferenceEncoder.encode_uint8_with_columns(..., phases=T)` encodes it; its seen pixel
+    columns ``seen`` [W * 16] as placed at phase 0, None: all) against tiles [K, W, C] or at P phases
+    [K, P, W, C] -> [K, W * F], F = lcm(P, T): the scores at headings 360 / (W * F) degrees apart, each the mean
+    over the (view phase, tile phase) pairs that meet at that heading (P * T / F of them). The token grid
+    cuts a view differently at each phase; the mean of several looks at one heading is steadier than any one
+    (bench/RESULTS.md, "Views at sub-column phases")."""
+    tiles = np.asarray(tile_columns, dtype=np.float32)
+    view = np.asarray(view_columns, dtype=np.float32)
+    if view.ndim != 3 or tiles.ndim not in (3, 4) or view.shape[1:] != tiles.shape[-2:]:
+        raise ValueError(f"a view's column features at phases must be [T, W, C] with the tiles' [W, C], got "
+                         f"{view.shape} against tiles {tiles.shape}")
+    (view_phases, width, _), k = view.shape, tiles.shape[0]
+    tile_phases = tiles.shape[1] if tiles.ndim == 4 else 1
+    fine = math.lcm(tile_phases, view_phases)
+    step = None
+    if seen is not None:
+        seen = np.asarray(seen, dtype=bool).reshape(-1)
+        step, rest = divmod(seen.size, width * view_phases)
+        if rest or step == 0:
+            raise ValueError(f"a view at {view_phases} phases needs its seen pixel columns (a multiple of "
+                             f"{width * view_phases}), got {seen.size}")
+    total = np.zeros((k, width * fine))
+    count = np.zeros(width * fine)
+    for t in range(view_phases):
+        at_phase = alignment_scores(view[t], tiles,
+                                    None if seen is None else np.roll(seen, t * step))  # [K, W * P]
+        # tile phase p, shift s: heading s - p / P columns (`interleave_phases`); view phase t adds t / T
+        heading = (np.arange(width * tile_phases) * (fine // tile_phases) + t * (fine // view_phases)) % (width * fine)
+        total[:, heading] += at_phase
+        count[heading] += 1
+    return (total / count).astype(np.float32)  # every heading is met: gcd(F / P, F / T) = 1
 
 
 def interleave_phases(scores):

@@ -110,6 +110,11 @@ class ServedIndex:
         return len(self.tile_ids)
 
     @property
+    def tile_phases(self) -> int:
+        """The sub-column phases its tiles' column features were stored at (1 without them)."""
+        return self.orientation.shape[1] if self.orientation is not None and self.orientation.ndim == 4 else 1
+
+    @property
     def generation(self) -> int:
         return self.info.generation
 
@@ -117,7 +122,8 @@ class ServedIndex:
                near: list[Near | None] | None = None,
                heading_within: list[float | None] | None = None) -> list[Answer | Exception]:
         """Each query row's top ``ks[i]`` tiles, best first, with the view's heading at each tile where
-        both the model (``columns``: the view's column features [n, W, C]; ``seen`` [n, pixel
+        both the model (``columns``: the view's column features [n, W, C], or [n, T, W, C] encoded at T
+        sub-column phases, `model.orientation.view_phase_scores`; ``seen`` [n, pixel
         columns] what each view covers) and this index have orientation features. A row with a
         prior in ``near`` is searched exactly among the tiles within its radius only. A view placed at a
         given heading, trusted to ``heading_within[i]`` degrees (None: the heading is searched), aligns with

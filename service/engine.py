@@ -93,11 +93,12 @@ def _settle(outcomes: list[Outcome]) -> None:
 
 
 class Engine:
-    """Bounded job queue + executor threads. ``encode(images, columns)`` maps uint8 images to unit rows
-    and, when ``columns`` and the model has an orientation head, column features (the model's ground
-    branch); ``index`` is the ServedIndex searched, replaced by assignment."""
+    """Bounded job queue + executor threads. ``encode(images, view_phases)`` maps uint8 images to unit rows
+    and, when ``view_phases`` > 0 and the model has an orientation head, column features at that many
+    sub-column phases (the model's ground branch; 0: none); ``index`` is the ServedIndex searched, replaced by
+    assignment."""
 
-    def __init__(self, encode: Callable[[torch.Tensor, bool], tuple[np.ndarray, np.ndarray | None]],
+    def __init__(self, encode: Callable[[torch.Tensor, int], tuple[np.ndarray, np.ndarray | None]],
                  index: ServedIndex, *,
                  metrics: Metrics, workers: int, threads_per_worker: int | None, lone_threads: int | None = None,
                  max_batch_size: int, max_batch_wait_ms: float, queue_size: int,
@@ -313,9 +314,10 @@ class Engine:
         if not live:
             return []
         t0 = time.perf_counter()
-        # column features only for an index that holds its own to align them with (2-4% of a forward)
+        # column features only for an index that holds its own to align them with (2-4% of a forward), the
+        # views encoded at its tiles' sub-column phases (one forward each: model.orientation.view_phase_scores)
         vectors, columns = self._encode(images[0] if len(images) == 1 else torch.cat(images),
-                                        index.orientation is not None)
+                                        0 if index.orientation is None else index.tile_phases)
         t1 = time.perf_counter()
         near = [prior for job in live for prior in (job.near or [None] * job.n)]
         ks = [job.k for job in live for _ in range(job.n)]

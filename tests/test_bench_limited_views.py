@@ -77,12 +77,16 @@ def test_cells_of_another_checkpoint_or_region_are_not_reused(tmp_path):
         (tmp_path / "out" / "360_known_descriptor.json").write_text(json.dumps({**cell, **other}))
         with pytest.raises(SystemExit, match="360_known_descriptor.json holds .*: use another --out"):
             lv.check_reused_cells(ckpt, world, tmp_path / "out")
-    unknown = {**cell, "heading": "unknown", "tile_phases": 4}  # cells of other tile phases are not reused either
+    unknown = {**cell, "heading": "unknown", "tile_phases": 4, "view_phases": 4}  # nor those of other tile phases
     (tmp_path / "out" / "360_known_descriptor.json").unlink()
     (tmp_path / "out" / "90_unknown_rerank.json").write_text(json.dumps(unknown))
     lv.check_reused_cells(ckpt, world, tmp_path / "out", tile_phases=4)
     with pytest.raises(SystemExit, match="met the tiles at 4 phase"):
         lv.check_reused_cells(ckpt, world, tmp_path / "out")
+    del unknown["view_phases"]  # measured before the views met the tiles at their phases
+    (tmp_path / "out" / "90_unknown_rerank.json").write_text(json.dumps(unknown))
+    with pytest.raises(SystemExit, match="encoded each view at 1 phase"):
+        lv.check_reused_cells(ckpt, world, tmp_path / "out", tile_phases=4)
     (tmp_path / "out" / "90_unknown_rerank.json").unlink()
     known = {**cell, "heading": "known", "rerank": {"candidates": 200, "weight": 0.9, "heading_within_deg": 10.0}}
     (tmp_path / "out" / "90_known_rerank.json").write_text(json.dumps(known))

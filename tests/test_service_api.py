@@ -1100,6 +1100,33 @@ def test_with_an_orientation_head_every_match_says_the_view_heading_there(world,
         assert all("heading_deg" in f["properties"] for f in geo["features"] if f["properties"]["kind"] == "match")
 
 
+def test_an_index_at_tile_phases_meets_each_view_at_as_many_phases(world, head_world):
+    """index_build build --tile-phases 2: the service encodes each view at 2 sub-column phases too and its
+    headings are the phase-averaged alignment's (model.orientation.view_phase_scores)."""
+    from model import load_checkpoint
+    from model.inference import InferenceEncoder
+    from model.orientation import estimate_headings
+    from model.views import place_view
+    from test_service_support import build_artifact
+
+    checkpoint, _ = head_world
+    artifact = build_artifact(world.root / "world_a" / "tiles.csv", checkpoint, world.root / "phased_index",
+                              "--tile-phases", "2")
+    with running_client(settings_for(world, artifact, checkpoint=checkpoint)) as client:
+        body = _post(client, world.pano, k=5).json()
+    net = load_checkpoint(checkpoint)
+    view, seen = place_view(world.pano, net.config)
+    vector, columns = InferenceEncoder(net, branches=("ground",)).encode_uint8_with_columns(
+        torch.from_numpy(view).permute(2, 0, 1)[None], "ground", phases=2)
+    assert columns.shape[:2] == (1, 2)
+    tile_rows = {r["tile_id"]: i for i, r in enumerate(csv.DictReader(open(artifact / "tiles.csv")))}
+    stored = np.load(artifact / "orientation.npy")[[tile_rows[m["tile_id"]] for m in body["results"]]]
+    stored = stored.reshape(len(stored), 2, -1, stored.shape[-1]).astype(np.float32)
+    expected = estimate_headings(columns[0], stored, seen)
+    assert [m["heading_deg"] for m in body["results"]] == pytest.approx([round(float(h), 1) for h in expected],
+                                                                      abs=0.11)
+
+
 def test_orientation_features_unlike_the_models_are_refused_at_load_not_answered_500(world, head_world, tmp_path):
     """The manifest and orientation.npy agree with each other but not with the model's head."""
     checkpoint, artifact = head_world

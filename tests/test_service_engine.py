@@ -33,7 +33,7 @@ def _engine(world, encode, **overrides):
     return engine
 
 
-def _unit_rows(images: torch.Tensor, columns: bool = False) -> tuple[np.ndarray, None]:
+def _unit_rows(images: torch.Tensor, view_phases: int = 0) -> tuple[np.ndarray, None]:
     """Stands in for the ground branch: unit descriptors, no orientation columns."""
     rows = np.random.default_rng(int(images.sum())).standard_normal((len(images), 32)).astype(np.float32)
     return rows / np.linalg.norm(rows, axis=1, keepdims=True), None
@@ -59,10 +59,10 @@ def test_two_executor_threads_compute_two_batches_at_once(world):
     both_inside = threading.Barrier(2, timeout=10)
     threads = set()
 
-    def encode(images, columns):
+    def encode(images, view_phases):
         threads.add(threading.current_thread().name)
         both_inside.wait()  # breaks (and the batch fails) unless two batches overlap
-        return _unit_rows(images, columns)
+        return _unit_rows(images, view_phases)
 
     engine = _engine(world, encode, max_batch_size=1)
 
@@ -83,11 +83,11 @@ def test_a_lone_image_runs_on_every_core_and_batches_side_by_side_on_their_share
     seen = []
     both_inside = threading.Barrier(2, timeout=10)
 
-    def encode(images, columns):
+    def encode(images, view_phases):
         seen.append(torch.get_num_threads())
         if len(seen) > 1:
             both_inside.wait()  # the two queued together overlap: neither ran wide
-        return _unit_rows(images, columns)
+        return _unit_rows(images, view_phases)
 
     engine = _engine(world, encode, max_batch_size=1, lone_threads=2)
     try:
@@ -112,12 +112,12 @@ def test_after_a_job_waited_for_a_wide_batch_none_runs_wide_for_the_cooldown(wor
     seen = []
     first_inside, release = threading.Event(), threading.Event()
 
-    def encode(images, columns):
+    def encode(images, view_phases):
         seen.append(torch.get_num_threads())
         if len(seen) == 1:
             first_inside.set()
             release.wait(10)
-        return _unit_rows(images, columns)
+        return _unit_rows(images, view_phases)
 
     engine = _engine(world, encode, max_batch_size=1, lone_threads=2, wide_cooldown_s=5.0)  # room for a slow box
 
@@ -167,10 +167,10 @@ def test_an_error_before_a_batch_computes_fails_that_batch_only(world, monkeypat
 def test_a_batch_is_answered_by_one_index_generation_while_the_next_sees_the_new_one(world):
     inside, go_on = threading.Event(), threading.Event()
 
-    def encode(images, columns):
+    def encode(images, view_phases):
         inside.set()
         go_on.wait(10)
-        return _unit_rows(images, columns)
+        return _unit_rows(images, view_phases)
 
     engine = _engine(world, encode, workers=1)
 
@@ -190,16 +190,17 @@ def test_a_batch_is_answered_by_one_index_generation_while_the_next_sees_the_new
     assert len(before.answers[0].matches) == 24 and len(after.answers[0].matches) == 16
 
 
-def test_column_features_are_asked_for_only_where_the_served_index_holds_its_own(world):
+def test_column_features_are_asked_for_only_where_the_served_index_holds_its_own_at_its_phases(world):
     asked = []
 
-    def encode(images, columns):
-        asked.append(columns)
-        return _unit_rows(images, columns)
+    def encode(images, view_phases):
+        asked.append(view_phases)
+        return _unit_rows(images, view_phases)
 
     engine = _engine(world, encode, workers=1)
     plain = engine.index
     oriented = dataclasses.replace(plain, orientation=np.zeros((plain.count, 4, 8), np.float16))
+    phased = dataclasses.replace(plain, orientation=np.zeros((plain.count, 4, 4, 8), np.float16))
 
     async def one():
         return await engine.localize(_images(), n=1, k=3)
@@ -208,11 +209,14 @@ def test_column_features_are_asked_for_only_where_the_served_index_holds_its_own
         asyncio.run(one())
         engine.index = oriented
         asyncio.run(one())
+        engine.index = phased  # index_build build --tile-phases 4: the views encoded at 4 phases too
+        asyncio.run(one())
         engine.index = plain
         asyncio.run(one())
     finally:
         engine.stop()
-    assert asked == [False, True, False]
+    assert asked == [0, 1, 4, 0]
+    assert (plain.tile_phases, oriented.tile_phases, phased.tile_phases) == (1, 1, 4)
 
 
 def test_the_queue_counts_images_and_refuses_beyond_it_while_paused_jobs_wait(world):
@@ -244,11 +248,11 @@ def test_a_failing_decode_fails_its_job_and_a_failing_forward_its_batch_but_no_w
 
     calls = []
 
-    def encode(images, columns):
+    def encode(images, view_phases):
         calls.append(len(images))
         if len(calls) == 1:
             raise RuntimeError("device lost")
-        return _unit_rows(images, columns)
+        return _unit_rows(images, view_phases)
 
     def bad():
         raise ValueError("truncated")

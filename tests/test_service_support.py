@@ -81,12 +81,13 @@ def write_catalog(directory: Path, prefix: str, count: int, seed: int) -> Path:
     return catalog
 
 
-def build_artifact(catalog: Path, checkpoint: Path, out: Path) -> Path:
-    """Build an index artifact at ``out`` through the public ``python -m index_build`` CLI."""
+def build_artifact(catalog: Path, checkpoint: Path, out: Path, *options: str) -> Path:
+    """Build an index artifact at ``out`` through the public ``python -m index_build`` CLI (``options``: more of
+    its arguments)."""
     proc = subprocess.run(
         [PYTHON, "-m", "index_build", "build", "--catalog", str(catalog),
          "--checkpoint", str(checkpoint), "--out", str(out), "--quiet",
-         "--workers", "0"],  # encoder threads, not decode processes: bounded on a many-core machine
+         "--workers", "0", *options],  # encoder threads, not decode processes: bounded on a many-core machine
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, f"index_build failed:\n{proc.stdout}\n{proc.stderr}"

@@ -182,6 +182,43 @@ def test_tiles_met_at_sub_column_phases_find_the_heading_between_columns():
         phase_columns(encode, polar, 3)
 
 
+@pytest.mark.parametrize("tile_phases,view_phases", [(4, 4), (4, 2), (2, 4), (1, 4)])
+def test_a_view_at_sub_column_phases_averages_the_looks_that_meet_at_each_heading(tile_phases, view_phases):
+    from model.orientation import alignment_scores, rerank, valid_columns, view_phase_scores
+
+    width, heading = 16, 3.25  # heading in columns: 73.125 degrees, on the quarter-column grid
+    seed = 11
+    def signal(at):
+        return _smooth_columns(np.random.default_rng(seed), width, 8, at)
+
+    tiles = np.stack([signal(np.arange(width) - p / tile_phases) for p in range(tile_phases)])[None]  # [1, P, W, C]
+    # view phase t: the view rolled by t / T of a column to the right, so its column w looks at w + heading - t / T
+    looks = [signal(np.arange(width) + heading - t / view_phases) for t in range(view_phases)]
+    view = np.stack(looks)  # [T, W, C], as the encoder gives a view's
+    fine = 4  # lcm of the phases of every case here
+    scores = alignment_scores(view, tiles if tile_phases > 1 else tiles[:, 0])
+    assert scores.shape == (1, width * fine)
+    # every (view phase, tile phase) pair that meets at the true heading meets it exactly: their mean is 1
+    assert int(np.argmax(scores[0])) == round(heading * fine) and scores[0].max() == pytest.approx(1.0, abs=1e-5)
+    if tile_phases == 1:  # nothing to average: view phase t's shifts s land at heading s + t / T
+        for t in range(view_phases):
+            assert np.allclose(scores[0, t::view_phases], alignment_scores(looks[t], tiles[:, 0])[0], atol=1e-6)
+    elif tile_phases == fine:  # each heading the mean of the T pairs meeting there (one tile phase per view phase)
+        pairs = [alignment_scores(looks[t], tiles)[0] for t in range(view_phases)]
+        step = fine // view_phases
+        expected = np.mean([np.roll(pairs[t], t * step) for t in range(view_phases)], axis=0)
+        assert np.allclose(scores[0], expected, atol=1e-6)
+    assert rerank(np.array([0.5]), view, tiles).headings[0] == pytest.approx(heading * 22.5, abs=0.5)
+    # a limited view: its seen pixel columns as placed at phase 0, rolled with it at each phase
+    seen = np.repeat(valid_columns(width, 90.0), 16)
+    limited = view_phase_scores(view, tiles, seen)
+    assert int(np.argmax(limited[0])) == round(heading * fine) and limited[0].max() == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(ValueError, match="seen pixel columns"):
+        view_phase_scores(view, tiles, valid_columns(width, 90.0))  # token columns can not turn by a fraction
+    with pytest.raises(ValueError, match=r"must be \[T, W, C\] with the tiles' \[W, C\]"):
+        alignment_scores(view[:, :8], tiles)
+
+
 def test_rerank_refuses_what_it_can_not_combine():
     from model.orientation import rerank
 
@@ -301,6 +338,13 @@ def test_the_orientation_head_is_saved_with_the_network_and_encoded_with_it(view
     rolled = encoder.encode_uint8_with_columns(torch.roll(images, 8, dims=3), "aerial")[1]
     assert np.allclose(phased[:, 32:48], rolled, atol=1e-6) and not np.allclose(rolled, plain_columns, atol=1e-3)
     assert InferenceEncoder(plain).encode_uint8_with_columns(images, "aerial", phases=4)[1] is None
+    # a view at 4 phases: its columns the same way, its descriptor the mean over the phases (a tile's: phase 0's)
+    view_rows, view_phased = encoder.encode_uint8_with_columns(images, "ground", phases=4)
+    looks = [encoder.encode_uint8_with_columns(torch.roll(images, 4 * p, dims=3), "ground") for p in range(4)]
+    assert view_phased.shape == (3, 4, 16, 64) and np.allclose(view_phased[:, 3], looks[3][1], atol=1e-6)
+    mean = np.mean([r for r, _ in looks], axis=0)
+    assert np.allclose(view_rows, mean / np.linalg.norm(mean, axis=1, keepdims=True), atol=1e-6)
+    assert not np.allclose(view_rows, looks[0][0], atol=1e-4)
 
 
 def test_the_head_can_also_learn_to_tell_its_tile_from_look_alikes(view_world, tmp_path):
