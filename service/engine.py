@@ -3,8 +3,9 @@
 A request becomes a *job*: one or more uploaded images and how to decode them. Jobs wait in a
 bounded queue counted in images; when it is full a request is refused at once (503). Each of N
 executor threads takes what is queued, up to ``max_batch_size`` images (waiting at most
-``max_batch_wait_ms`` for more to join the oldest), decodes it, runs ONE ground-branch forward and
-ONE FAISS search for the whole micro-batch, and hands every job its rows. Thread 0 takes work
+``max_batch_wait_ms`` for more to join the oldest), decodes it, runs ONE ground-branch forward (one per
+sub-column phase the views are encoded at, against an index stored at phases) and ONE FAISS search for the
+whole micro-batch, and hands every job its rows. Thread 0 takes work
 first; the others take what it leaves while it computes. A one-image batch that thread 0 takes
 while nothing else is queued or computing runs *wide*, with ``lone_threads`` torch threads (the
 others wait for it): a lone request gets the whole CPU, a loaded service splits it into lanes
@@ -95,15 +96,17 @@ def _settle(outcomes: list[Outcome]) -> None:
 class Engine:
     """Bounded job queue + executor threads. ``encode(images, view_phases)`` maps uint8 images to unit rows
     and, when ``view_phases`` > 0 and the model has an orientation head, column features at that many
-    sub-column phases (the model's ground branch; 0: none); ``index`` is the ServedIndex searched, replaced by
-    assignment."""
+    sub-column phases (the model's ground branch; 0: none): ``view_phases``, or None: the served index's tile
+    phases; ``index`` is the ServedIndex searched, replaced by assignment."""
 
     def __init__(self, encode: Callable[[torch.Tensor, int], tuple[np.ndarray, np.ndarray | None]],
                  index: ServedIndex, *,
                  metrics: Metrics, workers: int, threads_per_worker: int | None, lone_threads: int | None = None,
                  max_batch_size: int, max_batch_wait_ms: float, queue_size: int,
-                 request_timeout_s: float, wide_cooldown_s: float = WIDE_COOLDOWN_S) -> None:
+                 request_timeout_s: float, wide_cooldown_s: float = WIDE_COOLDOWN_S,
+                 view_phases: int | None = None) -> None:
         self._encode = encode
+        self.view_phases = view_phases
         self.metrics = metrics
         self.index = index
         self.workers = workers
@@ -315,9 +318,9 @@ class Engine:
             return []
         t0 = time.perf_counter()
         # column features only for an index that holds its own to align them with (2-4% of a forward), the
-        # views encoded at its tiles' sub-column phases (one forward each: model.orientation.view_phase_scores)
-        vectors, columns = self._encode(images[0] if len(images) == 1 else torch.cat(images),
-                                        0 if index.orientation is None else index.tile_phases)
+        # views encoded at its tiles' sub-column phases unless told (one forward each: view_phase_scores)
+        phases = 0 if index.orientation is None else self.view_phases or index.tile_phases
+        vectors, columns = self._encode(images[0] if len(images) == 1 else torch.cat(images), phases)
         t1 = time.perf_counter()
         near = [prior for job in live for prior in (job.near or [None] * job.n)]
         ks = [job.k for job in live for _ in range(job.n)]

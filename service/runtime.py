@@ -60,6 +60,13 @@ def load_model(settings: Settings) -> LoadedModel:
     device = pick_device(settings.device)
     checkpoint = Path(settings.checkpoint)
     net = load_checkpoint(checkpoint)
+    if settings.view_phases is not None:  # refused at start, not at the first query
+        from model.orientation import phase_step
+
+        try:
+            phase_step(net.config.ground_size[1], net.config.grid("ground")[1], settings.view_phases)
+        except ValueError as exc:
+            raise ValueError(f"GEOLOC_VIEW_PHASES={settings.view_phases}: {exc}") from None
     info = ModelInfo(fingerprint=net.fingerprint(), checkpoint=checkpoint.name, embedding_dim=net.embedding_dim,
                      device=str(device), ground_size=tuple(net.config.ground_size))
     return LoadedModel(InferenceEncoder(net, device, branches=("ground",)), info)
@@ -142,7 +149,7 @@ class Runtime:
                 lambda images, view_phases: model.encoder.encode_uint8_with_columns(
                     images, "ground", s.max_batch_size, columns=view_phases > 0, phases=max(view_phases, 1)), index,
                 metrics=self.metrics, workers=workers, threads_per_worker=threads, lone_threads=lone,
-                max_batch_size=s.max_batch_size, max_batch_wait_ms=s.max_batch_wait_ms,
+                max_batch_size=s.max_batch_size, max_batch_wait_ms=s.max_batch_wait_ms, view_phases=s.view_phases,
                 queue_size=s.queue_size, request_timeout_s=s.request_timeout_s)
             engine.start()
         except Exception as exc:

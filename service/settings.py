@@ -42,6 +42,13 @@ class Settings(BaseSettings):
         description="torch threads per encoder thread; unset = the CPUs divided among them, and a lone image on all.",
     )
 
+    view_phases: int | None = Field(
+        None, ge=1, le=16,
+        description="Sub-column phases each view is encoded at against an index with column features, one "
+        "forward each; unset = the index's tile phases (most accurate); 1 = one forward (fastest). The "
+        "model's token columns must split into them (1, 2, 4, 8 or 16 for the shipped checkpoints).",
+    )
+
     # --- micro-batching and backpressure --------------------------------------------------
     max_batch_size: int = Field(16, ge=1, le=1024, description="Most images per forward pass.")
     max_batch_wait_ms: float = Field(

@@ -1125,6 +1125,20 @@ def test_an_index_at_tile_phases_meets_each_view_at_as_many_phases(world, head_w
     expected = estimate_headings(columns[0], stored, seen)
     assert [m["heading_deg"] for m in body["results"]] == pytest.approx([round(float(h), 1) for h in expected],
                                                                       abs=0.11)
+    # GEOLOC_VIEW_PHASES=1: one forward a view, its columns met at the tiles' phases alone
+    with running_client(settings_for(world, artifact, checkpoint=checkpoint, view_phases=1)) as client:
+        once = _post(client, world.pano, k=5).json()
+    _, single = InferenceEncoder(net, branches=("ground",)).encode_uint8_with_columns(
+        torch.from_numpy(view).permute(2, 0, 1)[None], "ground")
+    stored = np.load(artifact / "orientation.npy")[[tile_rows[m["tile_id"]] for m in once["results"]]]
+    expected = estimate_headings(single[0], stored.reshape(len(stored), 2, -1, stored.shape[-1]).astype(np.float32),
+                                 seen)
+    assert [m["heading_deg"] for m in once["results"]] == pytest.approx([round(float(h), 1) for h in expected],
+                                                                      abs=0.11)
+    # phases the model's 16-pixel token columns do not split into are refused at start, by name
+    with running_client(settings_for(world, artifact, checkpoint=checkpoint, view_phases=3), wait=False) as client:
+        assert not client.app.state.runtime.wait_loaded(60)
+        assert "GEOLOC_VIEW_PHASES=3" in client.get("/readyz").json()["detail"]
 
 
 def test_orientation_features_unlike_the_models_are_refused_at_load_not_answered_500(world, head_world, tmp_path):

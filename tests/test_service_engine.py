@@ -217,6 +217,15 @@ def test_column_features_are_asked_for_only_where_the_served_index_holds_its_own
         engine.stop()
     assert asked == [0, 1, 4, 0]
     assert (plain.tile_phases, oriented.tile_phases, phased.tile_phases) == (1, 1, 4)
+    engine = _engine(world, encode, workers=1, view_phases=2)  # GEOLOC_VIEW_PHASES: told, not the index's
+    asked.clear()
+    try:
+        asyncio.run(one())
+        engine.index = phased
+        asyncio.run(one())
+    finally:
+        engine.stop()
+    assert asked == [0, 2]
 
 
 def test_the_queue_counts_images_and_refuses_beyond_it_while_paused_jobs_wait(world):
