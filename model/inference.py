@@ -131,15 +131,16 @@ class InferenceEncoder:
             rows, cols = self.encode_uint8_with_columns(images, branch, max_batch, phases=1)
             if cols is None:
                 return rows, None
-            turned_rows = []
+            turned_rows = []  # each phase's descriptors (a view's are averaged)
 
             def encode_columns(turned: torch.Tensor) -> np.ndarray:
-                turned_rows.append(self.encode_uint8_with_columns(turned, branch, max_batch, phases=1))
-                return turned_rows[-1][1]
+                phase_rows, phase_cols = self.encode_uint8_with_columns(turned, branch, max_batch, phases=1)
+                turned_rows.append(phase_rows)
+                return phase_cols
 
             phased = phase_columns(encode_columns, images, phases, first=cols)
             if branch == "ground":
-                mean = np.mean([rows, *(r for r, _ in turned_rows)], axis=0)
+                mean = np.mean([rows, *turned_rows], axis=0)
                 rows = np.ascontiguousarray(mean / np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12),
                                             dtype=np.float32)
                 return rows, phased

@@ -294,6 +294,11 @@ class Engine:
                         self._lead_busy = self._lead_busy and not lead
                         self._cond.notify_all()
 
+    def view_phases_for(self, index: ServedIndex) -> int:
+        """The sub-column phases a view is encoded at against ``index``, one forward each: 0 without its column
+        features, else ``view_phases`` or the index's tile phases."""
+        return 0 if index.orientation is None else self.view_phases or index.tile_phases
+
     def _compute(self, jobs: list[Job]) -> list[Outcome]:
         """Decode, encode and search a micro-batch; its jobs' outcomes (a job whose upload fails to
         decode is answered at once)."""
@@ -319,8 +324,8 @@ class Engine:
         t0 = time.perf_counter()
         # column features only for an index that holds its own to align them with (2-4% of a forward), the
         # views encoded at its tiles' sub-column phases unless told (one forward each: view_phase_scores)
-        phases = 0 if index.orientation is None else self.view_phases or index.tile_phases
-        vectors, columns = self._encode(images[0] if len(images) == 1 else torch.cat(images), phases)
+        vectors, columns = self._encode(images[0] if len(images) == 1 else torch.cat(images),
+                                        self.view_phases_for(index))
         t1 = time.perf_counter()
         near = [prior for job in live for prior in (job.near or [None] * job.n)]
         ks = [job.k for job in live for _ in range(job.n)]

@@ -170,7 +170,7 @@ class Runtime:
         self.metrics.reloads.labels("startup", "success").inc()
         log.info("ready", extra={"index": str(index.path), "tiles": index.count,
                                  "index_type": index.info.index_type, "encoder_threads": workers,
-                                 "torch_threads": threads})
+                                 "torch_threads": threads, "view_phases": engine.view_phases_for(index)})
         if s.reload_poll_s > 0 and not self._stop.is_set():
             self._watcher = threading.Thread(target=self._watch, name="geoloc-watcher", daemon=True)
             self._watcher.start()
@@ -228,7 +228,7 @@ class Runtime:
             log.info("index reloaded", extra={
                 "trigger": trigger, "index": str(new.path), "tiles": new.count,
                 "generation": new.generation, "previous": str(current.path),
-                "seconds": round(time.perf_counter() - t0, 3)})
+                "view_phases": self.engine.view_phases_for(new), "seconds": round(time.perf_counter() - t0, 3)})
             return ReloadResult(status="reloaded", index=new.info, previous=current.info)
 
     def _reload_succeeded(self) -> None:

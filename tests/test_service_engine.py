@@ -226,6 +226,7 @@ def test_column_features_are_asked_for_only_where_the_served_index_holds_its_own
     finally:
         engine.stop()
     assert asked == [0, 2]
+    assert [engine.view_phases_for(index) for index in (plain, oriented, phased)] == [0, 2, 2]
 
 
 def test_the_queue_counts_images_and_refuses_beyond_it_while_paused_jobs_wait(world):
