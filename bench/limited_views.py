@@ -90,10 +90,11 @@ def check_reused_cells(checkpoint: Path, world: Path, out: Path, tile_phases: in
         if (cell.get("fingerprint"), os.path.realpath(cell.get("data", ""))) != (fingerprint, os.path.realpath(world)):
             raise SystemExit(f"limited_views: {path} holds {cell.get('checkpoint')} ({cell.get('fingerprint')}) on "
                              f"{cell.get('data')}, not {checkpoint} ({fingerprint}) on {world}: use another --out")
-        if (cell.get("heading") == "unknown" or "rerank" in cell) and cell.get("tile_phases", 1) != tile_phases:
+        by_head = cell.get("heading") == "unknown" or "rerank" in cell  # the cells that meet the tiles' phases
+        if by_head and cell.get("tile_phases", 1) != tile_phases:
             raise SystemExit(f"limited_views: {path} met the tiles at {cell.get('tile_phases', 1)} phase(s), not "
                              f"--tile-phases {tile_phases}: use another --out")
-        if (cell.get("heading") == "unknown" or "rerank" in cell) and cell.get("view_phases", 1) != tile_phases:
+        if by_head and cell.get("view_phases", 1) != tile_phases:
             raise SystemExit(f"limited_views: {path} encoded each view at {cell.get('view_phases', 1)} phase(s), not "
                              f"at the tiles' {tile_phases} (model.evaluate's default since session 29): use another "
                              f"--out")

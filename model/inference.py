@@ -140,9 +140,7 @@ class InferenceEncoder:
 
             phased = phase_columns(encode_columns, images, phases, first=cols)
             if branch == "ground":
-                mean = np.mean([rows, *turned_rows], axis=0)
-                rows = np.ascontiguousarray(mean / np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12),
-                                            dtype=np.float32)
+                rows = F.normalize(torch.from_numpy(np.mean([rows, *turned_rows], axis=0)), dim=-1).numpy()
                 return rows, phased
             return rows, np.ascontiguousarray(phased.reshape(len(cols), -1, cols.shape[-1]))
         n = int(images.shape[0])
