@@ -6,13 +6,14 @@ makes the unseen region (worldgen seed 202, 1,200 pairs) and its 400 phone-mode 
 when they are missing, then runs `model.evaluate` for every cell of two tables: field of view (360,
 180, 90, 70) x heading known (descriptor, re-rank) / unknown (head, re-rank), and 90 degree photos vs
 90 degree crops of the same first 400 pairs (the photos placed level, at the tilt estimated from their
-vertical edges as the service places them, and with their cameras' true pitch and roll). Each cell is one
+vertical edges as the service places them, and with their cameras' true pitch and roll; the crops at headings
+of their own, and at the photos' headings, model.evaluate --paired-with). Each cell is one
 JSON file in --out, written when its run ends, so an interrupted run resumes where it stopped. The
 tables are printed as Markdown (and written to OUT/tables.md), with each R@1 over the known-heading 360 degree
 R@1 of the same ranking, descriptor or re-rank (a known heading re-ranked as the service does, aligned only
 within model.orientation.HEADING_WITHIN_DEG of it; issue 16's ratios, cut to their last decimal, not rounded up
-to a goal), and the photo-to-crop gaps. 32
-evaluations: about 20 min on the 2-vCPU VM for the `tiny` config (and about 4
+to a goal), and the photo-to-crop gaps. 36
+evaluations: about 23 min on the 2-vCPU VM for the `tiny` config (and about 4
 min for the two regions).
 """
 from __future__ import annotations
@@ -34,11 +35,13 @@ FOVS = (360, 180, 90, 70)
 METHODS = {"known": ("descriptor", "rerank"), "unknown": ("head", "rerank")}
 # 90 degree queries of the same places: the photos placed level, with the tilt estimated from their vertical
 # edges (how the service places a photo sent without its tilt), with their cameras' true pitch and roll (a
-# phone that sends it: the API's pitch_deg, roll_deg), and panorama crops
+# phone that sends it: the API's pitch_deg, roll_deg), and panorama crops, at headings of their own (a seeded
+# draw) and at the photos' headings (pair by pair: what is left between a crop and a photo is the photo)
 KINDS = {"photos": ["--photos", "{photos}"], "photos_est": ["--photos", "{photos}", "--photo-tilt", "estimated"],
-         "photos_tilt": ["--photos", "{photos}", "--photo-tilt"], "crops": []}
+         "photos_tilt": ["--photos", "{photos}", "--photo-tilt"], "crops": [],
+         "crops_paired": ["--paired-with", "{photos}"]}
 KIND_LABELS = {"photos": "photos, level", "photos_est": "photos, tilt estimated", "photos_tilt": "photos, tilt given",
-               "crops": "crops"}
+               "crops": "crops", "crops_paired": "crops at the photos' headings"}
 
 
 def cells(tile_phases: int = 1) -> list[tuple[str, list[str]]]:
@@ -82,7 +85,7 @@ def check_reused_cells(checkpoint: Path, world: Path, out: Path, tile_phases: in
     tile phases (the views encoded at as many), or their numbers would be printed as this checkpoint's."""
     sys.path.insert(0, str(REPO))
     from model import load_checkpoint
-    from model.orientation import HEADING_WITHIN_DEG
+    from model.orientation import HEADING_WITHIN_DEG, rerank_candidates
 
     fingerprint = load_checkpoint(checkpoint).fingerprint()
     for path in sorted(out.glob("*.json")):
@@ -103,6 +106,11 @@ def check_reused_cells(checkpoint: Path, world: Path, out: Path, tile_phases: in
             raise SystemExit(f"limited_views: {path} aligned views of known heading "
                              f"{'all round' if within is None else f'within {within:g} degrees of it'}, not within "
                              f"{HEADING_WITHIN_DEG:g} (model.orientation.HEADING_WITHIN_DEG): use another --out")
+        candidates = (cell.get("rerank") or {}).get("candidates")
+        if "rerank" in cell and candidates != rerank_candidates(within):
+            raise SystemExit(f"limited_views: {path} re-ranked {candidates} candidates, not the "
+                             f"{rerank_candidates(within)} model.orientation.rerank_candidates gives now: use another "
+                             f"--out")
 
 
 def run_cells(checkpoint: Path, world: Path, photos: Path, out: Path, tile_phases: int = 1) -> None:
@@ -154,13 +162,18 @@ def tables(out: Path) -> str:
               "|---|---|---|---|---|---|---|---|"]
     lines += [_row((KIND_LABELS[kind], heading, method), cell[f"{kind}_{heading}_{method}"], None)
               for kind in KINDS for heading, methods in METHODS.items() for method in methods]
-    gap = lambda kind, heading: 100 * (cell[f"crops_{heading}_rerank"]["r1"] - cell[f"{kind}_{heading}_rerank"]["r1"])  # noqa: E731
-    gaps = [f"{how} known {gap(kind, 'known'):.2f} / unknown {gap(kind, 'unknown'):.2f}"
-            for kind, how in (("photos", "placed level"), ("photos_est", "tilt estimated"),
-                              ("photos_tilt", "tilt given"))]
+    def gaps(crops: str) -> str:
+        def gap(kind: str, heading: str) -> float:
+            return 100 * (cell[f"{crops}_{heading}_rerank"]["r1"] - cell[f"{kind}_{heading}_rerank"]["r1"])
+
+        return "; ".join(f"{how} known {gap(kind, 'known'):.2f} / unknown {gap(kind, 'unknown'):.2f}"
+                         for kind, how in (("photos", "placed level"), ("photos_est", "tilt estimated"),
+                                           ("photos_tilt", "tilt given")))
+
     ratios = lambda known: ", ".join(f"{fov} {_ratio(cell[f'{fov}_unknown_rerank']['r1'] / known, 3)}"  # noqa: E731
                                      for fov in (360, 180, 90))
-    lines += ["", f"Re-ranked photos trail crops by (points): {'; '.join(gaps)} (issue 16: at most 5).",
+    lines += ["", f"Re-ranked photos trail crops by (points): {gaps('crops')} (issue 16: at most 5); crops at the "
+              f"photos' own headings, pair by pair, by: {gaps('crops_paired')}.",
               f"Unknown heading re-ranked, x known 360 re-ranked R@1 ({100 * reranked_base:.2f}): "
               f"{ratios(reranked_base)}; x known 360 descriptor R@1 ({100 * base:.2f}): {ratios(base)} "
               "(issue 16: 0.90 / 0.60 / 0.30)."]

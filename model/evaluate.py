@@ -54,7 +54,8 @@ def evaluate(checkpoint: Path, data: Path, dataset: str = "synthetic", split: st
              photos: Path | None = None, queries: int = 0, ambiguity_margin: float = 0.02,
              tile_m: float = TILE_FOOTPRINT_M, rerank_k: int | None = None, rerank_weight: float | None = None,
              photo_tilt: bool | str = False, tile_phases: int = 1, crop: str = "full",
-             heading_within: float | None = None, heading_error: float = 0.0, view_phases: int | None = None) -> dict:
+             heading_within: float | None = None, heading_error: float = 0.0, view_phases: int | None = None,
+             paired_with: Path | None = None) -> dict:
     """Retrieval of the split's panoramas (or, with ``photos``, of a perspective world's photos
     of the same places) against its aerial tiles. ``fov`` < 360 keeps that much of each panorama
     around a random heading (``crop="photo"``: cut to the outline a level 4:3 photo of that field of
@@ -68,10 +69,12 @@ def evaluate(checkpoint: Path, data: Path, dataset: str = "synthetic", split: st
     are queries (against every tile of the split), e.g. for a perspective world rendered with
     `worldgen --panoramas N`; ``photo_tilt``: its photos are placed with their cameras' true pitch and
     roll instead of level ("estimated": with the tilt `model.preprocess.estimate_photo_tilt` finds, as
-    the service places a photo sent without one). ``tile_phases``: the orientation head meets the tiles at
-    that many sub-column phases (model.orientation.phase_columns; a known heading within its reach), and each
-    view is encoded at ``view_phases`` of them (default: as many, as the service meets an index; the
-    alignments that meet at one heading averaged: model.orientation.view_phase_scores).
+    the service places a photo sent without one). ``paired_with``: a perspective world of the same places (as
+    ``photos``): each crop is cut at the heading of its place's photo, and only the places with a photo are
+    queries, so that crops and photos are compared pair by pair. ``tile_phases``: the orientation head meets
+    the tiles at that many sub-column phases (model.orientation.phase_columns; a known heading within its
+    reach), and each view is encoded at ``view_phases`` of them (default: as many, as the service meets an
+    index; the alignments that meet at one heading averaged: model.orientation.view_phase_scores).
     ``tile_m``: the tiles' footprint, for the refined position
     (model.metrics.refine_position)."""
     if heading not in HEADING_MODES or method not in METHODS:
@@ -80,15 +83,19 @@ def evaluate(checkpoint: Path, data: Path, dataset: str = "synthetic", split: st
         raise ValueError("photo_tilt places the photos of a perspective world: it needs photos (--photos)")
     if crop not in CROPS:
         raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")
+    if paired_with is not None and (photos is not None or fov >= 360):
+        raise ValueError("paired_with cuts crops at the headings of a perspective world's photos: it needs a field "
+                         f"of view under 360 degrees (got {fov:g}) and no photos")
     if crop == "photo" and (photos is not None or not 0 < fov < 180):
         raise ValueError(f"crop 'photo' cuts panoramas to a photo's outline: it needs a field of view under 180 "
                          f"degrees (got {fov:g}) and no photos")
+    for option, world in (("--photos", photos), ("--paired-with", paired_with)):
+        if world is not None and not (world / "cameras.csv").is_file():
+            raise ValueError(f"{option} {world}: no cameras.csv (a world of worldgen --camera perspective has one)")
     model = load_checkpoint(checkpoint)
     if uses_head(method, heading) and getattr(model, "orientation", None) is None:
         raise ValueError(f"{model.config.name}: this checkpoint has no orientation head (python -m model.orientation); "
                          "use --method aerial or query")
-    if photos is not None and not (photos / "cameras.csv").is_file():
-        raise ValueError(f"--photos {photos}: no cameras.csv (a world of worldgen --camera perspective has one)")
     dev = pick_device(device)
     model.to(dev)
     records = read_records(dataset, data, split)
@@ -111,7 +118,8 @@ def evaluate(checkpoint: Path, data: Path, dataset: str = "synthetic", split: st
                                      ambiguity_margin=ambiguity_margin, tile_m=tile_m, rerank_k=rerank_k,
                                      rerank_weight=rerank_weight, photo_tilt=photo_tilt,
                                      tile_phases=tile_phases, crop=crop, heading_within=heading_within,
-                                     heading_error=heading_error, view_phases=view_phases))
+                                     heading_error=heading_error, view_phases=view_phases,
+                                     paired_with=paired_with))
     if arrays.latlon is not None and plain:
         result["localization"] = localization_error(ground, aerial, arrays.latlon, arrays.latlon)
     if plot is not None and plain:
@@ -131,14 +139,15 @@ def evaluate_views(model, arrays, records, device, *, fov: float, heading: str, 
                    tile_m: float = TILE_FOOTPRINT_M, rerank_k: int | None = None,
                    rerank_weight: float | None = None, photo_tilt: bool | str = False, tile_phases: int = 1,
                    crop: str = "full", heading_within: float | None = None, heading_error: float = 0.0,
-                   view_phases: int | None = None) -> dict:
+                   view_phases: int | None = None, paired_with: Path | None = None) -> dict:
     """Recalls (and heading errors) of limited-field-of-view or unknown-heading queries: panorama crops
-    of ``fov`` degrees around a random heading, or the photos of a perspective world. A known heading
+    of ``fov`` degrees around a random heading (``paired_with``: around the heading of the same place's photo in
+    that perspective world), or the photos of a perspective world. A known heading
     places the view at it, aligned with the tiles (at ``tile_phases`` sub-column phases) within ``heading_within``
     of it; the view encoded at ``view_phases`` sub-column phases (None: ``tile_phases``)."""
     from .inference import InferenceEncoder
     from .metrics import count_closer_scores, recall_from_counts
-    from .orientation import HEADING_WITHIN_DEG, RERANK_CANDIDATES, RERANK_WEIGHT, alignment_scores
+    from .orientation import HEADING_WITHIN_DEG, RERANK_WEIGHT, alignment_scores, rerank_candidates
     from .views import (angle_difference, describe_rotations, limit_fov, limit_photo, match_over_rotations,
                         refine_heading, rotate_view)
 
@@ -150,19 +159,26 @@ def evaluate_views(model, arrays, records, device, *, fov: float, heading: str, 
     # where a known heading places each view: off the true one by a compass's error
     placed_off = np.random.default_rng(seed + 1).uniform(-heading_error, heading_error, len(records))[:q]
     if photos is not None:  # the pairs whose photo was rendered (worldgen --panoramas N)
-        truth = np.array([i for i, r in enumerate(records) if (photos / "streetview" / f"{r.id}.jpg").is_file()])[:q]
+        truth = photographed(photos, records)[:q]
         q = len(truth)
         views, true_heading = photo_views(photos, [records[i] for i in truth], model.config,
                                           centred=heading == "unknown", tilt=photo_tilt, off=placed_off)
     else:
-        true_heading = np.random.default_rng(seed).uniform(0.0, 360.0, len(records))[:q]
+        if paired_with is not None:  # the places and headings of a perspective world's photos
+            truth = photographed(paired_with, records)[:q]
+            q = len(truth)
+            true_heading = camera_headings(perspective_cameras(paired_with, [records[i] for i in truth]))
+        else:
+            true_heading = np.random.default_rng(seed).uniform(0.0, 360.0, len(records))[:q]
         cut = limit_photo if crop == "photo" else limit_fov
-        views = np.stack([cut(rotate_view(g, h), fov) for g, h in zip(arrays.ground[:q], true_heading)])
+        views = np.stack([cut(rotate_view(g, h), fov) for g, h in zip(arrays.ground[truth], true_heading)])
     by_head = uses_head(method, heading)
     out: dict = {"queries": int(q), "rotations": rotations if heading == "unknown" and not by_head else None,
                  "method": method if heading == "unknown" or method == "rerank" else None}
     if photos is not None:
         out["photo_tilt"] = photo_tilt
+    if paired_with is not None:
+        out["paired_with"] = str(paired_with)
     if crop != "full":
         out["crop"] = crop
     if heading_error:
@@ -185,9 +201,9 @@ def evaluate_views(model, arrays, records, device, *, fov: float, heading: str, 
         per_rotation = lambda i, j: alignment_scores(  # noqa: E731
             query_columns[i], aerial_columns[j:j + 1], valid[i])[0]
         if method == "rerank":
-            k = RERANK_CANDIDATES if rerank_k is None else rerank_k
             weight = RERANK_WEIGHT if rerank_weight is None else rerank_weight
             within = None if heading == "unknown" else HEADING_WITHIN_DEG if heading_within is None else heading_within
+            k = rerank_candidates(within) if rerank_k is None else rerank_k
             scores = reranked_scores(scores, query_columns, aerial_columns, valid, k, weight, within)
             out["rerank"] = {"candidates": k, "weight": weight, "heading_within_deg": within}
     elif method == "aerial":
@@ -470,6 +486,30 @@ def _view_columns(views: np.ndarray, width: int) -> np.ndarray:
     return seen_token_columns(_seen_pixels(views), width)
 
 
+def photographed(world: Path, records) -> np.ndarray:
+    """Rows of ``records`` whose place has a photo in the perspective world ``world`` (worldgen --panoramas N
+    renders the first N)."""
+    return np.array([i for i, r in enumerate(records) if (world / "streetview" / f"{r.id}.jpg").is_file()], np.int64)
+
+
+def perspective_cameras(world: Path, records) -> list[dict]:
+    """The cameras.csv rows of ``world`` (a perspective world) for ``records``, by id, in their order."""
+    import csv
+
+    with open(world / "cameras.csv", newline="") as fh:
+        cameras = {row["id"]: row for row in csv.DictReader(fh)}
+    rows = [cameras.get(record.id) for record in records]
+    for record, camera in zip(records, rows):
+        if camera is None or camera.get("camera") != "perspective":
+            raise ValueError(f"{world / 'cameras.csv'}: no perspective camera for id {record.id!r}")
+    return rows  # type: ignore[return-value]
+
+
+def camera_headings(cameras: list[dict]) -> np.ndarray:
+    """[N] the headings (degrees clockwise from north, in [0, 360)) of cameras.csv rows."""
+    return np.array([float(c["heading_deg"]) % 360.0 for c in cameras])
+
+
 def photo_views(world: Path, records, config, centred: bool, tilt: bool | str = False,
                 off: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The perspective photos of ``world`` (same places as ``records``, by id) mapped into the
@@ -480,21 +520,14 @@ def photo_views(world: Path, records, config, centred: bool, tilt: bool | str = 
     a photo sent without one; by `place_photo`, as the service places an upload. A known heading is given off
     the true one by ``off`` [N] degrees (None: none). Returns (views [N, H, W, 3]
     uint8, true headings)."""
-    import csv
-
     from .views import place_photo
 
     if tilt not in (False, True, "estimated"):
         raise ValueError(f"tilt must be False, True or 'estimated', got {tilt!r}")
-    with open(world / "cameras.csv", newline="") as fh:
-        cameras = {row["id"]: row for row in csv.DictReader(fh)}
+    cameras = perspective_cameras(world, records)
     views = np.empty((len(records), *config.ground_size, 3), np.uint8)
-    headings = np.empty(len(records))
-    for i, record in enumerate(records):
-        camera = cameras.get(record.id)
-        if camera is None or camera.get("camera") != "perspective":
-            raise ValueError(f"{world / 'cameras.csv'}: no perspective camera for id {record.id!r}")
-        headings[i] = float(camera["heading_deg"]) % 360.0
+    headings = camera_headings(cameras)
+    for i, (record, camera) in enumerate(zip(records, cameras)):
         photo = world / "streetview" / f"{record.id}.jpg"
         known = (float(camera["pitch_deg"]), float(camera["roll_deg"])) if tilt is True else (0.0, 0.0)
         views[i], _, _ = place_photo(photo, config, fov_deg=float(camera["hfov_deg"]),
@@ -564,7 +597,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "head, after re-ranking the best --rerank-k tiles by descriptor and column alignment "
                         "(also with --heading known)")
     v.add_argument("--rerank-k", type=positive_int, help="tiles re-ranked by --method rerank (default: "
-                                               "model.orientation.RERANK_CANDIDATES)")
+                                               "model.orientation.rerank_candidates: 200 for a heading searched, "
+                                               "800 for a given one, aligned only near it)")
     v.add_argument("--rerank-weight", type=number(0, 1),
                    help="share of the column alignment in --method rerank's score "
                         "(default: model.orientation.RERANK_WEIGHT)")
@@ -608,6 +642,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--photos", type=Path,
                    help="a perspective world (worldgen --camera perspective, same seed and pairs as --data): "
                         "its photos are the queries, mapped into the panorama frame")
+    v.add_argument("--paired-with", type=Path, metavar="PHOTOS",
+                   help="a perspective world of the same places (as --photos): cut each crop at the heading of its "
+                        "place's photo instead of a random one, and query only the places with a photo, so that crops "
+                        "and those photos (--photos) are compared pair by pair")
     v.add_argument("--photo-tilt", nargs="?", const="true", choices=["true", "estimated"],
                    help="place each --photos photo with its camera's true pitch and roll (cameras.csv), as a phone "
                         "that sends its tilt (the API's pitch_deg, roll_deg); 'estimated': with the tilt estimated "
@@ -664,7 +702,8 @@ def main(argv: list[str] | None = None) -> int:
                           rerank_k=args.rerank_k, rerank_weight=args.rerank_weight,
                           photo_tilt={None: False, "true": True}.get(args.photo_tilt, args.photo_tilt),
                           tile_phases=args.tile_phases, crop=args.crop, heading_within=args.heading_within,
-                          heading_error=args.heading_error, view_phases=args.view_phases)
+                          heading_error=args.heading_error, view_phases=args.view_phases,
+                          paired_with=args.paired_with)
     except (CheckpointError, ConfigError, TrainingError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -173,6 +173,68 @@ def view_phase_scores(view_columns: np.ndarray, tile_columns: np.ndarray, seen: 
     return (total / count).astype(np.float32)  # every heading is met: gcd(F / P, F / T) = 1
 
 
+def heading_count(view_columns: np.ndarray, tile_columns: np.ndarray) -> int:
+    """How many headings `alignment_scores` of these shapes scores: W * lcm(P, T) for a view at T phases
+    ([T, W, C], or [W, C]: 1) against tiles at P ([K, P, W, C], or [K, W, C]: 1)."""
+    view_phases = np.shape(view_columns)[0] if np.ndim(view_columns) == 3 else 1
+    tile_phases = np.shape(tile_columns)[1] if np.ndim(tile_columns) == 4 else 1
+    return np.shape(view_columns)[-2] * math.lcm(view_phases, tile_phases)
+
+
+def alignment_at(view_columns: np.ndarray, tile_columns: np.ndarray, seen: np.ndarray | None,
+                 headings: np.ndarray) -> np.ndarray:
+    """`alignment_scores(view_columns, tile_columns, seen)[:, headings]`, computed at those headings only: each
+    a mean over the (view phase, tile phase) pairs that meet there, of one shift each (`view_phase_scores`), not
+    of all W of every pair. A view of given heading needs a few of the W * lcm(P, T)."""
+    tiles = np.asarray(tile_columns, dtype=np.float32)
+    view = np.asarray(view_columns, dtype=np.float32)
+    if tiles.ndim == 3:
+        tiles = tiles[:, None]
+    phased_view = view.ndim == 3
+    if not phased_view:
+        view = view[None]
+    if view.ndim != 3 or tiles.ndim != 4 or view.shape[1:] != tiles.shape[2:]:
+        raise ValueError(f"view columns [T, W, C] or [W, C] and tile columns [K, P, W, C] or [K, W, C] of the same "
+                         f"[W, C], got {np.shape(view_columns)} and {np.shape(tile_columns)}")
+    (view_phases, width, channels), (k, tile_phases) = view.shape, tiles.shape[:2]
+    fine = math.lcm(view_phases, tile_phases)
+    headings = np.asarray(headings, dtype=np.int64).reshape(-1)
+    if len(headings) and not (0 <= headings.min() and headings.max() < width * fine):
+        raise ValueError(f"headings must be in [0, {width * fine}), got {headings.min()}..{headings.max()}")
+    keep = np.ones((view_phases, width), np.float32)
+    if seen is not None:
+        seen = np.asarray(seen, dtype=bool).reshape(-1)
+        if phased_view:  # as view_phase_scores rolls a view's seen pixel columns to each of its phases
+            step, rest = divmod(seen.size, width * view_phases)
+            if rest or step == 0:
+                raise ValueError(f"a view at {view_phases} phases needs its seen pixel columns (a multiple of "
+                                 f"{width * view_phases}), got {seen.size}")
+            keep = np.stack([seen_token_columns(np.roll(seen, t * step), width) for t in range(view_phases)])
+        else:
+            if seen.size % width:
+                raise ValueError(f"seen has {seen.size} columns, not a multiple of the view's {width}")
+            keep = (seen_token_columns(seen, width) if seen.size != width else seen)[None]
+        keep = keep.astype(np.float32)
+    keep /= np.maximum(keep.sum(axis=1, keepdims=True), 1.0)
+    weighted = view * keep[:, :, None]  # [T, W, C]
+    out = np.zeros((k, len(headings)), np.float32)
+    for p in range(tile_phases):
+        # heading j meets tile phase p and view phase t at shift s where s F = j + p F / P - t F / T (mod W F)
+        columns, targets = [], []
+        for t in range(view_phases):
+            offset = headings + p * (fine // tile_phases) - t * (fine // view_phases)
+            for i in np.flatnonzero(offset % fine == 0):
+                # <view[w], tile[w + s]> summed over w: the tile's columns against the view rolled by s
+                columns.append(np.roll(weighted[t], (offset[i] // fine) % width, axis=0).reshape(-1))
+                targets.append(i)
+        if columns:
+            to_heading = np.zeros((len(columns), len(headings)), np.float32)
+            to_heading[np.arange(len(columns)), targets] = 1.0
+            out += (tiles[:, p].reshape(k, width * channels) @ np.stack(columns, axis=1)) @ to_heading
+    # every heading is met by P * T / F pairs (gcd(F / P, F / T) = 1), as in view_phase_scores
+    return out / (tile_phases * view_phases // fine)
+
+
 def interleave_phases(scores):
     """Scores [..., P, W] at P sub-column phases (phase p: the tile turned by p / P of a column, its shift s
     at heading s - p / P columns) -> [..., W * P] at headings 360 / (W * P) degrees apart, in order.
@@ -233,12 +295,23 @@ def estimate_headings(view_columns: np.ndarray, tile_columns: np.ndarray, seen: 
 # a3ae53bc8291dcfd) and kept for the shipped one, retrained with more photo outlines; the linear heads
 # before them had K = 50 and w = 0.8, the first one, trained for headings only, w = 0.5.
 RERANK_CANDIDATES = 200  # the best this many tiles by descriptor are re-ranked
+# A view of given heading is aligned at the few headings near it alone (`alignment_at`: 5 of 64 at 4 phases), so
+# four times the candidates cost less than 200 aligned all round; its descriptor, one look at a limited view, often
+# ranks its tile below 200 (chosen on the training region's held-out blocks: bench/RESULTS.md, "More candidates
+# for a given heading").
+RERANK_CANDIDATES_GIVEN = 800
 RERANK_WEIGHT = 0.9  # share of the column alignment in the re-ranking score
 # A view placed at a given heading is aligned only at the shifts within this many degrees of it (and always the
 # nearest): at 16 columns, 22.5 degrees apart, the given heading's own column; with tiles at 4 sub-column phases,
 # 5.6 degrees apart, it and the phases either side, which forgive a compass's error (bench/RESULTS.md, "A given
 # heading in the re-rank"). A look-alike that matches when turned away from the given heading no longer competes.
 HEADING_WITHIN_DEG = 10.0
+
+
+def rerank_candidates(within_deg: float | None) -> int:
+    """How many of a view's best tiles by descriptor are re-ranked: RERANK_CANDIDATES_GIVEN for a view placed at
+    a given heading trusted to ``within_deg``, RERANK_CANDIDATES for one whose heading is searched (None)."""
+    return RERANK_CANDIDATES if within_deg is None else RERANK_CANDIDATES_GIVEN
 
 
 def shifts_within(shifts: int, within_deg: float) -> np.ndarray:
@@ -283,8 +356,14 @@ def rerank(scores: np.ndarray, view_columns: np.ndarray, tile_columns: np.ndarra
     if len(descriptor) == 0:
         empty = np.empty(0)
         return Reranked(np.empty(0, np.int64), empty, empty, empty)
-    shifts = alignment_scores(view_columns, tile_columns, seen)  # [K, W]
-    allowed = None if within_deg is None else shifts_within(shifts.shape[1], within_deg)
+    count = heading_count(view_columns, tile_columns)
+    allowed = None if within_deg is None else shifts_within(count, within_deg)
+    needed = None if allowed is None else allowed | np.roll(allowed, 1) | np.roll(allowed, -1)  # and to refine
+    if needed is None or needed.all():
+        shifts = alignment_scores(view_columns, tile_columns, seen)  # [K, headings]
+    else:  # a given heading: the few headings near it alone (the others never count)
+        shifts = np.full((len(descriptor), count), -np.inf, np.float32)
+        shifts[:, needed] = alignment_at(view_columns, tile_columns, seen, np.flatnonzero(needed))
     alignment = (shifts if allowed is None else shifts[:, allowed]).max(axis=1).astype(np.float64)
     combined = (1.0 - weight) * descriptor + weight * alignment
     order = np.argsort(-combined, kind="stable")  # ties keep the descriptor's order

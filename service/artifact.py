@@ -20,14 +20,14 @@ import numpy as np
 # torch before faiss: torch's OpenMP runtime, loaded first, then serves faiss too; loaded after faiss's,
 # each keeps its own threads and a search's spinning ones slow the next forward (a 2-thread batch-1
 # forward 6.5 -> 10.5 ms with a search after each; bench/RESULTS.md, "Service load")
-import torch  # noqa: F401
+import torch
 import faiss
 
 from model.index_artifact import (
     ArtifactError, check_model, read_faiss_index, read_manifest, read_orientation, read_tiles,
 )
 from model.metrics import TILE_FOOTPRINT_M, match_margin, refine_position, rows_within
-from model.orientation import RERANK_CANDIDATES, rerank
+from model.orientation import rerank, rerank_candidates
 
 from .schemas import IndexInfo, TileMatch
 
@@ -129,7 +129,7 @@ class ServedIndex:
         given heading, trusted to ``heading_within[i]`` degrees (None: the heading is searched), aligns with
         the tiles only at the shifts (and the sub-column phases, where the index stores them) within that many
         degrees of it; one whose heading is searched, at every phase and shift. With both column
-        features, the best RERANK_CANDIDATES (or k) tiles are re-ranked by descriptor and column alignment
+        features, the best `rerank_candidates` (or k) tiles are re-ranked by descriptor and column alignment
         (model.orientation.rerank): their scores are then the combined ones. Each row looks at as many
         candidates as it would alone, whatever its batch-mates ask for. A row whose answer fails gets
         its exception in its place; the other rows are answered."""
@@ -137,10 +137,10 @@ class ServedIndex:
         # with views, as many tiles' worth of rows: the answer for k <= CANDIDATES does not depend on k;
         # a FAISS GPU index returns at most GPU_MAX_K rows
         most = self.count if self.gpu_resources is None else min(self.count, GPU_MAX_K)
-        looked_at = [min(max(max(k, CANDIDATES) * self.views_per_tile, RERANK_CANDIDATES if oriented else 0), most)
-                     for k in ks]
         near = near or [None] * len(vectors)
         heading_within = heading_within or [None] * len(vectors)
+        looked_at = [min(max(max(k, CANDIDATES) * self.views_per_tile, rerank_candidates(within) if oriented else 0),
+                         most) for k, within in zip(ks, heading_within)]
         free = [i for i, prior in enumerate(near) if prior is None]
         hits = {}
         if free:
@@ -170,8 +170,7 @@ class ServedIndex:
         scores, rows = scores[found], rows[found]
         headings = None
         if columns is not None and len(rows):  # columns: given where the index has orientation features too
-            tile_columns = self.orientation[rows]
-            ranked = rerank(scores, columns, tile_columns.astype(np.float32), seen, within_deg=heading_within)
+            ranked = rerank(scores, columns, rows_as_float32(self.orientation, rows), seen, within_deg=heading_within)
             scores, rows, headings = ranked.scores.astype(np.float32), rows[ranked.order], ranked.headings
         best = np.arange(min(k, len(rows)))  # the ranked rows the matches show
         tiles = rows
@@ -207,6 +206,13 @@ class ServedIndex:
             order = np.argsort(-scores, kind="stable")[:n]
             best_scores, best_rows = scores[order], candidates[order]
         return best_scores, best_rows
+
+
+def rows_as_float32(store: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``store[rows]`` of a float16 store (a read-only memory map), as float32: converted by torch, several times
+    faster than numpy (800 rows of 4 phases' columns: about 2 ms against 9 on the 2-vCPU VM; bench/RESULTS.md,
+    "More candidates for a given heading")."""
+    return torch.from_numpy(np.ascontiguousarray(store[rows])).to(torch.float32).numpy()  # a copy: writable
 
 
 def load_artifact(path: Path, *, expected_fingerprint: str, embedding_dim: int, generation: int,

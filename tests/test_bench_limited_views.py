@@ -15,7 +15,7 @@ def _module():
 def test_every_cell_has_its_evaluate_arguments():
     lv = _module()
     cells = dict(lv.cells())
-    assert len(cells) == 4 * 4 + 4 * 4
+    assert len(cells) == 4 * 4 + 5 * 4
     assert cells["360_known_descriptor"] == ["--fov", "360", "--heading", "known"]
     assert cells["70_unknown_head"] == ["--fov", "70", "--heading", "unknown", "--method", "head"]
     assert cells["photos_unknown_rerank"] == ["--fov", "90", "--heading", "unknown", "--queries", "400",
@@ -24,6 +24,7 @@ def test_every_cell_has_its_evaluate_arguments():
                                                      "--photos", "{photos}", "--photo-tilt"]
     assert "--photos" not in cells["crops_known_rerank"] and "--photo-tilt" not in cells["photos_known_rerank"]
     assert cells["photos_est_unknown_rerank"][-4:] == ["--photos", "{photos}", "--photo-tilt", "estimated"]
+    assert cells["crops_paired_known_rerank"] == cells["crops_known_rerank"] + ["--paired-with", "{photos}"]
     assert not any("--tile-phases" in args for args in cells.values())
     phased = dict(lv.cells(4))  # the head meets the tiles at 4 phases (a known heading too); descriptors do not
     assert phased["90_unknown_rerank"] == cells["90_unknown_rerank"] + ["--tile-phases", "4"]
@@ -39,7 +40,8 @@ def test_tables_ratios_and_gaps(tmp_path, capsys):
         r1 = {"360_known_descriptor": 0.5, "360_known_rerank": 0.75, "180_unknown_rerank": 0.3,
               "90_unknown_rerank": 0.22475,  # 0.29967 of the re-ranked 0.75: short of 0.30
               "photos_known_rerank": 0.06,
-              "photos_tilt_known_rerank": 0.1, "crops_known_rerank": 0.125}.get(name, 0.01 * (i + 1))
+              "photos_tilt_known_rerank": 0.1, "crops_known_rerank": 0.125,
+              "crops_paired_known_rerank": 0.0875}.get(name, 0.01 * (i + 1))
         (tmp_path / f"{name}.json").write_text(json.dumps(
             {"r1": r1, "r5": 0.2, "r10": 0.3, "r1pct": 0.4,
              "heading_error_median_deg": 4.5 if "unknown" in name else None}))
@@ -60,6 +62,8 @@ def test_tables_ratios_and_gaps(tmp_path, capsys):
     assert "x known 360 descriptor R@1 (50.00): 360 1.200, 180 0.600" in text
     assert "photos trail crops by (points): placed level known 6.50 / unknown" in text
     assert "; tilt given known 2.50 / unknown" in text and "| photos, tilt given | known | rerank | 10.00 |" in text
+    assert "pair by pair, by: placed level known 2.75 / unknown" in text and "tilt given known -1.25 / unknown" in text
+    assert "| crops at the photos' headings | known | rerank | 8.75 |" in text
 
 
 def test_cells_of_another_checkpoint_or_region_are_not_reused(tmp_path):
@@ -90,9 +94,13 @@ def test_cells_of_another_checkpoint_or_region_are_not_reused(tmp_path):
     (tmp_path / "out" / "90_unknown_rerank.json").unlink()
     known = {**cell, "heading": "known", "rerank": {"candidates": 200, "weight": 0.9, "heading_within_deg": 10.0}}
     (tmp_path / "out" / "90_known_rerank.json").write_text(json.dumps(known))
+    with pytest.raises(SystemExit, match="90_known_rerank.json re-ranked 200 candidates, not the 800"):
+        lv.check_reused_cells(ckpt, world, tmp_path / "out")  # measured before a given heading took 800
+    known["rerank"]["candidates"] = 800
+    (tmp_path / "out" / "90_known_rerank.json").write_text(json.dumps(known))
     lv.check_reused_cells(ckpt, world, tmp_path / "out")  # aligned within HEADING_WITHIN_DEG, as now
     for before, said in ((None, "all round"), (180.0, "within 180 degrees")):  # measured before the heading took part
-        known["rerank"]["heading_within_deg"] = before
+        known["rerank"].update(heading_within_deg=before, candidates=800 if before else 200)
         (tmp_path / "out" / "90_known_rerank.json").write_text(json.dumps(known))
         with pytest.raises(SystemExit, match=f"90_known_rerank.json aligned views of known heading {said}"):
             lv.check_reused_cells(ckpt, world, tmp_path / "out")

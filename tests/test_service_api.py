@@ -1170,7 +1170,7 @@ def test_with_an_orientation_head_the_best_tiles_are_re_ranked_by_their_column_a
 
     from model import load_checkpoint
     from model.inference import InferenceEncoder
-    from model.orientation import HEADING_WITHIN_DEG, RERANK_CANDIDATES, rerank
+    from model.orientation import HEADING_WITHIN_DEG, rerank, rerank_candidates
     from model.views import place_view
 
     checkpoint, artifact = head_world
@@ -1192,13 +1192,13 @@ def test_with_an_orientation_head_the_best_tiles_are_re_ranked_by_their_column_a
     with running_client(settings_for(world, artifact, checkpoint=checkpoint)) as client:
         for image, query, placed, within in cases:
             body = client.post(f"/localize?k=8{query}", files={"image": ("v.jpg", image, "image/jpeg")}).json()
-            # the same by hand: the best RERANK_CANDIDATES tiles by descriptor, then model.orientation.rerank
+            # the same by hand: the best rerank_candidates tiles by descriptor, then model.orientation.rerank
             if placed.get("projection") == "perspective":  # a photo sent without its tilt: the one estimated
                 placed = {**placed, "pitch_deg": body["view"]["pitch_deg"], "roll_deg": body["view"]["roll_deg"]}
             view, seen = place_view(image, net.config, **placed)
             vector, columns = encoder.encode_uint8_with_columns(torch.from_numpy(view).permute(2, 0, 1)[None], "ground")
             scores = tiles @ vector[0]
-            best = np.argsort(-scores, kind="stable")[:min(RERANK_CANDIDATES, len(ids))]
+            best = np.argsort(-scores, kind="stable")[:min(rerank_candidates(within), len(ids))]
             expected = rerank(scores[best], columns[0], stored[best], seen, within_deg=within)
             rows = best[expected.order][:8]
             assert [m["tile_id"] for m in body["results"]] == [ids[r] for r in rows]

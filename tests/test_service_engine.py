@@ -487,6 +487,56 @@ def test_tiles_stored_at_phases_meet_a_searched_heading_at_every_phase_and_a_giv
         load_artifact(root, expected_fingerprint="f" * 16, embedding_dim=32, generation=1, column_shape=(8, dim_c))
 
 
+def test_stored_columns_are_read_as_float32_exactly_from_a_read_only_memory_map(tmp_path):
+    import warnings
+
+    from service.artifact import rows_as_float32
+
+    store = np.random.default_rng(2).standard_normal((50, 4, 16, 8)).astype(np.float16)
+    np.save(tmp_path / "o.npy", store)
+    held = np.load(tmp_path / "o.npy", mmap_mode="r")  # as model.index_artifact.read_orientation holds it
+    rows = np.array([7, 3, 49, 3, 0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns of a non-writable array: it must get a copy
+        got = rows_as_float32(held, rows)
+    assert got.dtype == np.float32 and np.array_equal(got, store[rows].astype(np.float32))
+    assert rows_as_float32(held, np.array([], np.int64)).shape == (0, 4, 16, 8)
+
+
+def test_a_view_of_given_heading_re_ranks_more_candidates_than_one_whose_heading_is_searched(tmp_path):
+    """900 tiles, each a little less like the query by descriptor than the one before; the view's columns are
+    those of tile 500 only. Searched all round, the view re-ranks the best RERANK_CANDIDATES (200) and cannot reach
+    it; placed at a given heading, aligned near it alone, it re-ranks RERANK_CANDIDATES_GIVEN (800) and finds it,
+    in the same batch as the searched one."""
+    from model.orientation import RERANK_CANDIDATES, RERANK_CANDIDATES_GIVEN
+
+    assert RERANK_CANDIDATES < 500 < RERANK_CANDIDATES_GIVEN < 900
+    count, width, dim_c = 900, 16, 8
+    dim = count + 1  # _line_artifact's: a dimension of its own for each row
+    rng = np.random.default_rng(1)
+    columns = rng.standard_normal((count, width, dim_c))
+    columns = (columns / np.linalg.norm(columns, axis=-1, keepdims=True)).astype(np.float16)
+    root = tmp_path / "many"
+    _line_artifact(root, 0.2 + 0.001 * np.arange(count), "tile_id,lat,lon,source\n" + "".join(
+        f"t{i},{47 + i * 0.01:.4f},8.0,\n" for i in range(count)))
+    np.save(root / "orientation.npy", columns)
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["orientation"] = {"file": "orientation.npy", "columns": width, "dim": dim_c, "dtype": "float16"}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    from service.artifact import load_artifact
+
+    index = load_artifact(root, expected_fingerprint="f" * 16, embedding_dim=dim, generation=1,
+                          column_shape=(width, dim_c))
+    query = np.zeros((2, dim), np.float32)
+    query[:, 0] = 1.0
+    view = columns[500].astype(np.float32)
+    searched, given = index.answer(query, np.stack([view, view]), np.ones((2, 256), bool), [3, 3],
+                                   heading_within=[None, 10.0])
+    assert searched.matches[0].tile_id != "t500" and given.matches[0].tile_id == "t500"
+    alone = index.answer(query[:1], view[None], np.ones((1, 256), bool), [3])[0]
+    assert alone == searched  # each row looks at as many candidates as it would alone
+
+
 @pytest.mark.parametrize("gpu", [False, True])
 def test_a_faiss_gpu_index_is_searched_by_one_thread_at_a_time(world, monkeypatch, gpu):
     import service.artifact as artifact

@@ -219,6 +219,39 @@ def test_a_view_at_sub_column_phases_averages_the_looks_that_meet_at_each_headin
         alignment_scores(view[:, :8], tiles)
 
 
+@pytest.mark.parametrize("tile_phases,view_phases", [(1, 1), (4, 1), (1, 4), (4, 4), (4, 2), (2, 4)])
+def test_a_given_heading_is_aligned_at_the_headings_near_it_alone_with_the_same_scores(tile_phases, view_phases):
+    """alignment_at computes a few headings of alignment_scores, each from the pairs and shift that meet there;
+    rerank with a given heading uses it and answers exactly as from every heading's scores."""
+    from model.orientation import (alignment_at, alignment_scores, heading_count, rerank, shifts_within,
+                                   valid_columns)
+    from model.views import refine_headings
+
+    rng = np.random.default_rng(7)
+    tiles = _unit(rng, 40, tile_phases, 16, 8)[:, 0] if tile_phases == 1 else _unit(rng, 40, tile_phases, 16, 8)
+    view = _unit(rng, 16, 8) if view_phases == 1 else _unit(rng, view_phases, 16, 8)
+    seen = np.repeat(valid_columns(16, 90.0), 16)
+    count = heading_count(view, tiles)
+    assert count == 16 * max(tile_phases, view_phases)
+    for mask in (seen, None):
+        full = alignment_scores(view, tiles, mask)
+        assert full.shape == (40, count)
+        some = np.array([0, 1, count - 1, 7, count // 2, 1])
+        assert np.allclose(alignment_at(view, tiles, mask, some), full[:, some], atol=1e-6)
+    descriptor = rng.uniform(0.3, 0.6, 40)
+    full = alignment_scores(view, tiles, seen)
+    for within in (0.0, 10.0, 30.0):
+        allowed = shifts_within(count, within)
+        combined = 0.1 * descriptor + 0.9 * full[:, allowed].max(axis=1)
+        order = np.argsort(-combined, kind="stable")
+        result = rerank(descriptor, view, tiles, seen, weight=0.9, within_deg=within)
+        assert result.order.tolist() == order.tolist()
+        assert np.allclose(result.alignment, full[order][:, allowed].max(axis=1), atol=1e-6)
+        assert np.allclose(result.headings, refine_headings(full[order], allowed), atol=1e-4)
+    with pytest.raises(ValueError, match="headings must be in"):
+        alignment_at(view, tiles, seen, np.array([count]))
+
+
 def test_rerank_refuses_what_it_can_not_combine():
     from model.orientation import rerank
 
@@ -452,6 +485,46 @@ def test_evaluate_can_cut_crops_to_a_photos_outline(view_world, capsys, monkeypa
     assert evaluate.main([*common, "--fov", "180", "--crop", "photo"]) == 1
     err = capsys.readouterr().err
     assert "crop 'photo'" in err and "got 180" in err
+
+
+def test_evaluate_cuts_crops_at_the_headings_of_a_perspective_worlds_photos(view_world, capsys, monkeypatch, tmp_path):
+    """--paired-with: the crops of the places that have a photo, each at its photo's heading, so that crops and photos
+    are compared pair by pair (not at headings of their own)."""
+    import csv
+
+    from model import evaluate, views
+    from model.train import read_records
+
+    world, base, _ = view_world
+    ids = [record.id for record in read_records("synthetic", world, "all")]  # the queries' order
+    photos = tmp_path / "photos"
+    (photos / "streetview").mkdir(parents=True)
+    chosen = {ids[1]: -100.0, ids[4]: 30.0, ids[9]: 275.5}  # the perspective world's headings (-180..180 or not)
+    with open(photos / "cameras.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, ["id", "heading_deg", "camera"])
+        writer.writeheader()
+        for i in ids:
+            writer.writerow({"id": i, "heading_deg": chosen.get(i, 0.0), "camera": "perspective"})
+    for i in chosen:
+        (photos / "streetview" / f"{i}.jpg").write_bytes(b"")  # only whether it is there counts
+    turned = []
+    real = views.rotate_view
+    monkeypatch.setattr(views, "rotate_view", lambda v, h: turned.append(h) or real(v, h))
+    common = ["--checkpoint", str(base / "head.safetensors"), "--data", str(world), "--split", "all", "--workers", "1",
+              "--json", "--fov", "90", "--method", "rerank"]
+    assert evaluate.main([*common, "--heading", "unknown", "--paired-with", str(photos)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["queries"] == 3 and result["n"] == 24 and result["paired_with"] == str(photos)
+    assert turned == pytest.approx([260.0, 30.0, 275.5])  # each crop cut around its place's photo's heading
+    turned.clear()
+    assert evaluate.main([*common, "--heading", "known", "--paired-with", str(photos), "--crop", "photo"]) == 0
+    assert json.loads(capsys.readouterr().out)["queries"] == 3
+    assert turned == pytest.approx([260.0, 30.0, 275.5, -260.0, -30.0, -275.5])  # cut there, then placed back
+    for wrong, message in ((["--fov", "360"], "a field of view under 360"), (["--photos", str(photos)], "no photos")):
+        assert evaluate.main([*common, "--paired-with", str(photos), *wrong]) == 1
+        assert message in capsys.readouterr().err
+    assert evaluate.main([*common, "--paired-with", str(tmp_path)]) == 1
+    assert f"--paired-with {tmp_path}: no cameras.csv" in capsys.readouterr().err
 
 
 def test_evaluate_needs_the_head_for_the_head_method(view_world, capsys):
