@@ -183,9 +183,10 @@ def heading_count(view_columns: np.ndarray, tile_columns: np.ndarray) -> int:
 
 def alignment_at(view_columns: np.ndarray, tile_columns: np.ndarray, seen: np.ndarray | None,
                  headings: np.ndarray) -> np.ndarray:
-    """`alignment_scores(view_columns, tile_columns, seen)[:, headings]`, computed at those headings only: each
-    a mean over the (view phase, tile phase) pairs that meet there, of one shift each (`view_phase_scores`), not
-    of all W of every pair. A view of given heading needs a few of the W * lcm(P, T)."""
+    """`alignment_scores(view_columns, tile_columns, seen)[:, headings]`, computed at those headings only: each a
+    mean over the (view phase, tile phase) pairs that meet there, of one shift each (`view_phase_scores`), not of
+    all W of every pair. A view of given heading needs a few of the W * lcm(P, T). Equal to float rounding: BLAS
+    sums a matrix's edge rows in another order, so two identical tiles may differ in the last bit here."""
     tiles = np.asarray(tile_columns, dtype=np.float32)
     view = np.asarray(view_columns, dtype=np.float32)
     if tiles.ndim == 3:
@@ -296,10 +297,12 @@ def estimate_headings(view_columns: np.ndarray, tile_columns: np.ndarray, seen: 
 # before them had K = 50 and w = 0.8, the first one, trained for headings only, w = 0.5.
 RERANK_CANDIDATES = 200  # the best this many tiles by descriptor are re-ranked
 # A view of given heading is aligned at the few headings near it alone (`alignment_at`: 5 of 64 at 4 phases), so
-# four times the candidates cost less than 200 aligned all round; its descriptor, one look at a limited view, often
-# ranks its tile below 200 (chosen on the training region's held-out blocks: bench/RESULTS.md, "More candidates
-# for a given heading").
+# four times the candidates cost about what 200 aligned all round did (less at 4 phases, 0.6 ms more at 1); its
+# descriptor, one look at a limited view, often ranks its tile below 200 (chosen on the training region's held-out
+# blocks: bench/RESULTS.md, "More candidates for a given heading"). A reach wider than GIVEN_REACH_MAX_DEG leaves
+# few headings out, so such a view is re-ranked as a searched one.
 RERANK_CANDIDATES_GIVEN = 800
+GIVEN_REACH_MAX_DEG = 30.0
 RERANK_WEIGHT = 0.9  # share of the column alignment in the re-ranking score
 # A view placed at a given heading is aligned only at the shifts within this many degrees of it (and always the
 # nearest): at 16 columns, 22.5 degrees apart, the given heading's own column; with tiles at 4 sub-column phases,
@@ -310,8 +313,10 @@ HEADING_WITHIN_DEG = 10.0
 
 def rerank_candidates(within_deg: float | None) -> int:
     """How many of a view's best tiles by descriptor are re-ranked: RERANK_CANDIDATES_GIVEN for a view placed at
-    a given heading trusted to ``within_deg``, RERANK_CANDIDATES for one whose heading is searched (None)."""
-    return RERANK_CANDIDATES if within_deg is None else RERANK_CANDIDATES_GIVEN
+    a given heading trusted to ``within_deg`` up to GIVEN_REACH_MAX_DEG, RERANK_CANDIDATES for one whose heading is
+    searched (None) or trusted less."""
+    narrow = within_deg is not None and within_deg <= GIVEN_REACH_MAX_DEG
+    return RERANK_CANDIDATES_GIVEN if narrow else RERANK_CANDIDATES
 
 
 def shifts_within(shifts: int, within_deg: float) -> np.ndarray:

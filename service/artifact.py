@@ -212,7 +212,10 @@ def rows_as_float32(store: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """``store[rows]`` of a float16 store (a read-only memory map), as float32: converted by torch, several times
     faster than numpy (800 rows of 4 phases' columns: about 2 ms against 9 on the 2-vCPU VM; bench/RESULTS.md,
     "More candidates for a given heading")."""
-    return torch.from_numpy(np.ascontiguousarray(store[rows])).to(torch.float32).numpy()  # a copy: writable
+    picked = np.ascontiguousarray(store[rows])  # a copy: writable
+    if not picked.dtype.isnative:  # torch takes native byte order only
+        picked = picked.astype(picked.dtype.newbyteorder("="))
+    return torch.from_numpy(picked).to(torch.float32).numpy()
 
 
 def load_artifact(path: Path, *, expected_fingerprint: str, embedding_dim: int, generation: int,

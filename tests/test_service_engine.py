@@ -493,14 +493,15 @@ def test_stored_columns_are_read_as_float32_exactly_from_a_read_only_memory_map(
     from service.artifact import rows_as_float32
 
     store = np.random.default_rng(2).standard_normal((50, 4, 16, 8)).astype(np.float16)
-    np.save(tmp_path / "o.npy", store)
-    held = np.load(tmp_path / "o.npy", mmap_mode="r")  # as model.index_artifact.read_orientation holds it
     rows = np.array([7, 3, 49, 3, 0])
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # torch warns of a non-writable array: it must get a copy
-        got = rows_as_float32(held, rows)
-    assert got.dtype == np.float32 and np.array_equal(got, store[rows].astype(np.float32))
-    assert rows_as_float32(held, np.array([], np.int64)).shape == (0, 4, 16, 8)
+    for name, stored in (("native", store), ("big_endian", store.astype(">f2"))):  # torch reads native order only
+        np.save(tmp_path / f"{name}.npy", stored)
+        held = np.load(tmp_path / f"{name}.npy", mmap_mode="r")  # as model.index_artifact.read_orientation does
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # torch warns of a non-writable array: it must get a copy
+            got = rows_as_float32(held, rows)
+        assert got.dtype == np.float32 and np.array_equal(got, store[rows].astype(np.float32))
+        assert rows_as_float32(held, np.array([], np.int64)).shape == (0, 4, 16, 8)
 
 
 def test_a_view_of_given_heading_re_ranks_more_candidates_than_one_whose_heading_is_searched(tmp_path):
@@ -527,12 +528,14 @@ def test_a_view_of_given_heading_re_ranks_more_candidates_than_one_whose_heading
 
     index = load_artifact(root, expected_fingerprint="f" * 16, embedding_dim=dim, generation=1,
                           column_shape=(width, dim_c))
-    query = np.zeros((2, dim), np.float32)
+    query = np.zeros((4, dim), np.float32)
     query[:, 0] = 1.0
     view = columns[500].astype(np.float32)
-    searched, given = index.answer(query, np.stack([view, view]), np.ones((2, 256), bool), [3, 3],
-                                   heading_within=[None, 10.0])
+    searched, given, rough, loose = index.answer(query, np.stack([view] * 4), np.ones((4, 256), bool), [3] * 4,
+                                                 heading_within=[None, 10.0, 30.0, 45.0])
     assert searched.matches[0].tile_id != "t500" and given.matches[0].tile_id == "t500"
+    assert rough.matches[0].tile_id == "t500"  # a rough compass (GIVEN_REACH_MAX_DEG) still looks at 800
+    assert loose.matches[0].tile_id != "t500"  # wider: nearly a search, as many candidates as one
     alone = index.answer(query[:1], view[None], np.ones((1, 256), bool), [3])[0]
     assert alone == searched  # each row looks at as many candidates as it would alone
 
