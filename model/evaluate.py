@@ -488,8 +488,12 @@ def _view_columns(views: np.ndarray, width: int) -> np.ndarray:
 
 def photographed(world: Path, records) -> np.ndarray:
     """Rows of ``records`` whose place has a photo in the perspective world ``world`` (worldgen --panoramas N
-    renders the first N)."""
-    return np.array([i for i, r in enumerate(records) if (world / "streetview" / f"{r.id}.jpg").is_file()], np.int64)
+    renders the first N); a ValueError where none has."""
+    rows = np.array([i for i, r in enumerate(records) if (world / "streetview" / f"{r.id}.jpg").is_file()], np.int64)
+    if len(rows) == 0:
+        raise ValueError(f"{world / 'streetview'}: no photo of any of the {len(records)} places evaluated (a "
+                         "perspective world of the same seed and pairs as --data has them)")
+    return rows
 
 
 def perspective_cameras(world: Path, records) -> list[dict]:

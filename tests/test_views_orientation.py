@@ -525,6 +525,10 @@ def test_evaluate_cuts_crops_at_the_headings_of_a_perspective_worlds_photos(view
         assert message in capsys.readouterr().err
     assert evaluate.main([*common, "--paired-with", str(tmp_path)]) == 1
     assert f"--paired-with {tmp_path}: no cameras.csv" in capsys.readouterr().err
+    for photo in (photos / "streetview").iterdir():
+        photo.unlink()
+    assert evaluate.main([*common, "--paired-with", str(photos)]) == 1  # a world without the photos: named
+    assert f"{photos / 'streetview'}: no photo of any of the 24 places" in capsys.readouterr().err
 
 
 def test_evaluate_needs_the_head_for_the_head_method(view_world, capsys):
