@@ -25,12 +25,16 @@ def allocator_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def reexec_with_allocator_env(module: str | None = None) -> None:
+def reexec_with_allocator_env(module: str | None = None, defaults: Mapping[str, str] | None = None) -> None:
     """Entry points call this first: on Linux, run this program again (``python -m module``, or
-    the script being run) with its arguments and ``allocator_env``, unless the environment already
-    has it (or the user's own malloc tuning). Returns only where nothing was to be done."""
+    the script being run) with its arguments and ``allocator_env``, plus ``defaults`` for the variables the
+    environment does not set, unless it has them all already (or the user's own malloc tuning). Returns only
+    where nothing was to be done."""
     env = allocator_env()
-    if not sys.platform.startswith("linux") or all(os.environ.get(k) == env.get(k) for k in ALLOCATOR_ENV):
+    for key, value in (defaults or {}).items():
+        env.setdefault(key, value)
+    wanted = (*ALLOCATOR_ENV, *(defaults or {}))
+    if not sys.platform.startswith("linux") or all(os.environ.get(k) == env.get(k) for k in wanted):
         return
     sys.stdout.flush()
     sys.stderr.flush()

@@ -4,8 +4,8 @@
   connection and sends its request headers slowly or never (slowloris); here a request's headers
   must arrive within ``GEOLOC_READ_TIMEOUT_S`` or the connection gets 408 and is closed. (The app
   itself times out a stalled body, under either server.)
-- The glibc allocator settings of ``model.allocator.allocator_env`` (the process starts itself
-  once more with them).
+- The glibc allocator settings of ``model.allocator.allocator_env``, and one BLAS thread
+  (``service.__main__.SERVICE_ENV_DEFAULTS``; the process starts itself once more with them).
 - Several worker processes (``--workers N``) with their Prometheus metrics added up: without a
   ``PROMETHEUS_MULTIPROC_DIR`` of your own, one is made for the run.
 """

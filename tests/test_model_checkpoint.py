@@ -306,3 +306,33 @@ def test_an_entry_point_runs_itself_again_with_the_allocator_settings(tmp_path):
     assert lines[-1].endswith("['--flag', 'x y']")  # the same arguments, once more
     lines = run(MALLOC_TRIM_THRESHOLD_="1000000")  # the user's own setting: no second start
     assert len(lines) == 2 and lines[-1].startswith("None 1000000")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc settings")
+def test_the_service_entry_point_runs_with_one_blas_thread_unless_told_otherwise(tmp_path):
+    """python -m service starts itself again with OPENBLAS_NUM_THREADS=1 (numpy's BLAS threads spinning beside the
+    encoder's doubled a photo's latency); a value in the environment wins, and then, with the allocator settings
+    there too, nothing starts again."""
+    import subprocess
+
+    from model.allocator import ALLOCATOR_ENV
+
+    (tmp_path / "probe_service.py").write_text(
+        "import os\n"
+        "from model.allocator import reexec_with_allocator_env\n"
+        "from service.__main__ import SERVICE_ENV_DEFAULTS\n"
+        "print('start', flush=True)\n"
+        "reexec_with_allocator_env('probe_service', SERVICE_ENV_DEFAULTS)\n"
+        "print(os.environ.get('OPENBLAS_NUM_THREADS'), os.environ.get('MALLOC_MMAP_THRESHOLD_'))\n")
+    repo = Path(__file__).resolve().parents[1]
+
+    def run(**env) -> list[str]:
+        full = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES", "OPENBLAS_"))}
+        out = subprocess.run([sys.executable, "-m", "probe_service"], cwd=tmp_path,
+                             env={**full, "PYTHONPATH": str(repo), **env}, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.splitlines()
+
+    assert run() == ["start", "start", f"1 {ALLOCATOR_ENV['MALLOC_MMAP_THRESHOLD_']}"]
+    assert run(OPENBLAS_NUM_THREADS="2") == ["start", "start", f"2 {ALLOCATOR_ENV['MALLOC_MMAP_THRESHOLD_']}"]
+    assert run(OPENBLAS_NUM_THREADS="2", **ALLOCATOR_ENV) == ["start", f"2 {ALLOCATOR_ENV['MALLOC_MMAP_THRESHOLD_']}"]
