@@ -106,11 +106,10 @@ def check_reused_cells(checkpoint: Path, world: Path, out: Path, tile_phases: in
             raise SystemExit(f"limited_views: {path} aligned views of known heading "
                              f"{'all round' if within is None else f'within {within:g} degrees of it'}, not within "
                              f"{HEADING_WITHIN_DEG:g} (model.orientation.HEADING_WITHIN_DEG): use another --out")
-        candidates = (cell.get("rerank") or {}).get("candidates")
-        if "rerank" in cell and candidates != rerank_candidates(within):
-            raise SystemExit(f"limited_views: {path} re-ranked {candidates} candidates, not the "
-                             f"{rerank_candidates(within)} model.orientation.rerank_candidates gives now: use another "
-                             f"--out")
+        candidates, now = (cell.get("rerank") or {}).get("candidates"), rerank_candidates(within)
+        if "rerank" in cell and candidates != now:
+            raise SystemExit(f"limited_views: {path} re-ranked {candidates} candidates, not the {now} "
+                             f"model.orientation.rerank_candidates gives now: use another --out")
 
 
 def run_cells(checkpoint: Path, world: Path, photos: Path, out: Path, tile_phases: int = 1) -> None:

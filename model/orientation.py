@@ -108,6 +108,25 @@ def heading_targets(headings_deg: np.ndarray, width: int) -> np.ndarray:
     return np.round(np.asarray(headings_deg) / 360.0 * width).astype(np.int64) % width
 
 
+def _seen_token_columns(seen: np.ndarray, width: int) -> np.ndarray:
+    """A view's seen pixel columns [W * n] (`seen_token_columns`) or token columns [W] -> [W] bool."""
+    seen = np.asarray(seen, dtype=bool)
+    if seen.size % width:
+        raise ValueError(f"seen has {seen.size} columns, not a multiple of the view's {width}")
+    return seen_token_columns(seen, width) if seen.size != width else seen
+
+
+def _seen_at_phases(seen: np.ndarray, width: int, view_phases: int) -> list[np.ndarray]:
+    """A view's seen pixel columns as placed at phase 0 -> as placed at each of its ``view_phases`` sub-column
+    phases (phase t: turned by t / T of a token column, as the encoder turns the view)."""
+    seen = np.asarray(seen, dtype=bool).reshape(-1)
+    step, rest = divmod(seen.size, width * view_phases)
+    if rest or step == 0:
+        raise ValueError(f"a view at {view_phases} phases needs its seen pixel columns (a multiple of "
+                         f"{width * view_phases}), got {seen.size}")
+    return [np.roll(seen, t * step) for t in range(view_phases)]
+
+
 def alignment_scores(view_columns: np.ndarray, tile_columns: np.ndarray, seen: np.ndarray | None = None) -> np.ndarray:
     """One view's column features [W, C] against several tiles' [K, W, C] (its seen pixel columns
     ``seen`` [W * 16] or token columns [W], None: all) -> [K, W]: `shift_scores` of the view at each tile.
@@ -128,12 +147,7 @@ def alignment_scores(view_columns: np.ndarray, tile_columns: np.ndarray, seen: n
     if tiles.ndim != 3 or tiles.shape[1:] != np.shape(view_columns):
         raise ValueError(f"tile columns must be [K, {width}, {np.shape(view_columns)[-1]}] like the view's "
                          f"{np.shape(view_columns)}, got {tiles.shape}")
-    valid = None
-    if seen is not None:
-        seen = np.asarray(seen, dtype=bool)
-        if seen.size % width:
-            raise ValueError(f"seen has {seen.size} columns, not a multiple of the view's {width}")
-        valid = seen_token_columns(seen, width) if seen.size != width else seen
+    valid = None if seen is None else _seen_token_columns(seen, width)
     views = np.broadcast_to(np.asarray(view_columns, dtype=np.float32), tiles.shape)
     return shift_scores(views, tiles, None if valid is None else np.broadcast_to(valid, tiles.shape[:2]))
 
@@ -154,18 +168,11 @@ def view_phase_scores(view_columns: np.ndarray, tile_columns: np.ndarray, seen: 
     (view_phases, width, _), k = view.shape, tiles.shape[0]
     tile_phases = tiles.shape[1] if tiles.ndim == 4 else 1
     fine = math.lcm(tile_phases, view_phases)
-    step = None
-    if seen is not None:
-        seen = np.asarray(seen, dtype=bool).reshape(-1)
-        step, rest = divmod(seen.size, width * view_phases)
-        if rest or step == 0:
-            raise ValueError(f"a view at {view_phases} phases needs its seen pixel columns (a multiple of "
-                             f"{width * view_phases}), got {seen.size}")
+    seen_at = [None] * view_phases if seen is None else _seen_at_phases(seen, width, view_phases)
     total = np.zeros((k, width * fine))
     count = np.zeros(width * fine)
     for t in range(view_phases):
-        at_phase = alignment_scores(view[t], tiles,
-                                    None if seen is None else np.roll(seen, t * step))  # [K, W * P]
+        at_phase = alignment_scores(view[t], tiles, seen_at[t])  # [K, W * P]
         # tile phase p, shift s: heading s - p / P columns (`interleave_phases`); view phase t adds t / T
         heading = (np.arange(width * tile_phases) * (fine // tile_phases) + t * (fine // view_phases)) % (width * fine)
         total[:, heading] += at_phase
@@ -203,19 +210,9 @@ def alignment_at(view_columns: np.ndarray, tile_columns: np.ndarray, seen: np.nd
     if len(headings) and not (0 <= headings.min() and headings.max() < width * fine):
         raise ValueError(f"headings must be in [0, {width * fine}), got {headings.min()}..{headings.max()}")
     keep = np.ones((view_phases, width), np.float32)
-    if seen is not None:
-        seen = np.asarray(seen, dtype=bool).reshape(-1)
-        if phased_view:  # as view_phase_scores rolls a view's seen pixel columns to each of its phases
-            step, rest = divmod(seen.size, width * view_phases)
-            if rest or step == 0:
-                raise ValueError(f"a view at {view_phases} phases needs its seen pixel columns (a multiple of "
-                                 f"{width * view_phases}), got {seen.size}")
-            keep = np.stack([seen_token_columns(np.roll(seen, t * step), width) for t in range(view_phases)])
-        else:
-            if seen.size % width:
-                raise ValueError(f"seen has {seen.size} columns, not a multiple of the view's {width}")
-            keep = (seen_token_columns(seen, width) if seen.size != width else seen)[None]
-        keep = keep.astype(np.float32)
+    if seen is not None:  # as alignment_scores and view_phase_scores read them
+        at_phases = _seen_at_phases(seen, width, view_phases) if phased_view else [seen]
+        keep = np.stack([_seen_token_columns(s, width) for s in at_phases]).astype(np.float32)
     keep /= np.maximum(keep.sum(axis=1, keepdims=True), 1.0)
     weighted = view * keep[:, :, None]  # [T, W, C]
     out = np.zeros((k, len(headings)), np.float32)

@@ -278,26 +278,36 @@ def test_allocator_settings_are_added_to_an_environment_unless_the_user_tuned_ma
     assert allocator_env(other) == {**other, **ALLOCATOR_ENV}
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc settings")
-def test_an_entry_point_runs_itself_again_with_the_allocator_settings(tmp_path):
+def _probe_entry(tmp_path, name: str, source: str, *args: str):
+    """Writes ``source`` as module ``name`` in ``tmp_path``; returns run(**env) -> its stdout lines, run as
+    ``python -m name *args`` with the repository importable and without the environment's own MALLOC_*,
+    GLIBC_TUNABLES and OPENBLAS_* variables (plus ``env``)."""
     import subprocess
 
-    (tmp_path / "probe_entry.py").write_text(
+    (tmp_path / f"{name}.py").write_text(source)
+    repo = Path(__file__).resolve().parents[1]
+
+    def run(**env) -> list[str]:
+        full = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES", "OPENBLAS_"))}
+        out = subprocess.run([sys.executable, "-m", name, *args], cwd=tmp_path,
+                             env={**full, "PYTHONPATH": str(repo), **env}, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.splitlines()
+
+    return run
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc settings")
+def test_an_entry_point_runs_itself_again_with_the_allocator_settings(tmp_path):
+    run = _probe_entry(
+        tmp_path, "probe_entry",
         "import os\n"
         "from model.allocator import reexec_with_allocator_env\n"
         "print('start', os.getpid(), flush=True)\n"
         "reexec_with_allocator_env('probe_entry')\n"
         "import sys\n"
-        "print(os.environ.get('MALLOC_MMAP_THRESHOLD_'), os.environ.get('MALLOC_TRIM_THRESHOLD_'), sys.argv[1:])\n")
-    repo = Path(__file__).resolve().parents[1]
-
-    def run(**env) -> list[str]:
-        full = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
-        out = subprocess.run([sys.executable, "-m", "probe_entry", "--flag", "x y"], cwd=tmp_path,
-                             env={**full, "PYTHONPATH": str(repo), **env}, capture_output=True, text=True,
-                             timeout=120)
-        assert out.returncode == 0, out.stderr
-        return out.stdout.splitlines()
+        "print(os.environ.get('MALLOC_MMAP_THRESHOLD_'), os.environ.get('MALLOC_TRIM_THRESHOLD_'), sys.argv[1:])\n",
+        "--flag", "x y")
 
     from model.allocator import ALLOCATOR_ENV
 
@@ -313,26 +323,16 @@ def test_the_service_entry_point_runs_with_one_blas_thread_unless_told_otherwise
     """python -m service starts itself again with OPENBLAS_NUM_THREADS=1 (numpy's BLAS threads spinning beside the
     encoder's doubled a photo's latency); a value in the environment wins, and then, with the allocator settings
     there too, nothing starts again."""
-    import subprocess
-
     from model.allocator import ALLOCATOR_ENV
 
-    (tmp_path / "probe_service.py").write_text(
+    run = _probe_entry(
+        tmp_path, "probe_service",
         "import os\n"
         "from model.allocator import reexec_with_allocator_env\n"
         "from service.__main__ import SERVICE_ENV_DEFAULTS\n"
         "print('start', flush=True)\n"
         "reexec_with_allocator_env('probe_service', SERVICE_ENV_DEFAULTS)\n"
         "print(os.environ.get('OPENBLAS_NUM_THREADS'), os.environ.get('MALLOC_MMAP_THRESHOLD_'))\n")
-    repo = Path(__file__).resolve().parents[1]
-
-    def run(**env) -> list[str]:
-        full = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES", "OPENBLAS_"))}
-        out = subprocess.run([sys.executable, "-m", "probe_service"], cwd=tmp_path,
-                             env={**full, "PYTHONPATH": str(repo), **env}, capture_output=True, text=True, timeout=120)
-        assert out.returncode == 0, out.stderr
-        return out.stdout.splitlines()
-
     assert run() == ["start", "start", f"1 {ALLOCATOR_ENV['MALLOC_MMAP_THRESHOLD_']}"]
     assert run(OPENBLAS_NUM_THREADS="2") == ["start", "start", f"2 {ALLOCATOR_ENV['MALLOC_MMAP_THRESHOLD_']}"]
     assert run(OPENBLAS_NUM_THREADS="2", **ALLOCATOR_ENV) == ["start", f"2 {ALLOCATOR_ENV['MALLOC_MMAP_THRESHOLD_']}"]
