@@ -55,6 +55,9 @@ class L2LTRConfig:
     orientation_rows: bool = False
     # Width of the head's hidden layer (GELU); 0: one linear map per branch.
     orientation_hidden: int = 0
+    # The head has a second ground map, for phone photos (their outline in the panorama frame), trained on
+    # them alone (model.orientation --photo-map); other views keep the ground map.
+    orientation_photo: bool = False
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:

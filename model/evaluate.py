@@ -189,7 +189,11 @@ def evaluate_views(model, arrays, records, device, *, fov: float, heading: str, 
         scores = encode_ground(views) @ encode_aerial(arrays.aerial).T
     elif by_head:  # one descriptor each; the heading from the columns of the best tile
         view_phases = tile_phases if view_phases is None else view_phases
-        queries, query_columns = _encode_views(encoder, "ground", views, columns=True, phases=view_phases)
+        as_photos = (photos is not None or crop == "photo") and model.config.orientation_photo
+        queries, query_columns = _encode_views(encoder, "ground", views, columns=True, phases=view_phases,
+                                               photos=np.full(len(views), as_photos))
+        if as_photos:
+            out["photo_map"] = True  # the views' columns through the head's photo map
         aerial, aerial_columns = _encode_views(encoder, "aerial", arrays.aerial, columns=True, phases=tile_phases)
         if tile_phases > 1:  # [N, P * W, C] -> [N, P, W, C]
             aerial_columns = aerial_columns.reshape(len(aerial_columns), tile_phases, -1, aerial_columns.shape[-1])
@@ -460,14 +464,15 @@ def _headings(rotations: int) -> np.ndarray:
 
 
 def _encode_views(encoder, branch: str, views: np.ndarray, batch_size: int = 128, columns: bool = False,
-                  phases: int = 1):
+                  phases: int = 1, photos: np.ndarray | None = None):
     """uint8 [N, H, W, 3] -> unit descriptors [N, D] (and, with ``columns``, the orientation head's
-    column features [N, Wg, C], or [N, phases * Wg, C]: InferenceEncoder.encode_uint8_with_columns)."""
+    column features [N, Wg, C], or [N, phases * Wg, C], ``photos`` through its photo map:
+    InferenceEncoder.encode_uint8_with_columns)."""
     import torch
 
     images = torch.from_numpy(np.ascontiguousarray(views)).permute(0, 3, 1, 2)
     rows, cols = encoder.encode_uint8_with_columns(images, branch, max_batch=batch_size, columns=columns,
-                                                   phases=phases)
+                                                   phases=phases, photos=photos)
     return (rows, cols) if columns else rows
 
 

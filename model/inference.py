@@ -87,7 +87,8 @@ class InferenceEncoder:
     def _blank(self, branch: str, n: int) -> torch.Tensor:
         return torch.zeros(n, 3, *self.input_size(branch), dtype=torch.uint8, device=self.device)
 
-    def _forward(self, batch: torch.Tensor, branch: str, columns: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _forward(self, batch: torch.Tensor, branch: str, columns: bool,
+                 photos: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         if branch not in self._tokens:
             raise ValueError(f"branch must be one of {tuple(self._tokens)}, got {branch!r}")
         self.net.check_input(batch, branch)
@@ -102,7 +103,7 @@ class InferenceEncoder:
                 out = out + F.normalize(tokens_of(x.flip(3))[:, 0].float(), dim=-1)
             cols = None
             if columns and self.orientation is not None:
-                cols = self.orientation.columns(tokens.float(), self.config.grid(branch), branch).cpu()
+                cols = self.orientation.columns(tokens.float(), self.config.grid(branch), branch, photos).cpu()
         # bf16 rounding leaves rows slightly off unit length; renormalise in float32.
         return F.normalize(out.float(), dim=-1).cpu(), cols
 
@@ -116,25 +117,27 @@ class InferenceEncoder:
         return self.encode_uint8_with_columns(images, branch, max_batch, columns=False)[0]
 
     def encode_uint8_with_columns(self, images: torch.Tensor, branch: str, max_batch: int | None = None,
-                                  columns: bool = True,
-                                  phases: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+                                  columns: bool = True, phases: int | None = None,
+                                  photos: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """As `encode_uint8`, plus the orientation head's column features [n, Wg, C] (None where the
         network has no head); with ``phases`` > 1 (default: ``tile_phases`` for the aerial branch, else 1),
         at that many sub-column phases, [n, phases * Wg, C], phase by phase (model.orientation.phase_columns:
         each phase is one more forward of the images), as an index stores a tile's. A ground view's are
         [n, phases, Wg, C] (model.orientation.view_phase_scores) and its descriptor the mean over its phases
-        (unit length again); a tile's stays its phase 0 one."""
+        (unit length again); a tile's stays its phase 0 one. ``photos`` [n] (bool): the ground views that are
+        phone photos, whose columns go through the head's photo map where it has one (`OrientationHead.columns`)."""
         phases = (self.tile_phases if branch == "aerial" else 1) if phases is None else phases
         if phases > 1 and columns:
             from .orientation import phase_columns
 
-            rows, cols = self.encode_uint8_with_columns(images, branch, max_batch, phases=1)
+            rows, cols = self.encode_uint8_with_columns(images, branch, max_batch, phases=1, photos=photos)
             if cols is None:
                 return rows, None
             turned_rows = []  # each phase's descriptors (a view's are averaged)
 
             def encode_columns(turned: torch.Tensor) -> np.ndarray:
-                phase_rows, phase_cols = self.encode_uint8_with_columns(turned, branch, max_batch, phases=1)
+                phase_rows, phase_cols = self.encode_uint8_with_columns(turned, branch, max_batch, phases=1,
+                                                                        photos=photos)
                 turned_rows.append(phase_rows)
                 return phase_cols
 
@@ -145,7 +148,10 @@ class InferenceEncoder:
             return rows, np.ascontiguousarray(phased.reshape(len(cols), -1, cols.shape[-1]))
         n = int(images.shape[0])
         step = max_batch or n or 1
-        parts = [self._forward(normalize_uint8_nchw(images[i:i + step]), branch, columns) for i in range(0, n, step)]
+        if photos is not None and len(photos) != n:
+            raise ValueError(f"photos flags {len(photos)} views of {n}")
+        parts = [self._forward(normalize_uint8_nchw(images[i:i + step]), branch, columns,
+                               None if photos is None else photos[i:i + step]) for i in range(0, n, step)]
         if not parts:
             return np.zeros((0, self.embedding_dim), dtype=np.float32), None
         rows = np.ascontiguousarray(torch.cat([p[0] for p in parts]).numpy(), dtype=np.float32)

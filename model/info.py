@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     if cfg["orientation_dim"]:
         reads = "each column's token rows side by side" if cfg["orientation_rows"] else "each column's mean token"
         kind = f"a {cfg['orientation_hidden']}-wide GELU layer" if cfg["orientation_hidden"] else "linear"
-        print(f"orientation  {cfg['orientation_dim']}-d column features from {reads}, {kind}")
+        photo = ", and a ground map for phone photos" if cfg.get("orientation_photo") else ""
+        print(f"orientation  {cfg['orientation_dim']}-d column features from {reads}, {kind}{photo}")
     print(f"parameters   ground {n['ground']:,}, aerial {n['aerial']:,}, total {n['total']:,}")
     print(f"provenance   {json.dumps(info['provenance'], sort_keys=True)}")
     return 0

@@ -295,7 +295,7 @@ def describe(branch, x: torch.Tensor, test_time_flip: bool = False) -> torch.Ten
 
 # Config fields added after fingerprints were published: at their default they leave the hash as it was.
 FINGERPRINT_NEUTRAL_DEFAULTS = {"test_time_flip": False, "orientation_dim": 0, "orientation_rows": False,
-                                "orientation_hidden": 0}
+                                "orientation_hidden": 0, "orientation_photo": False}
 
 
 def state_fingerprint(config: L2LTRConfig, state: dict[str, torch.Tensor]) -> str:

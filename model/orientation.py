@@ -8,7 +8,9 @@ patch tokens of one column (averaged over the rows, or with ``orientation_rows``
 side: a panorama's rows are elevations, a polar tile's distances from the camera) to one unit
 feature per column (an azimuth sector of 360/W degrees), and the heading is the circular shift that
 best aligns the view's columns with the tile's (`shift_scores`), refined between columns
-(`model.views.refine_heading`). Only the columns a limited field of view saw take part.
+(`model.views.refine_heading`). Only the columns a limited field of view saw take part. A phone
+photo covers only the middle rows of the panorama frame; a head may have a second ground map for such
+photos (`OrientationHead.photo`, trained with ``--photo-map``), which meets the same tile features.
 
     python -m model.orientation --checkpoint weights/l2ltr_tiny_demo.safetensors --data data/train_world_l \\
         --out runs/orientation/tiny_orientation.safetensors
@@ -41,26 +43,42 @@ def _column_map(inputs: int, dim: int, hidden: int) -> nn.Module:
 class OrientationHead(nn.Module):
     """Per-branch maps (linear, or with ``hidden`` one GELU layer) from a column's final patch
     tokens (their mean over the rows; with ``rows`` = the grids' row counts (ground, aerial), the rows
-    side by side) to a unit column feature of width ``dim``."""
+    side by side) to a unit column feature of width ``dim``; with ``photo``, a second ground map for
+    phone photos (``photos`` in `columns`), which meet the same aerial map."""
 
-    def __init__(self, hidden_size: int, dim: int = 64, rows: tuple[int, int] | None = None, hidden: int = 0) -> None:
+    def __init__(self, hidden_size: int, dim: int = 64, rows: tuple[int, int] | None = None, hidden: int = 0,
+                 photo: bool = False) -> None:
         super().__init__()
         self.rows = rows
         ground_rows, aerial_rows = rows or (1, 1)
         self.ground = _column_map(hidden_size * ground_rows, dim, hidden)
         self.aerial = _column_map(hidden_size * aerial_rows, dim, hidden)
+        self.photo = _column_map(hidden_size * ground_rows, dim, hidden) if photo else None
 
     @classmethod
     def for_config(cls, config) -> "OrientationHead":
         rows = (config.grid("ground")[0], config.grid("aerial")[0]) if config.orientation_rows else None
-        return cls(config.hidden_size, config.orientation_dim, rows, config.orientation_hidden)
+        return cls(config.hidden_size, config.orientation_dim, rows, config.orientation_hidden,
+                   config.orientation_photo)
 
-    def columns(self, tokens: torch.Tensor, grid: tuple[int, int], branch: str) -> torch.Tensor:
-        """Final-layer tokens [B, 1 + Hg*Wg, D] of ``branch`` -> unit column features [B, Wg, C]."""
-        return self.project(column_tokens(tokens, grid, self.rows is not None), branch)
+    def columns(self, tokens: torch.Tensor, grid: tuple[int, int], branch: str,
+                photos: torch.Tensor | np.ndarray | None = None) -> torch.Tensor:
+        """Final-layer tokens [B, 1 + Hg*Wg, D] of ``branch`` -> unit column features [B, Wg, C]; the ground
+        views flagged in ``photos`` [B] (bool) through the photo map where the head has one."""
+        by_column = column_tokens(tokens, grid, self.rows is not None)
+        if branch != "ground" or self.photo is None or photos is None or not np.any(photos):
+            return self.project(by_column, branch)
+        photos = torch.as_tensor(np.asarray(photos, dtype=bool), device=by_column.device)
+        if bool(photos.all()):
+            return self.project(by_column, "photo")
+        photo_columns = self.project(by_column[photos], "photo")
+        out = photo_columns.new_empty(len(photos), *photo_columns.shape[1:])
+        out[photos], out[~photos] = photo_columns, self.project(by_column[~photos], "ground")
+        return out
 
     def project(self, columns: torch.Tensor, branch: str) -> torch.Tensor:
-        """`column_tokens` [B, Wg, D or Hg*D] -> unit column features [B, Wg, C]."""
+        """`column_tokens` [B, Wg, D or Hg*D] -> unit column features [B, Wg, C] through ``branch``'s map
+        (ground, aerial or photo)."""
         return F.normalize(getattr(self, branch)(columns), dim=-1)
 
 
@@ -414,7 +432,7 @@ def train_orientation(checkpoint: Path, data: Path, out: Path, *, pairs: int = 4
                       retrieval: float = 0.0, negatives: int = 3, neighbours: int = 20, photo_share: float = 0.0,
                       photo_fov_range: tuple[float, float] = (60.0, 100.0), photo_tilt: float = 0.0,
                       rows: bool = False, hidden: int = 0, schedule: str = "constant",
-                      centre_jitter: float = 0.0, tile_phases: int = 1) -> dict:
+                      centre_jitter: float = 0.0, tile_phases: int = 1, photo_map: bool = False) -> dict:
     """Train an orientation head on the frozen network of ``checkpoint`` with ``pairs`` pairs of
     ``data``, each panorama turned to ``rotations`` random headings (a share ``fov_augment`` of them
     cut to a random field of view); write the network with the head to ``out``.
@@ -434,7 +452,12 @@ def train_orientation(checkpoint: Path, data: Path, out: Path, *, pairs: int = 4
     between the views of an index cut every few metres (index_build tile --centres-m) meets the nearest;
     the held-out numbers are then measured on such off-centre views too. ``tile_phases`` > 1: each tile is
     also met at that many sub-column phases (`phase_columns`), as an index built ``--tile-phases`` holds it,
-    and the heading is found among W x P shifts (the held-out numbers too)."""
+    and the heading is found among W x P shifts (the held-out numbers too). ``photo_map``: keep the
+    checkpoint's head as it is and give it a ground map for phone photos (`OrientationHead.photo`), started
+    from its ground map and trained on photo outlines alone (every view one: ``fov_augment`` and
+    ``photo_share`` are 1) against its frozen aerial map, so that the tiles' column features, and any
+    index built with the checkpoint's head, stay as they are (``rows``, ``hidden`` and ``dim`` are the
+    head's); the held-out numbers are then the photo map's, beside the ground map's on the same views."""
     if schedule not in ("constant", "cosine"):
         raise ValueError(f"schedule must be constant or cosine, got {schedule!r}")
     if not 0.0 <= photo_tilt <= 30.0:
@@ -461,7 +484,13 @@ def train_orientation(checkpoint: Path, data: Path, out: Path, *, pairs: int = 4
         phase_step(net.config.aerial_size[1], width, tile_phases)
     except ValueError as exc:
         raise TrainingError(str(exc)) from None
-    config = net.config.replace(orientation_dim=dim, orientation_rows=rows, orientation_hidden=hidden)
+    if photo_map:
+        if not net.config.orientation_dim:
+            raise TrainingError(f"{checkpoint} has no orientation head to give a photo map (train one first)")
+        dim, rows, hidden = net.config.orientation_dim, net.config.orientation_rows, net.config.orientation_hidden
+        fov_augment, photo_share = 1.0, 1.0
+    config = net.config.replace(orientation_dim=dim, orientation_rows=rows, orientation_hidden=hidden,
+                                orientation_photo=photo_map)  # a new head's aerial map would leave a photo map behind
     records = read_records(dataset, data, split)
     records = [records[i] for i in np.sort(rng.permutation(len(records))[:pairs])]
     n_train, least = int(len(records) * (1 - holdout)), 2 if retrieval > 0 else 1
@@ -513,7 +542,18 @@ def train_orientation(checkpoint: Path, data: Path, out: Path, *, pairs: int = 4
     features_s = time.perf_counter() - t0
     head = OrientationHead.for_config(config)
     scale = nn.Parameter(torch.tensor(3.0))  # log of the logits' scale
-    optimizer = torch.optim.Adam([*head.parameters(), scale], lr=lr)
+    view_map = "photo" if photo_map else "ground"
+    if photo_map:  # the rest of the head frozen; the tiles' features computed once
+        head.load_state_dict(net.orientation.state_dict(), strict=False)
+        head.photo.load_state_dict(net.orientation.ground.state_dict())
+        for name, module in head.named_children():
+            module.requires_grad_(name == "photo")
+        with torch.no_grad():
+            aerial = torch.cat([head.project(aerial[s:s + 512], "aerial") for s in range(0, len(aerial), 512)])
+        project_aerial = lambda tiles: tiles  # noqa: E731
+    else:
+        project_aerial = lambda tiles: head.project(tiles, "aerial")  # noqa: E731
+    optimizer = torch.optim.Adam([q for q in head.parameters() if q.requires_grad] + [scale], lr=lr)
     targets = torch.as_tensor(heading_targets(headings, width * tile_phases))
     train_rows = np.arange(n)[: int(n * (1 - holdout))]
     if retrieval > 0:  # each view's nearest training tiles by descriptor (the first polar view's), its own left
@@ -527,7 +567,7 @@ def train_orientation(checkpoint: Path, data: Path, out: Path, *, pairs: int = 4
         b = rng.choice(train_rows, batch_size)
         r = rng.integers(0, rotations, batch_size)
         copy = r % aerial.shape[1]
-        g, a = head.project(ground[b, r], "ground"), head.project(aerial[b, copy], "aerial")
+        g, a = head.project(ground[b, r], view_map), project_aerial(aerial[b, copy])
         keep = valid[b, r] / valid[b, r].sum(dim=1, keepdim=True).clamp(min=1)
         logits = _heading_logits(g, a, keep) * scale.exp()
         loss = F.cross_entropy(logits, targets[b, r])
@@ -535,7 +575,7 @@ def train_orientation(checkpoint: Path, data: Path, out: Path, *, pairs: int = 4
             picks = hard[b, r][np.arange(batch_size)[:, None], rng.integers(0, hard.shape[2], (batch_size, negatives))]
             tiles = np.concatenate([b, picks.reshape(-1)])
             tiles_copy = np.concatenate([copy, np.repeat(copy, negatives)])  # each negative as its view's heading
-            aligned = (_tile_logits(g, head.project(aerial[tiles, tiles_copy], "aerial"), keep).amax(dim=2)
+            aligned = (_tile_logits(g, project_aerial(aerial[tiles, tiles_copy]), keep).amax(dim=2)
                        * tile_scale.exp())
             same = torch.as_tensor(tiles[None, :] == b[:, None])  # a tile twice in the batch: not a negative
             same[np.arange(batch_size), np.arange(batch_size)] = False
@@ -551,8 +591,8 @@ def train_orientation(checkpoint: Path, data: Path, out: Path, *, pairs: int = 4
     with torch.no_grad():
         errors, full = [], []
         for r in range(rotations):
-            a = head.project(aerial[test, r % aerial.shape[1]], "aerial")
-            g = head.project(ground[test, r], "ground")
+            a = project_aerial(aerial[test, r % aerial.shape[1]])
+            g = head.project(ground[test, r], view_map)
             seen = valid[test, r].numpy() > 0
             scores = interleave_phases(np.stack([shift_scores(g, a[:, p], seen) for p in range(a.shape[1])], axis=1))
             estimate = refine_headings(scores)
@@ -560,15 +600,18 @@ def train_orientation(checkpoint: Path, data: Path, out: Path, *, pairs: int = 4
             full.append(fovs[test, r] >= 360)
     errors, full = np.concatenate(errors), np.concatenate(full)
     with torch.no_grad():  # among the held-out tiles: the best by descriptor, and after `rerank`
-        hits = {"descriptor": [], "rerank": []}
+        hits = {"descriptor": [], "rerank": [], **({"rerank_ground_map": []} if photo_map else {})}
         for r in range(rotations):
-            a = head.project(aerial[test, r % aerial.shape[1]], "aerial").numpy()
-            g = head.project(ground[test, r], "ground").numpy()
+            a = project_aerial(aerial[test, r % aerial.shape[1]]).numpy()
+            maps = {"rerank": head.project(ground[test, r], view_map).numpy()}
+            if photo_map:
+                maps["rerank_ground_map"] = head.project(ground[test, r], "ground").numpy()
             sims = (ground_descriptors[test, r] @ aerial_descriptors[test, r % aerial.shape[1]].T).numpy()
             for i, row in enumerate(sims):
                 top = np.argsort(-row, kind="stable")[:neighbours]
                 hits["descriptor"].append(top[0] == i)
-                hits["rerank"].append(top[rerank(row[top], g[i], a[top], valid[test[i], r].numpy() > 0).order[0]] == i)
+                for how, g in maps.items():
+                    hits[how].append(top[rerank(row[top], g[i], a[top], valid[test[i], r].numpy() > 0).order[0]] == i)
     report = {"pairs": n, "held_out": len(test), "features_s": round(features_s, 1), "final_loss": float(loss.detach()),
               "heading_error_median_deg_360": float(np.median(errors[full])) if full.any() else None,
               "heading_error_median_deg_limited": float(np.median(errors[~full])) if (~full).any() else None,
@@ -579,11 +622,12 @@ def train_orientation(checkpoint: Path, data: Path, out: Path, *, pairs: int = 4
     missing = model.load_state_dict(net.state_dict(), strict=False).missing_keys
     assert all(k.startswith("orientation.") for k in missing), missing
     model.orientation.load_state_dict(head.state_dict())
-    provenance = {**(getattr(net, "provenance", None) or {}),
-                  "orientation": {"data": str(data), "pairs": n, "rotations": rotations, "fov_augment": fov_augment,
+    provenance = {**(getattr(net, "provenance", None) or {}),  # a photo map: the head's record kept beside its own
+                  ("orientation_photo" if photo_map else "orientation"): {
+                                  "data": str(data), "pairs": n, "rotations": rotations, "fov_augment": fov_augment,
                                   "steps": steps, "seed": seed, "init": checkpoint.name, "retrieval": retrieval,
                                   "negatives": negatives, "neighbours": neighbours, "rows": rows, "hidden": hidden,
-                                  "schedule": schedule,
+                                  "schedule": schedule, **({"photo_map": True} if photo_map else {}),
                                   **({"photo_share": photo_share, "photo_fov_range": list(photo_fov_range)}
                                      if photo_share > 0 else {}),
                                   **({"photo_tilt": photo_tilt} if photo_tilt > 0 else {}),
@@ -632,6 +676,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="the head reads each column's token rows side by side instead of their mean")
     p.add_argument("--hidden", type=non_negative_int, default=0,
                    help="width of the head's hidden GELU layer (0: linear)")
+    p.add_argument("--photo-map", action="store_true",
+                   help="keep --checkpoint's head and give it a second ground map for phone photos, started from "
+                        "its ground map and trained on photo outlines alone (every view one: --fov-augment and "
+                        "--photo-share are 1) against its frozen aerial map, so tiles' column features (and "
+                        "indexes built with its head) stay as they are; --rows, --hidden and --dim are the head's"),
     p.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
                    help="learning rate: constant, or decayed to 0 over the steps")
     p.add_argument("--steps", type=positive_int, default=800, help="optimisation steps of --batch-size views")
@@ -658,7 +707,8 @@ def main(argv: list[str] | None = None) -> int:
                                    photo_share=args.photo_share, photo_fov_range=tuple(args.photo_fov),
                                    photo_tilt=args.photo_tilt, centre_jitter=args.centre_jitter,
                                    tile_phases=args.tile_phases,
-                                   rows=args.rows, hidden=args.hidden, schedule=args.schedule)
+                                   rows=args.rows, hidden=args.hidden, schedule=args.schedule,
+                                   photo_map=args.photo_map)
     except (CheckpointError, ConfigError, TrainingError, ImageDecodeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -673,6 +723,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"held-out top-1 among the held-out tiles, by descriptor / after the re-rank: 360 degree views "
           f"{pct(report['held_out_r1_descriptor_360'])} / {pct(report['held_out_r1_rerank_360'])}, limited views "
           f"{pct(report['held_out_r1_descriptor_limited'])} / {pct(report['held_out_r1_rerank_limited'])}")
+    if args.photo_map:
+        print(f"re-ranked with the ground map instead, on the same photo outlines: "
+              f"{pct(report['held_out_r1_rerank_ground_map_limited'])}")
     return 0
 
 

@@ -67,6 +67,7 @@ class Job:
     near: list[Near | None] | None = None  # per image: the geographic prior its search is restricted to
     # per image: placed at a given heading, trusted to this many degrees (None: its heading is searched)
     heading_within: list[float | None] | None = None
+    photos: list[bool] | None = None  # per image: a phone photo (its columns through the head's photo map)
 
 
 @dataclass(frozen=True)
@@ -94,12 +95,13 @@ def _settle(outcomes: list[Outcome]) -> None:
 
 
 class Engine:
-    """Bounded job queue + executor threads. ``encode(images, view_phases)`` maps uint8 images to unit rows
-    and, when ``view_phases`` > 0 and the model has an orientation head, column features at that many
-    sub-column phases (the model's ground branch; 0: none): ``view_phases``, or None: the served index's tile
+    """Bounded job queue + executor threads. ``encode(images, view_phases, photos)`` maps uint8 images to unit
+    rows and, when ``view_phases`` > 0 and the model has an orientation head, column features at that many
+    sub-column phases (the model's ground branch; 0: none), those of the images flagged in ``photos`` (bool
+    [n]) through the head's photo map where it has one: ``view_phases``, or None: the served index's tile
     phases; ``index`` is the ServedIndex searched, replaced by assignment."""
 
-    def __init__(self, encode: Callable[[torch.Tensor, int], tuple[np.ndarray, np.ndarray | None]],
+    def __init__(self, encode: Callable[[torch.Tensor, int, np.ndarray], tuple[np.ndarray, np.ndarray | None]],
                  index: ServedIndex, *,
                  metrics: Metrics, workers: int, threads_per_worker: int | None, lone_threads: int | None = None,
                  max_batch_size: int, max_batch_wait_ms: float, queue_size: int,
@@ -191,10 +193,11 @@ class Engine:
     async def localize(self, decode: Callable[[], tuple[torch.Tensor, np.ndarray]], *, n: int, k: int,
                        disconnected: Callable[[], Awaitable[Any]] | None = None,
                        near: list[Near | None] | None = None,
-                       heading_within: list[float | None] | None = None) -> JobResult:
+                       heading_within: list[float | None] | None = None,
+                       photos: list[bool] | None = None) -> JobResult:
         """Queue ``n`` images (made by ``decode`` on an executor thread) and wait for their matches."""
         job = Job(n=n, k=k, decode=decode, future=asyncio.get_running_loop().create_future(), near=near,
-                  heading_within=heading_within)
+                  heading_within=heading_within, photos=photos)
         with self._cond:
             if self._closed:
                 raise NotReady("shutting down")
@@ -324,8 +327,9 @@ class Engine:
         t0 = time.perf_counter()
         # column features only for an index that holds its own to align them with (2-4% of a forward), the
         # views encoded at its tiles' sub-column phases unless told (one forward each: view_phase_scores)
+        photos = np.array([p for job in live for p in (job.photos or [False] * job.n)], dtype=bool)
         vectors, columns = self._encode(images[0] if len(images) == 1 else torch.cat(images),
-                                        self.view_phases_for(index))
+                                        self.view_phases_for(index), photos)
         t1 = time.perf_counter()
         near = [prior for job in live for prior in (job.near or [None] * job.n)]
         ks = [job.k for job in live for _ in range(job.n)]

@@ -45,7 +45,8 @@ async def localize(request: Request, runtime: Runtime, params: ViewParams, *, k:
         near = [_prior(image, params) for image in images]
         result = await engine.localize(partial(decode_uploads, images, specs, s.max_pixels, model.encoder.config),
                                        n=len(images), k=k, disconnected=partial(_wait_for_disconnect, request),
-                                       near=near, heading_within=[spec.heading_within_deg for spec in specs])
+                                       near=near, heading_within=[spec.heading_within_deg for spec in specs],
+                                       photos=[spec.projection == "perspective" for spec in specs])
     described = [_described(answer, spec, s.ambiguity_margin, prior)
                  for answer, spec, prior in zip(result.answers, specs, near)]
     shared = dict(model=model.info, index=result.index.info, timing_ms=_timing(runtime, result, started))

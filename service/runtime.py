@@ -146,8 +146,9 @@ class Runtime:
                 return
             workers, threads, lone = encoder_plan(s, model.encoder.device.type == "cuda")
             engine = Engine(
-                lambda images, view_phases: model.encoder.encode_uint8_with_columns(
-                    images, "ground", s.max_batch_size, columns=view_phases > 0, phases=max(view_phases, 1)), index,
+                lambda images, view_phases, photos: model.encoder.encode_uint8_with_columns(
+                    images, "ground", s.max_batch_size, columns=view_phases > 0, phases=max(view_phases, 1),
+                    photos=photos), index,
                 metrics=self.metrics, workers=workers, threads_per_worker=threads, lone_threads=lone,
                 max_batch_size=s.max_batch_size, max_batch_wait_ms=s.max_batch_wait_ms, view_phases=s.view_phases,
                 queue_size=s.queue_size, request_timeout_s=s.request_timeout_s)

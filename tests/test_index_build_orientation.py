@@ -333,7 +333,8 @@ def test_tile_phases_default_to_those_the_head_was_trained_at(tmp_path, headed, 
 
 def test_the_shipped_phases_checkpoint_builds_its_tiles_at_4_phases(tmp_path):
     """weights/l2ltr_tiny_phases.safetensors: the demo checkpoint's network with a head trained at 4 tile
-    phases (weights/README.md); an index built with it, unless told otherwise, holds its tiles at them."""
+    phases and a ground map for phone photos (weights/README.md); an index built with it, unless told
+    otherwise, holds its tiles at them."""
     from pathlib import Path
 
     from model import load_checkpoint
@@ -341,14 +342,17 @@ def test_the_shipped_phases_checkpoint_builds_its_tiles_at_4_phases(tmp_path):
 
     phases = Path(__file__).resolve().parents[1] / "weights" / "l2ltr_tiny_phases.safetensors"
     net, demo = load_checkpoint(phases), load_checkpoint(phases.with_name("l2ltr_tiny_demo.safetensors"))
-    assert net.fingerprint() == "7654804ac627077b" and (trained_tile_phases(net), trained_tile_phases(demo)) == (4, 1)
+    assert net.fingerprint() == "f3dd199b3dcf7a3c" and (trained_tile_phases(net), trained_tile_phases(demo)) == (4, 1)
+    assert net.config.orientation_photo and not demo.config.orientation_photo
     ours, theirs = net.state_dict(), demo.state_dict()
-    assert ours.keys() == theirs.keys()
+    assert sorted(ours.keys() - theirs.keys()) == [f"orientation.photo.{k}" for k in ("0.bias", "0.weight",
+                                                                                      "2.bias", "2.weight")]
     network = [k for k in ours if not k.startswith("orientation.")]
     assert network and all(ours[k].equal(theirs[k]) for k in network)  # only the head differs
-    assert not all(ours[k].equal(theirs[k]) for k in ours if k.startswith("orientation."))
+    assert not all(ours[k].equal(theirs[k]) for k in theirs if k.startswith("orientation."))
+    assert not ours["orientation.photo.2.weight"].equal(ours["orientation.ground.2.weight"])
 
     run_build(opts(make_catalogue(tmp_path / "world", 6, prefix="p", seed=5), str(phases), tmp_path / "idx"))
     m = read_manifest(str(tmp_path / "idx"))
-    assert (m["orientation"]["phases"], m["model_fingerprint"]) == (4, "7654804ac627077b")
+    assert (m["orientation"]["phases"], m["model_fingerprint"]) == (4, "f3dd199b3dcf7a3c")
     assert np.load(tmp_path / "idx" / "orientation.npy").shape == (6, 4 * 16, 64)

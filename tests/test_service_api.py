@@ -967,6 +967,26 @@ def _photo(width: int = 160, height: int = 120, *, hfov: float | None = None, he
     return encode_jpeg(pixels, exif=camera_exif(hfov, heading, width, height) if hfov is not None else None)
 
 
+def test_a_perspective_photo_is_encoded_as_a_photo_and_a_panorama_or_crop_is_not(client, world, monkeypatch):
+    """Its columns go through the head's photo map where the checkpoint has one (model.orientation --photo-map)."""
+    from service.engine import Engine
+
+    flags = []
+    real = Engine.localize
+
+    async def localize(self, decode, **kwargs):
+        flags.append(kwargs.get("photos"))
+        return await real(self, decode, **kwargs)
+
+    monkeypatch.setattr(Engine, "localize", localize)
+    assert _post(client, _photo(hfov=65.0, heading=123.0)).status_code == 200
+    assert _post(client, world.pano).status_code == 200
+    crop = client.post("/localize?fov_deg=90&projection=equirectangular",
+                       files={"image": ("c.jpg", jpeg_bytes(160, 120), "image/jpeg")})
+    assert crop.status_code == 200
+    assert flags == [[True], [False], [False]]
+
+
 def test_the_field_of_view_and_heading_come_from_parameters_exif_or_the_shape(client, world):
     from model.orientation import HEADING_WITHIN_DEG
 

@@ -33,7 +33,7 @@ def _engine(world, encode, **overrides):
     return engine
 
 
-def _unit_rows(images: torch.Tensor, view_phases: int = 0) -> tuple[np.ndarray, None]:
+def _unit_rows(images: torch.Tensor, view_phases: int = 0, photos: np.ndarray | None = None) -> tuple[np.ndarray, None]:
     """Stands in for the ground branch: unit descriptors, no orientation columns."""
     rows = np.random.default_rng(int(images.sum())).standard_normal((len(images), 32)).astype(np.float32)
     return rows / np.linalg.norm(rows, axis=1, keepdims=True), None
@@ -59,7 +59,7 @@ def test_two_executor_threads_compute_two_batches_at_once(world):
     both_inside = threading.Barrier(2, timeout=10)
     threads = set()
 
-    def encode(images, view_phases):
+    def encode(images, view_phases, photos=None):
         threads.add(threading.current_thread().name)
         both_inside.wait()  # breaks (and the batch fails) unless two batches overlap
         return _unit_rows(images, view_phases)
@@ -83,7 +83,7 @@ def test_a_lone_image_runs_on_every_core_and_batches_side_by_side_on_their_share
     seen = []
     both_inside = threading.Barrier(2, timeout=10)
 
-    def encode(images, view_phases):
+    def encode(images, view_phases, photos=None):
         seen.append(torch.get_num_threads())
         if len(seen) > 1:
             both_inside.wait()  # the two queued together overlap: neither ran wide
@@ -112,7 +112,7 @@ def test_after_a_job_waited_for_a_wide_batch_none_runs_wide_for_the_cooldown(wor
     seen = []
     first_inside, release = threading.Event(), threading.Event()
 
-    def encode(images, view_phases):
+    def encode(images, view_phases, photos=None):
         seen.append(torch.get_num_threads())
         if len(seen) == 1:
             first_inside.set()
@@ -167,7 +167,7 @@ def test_an_error_before_a_batch_computes_fails_that_batch_only(world, monkeypat
 def test_a_batch_is_answered_by_one_index_generation_while_the_next_sees_the_new_one(world):
     inside, go_on = threading.Event(), threading.Event()
 
-    def encode(images, view_phases):
+    def encode(images, view_phases, photos=None):
         inside.set()
         go_on.wait(10)
         return _unit_rows(images, view_phases)
@@ -193,7 +193,7 @@ def test_a_batch_is_answered_by_one_index_generation_while_the_next_sees_the_new
 def test_column_features_are_asked_for_only_where_the_served_index_holds_its_own_at_its_phases(world):
     asked = []
 
-    def encode(images, view_phases):
+    def encode(images, view_phases, photos=None):
         asked.append(view_phases)
         return _unit_rows(images, view_phases)
 
@@ -258,7 +258,7 @@ def test_a_failing_decode_fails_its_job_and_a_failing_forward_its_batch_but_no_w
 
     calls = []
 
-    def encode(images, view_phases):
+    def encode(images, view_phases, photos=None):
         calls.append(len(images))
         if len(calls) == 1:
             raise RuntimeError("device lost")
@@ -334,6 +334,23 @@ def test_each_image_says_how_far_its_given_heading_is_trusted_to_the_index(world
     finally:
         engine.stop()
     assert seen_within == [[15.0, None, None, None]]
+
+
+def test_each_image_says_whether_it_is_a_photo_to_the_encoder(world):
+    """Batched with others, a phone photo's columns still go through the head's photo map, and only its own."""
+    flags = []
+
+    def encode(images, view_phases, photos=None):
+        flags.append(photos.tolist())
+        return _unit_rows(images, view_phases)
+
+    engine = _engine(world, encode, workers=1, max_batch_size=8)
+    try:
+        _in_one_batch(engine, dict(decode=_images(), n=1, k=3, photos=[True]), dict(decode=_images(2), n=2, k=3),
+                      dict(decode=_images(2), n=2, k=3, photos=[False, True]))
+    finally:
+        engine.stop()
+    assert flags == [[True, False, False, False, True]]
 
 
 def test_a_job_given_up_leaves_the_queue_at_once_with_its_images_and_upload_bytes(world):

@@ -712,6 +712,65 @@ def test_the_orientation_head_can_train_on_tiles_at_sub_column_phases(view_world
     assert not (tmp_path / "x.safetensors").exists()
 
 
+def test_a_photo_map_trains_on_photo_outlines_alone_and_leaves_the_head_and_its_tiles_as_they_were(
+        view_world, tmp_path, monkeypatch, capsys):
+    """--photo-map: the head's maps kept byte for byte (an index built with it stays valid), a third map for
+    photos started from the ground map and trained on photo outlines only; photos flagged go through it."""
+    import model.views
+    from model import load_checkpoint
+    from model.inference import InferenceEncoder
+    from model.orientation import main, train_orientation
+    from model.train import TrainingError
+
+    world, base, _ = view_world
+    outlines = []
+    real = model.views.limit_photo
+    monkeypatch.setattr(model.views, "limit_photo", lambda v, f, *a: outlines.append(f) or real(v, f, *a))
+    report = train_orientation(base / "head.safetensors", world, tmp_path / "photo.safetensors", pairs=24,
+                               rotations=2, steps=6, batch_size=8, workers=1, split="all", retrieval=1.0, negatives=2,
+                               neighbours=5, photo_map=True, fov_augment=0.0, photo_share=0.0, lr=1e-2)
+    assert len(outlines) == 48  # every view a photo outline, whatever fov_augment and photo_share say
+    assert 0.0 <= report["held_out_r1_rerank_ground_map_limited"] <= 1.0
+    head, photo = load_checkpoint(base / "head.safetensors"), load_checkpoint(tmp_path / "photo.safetensors")
+    assert photo.config.orientation_photo and not head.config.orientation_photo
+    kept = head.state_dict()
+    for key, value in photo.state_dict().items():
+        if key.startswith("orientation.photo."):
+            assert not torch.equal(value, kept[key.replace(".photo.", ".ground.")])  # trained from there
+        else:
+            assert torch.equal(value, kept[key]), key
+    assert photo.provenance["orientation"] == head.provenance["orientation"]
+    assert photo.provenance["orientation_photo"]["photo_map"] is True
+    assert photo.fingerprint() != head.fingerprint()
+
+    images = torch.randint(0, 256, (4, 3, 64, 256), dtype=torch.uint8)
+    flags = np.array([True, False, True, False])
+    encoder, before = InferenceEncoder(photo), InferenceEncoder(head)
+    for phases in (1, 2):
+        rows, plain = encoder.encode_uint8_with_columns(images, "ground", max_batch=3, phases=phases)
+        rows_p, flagged = encoder.encode_uint8_with_columns(images, "ground", max_batch=3, phases=phases, photos=flags)
+        old_rows, old = before.encode_uint8_with_columns(images, "ground", max_batch=3, phases=phases, photos=flags)
+        assert np.array_equal(rows, rows_p) and np.allclose(rows, old_rows, atol=1e-6)
+        assert np.allclose(flagged[~flags], plain[~flags], atol=1e-6) and np.allclose(old, plain, atol=1e-6)
+        assert not np.allclose(flagged[flags], plain[flags], atol=1e-3)
+    tiles = torch.randint(0, 256, (2, 3, 64, 256), dtype=torch.uint8)
+    assert np.allclose(encoder.encode_uint8_with_columns(tiles, "aerial", photos=np.ones(2, bool))[1],
+                       before.encode_uint8_with_columns(tiles, "aerial")[1], atol=1e-6)  # the tiles as they were
+    with pytest.raises(ValueError, match="photos flags 3 views of 4"):
+        encoder.encode_uint8_with_columns(images, "ground", photos=flags[:3])
+
+    again = train_orientation(tmp_path / "photo.safetensors", world, tmp_path / "new_head.safetensors", pairs=24,
+                              rotations=2, steps=2, batch_size=8, workers=1, split="all")
+    assert again and not load_checkpoint(tmp_path / "new_head.safetensors").config.orientation_photo  # a new head
+    with pytest.raises(TrainingError, match="has no orientation head to give a photo map"):
+        train_orientation(base / "plain.safetensors", world, tmp_path / "x.safetensors", pairs=24, photo_map=True)
+    assert not (tmp_path / "x.safetensors").exists()
+    assert main(["--checkpoint", str(base / "head.safetensors"), "--data", str(world), "--split", "all", "--pairs",
+                 "24", "--rotations", "1", "--steps", "2", "--batch-size", "8", "--workers", "1", "--photo-map",
+                 "--out", str(tmp_path / "cli.safetensors")]) == 0
+    assert "re-ranked with the ground map instead, on the same photo outlines:" in capsys.readouterr().out
+
+
 def test_the_orientation_head_can_meet_polar_views_centred_off_the_camera(view_world, tmp_path, monkeypatch, capsys):
     import model.train
     from model import load_checkpoint
