@@ -24,7 +24,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -62,7 +62,7 @@ class OrientationHead(nn.Module):
                    config.orientation_photo)
 
     def columns(self, tokens: torch.Tensor, grid: tuple[int, int], branch: str,
-                photos: torch.Tensor | np.ndarray | None = None) -> torch.Tensor:
+                photos: np.ndarray | Sequence[bool] | None = None) -> torch.Tensor:
         """Final-layer tokens [B, 1 + Hg*Wg, D] of ``branch`` -> unit column features [B, Wg, C]; the ground
         views flagged in ``photos`` [B] (bool) through the photo map where the head has one."""
         by_column = column_tokens(tokens, grid, self.rows is not None)
@@ -489,6 +489,10 @@ def train_orientation(checkpoint: Path, data: Path, out: Path, *, pairs: int = 4
             raise TrainingError(f"{checkpoint} has no orientation head to give a photo map (train one first)")
         dim, rows, hidden = net.config.orientation_dim, net.config.orientation_rows, net.config.orientation_hidden
         fov_augment, photo_share = 1.0, 1.0
+        if tile_phases != trained_tile_phases(net):
+            raise TrainingError(f"{checkpoint}'s head meets tiles at {trained_tile_phases(net)} sub-column phases and "
+                                f"its photo map must too (an index built with it holds them): tile phases "
+                                f"{trained_tile_phases(net)}, not {tile_phases}")
     config = net.config.replace(orientation_dim=dim, orientation_rows=rows, orientation_hidden=hidden,
                                 orientation_photo=photo_map)  # a new head's aerial map would leave a photo map behind
     records = read_records(dataset, data, split)
@@ -622,7 +626,9 @@ def train_orientation(checkpoint: Path, data: Path, out: Path, *, pairs: int = 4
     missing = model.load_state_dict(net.state_dict(), strict=False).missing_keys
     assert all(k.startswith("orientation.") for k in missing), missing
     model.orientation.load_state_dict(head.state_dict())
-    provenance = {**(getattr(net, "provenance", None) or {}),  # a photo map: the head's record kept beside its own
+    inherited = {key: value for key, value in (getattr(net, "provenance", None) or {}).items()
+                 if photo_map or key != "orientation_photo"}  # a new head leaves the photo map behind
+    provenance = {**inherited,  # a photo map: the head's record kept beside its own
                   ("orientation_photo" if photo_map else "orientation"): {
                                   "data": str(data), "pairs": n, "rotations": rotations, "fov_augment": fov_augment,
                                   "steps": steps, "seed": seed, "init": checkpoint.name, "retrieval": retrieval,
@@ -680,7 +686,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="keep --checkpoint's head and give it a second ground map for phone photos, started from "
                         "its ground map and trained on photo outlines alone (every view one: --fov-augment and "
                         "--photo-share are 1) against its frozen aerial map, so tiles' column features (and "
-                        "indexes built with its head) stay as they are; --rows, --hidden and --dim are the head's"),
+                        "indexes built with its head) stay as they are; --rows, --hidden and --dim are the head's, "
+                        "--tile-phases must be the head's"),
     p.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
                    help="learning rate: constant, or decayed to 0 over the steps")
     p.add_argument("--steps", type=positive_int, default=800, help="optimisation steps of --batch-size views")

@@ -968,17 +968,18 @@ def _photo(width: int = 160, height: int = 120, *, hfov: float | None = None, he
 
 
 def test_a_perspective_photo_is_encoded_as_a_photo_and_a_panorama_or_crop_is_not(client, world, monkeypatch):
-    """Its columns go through the head's photo map where the checkpoint has one (model.orientation --photo-map)."""
-    from service.engine import Engine
+    """Its columns go through the head's photo map where the checkpoint has one (model.orientation --photo-map):
+    the encoder is told which views are photos."""
+    from model.inference import InferenceEncoder
 
     flags = []
-    real = Engine.localize
+    real = InferenceEncoder.encode_uint8_with_columns
 
-    async def localize(self, decode, **kwargs):
-        flags.append(kwargs.get("photos"))
-        return await real(self, decode, **kwargs)
+    def encode(self, images, branch, max_batch=None, columns=True, phases=None, photos=None):
+        flags.append(None if photos is None else photos.tolist())
+        return real(self, images, branch, max_batch, columns, phases, photos)
 
-    monkeypatch.setattr(Engine, "localize", localize)
+    monkeypatch.setattr(InferenceEncoder, "encode_uint8_with_columns", encode)
     assert _post(client, _photo(hfov=65.0, heading=123.0)).status_code == 200
     assert _post(client, world.pano).status_code == 200
     crop = client.post("/localize?fov_deg=90&projection=equirectangular",

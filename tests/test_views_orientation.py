@@ -750,20 +750,36 @@ def test_a_photo_map_trains_on_photo_outlines_alone_and_leaves_the_head_and_its_
         rows, plain = encoder.encode_uint8_with_columns(images, "ground", max_batch=3, phases=phases)
         rows_p, flagged = encoder.encode_uint8_with_columns(images, "ground", max_batch=3, phases=phases, photos=flags)
         old_rows, old = before.encode_uint8_with_columns(images, "ground", max_batch=3, phases=phases, photos=flags)
+        _, alone = encoder.encode_uint8_with_columns(images[flags], "ground", phases=phases, photos=np.ones(2, bool))
         assert np.array_equal(rows, rows_p) and np.allclose(rows, old_rows, atol=1e-6)
         assert np.allclose(flagged[~flags], plain[~flags], atol=1e-6) and np.allclose(old, plain, atol=1e-6)
-        assert not np.allclose(flagged[flags], plain[flags], atol=1e-3)
+        assert np.allclose(flagged[flags], alone, atol=1e-6)  # every phase through the photo map
+        for phase in range(phases):
+            assert not np.allclose(flagged[flags][:, phase], plain[flags][:, phase], atol=1e-3)
     tiles = torch.randint(0, 256, (2, 3, 64, 256), dtype=torch.uint8)
     assert np.allclose(encoder.encode_uint8_with_columns(tiles, "aerial", photos=np.ones(2, bool))[1],
                        before.encode_uint8_with_columns(tiles, "aerial")[1], atol=1e-6)  # the tiles as they were
     with pytest.raises(ValueError, match="photos flags 3 views of 4"):
         encoder.encode_uint8_with_columns(images, "ground", photos=flags[:3])
 
+    train_orientation(base / "head.safetensors", world, tmp_path / "start.safetensors", pairs=24, rotations=1,
+                      steps=1, batch_size=8, workers=1, split="all", photo_map=True, lr=1e-9)
+    start = load_checkpoint(tmp_path / "start.safetensors").state_dict()
+    photo_keys = [key for key in start if key.startswith("orientation.photo.")]
+    assert photo_keys
+    for key in photo_keys:  # one step of 1e-9 from the ground map
+        assert torch.allclose(start[key], kept[key.replace(".photo.", ".ground.")], atol=1e-7)
+
     again = train_orientation(tmp_path / "photo.safetensors", world, tmp_path / "new_head.safetensors", pairs=24,
                               rotations=2, steps=2, batch_size=8, workers=1, split="all")
-    assert again and not load_checkpoint(tmp_path / "new_head.safetensors").config.orientation_photo  # a new head
+    new_head = load_checkpoint(tmp_path / "new_head.safetensors")
+    assert again and not new_head.config.orientation_photo  # a new head, its aerial map new: no photo map
+    assert "orientation_photo" not in new_head.provenance
     with pytest.raises(TrainingError, match="has no orientation head to give a photo map"):
         train_orientation(base / "plain.safetensors", world, tmp_path / "x.safetensors", pairs=24, photo_map=True)
+    with pytest.raises(TrainingError, match="meets tiles at 1 sub-column phases and its photo map must too"):
+        train_orientation(base / "head.safetensors", world, tmp_path / "x.safetensors", pairs=24, photo_map=True,
+                          tile_phases=2)
     assert not (tmp_path / "x.safetensors").exists()
     assert main(["--checkpoint", str(base / "head.safetensors"), "--data", str(world), "--split", "all", "--pairs",
                  "24", "--rotations", "1", "--steps", "2", "--batch-size", "8", "--workers", "1", "--photo-map",
