@@ -343,14 +343,17 @@ def test_the_shipped_phases_checkpoint_builds_its_tiles_at_4_phases(tmp_path):
     phases = Path(__file__).resolve().parents[1] / "weights" / "l2ltr_tiny_phases.safetensors"
     net, demo = load_checkpoint(phases), load_checkpoint(phases.with_name("l2ltr_tiny_demo.safetensors"))
     assert net.fingerprint() == "f3dd199b3dcf7a3c" and (trained_tile_phases(net), trained_tile_phases(demo)) == (4, 1)
-    assert net.config.orientation_photo and not demo.config.orientation_photo
+    assert net.config.orientation_photo and demo.config.orientation_photo  # both with a photo map (session 31)
+    assert demo.fingerprint() == "19266d44cc53d42c"
     ours, theirs = net.state_dict(), demo.state_dict()
-    assert sorted(ours.keys() - theirs.keys()) == [f"orientation.photo.{k}" for k in ("0.bias", "0.weight",
-                                                                                      "2.bias", "2.weight")]
+    assert ours.keys() == theirs.keys()
+    assert sorted(k for k in ours if k.startswith("orientation.photo.")) == [
+        f"orientation.photo.{k}" for k in ("0.bias", "0.weight", "2.bias", "2.weight")]
     network = [k for k in ours if not k.startswith("orientation.")]
-    assert network and all(ours[k].equal(theirs[k]) for k in network)  # only the head differs
+    assert network and all(ours[k].equal(theirs[k]) for k in network)  # only the heads differ
     assert not all(ours[k].equal(theirs[k]) for k in theirs if k.startswith("orientation."))
-    assert not ours["orientation.photo.2.weight"].equal(ours["orientation.ground.2.weight"])
+    for checkpoint in (ours, theirs):
+        assert not checkpoint["orientation.photo.2.weight"].equal(checkpoint["orientation.ground.2.weight"])
 
     run_build(opts(make_catalogue(tmp_path / "world", 6, prefix="p", seed=5), str(phases), tmp_path / "idx"))
     m = read_manifest(str(tmp_path / "idx"))
