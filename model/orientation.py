@@ -489,10 +489,11 @@ def train_orientation(checkpoint: Path, data: Path, out: Path, *, pairs: int = 4
             raise TrainingError(f"{checkpoint} has no orientation head to give a photo map (train one first)")
         dim, rows, hidden = net.config.orientation_dim, net.config.orientation_rows, net.config.orientation_hidden
         fov_augment, photo_share = 1.0, 1.0
-        if tile_phases != trained_tile_phases(net):
-            raise TrainingError(f"{checkpoint}'s head meets tiles at {trained_tile_phases(net)} sub-column phases and "
-                                f"its photo map must too (an index built with it holds them): tile phases "
-                                f"{trained_tile_phases(net)}, not {tile_phases}")
+        head_phases = trained_tile_phases(net)
+        if tile_phases != head_phases:
+            raise TrainingError(f"{checkpoint}'s head meets tiles at {head_phases} sub-column phases and its photo "
+                                f"map must too (an index built with it holds them): tile phases {head_phases}, "
+                                f"not {tile_phases}")
     config = net.config.replace(orientation_dim=dim, orientation_rows=rows, orientation_hidden=hidden,
                                 orientation_photo=photo_map)  # a new head's aerial map would leave a photo map behind
     records = read_records(dataset, data, split)
@@ -604,12 +605,11 @@ def train_orientation(checkpoint: Path, data: Path, out: Path, *, pairs: int = 4
             full.append(fovs[test, r] >= 360)
     errors, full = np.concatenate(errors), np.concatenate(full)
     with torch.no_grad():  # among the held-out tiles: the best by descriptor, and after `rerank`
-        hits = {"descriptor": [], "rerank": [], **({"rerank_ground_map": []} if photo_map else {})}
+        reranked_by = {"rerank": view_map, **({"rerank_ground_map": "ground"} if photo_map else {})}
+        hits = {"descriptor": [], **{how: [] for how in reranked_by}}
         for r in range(rotations):
             a = project_aerial(aerial[test, r % aerial.shape[1]]).numpy()
-            maps = {"rerank": head.project(ground[test, r], view_map).numpy()}
-            if photo_map:
-                maps["rerank_ground_map"] = head.project(ground[test, r], "ground").numpy()
+            maps = {how: head.project(ground[test, r], name).numpy() for how, name in reranked_by.items()}
             sims = (ground_descriptors[test, r] @ aerial_descriptors[test, r % aerial.shape[1]].T).numpy()
             for i, row in enumerate(sims):
                 top = np.argsort(-row, kind="stable")[:neighbours]
