@@ -27,7 +27,7 @@ from index_build.workdir import (CATALOG_FILE, COLUMNS_DTYPE, COLUMNS_SUFFIX, PL
                                  iter_vector_blocks, load_shard_columns, read_finished_shard, read_plan,
                                  spans_from_plan, utc_now_iso, vectors_dir, write_plan)
 from model.index_artifact import (INDEX_FILE, ORIENTATION_FILE, TILES_FILE, ArtifactError, check_orientation_phases,
-                                  read_orientation)
+                                  read_orientation, tile_rows_of)
 
 log = logging.getLogger("index_build")
 
@@ -604,13 +604,16 @@ def _finish_build(opts: BuildOptions, layout: ArtifactLayout, plan: dict, model,
         raise BuildError("every tile was skipped as unreadable; nothing to index")
     write_tiles_csv(os.path.join(work, TILES_FILE), good, extra)
     dim = model.embedding_dim
-    spec = index_spec(opts, n, dim)
-    log.info("index: %s (%s) - %s", spec.index_type, spec.factory, spec.reason)
-    blocks = lambda: iter_vector_blocks(vdir, spans)  # noqa: E731
-    index, info = build_index(spec, dim, n, blocks, use_gpu=opts.faiss_gpu)
-    tuning = tune_search(index, spec, n, blocks, target_recall=opts.target_recall)
-    if index.ntotal != n:
-        raise BuildError(f"index holds {index.ntotal} vectors, expected {n}")
+    searched = _tile_rows_mask(plan, good, extra)
+    held = n if searched is None else int(searched.sum())
+    spec = index_spec(opts, held, dim)
+    log.info("index: %s (%s) - %s%s", spec.index_type, spec.factory, spec.reason,
+             "" if searched is None else f"; {held} tiles searched, their {n} views scored once found")
+    blocks = lambda: _searched_blocks(iter_vector_blocks(vdir, spans), searched)  # noqa: E731
+    index, info = build_index(spec, dim, held, blocks, use_gpu=opts.faiss_gpu)
+    tuning = tune_search(index, spec, held, blocks, target_recall=opts.target_recall)
+    if index.ntotal != held:
+        raise BuildError(f"index holds {index.ntotal} vectors, expected {held}")
     checksums = _checksums(work, _write_index(index, os.path.join(work, INDEX_FILE)))
     orientation = {}
     if columns is not None:
@@ -624,11 +627,30 @@ def _finish_build(opts: BuildOptions, layout: ArtifactLayout, plan: dict, model,
         index_type=spec.index_type, index_params={**spec.to_json(), **info, **tuning},
         faiss_version=faiss.__version__, catalog_sha256=plan["catalog_sha256"], source=plan["source"],
         checkpoint=plan["checkpoint"], catalogue_rows=plan["count"],
-        skipped={"count": len(skipped), "tiles": skipped},
+        skipped={"count": len(skipped), "tiles": skipped}, **({} if searched is None else {"index_rows": held}),
         shards=shard_entries, **orientation, **checksums, additions=[], **(plan.get("tiling") or {}),
         build={"engine": opts.engine, "batch_size": opts.batch_size, "shard_size": plan["shard_size"],
                "workers": opts.workers, "lanes": opts.lanes, "encode": result.encode.to_json(), **_host_info(opts.device)},
     )
+
+
+def _tile_rows_mask(plan: dict, records: list[TileRecord], extra: list[str]) -> np.ndarray | None:
+    """With views (a catalogue cut by index_build tile --centres-m): which of the rows index.faiss holds,
+    each tile's own row (model.index_artifact.tile_rows_of); None without views (every row)."""
+    if not (plan.get("tiling") or {}).get("centres_m") or "tile" not in extra:
+        return None
+    column = extra.index("tile")
+    tile_of = tile_rows_of([r.tile_id for r in records], [r.extra[column] for r in records])
+    return tile_of == np.arange(len(records))
+
+
+def _searched_blocks(blocks, searched: np.ndarray | None):
+    """The vector blocks (in row order) cut to the rows of the ``searched`` mask (None: all)."""
+    start = 0
+    for block in blocks:
+        keep = None if searched is None else searched[start:start + len(block)]
+        start += len(block)
+        yield block if keep is None else np.ascontiguousarray(block[keep])
 
 
 # ------------------------------------------------------------------------------------- add
@@ -731,13 +753,18 @@ def run_add(opts: AddOptions) -> BuildResult:
                     _link_or_copy(src, dst)
         write_tiles_csv(os.path.join(work, TILES_FILE), [*base_records, *good], extra)
         index = faiss.read_index(os.path.join(live, INDEX_FILE))
-        added = 0
-        for block in iter_vector_blocks(vdir, spans):
+        searched = _tile_rows_mask({"tiling": {"centres_m": base.get("centres_m")}}, [*base_records, *good], extra)
+        if searched is not None and searched[:len(base_records)].sum() != base.get("index_rows"):
+            raise BuildError(f"{opts.catalog} names tiles that change which of the artifact's rows are its tiles' "
+                             "own; rebuild the whole artifact with `build` instead")
+        for block in _searched_blocks(iter_vector_blocks(vdir, spans), None if searched is None
+                                      else searched[len(base_records):]):
             index.add(block)
-            added += block.shape[0]
+        added = len(good)
         count = base["count"] + added
-        if index.ntotal != count:
-            raise BuildError(f"index holds {index.ntotal} vectors, expected {count}")
+        held = count if searched is None else int(searched.sum())
+        if index.ntotal != held:
+            raise BuildError(f"index holds {index.ntotal} vectors, expected {held}")
         checksums = _checksums(work, _write_index(index, os.path.join(work, INDEX_FILE)))
         orientation = {}
         if columns is not None:
@@ -749,7 +776,8 @@ def run_add(opts: AddOptions) -> BuildResult:
                         added, base["count"])
         manifest = dict(base)
         manifest.update(
-            count=count, built_at=utc_now_iso(), faiss_version=faiss.__version__,
+            count=count, **({} if searched is None else {"index_rows": held}), built_at=utc_now_iso(),
+            faiss_version=faiss.__version__,
             shards=[*base["shards"], *new_entries], **orientation, **checksums,
             skipped={"count": base.get("skipped", {}).get("count", 0) + len(skipped),
                      "tiles": [*base.get("skipped", {}).get("tiles", []),

@@ -125,8 +125,9 @@ def _add_tile_args(p: argparse.ArgumentParser) -> None:
                    help="distance between neighbouring tile centres, metres (default: half of --tile-m)")
     p.add_argument("--centres-m", type=float, default=None,
                    help="also cut each tile's views centred every this many metres around its centre (a whole "
-                        "fraction of --stride-m, e.g. 10 for 50): the index then ranks every view, answers "
-                        "with the tiles and places the camera at its best view. A camera between tile centres "
+                        "fraction of --stride-m, e.g. 10 for 50): the index still searches the tiles, then "
+                        "scores every view of the best it finds, answers with the tiles and places the camera "
+                        "at its best view. A camera between tile centres "
                         "is found far more often (docs/INDEX_BUILD.md); costs (stride/centres)^2 times the "
                         "images, vectors and encoding time (default: one view per tile, at its centre)")
     p.add_argument("--tile-px", type=int, default=TILE_DEFAULTS["tile_px"],

@@ -31,8 +31,8 @@ from .atomic import atomic_write
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import ConfigError
 from .encode import pick_device
-from .index_artifact import (ArtifactError, TileTable, check_model, read_manifest, read_orientation, read_tiles,
-                             read_vectors)
+from .index_artifact import (VIEW_TILES, ArtifactError, TileTable, TileViews, check_model, read_manifest,
+                             read_orientation, read_tiles, read_vectors)
 from .metrics import TILE_FOOTPRINT_M, confidence_report, haversine_m, localization_error, position_report, \
     recall_curve, retrieval_recall
 from .plot import figure_file, save_figure
@@ -284,7 +284,9 @@ def evaluate_anywhere(checkpoint: Path, data: Path, index: Path, device: str = "
     and of the refined position (over the top ``candidates``), and the same per offset of the camera
     from its nearest tile centre. ``near_radius_m`` > 0 adds the same with a prior: each query searched
     exactly among the tiles within that radius of its true position. ``tile_m``: default the
-    manifest's (else 100 m). ``scores_out``: save the similarities as ranked and the positions (.npz) for tuning.
+    manifest's (else 100 m). With views (index_build tile --centres-m) each query meets them as the service
+    does: its best VIEW_TILES tiles by their own rows (within the prior's radius, with one), then all their
+    views. ``scores_out``: save the similarities as ranked and the positions (.npz) for tuning.
     ``rerank_k``: rank as the service does with an orientation head, each query's best ``rerank_k`` tiles
     (of those within the prior's radius, with one) re-ranked by column alignment (`reranked_scores`,
     weight ``rerank_weight``, default model.orientation.RERANK_WEIGHT); the index must hold the tiles'
@@ -305,6 +307,7 @@ def evaluate_anywhere(checkpoint: Path, data: Path, index: Path, device: str = "
     view_ll = table.latlon
     own_rows, tile_of = np.unique(table.tile_of, return_inverse=True)
     tile_ll = view_ll[own_rows]
+    tile_views = TileViews.of(table.tile_of) if len(view_ll) > len(tile_ll) else None
     if rerank_k is not None and len(view_ll) > len(tile_ll):  # as many rows as the service re-ranks with views
         rerank_k = max(rerank_k, candidates * table.views_per_tile)
     tile_m = float(tile_m or manifest.get("tile_m") or TILE_FOOTPRINT_M)
@@ -340,18 +343,21 @@ def evaluate_anywhere(checkpoint: Path, data: Path, index: Path, device: str = "
     scores = queries @ gallery.T  # [Q, N]
 
     def ranked(sims):
-        """As the service ranks: by descriptor, then (with rerank_k) its best re-ranked by column alignment."""
+        """As the service ranks: with views, each query's best VIEW_TILES tiles by their own rows, then only their
+        views; by descriptor, then (with rerank_k) its best re-ranked by column alignment."""
+        if tile_views is not None:
+            sims = views_of_best_tiles(sims, tile_views)
         if tile_columns is None:
             return sims
         seen = np.ones(views.shape[:1] + views.shape[2:3], bool)  # panoramas: every pixel column
         return reranked_scores(sims, query_columns, tile_columns, seen, rerank_k, weight)
     # true tile: the nearest centre (exact haversine over every tile)
-    view_dist = np.stack([haversine_m(lat, lon, view_ll[:, 0], view_ll[:, 1]) for lat, lon in true_ll])
-    dist = view_dist[:, own_rows]
+    dist = np.stack([haversine_m(lat, lon, tile_ll[:, 0], tile_ll[:, 1]) for lat, lon in true_ll])
     truth = dist.argmin(axis=1)
     offset = dist[np.arange(len(truth)), truth]
     ranked_scores = ranked(scores)
-    inside = view_dist <= near_radius_m if near_radius_m > 0 else None  # the rows model.metrics.rows_within picks
+    # the tiles model.metrics.rows_within picks, with all their views
+    inside = (dist <= near_radius_m)[:, tile_of] if near_radius_m > 0 else None
     prior_scores = None if inside is None else ranked(np.where(inside, scores, np.float32(-np.inf)))
     if scores_out is not None:  # the scores as ranked (re-ranked too), so the file reproduces the report
         arrays = dict(scores=ranked_scores.astype(np.float32), tile_latlon=view_ll, true_latlon=true_ll,
@@ -394,11 +400,23 @@ def evaluate_anywhere(checkpoint: Path, data: Path, index: Path, device: str = "
                                         "top1_median_m": float(np.median(detail["top1"][sel])),
                                         "refined_median_m": float(np.median(detail["refined"][sel]))})
     if inside is not None:
-        if not inside[np.arange(len(truth)), own_rows[truth]].all():
+        if not (dist[np.arange(len(truth)), truth] <= near_radius_m).all():
             raise ValueError(f"--near-radius-m {near_radius_m:g} leaves some query without its true tile")
         result["prior"], within = block(prior_scores)
         result["prior"].update(radius_m=near_radius_m, tiles_within_median=float(np.median(within["searched"])))
     return result
+
+
+def views_of_best_tiles(scores: np.ndarray, tile_views: TileViews, tiles: int = VIEW_TILES) -> np.ndarray:
+    """Scores [Q, N] of rows that are views of tiles, as the service searches them: each query's best ``tiles``
+    tiles by their own rows' scores keep all their views' scores, every other row -inf (as are rows -inf before)."""
+    own = scores[:, tile_views.tile_rows]
+    out = np.full_like(scores, -np.inf)
+    for i, row in enumerate(own):
+        best = np.argsort(-row, kind="stable")[:tiles]
+        rows = tile_views.rows(best[np.isfinite(row[best])])
+        out[i, rows] = scores[i, rows]
+    return out
 
 
 def print_anywhere(result: dict) -> None:
@@ -406,7 +424,8 @@ def print_anywhere(result: dict) -> None:
           f"tiles of {result['index']} ({result['tile_m']:g} m every {result['stride_m']:g} m; camera to its nearest "
           f"tile centre: median {result['offset_median_m']:.1f} m, at most {result['offset_max_m']:.1f} m)")
     if "views" in result:
-        print(f"each tile ranked by the best of its views ({result['views']} views every {result['centres_m']:g} m); "
+        print(f"the tiles searched by their own rows, then every view of each camera's best {VIEW_TILES} "
+              f"({result['views']} views every {result['centres_m']:g} m); each tile ranked by its best view, "
               "the refined position from the views")
     if "rerank" in result:
         print(f"ranked as the service does: the best {result['rerank']['candidates']} {'views' if 'views' in result else 'tiles'} "

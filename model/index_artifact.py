@@ -90,6 +90,12 @@ class TileTable:
         return int(np.bincount(self.tile_of).max())
 
     @property
+    def searched_rows(self) -> np.ndarray:
+        """The rows index.faiss holds, in its order (faiss id i is row ``searched_rows[i]``): every row, or with
+        views each tile's own row only (`TileViews`)."""
+        return np.unique(self.tile_of)
+
+    @property
     def latlon(self) -> np.ndarray:
         return np.column_stack([self.lat, self.lon])
 
@@ -119,9 +125,47 @@ def read_tiles(directory: str | Path, manifest: dict) -> TileTable:
         raise ArtifactError(f"{path}: tile_id values are not unique")
     tile_of = np.arange(len(rows))
     if manifest.get("centres_m") is not None:  # views of tiles (a `tile` column elsewhere is plain metadata)
-        first: dict[str, int] = {}  # a tile whose own row was skipped (unreadable) is named by its first view
-        tile_of = np.array([first.setdefault(t, row_of.get(t, i)) if t else i for i, t in enumerate(tiles)], np.int64)
+        tile_of = tile_rows_of(tile_ids, tiles)
+        tiles_found = len(np.unique(tile_of))
+        if manifest.get("index_rows") not in (None, tiles_found):
+            raise ArtifactError(f"{path}: {tiles_found} tiles, manifest index_rows is {manifest['index_rows']}")
     return TileTable(list(tile_ids), np.asarray(lat, np.float64), np.asarray(lon, np.float64), list(sources), tile_of)
+
+
+def tile_rows_of(tile_ids: list[str] | tuple[str, ...], tiles: list[str] | tuple[str, ...]) -> np.ndarray:
+    """The row of each row's tile, from the rows' ids and their `tile` column (views: the row whose tile_id
+    it names; a tile whose own row was skipped as unreadable is named by its first view; empty: itself)."""
+    row_of = {tile_id: i for i, tile_id in enumerate(tile_ids)}
+    first: dict[str, int] = {}
+    return np.array([first.setdefault(t, row_of.get(t, i)) if t else i for i, t in enumerate(tiles)], np.int64)
+
+
+VIEW_TILES = 200  # with views: the tiles found by their own row whose every view is then scored
+
+
+@dataclass(frozen=True)
+class TileViews:
+    """Rows grouped by tile, for an artifact whose rows are views of tiles (index_build tile --centres-m):
+    index.faiss holds each tile's own row (`TileTable.searched_rows`), and once a search has found a tile by
+    it, all of the tile's views are scored. Tile ``t`` is faiss id ``t``; its rows are ``order[starts[t]:
+    starts[t + 1]]``."""
+
+    tile_rows: np.ndarray  # [tiles] ascending: faiss id -> row
+    order: np.ndarray  # [rows] the rows grouped by tile, tiles in faiss id order
+    starts: np.ndarray  # [tiles + 1]
+
+    @classmethod
+    def of(cls, tile_of: np.ndarray) -> "TileViews":
+        order = np.argsort(tile_of, kind="stable")
+        tile_rows, counts = np.unique(tile_of, return_counts=True)
+        return cls(tile_rows, order, np.concatenate([[0], np.cumsum(counts)]))
+
+    def rows(self, tiles: np.ndarray) -> np.ndarray:
+        """Every row (view) of the tiles with these faiss ids, tile by tile."""
+        tiles = np.asarray(tiles, np.int64)
+        if not len(tiles):
+            return np.empty(0, np.int64)
+        return np.concatenate([self.order[self.starts[t]:self.starts[t + 1]] for t in tiles])
 
 
 def _lat_lon(row: dict, where: str) -> tuple[float, float]:
@@ -142,7 +186,7 @@ def read_faiss_index(directory: str | Path, manifest: dict):
     manifest names (nprobe, efSearch) set."""
     import faiss
 
-    count, dim = manifest["count"], manifest["embedding_dim"]
+    count, dim = searched_count(directory, manifest), manifest["embedding_dim"]
     path = Path(directory) / INDEX_FILE
     if not path.is_file():
         raise ArtifactError(f"{path}: missing")
@@ -153,7 +197,8 @@ def read_faiss_index(directory: str | Path, manifest: dict):
     if index.d != dim:
         raise ArtifactError(f"{path}: dimension {index.d}, manifest says {dim}")
     if index.ntotal != count:
-        raise ArtifactError(f"{path}: {index.ntotal} vectors, manifest count is {count}")
+        held = "index_rows (its tiles)" if "index_rows" in manifest else "count"
+        raise ArtifactError(f"{path}: {index.ntotal} vectors, manifest {held} is {count}")
     if count == 0:
         raise ArtifactError(f"{directory}: the index is empty")
     space = faiss.ParameterSpace()
@@ -164,6 +209,22 @@ def read_faiss_index(directory: str | Path, manifest: dict):
             except Exception:  # the index type has no such parameter; harmless
                 pass
     return index
+
+
+def searched_count(directory: str | Path, manifest: dict) -> int:
+    """How many rows index.faiss holds: the manifest's count, or with views its ``index_rows`` (one a tile).
+    An artifact with views and no index_rows was built when index.faiss held every view: refused."""
+    if manifest.get("centres_m") is None:
+        return manifest["count"]
+    rows = manifest.get("index_rows")
+    if rows is None:
+        raise ArtifactError(f"{Path(directory) / MANIFEST_FILE}: views every {manifest['centres_m']} m but no "
+                            "index_rows: built before index.faiss held one row a tile; rebuild it (python -m "
+                            "index_build build ...)")
+    if type(rows) is not int or not 0 < rows <= manifest["count"]:
+        raise ArtifactError(f"{Path(directory) / MANIFEST_FILE}: index_rows must be an integer from 1 to the "
+                            f"count {manifest['count']}, got {rows!r}")
+    return rows
 
 
 def check_orientation_phases(directory: str | Path, entry: dict) -> int:

@@ -24,7 +24,8 @@ import torch
 import faiss
 
 from model.index_artifact import (
-    ArtifactError, check_model, read_faiss_index, read_manifest, read_orientation, read_tiles,
+    VIEW_TILES, ArtifactError, TileViews, check_model, read_faiss_index, read_manifest, read_orientation, read_tiles,
+    read_vectors,
 )
 from model.metrics import TILE_FOOTPRINT_M, match_margin, refine_position, rows_within
 from model.orientation import rerank, rerank_candidates
@@ -101,9 +102,12 @@ class ServedIndex:
     # FAISS GPU indexes must not be searched from several threads at once; CPU ones may be
     search_lock: contextlib.AbstractContextManager = field(default_factory=contextlib.nullcontext, repr=False)
     tile_m: float = TILE_FOOTPRINT_M  # the tiles' footprint (manifest tile_m), for the refined position
-    # with views between tile centres (index_build tile --centres-m): the row of each row's tile, else None
+    # with views between tile centres (index_build tile --centres-m): the row of each row's tile, the rows
+    # grouped by tile (the FAISS index holds each tile's own row) and every row's vector, else None
     tile_of: np.ndarray | None = field(default=None, repr=False)
     views_per_tile: int = 1
+    views: TileViews | None = field(default=None, repr=False)
+    vectors: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def count(self) -> int:
@@ -131,43 +135,46 @@ class ServedIndex:
         degrees of it; one whose heading is searched, at every phase and shift. With both column
         features, the best `rerank_candidates` (or k) tiles are re-ranked by descriptor and column alignment
         (model.orientation.rerank): their scores are then the combined ones. Each row looks at as many
-        candidates as it would alone, whatever its batch-mates ask for. A row whose answer fails gets
-        its exception in its place; the other rows are answered."""
+        candidates as it would alone, whatever its batch-mates ask for. With views the FAISS index finds
+        the best VIEW_TILES (or k) tiles by their own rows and those tiles' best views are the candidates. A
+        row whose answer fails gets its exception in its place; the other rows are answered."""
         oriented = columns is not None and self.orientation is not None
-        # with views, as many tiles' worth of rows: the answer for k <= CANDIDATES does not depend on k;
-        # a FAISS GPU index returns at most GPU_MAX_K rows
-        most = self.count if self.gpu_resources is None else min(self.count, GPU_MAX_K)
         near = near or [None] * len(vectors)
         heading_within = heading_within or [None] * len(vectors)
+        # with views, as many tiles' worth of rows: the answer for k <= CANDIDATES does not depend on k
         looked_at = [min(max(max(k, CANDIDATES) * self.views_per_tile, rerank_candidates(within) if oriented else 0),
-                         most) for k, within in zip(ks, heading_within)]
+                         self.count) for k, within in zip(ks, heading_within)]
+        # what the FAISS index is asked for: those rows, or with views the tiles; a GPU index returns <= GPU_MAX_K
+        most = self.index.ntotal if self.gpu_resources is None else min(self.index.ntotal, GPU_MAX_K)
+        searched = [min(n if self.views is None else max(VIEW_TILES, k), most) for n, k in zip(looked_at, ks)]
         free = [i for i, prior in enumerate(near) if prior is None]
         hits = {}
         if free:
             with self.search_lock:
-                found = self.index.search(np.ascontiguousarray(vectors[free]), max(looked_at[i] for i in free))
-            hits = {i: (scores[:looked_at[i]], rows[:looked_at[i]]) for i, scores, rows in zip(free, *found)}
+                found = self.index.search(np.ascontiguousarray(vectors[free]), max(searched[i] for i in free))
+            hits = {i: (scores[:searched[i]], ids[:searched[i]]) for i, scores, ids in zip(free, *found)}
         answers: list[Answer | Exception] = []
         for i, prior in enumerate(near):
             try:
                 answers.append(self._answer_one(vectors[i], columns[i] if oriented else None, seen[i], hits.get(i),
-                                                prior, ks[i], looked_at[i], heading_within[i]))
+                                                prior, ks[i], searched[i], looked_at[i], heading_within[i]))
             except Exception as exc:
                 answers.append(exc)
         return answers
 
     def _answer_one(self, vector: np.ndarray, columns: np.ndarray | None, seen: np.ndarray,
-                    hit: tuple[np.ndarray, np.ndarray] | None, prior: Near | None, k: int, n: int,
+                    hit: tuple[np.ndarray, np.ndarray] | None, prior: Near | None, k: int, searched: int, n: int,
                     heading_within: float | None = None) -> Answer:
         within = None
         if prior is not None:
-            rows = rows_within(self.lat, self.lon, prior.lat, prior.lon, prior.radius_m)
-            within = len(rows) if self.tile_of is None else len(np.unique(self.tile_of[rows]))
+            held = slice(None) if self.views is None else self.views.tile_rows  # the rows FAISS ids stand for
+            ids = rows_within(self.lat[held], self.lon[held], prior.lat, prior.lon, prior.radius_m)
+            within = len(ids)
             with self.search_lock:
-                hit = self._search_among(vector, rows, n)
-        scores, rows = hit  # type: ignore[misc]
-        found = rows >= 0
-        scores, rows = scores[found], rows[found]
+                hit = self._search_among(vector, ids, searched)
+        scores, ids = hit  # type: ignore[misc]
+        found = ids >= 0
+        scores, rows = self._candidates(vector, scores[found], ids[found], n)
         headings = None
         if columns is not None and len(rows):  # columns: given where the index has orientation features too
             ranked = rerank(scores, columns, rows_as_float32(self.orientation, rows), seen, within_deg=heading_within)
@@ -185,6 +192,17 @@ class ServedIndex:
                                              heading_deg=None if headings is None else float(headings[b]))
                    for rank, b in enumerate(best.tolist(), start=1)]
         return Answer(matches, margin, None if j is None else self.tile_ids[tiles[j]], position, within)
+
+    def _candidates(self, vector: np.ndarray, scores: np.ndarray, ids: np.ndarray,
+                    n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The rows a search's FAISS ids found, best first by descriptor: the ids themselves, or with views the
+        best ``n`` views of the tiles found, each scored exactly."""
+        if self.views is None:
+            return scores, ids
+        rows = self.views.rows(ids)
+        view_scores = self.vectors[rows] @ vector
+        best = np.argsort(-view_scores, kind="stable")[:n]
+        return view_scores[best], rows[best]
 
     def _search_among(self, vector: np.ndarray, rows: np.ndarray, n: int,
                       chunk: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
@@ -251,14 +269,15 @@ def load_artifact(path: Path, *, expected_fingerprint: str, embedding_dim: int, 
                        index=index, tile_ids=tiles.tile_ids, lat=tiles.lat, lon=tiles.lon, sources=tiles.sources,
                        row_of={tile_id: row for row, tile_id in enumerate(tiles.tile_ids)},
                        orientation=orientation, gpu_resources=resources, search_lock=lock,
-                       tile_m=float(manifest.get("tile_m") or TILE_FOOTPRINT_M), **_views(tiles))
+                       tile_m=float(manifest.get("tile_m") or TILE_FOOTPRINT_M), **_views(directory, manifest, tiles))
 
 
-def _views(tiles) -> dict:
-    """ServedIndex's tile_of and views_per_tile: None and 1 unless rows are views of tiles."""
+def _views(directory: Path, manifest: dict, tiles) -> dict:
+    """ServedIndex's tile_of, views_per_tile, views and vectors: the defaults unless rows are views of tiles."""
     if tiles.views_per_tile == 1:
         return {}
-    return {"tile_of": tiles.tile_of, "views_per_tile": tiles.views_per_tile}
+    return {"tile_of": tiles.tile_of, "views_per_tile": tiles.views_per_tile, "views": TileViews.of(tiles.tile_of),
+            "vectors": read_vectors(directory, manifest)}
 
 
 def _to_gpu(index: "faiss.Index", device: int):

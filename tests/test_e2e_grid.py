@@ -12,10 +12,11 @@ would be 166.1 m away (the median over the cameras of the mean distance to every
 beside). With 16 cameras (until 2026-12-03) the median was too noisy to tell models apart: 90.7 / 118.9 /
 159.4 m for C3 / C5 / C6. The cameras are off the tile centres and the shipped model was trained on cameras
 at the centre, which is why the error is far larger than the 50 m stride (bench/RESULTS.md, issue 17).
-With the tiles also cut as views every 10 m (`index_build tile --centres-m 10`, 961 rows) and indexed with
-the grid checkpoint (`weights/l2ltr_tiny_grid.safetensors`, network and head trained with moved polar
-centres) the median is 4.3 m (2e1d5b9fe86faa00, 2026-12-05; 12.5 m with the grid checkpoint before it,
-8a71416d0d7d5d80, whose head was trained on centred tiles; two random networks of its config 145.3 / 109.0 m).
+With the tiles also cut as views every 10 m (`index_build tile --centres-m 10`, 961 rows; the FAISS index
+searches the 49 tiles and the views of those found are scored after) and indexed with the grid checkpoint
+(`weights/l2ltr_tiny_grid.safetensors`, network and head trained with moved polar centres) the median is
+4.3 m (2e1d5b9fe86faa00, 2026-12-05; 12.5 m with the grid checkpoint before it, 8a71416d0d7d5d80, whose head
+was trained on centred tiles; two random networks of its config 145.3 / 109.0 m).
 """
 from __future__ import annotations
 
@@ -78,6 +79,8 @@ def test_grid_region_to_refined_positions(tmp_path, centres_m, checkpoint, max_m
     centres = [(float(t["lat"]), float(t["lon"])) for t in rows if t.get("tile", t["tile_id"]) == t["tile_id"]]
     tile_ids = {t.get("tile", t["tile_id"]) for t in rows}
     assert len(rows) == (len(tile_ids) if centres_m is None else (5 * 6 + 1) ** 2)
+    # the FAISS index searches the tiles of the 50 m grid, views or not (views: scored once their tile is found)
+    assert manifest.get("index_rows", manifest["count"]) == len(centres) == len(tile_ids) == 49
     settings = Settings(checkpoint=checkpoint, index=index, reload_poll_s=0, json_logs=True,
                         exit_on_load_failure=False)
     errors = []

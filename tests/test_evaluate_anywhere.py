@@ -115,7 +115,25 @@ def test_views_rank_their_tiles_and_place_the_camera(tmp_path, capsys):
     assert result["prior"]["tiles_within_median"] >= 3
     assert evaluate.main(["--checkpoint", str(ckpt), "--data", str(data), "--index", str(index), "--device", "cpu",
                           "--workers", "1"]) == 0
-    assert "each tile ranked by the best of its views (27 views every 10 m)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "every view of each camera's best 200 (27 views every 10 m); each tile ranked by its best view" in out
+
+
+def test_views_compete_only_once_their_tile_is_found_by_its_own_row():
+    """Three tiles with two rows each (own, view): row 5 (tile 2's view) is the best, but tile 2's own row
+    the worst: kept among all tiles, it stays; among the best one or two tiles by own rows, it is -inf."""
+    from model.index_artifact import TileViews
+
+    scores = np.array([[0.5, 0.4, 0.9, 0.8, 0.1, 1.0], [0.5, 0.4, 0.9, 0.8, -np.inf, 1.0]], np.float32)
+    views = TileViews.of(np.array([0, 0, 2, 2, 4, 4]))
+    np.testing.assert_array_equal(evaluate.views_of_best_tiles(scores, views, 3)[0], scores[0])
+    inf = -np.inf
+    kept = lambda *row: np.array(row, np.float32)  # noqa: E731
+    np.testing.assert_array_equal(evaluate.views_of_best_tiles(scores, views, 1),
+                                  [kept(inf, inf, 0.9, 0.8, inf, inf)] * 2)
+    np.testing.assert_array_equal(evaluate.views_of_best_tiles(scores, views, 2)[0], kept(0.5, 0.4, 0.9, 0.8, inf, inf))
+    # a tile whose own row a prior left out (-inf) is not found, even when fewer tiles remain than asked for
+    np.testing.assert_array_equal(evaluate.views_of_best_tiles(scores, views, 3)[1], kept(0.5, 0.4, 0.9, 0.8, inf, inf))
 
 
 def test_best_per_tile_takes_each_tiles_best_row():

@@ -96,3 +96,25 @@ def test_views_are_grouped_by_their_tile_only_in_an_artifact_with_views(tmp_path
     assert plain.tile_of.tolist() == [0, 1, 2, 3, 4] and plain.views_per_tile == 1
     views = read_tiles(tmp_path, {"count": 5, "centres_m": 10.0})
     assert views.tile_of.tolist() == [0, 0, 2, 2, 4] and views.views_per_tile == 2
+    # index.faiss holds each tile's own row (the first view of b, whose own row was skipped): rows 0, 2, 4
+    assert views.searched_rows.tolist() == [0, 2, 4] and plain.searched_rows.tolist() == [0, 1, 2, 3, 4]
+    grouped = ia.TileViews.of(views.tile_of)
+    assert grouped.rows([2, 0]).tolist() == [4, 0, 1] and grouped.rows([1]).tolist() == [2, 3]
+    assert read_tiles(tmp_path, {"count": 5, "centres_m": 10.0, "index_rows": 3}).searched_rows.tolist() == [0, 2, 4]
+    with pytest.raises(ia.ArtifactError, match=r"tiles.csv: 3 tiles, manifest index_rows is 4"):
+        read_tiles(tmp_path, {"count": 5, "centres_m": 10.0, "index_rows": 4})
+
+
+def test_an_index_of_views_holds_its_tiles_and_one_built_when_it_held_every_view_is_refused(tmp_path):
+    """With views the manifest's index_rows says how many rows index.faiss holds (one a tile); an artifact of
+    views without it was built when index.faiss held every view, and is refused with the fix."""
+    manifest = _artifact(tmp_path / "a")
+    with_views = {**manifest, "centres_m": 10.0}
+    with pytest.raises(ia.ArtifactError, match=r"manifest.json: views every 10.0 m but no index_rows: .*rebuild it"):
+        ia.read_faiss_index(tmp_path / "a", with_views)
+    assert ia.read_faiss_index(tmp_path / "a", {**with_views, "index_rows": 3}).ntotal == 3
+    with pytest.raises(ia.ArtifactError, match=r"index.faiss: 3 vectors, manifest index_rows \(its tiles\) is 2"):
+        ia.read_faiss_index(tmp_path / "a", {**with_views, "index_rows": 2})
+    for bad in (0, 4, "3", 2.5):
+        with pytest.raises(ia.ArtifactError, match=r"index_rows must be an integer from 1 to the count 3"):
+            ia.read_faiss_index(tmp_path / "a", {**with_views, "index_rows": bad})

@@ -551,3 +551,45 @@ def test_views_get_a_word_on_a_head_not_trained_off_centre():
     assert "has no orientation head" in views_checkpoint_note(bare, views)
     assert views_checkpoint_note(moved, views) is None
     assert all(views_checkpoint_note(net, tiling) is None for net in (centred, bare) for tiling in (plain, None))
+
+
+def test_an_index_of_views_holds_each_tile_once_and_keeps_every_view(tmp_path, capsys):
+    """Views (--centres-m) are indexed as tiles: index.faiss holds each tile's own row (manifest
+    index_rows), tiles.csv and the vectors every view; verify passes; add appends the new tiles' own rows
+    only, and the service's reader agrees."""
+    import faiss
+
+    from index_build.verify import run_verify
+    from model.index_artifact import read_manifest, read_tiles, read_vectors
+
+    raster, _, _ = marker_raster(tmp_path / "ortho.tif", "utm32n", height=400, width=400)
+    for name in ("a", "b"):
+        rc, _, err = run_tile(capsys, "--raster", raster, "--out", tmp_path / name, "--tile-px", 32,
+                              "--id-prefix", name, "--tile-m", 100, "--stride-m", 50, "--centres-m", 25)
+        assert rc == 0, err
+    ckpt = tmp_path / "micro.safetensors"
+    micro_checkpoint(ckpt)
+    common = ["--checkpoint", str(ckpt), "--out", str(tmp_path / "index"), "--workers", "0", "--batch-size", "8",
+              "--device", "cpu", "--quiet"]
+    index_dir = tmp_path / "index"
+    tiles_a = [r for r in read_catalogue(tmp_path / "a") if r["tile"] == r["tile_id"]]
+    assert cli.main(["build", "--catalog", str(tmp_path / "a" / "tiles.csv"), *common]) == 0, capsys.readouterr().err
+    manifest = read_manifest(index_dir)
+    rows = read_catalogue(tmp_path / "a")
+    assert len(rows) > len(tiles_a) and (manifest["count"], manifest["index_rows"]) == (len(rows), len(tiles_a))
+    index = faiss.read_index(str(index_dir / "index.faiss"))
+    table, vectors = read_tiles(index_dir, manifest), read_vectors(index_dir, manifest)
+    assert index.ntotal == len(tiles_a) and len(vectors) == len(rows)
+    held = table.searched_rows
+    assert [table.tile_ids[r] for r in held] == [t["tile_id"] for t in tiles_a]
+    np.testing.assert_array_equal(index.reconstruct_n(0, index.ntotal), vectors[held])
+    report = run_verify(str(index_dir), str(ckpt), sample=len(rows), device="cpu")
+    assert report["ok"], report["problems"]
+    assert report["self_retrieval"]["sampled"] == len(tiles_a)
+    assert cli.main(["add", "--catalog", str(tmp_path / "b" / "tiles.csv"), *common]) == 0, capsys.readouterr().err
+    manifest = read_manifest(index_dir)
+    assert (manifest["count"], manifest["index_rows"]) == (2 * len(rows), 2 * len(tiles_a))
+    index = faiss.read_index(str(index_dir / "index.faiss"))
+    table, vectors = read_tiles(index_dir, manifest), read_vectors(index_dir, manifest)
+    np.testing.assert_array_equal(index.reconstruct_n(0, index.ntotal), vectors[table.searched_rows])
+    assert run_verify(str(index_dir), str(ckpt), sample=50, device="cpu")["ok"]

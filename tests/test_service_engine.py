@@ -433,8 +433,16 @@ def _line_artifact(root, angles: np.ndarray, tiles_csv: str, dim: int = 0, **man
     vectors = np.zeros((count, dim), np.float32)
     vectors[:, 0], vectors[np.arange(count), np.arange(count) + 1] = np.cos(angles), np.sin(angles)
     flat = faiss.IndexFlatIP(dim)
-    flat.add(vectors)
     root.mkdir()
+    if manifest.get("centres_m"):  # views: the index holds each tile's own row, every row's vector in a shard
+        lines = [line.split(",") for line in tiles_csv.splitlines()[1:]]
+        own = ia.tile_rows_of([line[0] for line in lines], [line[4] for line in lines]) == np.arange(count)
+        flat.add(vectors[own])
+        (root / "vectors").mkdir()
+        np.save(root / "vectors" / "shard-00000.npy", vectors)
+        manifest.update(index_rows=int(own.sum()), shards=[{"file": "vectors/shard-00000.npy", "rows": count}])
+    else:
+        flat.add(vectors)
     faiss.write_index(flat, str(root / ia.INDEX_FILE))
     (root / ia.TILES_FILE).write_text(tiles_csv)
     (root / ia.MANIFEST_FILE).write_text(json.dumps({
@@ -605,7 +613,8 @@ def test_the_service_modules_import_one_another_without_a_cycle():
 def test_views_between_tile_centres_answer_each_tile_once_and_place_the_camera(tmp_path):
     """Six tiles 50 m apart on a line north, each with views 10 m north and south of its centre
     (index_build tile --centres-m); the query is most like the view 10 m south of t2 and less like each
-    view the farther it is from there. The answer names tiles, each once at its best view's score and at
+    view the farther it is from there. The index searches the tiles by their own rows; the views of the
+    tiles it finds are the candidates. The answer names tiles, each once at its best view's score and at
     its own centre; the position is the best view's."""
     from model.metrics import haversine_m
     from service.artifact import Near
@@ -617,7 +626,7 @@ def test_views_between_tile_centres_answer_each_tile_once_and_place_the_camera(t
         f"{tid},{47 + y / 111_195:.8f},8.0,,{tile}\n" for tid, y, tile in rows),
         tile_m=100.0, stride_m=50.0, centres_m=10.0)
     dim = len(rows) + 1
-    assert index.views_per_tile == 3
+    assert index.views_per_tile == 3 and index.index.ntotal == 6 and index.count == 18
     query = np.zeros((1, dim), np.float32)
     query[:, 0] = 1.0
     answer = index.answer(query, None, np.ones((1, 128), bool), [3])[0]
@@ -627,10 +636,35 @@ def test_views_between_tile_centres_answer_each_tile_once_and_place_the_camera(t
     assert answer.competitor == "t5"  # a view of t5 is the best match 150 m or more away: named as its tile
     lat, lon, _ = answer.position
     assert haversine_m(lat, lon, 47 + 90 / 111_195, 8.0) < 2.0  # at the best view, not t2's centre 10 m away
-    # a prior counts the tiles within its radius, and answers the same way from its views
-    near = Near(lat=47 + 100 / 111_195, lon=8.0, radius_m=45.0, source="parameter")  # t1.n10 .. t3.n-10
+    # a prior counts the tiles whose centres lie within its radius, and answers the same way from their views
+    near = Near(lat=47 + 100 / 111_195, lon=8.0, radius_m=55.0, source="parameter")  # t1 .. t3
     within = index.answer(query, None, np.ones((1, 128), bool), [3], near=[near])[0]
     assert within.within == 3 and [m.tile_id for m in within.matches] == ["t2", "t1", "t3"]
+    near = dataclasses.replace(near, radius_m=45.0)  # t1's view 10 m north of it is within 45 m, t1 is not
+    within = index.answer(query, None, np.ones((1, 128), bool), [3], near=[near])[0]
+    assert within.within == 1 and [m.tile_id for m in within.matches] == ["t2"]
+
+
+def test_with_views_the_index_finds_tiles_by_their_own_rows_and_only_their_views_compete(tmp_path, monkeypatch):
+    """Three tiles, each with a view 10 m north of its centre. t2's view is the query's best row, but t2's
+    own row its worst: found among all tiles it wins; when the search keeps fewer tiles than there are, only
+    the views of the tiles it found by their own rows compete (t1's own row best, then t0's)."""
+    import service.artifact as artifact
+
+    angles = np.array([0.5, 0.6, 0.3, 0.35, 0.9, 0.0])  # t0, t0's view, t1, t1's view, t2, t2's view
+    index = _line_artifact(tmp_path / "views", angles, "tile_id,lat,lon,source,tile\n" + "".join(
+        f"t{t}{suffix},{47 + (50 * t + dy) / 111_195:.8f},8.0,,t{t}\n" for t in range(3)
+        for suffix, dy in (("", 0), (".e0n10", 10))), tile_m=100.0, stride_m=50.0, centres_m=10.0)
+    assert index.index.ntotal == 3 and index.count == 6
+    query = np.zeros((1, 7), np.float32)
+    query[:, 0] = 1.0
+    seen = np.ones((1, 128), bool)
+    best = lambda k: [m.tile_id for m in index.answer(query, None, seen, [k])[0].matches]  # noqa: E731
+    assert best(3) == ["t2", "t1", "t0"]
+    monkeypatch.setattr(artifact, "VIEW_TILES", 1)
+    assert best(1) == ["t1"]
+    assert best(2) == ["t1", "t0"]
+    assert index.answer(query, None, seen, [1])[0].matches[0].score == pytest.approx(np.cos(0.3))
 
 
 def test_the_service_imports_torch_before_faiss():
