@@ -27,7 +27,7 @@ from index_build.workdir import (CATALOG_FILE, COLUMNS_DTYPE, COLUMNS_SUFFIX, PL
                                  iter_vector_blocks, load_shard_columns, read_finished_shard, read_plan,
                                  spans_from_plan, utc_now_iso, vectors_dir, write_plan)
 from model.index_artifact import (INDEX_FILE, ORIENTATION_FILE, TILES_FILE, ArtifactError, check_orientation_phases,
-                                  read_orientation, tile_rows_of)
+                                  read_orientation, searched_count, tile_rows_of)
 
 log = logging.getLogger("index_build")
 
@@ -552,7 +552,10 @@ def run_build(opts: BuildOptions) -> BuildResult:
         model, device, fingerprint = _load_model(opts, opts.tile_phases)
         result.timings["model_load_s"] = round(time.perf_counter() - t0, 3)
         _check_tile_phases(model, opts.checkpoint)
-        index_spec(opts, len(catalogue), model.embedding_dim)  # a bad --nlist or --pq-m stops before encoding
+        tiling = catalogue_tiling(opts.catalog)
+        searched = _tile_rows_mask({"tiling": tiling}, catalogue.records, catalogue.extra_columns)
+        # a bad --nlist or --pq-m stops before encoding (for the rows index.faiss will hold: with views, the tiles)
+        index_spec(opts, len(catalogue) if searched is None else int(searched.sum()), model.embedding_dim)
         t_encode_stage = time.perf_counter()
         plan = {
             "kind": "build", "catalog_sha256": catalogue.sha256, "source": catalogue.source,
@@ -560,7 +563,7 @@ def run_build(opts: BuildOptions) -> BuildResult:
             "extra_columns": catalogue.extra_columns, "base_version": None, "first_shard_index": 0,
             "checkpoint": os.path.abspath(opts.checkpoint), "created_at": utc_now_iso(),
             "catalog_lines": CatalogueLines.of_records(catalogue.records).to_json(),
-            "tiling": catalogue_tiling(opts.catalog), "tiling_sha256": tiling_sha256(opts.catalog),
+            "tiling": tiling, "tiling_sha256": tiling_sha256(opts.catalog),
             **({"tile_phases": model.tile_phases} if model.tile_phases > 1 else {}),  # checked: with a head
         }
         note = views_checkpoint_note(model.net, plan["tiling"])
@@ -635,13 +638,34 @@ def _finish_build(opts: BuildOptions, layout: ArtifactLayout, plan: dict, model,
 
 
 def _tile_rows_mask(plan: dict, records: list[TileRecord], extra: list[str]) -> np.ndarray | None:
-    """With views (a catalogue cut by index_build tile --centres-m): which of the rows index.faiss holds,
-    each tile's own row (model.index_artifact.tile_rows_of); None without views (every row)."""
-    if not (plan.get("tiling") or {}).get("centres_m") or "tile" not in extra:
+    """With views (a catalogue cut by index_build tile --centres-m): which of the rows index.faiss holds, the
+    rows that are a tile's (model.index_artifact.tile_rows_of, as TileTable.searched_rows reads them; without a
+    `tile` column every row); None without views (every row, and no index_rows in the manifest)."""
+    if not (plan.get("tiling") or {}).get("centres_m"):
         return None
-    column = extra.index("tile")
-    tile_of = tile_rows_of([r.tile_id for r in records], [r.extra[column] for r in records])
-    return tile_of == np.arange(len(records))
+    column = extra.index("tile") if "tile" in extra else None
+    tile_of = tile_rows_of([r.tile_id for r in records], ["" if column is None else r.extra[column] for r in records])
+    return np.isin(np.arange(len(records)), tile_of)
+
+
+_CHANGED_TILES = ("{} names tiles that change which of the artifact's rows are its tiles' own; rebuild the whole "
+                  "artifact with `build` instead")
+
+
+def _check_add_tiles(live: str, base: dict, base_records: list[TileRecord], catalogue: Catalogue,
+                     catalog: str) -> None:
+    """Before encoding: an artifact of views to add to must say which rows its index holds (index_rows), and the
+    new rows must not make other base rows its tiles' own (checked again after, without the unreadable)."""
+    try:
+        searched_count(live, base)
+    except ArtifactError as exc:
+        raise BuildError(str(exc)) from None
+    if base.get("centres_m") is None:  # (the catalogue's extra columns are the artifact's: checked before)
+        return
+    searched = _tile_rows_mask({"tiling": {"centres_m": base["centres_m"]}}, [*base_records, *catalogue.records],
+                               catalogue.extra_columns)
+    if searched[:len(base_records)].sum() != base["index_rows"]:
+        raise BuildError(_CHANGED_TILES.format(catalog))
 
 
 def _searched_blocks(blocks, searched: np.ndarray | None):
@@ -722,6 +746,7 @@ def run_add(opts: AddOptions) -> BuildResult:
             views = lambda m: f"views every {m:g} m" if m else "no views"  # noqa: E731
             raise BuildError(f"{opts.catalog} has {views(tiling.get('centres_m'))} and the artifact "
                              f"{views(base.get('centres_m'))}: an index holds one kind (index_build tile --centres-m)")
+        _check_add_tiles(live, base, base_records, catalogue, opts.catalog)
         base_version = os.path.basename(live)
         plan = {
             "kind": "add", "catalog_sha256": catalogue.sha256, "source": catalogue.source,
@@ -754,9 +779,8 @@ def run_add(opts: AddOptions) -> BuildResult:
         write_tiles_csv(os.path.join(work, TILES_FILE), [*base_records, *good], extra)
         index = faiss.read_index(os.path.join(live, INDEX_FILE))
         searched = _tile_rows_mask({"tiling": {"centres_m": base.get("centres_m")}}, [*base_records, *good], extra)
-        if searched is not None and searched[:len(base_records)].sum() != base.get("index_rows"):
-            raise BuildError(f"{opts.catalog} names tiles that change which of the artifact's rows are its tiles' "
-                             "own; rebuild the whole artifact with `build` instead")
+        if searched is not None and searched[:len(base_records)].sum() != base["index_rows"]:
+            raise BuildError(_CHANGED_TILES.format(opts.catalog))
         for block in _searched_blocks(iter_vector_blocks(vdir, spans), None if searched is None
                                       else searched[len(base_records):]):
             index.add(block)
@@ -771,9 +795,10 @@ def run_add(opts: AddOptions) -> BuildResult:
             base_rows = _row_blocks(_open_published_columns(live, base))
             orientation["orientation"] = _write_orientation(
                 work, count, columns, itertools.chain(base_rows, _shard_column_blocks(vdir, spans)), phases)
-        if base["index_type"] != "flat" and added > base["count"]:
+        trained_on = base.get("index_rows", base["count"])
+        if base["index_type"] != "flat" and held - trained_on > trained_on:
             log.warning("added %d tiles to an index trained on %d; recall may drop - consider a full `build`",
-                        added, base["count"])
+                        held - trained_on, trained_on)
         manifest = dict(base)
         manifest.update(
             count=count, **({} if searched is None else {"index_rows": held}), built_at=utc_now_iso(),

@@ -203,7 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--checkpoint", required=True, help="the checkpoint the artifact was built with")
     v.add_argument("--model-config", default=None,
                    help="architecture of a .pth/.npz checkpoint: paper, small, tiny, a JSON string or a JSON file")
-    v.add_argument("--sample", type=positive_int, default=64, help="tiles re-encoded and searched for (default: 64)")
+    v.add_argument("--sample", type=positive_int, default=64,
+                   help="tiles re-encoded and searched for (default: 64; with views: rows re-encoded, and as many "
+                        "tiles again re-encoded and searched for)")
     v.add_argument("--seed", type=non_negative_int, default=0, help="seed of the random sample (default: 0)")
     v.add_argument("--device", default="auto", help="torch device: auto, cpu, cuda, cuda:N (default: auto)")
     v.add_argument("--batch-size", type=positive_int, default=64, help="tiles per forward pass (default: 64)")

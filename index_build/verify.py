@@ -132,7 +132,12 @@ def run_verify(artifact: str, checkpoint: str, *, sample: int = 64, seed: int = 
     index = _read(root, read_faiss_index, manifest, problems)
     n = manifest["count"] if tiles is None else len(tiles.tile_ids)
     k = min(sample, n)
-    rows = np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False)) if k else np.zeros(0, int)
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(n, size=k, replace=False)) if k else np.zeros(0, int)
+    if k and tiles is not None and len(tiles.searched_rows) < n:  # views: as many tiles again for self-retrieval
+        held = tiles.searched_rows
+        rows = np.union1d(rows, rng.choice(held, size=min(k, len(held)), replace=False))
+        k = len(rows)
     stored = _read(root, partial(_stored_rows, rows=rows, problems=problems, check_checksums=check_checksums),
                    manifest, problems)
     orientation = _read(root, read_orientation, manifest, problems)

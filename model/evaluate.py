@@ -372,10 +372,11 @@ def evaluate_anywhere(checkpoint: Path, data: Path, index: Path, device: str = "
               "stride_m": stride_m, "offset_median_m": float(np.median(offset)), "offset_max_m": float(offset.max()),
               **({"rerank": {"candidates": rerank_k, "weight": weight}} if rerank_k is not None else {})}
 
-    def block(sims) -> tuple[dict, dict]:
+    def block(sims, searched: np.ndarray) -> tuple[dict, dict]:
+        """``searched``: per query, the tiles searched (a prior's leave fewer; with views the first step's cut
+        to VIEW_TILES does not count: R@1% is of the tiles searched)."""
         per_tile = sims if not views else best_per_tile(sims, tile_of, len(tile_ll))
         counts = count_closer_scores(per_tile, truth)
-        searched = np.isfinite(per_tile).sum(axis=1)  # per query: the tiles a prior leaves (-inf: left out)
         out = recall_from_counts(counts, searched)  # R@1%: of the tiles searched
         pos = position_report(per_tile, tile_ll, tile_m, candidates, true_latlon=true_ll, temperature=temperature,
                               errors=True)
@@ -387,7 +388,7 @@ def evaluate_anywhere(checkpoint: Path, data: Path, index: Path, device: str = "
         out["position"] = pos
         return out, {"hit": counts == 0, "searched": searched, **errs}
 
-    result["unrestricted"], detail = block(ranked_scores)
+    result["unrestricted"], detail = block(ranked_scores, np.full(len(truth), len(tile_ll)))
     # per offset of the camera from its true tile's centre: a quarter and a half stride (the farthest a
     # camera can be is stride / sqrt(2))
     edges = (0.0, stride_m / 4, stride_m / 2, np.inf)
@@ -402,14 +403,16 @@ def evaluate_anywhere(checkpoint: Path, data: Path, index: Path, device: str = "
     if inside is not None:
         if not (dist[np.arange(len(truth)), truth] <= near_radius_m).all():
             raise ValueError(f"--near-radius-m {near_radius_m:g} leaves some query without its true tile")
-        result["prior"], within = block(prior_scores)
+        result["prior"], within = block(prior_scores, (dist <= near_radius_m).sum(axis=1))
         result["prior"].update(radius_m=near_radius_m, tiles_within_median=float(np.median(within["searched"])))
     return result
 
 
-def views_of_best_tiles(scores: np.ndarray, tile_views: TileViews, tiles: int = VIEW_TILES) -> np.ndarray:
+def views_of_best_tiles(scores: np.ndarray, tile_views: TileViews, tiles: int | None = None) -> np.ndarray:
     """Scores [Q, N] of rows that are views of tiles, as the service searches them: each query's best ``tiles``
-    tiles by their own rows' scores keep all their views' scores, every other row -inf (as are rows -inf before)."""
+    (default VIEW_TILES) tiles by their own rows' scores keep all their views' scores, every other row -inf (as
+    are rows -inf before)."""
+    tiles = VIEW_TILES if tiles is None else tiles
     own = scores[:, tile_views.tile_rows]
     out = np.full_like(scores, -np.inf)
     for i, row in enumerate(own):

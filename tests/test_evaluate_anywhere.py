@@ -119,6 +119,15 @@ def test_views_rank_their_tiles_and_place_the_camera(tmp_path, capsys):
     assert "every view of each camera's best 200 (27 views every 10 m); each tile ranked by its best view" in out
 
 
+def test_views_of_fewer_tiles_than_searched_still_count_every_tile_searched(tmp_path, monkeypatch):
+    """The first step keeps a camera's best VIEW_TILES tiles; a prior's tile count (and R@1%'s denominator) is
+    still of every tile searched (each camera's tiles within 60 m), not of those kept."""
+    ckpt, data, index = _setup(tmp_path, with_views=True)
+    monkeypatch.setattr(evaluate, "VIEW_TILES", 1)
+    result = evaluate.evaluate_anywhere(ckpt, data, index, device="cpu", workers=1, near_radius_m=60.0)
+    assert result["prior"]["tiles_within_median"] >= 3  # 1 (the tile kept) when counted after the cut
+
+
 def test_views_compete_only_once_their_tile_is_found_by_its_own_row():
     """Three tiles with two rows each (own, view): row 5 (tile 2's view) is the best, but tile 2's own row
     the worst: kept among all tiles, it stays; among the best one or two tiles by own rows, it is -inf."""

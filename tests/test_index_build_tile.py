@@ -593,3 +593,70 @@ def test_an_index_of_views_holds_each_tile_once_and_keeps_every_view(tmp_path, c
     table, vectors = read_tiles(index_dir, manifest), read_vectors(index_dir, manifest)
     np.testing.assert_array_equal(index.reconstruct_n(0, index.ntotal), vectors[table.searched_rows])
     assert run_verify(str(index_dir), str(ckpt), sample=50, device="cpu")["ok"]
+
+
+def test_views_build_checks_and_add_refusals_come_before_encoding(tmp_path, capsys):
+    """With views: --nlist is checked against the tiles index.faiss will hold, before encoding; a catalogue of
+    views without its `tile` column (every row its own tile) still loads; verify searches for sampled tiles
+    even when the row sample holds none, and catches an index.faiss whose ids are not the tiles' rows; add to
+    an artifact of views built when index.faiss held every view is refused before encoding."""
+    import faiss
+
+    from index_build.verify import run_verify
+    from model.index_artifact import read_faiss_index, read_manifest
+
+    raster, _, _ = marker_raster(tmp_path / "ortho.tif", "utm32n", height=400, width=400)
+    rc, _, err = run_tile(capsys, "--raster", raster, "--out", tmp_path / "a", "--tile-px", 32, "--id-prefix", "a",
+                          "--tile-m", 100, "--stride-m", 50, "--centres-m", 25)
+    assert rc == 0, err
+    rows = read_catalogue(tmp_path / "a")
+    tiles = [r for r in rows if r["tile"] == r["tile_id"]]
+    ckpt = tmp_path / "micro.safetensors"
+    micro_checkpoint(ckpt)
+
+    def build(catalog, out, *extra, command="build"):
+        args = [command, "--catalog", str(catalog), "--checkpoint", str(ckpt), "--out", str(out), "--workers", "0",
+                "--batch-size", "8", "--device", "cpu", "--quiet", *extra]
+        return cli.main(args), capsys.readouterr().err
+
+    rc, err = build(tmp_path / "a" / "tiles.csv", tmp_path / "ivf", "--index", "ivf-flat", "--nlist",
+                    str(len(tiles) + 1))
+    assert rc != 0 and f"there are {len(tiles)}" in err, err
+    assert not (tmp_path / "ivf.versions").exists() or not list((tmp_path / "ivf.versions").rglob("shard-*.npy"))
+    # the same catalogue without its tile column: every row a tile of its own
+    plain = tmp_path / "untied"
+    plain.mkdir()
+    (plain / "tiling.json").write_text((tmp_path / "a" / "tiling.json").read_text())
+    with open(tmp_path / "a" / "tiles.csv", newline="") as fh, open(plain / "tiles.csv", "w", newline="") as out:
+        writer = csv.writer(out)
+        for line in csv.reader(fh):
+            writer.writerow(line[:-1])
+    (plain / "images").symlink_to(tmp_path / "a" / "images")
+    assert build(plain / "tiles.csv", tmp_path / "untied_index")[0] == 0
+    manifest = read_manifest(tmp_path / "untied_index")
+    assert manifest["index_rows"] == manifest["count"] == len(rows)
+    assert read_faiss_index(tmp_path / "untied_index", manifest).ntotal == len(rows)
+    # verify: one sampled row (a view, most likely) and still a tile searched for
+    index_dir = tmp_path / "index"
+    assert build(tmp_path / "a" / "tiles.csv", index_dir)[0] == 0
+    report = run_verify(str(index_dir), str(ckpt), sample=1, seed=5, device="cpu")
+    assert report["ok"] and report["self_retrieval"]["sampled"] >= 1, report
+    live = index_dir.resolve()
+    index = faiss.read_index(str(live / "index.faiss"))
+    stored = index.reconstruct_n(0, index.ntotal)
+    shuffled = faiss.IndexFlatIP(index.d)
+    shuffled.add(np.ascontiguousarray(stored[::-1]))
+    faiss.write_index(shuffled, str(live / "index.faiss"))
+    report = run_verify(str(index_dir), str(ckpt), sample=1, seed=5, device="cpu", check_checksums=False)
+    assert not report["ok"] and any("self-retrieval" in p for p in report["problems"]), report
+    faiss.write_index(index, str(live / "index.faiss"))
+    # an artifact of views from before index_rows: add refuses it before encoding
+    manifest = json.loads((live / "manifest.json").read_text())
+    del manifest["index_rows"]
+    (live / "manifest.json").write_text(json.dumps(manifest))
+    rc, _, err = run_tile(capsys, "--raster", raster, "--out", tmp_path / "b", "--tile-px", 32, "--id-prefix", "b",
+                          "--tile-m", 100, "--stride-m", 50, "--centres-m", 25)
+    assert rc == 0, err
+    rc, err = build(tmp_path / "b" / "tiles.csv", index_dir, command="add")
+    assert rc != 0 and "no index_rows" in err and "rebuild it" in err, err
+    assert not list(index_dir.parent.glob("index.versions/*/vectors/shard-00001*"))
