@@ -208,7 +208,7 @@ def views_checkpoint_note(net, tiling: dict | None) -> str | None:
         head = "has an orientation head trained on tiles centred on their cameras"
     return (f"the catalogue holds views every {tiling['centres_m']:g} m and this checkpoint {head}: it places "
             "cameras between the views far worse than weights/l2ltr_tiny_grid.safetensors (unseen grid region: "
-            "a median 273 m against 5 m; docs/INDEX_BUILD.md)")
+            "a median 415 m against 5 m; docs/INDEX_BUILD.md)")
 
 
 def _load_model(opts, tile_phases: int | None = 1):
