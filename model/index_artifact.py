@@ -287,6 +287,40 @@ def iter_vector_shards(directory: str | Path, manifest: dict) -> Iterator[tuple[
         raise ArtifactError(f"{directory}: {rows} stored vectors, manifest count is {manifest['count']}")
 
 
+class StoredVectors:
+    """The artifact's embedding shards memory-mapped, read a few rows at a time (`take`): with views the service
+    scores the views of the tiles a search found without holding every view's vector in memory."""
+
+    def __init__(self, directory: str | Path, manifest: dict):
+        self.shards: list[np.ndarray] = []
+        for entry in manifest.get("shards") or []:
+            path = Path(directory) / str(entry.get("file"))
+            try:
+                shard = np.asarray(np.load(path, mmap_mode="r"))  # the mapped pages, without np.memmap's indexing
+            except (OSError, ValueError) as exc:
+                raise ArtifactError(f"{path}: unreadable embedding shard: {exc}") from None
+            expected = [entry.get("rows", len(shard)), manifest["embedding_dim"]]
+            if list(shard.shape) != expected or shard.dtype != np.float32:
+                raise ArtifactError(f"{path}: {shard.dtype} {list(shard.shape)}, manifest.json says float32 "
+                                    f"{expected} (rows, embedding_dim)")
+            self.shards.append(shard)
+        self.starts = np.cumsum([0, *(len(shard) for shard in self.shards)])
+        if self.starts[-1] != manifest["count"]:
+            raise ArtifactError(f"{directory}: {self.starts[-1]} stored vectors, manifest count is {manifest['count']}")
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """The vectors of ``rows`` (tiles.csv order), float32 [len(rows), dim], in that order."""
+        rows = np.asarray(rows, np.int64)
+        shard_of = np.searchsorted(self.starts[1:-1], rows, side="right")
+        if len(rows) and (shard_of == shard_of[0]).all():  # a tile's views are neighbouring rows: often one shard
+            return np.take(self.shards[shard_of[0]], rows - self.starts[shard_of[0]], axis=0)
+        out = np.empty((len(rows), self.shards[0].shape[1]), np.float32)
+        for s, shard in enumerate(self.shards):
+            picked = np.flatnonzero(shard_of == s)
+            out[picked] = np.take(shard, rows[picked] - self.starts[s], axis=0)
+        return out
+
+
 def read_vectors(directory: str | Path, manifest: dict) -> np.ndarray:
     """The stored tile descriptors [count, dim] float32 from the embedding shards, in tiles.csv order."""
     return np.concatenate([vectors for _, vectors in iter_vector_shards(directory, manifest)])

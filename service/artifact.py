@@ -24,8 +24,8 @@ import torch
 import faiss
 
 from model.index_artifact import (
-    VIEW_TILES, ArtifactError, TileViews, check_model, read_faiss_index, read_manifest, read_orientation, read_tiles,
-    read_vectors,
+    VIEW_TILES, ArtifactError, StoredVectors, TileViews, check_model, read_faiss_index, read_manifest,
+    read_orientation, read_tiles,
 )
 from model.metrics import TILE_FOOTPRINT_M, match_margin, refine_position, rows_within
 from model.orientation import rerank, rerank_candidates
@@ -103,11 +103,11 @@ class ServedIndex:
     search_lock: contextlib.AbstractContextManager = field(default_factory=contextlib.nullcontext, repr=False)
     tile_m: float = TILE_FOOTPRINT_M  # the tiles' footprint (manifest tile_m), for the refined position
     # with views between tile centres (index_build tile --centres-m): the row of each row's tile, the rows
-    # grouped by tile (the FAISS index holds each tile's own row) and every row's vector, else None
+    # grouped by tile (the FAISS index holds each tile's own row) and every row's vector (memory-mapped), else None
     tile_of: np.ndarray | None = field(default=None, repr=False)
     views_per_tile: int = 1
     views: TileViews | None = field(default=None, repr=False)
-    vectors: np.ndarray | None = field(default=None, repr=False)
+    vectors: StoredVectors | None = field(default=None, repr=False)
 
     @property
     def count(self) -> int:
@@ -200,7 +200,7 @@ class ServedIndex:
         if self.views is None:
             return scores, ids
         rows = self.views.rows(ids)
-        view_scores = self.vectors[rows] @ vector
+        view_scores = self.vectors.take(rows) @ vector
         best = np.argsort(-view_scores, kind="stable")[:n]
         return view_scores[best], rows[best]
 
@@ -277,7 +277,7 @@ def _views(directory: Path, manifest: dict, tiles) -> dict:
     if tiles.views_per_tile == 1:
         return {}
     return {"tile_of": tiles.tile_of, "views_per_tile": tiles.views_per_tile, "views": TileViews.of(tiles.tile_of),
-            "vectors": read_vectors(directory, manifest)}
+            "vectors": StoredVectors(directory, manifest)}
 
 
 def _to_gpu(index: "faiss.Index", device: int):

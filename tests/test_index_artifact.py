@@ -118,3 +118,25 @@ def test_an_index_of_views_holds_its_tiles_and_one_built_when_it_held_every_view
     for bad in (0, 4, "3", 2.5):
         with pytest.raises(ia.ArtifactError, match=r"index_rows must be an integer from 1 to the count 3"):
             ia.read_faiss_index(tmp_path / "a", {**with_views, "index_rows": bad})
+
+
+def test_stored_vectors_are_read_a_few_rows_at_a_time_across_shards(tmp_path):
+    """StoredVectors (the service's view vectors, memory-mapped) gives the rows asked for, in their order, from
+    any shard; a shard of another dtype or shape, or shards that do not add up to the count, are refused."""
+    manifest = _artifact(tmp_path / "a", count=3, dim=4)
+    vectors = np.arange(28, dtype=np.float32).reshape(7, 4)
+    np.save(tmp_path / "a" / "vectors" / "shard-00000.npy", vectors[:3])
+    np.save(tmp_path / "a" / "vectors" / "shard-00001.npy", vectors[3:])
+    manifest.update(count=7, shards=[{"file": "vectors/shard-00000.npy", "rows": 3},
+                                     {"file": "vectors/shard-00001.npy", "rows": 4}])
+    stored = ia.StoredVectors(tmp_path / "a", manifest)
+    for rows in ([6, 0, 4, 2], [1, 2], [5, 3], []):
+        np.testing.assert_array_equal(stored.take(np.array(rows, np.int64)), vectors[rows].reshape(-1, 4))
+    np.testing.assert_array_equal(ia.read_vectors(tmp_path / "a", manifest), vectors)
+    np.save(tmp_path / "a" / "vectors" / "extra.npy", vectors[:1])
+    one_more = [*manifest["shards"], {"file": "vectors/extra.npy", "rows": 1}]
+    with pytest.raises(ia.ArtifactError, match="8 stored vectors, manifest count is 7"):
+        ia.StoredVectors(tmp_path / "a", {**manifest, "shards": one_more})
+    np.save(tmp_path / "a" / "vectors" / "shard-00001.npy", vectors[3:].astype(np.float16))
+    with pytest.raises(ia.ArtifactError, match=r"shard-00001.npy: float16 \[4, 4\], manifest.json says float32"):
+        ia.StoredVectors(tmp_path / "a", manifest)
