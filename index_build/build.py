@@ -648,10 +648,6 @@ def _tile_rows_mask(plan: dict, records: list[TileRecord], extra: list[str]) -> 
     return np.isin(np.arange(len(records)), tile_of)
 
 
-_CHANGED_TILES = ("{} names tiles that change which of the artifact's rows are its tiles' own; rebuild the whole "
-                  "artifact with `build` instead")
-
-
 def _check_add_tiles(live: str, base: dict, base_records: list[TileRecord], catalogue: Catalogue,
                      catalog: str) -> None:
     """Before encoding: an artifact of views to add to must say which rows its index holds (index_rows), and the
@@ -660,12 +656,18 @@ def _check_add_tiles(live: str, base: dict, base_records: list[TileRecord], cata
         searched_count(live, base)
     except ArtifactError as exc:
         raise BuildError(str(exc)) from None
-    if base.get("centres_m") is None:  # (the catalogue's extra columns are the artifact's: checked before)
-        return
-    searched = _tile_rows_mask({"tiling": {"centres_m": base["centres_m"]}}, [*base_records, *catalogue.records],
-                               catalogue.extra_columns)
-    if searched[:len(base_records)].sum() != base["index_rows"]:
-        raise BuildError(_CHANGED_TILES.format(catalog))
+    _added_tile_rows(base, base_records, catalogue.records, catalogue.extra_columns, catalog)
+
+
+def _added_tile_rows(base: dict, base_records: list[TileRecord], records: list[TileRecord], extra: list[str],
+                     catalog: str) -> np.ndarray | None:
+    """`_tile_rows_mask` of the base's rows followed by ``records`` (None without views); a BuildError where the
+    new rows would change which of the base's rows are its tiles' own (its index.faiss holds those)."""
+    searched = _tile_rows_mask({"tiling": {"centres_m": base.get("centres_m")}}, [*base_records, *records], extra)
+    if searched is not None and searched[:len(base_records)].sum() != base["index_rows"]:
+        raise BuildError(f"{catalog} names tiles that change which of the artifact's rows are its tiles' own; "
+                         "rebuild the whole artifact with `build` instead")
+    return searched
 
 
 def _searched_blocks(blocks, searched: np.ndarray | None):
@@ -778,9 +780,7 @@ def run_add(opts: AddOptions) -> BuildResult:
                     _link_or_copy(src, dst)
         write_tiles_csv(os.path.join(work, TILES_FILE), [*base_records, *good], extra)
         index = faiss.read_index(os.path.join(live, INDEX_FILE))
-        searched = _tile_rows_mask({"tiling": {"centres_m": base.get("centres_m")}}, [*base_records, *good], extra)
-        if searched is not None and searched[:len(base_records)].sum() != base["index_rows"]:
-            raise BuildError(_CHANGED_TILES.format(opts.catalog))
+        searched = _added_tile_rows(base, base_records, good, extra, opts.catalog)
         for block in _searched_blocks(iter_vector_blocks(vdir, spans), None if searched is None
                                       else searched[len(base_records):]):
             index.add(block)

@@ -134,9 +134,10 @@ def run_verify(artifact: str, checkpoint: str, *, sample: int = 64, seed: int = 
     k = min(sample, n)
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(n, size=k, replace=False)) if k else np.zeros(0, int)
-    if k and tiles is not None and len(tiles.searched_rows) < n:  # views: as many tiles again for self-retrieval
-        held = tiles.searched_rows
-        rows = np.union1d(rows, rng.choice(held, size=min(k, len(held)), replace=False))
+    # faiss id i is row searched[i]: every row, or with views each tile's own
+    searched = None if tiles is None else tiles.searched_rows
+    if k and searched is not None and len(searched) < n:  # views: as many tiles again for self-retrieval
+        rows = np.union1d(rows, rng.choice(searched, size=min(k, len(searched)), replace=False))
         k = len(rows)
     stored = _read(root, partial(_stored_rows, rows=rows, problems=problems, check_checksums=check_checksums),
                    manifest, problems)
@@ -208,7 +209,6 @@ def run_verify(artifact: str, checkpoint: str, *, sample: int = 64, seed: int = 
         report["orientation"].update(_compare_columns(np.concatenate(fresh_columns), orientation, rows, tol,
                                                       problems))
 
-    searched = tiles.searched_rows  # faiss id i is row searched[i]: every row, or with views each tile's own
     held = np.isin(rows, searched)
     if held.any():
         ids_of_rows = np.searchsorted(searched, rows[held])

@@ -267,17 +267,24 @@ def read_orientation(directory: str | Path, manifest: dict,
     return columns if phases == 1 else columns.reshape(len(columns), phases, *per_phase)
 
 
-def iter_vector_shards(directory: str | Path, manifest: dict) -> Iterator[tuple[dict, np.ndarray]]:
+def iter_vector_shards(directory: str | Path, manifest: dict,
+                       mmap: bool = False) -> Iterator[tuple[dict, np.ndarray]]:
     """Each embedding shard's manifest entry and its tile descriptors [rows, dim] float32, in tiles.csv
-    order, one shard in memory at a time; an ArtifactError for a shard that can not be read, and at the
-    end where the shards' rows do not add up to the manifest's count."""
+    order, one shard in memory at a time (``mmap``: memory-mapped as stored, which must then be float32); an
+    ArtifactError for a shard that can not be read, and at the end where the shards' rows do not add up to the
+    manifest's count."""
     rows = 0
     for entry in manifest.get("shards") or []:
         try:
-            vectors = np.load(Path(directory) / entry["file"]).astype(np.float32, copy=False)
+            vectors = np.load(Path(directory) / entry["file"], mmap_mode="r" if mmap else None)
         except (KeyError, OSError, ValueError) as exc:
             raise ArtifactError(f"{directory}: unreadable embedding shard: {exc}") from None
         expected = [entry.get("rows", len(vectors)), manifest["embedding_dim"]]
+        if mmap and vectors.dtype != np.float32:
+            raise ArtifactError(f"{Path(directory) / entry['file']}: {vectors.dtype} {list(vectors.shape)}, "
+                                f"manifest.json says float32 {expected} (rows, embedding_dim)")
+        # memory-mapped: the mapped pages as a plain array, without np.memmap's slower indexing
+        vectors = np.asarray(vectors) if mmap else vectors.astype(np.float32, copy=False)
         if list(vectors.shape) != expected:
             raise ArtifactError(f"{Path(directory) / entry['file']}: shape {list(vectors.shape)}, manifest.json says "
                                 f"{expected} (rows, embedding_dim)")
@@ -292,21 +299,8 @@ class StoredVectors:
     scores the views of the tiles a search found without holding every view's vector in memory."""
 
     def __init__(self, directory: str | Path, manifest: dict):
-        self.shards: list[np.ndarray] = []
-        for entry in manifest.get("shards") or []:
-            path = Path(directory) / str(entry.get("file"))
-            try:
-                shard = np.asarray(np.load(path, mmap_mode="r"))  # the mapped pages, without np.memmap's indexing
-            except (OSError, ValueError) as exc:
-                raise ArtifactError(f"{path}: unreadable embedding shard: {exc}") from None
-            expected = [entry.get("rows", len(shard)), manifest["embedding_dim"]]
-            if list(shard.shape) != expected or shard.dtype != np.float32:
-                raise ArtifactError(f"{path}: {shard.dtype} {list(shard.shape)}, manifest.json says float32 "
-                                    f"{expected} (rows, embedding_dim)")
-            self.shards.append(shard)
+        self.shards = [vectors for _, vectors in iter_vector_shards(directory, manifest, mmap=True)]
         self.starts = np.cumsum([0, *(len(shard) for shard in self.shards)])
-        if self.starts[-1] != manifest["count"]:
-            raise ArtifactError(f"{directory}: {self.starts[-1]} stored vectors, manifest count is {manifest['count']}")
 
     def take(self, rows: np.ndarray) -> np.ndarray:
         """The vectors of ``rows`` (tiles.csv order), float32 [len(rows), dim], in that order."""
